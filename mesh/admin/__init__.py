@@ -1,0 +1,1 @@
+"""Operator-facing admin service, its client and the CLI's formatting."""

@@ -1,0 +1,46 @@
+"""Admin gRPC servicer: answers operators (operator certificates only)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+
+from mesh import __version__
+from mesh._proto import admin_pb2 as pb
+from mesh._proto import admin_pb2_grpc as pb_grpc
+from mesh.identity.ca import Role
+from mesh.identity.tls import peer_identity
+from mesh.membership.core import Membership
+
+
+async def require_operator(context: grpc.aio.ServicerContext) -> str:
+    """Abort with PERMISSION_DENIED unless the caller holds an operator certificate; return its name."""
+    peer = peer_identity(context)
+    if peer is None or peer.role is not Role.OPERATOR:
+        who = f"{peer.role.value} {peer.name!r}" if peer else "an unauthenticated caller"
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            f"admin calls need an operator certificate; this is {who}")
+    return peer.name
+
+
+class AdminServicer(pb_grpc.AdminServicer):
+    def __init__(self, core: Membership, now: Callable[[], float], started_at: float) -> None:
+        self._core = core
+        self._now = now
+        self._started_at = started_at
+
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        await require_operator(context)
+        now = self._now()
+        me = self._core.member(self._core.node_id)
+        members = [
+            pb.MemberStatus(node_id=m.node_id, address=m.address, state=int(m.state),
+                            incarnation=m.incarnation, labels=dict(m.labels),
+                            last_heard_s_ago=-1.0 if m.last_heard is None else max(0.0, now - m.last_heard),
+                            state_age_s=max(0.0, now - m.state_since))
+            for m in self._core.members()
+        ]
+        return pb.StatusResponse(node_id=me.node_id, address=me.address, labels=dict(me.labels),
+                                 incarnation=me.incarnation, version=__version__,
+                                 uptime_s=now - self._started_at, members=members)

@@ -1,0 +1,220 @@
+"""The `mesh` command: fleet setup, the node binary, the admin client, the demo.
+
+Exit codes: 0 done, 1 failed, 2 usage error (bad flags, bad config file).
+Human output by default; `--json` where scripts want to read the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from mesh import __version__
+
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> "NoReturn":  # noqa: F821
+    err_console.print(f"[red]error:[/] {message}", highlight=False)
+    sys.exit(code)
+
+
+def _emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+@click.group(context_settings=_CONTEXT)
+@click.version_option(__version__, prog_name="mesh")
+def main() -> None:
+    """fleetmesh: a peer-to-peer coordination mesh for edge-AI fleets.
+
+    \b
+    Start here:
+      mesh fleet init ./fleet                 make a fleet CA and signing keys
+      mesh fleet enroll cam-01 --fleet ./fleet
+      mesh node --config node.toml            run a node (see README for the config)
+      mesh admin status --node 127.0.0.1:7000 the node's view of the fleet
+      mesh demo                               a 12-node cluster on loopback
+    """
+
+
+# -- fleet -----------------------------------------------------------------
+
+@main.group(context_settings=_CONTEXT)
+def fleet() -> None:
+    """Create a fleet's CA and keys, and enroll nodes and operators."""
+
+
+@fleet.command("init", epilog="Example:\n\n  mesh fleet init ./fleet")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--fleet-id", help="Name of the fleet (default: random).")
+@click.option("--force", is_flag=True, help="Overwrite a fleet that already exists in DIRECTORY.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def fleet_init(directory: Path, fleet_id: str | None, force: bool, as_json: bool) -> None:
+    """Create a fleet in DIRECTORY: CA, publisher and operator signing keys, an operator certificate.
+
+    Keep ca.key, publisher.key and operator.key off the devices: nodes only
+    need their own certificate folder from `mesh fleet enroll`.
+    """
+    from mesh.identity.ca import init_fleet
+    from mesh.identity.signing import IdentityError
+
+    try:
+        made = init_fleet(directory, fleet_id=fleet_id, force=force)
+    except IdentityError as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json({"fleet_id": made.fleet_id, "directory": str(directory),
+                    "publisher_key_id": made.publisher_key_id, "operator_key_id": made.operator_key_id})
+        return
+    console.print(f"fleet [bold]{made.fleet_id}[/] created in {directory}")
+    console.print(f"  publisher key {made.publisher_key_id}, operator key {made.operator_key_id}")
+    console.print(f"  operator certificate: {directory / 'operators' / 'admin'}")
+    console.print(f"next: mesh fleet enroll NODE_ID --fleet {directory}")
+
+
+@fleet.command("enroll", epilog="Examples:\n\n  mesh fleet enroll cam-01 --fleet ./fleet\n\n"
+                                "  mesh fleet enroll alice --role operator --fleet ./fleet")
+@click.argument("name")
+@click.option("--fleet", "fleet_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=lambda: os.environ.get("MESH_FLEET", "fleet"), show_default="$MESH_FLEET or ./fleet",
+              help="The fleet directory made by `mesh fleet init`.")
+@click.option("--role", type=click.Choice(["node", "operator"]), default="node", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to write cert.pem, key.pem, ca.pem (default: FLEET/nodes/NAME or FLEET/operators/NAME).")
+@click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True, help="Validity.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def fleet_enroll(name: str, fleet_dir: Path, role: str, out_dir: Path | None, days: int, as_json: bool) -> None:
+    """Issue a certificate for node (or operator) NAME, signed by the fleet CA."""
+    from mesh.identity.ca import Role, enroll
+    from mesh.identity.signing import IdentityError
+
+    try:
+        creds = enroll(fleet_dir, name, role=Role(role), out_dir=out_dir, validity_days=days)
+    except IdentityError as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json({"name": name, "role": role, "directory": str(creds.directory)})
+    else:
+        console.print(f"{role} [bold]{name}[/] enrolled: {creds.directory}")
+
+
+# -- node ------------------------------------------------------------------
+
+@main.command(context_settings=_CONTEXT, epilog="""Example node.toml:
+
+\b
+  node_id = "cam-01"
+  listen = "0.0.0.0:7000"
+  advertise = "10.0.4.17:7000"
+  seeds = ["10.0.4.1:7000"]
+  data_dir = "/var/lib/fleetmesh"
+  metrics_listen = "0.0.0.0:9100"
+  [labels]
+  site = "berlin-1"
+  [tls]
+  dir = "/etc/fleetmesh/node"
+
+Then: mesh node --config node.toml""")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The node's TOML configuration file.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Overrides log_level from the config file.")
+def node(config_path: Path, log_level: str | None) -> None:
+    """Run a fleet node until SIGTERM/SIGINT, then leave the cluster gracefully."""
+    from mesh.identity.signing import IdentityError
+    from mesh.node.config import ConfigError, load_config
+    from mesh.node.runtime import Node, NodeStartError
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    logging.basicConfig(level=(log_level or config.log_level).upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(Node(config).run_until_signalled())
+    except (NodeStartError, IdentityError) as exc:
+        _fail(f"{config_path}: {exc}")
+
+
+# -- admin -----------------------------------------------------------------
+
+@main.group(context_settings=_CONTEXT)
+def admin() -> None:
+    """Operator commands against a running node (need an operator certificate)."""
+
+
+def _admin_options(fn):
+    fn = click.option("--node", "address", required=True, metavar="HOST:PORT", help="A node's gRPC address.")(fn)
+    fn = click.option("--creds", "creds_dir", type=click.Path(file_okay=False, path_type=Path),
+                      default=lambda: os.environ.get("MESH_ADMIN_CREDS", "fleet/operators/admin"),
+                      show_default="$MESH_ADMIN_CREDS or ./fleet/operators/admin",
+                      help="Operator certificate folder (cert.pem, key.pem, ca.pem).")(fn)
+    fn = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
+    return fn
+
+
+def _admin_client(address: str, creds_dir: Path):
+    from mesh.admin.client import AdminClient, AdminError
+    from mesh.identity.ca import load_credentials
+    from mesh.identity.signing import IdentityError
+
+    try:
+        return AdminClient(address, load_credentials(creds_dir))
+    except (AdminError, IdentityError) as exc:
+        _fail(str(exc))
+
+
+@admin.command("status", epilog="Examples:\n\n  mesh admin status --node 127.0.0.1:7000\n\n"
+                                "  mesh admin status --node 127.0.0.1:7000 --json | jq '.members[].state'")
+@_admin_options
+def admin_status(address: str, creds_dir: Path, as_json: bool) -> None:
+    """Show NODE's view of the fleet: id, address, site, state, incarnation, last heard."""
+    from mesh.admin.client import AdminError
+    from mesh.admin.format import status_dict, status_table
+
+    with _admin_client(address, creds_dir) as client:
+        try:
+            resp = client.status()
+        except AdminError as exc:
+            _fail(str(exc))
+    if as_json:
+        _emit_json(status_dict(resp))
+    else:
+        console.print(status_table(resp))
+
+
+# -- demo ------------------------------------------------------------------
+
+@main.command(context_settings=_CONTEXT, epilog="Example:\n\n  mesh demo --nodes 12 --sites 3")
+@click.option("--nodes", type=click.IntRange(3, 64), default=12, show_default=True)
+@click.option("--sites", type=click.IntRange(1, 16), default=3, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-run"),
+              show_default=True, help="Where the fleet, configs and node logs go (replaced on each run).")
+@click.option("--base-port", type=click.IntRange(1024, 65000), default=17400, show_default=True)
+def demo(nodes: int, sites: int, workdir: Path, base_port: int) -> None:
+    """Run a local fleet on loopback (mTLS on) and show membership converge and a failure detected."""
+    from mesh.demo import DemoFailed, run_demo
+
+    try:
+        run_demo(nodes=nodes, sites=sites, workdir=workdir, base_port=base_port, console=console)
+    except DemoFailed as exc:
+        _fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Protobuf <-> core message conversion, with validation of everything a peer sends.
+
+A peer is authenticated (mTLS) but not trusted to be bug-free: every field is
+checked here before the core sees it, and a message with any bad field is
+rejected whole with `WireError`, which the servicer turns into
+INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mesh._proto import membership_pb2 as pb
+from mesh.membership.messages import Ack, Gossip, Ping, PingReq, PushPull, State, Update, Updates
+
+MAX_UPDATES_PER_MESSAGE = 4096  # a full-state push-pull of a 4096-node site
+MAX_LABELS = 32
+MAX_INCARNATION = (1 << 63) - 1
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):\d{1,5}$")
+_LABEL_KEY = re.compile(r"^[a-z][a-z0-9_.-]{0,62}$")
+
+
+class WireError(ValueError):
+    """A message from a peer failed validation; the text says which field and why."""
+
+
+def check_node_id(value: str, field: str) -> str:
+    if not _NODE_ID.match(value):
+        raise WireError(f"{field}: {value[:80]!r} is not a node id (1-63 of [A-Za-z0-9._-])")
+    return value
+
+
+def check_address(value: str, field: str) -> str:
+    if not _ADDRESS.match(value) or int(value.rsplit(":", 1)[1]) > 65535:
+        raise WireError(f"{field}: {value[:80]!r} is not host:port")
+    return value
+
+
+def _update_from_pb(m: pb.MemberUpdate, field: str) -> Update:
+    check_node_id(m.node_id, f"{field}.node_id")
+    check_address(m.address, f"{field}.address")
+    if m.incarnation > MAX_INCARNATION:
+        raise WireError(f"{field}.incarnation: {m.incarnation} is out of range")
+    if m.state not in State._value2member_map_:
+        raise WireError(f"{field}.state: unknown member state {m.state}")
+    if len(m.labels) > MAX_LABELS:
+        raise WireError(f"{field}.labels: {len(m.labels)} labels, at most {MAX_LABELS}")
+    for key, value in m.labels.items():
+        if not _LABEL_KEY.match(key) or len(value) > 255:
+            raise WireError(f"{field}.labels: bad label {key[:64]!r}")
+    return Update(m.node_id, m.address, m.incarnation, State(m.state), tuple(sorted(m.labels.items())))
+
+
+def _updates_from_pb(items, field: str) -> Updates:
+    if len(items) > MAX_UPDATES_PER_MESSAGE:
+        raise WireError(f"{field}: {len(items)} entries, at most {MAX_UPDATES_PER_MESSAGE}")
+    return tuple(_update_from_pb(m, f"{field}[{i}]") for i, m in enumerate(items))
+
+
+def _updates_to_pb(updates: Updates) -> list[pb.MemberUpdate]:
+    return [pb.MemberUpdate(node_id=u.node_id, address=u.address, incarnation=u.incarnation,
+                            state=int(u.state), labels=dict(u.labels)) for u in updates]
+
+
+def ping_from_pb(m: pb.Ping) -> Ping:
+    return Ping(check_node_id(m.sender, "sender"), check_node_id(m.target, "target"), m.seq,
+                _updates_from_pb(m.updates, "updates"))
+
+
+def ping_to_pb(p: Ping) -> pb.Ping:
+    return pb.Ping(sender=p.sender, target=p.target, seq=p.seq, updates=_updates_to_pb(p.updates))
+
+
+def ack_from_pb(m: pb.Ack) -> Ack:
+    return Ack(check_node_id(m.sender, "sender"), m.seq, _updates_from_pb(m.updates, "updates"))
+
+
+def ack_to_pb(a: Ack) -> pb.Ack:
+    return pb.Ack(sender=a.sender, seq=a.seq, updates=_updates_to_pb(a.updates))
+
+
+def ping_req_from_pb(m: pb.PingReq) -> PingReq:
+    return PingReq(check_node_id(m.sender, "sender"), check_node_id(m.target, "target"),
+                   check_address(m.target_address, "target_address"), m.seq,
+                   _updates_from_pb(m.updates, "updates"))
+
+
+def ping_req_to_pb(r: PingReq) -> pb.PingReq:
+    return pb.PingReq(sender=r.sender, target=r.target, target_address=r.target_address, seq=r.seq,
+                      updates=_updates_to_pb(r.updates))
+
+
+def gossip_from_pb(m: pb.Gossip) -> Gossip:
+    return Gossip(check_node_id(m.sender, "sender"), _updates_from_pb(m.updates, "updates"))
+
+
+def gossip_to_pb(g: Gossip) -> pb.Gossip:
+    return pb.Gossip(sender=g.sender, updates=_updates_to_pb(g.updates))
+
+
+def push_pull_from_pb(m: pb.PushPull) -> PushPull:
+    return PushPull(check_node_id(m.sender, "sender"), _updates_from_pb(m.members, "members"))
+
+
+def push_pull_to_pb(p: PushPull) -> pb.PushPull:
+    return pb.PushPull(sender=p.sender, members=_updates_to_pb(p.members))

@@ -1,0 +1,154 @@
+"""The node's configuration file (TOML), validated with pydantic.
+
+A mistake in the file must tell the operator which file, which field and what
+is wrong, so `load_config` turns every parse or validation failure into one
+`ConfigError` whose message lists them all.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mesh.membership.messages import MembershipConfig
+
+NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; the message names file, field and problem."""
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:7000"), checking the port range."""
+    match = _HOST_PORT.match(value)
+    if not match or not 0 <= int(match.group(2)) <= 65535:
+        raise ValueError(f"expected host:port (for example 127.0.0.1:7000), got {value!r}")
+    return match.group(1).strip("[]"), int(match.group(2))
+
+
+def _check_address(value: str) -> str:
+    parse_host_port(value)
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsSection(_Strict):
+    """Where this node's fleet credentials are: the folder `mesh fleet enroll` wrote
+    (cert.pem, key.pem, ca.pem)."""
+
+    dir: Path
+
+
+class MembershipSection(_Strict):
+    """SWIM timings; defaults are memberlist's LAN defaults (see MembershipConfig)."""
+
+    probe_interval_s: float = Field(default=MembershipConfig.probe_interval_s, gt=0)
+    probe_timeout_s: float = Field(default=MembershipConfig.probe_timeout_s, gt=0)
+    indirect_checks: int = Field(default=MembershipConfig.indirect_checks, ge=0, le=16)
+    gossip_interval_s: float = Field(default=MembershipConfig.gossip_interval_s, gt=0)
+    gossip_nodes: int = Field(default=MembershipConfig.gossip_nodes, ge=1, le=16)
+    suspicion_mult: int = Field(default=MembershipConfig.suspicion_mult, ge=1)
+    retransmit_mult: int = Field(default=MembershipConfig.retransmit_mult, ge=1)
+    push_pull_interval_s: float = Field(default=MembershipConfig.push_pull_interval_s, gt=0)
+    gossip_to_dead_s: float = Field(default=MembershipConfig.gossip_to_dead_s, ge=0)
+    max_gossip_bytes: int = Field(default=MembershipConfig.max_gossip_bytes, ge=512, le=1 << 20)
+
+    @model_validator(mode="after")
+    def _timeout_below_interval(self) -> "MembershipSection":
+        if self.probe_timeout_s >= self.probe_interval_s:
+            raise ValueError(
+                f"probe_timeout_s ({self.probe_timeout_s}) must be below probe_interval_s "
+                f"({self.probe_interval_s}): indirect probes need the rest of the interval")
+        return self
+
+    def to_core(self) -> MembershipConfig:
+        return MembershipConfig(**self.model_dump())
+
+
+Address = Annotated[str, Field(min_length=3)]
+
+
+class NodeConfig(_Strict):
+    node_id: str = Field(pattern=NODE_ID_PATTERN)
+    listen: Address
+    advertise: Address | None = None
+    seeds: list[Address] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    data_dir: Path
+    metrics_listen: Address | None = None
+    log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
+    tls: TlsSection
+    membership: MembershipSection = Field(default_factory=MembershipSection)
+
+    @field_validator("listen", "advertise", "metrics_listen")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        return None if value is None else _check_address(value)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[str]) -> list[str]:
+        return [_check_address(v) for v in value]
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > 32:
+            raise ValueError(f"at most 32 labels, got {len(value)}")
+        for key, val in value.items():
+            if not re.match(r"^[a-z][a-z0-9_.-]{0,62}$", key):
+                raise ValueError(f"label key {key!r} must be lowercase letters, digits, '_', '.', '-'")
+            if len(val) > 255:
+                raise ValueError(f"label {key!r} value longer than 255 characters")
+        return value
+
+    @property
+    def advertised_address(self) -> str:
+        return self.advertise or self.listen
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative paths in the file are relative to the file, not to the working directory."""
+    out = dict(raw)
+    if isinstance(out.get("data_dir"), str):
+        out["data_dir"] = str(base / out["data_dir"])
+    tls = out.get("tls")
+    if isinstance(tls, dict) and isinstance(tls.get("dir"), str):
+        out["tls"] = {**tls, "dir": str(base / tls["dir"])}
+    return out
+
+
+def _format_errors(path: Path, error: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        got = f" (got {item['input']!r})" if item["type"] not in ("missing", "model_type") \
+            and not isinstance(item.get("input"), dict) else ""
+        lines.append(f"  {field}: {message}{got}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path) -> NodeConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return NodeConfig.model_validate(_resolve_paths(raw, path.resolve().parent))
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc)) from None

@@ -1,0 +1,146 @@
+"""Real nodes in one process on loopback, for tests and benchmarks.
+
+Each node is a full `Node` (grpc.aio server with mTLS, its own certificate,
+the real membership loop); they only share the event loop. Node processes
+(for SIGKILL/SIGSTOP) are started by `spawn_node_process`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+from mesh.identity.ca import Credentials, enroll, init_fleet, load_credentials
+from mesh.membership.messages import MembershipConfig, State
+from mesh.node.config import MembershipSection, NodeConfig, TlsSection
+from mesh.node.runtime import Node
+
+# SWIM timings for loopback clusters in tests and benchmarks: the LAN
+# defaults' structure, five times faster.
+FAST_TIMINGS = MembershipConfig(probe_interval_s=0.2, probe_timeout_s=0.1, gossip_interval_s=0.05,
+                                push_pull_interval_s=2.0, gossip_to_dead_s=10.0)
+
+SITES = ("amsterdam", "berlin", "chicago", "denver", "essen", "fresno")
+
+
+class LocalFleet:
+    """A fleet CA in a directory, enrolling node certificates on first use."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.fleet = init_fleet(self.directory, fleet_id="test", force=True)
+        self.operator = load_credentials(self.directory / "operators" / "admin")
+        self._nodes: dict[str, Credentials] = {}
+
+    def node_credentials(self, node_id: str) -> Credentials:
+        if node_id not in self._nodes:
+            self._nodes[node_id] = enroll(self.directory, node_id, force=True)
+        return self._nodes[node_id]
+
+
+class LocalCluster:
+    """In-process nodes sharing one event loop. Node i has id `node-{i:02d}`."""
+
+    def __init__(self, fleet: LocalFleet, workdir: Path, timings: MembershipConfig, *, seed: int = 0) -> None:
+        self.fleet = fleet
+        self.workdir = Path(workdir)
+        self.timings = timings
+        self.seed = seed
+        self.nodes: dict[str, Node] = {}
+
+    def config(self, node_id: str, *, site: str, seeds: list[str]) -> NodeConfig:
+        creds = self.fleet.node_credentials(node_id)
+        return NodeConfig(
+            node_id=node_id, listen="127.0.0.1:0", seeds=seeds, labels={"site": site},
+            data_dir=self.workdir / node_id, tls=TlsSection(dir=creds.directory),
+            membership=MembershipSection(**{f: getattr(self.timings, f) for f in MembershipSection.model_fields}))
+
+    async def start(self, n: int, sites: int = 1) -> "LocalCluster":
+        """Start n nodes; every node seeds from the first, as a site gateway would be configured."""
+        for i in range(n):
+            await self.add(f"node-{i:02d}", site=SITES[i % sites])
+        return self
+
+    async def add(self, node_id: str, *, site: str = SITES[0], seeds: list[str] | None = None) -> Node:
+        if seeds is None:
+            seeds = [next(iter(self.nodes.values())).address] if self.nodes else []
+        rng = random.Random(f"{self.seed}-{node_id}")
+        node = Node(self.config(node_id, site=site, seeds=seeds), rng=rng, serve_metrics=False)
+        await node.start()
+        self.nodes[node_id] = node
+        return node
+
+    def views(self, among: list[str] | None = None) -> dict[str, dict[str, State]]:
+        """node id -> (member id -> state), for running nodes (or `among`)."""
+        ids = among if among is not None else list(self.nodes)
+        return {i: {m.node_id: m.state for m in self.nodes[i].membership.members()} for i in ids}
+
+    def converged(self, ids: list[str] | None = None) -> bool:
+        """Every node in `ids` sees exactly the nodes in `ids` alive."""
+        ids = ids if ids is not None else list(self.nodes)
+        want = set(ids)
+        for view in self.views(ids).values():
+            if {m for m, s in view.items() if s is State.ALIVE} != want:
+                return False
+        return True
+
+    async def stop(self, node_id: str, *, leave: bool = True) -> None:
+        await self.nodes.pop(node_id).stop(leave=leave)
+
+    async def close(self) -> None:
+        nodes, self.nodes = list(self.nodes.values()), {}
+        await asyncio.gather(*(n.stop(leave=False) for n in nodes), return_exceptions=True)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout_s: float, *, interval_s: float = 0.02,
+                   what: str = "condition") -> float:
+    """Poll `predicate` until true; return the seconds it took. Raises TimeoutError naming `what`."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not predicate():
+        if loop.time() - start > timeout_s:
+            raise TimeoutError(f"{what} not reached within {timeout_s:.1f}s")
+        await asyncio.sleep(interval_s)
+    return loop.time() - start
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel says are free now (bound once, then released)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def write_node_config(path: Path, *, node_id: str, address: str, seeds: list[str], site: str,
+                      tls_dir: Path, data_dir: Path, timings: MembershipConfig,
+                      metrics_listen: str | None = None, log_level: str = "info") -> None:
+    """Write a node.toml as an operator would (strings quoted as JSON, which TOML accepts)."""
+    q = json.dumps
+    lines = [f"node_id = {q(node_id)}", f"listen = {q(address)}",
+             "seeds = [" + ", ".join(q(s) for s in seeds) + "]",
+             f"data_dir = {q(str(data_dir))}", f"log_level = {q(log_level)}"]
+    if metrics_listen:
+        lines.append(f"metrics_listen = {q(metrics_listen)}")
+    lines += ["", "[labels]", f"site = {q(site)}", 'device_class = "camera"', "",
+              "[tls]", f"dir = {q(str(tls_dir))}", "", "[membership]"]
+    lines += [f"{name} = {getattr(timings, name)}" for name in MembershipSection.model_fields]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def spawn_node_process(config_path: Path, log_path: Path) -> subprocess.Popen:
+    """Run `mesh node --config` as a separate process (for SIGKILL/SIGSTOP tests)."""
+    log = log_path.open("ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "mesh", "node", "--config", str(config_path)],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    finally:
+        log.close()

@@ -1,0 +1,141 @@
+"""The node: one asyncio process wiring gRPC servers, peer channels, the
+membership loop and the metrics endpoint around the pure cores."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from mesh._proto import admin_pb2, admin_pb2_grpc, membership_pb2, membership_pb2_grpc
+from mesh.admin.service import AdminServicer
+from mesh.identity.ca import Credentials, load_credentials
+from mesh.identity.tls import server_credentials
+from mesh.membership.core import Membership
+from mesh.membership.messages import MemberEvent, labels_from_mapping
+from mesh.membership.service import MembershipServicer, SwimRunner
+from mesh.node.config import NodeConfig, parse_host_port
+from mesh.node.metrics import NodeMetrics
+from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
+from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
+
+log = logging.getLogger("mesh.node")
+
+SERVICE_NAMES = (
+    membership_pb2.DESCRIPTOR.services_by_name["Membership"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+
+
+class NodeStartError(Exception):
+    """The node could not start (port taken, credentials unreadable, ...)."""
+
+
+class Node:
+    """One fleet node. `await start()`, then `await stop()` (graceful leave by default)."""
+
+    def __init__(self, config: NodeConfig, *, credentials: Credentials | None = None,
+                 rng: random.Random | None = None, faults: Faults | None = None,
+                 serve_metrics: bool = True) -> None:
+        self.config = config
+        self.credentials = credentials or load_credentials(config.tls.dir)
+        self.faults = faults or Faults()
+        self._rng = rng or random.Random()
+        self._serve_metrics = serve_metrics
+        self.metrics = NodeMetrics(lambda: self.runner)
+        self.runner: SwimRunner | None = None
+        self.address: str | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+        self._channels: PeerChannels | None = None
+        self._metrics_http = None
+        self._stopped = asyncio.Event()
+        self.events: list[MemberEvent] = []  # every membership event, oldest first
+
+    @property
+    def membership(self) -> Membership:
+        assert self.runner is not None, "node not started"
+        return self.runner.core
+
+    async def start(self) -> None:
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        self._server = grpc.aio.server(
+            # Interceptors run first to last: cut links refuse before anything is decoded.
+            interceptors=[FaultInterceptor(self.faults), DecodeInterceptor()],
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.so_reuseport", 0)])
+        host, port = parse_host_port(config.listen)
+        bound = self._server.add_secure_port(config.listen, server_credentials(self.credentials))
+        if bound == 0:
+            raise NodeStartError(f"cannot listen on {config.listen}: address in use or not available")
+        self.address = config.advertise or (config.listen if port else f"{host}:{bound}")
+
+        self._channels = PeerChannels(self.credentials, self.faults, observe=self.metrics.observe_rpc)
+        core = Membership(config.node_id, self.address, labels_from_mapping(config.labels),
+                          config.membership.to_core(), self._rng, loop.time())
+        self.runner = SwimRunner(core, self._dial, on_events=self.events.extend)
+
+        membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(self.runner), self._server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(core, loop.time, loop.time()), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server)
+        await self._server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        if self._serve_metrics and config.metrics_listen:
+            mhost, mport = parse_host_port(config.metrics_listen)
+            self._metrics_http, _ = start_http_server(mport, addr=mhost, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        self.runner.start(list(config.seeds))
+        log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, self.address,
+                 config.labels.get("site", "-"), ", ".join(config.seeds) or "none")
+
+    def _dial(self, address: str, peer_id: str | None) -> membership_pb2_grpc.MembershipStub:
+        return membership_pb2_grpc.MembershipStub(self._channels.channel(address, peer_id))
+
+    async def stop(self, *, leave: bool = True, grace_s: float = 1.0) -> None:
+        """Leave the cluster (unless `leave=False`, which looks like a crash to peers) and shut down."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.runner is not None:
+            if leave:
+                await self._health.enter_graceful_shutdown()
+                try:
+                    await self.runner.leave()
+                except TimeoutError:
+                    log.warning("leave not acknowledged by every peer in time; shutting down anyway")
+            await self.runner.stop()
+        if self._server is not None:
+            await self._server.stop(grace_s if leave else 0)
+        if self._channels is not None:
+            await self._channels.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("node %s stopped", self.config.node_id)
+
+    async def run_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT, then leave gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("signal received: leaving the cluster")
+        await self.stop()

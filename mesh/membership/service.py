@@ -9,6 +9,7 @@ one asyncio loop, so the core is never entered concurrently.
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,12 +158,17 @@ class SwimRunner:
             self._send_all(self.core.tick(self.now()))
             self._publish_events()
             delay = self.core.next_deadline() - self.now()
-            if delay > 0:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                except TimeoutError:
-                    pass
+            if delay <= 0:
+                continue
+            self._wake.clear()
+            # asyncio.timeout, not wait_for: 3.11's wait_for runs the wait in a
+            # second task and can lose a cancel that races with the wake-up,
+            # which left stop() waiting forever on a loop that never ended.
+            try:
+                async with asyncio.timeout(None if math.isinf(delay) else delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
 
     def _publish_events(self) -> None:
         events = self.core.drain_events()

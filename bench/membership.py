@@ -1,0 +1,114 @@
+"""Membership benchmark: failure detection time and gossip load per node, for N = 10, 30, 50.
+
+Runs real nodes (grpc.aio, mTLS) in one process on loopback, all sizes in one
+run so the figures are comparable on a shared machine. For each N:
+
+- detection: crash a node (its server stops without a goodbye) and time until
+  every survivor marks it dead; median and max over trials, printed as a ratio
+  to the protocol's expected detection time for N (MembershipConfig.
+  expected_detection_s) and to the worst-case bound.
+- load: membership bytes sent per node per second in steady state. SWIM's
+  load per node should stay flat as N grows (one probe per interval per node,
+  whatever N).
+
+    python bench/membership.py                 # N = 10 30 50, 3 trials each
+    python bench/membership.py --sizes 10 20 --trials 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# gRPC's C core logs every refused connection to a crashed node; keep the table readable.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+from mesh.membership.messages import MembershipConfig, State
+from mesh.node.local import LocalCluster, LocalFleet, wait_for
+
+# LAN-default structure at twice the speed: short enough for a quick run,
+# slow enough that 50 nodes in one process on 2 cores keep their timers.
+BENCH_TIMINGS = MembershipConfig(probe_interval_s=0.5, probe_timeout_s=0.25, gossip_interval_s=0.1,
+                                 push_pull_interval_s=15.0)
+
+
+def bytes_out(cluster: LocalCluster) -> int:
+    return sum(n.runner.counters.bytes_out for n in cluster.nodes.values())
+
+
+async def measure(fleet: LocalFleet, workdir: Path, n: int, trials: int, load_window_s: float) -> dict:
+    cluster = LocalCluster(fleet, workdir / f"n{n}", BENCH_TIMINGS, seed=n)
+    try:
+        await cluster.start(n, sites=3)
+        await wait_for(cluster.converged, 60 + n, interval_s=0.05, what=f"{n}-node convergence")
+        # Let join gossip drain before measuring steady state.
+        await asyncio.sleep(BENCH_TIMINGS.dissemination_s(n) * 2)
+        before, t0 = bytes_out(cluster), time.perf_counter()
+        await asyncio.sleep(load_window_s)
+        load = (bytes_out(cluster) - before) / (time.perf_counter() - t0) / len(cluster.nodes)
+
+        detections = []
+        for trial in range(trials):
+            victim = sorted(cluster.nodes)[1 + trial * (n // (trials + 1))]
+            size = len(cluster.nodes)
+            survivors = [i for i in cluster.nodes if i != victim]
+            loop = asyncio.get_running_loop()
+            killed_at = loop.time()
+            await cluster.stop(victim, leave=False)
+
+            def everyone_knows() -> bool:
+                return all(cluster.nodes[s].membership.member(victim).state is State.DEAD for s in survivors)
+
+            took = await wait_for(everyone_knows, 3 * BENCH_TIMINGS.detection_bound_s(size), interval_s=0.01,
+                                  what=f"detection of {victim}")
+            detections.append((took, BENCH_TIMINGS.expected_detection_s(size),
+                               BENCH_TIMINGS.detection_bound_s(size)))
+        return {"n": n, "load_bytes_per_node_s": load, "detections": detections}
+    finally:
+        await cluster.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 30, 50])
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--load-window", type=float, default=5.0, help="seconds of steady state to measure")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    async def run_all():
+        with tempfile.TemporaryDirectory() as tmp:
+            fleet = LocalFleet(Path(tmp) / "fleet")
+            results = []
+            for n in args.sizes:
+                print(f"N={n}: starting...", file=sys.stderr, flush=True)
+                results.append(await measure(fleet, Path(tmp), n, args.trials, args.load_window))
+            return results
+
+    results = asyncio.run(run_all())
+    t = BENCH_TIMINGS
+    print(f"timings: probe {t.probe_interval_s}s, timeout {t.probe_timeout_s}s, {t.indirect_checks} indirect, "
+          f"gossip {t.gossip_interval_s}s x {t.gossip_nodes}, suspicion mult {t.suspicion_mult}")
+    print(f"{'N':>4} {'detect median':>14} {'detect max':>11} {'median/expected':>16} {'max/expected':>13} "
+          f"{'max/bound':>10} {'bytes/node/s':>13} {'load vs N=' + str(results[0]['n']):>14}")
+    base_load = results[0]["load_bytes_per_node_s"]
+    for r in results:
+        took = [d[0] for d in r["detections"]]
+        expected = statistics.median(d[1] for d in r["detections"])
+        bound = statistics.median(d[2] for d in r["detections"])
+        median = statistics.median(took)
+        print(f"{r['n']:>4} {median:>13.2f}s {max(took):>10.2f}s {median / expected:>16.2f} "
+              f"{max(took) / expected:>13.2f} {max(took) / bound:>10.2f} "
+              f"{r['load_bytes_per_node_s']:>13.0f} {r['load_bytes_per_node_s'] / base_load:>14.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,6 +37,10 @@ class TrafficCounters:
 
     bytes_in: int = 0
     bytes_out: int = 0
+    # Push-pull carries the whole member list (O(n) bytes per exchange); it is
+    # counted apart so SWIM's own per-node load, which should not grow with n,
+    # can be seen on its own.
+    push_pull_bytes_out: int = 0
     calls_failed: int = 0
 
 
@@ -186,7 +190,10 @@ class SwimRunner:
             task.add_done_callback(self._tasks.discard)
 
     def outgoing(self, message):
-        self.counters.bytes_out += message.ByteSize()
+        size = message.ByteSize()
+        self.counters.bytes_out += size
+        if isinstance(message, pb.PushPull):
+            self.counters.push_pull_bytes_out += size
         return message
 
     async def _deliver(self, send: Send) -> None:

@@ -3,8 +3,12 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# Real .tflite models from the mediapipe 0.10.21 wheel (newer wheels ship none).
+# Only the wheel is downloaded and unzipped: installing mediapipe would pin protobuf<5.
+MODELS := .cache/models
+MEDIAPIPE_STAMP := $(MODELS)/mediapipe/.stamp
 
-.PHONY: install demo test bench protos lint clean
+.PHONY: install models demo test bench protos lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "fleetmesh needs Python >= 3.11"'
@@ -15,17 +19,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: install
+$(MEDIAPIPE_STAMP): | $(STAMP)
+	mkdir -p $(MODELS)/wheels $(MODELS)/mediapipe
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+	    --platform manylinux_2_28_x86_64 \
+	    -d $(MODELS)/wheels mediapipe==0.10.21
+	$(BIN)/python -c 'import sys, zipfile, pathlib; z = zipfile.ZipFile(sys.argv[1]); out = pathlib.Path(sys.argv[2]); \
+	    [out.joinpath(pathlib.Path(n).name).write_bytes(z.read(n)) for n in z.namelist() if n.endswith(".tflite")]' \
+	    $$(ls $(MODELS)/wheels/mediapipe-0.10.21-*.whl | head -1) $(MODELS)/mediapipe
+	touch $@
+
+models: $(MEDIAPIPE_STAMP)
+
+demo: install models
 	$(BIN)/mesh demo
 
-test: install
+test: install models
 	$(BIN)/python -m pytest
 
-bench: install
+bench: install models
 	$(BIN)/python bench/membership.py
 
 protos: install
 	$(BIN)/python protos/generate.py
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache .hypothesis
+	rm -rf $(VENV) demo-run .pytest_cache .hypothesis .cache

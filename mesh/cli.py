@@ -18,8 +18,11 @@ from rich.console import Console
 
 from mesh import __version__
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output (CI logs, `make demo | tee`) has no terminal width; rich would
+# fall back to 80 columns and truncate addresses in tables.
+_PIPE_WIDTH = None if sys.stdout.isatty() else 120
+console = Console(width=_PIPE_WIDTH)
+err_console = Console(stderr=True, width=_PIPE_WIDTH)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

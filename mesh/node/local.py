@@ -123,8 +123,13 @@ def free_ports(count: int) -> list[int]:
 def write_node_config(path: Path, *, node_id: str, address: str, seeds: list[str], site: str,
                       tls_dir: Path, data_dir: Path, timings: MembershipConfig,
                       metrics_listen: str | None = None, log_level: str = "info") -> None:
-    """Write a node.toml as an operator would (strings quoted as JSON, which TOML accepts)."""
+    """Write a node.toml as an operator would (strings quoted as JSON, which TOML accepts).
+
+    Paths are written absolute: the config loader reads relative paths as
+    relative to the file, not to the directory the caller happens to be in.
+    """
     q = json.dumps
+    data_dir, tls_dir = Path(data_dir).resolve(), Path(tls_dir).resolve()
     lines = [f"node_id = {q(node_id)}", f"listen = {q(address)}",
              "seeds = [" + ", ".join(q(s) for s in seeds) + "]",
              f"data_dir = {q(str(data_dir))}", f"log_level = {q(log_level)}"]

@@ -25,6 +25,8 @@ from mesh.identity.ca import (
     init_fleet,
     load_credentials,
     load_fleet,
+    load_group_secret,
+    load_trusted_keys,
 )
 from mesh.identity.signing import (
     IdentityError,
@@ -65,4 +67,6 @@ __all__ = [
     "init_fleet",
     "load_credentials",
     "load_fleet",
+    "load_group_secret",
+    "load_trusted_keys",
 ]

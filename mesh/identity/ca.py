@@ -61,6 +61,13 @@ SAN_SUFFIX = "fleetmesh"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
 CA_FILE = "ca.pem"
+# Trust material copied into every credentials folder, so a device can verify
+# manifests and approvals without the fleet directory (which holds the CA key).
+PUBLISHER_PUB_FILE = "publisher.pub"
+OPERATOR_PUB_FILE = "operator.pub"
+# 32 random bytes (hex) from which each Raft group's password is derived; nodes only.
+GROUP_SECRET_FILE = "groups.secret"
+GROUP_SECRET_BYTES = 32
 
 
 class Role(enum.Enum):
@@ -140,6 +147,10 @@ class Fleet:
     def operator_pub_path(self) -> Path:
         return self.directory / "operator.pub"
 
+    @property
+    def group_secret_path(self) -> Path:
+        return self.directory / GROUP_SECRET_FILE
+
     def credentials_dir(self, role: Role, name: str) -> Path:
         """Default home of a member's credentials: nodes/<name> or operators/<name>."""
         return self.directory / _ROLE_DIRS[role] / name
@@ -178,6 +189,7 @@ _FLEET_FILES = (
     "publisher.pub",
     "operator.key",
     "operator.pub",
+    GROUP_SECRET_FILE,
 )
 
 
@@ -239,6 +251,7 @@ def init_fleet(fleet_dir: Path, *, fleet_id: str | None = None, force: bool = Fa
     save_verify_key(publisher.verify_key, fleet.publisher_pub_path)
     save_signing_key(operator, fleet.operator_key_path)
     save_verify_key(operator.verify_key, fleet.operator_pub_path)
+    _write(fleet.group_secret_path, secrets.token_hex(GROUP_SECRET_BYTES).encode() + b"\n", 0o600)
     # fleet.json goes last: its presence means the fleet is complete.
     document = {
         "fleet_id": fleet_id,
@@ -297,7 +310,46 @@ def enroll(
     _write(creds.key_path, _private_pem(key), 0o600)
     _write(creds.cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     _write(creds.ca_path, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(out_dir / PUBLISHER_PUB_FILE, fleet.publisher_pub_path.read_bytes(), 0o644)
+    _write(out_dir / OPERATOR_PUB_FILE, fleet.operator_pub_path.read_bytes(), 0o644)
+    if role is Role.NODE:
+        _write(out_dir / GROUP_SECRET_FILE, fleet.group_secret_path.read_bytes(), 0o600)
     return creds
+
+
+def load_trusted_keys(directory: Path) -> TrustedKeys:
+    """The fleet's publisher and operator public keys from a credentials folder."""
+    directory = Path(directory)
+    paths = ((directory / PUBLISHER_PUB_FILE, KeyRole.PUBLISHER), (directory / OPERATOR_PUB_FILE, KeyRole.OPERATOR))
+    for path, _ in paths:
+        if not path.exists():
+            raise CredentialsError(
+                f"{path} is missing; re-issue this member's credentials with `mesh fleet enroll --force` "
+                "(it copies the fleet's publisher.pub and operator.pub) or copy the file from the fleet folder"
+            )
+    try:
+        return TrustedKeys([load_verify_key(path, role) for path, role in paths])
+    except KeyFileError as exc:
+        raise CredentialsError(str(exc)) from None
+
+
+def load_group_secret(directory: Path) -> bytes:
+    """The fleet's Raft group secret from a node's credentials folder (32 bytes)."""
+    path = Path(directory) / GROUP_SECRET_FILE
+    try:
+        raw = path.read_text().strip()
+    except FileNotFoundError:
+        raise CredentialsError(
+            f"{path} is missing; node credentials from `mesh fleet enroll` include it "
+            "(re-issue with --force, or copy it from the fleet folder)"
+        ) from None
+    try:
+        secret = bytes.fromhex(raw)
+    except ValueError:
+        secret = b""
+    if len(secret) != GROUP_SECRET_BYTES:
+        raise CredentialsError(f"{path} must hold {GROUP_SECRET_BYTES} bytes as hex; it is corrupt")
+    return secret
 
 
 def load_fleet(fleet_dir: Path) -> Fleet:

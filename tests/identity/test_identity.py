@@ -31,8 +31,11 @@ from mesh.identity import (
     canonical_json,
     enroll,
     init_fleet,
+    CredentialsError,
     load_credentials,
     load_fleet,
+    load_group_secret,
+    load_trusted_keys,
 )
 from mesh.identity.signing import load_signing_key, load_verify_key, save_signing_key
 
@@ -195,6 +198,33 @@ def test_enroll_node(fleet_dir: Path) -> None:
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days == 30  # plus the backdating
     assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+
+
+def test_node_credentials_carry_the_fleet_trust_and_group_secret(fleet_dir: Path, tmp_path: Path) -> None:
+    fleet = load_fleet(fleet_dir)
+    node = enroll(fleet_dir, "cam-18", out_dir=tmp_path / "device")
+    trusted = load_trusted_keys(node.directory)
+    publisher = load_signing_key(fleet_dir / "publisher.key", KeyRole.PUBLISHER)
+    manifest = b"face-detect 1.4"
+    assert trusted.verify(KeyRole.PUBLISHER, manifest, publisher.sign(manifest), fleet.publisher_key_id)
+    with pytest.raises(KeyRoleError):  # the operator key is trusted, but not to sign manifests
+        operator = load_signing_key(fleet_dir / "operator.key", KeyRole.OPERATOR)
+        trusted.verify(KeyRole.PUBLISHER, manifest, operator.sign(manifest), fleet.operator_key_id)
+    secret = load_group_secret(node.directory)
+    assert len(secret) == 32 and secret == bytes.fromhex((fleet_dir / "groups.secret").read_text())
+    assert _mode(node.directory / "groups.secret") == 0o600
+
+    operator_creds = load_credentials(fleet_dir / "operators" / "admin")
+    assert len(load_trusted_keys(operator_creds.directory)) == 2
+    with pytest.raises(CredentialsError, match="groups.secret is missing"):
+        load_group_secret(operator_creds.directory)  # operators are not Raft members
+
+
+def test_corrupt_group_secret_is_named(fleet_dir: Path, tmp_path: Path) -> None:
+    node = enroll(fleet_dir, "cam-19", out_dir=tmp_path / "device")
+    (node.directory / "groups.secret").write_text("abc\n")
+    with pytest.raises(CredentialsError, match="groups.secret must hold 32 bytes"):
+        load_group_secret(node.directory)
 
 
 def test_enroll_operator_into_chosen_dir(fleet_dir: Path, tmp_path: Path) -> None:

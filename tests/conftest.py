@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# gRPC core logs every GOAWAY of a stopped test node at INFO; keep failures readable.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import pytest
 import pytest_asyncio
 

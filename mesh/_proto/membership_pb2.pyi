@@ -20,7 +20,7 @@ MEMBER_STATE_DEAD: MemberState
 MEMBER_STATE_LEFT: MemberState
 
 class MemberUpdate(_message.Message):
-    __slots__ = ("node_id", "address", "incarnation", "state", "labels")
+    __slots__ = ("node_id", "address", "incarnation", "state", "labels", "meta_version", "meta")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,12 +33,16 @@ class MemberUpdate(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    META_VERSION_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     incarnation: int
     state: MemberState
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    meta_version: int
+    meta: bytes
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., meta_version: _Optional[int] = ..., meta: _Optional[bytes] = ...) -> None: ...
 
 class Ping(_message.Message):
     __slots__ = ("sender", "target", "seq", "updates")

@@ -25,7 +25,14 @@ Rules of this module (everything that decides what a node believes lives here):
   `leave()` nothing about us is refuted and `tick` does nothing.
 - Events are about other members only: JOINED the first time we learn of one,
   then one event per state entered (ALIVE, SUSPECT, DEAD, LEFT), UPDATED for a
-  new address or labels without a change of state.
+  new address or labels without a change of state, META for new metadata.
+- Metadata (`set_meta`): an opaque blob a member publishes about itself,
+  versioned by `meta_version` within an incarnation. It rides in the member's
+  update like labels do, so dissemination and push-pull carry it; at the same
+  incarnation and state a higher meta_version replaces it, and any update that
+  wins by incarnation brings its own. `meta_version` should start from a value
+  that grows across restarts (the runner passes wall-clock milliseconds), or a
+  restarted member's fresh metadata would lose to its old self's.
 - Probing: one probe per `probe_interval_s`, targets taken round-robin from a
   shuffled list of ALIVE/SUSPECT members (reshuffled, newcomers included, at
   the end of each round). No ack by `probe_timeout_s`: ask `indirect_checks`
@@ -111,6 +118,9 @@ _LIVE_STATES = (State.ALIVE, State.SUSPECT)
 # interval grows with log2(n), so full-state traffic stays roughly constant.
 _PUSH_PULL_SCALE_THRESHOLD = 32
 
+# Metadata is for compact facts (model versions and chunk bitfields), not payloads.
+MAX_META_BYTES = 4096
+
 # No update is smaller than one with empty strings: below this budget, stop looking.
 _SMALLEST_UPDATE_BYTES = Update("", "", 0, State.ALIVE).size_bytes()
 
@@ -157,13 +167,16 @@ class _Member:
     state: State
     state_since: float
     last_heard: float | None = None
+    meta_version: int = 0
+    meta: bytes = b""
 
     def as_update(self) -> Update:
-        return Update(self.node_id, self.address, self.incarnation, self.state, self.labels)
+        return Update(self.node_id, self.address, self.incarnation, self.state, self.labels,
+                      self.meta_version, self.meta)
 
     def view(self) -> MemberView:
         return MemberView(self.node_id, self.address, self.labels, self.state, self.incarnation,
-                          self.state_since, self.last_heard)
+                          self.state_since, self.last_heard, self.meta_version, self.meta)
 
 
 @dataclass
@@ -190,7 +203,7 @@ class Membership:
     """One node's SWIM state machine: feed it messages and time, deliver what it returns."""
 
     def __init__(self, node_id: str, address: str, labels: Labels, config: MembershipConfig,
-                 rng: random.Random, now: float, *, incarnation: int = 0) -> None:
+                 rng: random.Random, now: float, *, incarnation: int = 0, meta_version: int = 0) -> None:
         """`incarnation` lets a restarted node resume where it was (if it kept it);
         a node that starts at 0 instead learns its old incarnation from peers and
         jumps above it."""
@@ -200,7 +213,8 @@ class Membership:
         self.config = config
         self.stats = MembershipStats()
         self._rng = rng
-        self._self = _Member(node_id, address, labels, incarnation, State.ALIVE, now)
+        self._self = _Member(node_id, address, labels, incarnation, State.ALIVE, now,
+                             meta_version=meta_version)
         self._members: dict[str, _Member] = {node_id: self._self}
         self._live_count = 1
         self._left = False
@@ -248,6 +262,16 @@ class Membership:
     def live_count(self) -> int:
         """Members ALIVE or SUSPECT, self included (unless we left)."""
         return self._live_count
+
+    def set_meta(self, meta: bytes) -> None:
+        """Publish new metadata about ourselves; it spreads like any update."""
+        if len(meta) > MAX_META_BYTES:
+            raise ValueError(f"metadata is {len(meta)} bytes, at most {MAX_META_BYTES}")
+        if self._left or meta == self._self.meta:
+            return
+        self._self.meta = bytes(meta)
+        self._self.meta_version += 1
+        self._enqueue(self._self.as_update())
 
     def drain_events(self) -> list[MemberEvent]:
         events, self._events = self._events, []
@@ -510,7 +534,8 @@ class Membership:
         side of a partition): we suspect instead, and the member gets a timeout
         to refute. About ourselves, DEAD stays DEAD: we refute it either way."""
         if update.state is State.DEAD and update.node_id != self.node_id:
-            return Update(update.node_id, update.address, update.incarnation, State.SUSPECT, update.labels)
+            return Update(update.node_id, update.address, update.incarnation, State.SUSPECT, update.labels,
+                          update.meta_version, update.meta)
         return update
 
     # -- the member table ----------------------------------------------------
@@ -523,13 +548,22 @@ class Membership:
         if held is None:
             if update.state is not State.ALIVE:
                 return False
-            held = _Member(update.node_id, update.address, update.labels, update.incarnation, State.ALIVE, now)
+            held = _Member(update.node_id, update.address, update.labels, update.incarnation, State.ALIVE, now,
+                           meta_version=update.meta_version, meta=update.meta)
             self._members[update.node_id] = held
             self._live_count += 1
             self._emit(EventKind.JOINED, held, now)
+        elif (update.state is held.state and update.incarnation == held.incarnation
+              and update.meta_version > held.meta_version):
+            held.meta_version, held.meta = update.meta_version, update.meta
+            self._emit(EventKind.META, held, now)
         else:
             if not overrides(update.state, update.incarnation, held.state, held.incarnation):
                 return False
+            if update.incarnation > held.incarnation or update.meta_version > held.meta_version:
+                if (update.meta_version, update.meta) != (held.meta_version, held.meta):
+                    held.meta_version, held.meta = update.meta_version, update.meta
+                    self._emit(EventKind.META, held, now)
             held.incarnation = update.incarnation
             identity_changed = False
             if update.state is State.ALIVE:

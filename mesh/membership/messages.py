@@ -39,6 +39,13 @@ class Update:
     incarnation: int
     state: State
     labels: Labels = ()
+    # Application metadata the member publishes about itself (which model
+    # versions and chunks it holds), opaque to membership. It changes far more
+    # often than the member's state, so it has its own version: at the same
+    # incarnation a higher meta_version wins; a newer incarnation always brings
+    # its own metadata.
+    meta_version: int = 0
+    meta: bytes = b""
 
     def size_bytes(self) -> int:
         """Upper estimate of this update's encoded size, used to bound piggyback payloads.
@@ -48,7 +55,7 @@ class Update:
         """
         text = len(self.node_id) + len(self.address)
         text += sum(len(k) + len(v) + 8 for k, v in self.labels)
-        return text + 24 + 16 * 2
+        return text + len(self.meta) + 24 + 16 * 3
 
 
 Updates = tuple[Update, ...]
@@ -126,6 +133,7 @@ class EventKind(enum.Enum):
     DEAD = "dead"
     LEFT = "left"
     UPDATED = "updated"      # same state, new address or labels
+    META = "meta"            # new application metadata (see Update.meta)
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,8 @@ class MemberView:
     incarnation: int
     state_since: float
     last_heard: float | None  # last direct message from this member, None if never
+    meta_version: int = 0
+    meta: bytes = b""
 
 
 class MembershipError(Exception):

@@ -22,7 +22,7 @@ from mesh.identity.ca import Role
 from mesh.identity.tls import peer_identity
 from mesh.membership import wire
 from mesh.membership.core import Membership
-from mesh.membership.messages import (Gossip, MemberEvent, Ping, PingReq, PushPull, Send, UnknownMember,
+from mesh.membership.messages import (EventKind, Gossip, MemberEvent, Ping, PingReq, PushPull, Send, UnknownMember,
                                       WrongTarget)
 
 log = logging.getLogger("mesh.membership")
@@ -179,7 +179,9 @@ class SwimRunner:
         if not events:
             return
         for event in events:
-            log.info("member %s %s (incarnation %d)", event.node_id, event.kind.value, event.incarnation)
+            # META changes with every chunk a peer stores: too chatty for info.
+            level = logging.DEBUG if event.kind is EventKind.META else logging.INFO
+            log.log(level, "member %s %s (incarnation %d)", event.node_id, event.kind.value, event.incarnation)
         if self._on_events:
             self._on_events(events)
 

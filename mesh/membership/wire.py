@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from mesh._proto import membership_pb2 as pb
+from mesh.membership.core import MAX_META_BYTES
 from mesh.membership.messages import Ack, Gossip, Ping, PingReq, PushPull, State, Update, Updates
 
 MAX_UPDATES_PER_MESSAGE = 4096  # a full-state push-pull of a 4096-node site
@@ -49,7 +50,12 @@ def _update_from_pb(m: pb.MemberUpdate, field: str) -> Update:
     for key, value in m.labels.items():
         if not _LABEL_KEY.match(key) or len(value) > 255:
             raise WireError(f"{field}.labels: bad label {key[:64]!r}")
-    return Update(m.node_id, m.address, m.incarnation, State(m.state), tuple(sorted(m.labels.items())))
+    if m.meta_version > MAX_INCARNATION:
+        raise WireError(f"{field}.meta_version: {m.meta_version} is out of range")
+    if len(m.meta) > MAX_META_BYTES:
+        raise WireError(f"{field}.meta: {len(m.meta)} bytes, at most {MAX_META_BYTES}")
+    return Update(m.node_id, m.address, m.incarnation, State(m.state), tuple(sorted(m.labels.items())),
+                  m.meta_version, bytes(m.meta))
 
 
 def _updates_from_pb(items, field: str) -> Updates:
@@ -60,7 +66,8 @@ def _updates_from_pb(items, field: str) -> Updates:
 
 def _updates_to_pb(updates: Updates) -> list[pb.MemberUpdate]:
     return [pb.MemberUpdate(node_id=u.node_id, address=u.address, incarnation=u.incarnation,
-                            state=int(u.state), labels=dict(u.labels)) for u in updates]
+                            state=int(u.state), labels=dict(u.labels), meta_version=u.meta_version,
+                            meta=u.meta) for u in updates]
 
 
 def ping_from_pb(m: pb.Ping) -> Ping:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import random
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -83,7 +84,9 @@ class Node:
 
         self._channels = PeerChannels(self.credentials, self.faults, observe=self.metrics.observe_rpc)
         core = Membership(config.node_id, self.address, labels_from_mapping(config.labels),
-                          config.membership.to_core(), self._rng, loop.time())
+                          config.membership.to_core(), self._rng, loop.time(),
+                          # Grows across restarts, so our fresh metadata beats our old self's.
+                          meta_version=time.time_ns() // 1_000_000)
         self.runner = SwimRunner(core, self._dial, on_events=self.events.extend)
 
         membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(self.runner), self._server)

@@ -292,6 +292,56 @@ def test_address_and_label_changes_come_with_a_newer_alive() -> None:
     assert [e.kind for e in core.drain_events()] == [EventKind.SUSPECT, EventKind.ALIVE]
 
 
+def test_metadata_newer_version_wins_within_an_incarnation() -> None:
+    core = make_core()
+    gossip(core, Update("a", "a:1", 3, ALIVE, (), 10, b"v10"))
+    core.drain_events()
+    gossip(core, Update("a", "a:1", 3, ALIVE, (), 9, b"v9"))  # older metadata: ignored
+    assert core.member("a").meta == b"v10"
+    reply = gossip(core, Update("a", "a:1", 3, ALIVE, (), 11, b"v11"))
+    assert (core.member("a").meta_version, core.member("a").meta) == (11, b"v11")
+    assert [e.kind for e in core.drain_events()] == [EventKind.META]
+    assert any(u.node_id == "a" and u.meta == b"v11" for u in reply.updates)  # re-broadcast
+    # A newer incarnation brings its own metadata even with a lower version (a restart).
+    gossip(core, Update("a", "a:1", 4, ALIVE, (), 2, b"fresh"))
+    assert core.member("a").meta == b"fresh"
+    # SUSPECT at the same incarnation keeps the metadata it carries.
+    gossip(core, Update("a", "a:1", 4, SUSPECT, (), 2, b"fresh"))
+    assert core.member("a").state is SUSPECT and core.member("a").meta == b"fresh"
+
+
+def test_set_meta_bumps_the_version_and_is_gossiped() -> None:
+    core = make_core()
+    core.set_meta(b"models")
+    core.set_meta(b"models")  # unchanged: no new version
+    assert core.member("me").meta_version == 1
+    reply = gossip(core)
+    assert any(u.node_id == "me" and u.meta == b"models" and u.meta_version == 1 for u in reply.updates)
+    with pytest.raises(ValueError, match="at most 4096"):
+        core.set_meta(b"x" * 4097)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_metadata_reaches_every_node_and_heals_after_a_partition(seed: int) -> None:
+    net = joined_cluster(12, seed)
+    side_a, side_b = ids(0, 6), ids(6, 12)
+    net.partition(side_a, side_b)
+    net.nodes["n03"].core.set_meta(b"face-detect 1.4: chunks 0-7")
+
+    def side_knows(side: list[str]) -> bool:
+        return all(net.nodes[o].core.member("n03").meta == b"face-detect 1.4: chunks 0-7" for o in side)
+
+    # Half the gossip targets are across the cut, so allow one push-pull round too.
+    within_s = push_pull_interval_s(CONFIG, 12) + CONFIG.dissemination_s(12)
+    assert net.run_until(lambda: side_knows(side_a), timeout_s=within_s) is not None, \
+        f"seed {seed}: metadata did not spread within its side in {within_s} s"
+    assert not side_knows(side_b), f"seed {seed}: metadata crossed the partition"
+    net.heal()
+    # The other side gets it by gossip or, at the latest, by push-pull after healing.
+    took = net.run_until(lambda: side_knows(side_b), timeout_s=push_pull_interval_s(CONFIG, 12) * 3 + 30)
+    assert took is not None, f"seed {seed}: metadata did not cross the healed partition"
+
+
 @pytest.mark.parametrize("state", [SUSPECT, DEAD, LEFT])
 def test_node_refutes_rumours_about_itself(state: State) -> None:
     core = make_core()

@@ -1,0 +1,1 @@
+"""Tests of mesh.artifacts: manifests, chunk plans, bitfields, the chunk store and publishing."""

@@ -1,0 +1,397 @@
+"""The on-disk artifact store: verified chunks, atomic writes, resume, full disks and gc."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mesh.artifacts import (
+    ArtifactStore,
+    BadChunkError,
+    ChunkParams,
+    IncompleteVersionError,
+    ManifestConflictError,
+    ManifestSignatureError,
+    MissingChunkError,
+    SignedManifest,
+    StoreError,
+    publish,
+    sign_manifest,
+)
+from mesh.artifacts.store import TMP_PREFIX
+from mesh.identity.signing import KeyRole, SigningKey, TrustedKeys
+from tests.models import REPO, mediapipe_model, wakeword_model
+
+KIB = 1024
+PUBLISHER = SigningKey.generate(KeyRole.PUBLISHER)
+TRUST = TrustedKeys([PUBLISHER.verify_key])
+SMALL = ChunkParams(avg_size_bytes=8 * KIB)
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory) -> tuple[ArtifactStore, dict[str, SignedManifest]]:
+    """A publisher's store holding a few real models, cut small so they have many chunks."""
+    store = ArtifactStore(tmp_path_factory.mktemp("origin"))
+    published = {
+        "okay-nabu": publish(wakeword_model("okay_nabu"), name="okay-nabu", version="1.0", key=PUBLISHER,
+                             store=store, params=SMALL),
+        "hey-jarvis": publish(wakeword_model("hey_jarvis"), name="hey-jarvis", version="1.0", key=PUBLISHER,
+                              store=store, params=SMALL),
+        "hand": publish(mediapipe_model("hand_landmark_full"), name="hand-landmark", version="1.0",
+                        key=PUBLISHER, store=store, params=ChunkParams(avg_size_bytes=16 * KIB)),
+    }
+    return store, published
+
+
+def copy_version(src: ArtifactStore, dst: ArtifactStore, signed: SignedManifest, indices=None) -> None:
+    """What a transfer does: save the verified manifest, then store chunks one by one."""
+    manifest = dst.save_manifest(signed, trusted=TRUST)
+    for i in range(len(manifest.chunks)) if indices is None else indices:
+        dst.put_manifest_chunk(manifest, i, src.read_chunk(manifest.chunks[i].sha256))
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob(f"{TMP_PREFIX}*")]
+
+
+# --- chunks ---------------------------------------------------------------------------------
+
+def test_chunks_are_verified_before_they_are_stored(tmp_path, origin):
+    src, published = origin
+    manifest = published["okay-nabu"].manifest
+    store = ArtifactStore(tmp_path)
+    data = b"model bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    assert store.put_chunk(sha, data) == tmp_path / "chunks" / sha[:2] / sha
+    assert store.read_chunk(sha) == data and store.has_chunk(sha)
+    with pytest.raises(BadChunkError, match="refusing to store"):
+        store.put_chunk("0" * 64, data)
+    assert not store.has_chunk("0" * 64)
+    good = src.read_chunk(manifest.chunks[1].sha256)
+    with pytest.raises(BadChunkError, match="chunk 2 of okay-nabu 1.0 is .* bytes, got"):
+        store.put_manifest_chunk(manifest, 2, good)
+    with pytest.raises(BadChunkError, match="chunk 1 of okay-nabu 1.0 hashes to"):
+        store.put_manifest_chunk(manifest, 1, bytes(len(good)))
+    with pytest.raises(BadChunkError, match="has chunks 0.."):
+        store.put_manifest_chunk(manifest, len(manifest.chunks), good)
+    with pytest.raises(BadChunkError, match="not a SHA-256"):
+        store.chunk_path("../../etc/passwd")
+    assert list(store.chunk_names()) == [sha]
+    with pytest.raises(MissingChunkError, match="not in the store"):
+        store.read_chunk("1" * 64)
+
+
+def test_a_chunk_that_rots_on_disk_is_dropped_and_refetched(tmp_path, origin):
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    copy_version(src, store, published["okay-nabu"])
+    manifest = published["okay-nabu"].manifest
+    path = store.chunk_path(manifest.chunks[0].sha256)
+    path.write_bytes(b"bit rot")
+    with pytest.raises(BadChunkError, match="no longer matches"):
+        store.read_chunk(manifest.chunks[0].sha256)
+    assert list(store.bitfield(manifest).missing()) == [0]
+
+
+# --- manifests ------------------------------------------------------------------------------
+
+def test_only_manifests_of_a_trusted_publisher_are_stored(tmp_path, origin):
+    _, published = origin
+    store = ArtifactStore(tmp_path)
+    node = SigningKey.generate(KeyRole.NODE)
+    with pytest.raises(ManifestSignatureError, match="not a fleet publisher key"):
+        store.save_manifest(published["okay-nabu"], trusted=TrustedKeys([node.verify_key]))
+    assert store.stored_versions() == [] and not list((tmp_path / "manifests").rglob("*"))
+
+
+def test_a_version_is_immutable(tmp_path, origin):
+    _, published = origin
+    store = ArtifactStore(tmp_path)
+    signed = published["okay-nabu"]
+    store.save_manifest(signed, trusted=TRUST)
+    store.save_manifest(signed, trusted=TRUST)  # the same again: fine
+    other = sign_manifest(dataclasses.replace(signed.manifest, created_at="2027-01-01T00:00:00Z"), PUBLISHER)
+    with pytest.raises(ManifestConflictError, match="okay-nabu 1.0 is already stored .* publish a new"):
+        store.save_manifest(other, trusted=TRUST)
+    assert store.load_manifest("okay-nabu", "1.0") == signed
+
+
+def test_versions_are_listed_in_natural_order(tmp_path, origin):
+    _, published = origin
+    store = ArtifactStore(tmp_path)
+    base = published["okay-nabu"].manifest
+    for version in ("1.10", "1.9", "1.2", "2.0"):
+        signed = sign_manifest(dataclasses.replace(base, version=version), PUBLISHER)
+        store.save_manifest(signed, trusted=TRUST)
+    assert [(v.name, v.version) for v in store.versions()] == [
+        ("okay-nabu", "1.2"), ("okay-nabu", "1.9"), ("okay-nabu", "1.10"), ("okay-nabu", "2.0")]
+
+
+# --- resume and completeness ----------------------------------------------------------------
+
+def test_resume_keeps_verified_chunks_and_never_shows_a_partial_version_as_complete(tmp_path, origin):
+    src, published = origin
+    signed = published["okay-nabu"]
+    manifest = signed.manifest
+    total = len(manifest.chunks)
+    assert total >= 6
+    first_half = list(range(0, total, 2))
+    copy_version(src, ArtifactStore(tmp_path), signed, first_half)
+
+    store = ArtifactStore(tmp_path)  # the node restarted
+    field = store.bitfield(manifest)
+    assert list(field.present()) == first_half
+    [status] = store.versions()
+    assert not status.complete
+    assert (status.have_chunks, status.total_chunks) == (len(first_half), total)
+    assert status.bytes_have == sum(manifest.chunks[i].size_bytes for i in first_half)
+    with pytest.raises(IncompleteVersionError, match=f"{total - len(first_half)} of {total} chunks missing"):
+        store.assemble(manifest)
+    with pytest.raises(IncompleteVersionError):
+        store.complete_model_path(manifest)
+    assert not list((tmp_path / "models").rglob("*.tflite"))
+
+    copy_version(src, store, signed, list(field.missing()))
+    assert not store.is_complete(manifest)  # every chunk present is not yet a complete version
+    path = store.assemble(manifest)
+    assert store.is_complete(manifest) and store.verify_model(manifest)
+    assert path.read_bytes() == wakeword_model("okay_nabu").read_bytes()
+    assert store.complete_model_path(manifest) == path
+    assert store.assemble(manifest) == path  # idempotent
+
+
+def test_assemble_checks_the_whole_file_hash(tmp_path, origin):
+    src, published = origin
+    good = published["okay-nabu"].manifest
+    lying = sign_manifest(dataclasses.replace(good, version="1.1", sha256="ab" * 32), PUBLISHER)
+    store = ArtifactStore(tmp_path)
+    copy_version(src, store, lying)
+    with pytest.raises(StoreError, match="does not describe its file"):
+        store.assemble(lying.manifest)
+    assert not store.is_complete(lying.manifest)
+    assert temp_files(tmp_path) == []
+
+
+def test_assemble_needs_the_manifest_saved_first(tmp_path, origin):
+    _, published = origin
+    with pytest.raises(StoreError, match="save the manifest"):
+        ArtifactStore(tmp_path).assemble(published["okay-nabu"].manifest)
+
+
+# --- crashes --------------------------------------------------------------------------------
+
+def test_leftover_temp_files_are_never_listed_and_are_removed_on_open(tmp_path, origin):
+    src, published = origin
+    signed = published["okay-nabu"]
+    manifest = signed.manifest
+    store = ArtifactStore(tmp_path)
+    copy_version(src, store, signed, [0])
+    sha = manifest.chunks[1].sha256
+    # What a writer killed mid-write leaves behind: half a chunk, half a model, half a manifest.
+    (tmp_path / "chunks" / sha[:2]).mkdir(exist_ok=True)
+    leftovers = [
+        tmp_path / "chunks" / sha[:2] / f"{TMP_PREFIX}{sha}.4242.deadbeef",
+        tmp_path / "models" / "okay-nabu" / f"{TMP_PREFIX}1.0.tflite.4242.deadbeef",
+        tmp_path / "manifests" / "okay-nabu" / f"{TMP_PREFIX}2.0.json.4242.deadbeef",
+    ]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    assert not store.has_chunk(sha) and sha not in set(store.chunk_names())
+    assert [(v.version, v.complete, v.have_chunks) for v in store.versions()] == [("1.0", False, 1)]
+
+    reopened = ArtifactStore(tmp_path)
+    assert reopened.removed_temp_files == 3
+    assert temp_files(tmp_path) == []
+    assert list(reopened.bitfield(manifest).present()) == [0]
+
+
+CHILD = textwrap.dedent("""
+    import hashlib, os, stat, sys, time
+    from pathlib import Path
+    from mesh.artifacts.store import ArtifactStore
+
+    store = ArtifactStore(Path(sys.argv[1]))
+    real_fsync = os.fsync
+    def hang(fd):  # stands for a slow disk: the process dies before the rename
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return real_fsync(fd)
+        print("writing", flush=True)
+        time.sleep(60)
+    os.fsync = hang
+    data = b"x" * 100_000
+    store.put_chunk(hashlib.sha256(data).hexdigest(), data)
+""")
+
+
+def test_a_writer_killed_mid_write_leaves_nothing_under_a_final_name(tmp_path):
+    sha = hashlib.sha256(b"x" * 100_000).hexdigest()
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        [tmp] = temp_files(tmp_path)
+        assert tmp.parent == tmp_path / "chunks" / sha[:2]
+        live = ArtifactStore(tmp_path)  # e.g. `mesh model ls` while the node writes
+        assert live.removed_temp_files == 0 and tmp.exists()  # a live writer's file is left alone
+        assert not live.has_chunk(sha)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+        child.stdout.close()
+    after = ArtifactStore(tmp_path)
+    assert after.removed_temp_files == 1
+    assert temp_files(tmp_path) == [] and not after.has_chunk(sha)
+
+
+# --- full disks and I/O errors --------------------------------------------------------------
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """Factory: `tiny_disk(size_kib)` mounts a real tmpfs that small, so the store meets ENOSPC from
+    the kernel; returns a store root on it. Unmounted after the test."""
+    mounted: list[Path] = []
+
+    def mount(size_kib: int) -> Path:
+        mount_point = tmp_path / f"tiny{len(mounted)}"
+        mount_point.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount_point)]
+        result = subprocess.run(command, check=False, capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); the injected-failure tests "
+                        "cover the same code path")
+        mounted.append(mount_point)
+        return mount_point / "artifacts"
+
+    yield mount
+    for mount_point in mounted:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_disk_full_during_transfer_fails_cleanly_and_keeps_complete_versions(tiny_disk, origin):
+    src, published = origin
+    root = tiny_disk(512)
+    store = ArtifactStore(root)
+    copy_version(src, store, published["okay-nabu"])  # 80 KB of chunks
+    nabu = published["okay-nabu"].manifest
+    store.assemble(nabu)  # + 80 KB model
+
+    hand = published["hand"].manifest  # 5.5 MB: cannot fit
+    store.save_manifest(published["hand"], trusted=TRUST)
+    stored = 0
+    with pytest.raises(StoreError) as info:
+        for ref in hand.chunks:
+            store.put_manifest_chunk(hand, ref.index, src.read_chunk(ref.sha256))
+            stored += 1
+    message = str(info.value)
+    assert "No space left on device" in message and str(root) in message and "mesh model gc" in message
+    assert stored >= 1, stored  # some chunks made it before the disk filled up
+    assert temp_files(root) == []
+    assert store.is_complete(nabu) and store.verify_model(nabu)
+
+    reopened = ArtifactStore(root)
+    by_name = {v.name: v for v in reopened.versions()}
+    assert by_name["okay-nabu"].complete
+    assert not by_name["hand-landmark"].complete and by_name["hand-landmark"].have_chunks == stored
+    assert reopened.gc({("okay-nabu", "1.0")}) > 0
+    assert [v.name for v in reopened.versions()] == ["okay-nabu"]
+
+
+def test_disk_full_while_assembling_leaves_no_half_model(tiny_disk, origin):
+    src, published = origin
+    root = tiny_disk(256)
+    store = ArtifactStore(root)
+    nabu, jarvis = published["okay-nabu"].manifest, published["hey-jarvis"].manifest
+    copy_version(src, store, published["okay-nabu"])  # 80 KB
+    store.assemble(nabu)  # 80 KB
+    copy_version(src, store, published["hey-jarvis"])  # 52 KB: all chunks fit, a second copy does not
+    with pytest.raises(StoreError, match=f"cannot write model hey-jarvis 1.0 to .*{jarvis.version}.tflite: "
+                                         "No space left on device"):
+        store.assemble(jarvis)
+    assert temp_files(root) == []
+    assert not store.is_complete(jarvis) and store.bitfield(jarvis).complete
+    assert store.verify_model(nabu)
+
+
+@pytest.mark.parametrize("code,hint", [(errno.EIO, "I/O error: check the disk"),
+                                       (errno.ENOSPC, "free space on the disk")])
+def test_injected_write_error_fails_cleanly(tmp_path, origin, monkeypatch, code, hint):
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    copy_version(src, store, published["okay-nabu"])
+    store.assemble(published["okay-nabu"].manifest)
+    jarvis = published["hey-jarvis"]
+    store.save_manifest(jarvis, trusted=TRUST)
+
+    def failing_write(fd, data):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr("mesh.artifacts.store.os.write", failing_write)
+    with pytest.raises(StoreError, match=hint) as info:
+        store.put_manifest_chunk(jarvis.manifest, 0, src.read_chunk(jarvis.manifest.chunks[0].sha256))
+    assert str(store.chunk_path(jarvis.manifest.chunks[0].sha256)) in str(info.value)
+    monkeypatch.undo()
+    assert temp_files(tmp_path) == []
+    assert not store.bitfield(jarvis.manifest).get(0)
+    assert store.verify_model(published["okay-nabu"].manifest)
+
+
+# --- garbage collection ---------------------------------------------------------------------
+
+def test_gc_keeps_what_is_asked_and_drops_chunks_nobody_needs(tmp_path, origin):
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    nabu, jarvis = published["okay-nabu"], published["hey-jarvis"]
+    nabu_old = sign_manifest(dataclasses.replace(nabu.manifest, version="0.9"), PUBLISHER)  # same chunks
+    for signed in (nabu, jarvis, nabu_old):
+        copy_version(src, store, signed)
+        store.assemble(signed.manifest)
+    jarvis_bytes = jarvis.manifest.size_bytes
+    jarvis_chunks = {c.sha256 for c in jarvis.manifest.chunks} - {c.sha256 for c in nabu.manifest.chunks}
+
+    freed = store.gc({("okay-nabu", "1.0"), ("okay-nabu", "0.9"), ("never", "stored")})
+    assert freed >= 2 * jarvis_bytes  # the model and its chunks
+    assert [(v.name, v.version, v.complete) for v in store.versions()] == [
+        ("okay-nabu", "0.9", True), ("okay-nabu", "1.0", True)]
+    assert not any(store.has_chunk(sha) for sha in jarvis_chunks)
+    assert not (tmp_path / "manifests" / "hey-jarvis").exists()
+
+    freed = store.gc({("okay-nabu", "1.0")})
+    assert freed >= nabu.manifest.size_bytes  # 0.9's model; its chunks are shared with 1.0
+    assert store.bitfield(nabu.manifest).complete and store.verify_model(nabu.manifest)
+    assert store.gc({("okay-nabu", "1.0")}) == 0
+
+
+def test_gc_refuses_when_a_kept_manifest_is_unreadable(tmp_path, origin):
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    copy_version(src, store, published["okay-nabu"])
+    store.manifest_path("okay-nabu", "1.0").write_bytes(b"{")
+    with pytest.raises(StoreError, match="unreadable manifest"):
+        store.gc({("okay-nabu", "1.0")})
+    assert store.bitfield(published["okay-nabu"].manifest).complete
+
+
+def test_stray_files_do_not_break_listing_or_gc(tmp_path, origin):
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    copy_version(src, store, published["okay-nabu"])
+    (tmp_path / "manifests" / "bad name").mkdir()
+    (tmp_path / "manifests" / "bad name" / "1.json").write_text("{}")
+    (tmp_path / "manifests" / "okay-nabu" / "notes.txt").write_text("hi")
+    (tmp_path / "manifests" / "okay-nabu" / "2.0.json").write_text("not json")
+    (tmp_path / "chunks" / "zz").mkdir()
+    (tmp_path / "chunks" / "zz" / "README").write_text("hi")
+    assert [(v.name, v.version) for v in store.versions()] == [("okay-nabu", "1.0")]
+    store.gc({("okay-nabu", "1.0")})
+    assert store.bitfield(published["okay-nabu"].manifest).complete
+    assert not (tmp_path / "manifests" / "okay-nabu" / "2.0.json").exists()

@@ -201,6 +201,126 @@ def admin_status(address: str, creds_dir: Path, as_json: bool) -> None:
         console.print(status_table(resp))
 
 
+# -- model -----------------------------------------------------------------
+
+@main.group(context_settings=_CONTEXT)
+def model() -> None:
+    """Publish model versions and see what a node holds."""
+
+
+@model.command("publish", epilog="Example:\n\n  mesh model publish hand.tflite --name hand-landmark --version 1.4 "
+                                  "\\\n      --key fleet/publisher.key --data-dir /var/lib/fleetmesh\n\n"
+                                  "The node using that data dir (the origin) announces the version within a "
+                                  "second; peers fetch it from each other.")
+@click.argument("model_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", required=True, help="Model name (letters, digits, '.', '_', '-').")
+@click.option("--version", "version", required=True, help="Version; a published version is immutable.")
+@click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The fleet's publisher signing key (publisher.key from `mesh fleet init`).")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The origin node's data_dir (its store is DATA_DIR/artifacts).")
+@click.option("--chunk-kib", type=click.Choice(["64", "128", "256", "512", "1024"]), default="256",
+              show_default=True, callback=lambda ctx, param, value: int(value),
+              help="Average content-defined chunk size (KiB).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+def model_publish(model_file: Path, name: str, version: str, key_path: Path, data_dir: Path, chunk_kib: int,
+                  as_json: bool) -> None:
+    """Check MODEL_FILE loads, chunk it, sign its manifest and store it at the origin node."""
+    from mesh.artifacts.chunking import ChunkParams
+    from mesh.artifacts.manifest import ArtifactError
+    from mesh.artifacts.publish import publish
+    from mesh.artifacts.store import ArtifactStore
+    from mesh.identity.signing import IdentityError, KeyRole, load_signing_key
+
+    try:
+        key = load_signing_key(key_path, KeyRole.PUBLISHER)
+        store = ArtifactStore(data_dir / "artifacts")
+        signed = publish(model_file, name=name, version=version, key=key, store=store,
+                         params=ChunkParams(avg_size_bytes=chunk_kib * 1024))
+    except (ArtifactError, IdentityError, OSError) as exc:
+        _fail(str(exc))
+    m = signed.manifest
+    summary = {"name": m.name, "version": m.version, "size_bytes": m.size_bytes, "sha256": m.sha256,
+               "chunks": len(m.chunks), "manifest_digest": m.digest, "publisher_key_id": m.publisher_key_id}
+    if as_json:
+        _emit_json(summary)
+    else:
+        console.print(f"published [bold]{m.name} {m.version}[/]: {m.size_bytes} bytes in {len(m.chunks)} chunks, "
+                      f"manifest {m.digest[:16]}..., signed by publisher key {m.publisher_key_id}")
+
+
+@model.command("ls", epilog="Example:\n\n  mesh model ls --data-dir /var/lib/fleetmesh")
+@click.option("--data-dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="A node's data_dir.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def model_ls(data_dir: Path, as_json: bool) -> None:
+    """List the model versions in a node's store and whether each is complete."""
+    from dataclasses import asdict
+
+    from mesh.admin.format import versions_table
+    from mesh.artifacts.manifest import ArtifactError
+    from mesh.artifacts.store import ArtifactStore
+
+    try:
+        versions = ArtifactStore(data_dir / "artifacts").versions()
+    except (ArtifactError, OSError) as exc:
+        _fail(str(exc))
+    rows = [dict(asdict(v), phase="complete" if v.complete else "partial") for v in versions]
+    if as_json:
+        _emit_json(rows)
+    else:
+        console.print(versions_table(rows, title=f"models in {data_dir}"))
+
+
+@model.command("status", epilog="Examples:\n\n  mesh model status --node 127.0.0.1:7000\n\n"
+                                 "  mesh model status --node 127.0.0.1:7000 --watch   # progress bars until done")
+@_admin_options
+@click.option("--watch", is_flag=True, help="Show progress bars until every version is complete or failed.")
+def model_status(address: str, creds_dir: Path, as_json: bool, watch: bool) -> None:
+    """Per-version progress on a running node (chunks held, bytes, phase, errors)."""
+    from google.protobuf.json_format import MessageToDict
+
+    from mesh.admin.client import AdminError
+    from mesh.admin.format import versions_table
+
+    with _admin_client(address, creds_dir) as client:
+        try:
+            resp = client.models()
+            if watch and not as_json:
+                _watch_models(client, resp)
+                resp = client.models()
+        except AdminError as exc:
+            _fail(str(exc))
+    rows = [MessageToDict(v, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+            for v in resp.versions]
+    if as_json:
+        _emit_json(rows)
+    else:
+        console.print(versions_table(rows, title=f"models on {address}"))
+    if any(r["phase"] == "failed" for r in rows):
+        sys.exit(EXIT_FAILED)
+
+
+def _watch_models(client, resp) -> None:
+    import time
+
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[phase]}"),
+                  TimeElapsedColumn(), console=console) as bars:
+        tasks = {}
+        while True:
+            for v in resp.versions:
+                key = (v.name, v.version)
+                if key not in tasks:
+                    tasks[key] = bars.add_task(f"{v.name} {v.version}", total=v.size_bytes or None, phase=v.phase)
+                bars.update(tasks[key], completed=v.bytes_have, total=v.size_bytes or None, phase=v.phase)
+            if all(v.phase in ("complete", "failed") for v in resp.versions):
+                return
+            time.sleep(0.5)  # polling a remote node for a progress display
+            resp = client.models()
+
+
 # -- demo ------------------------------------------------------------------
 
 @main.command(context_settings=_CONTEXT, epilog="Example:\n\n  mesh demo --nodes 12 --sites 3")

@@ -61,3 +61,39 @@ class StatusResponse(_message.Message):
     uptime_s: float
     members: _containers.RepeatedCompositeFieldContainer[MemberStatus]
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., incarnation: _Optional[int] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ...) -> None: ...
+
+class ModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("name", "version", "phase", "have_chunks", "total_chunks", "bytes_have", "size_bytes", "origin", "error", "manifest_digest", "bytes_downloaded")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    HAVE_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_HAVE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DOWNLOADED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    phase: str
+    have_chunks: int
+    total_chunks: int
+    bytes_have: int
+    size_bytes: int
+    origin: bool
+    error: str
+    manifest_digest: str
+    bytes_downloaded: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., phase: _Optional[str] = ..., have_chunks: _Optional[int] = ..., total_chunks: _Optional[int] = ..., bytes_have: _Optional[int] = ..., size_bytes: _Optional[int] = ..., origin: _Optional[bool] = ..., error: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., bytes_downloaded: _Optional[int] = ...) -> None: ...
+
+class ModelsResponse(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ...) -> None: ...

@@ -40,6 +40,11 @@ class AdminStub:
                 request_serializer=mesh_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_admin__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Models = channel.unary_unary(
+                '/mesh.v1.Admin/Models',
+                request_serializer=mesh_dot_v1_dot_admin__pb2.ModelsRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_admin__pb2.ModelsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -52,6 +57,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Models(self, request, context):
+        """Model versions on this node and download progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=mesh_dot_v1_dot_admin__pb2.StatusRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_admin__pb2.StatusResponse.SerializeToString,
+            ),
+            'Models': grpc.unary_unary_rpc_method_handler(
+                    servicer.Models,
+                    request_deserializer=mesh_dot_v1_dot_admin__pb2.ModelsRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_admin__pb2.ModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +105,33 @@ class Admin:
             '/mesh.v1.Admin/Status',
             mesh_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
             mesh_dot_v1_dot_admin__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Models(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.Admin/Models',
+            mesh_dot_v1_dot_admin__pb2.ModelsRequest.SerializeToString,
+            mesh_dot_v1_dot_admin__pb2.ModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

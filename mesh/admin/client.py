@@ -34,6 +34,9 @@ class AdminClient:
     def status(self) -> pb.StatusResponse:
         return self._call(self._stub.Status, pb.StatusRequest())
 
+    def models(self) -> pb.ModelsResponse:
+        return self._call(self._stub.Models, pb.ModelsRequest())
+
     def _call(self, method, request):
         try:
             return method(request, timeout=self._timeout_s)

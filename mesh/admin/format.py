@@ -57,3 +57,20 @@ def status_table(resp: pb.StatusResponse) -> Table:
                       f"[{_STATE_STYLE[state]}]{state.name.lower()}[/]", str(m.incarnation),
                       "-" if me else _ago(m.last_heard_s_ago))
     return table
+
+
+def versions_table(rows: list[dict], *, title: str) -> Table:
+    """Model versions with progress, from store statuses or admin Models rows."""
+    table = Table(title=title, title_justify="left")
+    for column in ("name", "version", "phase", "chunks", "bytes", "origin", "note"):
+        table.add_column(column, justify="right" if column in ("chunks", "bytes") else "left")
+    for r in rows:
+        have, total = int(r.get("have_chunks", 0)), int(r.get("total_chunks", 0))
+        size, held = int(r.get("size_bytes", 0)), int(r.get("bytes_have", 0))
+        phase = r.get("phase", "")
+        style = {"complete": "green", "failed": "red"}.get(phase, "yellow")
+        table.add_row(r["name"], r["version"], f"[{style}]{phase}[/]", f"{have}/{total}",
+                      f"{held:,}/{size:,}", "yes" if r.get("origin") else "", r.get("error", ""))
+    if not rows:
+        table.add_row("-", "-", "no versions", "", "", "", "")
+    return table

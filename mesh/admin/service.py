@@ -25,10 +25,16 @@ async def require_operator(context: grpc.aio.ServicerContext) -> str:
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, core: Membership, now: Callable[[], float], started_at: float) -> None:
+    def __init__(self, core: Membership, now: Callable[[], float], started_at: float, *,
+                 models: Callable[[], list[dict]] | None = None) -> None:
         self._core = core
         self._now = now
         self._started_at = started_at
+        self._models = models or (lambda: [])
+
+    async def Models(self, request: pb.ModelsRequest, context) -> pb.ModelsResponse:
+        await require_operator(context)
+        return pb.ModelsResponse(versions=[pb.ModelVersion(**row) for row in self._models()])
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         await require_operator(context)

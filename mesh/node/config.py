@@ -74,6 +74,19 @@ class MembershipSection(_Strict):
         return MembershipConfig(**self.model_dump())
 
 
+class TransferSection(_Strict):
+    """Peer-to-peer model distribution: caps and scheduling. 0 means no cap."""
+
+    upload_rate_bytes_per_s: int = Field(default=0, ge=0)
+    download_rate_bytes_per_s: int = Field(default=0, ge=0)
+    max_uploads: int = Field(default=4, ge=1, le=256)
+    max_in_flight_per_peer: int = Field(default=2, ge=1, le=64)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    ban_s: float = Field(default=300.0, ge=0)
+    # "all": fetch every version peers announce (until rollouts say what is wanted); "none": only serve.
+    fetch: str = Field(default="all", pattern="^(all|none)$")
+
+
 Address = Annotated[str, Field(min_length=3)]
 
 
@@ -88,6 +101,7 @@ class NodeConfig(_Strict):
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
     tls: TlsSection
     membership: MembershipSection = Field(default_factory=MembershipSection)
+    transfer: TransferSection = Field(default_factory=TransferSection)
 
     @field_validator("listen", "advertise", "metrics_listen")
     @classmethod

@@ -13,9 +13,31 @@ log = logging.getLogger("mesh.node.rpc")
 
 
 def _wrap_unary(handler: grpc.RpcMethodHandler, behaviour_factory) -> grpc.RpcMethodHandler:
-    return grpc.unary_unary_rpc_method_handler(
-        behaviour_factory(handler.unary_unary, handler.request_deserializer),
-        request_deserializer=None, response_serializer=handler.response_serializer)
+    """Rebuild a unary-request handler (unary or server-streaming reply) around
+    `behaviour_factory(inner, deserialize)`, which receives the raw request bytes."""
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            behaviour_factory(handler.unary_unary, handler.request_deserializer),
+            request_deserializer=None, response_serializer=handler.response_serializer)
+    inner_stream = handler.unary_stream
+    gate = behaviour_factory(_first_step, handler.request_deserializer)
+
+    async def streaming(raw: bytes, context):
+        request = await gate(raw, context)  # aborts on bad input or a cut link
+        async for item in inner_stream(request, context):
+            yield item
+
+    return grpc.unary_stream_rpc_method_handler(
+        streaming, request_deserializer=None, response_serializer=handler.response_serializer)
+
+
+async def _first_step(request, context):
+    """For streaming replies the checks run first; this hands the decoded request on."""
+    return request
+
+
+def _has_unary_request(handler: grpc.RpcMethodHandler | None) -> bool:
+    return handler is not None and (handler.unary_unary is not None or handler.unary_stream is not None)
 
 
 class DecodeInterceptor(grpc.aio.ServerInterceptor):
@@ -24,7 +46,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+        if not _has_unary_request(handler) or handler.request_deserializer is None:
             return handler
         method = handler_call_details.method
 
@@ -51,7 +73,7 @@ class FaultInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if not _has_unary_request(handler):
             return handler
         faults = self._faults
 

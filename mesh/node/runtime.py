@@ -15,9 +15,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from mesh._proto import admin_pb2, admin_pb2_grpc, membership_pb2, membership_pb2_grpc
+from mesh._proto import admin_pb2, admin_pb2_grpc, membership_pb2, membership_pb2_grpc, transfer_pb2, \
+    transfer_pb2_grpc
+from mesh.artifacts.store import ArtifactStore
 from mesh.admin.service import AdminServicer
-from mesh.identity.ca import Credentials, load_credentials
+from mesh.identity.ca import Credentials, load_credentials, load_trusted_keys
 from mesh.identity.tls import server_credentials
 from mesh.membership.core import Membership
 from mesh.membership.messages import MemberEvent, labels_from_mapping
@@ -26,12 +28,16 @@ from mesh.node.config import NodeConfig, parse_host_port
 from mesh.node.metrics import NodeMetrics
 from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
 from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
+from mesh.transfer.client import Distributor, TransferSettings
+from mesh.transfer.pacing import Pacer
+from mesh.transfer.service import OriginPolicy, TransferServicer
 
 log = logging.getLogger("mesh.node")
 
 SERVICE_NAMES = (
     membership_pb2.DESCRIPTOR.services_by_name["Membership"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    transfer_pb2.DESCRIPTOR.services_by_name["Transfer"].full_name,
 )
 
 
@@ -60,6 +66,9 @@ class Node:
         self._metrics_http = None
         self._stopped = asyncio.Event()
         self.events: list[MemberEvent] = []  # every membership event, oldest first
+        self.store: ArtifactStore | None = None
+        self.transfer: TransferServicer | None = None
+        self.distributor: Distributor | None = None
 
     @property
     def membership(self) -> Membership:
@@ -87,10 +96,28 @@ class Node:
                           config.membership.to_core(), self._rng, loop.time(),
                           # Grows across restarts, so our fresh metadata beats our old self's.
                           meta_version=time.time_ns() // 1_000_000)
-        self.runner = SwimRunner(core, self._dial, on_events=self.events.extend)
+        self.runner = SwimRunner(core, self._dial, on_events=self._on_member_events)
+
+        tc = config.transfer
+        self.store = ArtifactStore(config.data_dir / "artifacts")
+        self.transfer = TransferServicer(self.store, max_uploads=tc.max_uploads,
+                                         upload=Pacer(tc.upload_rate_bytes_per_s or None))
+        self.distributor = Distributor(
+            node_id=config.node_id, site=config.labels.get("site", ""), store=self.store,
+            trusted=load_trusted_keys(config.tls.dir), membership=lambda: core, dial=self._dial_transfer,
+            settings=TransferSettings(max_in_flight_per_peer=tc.max_in_flight_per_peer,
+                                      request_timeout_s=tc.request_timeout_s, ban_s=tc.ban_s,
+                                      download_rate_bytes_per_s=tc.download_rate_bytes_per_s or None,
+                                      fetch_all=tc.fetch == "all"),
+            rng=random.Random(self._rng.random()), now=loop.time)
+        self.transfer.origin = OriginPolicy(
+            is_origin=self.distributor.is_origin,
+            settle_s=lambda: core.config.dissemination_s(core.live_count()), now=loop.time)
+        transfer_pb2_grpc.add_TransferServicer_to_server(self.transfer, self._server)
 
         membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(self.runner), self._server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(core, loop.time, loop.time()), self._server)
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(core, loop.time, loop.time(),
+                                                                     models=self._model_rows), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -104,11 +131,23 @@ class Node:
             self._metrics_http, _ = start_http_server(mport, addr=mhost, registry=self.metrics.registry)
             self.metrics_port = self._metrics_http.server_port
         self.runner.start(list(config.seeds))
+        self.distributor.start()
         log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, self.address,
                  config.labels.get("site", "-"), ", ".join(config.seeds) or "none")
 
     def _dial(self, address: str, peer_id: str | None) -> membership_pb2_grpc.MembershipStub:
         return membership_pb2_grpc.MembershipStub(self._channels.channel(address, peer_id))
+
+    def _dial_transfer(self, address: str, peer_id: str) -> transfer_pb2_grpc.TransferStub:
+        return transfer_pb2_grpc.TransferStub(self._channels.channel(address, peer_id))
+
+    def _model_rows(self) -> list[dict]:
+        return self.distributor.model_status() if self.distributor is not None else []
+
+    def _on_member_events(self, events: list[MemberEvent]) -> None:
+        self.events.extend(events)
+        if self.distributor is not None:
+            self.distributor.poke()
 
     async def stop(self, *, leave: bool = True, grace_s: float = 1.0) -> None:
         """Leave the cluster (unless `leave=False`, which looks like a crash to peers) and shut down."""
@@ -123,6 +162,8 @@ class Node:
                 except TimeoutError:
                     log.warning("leave not acknowledged by every peer in time; shutting down anyway")
             await self.runner.stop()
+        if self.distributor is not None:
+            await self.distributor.stop()
         if self._server is not None:
             await self._server.stop(grace_s if leave else 0)
         if self._channels is not None:

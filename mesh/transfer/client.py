@@ -1,0 +1,472 @@
+"""The swarm download driver: turns what peers announce into verified chunks on disk.
+
+The decisions (which chunk from which peer, bans, fallback to the origin) are
+the pure `SwarmScheduler`'s; this shell feeds it peers' holdings from
+membership metadata, runs the FetchChunk calls it asks for, verifies and
+stores what arrives, and publishes this node's own holdings back into
+membership so that others can fetch from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from mesh._proto import transfer_pb2 as pb
+from mesh._proto import transfer_pb2_grpc as pb_grpc
+from mesh.artifacts.bitfield import Bitfield
+from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, SignedManifest
+from mesh.artifacts.store import ArtifactStore, BadChunkError, ManifestConflictError, StoreError
+from mesh.identity.signing import TrustedKeys
+from mesh.membership.core import MAX_META_BYTES, Membership
+from mesh.membership.messages import MemberView, State
+from mesh.transfer.holdings import Holding, HoldingsError, decode_holdings, encode_holdings
+from mesh.transfer.pacing import Pacer
+from mesh.transfer.scheduler import (FailureReason, PeerBanned, RequestCancelled, SchedulerConfig,
+                                     SwarmScheduler)
+
+log = logging.getLogger("mesh.transfer")
+
+DialTransfer = Callable[[str, str], pb_grpc.TransferStub]
+
+
+class Phase(enum.Enum):
+    MANIFEST = "manifest"
+    CHUNKS = "chunks"
+    ASSEMBLING = "assembling"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+@dataclass
+class Progress:
+    """One version's download, as `mesh model status` shows it."""
+
+    name: str
+    version: str
+    phase: Phase
+    have_chunks: int = 0
+    total_chunks: int = 0
+    bytes_have: int = 0
+    size_bytes: int = 0
+    bytes_downloaded: int = 0
+    started_at: float = 0.0
+    error: str = ""
+    bytes_from: dict[str, int] = field(default_factory=dict)  # peer id -> bytes received from it
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    max_in_flight_per_peer: int = 2
+    request_timeout_s: float = 30.0
+    ban_s: float = 300.0
+    download_rate_bytes_per_s: float | None = None
+    fetch_all: bool = True  # fetch every announced version (until rollouts decide what is wanted)
+    # Registry-style baseline for the distribution benchmark: fetch only from the
+    # origin, as if every device pulled from a central server.
+    origin_only: bool = False
+
+
+class Distributor:
+    """One node's side of peer-to-peer distribution: announce, fetch, verify, store."""
+
+    def __init__(self, *, node_id: str, site: str, store: ArtifactStore, trusted: TrustedKeys,
+                 membership: Callable[[], Membership], dial: DialTransfer, settings: TransferSettings,
+                 rng: random.Random, now: Callable[[], float]) -> None:
+        self.node_id = node_id
+        self.site = site
+        self.store = store
+        self.trusted = trusted
+        self.settings = settings
+        self._membership = membership
+        self._dial = dial
+        self._rng = rng
+        self._now = now
+        self._download = Pacer(settings.download_rate_bytes_per_s)
+        self._wake = asyncio.Event()
+        self._tasks: dict[tuple[str, str], asyncio.Task] = {}
+        self._origin: set[tuple[str, str]] = set()
+        self._refused: dict[tuple[str, str, str], str] = {}  # (name, version, digest) -> why
+        self._bad_meta_logged: set[str] = set()
+        self._holdings: dict[tuple[str, str], Holding] = {}
+        self._announce_pending = False
+        self.progress: dict[tuple[str, str], Progress] = {}
+        self._loop_task: asyncio.Task | None = None
+        self.completed = asyncio.Condition()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._load_holdings()
+        self._announce()
+        self._loop_task = asyncio.create_task(self._run(), name=f"transfer-{self.node_id}")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._loop_task, *self._tasks.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def poke(self) -> None:
+        """Membership changed (a peer's holdings, joins, deaths): look again."""
+        self._wake.set()
+
+    # -- what we hold ------------------------------------------------------------
+
+    def add_published(self, signed: SignedManifest) -> None:
+        """A version published at this node (the origin): announce it."""
+        self.add_local(signed, origin=True)
+
+    def add_local(self, signed: SignedManifest, *, origin: bool) -> None:
+        """A complete version put into the store by hand: announce it, as origin or as a plain seeder."""
+        manifest = signed.manifest
+        if origin:
+            self._origin.add((manifest.name, manifest.version))
+        self._set_holding(manifest, self.store.bitfield(manifest))
+        self._announce()
+
+    def is_origin(self, name: str, version: str) -> bool:
+        return (name, version) in self._origin
+
+
+    def holdings(self) -> list[Holding]:
+        return list(self._holdings.values())
+
+    def model_status(self) -> list[dict]:
+        """Every stored or downloading version with its progress (the admin Models rows)."""
+        rows = {}
+        for status in self.store.versions():
+            key = (status.name, status.version)
+            rows[key] = dict(name=status.name, version=status.version,
+                             phase=(Phase.COMPLETE if status.complete else Phase.CHUNKS).value,
+                             have_chunks=status.have_chunks, total_chunks=status.total_chunks,
+                             bytes_have=status.bytes_have, size_bytes=status.size_bytes,
+                             origin=key in self._origin, manifest_digest=status.digest)
+        for key, progress in self.progress.items():
+            row = rows.setdefault(key, dict(name=progress.name, version=progress.version,
+                                            origin=False, have_chunks=0, total_chunks=0))
+            if not (row.get("phase") == Phase.COMPLETE.value):
+                row["phase"] = progress.phase.value
+            row["error"] = progress.error if progress.phase is Phase.FAILED else ""
+            row["bytes_downloaded"] = progress.bytes_downloaded
+        return [rows[k] for k in sorted(rows)]
+
+    def _rescan(self) -> None:
+        """Pick up versions written into the store by `mesh model publish` while we run."""
+        changed = False
+        for name, version in self.store.stored_versions():
+            if (name, version) in self._holdings or (name, version) in self._tasks:
+                continue
+            try:
+                manifest = self.store.load_manifest(name, version).manifest
+            except (FileNotFoundError, ArtifactError, OSError):
+                continue
+            if self.store.is_complete(manifest):
+                self._origin.add((name, version))
+                log.info("announcing %s %s, published here", name, version)
+            self._set_holding(manifest, self.store.bitfield(manifest))
+            changed = True
+        if changed:
+            self._announce()
+
+    def _load_holdings(self) -> None:
+        for signed in self.store.manifests():
+            manifest = signed.manifest
+            self._set_holding(manifest, self.store.bitfield(manifest))
+
+    def _set_holding(self, manifest: Manifest, have: Bitfield) -> None:
+        key = (manifest.name, manifest.version)
+        self._holdings[key] = Holding(manifest.name, manifest.version, manifest.digest, have, key in self._origin)
+
+    def _announce(self) -> None:
+        """Publish our holdings in membership metadata; drop the oldest if they do not fit."""
+        self._announce_pending = False
+        holdings = sorted(self._holdings.values(), key=lambda h: (not h.origin, h.complete))
+        while holdings:
+            blob = encode_holdings(holdings)
+            if len(blob) <= MAX_META_BYTES:
+                self._membership().set_meta(blob)
+                return
+            holdings.pop()
+        self._membership().set_meta(b"")
+
+    # -- what peers hold ---------------------------------------------------------
+
+    def _peer_holdings(self) -> list[tuple[MemberView, list[Holding]]]:
+        out = []
+        for member in self._membership().members():
+            # A SUSPECT member is most likely alive and slow: dropping it would cancel
+            # its uploads half-way and refetch those chunks elsewhere.
+            if member.node_id == self.node_id or member.state not in (State.ALIVE, State.SUSPECT) \
+                    or not member.meta:
+                continue
+            try:
+                out.append((member, decode_holdings(member.meta)))
+            except HoldingsError as exc:
+                if member.node_id not in self._bad_meta_logged:
+                    self._bad_meta_logged.add(member.node_id)
+                    log.warning("ignoring holdings of %s: %s", member.node_id, exc)
+        return out
+
+    # -- the loop ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            self._rescan()
+            if self.settings.fetch_all:
+                self._start_wanted()
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    def _start_wanted(self) -> None:
+        for member, holdings in self._peer_holdings():
+            for holding in holdings:
+                key = holding.key
+                if key in self._tasks or (*key, holding.manifest_digest) in self._refused:
+                    continue
+                mine = self._holdings.get(key)
+                if mine is not None and mine.complete and self.store_complete(key):
+                    continue
+                self.fetch(*key)
+
+    def store_complete(self, key: tuple[str, str]) -> bool:
+        try:
+            return self.store.is_complete(self.store.load_manifest(*key).manifest)
+        except (FileNotFoundError, ArtifactError, OSError):
+            return False
+
+    def fetch(self, name: str, version: str) -> asyncio.Task:
+        """Start (or return the running) download of name/version."""
+        key = (name, version)
+        task = self._tasks.get(key)
+        if task is None or task.done():
+            task = asyncio.create_task(self._fetch(name, version), name=f"fetch-{name}-{version}")
+            self._tasks[key] = task
+        return task
+
+    async def wait_complete(self, name: str, version: str) -> Progress:
+        """Until name/version is complete here (or its download failed)."""
+        key = (name, version)
+        async with self.completed:
+            await self.completed.wait_for(
+                lambda: key in self.progress and self.progress[key].phase in (Phase.COMPLETE, Phase.FAILED))
+        return self.progress[key]
+
+    async def _finish(self, progress: Progress, phase: Phase, error: str = "") -> None:
+        progress.phase, progress.error = phase, error
+        async with self.completed:
+            self.completed.notify_all()
+
+    async def _fetch(self, name: str, version: str) -> None:
+        key = (name, version)
+        progress = self.progress.get(key)
+        if progress is None or progress.phase is Phase.FAILED:
+            progress = self.progress[key] = Progress(name, version, Phase.MANIFEST, started_at=self._now())
+        try:
+            manifest = await self._get_manifest(name, version, progress)
+            if manifest is None:
+                return
+            await self._get_chunks(manifest, progress)
+            progress.phase = Phase.ASSEMBLING
+            await asyncio.to_thread(self.store.assemble, manifest)
+            self._set_holding(manifest, Bitfield.full(len(manifest.chunks)))
+            self._announce()
+            log.info("%s %s complete: %d bytes, %d downloaded, in %.2fs", name, version, manifest.size_bytes,
+                     progress.bytes_downloaded, self._now() - progress.started_at)
+            await self._finish(progress, Phase.COMPLETE)
+        except StoreError as exc:
+            # Disk full or an I/O error: the store keeps what it had; retry on a later announcement.
+            log.error("download of %s %s failed: %s", name, version, exc)
+            await self._finish(progress, Phase.FAILED, str(exc))
+        finally:
+            self._tasks.pop(key, None)
+
+    async def _get_manifest(self, name: str, version: str, progress: Progress) -> Manifest | None:
+        try:
+            return self.store.load_manifest(name, version).manifest
+        except FileNotFoundError:
+            pass
+        holders = self._holders(name, version)
+        for member, holding in holders:
+            try:
+                reply = await self._dial(member.address, member.node_id).GetManifest(
+                    pb.ManifestRequest(name=name, version=version), timeout=self.settings.request_timeout_s)
+                signed = SignedManifest.from_json(reply.signed_manifest)
+            except (grpc.aio.AioRpcError, ConnectionError) as exc:
+                log.debug("manifest of %s %s from %s failed: %s", name, version, member.node_id, exc)
+                continue
+            except ManifestError as exc:
+                log.warning("%s served a malformed manifest for %s %s: %s", member.node_id, name, version, exc)
+                continue
+            if signed.digest != holding.manifest_digest:
+                log.warning("%s served a manifest for %s %s with digest %s..., but announced %s...",
+                            member.node_id, name, version, signed.digest[:16], holding.manifest_digest[:16])
+                continue
+            try:
+                manifest = await asyncio.to_thread(self.store.save_manifest, signed, trusted=self.trusted)
+            except (ManifestConflictError, ManifestError) as exc:
+                # Not signed by the fleet's publisher (or clashing with a stored version):
+                # refuse it for good, whoever offers it.
+                why = str(exc)
+                self._refused[(name, version, holding.manifest_digest)] = why
+                log.error("refusing %s %s announced by %s: %s", name, version, member.node_id, why)
+                await self._finish(progress, Phase.FAILED, why)
+                return None
+            # Announce at once, even with no chunks: peers' schedulers count who is fetching.
+            self._set_holding(manifest, self.store.bitfield(manifest))
+            self._announce()
+            return manifest
+        await self._finish(progress, Phase.FAILED, "no peer could serve the manifest yet")
+        return None
+
+    def _holders(self, name: str, version: str) -> list[tuple[MemberView, Holding]]:
+        """Peers announcing name/version, same site first, then origin last."""
+        found = [(m, h) for m, hs in self._peer_holdings() for h in hs
+                 if h.key == (name, version) and (h.origin or not self.settings.origin_only)]
+        return sorted(found, key=lambda mh: (mh[1].origin, dict(mh[0].labels).get("site") != self.site,
+                                             self._rng.random()))
+
+    async def _get_chunks(self, manifest: Manifest, progress: Progress) -> None:
+        have = self.store.bitfield(manifest)
+        sizes = [c.size_bytes for c in manifest.chunks]
+        progress.phase = Phase.CHUNKS
+        progress.total_chunks, progress.size_bytes = len(sizes), manifest.size_bytes
+        # Resume and delta: chunks already verified on disk (from an earlier run, or
+        # shared with a version we hold) are never asked for.
+        scheduler = SwarmScheduler(sizes, set(have.present()), self_site=self.site, rng=self._rng,
+                                   self_id=self.node_id, now=self._now(),
+                                   config=SchedulerConfig(
+                                       max_in_flight_per_peer=self.settings.max_in_flight_per_peer,
+                                       request_timeout_s=self.settings.request_timeout_s,
+                                       ban_s=self.settings.ban_s))
+        addresses: dict[str, str] = {}
+        running: dict[tuple[str, int], asyncio.Task] = {}
+        known_peers: set[str] = set()
+
+        def refresh_peers() -> None:
+            now = self._now()
+            seen = set()
+            for member, holding in self._holders(manifest.name, manifest.version):
+                if holding.manifest_digest != manifest.digest or len(holding.have) != len(sizes):
+                    continue
+                seen.add(member.node_id)
+                addresses[member.node_id] = member.address
+                scheduler.peer_update(member.node_id, site=dict(member.labels).get("site", ""),
+                                      have=list(holding.have.present()), is_origin=holding.origin, now=now)
+            # A peer missing from this round's holders may only look dead to an overloaded
+            # failure detector; a request still running to it will end by itself (and
+            # fail if the peer is really gone). Cancelling it would waste its bytes.
+            busy = {peer_id for peer_id, _ in running}
+            for gone in known_peers - seen - busy:
+                scheduler.peer_gone(gone, now)
+                known_peers.discard(gone)
+            known_peers.update(seen)
+
+        def handle_events() -> None:
+            for event in scheduler.drain_events():
+                if isinstance(event, RequestCancelled):
+                    log.debug("cancelling chunk %d from %s: %s", event.index, event.peer_id, event.why)
+                    task = running.pop((event.peer_id, event.index), None)
+                    if task is not None:
+                        task.cancel()
+                elif isinstance(event, PeerBanned):
+                    log.warning("banned %s from %s %s until %.0fs from now (%s on chunk %d)", event.peer_id,
+                                manifest.name, manifest.version, event.until - self._now(), event.reason.value,
+                                event.index)
+
+        progress.have_chunks = have.count()
+        progress.bytes_have = sum(sizes[i] for i in have.present())
+        # Let the "I am fetching" announcements of peers that learned of this version
+        # with us reach us before the first origin request: the origin rendezvous
+        # only spreads origin uploads over nodes that know each other as fetchers.
+        core = self._membership()
+        await asyncio.sleep(core.config.dissemination_s(core.live_count()))
+        try:
+            while not scheduler.done:
+                refresh_peers()
+                for request in scheduler.next_requests(self._now()):
+                    running[(request.peer_id, request.index)] = asyncio.create_task(self._fetch_chunk(
+                        manifest, request.peer_id, addresses[request.peer_id], request.index, progress))
+                handle_events()
+                if scheduler.done:
+                    break
+                self._wake.clear()
+                wake = asyncio.ensure_future(self._wake.wait())
+                timeout_s = min(0.5, max(0.0, scheduler.next_deadline() - self._now()))
+                done, _ = await asyncio.wait({*running.values(), wake}, timeout=timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                wake.cancel()
+                for key, task in list(running.items()):
+                    if task not in done:
+                        continue
+                    del running[key]
+                    peer_id, index = key
+                    reason = task.result()  # StoreError propagates: disk full fails the download
+                    now = self._now()
+                    if reason is None:
+                        scheduler.completed(peer_id, index, now)
+                        have.set(index)
+                        progress.have_chunks += 1
+                        progress.bytes_have += sizes[index]
+                        self._set_holding(manifest, have.copy())
+                        self._announce()
+                    else:
+                        scheduler.failed(peer_id, index, reason, now)
+                handle_events()
+            stats = scheduler.stats
+            log.info("%s %s: %d requests, %d bytes downloaded, %d wasted, failures %s", manifest.name,
+                     manifest.version, stats.requests, stats.downloaded_bytes, stats.wasted_bytes,
+                     {k.value: v for k, v in stats.failures.items()})
+        finally:
+            for task in running.values():
+                task.cancel()
+            await asyncio.gather(*running.values(), return_exceptions=True)
+
+    async def _fetch_chunk(self, manifest: Manifest, peer_id: str, address: str, index: int,
+                           progress: Progress) -> FailureReason | None:
+        """Fetch, verify and store one chunk; None on success, else why it failed.
+
+        A StoreError (disk full, I/O) is not the peer's fault: it propagates and
+        fails the whole download, leaving the store as it was.
+        """
+        ref = manifest.chunks[index]
+        pieces: list[bytes] = []
+        received = 0
+        try:
+            stub = self._dial(address, peer_id)
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                call = stub.FetchChunk(pb.ChunkRequest(name=manifest.name, version=manifest.version, index=index))
+                async for piece in call:
+                    received += len(piece.data)
+                    if received > ref.size_bytes:
+                        break
+                    await self._download.pace(len(piece.data))
+                    pieces.append(piece.data)
+        except TimeoutError:
+            return FailureReason.TIMEOUT
+        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+            code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
+            log.debug("chunk %d of %s from %s failed: %s", index, manifest.label, peer_id,
+                      code.name if code else exc)
+            return FailureReason.UNAVAILABLE
+        finally:
+            progress.bytes_downloaded += received
+            progress.bytes_from[peer_id] = progress.bytes_from.get(peer_id, 0) + received
+        data = b"".join(pieces)
+        try:
+            await asyncio.to_thread(self.store.put_manifest_chunk, manifest, index, data)
+        except BadChunkError as exc:
+            log.warning("peer %s served a bad chunk %d of %s (%s); banning it for %.0fs", peer_id, index,
+                        manifest.label, exc, self.settings.ban_s)
+            return FailureReason.BAD_CHUNK
+        return None

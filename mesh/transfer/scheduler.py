@@ -1,0 +1,593 @@
+"""Swarm download scheduler: which chunk to ask of which peer, without I/O.
+
+Rules of this module (everything that decides what a node downloads from whom
+lives here):
+
+- Pure. No sockets, clocks, threads or asyncio. Every method takes `now`
+  (monotonic seconds) and all randomness comes from the injected
+  `random.Random`. The adapter sends the `Request`s that `next_requests(now)`
+  returns, verifies each chunk against the manifest before it reports
+  `completed` (or `failed(..., BAD_CHUNK)`), feeds peers' holdings in with
+  `peer_update`/`peer_has`/`peer_gone`, aborts what `RequestCancelled` names,
+  and calls `tick(now)` by `next_deadline()`.
+- Peers are the other nodes that hold or are fetching this version (a holding
+  with an empty bitfield counts: it says "I am fetching"). The origin is a
+  peer with `is_origin=True`. Chunk indexes are those of the manifest.
+- Never requested: a chunk we hold, a chunk already in flight (there is no
+  endgame duplication, so every byte downloaded is needed unless a request
+  times out and its answer still arrives), a banned peer, a backed-off peer,
+  more than `max_in_flight_per_peer` requests at one peer, or more than
+  `max_in_flight_total` in all.
+- Order: rarest first. A chunk's availability is the number of non-banned,
+  non-origin peers that announce it; ties are broken by the seeded rng so that
+  nodes starting together fetch different chunks and the swarm spreads them.
+  Rarest-first keeps every chunk's copies growing evenly, so no chunk ends up
+  held by one slow peer that everyone queues behind.
+- Peer choice for a chunk: same-site peers first (LAN bytes are cheap and
+  fast), then the least loaded, then the rng.
+- The origin serves a chunk only when no non-banned, non-origin peer has it.
+  Busy peers do not count as absent: we wait for them rather than go to the
+  origin, whose egress is the scarce resource.
+- Origin egress near one copy (`origin_rendezvous`): when N empty nodes start
+  together, "only what no peer has" alone still sends N requests for the
+  first chunks to the origin. So for each chunk no peer has, exactly one node
+  asks the origin: the one with the highest rendezvous hash of (chunk, node
+  id) among itself and the non-banned, non-origin peers it knows. Every node
+  computes the same answer from the same roster, so the origin uploads each
+  chunk about once and the swarm spreads it (peers announce new chunks with
+  `peer_has`). If the chosen node is gone or banned it drops out of the
+  roster and the next one takes over; if a chunk has stayed unavailable from
+  peers for `origin_fallback_s` (a roster we disagree on, a stuck node), any
+  node may ask the origin for it.
+- Failures: BAD_CHUNK bans the peer for `ban_s` (`PeerBanned` names it),
+  cancels its other requests and re-queues the chunk elsewhere; bans outlive
+  `peer_gone`. TIMEOUT, UNAVAILABLE and IO_ERROR re-queue the chunk and back
+  the peer off for `busy_backoff_s`, doubling per consecutive failure up to
+  `max_backoff_s`; a completed chunk resets it.
+- Resume and delta: construct with the chunks already verified on disk (from
+  a previous run, or shared with a version we hold); they are never requested.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ChunkDone",
+    "FailureReason",
+    "PeerBanned",
+    "PeerView",
+    "Request",
+    "RequestCancelled",
+    "SchedulerConfig",
+    "SchedulerError",
+    "SwarmScheduler",
+    "TransferComplete",
+    "TransferStats",
+    "rendezvous_score",
+]
+
+
+class SchedulerError(ValueError):
+    """An input the scheduler cannot accept (bad config, chunk index, peer id); the text says which."""
+
+
+class FailureReason(enum.Enum):
+    BAD_CHUNK = "bad-chunk"      # bytes did not match the manifest hash: ban the peer
+    TIMEOUT = "timeout"          # no answer by request_timeout_s
+    UNAVAILABLE = "unavailable"  # peer refused: no upload slot, or it no longer has the chunk
+    IO_ERROR = "io-error"        # connection reset, stream broken, local write failed
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_in_flight_per_peer: int = 4
+    max_in_flight_total: int = 16
+    # Origin requests per node at once; the origin's own slot cap is the real limit.
+    max_in_flight_origin: int = 2
+    request_timeout_s: float = 30.0
+    ban_s: float = 600.0
+    # Short and capped: a refusing peer is usually just busy for one chunk's upload time, and a
+    # long backoff leaves a node idle while the only holders of its rarest chunks are busy.
+    busy_backoff_s: float = 0.25
+    max_backoff_s: float = 1.0
+    prefer_same_site: bool = True
+    origin_rendezvous: bool = True
+    origin_fallback_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_in_flight_per_peer", "max_in_flight_total", "max_in_flight_origin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SchedulerError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("request_timeout_s", "ban_s", "busy_backoff_s", "max_backoff_s", "origin_fallback_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+                raise SchedulerError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.max_backoff_s < self.busy_backoff_s:
+            raise SchedulerError(f"max_backoff_s ({self.max_backoff_s}) is below busy_backoff_s "
+                                 f"({self.busy_backoff_s})")
+
+
+@dataclass(frozen=True)
+class Request:
+    """Ask `peer_id` for chunk `index` (`size_bytes` long)."""
+
+    peer_id: str
+    index: int
+    size_bytes: int = 0
+    is_origin: bool = False
+
+
+@dataclass(frozen=True)
+class ChunkDone:
+    index: int
+    peer_id: str
+    size_bytes: int
+    at: float
+
+
+@dataclass(frozen=True)
+class TransferComplete:
+    at: float
+    downloaded_bytes: int  # this run's bytes, wasted ones included
+
+
+@dataclass(frozen=True)
+class PeerBanned:
+    peer_id: str
+    until: float
+    reason: FailureReason
+    index: int  # the chunk that earned the ban
+
+
+@dataclass(frozen=True)
+class RequestCancelled:
+    """The adapter should abort this request (if still running) and ignore its answer."""
+
+    peer_id: str
+    index: int
+    why: str  # "timed out", "done elsewhere", "peer gone", "peer banned"
+
+
+Event = ChunkDone | TransferComplete | PeerBanned | RequestCancelled
+
+
+@dataclass
+class TransferStats:
+    """Counters for metrics, the simulator and tests; they only ever grow."""
+
+    downloaded_bytes: int = 0   # every chunk body received, good, bad or duplicate
+    origin_bytes: int = 0
+    wasted_bytes: int = 0       # bad chunks and duplicates
+    requests: int = 0
+    bytes_by_peer: dict[str, int] = field(default_factory=dict)
+    failures: dict[FailureReason, int] = field(default_factory=dict)
+    bans: int = 0
+
+
+@dataclass(frozen=True)
+class PeerView:
+    peer_id: str
+    site: str
+    is_origin: bool
+    have_count: int
+    in_flight: int
+    banned_until: float | None
+    backoff_until: float
+
+
+@dataclass
+class _Peer:
+    peer_id: str
+    site: str
+    is_origin: bool
+    have: bytearray
+    have_count: int = 0
+    in_flight: int = 0
+    backoff_until: float = -math.inf
+    backoff_s: float = 0.0
+
+
+def rendezvous_score(node_id: str, index: int) -> int:
+    """Stable across processes (unlike hash()): every node ranks (chunk, node) pairs alike."""
+    digest = hashlib.blake2b(f"{index}\0{node_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _indexes(have: object, n: int, what: str) -> list[int]:
+    """Chunk indexes from a set/sequence of ints, a bool sequence of length n, or a Bitfield."""
+    present = getattr(have, "present", None)
+    if callable(present):
+        have = list(present())
+    items = list(have)  # type: ignore[call-overload]
+    if items and all(isinstance(x, bool) for x in items):
+        if len(items) != n:
+            raise SchedulerError(f"{what}: a bool list must have one entry per chunk ({n}), got {len(items)}")
+        return [i for i, x in enumerate(items) if x]
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n:
+            raise SchedulerError(f"{what}: chunk index {x!r} is outside 0..{n - 1}")
+    return sorted(set(items))
+
+
+class SwarmScheduler:
+    """One node's download of one version: feed it holdings, answers and time; send what it returns."""
+
+    def __init__(self, chunk_sizes: list[int], have: Iterable[int] | Iterable[bool] = (), *, self_site: str,
+                 config: SchedulerConfig | None = None, rng: random.Random, self_id: str | None = None,
+                 now: float = 0.0) -> None:
+        """`self_id` enables origin rendezvous (without it, any node may ask the origin for a
+        chunk no peer has). `now` starts the clock for `origin_fallback_s`."""
+        if not chunk_sizes:
+            raise SchedulerError("a transfer needs at least one chunk")
+        for i, size in enumerate(chunk_sizes):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise SchedulerError(f"chunk {i} size must be a whole number of bytes >= 0, got {size!r}")
+        self.config = config or SchedulerConfig()
+        self.self_site = self_site
+        self.self_id = self_id
+        self.stats = TransferStats()
+        self._rng = rng
+        self._sizes = list(chunk_sizes)
+        n = len(chunk_sizes)
+        self._have = bytearray(n)
+        for i in _indexes(have, n, "initial chunks"):
+            self._have[i] = 1
+        self._missing = n - sum(self._have)
+        self._peers: dict[str, _Peer] = {}
+        self._banned_until: dict[str, float] = {}
+        # Non-origin peers announcing each chunk (banned ones too; they are skipped), in
+        # announcement order: dicts, not sets, so that iteration never depends on str hashing.
+        self._holders: list[dict[str, None]] = [{} for _ in range(n)]
+        self._available = [0] * n  # non-banned, non-origin holders
+        self._in_flight: dict[tuple[str, int], float] = {}  # (peer, chunk) -> deadline
+        self._in_flight_by_chunk: dict[int, dict[str, None]] = {}
+        self._unavailable_since: dict[int, float] = {}
+        self._now = now  # latest time seen; deadlines at or before it are already handled
+        self._assignee: dict[int, str] = {}
+        self._events: list[Event] = []
+        self._complete_emitted = False
+        if self._missing == 0:
+            self._complete_emitted = True
+            self._events.append(TransferComplete(now, 0))
+
+    # -- queries -------------------------------------------------------------
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self._sizes)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(self._sizes)
+
+    @property
+    def done(self) -> bool:
+        return self._missing == 0
+
+    @property
+    def have(self) -> frozenset[int]:
+        return frozenset(i for i, x in enumerate(self._have) if x)
+
+    @property
+    def missing(self) -> frozenset[int]:
+        return frozenset(i for i, x in enumerate(self._have) if not x)
+
+    @property
+    def missing_bytes(self) -> int:
+        return sum(s for s, x in zip(self._sizes, self._have) if not x)
+
+    @property
+    def in_flight(self) -> tuple[Request, ...]:
+        return tuple(self._request(peer_id, index) for peer_id, index in self._in_flight)
+
+    def has(self, index: int) -> bool:
+        return bool(self._have[index])
+
+    def availability(self, index: int) -> int:
+        """Non-banned, non-origin peers that announce chunk `index`."""
+        return self._available[index]
+
+    def peers(self) -> list[PeerView]:
+        return [PeerView(p.peer_id, p.site, p.is_origin, p.have_count, p.in_flight,
+                         self._banned_until.get(p.peer_id), p.backoff_until) for p in self._peers.values()]
+
+    def is_banned(self, peer_id: str, now: float) -> bool:
+        until = self._banned_until.get(peer_id)
+        return until is not None and until > now
+
+    def drain_events(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    def next_deadline(self) -> float:
+        """Earliest `now` at which `tick` or `next_requests` may have new work (`math.inf` if none)."""
+        if self.done:
+            return math.inf
+        candidates = [*self._in_flight.values(), *self._banned_until.values(),
+                      *(p.backoff_until for p in self._peers.values())]
+        if self._uses_rendezvous():
+            candidates += [since + self.config.origin_fallback_s for since in self._unavailable_since.values()]
+        return min((t for t in candidates if t > self._now), default=math.inf)
+
+    # -- inputs: peers -------------------------------------------------------
+
+    def peer_update(self, peer_id: str, *, site: str, have: Iterable[int] | Iterable[bool],
+                    is_origin: bool = False, now: float) -> None:
+        """A peer's full holdings (its bitfield, as indexes); replaces what we knew."""
+        if peer_id == self.self_id:
+            raise SchedulerError(f"peer_update about ourselves ({peer_id!r}); only other nodes are peers")
+        indexes = _indexes(have, self.n_chunks, f"holdings of peer {peer_id!r}")
+        peer = self._peers.get(peer_id)
+        if peer is not None and peer.is_origin != is_origin:
+            self._forget(peer)
+            peer = None
+        if peer is None:
+            peer = _Peer(peer_id, site, is_origin, bytearray(self.n_chunks))
+            self._peers[peer_id] = peer
+            self._assignee.clear()
+        peer.site = site
+        new = bytearray(self.n_chunks)
+        for i in indexes:
+            new[i] = 1
+        for i in range(self.n_chunks):
+            if new[i] != peer.have[i]:
+                if new[i]:
+                    self._add_holding(peer, i, now)
+                else:
+                    self._remove_holding(peer, i)
+
+    def peer_has(self, peer_id: str, index: int, now: float) -> None:
+        """A known peer announced one more chunk (BitTorrent's HAVE). Unknown peers are ignored:
+        their full holdings arrive with `peer_update`."""
+        self._check_index(index)
+        peer = self._peers.get(peer_id)
+        if peer is not None and not peer.have[index]:
+            self._add_holding(peer, index, now)
+
+    def peer_gone(self, peer_id: str, now: float) -> None:
+        """The peer left or died: forget its holdings and re-queue what we asked of it. A ban stays."""
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            self._forget(peer)
+
+    # -- inputs: answers -----------------------------------------------------
+
+    def completed(self, peer_id: str, index: int, now: float) -> None:
+        """`peer_id` delivered chunk `index` and the adapter verified its hash (and stored it)."""
+        self._check_index(index)
+        size = self._sizes[index]
+        peer = self._peers.get(peer_id)
+        self._end_request(peer_id, index)
+        self._count_bytes(peer_id, size, peer is not None and peer.is_origin)
+        if peer is not None:
+            peer.backoff_s = 0.0
+            peer.backoff_until = -math.inf
+        if self._have[index]:
+            self.stats.wasted_bytes += size
+            return
+        self._have[index] = 1
+        self._missing -= 1
+        self._unavailable_since.pop(index, None)
+        self._events.append(ChunkDone(index, peer_id, size, now))
+        for other in list(self._in_flight_by_chunk.get(index, ())):
+            self._end_request(other, index)
+            self._events.append(RequestCancelled(other, index, "done elsewhere"))
+        if self._missing == 0 and not self._complete_emitted:
+            self._complete_emitted = True
+            self._events.append(TransferComplete(now, self.stats.downloaded_bytes))
+
+    def failed(self, peer_id: str, index: int, reason: FailureReason, now: float, *,
+               retry_after_s: float | None = None) -> None:
+        """A request to `peer_id` for `index` failed; the chunk goes back in the queue.
+
+        `retry_after_s` is the peer's own hint with a refusal (when its next upload slot
+        frees); we wait that long (plus up to half again, so refused nodes do not all come
+        back at once) instead of guessing with exponential backoff.
+        """
+        self._check_index(index)
+        if not isinstance(reason, FailureReason):
+            raise SchedulerError(f"failure reason must be a FailureReason, got {reason!r}")
+        self._end_request(peer_id, index)
+        self.stats.failures[reason] = self.stats.failures.get(reason, 0) + 1
+        if reason is FailureReason.BAD_CHUNK:
+            size = self._sizes[index]
+            peer = self._peers.get(peer_id)
+            self._count_bytes(peer_id, size, peer is not None and peer.is_origin)
+            self.stats.wasted_bytes += size
+            self._ban(peer_id, index, now)
+        else:
+            self._back_off(peer_id, now, retry_after_s)
+
+    def tick(self, now: float) -> None:
+        """Expire timed-out requests and lift bans that ran out; calling early is harmless."""
+        self._now = max(self._now, now)
+        expired = [key for key, deadline in self._in_flight.items() if deadline <= now]
+        for peer_id, index in expired:
+            self._end_request(peer_id, index)
+            self.stats.failures[FailureReason.TIMEOUT] = self.stats.failures.get(FailureReason.TIMEOUT, 0) + 1
+            self._back_off(peer_id, now)
+            self._events.append(RequestCancelled(peer_id, index, "timed out"))
+        lifted = [peer_id for peer_id, until in self._banned_until.items() if until <= now]
+        for peer_id in lifted:
+            del self._banned_until[peer_id]
+            peer = self._peers.get(peer_id)
+            if peer is not None and not peer.is_origin:
+                for i in range(self.n_chunks):
+                    if peer.have[i]:
+                        self._available[i] += 1
+                        self._unavailable_since.pop(i, None)
+                self._assignee.clear()
+
+    # -- output --------------------------------------------------------------
+
+    def next_requests(self, now: float) -> list[Request]:
+        """Requests to send now (they count as in flight until an answer, a failure or a timeout)."""
+        self.tick(now)
+        budget = self.config.max_in_flight_total - len(self._in_flight)
+        if self.done or budget <= 0:
+            return []
+        wanted = [i for i in range(self.n_chunks) if not self._have[i] and i not in self._in_flight_by_chunk]
+        rng = self._rng
+        order = sorted(wanted, key=lambda i: (self._available[i], rng.random()))
+        out: list[Request] = []
+        for index in order:
+            if budget == 0:
+                break
+            if self._available[index] > 0:
+                self._unavailable_since.pop(index, None)
+                peer = self._pick_peer(index, now)
+            else:
+                self._unavailable_since.setdefault(index, now)
+                peer = self._pick_origin(index, now)
+            if peer is None:
+                continue
+            peer.in_flight += 1
+            self._in_flight[(peer.peer_id, index)] = now + self.config.request_timeout_s
+            self._in_flight_by_chunk.setdefault(index, {})[peer.peer_id] = None
+            self.stats.requests += 1
+            out.append(self._request(peer.peer_id, index))
+            budget -= 1
+        return out
+
+    # -- internals -----------------------------------------------------------
+
+    def _request(self, peer_id: str, index: int) -> Request:
+        peer = self._peers.get(peer_id)
+        return Request(peer_id, index, self._sizes[index], peer is not None and peer.is_origin)
+
+    def _check_index(self, index: int) -> None:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < self.n_chunks:
+            raise SchedulerError(f"chunk index {index!r} is outside 0..{self.n_chunks - 1}")
+
+    def _usable(self, peer: _Peer, now: float, cap: int) -> bool:
+        return (peer.in_flight < cap and peer.backoff_until <= now
+                and not self.is_banned(peer.peer_id, now))
+
+    def _pick_peer(self, index: int, now: float) -> _Peer | None:
+        cap = self.config.max_in_flight_per_peer
+        best, best_key = None, None
+        for peer_id in self._holders[index]:
+            peer = self._peers[peer_id]
+            if not self._usable(peer, now, cap):
+                continue
+            other_site = self.config.prefer_same_site and peer.site != self.self_site
+            key = (other_site, peer.in_flight, self._rng.random())
+            if best_key is None or key < best_key:
+                best, best_key = peer, key
+        return best
+
+    def _pick_origin(self, index: int, now: float) -> _Peer | None:
+        if not self._origin_ours(index, now):
+            return None
+        cap = min(self.config.max_in_flight_per_peer, self.config.max_in_flight_origin)
+        best, best_key = None, None
+        for peer in self._peers.values():
+            if not peer.is_origin or not peer.have[index] or not self._usable(peer, now, cap):
+                continue
+            key = (peer.in_flight, self._rng.random())
+            if best_key is None or key < best_key:
+                best, best_key = peer, key
+        return best
+
+    def _uses_rendezvous(self) -> bool:
+        return self.config.origin_rendezvous and self.self_id is not None
+
+    def _origin_ours(self, index: int, now: float) -> bool:
+        """Whether this node is the one that fetches `index` from the origin (see the module rules)."""
+        if not self._uses_rendezvous():
+            return True
+        since = self._unavailable_since.get(index, now)
+        if now - since >= self.config.origin_fallback_s:
+            return True
+        assignee = self._assignee.get(index)
+        if assignee is None:
+            assert self.self_id is not None
+            assignee, best = self.self_id, rendezvous_score(self.self_id, index)
+            for peer in self._peers.values():
+                if peer.is_origin or self.is_banned(peer.peer_id, now):
+                    continue
+                score = rendezvous_score(peer.peer_id, index)
+                if score > best or (score == best and peer.peer_id > assignee):
+                    assignee, best = peer.peer_id, score
+            self._assignee[index] = assignee
+        return assignee == self.self_id
+
+    def _add_holding(self, peer: _Peer, index: int, now: float) -> None:
+        peer.have[index] = 1
+        peer.have_count += 1
+        if peer.is_origin:
+            return
+        self._holders[index][peer.peer_id] = None
+        if peer.peer_id not in self._banned_until:
+            self._available[index] += 1
+            self._unavailable_since.pop(index, None)
+
+    def _remove_holding(self, peer: _Peer, index: int) -> None:
+        peer.have[index] = 0
+        peer.have_count -= 1
+        if peer.is_origin:
+            return
+        del self._holders[index][peer.peer_id]
+        if peer.peer_id not in self._banned_until:
+            self._available[index] -= 1
+
+    def _forget(self, peer: _Peer) -> None:
+        for i in range(self.n_chunks):
+            if peer.have[i]:
+                self._remove_holding(peer, i)
+        for peer_id, index in [key for key in self._in_flight if key[0] == peer.peer_id]:
+            self._end_request(peer_id, index)
+            self._events.append(RequestCancelled(peer_id, index, "peer gone"))
+        del self._peers[peer.peer_id]
+        self._assignee.clear()
+
+    def _end_request(self, peer_id: str, index: int) -> None:
+        if self._in_flight.pop((peer_id, index), None) is None:
+            return  # late answer to a request that timed out or was cancelled
+        by_chunk = self._in_flight_by_chunk[index]
+        del by_chunk[peer_id]
+        if not by_chunk:
+            del self._in_flight_by_chunk[index]
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.in_flight -= 1
+
+    def _count_bytes(self, peer_id: str, size: int, is_origin: bool) -> None:
+        self.stats.downloaded_bytes += size
+        self.stats.bytes_by_peer[peer_id] = self.stats.bytes_by_peer.get(peer_id, 0) + size
+        if is_origin:
+            self.stats.origin_bytes += size
+
+    def _back_off(self, peer_id: str, now: float, retry_after_s: float | None = None) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return
+        if retry_after_s is not None and math.isfinite(retry_after_s) and retry_after_s >= 0:
+            wait_s = min(self.config.max_backoff_s, retry_after_s * self._rng.uniform(1.0, 1.5))
+            peer.backoff_until = max(peer.backoff_until, now + wait_s)
+            return
+        peer.backoff_s = min(self.config.max_backoff_s, max(self.config.busy_backoff_s, peer.backoff_s * 2))
+        peer.backoff_until = now + peer.backoff_s
+
+    def _ban(self, peer_id: str, index: int, now: float) -> None:
+        until = now + self.config.ban_s
+        was_banned = peer_id in self._banned_until
+        self._banned_until[peer_id] = max(until, self._banned_until.get(peer_id, until))
+        self.stats.bans += 1
+        self._events.append(PeerBanned(peer_id, until, FailureReason.BAD_CHUNK, index))
+        for pid, i in [key for key in self._in_flight if key[0] == peer_id]:
+            self._end_request(pid, i)
+            self._events.append(RequestCancelled(pid, i, "peer banned"))
+        peer = self._peers.get(peer_id)
+        if peer is not None and not peer.is_origin and not was_banned:
+            for i in range(self.n_chunks):
+                if peer.have[i]:
+                    self._available[i] -= 1
+        self._assignee.clear()

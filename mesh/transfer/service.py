@@ -65,28 +65,32 @@ class OriginPolicy:
         self.is_origin = is_origin
         self.settle_s = settle_s
         self.now = now
-        self._uploading: dict[tuple[str, str, int], int] = {}
+        self._uploading: dict[tuple[str, str, int], list[float]] = {}  # start times, oldest first
         self._served_at: dict[tuple[str, str, int], float] = {}
 
     def refuse(self, name: str, version: str, index: int) -> str | None:
         if not self.is_origin(name, version):
             return None
         key = (name, version, index)
-        if self._uploading.get(key):
+        now, settle_s = self.now(), self.settle_s()
+        # An upload that runs for long (a slow or vanished receiver) stops holding others back.
+        started = self._uploading.get(key)
+        if started and now - started[-1] < max(4 * settle_s, 2.0):
             return f"the origin is already sending chunk {index} of {name} {version} to a peer; fetch it from peers"
-        if self.now() - self._served_at.get(key, -float("inf")) < self.settle_s():
+        if now - self._served_at.get(key, -float("inf")) < settle_s:
             return f"chunk {index} of {name} {version} was just sent to a peer; fetch it from peers"
         # No "a peer announces it" rule: the requester may have banned that peer for
         # serving bad bytes, and only it knows; it asks us only when it has no peer.
         return None
 
-    def started(self, name: str, version: str, index: int) -> None:
-        key = (name, version, index)
-        self._uploading[key] = self._uploading.get(key, 0) + 1
+    def started(self, name: str, version: str, index: int) -> float:
+        started_at = self.now()
+        self._uploading.setdefault((name, version, index), []).append(started_at)
+        return started_at
 
-    def finished(self, name: str, version: str, index: int, *, complete: bool) -> None:
+    def finished(self, name: str, version: str, index: int, started_at: float, *, complete: bool) -> None:
         key = (name, version, index)
-        self._uploading[key] -= 1
+        self._uploading[key].remove(started_at)
         if not self._uploading[key]:
             del self._uploading[key]
         if complete:
@@ -154,8 +158,7 @@ class TransferServicer(pb_grpc.TransferServicer):
                                 f"all {self._max_uploads} upload slots are busy; ask another peer")
         async with self._slots:
             self._busy += 1
-            if self.origin:
-                self.origin.started(name, version, request.index)
+            started_at = self.origin.started(name, version, request.index) if self.origin else 0.0
             complete = False
             try:
                 try:
@@ -179,4 +182,4 @@ class TransferServicer(pb_grpc.TransferServicer):
             finally:
                 self._busy -= 1
                 if self.origin:
-                    self.origin.finished(name, version, request.index, complete=complete)
+                    self.origin.finished(name, version, request.index, started_at, complete=complete)

@@ -105,7 +105,7 @@ def _is_name(value: str) -> bool:
         return False
 
 
-def _version_key(version: str) -> tuple:
+def version_order_key(version: str) -> tuple:
     """Natural order: 1.9 before 1.10."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", version) if p)
 
@@ -251,7 +251,7 @@ class ArtifactStore:
                 version = file[: -len(".json")]
                 if file.endswith(".json") and _is_name(name) and _is_name(version):
                     out.append((name, version))
-        return sorted(out, key=lambda nv: (nv[0], _version_key(nv[1])))
+        return sorted(out, key=lambda nv: (nv[0], version_order_key(nv[1])))
 
     def manifests(self) -> list[SignedManifest]:
         """Every readable stored manifest; unreadable ones are logged and skipped."""

@@ -22,7 +22,7 @@ from mesh._proto import transfer_pb2 as pb
 from mesh._proto import transfer_pb2_grpc as pb_grpc
 from mesh.artifacts.bitfield import Bitfield
 from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, SignedManifest
-from mesh.artifacts.store import ArtifactStore, BadChunkError, ManifestConflictError, StoreError
+from mesh.artifacts.store import ArtifactStore, BadChunkError, ManifestConflictError, StoreError, version_order_key
 from mesh.identity.signing import TrustedKeys
 from mesh.membership.core import MAX_META_BYTES, Membership
 from mesh.membership.messages import MemberView, State
@@ -68,6 +68,9 @@ class TransferSettings:
     ban_s: float = 300.0
     download_rate_bytes_per_s: float | None = None
     fetch_all: bool = True  # fetch every announced version (until rollouts decide what is wanted)
+    # Versions of each model kept on disk (the newest ones): the active one and
+    # the previous one for rollback. Older versions are neither fetched nor kept.
+    keep_per_model: int = 2
     # Registry-style baseline for the distribution benchmark: fetch only from the
     # origin, as if every device pulled from a central server.
     origin_only: bool = False
@@ -95,8 +98,10 @@ class Distributor:
         self._refused: dict[tuple[str, str, str], str] = {}  # (name, version, digest) -> why
         self._bad_meta_logged: set[str] = set()
         self._holdings: dict[tuple[str, str], Holding] = {}
-        self._announce_pending = False
+        self._gc_pending = False
         self.progress: dict[tuple[str, str], Progress] = {}
+        # Versions the node needs whatever their age (active and previous model, rollout targets).
+        self.pinned: set[tuple[str, str]] = set()
         self._loop_task: asyncio.Task | None = None
         self.completed = asyncio.Condition()
 
@@ -130,6 +135,8 @@ class Distributor:
             self._origin.add((manifest.name, manifest.version))
         self._set_holding(manifest, self.store.bitfield(manifest))
         self._announce()
+        self._gc_pending = True
+        self.poke()
 
     def is_origin(self, name: str, version: str) -> bool:
         return (name, version) in self._origin
@@ -157,8 +164,25 @@ class Distributor:
             row["bytes_downloaded"] = progress.bytes_downloaded
         return [rows[k] for k in sorted(rows)]
 
-    def _rescan(self) -> None:
-        """Pick up versions written into the store by `mesh model publish` while we run."""
+    async def collect_garbage(self) -> int:
+        """Remove versions (and chunks) no longer kept; return bytes freed."""
+        kept = self._kept(set(self.store.stored_versions()))
+        try:
+            freed = await asyncio.to_thread(self.store.gc, kept)
+        except StoreError as exc:
+            log.error("garbage collection skipped: %s", exc)
+            return 0
+        dropped = [key for key in self._holdings if key not in kept]
+        for key in dropped:
+            del self._holdings[key]
+            self._origin.discard(key)
+        if dropped:
+            log.info("removed %s (%d bytes freed)", ", ".join(f"{n} {v}" for n, v in dropped), freed)
+            self._announce()
+        return freed
+
+    def _rescan(self) -> bool:
+        """Pick up versions written into the store by `mesh model publish` while we run; True if any."""
         changed = False
         for name, version in self.store.stored_versions():
             if (name, version) in self._holdings or (name, version) in self._tasks:
@@ -174,6 +198,7 @@ class Distributor:
             changed = True
         if changed:
             self._announce()
+        return changed
 
     def _load_holdings(self) -> None:
         for signed in self.store.manifests():
@@ -186,7 +211,6 @@ class Distributor:
 
     def _announce(self) -> None:
         """Publish our holdings in membership metadata; drop the oldest if they do not fit."""
-        self._announce_pending = False
         holdings = sorted(self._holdings.values(), key=lambda h: (not h.origin, h.complete))
         while holdings:
             blob = encode_holdings(holdings)
@@ -219,7 +243,9 @@ class Distributor:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
-            self._rescan()
+            if self._rescan() or self._gc_pending:
+                self._gc_pending = False
+                await self.collect_garbage()
             if self.settings.fetch_all:
                 self._start_wanted()
             try:
@@ -228,11 +254,24 @@ class Distributor:
             except TimeoutError:
                 pass
 
+    def _kept(self, known: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Of `known` versions, the newest `keep_per_model` of each model, plus running downloads
+        and whatever the node pins (`pinned`: the active and previous model, rollout targets)."""
+        by_name: dict[str, list[str]] = {}
+        for name, version in known:
+            by_name.setdefault(name, []).append(version)
+        kept = {(name, v) for name, versions in by_name.items()
+                for v in sorted(versions, key=version_order_key)[-self.settings.keep_per_model:]}
+        return kept | set(self._tasks) | self.pinned
+
     def _start_wanted(self) -> None:
-        for member, holdings in self._peer_holdings():
+        peer_holdings = self._peer_holdings()
+        known = set(self._holdings) | {h.key for _, hs in peer_holdings for h in hs}
+        wanted = self._kept(known)
+        for member, holdings in peer_holdings:
             for holding in holdings:
                 key = holding.key
-                if key in self._tasks or (*key, holding.manifest_digest) in self._refused:
+                if key in self._tasks or key not in wanted or (*key, holding.manifest_digest) in self._refused:
                     continue
                 mine = self._holdings.get(key)
                 if mine is not None and mine.complete and self.store_complete(key):
@@ -284,6 +323,7 @@ class Distributor:
             log.info("%s %s complete: %d bytes, %d downloaded, in %.2fs", name, version, manifest.size_bytes,
                      progress.bytes_downloaded, self._now() - progress.started_at)
             await self._finish(progress, Phase.COMPLETE)
+            await self.collect_garbage()
         except StoreError as exc:
             # Disk full or an I/O error: the store keeps what it had; retry on a later announcement.
             log.error("download of %s %s failed: %s", name, version, exc)

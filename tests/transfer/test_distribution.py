@@ -141,3 +141,35 @@ async def test_delta_release_moves_only_the_new_chunks(cluster, fleet, tmp_path)
             continue
         moved = node.distributor.progress[("hand", "2")].bytes_downloaded
         assert moved == new_bytes, f"{node_id} downloaded {moved} bytes for v2; only {new_bytes} were new"
+
+
+async def test_old_versions_are_collected_and_not_fetched_again(cluster, fleet, tmp_path):
+    c = await cluster(3)
+    await wait_for(c.converged, 10.0, what="convergence")
+    origin = c.nodes["node-00"]
+    key = publisher_key(fleet)
+    base = bytearray(mediapipe_model("hand_landmark_full").read_bytes())
+    manifests = []
+    for version in ("1", "2", "3"):
+        data = bytearray(base)
+        start = len(data) - len(data) // 20  # inside the last weights: the model still loads
+        data[start:start + 2048] = bytes((b + int(version)) % 256 for b in data[start:start + 2048])
+        path = tmp_path / f"face-{version}.tflite"
+        path.write_bytes(bytes(data))
+        signed = publish(path, name="face", version=version, key=key, store=origin.store)
+        origin.distributor.add_published(signed)
+        manifests.append(signed.manifest)
+        await wait_for(lambda: complete_everywhere(c, signed.manifest), 30.0, interval_s=0.05,
+                       what=f"face {version} everywhere")
+    v1_only = {ref.sha256 for ref in manifests[0].chunks} - {ref.sha256 for m in manifests[1:] for ref in m.chunks}
+    assert v1_only
+
+    def v1_gone(node) -> bool:
+        return node.store.stored_versions() == [("face", "2"), ("face", "3")]
+
+    await wait_for(lambda: all(v1_gone(n) for n in c.nodes.values()), 10.0, what="v1 collected everywhere")
+    for node_id, node in c.nodes.items():
+        assert not any(node.store.has_chunk(sha) for sha in v1_only), f"{node_id} kept v1's chunks"
+        assert ("face", "1") not in {h.key for h in node.distributor.holdings()}
+        progress = node.distributor.progress.get(("face", "1"))
+        assert node_id == "node-00" or progress.phase is Phase.COMPLETE  # fetched once, never again

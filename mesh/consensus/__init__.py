@@ -1,0 +1,1 @@
+"""Raft groups of a site and their replicated state machines (routing, allocations, pending decisions)."""

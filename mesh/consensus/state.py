@@ -1,0 +1,792 @@
+"""The replicated state machine of a site's Raft group: routing, allocations, held decisions. Pure.
+
+Rules of this module (everything a replica believes about its site lives here):
+
+- State: routing table (stream id -> serving node), per-node allocations (max
+  concurrent inference slots), decisions held for an operator, the outcome of
+  finished decisions, used approval nonces, and a bounded history.
+- Input: only committed commands, as bytes (`DecisionLedger.apply`). A command
+  is canonical JSON with `"format": 1`, a `"cmd"` name and a `"now"` stamped
+  by whoever submitted it. Apply reads no clock: the ledger's time is the
+  largest `now` it has seen (so a stale stamp can never rewind it), and every
+  replica applying the same log reaches the same `state_digest()`.
+- The guard runs here, on every replica: a proposal within the policy's scope
+  is applied at once; one above scope is HELD and applied only when an
+  approval signed by a trusted OPERATOR key for exactly its digest is
+  committed, whichever node proposed it. A denial finishes it unapplied; a
+  hold past its TTL is dropped by an `expire` command (or by the first
+  approval that arrives too late). Re-proposing a finished or held decision is
+  a noop; a decision proposed more than the hold TTL ago is stale and refused,
+  which is what lets the ledger forget old outcomes and nonces.
+- A node can lie about `now`. Pushing the clock forward only expires holds and
+  approvals (refusals, never applies); the guard's promise does not depend on
+  any node's honesty, only on operator signatures.
+- `apply` never raises on bad input: malformed commands, bad approvals and
+  stale decisions come back as REFUSED with an audit event, so the Raft
+  thread keeps running and every replica audits the same refusal.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.guard.approval import (
+    Approval,
+    ApprovalRefused,
+    MalformedApproval,
+    ReplayedApproval,
+    verify_approval,
+)
+from mesh.guard.audit import AuditEvent
+from mesh.guard.core import (
+    MAX_SLOTS,
+    NODE_ID_RE,
+    STREAM_ID_RE,
+    Decision,
+    DecisionError,
+    Policy,
+    Scope,
+    as_seconds,
+    decide,
+)
+from mesh.identity.signing import TrustedKeys, canonical_json
+
+COMMAND_FORMAT = 1
+SNAPSHOT_FORMAT = 1
+# A command carries one decision (bounded by MAX_MOVES) or one approval; 1 MiB is far above either.
+MAX_COMMAND_BYTES = 1024 * 1024
+MAX_ROUTES_PER_COMMAND = 4096
+# Enough to show an operator the last few days of a busy site; older entries fall off the front.
+MAX_HISTORY_ENTRIES = 4096
+APPROVE_HINT = "mesh admin approve {decision_id}"
+
+guard_log = logging.getLogger("mesh.guard")
+
+
+class LedgerError(Exception):
+    """Root of errors raised by the replicated state machine."""
+
+
+class CommandError(LedgerError):
+    """A command's bytes are not a valid command (names the field; the command is refused, not applied)."""
+
+
+class SnapshotError(LedgerError):
+    """A snapshot cannot be restored (wrong format, wrong group, or damaged)."""
+
+
+class Outcome(enum.Enum):
+    APPLIED = "applied"
+    HELD = "held"
+    DENIED = "denied"
+    REFUSED = "refused"
+    EXPIRED = "expired"
+    NOOP = "noop"
+
+
+# --- commands ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProposeCommand:
+    now: float
+    decision: Decision
+
+
+@dataclass(frozen=True)
+class ApproveCommand:
+    now: float
+    approval: Approval
+
+
+@dataclass(frozen=True)
+class DenyCommand:
+    now: float
+    approval: Approval
+
+
+@dataclass(frozen=True)
+class ExpireCommand:
+    now: float
+
+
+@dataclass(frozen=True)
+class SetRoutesCommand:
+    """Initial assignment: routes for streams that have none, allocations for nodes that have none."""
+
+    now: float
+    routes: Mapping[str, str]
+    allocations: Mapping[str, int] = field(default_factory=dict)
+
+
+Command = ProposeCommand | ApproveCommand | DenyCommand | ExpireCommand | SetRoutesCommand
+
+_COMMAND_FIELDS = {
+    "propose": frozenset({"format", "cmd", "now", "decision"}),
+    "approve": frozenset({"format", "cmd", "now", "approval"}),
+    "deny": frozenset({"format", "cmd", "now", "approval"}),
+    "expire": frozenset({"format", "cmd", "now"}),
+    "set_routes": frozenset({"format", "cmd", "now", "routes", "allocations"}),
+}
+
+
+def _command(cmd: str, now: float, **fields: Any) -> bytes:
+    _check_now(now, CommandError)
+    return canonical_json({"format": COMMAND_FORMAT, "cmd": cmd, "now": float(now), **fields})
+
+
+def propose_command(decision: Decision, *, now: float | None = None) -> bytes:
+    """Propose `decision`; `now` defaults to the decision's `proposed_at`."""
+    return _command("propose", decision.proposed_at if now is None else now, decision=decision.to_dict())
+
+
+def approve_command(approval: Approval, *, now: float) -> bytes:
+    if not approval.approve:
+        raise CommandError("this approval says deny (approve=false); submit it with deny_command")
+    return _command("approve", now, approval=approval.to_dict())
+
+
+def deny_command(approval: Approval, *, now: float) -> bytes:
+    if approval.approve:
+        raise CommandError("this approval says approve (approve=true); submit it with approve_command")
+    return _command("deny", now, approval=approval.to_dict())
+
+
+def expire_command(now: float) -> bytes:
+    return _command("expire", now)
+
+
+def set_routes_command(
+    routes: Mapping[str, str], *, allocations: Mapping[str, int] | None = None, now: float
+) -> bytes:
+    cmd = SetRoutesCommand(now, dict(routes), dict(allocations or {}))
+    _validate_set_routes(cmd)
+    return _command("set_routes", now, routes=dict(cmd.routes), allocations=dict(cmd.allocations))
+
+
+def encode_command(command: Command) -> bytes:
+    if isinstance(command, ProposeCommand):
+        return propose_command(command.decision, now=command.now)
+    if isinstance(command, ApproveCommand):
+        return approve_command(command.approval, now=command.now)
+    if isinstance(command, DenyCommand):
+        return deny_command(command.approval, now=command.now)
+    if isinstance(command, ExpireCommand):
+        return expire_command(command.now)
+    if isinstance(command, SetRoutesCommand):
+        return set_routes_command(command.routes, allocations=command.allocations, now=command.now)
+    raise CommandError(f"not a ledger command: {type(command).__name__}")
+
+
+def _strict_json(data: bytes, what: str, error: type[Exception], limit: int) -> Any:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise error(f"{what}: expected bytes, got {type(data).__name__}")
+    if len(data) > limit:
+        raise error(f"{what}: {len(data)} bytes, at most {limit} allowed")
+    try:
+        return json.loads(
+            bytes(data).decode("utf-8"),
+            parse_constant=_refuse_constant,
+            object_pairs_hook=_no_duplicate_keys,
+        )
+    except UnicodeDecodeError:
+        raise error(f"{what}: not UTF-8") from None
+    except (ValueError, RecursionError) as exc:
+        raise error(f"{what}: not valid JSON ({exc})") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _check_now(now: object, error: type[Exception], where: str = "now") -> float:
+    seconds = as_seconds(now)
+    if seconds is None:
+        raise error(f"{where}: expected seconds since the epoch >= 0, got {now!r}")
+    return seconds
+
+
+def decode_command(data: bytes) -> Command:
+    """Parse command bytes strictly; raise CommandError saying what is wrong."""
+    doc = _strict_json(data, "command", CommandError, MAX_COMMAND_BYTES)
+    if not isinstance(doc, dict):
+        raise CommandError(f"command: expected a JSON object, got {type(doc).__name__}")
+    fmt = doc.get("format")
+    if type(fmt) is not int or fmt != COMMAND_FORMAT:
+        raise CommandError(
+            f"command.format: unsupported format {fmt!r}; this node applies format {COMMAND_FORMAT}"
+        )
+    cmd = doc.get("cmd")
+    if not isinstance(cmd, str) or cmd not in _COMMAND_FIELDS:
+        raise CommandError(
+            f"command.cmd: unknown command {cmd!r}; expected one of {', '.join(sorted(_COMMAND_FIELDS))}"
+        )
+    expected = _COMMAND_FIELDS[cmd]
+    if doc.keys() != expected:
+        missing = sorted(expected - doc.keys())
+        unknown = sorted(doc.keys() - expected)
+        raise CommandError(
+            f"command {cmd}: missing field(s) {missing or 'none'}, unknown field(s) {unknown or 'none'}"
+        )
+    now = _check_now(doc["now"], CommandError, "command.now")
+    try:
+        if cmd == "propose":
+            return ProposeCommand(now, Decision.from_dict(doc["decision"]))
+        if cmd in ("approve", "deny"):
+            approval = Approval.from_dict(doc["approval"])
+            if approval.approve != (cmd == "approve"):
+                raise CommandError(
+                    f"command {cmd}: the signed approval says approve={str(approval.approve).lower()}"
+                )
+            return (ApproveCommand if cmd == "approve" else DenyCommand)(now, approval)
+    except (DecisionError, MalformedApproval) as exc:
+        raise CommandError(f"command {cmd}: {exc}") from None
+    if cmd == "expire":
+        return ExpireCommand(now)
+    routes, allocations = doc["routes"], doc["allocations"]
+    if not isinstance(routes, dict) or not isinstance(allocations, dict):
+        raise CommandError("command set_routes: routes and allocations must be objects")
+    command = SetRoutesCommand(now, routes, allocations)
+    _validate_set_routes(command)
+    return command
+
+
+def _validate_set_routes(cmd: SetRoutesCommand) -> None:
+    if len(cmd.routes) > MAX_ROUTES_PER_COMMAND or len(cmd.allocations) > MAX_ROUTES_PER_COMMAND:
+        raise CommandError(f"command set_routes: at most {MAX_ROUTES_PER_COMMAND} routes and allocations")
+    for stream, node in cmd.routes.items():
+        if not isinstance(stream, str) or not STREAM_ID_RE.fullmatch(stream):
+            raise CommandError(f"command set_routes: {stream!r} is not a valid stream id")
+        if not isinstance(node, str) or not NODE_ID_RE.fullmatch(node):
+            raise CommandError(f"command set_routes: route of {stream} names {node!r}, not a valid node id")
+    for node, slots in cmd.allocations.items():
+        if not isinstance(node, str) or not NODE_ID_RE.fullmatch(node):
+            raise CommandError(f"command set_routes: {node!r} is not a valid node id")
+        if type(slots) is not int or not 0 <= slots <= MAX_SLOTS:
+            raise CommandError(f"command set_routes: allocation of {node} must be an integer 0..{MAX_SLOTS}")
+
+
+# --- state -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldDecision:
+    """A decision above the autonomous scope, waiting for an operator until `expires_at`."""
+
+    decision: Decision
+    held_at: float
+    expires_at: float
+    scope: Scope
+    exceeded: tuple[str, ...]
+
+    @property
+    def decision_id(self) -> str:
+        return self.decision.decision_id
+
+    @property
+    def waiting_for(self) -> str:
+        """What unblocks it, for the admin table and the hold warning."""
+        return f"an operator approval: {APPROVE_HINT.format(decision_id=self.decision_id)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision.to_dict(),
+            "held_at": self.held_at,
+            "expires_at": self.expires_at,
+            "scope": self.scope.to_dict(),
+            "exceeded": list(self.exceeded),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> HeldDecision:
+        scope = doc["scope"]
+        return cls(
+            decision=Decision.from_dict(doc["decision"]),
+            held_at=float(doc["held_at"]),
+            expires_at=float(doc["expires_at"]),
+            scope=Scope(
+                int(scope["nodes_affected"]), float(scope["fraction_of_group"]), int(scope["streams_moved"])
+            ),
+            exceeded=tuple(str(s) for s in doc["exceeded"]),
+        )
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """What became of a decision (or of an approval for one)."""
+
+    decision_id: str | None
+    outcome: str  # applied, denied, expired, refused
+    at: float
+    detail: str
+    key_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "decision_id": self.decision_id,
+            "outcome": self.outcome,
+            "at": self.at,
+            "detail": self.detail,
+            "key_id": self.key_id,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> HistoryEntry:
+        return cls(
+            doc["decision_id"], str(doc["outcome"]), float(doc["at"]), str(doc["detail"]), doc["key_id"]
+        )
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What one command did, and the audit events every replica produces for it."""
+
+    outcome: Outcome
+    decision_id: str | None
+    message: str
+    audit: tuple[AuditEvent, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Finished:
+    outcome: str
+    proposed_at: float
+    finished_at: float
+
+    def forgettable(self, clock: float, ttl_s: float) -> bool:
+        """Too old to be proposed again (stale) and finished at least a TTL ago (shown for that long)."""
+        return max(self.proposed_at, self.finished_at) + ttl_s <= clock
+
+
+class DecisionLedger:
+    """One replica's copy of a site's routing table, allocations and guarded decisions.
+
+    `policy`, `group_size` and `trusted` are configuration: every replica of the
+    group must be built with the same values, or they will disagree.
+    """
+
+    def __init__(self, *, group: str, policy: Policy, group_size: int, trusted: TrustedKeys) -> None:
+        if not isinstance(group, str) or not NODE_ID_RE.fullmatch(group):
+            raise ValueError(f"group name {group!r} is not valid (expected {NODE_ID_RE.pattern})")
+        if group_size < 1:
+            raise ValueError(f"group size must be at least 1, got {group_size}")
+        self.group = group
+        self.policy = policy
+        self.group_size = group_size
+        self.trusted = trusted
+        self._reset()
+
+    def _reset(self) -> None:
+        self._clock = 0.0
+        self._routes: dict[str, str] = {}
+        self._allocations: dict[str, int] = {}
+        self._pending: dict[str, HeldDecision] = {}
+        self._finished: dict[str, _Finished] = {}
+        self._used_nonces: dict[str, float] = {}
+        self._history: list[HistoryEntry] = []
+
+    # --- views ---
+
+    @property
+    def clock(self) -> float:
+        """The largest `now` of any applied command."""
+        return self._clock
+
+    def routes(self) -> dict[str, str]:
+        return dict(self._routes)
+
+    def allocations(self) -> dict[str, int]:
+        return dict(self._allocations)
+
+    def pending(self) -> tuple[HeldDecision, ...]:
+        """Held decisions, oldest first."""
+        return tuple(sorted(self._pending.values(), key=lambda h: (h.held_at, h.decision_id)))
+
+    def history(self) -> tuple[HistoryEntry, ...]:
+        return tuple(self._history)
+
+    def outcome_of(self, decision_id: str) -> str | None:
+        """'held', 'applied', 'denied', 'expired', 'refused', or None if unknown (or forgotten)."""
+        if decision_id in self._pending:
+            return "held"
+        finished = self._finished.get(decision_id)
+        return finished.outcome if finished else None
+
+    # --- apply ---
+
+    def apply(self, command: bytes) -> ApplyResult:
+        """Apply one committed command; never raises on bad input (see the module rules)."""
+        try:
+            cmd = decode_command(command)
+        except CommandError as exc:
+            return self._refuse(None, "malformed_command", str(exc))
+        self._clock = max(self._clock, cmd.now)
+        if isinstance(cmd, ProposeCommand):
+            return self._propose(cmd.decision)
+        if isinstance(cmd, (ApproveCommand, DenyCommand)):
+            return self._answer(cmd.approval)
+        if isinstance(cmd, ExpireCommand):
+            return self._expire()
+        return self._set_routes(cmd)
+
+    def _refuse(
+        self,
+        decision_id: str | None,
+        reason: str,
+        message: str,
+        *,
+        key_id: str | None = None,
+        finish: bool = False,
+    ) -> ApplyResult:
+        if finish and decision_id is not None:
+            self._pending.pop(decision_id, None)
+        self._record(HistoryEntry(decision_id, "refused", self._clock, f"{reason}: {message}", key_id))
+        payload = {"decision_id": decision_id, "reason": reason, "message": message, "at": self._clock}
+        if key_id is not None:
+            payload["key_id"] = key_id
+        return ApplyResult(Outcome.REFUSED, decision_id, message, (AuditEvent("refused", payload),))
+
+    def _record(self, entry: HistoryEntry) -> None:
+        self._history.append(entry)
+        if len(self._history) > MAX_HISTORY_ENTRIES:
+            del self._history[: len(self._history) - MAX_HISTORY_ENTRIES]
+
+    def _propose(self, decision: Decision) -> ApplyResult:
+        decision_id = decision.decision_id
+        held = self._pending.get(decision_id)
+        if held is not None:
+            if held.decision.digest() != decision.digest():
+                return self._refuse(decision_id, "id_collision", "another decision with this id is held")
+            return ApplyResult(Outcome.NOOP, decision_id, f"decision {decision_id} is already held")
+        finished = self._finished.get(decision_id)
+        if finished is not None:
+            return ApplyResult(
+                Outcome.NOOP, decision_id, f"decision {decision_id} was already {finished.outcome}"
+            )
+        if decision.group != self.group:
+            return self._refuse(
+                decision_id,
+                "wrong_group",
+                f"decision {decision_id} is for group {decision.group}, this is {self.group}",
+            )
+        if decision.proposed_at + self.policy.hold_ttl_s <= self._clock:
+            return self._refuse(
+                decision_id,
+                "stale",
+                f"decision {decision_id} was proposed at {decision.proposed_at:.0f}, more than "
+                f"{self.policy.hold_ttl_s:.0f} s ago; propose it again",
+            )
+        problem = self._precondition(decision)
+        if problem:
+            return self._refuse(decision_id, "state_changed", f"decision {decision_id}: {problem}")
+        verdict = decide(decision, self.policy, self.group_size)
+        proposed = AuditEvent(
+            "proposed",
+            {
+                "decision_id": decision_id,
+                "digest": decision.digest(),
+                "kind": decision.kind.value,
+                "proposer": decision.proposer,
+                "reason": decision.reason,
+                "scope": verdict.scope.to_dict(),
+                "at": self._clock,
+            },
+        )
+        if verdict.allowed:
+            applied = self._apply_decision(decision, approved_by=None)
+            return ApplyResult(
+                Outcome.APPLIED, decision_id, f"applied {decision.describe()}", (proposed, applied)
+            )
+        held = HeldDecision(
+            decision, self._clock, self._clock + self.policy.hold_ttl_s, verdict.scope, verdict.exceeded
+        )
+        self._pending[decision_id] = held
+        scope = verdict.scope
+        guard_log.warning(
+            "held decision %s: scope %d nodes (%.0f%% of %d), %d streams; %s; waiting for %s",
+            decision.describe(),
+            scope.nodes_affected,
+            100 * scope.fraction_of_group,
+            self.group_size,
+            scope.streams_moved,
+            "; ".join(verdict.exceeded),
+            held.waiting_for,
+        )
+        held_event = AuditEvent(
+            "held",
+            {
+                "decision_id": decision_id,
+                "scope": scope.to_dict(),
+                "limits": verdict.limits.to_dict(),
+                "exceeded": list(verdict.exceeded),
+                "expires_at": held.expires_at,
+                "at": self._clock,
+            },
+        )
+        message = f"held {decision_id}: " + "; ".join(verdict.exceeded)
+        return ApplyResult(Outcome.HELD, decision_id, message, (proposed, held_event))
+
+    def _precondition(self, decision: Decision) -> str | None:
+        """Why `decision` no longer fits the current state, or None."""
+        for move in decision.moves:
+            serving = self._routes.get(move.stream)
+            if serving != move.from_node:
+                now_at = f"served by {serving}" if serving else "not routed"
+                return f"stream {move.stream} is {now_at}, not by {move.from_node}"
+        return None
+
+    def _apply_decision(self, decision: Decision, *, approved_by: str | None) -> AuditEvent:
+        for move in decision.moves:
+            self._routes[move.stream] = move.to_node
+        for allocation in decision.allocations:
+            self._allocations[allocation.node] = allocation.slots
+        decision_id = decision.decision_id
+        self._pending.pop(decision_id, None)
+        self._finished[decision_id] = _Finished("applied", decision.proposed_at, self._clock)
+        detail = decision.describe() + (f" (approved by {approved_by})" if approved_by else " (within scope)")
+        self._record(HistoryEntry(decision_id, "applied", self._clock, detail, approved_by))
+        return AuditEvent(
+            "applied",
+            {
+                "decision_id": decision_id,
+                "kind": decision.kind.value,
+                "moves": [m.to_dict() for m in decision.moves],
+                "allocations": [a.to_dict() for a in decision.allocations],
+                "approved_by": approved_by,
+                "at": self._clock,
+            },
+        )
+
+    def _answer(self, approval: Approval) -> ApplyResult:
+        decision_id = approval.decision_id
+        verb = approval.verb
+        held = self._pending.get(decision_id)
+        if held is None:
+            if approval.nonce in self._used_nonces:
+                return self._refuse(
+                    decision_id,
+                    ReplayedApproval.reason,
+                    f"{verb} nonce {approval.nonce} was already used",
+                    key_id=approval.key_id,
+                )
+            finished = self._finished.get(decision_id)
+            state = f"already {finished.outcome}" if finished else "not held (unknown or forgotten)"
+            return self._refuse(
+                decision_id,
+                "not_pending",
+                f"{verb} for decision {decision_id}, which is {state}",
+                key_id=approval.key_id,
+            )
+        if held.expires_at <= self._clock:
+            expired = self._expire_one(held)
+            refused = self._refuse(
+                decision_id,
+                "decision_expired",
+                f"{verb} arrived after decision {decision_id} expired at {held.expires_at:.0f}",
+                key_id=approval.key_id,
+            )
+            return ApplyResult(Outcome.REFUSED, decision_id, refused.message, (expired, *refused.audit))
+        try:
+            key = verify_approval(
+                approval, held.decision, self.trusted, now=self._clock, used_nonces=self._used_nonces
+            )
+        except ApprovalRefused as exc:
+            # The hold stays: a bad approval (perhaps an attacker's) must not knock out a pending decision.
+            return self._refuse(decision_id, exc.reason, str(exc), key_id=approval.key_id)
+        self._used_nonces[approval.nonce] = approval.expires_at
+        answered = AuditEvent(
+            "approved" if approval.approve else "denied",
+            {
+                "decision_id": decision_id,
+                "digest": approval.decision_digest,
+                "key_id": key.key_id,
+                "nonce": approval.nonce,
+                "reason": approval.reason,
+                "at": self._clock,
+            },
+        )
+        if not approval.approve:
+            self._pending.pop(decision_id)
+            self._finished[decision_id] = _Finished("denied", held.decision.proposed_at, self._clock)
+            self._record(
+                HistoryEntry(
+                    decision_id,
+                    "denied",
+                    self._clock,
+                    f"{held.decision.describe()}: {approval.reason}",
+                    key.key_id,
+                )
+            )
+            return ApplyResult(
+                Outcome.DENIED, decision_id, f"denied {decision_id} by {key.key_id}", (answered,)
+            )
+        problem = self._precondition(held.decision)
+        if problem:
+            self._finished[decision_id] = _Finished("refused", held.decision.proposed_at, self._clock)
+            refused = self._refuse(
+                decision_id, "state_changed", f"approved, but {problem}", key_id=key.key_id, finish=True
+            )
+            return ApplyResult(Outcome.REFUSED, decision_id, refused.message, (answered, *refused.audit))
+        applied = self._apply_decision(held.decision, approved_by=key.key_id)
+        return ApplyResult(
+            Outcome.APPLIED,
+            decision_id,
+            f"applied {held.decision.describe()} approved by {key.key_id}",
+            (answered, applied),
+        )
+
+    def _expire_one(self, held: HeldDecision) -> AuditEvent:
+        decision_id = held.decision_id
+        self._pending.pop(decision_id)
+        self._finished[decision_id] = _Finished("expired", held.decision.proposed_at, self._clock)
+        self._record(
+            HistoryEntry(
+                decision_id,
+                "expired",
+                self._clock,
+                f"{held.decision.describe()}: no operator answer by {held.expires_at:.0f}",
+            )
+        )
+        return AuditEvent(
+            "expired",
+            {
+                "decision_id": decision_id,
+                "held_at": held.held_at,
+                "expires_at": held.expires_at,
+                "at": self._clock,
+            },
+        )
+
+    def _expire(self) -> ApplyResult:
+        due = sorted(
+            (h for h in self._pending.values() if h.expires_at <= self._clock),
+            key=lambda h: (h.expires_at, h.decision_id),
+        )
+        events = tuple(self._expire_one(h) for h in due)
+        # Forget what can no longer matter: outcomes of decisions too old to be proposed again, and
+        # nonces of approvals that have expired (an expired approval is refused before its nonce is checked).
+        ttl_s = self.policy.hold_ttl_s
+        self._finished = {k: v for k, v in self._finished.items() if not v.forgettable(self._clock, ttl_s)}
+        self._used_nonces = {k: v for k, v in self._used_nonces.items() if v > self._clock}
+        if not events:
+            return ApplyResult(Outcome.NOOP, None, "no held decision is due to expire")
+        ids = ", ".join(h.decision_id for h in due)
+        return ApplyResult(Outcome.EXPIRED, None, f"expired {ids}", events)
+
+    def _set_routes(self, cmd: SetRoutesCommand) -> ApplyResult:
+        taken = sorted(s for s in cmd.routes if s in self._routes and self._routes[s] != cmd.routes[s])
+        if taken:
+            return self._refuse(
+                None,
+                "already_routed",
+                f"stream(s) {', '.join(taken[:5])} already have a serving node; moving a stream is "
+                "a decision (propose move_streams)",
+            )
+        set_ = sorted(
+            n
+            for n in cmd.allocations
+            if n in self._allocations and self._allocations[n] != cmd.allocations[n]
+        )
+        if set_:
+            return self._refuse(
+                None,
+                "already_allocated",
+                f"node(s) {', '.join(set_[:5])} already have an allocation; changing it is a decision "
+                "(propose set_allocation)",
+            )
+        new_routes = {s: n for s, n in cmd.routes.items() if s not in self._routes}
+        new_allocations = {n: v for n, v in cmd.allocations.items() if n not in self._allocations}
+        if not new_routes and not new_allocations:
+            return ApplyResult(Outcome.NOOP, None, "every route and allocation is already in place")
+        self._routes.update(new_routes)
+        self._allocations.update(new_allocations)
+        event = AuditEvent(
+            "routes_assigned", {"routes": new_routes, "allocations": new_allocations, "at": self._clock}
+        )
+        return ApplyResult(
+            Outcome.APPLIED,
+            None,
+            f"assigned {len(new_routes)} stream(s) and {len(new_allocations)} allocation(s)",
+            (event,),
+        )
+
+    # --- snapshots ---
+
+    def _state_doc(self) -> dict[str, Any]:
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "group": self.group,
+            "clock": self._clock,
+            "routes": dict(self._routes),
+            "allocations": dict(self._allocations),
+            "pending": [h.to_dict() for h in sorted(self._pending.values(), key=lambda h: h.decision_id)],
+            "finished": {
+                k: {"outcome": v.outcome, "proposed_at": v.proposed_at, "finished_at": v.finished_at}
+                for k, v in self._finished.items()
+            },
+            "used_nonces": dict(self._used_nonces),
+            "history": [e.to_dict() for e in self._history],
+        }
+
+    def snapshot(self) -> bytes:
+        """Deterministic bytes of the whole replicated state (for Raft log compaction)."""
+        return canonical_json(self._state_doc())
+
+    def state_digest(self) -> str:
+        return hashlib.sha256(self.snapshot()).hexdigest()
+
+    def restore(self, snapshot: bytes) -> None:
+        """Replace the state with `snapshot`; on error the current state is kept."""
+        doc = _strict_json(snapshot, "snapshot", SnapshotError, 1 << 30)
+        try:
+            if not isinstance(doc, dict) or doc.get("format") != SNAPSHOT_FORMAT:
+                raise SnapshotError(
+                    f"snapshot: unsupported format; this node restores format {SNAPSHOT_FORMAT}"
+                )
+            if doc["group"] != self.group:
+                raise SnapshotError(f"snapshot is of group {doc['group']!r}, this ledger is {self.group!r}")
+            clock = _check_now(doc["clock"], SnapshotError, "snapshot.clock")
+            routes = dict(doc["routes"])
+            allocations = dict(doc["allocations"])
+            _validate_set_routes(SetRoutesCommand(clock, routes, allocations))
+            pending = {h.decision_id: h for h in map(HeldDecision.from_dict, doc["pending"])}
+            finished = {
+                str(k): _Finished(str(v["outcome"]), float(v["proposed_at"]), float(v["finished_at"]))
+                for k, v in doc["finished"].items()
+            }
+            used_nonces = {str(k): float(v) for k, v in doc["used_nonces"].items()}
+            history = [HistoryEntry.from_dict(e) for e in doc["history"]]
+        except SnapshotError:
+            raise
+        except (
+            CommandError,
+            DecisionError,
+            KeyError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            OverflowError,
+        ) as exc:
+            raise SnapshotError(f"snapshot is damaged: {type(exc).__name__}: {exc}") from None
+        self._clock, self._routes, self._allocations = clock, routes, allocations
+        self._pending, self._finished, self._used_nonces, self._history = (
+            pending,
+            finished,
+            used_nonces,
+            history,
+        )

@@ -1,0 +1,436 @@
+"""The guard's audit trail: an append-only, hash-chained log of JSON lines, fsynced.
+
+Each line is one record: `seq` (1, 2, 3, ...), `time` (wall-clock seconds),
+`kind` (proposed, held, approved, denied, refused, applied, expired,
+model_activated, ...), `payload` (an object), `prev` (the previous record's
+hash; 64 zeros for the first) and `hash` (sha256 of the canonical JSON of the
+record without `hash`). Changing, deleting or reordering any record breaks
+the chain at that record, and `verify_audit` names it.
+
+What the chain alone cannot show: records dropped from the END. A shorter
+log is still a valid chain. So the log keeps a sidecar head file
+(`<log>.head`: last seq and hash, written atomically and fsynced after every
+append) and `verify_audit` checks the log against it. The head file is made
+before the log, so a missing head file is itself evidence. This raises the
+bar, it does not remove it: someone who can rewrite both files can still cut
+the tail. The complete answer is to keep the head somewhere else as well
+(print it with `AuditLog.head`, gossip it, or pass it as `expected_head`).
+
+Crash safety: a record is fsynced before the head is advanced, so after a
+power loss the log may be one record ahead of the head (accepted) or end in a
+torn line that was never acknowledged. Reopening drops such a torn line and
+records that it did so; a torn or missing record the head already covers is
+damage, and reopening refuses it (`AuditCorruptError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+from mesh.guard.core import GuardError, is_sha256_hex
+from mesh.identity.signing import canonical_json
+
+GENESIS_HASH = "0" * 64
+_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_RECORD_FIELDS = frozenset({"seq", "time", "kind", "payload", "prev", "hash"})
+_FILE_MODE = 0o640
+
+log = logging.getLogger(__name__)
+
+
+class AuditError(GuardError):
+    """Root of audit log errors."""
+
+
+class AuditWriteError(AuditError):
+    """The audit log could not be written (names the file and the OS error)."""
+
+
+class AuditReadError(AuditError):
+    """The audit log could not be read."""
+
+
+class AuditCorruptError(AuditError):
+    """The audit log on disk is damaged or was tampered with; run `mesh admin audit verify`."""
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """Something the guard or the ledger wants on the record; the log gives it a seq, time and hash."""
+
+    kind: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "payload": dict(self.payload)}
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    time: float
+    kind: str
+    payload: Mapping[str, Any]
+    prev: str
+    hash: str
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "kind": self.kind,
+            "payload": dict(self.payload),
+            "prev": self.prev,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.body(), "hash": self.hash}
+
+    def expected_hash(self) -> str:
+        return record_hash(self.body())
+
+
+def record_hash(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(dict(body))).hexdigest()
+
+
+class _BadRecord(Exception):
+    """One line of the log is not a well-formed record."""
+
+
+def _parse_record(line: bytes) -> AuditRecord:
+    """Parse one line into a record; raise _BadRecord saying what is wrong (not whether it chains)."""
+    try:
+        doc = json.loads(line.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _BadRecord(f"not a JSON record ({exc})") from None
+    if not isinstance(doc, dict) or doc.keys() != _RECORD_FIELDS:
+        raise _BadRecord(f"expected an object with fields {', '.join(sorted(_RECORD_FIELDS))}")
+    if type(doc["seq"]) is not int or doc["seq"] < 1:
+        raise _BadRecord("seq must be a whole number >= 1")
+    if type(doc["time"]) not in (int, float):
+        raise _BadRecord("time must be a number")
+    if not isinstance(doc["kind"], str) or not _KIND_RE.fullmatch(doc["kind"]):
+        raise _BadRecord("kind must be a lower-case name")
+    if not isinstance(doc["payload"], dict):
+        raise _BadRecord("payload must be an object")
+    if not is_sha256_hex(doc["prev"]) or not is_sha256_hex(doc["hash"]):
+        raise _BadRecord("prev and hash must be sha256 hex digests")
+    record = AuditRecord(doc["seq"], doc["time"], doc["kind"], doc["payload"], doc["prev"], doc["hash"])
+    try:
+        record.expected_hash()
+    except (ValueError, TypeError) as exc:  # 1e400 parses as inf; "\ud800" is not encodable
+        raise _BadRecord(f"a value cannot be hashed canonically ({exc})") from None
+    return record
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def head_path(path: Path) -> Path:
+    """Where the sidecar head file of log `path` lives."""
+    path = Path(path)
+    return path.with_name(path.name + ".head")
+
+
+def _read_head(path: Path) -> tuple[int, str] | None:
+    """Return (seq, hash) from the head file, None if it is absent; raise AuditCorruptError if unreadable."""
+    hp = head_path(path)
+    try:
+        raw = hp.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AuditReadError(f"cannot read audit head file {hp}: {exc.strerror}") from None
+    try:
+        doc = json.loads(raw)
+        seq, digest = doc["seq"], doc["hash"]
+        if type(seq) is not int or seq < 0 or not is_sha256_hex(digest) or doc.keys() != {"seq", "hash"}:
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise AuditCorruptError(f"audit head file {hp} is not a valid head record") from None
+    return seq, digest
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_head(path: Path, seq: int, digest: str) -> None:
+    hp = head_path(path)
+    tmp = hp.with_name(f".{hp.name}.tmp{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(canonical_json({"seq": seq, "hash": digest}) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, hp)
+        _fsync_dir(hp.parent)
+    except OSError as exc:
+        raise AuditWriteError(f"cannot write audit head file {hp}: {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True)
+class AuditVerdict:
+    """Result of `verify_audit`: ok, how many records chain, and the first bad seq with the reason."""
+
+    ok: bool
+    records: int
+    first_bad_seq: int | None
+    reason: str
+    head_hash: str = GENESIS_HASH  # hash of the last good record: give it to someone else to keep
+
+
+def verify_audit(path: Path, *, expected_head: tuple[int, str] | None = None) -> AuditVerdict:
+    """Check the whole chain of the log at `path` against its head file (and `expected_head` if given).
+
+    `first_bad_seq` is the seq where the chain breaks: an edited record's own
+    seq, the seq that is missing or out of place, or the first dropped seq.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        data = None
+    except OSError as exc:
+        raise AuditReadError(f"cannot read audit log {path}: {exc.strerror}") from None
+    head = _read_head(path)
+    if data is None:
+        if head is None:
+            raise AuditReadError(f"no audit log at {path} (and no head file {head_path(path)})")
+        data = b""
+    prev, seq, count = GENESIS_HASH, 1, 0
+    lines = data.split(b"\n")
+    hashes: dict[int, str] = {}
+
+    def bad(reason: str, at: int | None = None) -> AuditVerdict:
+        return AuditVerdict(False, count, seq if at is None else at, reason, prev)
+
+    for index, line in enumerate(lines):
+        last = index == len(lines) - 1
+        if last and line == b"":
+            break
+        if last:
+            return bad(
+                f"line {index + 1} is incomplete (torn write or truncation): record {seq} is cut short"
+            )
+        try:
+            record = _parse_record(line)
+        except _BadRecord as exc:
+            return bad(f"line {index + 1} is not a valid record: {exc}")
+        if record.seq != seq:
+            what = "missing (deleted)" if record.seq > seq else "out of order"
+            return bad(
+                f"line {index + 1} holds seq {record.seq} where seq {seq} belongs: record {seq} is {what}"
+            )
+        if record.prev != prev:
+            return bad(
+                f"record {seq} does not chain to record {seq - 1}: a record before it was changed or removed"
+            )
+        if record.expected_hash() != record.hash:
+            return bad(f"record {seq} ({record.kind}) was edited: its content no longer matches its hash")
+        hashes[seq] = record.hash
+        prev, seq, count = record.hash, seq + 1, count + 1
+
+    for source, anchor in (("head file", head), ("expected head", expected_head)):
+        if anchor is None:
+            if source == "head file":
+                return bad(
+                    f"head file {head_path(path)} is missing: records may have been dropped from the end",
+                    at=None if count == 0 else count + 1,
+                )
+            continue
+        head_seq, head_hash = anchor
+        if head_seq > count:
+            return bad(
+                f"{source} records seq {head_seq} but the log ends at seq {count}: "
+                f"records {count + 1}..{head_seq} were dropped",
+                at=count + 1,
+            )
+        if head_seq > 0 and hashes[head_seq] != head_hash:
+            return bad(f"record {head_seq} does not match the {source}: the log was rewritten", at=head_seq)
+        if head_seq == 0 and head_hash != GENESIS_HASH:
+            return bad(f"{source} is not the empty-log head", at=1)
+        if source == "head file" and count - head_seq > 1:
+            return bad(
+                f"the log is {count - head_seq} records ahead of its head file (at most 1 after a crash)",
+                at=head_seq + 1,
+            )
+    return AuditVerdict(True, count, None, f"{count} records, chain intact", prev)
+
+
+def read_audit(path: Path) -> list[AuditRecord]:
+    """Every well-formed record of the log, for display; this does not check the chain (use verify_audit)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise AuditReadError(f"cannot read audit log {path}: {exc.strerror}") from None
+    records = []
+    for line in data.split(b"\n"):
+        if line:
+            try:
+                records.append(_parse_record(line))
+            except _BadRecord:
+                continue
+    return records
+
+
+class AuditLog:
+    """Appends records to the log at `path`, continuing the chain of an existing log.
+
+    Every append is written, flushed and fsynced before the head file advances;
+    on create the directory is fsynced too, so the file itself survives a power
+    loss. Safe to share between threads.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._seq, self._hash = 0, GENESIS_HASH
+        recovered_bytes = self._open_existing() if self.path.exists() else self._create()
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
+        except OSError as exc:
+            raise AuditWriteError(f"cannot open audit log {self.path}: {exc.strerror}") from None
+        if recovered_bytes:
+            self.append(
+                "log_recovered",
+                {
+                    "dropped_bytes": recovered_bytes,
+                    "why": "torn last line after a crash; it was never acknowledged",
+                },
+            )
+
+    def _create(self) -> int:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise AuditWriteError(
+                f"cannot create directory for audit log {self.path}: {exc.strerror}"
+            ) from None
+        # Head first: from now on a log without a head file is evidence of tampering, never a crash.
+        _write_head(self.path, 0, GENESIS_HASH)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
+            os.fsync(fd)
+            os.close(fd)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise AuditWriteError(f"cannot create audit log {self.path}: {exc.strerror}") from None
+        return 0
+
+    def _open_existing(self) -> int:
+        """Find the chain's end; drop a torn, unacknowledged last line. Return the bytes dropped."""
+        try:
+            data = self.path.read_bytes()
+        except OSError as exc:
+            raise AuditReadError(f"cannot read audit log {self.path}: {exc.strerror}") from None
+        head = _read_head(self.path)
+        if head is None:
+            raise AuditCorruptError(
+                f"audit log {self.path} has no head file {head_path(self.path)}; records may be missing. "
+                "Run `mesh admin audit verify`, then move the log aside (keep it as evidence) to start anew"
+            )
+        end = data.rfind(b"\n") + 1
+        torn = len(data) - end
+        last = data[:end].rstrip(b"\n").rsplit(b"\n", 1)[-1] if end else b""
+        if last:
+            try:
+                record = _parse_record(last)
+            except _BadRecord as exc:
+                raise AuditCorruptError(f"last record of audit log {self.path} is damaged ({exc})") from None
+            if record.expected_hash() != record.hash:
+                raise AuditCorruptError(f"last record ({record.seq}) of audit log {self.path} was edited")
+            self._seq, self._hash = record.seq, record.hash
+        head_seq, head_hash = head
+        # The head may lag the log by one record (a crash between the record's fsync and the head's).
+        if head_seq == self._seq:
+            covered = head_hash == self._hash
+        else:
+            covered = head_seq == self._seq - 1 and head_hash == record.prev
+        if not covered:
+            raise AuditCorruptError(
+                f"audit log {self.path} ends at seq {self._seq} but its head file records seq {head_seq}: "
+                "records were dropped or rewritten. Run `mesh admin audit verify`"
+            )
+        if torn:
+            log.warning(
+                "audit log %s ends in a torn line of %d bytes after seq %d; dropping it",
+                self.path,
+                torn,
+                self._seq,
+            )
+            try:
+                os.truncate(self.path, end)
+            except OSError as exc:
+                raise AuditWriteError(f"cannot truncate torn audit log {self.path}: {exc.strerror}") from None
+        if head_seq != self._seq:
+            _write_head(self.path, self._seq, self._hash)
+        return torn
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """(seq, hash) of the last record: keep a copy elsewhere to detect a cut tail."""
+        with self._lock:
+            return self._seq, self._hash
+
+    def append(
+        self, kind: str, payload: Mapping[str, Any] | None = None, *, now: float | None = None
+    ) -> AuditRecord:
+        """Write one record durably and return it."""
+        if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
+            raise ValueError(f"audit kind {kind!r} must match {_KIND_RE.pattern}")
+        payload = dict(payload or {})
+        with self._lock:
+            body = {
+                "seq": self._seq + 1,
+                "time": time.time() if now is None else float(now),
+                "kind": kind,
+                "payload": payload,
+                "prev": self._hash,
+            }
+            digest = record_hash(body)
+            line = canonical_json({**body, "hash": digest}) + b"\n"
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except OSError as exc:
+                raise AuditWriteError(
+                    f"cannot append to audit log {self.path}: {exc.strerror or exc}"
+                ) from None
+            _write_head(self.path, body["seq"], digest)
+            self._seq, self._hash = body["seq"], digest
+            return AuditRecord(body["seq"], body["time"], kind, payload, body["prev"], digest)
+
+    def append_events(self, events: Iterable[AuditEvent], *, now: float | None = None) -> list[AuditRecord]:
+        return [self.append(e.kind, e.payload, now=now) for e in events]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,10 @@ def views(clients: dict[str, AdminClient]) -> dict[str, dict[str, State]]:
 
 
 def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = None,
-             console: Console | None = None, timings: MembershipConfig = DEMO_TIMINGS) -> None:
+             console: Console | None = None, timings: MembershipConfig = DEMO_TIMINGS,
+             model: Path | None = None) -> None:
     console = console or Console()
+    model = model or demo_model()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -92,6 +95,7 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
         for n in fleet_nodes:
             n.process = spawn_node_process(n.config, n.log)
         _converge(fleet_nodes, clients, console, workdir)
+        _distribute(fleet_nodes, clients, console, workdir, fleet_dir, model)
         _kill_and_detect(fleet_nodes, clients, console, workdir, timings)
         _shutdown(fleet_nodes, console, workdir)
     finally:
@@ -124,6 +128,59 @@ def _converge(fleet_nodes, clients, console, workdir) -> None:
     console.print(f"[green]converged[/]: all {len(ids)} nodes see all {len(ids)} alive "
                   f"after {time.monotonic() - start:.1f}s")
     console.print(status_table(clients[fleet_nodes[0].node_id].status()))
+
+
+def demo_model() -> Path:
+    """The real model the demo spreads: mediapipe's hand landmark model (5.5 MB, from
+    `make models`), else a wake-word model shipped in pymicro-wakeword."""
+    cached = Path(".cache/models/mediapipe/hand_landmark_full.tflite")
+    if cached.exists():
+        return cached
+    try:
+        import pymicro_wakeword
+    except ImportError:
+        raise DemoFailed("no model to distribute: run `make models` (or pass --model FILE.tflite)") from None
+    return Path(pymicro_wakeword.__file__).parent / "models" / "okay_nabu.tflite"
+
+
+def _distribute(fleet_nodes, clients, console, workdir, fleet_dir: Path, model: Path) -> None:
+    origin = fleet_nodes[0]
+    name, version = model.stem.replace("_", "-"), "1.0"
+    console.print(f"\n[bold]distribution[/]: publishing {model.name} ({model.stat().st_size:,} bytes) "
+                  f"as {name} {version} at {origin.node_id}, signed with the fleet's publisher key")
+    publish = subprocess.run(
+        [sys.executable, "-m", "mesh", "model", "publish", str(model), "--name", name, "--version", version,
+         "--key", str(fleet_dir / "publisher.key"), "--data-dir", str(workdir / "data" / origin.node_id)],
+        capture_output=True, text=True)
+    if publish.returncode != 0:
+        raise DemoFailed(f"mesh model publish failed: {publish.stderr.strip()}")
+    console.print("  " + " ".join(publish.stdout.split()))
+    start = time.monotonic()
+    rows: dict[str, object] = {}
+    with console.status("peers fetch chunks from each other...") as status:
+        while True:
+            for n in fleet_nodes:
+                try:
+                    rows[n.node_id] = next(v for v in clients[n.node_id].models().versions
+                                           if (v.name, v.version) == (name, version))
+                except (AdminError, StopIteration):
+                    pass
+            done = [r for r in rows.values() if r.phase == "complete"]
+            status.update(f"{len(done)}/{len(fleet_nodes)} nodes hold the complete model")
+            if len(done) == len(fleet_nodes):
+                break
+            failed = [f"{i}: {r.error}" for i, r in rows.items() if r.phase == "failed"]
+            if failed or time.monotonic() - start > 120:
+                raise DemoFailed(f"distribution did not complete ({'; '.join(failed) or 'timeout'}); "
+                                 f"logs in {workdir / 'logs'}")
+            time.sleep(0.2)
+    size = rows[origin.node_id].size_bytes
+    origin_sent = rows[origin.node_id].bytes_uploaded
+    peers_sent = sum(r.bytes_uploaded for i, r in rows.items() if i != origin.node_id)
+    console.print(f"[green]distributed[/]: all {len(fleet_nodes)} nodes verified {name} {version} "
+                  f"(SHA-256 of every chunk and of the whole file) after {time.monotonic() - start:.1f}s; "
+                  f"the origin sent {origin_sent / size:.2f} copies, peers sent each other "
+                  f"{peers_sent / size:.2f} copies (a registry would have sent {len(fleet_nodes) - 1})")
 
 
 def _kill_and_detect(fleet_nodes, clients, console, workdir, timings: MembershipConfig) -> None:

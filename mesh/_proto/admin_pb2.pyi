@@ -67,7 +67,7 @@ class ModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("name", "version", "phase", "have_chunks", "total_chunks", "bytes_have", "size_bytes", "origin", "error", "manifest_digest", "bytes_downloaded")
+    __slots__ = ("name", "version", "phase", "have_chunks", "total_chunks", "bytes_have", "size_bytes", "origin", "error", "manifest_digest", "bytes_downloaded", "bytes_uploaded")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class ModelVersion(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     BYTES_DOWNLOADED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_UPLOADED_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     phase: str
@@ -90,7 +91,8 @@ class ModelVersion(_message.Message):
     error: str
     manifest_digest: str
     bytes_downloaded: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., phase: _Optional[str] = ..., have_chunks: _Optional[int] = ..., total_chunks: _Optional[int] = ..., bytes_have: _Optional[int] = ..., size_bytes: _Optional[int] = ..., origin: _Optional[bool] = ..., error: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., bytes_downloaded: _Optional[int] = ...) -> None: ...
+    bytes_uploaded: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., phase: _Optional[str] = ..., have_chunks: _Optional[int] = ..., total_chunks: _Optional[int] = ..., bytes_have: _Optional[int] = ..., size_bytes: _Optional[int] = ..., origin: _Optional[bool] = ..., error: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., bytes_downloaded: _Optional[int] = ..., bytes_uploaded: _Optional[int] = ...) -> None: ...
 
 class ModelsResponse(_message.Message):
     __slots__ = ("versions",)

@@ -113,6 +113,8 @@ class Node:
         self.transfer.origin = OriginPolicy(
             is_origin=self.distributor.is_origin,
             settle_s=lambda: core.config.dissemination_s(core.live_count()), now=loop.time)
+        self.distributor.uploaded = lambda name, version: \
+            self.transfer.counters.bytes_by_version.get((name, version), 0)
         transfer_pb2_grpc.add_TransferServicer_to_server(self.transfer, self._server)
 
         membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(self.runner), self._server)

@@ -100,6 +100,8 @@ class Distributor:
         self._holdings: dict[tuple[str, str], Holding] = {}
         self._gc_pending = False
         self.progress: dict[tuple[str, str], Progress] = {}
+        # Bytes of a version this node has served (the Transfer service fills it in).
+        self.uploaded: Callable[[str, str], int] = lambda name, version: 0
         # Versions the node needs whatever their age (active and previous model, rollout targets).
         self.pinned: set[tuple[str, str]] = set()
         self._loop_task: asyncio.Task | None = None
@@ -162,6 +164,8 @@ class Distributor:
                 row["phase"] = progress.phase.value
             row["error"] = progress.error if progress.phase is Phase.FAILED else ""
             row["bytes_downloaded"] = progress.bytes_downloaded
+        for key, row in rows.items():
+            row["bytes_uploaded"] = self.uploaded(*key)
         return [rows[k] for k in sorted(rows)]
 
     async def collect_garbage(self) -> int:

@@ -25,7 +25,8 @@ class RateLimitError(ValueError):
 
 
 def _check_positive(value: float, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value <= 0:
         raise RateLimitError(f"{what} must be a positive finite number, got {value!r}")
     return float(value)
 
@@ -37,7 +38,7 @@ class TokenBucket:
     passing (callers pass a monotonic clock; the bucket does not trust it blindly).
     """
 
-    __slots__ = ("rate_bytes_per_s", "burst_bytes", "_tokens", "_at")
+    __slots__ = ("_at", "_tokens", "burst_bytes", "rate_bytes_per_s")
 
     def __init__(self, rate_bytes_per_s: float, burst_bytes: int, now: float) -> None:
         self.rate_bytes_per_s = _check_positive(rate_bytes_per_s, "rate_bytes_per_s")
@@ -80,7 +81,7 @@ class TokenBucket:
 class UploadSlots:
     """At most `max_concurrent` uploads at once: acquire one before serving, release it after."""
 
-    __slots__ = ("max_concurrent", "_in_use")
+    __slots__ = ("_in_use", "max_concurrent")
 
     def __init__(self, max_concurrent: int) -> None:
         if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:

@@ -36,14 +36,22 @@ lives here):
   computes the same answer from the same roster, so the origin uploads each
   chunk about once and the swarm spreads it (peers announce new chunks with
   `peer_has`). If the chosen node is gone or banned it drops out of the
-  roster and the next one takes over; if a chunk has stayed unavailable from
-  peers for `origin_fallback_s` (a roster we disagree on, a stuck node), any
-  node may ask the origin for it.
+  roster and the next one takes over. If the swarm stalls, no chunk newly
+  offered by a peer and none received for `origin_fallback_s` while some chunk
+  is still only at the origin (a roster we disagree on, a chosen node that is
+  stuck but not yet gone), any node may ask the origin for it. The clock is the
+  swarm's progress, not the chunk's age: with a slow origin the last chunks
+  may wait minutes for their turn, and they should not all be fetched N times.
 - Failures: BAD_CHUNK bans the peer for `ban_s` (`PeerBanned` names it),
   cancels its other requests and re-queues the chunk elsewhere; bans outlive
   `peer_gone`. TIMEOUT, UNAVAILABLE and IO_ERROR re-queue the chunk and back
   the peer off for `busy_backoff_s`, doubling per consecutive failure up to
-  `max_backoff_s`; a completed chunk resets it.
+  `max_backoff_s`; a completed chunk resets it. A refusal that says when the
+  peer's next upload slot frees (`retry_after_s`) is believed instead, with
+  up to 50% jitter, still capped at `max_backoff_s`.
+- No endgame mode: the last chunks are not requested twice. Duplicates would
+  cost bytes (the goal is <= 1.05x the minimum) and the simulator shows the
+  tail is short without them.
 - Resume and delta: construct with the chunks already verified on disk (from
   a previous run, or shared with a version we hold); they are never requested.
 """
@@ -107,7 +115,8 @@ class SchedulerConfig:
                 raise SchedulerError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("request_timeout_s", "ban_s", "busy_backoff_s", "max_backoff_s", "origin_fallback_s"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                    or value <= 0:
                 raise SchedulerError(f"{name} must be a positive number of seconds, got {value!r}")
         if self.max_backoff_s < self.busy_backoff_s:
             raise SchedulerError(f"max_backoff_s ({self.max_backoff_s}) is below busy_backoff_s "
@@ -250,6 +259,9 @@ class SwarmScheduler:
         self._in_flight_by_chunk: dict[int, dict[str, None]] = {}
         self._unavailable_since: dict[int, float] = {}
         self._now = now  # latest time seen; deadlines at or before it are already handled
+        # Last time the swarm visibly moved (a chunk newly offered by a peer, or one we got):
+        # the origin fallback waits for the swarm to stall, not for a chunk to be old.
+        self._progress_at = now
         self._assignee: dict[int, str] = {}
         self._events: list[Event] = []
         self._complete_emitted = False
@@ -281,7 +293,7 @@ class SwarmScheduler:
 
     @property
     def missing_bytes(self) -> int:
-        return sum(s for s, x in zip(self._sizes, self._have) if not x)
+        return sum(s for s, x in zip(self._sizes, self._have, strict=True) if not x)
 
     @property
     def in_flight(self) -> tuple[Request, ...]:
@@ -313,7 +325,8 @@ class SwarmScheduler:
         candidates = [*self._in_flight.values(), *self._banned_until.values(),
                       *(p.backoff_until for p in self._peers.values())]
         if self._uses_rendezvous():
-            candidates += [since + self.config.origin_fallback_s for since in self._unavailable_since.values()]
+            fallback_s, progress_at = self.config.origin_fallback_s, self._progress_at
+            candidates += [max(since, progress_at) + fallback_s for since in self._unavailable_since.values()]
         return min((t for t in candidates if t > self._now), default=math.inf)
 
     # -- inputs: peers -------------------------------------------------------
@@ -375,6 +388,7 @@ class SwarmScheduler:
         self._have[index] = 1
         self._missing -= 1
         self._unavailable_since.pop(index, None)
+        self._progress_at = max(self._progress_at, now)
         self._events.append(ChunkDone(index, peer_id, size, now))
         for other in list(self._in_flight_by_chunk.get(index, ())):
             self._end_request(other, index)
@@ -503,7 +517,7 @@ class SwarmScheduler:
         """Whether this node is the one that fetches `index` from the origin (see the module rules)."""
         if not self._uses_rendezvous():
             return True
-        since = self._unavailable_since.get(index, now)
+        since = max(self._unavailable_since.get(index, now), self._progress_at)
         if now - since >= self.config.origin_fallback_s:
             return True
         assignee = self._assignee.get(index)
@@ -527,6 +541,8 @@ class SwarmScheduler:
         self._holders[index][peer.peer_id] = None
         if peer.peer_id not in self._banned_until:
             self._available[index] += 1
+            if self._available[index] == 1:
+                self._progress_at = max(self._progress_at, now)
             self._unavailable_since.pop(index, None)
 
     def _remove_holding(self, peer: _Peer, index: int) -> None:

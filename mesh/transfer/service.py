@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -36,6 +36,7 @@ class UploadCounters:
 
     bytes_served: int = 0
     chunks_served: int = 0
+    bytes_by_version: dict[tuple[str, str], int] = field(default_factory=dict)
     manifests_served: int = 0
     refused_busy: int = 0
 
@@ -175,6 +176,8 @@ class TransferServicer(pb_grpc.TransferServicer):
                     piece = data[start:start + PIECE_BYTES]
                     await self._upload.pace(len(piece))
                     self.counters.bytes_served += len(piece)
+                    by_version = self.counters.bytes_by_version
+                    by_version[(name, version)] = by_version.get((name, version), 0) + len(piece)
                     yield pb.ChunkPiece(data=piece)
                 self.counters.chunks_served += 1
                 complete = True

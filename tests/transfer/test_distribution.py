@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import subprocess
 
 import pytest
 
@@ -15,7 +16,9 @@ from mesh.artifacts.publish import delta, publish
 from mesh.identity.signing import KeyRole, load_signing_key
 from mesh.node.local import wait_for
 from mesh.transfer.client import Phase
-from tests.models import mediapipe_model
+from mesh.membership.messages import State
+from mesh.node.runtime import Node
+from tests.models import mediapipe_model, wakeword_model
 
 pytestmark = pytest.mark.asyncio
 
@@ -173,3 +176,41 @@ async def test_old_versions_are_collected_and_not_fetched_again(cluster, fleet, 
         assert ("face", "1") not in {h.key for h in node.distributor.holdings()}
         progress = node.distributor.progress.get(("face", "1"))
         assert node_id == "node-00" or progress.phase is Phase.COMPLETE  # fetched once, never again
+
+
+async def test_disk_full_fails_the_download_clearly_and_keeps_what_was_complete(cluster, fleet, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"tests run as root and mount a small tmpfs: {mounted.stderr}"
+    try:
+        c = await cluster(2)
+        await wait_for(c.converged, 10.0, what="convergence")
+        origin = c.nodes["node-00"]
+        config = c.config("node-small", site="amsterdam", seeds=[origin.address])
+        small = Node(config.model_copy(update={"data_dir": disk / "node-small"}), serve_metrics=False)
+        await small.start()
+        c.nodes["node-small"] = small
+        key = publisher_key(fleet)
+        nabu = publish(wakeword_model("okay_nabu"), name="nabu", version="1", key=key, store=origin.store)
+        origin.distributor.add_published(nabu)
+        await wait_for(lambda: small.store.is_complete(nabu.manifest), 20.0, what="small model fits")
+
+        hand = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1", key=key, store=origin.store)
+        origin.distributor.add_published(hand)
+        await wait_for(lambda: getattr(small.distributor.progress.get(("hand", "1")), "phase", None) is Phase.FAILED,
+                       30.0, what="the 2 MB download fails on a 1.5 MB disk")
+        error = small.distributor.progress[("hand", "1")].error
+        assert "No space left on device" in error and "free space" in error, error
+        assert small.store.verify_model(nabu.manifest)  # the complete version is intact
+        assert not small.store.is_complete(hand.manifest)
+        leftovers = [p for p in disk.rglob("*") if p.is_file() and p.name.startswith(".")]
+        assert not leftovers, f"temp files left behind: {leftovers}"
+        # The node keeps serving: peers still see it alive and the other node completed.
+        await wait_for(lambda: c.nodes["node-01"].store.is_complete(hand.manifest), 30.0, what="node-01 has hand 1")
+        assert origin.membership.member("node-small").state is State.ALIVE
+    finally:
+        if "c" in locals():
+            await c.close()
+        subprocess.run(["umount", str(disk)], check=True)

@@ -1,0 +1,463 @@
+"""The swarm scheduler alone: invariants under random inputs (hypothesis), then the
+scenarios one by one (ban, timeout, refusal, resume, delta, origin rendezvous).
+Randomised tests take a seed and name it when they fail."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+
+from mesh.transfer.scheduler import (
+    ChunkDone,
+    FailureReason,
+    PeerBanned,
+    Request,
+    RequestCancelled,
+    SchedulerConfig,
+    SchedulerError,
+    SwarmScheduler,
+    TransferComplete,
+    rendezvous_score,
+)
+
+CHUNK = 1000
+K = 2
+
+
+def make(n_chunks: int = 8, have: object = (), *, seed: int = 0, site: str = "a", self_id: str | None = "me",
+         **config: object) -> SwarmScheduler:
+    return SwarmScheduler([CHUNK] * n_chunks, have, self_site=site,  # type: ignore[arg-type]
+                          config=SchedulerConfig(**config), rng=random.Random(seed),  # type: ignore[arg-type]
+                          self_id=self_id)
+
+
+def by_peer(requests: list[Request]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for r in requests:
+        out.setdefault(r.peer_id, []).append(r.index)
+    return out
+
+
+# -- invariants under random inputs ----------------------------------------------
+
+PEERS = {"p0": "a", "p1": "a", "p2": "b", "p3": "b", "p4": "c"}
+N_CHUNKS = 10
+
+operation = st.one_of(
+    st.tuples(st.just("update"), st.sampled_from(sorted(PEERS)),
+              st.sets(st.integers(0, N_CHUNKS - 1))),
+    st.tuples(st.just("has"), st.sampled_from(sorted(PEERS)), st.integers(0, N_CHUNKS - 1)),
+    st.tuples(st.just("origin"), st.sets(st.integers(0, N_CHUNKS - 1))),
+    st.tuples(st.just("gone"), st.sampled_from([*PEERS, "origin"])),
+    st.tuples(st.just("answer"), st.integers(0, 1000), st.sampled_from(["ok", *FailureReason])),
+    st.tuples(st.just("time"), st.floats(0.0, 20.0)),
+    st.tuples(st.just("request"), st.none()),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), start=st.sets(st.integers(0, N_CHUNKS - 1), max_size=4),
+       rendezvous=st.booleans(), ops=st.lists(operation, max_size=60))
+def test_requests_obey_every_rule_whatever_the_inputs(seed: int, start: set[int], rendezvous: bool,
+                                                      ops: list[tuple]) -> None:
+    note(f"seed={seed}")
+    config = SchedulerConfig(max_in_flight_per_peer=K, max_in_flight_total=5, max_in_flight_origin=1,
+                             request_timeout_s=5.0, ban_s=15.0, origin_rendezvous=rendezvous)
+    s = SwarmScheduler([CHUNK] * N_CHUNKS, start, self_site="a", config=config, rng=random.Random(seed),
+                       self_id="me")
+    now = 0.0
+    holdings: dict[str, set[int]] = {}   # our model of what the scheduler was told
+    banned_until: dict[str, float] = {}
+    ever_requested: set[int] = set()
+    for op in ops:
+        kind = op[0]
+        if kind == "update":
+            s.peer_update(op[1], site=PEERS[op[1]], have=op[2], now=now)
+            holdings[op[1]] = set(op[2])
+        elif kind == "has":
+            s.peer_has(op[1], op[2], now)
+            if op[1] in holdings:
+                holdings[op[1]].add(op[2])
+        elif kind == "origin":
+            s.peer_update("origin", site="cloud", have=op[1], is_origin=True, now=now)
+        elif kind == "gone":
+            s.peer_gone(op[1], now)
+            holdings.pop(op[1], None)
+        elif kind == "answer" and s.in_flight:
+            request = s.in_flight[op[1] % len(s.in_flight)]
+            if op[2] == "ok":
+                s.completed(request.peer_id, request.index, now)
+            else:
+                s.failed(request.peer_id, request.index, op[2], now)
+        elif kind == "time":
+            now += op[1]
+            s.tick(now)
+            assert s.next_deadline() > now
+        elif kind == "request":
+            held_before = s.have
+            in_flight_before = {r.index for r in s.in_flight}
+            load = Counter(r.peer_id for r in s.in_flight)  # per peer, as each request is chosen
+            requests = s.next_requests(now)
+            indexes = [r.index for r in requests]
+            assert len(indexes) == len(set(indexes)), "a chunk requested twice in one call"
+            assert not set(indexes) & held_before, "requested a chunk we hold"
+            assert not set(indexes) & in_flight_before, "requested a chunk already in flight"
+            assert not set(indexes) & start, "re-requested a chunk we started with"
+            ever_requested.update(indexes)
+            views = {v.peer_id: v for v in s.peers()}
+            per_peer = Counter(r.peer_id for r in s.in_flight)
+            assert all(count <= K for count in per_peer.values()), per_peer
+            assert len(s.in_flight) <= 5
+            for r in requests:
+                assert banned_until.get(r.peer_id, -math.inf) <= now, f"asked banned {r.peer_id}"
+                eligible_holders = [p for p, have in holdings.items()
+                                    if r.index in have and banned_until.get(p, -math.inf) <= now]
+                if r.is_origin:
+                    assert r.peer_id == "origin"
+                    assert not eligible_holders, f"origin asked for {r.index} held by {eligible_holders}"
+                else:
+                    assert r.index in holdings[r.peer_id]
+                    if PEERS[r.peer_id] != "a":
+                        # Another site was chosen: no same-site holder could take it then.
+                        for p in eligible_holders:
+                            if PEERS[p] == "a":
+                                assert load[p] >= K or views[p].backoff_until > now, (r, views[p])
+                load[r.peer_id] += 1
+        for event in s.drain_events():
+            if isinstance(event, PeerBanned):
+                banned_until[event.peer_id] = event.until
+    assert s.done == (not s.missing)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32),
+       holdings=st.lists(st.sets(st.integers(0, N_CHUNKS - 1)), min_size=1, max_size=5),
+       start=st.sets(st.integers(0, N_CHUNKS - 1), max_size=5))
+def test_the_rarest_chunk_is_requested_first(seed: int, holdings: list[set[int]], start: set[int]) -> None:
+    note(f"seed={seed}")
+    s = make(N_CHUNKS, start, seed=seed, max_in_flight_total=1)
+    for i, have in enumerate(holdings):
+        s.peer_update(f"p{i}", site="a", have=have, now=0.0)
+    requests = s.next_requests(0.0)
+    offered = [c for c in range(N_CHUNKS) if c not in start and s.availability(c) > 0]
+    if not offered:
+        assert requests == []
+        return
+    assert len(requests) == 1
+    assert s.availability(requests[0].index) == min(s.availability(c) for c in offered)
+
+
+def test_ties_are_broken_by_the_seed_so_nodes_start_on_different_chunks() -> None:
+    firsts = Counter()
+    for seed in range(40):
+        s = make(8, seed=seed, max_in_flight_total=1)
+        s.peer_update("p0", site="a", have=range(8), now=0.0)
+        firsts[s.next_requests(0.0)[0].index] += 1
+    assert len(firsts) >= 5, f"first chunks across 40 seeds: {firsts}"
+
+
+# -- peer choice ------------------------------------------------------------------
+
+
+def test_same_site_peers_first_then_others_when_they_are_full() -> None:
+    s = make(6, max_in_flight_per_peer=2)
+    s.peer_update("far", site="b", have=range(6), now=0.0)
+    s.peer_update("near", site="a", have=range(6), now=0.0)
+    requests = s.next_requests(0.0)
+    assert [r.peer_id for r in requests] == ["near", "near", "far", "far"]
+
+
+def test_same_site_preference_can_be_turned_off() -> None:
+    s = make(4, max_in_flight_per_peer=4, prefer_same_site=False, seed=3)
+    s.peer_update("far", site="b", have=range(4), now=0.0)
+    s.peer_update("near", site="a", have=range(4), now=0.0)
+    assert set(by_peer(s.next_requests(0.0))) == {"near", "far"}  # spread by load alone
+
+
+def test_at_most_k_per_peer_and_the_total_cap() -> None:
+    s = make(20, max_in_flight_per_peer=3, max_in_flight_total=7)
+    for p in ("p0", "p1", "p2"):
+        s.peer_update(p, site="a", have=range(20), now=0.0)
+    requests = s.next_requests(0.0)
+    assert len(requests) == 7
+    assert max(Counter(r.peer_id for r in requests).values()) == 3
+    assert s.next_requests(0.0) == []
+
+
+# -- the origin -------------------------------------------------------------------
+
+
+def test_the_origin_serves_only_what_no_peer_has() -> None:
+    s = make(4, self_id=None)  # no rendezvous: we may ask the origin for anything peers lack
+    s.peer_update("origin", site="cloud", have=range(4), is_origin=True, now=0.0)
+    s.peer_update("p0", site="b", have=[0, 1], now=0.0)
+    got = by_peer(s.next_requests(0.0))
+    assert sorted(got["p0"]) == [0, 1] and sorted(got["origin"]) == [2, 3]
+    assert all(r.is_origin == (r.peer_id == "origin") for r in s.in_flight)
+
+
+def test_a_busy_peer_is_waited_for_rather_than_the_origin() -> None:
+    s = make(4, self_id=None, max_in_flight_per_peer=1)
+    s.peer_update("origin", site="cloud", have=range(4), is_origin=True, now=0.0)
+    s.peer_update("p0", site="a", have=[0, 1], now=0.0)
+    from_origin = []
+    for step in range(3):
+        for r in s.next_requests(float(step)):
+            if r.is_origin:
+                from_origin.append(r.index)
+                s.completed(r.peer_id, r.index, float(step))
+    # The origin was free, but chunks 0 and 1 wait for p0 (one at a time).
+    assert sorted(from_origin) == [2, 3]
+    assert [r.peer_id for r in s.in_flight] == ["p0"]
+
+
+def test_rendezvous_has_exactly_one_node_ask_the_origin_for_each_chunk() -> None:
+    """Ten empty nodes that know each other: each chunk no peer has is asked of the
+    origin by one node only, so the origin uploads one copy."""
+    nodes = [f"n{i}" for i in range(10)]
+    asked: Counter[int] = Counter()
+    for me in nodes:
+        s = make(30, self_id=me, seed=hash(me) & 0xFFFF, max_in_flight_origin=30, max_in_flight_per_peer=30,
+                 max_in_flight_total=30)
+        s.peer_update("origin", site="cloud", have=range(30), is_origin=True, now=0.0)
+        for other in nodes:
+            if other != me:
+                s.peer_update(other, site="a", have=(), now=0.0)
+        for r in s.next_requests(0.0):
+            assert r.is_origin
+            asked[r.index] += 1
+            assert max(nodes, key=lambda n: (rendezvous_score(n, r.index), n)) == me
+    assert asked == {c: 1 for c in range(30)}
+
+
+def test_when_the_chosen_node_leaves_the_next_one_takes_over() -> None:
+    s = make(1, self_id="me")
+    s.peer_update("origin", site="cloud", have=[0], is_origin=True, now=0.0)
+    others = [f"p{i}" for i in range(20)]
+    for p in others:
+        s.peer_update(p, site="a", have=(), now=0.0)
+    ranking = sorted(["me", *others], key=lambda n: rendezvous_score(n, 0), reverse=True)
+    for p in ranking[:ranking.index("me")]:
+        assert s.next_requests(0.0) == []
+        s.peer_gone(p, 0.0)
+    assert s.next_requests(0.0) == [Request("origin", 0, CHUNK, True)]
+
+
+def test_after_origin_fallback_s_anyone_asks_the_origin() -> None:
+    s = make(1, self_id="me", origin_fallback_s=10.0)
+    s.peer_update("origin", site="cloud", have=[0], is_origin=True, now=0.0)
+    for i in range(20):
+        s.peer_update(f"p{i}", site="a", have=(), now=0.0)
+    assert s.next_requests(0.0) == [], "with these ids 'me' is not the chosen node for chunk 0"
+    assert s.next_deadline() == 10.0
+    assert s.next_requests(9.9) == []
+    assert [r.peer_id for r in s.next_requests(10.0)] == ["origin"]
+
+
+def test_the_fallback_waits_while_the_swarm_makes_progress() -> None:
+    """A slow origin: chunk 0 waits its turn for minutes while other chunks keep arriving;
+    that is not a stall, so nobody piles onto the origin for it."""
+    s = make(30, self_id="me", origin_fallback_s=10.0, max_in_flight_origin=30, max_in_flight_per_peer=30,
+             max_in_flight_total=30)
+    s.peer_update("origin", site="cloud", have=range(30), is_origin=True, now=0.0)
+    others = [f"p{i}" for i in range(20)]
+    for p in others:
+        s.peer_update(p, site="a", have=(), now=0.0)
+    mine = set()
+    for r in s.next_requests(0.0):
+        mine.add(r.index)
+        s.completed(r.peer_id, r.index, 0.0)
+    theirs = [c for c in range(30) if c not in mine]
+    assert len(theirs) >= 10
+    now = 0.0
+    for c in theirs[:-1]:       # every 8 s another node's origin chunk shows up in the swarm
+        now += 8.0
+        s.peer_has(others[c % 20], c, now)
+        for r in s.next_requests(now):
+            assert not r.is_origin, f"fell back at {now}s"
+            s.completed(r.peer_id, r.index, now)
+    assert s.next_deadline() == now + 10.0
+    assert [r.index for r in s.next_requests(now + 10.0) if r.is_origin] == [theirs[-1]]
+
+
+# -- failures ---------------------------------------------------------------------
+
+
+def test_a_bad_chunk_bans_the_peer_and_the_chunk_comes_from_elsewhere() -> None:
+    s = make(1, ban_s=60.0)
+    s.peer_update("liar", site="a", have=[0], now=0.0)
+    s.peer_update("honest", site="b", have=[0], now=0.0)
+    assert s.next_requests(0.0) == [Request("liar", 0, CHUNK)]  # same site first
+    s.failed("liar", 0, FailureReason.BAD_CHUNK, 1.0)
+    assert s.drain_events() == [PeerBanned("liar", 61.0, FailureReason.BAD_CHUNK, 0)]
+    assert s.is_banned("liar", 1.0)
+    assert s.availability(0) == 1
+    assert s.next_requests(1.0) == [Request("honest", 0, CHUNK)]
+    assert s.stats.wasted_bytes == CHUNK and s.stats.bans == 1
+
+
+def test_a_ban_outlives_a_reconnect_and_expires_after_ban_s() -> None:
+    s = make(2, ban_s=60.0, max_in_flight_total=1)
+    s.peer_update("liar", site="a", have=[0, 1], now=0.0)
+    s.next_requests(0.0)
+    s.failed("liar", s.in_flight[0].index if s.in_flight else 0, FailureReason.BAD_CHUNK, 0.0)
+    s.peer_gone("liar", 1.0)
+    s.peer_update("liar", site="a", have=[0, 1], now=2.0)
+    assert s.next_requests(30.0) == []
+    assert s.availability(0) == 0
+    assert s.next_deadline() == 60.0
+    assert len(s.next_requests(60.0)) == 1
+    assert s.availability(0) == 1
+
+
+def test_banning_cancels_the_peers_other_requests() -> None:
+    s = make(3, max_in_flight_per_peer=3)
+    s.peer_update("liar", site="a", have=range(3), now=0.0)
+    s.next_requests(0.0)
+    s.failed("liar", 0, FailureReason.BAD_CHUNK, 0.5)
+    events = s.drain_events()
+    assert {e.index for e in events if isinstance(e, RequestCancelled)} == {1, 2}
+    assert s.in_flight == ()
+
+
+def test_a_timeout_requeues_the_chunk_and_backs_the_peer_off() -> None:
+    s = make(1, request_timeout_s=5.0, busy_backoff_s=1.0)
+    s.peer_update("slow", site="a", have=[0], now=0.0)
+    s.peer_update("other", site="b", have=[0], now=0.0)
+    assert s.next_requests(0.0)[0].peer_id == "slow"
+    assert s.next_deadline() == 5.0
+    s.tick(5.0)
+    assert s.drain_events() == [RequestCancelled("slow", 0, "timed out")]
+    assert s.stats.failures[FailureReason.TIMEOUT] == 1
+    assert s.next_requests(5.0) == [Request("other", 0, CHUNK)]
+
+
+def test_a_late_answer_after_a_timeout_still_counts_and_cancels_the_retry() -> None:
+    s = make(1, request_timeout_s=5.0)
+    s.peer_update("slow", site="a", have=[0], now=0.0)
+    s.peer_update("other", site="b", have=[0], now=0.0)
+    s.next_requests(0.0)
+    s.next_requests(5.0)                       # timed out, re-asked of "other"
+    s.drain_events()
+    s.completed("slow", 0, 6.0)                # the first answer arrives after all
+    events = s.drain_events()
+    assert ChunkDone(0, "slow", CHUNK, 6.0) in events
+    assert RequestCancelled("other", 0, "done elsewhere") in events
+    assert s.done and s.in_flight == ()
+
+
+@pytest.mark.parametrize("reason", [FailureReason.UNAVAILABLE, FailureReason.IO_ERROR])
+def test_a_refusal_backs_off_exponentially_up_to_the_cap(reason: FailureReason) -> None:
+    s = make(1, busy_backoff_s=0.5, max_backoff_s=2.0)
+    s.peer_update("busy", site="a", have=[0], now=0.0)
+    now = 0.0
+    waits = []
+    for _ in range(4):
+        [request] = s.next_requests(now)
+        s.failed(request.peer_id, 0, reason, now)
+        assert s.next_requests(now) == []
+        waits.append(s.next_deadline() - now)
+        now = s.next_deadline()
+    assert waits == [0.5, 1.0, 2.0, 2.0]
+    s.next_requests(now)
+    s.completed("busy", 0, now)
+    assert s.done
+
+
+def test_a_retry_hint_replaces_the_guess() -> None:
+    s = make(1, max_backoff_s=5.0)
+    s.peer_update("busy", site="a", have=[0], now=0.0)
+    s.next_requests(0.0)
+    s.failed("busy", 0, FailureReason.UNAVAILABLE, 0.0, retry_after_s=2.0)
+    assert 2.0 <= s.next_deadline() <= 3.0
+
+
+# -- resume, delta, completion ----------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**32), held=st.sets(st.integers(0, 15)))
+def test_resume_never_requests_a_chunk_already_verified(seed: int, held: set[int]) -> None:
+    """A node restarted mid-transfer keeps its verified chunks and fetches only the rest."""
+    note(f"seed={seed}")
+    s = make(16, held, seed=seed, max_in_flight_total=3)
+    s.peer_update("p0", site="a", have=range(16), now=0.0)
+    fetched = []
+    for step in range(40):
+        for r in s.next_requests(float(step)):
+            fetched.append(r.index)
+            s.completed(r.peer_id, r.index, float(step))
+    assert sorted(fetched) == sorted(set(range(16)) - held)
+    assert s.done
+    assert s.stats.downloaded_bytes == CHUNK * (16 - len(held))
+    completes = [e for e in s.drain_events() if isinstance(e, TransferComplete)]
+    assert len(completes) == 1
+
+
+def test_delta_fetches_only_chunks_the_old_version_does_not_share() -> None:
+    """v2 shares chunks 0-5 with v1 already on disk: only 6 and 7 cross the network."""
+    shared = [i < 6 for i in range(8)]
+    s = make(8, shared)
+    s.peer_update("origin", site="cloud", have=range(8), is_origin=True, now=0.0)
+    s.peer_update("p0", site="a", have=range(8), now=0.0)
+    assert sorted(r.index for r in s.next_requests(0.0)) == [6, 7]
+    assert s.missing == {6, 7} and s.missing_bytes == 2 * CHUNK
+
+
+def test_a_transfer_that_starts_complete_reports_so_and_asks_nothing() -> None:
+    s = make(3, range(3))
+    s.peer_update("p0", site="a", have=range(3), now=0.0)
+    assert s.done and s.next_requests(0.0) == []
+    assert s.drain_events() == [TransferComplete(0.0, 0)]
+    assert s.next_deadline() == math.inf
+
+
+def test_holdings_accept_bitfield_like_objects() -> None:
+    class FakeBitfield:
+        def present(self):
+            return iter([1, 2])
+
+    s = make(4)
+    s.peer_update("p0", site="a", have=FakeBitfield(), now=0.0)
+    assert [s.availability(i) for i in range(4)] == [0, 1, 1, 0]
+    s.peer_has("p0", 3, 0.0)
+    s.peer_has("stranger", 0, 0.0)  # unknown peers wait for their full holdings
+    assert [s.availability(i) for i in range(4)] == [0, 1, 1, 1]
+    s.peer_update("p0", site="a", have=[3], now=0.0)
+    assert [s.availability(i) for i in range(4)] == [0, 0, 0, 1]
+
+
+# -- validation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"max_in_flight_per_peer": 0}, "max_in_flight_per_peer"),
+    ({"max_in_flight_total": 1.5}, "max_in_flight_total"),
+    ({"request_timeout_s": 0}, "request_timeout_s"),
+    ({"ban_s": math.nan}, "ban_s"),
+    ({"busy_backoff_s": 2.0, "max_backoff_s": 1.0}, "max_backoff_s"),
+])
+def test_config_errors_name_the_setting(config: dict, message: str) -> None:
+    with pytest.raises(SchedulerError, match=message):
+        SchedulerConfig(**config)
+
+
+def test_input_errors_say_what_is_wrong() -> None:
+    s = make(4)
+    with pytest.raises(SchedulerError, match="outside 0..3"):
+        s.peer_update("p0", site="a", have=[4], now=0.0)
+    with pytest.raises(SchedulerError, match="one entry per chunk"):
+        s.peer_update("p0", site="a", have=[True, False], now=0.0)
+    with pytest.raises(SchedulerError, match="ourselves"):
+        s.peer_update("me", site="a", have=[], now=0.0)
+    with pytest.raises(SchedulerError, match="outside 0..3"):
+        s.completed("p0", -1, 0.0)
+    with pytest.raises(SchedulerError, match="FailureReason"):
+        s.failed("p0", 0, "bad", 0.0)  # type: ignore[arg-type]
+    with pytest.raises(SchedulerError, match="at least one chunk"):
+        SwarmScheduler([], (), self_site="a", rng=random.Random(0))

@@ -7,6 +7,10 @@ Interpreters are not thread-safe: each `LoadedModel` belongs to one worker.
 from __future__ import annotations
 
 import importlib
+import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,14 @@ from mesh.inference.signature import ModelSignature, signature_from_details
 
 # (backend name, module holding Interpreter), in order of preference.
 BACKENDS = (("litert", "ai_edge_litert.interpreter"), ("tflite-runtime", "tflite_runtime.interpreter"))
+# Names a backend to use when the caller does not (a device with both runtimes
+# installed, or the tflite-runtime test venv).
+BACKEND_ENV = "MESH_INFERENCE_BACKEND"
+# Runtimes that can crash the process on a malformed model (tflite-runtime 2.14
+# segfaults on a truncated file, and in get_tensor_details() on some real
+# models): a model is first loaded in a child process there (`probe_model`).
+CRASH_PRONE_BACKENDS = frozenset({"tflite-runtime"})
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 
 class ModelLoadError(Exception):
@@ -52,21 +64,34 @@ class LoadedModel:
     def __init__(self, interpreter: Any, signature: ModelSignature) -> None:
         self.interpreter = interpreter
         self.signature = signature
+        # get_*_details() builds dicts on every call; a fast model invokes in
+        # microseconds, so the indices and current shapes are read once.
+        self._input_indices = [d["index"] for d in interpreter.get_input_details()]
+        self._input_shapes = [tuple(int(x) for x in d["shape"]) for d in interpreter.get_input_details()]
+        self._output_indices = [d["index"] for d in interpreter.get_output_details()]
 
     def invoke(self, inputs: list[Any]) -> list[Any]:
         """Run once on numpy arrays given in input order; return outputs (copies) in output order."""
         interp = self.interpreter
-        for detail, array in zip(interp.get_input_details(), inputs):
-            if tuple(detail["shape"]) != tuple(array.shape):
-                interp.resize_tensor_input(detail["index"], array.shape)
-                interp.allocate_tensors()
-            interp.set_tensor(detail["index"], array)
+        resized = False
+        for i, (index, array) in enumerate(zip(self._input_indices, inputs)):
+            if self._input_shapes[i] != tuple(array.shape):
+                interp.resize_tensor_input(index, array.shape)
+                self._input_shapes[i] = tuple(array.shape)
+                resized = True
+        if resized:
+            interp.allocate_tensors()
+        for index, array in zip(self._input_indices, inputs):
+            interp.set_tensor(index, array)
         interp.invoke()
-        return [interp.get_tensor(d["index"]).copy() for d in interp.get_output_details()]
+        return [interp.get_tensor(index).copy() for index in self._output_indices]
 
 
 def load_backend(name: str | None = None) -> Backend:
-    """The named backend, or the first installed one (LiteRT first)."""
+    """The named backend, else the one named by $MESH_INFERENCE_BACKEND, else the first installed
+    one (LiteRT first)."""
+    if name is None:
+        name = os.environ.get(BACKEND_ENV) or None
     tried = []
     for backend_name, module_name in BACKENDS:
         if name is not None and backend_name != name:
@@ -92,6 +117,30 @@ def _dist_version(backend_name: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return "unknown"
+
+
+def probe_model(content: bytes, backend_name: str, *, timeout_s: float = 60.0) -> None:
+    """Load and invoke a model once in a child process; ModelLoadError if that crashes or hangs.
+
+    Keeps a model that crashes the runtime from taking the node down with it.
+    Costs a process start (about a second), so it is for activation, not requests.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "mesh.inference._probe", backend_name], input=content,
+                              capture_output=True, timeout=timeout_s, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise ModelLoadError(f"the {backend_name} runtime did not finish loading and running the model "
+                             f"within {timeout_s:.0f}s") from None
+    if proc.returncode < 0:
+        try:
+            how = signal.Signals(-proc.returncode).name
+        except ValueError:
+            how = f"signal {-proc.returncode}"
+        raise ModelLoadError(f"the {backend_name} runtime crashed ({how}) loading or running the model")
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise ModelLoadError(f"probe of the model failed (exit {proc.returncode}): {tail[0]}")
 
 
 def inspect_model(path: Path, backend: Backend | None = None) -> ModelSignature:

@@ -1,0 +1,136 @@
+"""Health counters per model version: requests, errors by kind, latency histogram.
+
+The counters are what a rollout's health gate reads: `snapshot()` gives plain
+data for gossip, `HealthSnapshot.since(earlier)` the counts over a window and
+its error rate. `HealthCollector` exports the same counters to Prometheus at
+scrape time, into a registry the caller owns.
+
+Workers record from their own threads; one lock guards all counters (an
+increment is far cheaper than an invoke, so it is never contended for long).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
+
+# Upper bounds of the latency buckets, seconds; a final +Inf bucket is implied.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ErrorKind(str, Enum):
+    EXCEPTION = "exception"
+    NON_FINITE = "non_finite"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+
+
+@dataclass(frozen=True)
+class VersionHealth:
+    """Counts for one model version. `latency_buckets[i]` counts requests with latency <=
+    LATENCY_BUCKETS_S[i] and above the bucket before it; the last entry is everything above."""
+
+    model: str
+    version: str
+    requests: int
+    errors: dict[str, int]
+    latency_buckets: tuple[int, ...]
+    latency_sum_s: float
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def error_rate(self) -> float:
+        """Errors per request; 0.0 when there were no requests."""
+        return self.error_count / self.requests if self.requests else 0.0
+
+    def since(self, earlier: VersionHealth | None) -> VersionHealth:
+        """The counts accumulated after `earlier` (a snapshot of the same version), for a window."""
+        if earlier is None:
+            return self
+        return VersionHealth(
+            model=self.model, version=self.version, requests=self.requests - earlier.requests,
+            errors={k: v - earlier.errors.get(k, 0) for k, v in self.errors.items()},
+            latency_buckets=tuple(a - b for a, b in zip(self.latency_buckets, earlier.latency_buckets)),
+            latency_sum_s=self.latency_sum_s - earlier.latency_sum_s)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "version": self.version, "requests": self.requests,
+                "errors": dict(self.errors), "latency_buckets": list(self.latency_buckets),
+                "latency_sum_s": self.latency_sum_s}
+
+
+@dataclass
+class _Counts:
+    requests: int = 0
+    errors: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in ErrorKind})
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    latency_sum_s: float = 0.0
+
+
+class HealthCounters:
+    """Thread-safe counters keyed by (model name, version)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str], _Counts] = {}
+
+    def record(self, model: str, version: str, latency_s: float, error: ErrorKind | None = None) -> None:
+        """One finished request (successful or not) and how long it took."""
+        bucket = bisect.bisect_left(LATENCY_BUCKETS_S, latency_s)
+        with self._lock:
+            counts = self._counts.get((model, version))
+            if counts is None:
+                counts = self._counts[(model, version)] = _Counts()
+            counts.requests += 1
+            counts.buckets[bucket] += 1
+            counts.latency_sum_s += latency_s
+            if error is not None:
+                counts.errors[error.value] += 1
+
+    def snapshot(self) -> list[VersionHealth]:
+        """Plain copies of every version's counters, in a stable order."""
+        with self._lock:
+            return [VersionHealth(model=m, version=v, requests=c.requests, errors=dict(c.errors),
+                                  latency_buckets=tuple(c.buckets), latency_sum_s=c.latency_sum_s)
+                    for (m, v), c in sorted(self._counts.items())]
+
+    def version(self, model: str, version: str) -> VersionHealth | None:
+        return next((h for h in self.snapshot() if (h.model, h.version) == (model, version)), None)
+
+
+class HealthCollector:
+    """Prometheus collector reading `HealthCounters` at scrape time.
+
+    Register it into the node's own registry: `registry.register(HealthCollector(counters))`.
+    """
+
+    def __init__(self, counters: HealthCounters) -> None:
+        self._counters = counters
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
+        labels = ["model", "version"]
+        requests = CounterMetricFamily("fleetmesh_inference_requests", "Inference requests served, by model "
+                                       "version", labels=labels)
+        errors = CounterMetricFamily("fleetmesh_inference_errors", "Failed inference requests (exception, "
+                                     "non-finite output, deadline exceeded)", labels=labels + ["kind"])
+        latency = HistogramMetricFamily("fleetmesh_inference_latency_seconds", "Inference latency in the "
+                                        "runtime (queue wait plus invoke)", labels=labels)
+        for h in self._counters.snapshot():
+            key = [h.model, h.version]
+            requests.add_metric(key, h.requests)
+            for kind, count in h.errors.items():
+                errors.add_metric(key + [kind], count)
+            cumulative, buckets = 0, []
+            for bound, count in zip(list(LATENCY_BUCKETS_S) + [float("inf")], h.latency_buckets):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+            latency.add_metric(key, buckets, h.latency_sum_s)
+        yield requests
+        yield errors
+        yield latency

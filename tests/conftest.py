@@ -24,8 +24,9 @@ async def cluster(fleet, tmp_path):
     """Factory: `await cluster(n=10, sites=3)` starts n real nodes; all are stopped at the end."""
     made: list[LocalCluster] = []
 
-    async def make(n: int, sites: int = 1, timings: MembershipConfig = FAST_TIMINGS, seed: int = 0):
-        c = LocalCluster(fleet, tmp_path / f"cluster{len(made)}", timings, seed=seed)
+    async def make(n: int, sites: int = 1, timings: MembershipConfig = FAST_TIMINGS, seed: int = 0,
+                   **sections):
+        c = LocalCluster(fleet, tmp_path / f"cluster{len(made)}", timings, seed=seed, sections=sections)
         made.append(c)
         return await c.start(n, sites)
 

@@ -67,7 +67,7 @@ class ModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelVersion(_message.Message):
-    __slots__ = ("name", "version", "phase", "have_chunks", "total_chunks", "bytes_have", "size_bytes", "origin", "error", "manifest_digest", "bytes_downloaded", "bytes_uploaded")
+    __slots__ = ("name", "version", "phase", "have_chunks", "total_chunks", "bytes_have", "size_bytes", "origin", "error", "manifest_digest", "bytes_downloaded", "bytes_uploaded", "serving", "previous")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,8 @@ class ModelVersion(_message.Message):
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     BYTES_DOWNLOADED_FIELD_NUMBER: _ClassVar[int]
     BYTES_UPLOADED_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     phase: str
@@ -92,7 +94,35 @@ class ModelVersion(_message.Message):
     manifest_digest: str
     bytes_downloaded: int
     bytes_uploaded: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., phase: _Optional[str] = ..., have_chunks: _Optional[int] = ..., total_chunks: _Optional[int] = ..., bytes_have: _Optional[int] = ..., size_bytes: _Optional[int] = ..., origin: _Optional[bool] = ..., error: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., bytes_downloaded: _Optional[int] = ..., bytes_uploaded: _Optional[int] = ...) -> None: ...
+    serving: bool
+    previous: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., phase: _Optional[str] = ..., have_chunks: _Optional[int] = ..., total_chunks: _Optional[int] = ..., bytes_have: _Optional[int] = ..., size_bytes: _Optional[int] = ..., origin: _Optional[bool] = ..., error: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., bytes_downloaded: _Optional[int] = ..., bytes_uploaded: _Optional[int] = ..., serving: _Optional[bool] = ..., previous: _Optional[bool] = ...) -> None: ...
+
+class InferenceStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InferenceStatus(_message.Message):
+    __slots__ = ("enabled", "backend", "backend_version", "workers", "model", "active_version", "previous_version", "last_activation_error", "signature_json")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVATION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_JSON_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    backend: str
+    backend_version: str
+    workers: int
+    model: str
+    active_version: str
+    previous_version: str
+    last_activation_error: str
+    signature_json: str
+    def __init__(self, enabled: _Optional[bool] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., workers: _Optional[int] = ..., model: _Optional[str] = ..., active_version: _Optional[str] = ..., previous_version: _Optional[str] = ..., last_activation_error: _Optional[str] = ..., signature_json: _Optional[str] = ...) -> None: ...
 
 class ModelsResponse(_message.Message):
     __slots__ = ("versions",)

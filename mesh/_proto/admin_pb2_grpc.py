@@ -45,6 +45,11 @@ class AdminStub:
                 request_serializer=mesh_dot_v1_dot_admin__pb2.ModelsRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_admin__pb2.ModelsResponse.FromString,
                 _registered_method=True)
+        self.Inference = channel.unary_unary(
+                '/mesh.v1.Admin/Inference',
+                request_serializer=mesh_dot_v1_dot_admin__pb2.InferenceStatusRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_admin__pb2.InferenceStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -64,6 +69,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Inference(self, request, context):
+        """The inference runtime: backend, active and previous version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +88,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Models,
                     request_deserializer=mesh_dot_v1_dot_admin__pb2.ModelsRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_admin__pb2.ModelsResponse.SerializeToString,
+            ),
+            'Inference': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inference,
+                    request_deserializer=mesh_dot_v1_dot_admin__pb2.InferenceStatusRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_admin__pb2.InferenceStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class Admin:
             '/mesh.v1.Admin/Models',
             mesh_dot_v1_dot_admin__pb2.ModelsRequest.SerializeToString,
             mesh_dot_v1_dot_admin__pb2.ModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.Admin/Inference',
+            mesh_dot_v1_dot_admin__pb2.InferenceStatusRequest.SerializeToString,
+            mesh_dot_v1_dot_admin__pb2.InferenceStatus.FromString,
             options,
             channel_credentials,
             insecure,

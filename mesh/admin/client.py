@@ -37,6 +37,9 @@ class AdminClient:
     def models(self) -> pb.ModelsResponse:
         return self._call(self._stub.Models, pb.ModelsRequest())
 
+    def inference(self) -> pb.InferenceStatus:
+        return self._call(self._stub.Inference, pb.InferenceStatusRequest())
+
     def _call(self, method, request):
         try:
             return method(request, timeout=self._timeout_s)

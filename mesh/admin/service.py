@@ -26,11 +26,17 @@ async def require_operator(context: grpc.aio.ServicerContext) -> str:
 
 class AdminServicer(pb_grpc.AdminServicer):
     def __init__(self, core: Membership, now: Callable[[], float], started_at: float, *,
-                 models: Callable[[], list[dict]] | None = None) -> None:
+                 models: Callable[[], list[dict]] | None = None,
+                 inference: Callable[[], dict] | None = None) -> None:
         self._core = core
         self._now = now
         self._started_at = started_at
         self._models = models or (lambda: [])
+        self._inference = inference or (lambda: {})
+
+    async def Inference(self, request: pb.InferenceStatusRequest, context) -> pb.InferenceStatus:
+        await require_operator(context)
+        return pb.InferenceStatus(**self._inference())
 
     async def Models(self, request: pb.ModelsRequest, context) -> pb.ModelsResponse:
         await require_operator(context)

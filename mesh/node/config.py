@@ -87,6 +87,15 @@ class TransferSection(_Strict):
     fetch: str = Field(default="all", pattern="^(all|none)$")
 
 
+class InferenceSection(_Strict):
+    """On-device inference. With `model` set, the node serves the Inference service and
+    activates the newest complete version of that model it holds (verified first)."""
+
+    model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    backend: str | None = Field(default=None, pattern="^(litert|tflite-runtime)$")  # default: first installed
+    workers: int | None = Field(default=None, ge=1, le=64)  # default: one per CPU
+
+
 Address = Annotated[str, Field(min_length=3)]
 
 
@@ -102,6 +111,7 @@ class NodeConfig(_Strict):
     tls: TlsSection
     membership: MembershipSection = Field(default_factory=MembershipSection)
     transfer: TransferSection = Field(default_factory=TransferSection)
+    inference: InferenceSection = Field(default_factory=InferenceSection)
 
     @field_validator("listen", "advertise", "metrics_listen")
     @classmethod

@@ -48,7 +48,10 @@ class LocalFleet:
 class LocalCluster:
     """In-process nodes sharing one event loop. Node i has id `node-{i:02d}`."""
 
-    def __init__(self, fleet: LocalFleet, workdir: Path, timings: MembershipConfig, *, seed: int = 0) -> None:
+    def __init__(self, fleet: LocalFleet, workdir: Path, timings: MembershipConfig, *, seed: int = 0,
+                 sections: dict[str, object] | None = None) -> None:
+        """`sections`: extra config sections for every node, e.g. {"inference": {"model": "hand"}}."""
+        self.sections = sections or {}
         self.fleet = fleet
         self.workdir = Path(workdir)
         self.timings = timings
@@ -60,7 +63,8 @@ class LocalCluster:
         return NodeConfig(
             node_id=node_id, listen="127.0.0.1:0", seeds=seeds, labels={"site": site},
             data_dir=self.workdir / node_id, tls=TlsSection(dir=creds.directory),
-            membership=MembershipSection(**{f: getattr(self.timings, f) for f in MembershipSection.model_fields}))
+            membership=MembershipSection(**{f: getattr(self.timings, f) for f in MembershipSection.model_fields}),
+            **self.sections)
 
     async def start(self, n: int, sites: int = 1) -> "LocalCluster":
         """Start n nodes; every node seeds from the first, as a site gateway would be configured."""

@@ -4,6 +4,7 @@ membership loop and the metrics endpoint around the pure cores."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import signal
@@ -15,9 +16,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from mesh._proto import admin_pb2, admin_pb2_grpc, membership_pb2, membership_pb2_grpc, transfer_pb2, \
-    transfer_pb2_grpc
-from mesh.artifacts.store import ArtifactStore
+from mesh._proto import admin_pb2, admin_pb2_grpc, inference_pb2, membership_pb2, membership_pb2_grpc, \
+    transfer_pb2, transfer_pb2_grpc
+from mesh.artifacts.manifest import ArtifactError, Manifest, verify_manifest
+from mesh.artifacts.store import ArtifactStore, version_order_key
 from mesh.admin.service import AdminServicer
 from mesh.identity.ca import Credentials, load_credentials, load_trusted_keys
 from mesh.identity.tls import server_credentials
@@ -28,6 +30,10 @@ from mesh.node.config import NodeConfig, parse_host_port
 from mesh.node.metrics import NodeMetrics
 from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
 from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
+from mesh.inference import service as inference_service
+from mesh.inference.backend import load_backend
+from mesh.inference.health import HealthCollector
+from mesh.inference.runtime import ActivationError, ModelRuntime
 from mesh.transfer.client import Distributor, TransferSettings
 from mesh.transfer.pacing import Pacer
 from mesh.transfer.service import OriginPolicy, TransferServicer
@@ -38,7 +44,20 @@ SERVICE_NAMES = (
     membership_pb2.DESCRIPTOR.services_by_name["Membership"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     transfer_pb2.DESCRIPTOR.services_by_name["Transfer"].full_name,
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
 )
+
+
+class _NoInference:
+    """Stands in for the runtime on a node configured without a model: every call is refused."""
+
+    def submit(self, *args, **kwargs):
+        from mesh.inference.runtime import NoActiveModel
+
+        raise NoActiveModel("this node serves no model ([inference] model is not set in its config)")
+
+    active = None
+    previous = None
 
 
 class NodeStartError(Exception):
@@ -69,6 +88,9 @@ class Node:
         self.store: ArtifactStore | None = None
         self.transfer: TransferServicer | None = None
         self.distributor: Distributor | None = None
+        self.inference: ModelRuntime | None = None
+        self._refused_versions: set[tuple[str, str]] = set()
+        self._activation_task: asyncio.Task | None = None
 
     @property
     def membership(self) -> Membership:
@@ -117,9 +139,20 @@ class Node:
             self.transfer.counters.bytes_by_version.get((name, version), 0)
         transfer_pb2_grpc.add_TransferServicer_to_server(self.transfer, self._server)
 
+        ic = config.inference
+        if ic.model:
+            try:
+                self.inference = ModelRuntime(load_backend(ic.backend), workers=ic.workers)
+            except Exception as exc:  # BackendUnavailable and friends: the node cannot serve at all
+                raise NodeStartError(f"inference: {exc}") from None
+            self.metrics.registry.register(HealthCollector(self.inference.health))
+        # Served in any case, so a client gets FAILED_PRECONDITION ("no model active"), not UNIMPLEMENTED.
+        inference_service.add_to_server(self._server, self.inference or _NoInference())
+
         membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(self.runner), self._server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(core, loop.time, loop.time(),
-                                                                     models=self._model_rows), self._server)
+                                                                     models=self._model_rows,
+                                                                     inference=self._inference_status), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -134,6 +167,8 @@ class Node:
             self.metrics_port = self._metrics_http.server_port
         self.runner.start(list(config.seeds))
         self.distributor.start()
+        if self.inference is not None:
+            self._activation_task = asyncio.create_task(self._activation_loop(), name="activation")
         log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, self.address,
                  config.labels.get("site", "-"), ", ".join(config.seeds) or "none")
 
@@ -144,7 +179,81 @@ class Node:
         return transfer_pb2_grpc.TransferStub(self._channels.channel(address, peer_id))
 
     def _model_rows(self) -> list[dict]:
-        return self.distributor.model_status() if self.distributor is not None else []
+        rows = self.distributor.model_status() if self.distributor is not None else []
+        runtime = self.inference
+        active = runtime.active if runtime else None
+        previous = runtime.previous if runtime else None
+        for row in rows:
+            key = (row["name"], row["version"])
+            row["serving"] = active is not None and key == (active.name, active.version)
+            row["previous"] = previous is not None and key == (previous.name, previous.version)
+        return rows
+
+    def _inference_status(self) -> dict:
+        runtime = self.inference
+        if runtime is None:
+            return {"enabled": False}
+        status = runtime.status()
+        return {"enabled": True, "backend": status.backend, "backend_version": status.backend_version,
+                "workers": status.workers, "model": self.config.inference.model or "",
+                "active_version": status.active.version if status.active else "",
+                "previous_version": status.previous.version if status.previous else "",
+                "last_activation_error": status.last_activation_error or "",
+                "signature_json": json.dumps(status.active.signature.to_dict()) if status.active else ""}
+
+    # -- activation -----------------------------------------------------------
+
+    async def _activation_loop(self) -> None:
+        """Serve the newest complete version of the configured model: verify, activate, keep
+        the previous one for rollback. A version that fails activation is not retried."""
+        while True:
+            try:
+                await self._activate_newest()
+            except Exception:  # never let a bad version stop the loop; the runtime keeps serving
+                log.exception("activation check failed")
+            async with self.distributor.completed:
+                try:
+                    async with asyncio.timeout(1.0):
+                        await self.distributor.completed.wait()
+                except TimeoutError:
+                    pass
+
+    def _newest_complete(self) -> Manifest | None:
+        model = self.config.inference.model
+        versions = sorted((v for n, v in self.store.stored_versions() if n == model), key=version_order_key)
+        for version in reversed(versions):
+            if (model, version) in self._refused_versions:
+                continue
+            try:
+                signed = self.store.load_manifest(model, version)
+                manifest = verify_manifest(signed, self.distributor.trusted)  # again, at activation
+            except (FileNotFoundError, ArtifactError, OSError) as exc:
+                log.warning("not activating %s %s: %s", model, version, exc)
+                self._refused_versions.add((model, version))
+                continue
+            if self.store.is_complete(manifest):
+                return manifest
+        return None
+
+    async def _activate_newest(self) -> None:
+        manifest = self._newest_complete()
+        runtime = self.inference
+        active = runtime.active
+        if manifest is None or (active and (active.name, active.version) == (manifest.name, manifest.version)):
+            return
+        try:
+            info = await asyncio.to_thread(runtime.activate, manifest.name, manifest.version,
+                                           self.store.complete_model_path(manifest), manifest.signature,
+                                           sha256=manifest.sha256)
+        except ActivationError as exc:
+            self._refused_versions.add((manifest.name, manifest.version))
+            log.error("refused to activate %s %s (%s); still serving %s", manifest.name, manifest.version,
+                      exc, f"{active.name} {active.version}" if active else "nothing")
+            return
+        pinned = {(info.name, info.version)}
+        if runtime.previous:
+            pinned.add((runtime.previous.name, runtime.previous.version))
+        self.distributor.pinned = pinned
 
     def _on_member_events(self, events: list[MemberEvent]) -> None:
         self.events.extend(events)
@@ -164,12 +273,17 @@ class Node:
                 except TimeoutError:
                     log.warning("leave not acknowledged by every peer in time; shutting down anyway")
             await self.runner.stop()
+        if self._activation_task is not None:
+            self._activation_task.cancel()
+            await asyncio.gather(self._activation_task, return_exceptions=True)
         if self.distributor is not None:
             await self.distributor.stop()
         if self._server is not None:
             await self._server.stop(grace_s if leave else 0)
         if self._channels is not None:
             await self._channels.close()
+        if self.inference is not None:
+            self.inference.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -321,6 +321,122 @@ def _watch_models(client, resp) -> None:
             resp = client.models()
 
 
+@model.command("optimize", epilog="Example:\n\n  mesh model optimize detector.tflite detector-int8.tflite --int8 "
+                                   "--calibration samples.npz\n\n"
+                                   "samples.npz holds one array per input name (or arr_0, arr_1, ...) shaped "
+                                   "(samples, *input_shape), taken from real inputs.")
+@click.argument("in_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("out_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--int8", "int8", is_flag=True, required=True,
+              help="Full-integer post-training quantisation (the only optimisation so far).")
+@click.option("--calibration", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Representative inputs (.npz) for calibration and for the agreement check.")
+@click.option("--tolerance", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.05, show_default=True,
+              help="Largest allowed output error, as a fraction of each float output's range.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def model_optimize(in_file: Path, out_file: Path, int8: bool, calibration: Path, tolerance: float,
+                   as_json: bool) -> None:
+    """Quantise a float32 model to INT8 with LiteRT's calibrator; refuse it if outputs disagree."""
+    from mesh.inference.optimize import OptimizeError, QuantizationRejected, optimize_file
+
+    try:
+        report = optimize_file(in_file, out_file, calibration, tolerance=tolerance)
+    except QuantizationRejected as exc:
+        if as_json:
+            _emit_json(exc.report.to_dict())
+        _fail(f"{exc} ({out_file} not written)")
+    except OptimizeError as exc:
+        _fail(str(exc))
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    console.print(f"[green]wrote[/] {out_file}: {report.size_before_bytes:,} -> {report.size_after_bytes:,} bytes "
+                  f"({report.size_ratio:.2f}x smaller), {report.samples} calibration samples")
+    for out in report.outputs:
+        console.print(f"  output {out.name}: max error {out.max_abs_error:.4g} = {out.relative_error:.2%} of its "
+                      f"range (tolerance {tolerance:.0%})")
+
+
+@main.command("infer", context_settings=_CONTEXT,
+              epilog="Examples:\n\n  mesh infer --node 127.0.0.1:7000 --creds fleet/nodes/cam-01\n\n"
+                     "  mesh infer --node 127.0.0.1:7000 --creds fleet/nodes/cam-01 --count 20 --json")
+@click.option("--node", "address", required=True, metavar="HOST:PORT", help="A node's gRPC address.")
+@click.option("--creds", "creds_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A fleet certificate folder (node or operator).")
+@click.option("--admin-creds", "admin_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=lambda: os.environ.get("MESH_ADMIN_CREDS", "fleet/operators/admin"),
+              show_default="$MESH_ADMIN_CREDS or ./fleet/operators/admin",
+              help="Operator certificate, to read the active model's input signature.")
+@click.option("--count", type=click.IntRange(1, 10_000), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+def infer_command(address: str, creds_dir: Path, admin_dir: Path, count: int, seed: int, as_json: bool) -> None:
+    """Smoke-test a node's inference: send random inputs shaped like its active model's signature."""
+    import time
+
+    import grpc
+    import numpy as np
+
+    from mesh._proto import inference_pb2, inference_pb2_grpc
+    from mesh.admin.client import AdminError
+    from mesh.identity.ca import Role, load_credentials
+    from mesh.identity.signing import IdentityError
+    from mesh.identity.tls import channel_credentials, secure_channel_options
+    from mesh.inference.signature import ModelSignature
+
+    with _admin_client(address, admin_dir) as admin_client:
+        try:
+            status = admin_client.inference()
+        except AdminError as exc:
+            _fail(str(exc))
+    if not status.enabled or not status.signature_json:
+        _fail(f"{address} serves no model yet" + (f" ({status.last_activation_error})"
+                                                   if status.last_activation_error else ""))
+    signature = ModelSignature.from_dict(json.loads(status.signature_json))
+    try:
+        creds = load_credentials(creds_dir)
+    except IdentityError as exc:
+        _fail(str(exc))
+    rng = np.random.default_rng(seed)
+    results = []
+    channel = grpc.secure_channel(address, channel_credentials(creds), options=secure_channel_options(Role.NODE, None))
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    try:
+        for _ in range(count):
+            tensors = []
+            for spec in signature.inputs:
+                shape = tuple(d if d > 0 else 1 for d in spec.shape)
+                dtype = np.dtype(spec.dtype)
+                if dtype.kind == "f":
+                    x = rng.standard_normal(shape).astype(dtype)
+                else:
+                    info = np.iinfo(dtype) if dtype.kind in "iu" else None
+                    x = rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True) if info \
+                        else rng.integers(0, 2, size=shape).astype(dtype)
+                tensors.append(inference_pb2.Tensor(name=spec.name, dtype=spec.dtype, shape=list(shape),
+                                                    data=x.tobytes()))
+            start = time.perf_counter()
+            try:
+                reply = stub.Infer(inference_pb2.InferRequest(inputs=tensors), timeout=10)
+            except grpc.RpcError as exc:
+                _fail(f"{address}: {exc.code().name}: {exc.details()}")
+            results.append({"model": reply.model, "version": reply.version,
+                            "latency_ms": round((time.perf_counter() - start) * 1000, 2),
+                            "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
+                                        for t in reply.outputs]})
+    finally:
+        channel.close()
+    if as_json:
+        _emit_json(results)
+        return
+    last = results[-1]
+    latencies = sorted(r["latency_ms"] for r in results)
+    outputs = ", ".join(f"{o['name']} {o['dtype']}{o['shape']}" for o in last["outputs"])
+    console.print(f"{address}: {count} requests answered by {last['model']} {last['version']} "
+                  f"({status.backend} {status.backend_version}); median {latencies[len(latencies) // 2]} ms; "
+                  f"outputs {outputs}")
+
+
 # -- demo ------------------------------------------------------------------
 
 @main.command(context_settings=_CONTEXT, epilog="Example:\n\n  mesh demo --nodes 12 --sites 3")

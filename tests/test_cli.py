@@ -89,3 +89,31 @@ def test_admin_status_against_a_running_node(fleet, tmp_path):
         assert proc.wait(timeout=15) == 0
     down = subprocess.run(cmd, capture_output=True, text=True)
     assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+
+
+def test_model_optimize_writes_a_smaller_int8_model_or_refuses(tmp_path):
+    import numpy as np
+
+    from mesh.inference.backend import load_backend
+    from mesh.inference.fixtures import mlp_model
+
+    float_model = tmp_path / "mlp.tflite"
+    float_model.write_bytes(mlp_model())
+    signature = load_backend().load(float_model).signature
+    samples = np.random.default_rng(3).standard_normal((32, *signature.inputs[0].shape)).astype(np.float32)
+    np.savez(tmp_path / "calibration.npz", **{signature.inputs[0].name: samples})
+    out = tmp_path / "mlp-int8.tflite"
+    runner = CliRunner()
+    result = runner.invoke(main, ["model", "optimize", str(float_model), str(out), "--int8",
+                                  "--calibration", str(tmp_path / "calibration.npz"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["within_tolerance"] and report["size_ratio"] >= 3.5
+    assert out.stat().st_size * 3.5 <= float_model.stat().st_size
+    assert load_backend().load(out).signature.inputs[0].dtype == "int8"
+
+    refused = tmp_path / "never.tflite"
+    result = runner.invoke(main, ["model", "optimize", str(float_model), str(refused), "--int8",
+                                  "--calibration", str(tmp_path / "calibration.npz"), "--tolerance", "0.000001"])
+    assert result.exit_code == 1 and "not written" in result.output
+    assert not refused.exists()

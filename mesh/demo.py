@@ -67,6 +67,7 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
     fleet_dir = workdir / "fleet"
     fleet = init_fleet(fleet_dir, fleet_id="demo")
     operator = load_credentials(fleet_dir / "operators" / "admin")
+    enroll(fleet_dir, "demo-client")  # an application on a device calling Infer
     ports = list(range(base_port, base_port + nodes)) if base_port else free_ports(nodes)
     site_names = SITES[:sites]
     fleet_nodes: list[DemoNode] = []
@@ -81,7 +82,8 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
         # gateways would be configured on real devices.
         seeds = [f"127.0.0.1:{ports[s]}" for s in range(min(sites, nodes)) if s != i]
         write_node_config(config, node_id=node_id, address=address, seeds=seeds, site=site,
-                          tls_dir=creds.directory, data_dir=workdir / "data" / node_id, timings=timings)
+                          tls_dir=creds.directory, data_dir=workdir / "data" / node_id, timings=timings,
+                          inference={"model": model_name(model), "workers": 1})
     (workdir / "logs").mkdir()
 
     console.rule("[bold]fleetmesh demo: membership")
@@ -95,7 +97,9 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
         for n in fleet_nodes:
             n.process = spawn_node_process(n.config, n.log)
         _converge(fleet_nodes, clients, console, workdir)
-        _distribute(fleet_nodes, clients, console, workdir, fleet_dir, model)
+        _distribute(fleet_nodes, clients, console, workdir, fleet_dir, model, "1.0")
+        _serve(fleet_nodes, clients, console, workdir, fleet_dir, "1.0")
+        _hot_swap(fleet_nodes, clients, console, workdir, fleet_dir, model)
         _kill_and_detect(fleet_nodes, clients, console, workdir, timings)
         _shutdown(fleet_nodes, console, workdir)
     finally:
@@ -143,9 +147,14 @@ def demo_model() -> Path:
     return Path(pymicro_wakeword.__file__).parent / "models" / "okay_nabu.tflite"
 
 
-def _distribute(fleet_nodes, clients, console, workdir, fleet_dir: Path, model: Path) -> None:
+def model_name(model: Path) -> str:
+    return model.stem.replace("_", "-")
+
+
+def _distribute(fleet_nodes, clients, console, workdir, fleet_dir: Path, model: Path, version: str) -> dict:
+    """Publish `model` at the first node and wait until every node holds it, verified."""
     origin = fleet_nodes[0]
-    name, version = model.stem.replace("_", "-"), "1.0"
+    name = model_name(model)
     console.print(f"\n[bold]distribution[/]: publishing {model.name} ({model.stat().st_size:,} bytes) "
                   f"as {name} {version} at {origin.node_id}, signed with the fleet's publisher key")
     publish = subprocess.run(
@@ -181,6 +190,59 @@ def _distribute(fleet_nodes, clients, console, workdir, fleet_dir: Path, model: 
                   f"(SHA-256 of every chunk and of the whole file) after {time.monotonic() - start:.1f}s; "
                   f"the origin sent {origin_sent / size:.2f} copies, peers sent each other "
                   f"{peers_sent / size:.2f} copies (a registry would have sent {len(fleet_nodes) - 1})")
+    return rows
+
+
+def _serve(fleet_nodes, clients, console, workdir, fleet_dir: Path, version: str) -> None:
+    """Wait until every node serves `version`, then smoke-test one node per site with `mesh infer`."""
+    start = time.monotonic()
+    with console.status(f"every node verifies and activates {version}..."):
+        while True:
+            serving = {}
+            for n in fleet_nodes:
+                try:
+                    serving[n.node_id] = clients[n.node_id].inference()
+                except AdminError:
+                    pass
+            if len(serving) == len(fleet_nodes) and all(s.active_version == version for s in serving.values()):
+                break
+            errors = [f"{i}: {s.last_activation_error}" for i, s in serving.items() if s.last_activation_error]
+            if errors or time.monotonic() - start > 60:
+                raise DemoFailed(f"activation of {version} failed ({'; '.join(errors) or 'timeout'}); "
+                                 f"logs in {workdir / 'logs'}")
+            time.sleep(0.2)
+    some = next(iter(serving.values()))
+    console.print(f"[green]serving[/]: all {len(fleet_nodes)} nodes run {some.model} {version} on "
+                  f"{some.backend} {some.backend_version} (validated before the swap)")
+    seen_sites = set()
+    for n in fleet_nodes:
+        if n.site in seen_sites:
+            continue
+        seen_sites.add(n.site)
+        result = subprocess.run(
+            [sys.executable, "-m", "mesh", "infer", "--node", n.address, "--count", "5",
+             "--creds", str(fleet_dir / "nodes" / "demo-client"),
+             "--admin-creds", str(fleet_dir / "operators" / "admin")],
+            capture_output=True, text=True)
+        if result.returncode != 0:
+            raise DemoFailed(f"mesh infer against {n.node_id} failed: {result.stderr.strip()}")
+        console.print(f"  $ mesh infer --node {n.address} --count 5   ({n.site})\n  " + " ".join(result.stdout.split()))
+
+
+def _hot_swap(fleet_nodes, clients, console, workdir, fleet_dir: Path, model: Path) -> None:
+    """Publish 2.0 (the same model with its last weights changed): only the changed chunks move,
+    and every node swaps to it while serving; 1.0 stays on disk for rollback."""
+    data = bytearray(model.read_bytes())
+    start = len(data) - len(data) // 20  # inside the last weights
+    data[start:start + 4096] = bytes((b + 1) % 256 for b in data[start:start + 4096])
+    v2 = workdir / model.name  # same file name, so the same model name
+    v2.write_bytes(bytes(data))
+    console.print("\n[bold]new version[/]: 2.0 is the same model with its last weights changed")
+    rows = _distribute(fleet_nodes, clients, console, workdir, fleet_dir, v2, "2.0")
+    downloaded = [r.bytes_downloaded for i, r in rows.items() if i != fleet_nodes[0].node_id]
+    console.print(f"  delta: each node downloaded {max(downloaded):,} bytes at most of the {v2.stat().st_size:,} "
+                  f"(only the chunks 1.0 did not have)")
+    _serve(fleet_nodes, clients, console, workdir, fleet_dir, "2.0")
 
 
 def _kill_and_detect(fleet_nodes, clients, console, workdir, timings: MembershipConfig) -> None:

@@ -127,7 +127,8 @@ def free_ports(count: int) -> list[int]:
 def write_node_config(path: Path, *, node_id: str, address: str, seeds: list[str], site: str,
                       tls_dir: Path, data_dir: Path, timings: MembershipConfig,
                       metrics_listen: str | None = None, log_level: str = "info",
-                      transfer: dict[str, object] | None = None) -> None:
+                      transfer: dict[str, object] | None = None,
+                      inference: dict[str, object] | None = None) -> None:
     """Write a node.toml as an operator would (strings quoted as JSON, which TOML accepts).
 
     Paths are written absolute: the config loader reads relative paths as
@@ -143,8 +144,9 @@ def write_node_config(path: Path, *, node_id: str, address: str, seeds: list[str
     lines += ["", "[labels]", f"site = {q(site)}", 'device_class = "camera"', "",
               "[tls]", f"dir = {q(str(tls_dir))}", "", "[membership]"]
     lines += [f"{name} = {getattr(timings, name)}" for name in MembershipSection.model_fields]
-    if transfer:
-        lines += ["", "[transfer]"] + [f"{key} = {q(value)}" for key, value in transfer.items()]
+    for section, values in (("transfer", transfer), ("inference", inference)):
+        if values:
+            lines += ["", f"[{section}]"] + [f"{key} = {q(value)}" for key, value in values.items()]
     path.write_text("\n".join(lines) + "\n")
 
 

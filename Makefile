@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 MODELS := .cache/models
 MEDIAPIPE_STAMP := $(MODELS)/mediapipe/.stamp
 
-.PHONY: install models demo test bench protos lint clean
+.PHONY: install models demo test test-tflite-runtime bench protos lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "fleetmesh needs Python >= 3.11"'
@@ -36,12 +36,20 @@ demo: install models
 
 test: install models
 	$(BIN)/python -m pytest
+	$(MAKE) test-tflite-runtime
+
+# The inference tests once more on tflite-runtime (numpy<2) in a separate venv, .venv-tflite:
+# the runtime many devices still ship. LiteRT-only tests (quantisation) are skipped there.
+test-tflite-runtime: models
+	scripts/test-tflite-runtime.sh
 
 bench: install models
 	$(BIN)/python bench/membership.py
+	$(BIN)/python bench/distribution.py
+	$(BIN)/python bench/inference.py
 
 protos: install
 	$(BIN)/python protos/generate.py
 
 clean:
-	rm -rf $(VENV) demo-run .pytest_cache .hypothesis .cache
+	rm -rf $(VENV) .venv-tflite demo-run .pytest_cache .hypothesis .cache

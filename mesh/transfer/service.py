@@ -55,8 +55,9 @@ class OriginPolicy:
     chunk (the scheduler's rendezvous). But peers that learn of a release at the
     same moment do not yet know each other, and each may think itself the one.
     So the origin also refuses, with RESOURCE_EXHAUSTED ("fetch it from a
-    peer"), a chunk that it is uploading right now or finished uploading less
-    than `settle_s` ago (the receiver's announcement is on its way). The
+    peer"), a chunk that it is uploading right now (unless that upload has
+    stalled) or finished uploading less than two `settle_s` ago (the
+    receiver's announcement is on its way). The
     refused node backs off and gets the chunk from a peer; later requests
     (every holder died, or banned) are served.
     """
@@ -66,7 +67,8 @@ class OriginPolicy:
         self.is_origin = is_origin
         self.settle_s = settle_s
         self.now = now
-        self._uploading: dict[tuple[str, str, int], list[float]] = {}  # start times, oldest first
+        # Uploads in progress: handle -> when it last sent a piece.
+        self._uploading: dict[tuple[str, str, int], dict[object, float]] = {}
         self._served_at: dict[tuple[str, str, int], float] = {}
 
     def refuse(self, name: str, version: str, index: int) -> str | None:
@@ -74,24 +76,28 @@ class OriginPolicy:
             return None
         key = (name, version, index)
         now, settle_s = self.now(), self.settle_s()
-        # An upload that runs for long (a slow or vanished receiver) stops holding others back.
-        started = self._uploading.get(key)
-        if started and now - started[-1] < max(4 * settle_s, 2.0):
+        # An upload that stopped moving (a vanished receiver) stops holding others back.
+        uploads = self._uploading.get(key)
+        if uploads and now - max(uploads.values()) < max(4 * settle_s, 2.0):
             return f"the origin is already sending chunk {index} of {name} {version} to a peer; fetch it from peers"
-        if now - self._served_at.get(key, -float("inf")) < settle_s:
+        if now - self._served_at.get(key, -float("inf")) < 2 * settle_s:
             return f"chunk {index} of {name} {version} was just sent to a peer; fetch it from peers"
         # No "a peer announces it" rule: the requester may have banned that peer for
         # serving bad bytes, and only it knows; it asks us only when it has no peer.
         return None
 
-    def started(self, name: str, version: str, index: int) -> float:
-        started_at = self.now()
-        self._uploading.setdefault((name, version, index), []).append(started_at)
-        return started_at
+    def started(self, name: str, version: str, index: int) -> object:
+        """Register an upload; returns its handle for `progressed` and `finished`."""
+        handle = object()
+        self._uploading.setdefault((name, version, index), {})[handle] = self.now()
+        return handle
 
-    def finished(self, name: str, version: str, index: int, started_at: float, *, complete: bool) -> None:
+    def progressed(self, name: str, version: str, index: int, handle: object) -> None:
+        self._uploading[(name, version, index)][handle] = self.now()
+
+    def finished(self, name: str, version: str, index: int, handle: object, *, complete: bool) -> None:
         key = (name, version, index)
-        self._uploading[key].remove(started_at)
+        del self._uploading[key][handle]
         if not self._uploading[key]:
             del self._uploading[key]
         if complete:
@@ -159,7 +165,7 @@ class TransferServicer(pb_grpc.TransferServicer):
                                 f"all {self._max_uploads} upload slots are busy; ask another peer")
         async with self._slots:
             self._busy += 1
-            started_at = self.origin.started(name, version, request.index) if self.origin else 0.0
+            handle = self.origin.started(name, version, request.index) if self.origin else None
             complete = False
             try:
                 try:
@@ -175,6 +181,8 @@ class TransferServicer(pb_grpc.TransferServicer):
                 for start in range(0, len(data), PIECE_BYTES):
                     piece = data[start:start + PIECE_BYTES]
                     await self._upload.pace(len(piece))
+                    if handle is not None:
+                        self.origin.progressed(name, version, request.index, handle)
                     self.counters.bytes_served += len(piece)
                     by_version = self.counters.bytes_by_version
                     by_version[(name, version)] = by_version.get((name, version), 0) + len(piece)
@@ -184,5 +192,5 @@ class TransferServicer(pb_grpc.TransferServicer):
                 log.debug("served chunk %d of %s %s to %s", request.index, name, version, peer)
             finally:
                 self._busy -= 1
-                if self.origin:
-                    self.origin.finished(name, version, request.index, started_at, complete=complete)
+                if handle is not None:
+                    self.origin.finished(name, version, request.index, handle, complete=complete)

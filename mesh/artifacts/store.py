@@ -49,6 +49,7 @@ from mesh.artifacts.manifest import (
     check_name,
     verify_manifest,
 )
+from mesh.durable import fsync_dir
 from mesh.identity.signing import TrustedKeys
 
 log = logging.getLogger(__name__)
@@ -425,7 +426,7 @@ class ArtifactStore:
             if check is not None:
                 check()
             os.replace(tmp, final)
-            self._fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except BaseException as exc:
             try:
                 os.unlink(tmp)
@@ -455,17 +456,9 @@ class ArtifactStore:
             return
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            self._fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         except OSError as exc:
             raise self._os_error(exc, "create directory", directory) from None
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     @staticmethod
     def _listdir(directory: Path) -> list[str]:

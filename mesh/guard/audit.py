@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from mesh.durable import fsync_dir
 from mesh.guard.core import GuardError, is_sha256_hex
 from mesh.identity.signing import canonical_json
 
@@ -163,14 +164,6 @@ def _read_head(path: Path) -> tuple[int, str] | None:
     return seq, digest
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_head(path: Path, seq: int, digest: str) -> None:
     hp = head_path(path)
     tmp = hp.with_name(f".{hp.name}.tmp{os.getpid()}")
@@ -181,7 +174,7 @@ def _write_head(path: Path, seq: int, digest: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, hp)
-        _fsync_dir(hp.parent)
+        fsync_dir(hp.parent)
     except OSError as exc:
         raise AuditWriteError(f"cannot write audit head file {hp}: {exc.strerror or exc}") from None
 
@@ -330,7 +323,7 @@ class AuditLog:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, _FILE_MODE)
             os.fsync(fd)
             os.close(fd)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             raise AuditWriteError(f"cannot create audit log {self.path}: {exc.strerror}") from None
         return 0

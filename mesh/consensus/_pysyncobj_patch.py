@@ -39,6 +39,8 @@ from typing import Any
 import pysyncobj.syncobj as _syncobj
 from pysyncobj.journal import FileJournal
 
+from mesh.durable import fsync_dir
+
 _install_lock = threading.Lock()
 _installed = False
 
@@ -58,15 +60,6 @@ def write_durably(path: str, data: bytes) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def fsync_dir(path: str) -> None:
-    """Make renames into directory `path` durable."""
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class DurableFileJournal(FileJournal):

@@ -97,6 +97,9 @@ class Distributor:
         self._origin: set[tuple[str, str]] = set()
         self._refused: dict[tuple[str, str, str], str] = {}  # (name, version, digest) -> why
         self._bad_meta_logged: set[str] = set()
+        self._decoded: dict[str, tuple[tuple[int, int], list[Holding]]] = {}
+        self._complete: set[tuple[str, str]] = set()  # versions assembled and verified here
+        self._rescanned_at = -float("inf")
         self._holdings: dict[tuple[str, str], Holding] = {}
         self._gc_pending = False
         self.progress: dict[tuple[str, str], Progress] = {}
@@ -135,6 +138,8 @@ class Distributor:
         manifest = signed.manifest
         if origin:
             self._origin.add((manifest.name, manifest.version))
+        if self.store.is_complete(manifest):
+            self._complete.add((manifest.name, manifest.version))
         self._set_holding(manifest, self.store.bitfield(manifest))
         self._announce()
         self._gc_pending = True
@@ -180,13 +185,19 @@ class Distributor:
         for key in dropped:
             del self._holdings[key]
             self._origin.discard(key)
+            self._complete.discard(key)
         if dropped:
             log.info("removed %s (%d bytes freed)", ", ".join(f"{n} {v}" for n, v in dropped), freed)
             self._announce()
         return freed
 
     def _rescan(self) -> bool:
-        """Pick up versions written into the store by `mesh model publish` while we run; True if any."""
+        """Pick up versions written into the store by `mesh model publish` while we run; True if any.
+        At most once a second: it lists the store's directories."""
+        now = self._now()
+        if now - self._rescanned_at < 1.0:
+            return False
+        self._rescanned_at = now
         changed = False
         for name, version in self.store.stored_versions():
             if (name, version) in self._holdings or (name, version) in self._tasks:
@@ -197,6 +208,7 @@ class Distributor:
                 continue
             if self.store.is_complete(manifest):
                 self._origin.add((name, version))
+                self._complete.add((name, version))
                 log.info("announcing %s %s, published here", name, version)
             self._set_holding(manifest, self.store.bitfield(manifest))
             changed = True
@@ -208,6 +220,8 @@ class Distributor:
         for signed in self.store.manifests():
             manifest = signed.manifest
             self._set_holding(manifest, self.store.bitfield(manifest))
+            if self.store.is_complete(manifest):
+                self._complete.add((manifest.name, manifest.version))
 
     def _set_holding(self, manifest: Manifest, have: Bitfield) -> None:
         key = (manifest.name, manifest.version)
@@ -234,12 +248,21 @@ class Distributor:
             if member.node_id == self.node_id or member.state not in (State.ALIVE, State.SUSPECT) \
                     or not member.meta:
                 continue
+            # Decoding every peer's metadata on every wake-up showed in profiles: cache by version.
+            version = (member.incarnation, member.meta_version)
+            cached = self._decoded.get(member.node_id)
+            if cached is not None and cached[0] == version:
+                out.append((member, cached[1]))
+                continue
             try:
-                out.append((member, decode_holdings(member.meta)))
+                holdings = decode_holdings(member.meta)
             except HoldingsError as exc:
                 if member.node_id not in self._bad_meta_logged:
                     self._bad_meta_logged.add(member.node_id)
                     log.warning("ignoring holdings of %s: %s", member.node_id, exc)
+                continue
+            self._decoded[member.node_id] = (version, holdings)
+            out.append((member, holdings))
         return out
 
     # -- the loop ----------------------------------------------------------------
@@ -277,16 +300,9 @@ class Distributor:
                 key = holding.key
                 if key in self._tasks or key not in wanted or (*key, holding.manifest_digest) in self._refused:
                     continue
-                mine = self._holdings.get(key)
-                if mine is not None and mine.complete and self.store_complete(key):
+                if key in self._complete:
                     continue
                 self.fetch(*key)
-
-    def store_complete(self, key: tuple[str, str]) -> bool:
-        try:
-            return self.store.is_complete(self.store.load_manifest(*key).manifest)
-        except (FileNotFoundError, ArtifactError, OSError):
-            return False
 
     def fetch(self, name: str, version: str) -> asyncio.Task:
         """Start (or return the running) download of name/version."""
@@ -322,6 +338,7 @@ class Distributor:
             await self._get_chunks(manifest, progress)
             progress.phase = Phase.ASSEMBLING
             await asyncio.to_thread(self.store.assemble, manifest)
+            self._complete.add(key)
             self._set_holding(manifest, Bitfield.full(len(manifest.chunks)))
             self._announce()
             log.info("%s %s complete: %d bytes, %d downloaded, in %.2fs", name, version, manifest.size_bytes,

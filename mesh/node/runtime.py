@@ -132,9 +132,7 @@ class Node:
                                       download_rate_bytes_per_s=tc.download_rate_bytes_per_s or None,
                                       fetch_all=tc.fetch == "all"),
             rng=random.Random(self._rng.random()), now=loop.time)
-        self.transfer.origin = OriginPolicy(
-            is_origin=self.distributor.is_origin,
-            settle_s=lambda: core.config.dissemination_s(core.live_count()), now=loop.time)
+        self.transfer.origin = OriginPolicy(is_origin=self.distributor.is_origin)
         self.distributor.uploaded = lambda name, version: \
             self.transfer.counters.bytes_by_version.get((name, version), 0)
         transfer_pb2_grpc.add_TransferServicer_to_server(self.transfer, self._server)

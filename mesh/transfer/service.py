@@ -53,55 +53,37 @@ class OriginPolicy:
 
     Peers already ask the origin only for chunks no peer holds, one node per
     chunk (the scheduler's rendezvous). But peers that learn of a release at the
-    same moment do not yet know each other, and each may think itself the one.
-    So the origin also refuses, with RESOURCE_EXHAUSTED ("fetch it from a
-    peer"), a chunk that it is uploading right now (unless that upload has
-    stalled) or finished uploading less than two `settle_s` ago (the
-    receiver's announcement is on its way). The
-    refused node backs off and gets the chunk from a peer; later requests
-    (every holder died, or banned) are served.
+    same moment do not yet know each other, each may think itself the one, and
+    under load the news that a peer got a chunk travels slowly. So once the
+    origin has sent (or is sending) a chunk, it refuses that chunk to each other
+    requester `max_refusals` times with RESOURCE_EXHAUSTED ("fetch it from a
+    peer"). A refused node backs off (0.25 s, doubling) and meanwhile learns who
+    holds the chunk. A node that keeps asking has no peer to get it from (the
+    receiver died, or the node banned every holder) and is then served: no
+    count of refusals can starve a node, and no clock decides it.
     """
 
-    def __init__(self, *, is_origin: Callable[[str, str], bool], settle_s: Callable[[], float],
-                 now: Callable[[], float]) -> None:
+    def __init__(self, *, is_origin: Callable[[str, str], bool], max_refusals: int = 4) -> None:
         self.is_origin = is_origin
-        self.settle_s = settle_s
-        self.now = now
-        # Uploads in progress: handle -> when it last sent a piece.
-        self._uploading: dict[tuple[str, str, int], dict[object, float]] = {}
-        self._served_at: dict[tuple[str, str, int], float] = {}
+        self.max_refusals = max_refusals
+        self._given: set[tuple[str, str, int]] = set()
+        self._refusals: dict[tuple[str, str, int, str], int] = {}
 
-    def refuse(self, name: str, version: str, index: int) -> str | None:
+    def refuse(self, name: str, version: str, index: int, requester: str) -> str | None:
         if not self.is_origin(name, version):
             return None
         key = (name, version, index)
-        now, settle_s = self.now(), self.settle_s()
-        # An upload that stopped moving (a vanished receiver) stops holding others back.
-        uploads = self._uploading.get(key)
-        if uploads and now - max(uploads.values()) < max(4 * settle_s, 2.0):
-            return f"the origin is already sending chunk {index} of {name} {version} to a peer; fetch it from peers"
-        if now - self._served_at.get(key, -float("inf")) < 2 * settle_s:
-            return f"chunk {index} of {name} {version} was just sent to a peer; fetch it from peers"
-        # No "a peer announces it" rule: the requester may have banned that peer for
-        # serving bad bytes, and only it knows; it asks us only when it has no peer.
-        return None
+        if key not in self._given:
+            return None
+        count = self._refusals.get((*key, requester), 0)
+        if count >= self.max_refusals:
+            return None
+        self._refusals[(*key, requester)] = count + 1
+        return f"the origin already sent chunk {index} of {name} {version} into the swarm; fetch it from peers"
 
-    def started(self, name: str, version: str, index: int) -> object:
-        """Register an upload; returns its handle for `progressed` and `finished`."""
-        handle = object()
-        self._uploading.setdefault((name, version, index), {})[handle] = self.now()
-        return handle
-
-    def progressed(self, name: str, version: str, index: int, handle: object) -> None:
-        self._uploading[(name, version, index)][handle] = self.now()
-
-    def finished(self, name: str, version: str, index: int, handle: object, *, complete: bool) -> None:
-        key = (name, version, index)
-        del self._uploading[key][handle]
-        if not self._uploading[key]:
-            del self._uploading[key]
-        if complete:
-            self._served_at[key] = self.now()
+    def started(self, name: str, version: str, index: int) -> None:
+        if self.is_origin(name, version):
+            self._given.add((name, version, index))
 
 
 class TransferServicer(pb_grpc.TransferServicer):
@@ -155,7 +137,7 @@ class TransferServicer(pb_grpc.TransferServicer):
         if not self._store.has_chunk(ref.sha256):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"chunk {request.index} of {name} {version} is not held here")
-        refusal = self.origin.refuse(name, version, request.index) if self.origin else None
+        refusal = self.origin.refuse(name, version, request.index, peer) if self.origin else None
         if refusal:
             self.counters.refused_busy += 1
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
@@ -165,8 +147,8 @@ class TransferServicer(pb_grpc.TransferServicer):
                                 f"all {self._max_uploads} upload slots are busy; ask another peer")
         async with self._slots:
             self._busy += 1
-            handle = self.origin.started(name, version, request.index) if self.origin else None
-            complete = False
+            if self.origin:
+                self.origin.started(name, version, request.index)
             try:
                 try:
                     data = await asyncio.to_thread(self._store.read_chunk, ref.sha256)
@@ -181,16 +163,11 @@ class TransferServicer(pb_grpc.TransferServicer):
                 for start in range(0, len(data), PIECE_BYTES):
                     piece = data[start:start + PIECE_BYTES]
                     await self._upload.pace(len(piece))
-                    if handle is not None:
-                        self.origin.progressed(name, version, request.index, handle)
                     self.counters.bytes_served += len(piece)
                     by_version = self.counters.bytes_by_version
                     by_version[(name, version)] = by_version.get((name, version), 0) + len(piece)
                     yield pb.ChunkPiece(data=piece)
                 self.counters.chunks_served += 1
-                complete = True
                 log.debug("served chunk %d of %s %s to %s", request.index, name, version, peer)
             finally:
                 self._busy -= 1
-                if handle is not None:
-                    self.origin.finished(name, version, request.index, handle, complete=complete)

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mesh.consensus.config import GuardTable, RaftSection
 from mesh.membership.messages import MembershipConfig
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
@@ -112,6 +113,10 @@ class NodeConfig(_Strict):
     membership: MembershipSection = Field(default_factory=MembershipSection)
     transfer: TransferSection = Field(default_factory=TransferSection)
     inference: InferenceSection = Field(default_factory=InferenceSection)
+    # The site's Raft group for local decisions (absent: this node takes no local decisions),
+    # and the guard's autonomous scope per decision kind.
+    raft: RaftSection | None = None
+    guard: GuardTable = Field(default_factory=dict)
 
     @field_validator("listen", "advertise", "metrics_listen")
     @classmethod

@@ -16,21 +16,24 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from mesh._proto import admin_pb2, admin_pb2_grpc, inference_pb2, membership_pb2, membership_pb2_grpc, \
-    transfer_pb2, transfer_pb2_grpc
+from mesh._proto import admin_pb2, admin_pb2_grpc, decisions_pb2, inference_pb2, inference_pb2_grpc, \
+    membership_pb2, membership_pb2_grpc, transfer_pb2, transfer_pb2_grpc
 from mesh.artifacts.manifest import ArtifactError, Manifest, verify_manifest
 from mesh.artifacts.store import ArtifactStore, version_order_key
 from mesh.admin.service import AdminServicer
 from mesh.identity.ca import Credentials, load_credentials, load_trusted_keys
 from mesh.identity.tls import server_credentials
 from mesh.membership.core import Membership
-from mesh.membership.messages import MemberEvent, labels_from_mapping
+from mesh.membership.messages import EventKind, MemberEvent, labels_from_mapping
 from mesh.membership.service import MembershipServicer, SwimRunner
 from mesh.node.config import NodeConfig, parse_host_port
+from mesh.node.decisions import DeathReassigner, RoutedInference
 from mesh.node.metrics import NodeMetrics
 from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
 from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
-from mesh.inference import service as inference_service
+from mesh.consensus import service as decisions_service
+from mesh.consensus.group import GroupError, SiteGroup
+from mesh.consensus.raft import RaftError
 from mesh.inference.backend import load_backend
 from mesh.inference.health import HealthCollector
 from mesh.inference.runtime import ActivationError, ModelRuntime
@@ -45,6 +48,7 @@ SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     transfer_pb2.DESCRIPTOR.services_by_name["Transfer"].full_name,
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+    decisions_pb2.DESCRIPTOR.services_by_name["Decisions"].full_name,
 )
 
 
@@ -91,6 +95,9 @@ class Node:
         self.inference: ModelRuntime | None = None
         self._refused_versions: set[tuple[str, str]] = set()
         self._activation_task: asyncio.Task | None = None
+        self.group: SiteGroup | None = None
+        self.reassigner: DeathReassigner | None = None
+        self._expiry_task: asyncio.Task | None = None
 
     @property
     def membership(self) -> Membership:
@@ -144,8 +151,22 @@ class Node:
             except Exception as exc:  # BackendUnavailable and friends: the node cannot serve at all
                 raise NodeStartError(f"inference: {exc}") from None
             self.metrics.registry.register(HealthCollector(self.inference.health))
-        # Served in any case, so a client gets FAILED_PRECONDITION ("no model active"), not UNIMPLEMENTED.
-        inference_service.add_to_server(self._server, self.inference or _NoInference())
+        if config.raft is not None:
+            try:
+                self.group = SiteGroup.from_config(config.node_id, config.raft, config.guard,
+                                                   site=config.labels.get("site"), node_data_dir=config.data_dir,
+                                                   creds_dir=config.tls.dir)
+            except (GroupError, RaftError, ValueError) as exc:
+                raise NodeStartError(f"raft: {exc}") from None
+            self.reassigner = DeathReassigner(node_id=config.node_id, group=self.group, membership=lambda: core,
+                                              site=config.labels.get("site", ""))
+        # Served in any case, so a client gets FAILED_PRECONDITION ("no model active", "no [raft]
+        # section"), not UNIMPLEMENTED.
+        self.inference_servicer = RoutedInference(self.inference or _NoInference(), node_id=config.node_id,
+                                                  group=lambda: self.group, membership=lambda: core,
+                                                  dial=self._dial_inference)
+        inference_pb2_grpc.add_InferenceServicer_to_server(self.inference_servicer, self._server)
+        decisions_service.add_to_server(self._server, self.group)
 
         membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(self.runner), self._server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(core, loop.time, loop.time(),
@@ -167,6 +188,8 @@ class Node:
         self.distributor.start()
         if self.inference is not None:
             self._activation_task = asyncio.create_task(self._activation_loop(), name="activation")
+        if self.group is not None:
+            self._expiry_task = asyncio.create_task(self.group.run_expiry(), name="decision-expiry")
         log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, self.address,
                  config.labels.get("site", "-"), ", ".join(config.seeds) or "none")
 
@@ -253,10 +276,17 @@ class Node:
             pinned.add((runtime.previous.name, runtime.previous.version))
         self.distributor.pinned = pinned
 
+    def _dial_inference(self, address: str, peer_id: str) -> inference_pb2_grpc.InferenceStub:
+        return inference_pb2_grpc.InferenceStub(self._channels.channel(address, peer_id))
+
     def _on_member_events(self, events: list[MemberEvent]) -> None:
         self.events.extend(events)
         if self.distributor is not None:
             self.distributor.poke()
+        if self.reassigner is not None:
+            for event in events:
+                if event.kind is EventKind.DEAD:
+                    self.reassigner.on_dead(event.node_id)
 
     async def stop(self, *, leave: bool = True, grace_s: float = 1.0) -> None:
         """Leave the cluster (unless `leave=False`, which looks like a crash to peers) and shut down."""
@@ -271,9 +301,14 @@ class Node:
                 except TimeoutError:
                     log.warning("leave not acknowledged by every peer in time; shutting down anyway")
             await self.runner.stop()
-        if self._activation_task is not None:
-            self._activation_task.cancel()
-            await asyncio.gather(self._activation_task, return_exceptions=True)
+        for task in (self._activation_task, self._expiry_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self.reassigner is not None:
+            await self.reassigner.close()
+        if self.group is not None:
+            await self.group.close()
         if self.distributor is not None:
             await self.distributor.stop()
         if self._server is not None:

@@ -1,0 +1,369 @@
+"""A node's membership in its site's Raft group: the replicated DecisionLedger and this replica's audit log.
+
+`SiteGroup` assembles one `RaftGroup` whose state machine is `_AuditedLedger`: the
+`DecisionLedger` (the guard runs inside its apply, on every replica) plus this replica's
+hash-chained `AuditLog` (``data_dir/audit.log``). Every replica writes the audit events of
+every committed command to its own log, fsynced, inside the apply.
+
+Audit records are written once per Raft entry, even though apply runs again
+    pysyncobj replays the journal on restart: committed entries after the last snapshot are
+    applied again from scratch. Each audit record carries ``raft_index`` (the index of the
+    log entry that produced it; identical on every replica) and ``raft_event`` (its position
+    among that entry's events). On start the group reads the last (index, event) already in
+    its audit log, and apply skips every event at or before it: the ledger state is rebuilt,
+    the audit log is not written twice. A crash between two events of one entry is resumed
+    at the missing event. A replica that catches up through a snapshot from the leader never
+    applies the entries the snapshot covers; it writes one ``snapshot_installed`` record
+    naming the index range its log does not cover, so the gap is on the record rather than
+    silent.
+
+Reads
+    `pending`, `routes`, `allocations`, `history` and `outcome_of` read this replica's
+    applied state: cheap, but possibly stale on a follower or a member cut off in a minority.
+    Call `await sync()` first (a read barrier through the leader) when the answer must be
+    current; the Decisions servicer does so for every admin read and says when it could not.
+    `audit_records` and `verify_audit` read this replica's own audit log, which is per node
+    by design (each replica's log is its own evidence).
+
+Writes (`propose`, `approve`, `deny`, `expire`, `set_routes`) may be called on any member:
+pysyncobj forwards a follower's command to the leader and resolves it once this member has
+applied it, so the `ApplyResult` returned is this member's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mesh.consensus.raft import RaftGroup, RaftTimings, derive_group_password
+from mesh.consensus.state import (
+    ApplyResult,
+    DecisionLedger,
+    HeldDecision,
+    HistoryEntry,
+    Outcome,
+    approve_command,
+    deny_command,
+    expire_command,
+    propose_command,
+    set_routes_command,
+)
+from mesh.guard.approval import Approval
+from mesh.guard.audit import AuditError, AuditLog, AuditRecord, AuditVerdict, read_audit, verify_audit
+from mesh.guard.core import NODE_ID_RE, Decision, Policy
+from mesh.identity.signing import TrustedKeys
+
+log = logging.getLogger(__name__)
+
+AUDIT_FILE = "audit.log"
+_SNAPSHOT_MAGIC = b"FMSITE1\n"
+DEFAULT_PROPOSE_TIMEOUT_S = 3.0
+
+
+class GroupError(Exception):
+    """Root of SiteGroup errors."""
+
+
+class GroupStartError(GroupError):
+    """The group cannot start (bad configuration, or an audit log that does not verify)."""
+
+
+class _AuditedLedger:
+    """The StateMachine the Raft group replicates: DecisionLedger.apply, then the events to the audit log.
+
+    Runs on pysyncobj's tick thread; readers on the event loop take `lock`.
+    """
+
+    def __init__(self, ledger: DecisionLedger, audit: AuditLog, audited: tuple[int, int]) -> None:
+        self.ledger = ledger
+        self.audit = audit
+        self.lock = threading.RLock()
+        self.raft: RaftGroup | None = None  # set before the tick thread starts (see _SiteRaftGroup)
+        self.audited = audited  # (raft_index, raft_event) of the last event already in the audit log
+        self.applied_index = 0
+        self.audit_error: str | None = None
+
+    def apply(self, command: bytes) -> ApplyResult:
+        # pysyncobj applies entry raftLastApplied + 1 and increments raftLastApplied afterwards.
+        index = self.raft.raftLastApplied + 1 if self.raft is not None else self.applied_index + 1
+        with self.lock:
+            result = self.ledger.apply(command)
+            self.applied_index = index
+            self._write(index, result.audit)
+        return result
+
+    def _write(self, index: int, events: Sequence[Any]) -> None:
+        for position, event in enumerate(events):
+            if (index, position) <= self.audited:
+                continue  # written before a restart: the journal replay applies it again
+            payload = {**dict(event.payload), "raft_index": index, "raft_event": position}
+            self._append(event.kind, payload)
+            self.audited = (index, position)
+
+    def _append(self, kind: str, payload: Mapping[str, Any]) -> None:
+        try:
+            self.audit.append(kind, payload)
+        except AuditError as exc:
+            # The ledger has applied the entry on every replica; raising here would only make this
+            # replica report a failure for a command that is in effect. Say it loudly instead.
+            self.audit_error = str(exc)
+            log.error("audit record %s at raft index %s NOT written: %s", kind, payload.get("raft_index"), exc)
+
+    def snapshot(self) -> bytes:
+        with self.lock:
+            index = self.raft.raftLastApplied if self.raft is not None else self.applied_index
+            return _SNAPSHOT_MAGIC + struct.pack(">Q", index) + self.ledger.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        head = len(_SNAPSHOT_MAGIC)
+        if not data.startswith(_SNAPSHOT_MAGIC) or len(data) < head + 8:
+            raise GroupError("Raft snapshot is not a fleetmesh site-group snapshot; move it away to resync")
+        (index,) = struct.unpack(">Q", data[head : head + 8])
+        with self.lock:
+            self.ledger.restore(data[head + 8 :])
+            self.applied_index = index
+            if self.audited[0] < index:
+                # Entries up to `index` will never be applied here: this replica's log cannot hold them.
+                self._append(
+                    "snapshot_installed",
+                    {
+                        "from_index": self.audited[0] + 1,
+                        "to_index": index,
+                        "why": "state restored from a Raft snapshot; the audit records of these entries are "
+                        "in the logs of the replicas that applied them",
+                        "raft_index": index,
+                        "raft_event": 1 << 30,
+                    },
+                )
+                self.audited = (index, 1 << 30)
+
+
+class _SiteRaftGroup(RaftGroup):
+    """RaftGroup that hands itself to the state machine before its tick thread can apply anything,
+    so the state machine knows the Raft index of each entry it applies."""
+
+    def __init__(self, self_address: str, partners: Iterable[str], state: _AuditedLedger, **kwargs: Any):
+        state.raft = self
+        super().__init__(self_address, partners, state, **kwargs)
+
+
+def _last_audited(records: Sequence[AuditRecord]) -> tuple[int, int]:
+    for record in reversed(records):
+        index, event = record.payload.get("raft_index"), record.payload.get("raft_event")
+        if type(index) is int and type(event) is int:
+            return index, event
+    return 0, -1
+
+
+class SiteGroup:
+    """This node's replica of its site's decisions: propose, answer, read, audit.
+
+    Construct it on the event loop's thread (pysyncobj's tick thread ends with the thread
+    that built it). `members` are the Raft addresses of the whole group, `address` among
+    them; every member must be built with the same members, policy and trusted keys.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        address: str,
+        members: Sequence[str],
+        group: str,
+        data_dir: Path,
+        fleet_secret: bytes,
+        trusted: TrustedKeys,
+        policy: Policy | None = None,
+        timings: RaftTimings | None = None,
+        cut_links: Iterable[str] = (),
+    ) -> None:
+        if not isinstance(group, str) or not NODE_ID_RE.fullmatch(group):
+            raise GroupStartError(f"Raft group name {group!r} is not valid (expected {NODE_ID_RE.pattern})")
+        members = list(dict.fromkeys(members))
+        if address not in members:
+            raise GroupStartError(
+                f"this node's Raft address {address} is not among the group's members {members}; "
+                "list every member, this one included, in [raft] members"
+            )
+        self.node_id = node_id
+        self.group = group
+        self.address = address
+        self.data_dir = Path(data_dir)
+        self.policy = policy or Policy()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.audit_path = self.data_dir / AUDIT_FILE
+        try:
+            audit = AuditLog(self.audit_path)
+            audited = _last_audited(read_audit(self.audit_path)) if audit.head[0] else (0, -1)
+        except AuditError as exc:
+            raise GroupStartError(f"Raft group {group} cannot start on {node_id}: {exc}") from None
+        ledger = DecisionLedger(group=group, policy=self.policy, group_size=len(members), trusted=trusted)
+        self._state = _AuditedLedger(ledger, audit, audited)
+        self.raft = _SiteRaftGroup(
+            address,
+            members,
+            self._state,
+            data_dir=self.data_dir,
+            password=derive_group_password(fleet_secret, group),
+            timings=timings,
+            cut_links=cut_links,
+        )
+        self._closed = False
+
+    @classmethod
+    def from_config(
+        cls,
+        node_id: str,
+        raft: Any,
+        guard: Mapping[str, Any] | Policy | None,
+        *,
+        site: str | None,
+        node_data_dir: Path,
+        creds_dir: Path,
+    ) -> SiteGroup:
+        """Build from a node's [raft] section (`RaftSection`), its [guard] table, its site label and
+        credentials folder (groups.secret, publisher.pub, operator.pub). Data lives in node_data_dir/raft."""
+        from mesh.consensus.config import policy_from_table
+        from mesh.identity.ca import load_group_secret, load_trusted_keys
+
+        policy = guard if isinstance(guard, Policy) else policy_from_table(guard)
+        return cls(
+            node_id,
+            address=raft.listen,
+            members=list(raft.members),
+            group=raft.group_id(site),
+            data_dir=Path(node_data_dir) / "raft",
+            fleet_secret=load_group_secret(creds_dir),
+            trusted=load_trusted_keys(creds_dir),
+            policy=policy,
+            timings=raft.timings(),
+        )
+
+    # -- writes (any member; forwarded to the leader by pysyncobj) --
+
+    async def propose(self, decision: Decision, timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S) -> ApplyResult:
+        """Replicate a decision: applied at once within scope, HELD above it (on every replica)."""
+        return await self._propose(propose_command(decision, now=time.time()), timeout_s)
+
+    async def approve(self, approval: Approval, timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S) -> ApplyResult:
+        """Submit an operator's signed approval; every replica verifies it inside apply."""
+        return await self._propose(approve_command(approval, now=time.time()), timeout_s)
+
+    async def deny(self, approval: Approval, timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S) -> ApplyResult:
+        """Submit an operator's signed denial (an Approval with approve=False)."""
+        return await self._propose(deny_command(approval, now=time.time()), timeout_s)
+
+    async def expire(self, timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S) -> ApplyResult:
+        """Drop held decisions whose hold TTL has passed (and forget old outcomes and nonces)."""
+        return await self._propose(expire_command(time.time()), timeout_s)
+
+    async def set_routes(
+        self,
+        routes: Mapping[str, str],
+        allocations: Mapping[str, int] | None = None,
+        timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S,
+    ) -> ApplyResult:
+        """Initial assignment of streams and allocations that have none (moving one is a decision)."""
+        command = set_routes_command(routes, allocations=allocations, now=time.time())
+        return await self._propose(command, timeout_s)
+
+    async def _propose(self, command: bytes, timeout_s: float) -> ApplyResult:
+        result = await self.raft.propose(command, timeout_s=timeout_s)
+        if not isinstance(result, ApplyResult):  # RaftGroup.propose returns what state.apply returned
+            raise GroupError(f"unexpected apply result {result!r}")
+        return result
+
+    async def run_expiry(self, interval_s: float = 10.0) -> None:
+        """Background task for the node: while this member leads, expire held decisions that are due."""
+        while not self._closed:
+            await asyncio.sleep(interval_s)
+            now = time.time()
+            if self.raft.is_leader and any(h.expires_at <= now for h in self.pending()):
+                try:
+                    result = await self.expire()
+                    log.info("group %s: %s", self.group, result.message)
+                except Exception as exc:  # the next round retries; never let the node's task die
+                    log.warning("group %s: expiring held decisions failed: %s", self.group, exc)
+
+    # -- reads --
+
+    async def sync(self, timeout_s: float = 2.0) -> None:
+        """Read barrier through the leader: afterwards this replica's reads are current.
+        Raises NoLeaderError in a minority partition (the local state is then the last committed one)."""
+        await self.raft.read_barrier(timeout_s)
+
+    def pending(self) -> tuple[HeldDecision, ...]:
+        """Decisions held for an operator on this replica (see module docstring about staleness)."""
+        with self._state.lock:
+            return self._state.ledger.pending()
+
+    def routes(self) -> dict[str, str]:
+        with self._state.lock:
+            return self._state.ledger.routes()
+
+    def allocations(self) -> dict[str, int]:
+        with self._state.lock:
+            return self._state.ledger.allocations()
+
+    def history(self) -> tuple[HistoryEntry, ...]:
+        with self._state.lock:
+            return self._state.ledger.history()
+
+    def outcome_of(self, decision_id: str) -> str | None:
+        with self._state.lock:
+            return self._state.ledger.outcome_of(decision_id)
+
+    def held(self, decision_id: str) -> HeldDecision | None:
+        return next((h for h in self.pending() if h.decision_id == decision_id), None)
+
+    def state_digest(self) -> str:
+        with self._state.lock:
+            return self._state.ledger.state_digest()
+
+    @property
+    def applied_index(self) -> int:
+        return self.raft.applied_index
+
+    @property
+    def group_size(self) -> int:
+        return self._state.ledger.group_size
+
+    def audit_records(self) -> list[AuditRecord]:
+        """This replica's audit records (display only; `verify_audit` checks the chain)."""
+        with self._state.lock:
+            return read_audit(self.audit_path)
+
+    def verify_audit(self) -> AuditVerdict:
+        with self._state.lock:
+            return verify_audit(self.audit_path)
+
+    def status(self) -> dict[str, Any]:
+        status = self.raft.status()
+        seq, head_hash = self._state.audit.head
+        status.update(
+            node_id=self.node_id,
+            group=self.group,
+            group_size=self.group_size,
+            pending=len(self.pending()),
+            audit_head={"seq": seq, "hash": head_hash},
+            audit_error=self._state.audit_error,
+        )
+        return status
+
+    async def close(self) -> None:
+        """Stop the Raft member, then close the audit log."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.raft.close()
+        with self._state.lock:
+            self._state.audit.close()
+
+
+__all__ = ["GroupError", "GroupStartError", "Outcome", "SiteGroup"]

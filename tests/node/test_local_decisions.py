@@ -1,0 +1,135 @@
+"""A site's nodes decide locally through their Raft group, inside the guard: Infer
+for a stream goes to the stream's owner, and when the owner dies its streams are
+reassigned by the group's leader; above the policy's scope the move waits for an
+operator's signed approval, and Infer for those streams fails until then."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from mesh._proto import inference_pb2, inference_pb2_grpc
+from mesh.artifacts.publish import publish
+from mesh.consensus.config import RaftSection
+from mesh.consensus.state import Outcome
+from mesh.guard.approval import sign_approval
+from mesh.identity.signing import KeyRole, load_signing_key
+from mesh.identity.tls import channel_credentials, secure_channel_options
+from mesh.inference.fixtures import mlp_model
+from mesh.node.local import FAST_TIMINGS, LocalCluster, free_ports, wait_for
+from mesh.node.runtime import Node
+
+pytestmark = pytest.mark.asyncio
+
+STREAMS = {f"cam-{i}": f"node-{i % 3:02d}" for i in range(6)}  # two streams per node
+
+
+async def site(fleet, tmp_path, guard: dict) -> LocalCluster:
+    """Three nodes of one site, each a member of the site's Raft group, serving one model."""
+    c = LocalCluster(fleet, tmp_path / "site", FAST_TIMINGS, seed=5)
+    raft_ports = free_ports(3)
+    members = [f"127.0.0.1:{p}" for p in raft_ports]
+    for i in range(3):
+        node_id = f"node-{i:02d}"
+        seeds = [next(iter(c.nodes.values())).address] if c.nodes else []
+        config = c.config(node_id, site="berlin", seeds=seeds).model_copy(update={
+            "raft": RaftSection(listen=members[i], members=members),
+            "guard": guard,
+            "inference": c.config(node_id, site="berlin", seeds=[]).inference.model_copy(
+                update={"model": "mlp", "workers": 1})})
+        node = Node(config, serve_metrics=False)
+        await node.start()
+        c.nodes[node_id] = node
+    return c
+
+
+async def infer(node, fleet, stream: str) -> inference_pb2.InferResponse:
+    x = np.ones((1, 8), dtype=np.float32)
+    creds = channel_credentials(fleet.node_credentials("camera-app"))
+    async with grpc.aio.secure_channel(node.address, creds,
+                                       options=secure_channel_options(peer_id=node.config.node_id)) as channel:
+        request = inference_pb2.InferRequest(stream_id=stream, inputs=[inference_pb2.Tensor(
+            name="input", dtype="float32", shape=[1, 8], data=x.tobytes())])
+        return await inference_pb2_grpc.InferenceStub(channel).Infer(request, timeout=10)
+
+
+async def prepare(c: LocalCluster, fleet, tmp_path) -> None:
+    await wait_for(c.converged, 10.0, what="membership")
+    await c.nodes["node-00"].group.raft.wait_for_leader(10.0)
+    path = tmp_path / "mlp.tflite"
+    path.write_bytes(mlp_model((8, 16, 2), seed=1))
+    origin = c.nodes["node-00"]
+    key = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+    origin.distributor.add_published(publish(path, name="mlp", version="1", key=key, store=origin.store))
+    await wait_for(lambda: all(n.inference.active for n in c.nodes.values()), 30.0, what="every node serves mlp")
+    result = await origin.group.set_routes(STREAMS)
+    assert result.outcome is Outcome.APPLIED, result.message
+    await wait_for(lambda: all(n.group.routes() == STREAMS for n in c.nodes.values()), 10.0,
+                   what="routes replicated")
+
+
+async def kill_a_follower(c: LocalCluster) -> str:
+    """Crash a follower (not the leader, so the reassignment is proposed right away)."""
+    victim = next(i for i, n in c.nodes.items() if not n.group.raft.is_leader)
+    await c.stop(victim, leave=False)
+    return victim
+
+
+async def test_infer_follows_routes_and_a_dead_owners_streams_move_within_scope(fleet, tmp_path):
+    c = await site(fleet, tmp_path, guard={"reassign_streams": {"max_streams": 8, "max_nodes": 3,
+                                                                "max_fraction": 1.0}})
+    try:
+        await prepare(c, fleet, tmp_path)
+        entry = c.nodes["node-00"]
+        for stream, owner in STREAMS.items():
+            reply = await infer(entry, fleet, stream)
+            assert reply.stream_id == stream and reply.version == "1"
+        assert entry.inference_servicer.forwarded == 4  # cam-1, 2, 4, 5 belong to other nodes
+
+        victim = await kill_a_follower(c)
+        orphaned = sorted(s for s, o in STREAMS.items() if o == victim)
+        survivors = [n for i, n in c.nodes.items()]
+        await wait_for(lambda: all(n.group.routes()[s] != victim for n in survivors for s in orphaned),
+                       30.0, what=f"{victim}'s streams reassigned on every replica")
+        for stream in orphaned:
+            reply = await infer(survivors[0], fleet, stream)
+            assert reply.stream_id == stream
+        assert all(n.group.pending() == () for n in survivors)
+        assert any(r.kind == "applied" for r in survivors[0].group.audit_records())
+    finally:
+        await c.close()
+
+
+async def test_reassignment_above_scope_waits_for_an_operator_approval(fleet, tmp_path):
+    c = await site(fleet, tmp_path, guard={"reassign_streams": {"max_streams": 1, "max_nodes": 3,
+                                                                "max_fraction": 1.0}})
+    try:
+        await prepare(c, fleet, tmp_path)
+        victim = await kill_a_follower(c)
+        orphaned = sorted(s for s, o in STREAMS.items() if o == victim)
+        survivors = list(c.nodes.values())
+        await wait_for(lambda: all(len(n.group.pending()) == 1 for n in survivors), 30.0,
+                       what="the reassignment is held on every replica")
+        held = survivors[0].group.pending()[0]
+        assert {m.stream for m in held.decision.moves} == set(orphaned)
+        assert all(n.group.routes()[s] == victim for n in survivors for s in orphaned)  # nothing moved
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await infer(survivors[0], fleet, orphaned[0])
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "mesh admin pending" in info.value.details()
+
+        operator = load_signing_key(fleet.directory / "operator.key", KeyRole.OPERATOR)
+        approval = sign_approval(operator, held.decision, now=time.time(), ttl_s=600, nonce=secrets.token_hex(8))
+        result = await survivors[1].group.approve(approval)
+        assert result.outcome is Outcome.APPLIED, result.message
+        await wait_for(lambda: all(n.group.routes()[s] != victim for n in survivors for s in orphaned), 10.0,
+                       what="approved move applied everywhere")
+        reply = await infer(survivors[0], fleet, orphaned[0])
+        assert reply.stream_id == orphaned[0]
+        kinds = [r.kind for r in survivors[0].group.audit_records()]
+        assert "held" in kinds and "approved" in kinds, kinds
+    finally:
+        await c.close()

@@ -459,5 +459,14 @@ def demo(nodes: int, sites: int, workdir: Path, base_port: int, model: Path | No
         _fail(str(exc))
 
 
+def _register_decision_commands() -> None:
+    # After `admin` and its option helpers exist: the decision commands reuse them.
+    from mesh.admin.decisions import register
+
+    register(admin)
+
+
+_register_decision_commands()
+
 if __name__ == "__main__":
     main()

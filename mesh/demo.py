@@ -7,6 +7,7 @@ watches them through the admin client, as an operator would.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -29,6 +30,10 @@ DEMO_TIMINGS = MembershipConfig(probe_interval_s=0.5, probe_timeout_s=0.2, gossi
                                 push_pull_interval_s=5.0)
 SITES = ("amsterdam", "berlin", "chicago", "denver", "essen", "fresno", "geneva", "houston",
          "istanbul", "jakarta", "kyoto", "lima", "madrid", "nairobi", "oslo", "paris")
+
+
+# The site may move one stream on its own; anything bigger waits for an operator.
+DEMO_GUARD = {"reassign_streams": {"max_streams": 1, "max_nodes": 2, "max_fraction": 0.5}}
 
 
 class DemoFailed(Exception):
@@ -69,6 +74,7 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
     operator = load_credentials(fleet_dir / "operators" / "admin")
     enroll(fleet_dir, "demo-client")  # an application on a device calling Infer
     ports = list(range(base_port, base_port + nodes)) if base_port else free_ports(nodes)
+    raft_ports = list(range(base_port + 100, base_port + 100 + nodes)) if base_port else free_ports(nodes)
     site_names = SITES[:sites]
     fleet_nodes: list[DemoNode] = []
     for i in range(nodes):
@@ -81,9 +87,12 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
         # Every node knows the first node of each site as seeds, as a site's
         # gateways would be configured on real devices.
         seeds = [f"127.0.0.1:{ports[s]}" for s in range(min(sites, nodes)) if s != i]
+        site_members = [f"127.0.0.1:{raft_ports[j]}" for j in range(nodes) if j % sites == i % sites]
         write_node_config(config, node_id=node_id, address=address, seeds=seeds, site=site,
                           tls_dir=creds.directory, data_dir=workdir / "data" / node_id, timings=timings,
-                          inference={"model": model_name(model), "workers": 1})
+                          inference={"model": model_name(model), "workers": 1},
+                          raft={"listen": f"127.0.0.1:{raft_ports[i]}", "members": site_members},
+                          guard=DEMO_GUARD, streams=[f"cam-{i:02d}a", f"cam-{i:02d}b"])
     (workdir / "logs").mkdir()
 
     console.rule("[bold]fleetmesh demo: membership")
@@ -100,7 +109,8 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
         _distribute(fleet_nodes, clients, console, workdir, fleet_dir, model, "1.0")
         _serve(fleet_nodes, clients, console, workdir, fleet_dir, "1.0")
         _hot_swap(fleet_nodes, clients, console, workdir, fleet_dir, model)
-        _kill_and_detect(fleet_nodes, clients, console, workdir, timings)
+        victim = _kill_and_detect(fleet_nodes, clients, console, workdir, timings)
+        _held_and_approved(fleet_nodes, victim, console, workdir, fleet_dir)
         _shutdown(fleet_nodes, console, workdir)
     finally:
         for client in clients.values():
@@ -245,7 +255,7 @@ def _hot_swap(fleet_nodes, clients, console, workdir, fleet_dir: Path, model: Pa
     _serve(fleet_nodes, clients, console, workdir, fleet_dir, "2.0")
 
 
-def _kill_and_detect(fleet_nodes, clients, console, workdir, timings: MembershipConfig) -> None:
+def _kill_and_detect(fleet_nodes, clients, console, workdir, timings: MembershipConfig) -> DemoNode:
     victim = fleet_nodes[len(fleet_nodes) // 2]
     survivors = [n for n in fleet_nodes if n is not victim]
     bound_s = timings.detection_bound_s(len(fleet_nodes))
@@ -274,6 +284,51 @@ def _kill_and_detect(fleet_nodes, clients, console, workdir, timings: Membership
     if times[-1] > bound_s:
         console.print(f"[yellow]note[/]: slower than the bound; the machine may be loaded "
                       f"(the demo's polling adds up to 0.1s per node)")
+    return victim
+
+
+def _mesh(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mesh", *args], capture_output=True, text=True)
+
+
+def _held_and_approved(fleet_nodes, victim: DemoNode, console, workdir, fleet_dir: Path) -> None:
+    """The dead node's streams must move; the guard lets the site move one stream on its own,
+    so moving two waits for an operator, who approves it with the admin client."""
+    survivor = next(n for n in fleet_nodes if n.site == victim.site and n is not victim)
+    creds = str(fleet_dir / "operators" / "admin")
+    console.print(f"\n[bold]local decision[/]: {victim.node_id} served 2 camera streams; the {victim.site} "
+                  f"Raft group's leader proposes moving them, but the guard allows "
+                  f"{DEMO_GUARD['reassign_streams']['max_streams']} stream per autonomous move")
+    start = time.monotonic()
+    with console.status("waiting for the proposal to be held on every replica..."):
+        while True:
+            pending = _mesh("admin", "pending", "--node", survivor.address, "--creds", creds, "--json")
+            held = json.loads(pending.stdout)["held"] if pending.returncode == 0 else []
+            if held:
+                break
+            if time.monotonic() - start > 60:
+                raise DemoFailed(f"no held decision after 60 s ({pending.stderr.strip()}); "
+                                 f"logs in {workdir / 'logs'}")
+            time.sleep(0.3)
+    decision_id = held[0]["decision_id"]
+    table = _mesh("admin", "pending", "--node", survivor.address, "--creds", creds)
+    console.print(f"  $ mesh admin pending --node {survivor.address}")
+    console.print("\n".join("  " + line for line in table.stdout.rstrip().splitlines()), highlight=False)
+    approve = _mesh("admin", "approve", decision_id, "--key", str(fleet_dir / "operator.key"),
+                    "--reason", "demo: node died", "--node", survivor.address, "--creds", creds)
+    console.print(f"  $ mesh admin approve {decision_id} --key {fleet_dir / 'operator.key'} --node {survivor.address}")
+    console.print("  " + " ".join(approve.stdout.split()), highlight=False)
+    if approve.returncode != 0:
+        raise DemoFailed(f"approval failed: {approve.stderr.strip() or approve.stdout.strip()}")
+    routes = _mesh("admin", "routes", "--node", survivor.address, "--creds", creds, "--json")
+    moved = {s: o for s, o in json.loads(routes.stdout)["routes"].items() if s.startswith(f"cam-{victim.node_id[-2:]}")}
+    if not moved or any(o == victim.node_id for o in moved.values()):
+        raise DemoFailed(f"streams of {victim.node_id} did not move after the approval: {moved}")
+    audit = _mesh("admin", "audit", "--verify", "--node", survivor.address, "--creds", creds, "--json")
+    verdict = json.loads(audit.stdout).get("verdict", {}) if audit.stdout.strip() else {}
+    console.print(f"[green]approved and applied[/] on every replica: "
+                  f"{', '.join(f'{s} -> {o}' for s, o in sorted(moved.items()))}; audit log hash chain "
+                  f"{'verified' if verdict.get('ok') else 'NOT verified'} ({verdict.get('records', '?')} records)")
 
 
 def _shutdown(fleet_nodes, console, workdir) -> None:

@@ -117,6 +117,10 @@ class NodeConfig(_Strict):
     # and the guard's autonomous scope per decision kind.
     raft: RaftSection | None = None
     guard: GuardTable = Field(default_factory=dict)
+    # Streams (camera feeds) attached to this device: the site group routes them here unless
+    # it already routes them elsewhere (moving a routed stream is a decision).
+    streams: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]] = \
+        Field(default_factory=list, max_length=1024)
 
     @field_validator("listen", "advertise", "metrics_listen")
     @classmethod

@@ -128,7 +128,10 @@ def write_node_config(path: Path, *, node_id: str, address: str, seeds: list[str
                       tls_dir: Path, data_dir: Path, timings: MembershipConfig,
                       metrics_listen: str | None = None, log_level: str = "info",
                       transfer: dict[str, object] | None = None,
-                      inference: dict[str, object] | None = None) -> None:
+                      inference: dict[str, object] | None = None,
+                      raft: dict[str, object] | None = None,
+                      guard: dict[str, dict[str, object]] | None = None,
+                      streams: list[str] | None = None) -> None:
     """Write a node.toml as an operator would (strings quoted as JSON, which TOML accepts).
 
     Paths are written absolute: the config loader reads relative paths as
@@ -137,6 +140,7 @@ def write_node_config(path: Path, *, node_id: str, address: str, seeds: list[str
     q = json.dumps
     data_dir, tls_dir = Path(data_dir).resolve(), Path(tls_dir).resolve()
     lines = [f"node_id = {q(node_id)}", f"listen = {q(address)}",
+             "streams = [" + ", ".join(q(s) for s in streams or ()) + "]",
              "seeds = [" + ", ".join(q(s) for s in seeds) + "]",
              f"data_dir = {q(str(data_dir))}", f"log_level = {q(log_level)}"]
     if metrics_listen:
@@ -144,9 +148,11 @@ def write_node_config(path: Path, *, node_id: str, address: str, seeds: list[str
     lines += ["", "[labels]", f"site = {q(site)}", 'device_class = "camera"', "",
               "[tls]", f"dir = {q(str(tls_dir))}", "", "[membership]"]
     lines += [f"{name} = {getattr(timings, name)}" for name in MembershipSection.model_fields]
-    for section, values in (("transfer", transfer), ("inference", inference)):
+    for section, values in (("transfer", transfer), ("inference", inference), ("raft", raft)):
         if values:
             lines += ["", f"[{section}]"] + [f"{key} = {q(value)}" for key, value in values.items()]
+    for kind, limits in (guard or {}).items():
+        lines += ["", f"[guard.{kind}]"] + [f"{key} = {q(value)}" for key, value in limits.items()]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -98,6 +98,7 @@ class Node:
         self.group: SiteGroup | None = None
         self.reassigner: DeathReassigner | None = None
         self._expiry_task: asyncio.Task | None = None
+        self._routes_task: asyncio.Task | None = None
 
     @property
     def membership(self) -> Membership:
@@ -190,6 +191,8 @@ class Node:
             self._activation_task = asyncio.create_task(self._activation_loop(), name="activation")
         if self.group is not None:
             self._expiry_task = asyncio.create_task(self.group.run_expiry(), name="decision-expiry")
+            if config.streams:
+                self._routes_task = asyncio.create_task(self._claim_streams(), name="claim-streams")
         log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, self.address,
                  config.labels.get("site", "-"), ", ".join(config.seeds) or "none")
 
@@ -276,6 +279,20 @@ class Node:
             pinned.add((runtime.previous.name, runtime.previous.version))
         self.distributor.pinned = pinned
 
+    async def _claim_streams(self) -> None:
+        """Route this device's own streams to it, once the group has a leader; the ledger
+        keeps any stream already routed elsewhere where it is."""
+        streams = {stream: self.config.node_id for stream in self.config.streams}
+        while True:
+            try:
+                await self.group.raft.wait_for_leader(30.0)
+                result = await self.group.set_routes(streams)
+                log.info("claimed streams %s: %s", ", ".join(streams), result.message)
+                return
+            except (RaftError, TimeoutError) as exc:
+                log.warning("cannot claim streams yet (%s); retrying", exc)
+                await asyncio.sleep(1.0)  # retry pacing while the group has no leader
+
     def _dial_inference(self, address: str, peer_id: str) -> inference_pb2_grpc.InferenceStub:
         return inference_pb2_grpc.InferenceStub(self._channels.channel(address, peer_id))
 
@@ -301,7 +318,7 @@ class Node:
                 except TimeoutError:
                     log.warning("leave not acknowledged by every peer in time; shutting down anyway")
             await self.runner.stop()
-        for task in (self._activation_task, self._expiry_task):
+        for task in (self._activation_task, self._expiry_task, self._routes_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

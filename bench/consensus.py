@@ -12,8 +12,9 @@ One run, one 3-member group on loopback (RaftTimings defaults, durable journal, 
   --trials, as a ratio to the configured maximum election timeout (goal: median <= 1.5).
   The killed member restarts from its data dir before the next trial.
 
-The workload is pluggable (--workload module:attr, an object with ``make_state()`` and
-``command(i) -> bytes``), so the guarded decision ledger can be measured the same way.
+The workload is the guarded decision ledger by default (every command a decision the guard
+judges inside apply); ``--workload counter`` is a trivial state machine, and --workload
+module:attr takes any object with ``make_state()`` and ``command(i) -> bytes``.
 
     python bench/consensus.py
     python bench/consensus.py --commits 4000 --concurrency 32 --trials 20 --json
@@ -61,8 +62,36 @@ class CounterWorkload:
         return b"decision-%d" % (i % 64)
 
 
+class LedgerWorkload:
+    """The product's path: every command is a decision that the guard judges inside the
+    replicated apply (DecisionLedger), here allocation changes within the policy's scope."""
+
+    def __init__(self) -> None:
+        from mesh.identity.signing import KeyRole, SigningKey, TrustedKeys
+
+        self.trusted = TrustedKeys([SigningKey.generate(KeyRole.OPERATOR).verify_key])
+        self.started = time.time()
+
+    def make_state(self):
+        from mesh.consensus.state import DecisionLedger
+        from mesh.guard.core import Policy
+
+        return DecisionLedger(group="bench-site", policy=Policy(), group_size=3, trusted=self.trusted)
+
+    def command(self, i: int) -> bytes:
+        from mesh.consensus.state import propose_command
+        from mesh.guard.core import Allocation, Decision, DecisionKind
+
+        decision = Decision(kind=DecisionKind.SET_ALLOCATION, group="bench-site", proposer="node-00",
+                            reason="bench", proposed_at=self.started + i * 1e-6, nonce=f"bench-{i:08d}",
+                            allocations=(Allocation(f"node-{i % 3:02d}", 1 + i % 16),))
+        return propose_command(decision)
+
+
 def load_workload(spec: str | None):
-    if not spec:
+    if not spec or spec == "ledger":
+        return LedgerWorkload()
+    if spec == "counter":
         return CounterWorkload()
     module, _, attr = spec.partition(":")
     obj = getattr(importlib.import_module(module), attr)
@@ -242,7 +271,8 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="proposers for the concurrent run")
     parser.add_argument("--blocks", type=int, default=4, help="alternating raw/bridge blocks")
     parser.add_argument("--trials", type=int, default=10, help="failover trials")
-    parser.add_argument("--workload", default=None, help="module:attr with make_state() and command(i)")
+    parser.add_argument("--workload", default="ledger",
+                        help="ledger (default: decisions through the guard), counter, or module:attr")
     parser.add_argument("--batch", action="store_true", help="appendEntriesUseBatch=True (compare batching)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     args = parser.parse_args(argv)

@@ -66,11 +66,9 @@ async def measure(fleet: LocalFleet, workdir: Path, n: int, trials: int, load_wi
             victim = sorted(cluster.nodes)[1 + trial * (n // (trials + 1))]
             size = len(cluster.nodes)
             survivors = [i for i in cluster.nodes if i != victim]
-            loop = asyncio.get_running_loop()
-            killed_at = loop.time()
             await cluster.stop(victim, leave=False)
 
-            def everyone_knows() -> bool:
+            def everyone_knows(victim: str = victim, survivors: list[str] = survivors) -> bool:
                 return all(cluster.nodes[s].membership.member(victim).state is State.DEAD for s in survivors)
 
             took = await wait_for(everyone_knows, 3 * BENCH_TIMINGS.detection_bound_s(size), interval_s=0.01,

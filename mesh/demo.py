@@ -8,7 +8,6 @@ watches them through the admin client, as an operator would.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -282,8 +281,8 @@ def _kill_and_detect(fleet_nodes, clients, console, workdir, timings: Membership
                   f"first after {times[0]:.1f}s, last after {times[-1]:.1f}s "
                   f"({times[-1] / expected_s:.2f}x expected, bound {bound_s:.1f}s)")
     if times[-1] > bound_s:
-        console.print(f"[yellow]note[/]: slower than the bound; the machine may be loaded "
-                      f"(the demo's polling adds up to 0.1s per node)")
+        console.print("[yellow]note[/]: slower than the bound; the machine may be loaded "
+                      "(the demo's polling adds up to 0.1s per node)")
     return victim
 
 
@@ -347,4 +346,4 @@ def _shutdown(fleet_nodes, console, workdir) -> None:
             bad.append(f"{n.node_id} ({code})")
     if bad:
         raise DemoFailed(f"nodes did not stop cleanly: {', '.join(bad)}; logs in {workdir / 'logs'}")
-    console.print(f"[green]stopped[/]: every node left and exited 0")
+    console.print("[green]stopped[/]: every node left and exited 0")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import grpc
 
 from mesh.identity.ca import Credentials, Role
-from mesh.identity.tls import channel_credentials, peer_identity, secure_channel_options
+from mesh.identity.tls import channel_credentials, secure_channel_options
 
 log = logging.getLogger("mesh.node.peers")
 

@@ -295,7 +295,7 @@ class Distributor:
         peer_holdings = self._peer_holdings()
         known = set(self._holdings) | {h.key for _, hs in peer_holdings for h in hs}
         wanted = self._kept(known)
-        for member, holdings in peer_holdings:
+        for _member, holdings in peer_holdings:
             for holding in holdings:
                 key = holding.key
                 if key in self._tasks or key not in wanted or (*key, holding.manifest_digest) in self._refused:

@@ -85,7 +85,7 @@ async def test_infer_follows_routes_and_a_dead_owners_streams_move_within_scope(
     try:
         await prepare(c, fleet, tmp_path)
         entry = c.nodes["node-00"]
-        for stream, owner in STREAMS.items():
+        for stream in STREAMS:
             reply = await infer(entry, fleet, stream)
             assert reply.stream_id == stream and reply.version == "1"
         assert entry.inference_servicer.forwarded == 4  # cam-1, 2, 4, 5 belong to other nodes

@@ -8,7 +8,6 @@ hostile peer).
 from __future__ import annotations
 
 import signal
-import time
 
 import grpc
 import pytest

@@ -11,6 +11,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import click
 import grpc
@@ -51,7 +52,7 @@ class DecisionsClient:
                                             options=secure_channel_options(Role.NODE, None))
         self._stub = pb_grpc.DecisionsStub(self._channel)
 
-    def __enter__(self) -> DecisionsClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -153,7 +154,7 @@ def _client(address: str, creds_dir: Path) -> DecisionsClient:
         _fail(str(exc))
 
 
-def _result_exit(result: pb.DecisionResult, as_json: bool, verb: str) -> None:
+def _result_exit(result: pb.DecisionResult, as_json: bool) -> None:
     from mesh.cli import EXIT_FAILED, _emit_json, console, err_console
 
     doc = {"outcome": result.outcome, "decision_id": result.decision_id, "message": result.message,
@@ -164,8 +165,9 @@ def _result_exit(result: pb.DecisionResult, as_json: bool, verb: str) -> None:
         err_console.print(f"[red]refused:[/] {result.message} (reason: {result.refusal_reason}); the refusal "
                           "is in every replica's audit log", highlight=False)
     else:
-        style = {"applied": "green", "denied": "yellow", "held": "yellow"}.get(result.outcome, "")
-        console.print(f"[{style or 'bold'}]{result.outcome}[/]: {result.message}", highlight=False)
+        style = {"applied": "green", "denied": "yellow", "held": "yellow"}.get(result.outcome, "bold")
+        console.print(f"[{style}]{result.message}[/] (group {result.group.group}, asked {result.group.node_id})",
+                      highlight=False)
     if result.outcome == "refused":
         sys.exit(EXIT_FAILED)
 
@@ -181,6 +183,11 @@ def _find_held(client: DecisionsClient, decision_id: str):
     if len(matches) > 1:
         _fail(f"{decision_id} matches {len(matches)} held decisions; give more characters of the id")
     if not matches:
+        finished = [e for e in resp.recent if e.decision_id and e.decision_id.startswith(decision_id)
+                    and e.outcome != "refused"]
+        if finished:
+            e = finished[-1]
+            _fail(f"decision {e.decision_id} is no longer held: it was {e.outcome} ({e.detail})")
         held = ", ".join(h.decision_id for h in resp.held) or "none"
         _fail(f"decision {decision_id} is not held in group {resp.group.group} on {client.address} "
               f"(held: {held}); see `mesh admin pending --node {client.address}`")
@@ -389,4 +396,4 @@ def _answer(decision_id: str, key_path: Path, ttl_s: float, reason: str, address
             result = send(approval.to_dict())
         except AdminError as exc:
             _fail(str(exc))
-    _result_exit(result, as_json, "approve" if approve else "deny")
+    _result_exit(result, as_json)

@@ -12,10 +12,12 @@ Audit records are written once per Raft entry, even though apply runs again
     among that entry's events). On start the group reads the last (index, event) already in
     its audit log, and apply skips every event at or before it: the ledger state is rebuilt,
     the audit log is not written twice. A crash between two events of one entry is resumed
-    at the missing event. A replica that catches up through a snapshot from the leader never
+    at the missing event. A replica that catches up through another member's snapshot never
     applies the entries the snapshot covers; it writes one ``snapshot_installed`` record
     naming the index range its log does not cover, so the gap is on the record rather than
-    silent.
+    silent. (A restart from its own snapshot is no gap: it applied and audited those entries.)
+    If the Raft journal is gone while the audit log stays, indexes are no longer comparable:
+    a ``raft_journal_reset`` record is written and nothing is skipped from then on.
 
 Reads
     `pending`, `routes`, `allocations`, `history` and `outcome_of` read this replica's
@@ -39,7 +41,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mesh.consensus.raft import RaftGroup, RaftTimings, derive_group_password
 from mesh.consensus.state import (
@@ -59,10 +61,15 @@ from mesh.guard.audit import AuditError, AuditLog, AuditRecord, AuditVerdict, re
 from mesh.guard.core import NODE_ID_RE, Decision, Policy
 from mesh.identity.signing import TrustedKeys
 
+if TYPE_CHECKING:
+    from mesh.consensus.config import RaftSection
+
 log = logging.getLogger(__name__)
 
 AUDIT_FILE = "audit.log"
 _SNAPSHOT_MAGIC = b"FMSITE1\n"
+# raft_event of a snapshot_installed record: after any event the covered entries could have had.
+_GAP_EVENT = 1 << 30
 DEFAULT_PROPOSE_TIMEOUT_S = 3.0
 
 
@@ -116,32 +123,39 @@ class _AuditedLedger:
             log.error("audit record %s at raft index %s NOT written: %s", kind, payload.get("raft_index"), exc)
 
     def snapshot(self) -> bytes:
+        # Called by pysyncobj on the tick thread at the last applied entry. The writer's address tells a
+        # restart (its own snapshot: every entry was applied and audited here) from an install (another
+        # member's snapshot: the entries it covers were never applied here).
         with self.lock:
             index = self.raft.raftLastApplied if self.raft is not None else self.applied_index
-            return _SNAPSHOT_MAGIC + struct.pack(">Q", index) + self.ledger.snapshot()
+            writer = (self.raft.address if self.raft is not None else "").encode()
+            return _SNAPSHOT_MAGIC + struct.pack(">QH", index, len(writer)) + writer + self.ledger.snapshot()
 
     def restore(self, data: bytes) -> None:
         head = len(_SNAPSHOT_MAGIC)
-        if not data.startswith(_SNAPSHOT_MAGIC) or len(data) < head + 8:
+        if not data.startswith(_SNAPSHOT_MAGIC) or len(data) < head + 10:
             raise GroupError("Raft snapshot is not a fleetmesh site-group snapshot; move it away to resync")
-        (index,) = struct.unpack(">Q", data[head : head + 8])
+        index, writer_len = struct.unpack(">QH", data[head : head + 10])
+        writer = data[head + 10 : head + 10 + writer_len].decode("utf-8", "replace")
         with self.lock:
-            self.ledger.restore(data[head + 8 :])
+            self.ledger.restore(data[head + 10 + writer_len :])
             self.applied_index = index
-            if self.audited[0] < index:
+            mine = self.raft is not None and writer == self.raft.address
+            if not mine and self.audited[0] < index:
                 # Entries up to `index` will never be applied here: this replica's log cannot hold them.
                 self._append(
                     "snapshot_installed",
                     {
                         "from_index": self.audited[0] + 1,
                         "to_index": index,
-                        "why": "state restored from a Raft snapshot; the audit records of these entries are "
-                        "in the logs of the replicas that applied them",
+                        "snapshot_of": writer,
+                        "why": "state restored from another member's Raft snapshot; the audit records of "
+                        "these entries are in the logs of the replicas that applied them",
                         "raft_index": index,
-                        "raft_event": 1 << 30,
+                        "raft_event": _GAP_EVENT,
                     },
                 )
-                self.audited = (index, 1 << 30)
+                self.audited = (index, _GAP_EVENT)
 
 
 class _SiteRaftGroup(RaftGroup):
@@ -203,6 +217,19 @@ class SiteGroup:
             audited = _last_audited(read_audit(self.audit_path)) if audit.head[0] else (0, -1)
         except AuditError as exc:
             raise GroupStartError(f"Raft group {group} cannot start on {node_id}: {exc}") from None
+        if audited[0] > 0 and not (self.data_dir / "raft.journal").exists():
+            # The Raft log is gone but the audit log is not (journal wiped, group re-created): indexes start
+            # over, so "already audited" can no longer be judged by index. Write everything again rather
+            # than skip records; the reset itself goes on the record.
+            try:
+                audit.append("raft_journal_reset", {
+                    "last_audited_index": audited[0],
+                    "why": f"no Raft journal in {self.data_dir}; entries applied from now on are audited even "
+                           "if an earlier record has the same raft_index",
+                })
+            except AuditError as exc:
+                raise GroupStartError(f"Raft group {group} cannot start on {node_id}: {exc}") from None
+            audited = (0, -1)
         ledger = DecisionLedger(group=group, policy=self.policy, group_size=len(members), trusted=trusted)
         self._state = _AuditedLedger(ledger, audit, audited)
         self.raft = _SiteRaftGroup(
@@ -220,7 +247,7 @@ class SiteGroup:
     def from_config(
         cls,
         node_id: str,
-        raft: Any,
+        raft: RaftSection,
         guard: Mapping[str, Any] | Policy | None,
         *,
         site: str | None,
@@ -288,7 +315,7 @@ class SiteGroup:
                 try:
                     result = await self.expire()
                     log.info("group %s: %s", self.group, result.message)
-                except Exception as exc:  # the next round retries; never let the node's task die
+                except Exception as exc:  # noqa: BLE001 - the next round retries; the node's task must not die
                     log.warning("group %s: expiring held decisions failed: %s", self.group, exc)
 
     # -- reads --

@@ -10,6 +10,7 @@ answer is the group's.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -133,14 +134,15 @@ class DecisionsServicer(pb_grpc.DecisionsServicer):
 
     async def Audit(self, request: pb.AuditRequest, context) -> pb.AuditResponse:
         group = await self._ready(context)
-        records = group.audit_records()
+        # Reading and hashing the whole log is file work: keep it off the event loop.
+        records = await asyncio.to_thread(group.audit_records)
         shown = records[-request.limit:] if request.limit else records
         entries = [pb.AuditEntry(seq=r.seq, time=r.time, kind=r.kind,
                                  payload_json=canonical_json(dict(r.payload)).decode(), prev=r.prev, hash=r.hash)
                    for r in shown]
         verdict = pb.AuditVerdictInfo(checked=False)
         if request.verify:
-            v = group.verify_audit()
+            v = await asyncio.to_thread(group.verify_audit)
             verdict = pb.AuditVerdictInfo(checked=True, ok=v.ok, records=v.records,
                                           first_bad_seq=v.first_bad_seq or 0, reason=v.reason,
                                           head_hash=v.head_hash)

@@ -143,6 +143,13 @@ def _unblock_commands(decision_id: str, address: str, creds_dir: Path) -> tuple[
 # --- commands --------------------------------------------------------------------------------
 
 
+def client_name(creds_dir: Path) -> str:
+    """The operator's name from its certificate (the proposer of an operator decision)."""
+    from mesh.identity.ca import load_credentials
+
+    return load_credentials(creds_dir).name
+
+
 def _client(address: str, creds_dir: Path) -> DecisionsClient:
     from mesh.cli import _fail
     from mesh.identity.ca import load_credentials
@@ -284,6 +291,43 @@ def register(admin_group: click.Group) -> None:
              as_json: bool) -> None:
         """Sign a denial of held decision DECISION_ID: it is finished on every replica, never applied."""
         _answer(decision_id, key_path, ttl_s, reason, address, creds_dir, as_json, approve=False)
+
+    @admin_group.command("move", context_settings=_CONTEXT, epilog=(
+        "Examples:\n\n  mesh admin move cam-17a --to cam-gw-02 --node 127.0.0.1:7000 --reason 'rebalance'\n\n"
+        "  mesh admin move cam-17a cam-17b --to cam-gw-02 --node 127.0.0.1:7000\n\n"
+        "The move is a decision like any other: the guard applies it if its scope is within the "
+        "policy, else it is held and `mesh admin approve` unblocks it."))
+    @click.argument("streams", nargs=-1, required=True)
+    @click.option("--to", "to_node", required=True, help="Node id that is to serve the streams.")
+    @click.option("--reason", default="operator request", show_default=True, help="Why (goes to the audit log).")
+    @_admin_options
+    def move(streams: tuple[str, ...], to_node: str, reason: str, address: str, creds_dir: Path,
+             as_json: bool) -> None:
+        """Propose moving STREAMS to another node of NODE's site group (an operator decision)."""
+        from mesh.cli import EXIT_USAGE, _fail
+        from mesh.guard.core import Decision, DecisionError, DecisionKind, StreamMove
+
+        with _client(address, creds_dir) as client:
+            try:
+                current = client.routes()
+                unknown = [s for s in streams if s not in current.routes]
+                if unknown:
+                    _fail(f"no route for {', '.join(unknown)} in group {current.group.group}; "
+                          "`mesh admin routes` lists the streams", EXIT_USAGE)
+                moves = tuple(StreamMove(s, current.routes[s], to_node) for s in streams
+                              if current.routes[s] != to_node)
+                if not moves:
+                    _fail(f"{', '.join(streams)} already served by {to_node}", EXIT_USAGE)
+                try:
+                    decision = Decision(kind=DecisionKind.MOVE_STREAMS, group=current.group.group,
+                                        proposer=client_name(creds_dir), reason=reason, proposed_at=time.time(),
+                                        nonce=secrets.token_hex(8), moves=moves)
+                except DecisionError as exc:
+                    _fail(str(exc), EXIT_USAGE)
+                result = client.propose(decision.to_dict())
+            except AdminError as exc:
+                _fail(str(exc))
+        _result_exit(result, as_json)
 
     @admin_group.command("routes", context_settings=_CONTEXT, epilog=(
         "Examples:\n\n  mesh admin routes --node 127.0.0.1:7000\n\n"

@@ -239,3 +239,24 @@ def test_malformed_decision_and_approval_json_is_invalid_argument(fleet, text, m
     with pytest.raises(_Aborted) as err:
         asyncio.run(getattr(servicer, method)(request, context))
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT, err.value
+
+
+@pytest.mark.asyncio
+async def test_operator_moves_streams_through_the_guard(served):
+    # One stream within scope: applied at once on every replica.
+    result = await served.mesh("move", "cam-0", "--to", "node-2", "--reason", "rebalance", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["outcome"] == "applied"
+    await served.site.converged()
+    assert all(g.routes()["cam-0"] == "node-2" for g in served.site.live())
+    # Four streams from two nodes: above the move_streams scope, so the operator's own move is held too.
+    result = await served.mesh("move", "cam-1", "cam-2", "cam-3", "cam-4", "--to", "node-4", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["outcome"] == "held"
+    await served.site.converged()
+    assert all(g.held(doc["decision_id"]) is not None for g in served.site.live())
+    assert all(g.routes()["cam-1"] == "node-1" for g in served.site.live())
+    # Usage errors exit 2 and say why.
+    result = await served.mesh("move", "cam-99", "--to", "node-4")
+    assert result.exit_code == 2 and "no route for cam-99" in result.output

@@ -128,3 +128,73 @@ class DeathReassigner:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def plan_offload(routes: dict[str, str], overloaded: str, live: list[str], *, fraction: float = 0.5) -> list[StreamMove]:
+    """Moves that take `fraction` (at least one) of `overloaded`'s streams to the live nodes
+    serving the fewest. Pure; empty when there is nothing to move or nowhere to move it."""
+    mine = sorted(s for s, owner in routes.items() if owner == overloaded)
+    targets = sorted(n for n in live if n != overloaded)
+    if len(mine) < 2 or not targets:
+        return []  # a single stream cannot be split: moving it just moves the overload
+    load = Counter(owner for owner in routes.values() if owner in targets)
+    moves = []
+    for stream in mine[:max(1, int(len(mine) * fraction))]:
+        target = min(targets, key=lambda n: (load[n], n))
+        load[target] += 1
+        moves.append(StreamMove(stream, overloaded, target))
+    return moves
+
+
+class OverloadWatch:
+    """Decides from samples of the inference queue whether this node is overloaded: the queue
+    held at least `queue_per_worker` requests per worker for `sustained` samples in a row.
+    After it fires it stays quiet for `cooldown` samples, so one episode gives one proposal.
+    Pure: the node feeds it samples on a timer."""
+
+    def __init__(self, *, workers: int, queue_per_worker: float = 2.0, sustained: int = 3,
+                 cooldown: int = 12) -> None:
+        self.threshold = workers * queue_per_worker
+        self.sustained = sustained
+        self.cooldown = cooldown
+        self._streak = 0
+        self._quiet = 0
+
+    def sample(self, pending: int) -> bool:
+        """Feed one queue-length sample; True when a move off this node should be proposed."""
+        if self._quiet:
+            self._quiet -= 1
+            return False
+        self._streak = self._streak + 1 if pending >= self.threshold else 0
+        if self._streak >= self.sustained:
+            self._streak, self._quiet = 0, self.cooldown
+            return True
+        return False
+
+
+async def watch_overload(*, node_id: str, group: SiteGroup, runtime, membership: Callable[[], Membership],
+                         site: str, interval_s: float = 5.0) -> None:
+    """Propose moving half of this node's streams to its site's least-loaded nodes when its
+    inference queue stays long; the guard decides whether that may happen without an operator."""
+    watch = OverloadWatch(workers=runtime.workers)
+    while True:
+        await asyncio.sleep(interval_s)  # the sampling period
+        if not watch.sample(runtime.status().pending):
+            continue
+        live = [m.node_id for m in membership().members()
+                if m.state is State.ALIVE and dict(m.labels).get("site") == site]
+        moves = plan_offload(group.routes(), node_id, live)
+        if not moves:
+            log.warning("%s is overloaded but has no stream it could hand to another node of %s", node_id, site)
+            continue
+        decision = Decision(kind=DecisionKind.MOVE_STREAMS, group=group.group, proposer=node_id,
+                            reason=f"{node_id} is overloaded (inference queue >= {watch.threshold:.0f} for "
+                                   f"{watch.sustained * interval_s:.0f}s)",
+                            proposed_at=time.time(), nonce=secrets.token_hex(8), moves=tuple(moves))
+        try:
+            result = await group.propose(decision)
+        except RaftError as exc:
+            log.error("could not propose moving streams off overloaded %s: %s", node_id, exc)
+            continue
+        log.info("moving %d streams off overloaded %s: %s (%s)", len(moves), node_id, result.outcome.value,
+                 result.message)

@@ -27,7 +27,7 @@ from mesh.membership.core import Membership
 from mesh.membership.messages import EventKind, MemberEvent, labels_from_mapping
 from mesh.membership.service import MembershipServicer, SwimRunner
 from mesh.node.config import NodeConfig, parse_host_port
-from mesh.node.decisions import DeathReassigner, RoutedInference
+from mesh.node.decisions import DeathReassigner, RoutedInference, watch_overload
 from mesh.node.metrics import NodeMetrics
 from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
 from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
@@ -99,6 +99,7 @@ class Node:
         self.reassigner: DeathReassigner | None = None
         self._expiry_task: asyncio.Task | None = None
         self._routes_task: asyncio.Task | None = None
+        self._overload_task: asyncio.Task | None = None
 
     @property
     def membership(self) -> Membership:
@@ -193,6 +194,10 @@ class Node:
             self._expiry_task = asyncio.create_task(self.group.run_expiry(), name="decision-expiry")
             if config.streams:
                 self._routes_task = asyncio.create_task(self._claim_streams(), name="claim-streams")
+            if self.inference is not None:
+                self._overload_task = asyncio.create_task(watch_overload(
+                    node_id=config.node_id, group=self.group, runtime=self.inference, membership=lambda: core,
+                    site=config.labels.get("site", "")), name="overload-watch")
         log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, self.address,
                  config.labels.get("site", "-"), ", ".join(config.seeds) or "none")
 
@@ -318,7 +323,7 @@ class Node:
                 except TimeoutError:
                     log.warning("leave not acknowledged by every peer in time; shutting down anyway")
             await self.runner.stop()
-        for task in (self._activation_task, self._expiry_task, self._routes_task):
+        for task in (self._activation_task, self._expiry_task, self._routes_task, self._overload_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -107,6 +107,7 @@ class Node:
         return self.runner.core
 
     async def start(self) -> None:
+        """Bind, wire every capability to the gRPC server, start serving, then join the fleet."""
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
@@ -121,15 +122,45 @@ class Node:
         if bound == 0:
             raise NodeStartError(f"cannot listen on {config.listen}: address in use or not available")
         self.address = config.advertise or (config.listen if port else f"{host}:{bound}")
-
         self._channels = PeerChannels(self.credentials, self.faults, observe=self.metrics.observe_rpc)
+
+        core = self._wire_membership(loop)
+        self._wire_transfer(core, loop)
+        self._wire_inference()
+        self._wire_decisions(core)
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminServicer(core, loop.time, loop.time(), models=self._model_rows, inference=self._inference_status),
+            self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server)
+        await self._server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        if self._serve_metrics and config.metrics_listen:
+            mhost, mport = parse_host_port(config.metrics_listen)
+            self._metrics_http, _ = start_http_server(mport, addr=mhost, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        self.runner.start(list(config.seeds))
+        self.distributor.start()
+        self._start_background(core)
+        log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, self.address,
+                 config.labels.get("site", "-"), ", ".join(config.seeds) or "none")
+
+    def _wire_membership(self, loop: asyncio.AbstractEventLoop) -> Membership:
+        config = self.config
         core = Membership(config.node_id, self.address, labels_from_mapping(config.labels),
                           config.membership.to_core(), self._rng, loop.time(),
                           # Grows across restarts, so our fresh metadata beats our old self's.
                           meta_version=time.time_ns() // 1_000_000)
         self.runner = SwimRunner(core, self._dial, on_events=self._on_member_events)
+        membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(self.runner), self._server)
+        return core
 
-        tc = config.transfer
+    def _wire_transfer(self, core: Membership, loop: asyncio.AbstractEventLoop) -> None:
+        config, tc = self.config, self.config.transfer
         self.store = ArtifactStore(config.data_dir / "artifacts")
         self.transfer = TransferServicer(self.store, max_uploads=tc.max_uploads,
                                          upload=Pacer(tc.upload_rate_bytes_per_s or None))
@@ -146,13 +177,21 @@ class Node:
             self.transfer.counters.bytes_by_version.get((name, version), 0)
         transfer_pb2_grpc.add_TransferServicer_to_server(self.transfer, self._server)
 
-        ic = config.inference
-        if ic.model:
-            try:
-                self.inference = ModelRuntime(load_backend(ic.backend), workers=ic.workers)
-            except Exception as exc:  # BackendUnavailable and friends: the node cannot serve at all
-                raise NodeStartError(f"inference: {exc}") from None
-            self.metrics.registry.register(HealthCollector(self.inference.health))
+    def _wire_inference(self) -> None:
+        ic = self.config.inference
+        if not ic.model:
+            return
+        try:
+            self.inference = ModelRuntime(load_backend(ic.backend), workers=ic.workers)
+        except Exception as exc:  # BackendUnavailable and friends: the node cannot serve at all
+            raise NodeStartError(f"inference: {exc}") from None
+        self.metrics.registry.register(HealthCollector(self.inference.health))
+
+    def _wire_decisions(self, core: Membership) -> None:
+        """The site's Raft group (with [raft]), and Infer routed by its table. Both services are
+        served in any case, so a client gets FAILED_PRECONDITION ("no model active", "no [raft]
+        section"), not UNIMPLEMENTED."""
+        config = self.config
         if config.raft is not None:
             try:
                 self.group = SiteGroup.from_config(config.node_id, config.raft, config.guard,
@@ -162,44 +201,25 @@ class Node:
                 raise NodeStartError(f"raft: {exc}") from None
             self.reassigner = DeathReassigner(node_id=config.node_id, group=self.group, membership=lambda: core,
                                               site=config.labels.get("site", ""))
-        # Served in any case, so a client gets FAILED_PRECONDITION ("no model active", "no [raft]
-        # section"), not UNIMPLEMENTED.
         self.inference_servicer = RoutedInference(self.inference or _NoInference(), node_id=config.node_id,
                                                   group=lambda: self.group, membership=lambda: core,
                                                   dial=self._dial_inference)
         inference_pb2_grpc.add_InferenceServicer_to_server(self.inference_servicer, self._server)
         decisions_service.add_to_server(self._server, self.group)
 
-        membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(self.runner), self._server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(core, loop.time, loop.time(),
-                                                                     models=self._model_rows,
-                                                                     inference=self._inference_status), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server)
-        await self._server.start()
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-        if self._serve_metrics and config.metrics_listen:
-            mhost, mport = parse_host_port(config.metrics_listen)
-            self._metrics_http, _ = start_http_server(mport, addr=mhost, registry=self.metrics.registry)
-            self.metrics_port = self._metrics_http.server_port
-        self.runner.start(list(config.seeds))
-        self.distributor.start()
+    def _start_background(self, core: Membership) -> None:
+        config = self.config
         if self.inference is not None:
             self._activation_task = asyncio.create_task(self._activation_loop(), name="activation")
-        if self.group is not None:
-            self._expiry_task = asyncio.create_task(self.group.run_expiry(), name="decision-expiry")
-            if config.streams:
-                self._routes_task = asyncio.create_task(self._claim_streams(), name="claim-streams")
-            if self.inference is not None:
-                self._overload_task = asyncio.create_task(watch_overload(
-                    node_id=config.node_id, group=self.group, runtime=self.inference, membership=lambda: core,
-                    site=config.labels.get("site", "")), name="overload-watch")
-        log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, self.address,
-                 config.labels.get("site", "-"), ", ".join(config.seeds) or "none")
+        if self.group is None:
+            return
+        self._expiry_task = asyncio.create_task(self.group.run_expiry(), name="decision-expiry")
+        if config.streams:
+            self._routes_task = asyncio.create_task(self._claim_streams(), name="claim-streams")
+        if self.inference is not None:
+            self._overload_task = asyncio.create_task(watch_overload(
+                node_id=config.node_id, group=self.group, runtime=self.inference, membership=lambda: core,
+                site=config.labels.get("site", "")), name="overload-watch")
 
     def _dial(self, address: str, peer_id: str | None) -> membership_pb2_grpc.MembershipStub:
         return membership_pb2_grpc.MembershipStub(self._channels.channel(address, peer_id))

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from mesh.cli import main
 from mesh.node.local import FAST_TIMINGS, free_ports, spawn_node_process, write_node_config
+from tests.models import wakeword_model
 
 
 def all_commands(group: click.Group, prefix=()):
@@ -80,6 +81,31 @@ def test_admin_status_against_a_running_node(fleet, tmp_path):
         assert status["members"][0]["site"] == "essen" and status["members"][0]["state"] == "alive"
         table = subprocess.run(cmd, capture_output=True, text=True)
         assert table.returncode == 0 and "cli-node" in table.stdout and "alive" in table.stdout
+        # Publishing into the node's data dir: the running node announces it within a second.
+        mesh = [sys.executable, "-m", "mesh", "model"]
+        published = subprocess.run([*mesh, "publish", str(wakeword_model("okay_nabu")), "--name", "nabu",
+                                    "--version", "1", "--key", str(fleet.directory / "publisher.key"),
+                                    "--data-dir", str(tmp_path / "d"), "--json"], capture_output=True, text=True)
+        assert published.returncode == 0, published.stderr
+        assert json.loads(published.stdout)["chunks"] >= 1
+        listed = subprocess.run([*mesh, "ls", "--data-dir", str(tmp_path / "d"), "--json"],
+                                capture_output=True, text=True)
+        assert [(v["name"], v["version"], v["complete"]) for v in json.loads(listed.stdout)] == [("nabu", "1", True)]
+        not_a_model = tmp_path / "notes.tflite"
+        not_a_model.write_bytes(b"hello")
+        refused = subprocess.run([*mesh, "publish", str(not_a_model), "--name", "x", "--version", "1", "--key",
+                                  str(fleet.directory / "publisher.key"), "--data-dir", str(tmp_path / "d")],
+                                 capture_output=True, text=True)
+        assert refused.returncode == 1 and "not a .tflite model" in refused.stderr
+        status_cmd = [*mesh, "status", "--node", f"127.0.0.1:{port}", "--creds", str(fleet.operator.directory),
+                      "--json"]
+        deadline = time.monotonic() + 20
+        while True:
+            rows = json.loads(subprocess.run(status_cmd, capture_output=True, text=True).stdout or "[]")
+            if rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert [(r["name"], r["phase"], r["origin"]) for r in rows] == [("nabu", "complete", True)]
         # With a node certificate instead of an operator's: refused, exit 1, says why.
         as_node = subprocess.run([*cmd[:-1], str(fleet.node_credentials("cli-node").directory)],
                                  capture_output=True, text=True)

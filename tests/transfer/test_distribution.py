@@ -183,7 +183,8 @@ async def test_disk_full_fails_the_download_clearly_and_keeps_what_was_complete(
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(disk)],
                              capture_output=True, text=True)
-    assert mounted.returncode == 0, f"tests run as root and mount a small tmpfs: {mounted.stderr}"
+    if mounted.returncode != 0:  # CI and sessions here run as root with mount rights; a laptop may not
+        pytest.skip(f"cannot mount a tmpfs ({mounted.stderr.strip()}); tests/artifacts inject ENOSPC instead")
     try:
         c = await cluster(2)
         await wait_for(c.converged, 10.0, what="convergence")

@@ -32,6 +32,7 @@ from pathlib import Path
 # gRPC's C core logs every refused connection to a crashed node; keep the table readable.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+from mesh.membership.core import push_pull_interval_s
 from mesh.membership.messages import MembershipConfig, State
 from mesh.node.local import LocalCluster, LocalFleet, wait_for
 
@@ -85,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 30, 50])
     parser.add_argument("--trials", type=int, default=3)
-    parser.add_argument("--load-window", type=float, default=BENCH_TIMINGS.push_pull_interval_s,
-                        help="seconds of steady state to measure (default: one push-pull interval)")
+    parser.add_argument("--load-window", type=float, default=None,
+                        help="seconds of steady state to measure (default: one push-pull interval at that N, "
+                             "which memberlist's scaling doubles above 32 members)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             results = []
             for n in args.sizes:
                 print(f"N={n}: starting...", file=sys.stderr, flush=True)
-                results.append(await measure(fleet, Path(tmp), n, args.trials, args.load_window))
+                window_s = args.load_window or push_pull_interval_s(BENCH_TIMINGS, n)
+                results.append(await measure(fleet, Path(tmp), n, args.trials, window_s))
             return results
 
     results = asyncio.run(run_all())

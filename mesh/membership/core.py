@@ -263,10 +263,18 @@ class Membership:
         """Members ALIVE or SUSPECT, self included (unless we left)."""
         return self._live_count
 
+    @property
+    def meta_limit_bytes(self) -> int:
+        """Largest metadata we publish: MAX_META_BYTES, and at most a quarter of the piggyback
+        budget, since a member's every update (its ALIVE refutation too) carries its metadata and
+        an update larger than the budget would never be piggybacked at all."""
+        return min(MAX_META_BYTES, self.config.max_gossip_bytes // 4)
+
     def set_meta(self, meta: bytes) -> None:
         """Publish new metadata about ourselves; it spreads like any update."""
-        if len(meta) > MAX_META_BYTES:
-            raise ValueError(f"metadata is {len(meta)} bytes, at most {MAX_META_BYTES}")
+        if len(meta) > self.meta_limit_bytes:
+            raise ValueError(f"metadata is {len(meta)} bytes, at most {self.meta_limit_bytes} "
+                             f"(a quarter of max_gossip_bytes, at most {MAX_META_BYTES})")
         if self._left or meta == self._self.meta:
             return
         self._self.meta = bytes(meta)

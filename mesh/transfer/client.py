@@ -24,7 +24,7 @@ from mesh.artifacts.bitfield import Bitfield
 from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, SignedManifest
 from mesh.artifacts.store import ArtifactStore, BadChunkError, ManifestConflictError, StoreError, version_order_key
 from mesh.identity.signing import TrustedKeys
-from mesh.membership.core import MAX_META_BYTES, Membership
+from mesh.membership.core import Membership
 from mesh.membership.messages import MemberView, State
 from mesh.transfer.holdings import Holding, HoldingsError, decode_holdings, encode_holdings
 from mesh.transfer.pacing import Pacer
@@ -174,7 +174,13 @@ class Distributor:
         return [rows[k] for k in sorted(rows)]
 
     async def collect_garbage(self) -> int:
-        """Remove versions (and chunks) no longer kept; return bytes freed."""
+        """Remove versions (and chunks) no longer kept; return bytes freed.
+
+        Not while a download runs: its chunks land before its manifest is on disk, and the
+        sweep would take them for garbage. It is retried when the loop next wakes."""
+        if self._tasks:
+            self._gc_pending = True
+            return 0
         kept = self._kept(set(self.store.stored_versions()))
         try:
             freed = await asyncio.to_thread(self.store.gc, kept)
@@ -228,11 +234,12 @@ class Distributor:
         self._holdings[key] = Holding(manifest.name, manifest.version, manifest.digest, have, key in self._origin)
 
     def _announce(self) -> None:
-        """Publish our holdings in membership metadata; drop the oldest if they do not fit."""
-        holdings = sorted(self._holdings.values(), key=lambda h: (not h.origin, h.complete))
+        """Publish our holdings in membership metadata. If they do not fit, partial holdings go
+        first and versions we originate go last: they are what peers most need from us."""
+        holdings = sorted(self._holdings.values(), key=lambda h: (not h.origin, not h.complete))
         while holdings:
             blob = encode_holdings(holdings)
-            if len(blob) <= MAX_META_BYTES:
+            if len(blob) <= self._membership().meta_limit_bytes:
                 self._membership().set_meta(blob)
                 return
             holdings.pop()
@@ -349,6 +356,9 @@ class Distributor:
             # Disk full or an I/O error: the store keeps what it had; retry on a later announcement.
             log.error("download of %s %s failed: %s", name, version, exc)
             await self._finish(progress, Phase.FAILED, str(exc))
+        except Exception as exc:  # a download must end in COMPLETE or FAILED, never vanish
+            log.exception("download of %s %s failed unexpectedly", name, version)
+            await self._finish(progress, Phase.FAILED, f"unexpected error: {exc}")
         finally:
             self._tasks.pop(key, None)
 
@@ -357,6 +367,8 @@ class Distributor:
             return self.store.load_manifest(name, version).manifest
         except FileNotFoundError:
             pass
+        except ManifestError as exc:  # unreadable here: fetch it again (save_manifest replaces it)
+            log.warning("stored manifest of %s %s is unreadable (%s); fetching it again", name, version, exc)
         holders = self._holders(name, version)
         for member, holding in holders:
             try:
@@ -368,6 +380,12 @@ class Distributor:
                 continue
             except ManifestError as exc:
                 log.warning("%s served a malformed manifest for %s %s: %s", member.node_id, name, version, exc)
+                continue
+            if (signed.manifest.name, signed.manifest.version) != (name, version):
+                # A genuine manifest of another version under this one's name would make us
+                # believe we hold a version we never fetched.
+                log.warning("%s served the manifest of %s for %s %s; ignoring it", member.node_id,
+                            signed.manifest.label, name, version)
                 continue
             if signed.digest != holding.manifest_digest:
                 log.warning("%s served a manifest for %s %s with digest %s..., but announced %s...",
@@ -510,6 +528,7 @@ class Distributor:
                 async for piece in call:
                     received += len(piece.data)
                     if received > ref.size_bytes:
+                        call.cancel()  # frees the peer's upload slot now; the short data fails verification
                         break
                     await self._download.pace(len(piece.data))
                     pieces.append(piece.data)

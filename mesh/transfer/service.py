@@ -148,8 +148,6 @@ class TransferServicer(pb_grpc.TransferServicer):
                                 f"all {self._max_uploads} upload slots are busy; ask another peer")
         async with self._slots:
             self._busy += 1
-            if self.origin:
-                self.origin.started(name, version, request.index)
             try:
                 try:
                     data = await asyncio.to_thread(self._store.read_chunk, ref.sha256)
@@ -168,6 +166,8 @@ class TransferServicer(pb_grpc.TransferServicer):
                     by_version = self.counters.bytes_by_version
                     by_version[(name, version)] = by_version.get((name, version), 0) + len(piece)
                     yield pb.ChunkPiece(data=piece)
+                    if start == 0 and self.origin:
+                        self.origin.started(name, version, request.index)  # only once bytes went out
                 self.counters.chunks_served += 1
                 log.debug("served chunk %d of %s %s to %s", request.index, name, version, peer)
             finally:

@@ -317,8 +317,12 @@ def test_set_meta_bumps_the_version_and_is_gossiped() -> None:
     assert core.member("me").meta_version == 1
     reply = gossip(core)
     assert any(u.node_id == "me" and u.meta == b"models" and u.meta_version == 1 for u in reply.updates)
-    with pytest.raises(ValueError, match="at most 4096"):
-        core.set_meta(b"x" * 4097)
+    # Every update about a member carries its metadata: it must fit the piggyback budget easily.
+    assert core.meta_limit_bytes == CONFIG.max_gossip_bytes // 4
+    with pytest.raises(ValueError, match=f"at most {core.meta_limit_bytes}"):
+        core.set_meta(b"x" * (core.meta_limit_bytes + 1))
+    core.set_meta(b"x" * core.meta_limit_bytes)
+    assert any(u.node_id == "me" for u in gossip(core).updates)  # still piggybacked
 
 
 @pytest.mark.parametrize("seed", SEEDS)

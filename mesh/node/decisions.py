@@ -20,7 +20,10 @@ from mesh._proto import inference_pb2 as pb
 from mesh._proto import inference_pb2_grpc as pb_grpc
 from mesh.consensus.group import SiteGroup
 from mesh.consensus.raft import RaftError
+from mesh.consensus.group import GroupError
 from mesh.guard.core import Decision, DecisionKind, StreamMove
+from mesh.identity.ca import Role
+from mesh.identity.tls import peer_identity
 from mesh.inference.service import InferenceServicer
 from mesh.membership.core import Membership
 from mesh.membership.messages import State
@@ -47,7 +50,9 @@ class RoutedInference(InferenceServicer):
     async def Infer(self, request: pb.InferRequest, context) -> pb.InferResponse:
         group = self._group()
         metadata = dict(context.invocation_metadata() or ())
-        if not request.stream_id or group is None or FORWARDED_KEY in metadata:
+        caller = peer_identity(context)
+        forwarded = FORWARDED_KEY in metadata and caller is not None and caller.role is Role.NODE
+        if not request.stream_id or group is None or forwarded:  # only a fleet node may say "forwarded"
             return await super().Infer(request, context)
         owner = group.routes().get(request.stream_id)
         if owner is None or owner == self._node_id:
@@ -88,6 +93,26 @@ class DeathReassigner:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def orphaned_owners(self) -> list[str]:
+        """Route owners that membership reports dead or gone, whose move is not already held."""
+        members = {m.node_id: m.state for m in self._membership().members()}
+        held_from = {m.from_node for h in self.group.pending() for m in h.decision.moves}
+        owners = set(self.group.routes().values())
+        return sorted(o for o in owners
+                      if members.get(o) in (State.DEAD, State.LEFT) and o not in held_from)
+
+    async def reconcile(self, interval_s: float = 5.0) -> None:
+        """A death noticed while this node was not the leader (an election, a failed proposal)
+        must not strand streams: the leader re-plans for every dead owner on a timer."""
+        while True:
+            await asyncio.sleep(interval_s)  # the reconciliation period
+            try:
+                if self.group.raft.is_leader:
+                    for owner in self.orphaned_owners():
+                        await self._reassign(owner)
+            except Exception:  # keep reconciling whatever one round hit
+                log.exception("stream reassignment round failed")
+
     def plan(self, dead: str) -> Decision | None:
         """The reassignment decision for `dead`'s streams, or None if it served none."""
         routes = self.group.routes()
@@ -118,8 +143,8 @@ class DeathReassigner:
         self.proposed.append(decision)
         try:
             result = await self.group.propose(decision)
-        except RaftError as exc:
-            log.error("could not propose reassigning %s's streams: %s", dead, exc)
+        except (RaftError, GroupError) as exc:
+            log.error("could not propose reassigning %s's streams (retried by reconciliation): %s", dead, exc)
             return
         log.info("reassigning %d streams of dead %s: %s (%s)", len(decision.moves), dead,
                  result.outcome.value, result.message)
@@ -193,7 +218,7 @@ async def watch_overload(*, node_id: str, group: SiteGroup, runtime, membership:
                             proposed_at=time.time(), nonce=secrets.token_hex(8), moves=tuple(moves))
         try:
             result = await group.propose(decision)
-        except RaftError as exc:
+        except (RaftError, GroupError) as exc:
             log.error("could not propose moving streams off overloaded %s: %s", node_id, exc)
             continue
         log.info("moving %d streams off overloaded %s: %s (%s)", len(moves), node_id, result.outcome.value,

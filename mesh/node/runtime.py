@@ -18,7 +18,7 @@ from prometheus_client import start_http_server
 
 from mesh._proto import admin_pb2, admin_pb2_grpc, decisions_pb2, inference_pb2, inference_pb2_grpc, \
     membership_pb2, membership_pb2_grpc, transfer_pb2, transfer_pb2_grpc
-from mesh.artifacts.manifest import ArtifactError, Manifest, verify_manifest
+from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, verify_manifest
 from mesh.artifacts.store import ArtifactStore, version_order_key
 from mesh.admin.service import AdminServicer
 from mesh.identity.ca import Credentials, load_credentials, load_trusted_keys
@@ -100,6 +100,7 @@ class Node:
         self._expiry_task: asyncio.Task | None = None
         self._routes_task: asyncio.Task | None = None
         self._overload_task: asyncio.Task | None = None
+        self._reconcile_task: asyncio.Task | None = None
 
     @property
     def membership(self) -> Membership:
@@ -214,6 +215,7 @@ class Node:
         if self.group is None:
             return
         self._expiry_task = asyncio.create_task(self.group.run_expiry(), name="decision-expiry")
+        self._reconcile_task = asyncio.create_task(self.reassigner.reconcile(), name="reassign-reconcile")
         if config.streams:
             self._routes_task = asyncio.create_task(self._claim_streams(), name="claim-streams")
         if self.inference is not None:
@@ -268,6 +270,7 @@ class Node:
                     pass
 
     def _newest_complete(self) -> Manifest | None:
+        """Blocking (directory listing, manifest read, signature check): run it in a thread."""
         model = self.config.inference.model
         versions = sorted((v for n, v in self.store.stored_versions() if n == model), key=version_order_key)
         for version in reversed(versions):
@@ -276,16 +279,19 @@ class Node:
             try:
                 signed = self.store.load_manifest(model, version)
                 manifest = verify_manifest(signed, self.distributor.trusted)  # again, at activation
-            except (FileNotFoundError, ArtifactError, OSError) as exc:
+            except ManifestError as exc:  # bad for good: never activate it
                 log.warning("not activating %s %s: %s", model, version, exc)
                 self._refused_versions.add((model, version))
+                continue
+            except (FileNotFoundError, ArtifactError, OSError) as exc:  # maybe transient (GC, I/O): next round
+                log.info("skipping %s %s this round: %s", model, version, exc)
                 continue
             if self.store.is_complete(manifest):
                 return manifest
         return None
 
     async def _activate_newest(self) -> None:
-        manifest = self._newest_complete()
+        manifest = await asyncio.to_thread(self._newest_complete)
         runtime = self.inference
         active = runtime.active
         if manifest is None or (active and (active.name, active.version) == (manifest.name, manifest.version)):
@@ -314,7 +320,7 @@ class Node:
                 result = await self.group.set_routes(streams)
                 log.info("claimed streams %s: %s", ", ".join(streams), result.message)
                 return
-            except (RaftError, TimeoutError) as exc:
+            except (RaftError, GroupError, TimeoutError) as exc:
                 log.warning("cannot claim streams yet (%s); retrying", exc)
                 await asyncio.sleep(1.0)  # retry pacing while the group has no leader
 
@@ -343,7 +349,8 @@ class Node:
                 except TimeoutError:
                     log.warning("leave not acknowledged by every peer in time; shutting down anyway")
             await self.runner.stop()
-        for task in (self._activation_task, self._expiry_task, self._routes_task, self._overload_task):
+        for task in (self._activation_task, self._expiry_task, self._routes_task, self._overload_task,
+                     self._reconcile_task):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -133,3 +133,22 @@ async def test_reassignment_above_scope_waits_for_an_operator_approval(fleet, tm
         assert "held" in kinds and "approved" in kinds, kinds
     finally:
         await c.close()
+
+
+async def test_streams_of_a_dead_leader_are_reassigned_by_the_next_leader(fleet, tmp_path):
+    """When the dead node was the leader, nobody is leader at the moment of the death event;
+    the new leader's reconciliation proposes the move."""
+    c = await site(fleet, tmp_path, guard={"reassign_streams": {"max_streams": 8, "max_nodes": 3,
+                                                                "max_fraction": 1.0}})
+    try:
+        await prepare(c, fleet, tmp_path)
+        leader = next(i for i, n in c.nodes.items() if n.group.raft.is_leader)
+        orphaned = sorted(s for s, o in STREAMS.items() if o == leader)
+        await c.stop(leader, leave=False)
+        survivors = list(c.nodes.values())
+        await wait_for(lambda: all(n.group.routes()[s] != leader for n in survivors for s in orphaned),
+                       40.0, what=f"dead leader {leader}'s streams reassigned")
+        reply = await infer(survivors[0], fleet, orphaned[0])
+        assert reply.stream_id == orphaned[0]
+    finally:
+        await c.close()

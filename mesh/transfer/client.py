@@ -270,6 +270,9 @@ class Distributor:
                 continue
             self._decoded[member.node_id] = (version, holdings)
             out.append((member, holdings))
+        if len(self._decoded) > len(out):  # members that died or left: forget their holdings
+            current = {m.node_id for m, _ in out}
+            self._decoded = {k: v for k, v in self._decoded.items() if k in current}
         return out
 
     # -- the loop ----------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Operator's gRPC client for the admin service (blocking; used by the CLI)."""
+"""Operator's gRPC clients (blocking; used by the CLI): the channel, the operator-certificate
+check and the error hints live in `OperatorClient`; each service adds its calls."""
 
 from __future__ import annotations
 
@@ -9,27 +10,60 @@ from mesh._proto import admin_pb2_grpc as pb_grpc
 from mesh.identity.ca import Credentials, Role
 from mesh.identity.tls import channel_credentials, secure_channel_options
 
+_HINTS = {
+    grpc.StatusCode.UNAVAILABLE: "is the node running, and is this certificate from the node's fleet?",
+    grpc.StatusCode.PERMISSION_DENIED: "use an operator certificate",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the node did not answer in time",
+}
+
 
 class AdminError(Exception):
-    """An admin call failed; the message says what to check."""
+    """An operator call failed; the message says what to check. `.code` is the gRPC status
+    (None for problems found before calling)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-class AdminClient:
+class OperatorClient:
+    """An mTLS channel to one node with an operator certificate, and calls that fail with
+    `error` (an AdminError subclass) carrying a hint."""
+
+    error: type[AdminError] = AdminError
+    stub_class: type = pb_grpc.AdminStub
+
     def __init__(self, address: str, credentials: Credentials, *, timeout_s: float = 5.0) -> None:
         if credentials.role is not Role.OPERATOR:
-            raise AdminError(f"{credentials.cert_path} is a {credentials.role.value} certificate; "
-                             "the admin client needs an operator certificate (mesh fleet enroll NAME --role operator)")
+            raise self.error(f"{credentials.cert_path} is a {credentials.role.value} certificate; this client "
+                             "needs an operator certificate (mesh fleet enroll NAME --role operator)")
         self.address = address
         self._timeout_s = timeout_s
         self._channel = grpc.secure_channel(address, channel_credentials(credentials),
                                             options=secure_channel_options(Role.NODE, None))
-        self._stub = pb_grpc.AdminStub(self._channel)
+        self._stub = self.stub_class(self._channel)
 
-    def __enter__(self) -> "AdminClient":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         self._channel.close()
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self._timeout_s)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            hint = _HINTS.get(code, "")
+            raise self.error(f"{self.address}: {code.name}: {exc.details()}" + (f" ({hint})" if hint else ""),
+                             code) from None
+
+
+class AdminClient(OperatorClient):
+    """The Admin service: the node's view of the fleet, its models and its inference runtime."""
 
     def status(self) -> pb.StatusResponse:
         return self._call(self._stub.Status, pb.StatusRequest())
@@ -39,15 +73,3 @@ class AdminClient:
 
     def inference(self) -> pb.InferenceStatus:
         return self._call(self._stub.Inference, pb.InferenceStatusRequest())
-
-    def _call(self, method, request):
-        try:
-            return method(request, timeout=self._timeout_s)
-        except grpc.RpcError as exc:
-            code = exc.code()
-            hint = {
-                grpc.StatusCode.UNAVAILABLE: "is the node running, and is this certificate from the node's fleet?",
-                grpc.StatusCode.PERMISSION_DENIED: "use an operator certificate",
-                grpc.StatusCode.DEADLINE_EXCEEDED: "the node did not answer in time",
-            }.get(code, "")
-            raise AdminError(f"{self.address}: {code.name}: {exc.details()}" + (f" ({hint})" if hint else "")) from None

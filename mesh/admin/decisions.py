@@ -11,55 +11,30 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Self
 
 import click
-import grpc
 from rich.table import Table
 
 from mesh._proto import decisions_pb2 as pb
 from mesh._proto import decisions_pb2_grpc as pb_grpc
-from mesh.admin.client import AdminError
-from mesh.identity.ca import Credentials, Role
-from mesh.identity.tls import channel_credentials, secure_channel_options
+from mesh.admin.client import AdminError, OperatorClient
+from mesh.identity.ca import Credentials
 
 DEFAULT_APPROVAL_TTL_S = 600.0
-_HINTS = {
-    grpc.StatusCode.UNAVAILABLE: "is the node running, and is this certificate from the node's fleet?",
-    grpc.StatusCode.PERMISSION_DENIED: "use an operator certificate",
-    grpc.StatusCode.DEADLINE_EXCEEDED: "the node did not answer in time",
-}
 
 
 class DecisionsError(AdminError):
     """A Decisions call failed; `.code` is the gRPC status (None for client-side problems)."""
 
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
 
-
-class DecisionsClient:
+class DecisionsClient(OperatorClient):
     """Blocking client of a node's Decisions service (operator certificate required)."""
 
+    error = DecisionsError
+    stub_class = pb_grpc.DecisionsStub
+
     def __init__(self, address: str, credentials: Credentials, *, timeout_s: float = 8.0) -> None:
-        if credentials.role is not Role.OPERATOR:
-            raise DecisionsError(f"{credentials.cert_path} is a {credentials.role.value} certificate; decisions "
-                                 "need an operator certificate (mesh fleet enroll NAME --role operator)")
-        self.address = address
-        self._timeout_s = timeout_s
-        self._channel = grpc.secure_channel(address, channel_credentials(credentials),
-                                            options=secure_channel_options(Role.NODE, None))
-        self._stub = pb_grpc.DecisionsStub(self._channel)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
+        super().__init__(address, credentials, timeout_s=timeout_s)
 
     def pending(self) -> pb.PendingResponse:
         return self._call(self._stub.Pending, pb.PendingRequest())
@@ -78,15 +53,6 @@ class DecisionsClient:
 
     def audit(self, *, verify: bool = False, limit: int = 0) -> pb.AuditResponse:
         return self._call(self._stub.Audit, pb.AuditRequest(verify=verify, limit=limit))
-
-    def _call(self, method, request):
-        try:
-            return method(request, timeout=self._timeout_s)
-        except grpc.RpcError as exc:
-            code = exc.code()
-            hint = _HINTS.get(code, "")
-            raise DecisionsError(f"{self.address}: {code.name}: {exc.details()}" + (f" ({hint})" if hint else ""),
-                                 code) from None
 
 
 # --- formatting ------------------------------------------------------------------------------

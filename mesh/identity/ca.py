@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import enum
 import json
-import os
 import re
 import secrets
 import shutil
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mesh.durable import write_file_atomic
 from mesh.identity.signing import (
     IdentityError,
     KeyFileError,
@@ -245,13 +245,13 @@ def init_fleet(fleet_dir: Path, *, fleet_id: str | None = None, force: bool = Fa
         fleet.fleet_json_path.unlink(missing_ok=True)  # marks the directory as "no fleet" first
         for sub in _ROLE_DIRS.values():
             shutil.rmtree(fleet_dir / sub, ignore_errors=True)
-    _write(fleet.ca_key_path, _private_pem(ca_key), 0o600)
-    _write(fleet.ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_file_atomic(fleet.ca_key_path, _private_pem(ca_key), 0o600)
+    write_file_atomic(fleet.ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     save_signing_key(publisher, fleet.publisher_key_path)
     save_verify_key(publisher.verify_key, fleet.publisher_pub_path)
     save_signing_key(operator, fleet.operator_key_path)
     save_verify_key(operator.verify_key, fleet.operator_pub_path)
-    _write(fleet.group_secret_path, secrets.token_hex(GROUP_SECRET_BYTES).encode() + b"\n", 0o600)
+    write_file_atomic(fleet.group_secret_path, secrets.token_hex(GROUP_SECRET_BYTES).encode() + b"\n", 0o600)
     # fleet.json goes last: its presence means the fleet is complete.
     document = {
         "fleet_id": fleet_id,
@@ -260,7 +260,7 @@ def init_fleet(fleet_dir: Path, *, fleet_id: str | None = None, force: bool = Fa
         "operator_key_id": operator.key_id,
         "format": FORMAT,
     }
-    _write(fleet.fleet_json_path, (json.dumps(document, indent=2) + "\n").encode(), 0o644)
+    write_file_atomic(fleet.fleet_json_path, (json.dumps(document, indent=2) + "\n").encode(), 0o644)
     enroll(fleet_dir, "admin", role=Role.OPERATOR)
     return fleet
 
@@ -307,13 +307,13 @@ def enroll(
     cert = _leaf_certificate(key, name, role, fleet.fleet_id, ca_cert, ca_key, now, validity_days)
 
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _write(creds.key_path, _private_pem(key), 0o600)
-    _write(creds.cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(creds.ca_path, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
-    _write(out_dir / PUBLISHER_PUB_FILE, fleet.publisher_pub_path.read_bytes(), 0o644)
-    _write(out_dir / OPERATOR_PUB_FILE, fleet.operator_pub_path.read_bytes(), 0o644)
+    write_file_atomic(creds.key_path, _private_pem(key), 0o600)
+    write_file_atomic(creds.cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_file_atomic(creds.ca_path, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_file_atomic(out_dir / PUBLISHER_PUB_FILE, fleet.publisher_pub_path.read_bytes(), 0o644)
+    write_file_atomic(out_dir / OPERATOR_PUB_FILE, fleet.operator_pub_path.read_bytes(), 0o644)
     if role is Role.NODE:
-        _write(out_dir / GROUP_SECRET_FILE, fleet.group_secret_path.read_bytes(), 0o600)
+        write_file_atomic(out_dir / GROUP_SECRET_FILE, fleet.group_secret_path.read_bytes(), 0o600)
     return creds
 
 
@@ -606,17 +606,3 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write through a temporary file created with its final mode, then rename.
-
-    A crash never leaves half a file, and a private key is never readable by
-    others, not even for a moment.
-    """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), mode)  # a leftover temp file may have another mode
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

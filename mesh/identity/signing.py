@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+
+from mesh.durable import write_file_atomic
 
 KEY_ID_HEX_CHARS = 16
 RAW_KEY_BYTES = 32
@@ -234,11 +235,11 @@ def load_verify_key(path: Path, role: KeyRole) -> VerifyKey:
 
 def save_signing_key(key: SigningKey, path: Path) -> None:
     """Write the private key as PEM, readable by its owner only (0600)."""
-    _write(path, key.to_pem(), 0o600)
+    write_file_atomic(path, key.to_pem(), 0o600)
 
 
 def save_verify_key(key: VerifyKey, path: Path) -> None:
-    _write(path, key.to_pem(), 0o644)
+    write_file_atomic(path, key.to_pem(), 0o644)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -246,20 +247,3 @@ def _read(path: Path, what: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a key.
-
-    The file is created with its final mode, so a private key is never readable
-    by others, not even for a moment.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), mode)  # a leftover temp file may have another mode
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -6,6 +6,7 @@ Interpreters are not thread-safe: each `LoadedModel` belongs to one worker.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import signal
@@ -23,9 +24,16 @@ BACKENDS = (("litert", "ai_edge_litert.interpreter"), ("tflite-runtime", "tflite
 # installed, or the tflite-runtime test venv).
 BACKEND_ENV = "MESH_INFERENCE_BACKEND"
 # Runtimes that can crash the process on a malformed model (tflite-runtime 2.14
-# segfaults on a truncated file, and in get_tensor_details() on some real
-# models): a model is first loaded in a child process there (`probe_model`).
+# builds the model without verifying the flatbuffer, so a truncated file reads
+# past its buffer, and it segfaults in get_tensor_details() on some real models).
+# There the flatbuffer is verified first (`_flatbuffer_verifier`) and the model
+# is then loaded once in a child process (`probe_model`).
 CRASH_PRONE_BACKENDS = frozenset({"tflite-runtime"})
+# tflite-runtime's own verifier, exported by its extension module but not bound
+# to Python: static std::unique_ptr<FlatBufferModel> VerifyAndBuildFromBuffer(
+#     const char*, size_t, TfLiteVerifier*, ErrorReporter*).
+_VERIFY_AND_BUILD = "_ZN6tflite4impl15FlatBufferModel24VerifyAndBuildFromBufferEPKcmPNS_14TfLiteVerifierEPNS_13ErrorReporterE"
+_MODEL_DESTRUCTOR = "_ZN6tflite4impl15FlatBufferModelD1Ev"
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 
@@ -42,9 +50,20 @@ class Backend:
     name: str
     version: str
     _interpreter_class: Any
+    # Checks a model's bytes before the runtime sees them (None: the runtime checks them itself).
+    _verify: Any = None
 
     def load(self, model: Path | bytes, *, num_threads: int = 1) -> LoadedModel:
         """Load and allocate a model from a file path or its bytes."""
+        if self._verify is not None:
+            if isinstance(model, Path):
+                try:
+                    model = model.read_bytes()
+                except OSError as exc:
+                    raise ModelLoadError(f"{model}: cannot read: {exc.strerror or exc}") from None
+            if not self._verify(bytes(model)):
+                raise ModelLoadError("model bytes: not a loadable TFLite model: the flatbuffer does not verify "
+                                     "(truncated or corrupt file)")
         try:
             if isinstance(model, (bytes, bytearray, memoryview)):
                 interpreter = self._interpreter_class(model_content=bytes(model), num_threads=num_threads)
@@ -103,10 +122,45 @@ def load_backend(name: str | None = None) -> Backend:
             continue
         top = importlib.import_module(module_name.split(".")[0])
         version = getattr(top, "__version__", None) or _dist_version(backend_name)
-        return Backend(backend_name, version, module.Interpreter)
+        verify = _flatbuffer_verifier(module) if backend_name in CRASH_PRONE_BACKENDS else None
+        return Backend(backend_name, version, module.Interpreter, verify)
     if name is not None and not tried:
         raise BackendUnavailable(f"unknown backend {name!r}; choose one of {[b for b, _ in BACKENDS]}")
     raise BackendUnavailable("no TFLite runtime importable: " + "; ".join(tried))
+
+
+def _flatbuffer_verifier(module: Any) -> Any:
+    """A function bytes -> bool running the runtime's own flatbuffer verifier, or None if its
+    extension module does not export it (another tflite-runtime build: the child-process probe
+    is then the only guard)."""
+    extension = getattr(module, "_interpreter_wrapper", None)
+    path = getattr(extension, "__file__", None)
+    if path is None:
+        return None
+    try:
+        library = ctypes.CDLL(path)
+        verify_and_build = getattr(library, _VERIFY_AND_BUILD)
+        destroy = getattr(library, _MODEL_DESTRUCTOR)
+        free = library._ZdlPv  # operator delete(void*), found through the module's libstdc++
+    except (OSError, AttributeError):
+        return None
+    # The unique_ptr comes back through a hidden first argument (Itanium C++ ABI).
+    verify_and_build.restype = None
+    verify_and_build.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_size_t,
+                                 ctypes.c_void_p, ctypes.c_void_p]
+    destroy.restype, destroy.argtypes = None, [ctypes.c_void_p]
+    free.restype, free.argtypes = None, [ctypes.c_void_p]
+
+    def verify(content: bytes) -> bool:
+        model = ctypes.c_void_p()
+        verify_and_build(ctypes.byref(model), content, len(content), None, None)
+        if not model.value:
+            return False
+        destroy(model)
+        free(model)
+        return True
+
+    return verify
 
 
 def _dist_version(backend_name: str) -> str:

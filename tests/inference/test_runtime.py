@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from mesh.inference.backend import BACKEND_ENV, load_backend
+from mesh.inference.backend import BACKEND_ENV, ModelLoadError, load_backend, probe_model
 from mesh.inference.fixtures import mlp_layers, mlp_model, mlp_reference, mlp_signature
 from mesh.inference.health import HealthCollector
 from mesh.inference.runtime import ActivationError, DeadlineExceeded, NoActiveModel, Overloaded
@@ -210,9 +210,10 @@ def test_isolated_load_refuses_corrupt_models_and_accepts_good_ones(make_runtime
     assert runtime.activate("w", "1", path, signature_of(path)).version == "1"
 
 
-def test_model_that_crashes_the_runtime_is_refused_not_fatal(make_runtime, backend, tmp_path):
-    """A truncated model segfaults tflite-runtime 2.14 (LiteRT's verifier refuses it): either way activation
-    fails at the load step and the node, and its active version, live on."""
+def test_model_that_would_crash_the_runtime_is_refused_not_fatal(make_runtime, backend, tmp_path):
+    """A truncated model reads past its buffer in tflite-runtime 2.14 (a segfault, or not, depending on
+    what memory follows it); its own flatbuffer verifier, and LiteRT's, refuse it: activation fails at
+    the load step and the node, and its active version, live on."""
     runtime = make_runtime()
     lite = mediapipe_model("hand_landmark_lite")
     runtime.activate("hand", "1", lite, signature_of(lite))
@@ -222,6 +223,36 @@ def test_model_that_crashes_the_runtime_is_refused_not_fatal(make_runtime, backe
         runtime.activate("hand", "2", truncated, signature_of(lite))
     assert info.value.stage == "load"
     if backend.name == "tflite-runtime":
-        assert "crashed (SIGSEGV)" in str(info.value)
+        assert "flatbuffer does not verify" in str(info.value)
     signature = signature_of(lite)
     assert runtime.infer(wire_inputs(signature, model_input(signature)), timeout_s=30).version == "1"
+
+
+@pytest.mark.parametrize("path", [wakeword_model("alexa"), mediapipe_model("face_detection_short_range")],
+                         ids=lambda p: p.stem)
+def test_every_truncation_of_a_real_model_is_refused_in_process(backend, path):
+    """Cut a real model at 48 places: each cut is refused with ModelLoadError, and this process (which
+    loads them in-process, no child) survives to count them."""
+    content = path.read_bytes()
+    cuts = sorted({int(len(content) * i / 48) for i in range(48)})
+    refused = 0
+    for cut in cuts:
+        with pytest.raises(ModelLoadError):
+            backend.load(content[:cut])
+        refused += 1
+    assert refused == len(cuts)
+    assert backend.load(content).signature == signature_of(path)
+
+
+def test_a_crash_in_the_probe_child_is_a_load_error(monkeypatch, tmp_path):
+    """The child-process probe is the second guard (for a model that verifies but still crashes the
+    runtime). Here the child is a stand-in that dies of SIGSEGV: what is under test is the parent's
+    handling of that death, not the runtime."""
+    import mesh.inference.backend as backend_module
+
+    crasher = tmp_path / "crasher"
+    crasher.write_text("#!/bin/sh\ncat >/dev/null\nkill -SEGV $$\n")
+    crasher.chmod(0o755)
+    monkeypatch.setattr(backend_module.sys, "executable", str(crasher))
+    with pytest.raises(ModelLoadError, match=r"tflite-runtime runtime crashed \(SIGSEGV\)"):
+        probe_model(wakeword_model("alexa").read_bytes(), "tflite-runtime")

@@ -77,11 +77,15 @@ def publish(model_path: Path, *, name: str, version: str, key: SigningKey, store
     except ManifestFormatError as exc:
         raise PublishError(str(exc)) from None
     signed = sign_manifest(manifest, key)
-    store.save_manifest(signed, trusted=TrustedKeys([key.verify_key]))
-    view = memoryview(data)
-    for ref in chunks:
-        store.put_manifest_chunk(manifest, ref.index, view[ref.offset:ref.end])
-    store.assemble(manifest)
+    # Under the store lock: a running node neither sweeps these files as garbage nor announces
+    # the version before it is complete and marked as published here.
+    with store.locked():
+        store.save_manifest(signed, trusted=TrustedKeys([key.verify_key]))
+        view = memoryview(data)
+        for ref in chunks:
+            store.put_manifest_chunk(manifest, ref.index, view[ref.offset:ref.end])
+        store.assemble(manifest)
+        store.mark_origin(name, version)
     return signed
 
 

@@ -6,7 +6,9 @@ e.g. <data_dir>/artifacts):
 
     chunks/<first two hex>/<sha256>         chunk bytes, named by their SHA-256
     manifests/<name>/<version>.json         signed manifest, as received
+    manifests/<name>/<version>.origin       present if the version was published here
     models/<name>/<version>.tflite          the whole model, only once complete
+    .lock                                   flock: publish (exclusive) against GC and rescans
 
 Rules that make crashes harmless:
 - Every file is written to a temporary name in its final directory, fsynced,
@@ -23,7 +25,11 @@ Rules that make crashes harmless:
 - Disk full or an I/O error fails the one write with StoreError, removes its
   temp file and leaves every stored file as it was.
 
-One process writes a store at a time (the node); others may read it.
+One process writes a store at a time (the node), except that `mesh model
+publish` adds a version from another process. It does so under an exclusive
+flock on .lock; the node's garbage collection holds the same lock while it
+lists and sweeps, and its rescan for new versions takes it shared without
+waiting, so neither sees half a publish. Others may read the store.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import os
 import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +62,8 @@ from mesh.identity.signing import TrustedKeys
 log = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
+LOCK_NAME = ".lock"
+ORIGIN_SUFFIX = ".origin"
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _READ_BLOCK_BYTES = 1024 * 1024
 
@@ -200,6 +209,35 @@ class ArtifactStore:
         check_name(name, "model name")
         check_name(version, f"version of {name}")
         return self.models_dir / name / f"{version}.tflite"
+
+    def origin_path(self, name: str, version: str) -> Path:
+        """The marker saying this version was published at this store (the node is its origin)."""
+        return self.manifest_path(name, version).with_suffix(ORIGIN_SUFFIX)
+
+    def mark_origin(self, name: str, version: str) -> None:
+        """Record, durably, that this version was published here: a restarted origin stays the origin."""
+        path = self.origin_path(name, version)
+        if not path.exists():
+            self._write_atomic(path, [b"published at this node\n"], f"origin marker for {name} {version}")
+
+    def is_origin(self, name: str, version: str) -> bool:
+        return self.origin_path(name, version).exists()
+
+    @contextmanager
+    def locked(self, *, exclusive: bool = True, wait: bool = True) -> Iterator[None]:
+        """Hold the store's cross-process lock (see the module docstring).
+
+        With wait=False, raises BlockingIOError at once if another process holds it."""
+        path = self.root / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self._os_error(exc, "open", path) from None
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
+            yield
+        finally:
+            os.close(fd)
 
     def save_manifest(self, signed: SignedManifest, *, trusted: TrustedKeys) -> Manifest:
         """Verify the publisher signature, then store the manifest; return it.
@@ -362,11 +400,21 @@ class ArtifactStore:
 
     # --- garbage collection -------------------------------------------------------------------
 
+    def collect(self, policy: Callable[[set[tuple[str, str]]], set[tuple[str, str]]]
+                ) -> tuple[set[tuple[str, str]], int]:
+        """Under the store lock, list the stored versions, keep `policy(stored)` and sweep the rest;
+        return (kept, bytes freed). A `mesh model publish` running meanwhile is waited for, so its
+        version is listed (and offered to the policy) rather than swept half-written."""
+        with self.locked():
+            kept = set(policy(set(self.stored_versions())))
+            return kept, self.gc(kept)
+
     def gc(self, keep: Iterable[tuple[str, str]]) -> int:
         """Remove every version not in `keep` and every chunk no kept version needs; return bytes freed.
 
         The caller decides what to keep: the active version, the previous one (rollback),
-        any version a rollout references and any download in progress.
+        any version a rollout references and any download in progress. A node calls it through
+        `collect`, which holds the store lock against a concurrent publish.
         """
         keep = set(keep)
         needed: set[str] = set()
@@ -388,6 +436,10 @@ class ArtifactStore:
                 # Model first: a complete model never outlives its manifest.
                 freed += self._unlink(self.model_path(name, version))
                 freed += self._unlink(self.manifest_path(name, version))
+        for name in self._listdir(self.manifests_dir):
+            for file in self._listdir(self.manifests_dir / name):
+                if file.endswith(ORIGIN_SUFFIX) and (name, file[: -len(ORIGIN_SUFFIX)]) not in keep:
+                    freed += self._unlink(self.manifests_dir / name / file)
         for name in self._listdir(self.models_dir):
             for file in self._listdir(self.models_dir / name):
                 if file.startswith(".") or not file.endswith(".tflite"):

@@ -174,6 +174,7 @@ class Node:
                                       fetch_all=tc.fetch == "all"),
             rng=random.Random(self._rng.random()), now=loop.time)
         self.transfer.origin = OriginPolicy(is_origin=self.distributor.is_origin)
+        self.distributor.removed = self.transfer.origin.forget
         self.distributor.uploaded = lambda name, version: \
             self.transfer.counters.bytes_by_version.get((name, version), 0)
         transfer_pb2_grpc.add_TransferServicer_to_server(self.transfer, self._server)

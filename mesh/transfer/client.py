@@ -76,6 +76,15 @@ class TransferSettings:
     origin_only: bool = False
 
 
+def newest_versions(known: set[tuple[str, str]], per_model: int) -> set[tuple[str, str]]:
+    """Of `known` (name, version) pairs, the newest `per_model` versions of each model."""
+    by_name: dict[str, list[str]] = {}
+    for name, version in known:
+        by_name.setdefault(name, []).append(version)
+    return {(name, v) for name, versions in by_name.items()
+            for v in sorted(versions, key=version_order_key)[-per_model:]}
+
+
 class Distributor:
     """One node's side of peer-to-peer distribution: announce, fetch, verify, store."""
 
@@ -105,6 +114,8 @@ class Distributor:
         self.progress: dict[tuple[str, str], Progress] = {}
         # Bytes of a version this node has served (the Transfer service fills it in).
         self.uploaded: Callable[[str, str], int] = lambda name, version: 0
+        # Told of each version garbage collection removed (the Transfer service's origin policy).
+        self.removed: Callable[[str, str], None] = lambda name, version: None
         # Versions the node needs whatever their age (active and previous model, rollout targets).
         self.pinned: set[tuple[str, str]] = set()
         self._loop_task: asyncio.Task | None = None
@@ -137,6 +148,7 @@ class Distributor:
         """A complete version put into the store by hand: announce it, as origin or as a plain seeder."""
         manifest = signed.manifest
         if origin:
+            self.store.mark_origin(manifest.name, manifest.version)
             self._origin.add((manifest.name, manifest.version))
         if self.store.is_complete(manifest):
             self._complete.add((manifest.name, manifest.version))
@@ -181,9 +193,11 @@ class Distributor:
         if self._tasks:
             self._gc_pending = True
             return 0
-        kept = self._kept(set(self.store.stored_versions()))
+        extra = set(self._tasks) | set(self.pinned)  # read on the loop, used in the sweep's thread
+        keep_per_model = self.settings.keep_per_model
         try:
-            freed = await asyncio.to_thread(self.store.gc, kept)
+            kept, freed = await asyncio.to_thread(
+                self.store.collect, lambda stored: newest_versions(stored, keep_per_model) | extra)
         except StoreError as exc:
             log.error("garbage collection skipped: %s", exc)
             return 0
@@ -192,6 +206,7 @@ class Distributor:
             del self._holdings[key]
             self._origin.discard(key)
             self._complete.discard(key)
+            self.removed(*key)
         if dropped:
             log.info("removed %s (%d bytes freed)", ", ".join(f"{n} {v}" for n, v in dropped), freed)
             self._announce()
@@ -205,29 +220,37 @@ class Distributor:
             return False
         self._rescanned_at = now
         changed = False
-        for name, version in self.store.stored_versions():
-            if (name, version) in self._holdings or (name, version) in self._tasks:
-                continue
-            try:
-                manifest = self.store.load_manifest(name, version).manifest
-            except (FileNotFoundError, ArtifactError, OSError):
-                continue
-            if self.store.is_complete(manifest):
-                self._origin.add((name, version))
-                self._complete.add((name, version))
-                log.info("announcing %s %s, published here", name, version)
-            self._set_holding(manifest, self.store.bitfield(manifest))
-            changed = True
+        try:
+            with self.store.locked(exclusive=False, wait=False):
+                for name, version in self.store.stored_versions():
+                    if (name, version) not in self._holdings and (name, version) not in self._tasks:
+                        changed |= self._pick_up(name, version)
+        except BlockingIOError:
+            return False  # a publish is writing: look again next time
+        except StoreError as exc:
+            log.warning("cannot rescan the store: %s", exc)
+            return False
         if changed:
             self._announce()
         return changed
 
+    def _pick_up(self, name: str, version: str) -> bool:
+        """Hold a version found in the store; True if it could be read."""
+        try:
+            manifest = self.store.load_manifest(name, version).manifest
+        except (FileNotFoundError, ArtifactError, OSError):
+            return False
+        if self.store.is_complete(manifest):
+            self._complete.add((name, version))
+            if self.store.is_origin(name, version):
+                self._origin.add((name, version))
+                log.info("announcing %s %s, published here", name, version)
+        self._set_holding(manifest, self.store.bitfield(manifest))
+        return True
+
     def _load_holdings(self) -> None:
         for signed in self.store.manifests():
-            manifest = signed.manifest
-            self._set_holding(manifest, self.store.bitfield(manifest))
-            if self.store.is_complete(manifest):
-                self._complete.add((manifest.name, manifest.version))
+            self._pick_up(signed.manifest.name, signed.manifest.version)
 
     def _set_holding(self, manifest: Manifest, have: Bitfield) -> None:
         key = (manifest.name, manifest.version)
@@ -294,12 +317,7 @@ class Distributor:
     def _kept(self, known: set[tuple[str, str]]) -> set[tuple[str, str]]:
         """Of `known` versions, the newest `keep_per_model` of each model, plus running downloads
         and whatever the node pins (`pinned`: the active and previous model, rollout targets)."""
-        by_name: dict[str, list[str]] = {}
-        for name, version in known:
-            by_name.setdefault(name, []).append(version)
-        kept = {(name, v) for name, versions in by_name.items()
-                for v in sorted(versions, key=version_order_key)[-self.settings.keep_per_model:]}
-        return kept | set(self._tasks) | self.pinned
+        return newest_versions(known, self.settings.keep_per_model) | set(self._tasks) | self.pinned
 
     def _start_wanted(self) -> None:
         peer_holdings = self._peer_holdings()

@@ -86,6 +86,15 @@ class OriginPolicy:
         if self.is_origin(name, version):
             self._given.add((name, version, index))
 
+    def forget(self, name: str, version: str) -> None:
+        """The version was garbage-collected: drop what was counted for it."""
+        self._given = {key for key in self._given if key[:2] != (name, version)}
+        self._refusals = {key: n for key, n in self._refusals.items() if key[:2] != (name, version)}
+
+    def tracked(self) -> set[tuple[str, str]]:
+        """The versions (name, version) this policy holds counts for."""
+        return {key[:2] for key in self._given} | {key[:2] for key in self._refusals}
+
 
 class TransferServicer(pb_grpc.TransferServicer):
     def __init__(self, store: ArtifactStore, *, max_uploads: int, upload: Pacer,

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -395,3 +396,46 @@ def test_stray_files_do_not_break_listing_or_gc(tmp_path, origin):
     store.gc({("okay-nabu", "1.0")})
     assert store.bitfield(published["okay-nabu"].manifest).complete
     assert not (tmp_path / "manifests" / "okay-nabu" / "2.0.json").exists()
+
+
+def test_published_versions_are_marked_as_originating_here_and_the_mark_survives_reopen(tmp_path, origin):
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    publish(wakeword_model("okay_nabu"), name="okay-nabu", version="1.0", key=PUBLISHER, store=store, params=SMALL)
+    copy_version(src, store, published["hey-jarvis"])  # received from a peer: not ours
+    store.assemble(published["hey-jarvis"].manifest)
+    reopened = ArtifactStore(tmp_path)
+    assert reopened.is_origin("okay-nabu", "1.0") and not reopened.is_origin("hey-jarvis", "1.0")
+    assert [(v.name, v.version) for v in reopened.versions()] == [("hey-jarvis", "1.0"), ("okay-nabu", "1.0")]
+    reopened.gc({("hey-jarvis", "1.0")})
+    assert not reopened.is_origin("okay-nabu", "1.0")
+    assert not list((tmp_path / "manifests").rglob("*.origin"))
+
+
+def test_gc_waits_for_a_publish_in_progress_and_keeps_its_version(tmp_path, origin):
+    """`mesh model publish` writes into a running node's store from another process. The node's sweep
+    must not list the versions before the manifest lands and then delete the new chunks as garbage."""
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    old, new = published["okay-nabu"], published["hey-jarvis"]
+    copy_version(src, store, old)
+    store.assemble(old.manifest)
+    offered: list[set] = []
+    result: list = []
+    swept = threading.Event()
+
+    def sweep():
+        result.append(store.collect(lambda stored: offered.append(set(stored)) or set(stored)))
+        swept.set()
+
+    with store.locked():  # what publish holds while it writes
+        sweeper = threading.Thread(target=sweep)
+        sweeper.start()
+        copy_version(src, store, new)
+        store.assemble(new.manifest)
+        assert not swept.is_set(), "the sweep ran while a publish held the store"
+    sweeper.join(timeout=30)
+    assert swept.is_set()
+    assert offered == [{("okay-nabu", "1.0"), ("hey-jarvis", "1.0")}]
+    assert result[0] == ({("okay-nabu", "1.0"), ("hey-jarvis", "1.0")}, 0)
+    assert store.is_complete(new.manifest) and store.verify_model(new.manifest)

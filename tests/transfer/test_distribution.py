@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from mesh.artifacts.manifest import Manifest, SignedManifest
-from mesh.artifacts.store import ArtifactStore
+from mesh.artifacts.store import TMP_PREFIX, ArtifactStore
 from mesh.artifacts.publish import delta, publish
 from mesh.identity.signing import KeyRole, load_signing_key
 from mesh.node.local import wait_for
@@ -164,6 +164,7 @@ async def test_old_versions_are_collected_and_not_fetched_again(cluster, fleet, 
         manifests.append(signed.manifest)
         await wait_for(lambda: complete_everywhere(c, signed.manifest), 30.0, interval_s=0.05,
                        what=f"face {version} everywhere")
+        assert ("face", version) in origin.transfer.origin.tracked()  # the origin counted what it sent
     v1_only = {ref.sha256 for ref in manifests[0].chunks} - {ref.sha256 for m in manifests[1:] for ref in m.chunks}
     assert v1_only
 
@@ -176,6 +177,7 @@ async def test_old_versions_are_collected_and_not_fetched_again(cluster, fleet, 
         assert ("face", "1") not in {h.key for h in node.distributor.holdings()}
         progress = node.distributor.progress.get(("face", "1"))
         assert node_id == "node-00" or progress.phase is Phase.COMPLETE  # fetched once, never again
+    assert ("face", "1") not in origin.transfer.origin.tracked()  # and forgot its counts for it
 
 
 async def test_disk_full_fails_the_download_clearly_and_keeps_what_was_complete(cluster, fleet, tmp_path):
@@ -206,7 +208,7 @@ async def test_disk_full_fails_the_download_clearly_and_keeps_what_was_complete(
         assert "No space left on device" in error and "free space" in error, error
         assert small.store.verify_model(nabu.manifest)  # the complete version is intact
         assert not small.store.is_complete(hand.manifest)
-        leftovers = [p for p in disk.rglob("*") if p.is_file() and p.name.startswith(".")]
+        leftovers = [p for p in disk.rglob("*") if p.is_file() and p.name.startswith(TMP_PREFIX)]
         assert not leftovers, f"temp files left behind: {leftovers}"
         # The node keeps serving: peers still see it alive and the other node completed.
         await wait_for(lambda: c.nodes["node-01"].store.is_complete(hand.manifest), 30.0, what="node-01 has hand 1")
@@ -215,3 +217,24 @@ async def test_disk_full_fails_the_download_clearly_and_keeps_what_was_complete(
         if "c" in locals():
             await c.close()
         subprocess.run(["umount", str(disk)], check=True)
+
+
+async def test_a_restarted_origin_is_still_the_origin_and_a_restarted_peer_is_not(cluster, fleet):
+    c = await cluster(2)
+    await wait_for(c.converged, 10.0, what="convergence")
+    origin, peer = c.nodes["node-00"], c.nodes["node-01"]
+    # As `mesh model publish` does from another process: straight into the running origin's store.
+    signed = publish(wakeword_model("okay_nabu"), name="nabu", version="1", key=publisher_key(fleet),
+                     store=origin.store)
+    await wait_for(lambda: origin.distributor.is_origin("nabu", "1"), 10.0, what="the origin picks up the publish")
+    await wait_for(lambda: peer.store.is_complete(signed.manifest), 20.0, what="node-01 has nabu 1")
+    assert not peer.distributor.is_origin("nabu", "1")
+
+    for node_id in ("node-00", "node-01"):
+        await c.stop(node_id)
+    origin = await c.add("node-00", seeds=[])
+    peer = await c.add("node-01", seeds=[origin.address])
+    assert origin.distributor.is_origin("nabu", "1")
+    assert not peer.distributor.is_origin("nabu", "1")
+    assert [row["origin"] for row in origin.distributor.model_status()] == [True]
+    assert [row["origin"] for row in peer.distributor.model_status()] == [False]

@@ -219,34 +219,40 @@ def model() -> None:
               help="The fleet's publisher signing key (publisher.key from `mesh fleet init`).")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The origin node's data_dir (its store is DATA_DIR/artifacts).")
-@click.option("--chunk-kib", type=click.Choice(["64", "128", "256", "512", "1024"]), default="256",
-              show_default=True, callback=lambda ctx, param, value: int(value),
-              help="Average content-defined chunk size (KiB).")
+@click.option("--chunk-kib", type=click.Choice(["64", "128", "256", "512", "1024"]), default=None,
+              callback=lambda ctx, param, value: None if value is None else int(value),
+              help="Average content-defined chunk size (KiB). Default: as the newest version of this model "
+                   "published here (same cuts, so peers fetch only changed chunks), else 256.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-def model_publish(model_file: Path, name: str, version: str, key_path: Path, data_dir: Path, chunk_kib: int,
-                  as_json: bool) -> None:
+def model_publish(model_file: Path, name: str, version: str, key_path: Path, data_dir: Path,
+                  chunk_kib: int | None, as_json: bool) -> None:
     """Check MODEL_FILE loads, chunk it, sign its manifest and store it at the origin node."""
     from mesh.artifacts.chunking import ChunkParams
     from mesh.artifacts.manifest import ArtifactError
-    from mesh.artifacts.publish import publish
+    from mesh.artifacts.publish import chunking_for, publish
     from mesh.artifacts.store import ArtifactStore
     from mesh.identity.signing import IdentityError, KeyRole, load_signing_key
 
     try:
         key = load_signing_key(key_path, KeyRole.PUBLISHER)
         store = ArtifactStore(data_dir / "artifacts")
-        signed = publish(model_file, name=name, version=version, key=key, store=store,
-                         params=ChunkParams(avg_size_bytes=chunk_kib * 1024))
+        if chunk_kib is None:
+            params, like = chunking_for(store, name)
+        else:
+            params, like = ChunkParams(avg_size_bytes=chunk_kib * 1024), None
+        signed = publish(model_file, name=name, version=version, key=key, store=store, params=params)
     except (ArtifactError, IdentityError, OSError) as exc:
         _fail(str(exc))
     m = signed.manifest
     summary = {"name": m.name, "version": m.version, "size_bytes": m.size_bytes, "sha256": m.sha256,
-               "chunks": len(m.chunks), "manifest_digest": m.digest, "publisher_key_id": m.publisher_key_id}
+               "chunks": len(m.chunks), "chunk_avg_bytes": params.avg_size_bytes, "chunking_from": like,
+               "manifest_digest": m.digest, "publisher_key_id": m.publisher_key_id}
     if as_json:
         _emit_json(summary)
     else:
-        console.print(f"published [bold]{m.name} {m.version}[/]: {m.size_bytes} bytes in {len(m.chunks)} chunks, "
-                      f"manifest {m.digest[:16]}..., signed by publisher key {m.publisher_key_id}")
+        how = f"chunked like {m.name} {like}" if like else f"{params.avg_size_bytes // 1024} KiB average chunks"
+        console.print(f"published [bold]{m.name} {m.version}[/]: {m.size_bytes} bytes in {len(m.chunks)} chunks "
+                      f"({how}), manifest {m.digest[:16]}..., signed by publisher key {m.publisher_key_id}")
 
 
 @model.command("ls", epilog="Example:\n\n  mesh model ls --data-dir /var/lib/fleetmesh")

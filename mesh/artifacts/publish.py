@@ -34,10 +34,14 @@ class PublishError(ArtifactError):
 
 
 def publish(model_path: Path, *, name: str, version: str, key: SigningKey, store: ArtifactStore,
-            params: ChunkParams = DEFAULT_CHUNK_PARAMS,
+            params: ChunkParams | None = None,
             min_runtime_version: str = DEFAULT_MIN_RUNTIME_VERSION,
             created_at: str | None = None, backend: Backend | None = None) -> SignedManifest:
     """Validate that `model_path` loads, chunk it, sign its manifest and store everything.
+
+    `params=None` chunks like the newest version of `name` published at this store (so a new
+    version shares the old one's cuts and peers fetch only the changed chunks), else with
+    DEFAULT_CHUNK_PARAMS; `chunking_for` tells which applies.
 
     Raises PublishError for a bad file, name or key; StoreError (including ManifestConflictError
     when this name and version already hold different bytes) for storage problems.
@@ -66,6 +70,8 @@ def publish(model_path: Path, *, name: str, version: str, key: SigningKey, store
         raise PublishError(f"{model_path} does not load in the TFLite runtime: {exc}") from None
     except BackendUnavailable as exc:
         raise PublishError(f"cannot validate {model_path}: {exc}") from None
+    if params is None:
+        params, _ = chunking_for(store, name)
     chunks = plan_chunks(data, params)
     try:
         manifest = Manifest(
@@ -85,8 +91,18 @@ def publish(model_path: Path, *, name: str, version: str, key: SigningKey, store
         for ref in chunks:
             store.put_manifest_chunk(manifest, ref.index, view[ref.offset:ref.end])
         store.assemble(manifest)
-        store.mark_origin(name, version)
+        store.mark_origin(name, version, chunking=params)
     return signed
+
+
+def chunking_for(store: ArtifactStore, name: str) -> tuple[ChunkParams, str | None]:
+    """The chunk parameters a new version of `name` gets by default, and the version they come
+    from (None: the defaults, nothing of `name` was published at this store)."""
+    previous = store.published_chunking(name)
+    if previous is None:
+        return DEFAULT_CHUNK_PARAMS, None
+    version, params = previous
+    return params, version
 
 
 def delta(old: Manifest | None, new: Manifest) -> list[ChunkRef]:

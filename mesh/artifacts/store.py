@@ -34,9 +34,11 @@ waiting, so neither sees half a publish. Others may read the store.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -47,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.artifacts.bitfield import Bitfield
+from mesh.artifacts.chunking import ChunkParams
 from mesh.artifacts.manifest import (
     ArtifactError,
     ChunkRef,
@@ -214,14 +217,35 @@ class ArtifactStore:
         """The marker saying this version was published at this store (the node is its origin)."""
         return self.manifest_path(name, version).with_suffix(ORIGIN_SUFFIX)
 
-    def mark_origin(self, name: str, version: str) -> None:
-        """Record, durably, that this version was published here: a restarted origin stays the origin."""
+    def mark_origin(self, name: str, version: str, *, chunking: ChunkParams | None = None) -> None:
+        """Record, durably, that this version was published here (a restarted origin stays the
+        origin) and with which chunk parameters (the next version reuses them: same cuts, small delta)."""
         path = self.origin_path(name, version)
-        if not path.exists():
-            self._write_atomic(path, [b"published at this node\n"], f"origin marker for {name} {version}")
+        if path.exists():
+            return
+        record = {"published_here": True}
+        if chunking is not None:
+            record["chunking"] = dataclasses.asdict(chunking)
+        self._write_atomic(path, [json.dumps(record).encode() + b"\n"], f"origin marker for {name} {version}")
 
     def is_origin(self, name: str, version: str) -> bool:
         return self.origin_path(name, version).exists()
+
+    def published_chunking(self, name: str) -> tuple[str, ChunkParams] | None:
+        """(version, chunk parameters) of the newest version of `name` published here that
+        recorded them; None if there is none."""
+        for stored_name, version in reversed(self.stored_versions()):
+            if stored_name != name:
+                continue
+            try:
+                record = json.loads(self.origin_path(name, version).read_bytes())
+                return version, ChunkParams(**record["chunking"])
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError, ArtifactError) as exc:
+                log.warning("ignoring the origin record of %s %s: %s", name, version, exc)
+                continue
+        return None
 
     @contextmanager
     def locked(self, *, exclusive: bool = True, wait: bool = True) -> Iterator[None]:

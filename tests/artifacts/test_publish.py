@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,3 +144,40 @@ def test_a_node_holding_the_old_version_fetches_only_the_delta(tmp_path, two_ver
     path = node.assemble(new.manifest)
     assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == new.manifest.sha256
     assert [(v.version, v.complete) for v in node.versions()] == [("1.0", True), ("1.1", True)]
+
+
+def changed_tail(path: Path, out: Path) -> Path:
+    data = bytearray(path.read_bytes())
+    at = len(data) - 100_000
+    data[at:at + 16 * 1024] = bytes(16 * 1024)
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_new_version_is_chunked_like_the_last_one_published_here(tmp_path):
+    """Chunk cuts depend on the parameters: a v2 cut with other parameters shares nothing with v1,
+    so peers would fetch all of it. Without --chunk-kib, publish reuses the previous version's."""
+    v1, v2 = mediapipe_model("hand_landmark_full"), changed_tail(mediapipe_model("hand_landmark_full"),
+                                                                 tmp_path / "v2.tflite")
+    store = ArtifactStore(tmp_path / "origin")
+    first = publish(v1, name="hand", version="1.0", key=PUBLISHER, store=store,
+                    params=ChunkParams(avg_size_bytes=64 * 1024)).manifest
+    second = publish(v2, name="hand", version="1.1", key=PUBLISHER, store=store).manifest
+    reused = sum(c.size_bytes for c in delta(first, second))
+    assert reused < second.size_bytes // 10, reused
+    assert store.published_chunking("hand") == ("1.1", ChunkParams(avg_size_bytes=64 * 1024))
+    # The same v2 cut with the defaults (what happened before parameters were remembered):
+    fresh = publish(v2, name="hand", version="1.1", key=PUBLISHER, store=ArtifactStore(tmp_path / "other")).manifest
+    assert sum(c.size_bytes for c in delta(first, fresh)) > second.size_bytes // 2
+
+
+def test_cli_says_which_chunking_a_version_got(tmp_path, fleet):
+    mesh = [sys.executable, "-m", "mesh", "model", "publish", "--key", str(fleet.directory / "publisher.key"),
+            "--data-dir", str(tmp_path / "d"), "--json", "--name", "nabu"]
+    model = wakeword_model("okay_nabu")
+    runs = [subprocess.run([*mesh, str(model), "--version", version, *extra], capture_output=True, text=True)
+            for version, extra in (("1", ["--chunk-kib", "64"]), ("2", []), ("3", ["--chunk-kib", "128"]))]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    got = [json.loads(run.stdout) for run in runs]
+    assert [(g["chunk_avg_bytes"], g["chunking_from"]) for g in got] == [(65536, None), (65536, "1"), (131072, None)]

@@ -99,16 +99,21 @@ def test_refuses_bad_names_and_non_publisher_keys(tmp_path):
                 min_runtime_version="new")
 
 
+def changed_tail(path: Path, out: Path) -> Path:
+    """`path` with 16 KiB of weights near the end zeroed (it still loads), written to `out`."""
+    data = bytearray(path.read_bytes())
+    at = len(data) - 100_000
+    data[at:at + 16 * 1024] = bytes(16 * 1024)
+    out.write_bytes(bytes(data))
+    return out
+
+
 @pytest.fixture(scope="module")
 def two_versions(tmp_path_factory) -> tuple[ArtifactStore, SignedManifest, SignedManifest]:
     """hand_landmark_full as 1.0, and as 1.1 with 16 KiB of weights near the end changed (still loads)."""
     work = tmp_path_factory.mktemp("versions")
     v1 = mediapipe_model("hand_landmark_full")
-    data = bytearray(v1.read_bytes())
-    at = len(data) - 100_000
-    data[at:at + 16 * 1024] = bytes(16 * 1024)
-    v2 = work / "hand_landmark_full_v2.tflite"
-    v2.write_bytes(bytes(data))
+    v2 = changed_tail(v1, work / "hand_landmark_full_v2.tflite")
     origin = ArtifactStore(work / "origin")
     return (origin, publish(v1, name="hand-landmark", version="1.0", key=PUBLISHER, store=origin),
             publish(v2, name="hand-landmark", version="1.1", key=PUBLISHER, store=origin))
@@ -145,13 +150,6 @@ def test_a_node_holding_the_old_version_fetches_only_the_delta(tmp_path, two_ver
     assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == new.manifest.sha256
     assert [(v.version, v.complete) for v in node.versions()] == [("1.0", True), ("1.1", True)]
 
-
-def changed_tail(path: Path, out: Path) -> Path:
-    data = bytearray(path.read_bytes())
-    at = len(data) - 100_000
-    data[at:at + 16 * 1024] = bytes(16 * 1024)
-    out.write_bytes(bytes(data))
-    return out
 
 
 def test_a_new_version_is_chunked_like_the_last_one_published_here(tmp_path):

@@ -6,6 +6,7 @@ assembled model, so it can seed the version to its peers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,13 +87,29 @@ def publish(model_path: Path, *, name: str, version: str, key: SigningKey, store
     # Under the store lock: a running node neither sweeps these files as garbage nor announces
     # the version before it is complete and marked as published here.
     with store.locked():
+        earlier = _earlier_run(store, manifest)
+        if earlier is not None:  # the same file, published before but perhaps not to the end
+            signed, manifest = earlier, earlier.manifest
         store.save_manifest(signed, trusted=TrustedKeys([key.verify_key]))
+        # Marked before the chunks: a publish killed later and run again (which then finds the
+        # version's manifest) still leaves this node its origin.
+        store.mark_origin(name, version, chunking=params)
         view = memoryview(data)
         for ref in chunks:
             store.put_manifest_chunk(manifest, ref.index, view[ref.offset:ref.end])
         store.assemble(manifest)
-        store.mark_origin(name, version, chunking=params)
     return signed
+
+
+def _earlier_run(store: ArtifactStore, manifest: Manifest) -> SignedManifest | None:
+    """The stored manifest of this version if it describes the very same file, chunks and signer
+    (only its creation time differs): a publish that was killed midway is finished, not refused."""
+    try:
+        stored = store.load_manifest(manifest.name, manifest.version)
+    except (FileNotFoundError, ArtifactError):
+        return None
+    same = dataclasses.replace(stored.manifest, created_at=manifest.created_at) == manifest
+    return stored if same else None
 
 
 def chunking_for(store: ArtifactStore, name: str) -> tuple[ChunkParams, str | None]:

@@ -18,6 +18,8 @@ Rules that make crashes harmless:
 - A chunk is stored only after its bytes hash to its name (and, through
   `put_manifest_chunk`, to the manifest's entry for that index).
 - A manifest is stored only after its publisher signature verifies.
+- A published version's origin mark is written right after its manifest
+  (it counts only once the version is complete) and removed before it.
 - A version is complete only when models/<name>/<version>.tflite exists, and
   that file is renamed into place only after every chunk was present and the
   whole file hashed to the manifest's SHA-256. A partial download is never
@@ -134,6 +136,8 @@ class ArtifactStore:
         for directory in (self.root, self.chunks_dir, self.manifests_dir, self.models_dir):
             self._mkdir(directory)
         self.removed_temp_files = self._sweep_temp_files()
+        with self.locked(exclusive=False):
+            pass  # creates .lock now, with this process's owner and umask
 
     # --- chunks -------------------------------------------------------------------------------
 
@@ -239,12 +243,16 @@ class ArtifactStore:
                 continue
             try:
                 record = json.loads(self.origin_path(name, version).read_bytes())
-                return version, ChunkParams(**record["chunking"])
             except FileNotFoundError:
-                continue
-            except (OSError, ValueError, KeyError, TypeError, ArtifactError) as exc:
-                log.warning("ignoring the origin record of %s %s: %s", name, version, exc)
-                continue
+                continue  # received from a peer, not published here
+            except (OSError, ValueError) as exc:
+                log.warning("cannot read the origin record of %s %s: %s", name, version, exc)
+                return None
+            # The newest version published here decides; an older one may have been cut otherwise.
+            try:
+                return version, ChunkParams(**record["chunking"])
+            except (KeyError, TypeError, ArtifactError):
+                return None
         return None
 
     @contextmanager
@@ -255,6 +263,11 @@ class ArtifactStore:
         path = self.root / LOCK_NAME
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            try:  # made by another user (say, a publish run with sudo): flock works read-only too
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise self._os_error(exc, "open", path) from None
         except OSError as exc:
             raise self._os_error(exc, "open", path) from None
         try:
@@ -424,12 +437,12 @@ class ArtifactStore:
 
     # --- garbage collection -------------------------------------------------------------------
 
-    def collect(self, policy: Callable[[set[tuple[str, str]]], set[tuple[str, str]]]
+    def collect(self, policy: Callable[[set[tuple[str, str]]], set[tuple[str, str]]], *, wait: bool = True
                 ) -> tuple[set[tuple[str, str]], int]:
         """Under the store lock, list the stored versions, keep `policy(stored)` and sweep the rest;
-        return (kept, bytes freed). A `mesh model publish` running meanwhile is waited for, so its
-        version is listed (and offered to the policy) rather than swept half-written."""
-        with self.locked():
+        return (kept, bytes freed). A `mesh model publish` running meanwhile is waited for (or, with
+        wait=False, BlockingIOError raised at once), so its version is never swept half-written."""
+        with self.locked(wait=wait):
             kept = set(policy(set(self.stored_versions())))
             return kept, self.gc(kept)
 
@@ -457,7 +470,9 @@ class ArtifactStore:
         freed = 0
         for name, version in self.stored_versions():
             if (name, version) not in keep:
-                # Model first: a complete model never outlives its manifest.
+                # Origin mark, then model, then manifest: neither a mark nor a complete model
+                # outlives its manifest if the sweep is cut short.
+                freed += self._unlink(self.origin_path(name, version))
                 freed += self._unlink(self.model_path(name, version))
                 freed += self._unlink(self.manifest_path(name, version))
         for name in self._listdir(self.manifests_dir):

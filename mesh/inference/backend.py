@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import logging
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from mesh.inference.signature import ModelSignature, signature_from_details
+
+log = logging.getLogger(__name__)
 
 # (backend name, module holding Interpreter), in order of preference.
 BACKENDS = (("litert", "ai_edge_litert.interpreter"), ("tflite-runtime", "tflite_runtime.interpreter"))
@@ -54,15 +58,15 @@ class Backend:
     _verify: Any = None
 
     def load(self, model: Path | bytes, *, num_threads: int = 1) -> LoadedModel:
-        """Load and allocate a model from a file path or its bytes."""
+        """Load and allocate a model from a file path (mapped by the runtime) or its bytes."""
+        where = str(model) if isinstance(model, Path) else "model bytes"
         if self._verify is not None:
-            if isinstance(model, Path):
-                try:
-                    model = model.read_bytes()
-                except OSError as exc:
-                    raise ModelLoadError(f"{model}: cannot read: {exc.strerror or exc}") from None
-            if not self._verify(bytes(model)):
-                raise ModelLoadError("model bytes: not a loadable TFLite model: the flatbuffer does not verify "
+            try:
+                content = model.read_bytes() if isinstance(model, Path) else bytes(model)
+            except OSError as exc:
+                raise ModelLoadError(f"{where}: cannot read: {exc.strerror or exc}") from None
+            if not self._verify(content):
+                raise ModelLoadError(f"{where}: not a loadable TFLite model: the flatbuffer does not verify "
                                      "(truncated or corrupt file)")
         try:
             if isinstance(model, (bytes, bytearray, memoryview)):
@@ -71,7 +75,6 @@ class Backend:
                 interpreter = self._interpreter_class(model_path=str(model), num_threads=num_threads)
             interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            where = "model bytes" if not isinstance(model, Path) else str(model)
             raise ModelLoadError(f"{where}: not a loadable TFLite model: {exc}") from None
         return LoadedModel(interpreter, signature_from_details(interpreter.get_input_details(),
                                                                 interpreter.get_output_details()))
@@ -133,18 +136,24 @@ def _flatbuffer_verifier(module: Any) -> Any:
     """A function bytes -> bool running the runtime's own flatbuffer verifier, or None if its
     extension module does not export it (another tflite-runtime build: the child-process probe
     is then the only guard)."""
+    unguarded = "the child-process probe is the only guard against a malformed model crashing the node"
+    # The unique_ptr comes back through a hidden pointer: the first argument on x86-64 (what the
+    # argtypes below say), but register x8 on AArch64, where this call would corrupt memory.
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        log.warning("flatbuffer verifier not used on %s (only called on x86-64); %s", platform.machine(), unguarded)
+        return None
     extension = getattr(module, "_interpreter_wrapper", None)
     path = getattr(extension, "__file__", None)
-    if path is None:
-        return None
     try:
+        if path is None:
+            raise AttributeError("no extension module path")
         library = ctypes.CDLL(path)
         verify_and_build = getattr(library, _VERIFY_AND_BUILD)
         destroy = getattr(library, _MODEL_DESTRUCTOR)
         free = library._ZdlPv  # operator delete(void*), found through the module's libstdc++
-    except (OSError, AttributeError):
+    except (OSError, AttributeError) as exc:
+        log.warning("tflite-runtime's flatbuffer verifier is not reachable (%s); %s", exc, unguarded)
         return None
-    # The unique_ptr comes back through a hidden first argument (Itanium C++ ABI).
     verify_and_build.restype = None
     verify_and_build.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_size_t,
                                  ctypes.c_void_p, ctypes.c_void_p]

@@ -197,7 +197,10 @@ class Distributor:
         keep_per_model = self.settings.keep_per_model
         try:
             kept, freed = await asyncio.to_thread(
-                self.store.collect, lambda stored: newest_versions(stored, keep_per_model) | extra)
+                self.store.collect, lambda stored: newest_versions(stored, keep_per_model) | extra, wait=False)
+        except BlockingIOError:  # a publish is writing into the store: never block the loop on it
+            self._gc_pending = True
+            return 0
         except StoreError as exc:
             log.error("garbage collection skipped: %s", exc)
             return 0
@@ -223,7 +226,12 @@ class Distributor:
         try:
             with self.store.locked(exclusive=False, wait=False):
                 for name, version in self.store.stored_versions():
-                    if (name, version) not in self._holdings and (name, version) not in self._tasks:
+                    key = (name, version)
+                    if key in self._tasks or key in self._complete:
+                        continue
+                    # New, or held incomplete but now whole (a publish that was midway when we
+                    # started, or one run again after it was cut short).
+                    if key not in self._holdings or self.store.model_path(name, version).exists():
                         changed |= self._pick_up(name, version)
         except BlockingIOError:
             return False  # a publish is writing: look again next time
@@ -235,18 +243,22 @@ class Distributor:
         return changed
 
     def _pick_up(self, name: str, version: str) -> bool:
-        """Hold a version found in the store; True if it could be read."""
+        """Hold a version found in the store; True if that changed what we announce (newly held,
+        or newly complete)."""
         try:
             manifest = self.store.load_manifest(name, version).manifest
         except (FileNotFoundError, ArtifactError, OSError):
             return False
+        changed = (name, version) not in self._holdings
         if self.store.is_complete(manifest):
+            changed = True
             self._complete.add((name, version))
             if self.store.is_origin(name, version):
                 self._origin.add((name, version))
                 log.info("announcing %s %s, published here", name, version)
-        self._set_holding(manifest, self.store.bitfield(manifest))
-        return True
+        if changed:
+            self._set_holding(manifest, self.store.bitfield(manifest))
+        return changed
 
     def _load_holdings(self) -> None:
         for signed in self.store.manifests():
@@ -367,6 +379,8 @@ class Distributor:
             progress.phase = Phase.ASSEMBLING
             await asyncio.to_thread(self.store.assemble, manifest)
             self._complete.add(key)
+            if self.store.is_origin(name, version):  # finished by a publish here, not by peers
+                self._origin.add(key)
             self._set_holding(manifest, Bitfield.full(len(manifest.chunks)))
             self._announce()
             log.info("%s %s complete: %d bytes, %d downloaded, in %.2fs", name, version, manifest.size_bytes,
@@ -493,6 +507,8 @@ class Distributor:
         await asyncio.sleep(core.config.dissemination_s(core.live_count()))
         try:
             while not scheduler.done:
+                if self.store.is_complete(manifest):
+                    break  # a `mesh model publish` here (re)wrote the whole version meanwhile
                 refresh_peers()
                 for request in scheduler.next_requests(self._now()):
                     running[(request.peer_id, request.index)] = asyncio.create_task(self._fetch_chunk(

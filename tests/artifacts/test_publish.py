@@ -14,6 +14,7 @@ from mesh.artifacts import (
     ArtifactStore,
     ChunkParams,
     ManifestConflictError,
+    StoreError,
     PublishError,
     SignedManifest,
     delta,
@@ -161,8 +162,8 @@ def test_a_new_version_is_chunked_like_the_last_one_published_here(tmp_path):
     first = publish(v1, name="hand", version="1.0", key=PUBLISHER, store=store,
                     params=ChunkParams(avg_size_bytes=64 * 1024)).manifest
     second = publish(v2, name="hand", version="1.1", key=PUBLISHER, store=store).manifest
-    reused = sum(c.size_bytes for c in delta(first, second))
-    assert reused < second.size_bytes // 10, reused
+    to_fetch = sum(c.size_bytes for c in delta(first, second))
+    assert to_fetch < second.size_bytes // 10, to_fetch
     assert store.published_chunking("hand") == ("1.1", ChunkParams(avg_size_bytes=64 * 1024))
     # The same v2 cut with the defaults (what happened before parameters were remembered):
     fresh = publish(v2, name="hand", version="1.1", key=PUBLISHER, store=ArtifactStore(tmp_path / "other")).manifest
@@ -179,3 +180,31 @@ def test_cli_says_which_chunking_a_version_got(tmp_path, fleet):
         assert run.returncode == 0, run.stderr
     got = [json.loads(run.stdout) for run in runs]
     assert [(g["chunk_avg_bytes"], g["chunking_from"]) for g in got] == [(65536, None), (65536, "1"), (131072, None)]
+
+
+def test_a_publish_cut_short_is_finished_by_running_it_again(tmp_path, monkeypatch):
+    """Killed (here: failing) after its manifest and one chunk, a publish run again with the same file
+    completes the version, instead of refusing it as a changed version, and the node is its origin."""
+    store = ArtifactStore(tmp_path)
+    model = mediapipe_model("face_detection_short_range")
+    real_put = ArtifactStore.put_manifest_chunk
+    calls = []
+
+    def put_then_fail(self, manifest, index, data):
+        calls.append(index)
+        if len(calls) > 1:
+            raise StoreError("No space left on device (injected)")
+        return real_put(self, manifest, index, data)
+
+    monkeypatch.setattr(ArtifactStore, "put_manifest_chunk", put_then_fail)
+    params = ChunkParams(avg_size_bytes=16 * 1024)
+    with pytest.raises(StoreError, match="injected"):
+        publish(model, name="face", version="1", key=PUBLISHER, store=store, params=params, created_at=WHEN)
+    monkeypatch.undo()
+    first = store.load_manifest("face", "1")
+    assert not store.is_complete(first.manifest)
+    again = publish(model, name="face", version="1", key=PUBLISHER, store=store)  # later: another created_at
+    assert again == first
+    assert store.verify_model(first.manifest) and store.is_origin("face", "1")
+    with pytest.raises(ManifestConflictError):  # a different file still cannot take the version
+        publish(wakeword_model("alexa"), name="face", version="1", key=PUBLISHER, store=store)

@@ -439,3 +439,25 @@ def test_gc_waits_for_a_publish_in_progress_and_keeps_its_version(tmp_path, orig
     assert offered == [{("okay-nabu", "1.0"), ("hey-jarvis", "1.0")}]
     assert result[0] == ({("okay-nabu", "1.0"), ("hey-jarvis", "1.0")}, 0)
     assert store.is_complete(new.manifest) and store.verify_model(new.manifest)
+
+
+def test_a_sweep_that_must_not_wait_gives_way_to_a_publish(tmp_path, origin):
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    copy_version(src, store, published["okay-nabu"])
+    with store.locked():
+        with pytest.raises(BlockingIOError):
+            store.collect(lambda stored: set(), wait=False)
+    assert store.bitfield(published["okay-nabu"].manifest).complete  # nothing was swept
+    assert store.collect(lambda stored: set(), wait=False)[1] > 0
+
+
+def test_only_the_newest_version_published_here_decides_the_next_chunking(tmp_path, origin):
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    publish(wakeword_model("okay_nabu"), name="okay-nabu", version="0.9", key=PUBLISHER, store=store, params=SMALL)
+    assert store.published_chunking("okay-nabu") == ("0.9", SMALL)
+    copy_version(src, store, published["okay-nabu"])  # 1.0, received from a peer: does not count
+    assert store.published_chunking("okay-nabu") == ("0.9", SMALL)
+    store.mark_origin("okay-nabu", "1.0")  # ours, but its chunking was not recorded
+    assert store.published_chunking("okay-nabu") is None  # not 0.9's: 1.0 may have been cut otherwise

@@ -228,19 +228,17 @@ def test_model_that_would_crash_the_runtime_is_refused_not_fatal(make_runtime, b
     assert runtime.infer(wire_inputs(signature, model_input(signature)), timeout_s=30).version == "1"
 
 
-@pytest.mark.parametrize("path", [wakeword_model("alexa"), mediapipe_model("face_detection_short_range")],
-                         ids=lambda p: p.stem)
-def test_every_truncation_of_a_real_model_is_refused_in_process(backend, path):
+@pytest.mark.parametrize("model", ["alexa", "face_detection_short_range"])
+def test_every_truncation_of_a_real_model_is_refused_in_process(backend, model):
     """Cut a real model at 48 places: each cut is refused with ModelLoadError, and this process (which
     loads them in-process, no child) survives to count them."""
+    if backend.name == "tflite-runtime":
+        assert backend._verify is not None, "tflite-runtime's verifier was not found: the cuts below would crash"
+    path = wakeword_model(model) if model == "alexa" else mediapipe_model(model)
     content = path.read_bytes()
-    cuts = sorted({int(len(content) * i / 48) for i in range(48)})
-    refused = 0
-    for cut in cuts:
+    for cut in sorted({int(len(content) * i / 48) for i in range(48)}):
         with pytest.raises(ModelLoadError):
             backend.load(content[:cut])
-        refused += 1
-    assert refused == len(cuts)
     assert backend.load(content).signature == signature_of(path)
 
 

@@ -4,7 +4,8 @@ manifests and assembled models.
 Layout under the store's root (the node gives it a directory of its own,
 e.g. <data_dir>/artifacts):
 
-    chunks/<first two hex>/<sha256>         chunk bytes, named by their SHA-256
+    chunks/<first two hex>/<sha256>         chunk bytes, named by their SHA-256, until a
+                                            complete model holds them (see below)
     manifests/<name>/<version>.json         signed manifest, as received
     manifests/<name>/<version>.origin       present if the version was published here
     models/<name>/<version>.tflite          the whole model, only once complete
@@ -26,6 +27,12 @@ Rules that make crashes harmless:
   visible as a complete version; its verified chunks survive a restart.
 - Disk full or an I/O error fails the one write with StoreError, removes its
   temp file and leaves every stored file as it was.
+
+A chunk is stored once: a complete model holds the bytes of every chunk of its
+version, so once a model is assembled its chunk files are removed and the
+chunks are read (and re-verified) from the model file. Garbage collection
+writes a chunk back to its own file before it removes the last complete model
+holding it, if a kept version still needs it.
 
 One process writes a store at a time (the node), except that `mesh model
 publish` adds a version from another process. It does so under an exclusive
@@ -135,6 +142,7 @@ class ArtifactStore:
         self.models_dir = self.root / "models"
         for directory in (self.root, self.chunks_dir, self.manifests_dir, self.models_dir):
             self._mkdir(directory)
+        self._packed_cache: tuple[tuple, dict[str, tuple[Path, int, int]]] | None = None
         self.removed_temp_files = self._sweep_temp_files()
         with self.locked(exclusive=False):
             pass  # creates .lock now, with this process's owner and umask
@@ -147,7 +155,39 @@ class ArtifactStore:
         return self.chunks_dir / sha256[:2] / sha256
 
     def has_chunk(self, sha256: str) -> bool:
-        return self.chunk_path(sha256).is_file()
+        return self.chunk_path(sha256).is_file() or sha256 in self._packed()
+
+    def _packed(self) -> dict[str, tuple[Path, int, int]]:
+        """sha256 -> (model file, offset, size) for every chunk a complete model holds.
+
+        Rebuilt when the set of model files changes (this process or a publish in another)."""
+        files = []
+        for name in sorted(self._listdir(self.models_dir)):
+            for file in sorted(self._listdir(self.models_dir / name)):
+                if file.endswith(".tflite") and not file.startswith("."):
+                    path = self.models_dir / name / file
+                    try:
+                        stat = path.stat()
+                    except OSError:
+                        continue
+                    files.append((name, file[: -len(".tflite")], stat.st_size, stat.st_mtime_ns, stat.st_ino))
+        fingerprint = tuple(files)
+        cached = self._packed_cache
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        index: dict[str, tuple[Path, int, int]] = {}
+        for name, version, size, _, _ in files:
+            try:
+                manifest = self.load_manifest(name, version).manifest
+            except (FileNotFoundError, ArtifactError, OSError):
+                continue
+            if manifest.size_bytes != size:
+                continue
+            path = self.model_path(name, version)
+            for ref in manifest.chunks:
+                index.setdefault(ref.sha256, (path, ref.offset, ref.size_bytes))
+        self._packed_cache = (fingerprint, index)
+        return index
 
     def put_chunk(self, sha256: str, data: bytes) -> Path:
         """Store `data` under its SHA-256 after checking it is `sha256`; return the chunk's path."""
@@ -178,7 +218,9 @@ class ArtifactStore:
         return self._put_verified(self.chunk_path(ref.sha256), data)
 
     def _put_verified(self, path: Path, data: bytes) -> Path:
-        if not path.is_file():  # content-addressed: the same name always holds the same bytes
+        # Content-addressed: the same name always holds the same bytes, and a chunk a complete
+        # model holds is not stored twice.
+        if not path.is_file() and path.name not in self._packed():
             self._write_atomic(path, [data], f"chunk {path.name[:16]}...")
         return path
 
@@ -188,13 +230,32 @@ class ArtifactStore:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise MissingChunkError(f"chunk {sha256[:16]}... is not in the store ({path})") from None
+            return self._read_packed(sha256)
         except OSError as exc:
             raise self._os_error(exc, "read", path) from None
         if _sha256(data) != sha256:
             log.warning("chunk %s is corrupt on disk; removing it so it is fetched again", path)
             self._unlink(path)
             raise BadChunkError(f"chunk {path} no longer matches its hash (disk corruption); removed it")
+        return data
+
+    def _read_packed(self, sha256: str) -> bytes:
+        where = self._packed().get(sha256)
+        if where is None:
+            raise MissingChunkError(f"chunk {sha256[:16]}... is not in the store ({self.chunk_path(sha256)})")
+        path, offset, size = where
+        try:
+            with open(path, "rb") as f:
+                data = os.pread(f.fileno(), size, offset)
+        except FileNotFoundError:  # collected meanwhile
+            raise MissingChunkError(f"chunk {sha256[:16]}... is not in the store ({path} is gone)") from None
+        except OSError as exc:
+            raise self._os_error(exc, "read", path) from None
+        if len(data) != size or _sha256(data) != sha256:
+            # The model itself rotted: activation re-hashes it and refuses it; peers fetch elsewhere.
+            log.error("model file %s is corrupt on disk: bytes %d..%d no longer match chunk %s",
+                      path, offset, offset + size, sha256[:16])
+            raise BadChunkError(f"chunk {sha256[:16]}... in {path} no longer matches its hash (disk corruption)")
         return data
 
     def chunk_names(self) -> Iterator[str]:
@@ -343,7 +404,9 @@ class ArtifactStore:
 
     def bitfield(self, manifest: Manifest) -> Bitfield:
         """Which chunks of `manifest` this store holds."""
-        return Bitfield(len(manifest.chunks), (c.index for c in manifest.chunks if self.has_chunk(c.sha256)))
+        packed = self._packed()
+        return Bitfield(len(manifest.chunks), (c.index for c in manifest.chunks
+                                               if c.sha256 in packed or self.chunk_path(c.sha256).is_file()))
 
     def missing_chunks(self, manifest: Manifest) -> list[ChunkRef]:
         field = self.bitfield(manifest)
@@ -421,7 +484,15 @@ class ArtifactStore:
                 )
 
         self._write_atomic(path, pieces(), f"model {manifest.label}", check=check)
+        self._unpack(manifest)
         return path
+
+    def _unpack(self, manifest: Manifest) -> int:
+        """Remove the chunk files of a version whose complete model now holds them; bytes freed.
+        A crash midway leaves some as files too: harmless, GC removes them later."""
+        if manifest.chunks[0].sha256 not in self._packed():
+            return 0  # the model is not (or no longer) in place
+        return sum(self._unlink(self.chunk_path(ref.sha256)) for ref in manifest.chunks)
 
     def verify_model(self, manifest: Manifest) -> bool:
         """Re-hash the complete model file (activation does this before loading it)."""
@@ -467,6 +538,15 @@ class ArtifactStore:
                     "its chunks would be lost"
                 ) from None
             needed.update(c.sha256 for c in signed.manifest.chunks)
+        # Chunks a kept version needs that only a model about to go holds: back to chunk files.
+        packed = self._packed()
+        for sha in needed:
+            where = packed.get(sha)
+            if where is None or self.chunk_path(sha).is_file():
+                continue
+            holder = where[0]
+            if (holder.parent.name, holder.name[: -len(".tflite")]) not in keep:
+                self._write_atomic(self.chunk_path(sha), [self._read_packed(sha)], f"chunk {sha[:16]}...")
         freed = 0
         for name, version in self.stored_versions():
             if (name, version) not in keep:
@@ -485,8 +565,9 @@ class ArtifactStore:
                     continue
                 if (name, file[: -len(".tflite")]) not in keep:
                     freed += self._unlink(self.models_dir / name / file)  # orphan: no manifest kept
+        packed = self._packed()  # what the kept complete models hold
         for sha in list(self.chunk_names()):
-            if sha not in needed:
+            if sha not in needed or sha in packed:
                 freed += self._unlink(self.chunk_path(sha))
         for parent in (self.manifests_dir, self.models_dir):
             for name in self._listdir(parent):
@@ -533,7 +614,8 @@ class ArtifactStore:
     def _os_error(self, exc: OSError, action: str, path: Path) -> StoreError:
         reason = exc.strerror or str(exc)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            hint = f"free space on the disk holding {self.root} (`mesh model gc` removes unused versions)"
+            hint = (f"free space on the disk holding {self.root} (the node already keeps only the newest "
+                    "versions of each model; `mesh model ls` shows what is stored)")
         elif exc.errno == errno.EIO:
             hint = "the storage device reported an I/O error: check the disk"
         elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -294,7 +294,7 @@ def test_disk_full_during_transfer_fails_cleanly_and_keeps_complete_versions(tin
             store.put_manifest_chunk(hand, ref.index, src.read_chunk(ref.sha256))
             stored += 1
     message = str(info.value)
-    assert "No space left on device" in message and str(root) in message and "mesh model gc" in message
+    assert "No space left on device" in message and str(root) in message and "mesh model ls" in message
     assert stored >= 1, stored  # some chunks made it before the disk filled up
     assert temp_files(root) == []
     assert store.is_complete(nabu) and store.verify_model(nabu)
@@ -313,8 +313,12 @@ def test_disk_full_while_assembling_leaves_no_half_model(tiny_disk, origin):
     store = ArtifactStore(root)
     nabu, jarvis = published["okay-nabu"].manifest, published["hey-jarvis"].manifest
     copy_version(src, store, published["okay-nabu"])  # 80 KB
-    store.assemble(nabu)  # 80 KB
-    copy_version(src, store, published["hey-jarvis"])  # 52 KB: all chunks fit, a second copy does not
+    store.assemble(nabu)  # 80 KB, then its chunk files go
+    assert not any(store.chunk_path(c.sha256).exists() for c in nabu.chunks)
+    copy_version(src, store, published["hey-jarvis"])  # 52 KB of chunks
+    stat = os.statvfs(root)
+    # Leave room for less than the assembled model: the chunks are in, the whole file is not.
+    (root.parent / "filler").write_bytes(bytes(stat.f_bavail * stat.f_frsize - jarvis.size_bytes // 2))
     with pytest.raises(StoreError, match=f"cannot write model hey-jarvis 1.0 to .*{jarvis.version}.tflite: "
                                          "No space left on device"):
         store.assemble(jarvis)
@@ -360,7 +364,7 @@ def test_gc_keeps_what_is_asked_and_drops_chunks_nobody_needs(tmp_path, origin):
     jarvis_chunks = {c.sha256 for c in jarvis.manifest.chunks} - {c.sha256 for c in nabu.manifest.chunks}
 
     freed = store.gc({("okay-nabu", "1.0"), ("okay-nabu", "0.9"), ("never", "stored")})
-    assert freed >= 2 * jarvis_bytes  # the model and its chunks
+    assert freed >= jarvis_bytes  # the model (its chunk files went when it was assembled)
     assert [(v.name, v.version, v.complete) for v in store.versions()] == [
         ("okay-nabu", "0.9", True), ("okay-nabu", "1.0", True)]
     assert not any(store.has_chunk(sha) for sha in jarvis_chunks)
@@ -461,3 +465,59 @@ def test_only_the_newest_version_published_here_decides_the_next_chunking(tmp_pa
     assert store.published_chunking("okay-nabu") == ("0.9", SMALL)
     store.mark_origin("okay-nabu", "1.0")  # ours, but its chunking was not recorded
     assert store.published_chunking("okay-nabu") is None  # not 0.9's: 1.0 may have been cut otherwise
+
+
+def store_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in (root / "chunks").rglob("*") if p.is_file()) + \
+        sum(p.stat().st_size for p in (root / "models").rglob("*") if p.is_file())
+
+
+def test_a_complete_version_is_stored_once_and_its_chunks_are_served_from_the_model(tmp_path, origin):
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    hand = published["hand"].manifest
+    copy_version(src, store, published["hand"])
+    assert store_bytes(tmp_path) == hand.size_bytes  # chunk files only
+    store.assemble(hand)
+    assert store_bytes(tmp_path) == hand.size_bytes  # the model only, not both
+    assert list(store.chunk_names()) == []
+    assert store.bitfield(hand).complete and store.verify_model(hand)
+    for ref in hand.chunks[::7]:
+        assert store.read_chunk(ref.sha256) == src.read_chunk(ref.sha256)
+    # A version sharing chunks with it finds them held, stores only its own, and assembles.
+    reopened = ArtifactStore(tmp_path)
+    assert reopened.bitfield(hand).complete
+
+
+def test_gc_writes_back_the_chunks_a_kept_download_needs_before_removing_their_model(tmp_path, origin):
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    nabu = published["okay-nabu"]
+    copy_version(src, store, nabu)
+    store.assemble(nabu.manifest)
+    # 0.9: the same chunks, being downloaded; it needs nothing: 1.0's model holds them all.
+    older = sign_manifest(dataclasses.replace(nabu.manifest, version="0.9"), PUBLISHER)
+    store.save_manifest(older, trusted=TRUST)
+    assert store.bitfield(older.manifest).complete and not store.is_complete(older.manifest)
+    store.gc({("okay-nabu", "0.9")})  # 1.0 goes; 0.9 must not lose its chunks with it
+    assert not store.is_complete(nabu.manifest)
+    assert store.bitfield(older.manifest).complete
+    store.assemble(older.manifest)
+    assert store.verify_model(older.manifest) and list(store.chunk_names()) == []
+
+
+def test_a_model_that_rots_on_disk_serves_no_bad_chunk(tmp_path, origin):
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    nabu = published["okay-nabu"].manifest
+    copy_version(src, store, published["okay-nabu"])
+    store.assemble(nabu)
+    ref = nabu.chunks[1]
+    path = store.model_path(nabu.name, nabu.version)
+    data = bytearray(path.read_bytes())
+    data[ref.offset + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BadChunkError, match="no longer matches its hash"):
+        store.read_chunk(ref.sha256)
+    assert store.read_chunk(nabu.chunks[0].sha256) == src.read_chunk(nabu.chunks[0].sha256)
+    assert not store.verify_model(nabu)  # and activation refuses the file

@@ -142,7 +142,8 @@ class ArtifactStore:
         self.models_dir = self.root / "models"
         for directory in (self.root, self.chunks_dir, self.manifests_dir, self.models_dir):
             self._mkdir(directory)
-        self._packed_cache: tuple[tuple, dict[str, tuple[Path, int, int]]] | None = None
+        self._packed_cache: tuple[tuple, dict[str, list[tuple[Path, int, int]]]] | None = None
+        self._bad: set[tuple[str, int, int, int]] = set()  # (model path, inode, mtime_ns, offset) that rotted
         self.removed_temp_files = self._sweep_temp_files()
         with self.locked(exclusive=False):
             pass  # creates .lock now, with this process's owner and umask
@@ -157,36 +158,47 @@ class ArtifactStore:
     def has_chunk(self, sha256: str) -> bool:
         return self.chunk_path(sha256).is_file() or sha256 in self._packed()
 
-    def _packed(self) -> dict[str, tuple[Path, int, int]]:
-        """sha256 -> (model file, offset, size) for every chunk a complete model holds.
+    def _packed(self) -> dict[str, list[tuple[Path, int, int]]]:
+        """sha256 -> every (model file, offset, size) holding that chunk in a complete model.
 
-        Rebuilt when the set of model files changes (this process or a publish in another)."""
+        Rebuilt when a model file or its manifest changes (here, or by a publish in another
+        process); ranges found rotted are left out until their model file changes."""
         files = []
         for name in sorted(self._listdir(self.models_dir)):
             for file in sorted(self._listdir(self.models_dir / name)):
-                if file.endswith(".tflite") and not file.startswith("."):
-                    path = self.models_dir / name / file
-                    try:
-                        stat = path.stat()
-                    except OSError:
-                        continue
-                    files.append((name, file[: -len(".tflite")], stat.st_size, stat.st_mtime_ns, stat.st_ino))
-        fingerprint = tuple(files)
+                if not file.endswith(".tflite") or file.startswith("."):
+                    continue
+                version = file[: -len(".tflite")]
+                try:
+                    model = (self.models_dir / name / file).stat()
+                    manifest = self.manifests_dir.joinpath(name, f"{version}.json").stat()
+                except OSError:
+                    continue  # no manifest: not a complete version
+                files.append((name, version, model.st_size, model.st_mtime_ns, model.st_ino,
+                              manifest.st_mtime_ns, manifest.st_ino))
+        fingerprint = (tuple(files), len(self._bad))
         cached = self._packed_cache
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
-        index: dict[str, tuple[Path, int, int]] = {}
-        for name, version, size, _, _ in files:
+        index: dict[str, list[tuple[Path, int, int]]] = {}
+        clean = True
+        for name, version, size, mtime_ns, ino, _, _ in files:
             try:
                 manifest = self.load_manifest(name, version).manifest
-            except (FileNotFoundError, ArtifactError, OSError):
+            except FileNotFoundError:
+                continue
+            except (ArtifactError, OSError) as exc:
+                log.warning("not serving chunks from the model of %s %s: %s", name, version, exc)
+                clean = False
                 continue
             if manifest.size_bytes != size:
                 continue
             path = self.model_path(name, version)
             for ref in manifest.chunks:
-                index.setdefault(ref.sha256, (path, ref.offset, ref.size_bytes))
-        self._packed_cache = (fingerprint, index)
+                if (str(path), ino, mtime_ns, ref.offset) not in self._bad:
+                    index.setdefault(ref.sha256, []).append((path, ref.offset, ref.size_bytes))
+        if clean:  # an index missing a model for a passing reason is rebuilt next time
+            self._packed_cache = (fingerprint, index)
         return index
 
     def put_chunk(self, sha256: str, data: bytes) -> Path:
@@ -240,23 +252,33 @@ class ArtifactStore:
         return data
 
     def _read_packed(self, sha256: str) -> bytes:
-        where = self._packed().get(sha256)
-        if where is None:
+        """The chunk's bytes from a complete model holding them, re-verified; a holder whose
+        bytes rotted is logged and left out from then on."""
+        holders = self._packed().get(sha256, [])
+        if not holders:
             raise MissingChunkError(f"chunk {sha256[:16]}... is not in the store ({self.chunk_path(sha256)})")
-        path, offset, size = where
-        try:
-            with open(path, "rb") as f:
-                data = os.pread(f.fileno(), size, offset)
-        except FileNotFoundError:  # collected meanwhile
-            raise MissingChunkError(f"chunk {sha256[:16]}... is not in the store ({path} is gone)") from None
-        except OSError as exc:
-            raise self._os_error(exc, "read", path) from None
-        if len(data) != size or _sha256(data) != sha256:
-            # The model itself rotted: activation re-hashes it and refuses it; peers fetch elsewhere.
+        rotted = []
+        for path, offset, size in holders:
+            try:
+                with open(path, "rb") as f:
+                    stat = os.fstat(f.fileno())
+                    data = os.pread(f.fileno(), size, offset)
+            except FileNotFoundError:  # collected meanwhile
+                continue
+            except OSError as exc:
+                raise self._os_error(exc, "read", path) from None
+            if len(data) == size and _sha256(data) == sha256:
+                return data
+            # The model itself rotted: activation re-hashes it and refuses it; the chunk is
+            # read from another holder, or shown missing and fetched again.
             log.error("model file %s is corrupt on disk: bytes %d..%d no longer match chunk %s",
                       path, offset, offset + size, sha256[:16])
-            raise BadChunkError(f"chunk {sha256[:16]}... in {path} no longer matches its hash (disk corruption)")
-        return data
+            self._bad.add((str(path), stat.st_ino, stat.st_mtime_ns, offset))
+            rotted.append(str(path))
+        if rotted:
+            raise BadChunkError(f"chunk {sha256[:16]}... in {', '.join(rotted)} no longer matches its hash "
+                                "(disk corruption)")
+        raise MissingChunkError(f"chunk {sha256[:16]}... is not in the store (its models are gone)")
 
     def chunk_names(self) -> Iterator[str]:
         """SHA-256 of every stored chunk (temp files excluded)."""
@@ -489,10 +511,15 @@ class ArtifactStore:
 
     def _unpack(self, manifest: Manifest) -> int:
         """Remove the chunk files of a version whose complete model now holds them; bytes freed.
-        A crash midway leaves some as files too: harmless, GC removes them later."""
-        if manifest.chunks[0].sha256 not in self._packed():
-            return 0  # the model is not (or no longer) in place
-        return sum(self._unlink(self.chunk_path(ref.sha256)) for ref in manifest.chunks)
+        Only chunks the index shows in this very model go. A crash midway leaves some as files
+        too: harmless, GC removes them later."""
+        path = self.model_path(manifest.name, manifest.version)
+        packed = self._packed()
+        freed = 0
+        for ref in manifest.chunks:
+            if (path, ref.offset, ref.size_bytes) in packed.get(ref.sha256, ()):
+                freed += self._unlink(self.chunk_path(ref.sha256))
+        return freed
 
     def verify_model(self, manifest: Manifest) -> bool:
         """Re-hash the complete model file (activation does this before loading it)."""
@@ -538,23 +565,40 @@ class ArtifactStore:
                     "its chunks would be lost"
                 ) from None
             needed.update(c.sha256 for c in signed.manifest.chunks)
-        # Chunks a kept version needs that only a model about to go holds: back to chunk files.
+        def kept_model(path: Path) -> bool:
+            return (path.parent.name, path.name[: -len(".tflite")]) in keep
+
+        # Versions to drop, those that leave no needed chunk homeless first: on a full disk they
+        # free the space the write-backs of the others need.
         packed = self._packed()
-        for sha in needed:
-            where = packed.get(sha)
-            if where is None or self.chunk_path(sha).is_file():
-                continue
-            holder = where[0]
-            if (holder.parent.name, holder.name[: -len(".tflite")]) not in keep:
-                self._write_atomic(self.chunk_path(sha), [self._read_packed(sha)], f"chunk {sha[:16]}...")
-        freed = 0
+        homeless: dict[tuple[str, str], list[str]] = {}
         for name, version in self.stored_versions():
-            if (name, version) not in keep:
-                # Origin mark, then model, then manifest: neither a mark nor a complete model
-                # outlives its manifest if the sweep is cut short.
-                freed += self._unlink(self.origin_path(name, version))
-                freed += self._unlink(self.model_path(name, version))
-                freed += self._unlink(self.manifest_path(name, version))
+            if (name, version) in keep:
+                continue
+            model = self.model_path(name, version)
+            homeless[(name, version)] = [
+                sha for sha in needed
+                if any(h[0] == model for h in packed.get(sha, ()))
+                and not any(kept_model(h[0]) for h in packed[sha]) and not self.chunk_path(sha).is_file()]
+        freed = 0
+        for (name, version), shas in sorted(homeless.items(), key=lambda item: len(item[1])):
+            for sha in shas:
+                # A chunk a kept version needs, held only by models about to go: back to a chunk
+                # file. If that fails (rotted, disk full) it is fetched again later.
+                if self.chunk_path(sha).is_file():
+                    continue
+                try:
+                    data = self._read_packed(sha)
+                    self._write_atomic(self.chunk_path(sha), [data], f"chunk {sha[:16]}...")
+                    freed -= len(data)
+                except StoreError as exc:
+                    log.warning("chunk %s... of a kept version is dropped with %s %s (%s); it will be "
+                                "fetched again", sha[:16], name, version, exc)
+            # Origin mark, then model, then manifest: neither a mark nor a complete model
+            # outlives its manifest if the sweep is cut short.
+            freed += self._unlink(self.origin_path(name, version))
+            freed += self._unlink(self.model_path(name, version))
+            freed += self._unlink(self.manifest_path(name, version))
         for name in self._listdir(self.manifests_dir):
             for file in self._listdir(self.manifests_dir / name):
                 if file.endswith(ORIGIN_SUFFIX) and (name, file[: -len(ORIGIN_SUFFIX)]) not in keep:
@@ -565,9 +609,15 @@ class ArtifactStore:
                     continue
                 if (name, file[: -len(".tflite")]) not in keep:
                     freed += self._unlink(self.models_dir / name / file)  # orphan: no manifest kept
-        packed = self._packed()  # what the kept complete models hold
+        packed = self._packed()  # what the kept complete models hold now
         for sha in list(self.chunk_names()):
-            if sha not in needed or sha in packed:
+            if sha not in needed:
+                freed += self._unlink(self.chunk_path(sha))
+            elif sha in packed:  # left by a crash between assembling and unpacking: keep one copy
+                try:
+                    self._read_packed(sha)  # only if a model's copy is intact
+                except StoreError:
+                    continue
                 freed += self._unlink(self.chunk_path(sha))
         for parent in (self.manifests_dir, self.models_dir):
             for name in self._listdir(parent):

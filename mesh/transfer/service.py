@@ -18,7 +18,7 @@ import grpc
 from mesh._proto import transfer_pb2 as pb
 from mesh._proto import transfer_pb2_grpc as pb_grpc
 from mesh.artifacts.manifest import ArtifactError, check_name
-from mesh.artifacts.store import ArtifactStore, BadChunkError
+from mesh.artifacts.store import ArtifactStore, BadChunkError, MissingChunkError
 from mesh.identity.ca import Role
 from mesh.identity.tls import peer_identity
 from mesh.transfer.pacing import Pacer
@@ -160,8 +160,8 @@ class TransferServicer(pb_grpc.TransferServicer):
             try:
                 try:
                     data = await asyncio.to_thread(self._store.read_chunk, ref.sha256)
-                except BadChunkError as exc:
-                    log.error("not serving chunk %d of %s %s: %s", request.index, name, version, exc)
+                except (BadChunkError, MissingChunkError) as exc:  # rotted, or collected since has_chunk
+                    log.warning("not serving chunk %d of %s %s: %s", request.index, name, version, exc)
                     await context.abort(grpc.StatusCode.NOT_FOUND, f"chunk {request.index} is no longer held here")
                 except (ArtifactError, OSError) as exc:
                     log.error("cannot read chunk %d of %s %s: %s", request.index, name, version, exc)

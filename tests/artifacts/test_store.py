@@ -484,9 +484,60 @@ def test_a_complete_version_is_stored_once_and_its_chunks_are_served_from_the_mo
     assert store.bitfield(hand).complete and store.verify_model(hand)
     for ref in hand.chunks[::7]:
         assert store.read_chunk(ref.sha256) == src.read_chunk(ref.sha256)
-    # A version sharing chunks with it finds them held, stores only its own, and assembles.
-    reopened = ArtifactStore(tmp_path)
-    assert reopened.bitfield(hand).complete
+    assert ArtifactStore(tmp_path).bitfield(hand).complete  # and after a restart
+
+
+def two_versions_sharing_chunks(tmp_path, src, published):
+    """okay-nabu 1.0 and 2.0 (the same file, so every chunk shared), both complete."""
+    store = ArtifactStore(tmp_path)
+    v1 = published["okay-nabu"]
+    v2 = sign_manifest(dataclasses.replace(v1.manifest, version="2.0"), PUBLISHER)
+    for signed in (v1, v2):
+        copy_version(src, store, signed)
+        store.assemble(signed.manifest)
+    return store, v1.manifest, v2.manifest
+
+
+def test_gc_of_a_version_sharing_chunks_with_a_kept_model_writes_nothing_back(tmp_path, origin, monkeypatch):
+    src, published = origin
+    store, v1, v2 = two_versions_sharing_chunks(tmp_path, src, published)
+    writes = []
+    real = ArtifactStore._write_atomic
+    monkeypatch.setattr(ArtifactStore, "_write_atomic", lambda self, final, *a, **k: (writes.append(final),
+                                                                                       real(self, final, *a, **k)))
+    freed = store.gc({("okay-nabu", "2.0")})
+    assert writes == [] and list(store.chunk_names()) == []
+    assert v1.size_bytes <= freed < v1.size_bytes + 8192  # the model and its manifest, nothing counted twice
+    assert store.verify_model(v2) and store.bitfield(v2).complete
+
+
+def test_gc_frees_space_on_a_full_disk(tiny_disk, origin):
+    src, published = origin
+    root = tiny_disk(512)
+    store, v1, v2 = two_versions_sharing_chunks(root, src, published)
+    stat = os.statvfs(root)
+    (root.parent / "filler").write_bytes(bytes(stat.f_bavail * stat.f_frsize))  # not a byte left
+    assert store.gc({("okay-nabu", "2.0")}) >= v1.size_bytes
+    assert not store.is_complete(v1) and store.verify_model(v2)
+
+
+def test_a_rotted_copy_of_a_chunk_is_read_from_another_model_or_shown_missing(tmp_path, origin):
+    src, published = origin
+    store, v1, v2 = two_versions_sharing_chunks(tmp_path, src, published)
+    ref = v1.chunks[1]
+    for manifest in (v1, v2):
+        path = store.model_path(manifest.name, manifest.version)
+        data = bytearray(path.read_bytes())
+        data[ref.offset + 10] ^= 0xFF
+        path.write_bytes(bytes(data))
+        if manifest is v1:  # 2.0 still holds a good copy
+            assert store.read_chunk(ref.sha256) == src.read_chunk(ref.sha256)
+    with pytest.raises(BadChunkError, match="no longer matches its hash"):
+        store.read_chunk(ref.sha256)
+    # Both copies rotted: the chunk shows missing, so a version needing it fetches it again.
+    assert list(store.bitfield(v2).missing()) == [ref.index]
+    store.put_manifest_chunk(v2, ref.index, src.read_chunk(ref.sha256))
+    assert store.read_chunk(ref.sha256) == src.read_chunk(ref.sha256)
 
 
 def test_gc_writes_back_the_chunks_a_kept_download_needs_before_removing_their_model(tmp_path, origin):
@@ -521,3 +572,24 @@ def test_a_model_that_rots_on_disk_serves_no_bad_chunk(tmp_path, origin):
         store.read_chunk(ref.sha256)
     assert store.read_chunk(nabu.chunks[0].sha256) == src.read_chunk(nabu.chunks[0].sha256)
     assert not store.verify_model(nabu)  # and activation refuses the file
+
+
+def test_a_chunk_a_complete_model_holds_is_not_stored_again(tmp_path, origin):
+    src, published = origin
+    store, v1, v2 = two_versions_sharing_chunks(tmp_path, src, published)
+    v3 = sign_manifest(dataclasses.replace(v1, version="3.0"), PUBLISHER)
+    store.save_manifest(v3, trusted=TRUST)
+    store.put_manifest_chunk(v3.manifest, 0, src.read_chunk(v1.chunks[0].sha256))  # say, a peer sent it anyway
+    assert list(store.chunk_names()) == []
+    assert store.bitfield(v3.manifest).complete
+
+
+def test_chunk_files_go_only_once_a_model_holding_them_is_in_place(tmp_path, origin):
+    """The files are the only copy until the model is assembled and indexed: unpacking a version
+    whose model is not (or not yet) in place removes nothing."""
+    src, published = origin
+    store = ArtifactStore(tmp_path)
+    nabu = published["okay-nabu"].manifest
+    copy_version(src, store, published["okay-nabu"])
+    assert store._unpack(nabu) == 0
+    assert sorted(store.chunk_names()) == sorted({c.sha256 for c in nabu.chunks})

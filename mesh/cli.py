@@ -171,15 +171,27 @@ def _admin_options(fn):
     return fn
 
 
-def _admin_client(address: str, creds_dir: Path):
+def _admin_client(address: str, creds_dir: Path, client_class=None):
+    """An operator client (AdminClient unless told) for NODE; exit 1 saying why if it cannot be made."""
     from mesh.admin.client import AdminClient, AdminError
     from mesh.identity.ca import load_credentials
     from mesh.identity.signing import IdentityError
 
     try:
-        return AdminClient(address, load_credentials(creds_dir))
+        return (client_class or AdminClient)(address, load_credentials(creds_dir))
     except (AdminError, IdentityError) as exc:
         _fail(str(exc))
+
+
+def _admin_call(address: str, creds_dir: Path, call, client_class=None):
+    """`call(client)` on a fresh operator client, closed after; exit 1 with the error if it fails."""
+    from mesh.admin.client import AdminError
+
+    with _admin_client(address, creds_dir, client_class) as client:
+        try:
+            return call(client)
+        except AdminError as exc:
+            _fail(str(exc))
 
 
 @admin.command("status", epilog="Examples:\n\n  mesh admin status --node 127.0.0.1:7000\n\n"
@@ -187,14 +199,9 @@ def _admin_client(address: str, creds_dir: Path):
 @_admin_options
 def admin_status(address: str, creds_dir: Path, as_json: bool) -> None:
     """Show NODE's view of the fleet: id, address, site, state, incarnation, last heard."""
-    from mesh.admin.client import AdminError
     from mesh.admin.format import status_dict, status_table
 
-    with _admin_client(address, creds_dir) as client:
-        try:
-            resp = client.status()
-        except AdminError as exc:
-            _fail(str(exc))
+    resp = _admin_call(address, creds_dir, lambda client: client.status())
     if as_json:
         _emit_json(status_dict(resp))
     else:
@@ -384,17 +391,12 @@ def infer_command(address: str, creds_dir: Path, admin_dir: Path, count: int, se
     import numpy as np
 
     from mesh._proto import inference_pb2, inference_pb2_grpc
-    from mesh.admin.client import AdminError
     from mesh.identity.ca import Role, load_credentials
     from mesh.identity.signing import IdentityError
     from mesh.identity.tls import channel_credentials, secure_channel_options
     from mesh.inference.signature import ModelSignature
 
-    with _admin_client(address, admin_dir) as admin_client:
-        try:
-            status = admin_client.inference()
-        except AdminError as exc:
-            _fail(str(exc))
+    status = _admin_call(address, admin_dir, lambda client: client.inference())
     if not status.enabled or not status.signature_json:
         _fail(f"{address} serves no model yet" + (f" ({status.last_activation_error})"
                                                    if status.last_activation_error else ""))

@@ -117,14 +117,15 @@ def client_name(creds_dir: Path) -> str:
 
 
 def _client(address: str, creds_dir: Path) -> DecisionsClient:
-    from mesh.cli import _fail
-    from mesh.identity.ca import load_credentials
-    from mesh.identity.signing import IdentityError
+    from mesh.cli import _admin_client
 
-    try:
-        return DecisionsClient(address, load_credentials(creds_dir))
-    except (AdminError, IdentityError) as exc:
-        _fail(str(exc))
+    return _admin_client(address, creds_dir, DecisionsClient)
+
+
+def _call(address: str, creds_dir: Path, call):
+    from mesh.cli import _admin_call
+
+    return _admin_call(address, creds_dir, call, DecisionsClient)
 
 
 def _result_exit(result: pb.DecisionResult, as_json: bool) -> None:
@@ -197,13 +198,9 @@ def register(admin_group: click.Group) -> None:
     @_admin_options
     def pending(address: str, creds_dir: Path, as_json: bool) -> None:
         """Decisions of NODE's site group held for an operator: id, kind, scope vs limit, proposer, age."""
-        from mesh.cli import _emit_json, _fail, console
+        from mesh.cli import _emit_json, console
 
-        with _client(address, creds_dir) as client:
-            try:
-                resp = client.pending()
-            except AdminError as exc:
-                _fail(str(exc))
+        resp = _call(address, creds_dir, lambda client: client.pending())
         now = time.time()
         if as_json:
             _emit_json({"group": _view_dict(resp.group), "held": [_held_dict(h, now) for h in resp.held],
@@ -301,13 +298,9 @@ def register(admin_group: click.Group) -> None:
     @_admin_options
     def routes(address: str, creds_dir: Path, as_json: bool) -> None:
         """The routing table of NODE's site group (stream -> serving node) and per-node allocations."""
-        from mesh.cli import _emit_json, _fail, console
+        from mesh.cli import _emit_json, console
 
-        with _client(address, creds_dir) as client:
-            try:
-                resp = client.routes()
-            except AdminError as exc:
-                _fail(str(exc))
+        resp = _call(address, creds_dir, lambda client: client.routes())
         if as_json:
             _emit_json({"group": _view_dict(resp.group), "routes": dict(resp.routes),
                         "allocations": dict(resp.allocations)})
@@ -339,13 +332,9 @@ def register(admin_group: click.Group) -> None:
     @_admin_options
     def audit(verify: bool, limit: int, address: str, creds_dir: Path, as_json: bool) -> None:
         """NODE's audit log of its group's decisions: proposals, holds, approvals, denials, refusals, applies."""
-        from mesh.cli import EXIT_FAILED, _emit_json, _fail, console, err_console
+        from mesh.cli import EXIT_FAILED, _emit_json, console, err_console
 
-        with _client(address, creds_dir) as client:
-            try:
-                resp = client.audit(verify=verify, limit=limit)
-            except AdminError as exc:
-                _fail(str(exc))
+        resp = _call(address, creds_dir, lambda client: client.audit(verify=verify, limit=limit))
         v = resp.verdict
         verdict = None
         if v.checked:

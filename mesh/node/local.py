@@ -103,8 +103,8 @@ class LocalCluster:
         await asyncio.gather(*(n.stop(leave=False) for n in nodes), return_exceptions=True)
 
 
-async def wait_for(predicate: Callable[[], bool], timeout_s: float, *, interval_s: float = 0.02,
-                   what: str = "condition") -> float:
+async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str = "condition", *,
+                   interval_s: float = 0.02) -> float:
     """Poll `predicate` until true; return the seconds it took. Raises TimeoutError naming `what`."""
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -113,6 +113,11 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float, *, interval_
             raise TimeoutError(f"{what} not reached within {timeout_s:.1f}s")
         await asyncio.sleep(interval_s)
     return loop.time() - start
+
+
+def free_address() -> str:
+    """A loopback host:port the kernel says is free now."""
+    return f"127.0.0.1:{free_ports(1)[0]}"
 
 
 def free_ports(count: int) -> list[int]:

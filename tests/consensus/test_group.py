@@ -7,9 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-import socket
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,28 +23,13 @@ from mesh.guard.audit import read_audit, verify_audit
 from mesh.guard.core import Allocation, Decision, DecisionKind, Limits, Policy, StreamMove
 from mesh.identity.ca import load_group_secret, load_trusted_keys
 from mesh.identity.signing import KeyRole, SigningKey, load_signing_key
-from mesh.node.local import LocalFleet
+from mesh.node.local import LocalFleet, free_address, wait_for
 
 GROUP = "site-a"
 POLICY = Policy(
     limits={DecisionKind.MOVE_STREAMS: Limits(max_nodes=2, max_fraction=1.0, max_streams=3)}, hold_ttl_s=600.0
 )
 NODE_KEY = SigningKey.generate(KeyRole.NODE)
-
-
-def free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
-async def eventually(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for: {what}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
 
 
 class Site:
@@ -90,7 +73,7 @@ class Site:
             leaders = [g for g in among if g.raft.is_leader]
             return len(leaders) == 1 and all(g.raft.leader_address == leaders[0].address for g in among)
 
-        await eventually(one_leader, timeout_s, f"one leader among {[g.node_id for g in among]}")
+        await wait_for(one_leader, timeout_s, f"one leader among {[g.node_id for g in among]}")
         return next(g for g in among if g.raft.is_leader)
 
     async def converged(self, among: list[SiteGroup] | None = None, timeout_s: float = 10.0) -> None:
@@ -99,7 +82,7 @@ class Site:
         leader = await self.leader(among, timeout_s)
         await leader.sync(timeout_s)
         target = leader.raft.raftCommitIndex
-        await eventually(lambda: all(g.applied_index >= target for g in among), timeout_s,
+        await wait_for(lambda: all(g.applied_index >= target for g in among), timeout_s,
                          f"all applied index {target}")
         assert len({g.state_digest() for g in among}) == 1, "replicas diverged"
 
@@ -351,7 +334,7 @@ async def test_a_minority_partition_cannot_commit_while_the_majority_can(site):
     for g in majority:
         g.raft.cut(*(m.address for m in minority))
 
-    await eventually(lambda: not leader.raft.is_leader, 3.0, "the cut-off leader steps down")
+    await wait_for(lambda: not leader.raft.is_leader, 3.0, "the cut-off leader steps down")
     from_minority = small("small-minor")
     for g in minority:
         with pytest.raises((NoLeaderError, ProposalTimeout)):
@@ -385,7 +368,7 @@ async def test_a_replica_restored_from_a_snapshot_records_the_gap_and_never_dupl
                             proposed_at=time.time(), nonce=f"alloc-{slots:04d}",
                             allocations=(Allocation("node-1", slots),))
         assert (await leader.propose(decision)).outcome is Outcome.APPLIED
-    await eventually(lambda: leader.raft.status()["log_entries"] < 8, 10.0, "the leader compacts its log")
+    await wait_for(lambda: leader.raft.status()["log_entries"] < 8, 10.0, "the leader compacts its log")
 
     for g in groups:
         g.raft.heal()
@@ -410,7 +393,7 @@ async def test_a_replica_restored_from_a_snapshot_records_the_gap_and_never_dupl
     written_ns = snapshot.stat().st_mtime_ns
     assert (await leader.propose(last)).outcome is Outcome.NOOP
     leader.raft.forceLogCompaction()
-    await eventually(lambda: snapshot.stat().st_mtime_ns != written_ns, 10.0, "a new leader snapshot")
+    await wait_for(lambda: snapshot.stat().st_mtime_ns != written_ns, 10.0, "a new leader snapshot")
     await leader.close()
     again = s.start(int(leader.node_id.split("-")[1]))
     await s.converged()

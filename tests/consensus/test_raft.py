@@ -5,9 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from mesh.consensus.raft import (
     RaftTimings,
     derive_group_password,
 )
+from mesh.node.local import free_address, wait_for
 
 FLEET_SECRET = bytes(range(32))
 PASSWORD = derive_group_password(FLEET_SECRET, "site-test")
@@ -52,22 +50,6 @@ class EntryLog:
             entries.append(data[i + 4 : i + 4 + n])
             i += 4 + n
         self.entries = entries
-
-
-def free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
-
-
-async def eventually(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll `predicate` until true; fail naming `what` after `timeout_s`. Returns the time taken."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for: {what}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
 
 
 class RaftCluster:
@@ -108,7 +90,7 @@ class RaftCluster:
             leaders = [g for g in among if g.is_leader]
             return len(leaders) == 1 and all(g.leader_address == leaders[0].address for g in among)
 
-        await eventually(
+        await wait_for(
             one_leader_known_by_all, timeout_s, f"one leader known by {[g.address for g in among]}"
         )
         return next(g for g in among if g.is_leader)
@@ -119,7 +101,7 @@ class RaftCluster:
         leader = await self.wait_leader(among, timeout_s)
         await leader.read_barrier(timeout_s)
         target = leader.raftCommitIndex
-        await eventually(
+        await wait_for(
             lambda: all(g.applied_index >= target for g in among),
             timeout_s,
             f"all members applied index {target}",
@@ -279,7 +261,7 @@ async def test_killed_leader_is_replaced_and_committed_entries_survive(raft_clus
         await old.propose(f"before-{i}".encode())
     await c.close(old)
     survivors = c.live()
-    took = await eventually(lambda: c.leader() is not None, 5.0, "a new leader among the survivors")
+    took = await wait_for(lambda: c.leader() is not None, 5.0, "a new leader among the survivors")
     new = await c.wait_leader(survivors)
     assert new.address != old.address and new.raftCurrentTerm > old_term
     print(f"new leader after {took:.3f} s (election_max_s={TIMINGS.election_max_s})")
@@ -303,7 +285,7 @@ async def test_minority_partition_cannot_commit_while_majority_does(raft_cluster
         g.cut(*(m.address for m in minority))
 
     # The cut-off leader steps down after leader_fallback_s instead of pysyncobj's 30 s.
-    await eventually(lambda: not leader.is_leader, TIMINGS.leader_fallback_s + 2.0, "old leader steps down")
+    await wait_for(lambda: not leader.is_leader, TIMINGS.leader_fallback_s + 2.0, "old leader steps down")
     for g in minority:
         with pytest.raises((NoLeaderError, ProposalTimeout)):
             await g.propose(b"from-minority", timeout_s=1.0)
@@ -411,7 +393,7 @@ async def test_restarting_every_member_at_once_never_loses_a_committed_entry(raf
         await c.wait_leader()
         if acknowledged:
             # Old entries are applied from the journal/snapshot once the new leader commits.
-            await eventually(
+            await wait_for(
                 lambda members=members: all(len(g.state.entries) > max(acknowledged) for g in members),
                 10.0,
                 f"round {round_no}: members replayed {len(acknowledged)} acknowledged entries",
@@ -460,7 +442,7 @@ async def test_snapshot_restores_state_after_compaction_and_restart(raft_cluster
     await c.converged()
     for g in groups:
         g.forceLogCompaction()
-    await eventually(
+    await wait_for(
         lambda: all((g.data_dir / "raft.snapshot").exists() for g in groups), 5.0, "snapshots written"
     )
     await c.close_all_at_once()

@@ -29,6 +29,7 @@ from mesh.guard.approval import sign_approval
 from mesh.guard.core import DecisionKind, Limits, Policy, decide
 from mesh.identity.signing import KeyRole, SigningKey, TrustedKeys, canonical_json
 from tests.guard.test_core import make_decision
+from tests.strategies import json_values
 
 OPERATOR = SigningKey.generate(KeyRole.OPERATOR)
 NODE = SigningKey.generate(KeyRole.NODE)
@@ -416,13 +417,7 @@ def test_decode_never_crashes_on_bytes(data):
         pass
 
 
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=16),
-    lambda children: (
-        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3)
-    ),
-    max_leaves=12,
-)
+_json = json_values(max_size=3, text_size=16, key_size=10, max_leaves=12)
 
 
 @settings(max_examples=300, deadline=None)

@@ -25,6 +25,7 @@ from mesh.guard.approval import (
 )
 from mesh.identity.signing import KeyRole, SigningKey, TrustedKeys
 from tests.guard.test_core import make_decision
+from tests.strategies import json_values
 
 OPERATOR = SigningKey.generate(KeyRole.OPERATOR)
 NODE = SigningKey.generate(KeyRole.NODE)
@@ -163,13 +164,7 @@ def test_ttl_must_be_positive_when_signing():
         approve(ttl_s=0)
 
 
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
-    ),
-    max_leaves=20,
-)
+_json = json_values()
 
 
 @settings(max_examples=200, deadline=None)

@@ -24,6 +24,7 @@ from mesh.guard.core import (
     VerdictOutcome,
     decide,
 )
+from tests.strategies import json_values
 
 
 def make_decision(
@@ -127,13 +128,7 @@ def test_kind_rules():
     assert Decision.from_dict(ok.to_dict()) == ok
 
 
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
-    ),
-    max_leaves=20,
-)
+_json = json_values()
 
 
 @settings(max_examples=200, deadline=None)

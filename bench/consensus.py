@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import importlib
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 from mesh.consensus.raft import RaftGroup, RaftTimings, derive_group_password
+from mesh.node.local import free_address
 
 
 class CounterState:
@@ -96,12 +96,6 @@ def load_workload(spec: str | None):
     module, _, attr = spec.partition(":")
     obj = getattr(importlib.import_module(module), attr)
     return obj() if isinstance(obj, type) else obj
-
-
-def free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import sys
@@ -60,8 +59,10 @@ class CappedCluster(LocalCluster):
 
     def config(self, node_id: str, *, site: str, seeds: list[str]) -> NodeConfig:
         base = super().config(node_id, site=site, seeds=seeds)
+        # The baseline: every device pulls from the origin, which serves whoever asks (a registry).
+        baseline = dict(sources="origin", origin_refusals=0) if self.origin_only else {}
         transfer = TransferSection(upload_rate_bytes_per_s=self.upload_cap, max_uploads=4,
-                                   max_in_flight_per_peer=2, request_timeout_s=60.0)
+                                   max_in_flight_per_peer=2, request_timeout_s=60.0, **baseline)
         return base.model_copy(update={"transfer": transfer})
 
 
@@ -70,11 +71,6 @@ async def run_one(fleet: LocalFleet, workdir: Path, *, nodes: int, model: Path, 
     cluster = CappedCluster(fleet, workdir, BENCH_TIMINGS, seed=7, upload_cap=upload_cap, origin_only=origin_only)
     try:
         await cluster.start(nodes, sites=3)
-        if origin_only:
-            # A registry serves whoever asks: no swarm, and no origin policy steering peers elsewhere.
-            for node in cluster.nodes.values():
-                node.distributor.settings = dataclasses.replace(node.distributor.settings, origin_only=True)
-                node.transfer.origin = None
         await wait_for(cluster.converged, 60.0, what=f"{nodes}-node convergence")
         origin = cluster.nodes["node-00"]
         key = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)

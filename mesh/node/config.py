@@ -86,6 +86,13 @@ class TransferSection(_Strict):
     ban_s: float = Field(default=300.0, ge=0)
     # "all": fetch every version peers announce (until rollouts say what is wanted); "none": only serve.
     fetch: str = Field(default="all", pattern="^(all|none)$")
+    # "swarm": fetch chunks from any peer that holds them, the origin only for what no peer has.
+    # "origin": fetch only from the origin, as every device would from a registry (a baseline for
+    # bench/distribution.py; it multiplies the origin's egress by the fleet size).
+    sources: str = Field(default="swarm", pattern="^(swarm|origin)$")
+    # How many times the origin refuses a chunk it already sent to each other requester ("fetch it
+    # from a peer") before serving it anyway; 0 serves whoever asks (see OriginPolicy).
+    origin_refusals: int = Field(default=4, ge=0, le=64)
 
 
 class InferenceSection(_Strict):

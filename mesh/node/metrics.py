@@ -8,7 +8,6 @@ at scrape time by a collector instead of being mirrored into counters.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Callable
 
 import grpc
 from prometheus_client import CollectorRegistry, Histogram
@@ -21,14 +20,14 @@ from mesh.membership.service import SwimRunner
 RPC_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
-class _MembershipCollector:
-    def __init__(self, runner: Callable[[], SwimRunner | None]) -> None:
+class MembershipCollector:
+    """Membership figures read from the SWIM runner at scrape time."""
+
+    def __init__(self, runner: SwimRunner) -> None:
         self._runner = runner
 
     def collect(self):
-        runner = self._runner()
-        if runner is None:
-            return
+        runner = self._runner
         core = runner.core
         by_state = Tally(m.state for m in core.members())
         members = GaugeMetricFamily("fleetmesh_members", "Members in this node's view, by state",
@@ -53,9 +52,11 @@ class _MembershipCollector:
 
 
 class NodeMetrics:
-    def __init__(self, runner: Callable[[], SwimRunner | None]) -> None:
+    """The node's registry and the metrics observed by its RPC clients. Each capability's
+    collector is registered by the node once that capability is built."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_MembershipCollector(runner))
         self.rpc_seconds = Histogram("fleetmesh_rpc_client_seconds", "Latency of outgoing RPCs",
                                      ["method"], registry=self.registry, buckets=RPC_BUCKETS_S)
         self.rpc_errors = PromCounter("fleetmesh_rpc_client_errors", "Outgoing RPCs that failed",

@@ -1,5 +1,21 @@
-"""The node: one asyncio process wiring gRPC servers, peer channels, the
-membership loop and the metrics endpoint around the pure cores."""
+"""The node: one asyncio process that wires each capability's shell to the gRPC server,
+peer channels, membership events and the metrics endpoint, and does nothing else.
+
+`Node.start` builds every part once, in dependency order, each with everything it needs
+(no attribute filled in later, no callback assigned from outside):
+
+    server, channels -> membership core, its read-only view
+      -> transfer: store, origin policy, Transfer service
+      -> inference: runtime, activator (told by the distributor when a version completes)
+      -> distributor (pinned versions from the activator)
+      -> decisions: site group, stream reassigner, routed Infer
+      -> SWIM runner (membership events fanned out to the distributor and the reassigner)
+      -> admin, health, reflection, metrics
+
+and starts the background tasks each part asks for. A capability plugs in by getting its
+shell built here with what it needs, subscribing to membership events through the fan-out,
+and handing its tasks to `_spawn`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +25,9 @@ import logging
 import random
 import signal
 import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,28 +35,39 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from mesh._proto import admin_pb2, admin_pb2_grpc, decisions_pb2, inference_pb2, inference_pb2_grpc, \
-    membership_pb2, membership_pb2_grpc, transfer_pb2, transfer_pb2_grpc
-from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, verify_manifest
-from mesh.artifacts.store import ArtifactStore, version_order_key
+from mesh._proto import (
+    admin_pb2,
+    admin_pb2_grpc,
+    decisions_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    membership_pb2,
+    membership_pb2_grpc,
+    transfer_pb2,
+    transfer_pb2_grpc,
+)
 from mesh.admin.service import AdminServicer
-from mesh.identity.ca import Credentials, load_credentials, load_trusted_keys
-from mesh.identity.tls import server_credentials
-from mesh.membership.core import Membership
-from mesh.membership.messages import EventKind, MemberEvent, labels_from_mapping
-from mesh.membership.service import MembershipServicer, SwimRunner
-from mesh.node.config import NodeConfig, parse_host_port
-from mesh.node.decisions import DeathReassigner, RoutedInference, watch_overload
-from mesh.node.metrics import NodeMetrics
-from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
-from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
+from mesh.artifacts.store import ArtifactStore
 from mesh.consensus import service as decisions_service
 from mesh.consensus.group import GroupError, SiteGroup
 from mesh.consensus.raft import RaftError
+from mesh.identity.ca import Credentials, load_credentials, load_trusted_keys
+from mesh.identity.tls import server_credentials
+from mesh.inference.activation import Activator
 from mesh.inference.backend import load_backend
 from mesh.inference.health import HealthCollector
-from mesh.inference.runtime import ActivationError, ModelRuntime
-from mesh.transfer.client import Distributor, TransferSettings
+from mesh.inference.runtime import ModelRuntime, NoActiveModel
+from mesh.membership.core import Membership
+from mesh.membership.messages import MemberEvent, labels_from_mapping
+from mesh.membership.service import MembershipServicer, SwimRunner
+from mesh.membership.view import CoreView, MembershipView, fan_out
+from mesh.node.config import NodeConfig, parse_host_port
+from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
+from mesh.node.metrics import MembershipCollector, NodeMetrics
+from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
+from mesh.node.streams import RoutedInference, StreamReassigner, claim_streams, watch_overload
+from mesh.retry import Backoff
+from mesh.transfer.distributor import Distributor, TransferSettings
 from mesh.transfer.pacing import Pacer
 from mesh.transfer.service import OriginPolicy, TransferServicer
 
@@ -55,9 +85,7 @@ SERVICE_NAMES = (
 class _NoInference:
     """Stands in for the runtime on a node configured without a model: every call is refused."""
 
-    def submit(self, *args, **kwargs):
-        from mesh.inference.runtime import NoActiveModel
-
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
         raise NoActiveModel("this node serves no model ([inference] model is not set in its config)")
 
     active = None
@@ -66,6 +94,28 @@ class _NoInference:
 
 class NodeStartError(Exception):
     """The node could not start (port taken, credentials unreadable, ...)."""
+
+
+@dataclass
+class _Parts:
+    """Everything a started node runs, built at once by `Node.start`."""
+
+    server: grpc.aio.Server
+    address: str
+    channels: PeerChannels
+    health: HealthServicer
+    runner: SwimRunner
+    view: MembershipView
+    store: ArtifactStore
+    transfer: TransferServicer
+    distributor: Distributor
+    inference: ModelRuntime | None
+    activator: Activator | None
+    group: SiteGroup | None
+    reassigner: StreamReassigner | None
+    routed_inference: RoutedInference
+    metrics_http: Any = None
+    metrics_port: int | None = None
 
 
 class Node:
@@ -77,162 +127,241 @@ class Node:
         self.config = config
         self.credentials = credentials or load_credentials(config.tls.dir)
         self.faults = faults or Faults()
+        self.metrics = NodeMetrics()
+        self.events: list[MemberEvent] = []  # every membership event, oldest first
         self._rng = rng or random.Random()
         self._serve_metrics = serve_metrics
-        self.metrics = NodeMetrics(lambda: self.runner)
-        self.runner: SwimRunner | None = None
-        self.address: str | None = None
-        self.metrics_port: int | None = None
-        self._server: grpc.aio.Server | None = None
-        self._health = HealthServicer()
-        self._channels: PeerChannels | None = None
-        self._metrics_http = None
-        self._stopped = asyncio.Event()
-        self.events: list[MemberEvent] = []  # every membership event, oldest first
-        self.store: ArtifactStore | None = None
-        self.transfer: TransferServicer | None = None
-        self.distributor: Distributor | None = None
-        self.inference: ModelRuntime | None = None
-        self._refused_versions: set[tuple[str, str]] = set()
-        self._activation_task: asyncio.Task | None = None
-        self.group: SiteGroup | None = None
-        self.reassigner: DeathReassigner | None = None
-        self._expiry_task: asyncio.Task | None = None
-        self._routes_task: asyncio.Task | None = None
-        self._overload_task: asyncio.Task | None = None
-        self._reconcile_task: asyncio.Task | None = None
+        self._parts: _Parts | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = False
+
+    # -- what a started node exposes (tests, the demo, benchmarks) ---------------------------
 
     @property
-    def membership(self) -> Membership:
-        assert self.runner is not None, "node not started"
-        return self.runner.core
+    def _started(self) -> _Parts:
+        if self._parts is None:
+            raise RuntimeError(f"node {self.config.node_id} is not started: await node.start() first")
+        return self._parts
+
+    @property
+    def address(self) -> str:
+        return self._started.address
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._started.metrics_port
+
+    @property
+    def runner(self) -> SwimRunner:
+        return self._started.runner
+
+    @property
+    def membership(self) -> MembershipView:
+        return self._started.view
+
+    @property
+    def store(self) -> ArtifactStore:
+        return self._started.store
+
+    @property
+    def transfer(self) -> TransferServicer:
+        return self._started.transfer
+
+    @property
+    def distributor(self) -> Distributor:
+        return self._started.distributor
+
+    @property
+    def inference(self) -> ModelRuntime | None:
+        return self._started.inference
+
+    @property
+    def activator(self) -> Activator | None:
+        return self._started.activator
+
+    @property
+    def group(self) -> SiteGroup | None:
+        return self._started.group
+
+    @property
+    def reassigner(self) -> StreamReassigner | None:
+        return self._started.reassigner
+
+    @property
+    def inference_servicer(self) -> RoutedInference:
+        return self._started.routed_inference
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind, wire every capability to the gRPC server, start serving, then join the fleet."""
+        """Bind, build every capability on the gRPC server, start serving, then join the fleet."""
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
-        self._server = grpc.aio.server(
+        server = grpc.aio.server(
             # Interceptors run first to last: cut links refuse before anything is decoded.
             interceptors=[FaultInterceptor(self.faults), DecodeInterceptor()],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.so_reuseport", 0)])
         host, port = parse_host_port(config.listen)
-        bound = self._server.add_secure_port(config.listen, server_credentials(self.credentials))
+        bound = server.add_secure_port(config.listen, server_credentials(self.credentials))
         if bound == 0:
             raise NodeStartError(f"cannot listen on {config.listen}: address in use or not available")
-        self.address = config.advertise or (config.listen if port else f"{host}:{bound}")
-        self._channels = PeerChannels(self.credentials, self.faults, observe=self.metrics.observe_rpc)
+        address = config.advertise or (config.listen if port else f"{host}:{bound}")
+        channels = PeerChannels(self.credentials, self.faults, observe=self.metrics.observe_rpc)
+        site = config.labels.get("site", "")
+        trusted = load_trusted_keys(config.tls.dir)
 
-        core = self._wire_membership(loop)
-        self._wire_transfer(core, loop)
-        self._wire_inference()
-        self._wire_decisions(core)
-        admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(core, loop.time, loop.time(), models=self._model_rows, inference=self._inference_status),
-            self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            SERVICE_NAMES + (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server)
-        await self._server.start()
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-        if self._serve_metrics and config.metrics_listen:
-            mhost, mport = parse_host_port(config.metrics_listen)
-            self._metrics_http, _ = start_http_server(mport, addr=mhost, registry=self.metrics.registry)
-            self.metrics_port = self._metrics_http.server_port
-        self.runner.start(list(config.seeds))
-        self.distributor.start()
-        self._start_background(core)
-        log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, self.address,
-                 config.labels.get("site", "-"), ", ".join(config.seeds) or "none")
-
-    def _wire_membership(self, loop: asyncio.AbstractEventLoop) -> Membership:
-        config = self.config
-        core = Membership(config.node_id, self.address, labels_from_mapping(config.labels),
+        # Membership core first: every other part sees the fleet through its read-only view.
+        core = Membership(config.node_id, address, labels_from_mapping(config.labels),
                           config.membership.to_core(), self._rng, loop.time(),
                           # Grows across restarts, so our fresh metadata beats our old self's.
                           meta_version=time.time_ns() // 1_000_000)
-        self.runner = SwimRunner(core, self._dial, on_events=self._on_member_events)
-        membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(self.runner), self._server)
-        return core
+        view = CoreView(core)
 
-    def _wire_transfer(self, core: Membership, loop: asyncio.AbstractEventLoop) -> None:
-        config, tc = self.config, self.config.transfer
-        self.store = ArtifactStore(config.data_dir / "artifacts")
-        self.transfer = TransferServicer(self.store, max_uploads=tc.max_uploads,
-                                         upload=Pacer(tc.upload_rate_bytes_per_s or None))
-        self.distributor = Distributor(
-            node_id=config.node_id, site=config.labels.get("site", ""), store=self.store,
-            trusted=load_trusted_keys(config.tls.dir), membership=lambda: core, dial=self._dial_transfer,
+        # Transfer: the store, the origin's egress policy and the service that serves chunks.
+        tc = config.transfer
+        store = ArtifactStore(config.data_dir / "artifacts")
+        origin = OriginPolicy(is_origin=store.is_origin, max_refusals=tc.origin_refusals)
+        transfer = TransferServicer(store, max_uploads=tc.max_uploads, origin=origin,
+                                    upload=Pacer(tc.upload_rate_bytes_per_s or None))
+
+        # Inference: the runtime and the activator that keeps it on the right version.
+        inference, activator = self._build_inference(store, trusted)
+
+        distributor = Distributor(
+            node_id=config.node_id, site=site, store=store, trusted=trusted, view=view, board=view,
+            dial=lambda address, peer_id: transfer_pb2_grpc.TransferStub(channels.channel(address, peer_id)),
             settings=TransferSettings(max_in_flight_per_peer=tc.max_in_flight_per_peer,
                                       request_timeout_s=tc.request_timeout_s, ban_s=tc.ban_s,
                                       download_rate_bytes_per_s=tc.download_rate_bytes_per_s or None,
-                                      fetch_all=tc.fetch == "all"),
-            rng=random.Random(self._rng.random()), now=loop.time)
-        self.transfer.origin = OriginPolicy(is_origin=self.distributor.is_origin)
-        self.distributor.removed = self.transfer.origin.forget
-        self.distributor.uploaded = lambda name, version: \
-            self.transfer.counters.bytes_by_version.get((name, version), 0)
-        transfer_pb2_grpc.add_TransferServicer_to_server(self.transfer, self._server)
+                                      fetch_all=tc.fetch == "all", origin_only=tc.sources == "origin"),
+            rng=random.Random(self._rng.random()), now=loop.time,
+            pinned=activator.pinned if activator else frozenset,
+            on_complete=activator.poke if activator else _ignore_version,
+            on_removed=self._removed_hook(origin, activator),
+            uploaded=transfer.counters.uploaded_bytes)
 
-    def _wire_inference(self) -> None:
+        # Local decisions: the site's Raft group (with [raft]) and Infer routed by its table.
+        try:
+            group, reassigner = self._build_decisions(view, site)
+        except BaseException:
+            if inference is not None:
+                inference.close()
+            raise
+        routed = RoutedInference(
+            inference or _NoInference(), node_id=config.node_id, group=group, view=view,
+            dial=lambda address, peer_id: inference_pb2_grpc.InferenceStub(channels.channel(address, peer_id)))
+
+        handlers = [self.events.extend, distributor.on_member_events]
+        if reassigner is not None:
+            handlers.append(reassigner.on_member_events)
+        runner = SwimRunner(
+            core, lambda address, peer_id: membership_pb2_grpc.MembershipStub(channels.channel(address, peer_id)),
+            on_events=fan_out(*handlers))
+        self.metrics.registry.register(MembershipCollector(runner))
+
+        health = HealthServicer()
+        membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(runner), server)
+        transfer_pb2_grpc.add_TransferServicer_to_server(transfer, server)
+        inference_pb2_grpc.add_InferenceServicer_to_server(routed, server)
+        # Served in any case, so a client gets FAILED_PRECONDITION ("no [raft] section"), not UNIMPLEMENTED.
+        decisions_service.add_to_server(server, group)
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminServicer(core, loop.time, loop.time(), models=self._model_rows,
+                          inference=self._inference_status), server)
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
+        self._parts = _Parts(server=server, address=address, channels=channels, health=health, runner=runner,
+                             view=view, store=store, transfer=transfer, distributor=distributor,
+                             inference=inference, activator=activator, group=group, reassigner=reassigner,
+                             routed_inference=routed)
+        try:
+            await server.start()
+            for name in ("", *SERVICE_NAMES):
+                await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            if self._serve_metrics and config.metrics_listen:
+                mhost, mport = parse_host_port(config.metrics_listen)
+                try:
+                    self._parts.metrics_http, _ = start_http_server(mport, addr=mhost,
+                                                                    registry=self.metrics.registry)
+                except OSError as exc:
+                    raise NodeStartError(f"cannot serve metrics on {config.metrics_listen}: "
+                                         f"{exc.strerror or exc}; free the port or change metrics_listen") from None
+                self._parts.metrics_port = self._parts.metrics_http.server_port
+        except BaseException:
+            await self.stop(leave=False)  # nothing joined yet: release the port, the group, the threads
+            raise
+
+        runner.start(list(config.seeds))
+        distributor.start()
+        self._start_tasks(self._parts)
+        log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, address, site or "-",
+                 ", ".join(config.seeds) or "none")
+
+    def _build_inference(self, store: ArtifactStore, trusted: Any) -> tuple[ModelRuntime | None, Activator | None]:
         ic = self.config.inference
         if not ic.model:
-            return
+            return None, None
         try:
-            self.inference = ModelRuntime(load_backend(ic.backend), workers=ic.workers)
+            runtime = ModelRuntime(load_backend(ic.backend), workers=ic.workers)
         except Exception as exc:  # BackendUnavailable and friends: the node cannot serve at all
             raise NodeStartError(f"inference: {exc}") from None
-        self.metrics.registry.register(HealthCollector(self.inference.health))
+        self.metrics.registry.register(HealthCollector(runtime.health))
+        activator = Activator(model=ic.model, store=store, trusted=trusted, runtime=runtime,
+                              rng=random.Random(self._rng.random()))
+        return runtime, activator
 
-    def _wire_decisions(self, core: Membership) -> None:
-        """The site's Raft group (with [raft]), and Infer routed by its table. Both services are
-        served in any case, so a client gets FAILED_PRECONDITION ("no model active", "no [raft]
-        section"), not UNIMPLEMENTED."""
+    def _build_decisions(self, view: MembershipView, site: str) -> tuple[SiteGroup | None, StreamReassigner | None]:
         config = self.config
-        if config.raft is not None:
-            try:
-                self.group = SiteGroup.from_config(config.node_id, config.raft, config.guard,
-                                                   site=config.labels.get("site"), node_data_dir=config.data_dir,
-                                                   creds_dir=config.tls.dir)
-            except (GroupError, RaftError, ValueError) as exc:
-                raise NodeStartError(f"raft: {exc}") from None
-            self.reassigner = DeathReassigner(node_id=config.node_id, group=self.group, membership=lambda: core,
-                                              site=config.labels.get("site", ""))
-        self.inference_servicer = RoutedInference(self.inference or _NoInference(), node_id=config.node_id,
-                                                  group=lambda: self.group, membership=lambda: core,
-                                                  dial=self._dial_inference)
-        inference_pb2_grpc.add_InferenceServicer_to_server(self.inference_servicer, self._server)
-        decisions_service.add_to_server(self._server, self.group)
+        if config.raft is None:
+            return None, None
+        try:
+            group = SiteGroup.from_config(config.node_id, config.raft, config.guard, site=config.labels.get("site"),
+                                          node_data_dir=config.data_dir, creds_dir=config.tls.dir)
+        except (GroupError, RaftError, ValueError) as exc:
+            raise NodeStartError(f"raft: {exc}") from None
+        return group, StreamReassigner(node_id=config.node_id, group=group, view=view, site=site)
 
-    def _start_background(self, core: Membership) -> None:
+    @staticmethod
+    def _removed_hook(origin: OriginPolicy, activator: Activator | None):
+        def removed(name: str, version: str) -> None:
+            origin.forget(name, version)
+            if activator is not None:
+                activator.poke(name, version)
+
+        return removed
+
+    def _start_tasks(self, parts: _Parts) -> None:
         config = self.config
-        if self.inference is not None:
-            self._activation_task = asyncio.create_task(self._activation_loop(), name="activation")
-        if self.group is None:
+        if parts.activator is not None:
+            self._spawn(parts.activator.run(), "activation")
+        group = parts.group
+        if group is None:
             return
-        self._expiry_task = asyncio.create_task(self.group.run_expiry(), name="decision-expiry")
-        self._reconcile_task = asyncio.create_task(self.reassigner.reconcile(), name="reassign-reconcile")
+        assert parts.reassigner is not None
+        self._spawn(group.run_expiry(), "decision-expiry")
+        self._spawn(parts.reassigner.reconcile(), "reassign-reconcile")
         if config.streams:
-            self._routes_task = asyncio.create_task(self._claim_streams(), name="claim-streams")
-        if self.inference is not None:
-            self._overload_task = asyncio.create_task(watch_overload(
-                node_id=config.node_id, group=self.group, runtime=self.inference, membership=lambda: core,
-                site=config.labels.get("site", "")), name="overload-watch")
+            self._spawn(claim_streams(group, {stream: config.node_id for stream in config.streams},
+                                      backoff=Backoff(first_s=0.5, max_s=5.0, rng=random.Random(self._rng.random()))),
+                        "claim-streams")
+        if parts.inference is not None:
+            self._spawn(watch_overload(node_id=config.node_id, group=group, runtime=parts.inference,
+                                       view=parts.view, site=config.labels.get("site", "")), "overload-watch")
 
-    def _dial(self, address: str, peer_id: str | None) -> membership_pb2_grpc.MembershipStub:
-        return membership_pb2_grpc.MembershipStub(self._channels.channel(address, peer_id))
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=f"{name}-{self.config.node_id}"))
 
-    def _dial_transfer(self, address: str, peer_id: str) -> transfer_pb2_grpc.TransferStub:
-        return transfer_pb2_grpc.TransferStub(self._channels.channel(address, peer_id))
+    # -- admin rows ---------------------------------------------------------------------------
 
     def _model_rows(self) -> list[dict]:
-        rows = self.distributor.model_status() if self.distributor is not None else []
-        runtime = self.inference
+        parts = self._started
+        rows = parts.distributor.model_status()
+        runtime = parts.inference
         active = runtime.active if runtime else None
         previous = runtime.previous if runtime else None
         for row in rows:
@@ -242,7 +371,7 @@ class Node:
         return rows
 
     def _inference_status(self) -> dict:
-        runtime = self.inference
+        runtime = self._started.inference
         if runtime is None:
             return {"enabled": False}
         status = runtime.status()
@@ -253,123 +382,36 @@ class Node:
                 "last_activation_error": status.last_activation_error or "",
                 "signature_json": json.dumps(status.active.signature.to_dict()) if status.active else ""}
 
-    # -- activation -----------------------------------------------------------
-
-    async def _activation_loop(self) -> None:
-        """Serve the newest complete version of the configured model: verify, activate, keep
-        the previous one for rollback. A version that fails activation is not retried."""
-        while True:
-            try:
-                await self._activate_newest()
-            except Exception:  # never let a bad version stop the loop; the runtime keeps serving
-                log.exception("activation check failed")
-            async with self.distributor.completed:
-                try:
-                    async with asyncio.timeout(1.0):
-                        await self.distributor.completed.wait()
-                except TimeoutError:
-                    pass
-
-    def _newest_complete(self) -> Manifest | None:
-        """Blocking (directory listing, manifest read, signature check): run it in a thread."""
-        model = self.config.inference.model
-        versions = sorted((v for n, v in self.store.stored_versions() if n == model), key=version_order_key)
-        for version in reversed(versions):
-            if (model, version) in self._refused_versions:
-                continue
-            try:
-                signed = self.store.load_manifest(model, version)
-                manifest = verify_manifest(signed, self.distributor.trusted)  # again, at activation
-            except ManifestError as exc:  # bad for good: never activate it
-                log.warning("not activating %s %s: %s", model, version, exc)
-                self._refused_versions.add((model, version))
-                continue
-            except (FileNotFoundError, ArtifactError, OSError) as exc:  # maybe transient (GC, I/O): next round
-                log.info("skipping %s %s this round: %s", model, version, exc)
-                continue
-            if self.store.is_complete(manifest):
-                return manifest
-        return None
-
-    async def _activate_newest(self) -> None:
-        manifest = await asyncio.to_thread(self._newest_complete)
-        runtime = self.inference
-        active = runtime.active
-        if manifest is None or (active and (active.name, active.version) == (manifest.name, manifest.version)):
-            return
-        try:
-            info = await asyncio.to_thread(runtime.activate, manifest.name, manifest.version,
-                                           self.store.complete_model_path(manifest), manifest.signature,
-                                           sha256=manifest.sha256)
-        except ActivationError as exc:
-            self._refused_versions.add((manifest.name, manifest.version))
-            log.error("refused to activate %s %s (%s); still serving %s", manifest.name, manifest.version,
-                      exc, f"{active.name} {active.version}" if active else "nothing")
-            return
-        pinned = {(info.name, info.version)}
-        if runtime.previous:
-            pinned.add((runtime.previous.name, runtime.previous.version))
-        self.distributor.pinned = pinned
-
-    async def _claim_streams(self) -> None:
-        """Route this device's own streams to it, once the group has a leader; the ledger
-        keeps any stream already routed elsewhere where it is."""
-        streams = {stream: self.config.node_id for stream in self.config.streams}
-        while True:
-            try:
-                await self.group.raft.wait_for_leader(30.0)
-                result = await self.group.set_routes(streams)
-                log.info("claimed streams %s: %s", ", ".join(streams), result.message)
-                return
-            except (RaftError, GroupError, TimeoutError) as exc:
-                log.warning("cannot claim streams yet (%s); retrying", exc)
-                await asyncio.sleep(1.0)  # retry pacing while the group has no leader
-
-    def _dial_inference(self, address: str, peer_id: str) -> inference_pb2_grpc.InferenceStub:
-        return inference_pb2_grpc.InferenceStub(self._channels.channel(address, peer_id))
-
-    def _on_member_events(self, events: list[MemberEvent]) -> None:
-        self.events.extend(events)
-        if self.distributor is not None:
-            self.distributor.poke()
-        if self.reassigner is not None:
-            for event in events:
-                if event.kind is EventKind.DEAD:
-                    self.reassigner.on_dead(event.node_id)
-
     async def stop(self, *, leave: bool = True, grace_s: float = 1.0) -> None:
         """Leave the cluster (unless `leave=False`, which looks like a crash to peers) and shut down."""
-        if self._stopped.is_set():
+        if self._stopped or self._parts is None:
             return
-        self._stopped.set()
-        if self.runner is not None:
-            if leave:
-                await self._health.enter_graceful_shutdown()
-                try:
-                    await self.runner.leave()
-                except TimeoutError:
-                    log.warning("leave not acknowledged by every peer in time; shutting down anyway")
-            await self.runner.stop()
-        for task in (self._activation_task, self._expiry_task, self._routes_task, self._overload_task,
-                     self._reconcile_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if self.reassigner is not None:
-            await self.reassigner.close()
-        if self.group is not None:
-            await self.group.close()
-        if self.distributor is not None:
-            await self.distributor.stop()
-        if self._server is not None:
-            await self._server.stop(grace_s if leave else 0)
-        if self._channels is not None:
-            await self._channels.close()
-        if self.inference is not None:
-            self.inference.close()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+        self._stopped = True
+        parts = self._parts
+        if leave:
+            await parts.health.enter_graceful_shutdown()
+            try:
+                await parts.runner.leave()
+            except TimeoutError:
+                log.warning("leave not acknowledged by every peer in time; shutting down anyway")
+        await parts.runner.stop()  # harmless when it never started
+        for task in reversed(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if parts.activator is not None:
+            parts.activator.close()
+        if parts.reassigner is not None:
+            await parts.reassigner.close()
+        if parts.group is not None:
+            await parts.group.close()
+        await parts.distributor.stop()
+        await parts.server.stop(grace_s if leave else 0)
+        await parts.channels.close()
+        if parts.inference is not None:
+            parts.inference.close()
+        if parts.metrics_http is not None:
+            parts.metrics_http.shutdown()
+            parts.metrics_http.server_close()
         log.info("node %s stopped", self.config.node_id)
 
     async def run_until_signalled(self) -> None:
@@ -382,3 +424,7 @@ class Node:
         await stop.wait()
         log.info("signal received: leaving the cluster")
         await self.stop()
+
+
+def _ignore_version(name: str, version: str) -> None:
+    return None

@@ -42,6 +42,9 @@ lives here):
   stuck but not yet gone), any node may ask the origin for it. The clock is the
   swarm's progress, not the chunk's age: with a slow origin the last chunks
   may wait minutes for their turn, and they should not all be fetched N times.
+  No origin request goes out before `origin_holdoff_s` after the start (about one
+  gossip dissemination time, so that the roster the rendezvous runs on holds the
+  peers that learned of the release with us); `next_deadline` includes it.
 - Failures: BAD_CHUNK bans the peer for `ban_s` (`PeerBanned` names it),
   cancels its other requests and re-queues the chunk elsewhere; bans outlive
   `peer_gone`. TIMEOUT, UNAVAILABLE and IO_ERROR re-queue the chunk and back
@@ -107,6 +110,11 @@ class SchedulerConfig:
     prefer_same_site: bool = True
     origin_rendezvous: bool = True
     origin_fallback_s: float = 60.0
+    # No origin request before this long after the download starts: peers that learned of the
+    # release with us need about one gossip dissemination time to announce "I am fetching", and
+    # the origin rendezvous only spreads origin uploads over nodes that know each other. Chunks
+    # that peers already hold are fetched meanwhile. 0 disables the hold-off.
+    origin_holdoff_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_in_flight_per_peer", "max_in_flight_total", "max_in_flight_origin"):
@@ -118,6 +126,10 @@ class SchedulerConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
                     or value <= 0:
                 raise SchedulerError(f"{name} must be a positive number of seconds, got {value!r}")
+        if isinstance(self.origin_holdoff_s, bool) or not isinstance(self.origin_holdoff_s, (int, float)) \
+                or not 0 <= self.origin_holdoff_s < math.inf:
+            raise SchedulerError(f"origin_holdoff_s must be a finite number of seconds >= 0, got "
+                                 f"{self.origin_holdoff_s!r}")
         if self.max_backoff_s < self.busy_backoff_s:
             raise SchedulerError(f"max_backoff_s ({self.max_backoff_s}) is below busy_backoff_s "
                                  f"({self.busy_backoff_s})")
@@ -262,6 +274,7 @@ class SwarmScheduler:
         # Last time the swarm visibly moved (a chunk newly offered by a peer, or one we got):
         # the origin fallback waits for the swarm to stall, not for a chunk to be old.
         self._progress_at = now
+        self._origin_not_before = now + self.config.origin_holdoff_s
         self._assignee: dict[int, str] = {}
         self._events: list[Event] = []
         self._complete_emitted = False
@@ -323,7 +336,7 @@ class SwarmScheduler:
         if self.done:
             return math.inf
         candidates = [*self._in_flight.values(), *self._banned_until.values(),
-                      *(p.backoff_until for p in self._peers.values())]
+                      *(p.backoff_until for p in self._peers.values()), self._origin_not_before]
         if self._uses_rendezvous():
             fallback_s, progress_at = self.config.origin_fallback_s, self._progress_at
             candidates += [max(since, progress_at) + fallback_s for since in self._unavailable_since.values()]
@@ -498,7 +511,7 @@ class SwarmScheduler:
         return best
 
     def _pick_origin(self, index: int, now: float) -> _Peer | None:
-        if not self._origin_ours(index, now):
+        if now < self._origin_not_before or not self._origin_ours(index, now):
             return None
         cap = min(self.config.max_in_flight_per_peer, self.config.max_in_flight_origin)
         best, best_key = None, None

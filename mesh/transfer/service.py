@@ -41,6 +41,10 @@ class UploadCounters:
     manifests_served: int = 0
     refused_busy: int = 0
 
+    def uploaded_bytes(self, name: str, version: str) -> int:
+        """Bytes of name/version this node has served."""
+        return self.bytes_by_version.get((name, version), 0)
+
 
 class ServeFaults:
     """Test-only misbehaviour: serve corrupted chunk bytes (a bad peer)."""
@@ -97,8 +101,8 @@ class OriginPolicy:
 
 
 class TransferServicer(pb_grpc.TransferServicer):
-    def __init__(self, store: ArtifactStore, *, max_uploads: int, upload: Pacer,
-                 faults: ServeFaults | None = None, origin: OriginPolicy | None = None) -> None:
+    def __init__(self, store: ArtifactStore, *, max_uploads: int, upload: Pacer, origin: OriginPolicy,
+                 faults: ServeFaults | None = None) -> None:
         self.origin = origin
         self._store = store
         self._slots = asyncio.Semaphore(max_uploads)
@@ -147,7 +151,7 @@ class TransferServicer(pb_grpc.TransferServicer):
         if not self._store.has_chunk(ref.sha256):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"chunk {request.index} of {name} {version} is not held here")
-        refusal = self.origin.refuse(name, version, request.index, peer) if self.origin else None
+        refusal = self.origin.refuse(name, version, request.index, peer)
         if refusal:
             self.counters.refused_busy += 1
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
@@ -175,7 +179,7 @@ class TransferServicer(pb_grpc.TransferServicer):
                     by_version = self.counters.bytes_by_version
                     by_version[(name, version)] = by_version.get((name, version), 0) + len(piece)
                     yield pb.ChunkPiece(data=piece)
-                    if start == 0 and self.origin:
+                    if start == 0:
                         self.origin.started(name, version, request.index)  # only once bytes went out
                 self.counters.chunks_served += 1
                 log.debug("served chunk %d of %s %s to %s", request.index, name, version, peer)

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.guard.core import StreamMove
-from mesh.node.decisions import OverloadWatch, plan_offload
+from mesh.node.streams import OverloadWatch, plan_offload
 
 
 def test_offload_moves_half_to_the_least_loaded_nodes():

@@ -67,7 +67,7 @@ async def test_every_node_serves_the_newest_release_and_refuses_a_bad_one(cluste
     await wait_for(lambda: all(n.store.is_complete(n.store.load_manifest("mlp", "3").manifest)
                                if ("mlp", "3") in n.store.stored_versions() else False for n in c.nodes.values()),
                    30.0, what="mlp 3 distributed")
-    await wait_for(lambda: all(("mlp", "3") in n._refused_versions for n in c.nodes.values()), 10.0,
+    await wait_for(lambda: all("3" in n.activator.refused for n in c.nodes.values()), 10.0,
                    what="every node refuses mlp 3")
     for node in c.nodes.values():
         assert node.inference.active.version == "2"

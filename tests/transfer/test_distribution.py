@@ -16,7 +16,7 @@ from mesh.artifacts.store import TMP_PREFIX, ArtifactStore, StoreError
 from mesh.artifacts.publish import delta, publish
 from mesh.identity.signing import KeyRole, load_signing_key
 from mesh.node.local import wait_for
-from mesh.transfer.client import Phase
+from mesh.transfer.distributor import Phase
 from mesh.membership.messages import State
 from mesh.node.runtime import Node
 from tests.models import mediapipe_model, wakeword_model

@@ -461,3 +461,25 @@ def test_input_errors_say_what_is_wrong() -> None:
         s.failed("p0", 0, "bad", 0.0)  # type: ignore[arg-type]
     with pytest.raises(SchedulerError, match="at least one chunk"):
         SwarmScheduler([], (), self_site="a", rng=random.Random(0))
+
+
+def test_origin_holdoff_delays_only_origin_requests_and_is_a_deadline() -> None:
+    """Chunks peers hold are fetched at once; the origin is asked only after the hold-off,
+    and next_deadline() names that moment so the shell needs no sleep of its own."""
+    s = SwarmScheduler([CHUNK] * 4, (), self_site="a", rng=random.Random(1), self_id="me", now=10.0,
+                       config=SchedulerConfig(origin_holdoff_s=2.0, origin_rendezvous=False))
+    s.peer_update("origin", site="a", have=range(4), is_origin=True, now=10.0)
+    s.peer_update("p1", site="a", have=[0], now=10.0)
+    first = s.next_requests(10.0)
+    assert [(r.peer_id, r.index) for r in first] == [("p1", 0)]
+    assert s.next_deadline() == 12.0
+    assert s.next_requests(11.9) == []
+    later = s.next_requests(12.0)
+    assert {r.peer_id for r in later} == {"origin"} and {r.index for r in later} <= {1, 2, 3}
+    assert later
+
+
+def test_origin_holdoff_is_validated() -> None:
+    for bad in (-1.0, math.inf, math.nan, True, "1"):
+        with pytest.raises(SchedulerError, match="origin_holdoff_s"):
+            SchedulerConfig(origin_holdoff_s=bad)  # type: ignore[arg-type]

@@ -1,8 +1,10 @@
-"""The node's local decisions in its data path: Infer requests follow the site's
-routing table, and a node that membership declares dead has its streams
-reassigned by a decision that goes through the guard.
+"""Camera streams in the node's data path: Infer requests follow the site's routing
+table, this node claims its own streams, a node that membership declares dead has its
+streams reassigned, and an overloaded node hands some off, each by a decision that goes
+through the guard in the site's Raft group.
 
-I/O shell around `SiteGroup` (Raft + ledger + guard) and the inference servicer.
+I/O shell around `SiteGroup` (Raft + ledger + guard) and the inference servicer; the
+plans themselves are pure functions.
 """
 
 from __future__ import annotations
@@ -12,21 +14,21 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 
 from mesh._proto import inference_pb2 as pb
 from mesh._proto import inference_pb2_grpc as pb_grpc
-from mesh.consensus.group import SiteGroup
+from mesh.consensus.group import GroupError, SiteGroup
 from mesh.consensus.raft import RaftError
-from mesh.consensus.group import GroupError
 from mesh.guard.core import Decision, DecisionKind, StreamMove
 from mesh.identity.ca import Role
 from mesh.identity.tls import peer_identity
 from mesh.inference.service import InferenceServicer
-from mesh.membership.core import Membership
-from mesh.membership.messages import State
+from mesh.membership.messages import EventKind, MemberEvent, State
+from mesh.membership.view import MembershipView
+from mesh.retry import Backoff, retry
 
 log = logging.getLogger("mesh.decisions")
 
@@ -37,18 +39,17 @@ FORWARDED_KEY = "x-mesh-forwarded-by"
 class RoutedInference(InferenceServicer):
     """Infer for a stream the routing table gives to another node is forwarded to that node."""
 
-    def __init__(self, runtime, *, node_id: str, group: Callable[[], SiteGroup | None],
-                 membership: Callable[[], Membership],
+    def __init__(self, runtime, *, node_id: str, group: SiteGroup | None, view: MembershipView,
                  dial: Callable[[str, str], pb_grpc.InferenceStub]) -> None:
         super().__init__(runtime)
         self._node_id = node_id
         self._group = group
-        self._membership = membership
+        self._view = view
         self._dial = dial
         self.forwarded = 0
 
     async def Infer(self, request: pb.InferRequest, context) -> pb.InferResponse:
-        group = self._group()
+        group = self._group
         metadata = dict(context.invocation_metadata() or ())
         caller = peer_identity(context)
         forwarded = FORWARDED_KEY in metadata and caller is not None and caller.role is Role.NODE
@@ -57,7 +58,7 @@ class RoutedInference(InferenceServicer):
         owner = group.routes().get(request.stream_id)
         if owner is None or owner == self._node_id:
             return await super().Infer(request, context)
-        member = self._membership().member(owner)
+        member = self._view.member(owner)
         if member is None or member.state not in (State.ALIVE, State.SUSPECT):
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"stream {request.stream_id} is routed to {owner}, which is down; its streams "
@@ -74,19 +75,24 @@ class RoutedInference(InferenceServicer):
         return reply
 
 
-class DeathReassigner:
+class StreamReassigner:
     """When membership marks a node of our site dead, the group's leader proposes moving that
     node's streams to the live members with the fewest. The guard decides whether the move may
     happen on its own or waits for an operator."""
 
-    def __init__(self, *, node_id: str, group: SiteGroup, membership: Callable[[], Membership],
-                 site: str) -> None:
+    def __init__(self, *, node_id: str, group: SiteGroup, view: MembershipView, site: str) -> None:
         self.node_id = node_id
         self.group = group
-        self._membership = membership
+        self._view = view
         self._site = site
         self._tasks: set[asyncio.Task] = set()
         self.proposed: list[Decision] = []
+
+    def on_member_events(self, events: Sequence[MemberEvent]) -> None:
+        """Membership event handler: a member's death starts a reassignment of its streams."""
+        for event in events:
+            if event.kind is EventKind.DEAD:
+                self.on_dead(event.node_id)
 
     def on_dead(self, dead: str) -> None:
         task = asyncio.create_task(self._reassign(dead), name=f"reassign-{dead}")
@@ -95,7 +101,7 @@ class DeathReassigner:
 
     def orphaned_owners(self) -> list[str]:
         """Route owners that membership reports dead or gone, whose move is not already held."""
-        members = {m.node_id: m.state for m in self._membership().members()}
+        members = {m.node_id: m.state for m in self._view.members()}
         held_from = {m.from_node for h in self.group.pending() for m in h.decision.moves}
         owners = set(self.group.routes().values())
         return sorted(o for o in owners
@@ -119,7 +125,7 @@ class DeathReassigner:
         streams = sorted(s for s, owner in routes.items() if owner == dead)
         if not streams:
             return None
-        live = sorted(m.node_id for m in self._membership().members()
+        live = sorted(m.node_id for m in self._view.members()
                       if m.state is State.ALIVE and dict(m.labels).get("site") == self._site and m.node_id != dead)
         if not live:
             log.error("streams of %s cannot be reassigned: no live member of site %s", dead, self._site)
@@ -197,7 +203,20 @@ class OverloadWatch:
         return False
 
 
-async def watch_overload(*, node_id: str, group: SiteGroup, runtime, membership: Callable[[], Membership],
+async def claim_streams(group: SiteGroup, streams: Mapping[str, str], *, backoff: Backoff) -> None:
+    """Route this device's own streams to it once the group has a leader; the ledger keeps any
+    stream already routed elsewhere where it is. Retried with back-off while there is no leader."""
+
+    async def attempt() -> None:
+        await group.raft.wait_for_leader(30.0)
+        result = await group.set_routes(streams)
+        log.info("claimed streams %s: %s", ", ".join(streams), result.message)
+
+    await retry(attempt, retry_on=(RaftError, GroupError, TimeoutError), backoff=backoff,
+                what="claiming streams " + ", ".join(streams), log=log)
+
+
+async def watch_overload(*, node_id: str, group: SiteGroup, runtime, view: MembershipView,
                          site: str, interval_s: float = 5.0) -> None:
     """Propose moving half of this node's streams to its site's least-loaded nodes when its
     inference queue stays long; the guard decides whether that may happen without an operator."""
@@ -206,7 +225,7 @@ async def watch_overload(*, node_id: str, group: SiteGroup, runtime, membership:
         await asyncio.sleep(interval_s)  # the sampling period
         if not watch.sample(runtime.status().pending):
             continue
-        live = [m.node_id for m in membership().members()
+        live = [m.node_id for m in view.members()
                 if m.state is State.ALIVE and dict(m.labels).get("site") == site]
         moves = plan_offload(group.routes(), node_id, live)
         if not moves:

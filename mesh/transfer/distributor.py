@@ -1,10 +1,15 @@
 """The swarm download driver: turns what peers announce into verified chunks on disk.
 
-The decisions (which chunk from which peer, bans, fallback to the origin) are
-the pure `SwarmScheduler`'s; this shell feeds it peers' holdings from
-membership metadata, runs the FetchChunk calls it asks for, verifies and
-stores what arrives, and publishes this node's own holdings back into
-membership so that others can fetch from it.
+The decisions are the pure cores': which chunk from which peer, bans, when to
+ask the origin and when to wake up are the `SwarmScheduler`'s; which versions
+to fetch and keep is `retention.kept_versions`. This shell feeds the scheduler
+peers' holdings from the membership view, runs the FetchChunk calls it asks
+for, verifies and stores what arrives, and publishes this node's own holdings
+on its membership metadata board so that others can fetch from it.
+
+Everything it talks to is given at construction: the membership view and
+board, the dialer, what the node pins (`pinned`), and whom to tell when a
+version completes (`on_complete`) or is collected (`on_removed`).
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,18 +28,36 @@ from mesh._proto import transfer_pb2 as pb
 from mesh._proto import transfer_pb2_grpc as pb_grpc
 from mesh.artifacts.bitfield import Bitfield
 from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, SignedManifest
-from mesh.artifacts.store import ArtifactStore, BadChunkError, ManifestConflictError, StoreError, version_order_key
+from mesh.artifacts.store import ArtifactStore, BadChunkError, ManifestConflictError, StoreError
 from mesh.identity.signing import TrustedKeys
-from mesh.membership.core import Membership
 from mesh.membership.messages import MemberView, State
+from mesh.membership.view import MembershipView, MetadataBoard
 from mesh.transfer.holdings import Holding, HoldingsError, decode_holdings, encode_holdings
 from mesh.transfer.pacing import Pacer
+from mesh.transfer.retention import VersionKey, kept_versions
 from mesh.transfer.scheduler import (FailureReason, PeerBanned, RequestCancelled, SchedulerConfig,
                                      SwarmScheduler)
 
 log = logging.getLogger("mesh.transfer")
 
 DialTransfer = Callable[[str, str], pb_grpc.TransferStub]
+VersionHook = Callable[[str, str], None]
+
+# How often the store is listed for versions that `mesh model publish` (another process)
+# wrote into it. Publishing is rare and an operator waits seconds for it anyway.
+RESCAN_INTERVAL_S = 1.0
+
+
+def _no_hook(name: str, version: str) -> None:
+    return None
+
+
+def _nothing_pinned() -> Set[VersionKey]:
+    return frozenset()
+
+
+def _nothing_uploaded(name: str, version: str) -> int:
+    return 0
 
 
 class Phase(enum.Enum):
@@ -76,32 +100,38 @@ class TransferSettings:
     origin_only: bool = False
 
 
-def newest_versions(known: set[tuple[str, str]], per_model: int) -> set[tuple[str, str]]:
-    """Of `known` (name, version) pairs, the newest `per_model` versions of each model."""
-    by_name: dict[str, list[str]] = {}
-    for name, version in known:
-        by_name.setdefault(name, []).append(version)
-    return {(name, v) for name, versions in by_name.items()
-            for v in sorted(versions, key=version_order_key)[-per_model:]}
-
-
 class Distributor:
     """One node's side of peer-to-peer distribution: announce, fetch, verify, store."""
 
     def __init__(self, *, node_id: str, site: str, store: ArtifactStore, trusted: TrustedKeys,
-                 membership: Callable[[], Membership], dial: DialTransfer, settings: TransferSettings,
-                 rng: random.Random, now: Callable[[], float]) -> None:
+                 view: MembershipView, board: MetadataBoard, dial: DialTransfer, settings: TransferSettings,
+                 rng: random.Random, now: Callable[[], float],
+                 pinned: Callable[[], Set[VersionKey]] = _nothing_pinned,
+                 on_complete: VersionHook = _no_hook, on_removed: VersionHook = _no_hook,
+                 uploaded: Callable[[str, str], int] = _nothing_uploaded) -> None:
+        """`pinned()`: versions the node needs whatever their age (the active and previous model,
+        a rollout's baseline and target). `on_complete`/`on_removed`: told when a version is
+        complete here / was garbage-collected. `uploaded(name, version)`: bytes of it this node
+        has served (the Transfer service counts them)."""
         self.node_id = node_id
         self.site = site
         self.store = store
         self.trusted = trusted
         self.settings = settings
-        self._membership = membership
+        self._view = view
+        self._board = board
         self._dial = dial
         self._rng = rng
         self._now = now
+        self._pinned = pinned
+        self._on_complete = on_complete
+        self._on_removed = on_removed
+        self._uploaded = uploaded
         self._download = Pacer(settings.download_rate_bytes_per_s)
         self._wake = asyncio.Event()
+        # One event per running download: a poke must reach every waiter, including one that
+        # was busy (not waiting) when it came, so each clears only its own before it looks.
+        self._download_wakes: set[asyncio.Event] = set()
         self._tasks: dict[tuple[str, str], asyncio.Task] = {}
         self._origin: set[tuple[str, str]] = set()
         self._refused: dict[tuple[str, str, str], str] = {}  # (name, version, digest) -> why
@@ -112,12 +142,6 @@ class Distributor:
         self._holdings: dict[tuple[str, str], Holding] = {}
         self._gc_pending = False
         self.progress: dict[tuple[str, str], Progress] = {}
-        # Bytes of a version this node has served (the Transfer service fills it in).
-        self.uploaded: Callable[[str, str], int] = lambda name, version: 0
-        # Told of each version garbage collection removed (the Transfer service's origin policy).
-        self.removed: Callable[[str, str], None] = lambda name, version: None
-        # Versions the node needs whatever their age (active and previous model, rollout targets).
-        self.pinned: set[tuple[str, str]] = set()
         self._loop_task: asyncio.Task | None = None
         self.completed = asyncio.Condition()
 
@@ -135,8 +159,14 @@ class Distributor:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def poke(self) -> None:
-        """Membership changed (a peer's holdings, joins, deaths): look again."""
+        """Something changed (a peer's holdings, joins, deaths, what the node pins): look again."""
         self._wake.set()
+        for wake in self._download_wakes:
+            wake.set()
+
+    def on_member_events(self, events: object) -> None:
+        """Membership event handler: any change may bring new holdings."""
+        self.poke()
 
     # -- what we hold ------------------------------------------------------------
 
@@ -152,6 +182,7 @@ class Distributor:
             self._origin.add((manifest.name, manifest.version))
         if self.store.is_complete(manifest):
             self._complete.add((manifest.name, manifest.version))
+            self._on_complete(manifest.name, manifest.version)
         self._set_holding(manifest, self.store.bitfield(manifest))
         self._announce()
         self._gc_pending = True
@@ -173,7 +204,11 @@ class Distributor:
                              phase=(Phase.COMPLETE if status.complete else Phase.CHUNKS).value,
                              have_chunks=status.have_chunks, total_chunks=status.total_chunks,
                              bytes_have=status.bytes_have, size_bytes=status.size_bytes,
-                             origin=key in self._origin, manifest_digest=status.digest)
+                             # The store's mark, not only what the loop has picked up yet: a version
+                             # published here is reported as origin as soon as it shows complete.
+                             origin=key in self._origin or (status.complete
+                                                            and self.store.is_origin(*key)),
+                             manifest_digest=status.digest)
         for key, progress in self.progress.items():
             row = rows.setdefault(key, dict(name=progress.name, version=progress.version,
                                             origin=False, have_chunks=0, total_chunks=0))
@@ -182,7 +217,7 @@ class Distributor:
             row["error"] = progress.error if progress.phase is Phase.FAILED else ""
             row["bytes_downloaded"] = progress.bytes_downloaded
         for key, row in rows.items():
-            row["bytes_uploaded"] = self.uploaded(*key)
+            row["bytes_uploaded"] = self._uploaded(*key)
         return [rows[k] for k in sorted(rows)]
 
     async def collect_garbage(self) -> int:
@@ -193,11 +228,13 @@ class Distributor:
         if self._tasks:
             self._gc_pending = True
             return 0
-        extra = set(self._tasks) | set(self.pinned)  # read on the loop, used in the sweep's thread
+        downloading, pinned = set(self._tasks), set(self._pinned())  # read on the loop, used in the sweep's thread
         keep_per_model = self.settings.keep_per_model
         try:
             kept, freed = await asyncio.to_thread(
-                self.store.collect, lambda stored: newest_versions(stored, keep_per_model) | extra, wait=False)
+                self.store.collect, lambda stored: kept_versions(stored, keep_per_model=keep_per_model,
+                                                                 pinned=pinned, downloading=downloading),
+                wait=False)
         except BlockingIOError:  # a publish is writing into the store: never block the loop on it
             self._gc_pending = True
             return 0
@@ -209,7 +246,7 @@ class Distributor:
             del self._holdings[key]
             self._origin.discard(key)
             self._complete.discard(key)
-            self.removed(*key)
+            self._on_removed(*key)
         if dropped:
             log.info("removed %s (%d bytes freed)", ", ".join(f"{n} {v}" for n, v in dropped), freed)
             self._announce()
@@ -217,9 +254,9 @@ class Distributor:
 
     def _rescan(self) -> bool:
         """Pick up versions written into the store by `mesh model publish` while we run; True if any.
-        At most once a second: it lists the store's directories."""
+        At most once per RESCAN_INTERVAL_S: it lists the store's directories."""
         now = self._now()
-        if now - self._rescanned_at < 1.0:
+        if now - self._rescanned_at < RESCAN_INTERVAL_S:
             return False
         self._rescanned_at = now
         changed = False
@@ -227,6 +264,8 @@ class Distributor:
             with self.store.locked(exclusive=False, wait=False):
                 for name, version in self.store.stored_versions():
                     key = (name, version)
+                    if key in self._tasks and self.store.model_path(name, version).exists():
+                        self.poke()  # a publish here wrote the whole version a download is fetching
                     if key in self._tasks or key in self._complete:
                         continue
                     # New, or held incomplete but now whole (a publish that was midway when we
@@ -256,6 +295,7 @@ class Distributor:
             if self.store.is_origin(name, version):
                 self._origin.add((name, version))
                 log.info("announcing %s %s, published here", name, version)
+            self._on_complete(name, version)
         if changed:
             self._set_holding(manifest, self.store.bitfield(manifest))
         return changed
@@ -274,17 +314,17 @@ class Distributor:
         holdings = sorted(self._holdings.values(), key=lambda h: (not h.origin, not h.complete))
         while holdings:
             blob = encode_holdings(holdings)
-            if len(blob) <= self._membership().meta_limit_bytes:
-                self._membership().set_meta(blob)
+            if len(blob) <= self._board.meta_limit_bytes:
+                self._board.set_meta(blob)
                 return
             holdings.pop()
-        self._membership().set_meta(b"")
+        self._board.set_meta(b"")
 
     # -- what peers hold ---------------------------------------------------------
 
     def _peer_holdings(self) -> list[tuple[MemberView, list[Holding]]]:
         out = []
-        for member in self._membership().members():
+        for member in self._view.members():
             # A SUSPECT member is most likely alive and slow: dropping it would cancel
             # its uploads half-way and refetch those chunks elsewhere.
             if member.node_id == self.node_id or member.state not in (State.ALIVE, State.SUSPECT) \
@@ -320,21 +360,18 @@ class Distributor:
                 await self.collect_garbage()
             if self.settings.fetch_all:
                 self._start_wanted()
+            # Woken by pokes (membership, pins); otherwise at the next store rescan.
             try:
-                async with asyncio.timeout(1.0):
+                async with asyncio.timeout(max(0.0, self._rescanned_at + RESCAN_INTERVAL_S - self._now())):
                     await self._wake.wait()
             except TimeoutError:
                 pass
 
-    def _kept(self, known: set[tuple[str, str]]) -> set[tuple[str, str]]:
-        """Of `known` versions, the newest `keep_per_model` of each model, plus running downloads
-        and whatever the node pins (`pinned`: the active and previous model, rollout targets)."""
-        return newest_versions(known, self.settings.keep_per_model) | set(self._tasks) | self.pinned
-
     def _start_wanted(self) -> None:
         peer_holdings = self._peer_holdings()
         known = set(self._holdings) | {h.key for _, hs in peer_holdings for h in hs}
-        wanted = self._kept(known)
+        wanted = kept_versions(known, keep_per_model=self.settings.keep_per_model, pinned=self._pinned(),
+                               downloading=self._tasks)
         for _member, holdings in peer_holdings:
             for holding in holdings:
                 key = holding.key
@@ -386,6 +423,7 @@ class Distributor:
             log.info("%s %s complete: %d bytes, %d downloaded, in %.2fs", name, version, manifest.size_bytes,
                      progress.bytes_downloaded, self._now() - progress.started_at)
             await self._finish(progress, Phase.COMPLETE)
+            self._on_complete(name, version)
             await self.collect_garbage()
         except StoreError as exc:
             # Disk full or an I/O error: the store keeps what it had; retry on a later announcement.
@@ -462,7 +500,8 @@ class Distributor:
                                    config=SchedulerConfig(
                                        max_in_flight_per_peer=self.settings.max_in_flight_per_peer,
                                        request_timeout_s=self.settings.request_timeout_s,
-                                       ban_s=self.settings.ban_s))
+                                       ban_s=self.settings.ban_s,
+                                       origin_holdoff_s=self._view.dissemination_s()))
         addresses: dict[str, str] = {}
         running: dict[tuple[str, int], asyncio.Task] = {}
         known_peers: set[str] = set()
@@ -500,13 +539,11 @@ class Distributor:
 
         progress.have_chunks = have.count()
         progress.bytes_have = sum(sizes[i] for i in have.present())
-        # Let the "I am fetching" announcements of peers that learned of this version
-        # with us reach us before the first origin request: the origin rendezvous
-        # only spreads origin uploads over nodes that know each other as fetchers.
-        core = self._membership()
-        await asyncio.sleep(core.config.dissemination_s(core.live_count()))
+        wake = asyncio.Event()
+        self._download_wakes.add(wake)
         try:
             while not scheduler.done:
+                wake.clear()  # before looking: a poke from here on is not lost
                 if self.store.is_complete(manifest):
                     break  # a `mesh model publish` here (re)wrote the whole version meanwhile
                 refresh_peers()
@@ -516,12 +553,13 @@ class Distributor:
                 handle_events()
                 if scheduler.done:
                     break
-                self._wake.clear()
-                wake = asyncio.ensure_future(self._wake.wait())
-                timeout_s = min(0.5, max(0.0, scheduler.next_deadline() - self._now()))
-                done, _ = await asyncio.wait({*running.values(), wake}, timeout=timeout_s,
+                # Wake for an answer, a poke (new holdings) or the scheduler's next deadline.
+                waiting = asyncio.ensure_future(wake.wait())
+                deadline = scheduler.next_deadline()
+                timeout_s = None if math.isinf(deadline) else max(0.0, deadline - self._now())
+                done, _ = await asyncio.wait({*running.values(), waiting}, timeout=timeout_s,
                                              return_when=asyncio.FIRST_COMPLETED)
-                wake.cancel()
+                waiting.cancel()
                 for key, task in list(running.items()):
                     if task not in done:
                         continue
@@ -544,6 +582,7 @@ class Distributor:
                      manifest.version, stats.requests, stats.downloaded_bytes, stats.wasted_bytes,
                      {k.value: v for k, v in stats.failures.items()})
         finally:
+            self._download_wakes.discard(wake)
             for task in running.values():
                 task.cancel()
             await asyncio.gather(*running.values(), return_exceptions=True)

@@ -1,0 +1,158 @@
+"""Which version of its model a node serves, and the shell that makes it so.
+
+`choose_active` is the decision, pure: from the versions complete and verified on this
+node, those that failed activation before, the active one and (when a rollout says so)
+the version this device should serve, it returns the version to activate or None.
+
+`Activator` is the shell: woken when a version completes or is collected (the
+distributor's `on_complete`), never on a timer, it lists what the store holds, verifies
+each candidate's manifest again (signature by a fleet publisher key), asks
+`choose_active`, and activates through the runtime (load, hash, validation invoke, atomic
+swap). A version that fails activation or verification is never retried; a transient
+failure (a version collected while it was read) is retried with back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Iterable, Set
+from dataclasses import dataclass
+
+from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, verify_manifest
+from mesh.artifacts.store import ArtifactStore, version_order_key
+from mesh.identity.signing import TrustedKeys
+from mesh.inference.runtime import ActivationError, ModelRuntime
+from mesh.retry import Backoff
+
+log = logging.getLogger("mesh.inference.activation")
+
+VersionKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Activate:
+    """Make `version` of `model` the active one."""
+
+    model: str
+    version: str
+
+
+def choose_active(model: str, complete: Iterable[str], *, refused: Set[str], active: str | None,
+                  desired: str | None = None) -> Activate | None:
+    """The version of `model` to activate now, or None to keep serving what is active.
+
+    Without `desired`, the newest complete version that never failed here. With `desired` (a
+    rollout's verdict for this device: its target, or the baseline to roll back to), that version
+    once it is complete and has not failed, and nothing else meanwhile.
+    """
+    usable = sorted((v for v in set(complete) if v not in refused), key=version_order_key)
+    if desired is not None:
+        choice = desired if desired in usable else None
+    else:
+        choice = usable[-1] if usable else None
+    if choice is None or choice == active:
+        return None
+    return Activate(model, choice)
+
+
+class Activator:
+    """Keeps the runtime serving what `choose_active` says, on events."""
+
+    def __init__(self, *, model: str, store: ArtifactStore, trusted: TrustedKeys, runtime: ModelRuntime,
+                 rng: random.Random) -> None:
+        self.model = model
+        self._store = store
+        self._trusted = trusted
+        self._runtime = runtime
+        self._wake = asyncio.Event()
+        self._wake.set()  # look once at start: versions may already be on disk
+        self._refused: set[str] = set()
+        self._verified: dict[tuple[str, str], Manifest] = {}  # (version, manifest digest) -> manifest
+        self._backoff = Backoff(first_s=0.5, max_s=10.0, rng=rng)
+        self._retry: asyncio.TimerHandle | None = None
+
+    @property
+    def refused(self) -> frozenset[str]:
+        """Versions of the model that failed verification or activation here (never retried)."""
+        return frozenset(self._refused)
+
+    def poke(self, name: str = "", version: str = "") -> None:
+        """A version completed or was removed (distributor hook): look again."""
+        self._wake.set()
+
+    def pinned(self) -> Set[VersionKey]:
+        """The active and previous versions: never collected while they are needed for rollback."""
+        out = set()
+        for info in (self._runtime.active, self._runtime.previous):
+            if info is not None:
+                out.add((info.name, info.version))
+        return out
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._activate_once()
+            except Exception:  # never let one bad round stop serving; the runtime keeps its model
+                log.exception("activation check failed")
+
+    def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+
+    async def _activate_once(self) -> None:
+        complete, transient = await asyncio.to_thread(self._complete_versions)
+        if transient:
+            delay_s = self._backoff.next_delay_s()
+            self._retry = asyncio.get_running_loop().call_later(delay_s, self._wake.set)
+        active = self._runtime.active
+        choice = choose_active(self.model, complete, refused=self._refused,
+                               active=active.version if active is not None and active.name == self.model else None)
+        if choice is None:
+            return
+        manifest = complete[choice.version]
+        try:
+            await asyncio.to_thread(self._runtime.activate, manifest.name, manifest.version,
+                                    self._store.complete_model_path(manifest), manifest.signature,
+                                    sha256=manifest.sha256)
+        except ActivationError as exc:
+            self._refused.add(choice.version)
+            log.error("refused to activate %s %s (%s); still serving %s", manifest.name, manifest.version, exc,
+                      f"{active.name} {active.version}" if active else "nothing")
+            return
+        except (FileNotFoundError, ArtifactError, OSError) as exc:  # collected or unreadable meanwhile
+            log.info("could not activate %s %s this round: %s", manifest.name, manifest.version, exc)
+            self._retry = asyncio.get_running_loop().call_later(self._backoff.next_delay_s(), self._wake.set)
+            return
+        self._backoff.reset()
+
+    def _complete_versions(self) -> tuple[dict[str, Manifest], bool]:
+        """Blocking (directory listing, manifest reads, signature checks): run it in a thread.
+        Returns the complete, verified versions of the model, and whether any was skipped for a
+        reason that may pass (I/O, a version being collected)."""
+        out: dict[str, Manifest] = {}
+        transient = False
+        for name, version in self._store.stored_versions():
+            if name != self.model or version in self._refused:
+                continue
+            try:
+                signed = self._store.load_manifest(name, version)
+                key = (version, signed.digest)
+                manifest = self._verified.get(key)
+                if manifest is None:
+                    manifest = verify_manifest(signed, self._trusted)  # again, at activation
+                    self._verified[key] = manifest
+            except ManifestError as exc:  # bad for good: never activate it
+                log.warning("not activating %s %s: %s", name, version, exc)
+                self._refused.add(version)
+                continue
+            except (FileNotFoundError, ArtifactError, OSError) as exc:
+                log.info("skipping %s %s this round: %s", name, version, exc)
+                transient = True
+                continue
+            if self._store.is_complete(manifest):
+                out[version] = manifest
+        return out, transient

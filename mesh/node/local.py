@@ -13,6 +13,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -113,6 +114,21 @@ async def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str = 
             raise TimeoutError(f"{what} not reached within {timeout_s:.1f}s")
         await asyncio.sleep(interval_s)
     return loop.time() - start
+
+
+def poll_until(predicate: Callable[[], bool], timeout_s: float, what: str = "condition", *,
+               check: Callable[[], None] | None = None, interval_s: float = 0.05) -> float:
+    """The blocking twin of `wait_for`, for tests that drive node processes: poll `predicate`
+    until true and return the seconds it took. `check` runs every round and may raise to stop
+    early (a node process that died). Raises TimeoutError naming `what`."""
+    start = time.monotonic()
+    while not predicate():
+        if check is not None:
+            check()
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"{what} not reached within {timeout_s:.1f}s")
+        time.sleep(interval_s)
+    return time.monotonic() - start
 
 
 def free_address() -> str:

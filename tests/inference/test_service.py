@@ -14,6 +14,7 @@ from mesh._proto import inference_pb2 as pb
 from mesh.inference.fixtures import mlp_model, mlp_signature
 from mesh.inference.runtime import ActivationError
 from mesh.inference.service import MAX_BATCH_REQUESTS, tensor_from_pb
+from mesh.node.local import wait_for
 from mesh.inference.signature import DTYPES
 from tests.inference.conftest import mediapipe_paths, model_input, outputs_of, request_for, signature_of
 from tests.models import mediapipe_model, wakeword_model, wakeword_models
@@ -224,22 +225,15 @@ async def test_hot_swap_and_rollback_under_load_lose_no_request(make_runtime, se
                 failures.append(AssertionError(f"outputs do not match version {response.version}"))
             seen.append(response.version)
 
-    async def wait_for(predicate, what):
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TIMEOUT_S
-        while not predicate():
-            assert loop.time() < deadline, f"{what} not seen within {TIMEOUT_S}s"
-            await asyncio.sleep(0.005)
-
     clients = [asyncio.create_task(client()) for _ in range(4)]
     try:
-        await wait_for(lambda: len(seen) >= 20, "20 responses from v1")
+        await wait_for(lambda: len(seen) >= 20, TIMEOUT_S, "20 responses from v1", interval_s=0.005)
         before = len(seen)
         await activate(runtime, "hand", "2", v2, signature)
         during_activation = len(seen) - before
-        await wait_for(lambda: seen[-16:] == ["2"] * 16, "responses from v2")
+        await wait_for(lambda: seen[-16:] == ["2"] * 16, TIMEOUT_S, "responses from v2", interval_s=0.005)
         await asyncio.to_thread(runtime.rollback)
-        await wait_for(lambda: seen[-16:] == ["1"] * 16, "responses from v1 after rollback")
+        await wait_for(lambda: seen[-16:] == ["1"] * 16, TIMEOUT_S, "responses from v1 after rollback", interval_s=0.005)
     finally:
         stop.set()
         await asyncio.gather(*clients)

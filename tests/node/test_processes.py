@@ -13,7 +13,7 @@ import pytest
 
 from mesh.admin.client import AdminClient, AdminError
 from mesh.membership.messages import MembershipConfig, State
-from mesh.node.local import FAST_TIMINGS, free_ports, spawn_node_process, write_node_config
+from mesh.node.local import FAST_TIMINGS, free_ports, poll_until, spawn_node_process, write_node_config
 
 
 @dataclass
@@ -49,15 +49,12 @@ class ProcessCluster:
             return None
 
     def wait(self, predicate, timeout_s: float, what: str) -> float:
-        start = time.monotonic()
-        while not predicate():
-            for p in self.procs.values():
-                if p.process.poll() not in (None, -signal.SIGKILL):
-                    raise AssertionError(f"{p.node_id} exited with {p.process.returncode}:\n{p.log.read_text()[-3000:]}")
-            if time.monotonic() - start > timeout_s:
-                raise AssertionError(f"{what} not reached within {timeout_s:.1f}s")
-            time.sleep(0.05)
-        return time.monotonic() - start
+        return poll_until(predicate, timeout_s, what, check=self.check_alive)
+
+    def check_alive(self) -> None:
+        for p in self.procs.values():
+            if p.process.poll() not in (None, -signal.SIGKILL):
+                raise AssertionError(f"{p.node_id} exited with {p.process.returncode}:\n{p.log.read_text()[-3000:]}")
 
     def converged(self, ids) -> bool:
         for node_id in ids:

@@ -7,25 +7,21 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mesh.admin.client import AdminClient, AdminError
 from mesh.artifacts.store import ArtifactStore
-from mesh.node.local import FAST_TIMINGS, free_ports, spawn_node_process, write_node_config
+from mesh.node.local import FAST_TIMINGS, free_ports, poll_until, spawn_node_process, write_node_config
 from tests.models import mediapipe_model
 
 
 def poll(predicate, timeout_s: float, what: str, procs=()) -> float:
-    start = time.monotonic()
-    while not predicate():
+    def check() -> None:
         for proc, log in procs:
             if proc.poll() is not None:
                 raise AssertionError(f"node exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"{what} not reached within {timeout_s:.1f}s")
-        time.sleep(0.05)
-    return time.monotonic() - start
+
+    return poll_until(predicate, timeout_s, what, check=check)
 
 
 def model_row(admin: AdminClient, name: str, version: str):

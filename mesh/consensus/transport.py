@@ -1,0 +1,395 @@
+"""pysyncobj's transport over the node's gRPC server: Raft under each member's own mTLS.
+
+A site group's members talk over the `Raft.Exchange` stream of each other's node gRPC port.
+There is no Raft port of its own, no shared password, and no pickle on the wire:
+
+- Who: a stream is accepted only from a node certificate whose name is a member of the
+  group named in the call (`RaftServicer`); a node of another site, an operator certificate,
+  or a revoked node is refused with PERMISSION_DENIED, logged and counted.
+- What: frames are msgpack of plain values (`wire.py`); anything else is refused, logged,
+  counted, and the stream is closed. pysyncobj's own log entries are pickles that every
+  replica reads when it applies them: those are read by `safe_pickle` (see _pysyncobj_patch).
+- Threads: pysyncobj runs on its tick thread, gRPC on the node's event loop. `GrpcTransport`
+  (tick-thread side) hands outgoing frames to `RaftLink` (loop side) with
+  ``call_soon_threadsafe``; the link hands incoming messages and connection changes back
+  through a queue and a pipe that wakes the tick thread's poller. pysyncobj is only ever
+  entered on its tick thread.
+- Durability (group commit): frames leave only after everything written to the journal
+  before them is durable: the transport releases what the tick thread sent at two points,
+  each after one `flush` of the journal: at the end of every tick and after each batch of
+  incoming messages. A follower therefore acknowledges an entry only once it is on disk,
+  and entries appended together are synced together.
+- Healing: each member keeps one outgoing stream per peer, re-dialled with a short
+  back-off (0.05 s doubling to 1 s) through channels with keepalive (mesh/node/peers.py),
+  so a member rejoins within about a second of a partition healing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from pysyncobj.node import Node
+from pysyncobj.pipe_notifier import PipeNotifier
+from pysyncobj.transport import Transport
+
+from mesh._proto import raft_pb2 as pb
+from mesh._proto import raft_pb2_grpc as pb_grpc
+from mesh.consensus.wire import FrameError, decode_message, encode_message
+from mesh.identity.ca import Role
+from mesh.identity.tls import peer_identity
+from mesh.retry import Backoff
+
+log = logging.getLogger("mesh.consensus.transport")
+
+GROUP_KEY = "x-mesh-raft-group"
+# Frames queued for one peer before its stream is considered stuck and dropped (Raft resends).
+MAX_QUEUED_BYTES = 16 * 1024 * 1024
+# Frames written in one gRPC message.
+MAX_FRAMES_PER_BATCH = 256
+
+DialRaft = Callable[[str], "pb_grpc.RaftStub | None"]
+"""node id -> stub over an mTLS channel to that member (None while its address is unknown)."""
+
+
+class MemberNode(Node):
+    """A group member as pysyncobj sees it: its id is the fleet node id."""
+
+
+@dataclass
+class TransportCounters:
+    """What crossed the transport, for metrics, status and tests."""
+
+    frames_out: int = 0
+    frames_in: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    refused_frames: int = 0
+    refused_streams: int = 0
+    dropped_frames: int = 0  # queued for a peer whose stream went down, or over its queue budget
+    reconnects: int = 0
+
+
+class _Peer:
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.queued_bytes = 0
+        self.ready = asyncio.Event()  # set when frames are queued
+        self.up = False
+        self.task: asyncio.Task | None = None
+        self.last_heard: float | None = None  # loop time of the last frame from this member
+
+
+class RaftLink:
+    """The event-loop side of one member's transport: streams to peers, frames from peers.
+
+    Build it on the loop; the `RaftGroup` built with it creates its `GrpcTransport`. Register
+    it with the node's `RaftServicer` so peers' streams reach it.
+    """
+
+    def __init__(self, *, group: str, node_id: str, dial: DialRaft, rng: random.Random | None = None,
+                 accept: Callable[[str], str | None] | None = None) -> None:
+        """`accept(node_id)`: None if that node may talk to this group's members, else why not
+        (revocation); membership of the group is checked in any case."""
+        self.group = group
+        self.node_id = node_id
+        self.loop = asyncio.get_running_loop()
+        self.counters = TransportCounters()
+        self.members: frozenset[str] = frozenset({node_id})  # kept by the transport (tick thread)
+        self.cut: frozenset[str] = frozenset()  # fault injection: peers whose frames are dropped silently
+        self._dial = dial
+        self._accept = accept
+        self._rng = rng or random.Random()
+        self._peers: dict[str, _Peer] = {}
+        self._transport: GrpcTransport | None = None
+        self._closed = False
+
+    # -- called by the transport (tick thread) through call_soon_threadsafe --
+
+    def _bind(self, transport: GrpcTransport) -> None:
+        self._transport = transport
+
+    def _add_peer(self, node_id: str) -> None:
+        if self._closed or node_id in self._peers or node_id == self.node_id:
+            return
+        peer = self._peers[node_id] = _Peer(node_id)
+        peer.task = self.loop.create_task(self._run_peer(peer), name=f"raft-{self.group}-{self.node_id}->{node_id}")
+
+    def _drop_peer(self, node_id: str) -> None:
+        peer = self._peers.pop(node_id, None)
+        if peer is not None and peer.task is not None:
+            peer.task.cancel()
+
+    def _send(self, batch: list[tuple[str, bytes]]) -> None:
+        for node_id, frame in batch:
+            peer = self._peers.get(node_id)
+            if peer is None or not peer.up or node_id in self.cut:
+                self.counters.dropped_frames += 1
+                continue
+            if peer.queued_bytes + len(frame) > MAX_QUEUED_BYTES:
+                # The peer does not read its stream (flow control holds our writes): drop what is
+                # queued rather than grow without bound; Raft resends from the peer's next index.
+                log.warning("raft %s: %s is not reading its stream; dropping %d queued bytes",
+                            self.group, node_id, peer.queued_bytes)
+                self.counters.dropped_frames += len(peer.queue) + 1
+                peer.queue.clear()
+                peer.queued_bytes = 0
+                continue
+            peer.queue.append(frame)
+            peer.queued_bytes += len(frame)
+            peer.ready.set()
+
+    # -- incoming (the servicer, on the loop) --
+
+    def refusal(self, node_id: str) -> str | None:
+        """None if `node_id` may stream to this member, else why not."""
+        if node_id not in self.members or node_id == self.node_id:
+            return f"{node_id} is not a member of Raft group {self.group}"
+        if self._accept is not None:
+            return self._accept(node_id)
+        return None
+
+    def receive(self, node_id: str, frame: bytes) -> None:
+        """A frame from `node_id` (authorised by the servicer): decode it and hand it to pysyncobj.
+        Raises FrameError for a frame that is not a plain-valued message."""
+        if node_id in self.cut or self._closed:
+            return
+        message = decode_message(frame)
+        self.counters.frames_in += 1
+        self.counters.bytes_in += len(frame)
+        peer = self._peers.get(node_id)
+        if peer is not None:
+            peer.last_heard = self.loop.time()
+        if self._transport is not None:
+            self._transport._post(("message", node_id, message))
+
+    # -- status --
+
+    def connected(self) -> dict[str, bool]:
+        """node id -> whether this member's stream to it is up."""
+        return {node_id: peer.up and node_id not in self.cut for node_id, peer in self._peers.items()}
+
+    def last_heard_s(self, node_id: str) -> float | None:
+        """Seconds since the last frame from `node_id` (None if never)."""
+        peer = self._peers.get(node_id)
+        if peer is None or peer.last_heard is None:
+            return None
+        return self.loop.time() - peer.last_heard
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [p.task for p in self._peers.values() if p.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._peers.clear()
+
+    # -- one outgoing stream per peer --
+
+    async def _run_peer(self, peer: _Peer) -> None:
+        backoff = Backoff(first_s=0.05, max_s=1.0, rng=random.Random(self._rng.random()))
+        while not self._closed:
+            stub = self._dial(peer.node_id)
+            if stub is not None:
+                await self._stream(peer, stub, backoff)
+            await asyncio.sleep(backoff.next_delay_s())  # reconnect pacing
+
+    async def _stream(self, peer: _Peer, stub: pb_grpc.RaftStub, backoff: Backoff) -> None:
+        call = stub.Exchange(metadata=((GROUP_KEY, self.group),))
+        writer: asyncio.Task | None = None
+        try:
+            hello = await call.read()
+            if hello is grpc.aio.EOF:
+                return
+            backoff.reset()
+            self.counters.reconnects += 1
+            peer.up = True
+            self._notify(("up", peer.node_id))
+            writer = asyncio.ensure_future(self._write(peer, call))
+            reader = asyncio.ensure_future(call.read())  # ends when the stream does
+            done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            reader.cancel()
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        except grpc.aio.AioRpcError as exc:
+            level = logging.WARNING if exc.code() is grpc.StatusCode.PERMISSION_DENIED else logging.DEBUG
+            log.log(level, "raft %s: stream %s -> %s ended: %s %s", self.group, self.node_id, peer.node_id,
+                    exc.code().name, exc.details())
+        except (ConnectionError, OSError) as exc:  # refused to dial (fault injection, bad address)
+            log.debug("raft %s: cannot stream to %s: %s", self.group, peer.node_id, exc)
+        finally:
+            if writer is not None:
+                writer.cancel()
+            call.cancel()
+            if peer.up:
+                peer.up = False
+                self._notify(("down", peer.node_id))
+            self.counters.dropped_frames += len(peer.queue)
+            peer.queue.clear()
+            peer.queued_bytes = 0
+
+    async def _write(self, peer: _Peer, call: Any) -> None:
+        while True:
+            await peer.ready.wait()
+            peer.ready.clear()
+            while peer.queue:
+                frames = []
+                while peer.queue and len(frames) < MAX_FRAMES_PER_BATCH:
+                    frame = peer.queue.popleft()
+                    peer.queued_bytes -= len(frame)
+                    frames.append(frame)
+                self.counters.frames_out += len(frames)
+                self.counters.bytes_out += sum(len(f) for f in frames)
+                await call.write(pb.RaftBatch(frames=frames))
+
+    def _notify(self, event: tuple[str, str]) -> None:
+        if self._transport is not None:
+            self._transport._post(event)
+
+
+class GrpcTransport(Transport):
+    """The tick-thread side: pysyncobj's Transport, built by SyncObj with
+    ``transportClass=functools.partial(GrpcTransport, link=..., flush=...)``.
+
+    `flush` makes the journal durable; it runs before any frame is released (group commit).
+    `on_message(transport, node, message)` delivers an incoming message to pysyncobj (a hook
+    for _pysyncobj_patch's receive rules); by default `_onMessageReceived`.
+    """
+
+    def __init__(self, syncObj: Any, selfNode: MemberNode, otherNodes: Iterable[MemberNode], *, link: RaftLink,
+                 flush: Callable[[], None] = lambda: None,
+                 on_message: Callable[[GrpcTransport, MemberNode, dict], None] | None = None) -> None:
+        super().__init__(syncObj, selfNode, otherNodes)
+        self._sync_obj = syncObj
+        self._self = selfNode
+        self._link = link
+        self._loop = link.loop
+        self._flush = flush
+        self._on_message = on_message
+        self._nodes: dict[str, MemberNode] = {}
+        self._connected: set[str] = set()
+        self._inbox: collections.deque[tuple] = collections.deque()
+        self._outgoing: list[tuple[str, bytes]] = []
+        self._lock = threading.Lock()  # guards _outgoing: send() may run outside the tick (sync commands)
+        self._notifier = PipeNotifier(syncObj._poller, self._drain)
+        self._destroyed = False
+        link._bind(self)
+        for node in otherNodes:
+            self.addNode(node)
+        syncObj.addOnTickCallback(self._release)
+
+    # -- pysyncobj's interface (tick thread) --
+
+    def addNode(self, node: MemberNode) -> None:
+        self._nodes[node.id] = node
+        self._link.members = frozenset({self._self.id, *self._nodes})
+        self._loop.call_soon_threadsafe(self._link._add_peer, node.id)
+
+    def dropNode(self, node: MemberNode) -> None:
+        self._nodes.pop(node.id, None)
+        self._connected.discard(node.id)
+        self._link.members = frozenset({self._self.id, *self._nodes})
+        self._loop.call_soon_threadsafe(self._link._drop_peer, node.id)
+
+    def send(self, node: MemberNode, message: dict) -> bool:
+        if node.id not in self._connected:
+            return False
+        try:
+            frame = encode_message(message)
+        except FrameError as exc:
+            log.error("raft %s: not sending %s to %s: %s", self._link.group, message.get("type"), node.id, exc)
+            return False
+        with self._lock:
+            self._outgoing.append((node.id, frame))
+        return True
+
+    def destroy(self) -> None:
+        self._destroyed = True
+        self._sync_obj.removeOnTickCallback(self._release)
+
+    # -- incoming, on the tick thread --
+
+    def _post(self, item: tuple) -> None:
+        """From the loop: queue an event for the tick thread and wake it."""
+        self._inbox.append(item)
+        try:
+            self._notifier.notify()
+        except BlockingIOError:
+            pass  # the pipe is full: the tick thread is already due to drain
+
+    def _drain(self) -> None:
+        while self._inbox and not self._destroyed:
+            kind, node_id, *rest = self._inbox.popleft()
+            node = self._nodes.get(node_id)
+            if node is None:
+                continue  # not (or no longer) a member
+            if kind == "up":
+                self._connected.add(node_id)
+                self._onNodeConnected(node)
+            elif kind == "down":
+                self._connected.discard(node_id)
+                self._onNodeDisconnected(node)
+            elif self._on_message is not None:
+                self._on_message(self, node, rest[0])
+            else:
+                self._onMessageReceived(node, rest[0])
+        self._release()
+
+    def _release(self) -> None:
+        """Make the journal durable, then let everything sent so far leave (group commit)."""
+        with self._lock:
+            if not self._outgoing:
+                return
+            batch, self._outgoing = self._outgoing, []
+        self._flush()
+        if not self._destroyed:
+            try:
+                self._loop.call_soon_threadsafe(self._link._send, batch)
+            except RuntimeError:
+                pass  # the loop is closed: the node is shutting down
+
+
+class RaftServicer(pb_grpc.RaftServicer):
+    """The node's Raft service: routes each member's stream to this node's link of its group."""
+
+    def __init__(self, links: Iterable[RaftLink] = ()) -> None:
+        self._links = {link.group: link for link in links}
+
+    def add(self, link: RaftLink) -> None:
+        self._links[link.group] = link
+
+    async def Exchange(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        group = metadata.get(GROUP_KEY, "")
+        peer = peer_identity(context)
+        link = self._links.get(group)
+        who = f"{peer.role.value} {peer.name!r}" if peer else "an unauthenticated caller"
+        if link is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"this node is not a member of Raft group {group!r}")
+        if peer is None or peer.role is not Role.NODE:
+            link.counters.refused_streams += 1
+            log.warning("raft %s: refused a stream from %s: Raft needs a node certificate", group, who)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "Raft streams need a fleet node certificate")
+        why = link.refusal(peer.name)
+        if why is not None:
+            link.counters.refused_streams += 1
+            log.warning("raft %s: refused a stream from %s: %s", group, who, why)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+        await context.write(pb.RaftHello(group=group, node_id=link.node_id))
+        async for batch in request_iterator:
+            for frame in batch.frames:
+                try:
+                    link.receive(peer.name, frame)
+                except FrameError as exc:
+                    link.counters.refused_frames += 1
+                    log.warning("raft %s: refused a frame from %s: %s; closing its stream", group, peer.name, exc)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"refused Raft frame: {exc}")

@@ -257,15 +257,7 @@ class _LinkCuttingTransport(TCPTransport):
     def _onMessageReceived(self, node, message):
         if node.id in self._syncObj.cut_links:
             return
-        kind = message.get("type") if isinstance(message, dict) else None
-        handle = super()._onMessageReceived
-        if kind == "append_entries":
-            entry_term, last_index = _pysyncobj_patch.follower_view(self._syncObj)
-            message = _pysyncobj_patch.trim_append_entries(message, entry_term, last_index)
-        elif kind == "next_node_idx" and message.get("success") and not message.get("reset"):
-            _pysyncobj_patch.keep_next_index(self._syncObj, node, lambda: handle(node, message))
-            return
-        handle(node, message)
+        _pysyncobj_patch.receive_message(self._syncObj, node, message, super()._onMessageReceived)
 
 
 # --- the group ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from mesh._proto import decisions_pb2 as pb
 from mesh._proto import decisions_pb2_grpc as pb_grpc
 from mesh.admin.decisions import register
 from mesh.consensus.service import DecisionsServicer, add_to_server
-from mesh.consensus.state import Outcome
+from mesh.consensus.ledger import Outcome
 from mesh.guard.approval import sign_approval
 from mesh.identity.signing import KeyRole, load_signing_key
 from mesh.identity.tls import channel_credentials, secure_channel_options, server_credentials

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from mesh.consensus.config import GuardTable, RaftSection, policy_from_table
 from mesh.consensus.group import SiteGroup
 from mesh.consensus.raft import NoLeaderError, ProposalTimeout, RaftTimings
-from mesh.consensus.state import Outcome
+from mesh.consensus.ledger import Outcome
 from mesh.guard.approval import sign_approval
 from mesh.guard.audit import read_audit, verify_audit
 from mesh.guard.core import Allocation, Decision, DecisionKind, Limits, Policy, StreamMove

@@ -10,13 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.consensus.state import (
+from mesh.consensus.commands import (
     ApproveCommand,
     CommandError,
-    DecisionLedger,
-    Outcome,
     ProposeCommand,
-    SnapshotError,
     approve_command,
     decode_command,
     deny_command,
@@ -25,6 +22,7 @@ from mesh.consensus.state import (
     propose_command,
     set_routes_command,
 )
+from mesh.consensus.ledger import DecisionLedger, Outcome, SnapshotError
 from mesh.guard.approval import sign_approval
 from mesh.guard.core import DecisionKind, Limits, Policy, decide
 from mesh.identity.signing import KeyRole, SigningKey, TrustedKeys, canonical_json

@@ -201,6 +201,10 @@ class DurableFileJournal(FileJournal):
     def getCurrentTerm(self):
         return self._term
 
+    def close(self) -> None:
+        """Close the journal's files (SyncObj closes the journal it uses itself, through _destroy)."""
+        self._destroy()
+
     def getVotedForNodeId(self):
         return self._voted_for
 

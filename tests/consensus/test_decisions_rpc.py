@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from mesh._proto import decisions_pb2 as pb
 from mesh._proto import decisions_pb2_grpc as pb_grpc
 from mesh.admin.decisions import register
-from mesh.consensus.service import DecisionsServicer, add_to_server
 from mesh.consensus.ledger import Outcome
+from mesh.consensus.service import DecisionsServicer, add_to_server
 from mesh.guard.approval import sign_approval
 from mesh.identity.signing import KeyRole, load_signing_key
 from mesh.identity.tls import channel_credentials, secure_channel_options, server_credentials
 from mesh.node.local import LocalFleet
-from tests.consensus.test_group import ROUTES, Site, big, move, site  # noqa: F401 (fixture)
+from tests.consensus.harness import ROUTES, SiteCluster, big, move
 
 
 @click.group()
@@ -42,7 +42,7 @@ register(admin)
 class Served:
     """A site group whose node-0 serves Decisions on an mTLS gRPC server."""
 
-    def __init__(self, members: Site, server: grpc.aio.Server, address: str, fleet: LocalFleet) -> None:
+    def __init__(self, members: SiteCluster, server: grpc.aio.Server, address: str, fleet: LocalFleet) -> None:
         self.site, self.server, self.address, self.fleet = members, server, address, fleet
         self.group = members.groups["node-0"]
         self.key_path = fleet.directory / "operator.key"
@@ -67,10 +67,10 @@ async def _serve(group, fleet) -> tuple[grpc.aio.Server, str]:
 
 
 @pytest_asyncio.fixture
-async def served(site, fleet):  # noqa: F811 (the imported fixture)
+async def served(site, fleet):
     s = site(3)
     s.start_all()
-    await s.leader()
+    await s.wait_leader()
     await s.groups["node-0"].set_routes(ROUTES)
     server, address = await _serve(s.groups["node-0"], fleet)
     yield Served(s, server, address, fleet)

@@ -1,4 +1,5 @@
-"""What fleetmesh changes in pysyncobj 0.3.17, in one place, each change tested in tests/consensus.
+"""What fleetmesh changes in pysyncobj 0.3.17, in one place, each change tested in a live group
+(tests/consensus/test_pysyncobj_patch.py).
 
 1. A durable journal. pysyncobj 0.3.17 already stores currentTerm and votedFor in the
    journal's ``.meta`` file before it sends a vote (upstream issue #201, fixed there without
@@ -320,6 +321,8 @@ def receive_message(sync_obj: Any, node: Any, message: Any, deliver: Callable[[A
     Every pysyncobj Transport subclass calls this from its ``_onMessageReceived`` with its
     SyncObj and ``deliver`` = the base class's ``_onMessageReceived`` (which passes the message
     to SyncObj). Runs on the group's tick thread, like pysyncobj's own handling.
+    `keep_next_index` assumes that messages between two members arrive in the order they were
+    sent, as on one TCP connection or one gRPC stream.
     """
     kind = message.get("type") if isinstance(message, dict) else None
     if kind == "append_entries":

@@ -38,8 +38,11 @@ are on the fields. Hazards of pysyncobj 0.3.17 and how this module handles them:
   committed before the call), or is proposed as a command.
 - pysyncobj's follower deletes every entry after prevLogIdx, even entries that match the
   leader's; with unbatched appends that drops already-acknowledged entries under load
-  (logged as "truncating already-applied log entries"). The transport hands pysyncobj a
-  trimmed message so a follower truncates only on a conflict (`_pysyncobj_patch`).
+  (logged as "truncating already-applied log entries"). The transport hands every received
+  message to `_pysyncobj_patch.receive_message`, which trims it so a follower truncates only
+  on a conflict; a transport that replaces the TCP one must do the same.
+- All of this reaches into pysyncobj 0.3.17's internals: importing this module imports
+  `_pysyncobj_patch`, which refuses (PysyncobjMismatch) any other pysyncobj version.
 - An exception escaping ``apply`` or a result callback inside pysyncobj's tick
   would make it apply the same entry again on the next tick; both are caught here.
 """

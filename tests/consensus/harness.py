@@ -162,7 +162,9 @@ class RaftCluster(Cluster[RaftGroup]):
             timings=self.timings,
         )
 
-    async def converged(self, among: Sequence[RaftGroup] | None = None, timeout_s: float = 10.0) -> list[bytes]:
+    async def converged(
+        self, among: Sequence[RaftGroup] | None = None, timeout_s: float = 10.0
+    ) -> list[bytes]:
         """Wait until every member has applied the same entries; return them."""
         among = list(among) if among is not None else self.live()
         await self.caught_up(among, timeout_s)

@@ -42,7 +42,9 @@ register(admin)
 class Served:
     """A site group whose node-0 serves Decisions on an mTLS gRPC server."""
 
-    def __init__(self, members: SiteCluster, server: grpc.aio.Server, address: str, fleet: LocalFleet) -> None:
+    def __init__(
+        self, members: SiteCluster, server: grpc.aio.Server, address: str, fleet: LocalFleet
+    ) -> None:
         self.site, self.server, self.address, self.fleet = members, server, address, fleet
         self.group = members.groups["node-0"]
         self.key_path = fleet.directory / "operator.key"
@@ -113,8 +115,9 @@ async def test_operator_lists_approves_and_denies_through_the_cli(served):
     assert (await served.group.propose(denied)).outcome is Outcome.HELD
     result = await served.mesh("deny", denied.decision_id, "--key", str(served.key_path))
     assert result.exit_code == 2  # --reason is required
-    result = await served.mesh("deny", denied.decision_id[:8], "--key", str(served.key_path), "--reason", "no",
-                               "--json")
+    result = await served.mesh(
+        "deny", denied.decision_id[:8], "--key", str(served.key_path), "--reason", "no", "--json"
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["outcome"] == "denied"
     await served.site.converged()
@@ -235,7 +238,10 @@ _json_values = st.recursive(
 def test_malformed_decision_and_approval_json_is_invalid_argument(fleet, text, method):
     servicer = DecisionsServicer(_NoWrites())
     context = _OperatorContext(fleet.operator.cert_path.read_bytes())
-    request = pb.ProposeRequest(decision_json=text) if method == "Propose" else pb.AnswerRequest(approval_json=text)
+    if method == "Propose":
+        request = pb.ProposeRequest(decision_json=text)
+    else:
+        request = pb.AnswerRequest(approval_json=text)
     with pytest.raises(_Aborted) as err:
         asyncio.run(getattr(servicer, method)(request, context))
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT, err.value

@@ -48,7 +48,9 @@ def test_raft_section_is_strict_and_names_the_field():
         "is not in raft.members": {"listen": "10.0.0.1:7400", "members": ["10.0.0.2:7400"]},
         "wildcard": {"listen": "0.0.0.0:7400", "members": ["0.0.0.0:7400"]},
         "more than once": {"listen": "10.0.0.1:7400", "members": ["10.0.0.1:7400", "10.0.0.1:7400"]},
-        "3 x append_period_s": {"listen": "10.0.0.1:7400", "members": ["10.0.0.1:7400"], "election_min_s": 0.1},
+        "3 x append_period_s": {
+            "listen": "10.0.0.1:7400", "members": ["10.0.0.1:7400"], "election_min_s": 0.1
+        },
         "Extra inputs": {"listen": "10.0.0.1:7400", "members": ["10.0.0.1:7400"], "electon_min_s": 0.3},
         "host:port": {"listen": "10.0.0.1", "members": ["10.0.0.1"]},
     }
@@ -261,9 +263,10 @@ async def test_a_replica_restored_from_a_snapshot_records_the_gap_and_never_dupl
     for g in others:
         g.raft.cut(lagging.address)
     for slots in range(1, 9):  # one node's allocation at a time: within the set_allocation scope
-        decision = last = Decision(kind=DecisionKind.SET_ALLOCATION, group=GROUP, proposer="node-0", reason="load",
-                            proposed_at=time.time(), nonce=f"alloc-{slots:04d}",
-                            allocations=(Allocation("node-1", slots),))
+        decision = last = Decision(
+            kind=DecisionKind.SET_ALLOCATION, group=GROUP, proposer="node-0", reason="load",
+            proposed_at=time.time(), nonce=f"alloc-{slots:04d}", allocations=(Allocation("node-1", slots),)
+        )
         assert (await leader.propose(decision)).outcome is Outcome.APPLIED
     await wait_for(lambda: leader.raft.status()["log_entries"] < 8, 10.0, "the leader compacts its log")
 

@@ -73,13 +73,13 @@ class LedgerWorkload:
         self.started = time.time()
 
     def make_state(self):
-        from mesh.consensus.state import DecisionLedger
+        from mesh.consensus.ledger import DecisionLedger
         from mesh.guard.core import Policy
 
         return DecisionLedger(group="bench-site", policy=Policy(), group_size=3, trusted=self.trusted)
 
     def command(self, i: int) -> bytes:
-        from mesh.consensus.state import propose_command
+        from mesh.consensus.commands import propose_command
         from mesh.guard.core import Allocation, Decision, DecisionKind
 
         decision = Decision(kind=DecisionKind.SET_ALLOCATION, group="bench-site", proposer="node-00",

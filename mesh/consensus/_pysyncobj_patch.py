@@ -1,4 +1,5 @@
-"""What fleetmesh changes in pysyncobj 0.3.17, in one place, each change tested in tests/consensus.
+"""What fleetmesh changes in pysyncobj 0.3.17, in one place, each change tested in a live group
+(tests/consensus/test_pysyncobj_patch.py).
 
 1. A durable journal. pysyncobj 0.3.17 already stores currentTerm and votedFor in the
    journal's ``.meta`` file before it sends a vote (upstream issue #201, fixed there without
@@ -19,27 +20,139 @@
    such a message before pysyncobj sees it: entries the follower already holds with the
    same term are skipped, and local entries written by the sending leader (same term) are
    kept. `keep_next_index` stops a success reply from moving the leader's nextIndex back
-   below what is already in flight on the ordered TCP stream.
+   below what is already in flight on the ordered TCP stream. Both run in
+   `receive_message`, which every Transport subclass calls from its ``_onMessageReceived``.
 3. A cached encryptor. pysyncobj derives the Fernet key with PBKDF2 (100,000 rounds, fixed
    salt) on every SyncObj construction, ~0.1 s of CPU. The group password is already a
    high-entropy HKDF output (see raft.derive_group_password), so the stretching buys
    nothing; caching by password makes restarts cheap. Fernet objects are stateless and
    safe to share between threads.
+
+These reach into pysyncobj's internals (module-level ``createJournal`` and
+``getEncryptor`` of ``pysyncobj.syncobj``, the name-mangled ``_SyncObj__raftLog`` and
+``_SyncObj__raftNextIndex``, FileJournal's methods, the shape of its Raft messages), which
+change between releases. pyproject.toml pins pysyncobj exactly, and importing this module
+fails with `PysyncobjMismatch` (naming both versions) when another version is installed
+or one of those internals is gone.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pysyncobj.syncobj as _syncobj
+import pysyncobj.version as _pysyncobj_version
 from pysyncobj.journal import FileJournal
+from pysyncobj.transport import Transport
 
 from mesh.durable import fsync_dir
+
+#: The pysyncobj release these patches were written and tested against (pinned in pyproject.toml).
+PYSYNCOBJ_VERSION = "0.3.17"
+
+# FileJournal methods that DurableFileJournal overrides or calls (defined by FileJournal itself).
+_JOURNAL_METHODS = (
+    "add",
+    "clear",
+    "deleteEntriesFrom",
+    "deleteEntriesTo",
+    "flush",
+    "setCurrentTerm",
+    "getCurrentTerm",
+    "getVotedForNodeId",
+    "_destroy",
+)
+# Instance attributes of SyncObj (name-mangled) that the message hooks read and write.
+_SYNCOBJ_ATTRIBUTES = ("_SyncObj__raftLog", "_SyncObj__raftNextIndex")
+# Message types and fields of pysyncobj's Raft protocol that the message hooks rely on.
+_MESSAGE_KEYS = (
+    "append_entries",
+    "prevLogIdx",
+    "prevLogTerm",
+    "entries",
+    "transmission",
+    "next_node_idx",
+    "success",
+    "reset",
+)
+
+
+class PysyncobjMismatch(ImportError):
+    """The installed pysyncobj is not the release fleetmesh's Raft patches were written against."""
+
+
+def installed_pysyncobj_version() -> str | None:
+    """The version of the pysyncobj that is imported (its own VERSION, else the distribution's metadata)."""
+    version = getattr(_pysyncobj_version, "VERSION", None)
+    if isinstance(version, str):
+        return version
+    try:
+        return importlib.metadata.version("pysyncobj")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def missing_internals() -> list[str]:
+    """The pysyncobj internals these patches hook that the imported pysyncobj lacks (empty if none)."""
+    missing = [
+        f"pysyncobj.syncobj.{name}"
+        for name in ("createJournal", "getEncryptor")
+        if not callable(getattr(_syncobj, name, None))
+    ]
+    init_names = getattr(getattr(_syncobj.SyncObj.__init__, "__code__", None), "co_names", ())
+    missing += [f"SyncObj.{name}" for name in _SYNCOBJ_ATTRIBUTES if name not in init_names]
+    missing += [f"FileJournal.{name}" for name in _JOURNAL_METHODS if name not in vars(FileJournal)]
+    if not callable(getattr(Transport, "_onMessageReceived", None)):
+        missing.append("Transport._onMessageReceived")
+    handler = getattr(_syncobj.SyncObj, "_SyncObj__onMessageReceived", None)
+    consts = getattr(getattr(handler, "__code__", None), "co_consts", ())
+    missing += [f"Raft message key {key!r}" for key in _MESSAGE_KEYS if key not in consts]
+    return missing
+
+
+def check_pysyncobj() -> None:
+    """Raise PysyncobjMismatch unless pysyncobj is the pinned release and has every hooked internal."""
+    found = installed_pysyncobj_version()
+    if found != PYSYNCOBJ_VERSION:
+        raise PysyncobjMismatch(
+            f"fleetmesh's Raft patches (mesh/consensus/_pysyncobj_patch.py) were written against pysyncobj "
+            f"{PYSYNCOBJ_VERSION}, but pysyncobj {found or '(unknown version)'} is installed; install "
+            f"'pysyncobj=={PYSYNCOBJ_VERSION}' as pyproject.toml pins it, or re-check every patch against "
+            f"{found} before moving the pin"
+        )
+    missing = missing_internals()
+    if missing:
+        raise PysyncobjMismatch(
+            f"pysyncobj {found} lacks internals that mesh/consensus/_pysyncobj_patch.py hooks: "
+            f"{', '.join(missing)}; reinstall 'pysyncobj=={PYSYNCOBJ_VERSION}' (this copy was modified)"
+        )
+
+
+check_pysyncobj()
+
+_counts_lock = threading.Lock()
+_counts: Counter[str] = Counter()
+
+
+def hook_counts() -> dict[str, int]:
+    """How often each message hook changed something in this process, by name (for tests and metrics):
+    ``append_entries_trimmed`` (trim_append_entries rewrote a message) and ``next_index_kept``
+    (keep_next_index undid a move of the leader's nextIndex)."""
+    with _counts_lock:
+        return dict(_counts)
+
+
+def _count(name: str) -> None:
+    with _counts_lock:
+        _counts[name] += 1
+
 
 _install_lock = threading.Lock()
 _installed = False
@@ -88,6 +201,10 @@ class DurableFileJournal(FileJournal):
 
     def getCurrentTerm(self):
         return self._term
+
+    def close(self) -> None:
+        """Close the journal's files (SyncObj closes the journal it uses itself, through _destroy)."""
+        self._destroy()
 
     def getVotedForNodeId(self):
         return self._voted_for
@@ -184,12 +301,38 @@ def follower_view(sync_obj: Any) -> tuple[Callable[[int], int | None], int]:
     return entry_term, last
 
 
-def keep_next_index(sync_obj: Any, node: Any, handle: Callable[[], None]) -> None:
+def keep_next_index(sync_obj: Any, node: Any, handle: Callable[[], None]) -> bool:
     """Run `handle` (pysyncobj's processing of a next_node_idx reply) without letting a success
-    reply move the leader's nextIndex for `node` back below what was already sent."""
+    reply move the leader's nextIndex for `node` back below what was already sent; True if it
+    had to undo such a move."""
     next_index = sync_obj._SyncObj__raftNextIndex
     before = next_index.get(node)
     handle()
     after = next_index.get(node)
     if before is not None and after is not None and after < before:
         next_index[node] = before
+        return True
+    return False
+
+
+def receive_message(sync_obj: Any, node: Any, message: Any, deliver: Callable[[Any, Any], None]) -> None:
+    """Hand one Raft message that `node` sent to pysyncobj, with fleetmesh's message hooks applied.
+
+    Every pysyncobj Transport subclass calls this from its ``_onMessageReceived`` with its
+    SyncObj and ``deliver`` = the base class's ``_onMessageReceived`` (which passes the message
+    to SyncObj). Runs on the group's tick thread, like pysyncobj's own handling.
+    `keep_next_index` assumes that messages between two members arrive in the order they were
+    sent, as on one TCP connection or one gRPC stream.
+    """
+    kind = message.get("type") if isinstance(message, dict) else None
+    if kind == "append_entries":
+        entry_term, last_index = follower_view(sync_obj)
+        trimmed = trim_append_entries(message, entry_term, last_index)
+        if trimmed is not message:
+            _count("append_entries_trimmed")
+        deliver(node, trimmed)
+    elif kind == "next_node_idx" and message.get("success") and not message.get("reset"):
+        if keep_next_index(sync_obj, node, lambda: deliver(node, message)):
+            _count("next_index_kept")
+    else:
+        deliver(node, message)

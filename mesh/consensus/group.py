@@ -43,19 +43,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mesh.consensus.raft import RaftGroup, RaftTimings, derive_group_password
-from mesh.consensus.state import (
-    ApplyResult,
-    DecisionLedger,
-    HeldDecision,
-    HistoryEntry,
-    Outcome,
+from mesh.consensus.commands import (
     approve_command,
     deny_command,
     expire_command,
     propose_command,
     set_routes_command,
 )
+from mesh.consensus.ledger import ApplyResult, DecisionLedger, HeldDecision, HistoryEntry, Outcome
+from mesh.consensus.raft import RaftGroup, RaftTimings, derive_group_password
 from mesh.guard.approval import Approval
 from mesh.guard.audit import AuditError, AuditLog, AuditRecord, AuditVerdict, read_audit, verify_audit
 from mesh.guard.core import NODE_ID_RE, Decision, Policy

@@ -38,8 +38,11 @@ are on the fields. Hazards of pysyncobj 0.3.17 and how this module handles them:
   committed before the call), or is proposed as a command.
 - pysyncobj's follower deletes every entry after prevLogIdx, even entries that match the
   leader's; with unbatched appends that drops already-acknowledged entries under load
-  (logged as "truncating already-applied log entries"). The transport hands pysyncobj a
-  trimmed message so a follower truncates only on a conflict (`_pysyncobj_patch`).
+  (logged as "truncating already-applied log entries"). The transport hands every received
+  message to `_pysyncobj_patch.receive_message`, which trims it so a follower truncates only
+  on a conflict; a transport that replaces the TCP one must do the same.
+- All of this reaches into pysyncobj 0.3.17's internals: importing this module imports
+  `_pysyncobj_patch`, which refuses (PysyncobjMismatch) any other pysyncobj version.
 - An exception escaping ``apply`` or a result callback inside pysyncobj's tick
   would make it apply the same entry again on the next tick; both are caught here.
 """
@@ -257,15 +260,7 @@ class _LinkCuttingTransport(TCPTransport):
     def _onMessageReceived(self, node, message):
         if node.id in self._syncObj.cut_links:
             return
-        kind = message.get("type") if isinstance(message, dict) else None
-        handle = super()._onMessageReceived
-        if kind == "append_entries":
-            entry_term, last_index = _pysyncobj_patch.follower_view(self._syncObj)
-            message = _pysyncobj_patch.trim_append_entries(message, entry_term, last_index)
-        elif kind == "next_node_idx" and message.get("success") and not message.get("reset"):
-            _pysyncobj_patch.keep_next_index(self._syncObj, node, lambda: handle(node, message))
-            return
-        handle(node, message)
+        _pysyncobj_patch.receive_message(self._syncObj, node, message, super()._onMessageReceived)
 
 
 # --- the group ------------------------------------------------------------------------------

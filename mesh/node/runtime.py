@@ -324,7 +324,8 @@ class Node:
                                           node_data_dir=config.data_dir, creds_dir=config.tls.dir)
         except (GroupError, RaftError, ValueError) as exc:
             raise NodeStartError(f"raft: {exc}") from None
-        return group, StreamReassigner(node_id=config.node_id, group=group, view=view, site=site)
+        return group, StreamReassigner(node_id=config.node_id, group=group, view=view, site=site,
+                                       rng=random.Random(self._rng.random()))
 
     @staticmethod
     def _removed_hook(origin: OriginPolicy, activator: Activator | None):
@@ -351,7 +352,8 @@ class Node:
                         "claim-streams")
         if parts.inference is not None:
             self._spawn(watch_overload(node_id=config.node_id, group=group, runtime=parts.inference,
-                                       view=parts.view, site=config.labels.get("site", "")), "overload-watch")
+                                       view=parts.view, site=config.labels.get("site", ""),
+                                       rng=random.Random(self._rng.random())), "overload-watch")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=f"{name}-{self.config.node_id}"))

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import random
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import grpc
@@ -21,8 +20,9 @@ import grpc
 from mesh._proto import inference_pb2 as pb
 from mesh._proto import inference_pb2_grpc as pb_grpc
 from mesh.consensus.group import GroupError, SiteGroup
+from mesh.consensus.planning import OverloadWatch, plan_offload, plan_reassignment
 from mesh.consensus.raft import RaftError
-from mesh.guard.core import Decision, DecisionKind, StreamMove
+from mesh.guard.core import Decision
 from mesh.identity.ca import Role
 from mesh.identity.tls import peer_identity
 from mesh.inference.service import InferenceServicer
@@ -80,11 +80,13 @@ class StreamReassigner:
     node's streams to the live members with the fewest. The guard decides whether the move may
     happen on its own or waits for an operator."""
 
-    def __init__(self, *, node_id: str, group: SiteGroup, view: MembershipView, site: str) -> None:
+    def __init__(self, *, node_id: str, group: SiteGroup, view: MembershipView, site: str,
+                 rng: random.Random) -> None:
         self.node_id = node_id
         self.group = group
         self._view = view
         self._site = site
+        self._rng = rng
         self._tasks: set[asyncio.Task] = set()
         self.proposed: list[Decision] = []
 
@@ -120,25 +122,13 @@ class StreamReassigner:
                 log.exception("stream reassignment round failed")
 
     def plan(self, dead: str) -> Decision | None:
-        """The reassignment decision for `dead`'s streams, or None if it served none."""
+        """The reassignment decision for `dead`'s streams (consensus.planning), or None."""
         routes = self.group.routes()
-        streams = sorted(s for s, owner in routes.items() if owner == dead)
-        if not streams:
-            return None
-        live = sorted(m.node_id for m in self._view.members()
-                      if m.state is State.ALIVE and dict(m.labels).get("site") == self._site and m.node_id != dead)
-        if not live:
+        live = live_site_members(self._view, self._site, exclude=dead)
+        if not live and any(owner == dead for owner in routes.values()):
             log.error("streams of %s cannot be reassigned: no live member of site %s", dead, self._site)
-            return None
-        load = Counter(owner for owner in routes.values() if owner in live)
-        moves = []
-        for stream in streams:
-            target = min(live, key=lambda n: (load[n], n))
-            load[target] += 1
-            moves.append(StreamMove(stream, dead, target))
-        return Decision(kind=DecisionKind.REASSIGN_STREAMS, group=self.group.group, proposer=self.node_id,
-                        reason=f"{dead} was marked dead by membership", proposed_at=time.time(),
-                        nonce=secrets.token_hex(8), moves=tuple(moves))
+        return plan_reassignment(routes, dead, live, group=self.group.group, proposer=self.node_id,
+                                 now=time.time(), rng=self._rng)
 
     async def _reassign(self, dead: str) -> None:
         if not self.group.raft.is_leader:
@@ -161,48 +151,6 @@ class StreamReassigner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-def plan_offload(routes: dict[str, str], overloaded: str, live: list[str], *, fraction: float = 0.5) -> list[StreamMove]:
-    """Moves that take `fraction` (at least one) of `overloaded`'s streams to the live nodes
-    serving the fewest. Pure; empty when there is nothing to move or nowhere to move it."""
-    mine = sorted(s for s, owner in routes.items() if owner == overloaded)
-    targets = sorted(n for n in live if n != overloaded)
-    if len(mine) < 2 or not targets:
-        return []  # a single stream cannot be split: moving it just moves the overload
-    load = Counter(owner for owner in routes.values() if owner in targets)
-    moves = []
-    for stream in mine[:max(1, int(len(mine) * fraction))]:
-        target = min(targets, key=lambda n: (load[n], n))
-        load[target] += 1
-        moves.append(StreamMove(stream, overloaded, target))
-    return moves
-
-
-class OverloadWatch:
-    """Decides from samples of the inference queue whether this node is overloaded: the queue
-    held at least `queue_per_worker` requests per worker for `sustained` samples in a row.
-    After it fires it stays quiet for `cooldown` samples, so one episode gives one proposal.
-    Pure: the node feeds it samples on a timer."""
-
-    def __init__(self, *, workers: int, queue_per_worker: float = 2.0, sustained: int = 3,
-                 cooldown: int = 12) -> None:
-        self.threshold = workers * queue_per_worker
-        self.sustained = sustained
-        self.cooldown = cooldown
-        self._streak = 0
-        self._quiet = 0
-
-    def sample(self, pending: int) -> bool:
-        """Feed one queue-length sample; True when a move off this node should be proposed."""
-        if self._quiet:
-            self._quiet -= 1
-            return False
-        self._streak = self._streak + 1 if pending >= self.threshold else 0
-        if self._streak >= self.sustained:
-            self._streak, self._quiet = 0, self.cooldown
-            return True
-        return False
-
-
 async def claim_streams(group: SiteGroup, streams: Mapping[str, str], *, backoff: Backoff) -> None:
     """Route this device's own streams to it once the group has a leader; the ledger keeps any
     stream already routed elsewhere where it is. Retried with back-off while there is no leader."""
@@ -216,8 +164,14 @@ async def claim_streams(group: SiteGroup, streams: Mapping[str, str], *, backoff
                 what="claiming streams " + ", ".join(streams), log=log)
 
 
+def live_site_members(view: MembershipView, site: str, *, exclude: str = "") -> list[str]:
+    """Node ids of the ALIVE members of `site` (this node included), minus `exclude`."""
+    return sorted(m.node_id for m in view.members()
+                  if m.state is State.ALIVE and dict(m.labels).get("site") == site and m.node_id != exclude)
+
+
 async def watch_overload(*, node_id: str, group: SiteGroup, runtime, view: MembershipView,
-                         site: str, interval_s: float = 5.0) -> None:
+                         site: str, rng: random.Random, interval_s: float = 5.0) -> None:
     """Propose moving half of this node's streams to its site's least-loaded nodes when its
     inference queue stays long; the guard decides whether that may happen without an operator."""
     watch = OverloadWatch(workers=runtime.workers)
@@ -225,20 +179,15 @@ async def watch_overload(*, node_id: str, group: SiteGroup, runtime, view: Membe
         await asyncio.sleep(interval_s)  # the sampling period
         if not watch.sample(runtime.status().pending):
             continue
-        live = [m.node_id for m in view.members()
-                if m.state is State.ALIVE and dict(m.labels).get("site") == site]
-        moves = plan_offload(group.routes(), node_id, live)
-        if not moves:
+        decision = plan_offload(group.routes(), node_id, live_site_members(view, site), group=group.group,
+                                reason=watch.reason(node_id, interval_s), now=time.time(), rng=rng)
+        if decision is None:
             log.warning("%s is overloaded but has no stream it could hand to another node of %s", node_id, site)
             continue
-        decision = Decision(kind=DecisionKind.MOVE_STREAMS, group=group.group, proposer=node_id,
-                            reason=f"{node_id} is overloaded (inference queue >= {watch.threshold:.0f} for "
-                                   f"{watch.sustained * interval_s:.0f}s)",
-                            proposed_at=time.time(), nonce=secrets.token_hex(8), moves=tuple(moves))
         try:
             result = await group.propose(decision)
         except (RaftError, GroupError) as exc:
             log.error("could not propose moving streams off overloaded %s: %s", node_id, exc)
             continue
-        log.info("moving %d streams off overloaded %s: %s (%s)", len(moves), node_id, result.outcome.value,
-                 result.message)
+        log.info("moving %d streams off overloaded %s: %s (%s)", len(decision.moves), node_id,
+                 result.outcome.value, result.message)

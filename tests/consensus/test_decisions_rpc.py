@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from mesh._proto import decisions_pb2 as pb
 from mesh._proto import decisions_pb2_grpc as pb_grpc
 from mesh.admin.decisions import register
+from mesh.consensus.ledger import Outcome
 from mesh.consensus.service import DecisionsServicer, add_to_server
-from mesh.consensus.state import Outcome
 from mesh.guard.approval import sign_approval
 from mesh.identity.signing import KeyRole, load_signing_key
 from mesh.identity.tls import channel_credentials, secure_channel_options, server_credentials
 from mesh.node.local import LocalFleet
-from tests.consensus.test_group import ROUTES, Site, big, move, site  # noqa: F401 (fixture)
+from tests.consensus.harness import ROUTES, SiteCluster, big, move
 
 
 @click.group()
@@ -42,7 +42,9 @@ register(admin)
 class Served:
     """A site group whose node-0 serves Decisions on an mTLS gRPC server."""
 
-    def __init__(self, members: Site, server: grpc.aio.Server, address: str, fleet: LocalFleet) -> None:
+    def __init__(
+        self, members: SiteCluster, server: grpc.aio.Server, address: str, fleet: LocalFleet
+    ) -> None:
         self.site, self.server, self.address, self.fleet = members, server, address, fleet
         self.group = members.groups["node-0"]
         self.key_path = fleet.directory / "operator.key"
@@ -67,10 +69,10 @@ async def _serve(group, fleet) -> tuple[grpc.aio.Server, str]:
 
 
 @pytest_asyncio.fixture
-async def served(site, fleet):  # noqa: F811 (the imported fixture)
+async def served(site, fleet):
     s = site(3)
     s.start_all()
-    await s.leader()
+    await s.wait_leader()
     await s.groups["node-0"].set_routes(ROUTES)
     server, address = await _serve(s.groups["node-0"], fleet)
     yield Served(s, server, address, fleet)
@@ -113,8 +115,9 @@ async def test_operator_lists_approves_and_denies_through_the_cli(served):
     assert (await served.group.propose(denied)).outcome is Outcome.HELD
     result = await served.mesh("deny", denied.decision_id, "--key", str(served.key_path))
     assert result.exit_code == 2  # --reason is required
-    result = await served.mesh("deny", denied.decision_id[:8], "--key", str(served.key_path), "--reason", "no",
-                               "--json")
+    result = await served.mesh(
+        "deny", denied.decision_id[:8], "--key", str(served.key_path), "--reason", "no", "--json"
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["outcome"] == "denied"
     await served.site.converged()
@@ -235,7 +238,10 @@ _json_values = st.recursive(
 def test_malformed_decision_and_approval_json_is_invalid_argument(fleet, text, method):
     servicer = DecisionsServicer(_NoWrites())
     context = _OperatorContext(fleet.operator.cert_path.read_bytes())
-    request = pb.ProposeRequest(decision_json=text) if method == "Propose" else pb.AnswerRequest(approval_json=text)
+    if method == "Propose":
+        request = pb.ProposeRequest(decision_json=text)
+    else:
+        request = pb.AnswerRequest(approval_json=text)
     with pytest.raises(_Aborted) as err:
         asyncio.run(getattr(servicer, method)(request, context))
     assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT, err.value

@@ -3,7 +3,6 @@ partitions, restarts without duplicated audit records, and a tamper-evident audi
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -11,120 +10,18 @@ import time
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from pydantic import ValidationError
 
 from mesh.consensus.config import GuardTable, RaftSection, policy_from_table
 from mesh.consensus.group import SiteGroup
+from mesh.consensus.ledger import Outcome
 from mesh.consensus.raft import NoLeaderError, ProposalTimeout, RaftTimings
-from mesh.consensus.state import Outcome
 from mesh.guard.approval import sign_approval
 from mesh.guard.audit import read_audit, verify_audit
-from mesh.guard.core import Allocation, Decision, DecisionKind, Limits, Policy, StreamMove
-from mesh.identity.ca import load_group_secret, load_trusted_keys
-from mesh.identity.signing import KeyRole, SigningKey, load_signing_key
-from mesh.node.local import LocalFleet, free_address, wait_for
-
-GROUP = "site-a"
-POLICY = Policy(
-    limits={DecisionKind.MOVE_STREAMS: Limits(max_nodes=2, max_fraction=1.0, max_streams=3)}, hold_ttl_s=600.0
-)
-NODE_KEY = SigningKey.generate(KeyRole.NODE)
-
-
-class Site:
-    """n SiteGroups of one site on loopback; member i is node-i with data dir root/node-i."""
-
-    def __init__(self, root: Path, fleet: LocalFleet, n: int, timings: RaftTimings | None = None) -> None:
-        self.root = root
-        self.timings = timings or RaftTimings()
-        creds = fleet.node_credentials("node-0").directory
-        self.secret = load_group_secret(creds)
-        self.trusted = load_trusted_keys(creds)
-        self.trusted.add(NODE_KEY.verify_key)  # known, but only as a node key
-        self.addresses = [free_address() for _ in range(n)]
-        self.groups: dict[str, SiteGroup] = {}
-
-    def start(self, i: int) -> SiteGroup:
-        group = SiteGroup(
-            f"node-{i}",
-            address=self.addresses[i],
-            members=self.addresses,
-            group=GROUP,
-            data_dir=self.root / f"node-{i}",
-            fleet_secret=self.secret,
-            trusted=self.trusted,
-            policy=POLICY,
-            timings=self.timings,
-        )
-        self.groups[f"node-{i}"] = group
-        return group
-
-    def start_all(self) -> list[SiteGroup]:
-        return [self.start(i) for i in range(len(self.addresses))]
-
-    def live(self) -> list[SiteGroup]:
-        return [g for g in self.groups.values() if not g._closed]
-
-    async def leader(self, among: list[SiteGroup] | None = None, timeout_s: float = 10.0) -> SiteGroup:
-        among = among if among is not None else self.live()
-
-        def one_leader() -> bool:
-            leaders = [g for g in among if g.raft.is_leader]
-            return len(leaders) == 1 and all(g.raft.leader_address == leaders[0].address for g in among)
-
-        await wait_for(one_leader, timeout_s, f"one leader among {[g.node_id for g in among]}")
-        return next(g for g in among if g.raft.is_leader)
-
-    async def converged(self, among: list[SiteGroup] | None = None, timeout_s: float = 10.0) -> None:
-        """Every member of `among` has applied all that is committed, and their states agree."""
-        among = among if among is not None else self.live()
-        leader = await self.leader(among, timeout_s)
-        await leader.sync(timeout_s)
-        target = leader.raft.raftCommitIndex
-        await wait_for(lambda: all(g.applied_index >= target for g in among), timeout_s,
-                         f"all applied index {target}")
-        assert len({g.state_digest() for g in among}) == 1, "replicas diverged"
-
-    async def close(self) -> None:
-        await asyncio.gather(*(g.close() for g in self.live()))
-
-
-@pytest.fixture(scope="module")
-def operator_key(fleet) -> SigningKey:
-    return load_signing_key(fleet.directory / "operator.key", KeyRole.OPERATOR)
-
-
-@pytest_asyncio.fixture
-async def site(tmp_path, fleet):
-    made: list[Site] = []
-
-    def make(n: int, timings: RaftTimings | None = None) -> Site:
-        s = Site(tmp_path / f"site{len(made)}", fleet, n, timings)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        await s.close()
-
-
-def move(*moves: tuple[str, str, str], nonce: str, proposer: str = "node-1") -> Decision:
-    return Decision(kind=DecisionKind.MOVE_STREAMS, group=GROUP, proposer=proposer, reason="node-1 is overloaded",
-                    proposed_at=time.time(), nonce=nonce, moves=tuple(StreamMove(*m) for m in moves))
-
-
-def small(nonce: str = "small-0001") -> Decision:
-    return move(("cam-0", "node-1", "node-2"), nonce=nonce)  # 2 nodes, 1 stream: within scope
-
-
-def big(nonce: str = "big-000001") -> Decision:
-    """4 streams over 3 nodes: above the move_streams scope."""
-    return move(("cam-1", "node-1", "node-4"), ("cam-2", "node-1", "node-4"), ("cam-3", "node-2", "node-4"),
-                ("cam-4", "node-2", "node-4"), nonce=nonce, proposer="node-3")
-
-
-ROUTES = {f"cam-{i}": f"node-{1 + i // 3}" for i in range(9)}  # cam-0..2 on node-1, 3..5 on node-2, ...
+from mesh.guard.core import Allocation, Decision, DecisionKind
+from mesh.identity.signing import SigningKey
+from mesh.node.local import wait_for
+from tests.consensus.harness import GROUP, NODE_KEY, ROUTES, big, move, small
 
 
 def approval(key: SigningKey, decision: Decision, *, approve: bool = True, nonce: str = "appr-00001",
@@ -151,7 +48,9 @@ def test_raft_section_is_strict_and_names_the_field():
         "is not in raft.members": {"listen": "10.0.0.1:7400", "members": ["10.0.0.2:7400"]},
         "wildcard": {"listen": "0.0.0.0:7400", "members": ["0.0.0.0:7400"]},
         "more than once": {"listen": "10.0.0.1:7400", "members": ["10.0.0.1:7400", "10.0.0.1:7400"]},
-        "3 x append_period_s": {"listen": "10.0.0.1:7400", "members": ["10.0.0.1:7400"], "election_min_s": 0.1},
+        "3 x append_period_s": {
+            "listen": "10.0.0.1:7400", "members": ["10.0.0.1:7400"], "election_min_s": 0.1
+        },
         "Extra inputs": {"listen": "10.0.0.1:7400", "members": ["10.0.0.1:7400"], "electon_min_s": 0.3},
         "host:port": {"listen": "10.0.0.1", "members": ["10.0.0.1"]},
     }
@@ -183,7 +82,7 @@ async def test_within_scope_applies_and_above_scope_waits_for_an_operator_on_eve
 ):
     s = site(n)
     groups = s.start_all()
-    await s.leader()
+    await s.wait_leader()
     assert (await groups[0].set_routes(ROUTES)).outcome is Outcome.APPLIED
 
     # Within scope, proposed on a follower (pysyncobj forwards it to the leader): applied on every replica.
@@ -240,7 +139,7 @@ async def test_forged_replayed_expired_and_node_signed_approvals_are_refused_and
 ):
     s = site(n)
     groups = s.start_all()
-    await s.leader()
+    await s.wait_leader()
     await groups[0].set_routes(ROUTES)
     decision = big()
     assert (await groups[0].propose(decision)).outcome is Outcome.HELD
@@ -278,7 +177,7 @@ async def test_held_decisions_survive_the_leader_and_a_restart_does_not_duplicat
 ):
     s = site(3)
     s.start_all()
-    leader = await s.leader()
+    leader = await s.wait_leader()
     await leader.set_routes(ROUTES)
     decision = big()
     assert (await leader.propose(decision)).outcome is Outcome.HELD
@@ -287,7 +186,7 @@ async def test_held_decisions_survive_the_leader_and_a_restart_does_not_duplicat
     await leader.close()
 
     survivors = s.live()
-    new = await s.leader(survivors)
+    new = await s.wait_leader(survivors)
     assert new.address != leader.address and new.raft.raftCurrentTerm > old_term
     assert all([h.decision_id for h in g.pending()] == [decision.decision_id] for g in survivors)
     assert (await survivors[0].approve(approval(operator_key, decision))).outcome is Outcome.APPLIED
@@ -324,7 +223,7 @@ async def test_held_decisions_survive_the_leader_and_a_restart_does_not_duplicat
 async def test_a_minority_partition_cannot_commit_while_the_majority_can(site):
     s = site(5)
     groups = s.start_all()
-    leader = await s.leader()
+    leader = await s.wait_leader()
     await leader.set_routes(ROUTES)
     await s.converged()
     minority = [leader, next(g for g in groups if g is not leader)]
@@ -355,7 +254,7 @@ async def test_a_minority_partition_cannot_commit_while_the_majority_can(site):
 async def test_a_replica_restored_from_a_snapshot_records_the_gap_and_never_duplicates(site):
     s = site(3, RaftTimings(compaction_min_entries=4))
     groups = s.start_all()
-    leader = await s.leader()
+    leader = await s.wait_leader()
     await leader.set_routes(ROUTES)
     await s.converged()
     lagging = next(g for g in groups if g is not leader)
@@ -364,9 +263,10 @@ async def test_a_replica_restored_from_a_snapshot_records_the_gap_and_never_dupl
     for g in others:
         g.raft.cut(lagging.address)
     for slots in range(1, 9):  # one node's allocation at a time: within the set_allocation scope
-        decision = last = Decision(kind=DecisionKind.SET_ALLOCATION, group=GROUP, proposer="node-0", reason="load",
-                            proposed_at=time.time(), nonce=f"alloc-{slots:04d}",
-                            allocations=(Allocation("node-1", slots),))
+        decision = last = Decision(
+            kind=DecisionKind.SET_ALLOCATION, group=GROUP, proposer="node-0", reason="load",
+            proposed_at=time.time(), nonce=f"alloc-{slots:04d}", allocations=(Allocation("node-1", slots),)
+        )
         assert (await leader.propose(decision)).outcome is Outcome.APPLIED
     await wait_for(lambda: leader.raft.status()["log_entries"] < 8, 10.0, "the leader compacts its log")
 
@@ -410,13 +310,13 @@ async def test_a_replica_restored_from_a_snapshot_records_the_gap_and_never_dupl
 async def test_editing_deleting_or_reordering_an_audit_record_is_detected(site, operator_key, tmp_path):
     s = site(3)
     groups = s.start_all()
-    await s.leader()
+    await s.wait_leader()
     await groups[0].set_routes(ROUTES)
     decision = big()
     await groups[1].propose(decision)
     await groups[2].approve(approval(operator_key, decision))
     await s.converged()
-    await s.close()
+    await s.close_all()
     source = groups[0].audit_path
     lines = source.read_bytes().splitlines(keepends=True)
     assert len(lines) >= 5 and verify_audit(source).ok

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -228,11 +229,19 @@ def test_write_errors_name_the_path(tmp_path):
 
 
 def test_append_after_the_disk_fails_raises_a_typed_error(tmp_path):
-    log = AuditLog(tmp_path / "a.log")
-    os.close(log._fd)  # the file descriptor goes bad under us
+    path = tmp_path / "a.log"
+    log = AuditLog(path)
+    # The disk fills up under the open log: its descriptor now writes to /dev/full (ENOSPC).
+    real = os.path.realpath(path)
+    (fd,) = [int(f.name) for f in Path("/proc/self/fd").iterdir() if os.path.realpath(f) == real]
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(full, fd)
+    finally:
+        os.close(full)
     with pytest.raises(AuditWriteError, match="a.log"):
         log.append("held", {}, now=1.0)
-    log._fd = -1
+    log.close()
 
 
 def test_missing_log_is_a_read_error(tmp_path):

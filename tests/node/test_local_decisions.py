@@ -15,7 +15,7 @@ import pytest
 from mesh._proto import inference_pb2, inference_pb2_grpc
 from mesh.artifacts.publish import publish
 from mesh.consensus.config import RaftSection
-from mesh.consensus.state import Outcome
+from mesh.consensus.ledger import Outcome
 from mesh.guard.approval import sign_approval
 from mesh.identity.signing import KeyRole, load_signing_key
 from mesh.identity.tls import channel_credentials, secure_channel_options

@@ -5,11 +5,11 @@ Rules of this module (everything a replica believes about its site lives here):
 - State: routing table (stream id -> serving node), per-node allocations (max
   concurrent inference slots), decisions held for an operator, the outcome of
   finished decisions, used approval nonces, and a bounded history.
-- Input: only committed commands, as bytes (`DecisionLedger.apply`). A command
-  is canonical JSON with `"format": 1`, a `"cmd"` name and a `"now"` stamped
-  by whoever submitted it. Apply reads no clock: the ledger's time is the
-  largest `now` it has seen (so a stale stamp can never rewind it), and every
-  replica applying the same log reaches the same `state_digest()`.
+- Input: only committed commands, as bytes (`DecisionLedger.apply`), in the
+  form `mesh.consensus.commands` defines: canonical JSON with a `"now"`
+  stamped by whoever submitted it. Apply reads no clock: the ledger's time is
+  the largest `now` it has seen (so a stale stamp can never rewind it), and
+  every replica applying the same log reaches the same `state_digest()`.
 - The guard runs here, on every replica: a proposal within the policy's scope
   is applied at once; one above scope is HELD and applied only when an
   approval signed by a trusted OPERATOR key for exactly its digest is
@@ -30,51 +30,46 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from mesh.consensus.commands import (
+    ApproveCommand,
+    CommandError,
+    DenyCommand,
+    ExpireCommand,
+    LedgerError,
+    ProposeCommand,
+    SetRoutesCommand,
+    check_now,
+    decode_command,
+    strict_json,
+    validate_set_routes,
+)
 from mesh.guard.approval import (
     Approval,
     ApprovalRefused,
-    MalformedApproval,
     ReplayedApproval,
     verify_approval,
 )
 from mesh.guard.audit import AuditEvent
 from mesh.guard.core import (
-    MAX_SLOTS,
     NODE_ID_RE,
-    STREAM_ID_RE,
     Decision,
     DecisionError,
     Policy,
     Scope,
-    as_seconds,
     decide,
 )
 from mesh.identity.signing import TrustedKeys, canonical_json
 
-COMMAND_FORMAT = 1
 SNAPSHOT_FORMAT = 1
-# A command carries one decision (bounded by MAX_MOVES) or one approval; 1 MiB is far above either.
-MAX_COMMAND_BYTES = 1024 * 1024
-MAX_ROUTES_PER_COMMAND = 4096
 # Enough to show an operator the last few days of a busy site; older entries fall off the front.
 MAX_HISTORY_ENTRIES = 4096
 APPROVE_HINT = "mesh admin approve {decision_id}"
 
 guard_log = logging.getLogger("mesh.guard")
-
-
-class LedgerError(Exception):
-    """Root of errors raised by the replicated state machine."""
-
-
-class CommandError(LedgerError):
-    """A command's bytes are not a valid command (names the field; the command is refused, not applied)."""
 
 
 class SnapshotError(LedgerError):
@@ -89,199 +84,6 @@ class Outcome(enum.Enum):
     EXPIRED = "expired"
     NOOP = "noop"
 
-
-# --- commands ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProposeCommand:
-    now: float
-    decision: Decision
-
-
-@dataclass(frozen=True)
-class ApproveCommand:
-    now: float
-    approval: Approval
-
-
-@dataclass(frozen=True)
-class DenyCommand:
-    now: float
-    approval: Approval
-
-
-@dataclass(frozen=True)
-class ExpireCommand:
-    now: float
-
-
-@dataclass(frozen=True)
-class SetRoutesCommand:
-    """Initial assignment: routes for streams that have none, allocations for nodes that have none."""
-
-    now: float
-    routes: Mapping[str, str]
-    allocations: Mapping[str, int] = field(default_factory=dict)
-
-
-Command = ProposeCommand | ApproveCommand | DenyCommand | ExpireCommand | SetRoutesCommand
-
-_COMMAND_FIELDS = {
-    "propose": frozenset({"format", "cmd", "now", "decision"}),
-    "approve": frozenset({"format", "cmd", "now", "approval"}),
-    "deny": frozenset({"format", "cmd", "now", "approval"}),
-    "expire": frozenset({"format", "cmd", "now"}),
-    "set_routes": frozenset({"format", "cmd", "now", "routes", "allocations"}),
-}
-
-
-def _command(cmd: str, now: float, **fields: Any) -> bytes:
-    _check_now(now, CommandError)
-    return canonical_json({"format": COMMAND_FORMAT, "cmd": cmd, "now": float(now), **fields})
-
-
-def propose_command(decision: Decision, *, now: float | None = None) -> bytes:
-    """Propose `decision`; `now` defaults to the decision's `proposed_at`."""
-    return _command("propose", decision.proposed_at if now is None else now, decision=decision.to_dict())
-
-
-def approve_command(approval: Approval, *, now: float) -> bytes:
-    if not approval.approve:
-        raise CommandError("this approval says deny (approve=false); submit it with deny_command")
-    return _command("approve", now, approval=approval.to_dict())
-
-
-def deny_command(approval: Approval, *, now: float) -> bytes:
-    if approval.approve:
-        raise CommandError("this approval says approve (approve=true); submit it with approve_command")
-    return _command("deny", now, approval=approval.to_dict())
-
-
-def expire_command(now: float) -> bytes:
-    return _command("expire", now)
-
-
-def set_routes_command(
-    routes: Mapping[str, str], *, allocations: Mapping[str, int] | None = None, now: float
-) -> bytes:
-    cmd = SetRoutesCommand(now, dict(routes), dict(allocations or {}))
-    _validate_set_routes(cmd)
-    return _command("set_routes", now, routes=dict(cmd.routes), allocations=dict(cmd.allocations))
-
-
-def encode_command(command: Command) -> bytes:
-    if isinstance(command, ProposeCommand):
-        return propose_command(command.decision, now=command.now)
-    if isinstance(command, ApproveCommand):
-        return approve_command(command.approval, now=command.now)
-    if isinstance(command, DenyCommand):
-        return deny_command(command.approval, now=command.now)
-    if isinstance(command, ExpireCommand):
-        return expire_command(command.now)
-    if isinstance(command, SetRoutesCommand):
-        return set_routes_command(command.routes, allocations=command.allocations, now=command.now)
-    raise CommandError(f"not a ledger command: {type(command).__name__}")
-
-
-def _strict_json(data: bytes, what: str, error: type[Exception], limit: int) -> Any:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise error(f"{what}: expected bytes, got {type(data).__name__}")
-    if len(data) > limit:
-        raise error(f"{what}: {len(data)} bytes, at most {limit} allowed")
-    try:
-        return json.loads(
-            bytes(data).decode("utf-8"),
-            parse_constant=_refuse_constant,
-            object_pairs_hook=_no_duplicate_keys,
-        )
-    except UnicodeDecodeError:
-        raise error(f"{what}: not UTF-8") from None
-    except (ValueError, RecursionError) as exc:
-        raise error(f"{what}: not valid JSON ({exc})") from None
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-def _check_now(now: object, error: type[Exception], where: str = "now") -> float:
-    seconds = as_seconds(now)
-    if seconds is None:
-        raise error(f"{where}: expected seconds since the epoch >= 0, got {now!r}")
-    return seconds
-
-
-def decode_command(data: bytes) -> Command:
-    """Parse command bytes strictly; raise CommandError saying what is wrong."""
-    doc = _strict_json(data, "command", CommandError, MAX_COMMAND_BYTES)
-    if not isinstance(doc, dict):
-        raise CommandError(f"command: expected a JSON object, got {type(doc).__name__}")
-    fmt = doc.get("format")
-    if type(fmt) is not int or fmt != COMMAND_FORMAT:
-        raise CommandError(
-            f"command.format: unsupported format {fmt!r}; this node applies format {COMMAND_FORMAT}"
-        )
-    cmd = doc.get("cmd")
-    if not isinstance(cmd, str) or cmd not in _COMMAND_FIELDS:
-        raise CommandError(
-            f"command.cmd: unknown command {cmd!r}; expected one of {', '.join(sorted(_COMMAND_FIELDS))}"
-        )
-    expected = _COMMAND_FIELDS[cmd]
-    if doc.keys() != expected:
-        missing = sorted(expected - doc.keys())
-        unknown = sorted(doc.keys() - expected)
-        raise CommandError(
-            f"command {cmd}: missing field(s) {missing or 'none'}, unknown field(s) {unknown or 'none'}"
-        )
-    now = _check_now(doc["now"], CommandError, "command.now")
-    try:
-        if cmd == "propose":
-            return ProposeCommand(now, Decision.from_dict(doc["decision"]))
-        if cmd in ("approve", "deny"):
-            approval = Approval.from_dict(doc["approval"])
-            if approval.approve != (cmd == "approve"):
-                raise CommandError(
-                    f"command {cmd}: the signed approval says approve={str(approval.approve).lower()}"
-                )
-            return (ApproveCommand if cmd == "approve" else DenyCommand)(now, approval)
-    except (DecisionError, MalformedApproval) as exc:
-        raise CommandError(f"command {cmd}: {exc}") from None
-    if cmd == "expire":
-        return ExpireCommand(now)
-    routes, allocations = doc["routes"], doc["allocations"]
-    if not isinstance(routes, dict) or not isinstance(allocations, dict):
-        raise CommandError("command set_routes: routes and allocations must be objects")
-    command = SetRoutesCommand(now, routes, allocations)
-    _validate_set_routes(command)
-    return command
-
-
-def _validate_set_routes(cmd: SetRoutesCommand) -> None:
-    if len(cmd.routes) > MAX_ROUTES_PER_COMMAND or len(cmd.allocations) > MAX_ROUTES_PER_COMMAND:
-        raise CommandError(f"command set_routes: at most {MAX_ROUTES_PER_COMMAND} routes and allocations")
-    for stream, node in cmd.routes.items():
-        if not isinstance(stream, str) or not STREAM_ID_RE.fullmatch(stream):
-            raise CommandError(f"command set_routes: {stream!r} is not a valid stream id")
-        if not isinstance(node, str) or not NODE_ID_RE.fullmatch(node):
-            raise CommandError(f"command set_routes: route of {stream} names {node!r}, not a valid node id")
-    for node, slots in cmd.allocations.items():
-        if not isinstance(node, str) or not NODE_ID_RE.fullmatch(node):
-            raise CommandError(f"command set_routes: {node!r} is not a valid node id")
-        if type(slots) is not int or not 0 <= slots <= MAX_SLOTS:
-            raise CommandError(f"command set_routes: allocation of {node} must be an integer 0..{MAX_SLOTS}")
-
-
-# --- state -------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -752,7 +554,7 @@ class DecisionLedger:
 
     def restore(self, snapshot: bytes) -> None:
         """Replace the state with `snapshot`; on error the current state is kept."""
-        doc = _strict_json(snapshot, "snapshot", SnapshotError, 1 << 30)
+        doc = strict_json(snapshot, "snapshot", SnapshotError, 1 << 30)
         try:
             if not isinstance(doc, dict) or doc.get("format") != SNAPSHOT_FORMAT:
                 raise SnapshotError(
@@ -760,10 +562,10 @@ class DecisionLedger:
                 )
             if doc["group"] != self.group:
                 raise SnapshotError(f"snapshot is of group {doc['group']!r}, this ledger is {self.group!r}")
-            clock = _check_now(doc["clock"], SnapshotError, "snapshot.clock")
+            clock = check_now(doc["clock"], SnapshotError, "snapshot.clock")
             routes = dict(doc["routes"])
             allocations = dict(doc["allocations"])
-            _validate_set_routes(SetRoutesCommand(clock, routes, allocations))
+            validate_set_routes(SetRoutesCommand(clock, routes, allocations))
             pending = {h.decision_id: h for h in map(HeldDecision.from_dict, doc["pending"])}
             finished = {
                 str(k): _Finished(str(v["outcome"]), float(v["proposed_at"]), float(v["finished_at"]))

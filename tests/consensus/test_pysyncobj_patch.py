@@ -1,0 +1,245 @@
+"""What fleetmesh patches in pysyncobj (mesh/consensus/_pysyncobj_patch.py): each hook seen firing in a live
+group of real members on loopback, and the import-time check that refuses any other pysyncobj."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pysyncobj.encryptor
+import pysyncobj.syncobj
+import pysyncobj.version
+import pytest
+from pysyncobj.journal import FileJournal
+
+from mesh.consensus import _pysyncobj_patch
+from mesh.consensus._pysyncobj_patch import PYSYNCOBJ_VERSION, PysyncobjMismatch, check_pysyncobj, hook_counts
+from mesh.consensus.raft import RaftGroup, derive_group_password
+from mesh.node.local import free_address
+from tests.consensus.harness import FLEET_SECRET, EntryLog
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def counted(name: str, before: dict[str, int]) -> int:
+    """How often hook `name` changed something since `before` (a `hook_counts()` taken earlier)."""
+    return hook_counts().get(name, 0) - before.get(name, 0)
+
+
+def votes(groups: list[RaftGroup]) -> dict[str, tuple[int, str | None]]:
+    """(term, voted_for) each member's journal made durable in its .vote file."""
+    out = {}
+    for g in groups:
+        path = g.data_dir / "raft.journal.vote"
+        assert path.exists(), f"{path} is missing: {g.address} does not journal through DurableFileJournal"
+        vote = json.loads(path.read_bytes())
+        out[g.address] = (vote["term"], vote["voted_for"])
+    return out
+
+
+# --- the version pin ----------------------------------------------------------------------------
+
+
+def test_the_installed_pysyncobj_is_the_pinned_one_with_every_hooked_internal():
+    assert pysyncobj.version.VERSION == PYSYNCOBJ_VERSION
+    assert _pysyncobj_patch.missing_internals() == []
+    pin = next(line for line in (REPO / "pyproject.toml").read_text().splitlines() if '"pysyncobj' in line)
+    assert pin.strip() == f'"pysyncobj=={PYSYNCOBJ_VERSION}",'
+
+
+def test_another_pysyncobj_version_is_refused_naming_both(monkeypatch):
+    monkeypatch.setattr(pysyncobj.version, "VERSION", "0.3.99")
+    with pytest.raises(PysyncobjMismatch) as err:
+        check_pysyncobj()
+    message = str(err.value)
+    assert "0.3.17" in message and "0.3.99" in message and "pysyncobj==0.3.17" in message
+
+
+def test_importing_the_raft_layer_fails_loudly_with_another_pysyncobj():
+    code = "import pysyncobj.version as v; v.VERSION = '0.4.0'; import mesh.consensus.raft"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("mesh.consensus._pysyncobj_patch.PysyncobjMismatch:"), done.stderr
+    assert "pysyncobj 0.3.17" in last and "pysyncobj 0.4.0 is installed" in last
+
+
+@pytest.mark.parametrize(
+    ("owner", "name", "named"),
+    [
+        (pysyncobj.syncobj, "createJournal", "pysyncobj.syncobj.createJournal"),
+        (pysyncobj.syncobj, "getEncryptor", "pysyncobj.syncobj.getEncryptor"),
+        (FileJournal, "deleteEntriesTo", "FileJournal.deleteEntriesTo"),
+        (FileJournal, "setCurrentTerm", "FileJournal.setCurrentTerm"),
+    ],
+)
+def test_a_missing_internal_is_refused_by_name(monkeypatch, owner, name, named):
+    monkeypatch.delattr(owner, name)
+    with pytest.raises(PysyncobjMismatch, match=named.replace(".", r"\.")):
+        check_pysyncobj()
+
+
+def test_a_renamed_syncobj_attribute_is_refused_by_name(monkeypatch):
+    def renamed(self, *args, **kwargs):
+        self.raft_log = None  # the name-mangled _SyncObj__raftLog is gone
+
+    monkeypatch.setattr(pysyncobj.syncobj.SyncObj, "__init__", renamed)
+    with pytest.raises(PysyncobjMismatch, match="SyncObj._SyncObj__raftLog"):
+        check_pysyncobj()
+
+
+# --- 1. the durable journal ---------------------------------------------------------------------
+
+
+def test_durable_journal_fsyncs_the_vote_before_returning_and_reloads_it(tmp_path, monkeypatch):
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    path = str(tmp_path / "raft.journal")
+    journal = _pysyncobj_patch.DurableFileJournal(path)
+    assert (journal.getCurrentTerm(), journal.getVotedForNodeId()) == (0, None)
+    journal.setCurrentTerm(7, "127.0.0.1:1234")
+    assert len(synced) >= 2  # the file and its directory
+    journal.add(b"\x00cmd", 1, 7)
+    journal.close()
+    again = _pysyncobj_patch.DurableFileJournal(path)
+    assert (again.getCurrentTerm(), again.getVotedForNodeId()) == (7, "127.0.0.1:1234")
+    assert again[0] == (b"\x00cmd", 1, 7)
+    again.close()
+
+
+@pytest.mark.asyncio
+async def test_every_vote_of_a_live_group_is_made_durable_by_the_durable_journal(raft_cluster):
+    """Only DurableFileJournal writes raft.journal.vote: after each election every member's file holds its
+    current term, the leader's names itself, and a majority's name the leader."""
+    c = raft_cluster(3)
+    groups = c.start_all()
+    leader = await c.wait_leader()
+    durable = votes(groups)
+    assert all(durable[g.address][0] == g.raftCurrentTerm for g in groups)
+    assert durable[leader.address] == (leader.raftCurrentTerm, leader.address)
+    assert sum(vote == (leader.raftCurrentTerm, leader.address) for vote in durable.values()) >= 2
+
+    # The leader dies: the survivors vote again, in a later term, and both votes are on disk.
+    await c.close(leader)
+    survivors = c.live()
+    new = await c.wait_leader(survivors)
+    assert new.raftCurrentTerm > leader.raftCurrentTerm
+    assert set(votes(survivors).values()) == {(new.raftCurrentTerm, new.address)}
+
+
+# --- 2. followers truncate only on a conflict; nextIndex moves back only on a failure ------------
+
+
+def _log_view(entries: list[tuple[int, int]]):
+    terms = dict(entries)
+    return (lambda idx: terms.get(idx)), max(terms)
+
+
+def _append(prev: tuple[int, int], entries: list[tuple[int, int]], term: int) -> dict:
+    return {
+        "type": "append_entries",
+        "term": term,
+        "commit_index": 0,
+        "prevLogIdx": prev[0],
+        "prevLogTerm": prev[1],
+        "entries": [(b"c", i, t) for i, t in entries],
+    }
+
+
+def test_follower_keeps_entries_that_match_the_leader_and_truncates_only_on_conflict():
+    """pysyncobj deletes everything after prevLogIdx; Raft deletes only from the first conflict."""
+    trim = _pysyncobj_patch.trim_append_entries
+    follower = _log_view([(1, 1), (2, 1), (3, 2), (4, 2), (5, 2)])
+    # A re-sent, already-held range: nothing left to append, nothing after it deleted.
+    out = trim(_append((2, 1), [(3, 2), (4, 2)], term=2), *follower)
+    assert (out["prevLogIdx"], out["prevLogTerm"], out["entries"]) == (5, 2, [])
+    # A stale heartbeat of the same leader keeps the leader's own later entries.
+    out = trim(_append((3, 2), [], term=2), *follower)
+    assert out["prevLogIdx"] == 5
+    # New entries after held ones: only the new ones are handed on.
+    out = trim(_append((3, 2), [(4, 2), (5, 2), (6, 2)], term=2), *follower)
+    assert (out["prevLogIdx"], [e[1] for e in out["entries"]]) == (5, [6])
+    # A conflict (index 4 has term 3 at the new leader): pysyncobj truncates from index 4.
+    out = trim(_append((3, 2), [(4, 3)], term=3), *follower)
+    assert (out["prevLogIdx"], [e[1:] for e in out["entries"]]) == (3, [(4, 3)])
+    # A heartbeat from a newer leader cannot vouch for older-term entries: left to pysyncobj.
+    msg = _append((3, 2), [], term=3)
+    assert trim(msg, *follower) is msg
+    # prevLogIdx not held with that term: pysyncobj's own failure reply.
+    msg = _append((6, 2), [(7, 2)], term=2)
+    assert trim(msg, *follower) is msg
+
+
+@pytest.mark.asyncio
+async def test_concurrent_proposals_never_truncate_applied_entries(raft_cluster, caplog):
+    c = raft_cluster(3)
+    assert not c.timings.batch_appends  # unbatched: each proposal goes out at once, many in flight
+    groups = c.start_all()
+    await c.wait_leader()
+    before = hook_counts()
+    with caplog.at_level("CRITICAL", logger="pysyncobj.syncobj"):
+        await asyncio.gather(*(groups[i % 3].propose(f"c{i}".encode(), timeout_s=10.0) for i in range(300)))
+        entries = await c.converged()
+    assert sorted(entries) == sorted(f"c{i}".encode() for i in range(300))
+    assert not [r for r in caplog.records if "truncating" in r.getMessage()]
+    # keep_next_index fired: success replies of in-flight appends did not move nextIndex back.
+    assert counted("next_index_kept", before) > 0
+
+
+@pytest.mark.asyncio
+async def test_trim_append_entries_alone_keeps_acknowledged_entries_when_the_leader_resends(
+    raft_cluster, caplog, monkeypatch
+):
+    """With keep_next_index switched off, success replies move the leader's nextIndex back and it re-sends
+    in-flight ranges (as plain pysyncobj does): trim_append_entries rewrites those messages, and no
+    follower drops an entry it has acknowledged."""
+
+    def plain_pysyncobj(sync_obj, node, handle) -> bool:
+        handle()
+        return False
+
+    monkeypatch.setattr(_pysyncobj_patch, "keep_next_index", plain_pysyncobj)
+    c = raft_cluster(3)
+    groups = c.start_all()
+    await c.wait_leader()
+    before = hook_counts()
+    with caplog.at_level("CRITICAL", logger="pysyncobj.syncobj"):
+        await asyncio.gather(*(groups[i % 3].propose(f"t{i}".encode(), timeout_s=10.0) for i in range(300)))
+        entries = await c.converged()
+    assert counted("append_entries_trimmed", before) > 0
+    assert counted("next_index_kept", before) == 0
+    assert sorted(entries) == sorted(f"t{i}".encode() for i in range(300))
+    assert not [r for r in caplog.records if "truncating" in r.getMessage()]
+
+
+# --- 3. the encryptor cache ---------------------------------------------------------------------
+
+
+def test_a_second_group_with_the_same_password_skips_pbkdf2(tmp_path, monkeypatch):
+    derived: list[int] = []
+    real_kdf = pysyncobj.encryptor.PBKDF2HMAC
+
+    def counting_kdf(*args, **kwargs):
+        derived.append(1)
+        return real_kdf(*args, **kwargs)
+
+    monkeypatch.setattr(pysyncobj.encryptor, "PBKDF2HMAC", counting_kdf)
+    # A group name no other test uses: its password cannot be in the cache yet.
+    password = derive_group_password(FLEET_SECRET, f"encryptor-cache-{os.getpid()}-{id(tmp_path)}")
+    made = []
+    try:
+        for i in range(2):
+            data_dir = tmp_path / f"member{i}"
+            made.append(RaftGroup(free_address(), [], EntryLog(), data_dir=data_dir, password=password))
+            assert len(derived) == 1, f"group {i}: PBKDF2 ran {len(derived)} times"
+        other = derive_group_password(FLEET_SECRET, f"encryptor-cache-other-{os.getpid()}-{id(tmp_path)}")
+        made.append(RaftGroup(free_address(), [], EntryLog(), data_dir=tmp_path / "other", password=other))
+        assert len(derived) == 2  # another password is derived once
+    finally:
+        for g in made:
+            g.close_sync()

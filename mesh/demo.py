@@ -73,7 +73,6 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
     operator = load_credentials(fleet_dir / "operators" / "admin")
     enroll(fleet_dir, "demo-client")  # an application on a device calling Infer
     ports = list(range(base_port, base_port + nodes)) if base_port else free_ports(nodes)
-    raft_ports = list(range(base_port + 100, base_port + 100 + nodes)) if base_port else free_ports(nodes)
     site_names = SITES[:sites]
     fleet_nodes: list[DemoNode] = []
     for i in range(nodes):
@@ -86,11 +85,11 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
         # Every node knows the first node of each site as seeds, as a site's
         # gateways would be configured on real devices.
         seeds = [f"127.0.0.1:{ports[s]}" for s in range(min(sites, nodes)) if s != i]
-        site_members = [f"127.0.0.1:{raft_ports[j]}" for j in range(nodes) if j % sites == i % sites]
+        site_members = [f"node-{j:02d}" for j in range(nodes) if j % sites == i % sites]
         write_node_config(config, node_id=node_id, address=address, seeds=seeds, site=site,
                           tls_dir=creds.directory, data_dir=workdir / "data" / node_id, timings=timings,
                           inference={"model": model_name(model), "workers": 1},
-                          raft={"listen": f"127.0.0.1:{raft_ports[i]}", "members": site_members},
+                          raft={"members": site_members},
                           guard=DEMO_GUARD, streams=[f"cam-{i:02d}a", f"cam-{i:02d}b"])
     (workdir / "logs").mkdir()
 

@@ -8,9 +8,10 @@
    member win an election and overwrite committed entries. `DurableFileJournal` keeps term
    and vote in a file of its own written temp + fsync + rename + directory fsync before
    ``setCurrentTerm`` returns (so before the vote or the request leaves), and msyncs the log
-   after every change. SyncObj builds its journal through the module-global
-   ``createJournal``; `install()` wraps it so a `DurableJournalPath` gets the durable
-   journal and every other path keeps pysyncobj's own.
+   after every change, or, with ``defer_flush`` (group commit, used with the gRPC transport),
+   once in `flush_pending`, which the transport calls before any frame leaves. SyncObj
+   builds its journal through the module-global ``createJournal``; `install()` wraps it so a
+   `DurableJournalPath` gets the durable journal and every other path keeps pysyncobj's own.
 2. Followers truncate only on a conflict. pysyncobj's follower deletes every entry after
    ``prevLogIdx`` whenever it holds more, even when they match what the leader sends (and
    on plain heartbeats): with unbatched appends the leader re-sends in-flight ranges (a
@@ -22,14 +23,17 @@
    kept. `keep_next_index` stops a success reply from moving the leader's nextIndex back
    below what is already in flight on the ordered TCP stream. Both run in
    `receive_message`, which every Transport subclass calls from its ``_onMessageReceived``.
-3. A cached encryptor. pysyncobj derives the Fernet key with PBKDF2 (100,000 rounds, fixed
-   salt) on every SyncObj construction, ~0.1 s of CPU. The group password is already a
-   high-entropy HKDF output (see raft.derive_group_password), so the stretching buys
-   nothing; caching by password makes restarts cheap. Fernet objects are stateless and
-   safe to share between threads.
+3. No code from log entries. pysyncobj pickles every log entry (a replicated call, a
+   membership change) and every replica unpickles it when it applies it; whoever gets an
+   entry into the log (any member, through the leader) could run code on all of them.
+   `install()` replaces the ``pickle`` that ``pysyncobj.syncobj`` uses with one whose
+   ``loads`` is `safe_pickle.loads`: plain values, and instances of the group member class
+   (`transport.MemberNode`, in membership changes); anything else raises, and the wrapped
+   ``SyncObj.__doApplyCommand`` then skips the entry (logged, counted) on every replica alike
+   instead of letting the exception stop the tick and retry the entry forever.
 
 These reach into pysyncobj's internals (module-level ``createJournal`` and
-``getEncryptor`` of ``pysyncobj.syncobj``, the name-mangled ``_SyncObj__raftLog`` and
+``pickle`` of ``pysyncobj.syncobj``, the name-mangled ``_SyncObj__raftLog`` and
 ``_SyncObj__raftNextIndex``, FileJournal's methods, the shape of its Raft messages), which
 change between releases. pyproject.toml pins pysyncobj exactly, and importing this module
 fails with `PysyncobjMismatch` (naming both versions) when another version is installed
@@ -38,21 +42,24 @@ or one of those internals is gone.
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import json
+import logging
 import os
 import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import pysyncobj.pipe_notifier as _pipe_notifier
 import pysyncobj.syncobj as _syncobj
 import pysyncobj.version as _pysyncobj_version
 from pysyncobj.journal import FileJournal
 from pysyncobj.transport import Transport
 
 from mesh.durable import fsync_dir
+
+_log = logging.getLogger("mesh.consensus.raft")
 
 #: The pysyncobj release these patches were written and tested against (pinned in pyproject.toml).
 PYSYNCOBJ_VERSION = "0.3.17"
@@ -103,9 +110,17 @@ def missing_internals() -> list[str]:
     """The pysyncobj internals these patches hook that the imported pysyncobj lacks (empty if none)."""
     missing = [
         f"pysyncobj.syncobj.{name}"
-        for name in ("createJournal", "getEncryptor")
+        for name in ("createJournal",)
         if not callable(getattr(_syncobj, name, None))
     ]
+    if not callable(getattr(getattr(_syncobj, "pickle", None), "loads", None)):
+        missing.append("pysyncobj.syncobj.pickle")
+    if not callable(getattr(_syncobj.SyncObj, "_SyncObj__doApplyCommand", None)):
+        missing.append("SyncObj.__doApplyCommand")
+    if not callable(getattr(_pipe_notifier, "PipeNotifier", None)):
+        missing.append("pysyncobj.pipe_notifier.PipeNotifier")
+    missing += [f"Transport.{name}" for name in ("_onNodeConnected", "_onNodeDisconnected")
+                if not callable(getattr(Transport, name, None))]
     init_names = getattr(getattr(_syncobj.SyncObj.__init__, "__code__", None), "co_names", ())
     missing += [f"SyncObj.{name}" for name in _SYNCOBJ_ATTRIBUTES if name not in init_names]
     missing += [f"FileJournal.{name}" for name in _JOURNAL_METHODS if name not in vars(FileJournal)]
@@ -143,8 +158,9 @@ _counts: Counter[str] = Counter()
 
 def hook_counts() -> dict[str, int]:
     """How often each message hook changed something in this process, by name (for tests and metrics):
-    ``append_entries_trimmed`` (trim_append_entries rewrote a message) and ``next_index_kept``
-    (keep_next_index undid a move of the leader's nextIndex)."""
+    ``append_entries_trimmed`` (trim_append_entries rewrote a message), ``next_index_kept``
+    (keep_next_index undid a move of the leader's nextIndex) and ``unsafe_pickle_refused`` (a log
+    entry or snapshot that was not plain values)."""
     with _counts_lock:
         return dict(_counts)
 
@@ -159,7 +175,23 @@ _installed = False
 
 
 class DurableJournalPath(str):
-    """A journal file path that asks for `DurableFileJournal` instead of pysyncobj's FileJournal."""
+    """A journal file path that asks for `DurableFileJournal` instead of pysyncobj's FileJournal.
+
+    With ``defer_flush``, the journal msyncs only in `flush_pending` (group commit)."""
+
+    defer_flush: bool
+    journal: DurableFileJournal | None
+
+    def __new__(cls, path: str, *, defer_flush: bool = False) -> DurableJournalPath:
+        made = super().__new__(cls, path)
+        made.defer_flush = defer_flush
+        made.journal = None
+        return made
+
+    def flush_pending(self) -> None:
+        """Make every change written to the journal so far durable (no-op if there is none)."""
+        if self.journal is not None:
+            self.journal.flush_pending()
 
 
 def write_durably(path: str, data: bytes) -> None:
@@ -178,11 +210,14 @@ def write_durably(path: str, data: bytes) -> None:
 class DurableFileJournal(FileJournal):
     """pysyncobj's FileJournal with term/vote and log entries made durable before they count."""
 
-    def __init__(self, journal_file: str):
+    def __init__(self, journal_file: str, *, defer_flush: bool = False):
         super().__init__(journal_file)
         self._vote_path = journal_file + ".vote"
         self._dir = os.path.dirname(os.path.abspath(journal_file))
         self._rewriting = False
+        self._defer = defer_flush
+        self._dirty = False
+        self.flushes = 0  # msyncs of the log (tests and the bench count them)
         # A journal written by plain pysyncobj keeps term and vote in its .meta file.
         self._term: int = super().getCurrentTerm()
         self._voted_for: str | None = super().getVotedForNodeId()
@@ -210,20 +245,35 @@ class DurableFileJournal(FileJournal):
         return self._voted_for
 
     # A follower acknowledges entries (next_node_idx) in the same tick that it adds them and
-    # the leader counts its own copy at once: msync before either can happen.
+    # the leader counts its own copy at once: msync before either can happen. Deferred, the
+    # transport calls flush_pending before any message leaves, which is before either too.
     def add(self, command, idx, term):
         super().add(command, idx, term)
         if not self._rewriting:
-            self.flush()
+            self._changed()
 
     def deleteEntriesFrom(self, entryFrom):
         super().deleteEntriesFrom(entryFrom)
-        self.flush()
+        self._changed()
 
     def clear(self):
         super().clear()
         if not self._rewriting:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self._defer:
+            self._dirty = True
+        else:
             self.flush()
+            self.flushes += 1
+
+    def flush_pending(self) -> None:
+        """Group commit: one msync for every change since the last one."""
+        if self._dirty:
+            self._dirty = False
+            self.flush()
+            self.flushes += 1
 
     # Called after a snapshot replaced the log's prefix (pysyncobj renamed the snapshot into
     # place, unsynced): make that rename durable before the entries it covers are dropped, and
@@ -236,10 +286,35 @@ class DurableFileJournal(FileJournal):
         finally:
             self._rewriting = False
         self.flush()
+        self._dirty = False
+        self.flushes += 1
+
+
+class _SafePickle:
+    """Stands in for the ``pickle`` module inside pysyncobj.syncobj: dumps as before, loads plain
+    values only (see point 3 of the module docstring)."""
+
+    def __init__(self, original: Any) -> None:
+        self._original = original
+
+    def dumps(self, data: Any, *args: Any, **kwargs: Any) -> bytes:
+        return self._original.dumps(data, *args, **kwargs)
+
+    def loads(self, data: Any) -> Any:
+        from mesh.consensus import safe_pickle
+
+        try:
+            return safe_pickle.loads(data, allow=[("mesh.consensus.transport", "MemberNode")])
+        except safe_pickle.UnsafePickle:
+            _count("unsafe_pickle_refused")
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._original, name)
 
 
 def install() -> None:
-    """Wrap pysyncobj's journal and encryptor factories once per process (idempotent)."""
+    """Wrap pysyncobj's journal factory and its pickle once per process (idempotent)."""
     global _installed
     with _install_lock:
         if _installed:
@@ -248,11 +323,25 @@ def install() -> None:
 
         def create_journal(journal_file=None):
             if isinstance(journal_file, DurableJournalPath):
-                return DurableFileJournal(str(journal_file))
+                journal = DurableFileJournal(str(journal_file), defer_flush=journal_file.defer_flush)
+                journal_file.journal = journal
+                return journal
             return original_create_journal(journal_file)
 
         _syncobj.createJournal = create_journal
-        _syncobj.getEncryptor = functools.lru_cache(maxsize=64)(_syncobj.getEncryptor)
+        _syncobj.pickle = _SafePickle(_syncobj.pickle)
+        original_apply = _syncobj.SyncObj._SyncObj__doApplyCommand
+
+        def do_apply_command(self: Any, command: bytes) -> Any:
+            from mesh.consensus.safe_pickle import UnsafePickle
+
+            try:
+                return original_apply(self, command)
+            except UnsafePickle as exc:
+                _log.error("skipped a Raft log entry that is not plain values (%s); every replica skips it", exc)
+                return None
+
+        _syncobj.SyncObj._SyncObj__doApplyCommand = do_apply_command
         _installed = True
 
 

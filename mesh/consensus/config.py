@@ -3,9 +3,11 @@
 Example (node.toml)::
 
     [raft]
-    listen = "10.0.4.17:7400"          # this member's Raft address (bound and dialed: not 0.0.0.0)
-    members = ["10.0.4.17:7400", "10.0.4.18:7400", "10.0.4.19:7400"]
-    # group = "berlin-1"               # default: the node's site label
+    members = ["cam-01", "cam-02", "cam-03"]   # node ids of the whole group, this node included
+    # group = "berlin-1"                       # default: the node's site label
+
+Members talk over each other's node gRPC port under mTLS (no Raft port of its own); each
+member's address comes from membership.
 
     [guard]
     hold_ttl_s = 3600
@@ -19,7 +21,6 @@ The node config adds ``raft: RaftSection | None = None`` and ``guard: GuardTable
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Annotated, Any
 
@@ -28,8 +29,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from mesh.consensus.raft import RaftConfigError, RaftTimings
 from mesh.guard.core import NODE_ID_RE, Policy, PolicyError
 
-# Same grammar as mesh.node.config (kept here so the consensus capability does not import the node shell).
-_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 MAX_GROUP_MEMBERS = 31
 _DEFAULTS = RaftTimings()
 
@@ -38,32 +37,19 @@ class RaftSectionError(ValueError):
     """The [raft] section cannot be used (names the field)."""
 
 
-def _raft_address(value: str, where: str) -> str:
-    match = _HOST_PORT.match(value) if isinstance(value, str) else None
-    if not match or not 1 <= int(match.group(2)) <= 65535:
-        raise ValueError(f"{where}: expected host:port with a port 1..65535 (for example 10.0.4.17:7400), "
-                         f"got {value!r}")
-    host = match.group(1)
-    if host in ("0.0.0.0", "[::]", "::"):
-        raise ValueError(f"{where}: {value} is a wildcard; Raft members dial this exact address, so give the "
-                         "address the other members reach this node at")
-    return value
-
-
 class RaftSection(BaseModel):
     """This node's membership in its site's Raft group (absent: the node takes no local decisions)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    listen: str
     members: list[str] = Field(min_length=1, max_length=MAX_GROUP_MEMBERS)
+    # Gone: Raft runs on the node's gRPC port. Accepted only to say so (see _no_listen).
+    listen: str | None = Field(default=None, exclude=True)
     group: str | None = None
     election_min_s: float = Field(default=_DEFAULTS.election_min_s, gt=0)
     election_max_s: float = Field(default=_DEFAULTS.election_max_s, gt=0)
     append_period_s: float = Field(default=_DEFAULTS.append_period_s, gt=0)
     leader_fallback_s: float = Field(default=_DEFAULTS.leader_fallback_s, gt=0)
-    connection_timeout_s: float = Field(default=_DEFAULTS.connection_timeout_s, gt=0)
-    connection_retry_s: float = Field(default=_DEFAULTS.connection_retry_s, ge=0)
     tick_period_s: float = Field(default=_DEFAULTS.tick_period_s, gt=0, le=1.0)
     batch_appends: bool = _DEFAULTS.batch_appends
     compaction_min_entries: int = Field(default=_DEFAULTS.compaction_min_entries, ge=10)
@@ -71,14 +57,22 @@ class RaftSection(BaseModel):
 
     @field_validator("listen")
     @classmethod
-    def _listen(cls, value: str) -> str:
-        return _raft_address(value, "raft.listen")
+    def _no_listen(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError(
+                "raft.listen is no longer used: Raft runs on the node's own gRPC port under mTLS. Remove "
+                "raft.listen and list the group's members by node id in raft.members"
+            )
+        return None
 
     @field_validator("members")
     @classmethod
     def _members(cls, value: list[str]) -> list[str]:
         for i, member in enumerate(value):
-            _raft_address(member, f"raft.members[{i}]")
+            if not isinstance(member, str) or not NODE_ID_RE.fullmatch(member):
+                hint = " (an address: list node ids now, not Raft addresses)" if ":" in str(member) else ""
+                raise ValueError(f"raft.members[{i}] = {member!r} is not a node id{hint}; node ids are 1-63 "
+                                 "letters, digits, '.', '_' or '-'")
         twice = sorted({m for m in value if value.count(m) > 1})
         if twice:
             raise ValueError(f"raft.members lists {', '.join(twice)} more than once")
@@ -93,11 +87,6 @@ class RaftSection(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RaftSection:
-        if self.listen not in self.members:
-            raise ValueError(
-                f"raft.listen {self.listen} is not in raft.members {self.members}: list every member of the "
-                "group, this node included, with the same addresses on every node"
-            )
         try:
             self.timings().validate()
         except RaftConfigError as exc:

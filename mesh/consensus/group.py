@@ -51,7 +51,8 @@ from mesh.consensus.commands import (
     set_routes_command,
 )
 from mesh.consensus.ledger import ApplyResult, DecisionLedger, HeldDecision, HistoryEntry, Outcome
-from mesh.consensus.raft import RaftGroup, RaftTimings, derive_group_password
+from mesh.consensus.raft import RaftGroup, RaftTimings
+from mesh.consensus.transport import RaftLink
 from mesh.guard.approval import Approval
 from mesh.guard.audit import AuditError, AuditLog, AuditRecord, AuditVerdict, read_audit, verify_audit
 from mesh.guard.core import NODE_ID_RE, Decision, Policy
@@ -124,7 +125,7 @@ class _AuditedLedger:
         # member's snapshot: the entries it covers were never applied here).
         with self.lock:
             index = self.raft.raftLastApplied if self.raft is not None else self.applied_index
-            writer = (self.raft.address if self.raft is not None else "").encode()
+            writer = (self.raft.node_id if self.raft is not None else "").encode()
             return _SNAPSHOT_MAGIC + struct.pack(">QH", index, len(writer)) + writer + self.ledger.snapshot()
 
     def restore(self, data: bytes) -> None:
@@ -136,7 +137,7 @@ class _AuditedLedger:
         with self.lock:
             self.ledger.restore(data[head + 10 + writer_len :])
             self.applied_index = index
-            mine = self.raft is not None and writer == self.raft.address
+            mine = self.raft is not None and writer == self.raft.node_id
             if not mine and self.audited[0] < index:
                 # Entries up to `index` will never be applied here: this replica's log cannot hold them.
                 self._append(
@@ -158,9 +159,9 @@ class _SiteRaftGroup(RaftGroup):
     """RaftGroup that hands itself to the state machine before its tick thread can apply anything,
     so the state machine knows the Raft index of each entry it applies."""
 
-    def __init__(self, self_address: str, partners: Iterable[str], state: _AuditedLedger, **kwargs: Any):
+    def __init__(self, node_id: str, partners: Iterable[str], state: _AuditedLedger, **kwargs: Any):
         state.raft = self
-        super().__init__(self_address, partners, state, **kwargs)
+        super().__init__(node_id, partners, state, **kwargs)
 
 
 def _last_audited(records: Sequence[AuditRecord]) -> tuple[int, int]:
@@ -175,35 +176,35 @@ class SiteGroup:
     """This node's replica of its site's decisions: propose, answer, read, audit.
 
     Construct it on the event loop's thread (pysyncobj's tick thread ends with the thread
-    that built it). `members` are the Raft addresses of the whole group, `address` among
-    them; every member must be built with the same members, policy and trusted keys.
+    that built it), with the `RaftLink` its messages travel on (registered with the node's
+    Raft service). `members` are the node ids of the whole group, this node's among them;
+    every member must be built with the same members, policy and trusted keys.
     """
 
     def __init__(
         self,
         node_id: str,
         *,
-        address: str,
         members: Sequence[str],
         group: str,
         data_dir: Path,
-        fleet_secret: bytes,
+        link: RaftLink,
         trusted: TrustedKeys,
         policy: Policy | None = None,
         timings: RaftTimings | None = None,
-        cut_links: Iterable[str] = (),
     ) -> None:
         if not isinstance(group, str) or not NODE_ID_RE.fullmatch(group):
             raise GroupStartError(f"Raft group name {group!r} is not valid (expected {NODE_ID_RE.pattern})")
         members = list(dict.fromkeys(members))
-        if address not in members:
+        if node_id not in members:
             raise GroupStartError(
-                f"this node's Raft address {address} is not among the group's members {members}; "
+                f"this node ({node_id}) is not among the Raft group's members {members}; "
                 "list every member, this one included, in [raft] members"
             )
+        if link.group != group:
+            raise GroupStartError(f"the Raft link is for group {link.group}, not {group}")
         self.node_id = node_id
         self.group = group
-        self.address = address
         self.data_dir = Path(data_dir)
         self.policy = policy or Policy()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -229,13 +230,12 @@ class SiteGroup:
         ledger = DecisionLedger(group=group, policy=self.policy, group_size=len(members), trusted=trusted)
         self._state = _AuditedLedger(ledger, audit, audited)
         self.raft = _SiteRaftGroup(
-            address,
+            node_id,
             members,
             self._state,
             data_dir=self.data_dir,
-            password=derive_group_password(fleet_secret, group),
+            link=link,
             timings=timings,
-            cut_links=cut_links,
         )
         self._closed = False
 
@@ -249,20 +249,20 @@ class SiteGroup:
         site: str | None,
         node_data_dir: Path,
         creds_dir: Path,
+        link: RaftLink,
     ) -> SiteGroup:
-        """Build from a node's [raft] section (`RaftSection`), its [guard] table, its site label and
-        credentials folder (groups.secret, publisher.pub, operator.pub). Data lives in node_data_dir/raft."""
+        """Build from a node's [raft] section (`RaftSection`), its [guard] table, its site label,
+        credentials folder (publisher.pub, operator.pub) and Raft link. Data lives in node_data_dir/raft."""
         from mesh.consensus.config import policy_from_table
-        from mesh.identity.ca import load_group_secret, load_trusted_keys
+        from mesh.identity.ca import load_trusted_keys
 
         policy = guard if isinstance(guard, Policy) else policy_from_table(guard)
         return cls(
             node_id,
-            address=raft.listen,
             members=list(raft.members),
             group=raft.group_id(site),
             data_dir=Path(node_data_dir) / "raft",
-            fleet_secret=load_group_secret(creds_dir),
+            link=link,
             trusted=load_trusted_keys(creds_dir),
             policy=policy,
             timings=raft.timings(),

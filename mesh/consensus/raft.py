@@ -7,17 +7,15 @@ The members of a site replicate one state machine (anything with ``apply``,
 waits on it: `RaftGroup.propose` registers a pysyncobj callback that resolves an
 asyncio future through ``loop.call_soon_threadsafe``.
 
-Who can talk to the Raft port, and why that matters
-    pysyncobj's wire format is ``zlib(pickle(message))``: whoever can put bytes on a
-    member's Raft port and have them unpickled can run code in the node. Every group
-    therefore runs with pysyncobj's ``password``: each frame is a Fernet token
-    (AES-128-CBC + HMAC-SHA256) and a frame whose HMAC does not verify closes the
-    connection *before* anything is unpickled. The password is derived per group
-    from the fleet secret that only enrolled fleet members hold
-    (`derive_group_password`), so only fleet members of that group can produce a frame
-    the port will unpickle; there is no default password and `RaftGroup` refuses to
-    start without one. Bind the port to the site network only: the password is the
-    only gate, and its strength is the fleet secret's.
+Who can talk to a member, and what they can send
+    Members talk over each other's node gRPC port (`transport.py`): a stream is accepted only
+    from a node certificate that names a member of the group, and frames carry msgpack of
+    plain values, never pickle. There is no Raft port, no shared password, and no secret on a
+    device that opens any group but its own node's certificate. pysyncobj's own log entries
+    (and snapshot metadata) are still pickles that every replica reads when it applies them;
+    `_pysyncobj_patch` makes pysyncobj read them with `safe_pickle`, which builds plain values
+    only, so a member cannot make the others run code by what it proposes. Snapshots are
+    written by this module without pickle.
 
 Timings (`RaftTimings`) are tuned for fast failover on a site LAN; the reasons
 are on the fields. Hazards of pysyncobj 0.3.17 and how this module handles them:
@@ -30,6 +28,12 @@ are on the fields. Hazards of pysyncobj 0.3.17 and how this module handles them:
   could then overwrite committed entries. `_pysyncobj_patch.DurableFileJournal` makes
   both durable (temp + fsync + rename, msync) before they count, and they are loaded on
   start.
+- A single entry larger than ``appendEntriesBatchSizeBytes`` is sent by pysyncobj as a
+  chunked "transmission" of a pickle; the batch size here is above any command the ledger
+  accepts, and the transport refuses such messages in both directions.
+- Group commit: the journal defers its msync; the transport flushes it once before any frame
+  leaves (see transport.py), so entries appended together are synced together and no member
+  acknowledges or counts an entry before it is durable.
 - Log compaction forks by default; gRPC does not support fork() in a threaded
   process: ``useFork=False`` and the snapshot goes through ``state.snapshot()``.
 - Reads on a follower, and even on a leader that has just been cut off, may be
@@ -50,7 +54,7 @@ are on the fields. Hazards of pysyncobj 0.3.17 and how this module handles them:
 from __future__ import annotations
 
 import asyncio
-import base64
+import functools
 import logging
 import os
 import struct
@@ -60,22 +64,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import pysyncobj.pickle as _pickle
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
-from pysyncobj.transport import TCPTransport
 
 from mesh.consensus import _pysyncobj_patch
+from mesh.consensus.transport import GrpcTransport, MemberNode, RaftLink
+from mesh.consensus.wire import FrameError, decode_message, encode_message
 
 _pysyncobj_patch.install()
 
 logger = logging.getLogger(__name__)
 
-MIN_FLEET_SECRET_BYTES = 32
-MIN_GROUP_PASSWORD_CHARS = 32
-_HKDF_SALT = b"fleetmesh/raft-group-password/v1"
-_SNAPSHOT_MAGIC = b"FMRAFT1\n"
+_SNAPSHOT_MAGIC = b"FMRAFT2\n"
+# Entries per append_entries message are cut at this many bytes. A single entry at least this
+# large would be sent as a pickled "transmission", which the transport refuses: keep it above the
+# largest command a state machine accepts (the ledger's is 1 MiB) and below the gRPC message cap.
+APPEND_BATCH_BYTES = 2 * 1024 * 1024
 _RAFT_STATE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
 
 
@@ -107,11 +110,11 @@ class NoLeaderError(RaftError):
 
 
 class NotLeaderError(RaftError):
-    """This member is not the leader; ``leader_address`` names the one it knows, if any."""
+    """This member is not the leader; ``leader_id`` names the one it knows (a node id), if any."""
 
-    def __init__(self, message: str, leader_address: str | None):
+    def __init__(self, message: str, leader_id: str | None):
         super().__init__(message)
-        self.leader_address = leader_address
+        self.leader_id = leader_id
 
 
 class ProposalTimeout(RaftError):
@@ -161,8 +164,9 @@ class RaftTimings:
     The defaults give: a dead leader is replaced after election_min_s..election_max_s
     (0.2..0.4 s) plus one vote round trip; a leader cut off in a minority steps down after
     leader_fallback_s (0.4 s), so two members believe they lead for at most ~0.4 s (the old
-    one cannot commit anything meanwhile); a restarted member is reconnected within
-    connection_retry_s (0.1 s; pysyncobj's 5 s default is what made failover take up to 5 s).
+    one cannot commit anything meanwhile). Reconnection is the transport's (a member's
+    streams are re-dialled within about a second, and keepalive notices a dead connection in
+    about two: mesh/node/peers.py).
     """
 
     #: Election timeout range. pysyncobj requires election_min_s > 3 x append_period_s so that
@@ -175,11 +179,6 @@ class RaftTimings:
     #: leaderFallbackTimeout, default 30 s). Equal to election_max_s: by then the majority
     #: side has elected a new leader.
     leader_fallback_s: float = 0.4
-    #: A connection that received nothing for this long is dead (>= election_max_s; heartbeats
-    #: arrive every append_period_s, so 1 s is 20 missed heartbeats).
-    connection_timeout_s: float = 1.0
-    #: Delay between reconnect attempts to a member that is down.
-    connection_retry_s: float = 0.1
     #: Longest sleep of the tick thread between socket events (pysyncobj autoTickPeriod);
     #: bounds how late an election timeout is noticed. 20 ms costs little CPU when idle.
     tick_period_s: float = 0.02
@@ -214,108 +213,62 @@ class RaftTimings:
                 f"{self.election_max_s}: a leader cut off in a minority would keep acting as leader "
                 "that long; keep it near the election timeout"
             )
-        if self.connection_timeout_s < self.election_max_s:
-            raise RaftConfigError(
-                f"connection_timeout_s={self.connection_timeout_s} must be >= election_max_s="
-                f"{self.election_max_s}"
-            )
-        if self.connection_retry_s < 0 or self.tick_period_s <= 0:
-            raise RaftConfigError("connection_retry_s must be >= 0 and tick_period_s > 0")
-
-
-def derive_group_password(fleet_secret: bytes, group_id: str) -> str:
-    """The pysyncobj password of Raft group `group_id`: HKDF-SHA256 of the fleet secret.
-
-    Each group gets its own password, so a key leaked from one site's group does not open
-    another's; the result is 256 bits, urlsafe-base64 (44 characters).
-    """
-    if not isinstance(fleet_secret, bytes | bytearray):
-        raise RaftConfigError(f"fleet secret must be bytes, got {type(fleet_secret).__name__}")
-    if len(fleet_secret) < MIN_FLEET_SECRET_BYTES:
-        raise RaftConfigError(
-            f"fleet secret is {len(fleet_secret)} bytes; Raft group passwords need at least "
-            f"{MIN_FLEET_SECRET_BYTES} random bytes (the fleet secret written by `mesh fleet init`)"
-        )
-    if not group_id:
-        raise RaftConfigError("group_id is empty: name the Raft group (for example the site label)")
-    hkdf = HKDF(
-        algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=b"raft-group:" + group_id.encode()
-    )
-    return base64.urlsafe_b64encode(hkdf.derive(bytes(fleet_secret))).decode()
-
-
-# --- transport with fault injection ---------------------------------------------------------
-
-
-class _LinkCuttingTransport(TCPTransport):
-    """pysyncobj's TCP transport that silently drops Raft messages to and from the peers in
-    the group's ``cut_links`` (TCP stays up, as in a partition that drops packets), and that
-    keeps followers from truncating entries that match the leader's (see _pysyncobj_patch)."""
-
-    def send(self, node, message):
-        if node.id in self._syncObj.cut_links:
-            return False
-        return super().send(node, message)
-
-    def _onMessageReceived(self, node, message):
-        if node.id in self._syncObj.cut_links:
-            return
-        _pysyncobj_patch.receive_message(self._syncObj, node, message, super()._onMessageReceived)
+        if self.tick_period_s <= 0:
+            raise RaftConfigError("tick_period_s must be > 0")
 
 
 # --- the group ------------------------------------------------------------------------------
 
 
 class RaftGroup(SyncObj):
-    """One member of a site's Raft group.
+    """One member of a site's Raft group, identified by its fleet node id.
 
     Construct it on the event loop's thread (pysyncobj's tick thread stops when the
-    constructing thread ends); construction binds the port and returns in milliseconds.
-    ``data_dir`` belongs to this member of this group: the journal (``raft.journal``, its
-    ``.meta`` and ``.vote``) and the snapshot (``raft.snapshot``) live there and survive
-    restarts.
+    constructing thread ends), with the `RaftLink` that carries its messages (registered with
+    the node's Raft service); construction returns in milliseconds. ``data_dir`` belongs to
+    this member of this group: the journal (``raft.journal``, its ``.meta`` and ``.vote``) and
+    the snapshot (``raft.snapshot``) live there and survive restarts.
+
+    pysyncobj snapshots every attribute a SyncObj gains after its constructor as replicated
+    state: set them all before ``super().__init__``.
     """
 
     def __init__(
         self,
-        self_address: str,
+        node_id: str,
         partners: Iterable[str],
         state: StateMachine,
         *,
         data_dir: Path,
-        password: str,
+        link: RaftLink,
         timings: RaftTimings | None = None,
-        cut_links: Iterable[str] = (),
     ):
         timings = timings or RaftTimings()
         timings.validate()
-        if not isinstance(password, str) or len(password) < MIN_GROUP_PASSWORD_CHARS:
-            raise RaftConfigError(
-                f"Raft group password for {self_address} is missing or shorter than "
-                f"{MIN_GROUP_PASSWORD_CHARS} characters; pass derive_group_password(fleet_secret, group_id): "
-                "without it anyone who reaches the port can run code through pickle"
-            )
+        if link.node_id != node_id:
+            raise RaftConfigError(f"the Raft link is node {link.node_id}'s, not {node_id}'s")
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         # Set before SyncObj.__init__: its tick thread and transport start inside it.
         self.state = state
         self.timings = timings
         self.data_dir = data_dir
-        self.cut_links: frozenset[str] = frozenset(cut_links)
+        self.link = link
+        journal = _pysyncobj_patch.DurableJournalPath(str(data_dir / "raft.journal"), defer_flush=True)
+        transport = functools.partial(GrpcTransport, link=link, flush=journal.flush_pending,
+                                      on_message=_receive)
         conf = SyncObjConf(
-            password=password,
             autoTick=True,
             autoTickPeriod=timings.tick_period_s,
             raftMinTimeout=timings.election_min_s,
             raftMaxTimeout=timings.election_max_s,
             appendEntriesPeriod=timings.append_period_s,
             leaderFallbackTimeout=timings.leader_fallback_s,
-            connectionTimeout=timings.connection_timeout_s,
-            connectionRetryTime=timings.connection_retry_s,
             appendEntriesUseBatch=timings.batch_appends,
             logCompactionMinEntries=timings.compaction_min_entries,
             logCompactionMinTime=timings.compaction_min_interval_s,
-            journalFile=_pysyncobj_patch.DurableJournalPath(str(data_dir / "raft.journal")),
+            journalFile=journal,
+            appendEntriesBatchSizeBytes=APPEND_BATCH_BYTES,
             fullDumpFile=str(data_dir / "raft.snapshot"),
             serializer=self._write_snapshot,
             deserializer=self._read_snapshot,
@@ -325,13 +278,13 @@ class RaftGroup(SyncObj):
             # until its own deadline, and a command never lingers in the queue to surface
             # after the caller has given up.
             commandsWaitLeader=False,
-            bindRetryTime=0.1,
         )
         super().__init__(
-            self_address,
-            [p for p in partners if p != self_address],
+            MemberNode(node_id),
+            [MemberNode(p) for p in dict.fromkeys(partners) if p != node_id],
             conf,
-            transportClass=_LinkCuttingTransport,
+            transportClass=transport,
+            nodeClass=MemberNode,
         )
 
     # -- replicated methods (run on pysyncobj's tick thread, on every member) --
@@ -343,7 +296,7 @@ class RaftGroup(SyncObj):
         try:
             return self.state.apply(command)
         except Exception as exc:  # deterministic on every replica; must not escape the tick
-            logger.exception("state machine rejected a command on %s", self.address)
+            logger.exception("state machine rejected a command on %s", self.node_id)
             return _ApplyFailed(f"{type(exc).__name__}: {exc}")
 
     @replicated
@@ -353,9 +306,13 @@ class RaftGroup(SyncObj):
     # -- snapshot (log compaction, install snapshot, restart) --
 
     def _write_snapshot(self, path: str, raft_data: Any) -> None:
-        # Called on the tick thread at the last applied entry, so state and index agree.
+        # Called on the tick thread at the last applied entry, so state and index agree. pysyncobj's
+        # part is (last applied entry, first entry, cluster nodes): written as plain values (the
+        # cluster as node ids), never pickled, since a follower reads the snapshot its leader sends.
         state_bytes = self.state.snapshot()
-        meta = _pickle.dumps(raft_data)
+        last_entry, first_entry, cluster = raft_data
+        meta = encode_message({"type": "snapshot", "last": tuple(last_entry), "first": tuple(first_entry),
+                               "cluster": sorted(node.id for node in cluster)})
         with open(path, "wb") as f:
             f.write(_SNAPSHOT_MAGIC + struct.pack(">QQ", len(state_bytes), len(meta)) + state_bytes + meta)
             f.flush()
@@ -371,13 +328,22 @@ class RaftGroup(SyncObj):
         head = len(_SNAPSHOT_MAGIC)
         state_len, meta_len = struct.unpack(">QQ", blob[head : head + 16])
         body = blob[head + 16 :]
+        try:
+            meta = decode_message(body[state_len : state_len + meta_len])
+            last, first, cluster = meta["last"], meta["first"], meta["cluster"]
+        except (FrameError, KeyError) as exc:
+            raise RaftError(f"{path} holds a damaged Raft snapshot ({exc}); move it away to resync") from None
+        if not _is_entry(last) or not _is_entry(first) or not isinstance(cluster, list) \
+                or not all(isinstance(n, str) for n in cluster):
+            raise RaftError(f"{path} is not a snapshot this group wrote; move it away to resync")
         self.state.restore(body[:state_len])
-        return _pickle.loads(body[state_len : state_len + meta_len])
+        return last, first, {MemberNode(n) for n in cluster}
 
     # -- status --
 
     @property
-    def address(self) -> str:
+    def node_id(self) -> str:
+        """This member's fleet node id (its id in the group)."""
         return self.selfNode.id
 
     @property
@@ -387,8 +353,8 @@ class RaftGroup(SyncObj):
         return self._isLeader()
 
     @property
-    def leader_address(self) -> str | None:
-        """The last leader this member heard of (None during an election)."""
+    def leader_id(self) -> str | None:
+        """The node id of the last leader this member heard of (None during an election)."""
         leader = self._getLeader()
         return None if leader is None else leader.id
 
@@ -397,7 +363,7 @@ class RaftGroup(SyncObj):
         return self.raftLastApplied
 
     def members(self) -> list[str]:
-        return sorted([self.address] + [n.id for n in self.otherNodes])
+        return sorted([self.node_id] + [n.id for n in self.otherNodes])
 
     def status(self) -> dict[str, Any]:
         """A snapshot of this member's view, for operators (``mesh admin``) and tests."""
@@ -410,10 +376,12 @@ class RaftGroup(SyncObj):
         else:
             raw = self.getStatus()
         peers = {n.id: self.isNodeConnected(n) for n in self.otherNodes}
+        leader = self.leader_id
+        contact = None if leader is None else (0.0 if leader == self.node_id else self.link.last_heard_s(leader))
         return {
-            "self": self.address,
+            "self": self.node_id,
             "state": _RAFT_STATE_NAMES.get(raw["state"], str(raw["state"])),
-            "leader": self.leader_address,
+            "leader": self.leader_id,
             "term": raw["raft_term"],
             "commit_index": raw["commit_idx"],
             "applied_index": raw["last_applied"],
@@ -421,15 +389,17 @@ class RaftGroup(SyncObj):
             "has_quorum": raw["has_quorum"],
             "members": self.members(),
             "peers_connected": peers,
-            "cut_links": sorted(self.cut_links),
+            "reachable": sorted(n for n, up in peers.items() if up),
+            "leader_contact_s": contact,
+            "cut_links": sorted(self.link.cut),
         }
 
     def require_leader(self) -> None:
         """Raise NotLeaderError unless this member believes it leads (see `is_leader`)."""
         if not self.is_leader:
-            leader = self.leader_address
+            leader = self.leader_id
             raise NotLeaderError(
-                f"{self.address} is not the leader of its Raft group; "
+                f"{self.node_id} is not the leader of its Raft group; "
                 + (
                     f"send this to the leader {leader}" if leader else "no leader is known (election running)"
                 ),
@@ -481,22 +451,23 @@ class RaftGroup(SyncObj):
     async def wait_for_leader(self, timeout_s: float = 5.0) -> str:
         """Poll until this member knows a leader; return its address."""
         deadline = time.monotonic() + timeout_s
-        while (leader := self.leader_address) is None:
+        while (leader := self.leader_id) is None:
             if time.monotonic() >= deadline:
                 raise self._no_leader_error(timeout_s, "waiting for a leader")
             await asyncio.sleep(0.01)
         return leader
 
-    def cut(self, *addresses: str) -> None:
-        """Fault injection: drop all Raft messages to and from these peers (tests, chaos)."""
-        self.cut_links = self.cut_links | frozenset(addresses)
+    def cut(self, *node_ids: str) -> None:
+        """Fault injection: drop all Raft messages to and from these members (tests)."""
+        self.link.cut = self.link.cut | frozenset(node_ids)
 
     def heal(self) -> None:
-        self.cut_links = frozenset()
+        self.link.cut = frozenset()
 
     async def close(self) -> None:
-        """Stop the tick thread, close sockets and the journal; returns when all are done."""
+        """Stop the tick thread and the journal, then the member's streams; returns when all are done."""
         await asyncio.to_thread(self.close_sync)
+        await self.link.close()
 
     def close_sync(self) -> None:
         if self.tick_thread_alive():
@@ -530,11 +501,11 @@ class RaftGroup(SyncObj):
             try:
                 result, error = await asyncio.wait_for(fut, max(remaining_s, 0.0))
             except TimeoutError:
-                if self.leader_address is None:
+                if self.leader_id is None:
                     raise self._no_leader_error(timeout_s, what) from None
                 raise ProposalTimeout(
-                    f"{what} on {self.address} got no outcome within {timeout_s:.2f} s (leader "
-                    f"{self.leader_address}, term {self.raftCurrentTerm}); it may still commit: retry "
+                    f"{what} on {self.node_id} got no outcome within {timeout_s:.2f} s (leader "
+                    f"{self.leader_id}, term {self.raftCurrentTerm}); it may still commit: retry "
                     "only if applying it twice is harmless, and check the group's status() for a "
                     "partition"
                 ) from None
@@ -546,16 +517,16 @@ class RaftGroup(SyncObj):
             raise self._error_for(error, what, timeout_s)
 
     def _no_leader_error(self, timeout_s: float, what: str) -> NoLeaderError:
-        peers = [n for n in self.otherNodes if n.id not in self.cut_links and self.isNodeConnected(n)]
+        peers = [n for n in self.otherNodes if n.id not in self.link.cut and self.isNodeConnected(n)]
         return NoLeaderError(
-            f"{what} on {self.address}: no leader for {timeout_s:.2f} s (term {self.raftCurrentTerm}, "
+            f"{what} on {self.node_id}: no leader for {timeout_s:.2f} s (term {self.raftCurrentTerm}, "
             f"{len(peers)}/{len(self.otherNodes)} peers reachable). If a majority of {self.members()} "
             "is down or cut off, this member is in a minority and cannot commit until the partition heals; "
             "nothing was applied"
         )
 
     def _error_for(self, error: int, what: str, timeout_s: float) -> RaftError:
-        where = f"{what} on {self.address} (term {self.raftCurrentTerm})"
+        where = f"{what} on {self.node_id} (term {self.raftCurrentTerm})"
         if error in (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER):
             return self._no_leader_error(timeout_s, what)
         if error == FAIL_REASON.QUEUE_FULL:
@@ -582,3 +553,14 @@ class RaftGroup(SyncObj):
 def _settle(fut: asyncio.Future, result: Any, error: int) -> None:
     if not fut.done():
         fut.set_result((result, error))
+
+
+def _is_entry(value: Any) -> bool:
+    """A pysyncobj log entry: (command bytes, index, term)."""
+    return (isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], bytes)
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:]))
+
+
+def _receive(transport: GrpcTransport, node: MemberNode, message: dict) -> None:
+    """Incoming messages go through fleetmesh's receive rules (_pysyncobj_patch) into pysyncobj."""
+    _pysyncobj_patch.receive_message(transport._sync_obj, node, message, transport._onMessageReceived)

@@ -46,7 +46,7 @@ class DecisionsServicer(pb_grpc.DecisionsServicer):
         return self._group
 
     def _view(self, group: SiteGroup, *, current: bool, note: str = "") -> pb.GroupView:
-        return pb.GroupView(group=group.group, node_id=group.node_id, leader=group.raft.leader_address or "",
+        return pb.GroupView(group=group.group, node_id=group.node_id, leader=group.raft.leader_id or "",
                             current=current, note=note, group_size=group.group_size,
                             applied_index=group.applied_index)
 

@@ -110,7 +110,7 @@ class RaftLink:
         self._rng = rng or random.Random()
         self._peers: dict[str, _Peer] = {}
         self._transport: GrpcTransport | None = None
-        self._closed = False
+        self.closed = False
 
     # -- called by the transport (tick thread) through call_soon_threadsafe --
 
@@ -118,7 +118,7 @@ class RaftLink:
         self._transport = transport
 
     def _add_peer(self, node_id: str) -> None:
-        if self._closed or node_id in self._peers or node_id == self.node_id:
+        if self.closed or node_id in self._peers or node_id == self.node_id:
             return
         peer = self._peers[node_id] = _Peer(node_id)
         peer.task = self.loop.create_task(self._run_peer(peer), name=f"raft-{self.group}-{self.node_id}->{node_id}")
@@ -160,7 +160,7 @@ class RaftLink:
     def receive(self, node_id: str, frame: bytes) -> None:
         """A frame from `node_id` (authorised by the servicer): decode it and hand it to pysyncobj.
         Raises FrameError for a frame that is not a plain-valued message."""
-        if node_id in self.cut or self._closed:
+        if node_id in self.cut or self.closed:
             return
         message = decode_message(frame)
         self.counters.frames_in += 1
@@ -185,7 +185,7 @@ class RaftLink:
         return self.loop.time() - peer.last_heard
 
     async def close(self) -> None:
-        self._closed = True
+        self.closed = True
         tasks = [p.task for p in self._peers.values() if p.task is not None]
         for task in tasks:
             task.cancel()
@@ -196,7 +196,7 @@ class RaftLink:
 
     async def _run_peer(self, peer: _Peer) -> None:
         backoff = Backoff(first_s=0.05, max_s=1.0, rng=random.Random(self._rng.random()))
-        while not self._closed:
+        while not self.closed:
             stub = self._dial(peer.node_id)
             if stub is not None:
                 await self._stream(peer, stub, backoff)
@@ -386,6 +386,9 @@ class RaftServicer(pb_grpc.RaftServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         await context.write(pb.RaftHello(group=group, node_id=link.node_id))
         async for batch in request_iterator:
+            if link.closed or self._links.get(group) is not link:
+                # This member stopped or restarted: the caller must dial its new self.
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"{link.node_id} left Raft group {group}")
             for frame in batch.frames:
                 try:
                     link.receive(peer.name, frame)

@@ -43,6 +43,8 @@ from mesh._proto import (
     inference_pb2_grpc,
     membership_pb2,
     membership_pb2_grpc,
+    raft_pb2,
+    raft_pb2_grpc,
     transfer_pb2,
     transfer_pb2_grpc,
 )
@@ -51,6 +53,7 @@ from mesh.artifacts.store import ArtifactStore
 from mesh.consensus import service as decisions_service
 from mesh.consensus.group import GroupError, SiteGroup
 from mesh.consensus.raft import RaftError
+from mesh.consensus.transport import RaftLink, RaftServicer
 from mesh.identity.ca import Credentials, load_credentials, load_trusted_keys
 from mesh.identity.tls import server_credentials
 from mesh.inference.activation import Activator
@@ -79,6 +82,7 @@ SERVICE_NAMES = (
     transfer_pb2.DESCRIPTOR.services_by_name["Transfer"].full_name,
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
     decisions_pb2.DESCRIPTOR.services_by_name["Decisions"].full_name,
+    raft_pb2.DESCRIPTOR.services_by_name["Raft"].full_name,
 )
 
 
@@ -243,9 +247,11 @@ class Node:
             on_removed=self._removed_hook(origin, activator),
             uploaded=transfer.counters.uploaded_bytes)
 
-        # Local decisions: the site's Raft group (with [raft]) and Infer routed by its table.
+        # Local decisions: the site's Raft group (with [raft]), over this node's gRPC port, and
+        # Infer routed by its table.
+        raft_service = RaftServicer()
         try:
-            group, reassigner = self._build_decisions(view, site)
+            group, reassigner = self._build_decisions(view, site, channels, raft_service)
         except BaseException:
             if inference is not None:
                 inference.close()
@@ -266,6 +272,7 @@ class Node:
         membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(runner), server)
         transfer_pb2_grpc.add_TransferServicer_to_server(transfer, server)
         inference_pb2_grpc.add_InferenceServicer_to_server(routed, server)
+        raft_pb2_grpc.add_RaftServicer_to_server(raft_service, server)
         # Served in any case, so a client gets FAILED_PRECONDITION ("no [raft] section"), not UNIMPLEMENTED.
         decisions_service.add_to_server(server, group)
         admin_pb2_grpc.add_AdminServicer_to_server(
@@ -315,15 +322,26 @@ class Node:
                               rng=random.Random(self._rng.random()))
         return runtime, activator
 
-    def _build_decisions(self, view: MembershipView, site: str) -> tuple[SiteGroup | None, StreamReassigner | None]:
+    def _build_decisions(self, view: MembershipView, site: str, channels: PeerChannels,
+                         raft_service: RaftServicer) -> tuple[SiteGroup | None, StreamReassigner | None]:
         config = self.config
         if config.raft is None:
             return None, None
+
+        def dial(peer_id: str) -> raft_pb2_grpc.RaftStub | None:
+            member = view.member(peer_id)  # its address as membership knows it, whatever its state
+            if member is None:
+                return None
+            return raft_pb2_grpc.RaftStub(channels.channel(member.address, peer_id))
+
         try:
+            link = RaftLink(group=config.raft.group_id(config.labels.get("site")), node_id=config.node_id,
+                            dial=dial, rng=random.Random(self._rng.random()))
             group = SiteGroup.from_config(config.node_id, config.raft, config.guard, site=config.labels.get("site"),
-                                          node_data_dir=config.data_dir, creds_dir=config.tls.dir)
+                                          node_data_dir=config.data_dir, creds_dir=config.tls.dir, link=link)
         except (GroupError, RaftError, ValueError) as exc:
             raise NodeStartError(f"raft: {exc}") from None
+        raft_service.add(link)
         return group, StreamReassigner(node_id=config.node_id, group=group, view=view, site=site,
                                        rng=random.Random(self._rng.random()))
 

@@ -3,7 +3,7 @@ stopped at the end of each test."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import pytest_asyncio
@@ -15,33 +15,36 @@ from tests.consensus.harness import TIMINGS, RaftCluster, SiteCluster
 
 
 @pytest_asyncio.fixture
-async def raft_cluster(tmp_path) -> AsyncIterator[Callable[..., RaftCluster]]:
-    """Factory: `raft_cluster(3)` makes 3 RaftGroup members (not started) of one group."""
+async def raft_cluster(tmp_path, fleet: LocalFleet) -> AsyncIterator[Callable[..., Awaitable[RaftCluster]]]:
+    """Factory: `await raft_cluster(3)` makes 3 RaftGroup members (endpoints serving, members not
+    started) of one group."""
     made: list[RaftCluster] = []
 
-    def make(n: int, timings: RaftTimings = TIMINGS) -> RaftCluster:
-        c = RaftCluster(tmp_path / f"cluster{len(made)}", n, timings)
+    async def make(n: int, timings: RaftTimings = TIMINGS) -> RaftCluster:
+        c = RaftCluster(tmp_path / f"cluster{len(made)}", fleet, n, timings)
         made.append(c)
-        return c
+        return await c.open()
 
     yield make
     for c in made:
-        await c.close_all()
+        await c.shutdown()
 
 
 @pytest_asyncio.fixture
-async def site(tmp_path, fleet: LocalFleet) -> AsyncIterator[Callable[..., SiteCluster]]:
-    """Factory: `site(3)` makes 3 SiteGroup members (not started) of site GROUP."""
+async def site(tmp_path, fleet: LocalFleet) -> AsyncIterator[Callable[..., Awaitable[SiteCluster]]]:
+    """Factory: `await site(3)` makes 3 SiteGroup members (endpoints serving, members not started)
+    of site GROUP."""
     made: list[SiteCluster] = []
 
-    def make(n: int, timings: RaftTimings | None = None) -> SiteCluster:
+    async def make(n: int, timings: RaftTimings | None = None) -> SiteCluster:
         s = SiteCluster(tmp_path / f"site{len(made)}", fleet, n, timings)
         made.append(s)
+        await s.open()
         return s
 
     yield make
     for s in made:
-        await s.close_all()
+        await s.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -4,28 +4,36 @@ by all, every member caught up and agreeing).
 
 `RaftCluster` runs bare `RaftGroup`s over a tiny state machine (`EntryLog`) for tests of the Raft
 layer; `SiteCluster` runs `SiteGroup`s (the decision ledger, the guard and the audit log) for tests
-of a site's decisions. Both are the same `Cluster`: member i is ``node-i`` at ``addresses[i]`` with
-data dir ``root/node-i``. Everything here goes through the groups' public interfaces.
+of a site's decisions. Both are the same `Cluster`: member i is node ``node-i`` with data dir
+``root/node-i`` and its own `Endpoint`: a gRPC server with node-i's fleet certificate and the
+Raft service, as a node's port would be. Members talk over mTLS exactly as in a node; an
+endpoint outlives its member's restarts. Everything here goes through public interfaces.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from mesh.consensus.group import SiteGroup
-from mesh.consensus.raft import RaftGroup, RaftTimings, derive_group_password
-from mesh.guard.core import Decision, DecisionKind, Limits, Policy, StreamMove
-from mesh.identity.ca import load_group_secret, load_trusted_keys
-from mesh.identity.signing import KeyRole, SigningKey
-from mesh.node.local import LocalFleet, free_address, wait_for
+import grpc
 
-FLEET_SECRET = bytes(range(32))
-PASSWORD = derive_group_password(FLEET_SECRET, "site-test")
+from mesh._proto import raft_pb2_grpc
+from mesh.consensus.group import SiteGroup
+from mesh.consensus.raft import RaftGroup, RaftTimings
+from mesh.consensus.transport import RaftLink, RaftServicer
+from mesh.guard.core import Decision, DecisionKind, Limits, Policy, StreamMove
+from mesh.identity.ca import Credentials, load_trusted_keys
+from mesh.identity.signing import KeyRole, SigningKey
+from mesh.identity.tls import server_credentials
+from mesh.node.local import LocalFleet, wait_for
+from mesh.node.peers import PeerChannels
+
 TIMINGS = RaftTimings()
+RAFT_GROUP = "site-test"
 
 Member = TypeVar("Member", RaftGroup, SiteGroup)
 
@@ -35,24 +43,74 @@ def raft_of(member: RaftGroup | SiteGroup) -> RaftGroup:
     return member.raft if isinstance(member, SiteGroup) else member
 
 
-class Cluster(Generic[Member]):
-    """n members of one Raft group on loopback; members stop and restart in place from their data dirs."""
+class Endpoint:
+    """A member's node gRPC port: a server on loopback with the node's certificate and the Raft
+    service, and the node's mTLS channels to its peers."""
 
-    def __init__(self, root: Path, n: int, timings: RaftTimings | None = None) -> None:
+    def __init__(self, credentials: Credentials) -> None:
+        self.credentials = credentials
+        self.servicer = RaftServicer()
+        self.channels = PeerChannels(credentials)
+        self.server = grpc.aio.server()
+        port = self.server.add_secure_port("127.0.0.1:0", server_credentials(credentials))
+        self.address = f"127.0.0.1:{port}"
+        raft_pb2_grpc.add_RaftServicer_to_server(self.servicer, self.server)
+
+    async def close(self) -> None:
+        await self.server.stop(0)
+        await self.channels.close()
+
+
+class Cluster(Generic[Member]):
+    """n members of one Raft group on loopback; members stop and restart in place from their data dirs.
+    Build it with `await Cluster.open(...)` (the members' endpoints start serving)."""
+
+    def __init__(self, root: Path, fleet: LocalFleet, n: int, timings: RaftTimings | None = None,
+                 group: str = RAFT_GROUP) -> None:
         self.root = root
+        self.fleet = fleet
         self.timings = timings or TIMINGS
-        self.addresses = [free_address() for _ in range(n)]
+        self.group = group
+        self.names = [self.name(i) for i in range(n)]
+        self.endpoints: dict[str, Endpoint] = {}
         self.groups: dict[str, Member] = {}
+
+    async def open(self) -> Cluster[Member]:
+        for name in self.names:
+            await self.add_endpoint(name)
+        return self
+
+    async def add_endpoint(self, name: str) -> Endpoint:
+        """Start the gRPC port of node `name` (its certificate is enrolled on first use)."""
+        endpoint = Endpoint(self.fleet.node_credentials(name))
+        await endpoint.server.start()
+        self.endpoints[name] = endpoint
+        return endpoint
 
     # -- membership of the harness --
 
     def name(self, i: int) -> str:
         return f"node-{i}"
 
-    def add_address(self) -> int:
-        """Reserve an address for one more member (dynamic membership); returns its index."""
-        self.addresses.append(free_address())
-        return len(self.addresses) - 1
+    async def add_name(self) -> int:
+        """One more member's endpoint (dynamic membership); returns its index."""
+        self.names.append(self.name(len(self.names)))
+        await self.add_endpoint(self.names[-1])
+        return len(self.names) - 1
+
+    def link(self, name: str, group: str | None = None) -> RaftLink:
+        """A Raft link for member `name`, dialling its peers' endpoints from its own."""
+        endpoint = self.endpoints[name]
+
+        def dial(peer: str) -> raft_pb2_grpc.RaftStub | None:
+            target = self.endpoints.get(peer)
+            if target is None:
+                return None
+            return raft_pb2_grpc.RaftStub(endpoint.channels.channel(target.address, peer))
+
+        link = RaftLink(group=group or self.group, node_id=name, dial=dial, rng=random.Random(name))
+        endpoint.servicer.add(link)
+        return link
 
     def _build(self, i: int, data_dir: Path, **options: object) -> Member:
         raise NotImplementedError
@@ -64,7 +122,7 @@ class Cluster(Generic[Member]):
         return member
 
     def start_all(self) -> list[Member]:
-        return [self.start(i) for i in range(len(self.addresses))]
+        return [self.start(i) for i in range(len(self.names))]
 
     def live(self) -> list[Member]:
         """Members whose Raft tick thread still runs (not closed)."""
@@ -84,10 +142,10 @@ class Cluster(Generic[Member]):
         def one_leader_known_by_all() -> bool:
             leaders = [m for m in among if raft_of(m).is_leader]
             return len(leaders) == 1 and all(
-                raft_of(m).leader_address == raft_of(leaders[0]).address for m in among
+                raft_of(m).leader_id == raft_of(leaders[0]).node_id for m in among
             )
 
-        names = [raft_of(m).address for m in among]
+        names = [raft_of(m).node_id for m in among]
         await wait_for(one_leader_known_by_all, timeout_s, f"one leader known by {names}")
         return next(m for m in among if raft_of(m).is_leader)
 
@@ -119,6 +177,11 @@ class Cluster(Generic[Member]):
     async def close_all(self) -> None:
         await asyncio.gather(*(self.close(m) for m in self.live()))
 
+    async def shutdown(self) -> None:
+        """Every member, then every endpoint."""
+        await self.close_all()
+        await asyncio.gather(*(e.close() for e in self.endpoints.values()), return_exceptions=True)
+
 
 # --- bare Raft groups -----------------------------------------------------------------------------------
 
@@ -148,17 +211,18 @@ class EntryLog:
 
 
 class RaftCluster(Cluster[RaftGroup]):
-    """Bare RaftGroups replicating an EntryLog, all with the same password unless told otherwise."""
+    """Bare RaftGroups replicating an EntryLog."""
 
     def _build(
-        self, i: int, data_dir: Path, *, password: str = PASSWORD, partners: Sequence[str] | None = None
+        self, i: int, data_dir: Path, *, partners: Sequence[str] | None = None, group: str | None = None
     ) -> RaftGroup:
+        name = self.name(i)
         return RaftGroup(
-            self.addresses[i],
-            partners or self.addresses,
+            name,
+            partners or self.names,
             EntryLog(),
             data_dir=data_dir,
-            password=password,
+            link=self.link(name, group),
             timings=self.timings,
         )
 
@@ -195,20 +259,19 @@ class SiteCluster(Cluster[SiteGroup]):
     trusted, but only as a node key."""
 
     def __init__(self, root: Path, fleet: LocalFleet, n: int, timings: RaftTimings | None = None) -> None:
-        super().__init__(root, n, timings)
+        super().__init__(root, fleet, n, timings, group=GROUP)
         creds = fleet.node_credentials("node-0").directory
-        self.secret = load_group_secret(creds)
         self.trusted = load_trusted_keys(creds)
         self.trusted.add(NODE_KEY.verify_key)
 
     def _build(self, i: int, data_dir: Path) -> SiteGroup:
+        name = self.name(i)
         return SiteGroup(
-            self.name(i),
-            address=self.addresses[i],
-            members=self.addresses,
+            name,
+            members=self.names,
             group=GROUP,
             data_dir=data_dir,
-            fleet_secret=self.secret,
+            link=self.link(name),
             trusted=self.trusted,
             policy=POLICY,
             timings=self.timings,

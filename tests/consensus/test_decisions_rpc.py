@@ -70,7 +70,7 @@ async def _serve(group, fleet) -> tuple[grpc.aio.Server, str]:
 
 @pytest_asyncio.fixture
 async def served(site, fleet):
-    s = site(3)
+    s = await site(3)
     s.start_all()
     await s.wait_leader()
     await s.groups["node-0"].set_routes(ROUTES)

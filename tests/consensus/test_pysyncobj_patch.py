@@ -6,21 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
-import pysyncobj.encryptor
 import pysyncobj.syncobj
 import pysyncobj.version
 import pytest
 from pysyncobj.journal import FileJournal
 
+from mesh._proto import raft_pb2, raft_pb2_grpc
 from mesh.consensus import _pysyncobj_patch
 from mesh.consensus._pysyncobj_patch import PYSYNCOBJ_VERSION, PysyncobjMismatch, check_pysyncobj, hook_counts
-from mesh.consensus.raft import RaftGroup, derive_group_password
-from mesh.node.local import free_address
-from tests.consensus.harness import FLEET_SECRET, EntryLog
+from mesh.consensus.raft import RaftGroup
+from mesh.consensus.transport import GROUP_KEY
+from mesh.consensus.wire import encode_message
+from mesh.node.local import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,9 +37,9 @@ def votes(groups: list[RaftGroup]) -> dict[str, tuple[int, str | None]]:
     out = {}
     for g in groups:
         path = g.data_dir / "raft.journal.vote"
-        assert path.exists(), f"{path} is missing: {g.address} does not journal through DurableFileJournal"
+        assert path.exists(), f"{path} is missing: {g.node_id} does not journal through DurableFileJournal"
         vote = json.loads(path.read_bytes())
-        out[g.address] = (vote["term"], vote["voted_for"])
+        out[g.node_id] = (vote["term"], vote["voted_for"])
     return out
 
 
@@ -72,7 +74,8 @@ def test_importing_the_raft_layer_fails_loudly_with_another_pysyncobj():
     ("owner", "name", "named"),
     [
         (pysyncobj.syncobj, "createJournal", "pysyncobj.syncobj.createJournal"),
-        (pysyncobj.syncobj, "getEncryptor", "pysyncobj.syncobj.getEncryptor"),
+        (pysyncobj.syncobj, "pickle", "pysyncobj.syncobj.pickle"),
+        (pysyncobj.syncobj.SyncObj, "_SyncObj__doApplyCommand", "SyncObj.__doApplyCommand"),
         (FileJournal, "deleteEntriesTo", "FileJournal.deleteEntriesTo"),
         (FileJournal, "setCurrentTerm", "FileJournal.setCurrentTerm"),
     ],
@@ -116,20 +119,20 @@ def test_durable_journal_fsyncs_the_vote_before_returning_and_reloads_it(tmp_pat
 async def test_every_vote_of_a_live_group_is_made_durable_by_the_durable_journal(raft_cluster):
     """Only DurableFileJournal writes raft.journal.vote: after each election every member's file holds its
     current term, the leader's names itself, and a majority's name the leader."""
-    c = raft_cluster(3)
+    c = await raft_cluster(3)
     groups = c.start_all()
     leader = await c.wait_leader()
     durable = votes(groups)
-    assert all(durable[g.address][0] == g.raftCurrentTerm for g in groups)
-    assert durable[leader.address] == (leader.raftCurrentTerm, leader.address)
-    assert sum(vote == (leader.raftCurrentTerm, leader.address) for vote in durable.values()) >= 2
+    assert all(durable[g.node_id][0] == g.raftCurrentTerm for g in groups)
+    assert durable[leader.node_id] == (leader.raftCurrentTerm, leader.node_id)
+    assert sum(vote == (leader.raftCurrentTerm, leader.node_id) for vote in durable.values()) >= 2
 
     # The leader dies: the survivors vote again, in a later term, and both votes are on disk.
     await c.close(leader)
     survivors = c.live()
     new = await c.wait_leader(survivors)
     assert new.raftCurrentTerm > leader.raftCurrentTerm
-    assert set(votes(survivors).values()) == {(new.raftCurrentTerm, new.address)}
+    assert set(votes(survivors).values()) == {(new.raftCurrentTerm, new.node_id)}
 
 
 # --- 2. followers truncate only on a conflict; nextIndex moves back only on a failure ------------
@@ -177,7 +180,7 @@ def test_follower_keeps_entries_that_match_the_leader_and_truncates_only_on_conf
 
 @pytest.mark.asyncio
 async def test_concurrent_proposals_never_truncate_applied_entries(raft_cluster, caplog):
-    c = raft_cluster(3)
+    c = await raft_cluster(3)
     assert not c.timings.batch_appends  # unbatched: each proposal goes out at once, many in flight
     groups = c.start_all()
     await c.wait_leader()
@@ -204,7 +207,7 @@ async def test_trim_append_entries_alone_keeps_acknowledged_entries_when_the_lea
         return False
 
     monkeypatch.setattr(_pysyncobj_patch, "keep_next_index", plain_pysyncobj)
-    c = raft_cluster(3)
+    c = await raft_cluster(3)
     groups = c.start_all()
     await c.wait_leader()
     before = hook_counts()
@@ -217,29 +220,39 @@ async def test_trim_append_entries_alone_keeps_acknowledged_entries_when_the_lea
     assert not [r for r in caplog.records if "truncating" in r.getMessage()]
 
 
-# --- 3. the encryptor cache ---------------------------------------------------------------------
+# --- 3. log entries are read as plain values only ---------------------------------------------
 
 
-def test_a_second_group_with_the_same_password_skips_pbkdf2(tmp_path, monkeypatch):
-    derived: list[int] = []
-    real_kdf = pysyncobj.encryptor.PBKDF2HMAC
+class _FileGadget:
+    """Unpickling this would create `path` (a stand-in for any code a pickle can run)."""
 
-    def counting_kdf(*args, **kwargs):
-        derived.append(1)
-        return real_kdf(*args, **kwargs)
+    def __init__(self, path: str) -> None:
+        self.path = path
 
-    monkeypatch.setattr(pysyncobj.encryptor, "PBKDF2HMAC", counting_kdf)
-    # A group name no other test uses: its password cannot be in the cache yet.
-    password = derive_group_password(FLEET_SECRET, f"encryptor-cache-{os.getpid()}-{id(tmp_path)}")
-    made = []
-    try:
-        for i in range(2):
-            data_dir = tmp_path / f"member{i}"
-            made.append(RaftGroup(free_address(), [], EntryLog(), data_dir=data_dir, password=password))
-            assert len(derived) == 1, f"group {i}: PBKDF2 ran {len(derived)} times"
-        other = derive_group_password(FLEET_SECRET, f"encryptor-cache-other-{os.getpid()}-{id(tmp_path)}")
-        made.append(RaftGroup(free_address(), [], EntryLog(), data_dir=tmp_path / "other", password=other))
-        assert len(derived) == 2  # another password is derived once
-    finally:
-        for g in made:
-            g.close_sync()
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.asyncio
+async def test_a_pickle_gadget_proposed_by_a_member_runs_nowhere_and_the_group_goes_on(raft_cluster, tmp_path):
+    """A member (valid certificate, hostile intent) forwards a command whose bytes are a pickle
+    gadget; the leader appends it as any command, every replica reads it with the plain-value
+    reader, skips it, and keeps committing."""
+    c = await raft_cluster(3)
+    groups = c.start_all()
+    leader = await c.wait_leader()
+    marker = tmp_path / "pwned"
+    gadget = b"\x00" + pickle.dumps((0, (_FileGadget(str(marker)),), {}), protocol=2)
+    before = hook_counts().get("unsafe_pickle_refused", 0)
+    hostile = next(g for g in groups if g is not leader)
+    endpoint = c.endpoints[hostile.node_id]
+    stub = raft_pb2_grpc.RaftStub(endpoint.channels.channel(c.endpoints[leader.node_id].address, leader.node_id))
+    call = stub.Exchange(metadata=((GROUP_KEY, c.group),))
+    assert (await call.read()).node_id == leader.node_id  # accepted: it is a member
+    await call.write(raft_pb2.RaftBatch(frames=[encode_message({"type": "apply_command", "command": gadget})]))
+    await wait_for(lambda: hook_counts().get("unsafe_pickle_refused", 0) >= before + 3, 10.0,
+                   "every replica refused the entry")
+    call.cancel()
+    await leader.propose(b"after")
+    assert await c.converged() == [b"after"]
+    assert not marker.exists()

@@ -14,32 +14,12 @@ from mesh.consensus.raft import (
     ProposalTimeout,
     RaftConfigError,
     RaftError,
-    RaftGroup,
     RaftTimings,
-    derive_group_password,
 )
-from mesh.node.local import free_address, wait_for
-from tests.consensus.harness import FLEET_SECRET, TIMINGS, EntryLog
+from mesh.node.local import wait_for
+from tests.consensus.harness import TIMINGS
 
 # --- configuration --------------------------------------------------------------------------
-
-
-def test_group_password_is_derived_per_group_and_refuses_weak_secrets():
-    a = derive_group_password(FLEET_SECRET, "site-a")
-    assert a == derive_group_password(FLEET_SECRET, "site-a")
-    assert a != derive_group_password(FLEET_SECRET, "site-b")
-    assert a != derive_group_password(bytes(reversed(FLEET_SECRET)), "site-a")
-    assert len(a) == 44
-    with pytest.raises(RaftConfigError, match="at least 32 random bytes"):
-        derive_group_password(b"short", "site-a")
-    with pytest.raises(RaftConfigError, match="group_id"):
-        derive_group_password(FLEET_SECRET, "")
-
-
-def test_group_refuses_to_start_without_a_real_password(tmp_path):
-    for password in (None, "", "secret"):
-        with pytest.raises(RaftConfigError, match="derive_group_password"):
-            RaftGroup(free_address(), [], EntryLog(), data_dir=tmp_path, password=password)
 
 
 def test_timings_reject_pysyncobj_hazards():
@@ -56,7 +36,7 @@ def test_timings_reject_pysyncobj_hazards():
 @pytest.mark.asyncio
 @pytest.mark.parametrize("n", [3, 5])
 async def test_members_replicate_commands_proposed_anywhere(raft_cluster, n):
-    c = raft_cluster(n)
+    c = await raft_cluster(n)
     groups = c.start_all()
     await c.wait_leader()
     positions = [await groups[i % n].propose(f"entry-{i}".encode()) for i in range(20)]
@@ -64,13 +44,13 @@ async def test_members_replicate_commands_proposed_anywhere(raft_cluster, n):
     entries = await c.converged()
     assert entries == [f"entry-{i}".encode() for i in range(20)]
     status = groups[0].status()
-    assert status["members"] == sorted(c.addresses) and status["has_quorum"]
+    assert status["members"] == sorted(c.names) and status["has_quorum"]
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("n", [3, 5])
 async def test_killed_leader_is_replaced_and_committed_entries_survive(raft_cluster, n):
-    c = raft_cluster(n)
+    c = await raft_cluster(n)
     c.start_all()
     old = await c.wait_leader()
     old_term = old.raftCurrentTerm
@@ -80,7 +60,7 @@ async def test_killed_leader_is_replaced_and_committed_entries_survive(raft_clus
     survivors = c.live()
     took = await wait_for(lambda: c.leader() is not None, 5.0, "a new leader among the survivors")
     new = await c.wait_leader(survivors)
-    assert new.address != old.address and new.raftCurrentTerm > old_term
+    assert new.node_id != old.node_id and new.raftCurrentTerm > old_term
     print(f"new leader after {took:.3f} s (election_max_s={TIMINGS.election_max_s})")
     await survivors[0].propose(b"after")
     entries = await c.converged(survivors)
@@ -89,7 +69,7 @@ async def test_killed_leader_is_replaced_and_committed_entries_survive(raft_clus
 
 @pytest.mark.asyncio
 async def test_minority_partition_cannot_commit_while_majority_does(raft_cluster):
-    c = raft_cluster(5)
+    c = await raft_cluster(5)
     groups = c.start_all()
     leader = await c.wait_leader()
     await leader.propose(b"before")
@@ -97,9 +77,9 @@ async def test_minority_partition_cannot_commit_while_majority_does(raft_cluster
     minority = [leader, next(g for g in groups if g is not leader)]
     majority = [g for g in groups if g not in minority]
     for g in minority:
-        g.cut(*(m.address for m in majority))
+        g.cut(*(m.node_id for m in majority))
     for g in majority:
-        g.cut(*(m.address for m in minority))
+        g.cut(*(m.node_id for m in minority))
 
     # The cut-off leader steps down after leader_fallback_s instead of pysyncobj's 30 s.
     await wait_for(lambda: not leader.is_leader, TIMINGS.leader_fallback_s + 2.0, "old leader steps down")
@@ -120,14 +100,14 @@ async def test_minority_partition_cannot_commit_while_majority_does(raft_cluster
 
 @pytest.mark.asyncio
 async def test_follower_reads_are_stale_until_a_read_barrier(raft_cluster):
-    c = raft_cluster(3)
+    c = await raft_cluster(3)
     groups = c.start_all()
     leader = await c.wait_leader()
     follower = next(g for g in groups if g is not leader)
     others = [g for g in groups if g is not follower]
-    follower.cut(*(g.address for g in others))
+    follower.cut(*(g.node_id for g in others))
     for g in others:
-        g.cut(follower.address)
+        g.cut(follower.node_id)
     await leader.propose(b"fresh")
     # A plain local read on the follower misses a committed entry: reads that must be
     # current go through read_barrier (or the leader).
@@ -141,22 +121,29 @@ async def test_follower_reads_are_stale_until_a_read_barrier(raft_cluster):
 
 
 @pytest.mark.asyncio
-async def test_a_member_with_the_wrong_password_cannot_join_or_commit(raft_cluster):
-    c = raft_cluster(3)
-    good = [c.start(i) for i in range(2)]
-    intruder = c.start(2, password=derive_group_password(b"\x01" * 32, "site-test"))
+async def test_a_fleet_node_that_is_not_a_member_is_refused_and_logged(raft_cluster, caplog):
+    """node-2 holds a valid fleet certificate and believes it is a member; node-0 and node-1 (a
+    group of two) refuse its streams: it never joins, never votes, never gets an entry in."""
+    c = await raft_cluster(3)
+    members = ["node-0", "node-1"]
+    good = [c.start(i, partners=members) for i in range(2)]
+    intruder = c.start(2)  # partners: all three
     await c.wait_leader(good)
     await good[0].propose(b"members-only")
     with pytest.raises((NoLeaderError, ProposalTimeout)):
         await intruder.propose(b"intruder", timeout_s=1.0)
     entries = await c.converged(good)
     assert entries == [b"members-only"]
-    assert intruder.state.entries == [] and intruder.leader_address in (None, intruder.address)
+    assert intruder.state.entries == [] and intruder.leader_id in (None, intruder.node_id)
+    assert all(g.link.counters.refused_streams > 0 for g in good)
+    assert not any(intruder.status()["peers_connected"].values())
+    assert any("refused a stream from node 'node-2': node-2 is not a member of Raft group site-test"
+               in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.asyncio
 async def test_state_machine_errors_reject_the_command_everywhere_and_the_group_goes_on(raft_cluster):
-    c = raft_cluster(3)
+    c = await raft_cluster(3)
     groups = c.start_all()
     await c.wait_leader()
     with pytest.raises(CommandRejected, match="boom is not a valid entry"):
@@ -167,13 +154,13 @@ async def test_state_machine_errors_reject_the_command_everywhere_and_the_group_
 
 @pytest.mark.asyncio
 async def test_members_are_added_and_removed_dynamically(raft_cluster):
-    c = raft_cluster(3)
+    c = await raft_cluster(3)
     groups = c.start_all()
     leader = await c.wait_leader()
     await leader.propose(b"one")
-    originals = list(c.addresses)
-    fourth = c.start(c.add_address())  # its partners: the three and itself
-    fourth_address = fourth.address
+    originals = list(c.names)
+    fourth = c.start(await c.add_name())  # its partners: the three and itself
+    fourth_address = fourth.node_id
     await groups[1].add_member(fourth_address)
     await leader.propose(b"two")
     assert await c.converged() == [b"one", b"two"]
@@ -181,11 +168,11 @@ async def test_members_are_added_and_removed_dynamically(raft_cluster):
     assert sorted(leader.members()) == sorted([*originals, fourth_address])
 
     follower = next(g for g in groups if g is not leader)
-    await leader.remove_member(follower.address)
+    await leader.remove_member(follower.node_id)
     await c.close(follower)
     await leader.propose(b"three")
     assert await c.converged() == [b"one", b"two", b"three"]
-    assert follower.address not in leader.members()
+    assert follower.node_id not in leader.members()
 
 
 # --- whole-site power loss ------------------------------------------------------------------
@@ -199,7 +186,7 @@ async def test_restarting_every_member_at_once_never_loses_a_committed_entry(raf
     seed = int(os.environ.get("RAFT_RESTART_SEED", random.randrange(2**32)))
     rng = random.Random(seed)
     print(f"seed={seed} (rerun with RAFT_RESTART_SEED={seed})")
-    c = raft_cluster(3)
+    c = await raft_cluster(3)
     acknowledged: dict[int, bytes] = {}
     terms_before: dict[str, int] = {}
     sent = 0
@@ -207,7 +194,7 @@ async def test_restarting_every_member_at_once_never_loses_a_committed_entry(raf
         members = c.start_all()
         for g in members:
             # The term a member had reached (even through an election it lost) survives the cut.
-            assert g.raftCurrentTerm >= terms_before.get(g.address, 0), (seed, round_no, g.address)
+            assert g.raftCurrentTerm >= terms_before.get(g.node_id, 0), (seed, round_no, g.node_id)
         await c.wait_leader()
         if acknowledged:
             # Old entries are applied from the journal/snapshot once the new leader commits.
@@ -218,7 +205,7 @@ async def test_restarting_every_member_at_once_never_loses_a_committed_entry(raf
             )
         for g in members:
             for position, entry in acknowledged.items():
-                assert g.state.entries[position] == entry, (seed, round_no, g.address, position)
+                assert g.state.entries[position] == entry, (seed, round_no, g.node_id, position)
         if round_no % 5 == 4:
             for g in members:
                 g.forceLogCompaction()
@@ -232,7 +219,7 @@ async def test_restarting_every_member_at_once_never_loses_a_committed_entry(raf
                 await asyncio.sleep(rng.random() * 0.01)
         # Power cut: some proposals committed, some in flight, some never sent to followers.
         await asyncio.sleep(rng.random() * 0.02)
-        terms_before = {g.address: g.raftCurrentTerm for g in members}
+        terms_before = {g.node_id: g.raftCurrentTerm for g in members}
         await c.close_all_at_once()
         for command, fut in in_flight:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
@@ -252,7 +239,7 @@ async def test_restarting_every_member_at_once_never_loses_a_committed_entry(raf
 
 @pytest.mark.asyncio
 async def test_snapshot_restores_state_after_compaction_and_restart(raft_cluster):
-    c = raft_cluster(3)
+    c = await raft_cluster(3)
     groups = c.start_all()
     await c.wait_leader()
     for i in range(10):

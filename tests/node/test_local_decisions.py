@@ -31,13 +31,11 @@ STREAMS = {f"cam-{i}": f"node-{i % 3:02d}" for i in range(6)}  # two streams per
 async def site(fleet, tmp_path, guard: dict) -> LocalCluster:
     """Three nodes of one site, each a member of the site's Raft group, serving one model."""
     c = LocalCluster(fleet, tmp_path / "site", FAST_TIMINGS, seed=5)
-    raft_ports = free_ports(3)
-    members = [f"127.0.0.1:{p}" for p in raft_ports]
     for i in range(3):
         node_id = f"node-{i:02d}"
         seeds = [next(iter(c.nodes.values())).address] if c.nodes else []
         config = c.config(node_id, site="berlin", seeds=seeds).model_copy(update={
-            "raft": RaftSection(listen=members[i], members=members),
+            "raft": RaftSection(members=[f"node-{j:02d}" for j in range(3)]),
             "guard": guard,
             "inference": c.config(node_id, site="berlin", seeds=[]).inference.model_copy(
                 update={"model": "mlp", "workers": 1})})

@@ -394,7 +394,7 @@ def infer_command(address: str, creds_dir: Path, admin_dir: Path, count: int, se
     from mesh.identity.ca import Role, load_credentials
     from mesh.identity.signing import IdentityError
     from mesh.identity.tls import channel_credentials, secure_channel_options
-    from mesh.inference.signature import ModelSignature
+    from mesh.artifacts.signature import ModelSignature
 
     status = _admin_call(address, admin_dir, lambda client: client.inference())
     if not status.enabled or not status.signature_json:

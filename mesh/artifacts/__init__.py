@@ -1,6 +1,7 @@
 """Signed model manifests, content-defined chunks, the on-disk chunk store and deltas.
 
-Pure cores: `manifest` (codec and signature verification), `chunking` (chunk plan),
+Pure cores: `manifest` (codec and signature verification), `signature` (a model's tensor
+signature, which a manifest carries and the inference runtime checks), `chunking` (chunk plan),
 `bitfield` (which chunks a node holds). I/O: `store` (the node's artifact directory) and
 `publish` (file -> signed, stored version).
 """

@@ -18,12 +18,12 @@ import grpc
 
 from mesh._proto import decisions_pb2 as pb
 from mesh._proto import decisions_pb2_grpc as pb_grpc
-from mesh.admin.service import require_operator
 from mesh.consensus.group import SiteGroup
 from mesh.consensus.raft import CommandRejected, NoLeaderError, ProposalTimeout, RaftError
 from mesh.consensus.state import ApplyResult, CommandError, HeldDecision, Outcome
 from mesh.guard.approval import Approval, MalformedApproval
 from mesh.guard.core import Decision, DecisionError
+from mesh.identity.authz import require_operator
 from mesh.identity.signing import canonical_json
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 
-import click
 import grpc
 import pytest
 import pytest_asyncio
@@ -16,7 +15,7 @@ from hypothesis import strategies as st
 
 from mesh._proto import decisions_pb2 as pb
 from mesh._proto import decisions_pb2_grpc as pb_grpc
-from mesh.admin.decisions import register
+from mesh.cli import main as cli
 from mesh.consensus.service import DecisionsServicer, add_to_server
 from mesh.consensus.state import Outcome
 from mesh.guard.approval import sign_approval
@@ -24,19 +23,6 @@ from mesh.identity.signing import KeyRole, load_signing_key
 from mesh.identity.tls import channel_credentials, secure_channel_options, server_credentials
 from mesh.node.local import LocalFleet
 from tests.consensus.test_group import ROUTES, Site, big, move, site  # noqa: F401 (fixture)
-
-
-@click.group()
-def cli() -> None:
-    """mesh, as far as these commands go."""
-
-
-@cli.group()
-def admin() -> None:
-    """Operator commands."""
-
-
-register(admin)
 
 
 class Served:

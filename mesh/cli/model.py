@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,10 +16,16 @@ from mesh.cli.common import (
     admin_options,
     console,
     emit_json,
+    err_console,
     fail,
     operator_client,
 )
 
+if TYPE_CHECKING:
+    from mesh.identity.signing import SigningKey
+
+# A watched version is finished in these phases; every other phase is still moving.
+_DONE_PHASES = ("complete", "failed")
 _WATCH_POLL_S = 0.5  # polling a remote node for a progress display
 
 _PUBLISH_EPILOG = """Example:
@@ -32,7 +39,9 @@ _STATUS_EPILOG = """Examples:
 
   mesh model status --node 127.0.0.1:7000
 
-  mesh model status --node 127.0.0.1:7000 --watch   # progress bars until done"""
+  mesh model status --node 127.0.0.1:7000 --watch   # progress bars until done
+
+  mesh model status --node 127.0.0.1:7000 --watch --version 1.4   # right after a publish"""
 _OPTIMIZE_EPILOG = """Example:
 
   mesh model optimize detector.tflite detector-int8.tflite --int8 --calibration samples.npz
@@ -55,13 +64,17 @@ def model() -> None:
               help="The fleet's publisher signing key (publisher.key from `mesh fleet init`).")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The origin node's data_dir (its store is DATA_DIR/artifacts).")
+@click.option("--fleet", "fleet_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the fleet's publisher.pub is, to check --key against before anything is "
+                   "written: the fleet folder or any node's credentials folder. Default: the key's own "
+                   "folder, else $MESH_FLEET or ./fleet.")
 @click.option("--chunk-kib", type=click.Choice(["64", "128", "256", "512", "1024"]), default=None,
               callback=lambda ctx, param, value: None if value is None else int(value),
               help="Average content-defined chunk size (KiB). Default: as the newest version of this model "
                    "published here (same cuts, so peers fetch only changed chunks), else 256.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
 def model_publish(model_file: Path, name: str, version: str, key_path: Path, data_dir: Path,
-                  chunk_kib: int | None, as_json: bool) -> None:
+                  fleet_dir: Path | None, chunk_kib: int | None, as_json: bool) -> None:
     """Check MODEL_FILE loads, chunk it, sign its manifest and store it at the origin node."""
     from mesh.artifacts.chunking import ChunkParams
     from mesh.artifacts.manifest import ArtifactError
@@ -71,6 +84,7 @@ def model_publish(model_file: Path, name: str, version: str, key_path: Path, dat
 
     try:
         key = load_signing_key(key_path, KeyRole.PUBLISHER)
+        _refuse_foreign_publisher_key(key, key_path, fleet_dir)
         store = ArtifactStore(data_dir / "artifacts")
         if chunk_kib is None:
             params, like = chunking_for(store, name)
@@ -93,6 +107,35 @@ def model_publish(model_file: Path, name: str, version: str, key_path: Path, dat
                       f"{m.publisher_key_id}")
 
 
+def _refuse_foreign_publisher_key(key: SigningKey, key_path: Path, fleet_dir: Path | None) -> None:
+    """Exit 1, before anything is written, unless `key` is the fleet's publisher key: every
+    node would refuse a version signed by any other key (the operator's, say)."""
+    from mesh.identity.ca import OPERATOR_PUB_FILE, PUBLISHER_PUB_FILE, load_publisher_key
+    from mesh.identity.signing import KeyFileError, KeyRole, load_verify_key
+
+    if fleet_dir is not None:
+        places = [fleet_dir]
+    else:
+        places = [key_path.parent, Path(os.environ.get("MESH_FLEET", "fleet"))]
+    found = next((p for p in places if (p / PUBLISHER_PUB_FILE).exists()), None)
+    if found is None:
+        looked = " or ".join(str(p) for p in dict.fromkeys(places))
+        fail(f"cannot check that {key_path} is the fleet's publisher key: no {PUBLISHER_PUB_FILE} in "
+             f"{looked}; pass --fleet with the fleet folder or a node's credentials folder (both hold it)")
+    fleet_key = load_publisher_key(found)
+    if key.key_id == fleet_key.key_id:
+        return
+    what = ""
+    try:
+        if load_verify_key(found / OPERATOR_PUB_FILE, KeyRole.OPERATOR).key_id == key.key_id:
+            what = " (the fleet's operator key)"
+    except KeyFileError:
+        pass  # no operator.pub beside it: the key is simply not the publisher's
+    fail(f"{key_path} holds key {key.key_id}{what}, not the fleet's publisher key {fleet_key.key_id} "
+         f"(from {found / PUBLISHER_PUB_FILE}); every node would refuse a version it signs. Nothing was "
+         "written; sign with the fleet's publisher.key")
+
+
 @model.command("ls", epilog="Example:\n\n  mesh model ls --data-dir /var/lib/fleetmesh")
 @click.option("--data-dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
               help="A node's data_dir.")
@@ -106,10 +149,11 @@ def model_ls(data_dir: Path, as_json: bool) -> None:
     from mesh.artifacts.store import ArtifactStore
 
     try:
-        versions = ArtifactStore(data_dir / "artifacts").versions()
+        store = ArtifactStore(data_dir / "artifacts")
+        rows = [dict(asdict(v), phase="complete" if v.complete else "partial",
+                     origin=store.is_origin(v.name, v.version)) for v in store.versions()]
     except (ArtifactError, OSError) as exc:
         fail(str(exc))
-    rows = [dict(asdict(v), phase="complete" if v.complete else "partial") for v in versions]
     if as_json:
         emit_json(rows)
     else:
@@ -118,8 +162,15 @@ def model_ls(data_dir: Path, as_json: bool) -> None:
 
 @model.command("status", epilog=_STATUS_EPILOG)
 @admin_options
-@click.option("--watch", is_flag=True, help="Show progress bars until every version is complete or failed.")
-def model_status(address: str, creds_dir: Path, as_json: bool, watch: bool) -> None:
+@click.option("--watch", is_flag=True, help="Show progress bars until every version (or VERSION) is complete "
+                                            "or failed; while the node knows of none, say so and wait.")
+@click.option("--version", "version", default=None, metavar="VERSION",
+              help="Only this version (of any model). With --watch: wait until the node has heard of it and "
+                   "holds it complete (or it failed).")
+@click.option("--timeout-s", type=click.FloatRange(0.0, min_open=True), default=None,
+              help="With --watch: give up after this many seconds (exit 1). Default: wait until done.")
+def model_status(address: str, creds_dir: Path, as_json: bool, watch: bool, version: str | None,
+                 timeout_s: float | None) -> None:
     """Per-version progress on a running node (chunks held, bytes, phase, errors)."""
     from google.protobuf.json_format import MessageToDict
 
@@ -129,13 +180,14 @@ def model_status(address: str, creds_dir: Path, as_json: bool, watch: bool) -> N
     with operator_client(address, creds_dir) as client:
         try:
             resp = client.models()
-            if watch and not as_json:
-                _watch_models(client, resp)
+            if watch:
+                _watch_models(client, resp, address=address, version=version, bars=not as_json,
+                              timeout_s=timeout_s)
                 resp = client.models()
         except AdminError as exc:
             fail(str(exc))
     rows = [MessageToDict(v, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-            for v in resp.versions]
+            for v in _selected(resp.versions, version)]
     if as_json:
         emit_json(rows)
     else:
@@ -144,21 +196,43 @@ def model_status(address: str, creds_dir: Path, as_json: bool, watch: bool) -> N
         sys.exit(EXIT_FAILED)
 
 
-def _watch_models(client: Any, resp: Any) -> None:
+def _selected(versions: Any, version: str | None) -> list[Any]:
+    return [v for v in versions if version is None or v.version == version]
+
+
+def _watch_models(client: Any, resp: Any, *, address: str, version: str | None, bars: bool,
+                  timeout_s: float | None) -> None:
+    """Poll `client` until the watched versions exist and are complete or failed, with progress bars
+    (`bars`) or silently; say once that it waits while the node has heard of none of them."""
+    from contextlib import nullcontext
+
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                  TextColumn("{task.fields[phase]}"), TimeElapsedColumn(), console=console) as bars:
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                        TextColumn("{task.fields[phase]}"), TimeElapsedColumn(), console=console)
+    said_waiting = False
+    with progress if bars else nullcontext():
         tasks: dict[tuple[str, str], Any] = {}
         while True:
-            for v in resp.versions:
+            watched = _selected(resp.versions, version)
+            for v in watched if bars else ():
                 key = (v.name, v.version)
                 if key not in tasks:
-                    tasks[key] = bars.add_task(f"{v.name} {v.version}", total=v.size_bytes or None,
-                                               phase=v.phase)
-                bars.update(tasks[key], completed=v.bytes_have, total=v.size_bytes or None, phase=v.phase)
-            if all(v.phase in ("complete", "failed") for v in resp.versions):
+                    tasks[key] = progress.add_task(f"{v.name} {v.version}", total=v.size_bytes or None,
+                                                   phase=v.phase)
+                progress.update(tasks[key], completed=v.bytes_have, total=v.size_bytes or None, phase=v.phase)
+            if watched and all(v.phase in _DONE_PHASES for v in watched):
                 return
+            if not watched and not said_waiting:
+                said_waiting = True
+                waiting = (f"waiting for version {version}: {address} has not heard of it yet" if version else
+                           f"waiting: {address} holds no model versions yet "
+                           "(--version VERSION waits for one)")
+                (progress.console if bars else err_console).print(waiting, highlight=False)
+            if deadline is not None and time.monotonic() > deadline:
+                what = f"version {version}" if version else "every version"
+                fail(f"{what} not complete on {address} after {timeout_s:g} s")
             time.sleep(_WATCH_POLL_S)
             resp = client.models()
 

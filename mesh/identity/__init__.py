@@ -27,6 +27,7 @@ from mesh.identity.ca import (
     load_credentials,
     load_fleet,
     load_group_secret,
+    load_publisher_key,
     load_trusted_keys,
 )
 from mesh.identity.signing import (
@@ -69,5 +70,6 @@ __all__ = [
     "load_credentials",
     "load_fleet",
     "load_group_secret",
+    "load_publisher_key",
     "load_trusted_keys",
 ]

@@ -41,6 +41,7 @@ from mesh.identity.signing import (
     KeyRole,
     SigningKey,
     TrustedKeys,
+    VerifyKey,
     load_verify_key,
     save_signing_key,
     save_verify_key,
@@ -331,6 +332,21 @@ def load_trusted_keys(directory: Path) -> TrustedKeys:
         return TrustedKeys([load_verify_key(path, role) for path, role in paths])
     except KeyFileError as exc:
         raise CredentialsError(str(exc)) from None
+
+
+def load_publisher_key(directory: Path) -> VerifyKey:
+    """The fleet's publisher public key from a fleet folder or any member's credentials folder
+    (both hold publisher.pub): what every node checks manifests and rollout plans against."""
+    path = Path(directory) / PUBLISHER_PUB_FILE
+    if not path.exists():
+        raise CredentialsError(
+            f"{path} is missing; the fleet folder and every credentials folder from "
+            "`mesh fleet enroll` hold it"
+        )
+    try:
+        return load_verify_key(path, KeyRole.PUBLISHER)
+    except KeyFileError as exc:
+        raise CredentialsError(f"{path}: {exc}") from None
 
 
 def load_group_secret(directory: Path) -> bytes:

@@ -68,14 +68,28 @@ def admin_options(fn: F) -> F:
     return fn
 
 
-def operator_client(address: str, creds_dir: Path,
-                    client_class: type[OperatorClient] | None = None) -> OperatorClient:
+def missing_operator_creds(creds_dir: Path, flag: str) -> str | None:
+    """Why `creds_dir` cannot be an operator's certificate folder, naming every way to give one;
+    None when its certificate is there (whether it is an operator's is checked on loading)."""
+    cert = Path(creds_dir) / "cert.pem"
+    if cert.exists():
+        return None
+    return (f"no operator certificate at {cert}; pass {flag} DIR or set {ADMIN_CREDS_ENV}=DIR, where DIR is "
+            f"an operator's certificate folder (`mesh fleet init FLEET` makes FLEET/operators/admin; "
+            f"`mesh fleet enroll NAME --role operator --fleet FLEET` makes FLEET/operators/NAME)")
+
+
+def operator_client(address: str, creds_dir: Path, client_class: type[OperatorClient] | None = None, *,
+                    flag: str = "--creds") -> OperatorClient:
     """An operator client (AdminClient unless told) for the node at `address`; exit 1 saying why
-    if it cannot be made."""
+    if it cannot be made. `flag` is the option that named `creds_dir`, for the message."""
     from mesh.admin.client import AdminClient, AdminError
     from mesh.identity.ca import load_credentials
     from mesh.identity.signing import IdentityError
 
+    missing = missing_operator_creds(creds_dir, flag)
+    if missing:
+        fail(missing)
     try:
         return (client_class or AdminClient)(address, load_credentials(creds_dir))
     except (AdminError, IdentityError) as exc:
@@ -83,11 +97,11 @@ def operator_client(address: str, creds_dir: Path,
 
 
 def call_or_exit(address: str, creds_dir: Path, call: Callable[[Any], T],
-                 client_class: type[OperatorClient] | None = None) -> T:
+                 client_class: type[OperatorClient] | None = None, *, flag: str = "--creds") -> T:
     """`call(client)` on a fresh operator client, closed after; exit 1 with the error if it fails."""
     from mesh.admin.client import AdminError
 
-    with operator_client(address, creds_dir, client_class) as client:
+    with operator_client(address, creds_dir, client_class, flag=flag) as client:
         try:
             return call(client)
         except AdminError as exc:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
 
 from mesh.cli.common import (
-    ADMIN_CREDS_SHOWN,
+    ADMIN_CREDS_ENV,
     CONTEXT,
-    admin_creds_default,
+    DEFAULT_ADMIN_CREDS,
     call_or_exit,
     console,
     emit_json,
@@ -24,13 +25,14 @@ from mesh.cli.common import (
 @click.option("--node", "address", required=True, metavar="HOST:PORT", help="A node's gRPC address.")
 @click.option("--creds", "creds_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="A fleet certificate folder (node or operator).")
-@click.option("--admin-creds", "admin_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=admin_creds_default, show_default=ADMIN_CREDS_SHOWN,
+@click.option("--admin-creds", "admin_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              show_default=f"${ADMIN_CREDS_ENV}, else --creds if it is an operator's, "
+                           f"else ./{DEFAULT_ADMIN_CREDS}",
               help="Operator certificate, to read the active model's input signature.")
 @click.option("--count", type=click.IntRange(1, 10_000), default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-def infer_command(address: str, creds_dir: Path, admin_dir: Path, count: int, seed: int,
+def infer_command(address: str, creds_dir: Path, admin_dir: Path | None, count: int, seed: int,
                   as_json: bool) -> None:
     """Smoke-test a node's inference: send random inputs shaped like its active model's signature."""
     import time
@@ -44,15 +46,22 @@ def infer_command(address: str, creds_dir: Path, admin_dir: Path, count: int, se
     from mesh.identity.signing import IdentityError
     from mesh.identity.tls import channel_credentials, secure_channel_options
 
-    status = call_or_exit(address, admin_dir, lambda client: client.inference())
-    if not status.enabled or not status.signature_json:
-        fail(f"{address} serves no model yet" + (f" ({status.last_activation_error})"
-                                                  if status.last_activation_error else ""))
-    signature = ModelSignature.from_dict(json.loads(status.signature_json))
     try:
         creds = load_credentials(creds_dir)
     except IdentityError as exc:
         fail(str(exc))
+    if admin_dir is None:
+        # An operator's folder in --creds serves both calls, wherever the command runs from.
+        env = os.environ.get(ADMIN_CREDS_ENV)
+        if env:
+            admin_dir = Path(env)
+        else:
+            admin_dir = creds_dir if creds.role is Role.OPERATOR else Path(DEFAULT_ADMIN_CREDS)
+    status = call_or_exit(address, admin_dir, lambda client: client.inference(), flag="--admin-creds")
+    if not status.enabled or not status.signature_json:
+        fail(f"{address} serves no model yet" + (f" ({status.last_activation_error})"
+                                                  if status.last_activation_error else ""))
+    signature = ModelSignature.from_dict(json.loads(status.signature_json))
     rng = np.random.default_rng(seed)
     results = []
     channel = grpc.secure_channel(address, channel_credentials(creds),

@@ -8,7 +8,9 @@ ever sees the signed approval.
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from mesh.cli.common import (
     CONTEXT,
     EXIT_FAILED,
     EXIT_USAGE,
+    admin_creds_default,
     admin_options,
     call_or_exit,
     console,
@@ -80,11 +83,25 @@ def _print_stale_note(view: pb.GroupView) -> None:
         console.print(f"[yellow]warning:[/] {note}", highlight=False)
 
 
+def operator_key_path(creds_dir: Path) -> Path:
+    """Where the operator signing key is, for the commands a held decision prints: the fleet folder
+    holding the certificate folder (FLEET/operators/NAME -> FLEET/operator.key), else the fleet
+    folder `mesh fleet enroll` defaults to ($MESH_FLEET or ./fleet)."""
+    creds_dir = Path(creds_dir)
+    if creds_dir.parent.name == "operators":
+        beside = creds_dir.parent.parent / "operator.key"
+        if beside.exists():
+            return beside
+    return Path(os.environ.get("MESH_FLEET", "fleet")) / "operator.key"
+
+
 def unblock_commands(decision_id: str, address: str, creds_dir: Path) -> tuple[str, str]:
     """The approve and deny commands that unblock a held decision, as they can be pasted."""
-    target = f"--node {address}" + (f" --creds {creds_dir}" if str(creds_dir) != "fleet/operators/admin" else "")
-    return (f"mesh admin approve {decision_id} --key fleet/operator.key {target}",
-            f"mesh admin deny {decision_id} --key fleet/operator.key --reason '...' {target}")
+    key = shlex.quote(str(operator_key_path(creds_dir)))
+    target = f"--node {address}" + (f" --creds {shlex.quote(str(creds_dir))}"
+                                    if str(creds_dir) != admin_creds_default() else "")
+    return (f"mesh admin approve {decision_id} --key {key} {target}",
+            f"mesh admin deny {decision_id} --key {key} --reason '...' {target}")
 
 
 def client_name(creds_dir: Path) -> str:

@@ -73,7 +73,7 @@ async def test_operator_lists_approves_and_denies_through_the_cli(served):
     assert result.exit_code == 0, result.output
     assert held.decision_id in result.output
     # The exact command that unblocks it.
-    assert f"mesh admin approve {held.decision_id} --key fleet/operator.key --node {served.address}" \
+    assert f"mesh admin approve {held.decision_id} --key {served.key_path} --node {served.address}" \
         in " ".join(result.output.split())
     result = await served.mesh("pending", "--json")
     doc = json.loads(result.stdout)

@@ -104,7 +104,8 @@ def test_admin_status_against_a_running_node(fleet, tmp_path):
         # Publishing into the node's data dir: the running node announces it within a second.
         published = subprocess.run([*mesh, "publish", str(wakeword_model("okay_nabu")), "--name", "nabu",
                                     "--version", "1", "--key", str(fleet.directory / "publisher.key"),
-                                    "--data-dir", str(tmp_path / "d"), "--json"], capture_output=True, text=True)
+                                    "--data-dir", str(tmp_path / "d"), "--json"],
+                                   capture_output=True, text=True)
         assert published.returncode == 0, published.stderr
         assert json.loads(published.stdout)["chunks"] >= 1
         listed = subprocess.run([*mesh, "ls", "--data-dir", str(tmp_path / "d"), "--json"],
@@ -117,12 +118,13 @@ def test_admin_status_against_a_running_node(fleet, tmp_path):
             [("nabu", "1", "complete")]
         not_a_model = tmp_path / "notes.tflite"
         not_a_model.write_bytes(b"hello")
-        refused = subprocess.run([*mesh, "publish", str(not_a_model), "--name", "x", "--version", "1", "--key",
-                                  str(fleet.directory / "publisher.key"), "--data-dir", str(tmp_path / "d")],
+        refused = subprocess.run([*mesh, "publish", str(not_a_model), "--name", "x", "--version", "1",
+                                  "--key", str(fleet.directory / "publisher.key"),
+                                  "--data-dir", str(tmp_path / "d")],
                                  capture_output=True, text=True)
         assert refused.returncode == 1 and "not a .tflite model" in refused.stderr
-        status_cmd = [*mesh, "status", "--node", f"127.0.0.1:{port}", "--creds", str(fleet.operator.directory),
-                      "--json"]
+        status_cmd = [*mesh, "status", "--node", f"127.0.0.1:{port}", "--creds",
+                      str(fleet.operator.directory), "--json"]
         deadline = time.monotonic() + 20
         while True:
             rows = json.loads(subprocess.run(status_cmd, capture_output=True, text=True).stdout or "[]")
@@ -180,7 +182,8 @@ def test_model_optimize_writes_a_smaller_int8_model_or_refuses(tmp_path):
 
     refused = tmp_path / "never.tflite"
     result = runner.invoke(main, ["model", "optimize", str(float_model), str(refused), "--int8",
-                                  "--calibration", str(tmp_path / "calibration.npz"), "--tolerance", "0.000001"])
+                                  "--calibration", str(tmp_path / "calibration.npz"),
+                                  "--tolerance", "0.000001"])
     assert result.exit_code == 1 and "not written" in result.output
     assert not refused.exists()
 

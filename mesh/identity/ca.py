@@ -346,7 +346,7 @@ def load_publisher_key(directory: Path) -> VerifyKey:
     try:
         return load_verify_key(path, KeyRole.PUBLISHER)
     except KeyFileError as exc:
-        raise CredentialsError(f"{path}: {exc}") from None
+        raise CredentialsError(str(exc)) from None
 
 
 def load_group_secret(directory: Path) -> bytes:
@@ -405,7 +405,7 @@ def load_fleet(fleet_dir: Path) -> Fleet:
         try:
             found = load_verify_key(path, role).key_id
         except KeyFileError as exc:
-            raise FleetFileError(path, f"{path} is corrupt: {exc}") from None
+            raise FleetFileError(path, f"{exc}; the file is corrupt, restore it from a backup") from None
         if found != expected:
             raise FleetFileError(
                 path,

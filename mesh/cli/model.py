@@ -231,8 +231,12 @@ def _watch_models(client: Any, resp: Any, *, address: str, version: str | None, 
                            "(--version VERSION waits for one)")
                 (progress.console if bars else err_console).print(waiting, highlight=False)
             if deadline is not None and time.monotonic() > deadline:
-                what = f"version {version}" if version else "every version"
-                fail(f"{what} not complete on {address} after {timeout_s:g} s")
+                if not watched:
+                    state = (f"{address} has not heard of version {version}" if version
+                             else f"{address} holds no model versions")
+                else:
+                    state = f"{'version ' + version if version else 'not every version'} is not complete"
+                fail(f"gave up after {timeout_s:g} s: {state}")
             time.sleep(_WATCH_POLL_S)
             resp = client.models()
 

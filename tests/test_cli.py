@@ -117,7 +117,8 @@ def test_admin_status_against_a_running_node(fleet, tmp_path):
         assert [(r["name"], r["version"], r["phase"]) for r in json.loads(watched)] == \
             [("nabu", "1", "complete")]
         gave_up = subprocess.run([*mesh, "status", "--node", f"127.0.0.1:{port}", "--creds",
-                                  str(fleet.operator.directory), "--watch", "--version", "9", "--timeout-s", "0.5"],
+                                  str(fleet.operator.directory), "--watch", "--version", "9",
+                                  "--timeout-s", "0.5"],
                                  capture_output=True, text=True)
         assert gave_up.returncode == 1 and "has not heard of version 9" in gave_up.stderr, gave_up.stderr
         not_a_model = tmp_path / "notes.tflite"

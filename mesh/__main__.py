@@ -1,3 +1,5 @@
+"""`python -m mesh`: the same command as `mesh`."""
+
 from mesh.cli import main
 
 main()

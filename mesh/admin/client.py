@@ -1,12 +1,16 @@
 """Operator's gRPC clients (blocking; used by the CLI): the channel, the operator-certificate
-check and the error hints live in `OperatorClient`; each service adds its calls."""
+check and the error hints live in `OperatorClient`; each service (Admin, Decisions) adds its calls."""
 
 from __future__ import annotations
+
+import json
 
 import grpc
 
 from mesh._proto import admin_pb2 as pb
 from mesh._proto import admin_pb2_grpc as pb_grpc
+from mesh._proto import decisions_pb2 as decisions_pb
+from mesh._proto import decisions_pb2_grpc as decisions_pb_grpc
 from mesh.identity.ca import Credentials, Role
 from mesh.identity.tls import channel_credentials, secure_channel_options
 
@@ -35,8 +39,8 @@ class OperatorClient:
 
     def __init__(self, address: str, credentials: Credentials, *, timeout_s: float = 5.0) -> None:
         if credentials.role is not Role.OPERATOR:
-            raise self.error(f"{credentials.cert_path} is a {credentials.role.value} certificate; this client "
-                             "needs an operator certificate (mesh fleet enroll NAME --role operator)")
+            raise self.error(f"{credentials.cert_path} is a {credentials.role.value} certificate; this "
+                             "client needs an operator certificate (mesh fleet enroll NAME --role operator)")
         self.address = address
         self._timeout_s = timeout_s
         self._channel = grpc.secure_channel(address, channel_credentials(credentials),
@@ -73,3 +77,40 @@ class AdminClient(OperatorClient):
 
     def inference(self) -> pb.InferenceStatus:
         return self._call(self._stub.Inference, pb.InferenceStatusRequest())
+
+
+class DecisionsError(AdminError):
+    """A Decisions call failed; `.code` is the gRPC status (None for client-side problems)."""
+
+
+class DecisionsClient(OperatorClient):
+    """The Decisions service of a node's site group: held decisions, signed answers, routes, audit log.
+
+    Approvals are signed by the caller, with the operator key on the operator's machine; the
+    node only ever sees the signed approval."""
+
+    error = DecisionsError
+    stub_class = decisions_pb_grpc.DecisionsStub
+
+    def __init__(self, address: str, credentials: Credentials, *, timeout_s: float = 8.0) -> None:
+        super().__init__(address, credentials, timeout_s=timeout_s)
+
+    def pending(self) -> decisions_pb.PendingResponse:
+        return self._call(self._stub.Pending, decisions_pb.PendingRequest())
+
+    def routes(self) -> decisions_pb.RoutesResponse:
+        return self._call(self._stub.Routes, decisions_pb.RoutesRequest())
+
+    def propose(self, decision_doc: dict) -> decisions_pb.DecisionResult:
+        request = decisions_pb.ProposeRequest(decision_json=json.dumps(decision_doc))
+        return self._call(self._stub.Propose, request)
+
+    def approve(self, approval_doc: dict) -> decisions_pb.DecisionResult:
+        request = decisions_pb.AnswerRequest(approval_json=json.dumps(approval_doc))
+        return self._call(self._stub.Approve, request)
+
+    def deny(self, approval_doc: dict) -> decisions_pb.DecisionResult:
+        return self._call(self._stub.Deny, decisions_pb.AnswerRequest(approval_json=json.dumps(approval_doc)))
+
+    def audit(self, *, verify: bool = False, limit: int = 0) -> decisions_pb.AuditResponse:
+        return self._call(self._stub.Audit, decisions_pb.AuditRequest(verify=verify, limit=limit))

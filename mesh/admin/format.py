@@ -1,10 +1,15 @@
-"""Turning admin responses into tables for people and dicts for scripts."""
+"""Turning admin and decisions responses into tables for people and dicts for scripts."""
 
 from __future__ import annotations
+
+import json
+import time
+from typing import Any
 
 from rich.table import Table
 
 from mesh._proto import admin_pb2 as pb
+from mesh._proto import decisions_pb2 as decisions_pb
 from mesh.membership.messages import State
 
 _STATE_STYLE = {State.ALIVE: "green", State.SUSPECT: "yellow", State.DEAD: "red", State.LEFT: "dim"}
@@ -74,3 +79,155 @@ def versions_table(rows: list[dict], *, title: str) -> Table:
     if not rows:
         table.add_row("-", "-", "no versions", "", "", "", "")
     return table
+
+
+# --- decisions of a site group ---------------------------------------------------------------
+
+
+def short_age(seconds: float) -> str:
+    """A duration as an operator reads it in a table column: 42s, 17m, 3.5h."""
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def group_view_dict(view: decisions_pb.GroupView) -> dict[str, Any]:
+    return {"group": view.group, "node_id": view.node_id, "leader": view.leader or None,
+            "current": view.current, "note": view.note, "group_size": view.group_size,
+            "applied_index": view.applied_index}
+
+
+def stale_note(view: decisions_pb.GroupView) -> str | None:
+    """The warning to print when the node answered from its last committed state (no leader reachable)."""
+    return None if view.current else view.note
+
+
+def held_dict(h: decisions_pb.HeldDecisionInfo, now: float) -> dict[str, Any]:
+    return {"decision_id": h.decision_id, "kind": h.kind, "proposer": h.proposer, "reason": h.reason,
+            "describe": h.describe, "age_s": round(now - h.held_at, 1),
+            "expires_in_s": round(h.expires_at - now, 1),
+            "scope": {"nodes_affected": h.nodes_affected, "fraction_of_group": h.fraction_of_group,
+                      "streams_moved": h.streams_moved},
+            "limits": {"max_nodes": h.max_nodes, "max_fraction": h.max_fraction,
+                       "max_streams": h.max_streams},
+            "exceeded": list(h.exceeded), "waiting_for": h.waiting_for, "digest": h.digest,
+            "decision": json.loads(h.decision_json)}
+
+
+def pending_dict(resp: decisions_pb.PendingResponse, now: float) -> dict[str, Any]:
+    return {"group": group_view_dict(resp.group), "held": [held_dict(h, now) for h in resp.held],
+            "recent": [{"decision_id": e.decision_id or None, "outcome": e.outcome, "at": e.at,
+                        "detail": e.detail, "key_id": e.key_id or None} for e in resp.recent]}
+
+
+def _scope_cell(h: decisions_pb.HeldDecisionInfo) -> str:
+    def part(value: str, limit: str, over: bool) -> str:
+        text = f"{value}/{limit}"
+        return f"[red]{text}[/]" if over else text
+
+    return ", ".join([
+        part(f"{h.nodes_affected} nodes", str(h.max_nodes), h.nodes_affected > h.max_nodes),
+        part(f"{h.fraction_of_group:.0%}", f"{h.max_fraction:.0%}",
+             h.fraction_of_group > h.max_fraction + 1e-9),
+        part(f"{h.streams_moved} streams", str(h.max_streams), h.streams_moved > h.max_streams),
+    ])
+
+
+def held_table(resp: decisions_pb.PendingResponse, now: float) -> Table:
+    """Held decisions of a group: id, kind, scope against its limit, proposer, age, expiry, reason."""
+    table = Table(title=f"held decisions of group {resp.group.group} (asked {resp.group.node_id}, "
+                        f"leader {resp.group.leader or 'unknown'})", title_justify="left")
+    for column in ("id", "kind", "scope (value/limit)", "proposer", "age", "expires in", "reason"):
+        table.add_column(column)
+    for h in resp.held:
+        table.add_row(h.decision_id, h.kind, _scope_cell(h), h.proposer, short_age(now - h.held_at),
+                      short_age(h.expires_at - now), h.reason)
+    if not resp.held:
+        table.add_row("-", "nothing held", "", "", "", "", "")
+    return table
+
+
+def result_dict(result: decisions_pb.DecisionResult) -> dict[str, Any]:
+    return {"outcome": result.outcome, "decision_id": result.decision_id, "message": result.message,
+            "refusal_reason": result.refusal_reason or None, "group": group_view_dict(result.group)}
+
+
+def routes_dict(resp: decisions_pb.RoutesResponse) -> dict[str, Any]:
+    return {"group": group_view_dict(resp.group), "routes": dict(resp.routes),
+            "allocations": dict(resp.allocations)}
+
+
+def routes_table(resp: decisions_pb.RoutesResponse) -> Table:
+    """A group's routing table (stream -> serving node) with each serving node's slots."""
+    table = Table(title=f"routes of group {resp.group.group} ({len(resp.routes)} streams, asked "
+                        f"{resp.group.node_id})", title_justify="left")
+    table.add_column("stream")
+    table.add_column("serving node")
+    table.add_column("node slots", justify="right")
+    for stream in sorted(resp.routes):
+        node = resp.routes[stream]
+        slots = resp.allocations.get(node)
+        table.add_row(stream, node, "" if slots is None else str(slots))
+    if not resp.routes:
+        table.add_row("-", "no routes yet", "")
+    return table
+
+
+def unrouted_note(resp: decisions_pb.RoutesResponse) -> str | None:
+    """Allocations of nodes that serve no stream, as one line (None if there are none)."""
+    unrouted = sorted(set(resp.allocations) - set(resp.routes.values()))
+    if not unrouted:
+        return None
+    return "allocations of nodes serving nothing: " + ", ".join(
+        f"{n}={resp.allocations[n]}" for n in unrouted)
+
+
+def audit_verdict_dict(resp: decisions_pb.AuditResponse) -> dict[str, Any] | None:
+    """The hash-chain check's verdict (None when it was not asked for)."""
+    v = resp.verdict
+    if not v.checked:
+        return None
+    return {"ok": v.ok, "records": v.records, "first_bad_seq": v.first_bad_seq or None, "reason": v.reason,
+            "head_hash": v.head_hash}
+
+
+def audit_dict(resp: decisions_pb.AuditResponse) -> dict[str, Any]:
+    return {"node_id": resp.group.node_id, "group": resp.group.group, "path": resp.path,
+            "total_records": resp.total_records, "verdict": audit_verdict_dict(resp),
+            "records": [{"seq": r.seq, "time": r.time, "kind": r.kind, "payload": json.loads(r.payload_json),
+                         "prev": r.prev, "hash": r.hash} for r in resp.records]}
+
+
+def audit_table(resp: decisions_pb.AuditResponse) -> Table:
+    """The last records of a node's audit log: seq, time, kind, decision and what happened."""
+    table = Table(title=f"audit log of {resp.group.node_id} ({resp.path}): last {len(resp.records)} of "
+                        f"{resp.total_records}", title_justify="left")
+    for column in ("seq", "time (UTC)", "kind", "decision", "detail"):
+        table.add_column(column, justify="right" if column == "seq" else "left")
+    for r in resp.records:
+        payload = json.loads(r.payload_json)
+        table.add_row(str(r.seq), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.time)), r.kind,
+                      str(payload.get("decision_id") or ""), _audit_detail(r.kind, payload))
+    return table
+
+
+def _audit_detail(kind: str, payload: dict[str, Any]) -> str:
+    if kind == "refused":
+        key = f" key {payload['key_id']}" if payload.get("key_id") else ""
+        return f"{payload.get('reason')}{key}: {payload.get('message', '')}"
+    if kind in ("approved", "denied"):
+        return f"key {payload.get('key_id')}" + (f": {payload['reason']}" if payload.get("reason") else "")
+    if kind == "held":
+        return "; ".join(payload.get("exceeded", []))
+    if kind == "proposed":
+        return f"{payload.get('kind')} by {payload.get('proposer')}: {payload.get('reason', '')}"
+    if kind == "applied":
+        moves = ", ".join(f"{m['stream']} {m['from']}->{m['to']}" for m in payload.get("moves", []))
+        allocs = ", ".join(f"{a['node']}={a['slots']}" for a in payload.get("allocations", []))
+        by = payload.get("approved_by")
+        return (moves or allocs) + (f" (approved by key {by})" if by else " (within scope)")
+    rest = {k: v for k, v in payload.items() if k not in ("raft_index", "raft_event", "at", "decision_id")}
+    return json.dumps(rest, sort_keys=True)[:120]

@@ -4,24 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import grpc
-
 from mesh import __version__
 from mesh._proto import admin_pb2 as pb
 from mesh._proto import admin_pb2_grpc as pb_grpc
-from mesh.identity.ca import Role
-from mesh.identity.tls import peer_identity
+from mesh.identity.authz import require_operator
 from mesh.membership.core import Membership
-
-
-async def require_operator(context: grpc.aio.ServicerContext) -> str:
-    """Abort with PERMISSION_DENIED unless the caller holds an operator certificate; return its name."""
-    peer = peer_identity(context)
-    if peer is None or peer.role is not Role.OPERATOR:
-        who = f"{peer.role.value} {peer.name!r}" if peer else "an unauthenticated caller"
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                            f"admin calls need an operator certificate; this is {who}")
-    return peer.name
 
 
 class AdminServicer(pb_grpc.AdminServicer):

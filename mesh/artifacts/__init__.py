@@ -1,8 +1,11 @@
 """Signed model manifests, content-defined chunks, the on-disk chunk store and deltas.
 
-Pure cores: `manifest` (codec and signature verification), `chunking` (chunk plan),
+Pure cores: `manifest` (codec and signature verification), `signature` (a model's tensor
+signature, which a manifest carries and the inference runtime checks), `chunking` (chunk plan),
 `bitfield` (which chunks a node holds). I/O: `store` (the node's artifact directory) and
-`publish` (file -> signed, stored version).
+`publish` (file -> signed, stored version). `publish` checks the model with the inference
+backend, which imports `signature` from here, so it is not imported by this package: use
+`mesh.artifacts.publish`.
 """
 
 from mesh.artifacts.bitfield import Bitfield, BitfieldError
@@ -20,7 +23,6 @@ from mesh.artifacts.manifest import (
     sign_manifest,
     verify_manifest,
 )
-from mesh.artifacts.publish import PublishError, delta, publish
 from mesh.artifacts.store import (
     ArtifactStore,
     BadChunkError,
@@ -49,13 +51,10 @@ __all__ = [
     "ManifestFormatError",
     "ManifestSignatureError",
     "MissingChunkError",
-    "PublishError",
     "SignedManifest",
     "StoreError",
     "VersionStatus",
-    "delta",
     "plan_chunks",
-    "publish",
     "sign_manifest",
     "verify_manifest",
 ]

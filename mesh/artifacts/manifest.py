@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from mesh.artifacts.signature import ModelSignature
+from mesh.artifacts.signature import SignatureError as ModelSignatureFormatError
 from mesh.identity.signing import (
     KEY_ID_HEX_CHARS,
     SIGNATURE_BYTES,
@@ -34,8 +36,6 @@ from mesh.identity.signing import (
     UnknownKeyError,
     canonical_json,
 )
-from mesh.inference.signature import ModelSignature
-from mesh.inference.signature import SignatureError as ModelSignatureFormatError
 
 FORMAT = 1
 # A manifest of a 1 GiB model at 256 KiB chunks is ~4,000 chunk entries (~0.5 MB); 4 MiB leaves room

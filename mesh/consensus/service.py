@@ -18,13 +18,13 @@ import grpc
 
 from mesh._proto import decisions_pb2 as pb
 from mesh._proto import decisions_pb2_grpc as pb_grpc
-from mesh.admin.service import require_operator
 from mesh.consensus.commands import CommandError
 from mesh.consensus.group import SiteGroup
 from mesh.consensus.ledger import ApplyResult, HeldDecision, Outcome
 from mesh.consensus.raft import CommandRejected, NoLeaderError, ProposalTimeout, RaftError
 from mesh.guard.approval import Approval, MalformedApproval
 from mesh.guard.core import Decision, DecisionError
+from mesh.identity.authz import require_operator
 from mesh.identity.signing import canonical_json
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,9 @@
 - `signing`: pure sign/verify with key roles (publisher, operator, node) and
   `canonical_json` for signing structured documents.
 - `tls`: gRPC credentials from fleet credentials and `peer_identity` of a caller.
+- `authz`: the role checks servicers make on callers (`require_operator`).
 
-`tls` imports grpc, so it is not imported here; cores can use `signing`
+`tls` and `authz` import grpc, so they are not imported here; cores can use `signing`
 without pulling in gRPC.
 """
 
@@ -26,6 +27,7 @@ from mesh.identity.ca import (
     load_credentials,
     load_fleet,
     load_group_secret,
+    load_publisher_key,
     load_trusted_keys,
 )
 from mesh.identity.signing import (
@@ -68,5 +70,6 @@ __all__ = [
     "load_credentials",
     "load_fleet",
     "load_group_secret",
+    "load_publisher_key",
     "load_trusted_keys",
 ]

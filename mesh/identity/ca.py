@@ -41,6 +41,7 @@ from mesh.identity.signing import (
     KeyRole,
     SigningKey,
     TrustedKeys,
+    VerifyKey,
     load_verify_key,
     save_signing_key,
     save_verify_key,
@@ -333,6 +334,21 @@ def load_trusted_keys(directory: Path) -> TrustedKeys:
         raise CredentialsError(str(exc)) from None
 
 
+def load_publisher_key(directory: Path) -> VerifyKey:
+    """The fleet's publisher public key from a fleet folder or any member's credentials folder
+    (both hold publisher.pub): what every node checks manifests and rollout plans against."""
+    path = Path(directory) / PUBLISHER_PUB_FILE
+    if not path.exists():
+        raise CredentialsError(
+            f"{path} is missing; the fleet folder and every credentials folder from "
+            "`mesh fleet enroll` hold it"
+        )
+    try:
+        return load_verify_key(path, KeyRole.PUBLISHER)
+    except KeyFileError as exc:
+        raise CredentialsError(str(exc)) from None
+
+
 def load_group_secret(directory: Path) -> bytes:
     """The fleet's Raft group secret from a node's credentials folder (32 bytes)."""
     path = Path(directory) / GROUP_SECRET_FILE
@@ -389,7 +405,7 @@ def load_fleet(fleet_dir: Path) -> Fleet:
         try:
             found = load_verify_key(path, role).key_id
         except KeyFileError as exc:
-            raise FleetFileError(path, f"{path} is corrupt: {exc}") from None
+            raise FleetFileError(path, f"{exc}; the file is corrupt, restore it from a backup") from None
         if found != expected:
             raise FleetFileError(
                 path,

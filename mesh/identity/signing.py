@@ -226,11 +226,21 @@ def _check_keys(obj: object) -> None:
 
 
 def load_signing_key(path: Path, role: KeyRole) -> SigningKey:
-    return SigningKey.from_pem(_read(path, "private key"), role)
+    """The signing key in `path`; KeyFileError naming the file if it holds none (a TLS key.pem, say)."""
+    pem = _read(path, "private key")
+    try:
+        return SigningKey.from_pem(pem, role)
+    except KeyFileError as exc:
+        raise KeyFileError(f"{path} is not a {role.value} signing key: {exc}") from None
 
 
 def load_verify_key(path: Path, role: KeyRole) -> VerifyKey:
-    return VerifyKey.from_pem(_read(path, "public key"), role)
+    """The public key in `path`; KeyFileError naming the file if it holds none."""
+    pem = _read(path, "public key")
+    try:
+        return VerifyKey.from_pem(pem, role)
+    except KeyFileError as exc:
+        raise KeyFileError(f"{path} is not a {role.value} public key: {exc}") from None
 
 
 def save_signing_key(key: SigningKey, path: Path) -> None:

@@ -1,6 +1,7 @@
-"""On-device inference: the model's tensor signature, runtime backends, activation and hot swap.
+"""On-device inference: runtime backends, activation and hot swap.
 
-signature.py  what a manifest promises about a model's tensors (codec, matching)
+The model's tensor signature (what a manifest promises) is `mesh.artifacts.signature`.
+
 backend.py    LiteRT / tflite-runtime behind one interface, chosen at start
 tensors.py    request tensor validation and decoding (pure)
 health.py     per-version request/error/latency counters, Prometheus export

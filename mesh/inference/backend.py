@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mesh.inference.signature import ModelSignature, signature_from_details
+from mesh.artifacts.signature import ModelSignature, signature_from_details
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import flatbuffers
 import numpy as np
 import tflite
 
-from mesh.inference.signature import ModelSignature, TensorSpec
+from mesh.artifacts.signature import ModelSignature, TensorSpec
 
 # Constant buffers aligned as the TFLite converter aligns them, so kernels may
 # read weights in place.

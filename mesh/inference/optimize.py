@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mesh.artifacts.signature import ModelSignature, TensorSpec
 from mesh.inference.backend import Backend, ModelLoadError, load_backend
-from mesh.inference.signature import ModelSignature, TensorSpec
 
 # Largest accepted |quantised - float| per output, as a fraction of the float
 # output's range over the calibration data. INT8 steps are 1/255 of a tensor's

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mesh.artifacts.signature import ModelSignature, TensorSpec
 from mesh.inference.backend import (
     CRASH_PRONE_BACKENDS,
     Backend,
@@ -46,7 +47,6 @@ from mesh.inference.backend import (
     probe_model,
 )
 from mesh.inference.health import ErrorKind, HealthCounters
-from mesh.inference.signature import ModelSignature, TensorSpec
 from mesh.inference.tensors import TensorLimits, WireTensor, all_finite, decode_inputs
 
 log = logging.getLogger("mesh.inference")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mesh.inference.signature import DTYPES, ModelSignature, TensorSpec
+from mesh.artifacts.signature import DTYPES, ModelSignature, TensorSpec
 
 MAX_RANK = 8
 

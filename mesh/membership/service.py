@@ -9,8 +9,8 @@ one asyncio loop, so the core is never entered concurrently.
 from __future__ import annotations
 
 import asyncio
-import math
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,8 +22,17 @@ from mesh.identity.ca import Role
 from mesh.identity.tls import peer_identity
 from mesh.membership import wire
 from mesh.membership.core import Membership
-from mesh.membership.messages import (EventKind, Gossip, MemberEvent, Ping, PingReq, PushPull, Send, UnknownMember,
-                                      WrongTarget)
+from mesh.membership.messages import (
+    EventKind,
+    Gossip,
+    MemberEvent,
+    Ping,
+    PingReq,
+    PushPull,
+    Send,
+    UnknownMember,
+    WrongTarget,
+)
 
 log = logging.getLogger("mesh.membership")
 

@@ -35,8 +35,13 @@ from mesh.membership.view import MembershipView, MetadataBoard
 from mesh.transfer.holdings import Holding, HoldingsError, decode_holdings, encode_holdings
 from mesh.transfer.pacing import Pacer
 from mesh.transfer.retention import VersionKey, kept_versions
-from mesh.transfer.scheduler import (FailureReason, PeerBanned, RequestCancelled, SchedulerConfig,
-                                     SwarmScheduler)
+from mesh.transfer.scheduler import (
+    FailureReason,
+    PeerBanned,
+    RequestCancelled,
+    SchedulerConfig,
+    SwarmScheduler,
+)
 
 log = logging.getLogger("mesh.transfer")
 

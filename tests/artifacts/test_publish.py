@@ -14,13 +14,11 @@ from mesh.artifacts import (
     ArtifactStore,
     ChunkParams,
     ManifestConflictError,
-    StoreError,
-    PublishError,
     SignedManifest,
-    delta,
-    publish,
+    StoreError,
     verify_manifest,
 )
+from mesh.artifacts.publish import PublishError, delta, publish
 from mesh.identity.signing import KeyRole, SigningKey, TrustedKeys
 from mesh.inference.backend import inspect_model
 from tests.models import WAKEWORD_NAMES, mediapipe_model, wakeword_model

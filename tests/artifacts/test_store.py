@@ -25,9 +25,9 @@ from mesh.artifacts import (
     MissingChunkError,
     SignedManifest,
     StoreError,
-    publish,
     sign_manifest,
 )
+from mesh.artifacts.publish import publish
 from mesh.artifacts.store import TMP_PREFIX
 from mesh.identity.signing import KeyRole, SigningKey, TrustedKeys
 from tests.models import REPO, mediapipe_model, wakeword_model

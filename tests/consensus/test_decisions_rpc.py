@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 
-import click
 import grpc
 import pytest
 import pytest_asyncio
@@ -16,7 +15,7 @@ from hypothesis import strategies as st
 
 from mesh._proto import decisions_pb2 as pb
 from mesh._proto import decisions_pb2_grpc as pb_grpc
-from mesh.admin.decisions import register
+from mesh.cli import main as cli
 from mesh.consensus.ledger import Outcome
 from mesh.consensus.service import DecisionsServicer, add_to_server
 from mesh.guard.approval import sign_approval
@@ -24,19 +23,6 @@ from mesh.identity.signing import KeyRole, load_signing_key
 from mesh.identity.tls import channel_credentials, secure_channel_options, server_credentials
 from mesh.node.local import LocalFleet
 from tests.consensus.harness import ROUTES, SiteCluster, big, move
-
-
-@click.group()
-def cli() -> None:
-    """mesh, as far as these commands go."""
-
-
-@cli.group()
-def admin() -> None:
-    """Operator commands."""
-
-
-register(admin)
 
 
 class Served:
@@ -89,7 +75,7 @@ async def test_operator_lists_approves_and_denies_through_the_cli(served):
     assert result.exit_code == 0, result.output
     assert held.decision_id in result.output
     # The exact command that unblocks it.
-    assert f"mesh admin approve {held.decision_id} --key fleet/operator.key --node {served.address}" \
+    assert f"mesh admin approve {held.decision_id} --key {served.key_path} --node {served.address}" \
         in " ".join(result.output.split())
     result = await served.mesh("pending", "--json")
     doc = json.loads(result.stdout)

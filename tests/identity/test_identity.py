@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.identity import (
+    CredentialsError,
     CredentialsExistError,
     FleetExistsError,
     FleetFileError,
@@ -31,7 +32,6 @@ from mesh.identity import (
     canonical_json,
     enroll,
     init_fleet,
-    CredentialsError,
     load_credentials,
     load_fleet,
     load_group_secret,
@@ -358,8 +358,9 @@ def test_pem_roundtrip(tmp_path: Path) -> None:
 def test_loading_a_tls_key_as_signing_key_is_refused(fleet_dir: Path) -> None:
     from mesh.identity import KeyFileError
 
-    with pytest.raises(KeyFileError, match="Ed25519"):
+    with pytest.raises(KeyFileError, match="Ed25519") as refused:
         load_signing_key(fleet_dir / "ca.key", KeyRole.PUBLISHER)
+    assert str(refused.value).startswith(f"{fleet_dir / 'ca.key'} is not a publisher signing key")
     with pytest.raises(KeyFileError, match="cannot read"):
         load_verify_key(fleet_dir / "missing.pub", KeyRole.PUBLISHER)
 

@@ -18,12 +18,12 @@ import pytest_asyncio
 
 from mesh._proto import inference_pb2 as pb
 from mesh._proto import inference_pb2_grpc as pb_grpc
+from mesh.artifacts.signature import ModelSignature
 from mesh.identity.ca import Credentials, enroll, init_fleet, load_credentials
 from mesh.identity.tls import channel_credentials, secure_channel_options, server_credentials
 from mesh.inference.backend import Backend, inspect_model, load_backend
 from mesh.inference.runtime import ModelRuntime
 from mesh.inference.service import add_to_server
-from mesh.inference.signature import ModelSignature
 from tests.models import mediapipe_model
 
 # Real models served in these tests (FACTS.md: both runtimes load them).

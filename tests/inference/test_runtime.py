@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from mesh.artifacts.signature import ModelSignature, TensorSpec
 from mesh.inference.backend import BACKEND_ENV, ModelLoadError, load_backend, probe_model
 from mesh.inference.fixtures import mlp_layers, mlp_model, mlp_reference, mlp_signature
 from mesh.inference.health import HealthCollector
 from mesh.inference.runtime import ActivationError, DeadlineExceeded, NoActiveModel, Overloaded
-from mesh.inference.signature import ModelSignature, TensorSpec
 from mesh.inference.tensors import TensorError, encode_tensor
 from tests.inference.conftest import mediapipe_paths, model_input, signature_of
 from tests.models import mediapipe_model, wakeword_model, wakeword_models

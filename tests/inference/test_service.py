@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh._proto import inference_pb2 as pb
+from mesh.artifacts.signature import DTYPES
 from mesh.inference.fixtures import mlp_model, mlp_signature
 from mesh.inference.runtime import ActivationError
 from mesh.inference.service import MAX_BATCH_REQUESTS, tensor_from_pb
 from mesh.node.local import wait_for
-from mesh.inference.signature import DTYPES
 from tests.inference.conftest import mediapipe_paths, model_input, outputs_of, request_for, signature_of
 from tests.models import mediapipe_model, wakeword_model, wakeword_models
 

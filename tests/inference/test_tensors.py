@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.inference.signature import DTYPES, ModelSignature, TensorSpec
+from mesh.artifacts.signature import DTYPES, ModelSignature, TensorSpec
 from mesh.inference.tensors import (
     TensorError,
     TensorLimits,

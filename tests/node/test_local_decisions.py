@@ -20,7 +20,7 @@ from mesh.guard.approval import sign_approval
 from mesh.identity.signing import KeyRole, load_signing_key
 from mesh.identity.tls import channel_credentials, secure_channel_options
 from mesh.inference.fixtures import mlp_model
-from mesh.node.local import FAST_TIMINGS, LocalCluster, free_ports, wait_for
+from mesh.node.local import FAST_TIMINGS, LocalCluster, wait_for
 from mesh.node.runtime import Node
 
 pytestmark = pytest.mark.asyncio

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mesh._proto import admin_pb2, admin_pb2_grpc, membership_pb2 as pb, membership_pb2_grpc
+from mesh._proto import admin_pb2, admin_pb2_grpc, membership_pb2_grpc
+from mesh._proto import membership_pb2 as pb
 from mesh.identity.tls import channel_credentials, secure_channel_options
 from mesh.membership import wire
 from mesh.node.local import FAST_TIMINGS, free_ports, spawn_node_process, write_node_config

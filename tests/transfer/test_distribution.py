@@ -10,15 +10,15 @@ import subprocess
 
 import pytest
 
-from mesh.artifacts.manifest import Manifest, SignedManifest
 from mesh.artifacts.chunking import ChunkParams
-from mesh.artifacts.store import TMP_PREFIX, ArtifactStore, StoreError
+from mesh.artifacts.manifest import Manifest, SignedManifest
 from mesh.artifacts.publish import delta, publish
+from mesh.artifacts.store import TMP_PREFIX, ArtifactStore, StoreError
 from mesh.identity.signing import KeyRole, load_signing_key
-from mesh.node.local import wait_for
-from mesh.transfer.distributor import Phase
 from mesh.membership.messages import State
+from mesh.node.local import wait_for
 from mesh.node.runtime import Node
+from mesh.transfer.distributor import Phase
 from tests.models import mediapipe_model, wakeword_model
 
 pytestmark = pytest.mark.asyncio

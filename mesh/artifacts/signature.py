@@ -1,10 +1,12 @@
 """A model's input/output signature: what a manifest promises and what the
 runtime checks a loaded model and every request against.
 
-Pure data and codec; reading a signature from a loaded interpreter lives with
-the backends. The dict form is what goes into a signed manifest, so it is
-stable and canonical-JSON friendly (ints, strings, lists; floats only for
-quantisation scales).
+Pure data and codec. It lives with the artifacts because a manifest carries it;
+the inference package imports it from here (never the other way round), and
+its backends build one from a loaded interpreter with `signature_from_details`.
+The dict form is what goes into a signed manifest, so it is stable and
+canonical-JSON friendly (ints, strings, lists; floats only for quantisation
+scales).
 """
 
 from __future__ import annotations

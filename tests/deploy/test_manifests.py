@@ -318,3 +318,15 @@ def test_the_recipe_check_catches_a_wrong_run_command(script):
     recipe["Manifests"][0]["Lifecycle"]["Run"]["Script"] = script
     with pytest.raises(AssertionError):
         assert_names_mesh_command(recipe_run_argv(recipe))
+
+
+def test_readme_lists_the_files_that_exist_and_covers_each_platform():
+    readme = (DEPLOY / "README.md").read_text()
+    listed = re.findall(r"^\| `([^`]+)` \|", readme, re.M)
+    assert listed
+    for name in listed:
+        assert (DEPLOY / name).exists(), f"deploy/README.md lists {name}, which does not exist"
+    for heading in ("## 1. The fleet", "## 2. K3s", "## 3. KubeEdge", "## 4. AWS IoT Greengrass",
+                    "## 5. A plain systemd device", "## Probes", "## Monitoring"):
+        assert heading in readme
+    assert "mesh fleet init" in readme

@@ -286,3 +286,21 @@ async def test_every_catalogued_metric_is_served_by_a_running_node(cluster):
     served = await running_node_metrics(cluster)
     missing = sorted(e.name for e in catalogue().values() if not e.sample_names() <= served)
     assert not missing, f"METRICS.md lists metrics a running node does not serve: {missing}"
+
+
+@needs_promtool
+def test_prometheus_config_example_passes_promtool(tmp_path):
+    """Debian's promtool is built without Kubernetes discovery, so the pods job is checked by
+    shape here and the rest of the file by promtool."""
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    for job in jobs.values():
+        assert {"target_label": "job", "replacement": "fleetmesh"} in job["relabel_configs"], \
+            f"{job['job_name']} must label its targets job=fleetmesh, as the alert rules expect"
+    pods = jobs.pop("fleetmesh-pods")
+    assert pods["kubernetes_sd_configs"] == [{"role": "pod", "namespaces": {"names": ["fleetmesh"]}}]
+    config["scrape_configs"] = list(jobs.values())
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    shutil.copy(ALERTS, tmp_path / "alerts.yml")
+    done = promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 MODELS := .cache/models
 MEDIAPIPE_STAMP := $(MODELS)/mediapipe/.stamp
 
-.PHONY: install models demo test test-tflite-runtime bench protos lint clean
+.PHONY: install models demo test test-tflite-runtime bench protos lint clean deps-apt
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "fleetmesh needs Python >= 3.11"'
@@ -34,7 +34,15 @@ models: $(MEDIAPIPE_STAMP)
 demo: install models
 	$(BIN)/mesh demo
 
-test: install models
+# Debian packages the tests use: promtool (in `prometheus`) checks and unit-tests the alert
+# rules. Installed only when missing; with --no-install-recommends, and no init system in CI
+# containers, nothing is started.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+deps-apt:
+	@command -v promtool >/dev/null || { $(SUDO) apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+
+test: install models deps-apt
 	$(BIN)/python -m pytest
 	$(MAKE) test-tflite-runtime
 

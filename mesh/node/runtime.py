@@ -33,7 +33,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from mesh._proto import (
     admin_pb2,
@@ -68,6 +67,7 @@ from mesh.node.config import NodeConfig, parse_host_port
 from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
 from mesh.node.metrics import MembershipCollector, NodeMetrics
 from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
+from mesh.node.probes import Heartbeat, ProbeBindError, ProbeServer, sd_notify, watchdog_pinger
 from mesh.node.streams import RoutedInference, StreamReassigner, claim_streams, watch_overload
 from mesh.retry import Backoff
 from mesh.transfer.distributor import Distributor, TransferSettings
@@ -118,7 +118,8 @@ class _Parts:
     group: SiteGroup | None
     reassigner: StreamReassigner | None
     routed_inference: RoutedInference
-    metrics_http: Any = None
+    heartbeat: Heartbeat
+    probes: ProbeServer | None = None
     metrics_port: int | None = None
 
 
@@ -282,26 +283,29 @@ class Node:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server)
+        # The loop's heartbeat: /healthz reads it, and it pings systemd's watchdog when there is one.
+        heartbeat = Heartbeat(loop, on_beat=watchdog_pinger())
         self._parts = _Parts(server=server, address=address, channels=channels, health=health, runner=runner,
                              view=view, store=store, transfer=transfer, distributor=distributor,
                              inference=inference, activator=activator, group=group, reassigner=reassigner,
-                             routed_inference=routed)
+                             routed_inference=routed, heartbeat=heartbeat)
         try:
             await server.start()
             for name in ("", *SERVICE_NAMES):
                 await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            heartbeat.start()
             if self._serve_metrics and config.metrics_listen:
                 mhost, mport = parse_host_port(config.metrics_listen)
+                probes = ProbeServer(self.metrics.registry, readiness=self.readiness, heartbeat=heartbeat)
                 try:
-                    self._parts.metrics_http, _ = start_http_server(mport, addr=mhost,
-                                                                    registry=self.metrics.registry)
-                except OSError as exc:
-                    raise NodeStartError(f"cannot serve metrics on {config.metrics_listen}: "
-                                         f"{exc.strerror or exc}; free the port or change metrics_listen") from None
-                self._parts.metrics_port = self._parts.metrics_http.server_port
+                    self._parts.metrics_port = probes.start(mhost, mport)
+                except ProbeBindError as exc:
+                    raise NodeStartError(str(exc)) from None
+                self._parts.probes = probes
         except BaseException:
             await self.stop(leave=False)  # nothing joined yet: release the port, the group, the threads
             raise
+        sd_notify("READY=1")  # serving; joining the fleet is what /readyz reports
 
         runner.start(list(config.seeds))
         distributor.start()
@@ -376,6 +380,22 @@ class Node:
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=f"{name}-{self.config.node_id}"))
 
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Whether this node is ready for traffic, and why not: it has joined the fleet (sees a
+        live peer, unless it is the only node configured), a model is active when one is
+        configured, and its site group has a leader when it has [raft]. Runs on the loop."""
+        parts = self._parts
+        if parts is None or self._stopped:
+            return False, ["the node is not running"]
+        reasons = []
+        if self.config.seeds and parts.view.live_count() < 2:
+            reasons.append(f"not joined: no live peer seen yet (seeds {', '.join(self.config.seeds)})")
+        if parts.activator is not None and parts.inference is not None and parts.inference.active is None:
+            reasons.append(f"no version of model {parts.activator.model} is active yet")
+        if parts.group is not None and parts.group.raft.leader_id is None:
+            reasons.append(f"Raft group {parts.group.group} has no leader known to this node")
+        return not reasons, reasons
+
     # -- admin rows ---------------------------------------------------------------------------
 
     def _model_rows(self) -> list[dict]:
@@ -408,6 +428,7 @@ class Node:
             return
         self._stopped = True
         parts = self._parts
+        sd_notify("STOPPING=1")
         if leave:
             await parts.health.enter_graceful_shutdown()
             try:
@@ -429,9 +450,9 @@ class Node:
         await parts.channels.close()
         if parts.inference is not None:
             parts.inference.close()
-        if parts.metrics_http is not None:
-            parts.metrics_http.shutdown()
-            parts.metrics_http.server_close()
+        if parts.probes is not None:
+            parts.probes.stop()
+        parts.heartbeat.stop()
         log.info("node %s stopped", self.config.node_id)
 
     async def run_until_signalled(self) -> None:

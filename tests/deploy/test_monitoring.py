@@ -14,7 +14,6 @@ import pytest
 import yaml
 
 from mesh.consensus.config import RaftSection
-from mesh.node.local import free_address
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS = REPO / "deploy" / "prometheus"
@@ -227,9 +226,8 @@ def registry_sample_names(registry) -> set[str]:
 async def running_node_metrics(cluster) -> set[str]:
     """Sample names a started node's registry serves, with every optional part configured (inference,
     a one-member site group that elects itself), so each subsystem's metrics can be there."""
-    raft = free_address()
     c = await cluster(1, inference={"model": "none-yet", "workers": 1},
-                      raft=RaftSection(listen=raft, members=[raft]))
+                      raft=RaftSection(members=["node-00"]))
     node = next(iter(c.nodes.values()))
     await node.group.raft.wait_for_leader(30.0)
     return registry_sample_names(node.metrics.registry)

@@ -596,9 +596,9 @@ def _move(
     else:
         assert isinstance(target, RolloutState)
         after = dataclasses.replace(after, state=target, reason=reason or after.reason)
-        if target is S.PAUSED:
+        if target is S.PAUSED and rollout.state is not S.PAUSED:
             after = dataclasses.replace(after, paused_from=rollout.state)
-        elif rollout.state is S.PAUSED:
+        elif target is not S.PAUSED:
             after = dataclasses.replace(after, paused_from=None)
     if marks is not None:
         after = dataclasses.replace(after, marks=marks)
@@ -907,9 +907,7 @@ def decode_command(data: object) -> _Decoded:
     )
     now = number(d["now"], f"{cmd}.now", RolloutStateError)
     rollout_id = d.get("rollout_id")
-    if rollout_id is not None and (
-        not isinstance(rollout_id, str) or not ROLLOUT_ID_RE.fullmatch(rollout_id)
-    ):
+    if "rollout_id" in d and (not isinstance(rollout_id, str) or not ROLLOUT_ID_RE.fullmatch(rollout_id)):
         raise RolloutStateError(f"{cmd}.rollout_id: {str(rollout_id)[:80]!r} is not a rollout id")
     try:
         if cmd == "rollout_plan":

@@ -80,8 +80,11 @@ def test_signed_plan_round_trips_and_verifies():
     assert verify_plan(again, TRUSTED, now=T0 + 1) == PLAN
     assert len(PLAN.digest) == 64
     # The defaults an operator expects: 1%, 10%, 100% at 5% errors, approval above 10%, prefetch on.
-    kept = {f.name: getattr(PLAN, f.name) for f in dataclasses.fields(PLAN)
-            if f.name not in ("waves", "autonomous_scope", "prefetch", "selector")}
+    kept = {
+        f.name: getattr(PLAN, f.name)
+        for f in dataclasses.fields(PLAN)
+        if f.name not in ("waves", "autonomous_scope", "prefetch", "selector")
+    }
     default = RolloutPlan(**kept)
     assert [w.label for w in default.waves] == ["1%", "10%", "100%"]
     assert [w.max_error_rate for w in default.waves] == [0.05] * 3
@@ -166,8 +169,12 @@ def test_any_field_replaced_by_any_json_is_refused_or_parses_to_a_canonical_plan
     doc = json.loads(signed(PLAN).to_json())
     plan_doc = doc["plan"]
     where = data.draw(st.sampled_from(["plan", "wave", "skew", "scope"]))
-    target = {"plan": plan_doc, "wave": plan_doc["waves"][0], "skew": plan_doc["skew"],
-              "scope": plan_doc["autonomous_scope"]}[where]
+    target = {
+        "plan": plan_doc,
+        "wave": plan_doc["waves"][0],
+        "skew": plan_doc["skew"],
+        "scope": plan_doc["autonomous_scope"],
+    }[where]
     key = data.draw(st.sampled_from(sorted(target)))
     target[key] = data.draw(json_values(max_leaves=5))
     try:
@@ -199,13 +206,21 @@ def plans(draw):
         )
         for s in shares
     )
-    labels = draw(st.dictionaries(st.from_regex(r"[a-z][a-z_]{0,10}", fullmatch=True),
-                                  st.lists(st.from_regex(r"[a-z0-9][a-z0-9-]{0,8}", fullmatch=True),
-                                           min_size=1, max_size=3, unique=True), max_size=3))
+    labels = draw(
+        st.dictionaries(
+            st.from_regex(r"[a-z][a-z_]{0,10}", fullmatch=True),
+            st.lists(
+                st.from_regex(r"[a-z0-9][a-z0-9-]{0,8}", fullmatch=True), min_size=1, max_size=3, unique=True
+            ),
+            max_size=3,
+        )
+    )
     return make_plan(
         rollout_id=draw(st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True)),
-        plan_waves=ws, selector=Selector.of(**labels),
-        created_at=draw(st.floats(0, 2e9)), ttl_s=draw(st.floats(1, 90 * 24 * 3600)),
+        plan_waves=ws,
+        selector=Selector.of(**labels),
+        created_at=draw(st.floats(0, 2e9)),
+        ttl_s=draw(st.floats(1, 90 * 24 * 3600)),
         prefetch=draw(st.sampled_from(PrefetchPolicy)),
     )
 
@@ -254,7 +269,9 @@ def test_a_plan_signed_by_any_other_key_is_refused_naming_the_key(key, reason, f
 
 def test_a_plan_changed_after_signing_is_refused_as_forged():
     s = signed(PLAN)
-    wider = dataclasses.replace(PLAN, autonomous_scope=dataclasses.replace(PLAN.autonomous_scope, max_share_ppm=PPM))
+    wider = dataclasses.replace(
+        PLAN, autonomous_scope=dataclasses.replace(PLAN.autonomous_scope, max_share_ppm=PPM)
+    )
     with pytest.raises(PlanSignatureError) as info:
         verify_plan(SignedPlan(wider, s.publisher_signature), TRUSTED)
     assert info.value.reason == "forged" and PUBLISHER.key_id in str(info.value)
@@ -309,7 +326,10 @@ def _flip(cmd: RolloutCommand) -> RolloutCommand:
         (lambda: command(PLAN, CommandAction.APPROVE, wave=3, key=ROGUE_OPERATOR), UnknownCommandKey),
         (lambda: _flip(command(PLAN, CommandAction.APPROVE, wave=3)), ForgedCommand),
         (lambda: dataclasses.replace(command(PLAN, CommandAction.APPROVE, wave=2), wave=3), ForgedCommand),
-        (lambda: dataclasses.replace(command(PLAN, CommandAction.PAUSE), action=CommandAction.RESUME), ForgedCommand),
+        (
+            lambda: dataclasses.replace(command(PLAN, CommandAction.PAUSE), action=CommandAction.RESUME),
+            ForgedCommand,
+        ),
         (lambda: command(make_plan(target="3.0"), CommandAction.APPROVE, wave=3), WrongRollout),
         (lambda: command(PLAN, CommandAction.APPROVE, wave=4), WrongRollout),
         (lambda: command(PLAN, CommandAction.ABORT, ttl_s=50), ExpiredCommand),
@@ -355,7 +375,9 @@ def test_any_json_is_refused_as_a_malformed_command(doc):
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(sorted(command(PLAN, CommandAction.APPROVE, wave=2).to_dict())), json_values(max_leaves=4))
+@given(
+    st.sampled_from(sorted(command(PLAN, CommandAction.APPROVE, wave=2).to_dict())), json_values(max_leaves=4)
+)
 def test_any_command_field_replaced_is_refused_or_fails_verification(key, value):
     doc = command(PLAN, CommandAction.APPROVE, wave=2).to_dict()
     if doc[key] == value:

@@ -336,10 +336,9 @@ def decode_node_health(data: object) -> NodeHealth:
         health = NodeHealth(tuple(entries), tuple(skips))
     except PlanFormatError as exc:
         raise HealthFormatError(f"node health: {exc}") from None
-    if encode_node_health(health) != data:
-        raise HealthFormatError(
-            "node health is not in canonical form (entries out of order or padded varints)"
-        )
+    # With minimal varints, the only other spelling of the same health is another order of its entries.
+    if health.versions != tuple(entries) or health.skips != tuple(skips):
+        raise HealthFormatError("node health is not in canonical form (entries out of order)")
     return health
 
 
@@ -382,6 +381,10 @@ class _Reader:
             b = self.byte()
             value |= (b & 0x7F) << shift
             if not b & 0x80:
+                if b == 0 and shift:
+                    raise HealthFormatError(
+                        "node health is not in canonical form (a number padded with zeros)"
+                    )
                 break
             shift += 7
             if shift > 63:
@@ -554,6 +557,10 @@ class GateVerdict:
     measured: Totals = Totals()  # target, every cohort device's window (reachable or not) plus evidence
     soaked: Totals = Totals()  # target, reachable devices that served it the whole soak (what may PASS)
     baseline: Totals = Totals()  # baseline, reachable devices outside the cohort
+    # `measured` and `soaked` of this site's own devices, without other sites' evidence: what this site may
+    # tell others (relaying what it heard would count every site again at every hop).
+    own_measured: Totals = Totals()
+    own_soaked: Totals = Totals()
     cohort_size: int = 0
     unreachable: tuple[str, ...] = ()
     failed_activation: tuple[str, ...] = ()
@@ -596,8 +603,8 @@ class GateVerdict:
             site,
             self.rollout_id,
             self.wave,
-            self.measured,
-            self.soaked,
+            self.own_measured,
+            self.own_soaked,
             len(self.failed_activation),
             len(self.unreachable) if unreachable_count is None else unreachable_count,
         )
@@ -613,6 +620,8 @@ class GateVerdict:
             "measured": self.measured.to_list(),
             "soaked": self.soaked.to_list(),
             "baseline": self.baseline.to_list(),
+            "own_measured": self.own_measured.to_list(),
+            "own_soaked": self.own_soaked.to_list(),
             "cohort_size": self.cohort_size,
             "unreachable": list(self.unreachable),
             "failed_activation": list(self.failed_activation),
@@ -662,6 +671,8 @@ class GateVerdict:
             measured=Totals.from_list(d["measured"], "verdict.measured"),
             soaked=Totals.from_list(d["soaked"], "verdict.soaked"),
             baseline=Totals.from_list(d["baseline"], "verdict.baseline"),
+            own_measured=Totals.from_list(d["own_measured"], "verdict.own_measured"),
+            own_soaked=Totals.from_list(d["own_soaked"], "verdict.own_soaked"),
             cohort_size=d["cohort_size"],
             deadline_passed=d["deadline_passed"],
             marks=tuple(marks),
@@ -680,6 +691,8 @@ _VERDICT_FIELDS = frozenset(
         "measured",
         "soaked",
         "baseline",
+        "own_measured",
+        "own_soaked",
         "cohort_size",
         "unreachable",
         "failed_activation",
@@ -765,6 +778,7 @@ def evaluate_gate(
         reachable_target += Totals(window.requests, window.errors, 1)
         if window.active_ms >= soak_ms:
             soaked += Totals(window.requests, window.errors, 1)
+    own_measured, own_soaked = measured, soaked
     remote_failures = 0
     for evidence in remote:
         if evidence.rollout_id != plan.rollout_id or evidence.site == site:
@@ -790,6 +804,8 @@ def evaluate_gate(
             measured=measured,
             soaked=soaked,
             baseline=baseline,
+            own_measured=own_measured,
+            own_soaked=own_soaked,
             cohort_size=len(members),
             unreachable=tuple(unreachable[:MAX_LISTED]),
             failed_activation=tuple(failed[:MAX_LISTED]),

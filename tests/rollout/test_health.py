@@ -380,3 +380,21 @@ def test_marks_parse_strictly():
         with pytest.raises(HealthFormatError):
             Mark.from_list(bad, "m")
     assert DeviceReport.from_health("n1", True, None, PLAN) == DeviceReport("n1", True)
+
+
+def test_entries_out_of_order_are_a_second_spelling_and_refused():
+    first, second = counters(10, version="1.0"), counters(20, version="2.0")
+    body = [encode_node_health(NodeHealth((c,)))[2:-1] for c in (first, second)]
+    in_order = b"\x01\x02" + body[0] + body[1] + b"\x00"
+    assert decode_node_health(in_order) == NodeHealth((first, second))
+    with pytest.raises(HealthFormatError, match="out of order"):
+        decode_node_health(b"\x01\x02" + body[1] + body[0] + b"\x00")
+
+
+def test_a_site_tells_others_only_what_its_own_devices_measured():
+    # Relaying what it heard would count site b again at every hop (the fleet simulation found this).
+    heard = SiteEvidence("b", PLAN.rollout_id, 1, Totals(300, 3, 3), Totals(300, 3, 3))
+    verdict = gate([report("c1", (150, 1))], remote=[heard])
+    assert verdict.soaked == Totals(450, 4, 4)
+    told = verdict.evidence("a")
+    assert (told.measured, told.soaked) == (Totals(150, 1, 1), Totals(150, 1, 1))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
 from typing import Any
 
 
@@ -94,10 +93,6 @@ def text(value: object, where: str, error: type[Exception], max_chars: int) -> s
     except UnicodeEncodeError:
         raise error(f"{where}: text that UTF-8 cannot encode") from None
     return value
-
-
-def frozen_mapping(items: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted(items.items()))
 
 
 def _refuse_constant(name: str) -> Any:

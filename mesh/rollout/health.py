@@ -51,7 +51,7 @@ from mesh.rollout.plan import (
     RolloutError,
     RolloutPlan,
     SkipKind,
-    _name,
+    check_name_field,
 )
 
 HEALTH_CODEC_VERSION = 1
@@ -126,8 +126,8 @@ class VersionCounters:
     latency_sum_ms: int
 
     def __post_init__(self) -> None:
-        _name(self.model, "health.model")
-        _name(self.version, "health.version")
+        check_name_field(self.model, "health.model")
+        check_name_field(self.version, "health.version")
         where = f"health of {self.model} {self.version}"
         for name in ("epoch", "requests", "active_ms", "latency_sum_ms"):
             integer(getattr(self, name), f"{where}: {name}", HealthFormatError, maximum=MAX_COUNT)

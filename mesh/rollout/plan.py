@@ -178,7 +178,8 @@ def _sha256(value: object, where: str) -> str:
     return value
 
 
-def _name(value: object, where: str) -> str:
+def check_name_field(value: object, where: str) -> str:
+    """`value` if it is a safe model name or version, else PlanFormatError naming `where`."""
     try:
         return check_name(value, where)
     except ArtifactError as exc:
@@ -439,9 +440,9 @@ class RolloutPlan:
             raise PlanFormatError(
                 f"plan.rollout_id: {self.rollout_id!r} is not a rollout id (expected {ROLLOUT_ID_RE.pattern})"
             )
-        _name(self.model, "plan.model")
-        _name(self.target_version, "plan.target_version")
-        _name(self.baseline_version, "plan.baseline_version")
+        check_name_field(self.model, "plan.model")
+        check_name_field(self.target_version, "plan.target_version")
+        check_name_field(self.baseline_version, "plan.baseline_version")
         if self.target_version == self.baseline_version:
             raise PlanFormatError(
                 f"plan: target and baseline are both version {self.target_version}; "

@@ -703,14 +703,26 @@ def _refused(rollout: SiteRollout, reason: str, message: str, *, key_id: str | N
 
 
 def proposals(
-    plan: RolloutPlan, rollout: SiteRollout, verdict: GateVerdict | None, now: float
+    plan: RolloutPlan,
+    rollout: SiteRollout,
+    verdict: GateVerdict | None,
+    now: float,
+    *,
+    eligible: Iterable[str] | None = None,
+    sizes: tuple[int, ...] | None = None,
 ) -> tuple[Input, ...]:
     """What the site leader should propose now, given the gate's latest verdict (it proposes exactly the
-    inputs that would change the state, so a quiet rollout writes nothing to the Raft log)."""
+    inputs that would change the state, so a quiet rollout writes nothing to the Raft log).
+
+    A PENDING rollout is started with the site's `eligible` devices (and this site's `sizes` per wave
+    when the fleet is apportioned over sites), once the leader knows them.
+    """
     if rollout.state.final:
         return ()
     if plan.expired(now):
         return (Expire(now),)
+    if rollout.state is S.PENDING:
+        return () if eligible is None else (Start(now, tuple(sorted(set(eligible))), sizes),)
     if verdict is None or verdict.rollout_id != plan.rollout_id:
         return ()
     if verdict.outcome is GateOutcome.FAIL and 1 <= verdict.wave <= rollout.wave:

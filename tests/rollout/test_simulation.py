@@ -32,7 +32,6 @@ from mesh.rollout.state import (
     Outcome,
     RolloutLedger,
     RolloutState,
-    Start,
     desired_version,
     encode_input,
     plan_command,
@@ -113,8 +112,15 @@ class Fleet:
         for site, members in self.sites.items():
             rollout = self.state(site)
             if rollout.state is RolloutState.PENDING:
-                start = Start(self.now, tuple(d.node_id for d in members), sizes[site])
-                self.commit(site, encode_input(self.plan.rollout_id, start))
+                for start in proposals(
+                    self.plan,
+                    rollout,
+                    None,
+                    self.now,
+                    eligible=(d.node_id for d in members),
+                    sizes=sizes[site],
+                ):
+                    self.commit(site, encode_input(self.plan.rollout_id, start))
                 continue
             if rollout.state.final:
                 continue

@@ -293,6 +293,10 @@ def test_an_expired_command_is_refused():
 
 
 def test_the_leader_proposes_only_what_changes_the_state():
+    pending = new_rollout(PLAN)
+    assert proposals(PLAN, pending, None, STARTED_AT) == ()
+    (start,) = proposals(PLAN, pending, None, STARTED_AT, eligible=reversed(NODES))
+    assert start == Start(STARTED_AT, tuple(NODES))
     r = started()
     assert proposals(PLAN, r, None, r.updated_at) == ()
     assert proposals(PLAN, r, verdict(r, GateOutcome.INCONCLUSIVE), r.updated_at) == ()

@@ -39,6 +39,8 @@ PURE_CORES = (
     "mesh.consensus.planning",
     "mesh.consensus.wire",
     "mesh.consensus.safe_pickle",
+    "mesh.inference.counts",
+    "mesh.rollout.*",
 )
 # Cores being built elsewhere: checked once they exist.
 PURE_CORES_WHEN_PRESENT = (

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from mesh.inference.health import LATENCY_BUCKETS_S, ErrorKind, VersionHealth
+from mesh.inference.counts import LATENCY_BUCKETS_S, ErrorKind, VersionHealth
 from mesh.rollout._json import expect_object, integer, json_number, number, text
 from mesh.rollout.plan import (
     MAX_WAVES,

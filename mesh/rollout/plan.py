@@ -36,6 +36,7 @@ from fractions import Fraction
 from typing import Any
 
 from mesh.artifacts.manifest import ArtifactError, check_name
+from mesh.artifacts.signature import ModelSignature
 from mesh.identity.signing import (
     KEY_ID_HEX_CHARS,
     SIGNATURE_BYTES,
@@ -48,7 +49,6 @@ from mesh.identity.signing import (
     VerifyKey,
     canonical_json,
 )
-from mesh.inference.signature import ModelSignature
 from mesh.rollout._json import expect_object, integer, json_number, number, strict_json, text
 
 PLAN_FORMAT = 1

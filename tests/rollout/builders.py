@@ -6,7 +6,7 @@ import hashlib
 import itertools
 
 from mesh.identity.signing import KeyRole, SigningKey, TrustedKeys
-from mesh.inference.health import LATENCY_BUCKETS_S
+from mesh.inference.counts import LATENCY_BUCKETS_S
 from mesh.rollout.health import ERROR_KINDS, DeviceReport, NodeHealth, VersionCounters
 from mesh.rollout.plan import (
     CommandAction,

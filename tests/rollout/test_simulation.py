@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mesh.inference.health import LATENCY_BUCKETS_S
+from mesh.inference.counts import LATENCY_BUCKETS_S
 from mesh.rollout.cohort import site_wave_sizes, wave_size
 from mesh.rollout.health import (
     DeviceReport,

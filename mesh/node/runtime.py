@@ -62,6 +62,7 @@ from mesh.inference.runtime import ModelRuntime, NoActiveModel
 from mesh.membership.core import Membership
 from mesh.membership.messages import MemberEvent, labels_from_mapping
 from mesh.membership.service import MembershipServicer, SwimRunner
+from mesh.membership.sections import MetaSections
 from mesh.membership.view import CoreView, MembershipView, fan_out
 from mesh.node.config import NodeConfig, parse_host_port
 from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
@@ -70,7 +71,7 @@ from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
 from mesh.node.probes import Heartbeat, ProbeBindError, ProbeServer, sd_notify, watchdog_pinger
 from mesh.node.streams import RoutedInference, StreamReassigner, claim_streams, watch_overload
 from mesh.retry import Backoff
-from mesh.transfer.distributor import Distributor, TransferSettings
+from mesh.transfer.distributor import HOLDINGS_SECTION, Distributor, TransferSettings
 from mesh.transfer.pacing import Pacer
 from mesh.transfer.service import OriginPolicy, TransferServicer
 
@@ -84,6 +85,11 @@ SERVICE_NAMES = (
     decisions_pb2.DESCRIPTOR.services_by_name["Decisions"].full_name,
     raft_pb2.DESCRIPTOR.services_by_name["Raft"].full_name,
 )
+
+
+# Bytes of membership metadata per capability (the whole blob is at most 2 KiB with the default
+# gossip budget): what versions this node holds takes most of it.
+META_BUDGETS = {HOLDINGS_SECTION: 1400, "health": 256, "rollouts": 256}
 
 
 class _NoInference:
@@ -224,6 +230,8 @@ class Node:
                           # Grows across restarts, so our fresh metadata beats our old self's.
                           meta_version=time.time_ns() // 1_000_000)
         view = CoreView(core)
+        # What this node gossips about itself, one section per capability within its own budget.
+        meta = MetaSections(view, META_BUDGETS)
 
         # Transfer: the store, the origin's egress policy and the service that serves chunks.
         tc = config.transfer
@@ -236,7 +244,8 @@ class Node:
         inference, activator = self._build_inference(store, trusted)
 
         distributor = Distributor(
-            node_id=config.node_id, site=site, store=store, trusted=trusted, view=view, board=view,
+            node_id=config.node_id, site=site, store=store, trusted=trusted, view=view,
+            board=meta.board(HOLDINGS_SECTION),
             dial=lambda address, peer_id: transfer_pb2_grpc.TransferStub(channels.channel(address, peer_id)),
             settings=TransferSettings(max_in_flight_per_peer=tc.max_in_flight_per_peer,
                                       request_timeout_s=tc.request_timeout_s, ban_s=tc.ban_s,

@@ -31,6 +31,7 @@ from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, Sign
 from mesh.artifacts.store import ArtifactStore, BadChunkError, ManifestConflictError, StoreError
 from mesh.identity.signing import TrustedKeys
 from mesh.membership.messages import MemberView, State
+from mesh.membership.sections import MetaError, read_section
 from mesh.membership.view import MembershipView, MetadataBoard
 from mesh.transfer.holdings import Holding, HoldingsError, decode_holdings, encode_holdings
 from mesh.transfer.pacing import Pacer
@@ -47,6 +48,9 @@ log = logging.getLogger("mesh.transfer")
 
 DialTransfer = Callable[[str, str], pb_grpc.TransferStub]
 VersionHook = Callable[[str, str], None]
+
+# The membership metadata section this node's holdings are published in.
+HOLDINGS_SECTION = "holdings"
 
 # How often the store is listed for versions that `mesh model publish` (another process)
 # wrote into it. Publishing is rare and an operator waits seconds for it anyway.
@@ -342,8 +346,8 @@ class Distributor:
                 out.append((member, cached[1]))
                 continue
             try:
-                holdings = decode_holdings(member.meta)
-            except HoldingsError as exc:
+                holdings = decode_holdings(read_section(member.meta, HOLDINGS_SECTION))
+            except (HoldingsError, MetaError) as exc:
                 if member.node_id not in self._bad_meta_logged:
                     self._bad_meta_logged.add(member.node_id)
                     log.warning("ignoring holdings of %s: %s", member.node_id, exc)

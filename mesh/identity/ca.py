@@ -49,7 +49,9 @@ from mesh.identity.signing import (
 
 FORMAT = 1
 CA_VALIDITY_DAYS = 3650
-LEAF_VALIDITY_DAYS = 365
+# Node and operator certificates: short enough that a lost device's certificate dies on its own,
+# long enough for devices that are offline for weeks; `mesh fleet renew` issues the next one.
+LEAF_VALIDITY_DAYS = 90
 # Certificates start a little in the past so a device whose clock runs slightly
 # behind the CA's accepts them right away.
 _BACKDATE = timedelta(minutes=5)

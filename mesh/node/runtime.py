@@ -211,6 +211,10 @@ class Node:
     def inference_servicer(self) -> RoutedInference:
         return self._started.routed_inference
 
+    @property
+    def trust(self) -> TrustStore:
+        return self._started.trust
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -396,6 +396,7 @@ class Node:
 
     def _start_tasks(self, parts: _Parts) -> None:
         config = self.config
+        self._spawn(watch_certificate_expiry(self.credentials), "certificate-expiry")
         if parts.activator is not None:
             self._spawn(parts.activator.run(), "activation")
         group = parts.group
@@ -506,6 +507,31 @@ class Node:
 
 def _ignore_version(name: str, version: str) -> None:
     return None
+
+
+# Warn this long before the node's own certificate expires (and again every CERT_CHECK_INTERVAL_S).
+CERT_WARN_BEFORE_S = 14 * 86400
+CERT_CHECK_INTERVAL_S = 6 * 3600
+
+
+def certificate_expiry(credentials: Credentials) -> float:
+    """When this node's certificate stops being valid (seconds since the epoch)."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(credentials.cert_path.read_bytes())
+    return cert.not_valid_after_utc.timestamp()
+
+
+async def watch_certificate_expiry(credentials: Credentials) -> None:
+    """Log a warning while the node's certificate is within CERT_WARN_BEFORE_S of expiring: peers
+    refuse an expired certificate, so an unrenewed device drops out of the fleet on that day."""
+    while True:
+        left_s = certificate_expiry(credentials) - time.time()
+        if left_s < CERT_WARN_BEFORE_S:
+            log.warning("this node's certificate %s expires in %.1f days; peers refuse it from then on: renew it "
+                        "with `mesh fleet renew %s` and install the new cert.pem and key.pem", credentials.cert_path,
+                        max(left_s, 0) / 86400, credentials.name)
+        await asyncio.sleep(CERT_CHECK_INTERVAL_S)  # a check period, not synchronisation
 
 
 def check_identity(config: NodeConfig, credentials: Credentials) -> None:

@@ -265,3 +265,16 @@ def test_a_node_with_a_raft_group_listens_only_with_tls_besides_its_probe_port(f
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.mark.asyncio
+async def test_a_node_warns_when_its_certificate_is_about_to_expire(fleet, tmp_path, caplog):
+    from mesh.identity.ca import enroll
+    from mesh.node.runtime import watch_certificate_expiry
+
+    creds = enroll(fleet.directory, "node-31", out_dir=tmp_path / "short", validity_days=3)
+    task = asyncio.create_task(watch_certificate_expiry(creds))
+    await wait_for(lambda: any("expires in" in r.getMessage() for r in caplog.records), 5.0, what="a warning")
+    task.cancel()
+    message = next(r.getMessage() for r in caplog.records if "expires in" in r.getMessage())
+    assert "mesh fleet renew node-31" in message and ("2.9 days" in message or "3.0 days" in message)

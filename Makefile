@@ -56,6 +56,11 @@ bench: install models
 	$(BIN)/python bench/distribution.py
 	$(BIN)/python bench/inference.py
 
+# ruff (style, imports, bugbear, pyupgrade, simplify) and mypy (strict on the pure cores), as CI runs them.
+lint: install
+	$(BIN)/ruff check mesh tests bench chaos protos scripts
+	$(BIN)/mypy mesh
+
 protos: install
 	$(BIN)/python protos/generate.py
 

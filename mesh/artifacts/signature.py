@@ -18,6 +18,9 @@ from typing import Any
 DTYPES = ("float32", "float16", "int8", "uint8", "int16", "int32", "int64", "bool")
 
 
+_SIGNATURE_FIELDS = frozenset({"inputs", "outputs", "allow_non_finite_inputs"})
+
+
 class SignatureError(ValueError):
     """A signature document is malformed, or a model does not match its signature."""
 
@@ -80,7 +83,8 @@ class TensorSpec:
         if other.dtype != self.dtype:
             return f"tensor {self.name!r} has dtype {other.dtype}, expected {self.dtype}"
         if len(other.shape) != len(self.shape) or any(
-                want != -1 and got != -1 and want != got for want, got in zip(self.shape, other.shape)):
+                want != -1 and got != -1 and want != got
+                for want, got in zip(self.shape, other.shape, strict=True)):
             return f"tensor {self.name!r} has shape {list(other.shape)}, expected {list(self.shape)}"
         if self.quantized and (abs(other.scale - self.scale) > 1e-9 * max(1.0, abs(self.scale))
                                or other.zero_point != self.zero_point):
@@ -91,27 +95,49 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ModelSignature:
+    """A model's tensors and the publisher's policy for requests to it.
+
+    `allow_non_finite_inputs`: whether a request may carry NaN or infinity in a
+    float input (a model that reads NaN as "missing"). Off by default: nodes then
+    refuse such requests as invalid input before they reach the model. The model
+    file does not carry this (only the manifest does), so `mismatch` ignores it.
+    """
+
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    allow_non_finite_inputs: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.allow_non_finite_inputs, bool):
+            raise SignatureError(f"allow_non_finite_inputs must be true or false, "
+                                 f"got {self.allow_non_finite_inputs!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+        out: dict[str, Any] = {"inputs": [t.to_dict() for t in self.inputs],
+                               "outputs": [t.to_dict() for t in self.outputs]}
+        # Written only when set, so the signed form of every existing manifest is unchanged.
+        if self.allow_non_finite_inputs:
+            out["allow_non_finite_inputs"] = True
+        return out
 
     @classmethod
     def from_dict(cls, raw: Any) -> ModelSignature:
-        if not isinstance(raw, dict) or set(raw) != {"inputs", "outputs"}:
-            raise SignatureError("signature must be an object with exactly 'inputs' and 'outputs'")
+        if not isinstance(raw, dict) or not {"inputs", "outputs"} <= set(raw) <= _SIGNATURE_FIELDS:
+            raise SignatureError("signature must be an object with 'inputs' and 'outputs' "
+                                 "(and optionally 'allow_non_finite_inputs'), nothing else")
         if not isinstance(raw["inputs"], list) or not isinstance(raw["outputs"], list):
             raise SignatureError("signature inputs and outputs must be lists")
         return cls(inputs=tuple(TensorSpec.from_dict(t) for t in raw["inputs"]),
-                   outputs=tuple(TensorSpec.from_dict(t) for t in raw["outputs"]))
+                   outputs=tuple(TensorSpec.from_dict(t) for t in raw["outputs"]),
+                   allow_non_finite_inputs=raw.get("allow_non_finite_inputs", False))
 
     def mismatch(self, loaded: ModelSignature) -> str | None:
-        """None when a loaded model's signature fits this one, else the first difference."""
-        for kind, want, got in (("inputs", self.inputs, loaded.inputs), ("outputs", self.outputs, loaded.outputs)):
+        """None when a loaded model's tensors fit this signature's, else the first difference."""
+        for kind, want, got in (("inputs", self.inputs, loaded.inputs),
+                                ("outputs", self.outputs, loaded.outputs)):
             if len(want) != len(got):
                 return f"model has {len(got)} {kind}, signature says {len(want)}"
-            for w, g in zip(want, got):
+            for w, g in zip(want, got, strict=True):
                 problem = w.matches(g)
                 if problem:
                     return problem

@@ -46,8 +46,11 @@ _OPTIMIZE_EPILOG = """Example:
 
   mesh model optimize detector.tflite detector-int8.tflite --int8 --calibration samples.npz
 
+  mesh model optimize detector.tflite detector-int8.tflite --int8 --calibration samples.npz --io-dtype float32
+
 samples.npz holds one array per input name (or arr_0, arr_1, ...) shaped (samples, *input_shape), \
-taken from real inputs."""
+taken from real inputs. With --io-dtype float32 the INT8 model keeps the float model's signature, so it \
+can be published as a new version of the same model (and rolled out to some devices only)."""
 
 
 @click.group(context_settings=CONTEXT)
@@ -250,14 +253,16 @@ def _watch_models(client: Any, resp: Any, *, address: str, version: str | None, 
               help="Representative inputs (.npz) for calibration and for the agreement check.")
 @click.option("--tolerance", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.05, show_default=True,
               help="Largest allowed output error, as a fraction of each float output's range.")
+@click.option("--io-dtype", type=click.Choice(["int8", "float32"]), default="int8", show_default=True,
+              help="Input and output type of the INT8 model; float32 keeps the float model's signature.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def model_optimize(in_file: Path, out_file: Path, int8: bool, calibration: Path, tolerance: float,
-                   as_json: bool) -> None:
+                   io_dtype: str, as_json: bool) -> None:
     """Quantise a float32 model to INT8 with LiteRT's calibrator; refuse it if outputs disagree."""
     from mesh.inference.optimize import OptimizeError, QuantizationRejected, optimize_file
 
     try:
-        report = optimize_file(in_file, out_file, calibration, tolerance=tolerance)
+        report = optimize_file(in_file, out_file, calibration, tolerance=tolerance, io_dtype=io_dtype)
     except QuantizationRejected as exc:
         if as_json:
             emit_json(exc.report.to_dict())

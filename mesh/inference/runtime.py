@@ -9,7 +9,9 @@ serving and raises `ActivationError` naming the step):
 2. load them into a fresh interpreter, apart from the serving ones (on a
    runtime that can crash on a bad model, first in a child process);
 3. check its signature against the manifest's (names, dtypes, shapes,
-   quantisation);
+   quantisation), and that a request and a response fit in one message
+   (tensors.MAX_MESSAGE_BYTES): a model whose inputs or outputs cannot is
+   refused here rather than failing every request;
 4. invoke once on a deterministic validation input; every float output must
    be finite;
 5. load one interpreter per worker from the same bytes and swap the active
@@ -25,6 +27,7 @@ remembered); `rollback()` is activation of it again, with the same checks.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -47,7 +50,14 @@ from mesh.inference.backend import (
     probe_model,
 )
 from mesh.inference.health import ErrorKind, HealthCounters
-from mesh.inference.tensors import TensorLimits, WireTensor, all_finite, decode_inputs
+from mesh.inference.tensors import (
+    MAX_MESSAGE_BYTES,
+    TensorError,
+    TensorLimits,
+    WireTensor,
+    all_finite,
+    decode_inputs,
+)
 
 log = logging.getLogger("mesh.inference")
 
@@ -147,6 +157,13 @@ class _VersionPool:
             self._idle.put(model)
 
 
+def _min_bytes(spec: TensorSpec) -> int:
+    size = np.dtype(spec.dtype).itemsize
+    for dim in spec.shape:
+        size *= max(dim, 1)
+    return size
+
+
 def default_workers() -> int:
     """One worker per CPU this process may run on."""
     try:
@@ -182,7 +199,8 @@ class ModelRuntime:
         self.backend = backend or load_backend()
         # Probe new models in a child process first (see backend.probe_model); by default only on
         # runtimes known to crash on bad models.
-        self.isolate_load = self.backend.name in CRASH_PRONE_BACKENDS if isolate_load is None else isolate_load
+        self.isolate_load = (self.backend.name in CRASH_PRONE_BACKENDS if isolate_load is None
+                             else isolate_load)
         self.workers = workers or default_workers()
         self.threads_per_interpreter = threads_per_interpreter
         self.max_pending = max_pending or PENDING_PER_WORKER * self.workers
@@ -238,7 +256,8 @@ class ModelRuntime:
             return pool.info
 
     def rollback(self) -> ModelVersion:
-        """Activate the previous version again (same checks); the version rolled back from becomes previous."""
+        """Activate the previous version again (same checks); the version rolled back from becomes
+        previous."""
         target = self._previous
         if target is None:
             raise NoActiveModel("no previous model version to roll back to")
@@ -269,13 +288,19 @@ class ModelRuntime:
         problem = expected.mismatch(candidate.signature)
         if problem:
             raise fail("signature", f"{path} does not match its manifest signature: {problem}")
+        too_large = self._beyond_limits(candidate.signature)
+        if too_large:
+            raise fail("limits", too_large)
+        # The file's tensors, the manifest's request policy.
+        signature = dataclasses.replace(candidate.signature,
+                                        allow_non_finite_inputs=expected.allow_non_finite_inputs)
         rng = np.random.default_rng(VALIDATION_SEED)
         inputs = [validation_input(spec, rng) for spec in candidate.signature.inputs]
         try:
             outputs = candidate.invoke(inputs)
         except (ValueError, RuntimeError) as exc:
             raise fail("validation", f"validation invoke raised: {exc}") from None
-        for spec, out in zip(candidate.signature.outputs, outputs):
+        for spec, out in zip(candidate.signature.outputs, outputs, strict=True):
             if not all_finite([out]):
                 raise fail("validation", f"output {spec.name!r} is not finite on the validation input "
                                          f"({int(np.size(out) - np.isfinite(out).sum())} of {np.size(out)} "
@@ -287,9 +312,23 @@ class ModelRuntime:
                       for _ in range(self.workers)]
         except ModelLoadError as exc:
             raise fail("load", f"{path}: {exc}") from None
-        info = ModelVersion(name=name, version=version, path=path, signature=candidate.signature,
+        info = ModelVersion(name=name, version=version, path=path, signature=signature,
                             sha256=digest, size_bytes=len(content))
         return _VersionPool(info, models)
+
+    def _beyond_limits(self, signature: ModelSignature) -> str | None:
+        """Why requests to a model with `signature` could never be served within the request limits
+        (open dimensions counted as 1: the smallest request), or None."""
+        for kind, specs, limit in (("inputs", signature.inputs, self.limits.max_request_bytes),
+                                   ("outputs", signature.outputs, self.limits.max_request_bytes)):
+            sizes = {spec.name: _min_bytes(spec) for spec in specs}
+            largest = max(sizes.values(), default=0)
+            if sum(sizes.values()) > limit or largest > self.limits.max_tensor_bytes:
+                listed = ", ".join(f"{name!r} {size}" for name, size in sizes.items())
+                return (f"its {kind} take at least {sum(sizes.values())} bytes per request ({listed}), more "
+                        f"than one message carries ({limit} bytes of tensors in a "
+                        f"{MAX_MESSAGE_BYTES}-byte gRPC message, mesh.inference.tensors.MAX_MESSAGE_BYTES)")
+        return None
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -306,7 +345,11 @@ class ModelRuntime:
             raise NoActiveModel("no model version is active on this node yet")
         if model and model != pool.info.name:
             raise NoActiveModel(f"this node serves model {pool.info.name!r}, not {model!r}")
-        arrays = decode_inputs(tensors, pool.info.signature, self.limits)
+        try:
+            arrays = decode_inputs(tensors, pool.info.signature, self.limits)
+        except TensorError as exc:
+            self.health.refuse(pool.info.name, pool.info.version, exc.reason)
+            raise
         with self._pending_lock:
             if self._pending >= self.max_pending:
                 raise Overloaded(f"{self._pending} requests already queued for {self.workers} workers "
@@ -325,7 +368,8 @@ class ModelRuntime:
         with self._pending_lock:
             self._pending -= 1
 
-    def infer(self, tensors: list[WireTensor], *, model: str = "", timeout_s: float | None = None) -> InferResult:
+    def infer(self, tensors: list[WireTensor], *, model: str = "",
+              timeout_s: float | None = None) -> InferResult:
         """Blocking `submit(...).result()`."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         return self.submit(tensors, model=model, deadline=deadline).result()
@@ -353,7 +397,8 @@ class ModelRuntime:
             error = ErrorKind.DEADLINE_EXCEEDED
         self.health.record(info.name, info.version, latency_s, error)
         return InferResult(model=info.name, version=info.version, latency_s=latency_s, finite=finite,
-                           outputs=[(spec.name, out) for spec, out in zip(info.signature.outputs, outputs)])
+                           outputs=[(spec.name, out)
+                                    for spec, out in zip(info.signature.outputs, outputs, strict=True)])
 
     def close(self) -> None:
         """Finish queued requests and stop the workers."""

@@ -4,10 +4,14 @@ client-streaming batch), mapping runtime errors to gRPC statuses.
     add_to_server(server, runtime)   # any grpc.aio server (mTLS from mesh.identity.tls)
 
 Status codes: INVALID_ARGUMENT for a tensor that does not fit the active
-signature (the message names the tensor), FAILED_PRECONDITION when no model
-is active, NOT_FOUND when the request names another model, RESOURCE_EXHAUSTED
-when the worker queue or a batch is full, DEADLINE_EXCEEDED when the result
-missed the call's deadline, INTERNAL when the interpreter fails.
+signature, the request limits or (NaN, infinity) the signature's input policy
+(the message names the tensor), FAILED_PRECONDITION when no model is active,
+NOT_FOUND when the request names another model, RESOURCE_EXHAUSTED when the
+worker queue or a batch is full, or when the outputs would not fit in one
+message, DEADLINE_EXCEEDED when the result missed the call's deadline,
+INTERNAL when the interpreter fails. A request message larger than
+tensors.MAX_MESSAGE_BYTES never reaches this code: gRPC refuses it with
+RESOURCE_EXHAUSTED ("Received message larger than max (N vs. M)").
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from mesh.inference.runtime import (
     NoActiveModel,
     Overloaded,
 )
-from mesh.inference.tensors import TensorError, WireTensor, encode_tensor
+from mesh.inference.tensors import MAX_MESSAGE_BYTES, TensorError, WireTensor, encode_tensor
 
 log = logging.getLogger("mesh.inference")
 
@@ -48,6 +52,18 @@ def result_to_pb(result: InferResult, stream_id: str = "") -> pb.InferResponse:
     return pb.InferResponse(model=result.model, version=result.version, stream_id=stream_id,
                             latency_s=result.latency_s,
                             outputs=[tensor_to_pb(encode_tensor(name, out)) for name, out in result.outputs])
+
+
+def _response(result: InferResult, stream_id: str, max_bytes: int = MAX_MESSAGE_BYTES) -> pb.InferResponse:
+    """`result_to_pb`, refused when it would not fit in one message (outputs of a model whose output
+    shapes depend on its input; fixed ones are checked at activation)."""
+    response = result_to_pb(result, stream_id)
+    size = response.ByteSize()
+    if size > max_bytes:
+        raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"the outputs of model {result.model} {result.version} take {size} bytes, more "
+                       f"than one message carries ({max_bytes}); send smaller inputs")
+    return response
 
 
 class _Refused(Exception):
@@ -106,9 +122,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         caller = await self._caller(context)
         try:
             result = await self._result(self._submit(request, _deadline(context), ""))
+            return _response(result, request.stream_id)
         except _Refused as refused:
             await self._abort(context, caller, "Infer", refused)
-        return result_to_pb(result, request.stream_id)
 
     async def InferBatch(self, request_iterator, context) -> pb.InferBatchResponse:
         caller = await self._caller(context)
@@ -122,9 +138,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 futures.append((self._submit(request, deadline, f"request {len(futures)}: "),
                                 request.stream_id))
             results = [result_to_pb(await self._result(f), stream_id) for f, stream_id in futures]
+            batch = pb.InferBatchResponse(results=results)
+            if batch.ByteSize() > MAX_MESSAGE_BYTES:
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"the batch's {len(results)} results take {batch.ByteSize()} bytes, more than "
+                               f"one message carries ({MAX_MESSAGE_BYTES}); send smaller batches")
+            return batch
         except _Refused as refused:
             await self._abort(context, caller, "InferBatch", refused)
-        return pb.InferBatchResponse(results=results)
 
 
 def _retrieve(future: asyncio.Future) -> None:

@@ -18,10 +18,9 @@ import grpc
 
 from mesh.identity.ca import Credentials, Role
 from mesh.identity.tls import channel_credentials, secure_channel_options
+from mesh.inference.tensors import MAX_MESSAGE_BYTES  # one setting with the Infer request limits
 
 log = logging.getLogger("mesh.node.peers")
-
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 # Keepalive on every node-to-node connection (issue: a connection that died in a partition held
 # unacknowledged data for minutes, TCP's retransmission back-off, and its peer was declared dead

@@ -10,7 +10,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from mesh.artifacts.signature import ModelSignature, TensorSpec
 from mesh.inference.backend import BACKEND_ENV, ModelLoadError, load_backend, probe_model
-from mesh.inference.fixtures import mlp_layers, mlp_model, mlp_reference, mlp_signature
+from mesh.inference.fixtures import (
+    PARTLY_NAN_LAYERS,
+    mlp_layers,
+    mlp_model,
+    mlp_reference,
+    mlp_signature,
+    partly_nan_input,
+    partly_nan_model,
+)
 from mesh.inference.health import HealthCollector
 from mesh.inference.runtime import ActivationError, DeadlineExceeded, NoActiveModel, Overloaded
 from mesh.inference.tensors import TensorError, encode_tensor
@@ -148,24 +156,30 @@ def test_requests_are_checked_against_the_active_signature(make_runtime):
 
 def test_health_counts_requests_errors_and_latency(make_runtime, tmp_path):
     runtime = make_runtime()
-    path = tmp_path / "mlp.tflite"
-    path.write_bytes(mlp_model())
-    runtime.activate("mlp", "1", path, mlp_signature())
-    x = np.ones((1, 128), dtype=np.float32)
+    path = tmp_path / "partly-nan.tflite"
+    path.write_bytes(partly_nan_model())
+    signature = mlp_signature(PARTLY_NAN_LAYERS)
+    runtime.activate("mlp", "1", path, signature)
+    rng = np.random.default_rng(0)
     for _ in range(5):
-        runtime.infer(wire_inputs(mlp_signature(), [x]))
-    # A NaN input makes NaN outputs: served, but counted as an error of this version.
-    nan = runtime.infer(wire_inputs(mlp_signature(), [np.full((1, 128), np.nan, np.float32)]))
+        runtime.infer(wire_inputs(signature, [partly_nan_input(bad=False, rng=rng)]))
+    # An input the model answers with NaN: served, but counted as an error of this version.
+    nan = runtime.infer(wire_inputs(signature, [partly_nan_input(bad=True, rng=rng)]))
     assert not nan.finite
     with pytest.raises(DeadlineExceeded):
-        runtime.submit(wire_inputs(mlp_signature(), [x]), deadline=time.monotonic() - 1).result()
+        runtime.submit(wire_inputs(signature, [partly_nan_input(bad=False, rng=rng)]),
+                       deadline=time.monotonic() - 1).result()
+    # Requests refused before the model (the client's fault) are counted apart, not as errors.
+    with pytest.raises(TensorError):
+        runtime.submit(wire_inputs(signature, [np.full((1, 8), np.nan, np.float32)]))
     health = runtime.health.version("mlp", "1")
     assert health.requests == 7
     assert health.errors == {"exception": 0, "non_finite": 1, "deadline_exceeded": 1}
     assert sum(health.latency_buckets) == 7 and health.latency_sum_s > 0
     assert health.error_rate == pytest.approx(2 / 7)
+    assert runtime.health.refusals() == {("mlp", "1", "non_finite"): 1}
     later = runtime.health.version("mlp", "1")
-    runtime.infer(wire_inputs(mlp_signature(), [x]))
+    runtime.infer(wire_inputs(signature, [partly_nan_input(bad=False, rng=rng)]))
     window = runtime.health.version("mlp", "1").since(later)
     assert (window.requests, window.error_count) == (1, 0)
     assert runtime.health.snapshot()[0].to_dict()["requests"] == 8
@@ -176,6 +190,7 @@ def test_health_counts_requests_errors_and_latency(make_runtime, tmp_path):
     assert 'fleetmesh_inference_requests_total{model="mlp",version="1"} 8.0' in text
     assert 'fleetmesh_inference_errors_total{kind="non_finite",model="mlp",version="1"} 1.0' in text
     assert 'fleetmesh_inference_latency_seconds_count{model="mlp",version="1"} 8.0' in text
+    assert 'fleetmesh_inference_refused_inputs_total{model="mlp",reason="non_finite",version="1"} 1.0' in text
 
 
 def test_full_queue_is_refused_not_buffered(make_runtime):

@@ -3,13 +3,19 @@ allocated."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.artifacts.signature import DTYPES, ModelSignature, TensorSpec
+from mesh.artifacts.signature import DTYPES, ModelSignature, SignatureError, TensorSpec
 from mesh.inference.tensors import (
+    MAX_MESSAGE_BYTES,
+    MESSAGE_OVERHEAD_BYTES,
+    NonFiniteInput,
+    RequestTooLarge,
     TensorError,
     TensorLimits,
     WireTensor,
@@ -90,3 +96,75 @@ def test_arbitrary_tensors_decode_or_raise_tensor_error(tensors):
         return
     assert [a.dtype.name for a in arrays] == ["float32", "int8"]
     assert arrays[0].shape == (1, 4, 4, 3) and arrays[1].shape[1] == 2
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_non_finite_float_input_is_refused_naming_the_tensor(value, dtype):
+    signature = ModelSignature(inputs=(TensorSpec("image", dtype, (1, 4)), TensorSpec("mask", "int8", (1, 2))),
+                               outputs=(TensorSpec("score", "float32", (1, 1)),))
+    image = np.array([[0.5, value, 1.0, value]], dtype=dtype)
+    tensors = [wire("image", image), wire("mask", np.array([[1, 2]], np.int8))]
+    with pytest.raises(NonFiniteInput) as info:
+        decode_inputs(tensors, signature)
+    assert "'image'" in str(info.value) and "2 NaN or infinite value(s) of 4" in str(info.value)
+    assert info.value.reason == "non_finite" and isinstance(info.value, TensorError)
+    allowed = dataclasses.replace(signature, allow_non_finite_inputs=True)
+    decoded, _ = decode_inputs(tensors, allowed)
+    np.testing.assert_array_equal(decoded, image)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(width=32, allow_nan=True, allow_infinity=True), min_size=4, max_size=4))
+def test_a_float_input_is_refused_exactly_when_it_holds_a_non_finite_value(values):
+    signature = ModelSignature(inputs=(TensorSpec("x", "float32", (1, 4)),), outputs=SIG.outputs)
+    array = np.array([values], dtype=np.float32)
+    if np.isfinite(array).all():
+        np.testing.assert_array_equal(decode_inputs([wire("x", array)], signature)[0], array)
+    else:
+        with pytest.raises(NonFiniteInput, match="'x'"):
+            decode_inputs([wire("x", array)], signature)
+
+
+def test_request_limits_fit_in_one_message():
+    limits = TensorLimits()
+    assert limits.max_request_bytes + MESSAGE_OVERHEAD_BYTES <= MAX_MESSAGE_BYTES
+    assert limits.max_tensor_bytes <= limits.max_request_bytes
+
+
+def test_a_request_whose_tensors_together_exceed_the_limit_is_refused():
+    limits = TensorLimits(max_tensor_bytes=200, max_request_bytes=197)
+    with pytest.raises(RequestTooLarge) as info:
+        decode_inputs(valid(), SIG, limits)  # 192 + 6 bytes fit alone, not together
+    assert "198 bytes" in str(info.value) and "'image' 192" in str(info.value) and "197 bytes one request" in str(info.value)
+    assert info.value.reason == "too_large"
+    with pytest.raises(RequestTooLarge, match="'image'.*more than the limit of 100"):
+        decode_inputs(valid(), SIG, TensorLimits(max_tensor_bytes=100))
+
+
+def test_signature_policy_flag_round_trips_and_is_written_only_when_set():
+    assert "allow_non_finite_inputs" not in SIG.to_dict()
+    assert ModelSignature.from_dict(SIG.to_dict()) == SIG
+    allowed = dataclasses.replace(SIG, allow_non_finite_inputs=True)
+    assert allowed.to_dict()["allow_non_finite_inputs"] is True
+    assert ModelSignature.from_dict(allowed.to_dict()) == allowed
+    # The file never carries the flag: a loaded model matches a manifest either way.
+    assert allowed.mismatch(SIG) is None and SIG.mismatch(allowed) is None
+    for bad in ({**SIG.to_dict(), "allow_non_finite_inputs": "yes"}, {**SIG.to_dict(), "allow_nan": True}):
+        with pytest.raises(SignatureError):
+            ModelSignature.from_dict(bad)
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda t: [t[0]], "name"),
+    (lambda t: t + [t[1]], "name"),
+    (lambda t: t + [WireTensor("extra", "int8", (1,), b"\0")], "name"),
+    (lambda t: [WireTensor("image", "float64", t[0].shape, t[0].data * 2), t[1]], "dtype"),
+    (lambda t: [WireTensor("image", "float32", (1, 4, 3, 4), t[0].data), t[1]], "shape"),
+    (lambda t: [WireTensor("image", "float32", t[0].shape, t[0].data[:-1]), t[1]], "shape"),
+    (lambda t: [t[0], WireTensor("mask", "int8", (1 << 23, 2), b"")], "too_large"),
+])
+def test_each_refusal_says_its_reason_for_the_counters(mutate, reason):
+    with pytest.raises(TensorError) as info:
+        decode_inputs(mutate(valid()), SIG)
+    assert info.value.reason == reason

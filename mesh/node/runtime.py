@@ -66,7 +66,7 @@ from mesh.membership.sections import MetaSections
 from mesh.membership.view import CoreView, MembershipView, fan_out
 from mesh.node.config import NodeConfig, parse_host_port
 from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
-from mesh.node.metrics import MembershipCollector, NodeMetrics
+from mesh.node.metrics import NodeMetrics
 from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
 from mesh.node.probes import Heartbeat, ProbeBindError, ProbeServer, sd_notify, watchdog_pinger
 from mesh.node.streams import RoutedInference, StreamReassigner, claim_streams, watch_overload
@@ -276,7 +276,6 @@ class Node:
         runner = SwimRunner(
             core, lambda address, peer_id: membership_pb2_grpc.MembershipStub(channels.channel(address, peer_id)),
             on_events=fan_out(*handlers))
-        self.metrics.registry.register(MembershipCollector(runner))
 
         health = HealthServicer()
         membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(runner), server)
@@ -287,13 +286,18 @@ class Node:
         decisions_service.add_to_server(server, group)
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminServicer(core, loop.time, loop.time(), models=self._model_rows,
-                          inference=self._inference_status), server)
+                          inference=self._inference_status,
+                          audit=(lambda: (group.audit_path, group.audit_check)) if group else None), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server)
         # The loop's heartbeat: /healthz reads it, and it pings systemd's watchdog when there is one.
         heartbeat = Heartbeat(loop, on_beat=watchdog_pinger())
+        self.metrics.register_parts(runner=runner, heartbeat=heartbeat, readiness=self.readiness,
+                                    credentials=self.credentials, transfer=transfer, distributor=distributor,
+                                    store_root=store.root, now=loop.time, group=group, site=site,
+                                    inference=inference)
         self._parts = _Parts(server=server, address=address, channels=channels, health=health, runner=runner,
                              view=view, store=store, transfer=transfer, distributor=distributor,
                              inference=inference, activator=activator, group=group, reassigner=reassigner,

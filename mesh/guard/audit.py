@@ -32,6 +32,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,22 @@ def _read_window(path: Path, tail_bytes: int | None) -> tuple[bytes | None, bool
     return data[start:], True
 
 
+def _window_start(lines: list[bytes], head: tuple[int, str] | None) -> int:
+    """The seq the first line of a window holds: what most records up to the first unreadable
+    line say (each record's seq minus its line number), so an edited seq does not shift the
+    others; lines after a damaged one may be shifted by a line split in two."""
+    votes: Counter[int] = Counter()
+    for index, line in enumerate(lines):
+        try:
+            votes[_parse_record(line).seq - index] += 1
+        except _BadRecord:
+            if votes:
+                break
+    if votes:
+        return votes.most_common(1)[0][0]
+    return max(1, (head[0] if head else 0) - len(lines) + 1)
+
+
 def _verify(path: Path, *, expected_head: tuple[int, str] | None, tail_bytes: int | None) -> AuditVerdict:
     data, window = _read_window(path, tail_bytes)
     head = _read_head(path)
@@ -248,6 +265,8 @@ def _verify(path: Path, *, expected_head: tuple[int, str] | None, tail_bytes: in
     lines = data.split(b"\n")
     hashes: dict[int, str] = {}
     where = "line {}" if not window else "line {} of the last " + f"{len(data)} bytes"
+    if window:
+        seq = _window_start(lines[:-1], head)
 
     def bad(reason: str, at: int | None = None) -> AuditVerdict:
         return AuditVerdict(False, count, seq if at is None else at, reason, prev)
@@ -266,7 +285,7 @@ def _verify(path: Path, *, expected_head: tuple[int, str] | None, tail_bytes: in
         except _BadRecord as exc:
             return bad(f"{where.format(index + 1)} is not a valid record: {exc}")
         if window and index == 0:  # its predecessor is outside the window
-            prev, seq = record.prev, record.seq
+            prev = record.prev
         if record.seq != seq:
             what = "missing (deleted)" if record.seq > seq else "out of order"
             return bad(

@@ -48,7 +48,7 @@ from mesh._proto import (
     transfer_pb2_grpc,
 )
 from mesh.admin.service import AdminServicer
-from mesh.artifacts.store import ArtifactStore
+from mesh.artifacts.store import ArtifactStore, StoreError
 from mesh.consensus import service as decisions_service
 from mesh.consensus.group import GroupError, SiteGroup
 from mesh.consensus.raft import RaftError
@@ -69,6 +69,7 @@ from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
 from mesh.node.metrics import NodeMetrics
 from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
 from mesh.node.probes import Heartbeat, ProbeBindError, ProbeServer, sd_notify, watchdog_pinger
+from mesh.node.startup import data_dir_error, listen_error
 from mesh.node.streams import RoutedInference, StreamReassigner, claim_streams, watch_overload
 from mesh.retry import Backoff
 from mesh.transfer.distributor import HOLDINGS_SECTION, Distributor, TransferSettings
@@ -207,7 +208,13 @@ class Node:
     async def start(self) -> None:
         """Bind, build every capability on the gRPC server, start serving, then join the fleet."""
         config = self.config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            store = ArtifactStore(config.data_dir / "artifacts")
+        except OSError as exc:
+            raise NodeStartError(data_dir_error(config.data_dir, exc)) from None
+        except StoreError as exc:
+            raise NodeStartError(f"data_dir: {exc}") from None
         loop = asyncio.get_running_loop()
         server = grpc.aio.server(
             # Interceptors run first to last: cut links refuse before anything is decoded.
@@ -216,9 +223,14 @@ class Node:
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.so_reuseport", 0)])
         host, port = parse_host_port(config.listen)
-        bound = server.add_secure_port(config.listen, server_credentials(self.credentials))
+        try:  # checked first too: gRPC's own bind failure adds a line of C-core log without the cause
+            bound = 0 if port and listen_error(config.listen, host, port) else \
+                server.add_secure_port(config.listen, server_credentials(self.credentials))
+        except RuntimeError:  # gRPC >= 1.6x raises where older ones returned 0
+            bound = 0
         if bound == 0:
-            raise NodeStartError(f"cannot listen on {config.listen}: address in use or not available")
+            raise NodeStartError(listen_error(config.listen, host, port)
+                                 or f"listen: cannot serve gRPC on {config.listen} (GRPC_VERBOSITY=debug: why)")
         address = config.advertise or (config.listen if port else f"{host}:{bound}")
         channels = PeerChannels(self.credentials, self.faults, observe=self.metrics.observe_rpc)
         site = config.labels.get("site", "")
@@ -235,7 +247,6 @@ class Node:
 
         # Transfer: the store, the origin's egress policy and the service that serves chunks.
         tc = config.transfer
-        store = ArtifactStore(config.data_dir / "artifacts")
         origin = OriginPolicy(is_origin=store.is_origin, max_refusals=tc.origin_refusals)
         transfer = TransferServicer(store, max_uploads=tc.max_uploads, origin=origin,
                                     upload=Pacer(tc.upload_rate_bytes_per_s or None))

@@ -32,7 +32,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from mesh._proto import (
     admin_pb2,
@@ -61,14 +60,15 @@ from mesh.inference.health import HealthCollector
 from mesh.inference.runtime import ModelRuntime, NoActiveModel
 from mesh.membership.core import Membership
 from mesh.membership.messages import MemberEvent, labels_from_mapping
-from mesh.membership.service import MembershipServicer, SwimRunner
 from mesh.membership.sections import MetaSections
+from mesh.membership.service import MembershipServicer, SwimRunner
 from mesh.membership.view import CoreView, MembershipView, fan_out
 from mesh.node.config import NodeConfig, parse_host_port
 from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
 from mesh.node.metrics import NodeMetrics
 from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
 from mesh.node.probes import Heartbeat, ProbeBindError, ProbeServer, sd_notify, watchdog_pinger
+from mesh.node.reflection import enable_reflection
 from mesh.node.startup import data_dir_error, listen_error
 from mesh.node.streams import RoutedInference, StreamReassigner, claim_streams, watch_overload
 from mesh.retry import Backoff
@@ -230,7 +230,7 @@ class Node:
             bound = 0
         if bound == 0:
             raise NodeStartError(listen_error(config.listen, host, port)
-                                 or f"listen: cannot serve gRPC on {config.listen} (GRPC_VERBOSITY=debug: why)")
+                                 or f"listen: cannot serve gRPC on {config.listen} (see GRPC_VERBOSITY=debug)")
         address = config.advertise or (config.listen if port else f"{host}:{bound}")
         channels = PeerChannels(self.credentials, self.faults, observe=self.metrics.observe_rpc)
         site = config.labels.get("site", "")
@@ -300,9 +300,8 @@ class Node:
                           inference=self._inference_status,
                           audit=(lambda: (group.audit_path, group.audit_check)) if group else None), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server)
+        enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+                          server)
         # The loop's heartbeat: /healthz reads it, and it pings systemd's watchdog when there is one.
         heartbeat = Heartbeat(loop, on_beat=watchdog_pinger())
         self.metrics.register_parts(runner=runner, heartbeat=heartbeat, readiness=self.readiness,

@@ -229,8 +229,8 @@ class Node:
         except RuntimeError:  # gRPC >= 1.6x raises where older ones returned 0
             bound = 0
         if bound == 0:
-            why = listen_error(config.listen, host, port)
-            raise NodeStartError(why or f"listen: cannot serve gRPC on {config.listen} (GRPC_VERBOSITY=debug)")
+            why = listen_error(config.listen, host, port) or f"cannot serve gRPC on {config.listen}"
+            raise NodeStartError(why)
         address = config.advertise or (config.listen if port else f"{host}:{bound}")
         channels = PeerChannels(self.credentials, self.faults, observe=self.metrics.observe_rpc)
         site = config.labels.get("site", "")

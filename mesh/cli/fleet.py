@@ -45,7 +45,7 @@ def fleet_init(directory: Path, fleet_id: str | None, force: bool, as_json: bool
 
 @fleet.command("enroll", epilog="Examples:\n\n  mesh fleet enroll cam-01 --fleet ./fleet\n\n"
                                 "  mesh fleet enroll alice --role operator --fleet ./fleet\n\n"
-                                "  mesh fleet enroll edge-07 --fleet ./fleet --k8s-secret | kubectl apply -f -")
+                                "  mesh fleet enroll edge-07 --k8s-secret | kubectl apply -f -")
 @click.argument("name")
 @click.option("--fleet", "fleet_dir", type=click.Path(file_okay=False, path_type=Path),
               default=lambda: os.environ.get("MESH_FLEET", "fleet"), show_default="$MESH_FLEET or ./fleet",

@@ -54,4 +54,4 @@ def test_each_shown_command_exists_with_its_flags(where, text):
     for token in rest:
         if token.startswith("--"):
             flag = token.split("=", 1)[0]
-            assert flag in options, f"{where}: `{text}`: {command.name} has no {flag} (it has {sorted(options)})"
+            assert flag in options, f"{where}: `{text}`: {command.name} has no {flag} ({sorted(options)})"

@@ -302,10 +302,8 @@ async def test_every_catalogued_metric_is_served_by_a_running_node(cluster):
     assert not arrived, f"served now: take these off AWAITING: {arrived}"
     rollouts = [e for e in entries if is_rollout(e)]
     assert len(rollouts) >= 4
-    served_rollouts = {e.name for e in rollouts if e.sample_names() <= served}
-    if served_rollouts:
-        assert served_rollouts == {e.name for e in rollouts}, \
-            f"a node serves only some rollout metrics: missing {sorted({e.name for e in rollouts} - served_rollouts)}"
+    unserved = sorted(e.name for e in rollouts if not e.sample_names() <= served)
+    assert len(unserved) in (0, len(rollouts)), f"a node serves only some rollout metrics: missing {unserved}"
 
 
 @needs_promtool

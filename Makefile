@@ -51,10 +51,12 @@ test: install models deps-apt
 test-tflite-runtime: models
 	scripts/test-tflite-runtime.sh
 
+# Every benchmark under bench/, one after another (each prints its figures, the last line one JSON
+# object); a new bench is added to this list (tests/deploy/test_make.py checks none is missing).
+BENCHES := membership distribution inference consensus
+
 bench: install models
-	$(BIN)/python bench/membership.py
-	$(BIN)/python bench/distribution.py
-	$(BIN)/python bench/inference.py
+	@set -e; for name in $(BENCHES); do echo "== bench/$$name.py"; $(BIN)/python bench/$$name.py; done
 
 # ruff (style, imports, bugbear, pyupgrade, simplify) and mypy (strict on the pure cores), as CI runs them.
 lint: install

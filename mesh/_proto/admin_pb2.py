@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from . import membership_pb2 as mesh_dot_v1_dot_membership__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mesh/v1/admin.proto\x12\x07mesh.v1\x1a\x18mesh/v1/membership.proto\"\x0f\n\rStatusRequest\"\xfb\x01\n\x0cMemberStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.mesh.v1.MemberState\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x12\x31\n\x06labels\x18\x05 \x03(\x0b\x32!.mesh.v1.MemberStatus.LabelsEntry\x12\x18\n\x10last_heard_s_ago\x18\x06 \x01(\x01\x12\x13\n\x0bstate_age_s\x18\x07 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf6\x01\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x33\n\x06labels\x18\x03 \x03(\x0b\x32#.mesh.v1.StatusResponse.LabelsEntry\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12&\n\x07members\x18\x07 \x03(\x0b\x32\x15.mesh.v1.MemberStatus\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0f\n\rModelsRequest\"\x9c\x02\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x13\n\x0bhave_chunks\x18\x04 \x01(\r\x12\x14\n\x0ctotal_chunks\x18\x05 \x01(\r\x12\x12\n\nbytes_have\x18\x06 \x01(\x04\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06origin\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x17\n\x0fmanifest_digest\x18\n \x01(\t\x12\x18\n\x10\x62ytes_downloaded\x18\x0b \x01(\x04\x12\x16\n\x0e\x62ytes_uploaded\x18\x0c \x01(\x04\x12\x0f\n\x07serving\x18\r \x01(\x08\x12\x10\n\x08previous\x18\x0e \x01(\x08\"\x18\n\x16InferenceStatusRequest\"\xd5\x01\n\x0fInferenceStatus\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x17\n\x0f\x62\x61\x63kend_version\x18\x03 \x01(\t\x12\x0f\n\x07workers\x18\x04 \x01(\r\x12\r\n\x05model\x18\x05 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x06 \x01(\t\x12\x18\n\x10previous_version\x18\x07 \x01(\t\x12\x1d\n\x15last_activation_error\x18\x08 \x01(\t\x12\x16\n\x0esignature_json\x18\t \x01(\t\"9\n\x0eModelsResponse\x12\'\n\x08versions\x18\x01 \x03(\x0b\x32\x15.mesh.v1.ModelVersion2\xc5\x01\n\x05\x41\x64min\x12\x39\n\x06Status\x12\x16.mesh.v1.StatusRequest\x1a\x17.mesh.v1.StatusResponse\x12\x39\n\x06Models\x12\x16.mesh.v1.ModelsRequest\x1a\x17.mesh.v1.ModelsResponse\x12\x46\n\tInference\x12\x1f.mesh.v1.InferenceStatusRequest\x1a\x18.mesh.v1.InferenceStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mesh/v1/admin.proto\x12\x07mesh.v1\x1a\x18mesh/v1/membership.proto\"\x0f\n\rStatusRequest\"\xfb\x01\n\x0cMemberStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.mesh.v1.MemberState\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x12\x31\n\x06labels\x18\x05 \x03(\x0b\x32!.mesh.v1.MemberStatus.LabelsEntry\x12\x18\n\x10last_heard_s_ago\x18\x06 \x01(\x01\x12\x13\n\x0bstate_age_s\x18\x07 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\nAuditCheck\x12\x0f\n\x07\x63hecked\x18\x01 \x01(\x08\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07records\x18\x03 \x01(\x04\x12\x15\n\rfirst_bad_seq\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0c\n\x04path\x18\x06 \x01(\t\"\x9a\x02\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x33\n\x06labels\x18\x03 \x03(\x0b\x32#.mesh.v1.StatusResponse.LabelsEntry\x12\x13\n\x0bincarnation\x18\x04 \x01(\x04\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12&\n\x07members\x18\x07 \x03(\x0b\x32\x15.mesh.v1.MemberStatus\x12\"\n\x05\x61udit\x18\x08 \x01(\x0b\x32\x13.mesh.v1.AuditCheck\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0f\n\rModelsRequest\"\x9c\x02\n\x0cModelVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05phase\x18\x03 \x01(\t\x12\x13\n\x0bhave_chunks\x18\x04 \x01(\r\x12\x14\n\x0ctotal_chunks\x18\x05 \x01(\r\x12\x12\n\nbytes_have\x18\x06 \x01(\x04\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06origin\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x17\n\x0fmanifest_digest\x18\n \x01(\t\x12\x18\n\x10\x62ytes_downloaded\x18\x0b \x01(\x04\x12\x16\n\x0e\x62ytes_uploaded\x18\x0c \x01(\x04\x12\x0f\n\x07serving\x18\r \x01(\x08\x12\x10\n\x08previous\x18\x0e \x01(\x08\"\x18\n\x16InferenceStatusRequest\"\xd5\x01\n\x0fInferenceStatus\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x17\n\x0f\x62\x61\x63kend_version\x18\x03 \x01(\t\x12\x0f\n\x07workers\x18\x04 \x01(\r\x12\r\n\x05model\x18\x05 \x01(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x06 \x01(\t\x12\x18\n\x10previous_version\x18\x07 \x01(\t\x12\x1d\n\x15last_activation_error\x18\x08 \x01(\t\x12\x16\n\x0esignature_json\x18\t \x01(\t\"9\n\x0eModelsResponse\x12\'\n\x08versions\x18\x01 \x03(\x0b\x32\x15.mesh.v1.ModelVersion2\xc5\x01\n\x05\x41\x64min\x12\x39\n\x06Status\x12\x16.mesh.v1.StatusRequest\x1a\x17.mesh.v1.StatusResponse\x12\x39\n\x06Models\x12\x16.mesh.v1.ModelsRequest\x1a\x17.mesh.v1.ModelsResponse\x12\x46\n\tInference\x12\x1f.mesh.v1.InferenceStatusRequest\x1a\x18.mesh.v1.InferenceStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,20 +43,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MEMBERSTATUS']._serialized_end=327
   _globals['_MEMBERSTATUS_LABELSENTRY']._serialized_start=282
   _globals['_MEMBERSTATUS_LABELSENTRY']._serialized_end=327
-  _globals['_STATUSRESPONSE']._serialized_start=330
-  _globals['_STATUSRESPONSE']._serialized_end=576
+  _globals['_AUDITCHECK']._serialized_start=329
+  _globals['_AUDITCHECK']._serialized_end=440
+  _globals['_STATUSRESPONSE']._serialized_start=443
+  _globals['_STATUSRESPONSE']._serialized_end=725
   _globals['_STATUSRESPONSE_LABELSENTRY']._serialized_start=282
   _globals['_STATUSRESPONSE_LABELSENTRY']._serialized_end=327
-  _globals['_MODELSREQUEST']._serialized_start=578
-  _globals['_MODELSREQUEST']._serialized_end=593
-  _globals['_MODELVERSION']._serialized_start=596
-  _globals['_MODELVERSION']._serialized_end=880
-  _globals['_INFERENCESTATUSREQUEST']._serialized_start=882
-  _globals['_INFERENCESTATUSREQUEST']._serialized_end=906
-  _globals['_INFERENCESTATUS']._serialized_start=909
-  _globals['_INFERENCESTATUS']._serialized_end=1122
-  _globals['_MODELSRESPONSE']._serialized_start=1124
-  _globals['_MODELSRESPONSE']._serialized_end=1181
-  _globals['_ADMIN']._serialized_start=1184
-  _globals['_ADMIN']._serialized_end=1381
+  _globals['_MODELSREQUEST']._serialized_start=727
+  _globals['_MODELSREQUEST']._serialized_end=742
+  _globals['_MODELVERSION']._serialized_start=745
+  _globals['_MODELVERSION']._serialized_end=1029
+  _globals['_INFERENCESTATUSREQUEST']._serialized_start=1031
+  _globals['_INFERENCESTATUSREQUEST']._serialized_end=1055
+  _globals['_INFERENCESTATUS']._serialized_start=1058
+  _globals['_INFERENCESTATUS']._serialized_end=1271
+  _globals['_MODELSRESPONSE']._serialized_start=1273
+  _globals['_MODELSRESPONSE']._serialized_end=1330
+  _globals['_ADMIN']._serialized_start=1333
+  _globals['_ADMIN']._serialized_end=1530
 # @@protoc_insertion_point(module_scope)

@@ -37,8 +37,24 @@ class MemberStatus(_message.Message):
     state_age_s: float
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[_Union[_membership_pb2.MemberState, str]] = ..., incarnation: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., last_heard_s_ago: _Optional[float] = ..., state_age_s: _Optional[float] = ...) -> None: ...
 
+class AuditCheck(_message.Message):
+    __slots__ = ("checked", "ok", "records", "first_bad_seq", "reason", "path")
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    checked: bool
+    ok: bool
+    records: int
+    first_bad_seq: int
+    reason: str
+    path: str
+    def __init__(self, checked: _Optional[bool] = ..., ok: _Optional[bool] = ..., records: _Optional[int] = ..., first_bad_seq: _Optional[int] = ..., reason: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "address", "labels", "incarnation", "version", "uptime_s", "members")
+    __slots__ = ("node_id", "address", "labels", "incarnation", "version", "uptime_s", "members", "audit")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +69,7 @@ class StatusResponse(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     labels: _containers.ScalarMap[str, str]
@@ -60,7 +77,8 @@ class StatusResponse(_message.Message):
     version: str
     uptime_s: float
     members: _containers.RepeatedCompositeFieldContainer[MemberStatus]
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., incarnation: _Optional[int] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ...) -> None: ...
+    audit: AuditCheck
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., incarnation: _Optional[int] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., audit: _Optional[_Union[AuditCheck, _Mapping]] = ...) -> None: ...
 
 class ModelsRequest(_message.Message):
     __slots__ = ()

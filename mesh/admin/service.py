@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from mesh import __version__
 from mesh._proto import admin_pb2 as pb
 from mesh._proto import admin_pb2_grpc as pb_grpc
+from mesh.guard.audit import AuditVerdict
 from mesh.identity.authz import require_operator
 from mesh.membership.core import Membership
 
@@ -14,8 +16,12 @@ from mesh.membership.core import Membership
 class AdminServicer(pb_grpc.AdminServicer):
     def __init__(self, core: Membership, now: Callable[[], float], started_at: float, *,
                  models: Callable[[], list[dict]] | None = None,
-                 inference: Callable[[], dict] | None = None) -> None:
+                 inference: Callable[[], dict] | None = None,
+                 audit: Callable[[], tuple[Path, AuditVerdict]] | None = None) -> None:
+        """`audit()`: the site group's audit log and what checking its tail at start found
+        (None: the node has no [raft] section)."""
         self._core = core
+        self._audit = audit
         self._now = now
         self._started_at = started_at
         self._models = models or (lambda: [])
@@ -42,4 +48,11 @@ class AdminServicer(pb_grpc.AdminServicer):
         ]
         return pb.StatusResponse(node_id=me.node_id, address=me.address, labels=dict(me.labels),
                                  incarnation=me.incarnation, version=__version__,
-                                 uptime_s=now - self._started_at, members=members)
+                                 uptime_s=now - self._started_at, members=members, audit=self._audit_check())
+
+    def _audit_check(self) -> pb.AuditCheck:
+        if self._audit is None:
+            return pb.AuditCheck(checked=False)
+        path, verdict = self._audit()
+        return pb.AuditCheck(checked=True, ok=verdict.ok, records=verdict.records,
+                             first_bad_seq=verdict.first_bad_seq or 0, reason=verdict.reason, path=str(path))

@@ -54,10 +54,21 @@ def admin_status(address: str, creds_dir: Path, as_json: bool) -> None:
     from mesh.admin.format import status_dict, status_table
 
     resp = call_or_exit(address, creds_dir, lambda client: client.status())
+    audit = resp.audit
     if as_json:
-        emit_json(status_dict(resp))
-    else:
-        console.print(status_table(resp))
+        doc = status_dict(resp)
+        doc["audit"] = {"checked": audit.checked, "ok": audit.ok, "records": audit.records,
+                        "first_bad_seq": audit.first_bad_seq or None, "reason": audit.reason,
+                        "path": audit.path} if audit.checked else None
+        emit_json(doc)
+        return
+    console.print(status_table(resp))
+    if audit.checked and audit.ok:
+        console.print(f"audit log: {audit.reason} (checked at start)", highlight=False)
+    elif audit.checked:
+        console.print(f"[red]warning:[/] audit log {audit.path} on {resp.node_id} does not verify "
+                      f"(checked at start): {audit.reason}. Run `mesh admin audit --verify --node {address}` "
+                      "and keep the file as evidence", highlight=False)
 
 
 # --- decisions of NODE's site group -----------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mesh.cli.common import CONTEXT, console, emit_json, fail
+from mesh.cli.common import CONTEXT, console, emit_json, err_console, fail
 
 
 @click.group(context_settings=CONTEXT)
@@ -44,7 +44,8 @@ def fleet_init(directory: Path, fleet_id: str | None, force: bool, as_json: bool
 
 
 @fleet.command("enroll", epilog="Examples:\n\n  mesh fleet enroll cam-01 --fleet ./fleet\n\n"
-                                "  mesh fleet enroll alice --role operator --fleet ./fleet")
+                                "  mesh fleet enroll alice --role operator --fleet ./fleet\n\n"
+                                "  mesh fleet enroll edge-07 --k8s-secret | kubectl apply -f -")
 @click.argument("name")
 @click.option("--fleet", "fleet_dir", type=click.Path(file_okay=False, path_type=Path),
               default=lambda: os.environ.get("MESH_FLEET", "fleet"), show_default="$MESH_FLEET or ./fleet",
@@ -55,21 +56,63 @@ def fleet_init(directory: Path, fleet_id: str | None, force: bool, as_json: bool
                    "(default: FLEET/nodes/NAME or FLEET/operators/NAME).")
 @click.option("--days", type=click.IntRange(1, 3650), default=90, show_default=True,
               help="Validity in days; renew before it ends with `mesh fleet renew`.")
+@click.option("--force", is_flag=True, help="Re-issue NAME's credentials if they exist (before they expire).")
+@click.option("--k8s-secret", "k8s_secret", is_flag=True,
+              help="Print the Kubernetes Secret fleetmesh-cert-NAME holding the node's folder, as JSON for "
+                   "`kubectl apply -f -` (credentials enrolled before are printed, not re-issued, unless "
+                   "--force).")
+@click.option("--namespace", default="fleetmesh", show_default=True, help="The Secret's namespace.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def fleet_enroll(name: str, fleet_dir: Path, role: str, out_dir: Path | None, days: int,
-                 as_json: bool) -> None:
+def fleet_enroll(name: str, fleet_dir: Path, role: str, out_dir: Path | None, days: int, force: bool,
+                 k8s_secret: bool, namespace: str, as_json: bool) -> None:
     """Issue a certificate for node (or operator) NAME, signed by the fleet CA."""
-    from mesh.identity.ca import Role, enroll
+    from mesh.identity.ca import CredentialsExistError, Role, enroll, load_fleet
     from mesh.identity.signing import IdentityError
 
+    if k8s_secret and role != "node":
+        fail("--k8s-secret is for nodes (a DaemonSet pod's credentials); operators keep their folder", 2)
+    if k8s_secret and as_json:
+        fail("--k8s-secret already prints JSON (the Secret); drop --json", 2)
+    if k8s_secret:
+        from mesh.identity.k8s import secret_name
+
+        try:
+            secret_name(name)  # before anything is written: Kubernetes must accept the name
+        except IdentityError as exc:
+            fail(str(exc))
     try:
-        creds = enroll(fleet_dir, name, role=Role(role), out_dir=out_dir, validity_days=days)
+        creds = enroll(fleet_dir, name, role=Role(role), out_dir=out_dir, validity_days=days, force=force)
+    except CredentialsExistError as exc:
+        if not k8s_secret:
+            fail(str(exc))
+        # Applying the Secret again is harmless: print the existing folder's, as kubectl apply expects.
+        folder = out_dir or load_fleet(fleet_dir).credentials_dir(Role.NODE, name)
+        err_console.print(f"node {name} is enrolled already: the Secret holds {folder} as it is "
+                          "(add --force to issue new credentials)", highlight=False, soft_wrap=True)
+        _print_secret(folder, namespace)
+        return
     except IdentityError as exc:
         fail(str(exc))
+    if k8s_secret:
+        err_console.print(f"node {name} enrolled: {creds.directory}; its Secret follows on stdout",
+                          highlight=False, soft_wrap=True)
+        _print_secret(creds.directory, namespace)
+        return
     if as_json:
         emit_json({"name": name, "role": role, "directory": str(creds.directory)})
     else:
         console.print(f"{role} [bold]{name}[/] enrolled: {creds.directory}")
+
+
+def _print_secret(folder: Path, namespace: str) -> None:
+    """The Secret manifest of an enrolled node folder on stdout (JSON: `kubectl apply -f -` reads it)."""
+    from mesh.identity.k8s import node_secret_manifest
+    from mesh.identity.signing import IdentityError
+
+    try:
+        emit_json(node_secret_manifest(folder, namespace=namespace))
+    except IdentityError as exc:
+        fail(str(exc))
 
 
 _FLEET_OPTION = click.option(

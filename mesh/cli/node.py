@@ -1,15 +1,20 @@
-"""`mesh node`: the node binary (one per device)."""
+"""`mesh node`: the node binary (one per device).
+
+Exit codes: 0 after SIGTERM/SIGINT (the node left the fleet), 1 when it cannot start (a port
+in use, data_dir not a directory, credentials unreadable: one `error:` line says which and
+what to do), 2 when the configuration file is wrong.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
-from mesh.cli.common import CONTEXT, EXIT_USAGE, fail
+from mesh.cli.common import CONTEXT, EXIT_FAILED, EXIT_USAGE, err_console
 
 
 @click.command("node", context_settings=CONTEXT, epilog="""Example node.toml:
@@ -21,6 +26,7 @@ from mesh.cli.common import CONTEXT, EXIT_USAGE, fail
   seeds = ["10.0.4.1:7000"]
   data_dir = "/var/lib/fleetmesh"
   metrics_listen = "0.0.0.0:9100"
+  log_format = "json"
   [labels]
   site = "berlin-1"
   [tls]
@@ -31,19 +37,36 @@ Then: mesh node --config node.toml""")
               help="The node's TOML configuration file.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Overrides log_level from the config file.")
-def node(config_path: Path, log_level: str | None) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]),
+              help="Overrides log_format from the config file (json: one JSON object a line).")
+def node(config_path: Path, log_level: str | None, log_format: str | None) -> None:
     """Run a fleet node until SIGTERM/SIGINT, then leave the cluster gracefully."""
     from mesh.identity.signing import IdentityError
     from mesh.node.config import ConfigError, load_config
+    from mesh.node.logs import setup_logging
     from mesh.node.runtime import Node, NodeStartError
 
     try:
         config = load_config(config_path)
     except ConfigError as exc:
-        fail(str(exc), EXIT_USAGE)
-    logging.basicConfig(level=(log_level or config.log_level).upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _exit(str(exc), EXIT_USAGE)
+    log_format = log_format or config.log_format
+    setup_logging(level=log_level or config.log_level, log_format=log_format, node_id=config.node_id)
     try:
         asyncio.run(Node(config).run_until_signalled())
     except (NodeStartError, IdentityError) as exc:
-        fail(f"{config_path}: {exc}")
+        _fail_start(f"{config_path}: {exc}", json_lines=log_format == "json")
+
+
+def _fail_start(message: str, *, json_lines: bool) -> NoReturn:
+    """Exit 1 with one line: `error: ...`, or with log_format json a JSON log line a shipper keeps."""
+    if not json_lines:
+        _exit(message, EXIT_FAILED)
+    logging.getLogger("mesh.node").critical("cannot start: %s", message)
+    raise SystemExit(EXIT_FAILED)
+
+
+def _exit(message: str, code: int) -> NoReturn:
+    """`error: message` on stderr, never wrapped: journald and kubectl logs keep one line as one entry."""
+    err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise SystemExit(code)

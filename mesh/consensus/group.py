@@ -50,11 +50,20 @@ from mesh.consensus.commands import (
     propose_command,
     set_routes_command,
 )
+from mesh.consensus.counts import GroupCounts, count_proposal
 from mesh.consensus.ledger import ApplyResult, DecisionLedger, HeldDecision, HistoryEntry, Outcome
 from mesh.consensus.raft import RaftGroup, RaftTimings
 from mesh.consensus.transport import RaftLink
 from mesh.guard.approval import Approval
-from mesh.guard.audit import AuditError, AuditLog, AuditRecord, AuditVerdict, read_audit, verify_audit
+from mesh.guard.audit import (
+    AuditError,
+    AuditLog,
+    AuditRecord,
+    AuditVerdict,
+    read_audit,
+    verify_audit,
+    verify_tail,
+)
 from mesh.guard.core import NODE_ID_RE, Decision, Policy
 from mesh.identity.signing import TrustedKeys
 
@@ -92,12 +101,15 @@ class _AuditedLedger:
         self.audited = audited  # (raft_index, raft_event) of the last event already in the audit log
         self.applied_index = 0
         self.audit_error: str | None = None
+        self.counts = GroupCounts()
 
     def apply(self, command: bytes) -> ApplyResult:
         # pysyncobj applies entry raftLastApplied + 1 and increments raftLastApplied afterwards.
         index = self.raft.raftLastApplied + 1 if self.raft is not None else self.applied_index + 1
         with self.lock:
             result = self.ledger.apply(command)
+            if index > self.audited[0]:  # not a journal replay after a restart
+                self.counts.applied(result)
             self.applied_index = index
             self._write(index, result.audit)
         return result
@@ -117,6 +129,7 @@ class _AuditedLedger:
             # The ledger has applied the entry on every replica; raising here would only make this
             # replica report a failure for a command that is in effect. Say it loudly instead.
             self.audit_error = str(exc)
+            self.counts.audit_failed()
             log.error("audit record %s at raft index %s NOT written: %s", kind, payload.get("raft_index"), exc)
 
     def snapshot(self) -> bytes:
@@ -227,6 +240,12 @@ class SiteGroup:
             except AuditError as exc:
                 raise GroupStartError(f"Raft group {group} cannot start on {node_id}: {exc}") from None
             audited = (0, -1)
+        # An edit anywhere in the log's last MiB shows at start, in the log and `mesh admin status`.
+        self.audit_check = verify_tail(self.audit_path)
+        if not self.audit_check.ok:
+            log.warning("audit log %s of group %s does not verify: %s (first bad record %s); run "
+                        "`mesh admin audit --verify`", self.audit_path, group, self.audit_check.reason,
+                        self.audit_check.first_bad_seq)
         ledger = DecisionLedger(group=group, policy=self.policy, group_size=len(members), trusted=trusted)
         self._state = _AuditedLedger(ledger, audit, audited)
         self.raft = _SiteRaftGroup(
@@ -272,7 +291,8 @@ class SiteGroup:
 
     async def propose(self, decision: Decision, timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S) -> ApplyResult:
         """Replicate a decision: applied at once within scope, HELD above it (on every replica)."""
-        return await self._propose(propose_command(decision, now=time.time()), timeout_s)
+        command = propose_command(decision, now=time.time())
+        return await count_proposal(self.counts, decision.kind.value, self._propose(command, timeout_s))
 
     async def approve(self, approval: Approval, timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S) -> ApplyResult:
         """Submit an operator's signed approval; every replica verifies it inside apply."""
@@ -294,7 +314,7 @@ class SiteGroup:
     ) -> ApplyResult:
         """Initial assignment of streams and allocations that have none (moving one is a decision)."""
         command = set_routes_command(routes, allocations=allocations, now=time.time())
-        return await self._propose(command, timeout_s)
+        return await count_proposal(self.counts, "set_routes", self._propose(command, timeout_s))
 
     async def _propose(self, command: bytes, timeout_s: float) -> ApplyResult:
         result = await self.raft.propose(command, timeout_s=timeout_s)
@@ -354,6 +374,11 @@ class SiteGroup:
         return self.raft.applied_index
 
     @property
+    def counts(self) -> GroupCounts:
+        """What this replica proposed, judged and failed to audit (for metrics)."""
+        return self._state.counts
+
+    @property
     def group_size(self) -> int:
         return self._state.ledger.group_size
 
@@ -376,6 +401,8 @@ class SiteGroup:
             pending=len(self.pending()),
             audit_head={"seq": seq, "hash": head_hash},
             audit_error=self._state.audit_error,
+            audit_check={"ok": self.audit_check.ok, "records": self.audit_check.records,
+                         "first_bad_seq": self.audit_check.first_bad_seq, "reason": self.audit_check.reason},
         )
         return status
 

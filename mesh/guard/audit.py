@@ -32,6 +32,7 @@ import os
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,13 +197,66 @@ def verify_audit(path: Path, *, expected_head: tuple[int, str] | None = None) ->
     `first_bad_seq` is the seq where the chain breaks: an edited record's own
     seq, the seq that is missing or out of place, or the first dropped seq.
     """
-    path = Path(path)
+    return _verify(Path(path), expected_head=expected_head, tail_bytes=None)
+
+
+#: How much of a log `verify_tail` reads at each start: about 2,800 decision records, checked in
+#: 0.3 s on one busy x86 core; the whole chain of a 7 MiB log took 2 s (`mesh admin audit --verify`).
+TAIL_CHECK_BYTES = 1 << 20
+
+
+def verify_tail(path: Path, *, max_bytes: int = TAIL_CHECK_BYTES) -> AuditVerdict:
+    """Check the records in the last `max_bytes` of the log (the whole log when it is smaller):
+    each is intact and chains to the one before, and the last one matches the head file.
+
+    A replica runs this at every start, so an edit anywhere in that window is reported
+    at once, whatever the log's length; `verify_audit` reads the whole log. The first
+    record of a window that starts mid-log is taken as given (its predecessor is
+    outside), so `records` counts the records checked, not the log's length.
+    """
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    return _verify(Path(path), expected_head=None, tail_bytes=max_bytes)
+
+
+def _read_window(path: Path, tail_bytes: int | None) -> tuple[bytes | None, bool]:
+    """(the log's bytes, or its last whole lines within `tail_bytes`; whether that is a window)."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if tail_bytes is None or size <= tail_bytes:
+                return f.read(), False
+            f.seek(size - tail_bytes - 1)  # one byte more: is the window's first byte a line's first?
+            data = f.read()
+            start = data.find(b"\n") + 1
+            if start == 0 or start == len(data):  # no whole record in the window: read them all
+                f.seek(0)
+                return f.read(), False
     except FileNotFoundError:
-        data = None
+        return None, False
     except OSError as exc:
         raise AuditReadError(f"cannot read audit log {path}: {exc.strerror}") from None
+    return data[start:], True
+
+
+def _window_start(lines: list[bytes], head: tuple[int, str] | None) -> int:
+    """The seq the first line of a window holds: what most records up to the first unreadable
+    line say (each record's seq minus its line number), so an edited seq does not shift the
+    others; lines after a damaged one may be shifted by a line split in two."""
+    votes: Counter[int] = Counter()
+    for index, line in enumerate(lines):
+        try:
+            votes[_parse_record(line).seq - index] += 1
+        except _BadRecord:
+            if votes:
+                break
+    if votes:
+        return votes.most_common(1)[0][0]
+    return max(1, (head[0] if head else 0) - len(lines) + 1)
+
+
+def _verify(path: Path, *, expected_head: tuple[int, str] | None, tail_bytes: int | None) -> AuditVerdict:
+    data, window = _read_window(path, tail_bytes)
     head = _read_head(path)
     if data is None:
         if head is None:
@@ -211,6 +265,9 @@ def verify_audit(path: Path, *, expected_head: tuple[int, str] | None = None) ->
     prev, seq, count = GENESIS_HASH, 1, 0
     lines = data.split(b"\n")
     hashes: dict[int, str] = {}
+    where = "line {}" if not window else "line {} of the last " + f"{len(data)} bytes"
+    if window:
+        seq = _window_start(lines[:-1], head)
 
     def bad(reason: str, at: int | None = None) -> AuditVerdict:
         return AuditVerdict(False, count, seq if at is None else at, reason, prev)
@@ -221,16 +278,20 @@ def verify_audit(path: Path, *, expected_head: tuple[int, str] | None = None) ->
             break
         if last:
             return bad(
-                f"line {index + 1} is incomplete (torn write or truncation): record {seq} is cut short"
+                f"{where.format(index + 1)} is incomplete (torn write or truncation): "
+                f"record {seq} is cut short"
             )
         try:
             record = _parse_record(line)
         except _BadRecord as exc:
-            return bad(f"line {index + 1} is not a valid record: {exc}")
+            return bad(f"{where.format(index + 1)} is not a valid record: {exc}")
+        if window and index == 0:  # its predecessor is outside the window
+            prev = record.prev
         if record.seq != seq:
             what = "missing (deleted)" if record.seq > seq else "out of order"
             return bad(
-                f"line {index + 1} holds seq {record.seq} where seq {seq} belongs: record {seq} is {what}"
+                f"{where.format(index + 1)} holds seq {record.seq} where seq {seq} belongs: "
+                f"record {seq} is {what}"
             )
         if record.prev != prev:
             return bad(
@@ -240,31 +301,36 @@ def verify_audit(path: Path, *, expected_head: tuple[int, str] | None = None) ->
             return bad(f"record {seq} ({record.kind}) was edited: its content no longer matches its hash")
         hashes[seq] = record.hash
         prev, seq, count = record.hash, seq + 1, count + 1
+    last_seq = seq - 1
 
     for source, anchor in (("head file", head), ("expected head", expected_head)):
         if anchor is None:
             if source == "head file":
                 return bad(
                     f"head file {head_path(path)} is missing: records may have been dropped from the end",
-                    at=None if count == 0 else count + 1,
+                    at=None if last_seq == 0 else last_seq + 1,
                 )
             continue
         head_seq, head_hash = anchor
-        if head_seq > count:
+        if head_seq > last_seq:
             return bad(
-                f"{source} records seq {head_seq} but the log ends at seq {count}: "
-                f"records {count + 1}..{head_seq} were dropped",
-                at=count + 1,
+                f"{source} records seq {head_seq} but the log ends at seq {last_seq}: "
+                f"records {last_seq + 1}..{head_seq} were dropped",
+                at=last_seq + 1,
             )
-        if head_seq > 0 and hashes[head_seq] != head_hash:
+        if head_seq > 0 and head_seq in hashes and hashes[head_seq] != head_hash:
             return bad(f"record {head_seq} does not match the {source}: the log was rewritten", at=head_seq)
         if head_seq == 0 and head_hash != GENESIS_HASH:
             return bad(f"{source} is not the empty-log head", at=1)
-        if source == "head file" and count - head_seq > 1:
+        if source == "head file" and last_seq - head_seq > 1:
             return bad(
-                f"the log is {count - head_seq} records ahead of its head file (at most 1 after a crash)",
+                f"the log is {last_seq - head_seq} records ahead of its head file (at most 1 after a crash)",
                 at=head_seq + 1,
             )
+    if window:
+        first_seq = last_seq - count + 1
+        reason = f"last {count} records (seq {first_seq}..{last_seq}) chain intact"
+        return AuditVerdict(True, count, None, reason, prev)
     return AuditVerdict(True, count, None, f"{count} records, chain intact", prev)
 
 

@@ -7,8 +7,10 @@ is wrong, so `load_config` turns every parse or validation failure into one
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,7 +66,7 @@ class MembershipSection(_Strict):
     max_gossip_bytes: int = Field(default=MembershipConfig.max_gossip_bytes, ge=512, le=1 << 20)
 
     @model_validator(mode="after")
-    def _timeout_below_interval(self) -> "MembershipSection":
+    def _timeout_below_interval(self) -> MembershipSection:
         if self.probe_timeout_s >= self.probe_interval_s:
             raise ValueError(
                 f"probe_timeout_s ({self.probe_timeout_s}) must be below probe_interval_s "
@@ -116,6 +118,8 @@ class NodeConfig(_Strict):
     data_dir: Path
     metrics_listen: Address | None = None
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
+    # "json": one JSON object a line (time, level, logger, message, node_id), for log shippers.
+    log_format: str = Field(default="text", pattern="^(text|json)$")
     tls: TlsSection
     membership: MembershipSection = Field(default_factory=MembershipSection)
     transfer: TransferSection = Field(default_factory=TransferSection)
@@ -167,10 +171,51 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (`RaftSection | None` -> RaftSection), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        model = _model_in(arg)
+        if model is not None:
+            return model
+    return None
+
+
+def _table_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The section (model) whose fields `loc` is among: NodeConfig for a top-level key."""
+    model: type[BaseModel] | None = NodeConfig
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model is not None else None
+        model = _model_in(field.annotation) if field is not None else None
+        if model is None:
+            return None
+    return model
+
+
+def _unknown_field(loc: tuple[int | str, ...]) -> str:
+    """Why key `loc` is refused and what the operator probably meant."""
+    name, table = str(loc[-1]), loc[:-1]
+    model = _table_at(table)
+    where = f"[{'.'.join(str(p) for p in table)}]" if table else "the top level"
+    if table and name in NodeConfig.model_fields:
+        return (f"{name} is a top-level field, but it comes after the {where} header, and TOML reads every "
+                f"key after a [table] header as part of that table: move `{name} = ...` above the first "
+                "[table] of the file")
+    # Fields kept only to explain that they are gone (raft.listen) are not suggested.
+    known = sorted(n for n, f in model.model_fields.items() if not f.exclude) if model is not None else []
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else f"; the fields of {where} are {', '.join(known)}"
+    return f"unknown {'field in ' + where if table else 'top-level field'}{hint}"
+
+
 def _format_errors(path: Path, error: ValidationError) -> str:
     lines = [f"{path}: invalid configuration"]
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {field}: {_unknown_field(item['loc'])}")
+            continue
         message = item["msg"].removeprefix("Value error, ")
         got = f" (got {item['input']!r})" if item["type"] not in ("missing", "model_type") \
             and not isinstance(item.get("input"), dict) else ""

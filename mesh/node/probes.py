@@ -41,6 +41,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry
@@ -58,6 +59,7 @@ DEFAULT_READINESS_TIMEOUT_S = 2.0
 MAX_REASON_CHARS = 200
 
 Readiness = Callable[[], tuple[bool, Iterable[str]]]
+T = TypeVar("T")
 
 
 class ProbeServerError(Exception):
@@ -197,7 +199,7 @@ class ProbeServer:
             return False, f"not ready:\n- {text}"
         try:
             ready, reasons = self._call_on_loop(self._readiness)
-        except _LoopUnavailable as exc:
+        except LoopUnavailable as exc:
             return False, f"not ready:\n- {exc}\n"
         except Exception as exc:
             log.exception("readiness check failed")
@@ -208,30 +210,9 @@ class ProbeServer:
         return False, "not ready:\n" + "".join(f"- {line}\n" for line in lines)
 
     def _call_on_loop(self, fn: Readiness) -> tuple[bool, list[str]]:
-        loop = self._heartbeat.loop
-        if loop.is_closed() or not loop.is_running():
-            raise _LoopUnavailable("event loop not running")
-        done: concurrent.futures.Future = concurrent.futures.Future()
-
-        def run() -> None:
-            if not done.set_running_or_notify_cancel():
-                return
-            try:
-                ready, reasons = fn()
-                done.set_result((bool(ready), [str(r) for r in reasons]))
-            except BaseException as exc:  # handed to the HTTP thread, which answers 503
-                done.set_exception(exc)
-
-        try:
-            loop.call_soon_threadsafe(run)
-        except RuntimeError:  # closed between the check and the call
-            raise _LoopUnavailable("event loop not running") from None
-        try:
-            return done.result(timeout=self.readiness_timeout_s)
-        except concurrent.futures.TimeoutError:
-            done.cancel()
-            raise _LoopUnavailable(f"event loop did not run the readiness check within "
-                                   f"{self.readiness_timeout_s:.1f} s") from None
+        ready, reasons = call_on_loop(self._heartbeat.loop, fn, self.readiness_timeout_s,
+                                      what="the readiness check")
+        return bool(ready), [str(r) for r in reasons]
 
     def _app(self, environ: Mapping[str, object], start_response: Callable) -> list[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -246,8 +227,41 @@ class ProbeServer:
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else body
 
 
-class _LoopUnavailable(Exception):
-    pass
+class LoopUnavailable(Exception):
+    """The event loop is not running, or did not run a call in time."""
+
+
+def call_on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], T], timeout_s: float, *,
+                 what: str = "the check") -> T:
+    """Run `fn` on `loop` and return its result: at once when called on the loop's own thread,
+    else through `call_soon_threadsafe`, waiting at most `timeout_s`. An exception of `fn` is
+    raised here; a loop that is not running or does not get to it raises LoopUnavailable."""
+    try:
+        if asyncio.get_running_loop() is loop:
+            return fn()
+    except RuntimeError:  # no loop runs in this thread
+        pass
+    if loop.is_closed() or not loop.is_running():
+        raise LoopUnavailable("event loop not running")
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        if not done.set_running_or_notify_cancel():
+            return
+        try:
+            done.set_result(fn())
+        except BaseException as exc:  # handed to the waiting thread
+            done.set_exception(exc)
+
+    try:
+        loop.call_soon_threadsafe(run)
+    except RuntimeError:  # closed between the check and the call
+        raise LoopUnavailable("event loop not running") from None
+    try:
+        return done.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        done.cancel()
+        raise LoopUnavailable(f"event loop did not run {what} within {timeout_s:.1f} s") from None
 
 
 class _QuietHandler(WSGIRequestHandler):

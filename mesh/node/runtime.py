@@ -32,7 +32,6 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 
 from mesh._proto import (
     admin_pb2,
@@ -50,7 +49,7 @@ from mesh._proto import (
     trust_pb2_grpc,
 )
 from mesh.admin.service import AdminServicer
-from mesh.artifacts.store import ArtifactStore
+from mesh.artifacts.store import ArtifactStore, StoreError
 from mesh.consensus import service as decisions_service
 from mesh.consensus.group import GroupError, SiteGroup
 from mesh.consensus.raft import RaftError
@@ -70,10 +69,12 @@ from mesh.membership.service import MembershipServicer, SwimRunner
 from mesh.membership.view import CoreView, MembershipView, fan_out
 from mesh.node.config import NodeConfig, parse_host_port
 from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor, TrustInterceptor
-from mesh.node.metrics import MembershipCollector, NodeMetrics
+from mesh.node.metrics import NodeMetrics
 from mesh.node.peers import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS, Faults, PeerChannels
 from mesh.node.probes import Heartbeat, ProbeBindError, ProbeServer, sd_notify, watchdog_pinger
+from mesh.node.reflection import enable_reflection
 from mesh.node.revocations import REVOCATIONS_SECTION, RevocationGossip
+from mesh.node.startup import data_dir_error, listen_error
 from mesh.node.streams import RoutedInference, StreamReassigner, claim_streams, watch_overload
 from mesh.retry import Backoff
 from mesh.transfer.distributor import HOLDINGS_SECTION, Distributor, TransferSettings
@@ -220,7 +221,13 @@ class Node:
     async def start(self) -> None:
         """Bind, build every capability on the gRPC server, start serving, then join the fleet."""
         config = self.config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            store = ArtifactStore(config.data_dir / "artifacts")
+        except OSError as exc:
+            raise NodeStartError(data_dir_error(config.data_dir, exc)) from None
+        except StoreError as exc:
+            raise NodeStartError(f"data_dir: {exc}") from None
         loop = asyncio.get_running_loop()
         trusted = load_trusted_keys(config.tls.dir)
         # Whom this node trusts right now: revocations it enforces, certificate expiry.
@@ -236,9 +243,14 @@ class Node:
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.so_reuseport", 0), *SERVER_KEEPALIVE_OPTIONS])
         host, port = parse_host_port(config.listen)
-        bound = server.add_secure_port(config.listen, server_credentials(self.credentials))
+        try:  # checked first too: gRPC's own bind failure adds a line of C-core log without the cause
+            bound = 0 if port and listen_error(config.listen, host, port) else \
+                server.add_secure_port(config.listen, server_credentials(self.credentials))
+        except RuntimeError:  # gRPC >= 1.6x raises where older ones returned 0
+            bound = 0
         if bound == 0:
-            raise NodeStartError(f"cannot listen on {config.listen}: address in use or not available")
+            why = listen_error(config.listen, host, port) or f"cannot serve gRPC on {config.listen}"
+            raise NodeStartError(why)
         address = config.advertise or (config.listen if port else f"{host}:{bound}")
         channels = PeerChannels(self.credentials, self.faults, observe=self.metrics.observe_rpc,
                                 refuse=trust.is_revoked_id)
@@ -255,7 +267,6 @@ class Node:
 
         # Transfer: the store, the origin's egress policy and the service that serves chunks.
         tc = config.transfer
-        store = ArtifactStore(config.data_dir / "artifacts")
         origin = OriginPolicy(is_origin=store.is_origin, max_refusals=tc.origin_refusals)
         transfer = TransferServicer(store, max_uploads=tc.max_uploads, origin=origin,
                                     upload=Pacer(tc.upload_rate_bytes_per_s or None))
@@ -299,7 +310,6 @@ class Node:
         runner = SwimRunner(
             core, lambda address, peer_id: membership_pb2_grpc.MembershipStub(channels.channel(address, peer_id)),
             on_events=fan_out(*handlers))
-        self.metrics.registry.register(MembershipCollector(runner))
 
         health = HealthServicer()
         membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(runner), server)
@@ -311,13 +321,17 @@ class Node:
         decisions_service.add_to_server(server, group)
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminServicer(core, loop.time, loop.time(), models=self._model_rows,
-                          inference=self._inference_status), server)
+                          inference=self._inference_status,
+                          audit=(lambda: (group.audit_path, group.audit_check)) if group else None), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server)
+        enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+                          server)
         # The loop's heartbeat: /healthz reads it, and it pings systemd's watchdog when there is one.
         heartbeat = Heartbeat(loop, on_beat=watchdog_pinger())
+        self.metrics.register_parts(runner=runner, heartbeat=heartbeat, readiness=self.readiness,
+                                    credentials=self.credentials, transfer=transfer, distributor=distributor,
+                                    store_root=store.root, now=loop.time, group=group, site=site,
+                                    inference=inference)
         self._parts = _Parts(server=server, address=address, channels=channels, health=health, runner=runner,
                              view=view, store=store, transfer=transfer, distributor=distributor,
                              inference=inference, activator=activator, group=group, reassigner=reassigner,

@@ -122,6 +122,24 @@ class Progress:
     bytes_from: dict[str, int] = field(default_factory=dict)  # peer id -> bytes received from it
 
 
+@dataclass
+class DownloadCounters:
+    """What this node received, for metrics (they only grow): chunk bytes by the sender's role,
+    chunks verified and refused by reason, and bans by reason with when each ban ends."""
+
+    bytes_from_origin: int = 0
+    bytes_from_peers: int = 0
+    chunks_verified: int = 0
+    chunks_refused: dict[str, int] = field(default_factory=lambda: {"hash_mismatch": 0, "size_mismatch": 0})
+    bans: dict[str, int] = field(default_factory=lambda: {"hash_mismatch": 0, "protocol": 0})
+    banned_until: dict[str, float] = field(default_factory=dict)  # peer id -> end of its latest ban (now())
+    last_refusal: dict[str, str] = field(default_factory=dict)  # peer id -> why its last chunk was refused
+
+    def banned_now(self, now: float) -> int:
+        """Peers whose ban has not run out at `now`."""
+        return sum(1 for until in list(self.banned_until.values()) if until > now)
+
+
 @dataclass(frozen=True)
 class Refusal:
     """A version refused here: why, who announced it, when."""
@@ -193,6 +211,7 @@ class Distributor:
         self._holdings: dict[tuple[str, str], Holding] = {}
         self._gc_pending = False
         self.progress: dict[tuple[str, str], Progress] = {}
+        self.counters = DownloadCounters()
         self._loop_task: asyncio.Task | None = None
         self.completed = asyncio.Condition()
 
@@ -275,6 +294,16 @@ class Distributor:
         for key, row in rows.items():
             row["bytes_uploaded"] = self._uploaded(*key)
         return [rows[k] for k in sorted(rows)]
+
+    def phase_counts(self) -> dict[str, int]:
+        """Versions by download phase: those held complete, and the rest by their download's phase."""
+        counts = {phase.value: 0 for phase in Phase}
+        complete = set(self._complete)
+        counts[Phase.COMPLETE.value] = len(complete)
+        for key, progress in list(self.progress.items()):
+            if key not in complete and progress.phase is not Phase.COMPLETE:
+                counts[progress.phase.value] += 1
+        return counts
 
     async def collect_garbage(self) -> int:
         """Remove versions (and chunks) no longer kept; return bytes freed.
@@ -656,6 +685,8 @@ class Distributor:
                 known_peers.discard(gone)
             known_peers.update(seen)
 
+        counters = self.counters
+
         def handle_events() -> None:
             for event in scheduler.drain_events():
                 if isinstance(event, RequestCancelled):
@@ -664,6 +695,11 @@ class Distributor:
                     if task is not None:
                         task.cancel()
                 elif isinstance(event, PeerBanned):
+                    reason = "protocol" if counters.last_refusal.get(event.peer_id) == "size_mismatch" \
+                        else "hash_mismatch"
+                    counters.bans[reason] += 1
+                    counters.banned_until[event.peer_id] = max(event.until,
+                                                               counters.banned_until.get(event.peer_id, 0.0))
                     log.warning("banned %s from %s %s until %.0fs from now (%s on chunk %d)", event.peer_id,
                                 manifest.name, manifest.version, event.until - self._now(), event.reason.value,
                                 event.index)
@@ -680,7 +716,8 @@ class Distributor:
                 refresh_peers()
                 for request in scheduler.next_requests(self._now()):
                     running[(request.peer_id, request.index)] = asyncio.create_task(self._fetch_chunk(
-                        manifest, request.peer_id, addresses[request.peer_id], request.index, progress))
+                        manifest, request.peer_id, addresses[request.peer_id], request.index, progress,
+                        from_origin=request.is_origin))
                 handle_events()
                 if scheduler.done:
                     break
@@ -719,7 +756,7 @@ class Distributor:
             await asyncio.gather(*running.values(), return_exceptions=True)
 
     async def _fetch_chunk(self, manifest: Manifest, peer_id: str, address: str, index: int,
-                           progress: Progress) -> FailureReason | None:
+                           progress: Progress, *, from_origin: bool = False) -> FailureReason | None:
         """Fetch, verify and store one chunk; None on success, else why it failed.
 
         A StoreError (disk full, I/O) is not the peer's fault: it propagates and
@@ -749,11 +786,19 @@ class Distributor:
         finally:
             progress.bytes_downloaded += received
             progress.bytes_from[peer_id] = progress.bytes_from.get(peer_id, 0) + received
+            if from_origin:
+                self.counters.bytes_from_origin += received
+            else:
+                self.counters.bytes_from_peers += received
         data = b"".join(pieces)
         try:
             await asyncio.to_thread(self.store.put_manifest_chunk, manifest, index, data)
         except BadChunkError as exc:
+            reason = "size_mismatch" if len(data) != ref.size_bytes else "hash_mismatch"
+            self.counters.chunks_refused[reason] += 1
+            self.counters.last_refusal[peer_id] = reason
             log.warning("peer %s served a bad chunk %d of %s (%s); banning it for %.0fs", peer_id, index,
                         manifest.label, exc, self.settings.ban_s)
             return FailureReason.BAD_CHUNK
+        self.counters.chunks_verified += 1
         return None

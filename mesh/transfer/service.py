@@ -36,6 +36,7 @@ class UploadCounters:
     """What this node served, for metrics and for tests that count origin egress."""
 
     bytes_served: int = 0
+    bytes_served_as_origin: int = 0  # of bytes_served, those of versions this node originated
     chunks_served: int = 0
     bytes_by_version: dict[tuple[str, str], int] = field(default_factory=dict)
     manifests_served: int = 0
@@ -161,6 +162,7 @@ class TransferServicer(pb_grpc.TransferServicer):
                                 f"all {self._max_uploads} upload slots are busy; ask another peer")
         async with self._slots:
             self._busy += 1
+            as_origin = self.origin.is_origin(name, version)
             try:
                 try:
                     data = await asyncio.to_thread(self._store.read_chunk, ref.sha256)
@@ -176,6 +178,8 @@ class TransferServicer(pb_grpc.TransferServicer):
                     piece = data[start:start + PIECE_BYTES]
                     await self._upload.pace(len(piece))
                     self.counters.bytes_served += len(piece)
+                    if as_origin:
+                        self.counters.bytes_served_as_origin += len(piece)
                     by_version = self.counters.bytes_by_version
                     by_version[(name, version)] = by_version.get((name, version), 0) + len(piece)
                     yield pb.ChunkPiece(data=piece)

@@ -304,3 +304,49 @@ def test_init_step_usage_error_exits_2(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mesh.identity.k8s", "select-cert", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--node" in done.stderr
+
+
+# -- `mesh fleet enroll NAME --k8s-secret` --------------------------------------------------------
+
+
+def enroll_cli(fleet, *args: str):
+    from click.testing import CliRunner
+
+    from mesh.cli import main as cli
+
+    return CliRunner().invoke(cli, ["fleet", "enroll", *args, "--fleet", str(fleet.directory)])
+
+
+def test_enroll_prints_the_nodes_secret_for_kubectl(fleet):
+    done = enroll_cli(fleet, "edge-31", "--k8s-secret")
+    assert done.exit_code == 0, done.stderr
+    secret = json.loads(done.stdout)  # stdout is the manifest alone: `| kubectl apply -f -`
+    folder = fleet.directory / "nodes" / "edge-31"
+    assert secret == node_secret_manifest(folder)
+    assert secret["metadata"]["name"] == "fleetmesh-cert-edge-31"
+    assert credentials_from_secret(secret, "edge-31") == {f: (folder / f).read_bytes() for f in NODE_FILES}
+    assert f"node edge-31 enrolled: {folder}" in done.stderr
+
+
+def test_enrolling_again_prints_the_same_secret_until_forced(fleet):
+    first = json.loads(enroll_cli(fleet, "edge-32", "--k8s-secret").stdout)
+    again = enroll_cli(fleet, "edge-32", "--k8s-secret", "--namespace", "edge")
+    assert again.exit_code == 0 and "enrolled already" in again.stderr and "--force" in again.stderr
+    second = json.loads(again.stdout)
+    assert second["data"] == first["data"] and second["metadata"]["namespace"] == "edge"
+    forced = json.loads(enroll_cli(fleet, "edge-32", "--k8s-secret", "--force").stdout)
+    assert forced["data"]["cert.pem"] != first["data"]["cert.pem"]
+    plain = enroll_cli(fleet, "edge-32")
+    assert plain.exit_code == 1 and "--force" in plain.stderr
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (("Edge_33", "--k8s-secret"), 1, "is not a Kubernetes node name"),
+    (("opr-35", "--role", "operator", "--k8s-secret"), 2, "--k8s-secret is for nodes"),
+    (("edge-34", "--k8s-secret", "--json"), 2, "drop --json"),
+])
+def test_enroll_k8s_secret_refusals_write_nothing(fleet, args, code, words):
+    done = enroll_cli(fleet, *args)
+    assert done.exit_code == code and words in " ".join(done.stderr.split()), done.stderr
+    assert done.stdout == ""
+    assert not any((fleet.directory / kind / args[0]).exists() for kind in ("nodes", "operators"))

@@ -278,12 +278,31 @@ async def test_metrics_exported_today_are_served_by_a_node(cluster):
     assert not planned_but_served, f"served already: mark these exported in METRICS.md: {planned_but_served}"
 
 
-@pytest.mark.xfail(strict=True, reason="metrics not implemented yet")
+# Rows whose counters belong to a change still under way elsewhere; each says whose. Once a node
+# serves one, test_metrics_exported_today_are_served_by_a_node asks to mark it exported and the
+# test below to take it off this list.
+AWAITING: dict[str, str] = {}
+
+
+def is_rollout(entry: CatalogueEntry) -> bool:
+    return entry.name.startswith("fleetmesh_rollout_")
+
+
 @pytest.mark.asyncio
 async def test_every_catalogued_metric_is_served_by_a_running_node(cluster):
+    """Every metric METRICS.md lists is served, but rollouts' (all of them once any is: the rollout
+    wiring is another change) and those AWAITING another change."""
     served = await running_node_metrics(cluster)
-    missing = sorted(e.name for e in catalogue().values() if not e.sample_names() <= served)
+    entries = catalogue().values()
+    missing = sorted(e.name for e in entries if not is_rollout(e) and e.name not in AWAITING
+                     and not e.sample_names() <= served)
     assert not missing, f"METRICS.md lists metrics a running node does not serve: {missing}"
+    arrived = sorted(name for name in AWAITING if catalogue()[name].sample_names() <= served)
+    assert not arrived, f"served now: take these off AWAITING: {arrived}"
+    rollouts = [e for e in entries if is_rollout(e)]
+    assert len(rollouts) >= 4
+    unserved = sorted(e.name for e in rollouts if not e.sample_names() <= served)
+    assert len(unserved) in (0, len(rollouts)), f"a node serves only some rollout metrics: missing {unserved}"
 
 
 @needs_promtool

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from mesh.node.config import ConfigError, load_config
+from mesh.node.config import ConfigError, NodeConfig, load_config
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 GOOD = """
 node_id = "cam-01"
@@ -43,7 +49,7 @@ def test_good_config_resolves_paths_relative_to_the_file(tmp_path):
     (("probe_timeout_s = 0.2", "probe_timeout_s = 0.9"), "membership", "below probe_interval_s"),
     (("probe_interval_s = 0.5", "probe_interval_s = -1"), "membership.probe_interval_s", "greater than 0"),
     (('site = "berlin"', 'Site = "berlin"'), "labels", "lowercase"),
-    (('data_dir = "data"', 'data_dir = "data"\nsurprise = 1'), "surprise", "Extra inputs"),
+    (('data_dir = "data"', 'data_dir = "data"\nsurprise = 1'), "surprise", "unknown top-level field"),
     (('[tls]\ndir = "creds"', ""), "tls", "required"),
 ])
 def test_errors_name_file_field_and_problem(tmp_path, change, field, words):
@@ -59,3 +65,100 @@ def test_not_toml_and_missing_file(tmp_path):
         load_config(write(tmp_path, "node_id = "))
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_the_readmes_node_toml_reference_is_a_valid_config(tmp_path):
+    """Every field README.md shows, where it shows it, is read as shown."""
+    text = README.read_text()
+    section = text[text.index("### node.toml"):]
+    example = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    config = load_config(write(tmp_path, example))
+    assert config.streams == ["cam-17a", "cam-17b"]
+    assert config.transfer.ban_s == 300.0 and config.raft is not None and config.inference.model
+    assert config.log_format == "text"
+
+
+@pytest.mark.parametrize("line, table, field, meant", [
+    ("probe_intervall_s = 1.0", "[membership]", "membership.probe_intervall_s",
+     "did you mean probe_interval_s?"),
+    ("max_upload = 4", "[transfer]", "transfer.max_upload", "did you mean max_uploads?"),
+    ("member = [\"cam-01\"]", "[raft]", "raft.member", "did you mean members?"),
+    ("metrics_lisen = \"0.0.0.0:9100\"", "", "metrics_lisen", "did you mean metrics_listen?"),
+])
+def test_an_unknown_field_suggests_the_nearest_valid_name(tmp_path, line, table, field, meant):
+    if not table:
+        text = f"{line}\n{GOOD}"
+    elif table in GOOD:
+        text = GOOD.replace(table, f"{table}\n{line}", 1)
+    else:
+        text = GOOD + f"\n{table}\n" + ('members = ["cam-01"]\n' if table == "[raft]" else "") + f"{line}\n"
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert f"  {field}: unknown " in str(err.value) and meant in str(err.value), str(err.value)
+
+
+def test_a_top_level_key_under_a_table_says_so(tmp_path):
+    """TOML puts `streams` written after [transfer] into transfer: the message says where it belongs."""
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, GOOD + '[transfer]\nban_s = 60.0\nstreams = ["cam-17a"]\n'))
+    message = str(err.value)
+    assert "transfer.streams: streams is a top-level field, but it comes after the [transfer] header" \
+        in message
+    assert "move `streams = ...` above the first [table]" in message
+
+
+def test_a_removed_field_is_not_suggested(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, GOOD + '[raft]\nmembers = ["cam-01"]\nlisen = "x"\n'))
+    assert "did you mean listen" not in str(err.value)
+
+
+def toml_value(value) -> str:
+    """A TOML value as written by hand (JSON strings are TOML basic strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+SECTIONS = {name: field for name, field in NodeConfig.model_fields.items()
+            if name in ("membership", "transfer", "inference", "tls")}
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(section=st.sampled_from(sorted(SECTIONS)), data=st.data())
+def test_a_misspelt_field_is_named_with_a_real_field_of_its_table(tmp_path, section, data):
+    fields = sorted(SECTIONS[section].annotation.model_fields)
+    field = data.draw(st.sampled_from(fields), label="field")
+    cut = data.draw(st.integers(0, len(field) - 1), label="dropped character")
+    typo = field[:cut] + field[cut + 1:]
+    if typo in fields or not typo:
+        return
+    body = GOOD.replace("[membership]\nprobe_interval_s = 0.5\nprobe_timeout_s = 0.2\n", "")
+    text = body + f"[{section}]\n{typo} = 1\n" + ('dir = "creds"\n' if section == "tls" else "")
+    if section == "tls":
+        text = text.replace('[tls]\ndir = "creds"\n', "", 1)
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    line = next(x for x in str(err.value).splitlines() if x.startswith(f"  {section}.{typo}: "))
+    named = re.search(r"did you mean (\w+)\?", line)
+    assert named is None or named.group(1) in fields, line
+    assert named is not None or all(f in line for f in fields), line
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=st.dictionaries(
+    st.one_of(st.sampled_from(sorted(NodeConfig.model_fields)), st.text(min_size=1, max_size=12)),
+    st.one_of(st.integers(), st.text(max_size=8), st.booleans(),
+              st.dictionaries(st.text(min_size=1, max_size=8), st.integers(), max_size=3)),
+    max_size=6))
+def test_any_table_is_a_config_or_a_config_error(tmp_path, doc):
+    """Whatever the file holds, the loader answers with a config or one ConfigError, never a crash."""
+    path = tmp_path / "fuzz.toml"
+    path.write_text("\n".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in doc.items()) + "\n",
+                    errors="surrogatepass")
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        assert str(exc).startswith(f"{path}: ")

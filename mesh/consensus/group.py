@@ -49,8 +49,16 @@ from mesh.consensus.commands import (
     expire_command,
     propose_command,
     set_routes_command,
+    withdraw_command,
 )
-from mesh.consensus.ledger import ApplyResult, DecisionLedger, HeldDecision, HistoryEntry, Outcome
+from mesh.consensus.ledger import (
+    ApplyResult,
+    DecisionLedger,
+    Displacement,
+    HeldDecision,
+    HistoryEntry,
+    Outcome,
+)
 from mesh.consensus.raft import RaftGroup, RaftTimings
 from mesh.consensus.transport import RaftLink
 from mesh.guard.approval import Approval
@@ -286,6 +294,11 @@ class SiteGroup:
         """Drop held decisions whose hold TTL has passed (and forget old outcomes and nonces)."""
         return await self._propose(expire_command(time.time()), timeout_s)
 
+    async def withdraw(self, decision_id: str, reason: str,
+                       timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S) -> ApplyResult:
+        """Finish a held decision unapplied on every replica because its premise is gone (`reason`)."""
+        return await self._propose(withdraw_command(decision_id, reason=reason, now=time.time()), timeout_s)
+
     async def set_routes(
         self,
         routes: Mapping[str, str],
@@ -337,6 +350,11 @@ class SiteGroup:
     def history(self) -> tuple[HistoryEntry, ...]:
         with self._state.lock:
             return self._state.ledger.history()
+
+    def displaced(self) -> dict[str, Displacement]:
+        """Streams a reassignment took from their node, still where it put them (what a return gives back)."""
+        with self._state.lock:
+            return self._state.ledger.displaced()
 
     def outcome_of(self, decision_id: str) -> str | None:
         with self._state.lock:

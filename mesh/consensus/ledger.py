@@ -367,6 +367,8 @@ class DecisionLedger:
                 "kind": decision.kind.value,
                 "proposer": decision.proposer,
                 "reason": decision.reason,
+                "moves": [m.to_dict() for m in decision.moves],
+                "allocations": [a.to_dict() for a in decision.allocations],
                 "scope": verdict.scope.to_dict(),
                 "at": self._clock,
             },

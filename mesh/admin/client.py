@@ -114,3 +114,6 @@ class DecisionsClient(OperatorClient):
 
     def audit(self, *, verify: bool = False, limit: int = 0) -> decisions_pb.AuditResponse:
         return self._call(self._stub.Audit, decisions_pb.AuditRequest(verify=verify, limit=limit))
+
+    def group_status(self) -> decisions_pb.GroupStatusResponse:
+        return self._call(self._stub.GroupStatus, decisions_pb.GroupStatusRequest())

@@ -101,6 +101,9 @@ class DecisionsClient(OperatorClient):
     def routes(self) -> decisions_pb.RoutesResponse:
         return self._call(self._stub.Routes, decisions_pb.RoutesRequest())
 
+    def group_status(self) -> decisions_pb.GroupStatusResponse:
+        return self._call(self._stub.GroupStatus, decisions_pb.GroupStatusRequest())
+
     def propose(self, decision_doc: dict) -> decisions_pb.DecisionResult:
         request = decisions_pb.ProposeRequest(decision_json=json.dumps(decision_doc))
         return self._call(self._stub.Propose, request)
@@ -114,6 +117,3 @@ class DecisionsClient(OperatorClient):
 
     def audit(self, *, verify: bool = False, limit: int = 0) -> decisions_pb.AuditResponse:
         return self._call(self._stub.Audit, decisions_pb.AuditRequest(verify=verify, limit=limit))
-
-    def group_status(self) -> decisions_pb.GroupStatusResponse:
-        return self._call(self._stub.GroupStatus, decisions_pb.GroupStatusRequest())

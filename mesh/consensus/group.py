@@ -51,14 +51,7 @@ from mesh.consensus.commands import (
     set_routes_command,
     withdraw_command,
 )
-from mesh.consensus.ledger import (
-    ApplyResult,
-    DecisionLedger,
-    Displacement,
-    HeldDecision,
-    HistoryEntry,
-    Outcome,
-)
+from mesh.consensus.ledger import ApplyResult, DecisionLedger, HeldDecision, HistoryEntry, Outcome
 from mesh.consensus.raft import RaftGroup, RaftTimings
 from mesh.consensus.transport import RaftLink
 from mesh.guard.approval import Approval
@@ -68,6 +61,7 @@ from mesh.identity.signing import TrustedKeys
 
 if TYPE_CHECKING:
     from mesh.consensus.config import RaftSection
+    from mesh.consensus.ledger import Displacement
 
 log = logging.getLogger(__name__)
 

@@ -69,13 +69,7 @@ from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
 from mesh.node.metrics import MembershipCollector, NodeMetrics
 from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
 from mesh.node.probes import Heartbeat, ProbeBindError, ProbeServer, sd_notify, watchdog_pinger
-from mesh.node.streams import (
-    RoutedInference,
-    StreamReassigner,
-    claim_streams,
-    return_settle_s,
-    watch_overload,
-)
+from mesh.node.streams import RoutedInference, StreamReassigner, claim_streams, watch_overload
 from mesh.retry import Backoff
 from mesh.transfer.distributor import HOLDINGS_SECTION, Distributor, TransferSettings
 from mesh.transfer.pacing import Pacer
@@ -363,8 +357,8 @@ class Node:
         raft_service.add(link)
         return group, StreamReassigner(node_id=config.node_id, group=group, view=view, site=site,
                                        rng=random.Random(self._rng.random()),
-                                       return_after_s=return_settle_s(config.membership.to_core(),
-                                                                      len(config.raft.members)))
+                                       return_after_s=StreamReassigner.settle_period_s(
+                                           config.membership.to_core(), len(config.raft.members)))
 
     @staticmethod
     def _removed_hook(origin: OriginPolicy, activator: Activator | None):

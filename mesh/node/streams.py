@@ -38,7 +38,7 @@ log = logging.getLogger("mesh.decisions")
 # Set on a forwarded Infer call, so the owner serves it even if its table is momentarily different.
 FORWARDED_KEY = "x-mesh-forwarded-by"
 # How long a member that was marked dead must stay ALIVE before its streams are returned (the node
-# derives it from its membership timings: `return_settle_s`).
+# derives it from its membership timings: `StreamReassigner.settle_period_s`).
 DEFAULT_RETURN_AFTER_S = 30.0
 # Changes a leader remembers having proposed (so it does not re-propose one an operator denied).
 MAX_REMEMBERED_PROPOSALS = 256
@@ -118,6 +118,13 @@ class StreamReassigner:
     @property
     def return_after_s(self) -> float:
         return self._returns.settle_s
+
+    @staticmethod
+    def settle_period_s(membership: MembershipConfig, n_members: int) -> float:
+        """How long a member must stay ALIVE before its streams are returned: three suspicion timeouts
+        (a flapping link is suspected again well within that) and at least one push-pull round (the
+        views of both sides of a healed partition have been reconciled). LAN timings give 30 s."""
+        return max(3 * membership.suspicion_timeout_s(n_members), membership.push_pull_interval_s)
 
     def on_member_events(self, events: Sequence[MemberEvent]) -> None:
         """Membership event handler: a death starts a reassignment; a return starts the settle
@@ -257,13 +264,6 @@ class StreamReassigner:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def return_settle_s(membership: MembershipConfig, n_members: int) -> float:
-    """How long a member must stay ALIVE before its streams are returned: three suspicion timeouts
-    (a flapping link is suspected again well within that) and at least one push-pull round (the
-    views of both sides of a healed partition have been reconciled). LAN timings give 30 s."""
-    return max(3 * membership.suspicion_timeout_s(n_members), membership.push_pull_interval_s)
 
 
 async def claim_streams(group: SiteGroup, streams: Mapping[str, str], *, backoff: Backoff) -> None:

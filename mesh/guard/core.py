@@ -109,6 +109,10 @@ class Scope:
         }
 
 
+#: What a decision does, without who proposed it, why or when (`Decision.change`).
+DecisionChange = tuple[DecisionKind, tuple[StreamMove, ...], tuple[Allocation, ...]]
+
+
 @dataclass(frozen=True)
 class Decision:
     """A proposed change to a site's replicated state.
@@ -142,7 +146,7 @@ class Decision:
         return tuple(m.stream for m in self.moves)
 
     @property
-    def change(self) -> tuple[DecisionKind, tuple[StreamMove, ...], tuple[Allocation, ...]]:
+    def change(self) -> DecisionChange:
         """What the decision does (kind, moves, allocations), without proposer, reason, time or nonce:
         two decisions with the same change differ only in who asked, why and when."""
         return (self.kind, self.moves, self.allocations)

@@ -25,7 +25,7 @@ from mesh.consensus.group import GroupError, SiteGroup
 from mesh.consensus.planning import OverloadWatch, plan_offload, plan_reassignment
 from mesh.consensus.premises import ReturnSchedule, plan_return, stale_holds
 from mesh.consensus.raft import RaftError
-from mesh.guard.core import Decision, DecisionKind
+from mesh.guard.core import Decision, DecisionChange, DecisionKind
 from mesh.identity.ca import Role
 from mesh.identity.tls import peer_identity
 from mesh.inference.service import InferenceServicer
@@ -108,8 +108,8 @@ class StreamReassigner:
         self._rng = rng
         self._tasks: set[asyncio.Task] = set()
         self._returns = ReturnSchedule(return_after_s)
-        self._in_flight: set[tuple] = set()  # Decision.change of proposals awaiting their outcome
-        self._proposed_as: dict[tuple, str] = {}  # Decision.change -> id of this node's last proposal of it
+        self._in_flight: set[DecisionChange] = set()  # changes of proposals awaiting their outcome
+        self._proposed_as: dict[DecisionChange, str] = {}  # change -> id of this node's last proposal of it
         self._wake = asyncio.Event()
         self._next_return_at: float | None = None
         self.proposed: list[Decision] = []

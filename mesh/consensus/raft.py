@@ -54,6 +54,7 @@ are on the fields. Hazards of pysyncobj 0.3.17 and how this module handles them:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -543,10 +544,8 @@ class RaftGroup(SyncObj):
             def on_result(result: Any, error: int, fut=fut) -> None:
                 # Runs on pysyncobj's tick thread (or inline): must never raise, or pysyncobj
                 # re-applies the entry on its next tick.
-                try:
+                with contextlib.suppress(RuntimeError):  # loop closed: nobody waits for this outcome
                     loop.call_soon_threadsafe(_settle, fut, result, error)
-                except RuntimeError:
-                    pass  # loop closed: nobody waits for this outcome any more
 
             submit(on_result)
             remaining_s = deadline - loop.time()

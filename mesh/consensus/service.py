@@ -120,8 +120,9 @@ class DecisionsServicer(pb_grpc.DecisionsServicer):
         if reply.outcome == Outcome.REFUSED.value and reply.refusal_reason == "not_pending" \
                 and group.outcome_of(approval.decision_id) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"decision {approval.decision_id} is not held in group {group.group} (unknown, "
-                                "or finished long ago); list held decisions with `mesh admin pending`")
+                                f"decision {approval.decision_id} is not held in group {group.group} "
+                                "(unknown, or finished long ago); list held decisions with "
+                                "`mesh admin pending`")
         return reply
 
     async def _write(self, context, group: SiteGroup, submit) -> pb.DecisionResult:
@@ -164,7 +165,8 @@ class DecisionsServicer(pb_grpc.DecisionsServicer):
         records = await asyncio.to_thread(group.audit_records)
         shown = records[-request.limit:] if request.limit else records
         entries = [pb.AuditEntry(seq=r.seq, time=r.time, kind=r.kind,
-                                 payload_json=canonical_json(dict(r.payload)).decode(), prev=r.prev, hash=r.hash)
+                                 payload_json=canonical_json(dict(r.payload)).decode(), prev=r.prev,
+                                 hash=r.hash)
                    for r in shown]
         verdict = pb.AuditVerdictInfo(checked=False)
         if request.verify:
@@ -193,7 +195,8 @@ async def _json_arg(context, text: str, field: str) -> object:
     if not text:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} is empty")
     if len(text.encode()) > MAX_JSON_BYTES:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} is larger than {MAX_JSON_BYTES} bytes")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{field} is larger than {MAX_JSON_BYTES} bytes")
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -201,7 +204,7 @@ async def _json_arg(context, text: str, field: str) -> object:
 
 
 def add_to_server(server: grpc.aio.Server, group: SiteGroup | None) -> DecisionsServicer:
-    """Serve the Decisions service; with `group` None every call is FAILED_PRECONDITION (no [raft] section)."""
+    """Serve the Decisions service; with `group` None every call is FAILED_PRECONDITION (no [raft])."""
     servicer = DecisionsServicer(group)
     pb_grpc.add_DecisionsServicer_to_server(servicer, server)
     return servicer

@@ -69,8 +69,9 @@ class RoutedInference(InferenceServicer):
         member = self._view.member(owner)
         if member is None or member.state not in (State.ALIVE, State.SUSPECT):
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"stream {request.stream_id} is routed to {owner}, which is down; its streams "
-                                "are being reassigned (see `mesh admin pending` if the move waits for approval)")
+                                f"stream {request.stream_id} is routed to {owner}, which is down; its "
+                                "streams are being reassigned (see `mesh admin pending` if the move waits "
+                                "for approval)")
         remaining_s = context.time_remaining()
         try:
             reply = await self._dial(member.address, owner).Infer(
@@ -297,7 +298,8 @@ async def watch_overload(*, node_id: str, group: SiteGroup, runtime, view: Membe
         decision = plan_offload(group.routes(), node_id, live_site_members(view, site), group=group.group,
                                 reason=watch.reason(node_id, interval_s), now=time.time(), rng=rng)
         if decision is None:
-            log.warning("%s is overloaded but has no stream it could hand to another node of %s", node_id, site)
+            log.warning("%s is overloaded but has no stream it could hand to another node of %s", node_id,
+                        site)
             continue
         try:
             result = await group.propose(decision)

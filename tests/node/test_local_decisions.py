@@ -49,8 +49,8 @@ async def site(fleet, tmp_path, guard: dict) -> LocalCluster:
 async def infer(node, fleet, stream: str) -> inference_pb2.InferResponse:
     x = np.ones((1, 8), dtype=np.float32)
     creds = channel_credentials(fleet.node_credentials("camera-app"))
-    async with grpc.aio.secure_channel(node.address, creds,
-                                       options=secure_channel_options(peer_id=node.config.node_id)) as channel:
+    options = secure_channel_options(peer_id=node.config.node_id)
+    async with grpc.aio.secure_channel(node.address, creds, options=options) as channel:
         request = inference_pb2.InferRequest(stream_id=stream, inputs=[inference_pb2.Tensor(
             name="input", dtype="float32", shape=[1, 8], data=x.tobytes())])
         return await inference_pb2_grpc.InferenceStub(channel).Infer(request, timeout=10)
@@ -64,7 +64,8 @@ async def prepare(c: LocalCluster, fleet, tmp_path) -> None:
     origin = c.nodes["node-00"]
     key = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
     origin.distributor.add_published(publish(path, name="mlp", version="1", key=key, store=origin.store))
-    await wait_for(lambda: all(n.inference.active for n in c.nodes.values()), 30.0, what="every node serves mlp")
+    await wait_for(lambda: all(n.inference.active for n in c.nodes.values()), 30.0,
+                   what="every node serves mlp")
     result = await origin.group.set_routes(STREAMS)
     assert result.outcome is Outcome.APPLIED, result.message
     await wait_for(lambda: all(n.group.routes() == STREAMS for n in c.nodes.values()), 10.0,
@@ -118,10 +119,12 @@ async def test_reassignment_above_scope_waits_for_an_operator_approval(fleet, tm
         assert all(n.group.routes()[s] == victim for n in survivors for s in orphaned)  # nothing moved
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await infer(survivors[0], fleet, orphaned[0])
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "mesh admin pending" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "mesh admin pending" in info.value.details()
 
         operator = load_signing_key(fleet.directory / "operator.key", KeyRole.OPERATOR)
-        approval = sign_approval(operator, held.decision, now=time.time(), ttl_s=600, nonce=secrets.token_hex(8))
+        approval = sign_approval(operator, held.decision, now=time.time(), ttl_s=600,
+                                 nonce=secrets.token_hex(8))
         result = await survivors[1].group.approve(approval)
         assert result.outcome is Outcome.APPLIED, result.message
         await wait_for(lambda: all(n.group.routes()[s] != victim for n in survivors for s in orphaned), 10.0,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mesh/v1/decisions.proto\x12\x07mesh.v1\"\x85\x01\n\tGroupView\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x04 \x01(\x08\x12\x0c\n\x04note\x18\x05 \x01(\t\x12\x12\n\ngroup_size\x18\x06 \x01(\r\x12\x15\n\rapplied_index\x18\x07 \x01(\x04\"\xf9\x02\n\x10HeldDecisionInfo\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08proposer\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0bproposed_at\x18\x05 \x01(\x01\x12\x0f\n\x07held_at\x18\x06 \x01(\x01\x12\x12\n\nexpires_at\x18\x07 \x01(\x01\x12\x16\n\x0enodes_affected\x18\x08 \x01(\r\x12\x19\n\x11\x66raction_of_group\x18\t \x01(\x01\x12\x15\n\rstreams_moved\x18\n \x01(\r\x12\x11\n\tmax_nodes\x18\x0b \x01(\r\x12\x14\n\x0cmax_fraction\x18\x0c \x01(\x01\x12\x13\n\x0bmax_streams\x18\r \x01(\r\x12\x10\n\x08\x65xceeded\x18\x0e \x03(\t\x12\x10\n\x08\x64\x65scribe\x18\x0f \x01(\t\x12\x13\n\x0bwaiting_for\x18\x10 \x01(\t\x12\x15\n\rdecision_json\x18\x11 \x01(\t\x12\x0e\n\x06\x64igest\x18\x12 \x01(\t\"_\n\x0bHistoryItem\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\n\n\x02\x61t\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\"\x10\n\x0ePendingRequest\"\x83\x01\n\x0fPendingResponse\x12!\n\x05group\x18\x01 \x01(\x0b\x32\x12.mesh.v1.GroupView\x12\'\n\x04held\x18\x02 \x03(\x0b\x32\x19.mesh.v1.HeldDecisionInfo\x12$\n\x06recent\x18\x03 \x03(\x0b\x32\x14.mesh.v1.HistoryItem\"\x0f\n\rRoutesRequest\"\x8a\x02\n\x0eRoutesResponse\x12!\n\x05group\x18\x01 \x01(\x0b\x32\x12.mesh.v1.GroupView\x12\x33\n\x06routes\x18\x02 \x03(\x0b\x32#.mesh.v1.RoutesResponse.RoutesEntry\x12=\n\x0b\x61llocations\x18\x03 \x03(\x0b\x32(.mesh.v1.RoutesResponse.AllocationsEntry\x1a-\n\x0bRoutesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41llocationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\'\n\x0eProposeRequest\x12\x15\n\rdecision_json\x18\x01 \x01(\t\"&\n\rAnswerRequest\x12\x15\n\rapproval_json\x18\x01 \x01(\t\"\x82\x01\n\x0e\x44\x65\x63isionResult\x12!\n\x05group\x18\x01 \x01(\x0b\x32\x12.mesh.v1.GroupView\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x16\n\x0erefusal_reason\x18\x05 \x01(\t\"-\n\x0c\x41uditRequest\x12\x0e\n\x06verify\x18\x01 \x01(\x08\x12\r\n\x05limit\x18\x02 \x01(\r\"g\n\nAuditEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0cpayload_json\x18\x04 \x01(\t\x12\x0c\n\x04prev\x18\x05 \x01(\t\x12\x0c\n\x04hash\x18\x06 \x01(\t\"z\n\x10\x41uditVerdictInfo\x12\x0f\n\x07\x63hecked\x18\x01 \x01(\x08\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07records\x18\x03 \x01(\x04\x12\x15\n\rfirst_bad_seq\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\thead_hash\x18\x06 \x01(\t\"\xa9\x01\n\rAuditResponse\x12!\n\x05group\x18\x01 \x01(\x0b\x32\x12.mesh.v1.GroupView\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x15\n\rtotal_records\x18\x03 \x01(\x04\x12$\n\x07records\x18\x04 \x03(\x0b\x32\x13.mesh.v1.AuditEntry\x12*\n\x07verdict\x18\x05 \x01(\x0b\x32\x19.mesh.v1.AuditVerdictInfo2\xee\x02\n\tDecisions\x12<\n\x07Pending\x12\x17.mesh.v1.PendingRequest\x1a\x18.mesh.v1.PendingResponse\x12\x39\n\x06Routes\x12\x16.mesh.v1.RoutesRequest\x1a\x17.mesh.v1.RoutesResponse\x12;\n\x07Propose\x12\x17.mesh.v1.ProposeRequest\x1a\x17.mesh.v1.DecisionResult\x12:\n\x07\x41pprove\x12\x16.mesh.v1.AnswerRequest\x1a\x17.mesh.v1.DecisionResult\x12\x37\n\x04\x44\x65ny\x12\x16.mesh.v1.AnswerRequest\x1a\x17.mesh.v1.DecisionResult\x12\x36\n\x05\x41udit\x12\x15.mesh.v1.AuditRequest\x1a\x16.mesh.v1.AuditResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mesh/v1/decisions.proto\x12\x07mesh.v1\"\xa7\x02\n\tGroupView\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x0f\n\x07\x63urrent\x18\x04 \x01(\x08\x12\x0c\n\x04note\x18\x05 \x01(\t\x12\x12\n\ngroup_size\x18\x06 \x01(\r\x12\x15\n\rapplied_index\x18\x07 \x01(\x04\x12\x0c\n\x04term\x18\x08 \x01(\x04\x12\x14\n\x0c\x63ommit_index\x18\t \x01(\x04\x12\x12\n\nraft_state\x18\n \x01(\t\x12\x0f\n\x07members\x18\x0b \x03(\t\x12\x11\n\treachable\x18\x0c \x03(\t\x12\x18\n\x10leader_contact_s\x18\r \x01(\x01\x12\x0f\n\x07\x63ut_off\x18\x0e \x01(\x08\x12\x19\n\x11no_leader_after_s\x18\x0f \x01(\x01\"V\n\nMemberLink\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\x14\n\x0clast_heard_s\x18\x03 \x01(\x01\x12\x0e\n\x06leader\x18\x04 \x01(\x08\"\x14\n\x12GroupStatusRequest\"\x94\x01\n\x13GroupStatusResponse\x12!\n\x05group\x18\x01 \x01(\x0b\x32\x12.mesh.v1.GroupView\x12\"\n\x05links\x18\x02 \x03(\x0b\x32\x13.mesh.v1.MemberLink\x12\x13\n\x0blog_entries\x18\x03 \x01(\x04\x12\x0c\n\x04held\x18\x04 \x01(\r\x12\x13\n\x0b\x61udit_error\x18\x05 \x01(\t\"\xf9\x02\n\x10HeldDecisionInfo\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x10\n\x08proposer\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x13\n\x0bproposed_at\x18\x05 \x01(\x01\x12\x0f\n\x07held_at\x18\x06 \x01(\x01\x12\x12\n\nexpires_at\x18\x07 \x01(\x01\x12\x16\n\x0enodes_affected\x18\x08 \x01(\r\x12\x19\n\x11\x66raction_of_group\x18\t \x01(\x01\x12\x15\n\rstreams_moved\x18\n \x01(\r\x12\x11\n\tmax_nodes\x18\x0b \x01(\r\x12\x14\n\x0cmax_fraction\x18\x0c \x01(\x01\x12\x13\n\x0bmax_streams\x18\r \x01(\r\x12\x10\n\x08\x65xceeded\x18\x0e \x03(\t\x12\x10\n\x08\x64\x65scribe\x18\x0f \x01(\t\x12\x13\n\x0bwaiting_for\x18\x10 \x01(\t\x12\x15\n\rdecision_json\x18\x11 \x01(\t\x12\x0e\n\x06\x64igest\x18\x12 \x01(\t\"_\n\x0bHistoryItem\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\n\n\x02\x61t\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\t\"\x10\n\x0ePendingRequest\"\x83\x01\n\x0fPendingResponse\x12!\n\x05group\x18\x01 \x01(\x0b\x32\x12.mesh.v1.GroupView\x12\'\n\x04held\x18\x02 \x03(\x0b\x32\x19.mesh.v1.HeldDecisionInfo\x12$\n\x06recent\x18\x03 \x03(\x0b\x32\x14.mesh.v1.HistoryItem\"\x0f\n\rRoutesRequest\"\x8a\x02\n\x0eRoutesResponse\x12!\n\x05group\x18\x01 \x01(\x0b\x32\x12.mesh.v1.GroupView\x12\x33\n\x06routes\x18\x02 \x03(\x0b\x32#.mesh.v1.RoutesResponse.RoutesEntry\x12=\n\x0b\x61llocations\x18\x03 \x03(\x0b\x32(.mesh.v1.RoutesResponse.AllocationsEntry\x1a-\n\x0bRoutesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41llocationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\"\'\n\x0eProposeRequest\x12\x15\n\rdecision_json\x18\x01 \x01(\t\"&\n\rAnswerRequest\x12\x15\n\rapproval_json\x18\x01 \x01(\t\"\x82\x01\n\x0e\x44\x65\x63isionResult\x12!\n\x05group\x18\x01 \x01(\x0b\x32\x12.mesh.v1.GroupView\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x16\n\x0erefusal_reason\x18\x05 \x01(\t\"-\n\x0c\x41uditRequest\x12\x0e\n\x06verify\x18\x01 \x01(\x08\x12\r\n\x05limit\x18\x02 \x01(\r\"g\n\nAuditEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0cpayload_json\x18\x04 \x01(\t\x12\x0c\n\x04prev\x18\x05 \x01(\t\x12\x0c\n\x04hash\x18\x06 \x01(\t\"z\n\x10\x41uditVerdictInfo\x12\x0f\n\x07\x63hecked\x18\x01 \x01(\x08\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0f\n\x07records\x18\x03 \x01(\x04\x12\x15\n\rfirst_bad_seq\x18\x04 \x01(\x04\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\thead_hash\x18\x06 \x01(\t\"\xa9\x01\n\rAuditResponse\x12!\n\x05group\x18\x01 \x01(\x0b\x32\x12.mesh.v1.GroupView\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x15\n\rtotal_records\x18\x03 \x01(\x04\x12$\n\x07records\x18\x04 \x03(\x0b\x32\x13.mesh.v1.AuditEntry\x12*\n\x07verdict\x18\x05 \x01(\x0b\x32\x19.mesh.v1.AuditVerdictInfo2\xb8\x03\n\tDecisions\x12<\n\x07Pending\x12\x17.mesh.v1.PendingRequest\x1a\x18.mesh.v1.PendingResponse\x12\x39\n\x06Routes\x12\x16.mesh.v1.RoutesRequest\x1a\x17.mesh.v1.RoutesResponse\x12;\n\x07Propose\x12\x17.mesh.v1.ProposeRequest\x1a\x17.mesh.v1.DecisionResult\x12:\n\x07\x41pprove\x12\x16.mesh.v1.AnswerRequest\x1a\x17.mesh.v1.DecisionResult\x12\x37\n\x04\x44\x65ny\x12\x16.mesh.v1.AnswerRequest\x1a\x17.mesh.v1.DecisionResult\x12\x36\n\x05\x41udit\x12\x15.mesh.v1.AuditRequest\x1a\x16.mesh.v1.AuditResponse\x12H\n\x0bGroupStatus\x12\x1b.mesh.v1.GroupStatusRequest\x1a\x1c.mesh.v1.GroupStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,37 +37,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTESRESPONSE_ALLOCATIONSENTRY']._loaded_options = None
   _globals['_ROUTESRESPONSE_ALLOCATIONSENTRY']._serialized_options = b'8\001'
   _globals['_GROUPVIEW']._serialized_start=37
-  _globals['_GROUPVIEW']._serialized_end=170
-  _globals['_HELDDECISIONINFO']._serialized_start=173
-  _globals['_HELDDECISIONINFO']._serialized_end=550
-  _globals['_HISTORYITEM']._serialized_start=552
-  _globals['_HISTORYITEM']._serialized_end=647
-  _globals['_PENDINGREQUEST']._serialized_start=649
-  _globals['_PENDINGREQUEST']._serialized_end=665
-  _globals['_PENDINGRESPONSE']._serialized_start=668
-  _globals['_PENDINGRESPONSE']._serialized_end=799
-  _globals['_ROUTESREQUEST']._serialized_start=801
-  _globals['_ROUTESREQUEST']._serialized_end=816
-  _globals['_ROUTESRESPONSE']._serialized_start=819
-  _globals['_ROUTESRESPONSE']._serialized_end=1085
-  _globals['_ROUTESRESPONSE_ROUTESENTRY']._serialized_start=988
-  _globals['_ROUTESRESPONSE_ROUTESENTRY']._serialized_end=1033
-  _globals['_ROUTESRESPONSE_ALLOCATIONSENTRY']._serialized_start=1035
-  _globals['_ROUTESRESPONSE_ALLOCATIONSENTRY']._serialized_end=1085
-  _globals['_PROPOSEREQUEST']._serialized_start=1087
-  _globals['_PROPOSEREQUEST']._serialized_end=1126
-  _globals['_ANSWERREQUEST']._serialized_start=1128
-  _globals['_ANSWERREQUEST']._serialized_end=1166
-  _globals['_DECISIONRESULT']._serialized_start=1169
-  _globals['_DECISIONRESULT']._serialized_end=1299
-  _globals['_AUDITREQUEST']._serialized_start=1301
-  _globals['_AUDITREQUEST']._serialized_end=1346
-  _globals['_AUDITENTRY']._serialized_start=1348
-  _globals['_AUDITENTRY']._serialized_end=1451
-  _globals['_AUDITVERDICTINFO']._serialized_start=1453
-  _globals['_AUDITVERDICTINFO']._serialized_end=1575
-  _globals['_AUDITRESPONSE']._serialized_start=1578
-  _globals['_AUDITRESPONSE']._serialized_end=1747
-  _globals['_DECISIONS']._serialized_start=1750
-  _globals['_DECISIONS']._serialized_end=2116
+  _globals['_GROUPVIEW']._serialized_end=332
+  _globals['_MEMBERLINK']._serialized_start=334
+  _globals['_MEMBERLINK']._serialized_end=420
+  _globals['_GROUPSTATUSREQUEST']._serialized_start=422
+  _globals['_GROUPSTATUSREQUEST']._serialized_end=442
+  _globals['_GROUPSTATUSRESPONSE']._serialized_start=445
+  _globals['_GROUPSTATUSRESPONSE']._serialized_end=593
+  _globals['_HELDDECISIONINFO']._serialized_start=596
+  _globals['_HELDDECISIONINFO']._serialized_end=973
+  _globals['_HISTORYITEM']._serialized_start=975
+  _globals['_HISTORYITEM']._serialized_end=1070
+  _globals['_PENDINGREQUEST']._serialized_start=1072
+  _globals['_PENDINGREQUEST']._serialized_end=1088
+  _globals['_PENDINGRESPONSE']._serialized_start=1091
+  _globals['_PENDINGRESPONSE']._serialized_end=1222
+  _globals['_ROUTESREQUEST']._serialized_start=1224
+  _globals['_ROUTESREQUEST']._serialized_end=1239
+  _globals['_ROUTESRESPONSE']._serialized_start=1242
+  _globals['_ROUTESRESPONSE']._serialized_end=1508
+  _globals['_ROUTESRESPONSE_ROUTESENTRY']._serialized_start=1411
+  _globals['_ROUTESRESPONSE_ROUTESENTRY']._serialized_end=1456
+  _globals['_ROUTESRESPONSE_ALLOCATIONSENTRY']._serialized_start=1458
+  _globals['_ROUTESRESPONSE_ALLOCATIONSENTRY']._serialized_end=1508
+  _globals['_PROPOSEREQUEST']._serialized_start=1510
+  _globals['_PROPOSEREQUEST']._serialized_end=1549
+  _globals['_ANSWERREQUEST']._serialized_start=1551
+  _globals['_ANSWERREQUEST']._serialized_end=1589
+  _globals['_DECISIONRESULT']._serialized_start=1592
+  _globals['_DECISIONRESULT']._serialized_end=1722
+  _globals['_AUDITREQUEST']._serialized_start=1724
+  _globals['_AUDITREQUEST']._serialized_end=1769
+  _globals['_AUDITENTRY']._serialized_start=1771
+  _globals['_AUDITENTRY']._serialized_end=1874
+  _globals['_AUDITVERDICTINFO']._serialized_start=1876
+  _globals['_AUDITVERDICTINFO']._serialized_end=1998
+  _globals['_AUDITRESPONSE']._serialized_start=2001
+  _globals['_AUDITRESPONSE']._serialized_end=2170
+  _globals['_DECISIONS']._serialized_start=2173
+  _globals['_DECISIONS']._serialized_end=2613
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GroupView(_message.Message):
-    __slots__ = ("group", "node_id", "leader", "current", "note", "group_size", "applied_index")
+    __slots__ = ("group", "node_id", "leader", "current", "note", "group_size", "applied_index", "term", "commit_index", "raft_state", "members", "reachable", "leader_contact_s", "cut_off", "no_leader_after_s")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEADER_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,14 @@ class GroupView(_message.Message):
     NOTE_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RAFT_STATE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    LEADER_CONTACT_S_FIELD_NUMBER: _ClassVar[int]
+    CUT_OFF_FIELD_NUMBER: _ClassVar[int]
+    NO_LEADER_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     group: str
     node_id: str
     leader: str
@@ -23,7 +31,45 @@ class GroupView(_message.Message):
     note: str
     group_size: int
     applied_index: int
-    def __init__(self, group: _Optional[str] = ..., node_id: _Optional[str] = ..., leader: _Optional[str] = ..., current: _Optional[bool] = ..., note: _Optional[str] = ..., group_size: _Optional[int] = ..., applied_index: _Optional[int] = ...) -> None: ...
+    term: int
+    commit_index: int
+    raft_state: str
+    members: _containers.RepeatedScalarFieldContainer[str]
+    reachable: _containers.RepeatedScalarFieldContainer[str]
+    leader_contact_s: float
+    cut_off: bool
+    no_leader_after_s: float
+    def __init__(self, group: _Optional[str] = ..., node_id: _Optional[str] = ..., leader: _Optional[str] = ..., current: _Optional[bool] = ..., note: _Optional[str] = ..., group_size: _Optional[int] = ..., applied_index: _Optional[int] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., raft_state: _Optional[str] = ..., members: _Optional[_Iterable[str]] = ..., reachable: _Optional[_Iterable[str]] = ..., leader_contact_s: _Optional[float] = ..., cut_off: _Optional[bool] = ..., no_leader_after_s: _Optional[float] = ...) -> None: ...
+
+class MemberLink(_message.Message):
+    __slots__ = ("node_id", "reachable", "last_heard_s", "leader")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARD_S_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    reachable: bool
+    last_heard_s: float
+    leader: bool
+    def __init__(self, node_id: _Optional[str] = ..., reachable: _Optional[bool] = ..., last_heard_s: _Optional[float] = ..., leader: _Optional[bool] = ...) -> None: ...
+
+class GroupStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GroupStatusResponse(_message.Message):
+    __slots__ = ("group", "links", "log_entries", "held", "audit_error")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    LOG_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_ERROR_FIELD_NUMBER: _ClassVar[int]
+    group: GroupView
+    links: _containers.RepeatedCompositeFieldContainer[MemberLink]
+    log_entries: int
+    held: int
+    audit_error: str
+    def __init__(self, group: _Optional[_Union[GroupView, _Mapping]] = ..., links: _Optional[_Iterable[_Union[MemberLink, _Mapping]]] = ..., log_entries: _Optional[int] = ..., held: _Optional[int] = ..., audit_error: _Optional[str] = ...) -> None: ...
 
 class HeldDecisionInfo(_message.Message):
     __slots__ = ("decision_id", "kind", "proposer", "reason", "proposed_at", "held_at", "expires_at", "nodes_affected", "fraction_of_group", "streams_moved", "max_nodes", "max_fraction", "max_streams", "exceeded", "describe", "waiting_for", "decision_json", "digest")

@@ -65,6 +65,11 @@ class DecisionsStub:
                 request_serializer=mesh_dot_v1_dot_decisions__pb2.AuditRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_decisions__pb2.AuditResponse.FromString,
                 _registered_method=True)
+        self.GroupStatus = channel.unary_unary(
+                '/mesh.v1.Decisions/GroupStatus',
+                request_serializer=mesh_dot_v1_dot_decisions__pb2.GroupStatusRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_decisions__pb2.GroupStatusResponse.FromString,
+                _registered_method=True)
 
 
 class DecisionsServicer:
@@ -111,6 +116,14 @@ class DecisionsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GroupStatus(self, request, context):
+        """This member's view of its Raft group (leader, term, indexes, reachable members, time since
+        it last heard from a leader), without a read barrier: it answers at once, even cut off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecisionsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +156,11 @@ def add_DecisionsServicer_to_server(servicer, server):
                     servicer.Audit,
                     request_deserializer=mesh_dot_v1_dot_decisions__pb2.AuditRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_decisions__pb2.AuditResponse.SerializeToString,
+            ),
+            'GroupStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GroupStatus,
+                    request_deserializer=mesh_dot_v1_dot_decisions__pb2.GroupStatusRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_decisions__pb2.GroupStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class Decisions:
             '/mesh.v1.Decisions/Audit',
             mesh_dot_v1_dot_decisions__pb2.AuditRequest.SerializeToString,
             mesh_dot_v1_dot_decisions__pb2.AuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GroupStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.Decisions/GroupStatus',
+            mesh_dot_v1_dot_decisions__pb2.GroupStatusRequest.SerializeToString,
+            mesh_dot_v1_dot_decisions__pb2.GroupStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

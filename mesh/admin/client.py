@@ -103,6 +103,9 @@ class DecisionsClient(OperatorClient):
     def routes(self) -> decisions_pb.RoutesResponse:
         return self._call(self._stub.Routes, decisions_pb.RoutesRequest())
 
+    def group_status(self) -> decisions_pb.GroupStatusResponse:
+        return self._call(self._stub.GroupStatus, decisions_pb.GroupStatusRequest())
+
     def propose(self, decision_doc: dict) -> decisions_pb.DecisionResult:
         request = decisions_pb.ProposeRequest(decision_json=json.dumps(decision_doc))
         return self._call(self._stub.Propose, request)

@@ -97,7 +97,28 @@ def short_age(seconds: float) -> str:
 def group_view_dict(view: decisions_pb.GroupView) -> dict[str, Any]:
     return {"group": view.group, "node_id": view.node_id, "leader": view.leader or None,
             "current": view.current, "note": view.note, "group_size": view.group_size,
-            "applied_index": view.applied_index}
+            "applied_index": view.applied_index, "term": view.term, "commit_index": view.commit_index,
+            "raft_state": view.raft_state or None, "members": list(view.members),
+            "reachable": list(view.reachable), "leader_contact_s": round(view.leader_contact_s, 3),
+            "cut_off": view.cut_off, "no_leader_after_s": view.no_leader_after_s}
+
+
+def raft_line(view: decisions_pb.GroupView) -> str:
+    """One line of the answering member's Raft state, for the header of decision tables:
+    leader, term, commit/applied index, reachable members, and how long since a leader was heard."""
+    others = max(0, len(view.members) - 1)
+    reachable = f"{len(view.reachable)}/{others} members reachable"
+    if view.raft_state == "leader":
+        contact = "this member leads"
+    else:
+        contact = f"leader last heard {view.leader_contact_s:.1f}s ago"
+    text = (f"{view.node_id} is {view.raft_state or 'unknown'}; leader {view.leader or 'unknown'}, "
+            f"term {view.term}, commit {view.commit_index}, applied {view.applied_index}, {reachable}, "
+            f"{contact}")
+    if view.cut_off:
+        text += (f" [red](cut off: no leader for over {view.no_leader_after_s:.1f}s; proposals through it "
+                 "fail until the partition heals)[/]")
+    return text
 
 
 def stale_note(view: decisions_pb.GroupView) -> str | None:
@@ -137,9 +158,10 @@ def _scope_cell(h: decisions_pb.HeldDecisionInfo) -> str:
 
 
 def held_table(resp: decisions_pb.PendingResponse, now: float) -> Table:
-    """Held decisions of a group: id, kind, scope against its limit, proposer, age, expiry, reason."""
-    table = Table(title=f"held decisions of group {resp.group.group} (asked {resp.group.node_id}, "
-                        f"leader {resp.group.leader or 'unknown'})", title_justify="left")
+    """Held decisions of a group: id, kind, scope against its limit, proposer, age, expiry, reason;
+    the title names the group and the answering member's Raft state (`raft_line`)."""
+    table = Table(title=f"held decisions of group {resp.group.group}\n{raft_line(resp.group)}",
+                  title_justify="left")
     for column in ("id", "kind", "scope (value/limit)", "proposer", "age", "expires in", "reason"):
         table.add_column(column)
     for h in resp.held:
@@ -147,6 +169,45 @@ def held_table(resp: decisions_pb.PendingResponse, now: float) -> Table:
                       short_age(h.expires_at - now), h.reason)
     if not resp.held:
         table.add_row("-", "nothing held", "", "", "", "", "")
+    return table
+
+
+def recent_table(resp: decisions_pb.PendingResponse) -> Table | None:
+    """The latest outcomes (applied, denied, expired, refused, withdrawn), oldest first; None if none."""
+    if not resp.recent:
+        return None
+    table = Table(title="recent outcomes", title_justify="left")
+    for column in ("time (UTC)", "decision", "outcome", "detail"):
+        table.add_column(column)
+    style = {"applied": "green", "denied": "yellow", "refused": "red", "withdrawn": "cyan", "expired": "dim"}
+    for e in resp.recent:
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at)), e.decision_id or "-",
+                      f"[{style.get(e.outcome, 'bold')}]{e.outcome}[/]", e.detail)
+    return table
+
+
+def group_status_dict(resp: decisions_pb.GroupStatusResponse) -> dict[str, Any]:
+    return {"group": group_view_dict(resp.group), "log_entries": resp.log_entries, "held": resp.held,
+            "audit_error": resp.audit_error or None,
+            "links": [{"node_id": link.node_id, "reachable": link.reachable, "leader": link.leader,
+                       "last_heard_s": None if link.last_heard_s < 0 else round(link.last_heard_s, 3)}
+                      for link in resp.links]}
+
+
+def group_status_table(resp: decisions_pb.GroupStatusResponse) -> Table:
+    """A member's view of its Raft group: the state line, then one row per other member."""
+    view = resp.group
+    table = Table(title=f"Raft group {view.group} as seen by {view.node_id}\n{raft_line(view)}\n"
+                        f"{resp.held} held, {resp.log_entries} log entries",
+                  title_justify="left")
+    for column in ("member", "role", "link", "last heard"):
+        table.add_column(column)
+    role = "leader" if view.raft_state == "leader" else view.raft_state
+    table.add_row(f"{view.node_id} (self)", role, "-", "-")
+    for link in resp.links:
+        table.add_row(link.node_id, "leader" if link.leader else "",
+                      "[green]up[/]" if link.reachable else "[red]down[/]",
+                      "never" if link.last_heard_s < 0 else f"{link.last_heard_s:.1f}s ago")
     return table
 
 
@@ -222,6 +283,11 @@ def _audit_detail(kind: str, payload: dict[str, Any]) -> str:
         return f"key {payload.get('key_id')}" + (f": {payload['reason']}" if payload.get("reason") else "")
     if kind == "held":
         return "; ".join(payload.get("exceeded", []))
+    if kind == "withdrawn":
+        return f"{payload.get('kind')}: {payload.get('reason', '')}"
+    if kind == "duplicate":
+        held_as = payload.get("held_as")
+        return f"{payload.get('kind')} by {payload.get('proposer')}: same change as held {held_as}"
     if kind == "proposed":
         return f"{payload.get('kind')} by {payload.get('proposer')}: {payload.get('reason', '')}"
     if kind == "applied":

@@ -1,5 +1,5 @@
 """`mesh admin`: an operator's commands against a running node: the fleet as it sees it, and its
-site group's decisions (pending, approve, deny, move, routes, audit).
+site group's decisions (pending, history, approve, deny, move, routes, audit) and Raft state (group).
 
 Approvals are signed here, with the operator key on the operator's machine; the node only
 ever sees the signed approval.
@@ -195,11 +195,14 @@ def _answer(decision_id: str, key_path: Path, ttl_s: float, reason: str, address
 
 @admin.command("pending", context_settings=CONTEXT, epilog=(
     "Examples:\n\n  mesh admin pending --node 127.0.0.1:7000\n\n"
-    "  mesh admin pending --node 127.0.0.1:7000 --json | jq '.held[].decision_id'"))
+    "  mesh admin pending --node 127.0.0.1:7000 --json | jq '.held[].decision_id'\n\n"
+    "The header names the answering member's Raft state (leader, term, commit/applied index, reachable "
+    "members, how long since it heard from a leader); `mesh admin group` shows it in full."))
 @admin_options
 def pending(address: str, creds_dir: Path, as_json: bool) -> None:
-    """Decisions of NODE's site group held for an operator: id, kind, scope vs limit, proposer, age."""
-    from mesh.admin.format import held_table, pending_dict
+    """Decisions of NODE's site group held for an operator (id, kind, scope vs limit, proposer, age),
+    then the latest outcomes (applied, denied, expired, refused, withdrawn)."""
+    from mesh.admin.format import held_table, pending_dict, recent_table
 
     resp = _decisions_call(address, creds_dir, lambda client: client.pending())
     now = time.time()
@@ -213,6 +216,52 @@ def pending(address: str, creds_dir: Path, as_json: bool) -> None:
         console.print(f"[yellow]{h.decision_id}[/] {h.describe}\n  waits for an operator: "
                       f"{'; '.join(h.exceeded)}\n  approve: {approve_cmd}\n  deny:    {deny_cmd}",
                       highlight=False)
+    recent = recent_table(resp)
+    if recent is not None:
+        console.print(recent)
+
+
+@admin.command("history", context_settings=CONTEXT, epilog=(
+    "Examples:\n\n  mesh admin history --node 127.0.0.1:7000\n\n"
+    "  mesh admin history --node 127.0.0.1:7000 --json | jq '.[] | select(.outcome == \"withdrawn\")'"))
+@admin_options
+def history(address: str, creds_dir: Path, as_json: bool) -> None:
+    """The latest outcomes of NODE's site group's decisions, oldest first: applied, denied, expired,
+    refused, and withdrawn (held decisions whose premise was gone, e.g. a dead node that came back)."""
+    from mesh.admin.format import pending_dict, recent_table
+
+    resp = _decisions_call(address, creds_dir, lambda client: client.pending())
+    if as_json:
+        emit_json(pending_dict(resp, time.time())["recent"])
+        return
+    _print_stale_note(resp.group)
+    recent = recent_table(resp)
+    if recent is None:
+        console.print(f"no decision of group {resp.group.group} has finished yet")
+    else:
+        console.print(recent)
+
+
+@admin.command("group", context_settings=CONTEXT, epilog=(
+    "Examples:\n\n  mesh admin group --node 127.0.0.1:7000\n\n"
+    "  mesh admin group --node 127.0.0.1:7000 --json | jq '.group.leader_contact_s'\n\n"
+    "Answers at once, even from a member cut off from its group (no read barrier); exits 1 when that "
+    "member is cut off (no leader heard from for two election timeouts)."))
+@admin_options
+def group(address: str, creds_dir: Path, as_json: bool) -> None:
+    """NODE's view of its site's Raft group: leader, term, commit and applied index, which members
+    it reaches, and how long since it last heard from a leader."""
+    from mesh.admin.format import group_status_dict, group_status_table
+
+    resp = _decisions_call(address, creds_dir, lambda client: client.group_status())
+    if as_json:
+        emit_json(group_status_dict(resp))
+    else:
+        console.print(group_status_table(resp))
+        if resp.audit_error:
+            err_console.print(f"[red]audit log:[/] {resp.audit_error}", highlight=False)
+    if resp.group.cut_off:
+        sys.exit(EXIT_FAILED)
 
 
 @admin.command("approve", context_settings=CONTEXT, epilog=(

@@ -3,9 +3,9 @@
 Rules of this module (everything about the bytes a Raft entry carries lives here):
 
 - A command is canonical JSON with `"format": 1`, a `"cmd"` name (propose,
-  approve, deny, expire, set_routes), a `"now"` stamped by whoever submitted it,
-  and exactly the fields of that command; anything else is a `CommandError`
-  naming the field.
+  approve, deny, expire, withdraw, set_routes), a `"now"` stamped by whoever
+  submitted it, and exactly the fields of that command; anything else is a
+  `CommandError` naming the field.
 - Encoding is canonical (`canonical_json`): the same command has the same bytes
   on every node, so every replica applies the same log.
 - Parsing is strict: UTF-8 only, no NaN or Infinity, no duplicate keys, at most
@@ -24,12 +24,15 @@ from typing import Any
 
 from mesh.guard.approval import Approval, MalformedApproval
 from mesh.guard.core import (
+    DECISION_ID_HEX_CHARS,
+    MAX_REASON_CHARS,
     MAX_SLOTS,
     NODE_ID_RE,
     STREAM_ID_RE,
     Decision,
     DecisionError,
     as_seconds,
+    is_text,
 )
 from mesh.identity.signing import canonical_json
 
@@ -72,6 +75,15 @@ class ExpireCommand:
 
 
 @dataclass(frozen=True)
+class WithdrawCommand:
+    """Finish held decision `decision_id` unapplied because its premise is gone (`reason` says which)."""
+
+    now: float
+    decision_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class SetRoutesCommand:
     """Initial assignment: routes for streams that have none, allocations for nodes that have none."""
 
@@ -80,13 +92,14 @@ class SetRoutesCommand:
     allocations: Mapping[str, int] = field(default_factory=dict)
 
 
-Command = ProposeCommand | ApproveCommand | DenyCommand | ExpireCommand | SetRoutesCommand
+Command = ProposeCommand | ApproveCommand | DenyCommand | ExpireCommand | WithdrawCommand | SetRoutesCommand
 
 _COMMAND_FIELDS = {
     "propose": frozenset({"format", "cmd", "now", "decision"}),
     "approve": frozenset({"format", "cmd", "now", "approval"}),
     "deny": frozenset({"format", "cmd", "now", "approval"}),
     "expire": frozenset({"format", "cmd", "now"}),
+    "withdraw": frozenset({"format", "cmd", "now", "decision_id", "reason"}),
     "set_routes": frozenset({"format", "cmd", "now", "routes", "allocations"}),
 }
 
@@ -117,6 +130,12 @@ def expire_command(now: float) -> bytes:
     return _command("expire", now)
 
 
+def withdraw_command(decision_id: str, *, reason: str, now: float) -> bytes:
+    """Withdraw held decision `decision_id`: its premise is gone (`reason` says which, for the audit log)."""
+    validate_withdraw(WithdrawCommand(now, decision_id, reason))
+    return _command("withdraw", now, decision_id=decision_id, reason=reason)
+
+
 def set_routes_command(
     routes: Mapping[str, str], *, allocations: Mapping[str, int] | None = None, now: float
 ) -> bytes:
@@ -134,6 +153,8 @@ def encode_command(command: Command) -> bytes:
         return deny_command(command.approval, now=command.now)
     if isinstance(command, ExpireCommand):
         return expire_command(command.now)
+    if isinstance(command, WithdrawCommand):
+        return withdraw_command(command.decision_id, reason=command.reason, now=command.now)
     if isinstance(command, SetRoutesCommand):
         return set_routes_command(command.routes, allocations=command.allocations, now=command.now)
     raise CommandError(f"not a ledger command: {type(command).__name__}")
@@ -216,12 +237,28 @@ def decode_command(data: bytes) -> Command:
         raise CommandError(f"command {cmd}: {exc}") from None
     if cmd == "expire":
         return ExpireCommand(now)
+    if cmd == "withdraw":
+        withdraw = WithdrawCommand(now, doc["decision_id"], doc["reason"])
+        validate_withdraw(withdraw)
+        return withdraw
     routes, allocations = doc["routes"], doc["allocations"]
     if not isinstance(routes, dict) or not isinstance(allocations, dict):
         raise CommandError("command set_routes: routes and allocations must be objects")
     command = SetRoutesCommand(now, routes, allocations)
     validate_set_routes(command)
     return command
+
+
+def validate_withdraw(cmd: WithdrawCommand) -> None:
+    """Raise CommandError unless `cmd` names a decision id and gives a reason."""
+    decision_id = cmd.decision_id
+    if not isinstance(decision_id, str) or len(decision_id) != DECISION_ID_HEX_CHARS \
+            or any(c not in "0123456789abcdef" for c in decision_id):
+        raise CommandError(f"command withdraw: decision_id {decision_id!r} is not {DECISION_ID_HEX_CHARS} "
+                           "lowercase hex characters")
+    if not is_text(cmd.reason, MAX_REASON_CHARS) or not cmd.reason.strip():
+        raise CommandError(f"command withdraw: reason must be text of 1 to {MAX_REASON_CHARS} characters "
+                           "saying which premise is gone")
 
 
 def validate_set_routes(cmd: SetRoutesCommand) -> None:

@@ -49,6 +49,7 @@ from mesh.consensus.commands import (
     expire_command,
     propose_command,
     set_routes_command,
+    withdraw_command,
 )
 from mesh.consensus.counts import GroupCounts, count_proposal
 from mesh.consensus.ledger import ApplyResult, DecisionLedger, HeldDecision, HistoryEntry, Outcome
@@ -69,6 +70,7 @@ from mesh.identity.signing import TrustedKeys
 
 if TYPE_CHECKING:
     from mesh.consensus.config import RaftSection
+    from mesh.consensus.ledger import Displacement
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +308,11 @@ class SiteGroup:
         """Drop held decisions whose hold TTL has passed (and forget old outcomes and nonces)."""
         return await self._propose(expire_command(time.time()), timeout_s)
 
+    async def withdraw(self, decision_id: str, reason: str,
+                       timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S) -> ApplyResult:
+        """Finish a held decision unapplied on every replica because its premise is gone (`reason`)."""
+        return await self._propose(withdraw_command(decision_id, reason=reason, now=time.time()), timeout_s)
+
     async def set_routes(
         self,
         routes: Mapping[str, str],
@@ -357,6 +364,11 @@ class SiteGroup:
     def history(self) -> tuple[HistoryEntry, ...]:
         with self._state.lock:
             return self._state.ledger.history()
+
+    def displaced(self) -> dict[str, Displacement]:
+        """Streams a reassignment took from their node, still where it put them (what a return gives back)."""
+        with self._state.lock:
+            return self._state.ledger.displaced()
 
     def outcome_of(self, decision_id: str) -> str | None:
         with self._state.lock:

@@ -4,7 +4,9 @@ Rules of this module (everything a replica believes about its site lives here):
 
 - State: routing table (stream id -> serving node), per-node allocations (max
   concurrent inference slots), decisions held for an operator, the outcome of
-  finished decisions, used approval nonces, and a bounded history.
+  finished decisions, used approval nonces, a bounded history, and the
+  displacements: streams a reassignment took from their node, and where it put
+  them (what a `return_streams` decision may give back, and only that).
 - Input: only committed commands, as bytes (`DecisionLedger.apply`), in the
   form `mesh.consensus.commands` defines: canonical JSON with a `"now"`
   stamped by whoever submitted it. Apply reads no clock: the ledger's time is
@@ -18,6 +20,13 @@ Rules of this module (everything a replica believes about its site lives here):
   approval that arrives too late). Re-proposing a finished or held decision is
   a noop; a decision proposed more than the hold TTL ago is stale and refused,
   which is what lets the ledger forget old outcomes and nonces.
+- A decision is held once: a proposal whose change (kind, moves, allocations)
+  equals a held decision's is a noop, audited as `duplicate`, whatever its
+  nonce, proposer or reason.
+- A held decision whose premise is gone (the dead node it reassigns is alive
+  again) is finished unapplied by a `withdraw` command, audited and shown as
+  `withdrawn`; an approval that arrives afterwards is refused saying so. Like
+  an expiry, a withdrawal only ever stops a decision, never applies one.
 - A node can lie about `now`. Pushing the clock forward only expires holds and
   approvals (refusals, never applies); the guard's promise does not depend on
   any node's honesty, only on operator signatures.
@@ -42,6 +51,7 @@ from mesh.consensus.commands import (
     LedgerError,
     ProposeCommand,
     SetRoutesCommand,
+    WithdrawCommand,
     check_now,
     decode_command,
     strict_json,
@@ -58,13 +68,17 @@ from mesh.guard.core import (
     NODE_ID_RE,
     Decision,
     DecisionError,
+    DecisionKind,
     Policy,
     Scope,
     decide,
 )
 from mesh.identity.signing import TrustedKeys, canonical_json
 
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
+# Format 1 (no displacements, no finished details) is still restored: a replica that upgrades mid-log must
+# read its own and its peers' older snapshots.
+_READABLE_SNAPSHOT_FORMATS = (1, 2)
 # Enough to show an operator the last few days of a busy site; older entries fall off the front.
 MAX_HISTORY_ENTRIES = 4096
 APPROVE_HINT = "mesh admin approve {decision_id}"
@@ -82,6 +96,7 @@ class Outcome(enum.Enum):
     DENIED = "denied"
     REFUSED = "refused"
     EXPIRED = "expired"
+    WITHDRAWN = "withdrawn"
     NOOP = "noop"
 
 
@@ -129,11 +144,31 @@ class HeldDecision:
 
 
 @dataclass(frozen=True)
+class Displacement:
+    """Stream taken from `home` by reassignment `decision_id` (applied at `at`), now served by `holder`."""
+
+    home: str
+    holder: str
+    decision_id: str
+    at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"home": self.home, "holder": self.holder, "decision_id": self.decision_id, "at": self.at}
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> Displacement:
+        for key in ("home", "holder"):
+            if not isinstance(doc[key], str) or not NODE_ID_RE.fullmatch(doc[key]):
+                raise ValueError(f"displacement {key} {doc[key]!r} is not a node id")
+        return cls(doc["home"], doc["holder"], str(doc["decision_id"]), float(doc["at"]))
+
+
+@dataclass(frozen=True)
 class HistoryEntry:
     """What became of a decision (or of an approval for one)."""
 
     decision_id: str | None
-    outcome: str  # applied, denied, expired, refused
+    outcome: str  # applied, denied, expired, refused, withdrawn
     at: float
     detail: str
     key_id: str | None = None
@@ -169,6 +204,7 @@ class _Finished:
     outcome: str
     proposed_at: float
     finished_at: float
+    detail: str = ""  # why, when that is worth telling a late approver (a withdrawal's reason)
 
     def forgettable(self, clock: float, ttl_s: float) -> bool:
         """Too old to be proposed again (stale) and finished at least a TTL ago (shown for that long)."""
@@ -201,6 +237,7 @@ class DecisionLedger:
         self._finished: dict[str, _Finished] = {}
         self._used_nonces: dict[str, float] = {}
         self._history: list[HistoryEntry] = []
+        self._displaced: dict[str, Displacement] = {}
 
     # --- views ---
 
@@ -222,8 +259,12 @@ class DecisionLedger:
     def history(self) -> tuple[HistoryEntry, ...]:
         return tuple(self._history)
 
+    def displaced(self) -> dict[str, Displacement]:
+        """Stream id -> the reassignment that took it from its node, for streams still where it put them."""
+        return dict(self._displaced)
+
     def outcome_of(self, decision_id: str) -> str | None:
-        """'held', 'applied', 'denied', 'expired', 'refused', or None if unknown (or forgotten)."""
+        """'held', 'applied', 'denied', 'expired', 'refused', 'withdrawn', or None if unknown or forgotten."""
         if decision_id in self._pending:
             return "held"
         finished = self._finished.get(decision_id)
@@ -244,6 +285,8 @@ class DecisionLedger:
             return self._answer(cmd.approval)
         if isinstance(cmd, ExpireCommand):
             return self._expire()
+        if isinstance(cmd, WithdrawCommand):
+            return self._withdraw(cmd)
         return self._set_routes(cmd)
 
     def _refuse(
@@ -293,6 +336,25 @@ class DecisionLedger:
                 f"decision {decision_id} was proposed at {decision.proposed_at:.0f}, more than "
                 f"{self.policy.hold_ttl_s:.0f} s ago; propose it again",
             )
+        twin = next((h for h in self._pending.values() if h.decision.change == decision.change), None)
+        if twin is not None:
+            # The same change proposed twice (two members noticing the same death, a retry with a new nonce):
+            # an operator must see and answer it once.
+            message = (
+                f"decision {decision_id} changes exactly what held decision {twin.decision_id} changes; "
+                f"not held twice (answer {twin.decision_id})"
+            )
+            duplicate = AuditEvent(
+                "duplicate",
+                {
+                    "decision_id": decision_id,
+                    "held_as": twin.decision_id,
+                    "kind": decision.kind.value,
+                    "proposer": decision.proposer,
+                    "at": self._clock,
+                },
+            )
+            return ApplyResult(Outcome.NOOP, decision_id, message, (duplicate,))
         problem = self._precondition(decision)
         if problem:
             return self._refuse(decision_id, "state_changed", f"decision {decision_id}: {problem}")
@@ -305,6 +367,8 @@ class DecisionLedger:
                 "kind": decision.kind.value,
                 "proposer": decision.proposer,
                 "reason": decision.reason,
+                "moves": [m.to_dict() for m in decision.moves],
+                "allocations": [a.to_dict() for a in decision.allocations],
                 "scope": verdict.scope.to_dict(),
                 "at": self._clock,
             },
@@ -350,13 +414,33 @@ class DecisionLedger:
             if serving != move.from_node:
                 now_at = f"served by {serving}" if serving else "not routed"
                 return f"stream {move.stream} is {now_at}, not by {move.from_node}"
+        if decision.kind is DecisionKind.RETURN_STREAMS:
+            # A return gives a node back what a reassignment took from it, nothing else: a general move
+            # is a move_streams decision, under its own limits.
+            for move in decision.moves:
+                taken = self._displaced.get(move.stream)
+                if taken is None or taken.home != move.to_node:
+                    return f"stream {move.stream} was not taken from {move.to_node} by a reassignment"
         return None
+
+    def _displace(self, decision: Decision) -> None:
+        """Keep the displacements in step with an applied decision's moves."""
+        for move in decision.moves:
+            taken = self._displaced.pop(move.stream, None)
+            if decision.kind is not DecisionKind.REASSIGN_STREAMS:
+                continue  # returned, or moved on purpose: no longer where a reassignment put it
+            home = taken.home if taken is not None and taken.holder == move.from_node else move.from_node
+            if home != move.to_node:  # reassigned back to its own node: nothing left to return
+                self._displaced[move.stream] = Displacement(
+                    home, move.to_node, decision.decision_id, self._clock
+                )
 
     def _apply_decision(self, decision: Decision, *, approved_by: str | None) -> AuditEvent:
         for move in decision.moves:
             self._routes[move.stream] = move.to_node
         for allocation in decision.allocations:
             self._allocations[allocation.node] = allocation.slots
+        self._displace(decision)
         decision_id = decision.decision_id
         self._pending.pop(decision_id, None)
         self._finished[decision_id] = _Finished("applied", decision.proposed_at, self._clock)
@@ -387,6 +471,14 @@ class DecisionLedger:
                     key_id=approval.key_id,
                 )
             finished = self._finished.get(decision_id)
+            if finished is not None and finished.outcome == "withdrawn":
+                return self._refuse(
+                    decision_id,
+                    "withdrawn",
+                    f"{verb} for decision {decision_id}, which was withdrawn ({finished.detail}); nothing "
+                    "was applied",
+                    key_id=approval.key_id,
+                )
             state = f"already {finished.outcome}" if finished else "not held (unknown or forgotten)"
             return self._refuse(
                 decision_id,
@@ -474,6 +566,37 @@ class DecisionLedger:
             },
         )
 
+    def _withdraw(self, cmd: WithdrawCommand) -> ApplyResult:
+        decision_id = cmd.decision_id
+        held = self._pending.pop(decision_id, None)
+        if held is None:
+            finished = self._finished.get(decision_id)
+            if finished is not None:
+                return ApplyResult(
+                    Outcome.NOOP, decision_id, f"decision {decision_id} was already {finished.outcome}"
+                )
+            return self._refuse(
+                decision_id, "not_pending", f"withdraw of decision {decision_id}, which is not held"
+            )
+        self._finished[decision_id] = _Finished(
+            "withdrawn", held.decision.proposed_at, self._clock, cmd.reason
+        )
+        self._record(
+            HistoryEntry(decision_id, "withdrawn", self._clock, f"{held.decision.describe()}: {cmd.reason}")
+        )
+        guard_log.warning("withdrew held decision %s: %s", held.decision.describe(), cmd.reason)
+        event = AuditEvent(
+            "withdrawn",
+            {
+                "decision_id": decision_id,
+                "kind": held.decision.kind.value,
+                "reason": cmd.reason,
+                "held_at": held.held_at,
+                "at": self._clock,
+            },
+        )
+        return ApplyResult(Outcome.WITHDRAWN, decision_id, f"withdrew {decision_id}: {cmd.reason}", (event,))
+
     def _expire(self) -> ApplyResult:
         due = sorted(
             (h for h in self._pending.values() if h.expires_at <= self._clock),
@@ -538,11 +661,17 @@ class DecisionLedger:
             "allocations": dict(self._allocations),
             "pending": [h.to_dict() for h in sorted(self._pending.values(), key=lambda h: h.decision_id)],
             "finished": {
-                k: {"outcome": v.outcome, "proposed_at": v.proposed_at, "finished_at": v.finished_at}
+                k: {
+                    "outcome": v.outcome,
+                    "proposed_at": v.proposed_at,
+                    "finished_at": v.finished_at,
+                    "detail": v.detail,
+                }
                 for k, v in self._finished.items()
             },
             "used_nonces": dict(self._used_nonces),
             "history": [e.to_dict() for e in self._history],
+            "displaced": {k: v.to_dict() for k, v in self._displaced.items()},
         }
 
     def snapshot(self) -> bytes:
@@ -556,9 +685,11 @@ class DecisionLedger:
         """Replace the state with `snapshot`; on error the current state is kept."""
         doc = strict_json(snapshot, "snapshot", SnapshotError, 1 << 30)
         try:
-            if not isinstance(doc, dict) or doc.get("format") != SNAPSHOT_FORMAT:
+            fmt = doc.get("format") if isinstance(doc, dict) else None
+            if type(fmt) is not int or fmt not in _READABLE_SNAPSHOT_FORMATS:
                 raise SnapshotError(
-                    f"snapshot: unsupported format; this node restores format {SNAPSHOT_FORMAT}"
+                    f"snapshot: unsupported format {fmt!r}; this node restores formats "
+                    f"{', '.join(map(str, _READABLE_SNAPSHOT_FORMATS))}"
                 )
             if doc["group"] != self.group:
                 raise SnapshotError(f"snapshot is of group {doc['group']!r}, this ledger is {self.group!r}")
@@ -568,11 +699,19 @@ class DecisionLedger:
             validate_set_routes(SetRoutesCommand(clock, routes, allocations))
             pending = {h.decision_id: h for h in map(HeldDecision.from_dict, doc["pending"])}
             finished = {
-                str(k): _Finished(str(v["outcome"]), float(v["proposed_at"]), float(v["finished_at"]))
+                str(k): _Finished(
+                    str(v["outcome"]),
+                    float(v["proposed_at"]),
+                    float(v["finished_at"]),
+                    str(v["detail"]) if fmt >= 2 else "",
+                )
                 for k, v in doc["finished"].items()
             }
             used_nonces = {str(k): float(v) for k, v in doc["used_nonces"].items()}
             history = [HistoryEntry.from_dict(e) for e in doc["history"]]
+            displaced = (
+                {str(k): Displacement.from_dict(v) for k, v in doc["displaced"].items()} if fmt >= 2 else {}
+            )
         except SnapshotError:
             raise
         except (
@@ -586,9 +725,10 @@ class DecisionLedger:
         ) as exc:
             raise SnapshotError(f"snapshot is damaged: {type(exc).__name__}: {exc}") from None
         self._clock, self._routes, self._allocations = clock, routes, allocations
-        self._pending, self._finished, self._used_nonces, self._history = (
+        self._pending, self._finished, self._used_nonces, self._history, self._displaced = (
             pending,
             finished,
             used_nonces,
             history,
+            displaced,
         )

@@ -54,6 +54,7 @@ are on the fields. Hazards of pysyncobj 0.3.17 and how this module handles them:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -105,8 +106,9 @@ class RaftConfigError(RaftError, ValueError):
 
 
 class NoLeaderError(RaftError):
-    """No leader is reachable: an election is running, or this member is in a minority partition.
-    The command was not appended; it is safe to retry."""
+    """No leader is reachable: this member is in a minority partition (raised at once when it reaches
+    no majority and has heard from no leader for `NO_LEADER_AFTER_ELECTIONS` election timeouts), or an
+    election outlasted the call's deadline. The command was not appended; it is safe to retry."""
 
 
 class NotLeaderError(RaftError):
@@ -147,6 +149,12 @@ class CommandRejected(RaftError):
 _RETRYABLE = {FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER, FAIL_REASON.DISCARDED}
 # A read barrier applies nothing, so it may also be retried when the outcome is unknown.
 _RETRYABLE_IF_IDEMPOTENT = _RETRYABLE | {FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME}
+#: A member that has heard from no leader for this many maximum election timeouts, and reaches no
+#: majority of its group, is cut off, not watching an election: proposals and read barriers fail at
+#: once instead of retrying until their deadline. One timeout passes before a follower even starts
+#: an election (its timer is drawn up to election_max_s after the last heartbeat), so one is not
+#: enough; the second covers the election itself, including a round lost to a split vote.
+NO_LEADER_AFTER_ELECTIONS = 2
 
 
 @dataclass(frozen=True)
@@ -254,6 +262,9 @@ class RaftGroup(SyncObj):
         self.timings = timings
         self.data_dir = data_dir
         self.link = link
+        # Monotonic time this member last heard from a leader (see _note_leader_contact); starting counts
+        # as contact, so a group that is forming is given the same grace as one that is electing.
+        self._leader_heard_at = time.monotonic()
         journal = _pysyncobj_patch.DurableJournalPath(str(data_dir / "raft.journal"), defer_flush=True)
         transport = functools.partial(GrpcTransport, link=link, flush=journal.flush_pending,
                                       on_message=_receive)
@@ -366,7 +377,8 @@ class RaftGroup(SyncObj):
         return sorted([self.node_id] + [n.id for n in self.otherNodes])
 
     def status(self) -> dict[str, Any]:
-        """A snapshot of this member's view, for operators (``mesh admin``) and tests."""
+        """A snapshot of this member's view, for operators (``mesh admin``) and tests. Call it on the
+        event loop (it reads the transport's per-member state)."""
         for _ in range(5):
             try:
                 raw = self.getStatus()
@@ -376,8 +388,6 @@ class RaftGroup(SyncObj):
         else:
             raw = self.getStatus()
         peers = {n.id: self.isNodeConnected(n) for n in self.otherNodes}
-        leader = self.leader_id
-        contact = None if leader is None else (0.0 if leader == self.node_id else self.link.last_heard_s(leader))
         return {
             "self": self.node_id,
             "state": _RAFT_STATE_NAMES.get(raw["state"], str(raw["state"])),
@@ -389,10 +399,49 @@ class RaftGroup(SyncObj):
             "has_quorum": raw["has_quorum"],
             "members": self.members(),
             "peers_connected": peers,
-            "reachable": sorted(n for n, up in peers.items() if up),
-            "leader_contact_s": contact,
+            "reachable": self.reachable(),
+            "last_heard_s": {n.id: self.link.last_heard_s(n.id) for n in self.otherNodes},
+            "leader_contact_s": self.leader_contact_s(),
+            "cut_off": self.cut_off(),
+            "no_leader_after_s": self.no_leader_after_s,
             "cut_links": sorted(self.link.cut),
         }
+
+    @property
+    def no_leader_after_s(self) -> float:
+        """Without word from a leader for longer than this, proposals and read barriers fail at once."""
+        return NO_LEADER_AFTER_ELECTIONS * self.timings.election_max_s
+
+    def leader_contact_s(self) -> float:
+        """Seconds since this member last heard from a leader: 0 while it leads itself; as a follower,
+        since the last append it accepted from a leader (since start if none yet)."""
+        if self.is_leader:
+            return 0.0
+        return max(0.0, time.monotonic() - self._leader_heard_at)
+
+    def reachable(self) -> list[str]:
+        """The other members this member's Raft streams reach (a stream cut by fault injection does not)."""
+        return sorted(n.id for n in self.otherNodes if n.id not in self.link.cut and self.isNodeConnected(n))
+
+    def cut_off(self) -> bool:
+        """True when this member has heard from no leader for longer than `no_leader_after_s` and does
+        not reach a majority of its group: it is in a minority, not watching an election. A leader it
+        still names but has not heard from for that long counts as none (with every stream down,
+        pysyncobj never even starts an election). A member that reaches a majority but has heard from
+        no leader yet (a long election, a partition that has just healed) is not cut off: a leader is
+        about to be elected or heard from."""
+        if self.leader_contact_s() <= self.no_leader_after_s:
+            return False
+        return 2 * (1 + len(self.reachable())) <= len(self.otherNodes) + 1
+
+    def _note_leader_contact(self, node: MemberNode, message: Any) -> None:
+        """Tick thread, after pysyncobj handled `message` from `node`: an append it accepted from its
+        leader, or (as the leader) a follower's answer, is contact with a leader."""
+        kind = message.get("type") if isinstance(message, dict) else None
+        from_leader = kind == "append_entries" and self._getLeader() == node
+        to_leader = kind == "next_node_idx" and self._isLeader()
+        if from_leader or to_leader:
+            self._leader_heard_at = time.monotonic()
 
     def require_leader(self) -> None:
         """Raise NotLeaderError unless this member believes it leads (see `is_leader`)."""
@@ -486,15 +535,17 @@ class RaftGroup(SyncObj):
         deadline = loop.time() + timeout_s
         backoff_s = self.timings.append_period_s
         while True:
+            if self.cut_off():
+                # No leader for longer than an election takes: waiting out the deadline would only delay
+                # the same answer (a minority cannot commit until the partition heals).
+                raise self._no_leader_error(timeout_s, what)
             fut: asyncio.Future[tuple[Any, int]] = loop.create_future()
 
             def on_result(result: Any, error: int, fut=fut) -> None:
                 # Runs on pysyncobj's tick thread (or inline): must never raise, or pysyncobj
                 # re-applies the entry on its next tick.
-                try:
+                with contextlib.suppress(RuntimeError):  # loop closed: nobody waits for this outcome
                     loop.call_soon_threadsafe(_settle, fut, result, error)
-                except RuntimeError:
-                    pass  # loop closed: nobody waits for this outcome any more
 
             submit(on_result)
             remaining_s = deadline - loop.time()
@@ -517,12 +568,18 @@ class RaftGroup(SyncObj):
             raise self._error_for(error, what, timeout_s)
 
     def _no_leader_error(self, timeout_s: float, what: str) -> NoLeaderError:
-        peers = [n for n in self.otherNodes if n.id not in self.link.cut and self.isNodeConnected(n)]
+        reachable = self.reachable()
+        contact_s = self.leader_contact_s()
+        if contact_s > self.no_leader_after_s:
+            silence = f"no leader heard from for {contact_s:.1f} s"
+        else:
+            silence = f"no leader within {timeout_s:.2f} s (an election is running)"
         return NoLeaderError(
-            f"{what} on {self.node_id}: no leader for {timeout_s:.2f} s (term {self.raftCurrentTerm}, "
-            f"{len(peers)}/{len(self.otherNodes)} peers reachable). If a majority of {self.members()} "
-            "is down or cut off, this member is in a minority and cannot commit until the partition heals; "
-            "nothing was applied"
+            f"{what} on {self.node_id}: {silence} (term {self.raftCurrentTerm}, {len(reachable)}/"
+            f"{len(self.otherNodes)} peers reachable); nothing was applied. If a majority of "
+            f"{self.members()} is down or cut off, this member is in a minority and cannot commit until "
+            "the partition heals: retry then, or send it to a member of the majority (`mesh admin group` "
+            "shows who leads)"
         )
 
     def _error_for(self, error: int, what: str, timeout_s: float) -> RaftError:
@@ -562,5 +619,9 @@ def _is_entry(value: Any) -> bool:
 
 
 def _receive(transport: GrpcTransport, node: MemberNode, message: dict) -> None:
-    """Incoming messages go through fleetmesh's receive rules (_pysyncobj_patch) into pysyncobj."""
-    _pysyncobj_patch.receive_message(transport._sync_obj, node, message, transport._onMessageReceived)
+    """Incoming messages go through fleetmesh's receive rules (_pysyncobj_patch) into pysyncobj; then
+    the group notes whether it was word from a leader."""
+    sync_obj = transport._sync_obj
+    _pysyncobj_patch.receive_message(sync_obj, node, message, transport._onMessageReceived)
+    if isinstance(sync_obj, RaftGroup):
+        sync_obj._note_leader_contact(node, message)

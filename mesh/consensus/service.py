@@ -3,9 +3,14 @@
 Reads (Pending, Routes) go through a read barrier so a follower answers with the group's
 current state; in a minority partition the node answers with its last committed state and
 says so (`GroupView.current = false`) rather than failing: that is the table it keeps
-serving on. Writes are proposed through this member's Raft group and forwarded to the
-leader by pysyncobj; every replica verifies approvals inside its apply, so this node's
-answer is the group's.
+serving on. A member that has heard from no leader for two election timeouts knows it is cut
+off and answers at once. Every answer's `GroupView` carries the answering member's Raft state
+(leader, term, commit and applied index, reachable members, time since it last heard from a
+leader); `GroupStatus` returns that alone, with no barrier, plus each member's link.
+
+Writes are proposed through this member's Raft group and forwarded to the leader by
+pysyncobj; every replica verifies approvals inside its apply, so this node's answer is the
+group's.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from typing import Any
 
 import grpc
 
@@ -45,10 +51,16 @@ class DecisionsServicer(pb_grpc.DecisionsServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_RAFT)
         return self._group
 
-    def _view(self, group: SiteGroup, *, current: bool, note: str = "") -> pb.GroupView:
-        return pb.GroupView(group=group.group, node_id=group.node_id, leader=group.raft.leader_id or "",
+    def _view(self, group: SiteGroup, *, current: bool, note: str = "",
+              raft: dict[str, Any] | None = None) -> pb.GroupView:
+        raft = raft if raft is not None else group.raft.status()
+        return pb.GroupView(group=group.group, node_id=group.node_id, leader=raft["leader"] or "",
                             current=current, note=note, group_size=group.group_size,
-                            applied_index=group.applied_index)
+                            applied_index=raft["applied_index"], term=raft["term"],
+                            commit_index=raft["commit_index"], raft_state=raft["state"],
+                            members=raft["members"], reachable=raft["reachable"],
+                            leader_contact_s=raft["leader_contact_s"], cut_off=raft["cut_off"],
+                            no_leader_after_s=raft["no_leader_after_s"])
 
     async def _read_view(self, group: SiteGroup) -> pb.GroupView:
         try:
@@ -108,8 +120,9 @@ class DecisionsServicer(pb_grpc.DecisionsServicer):
         if reply.outcome == Outcome.REFUSED.value and reply.refusal_reason == "not_pending" \
                 and group.outcome_of(approval.decision_id) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"decision {approval.decision_id} is not held in group {group.group} (unknown, "
-                                "or finished long ago); list held decisions with `mesh admin pending`")
+                                f"decision {approval.decision_id} is not held in group {group.group} "
+                                "(unknown, or finished long ago); list held decisions with "
+                                "`mesh admin pending`")
         return reply
 
     async def _write(self, context, group: SiteGroup, submit) -> pb.DecisionResult:
@@ -133,13 +146,27 @@ class DecisionsServicer(pb_grpc.DecisionsServicer):
                                  decision_id=result.decision_id or "", message=result.message,
                                  refusal_reason=reason)
 
+    async def GroupStatus(self, request: pb.GroupStatusRequest, context) -> pb.GroupStatusResponse:
+        group = await self._ready(context)
+        raft = group.raft.status()
+        leader = raft["leader"]
+        links = [pb.MemberLink(node_id=node, reachable=node in raft["reachable"],
+                               last_heard_s=-1.0 if heard is None else heard, leader=node == leader)
+                 for node, heard in sorted(raft["last_heard_s"].items())]
+        view = self._view(group, current=False, raft=raft,
+                          note="this member's own view of its Raft group, read without a barrier")
+        return pb.GroupStatusResponse(group=view, links=links, log_entries=raft["log_entries"],
+                                      held=len(group.pending()),
+                                      audit_error=group.status()["audit_error"] or "")
+
     async def Audit(self, request: pb.AuditRequest, context) -> pb.AuditResponse:
         group = await self._ready(context)
         # Reading and hashing the whole log is file work: keep it off the event loop.
         records = await asyncio.to_thread(group.audit_records)
         shown = records[-request.limit:] if request.limit else records
         entries = [pb.AuditEntry(seq=r.seq, time=r.time, kind=r.kind,
-                                 payload_json=canonical_json(dict(r.payload)).decode(), prev=r.prev, hash=r.hash)
+                                 payload_json=canonical_json(dict(r.payload)).decode(), prev=r.prev,
+                                 hash=r.hash)
                    for r in shown]
         verdict = pb.AuditVerdictInfo(checked=False)
         if request.verify:
@@ -168,7 +195,8 @@ async def _json_arg(context, text: str, field: str) -> object:
     if not text:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} is empty")
     if len(text.encode()) > MAX_JSON_BYTES:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} is larger than {MAX_JSON_BYTES} bytes")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{field} is larger than {MAX_JSON_BYTES} bytes")
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:
@@ -176,7 +204,7 @@ async def _json_arg(context, text: str, field: str) -> object:
 
 
 def add_to_server(server: grpc.aio.Server, group: SiteGroup | None) -> DecisionsServicer:
-    """Serve the Decisions service; with `group` None every call is FAILED_PRECONDITION (no [raft] section)."""
+    """Serve the Decisions service; with `group` None every call is FAILED_PRECONDITION (no [raft])."""
     servicer = DecisionsServicer(group)
     pb_grpc.add_DecisionsServicer_to_server(servicer, server)
     return servicer

@@ -4,9 +4,12 @@ Rules of this module:
 
 - A `Decision` is what a node proposes to change in its site's replicated
   state: move streams off an overloaded node, reassign the streams of a dead
-  node, or change per-node allocations. It is a frozen value; its identity is
-  `digest()` (sha256 of its canonical JSON), which is what an operator's
-  approval signs. A `nonce` makes two otherwise identical proposals distinct.
+  node, return them once that node is back, or change per-node allocations.
+  It is a frozen value; its identity is `digest()` (sha256 of its canonical
+  JSON), which is what an operator's approval signs. A `nonce` makes two
+  otherwise identical proposals distinct; `change` is what a decision does
+  without who proposed it, why or when (two proposals with the same `change`
+  are the same decision to an operator, and the ledger holds it once).
 - `decide(decision, policy, group_size)` is a pure function: ALLOW when the
   decision's scope (nodes affected, fraction of the group, streams moved) is
   within the policy's limits for its kind, HOLD otherwise, with one human
@@ -63,6 +66,7 @@ class DecisionKind(enum.Enum):
 
     MOVE_STREAMS = "move_streams"  # move streams off an overloaded node
     REASSIGN_STREAMS = "reassign_streams"  # serve the streams of a node membership marks dead elsewhere
+    RETURN_STREAMS = "return_streams"  # give a node that is back the streams a reassignment took from it
     SET_ALLOCATION = "set_allocation"  # change per-node allocations (max concurrent inference slots)
 
 
@@ -105,6 +109,10 @@ class Scope:
         }
 
 
+#: What a decision does, without who proposed it, why or when (`Decision.change`).
+DecisionChange = tuple[DecisionKind, tuple[StreamMove, ...], tuple[Allocation, ...]]
+
+
 @dataclass(frozen=True)
 class Decision:
     """A proposed change to a site's replicated state.
@@ -136,6 +144,12 @@ class Decision:
     @property
     def streams(self) -> tuple[str, ...]:
         return tuple(m.stream for m in self.moves)
+
+    @property
+    def change(self) -> DecisionChange:
+        """What the decision does (kind, moves, allocations), without proposer, reason, time or nonce:
+        two decisions with the same change differ only in who asked, why and when."""
+        return (self.kind, self.moves, self.allocations)
 
     def scope(self, group_size: int) -> Scope:
         if group_size < 1:
@@ -298,6 +312,10 @@ def _validate(d: Decision) -> None:
         raise DecisionError(
             "decision: reassign_streams takes the streams of one dead node; every move needs the same 'from'"
         )
+    if d.kind is DecisionKind.RETURN_STREAMS and len({m.to_node for m in d.moves}) != 1:
+        raise DecisionError(
+            "decision: return_streams gives streams back to one node; every move needs the same 'to'"
+        )
 
 
 # --- policy -------------------------------------------------------------------------------------------
@@ -320,10 +338,12 @@ class Limits:
 
 
 # Defaults an operator would accept without reading them: a move between two nodes, a dead node's streams
-# spread over two survivors, one node's allocation; never more than half the group at once.
+# spread over two survivors (and given back to it from two), one node's allocation; never more than half the
+# group at once.
 DEFAULT_LIMITS: Mapping[DecisionKind, Limits] = {
     DecisionKind.MOVE_STREAMS: Limits(max_nodes=2, max_fraction=0.5, max_streams=5),
     DecisionKind.REASSIGN_STREAMS: Limits(max_nodes=3, max_fraction=0.5, max_streams=8),
+    DecisionKind.RETURN_STREAMS: Limits(max_nodes=3, max_fraction=0.5, max_streams=8),
     DecisionKind.SET_ALLOCATION: Limits(max_nodes=1, max_fraction=0.5, max_streams=0),
 }
 DEFAULT_HOLD_TTL_S = 3600.0

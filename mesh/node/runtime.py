@@ -397,7 +397,9 @@ class Node:
             raise NodeStartError(f"raft: {exc}") from None
         raft_service.add(link)
         return group, StreamReassigner(node_id=config.node_id, group=group, view=view, site=site,
-                                       rng=random.Random(self._rng.random()))
+                                       rng=random.Random(self._rng.random()),
+                                       return_after_s=StreamReassigner.settle_period_s(
+                                           config.membership.to_core(), len(config.raft.members)))
 
     @staticmethod
     def _removed_hook(origin: OriginPolicy, activator: Activator | None):

@@ -21,7 +21,7 @@ from mesh.consensus.service import DecisionsServicer, add_to_server
 from mesh.guard.approval import sign_approval
 from mesh.identity.signing import KeyRole, load_signing_key
 from mesh.identity.tls import channel_credentials, secure_channel_options, server_credentials
-from mesh.node.local import LocalFleet
+from mesh.node.local import LocalFleet, wait_for
 from tests.consensus.harness import ROUTES, SiteCluster, big, move
 
 
@@ -252,3 +252,86 @@ async def test_operator_moves_streams_through_the_guard(served):
     # Usage errors exit 2 and say why.
     result = await served.mesh("move", "cam-99", "--to", "node-4")
     assert result.exit_code == 2 and "no route for cam-99" in result.output
+
+
+@pytest.mark.asyncio
+async def test_a_withdrawn_decision_shows_as_withdrawn_and_an_approval_is_refused_saying_so(served):
+    held = big("withdrawn-01")
+    assert (await served.site.groups["node-1"].propose(held)).outcome is Outcome.HELD
+    result = await served.site.groups["node-2"].withdraw(held.decision_id, "node-3 is alive again")
+    assert result.outcome is Outcome.WITHDRAWN
+    await served.site.converged()
+
+    result = await served.mesh("history", "--json")
+    assert result.exit_code == 0, result.output
+    last = json.loads(result.stdout)[-1]
+    assert (last["decision_id"], last["outcome"]) == (held.decision_id, "withdrawn")
+    assert "node-3 is alive again" in last["detail"]
+    result = await served.mesh("pending")
+    assert result.exit_code == 0 and "nothing held" in result.output and "withdrawn" in result.output
+    result = await served.mesh("audit")
+    assert "withdrawn" in result.output and "node-3 is alive again" in " ".join(result.output.split())
+
+    # The CLI will not sign it...
+    result = await served.mesh("approve", held.decision_id, "--key", str(served.key_path))
+    assert result.exit_code == 1 and "it was withdrawn" in " ".join(result.output.split()), result.output
+    # ... and an approval sent anyway is refused by every replica, saying why.
+    key = load_signing_key(served.key_path, KeyRole.OPERATOR)
+    approval = sign_approval(key, held, now=time.time(), ttl_s=60, nonce="late-approval-1")
+    channel, stub = served.stub(served.fleet.operator)
+    try:
+        reply = await stub.Approve(pb.AnswerRequest(approval_json=json.dumps(approval.to_dict())))
+    finally:
+        await channel.close()
+    assert (reply.outcome, reply.refusal_reason) == ("refused", "withdrawn")
+    assert "was withdrawn (node-3 is alive again)" in reply.message
+    await served.site.converged()
+    assert all(g.routes()["cam-1"] == "node-1" for g in served.site.live())
+
+
+@pytest.mark.asyncio
+async def test_operator_sees_each_members_raft_state_and_a_cut_off_member_says_so_at_once(served):
+    result = await served.mesh("group", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    view = doc["group"]
+    assert view["node_id"] == "node-0" and view["leader"] in served.site.names and view["term"] >= 1
+    assert view["members"] == ["node-0", "node-1", "node-2"] and view["reachable"] == ["node-1", "node-2"]
+    assert view["commit_index"] >= view["applied_index"] >= 1  # the routes at least
+    assert not view["cut_off"] and view["leader_contact_s"] < view["no_leader_after_s"]
+    links = [(link["node_id"], link["reachable"]) for link in doc["links"]]
+    assert links == [("node-1", True), ("node-2", True)]
+    assert [link["node_id"] for link in doc["links"] if link["leader"]] == (
+        [view["leader"]] if view["leader"] != "node-0" else [])
+    result = await served.mesh("group")
+    assert result.exit_code == 0 and "Raft group site-a as seen by node-0" in result.output
+    result = await served.mesh("pending")
+    text = " ".join(result.output.split())
+    assert f"leader {view['leader']}, term" in text and "2/2 members reachable" in text
+
+    # node-0 is cut off from the other two.
+    node_0 = served.group
+    node_0.raft.cut("node-1", "node-2")
+    for name in ("node-1", "node-2"):
+        served.site.groups[name].raft.cut("node-0")
+    await wait_for(node_0.raft.cut_off, 10.0, "node-0 knows it is cut off")
+    result = await served.mesh("group", "--json")
+    assert result.exit_code == 1  # a script can tell
+    view = json.loads(result.stdout)["group"]
+    assert view["cut_off"] and view["reachable"] == []
+    assert view["leader_contact_s"] > view["no_leader_after_s"]
+    result = await served.mesh("group")
+    assert result.exit_code == 1 and "cut off" in result.output
+    # Reads answer from the last committed state and say so; writes fail naming the minority.
+    result = await served.mesh("pending", "--json")
+    doc = json.loads(result.stdout)
+    assert not doc["group"]["current"] and "no leader heard from" in doc["group"]["note"]
+    result = await served.mesh("move", "cam-0", "--to", "node-2")
+    assert result.exit_code == 1 and "FAILED_PRECONDITION" in result.output
+    assert "this member is in a minority" in " ".join(result.output.split())
+
+    for g in served.site.groups.values():
+        g.raft.heal()
+    await wait_for(lambda: not node_0.raft.cut_off(), 10.0, "node-0 hears from a leader again")
+    result = await served.mesh("group", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["group"]["reachable"] == ["node-1", "node-2"]

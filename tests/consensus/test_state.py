@@ -22,6 +22,7 @@ from mesh.consensus.commands import (
     expire_command,
     propose_command,
     set_routes_command,
+    withdraw_command,
 )
 from mesh.consensus.ledger import DecisionLedger, Outcome, SnapshotError
 from mesh.guard.approval import sign_approval
@@ -492,8 +493,9 @@ def test_restore_refuses_garbage():
 
 
 class _HostileStream:
-    """A plausible, hostile command stream built against the current routing table: proposals of every size,
-    approvals and denials by every key, reused nonces, lagging stamps, duplicate deliveries, garbage."""
+    """A plausible, hostile command stream built against the current routing table: proposals of every size
+    and kind (returns of streams no reassignment took among them), approvals and denials by every key,
+    withdrawals, reused nonces, lagging stamps, duplicate deliveries, garbage."""
 
     KEYS = (OPERATOR, OPERATOR, NODE, PUBLISHER)
 
@@ -503,20 +505,28 @@ class _HostileStream:
         self.decisions = []
         self.sent = [initial_routes()]
 
-    def next(self, i: int, routes: dict[str, str]) -> bytes:
+    def next(self, i: int, routes: dict[str, str], displaced: dict | None = None) -> bytes:
         rng = self.rng
         self.now += rng.choice([0, 1, 5, 30, 200])
         stamp = self.now - rng.choice([0, 0, 0, 50])  # some submitters lag behind
         roll = rng.random()
         if roll < 0.4 or not self.decisions:
             streams = rng.sample(sorted(routes), rng.randint(1, 5))
-            if rng.random() < 0.3:  # a dead node's streams
+            kind_roll = rng.random()
+            if kind_roll < 0.3:  # a dead node's streams
                 dead = routes[streams[0]]
                 streams = [s for s in streams if routes[s] == dead]
                 kind = DecisionKind.REASSIGN_STREAMS
             else:
-                kind = DecisionKind.MOVE_STREAMS
-            targets = rng.sample(NODES, rng.randint(1, 3))
+                kind = DecisionKind.RETURN_STREAMS if kind_roll < 0.45 else DecisionKind.MOVE_STREAMS
+            targets = rng.sample(NODES, 1 if kind is DecisionKind.RETURN_STREAMS else rng.randint(1, 3))
+            if kind is DecisionKind.RETURN_STREAMS and displaced and rng.random() < 0.7:
+                # A plausible return: streams a reassignment took from one node, back to it.
+                home = rng.choice(sorted({d.home for d in displaced.values()}))
+                streams, targets = sorted(s for s, d in displaced.items() if d.home == home), [home]
+            elif kind is DecisionKind.RETURN_STREAMS:  # one destination: leave out what it already serves
+                streams = [s for s in streams if routes[s] != targets[0]] or streams[:1]
+                targets = targets if routes[streams[0]] != targets[0] else ["node-9"]
             moves = [
                 (s, routes[s], rng.choice([t for t in targets if t != routes[s]] or ["node-9"]))
                 for s in streams
@@ -534,8 +544,11 @@ class _HostileStream:
                 rng.choice(self.KEYS), d, now=stamp, ttl_s=rng.choice([10, 300]), nonce=nonce, approve=approve
             )
             command = (approve_command if approve else deny_command)(a, now=stamp)
-        elif roll < 0.85:
+        elif roll < 0.8:
             command = expire_command(stamp)
+        elif roll < 0.85:
+            d = rng.choice(self.decisions[-6:])
+            command = withdraw_command(d.decision_id, reason="its premise is gone", now=stamp)
         elif roll < 0.95:
             command = rng.choice(self.sent)  # a duplicate delivery
         else:
@@ -553,7 +566,7 @@ def test_replicas_agree_and_nothing_above_scope_is_applied_without_an_operator(s
     outcomes = set()
     steps = 200
     for i in range(steps):
-        command = stream.next(i, a.routes())
+        command = stream.next(i, a.routes(), a.displaced())
         ra, rb = a.apply(command), b.apply(command)
         assert ra == rb, f"seed {seed}: replicas diverge at command {i}"
         if i == steps // 2:

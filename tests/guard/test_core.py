@@ -126,6 +126,31 @@ def test_kind_rules():
         make_decision(kind=DecisionKind.SET_ALLOCATION, allocations=(("n1", 1), ("n1", 2)))
     ok = make_decision(kind=DecisionKind.SET_ALLOCATION, allocations=(("n1", 4),))
     assert Decision.from_dict(ok.to_dict()) == ok
+    with pytest.raises(DecisionError, match="return_streams gives streams back to one node"):
+        make_decision(("a", "n2", "n1"), ("b", "n2", "n3"), kind=DecisionKind.RETURN_STREAMS)
+    back = make_decision(("a", "n2", "n1"), ("b", "n3", "n1"), kind=DecisionKind.RETURN_STREAMS)
+    assert Decision.from_dict(back.to_dict()) == back
+
+
+def test_change_ignores_who_why_when_and_the_nonce_but_not_what():
+    base = make_decision(("cam-2", "node-1", "node-2"), ("cam-1", "node-1", "node-3"))
+    same = make_decision(("cam-1", "node-1", "node-3"), ("cam-2", "node-1", "node-2"), nonce="nonce-0002",
+                         proposer="node-9", proposed_at=2000.0, reason="another reason")
+    assert same.change == base.change and same.digest() != base.digest()
+    for other in (
+        make_decision(("cam-2", "node-1", "node-2")),
+        make_decision(("cam-2", "node-1", "node-2"), ("cam-1", "node-1", "node-4")),
+        make_decision(("cam-2", "node-1", "node-2"), ("cam-1", "node-1", "node-3"),
+                      kind=DecisionKind.REASSIGN_STREAMS),
+    ):
+        assert other.change != base.change
+
+
+def test_return_streams_has_default_limits_and_reads_its_own_table():
+    assert DEFAULT_LIMITS[DecisionKind.RETURN_STREAMS] == DEFAULT_LIMITS[DecisionKind.REASSIGN_STREAMS]
+    policy = Policy.from_mapping({"return_streams": {"max_streams": 0}})
+    assert policy.limits_for(DecisionKind.RETURN_STREAMS).max_streams == 0
+    assert Policy.from_mapping(policy.to_mapping()) == policy
 
 
 _json = json_values()

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from pysyncobj import FAIL_REASON
 from pysyncobj.node import Node
 from pysyncobj.pipe_notifier import PipeNotifier
 from pysyncobj.transport import Transport
@@ -85,6 +86,8 @@ class _Peer:
         self.ready = asyncio.Event()  # set when frames are queued
         self.up = False
         self.task: asyncio.Task | None = None
+        self.call: Any = None  # the current outgoing stream
+        self.refused_logged = False
         self.last_heard: float | None = None  # loop time of the last frame from this member
 
 
@@ -136,8 +139,8 @@ class RaftLink:
                 continue
             if self._accept is not None and self._accept(node_id) is not None:
                 self.counters.dropped_frames += 1
-                if peer.task is not None:
-                    peer.task.cancel()  # no longer trusted: close our stream to it for good
+                if peer.call is not None:
+                    peer.call.cancel()  # no longer trusted (or cut off): close our stream to it
                 continue
             if peer.queued_bytes + len(frame) > MAX_QUEUED_BYTES:
                 # The peer does not read its stream (flow control holds our writes): drop what is
@@ -203,8 +206,12 @@ class RaftLink:
         backoff = Backoff(first_s=0.05, max_s=1.0, rng=random.Random(self._rng.random()))
         while not self.closed:
             if self._accept is not None and (why := self._accept(peer.node_id)) is not None:
-                log.warning("raft %s: not streaming to %s: %s", self.group, peer.node_id, why)
-                return
+                if not peer.refused_logged:
+                    peer.refused_logged = True
+                    log.warning("raft %s: not streaming to %s: %s", self.group, peer.node_id, why)
+                await asyncio.sleep(1.0)  # looked at again: a cut link heals (a revocation does not)
+                continue
+            peer.refused_logged = False
             try:
                 stub = self._dial(peer.node_id)
             except (ConnectionError, OSError) as exc:
@@ -215,7 +222,7 @@ class RaftLink:
             await asyncio.sleep(backoff.next_delay_s())  # reconnect pacing
 
     async def _stream(self, peer: _Peer, stub: pb_grpc.RaftStub, backoff: Backoff) -> None:
-        call = stub.Exchange(metadata=((GROUP_KEY, self.group),))
+        call = peer.call = stub.Exchange(metadata=((GROUP_KEY, self.group),))
         writer: asyncio.Task | None = None
         try:
             hello = await call.read()
@@ -242,6 +249,7 @@ class RaftLink:
             if writer is not None:
                 writer.cancel()
             call.cancel()
+            peer.call = None
             if peer.up:
                 peer.up = False
                 self._notify(("down", peer.node_id))
@@ -314,6 +322,13 @@ class GrpcTransport(Transport):
 
     def send(self, node: MemberNode, message: dict) -> bool:
         if node.id not in self._connected:
+            if message.get("type") == "apply_command" and "request_id" in message:
+                # pysyncobj ignores a failed send and would wait for the leader's answer forever
+                # (until the caller's deadline): answer it at once as the leader would, "not the
+                # leader", so the proposal is retried with back-off instead.
+                self._post(("message", node.id, {"type": "apply_command_response",
+                                                  "request_id": message["request_id"],
+                                                  "error": FAIL_REASON.NOT_LEADER}))
             return False
         try:
             frame = encode_message(message)

@@ -153,6 +153,7 @@ class RevocationSet:
     def __init__(self, trusted: TrustedKeys, revocations: Iterable[Revocation] = ()) -> None:
         self._trusted = trusted
         self._by_signature: dict[str, Revocation] = {}
+        self._node_ids: frozenset[str] = frozenset()
         for revocation in revocations:
             self.add(revocation)
 
@@ -164,6 +165,7 @@ class RevocationSet:
         if len(self._by_signature) >= MAX_REVOCATIONS:
             raise RevocationError(f"more than {MAX_REVOCATIONS} revocations: refusing more")
         self._by_signature[revocation.signature] = revocation
+        self._node_ids = self._node_ids | {revocation.node_id}
         return True
 
     def merge(self, revocations: Iterable[Revocation]) -> list[Revocation]:
@@ -173,6 +175,8 @@ class RevocationSet:
 
     def revoked(self, node_id: str, serial: str = "", not_before: float = 0.0) -> Revocation | None:
         """The revocation covering this certificate, or None."""
+        if node_id not in self._node_ids:
+            return None
         for revocation in self._by_signature.values():
             if revocation.covers(node_id, serial, not_before):
                 return revocation
@@ -180,7 +184,7 @@ class RevocationSet:
 
     def node_ids(self) -> frozenset[str]:
         """Every node id with a revocation (of some certificate of it)."""
-        return frozenset(r.node_id for r in self._by_signature.values())
+        return self._node_ids
 
     def __iter__(self):
         return iter(sorted(self._by_signature.values(), key=lambda r: (r.revoked_at, r.signature)))

@@ -389,8 +389,7 @@ class Node:
         try:
             link = RaftLink(group=config.raft.group_id(config.labels.get("site")), node_id=config.node_id,
                             dial=dial, rng=random.Random(self._rng.random()),
-                            accept=lambda node_id: (f"{node_id}'s certificate is revoked"
-                                                    if trust.is_revoked_id(node_id) else None))
+                            accept=lambda node_id: raft_refusal(node_id, trust, self.faults))
             group = SiteGroup.from_config(config.node_id, config.raft, config.guard, site=config.labels.get("site"),
                                           node_data_dir=config.data_dir, creds_dir=config.tls.dir, link=link)
         except (GroupError, RaftError, ValueError) as exc:
@@ -548,6 +547,16 @@ async def watch_certificate_expiry(credentials: Credentials) -> None:
                         "with `mesh fleet renew %s` and install the new cert.pem and key.pem", credentials.cert_path,
                         max(left_s, 0) / 86400, credentials.name)
         await asyncio.sleep(CERT_CHECK_INTERVAL_S)  # a check period, not synchronisation
+
+
+def raft_refusal(node_id: str, trust: TrustStore, faults: Faults) -> str | None:
+    """Why this node exchanges no Raft messages with member `node_id` now: its certificate is revoked
+    (for good), or fault injection cut the link (until healed)."""
+    if trust.is_revoked_id(node_id):
+        return f"{node_id}'s certificate is revoked"
+    if faults.is_blocked(node_id):
+        return f"the link to {node_id} is cut by fault injection"
+    return None
 
 
 def check_identity(config: NodeConfig, credentials: Credentials) -> None:

@@ -54,21 +54,40 @@ def admin_status(address: str, creds_dir: Path, as_json: bool) -> None:
     from mesh.admin.format import status_dict, status_table
 
     resp = call_or_exit(address, creds_dir, lambda client: client.status())
+    group = _group_status_or_none(address, creds_dir)
     audit = resp.audit
     if as_json:
+        from mesh.admin.format import group_view_dict
+
         doc = status_dict(resp)
         doc["audit"] = {"checked": audit.checked, "ok": audit.ok, "records": audit.records,
                         "first_bad_seq": audit.first_bad_seq or None, "reason": audit.reason,
                         "path": audit.path} if audit.checked else None
+        doc["raft"] = group_view_dict(group.group) if group is not None else None
         emit_json(doc)
         return
     console.print(status_table(resp))
+    if group is not None:
+        from mesh.admin.format import raft_line
+
+        console.print(f"raft group {group.group.group}: {raft_line(group.group)}", highlight=False)
     if audit.checked and audit.ok:
         console.print(f"audit log: {audit.reason} (checked at start)", highlight=False)
     elif audit.checked:
         console.print(f"[red]warning:[/] audit log {audit.path} on {resp.node_id} does not verify "
                       f"(checked at start): {audit.reason}. Run `mesh admin audit --verify --node {address}` "
                       "and keep the file as evidence", highlight=False)
+
+
+def _group_status_or_none(address: str, creds_dir: Path) -> Any:
+    """The node's Raft group status, or None when it has no [raft] section (or cannot say)."""
+    from mesh.admin.client import AdminError, DecisionsClient
+
+    with operator_client(address, creds_dir, DecisionsClient) as client:
+        try:
+            return client.group_status()
+        except AdminError:
+            return None
 
 
 # --- decisions of NODE's site group -----------------------------------------------------------

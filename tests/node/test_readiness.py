@@ -58,3 +58,25 @@ async def test_readyz_follows_join_and_model_and_healthz_the_loop(fleet, tmp_pat
         await node.stop()
     assert node.readiness() == (False, ["the node is not running"])
     await c.close()
+
+
+async def test_admin_status_shows_the_raft_group(cluster, fleet):
+    """`mesh admin status` shows the node's Raft state (leader, term, indexes, reachable members,
+    last contact with a leader), in the table and as JSON."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mesh.cli import main
+    from mesh.consensus.config import RaftSection
+
+    c = await cluster(1, raft=RaftSection(members=["node-00"]))
+    node = c.nodes["node-00"]
+    await node.group.raft.wait_for_leader(10.0)
+    args = ["admin", "status", "--node", node.address, "--creds", str(fleet.operator.directory)]
+    human = await asyncio.to_thread(CliRunner().invoke, main, args)
+    assert human.exit_code == 0, human.output
+    assert "raft group amsterdam: node-00 is leader; leader node-00, term" in " ".join(human.output.split())
+    doc = json.loads((await asyncio.to_thread(CliRunner().invoke, main, [*args, "--json"])).output)
+    assert doc["raft"]["leader"] == "node-00" and doc["raft"]["raft_state"] == "leader"
+    assert {"term", "commit_index", "applied_index", "reachable", "leader_contact_s"} <= set(doc["raft"])

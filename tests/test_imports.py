@@ -37,6 +37,7 @@ PURE_CORES = (
     "mesh.consensus.commands",
     "mesh.consensus.ledger",
     "mesh.consensus.planning",
+    "mesh.consensus.premises",
     "mesh.consensus.wire",
     "mesh.consensus.safe_pickle",
     "mesh.inference.counts",

@@ -355,24 +355,27 @@ def membership(record: RunRecord) -> CheckResult:
 
 def one_leader_per_term(record: RunRecord) -> CheckResult:
     name = "one_leader_per_term"
-    terms = [s for s in record.samples if s.kind == "term" and s.data.get("term") is not None]
+    # Only a node's claim to lead (it names itself) counts: a follower's view of who leads can lag a
+    # term change by a tick (pysyncobj sets the new leader before it stores the new term).
+    terms = [s for s in record.samples if s.kind == "term" and s.data.get("term") is not None
+             and s.data.get("leader") == s.node]
     if not terms:
-        return CheckResult(name, SKIP, "no Raft term was observable (the node reports none in `mesh admin "
-                                       "status`/routes and no term sample was taken)")
+        return CheckResult(name, SKIP, "no leader's claim with a Raft term was observed (the node reports no term "
+                                       "in `mesh admin status`/routes, and no term sample was taken)")
     named: dict[tuple[str, int], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for s in terms:
         leader = s.data.get("leader")
         if not leader:
             continue
         site = record.spec.sites.get(s.node, "?")
-        named[(site, int(s.data["term"]))][leader].append(f"{s.node}@{s.t_s:.1f}s")
+        named[(site, int(s.data["term"]))][leader].append(f"{s.t_s:.1f}s")
     problems = []
     for (site, term), leaders in sorted(named.items()):
         if len(leaders) > 1:
-            who = "; ".join(f"{leader} (named by {', '.join(sorted(set(by))[:4])})"
-                            for leader, by in sorted(leaders.items()))
+            who = "; ".join(f"{leader} (claimed at {', '.join(sorted(set(at))[:3])})"
+                            for leader, at in sorted(leaders.items()))
             problems.append(f"site {site}, term {term}: {len(leaders)} leaders: {who}")
-    return _result(name, problems, f"{len(named)} (site, term) pairs, one leader each, from {len(terms)} samples",
+    return _result(name, problems, f"{len(named)} (site, term) pairs, one leader each, from {len(terms)} leader claims",
                    {"terms_seen": len(named), "samples": len(terms)})
 
 

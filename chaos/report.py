@@ -81,7 +81,10 @@ def summary_text(report: dict[str, Any]) -> str:
         lines.append("  time until each replica serves current reads: "
                      + ", ".join(f"{n} {'never' if t is None else f'{t:.1f}s'}" for n, t in sorted(current.items()))
                      + f"; all: {heal.get('all_current_after_s')}")
-        lines.append(f"  live nodes marked dead in 20 s: {heal.get('dead_marks_20s')} (status samples), "
-                     f"{heal.get('log_dead_lines_20s')} (node logs); suspect marks: {heal.get('suspect_marks_20s')}; "
-                     f"terms after heal: {heal.get('terms_after_heal')}")
+        lines.append(f"  live nodes declared dead in the 20 s after the heal: {heal.get('dead_marks_20s')} (status "
+                     f"samples), {heal.get('log_dead_lines_20s')} (node logs); dead marks left from the partition: "
+                     f"{heal.get('dead_from_partition_still_marked')}, last seen at +{heal.get('last_live_node_seen_dead_at_s')}s")
+        terms = heal.get("terms_after_heal") or []
+        lines.append(f"  Raft after the heal: {len(terms)} terms ({terms[0] if terms else '-'}..{terms[-1] if terms else '-'}), "
+                     f"{heal.get('leaders_after_heal')} (term, leader) pairs named")
     return "\n".join(lines)

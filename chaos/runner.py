@@ -348,13 +348,15 @@ class Run:
                     pass
                 await asyncio.sleep(0.2)  # polling each replica after the heal
 
-        dead_seen: dict[tuple[str, str], float] = {}
-        suspect_seen: dict[tuple[str, str], float] = {}
+        fresh_dead: dict[tuple[str, str], float] = {}  # (observer, member) -> when it was declared, after the heal
+        carried_dead: set[tuple[str, str]] = set()  # declared during the partition, still dead after it
+        last_dead_seen = [None]
 
         async def watch_states() -> None:
             end = time.monotonic() + HEAL_WINDOW_S
             while time.monotonic() < end:
                 running = set(self._running())
+                asked = self.rec.now()
                 statuses = await asyncio.gather(*(self.agent.call("status", timeout_s=1.0,
                                                                   address=self.cluster.address(n))
                                                   for n in running), return_exceptions=True)
@@ -362,17 +364,22 @@ class Run:
                     if not isinstance(s, dict):
                         continue
                     for m in s["members"]:
+                        if m["node_id"] not in running or m["state"] != "dead":
+                            continue
                         pair = (observer, m["node_id"])
-                        if m["node_id"] in running and m["state"] == "dead":
-                            dead_seen.setdefault(pair, round(self.rec.now() - heal_s, 2))
-                        if m["node_id"] in running and m["state"] == "suspect":
-                            suspect_seen.setdefault(pair, round(self.rec.now() - heal_s, 2))
+                        # state_age_s says when the observer declared it: after the heal is a false death.
+                        declared = asked - float(m.get("state_age_s") or 0.0) - heal_s
+                        last_dead_seen[0] = round(asked - heal_s, 2)
+                        if declared > 0:
+                            fresh_dead.setdefault(pair, round(declared, 2))
+                        else:
+                            carried_dead.add(pair)
                 await asyncio.sleep(0.5)  # the sampling period of member states
 
         deadline = time.monotonic() + 60.0
         await asyncio.gather(watch_states(), *(until_current(n) for n in self.plan.ids))
         log_dead = self._log_dead_lines(heal_wall, heal_wall + HEAL_WINDOW_S)
-        terms = sorted({s.data["term"] for s in self.record.samples if s.kind == "term" and s.t_s >= heal_s})
+        after = [s for s in self.record.samples if s.kind == "term" and s.t_s >= heal_s]
         split = next((f.detail for f in self.record.faults if f.action == "apply" and "sides" in f.detail), {})
         values = [v for v in current_after.values() if v is not None]
         return {
@@ -380,12 +387,15 @@ class Run:
             "sides": split.get("sides"), "leader_at_split": split.get("leader"),
             "time_to_current_reads_s": current_after,
             "all_current_after_s": max(values) if len(values) == len(current_after) else None,
-            "dead_marks_20s": len(dead_seen),
-            "dead_marks": [f"{o} saw {m} dead at +{t}s" for (o, m), t in sorted(dead_seen.items(), key=lambda x: x[1])],
-            "suspect_marks_20s": len(suspect_seen),
+            "dead_marks_20s": len(fresh_dead),
+            "dead_marks": [f"{o} declared {m} dead at +{t}s" for (o, m), t in
+                           sorted(fresh_dead.items(), key=lambda x: x[1])],
+            "dead_from_partition_still_marked": len(carried_dead),
+            "last_live_node_seen_dead_at_s": last_dead_seen[0],
             "log_dead_lines_20s": len(log_dead),
             "log_dead_lines": log_dead[:20],
-            "terms_after_heal": terms,
+            "terms_after_heal": sorted({s.data["term"] for s in after}),
+            "leaders_after_heal": len({(s.data["term"], s.data.get("leader")) for s in after if s.data.get("leader")}),
         }
 
     def _log_dead_lines(self, start_wall: float, end_wall: float) -> list[str]:

@@ -296,7 +296,8 @@ def read_term(data_dir: Path) -> int | None:
     """The Raft term a node last made durable (raft/raft.journal.vote), read from outside.
 
     The node's status reports no term yet, so this is the only way to see one; it is read
-    before and after the node names its leader, and a sample is kept only if both agree."""
+    before and after the node names its leader, and a sample is kept only if both agree
+    (the checker then uses only samples where a node names itself: see one_leader_per_term)."""
     try:
         return int(json.loads((data_dir / "raft" / "raft.journal.vote").read_text())["term"])
     except (OSError, ValueError, KeyError, TypeError):

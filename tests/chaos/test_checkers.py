@@ -253,7 +253,13 @@ def test_two_leaders_in_one_term_fail_naming_the_term_and_who_said_so():
     record.samples.append(Sample(26.0, "n03", "term", {"term": 4, "leader": "n03"}))
     result = _check("one_leader_per_term", record)
     assert result.status == FAIL
-    assert "term 4: 2 leaders" in result.problems[0] and "n03 (named by n03@26.0s)" in result.problems[0]
+    assert "term 4: 2 leaders" in result.problems[0] and "n03 (claimed at 26.0s)" in result.problems[0]
+
+
+def test_a_follower_naming_another_leader_is_not_a_claim():
+    record = healthy()
+    record.samples.append(Sample(26.0, "n01", "term", {"term": 4, "leader": "n03"}))
+    assert _check("one_leader_per_term", record).status == PASS
 
 
 def test_without_any_term_the_leader_checker_skips_rather_than_passes():

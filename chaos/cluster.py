@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chaos.net import Network, in_ns, node_ns, run
+from chaos.proxy import PROXY_MARK
 from mesh.membership.messages import MembershipConfig
 from mesh.node.local import write_node_config
 
@@ -33,6 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 GRPC_PORT = 7000
 RAFT_PORT = 7400
 PROXY_PORT_OFFSET = 10000
+PROXY_OUTBOUND_PORT = 19000
 MODEL_NAME = "wake"
 CLIENT_NAME = "chaos-client"
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
@@ -327,9 +329,11 @@ class Cluster:
         control = self.delay_file(node_id)
         control.write_text("0\n")
         ports = {GRPC_PORT: GRPC_PORT + PROXY_PORT_OFFSET, RAFT_PORT: RAFT_PORT + PROXY_PORT_OFFSET}
+        outbound = PROXY_OUTBOUND_PORT
         argv = in_ns(node_ns(node_id), [sys.executable, "-m", "chaos.proxy", "--target",
                                         self.network.addresses[node_id], "--ports",
-                                        ",".join(f"{p}:{q}" for p, q in ports.items()), "--control", str(control)])
+                                        ",".join(f"{p}:{q}" for p, q in ports.items()),
+                                        "--outbound-port", str(outbound), "--control", str(control)])
         with (self.workdir / "logs" / f"proxy-{node_id}.log").open("ab") as logf:
             proxy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=logf, cwd=REPO, start_new_session=True)
         self.state.add("pids", proxy.pid)
@@ -337,7 +341,7 @@ class Cluster:
         line = proxy.stdout.readline()
         if b"ready" not in line:
             raise ClusterError(f"delay proxy of {node_id} did not start; see logs/proxy-{node_id}.log")
-        self.network.redirect_to_proxy(node_id, ports)
+        self.network.redirect_to_proxy(node_id, ports, outbound, PROXY_MARK)
 
     def start_all(self) -> None:
         for proc in self.procs.values():

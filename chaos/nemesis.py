@@ -298,7 +298,7 @@ class Latency(Nemesis):
         self.node: str | None = None
 
     def describe(self) -> str:
-        return f"add {self.delay_ms} ms each way to one node's inbound connections (user-space proxy)"
+        return f"add {self.delay_ms} ms each way to every connection of one node with other nodes (user-space proxy)"
 
     async def apply(self, world: World) -> dict[str, Any]:
         candidates = sorted(world.cluster.plan.delay_nodes)

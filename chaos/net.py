@@ -151,13 +151,24 @@ class Network:
             run(in_ns(ns, ["tc", "qdisc", "del", "dev", dev, "root"]), check=False)
         self._shaped.discard(node)
 
-    def redirect_to_proxy(self, node: str, ports: Mapping[int, int]) -> None:
-        """In the node's namespace, send connections from other nodes to `port` to the delay proxy
-        listening on `ports[port]` (the client's own connections go straight to the node)."""
-        rules = "\n".join(f"    ip saddr != {CLIENT_IP} tcp dport {port} redirect to :{proxy}"
-                          for port, proxy in sorted(ports.items()))
-        script = ("table ip fmc_delay {\n  chain prerouting {\n"
-                  "    type nat hook prerouting priority -100; policy accept;\n" + rules + "\n  }\n}\n")
+    def redirect_to_proxy(self, node: str, ports: Mapping[int, int], outbound_port: int, mark: int) -> None:
+        """In the node's namespace, send the node's connections with other nodes through its delay
+        proxy: inbound connections to `port` go to `ports[port]`, connections the node opens to
+        another node's ports go to `outbound_port`. The client's own connections, and the proxy's
+        (marked `mark`), pass untouched."""
+        me = self.addresses[node]
+        inbound = "\n".join(f"    ip saddr != {CLIENT_IP} tcp dport {port} redirect to :{proxy}"
+                            for port, proxy in sorted(ports.items()))
+        node_ports = ", ".join(str(p) for p in sorted(ports))
+        script = (
+            "table ip fmc_delay {\n"
+            "  chain prerouting {\n    type nat hook prerouting priority -100; policy accept;\n"
+            f"{inbound}\n  }}\n"
+            "  chain output {\n    type nat hook output priority -100; policy accept;\n"
+            f"    meta mark {mark} accept\n"
+            f"    ip daddr {{ {me}, {CLIENT_IP} }} accept\n"
+            f"    ip daddr {SUBNET}.0/24 tcp dport {{ {node_ports} }} redirect to :{outbound_port}\n"
+            "  }\n}\n")
         run(in_ns(self.ns(node), ["nft", "-f", "-"]), input_text=script)
 
 

@@ -86,9 +86,21 @@ def cmd_matrix(args) -> int:
             passed += report["checkers_passed"]
             for key in totals:
                 totals[key] += report["operations"][key]
-    print(json.dumps({"scenarios": len(scenarios), "seeds": len(seeds), "faults": faults, "operations": totals,
-                      "checkers_failed": failed, "checkers_passed": passed, "runs": runs,
-                      "harness_errors": errors}, sort_keys=False))
+    print(
+        json.dumps(
+            {
+                "scenarios": len(scenarios),
+                "seeds": len(seeds),
+                "faults": faults,
+                "operations": totals,
+                "checkers_failed": failed,
+                "checkers_passed": passed,
+                "runs": runs,
+                "harness_errors": errors,
+            },
+            sort_keys=False,
+        )
+    )
     return EXIT_FAILED if failed or errors else EXIT_OK
 
 
@@ -116,12 +128,15 @@ def cmd_cleanup(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from chaos.runner import DEFAULT_WORKDIR
 
-    parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.splitlines()[0],
-                                     epilog="Examples:\n  python -m chaos run smoke --seed 1\n"
-                                            "  python -m chaos matrix --seeds 1,2\n"
-                                            "  python -m chaos run heal-leader-minority --seed 3\n"
-                                            "  python -m chaos cleanup",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m chaos",
+        description=__doc__.splitlines()[0],
+        epilog="Examples:\n  python -m chaos run smoke --seed 1\n"
+        "  python -m chaos matrix --seeds 1,2\n"
+        "  python -m chaos run heal-leader-minority --seed 3\n"
+        "  python -m chaos cleanup",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one scenario under a seed (replays it exactly)")
     run.add_argument("scenario")
@@ -130,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     matrix.add_argument("--scenarios", default=None, help="comma-separated (default: the matrix list)")
     matrix.add_argument("--seeds", default="1", help="comma-separated integers (default: 1)")
     for p in (run, matrix):
-        p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"runs go under here ({DEFAULT_WORKDIR})")
-        p.add_argument("--strict", action="store_true", help="advisory checkers (issue 14's heal targets) count")
+        p.add_argument(
+            "--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"runs go under here ({DEFAULT_WORKDIR})"
+        )
+        p.add_argument(
+            "--strict", action="store_true", help="advisory checkers (issue 14's heal targets) count"
+        )
     sub.add_parser("list", help="list the scenarios")
     sub.add_parser("cleanup", help="remove namespaces, processes and mounts a crashed run left")
     args = parser.parse_args(argv)
@@ -141,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 
         args.seed = random.SystemRandom().randrange(1, 1 << 31)
     try:
-        return {"run": cmd_run, "matrix": cmd_matrix, "list": cmd_list, "cleanup": cmd_cleanup}[args.command](args)
+        return {"run": cmd_run, "matrix": cmd_matrix, "list": cmd_list, "cleanup": cmd_cleanup}[args.command](
+            args
+        )
     except KeyboardInterrupt:
         print("chaos: interrupted (namespaces and processes were removed)", file=sys.stderr)
         return EXIT_FAILED

@@ -20,6 +20,7 @@ found before any call).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -37,7 +38,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mesh._proto import inference_pb2, inference_pb2_grpc  # noqa: E402
-from mesh.admin.client import AdminClient, AdminError, OperatorClient  # noqa: E402
+from mesh.admin.client import AdminClient, AdminError  # noqa: E402
 from mesh.admin.decisions import DecisionsClient  # noqa: E402
 from mesh.admin.format import status_dict  # noqa: E402
 from mesh.guard.approval import sign_approval  # noqa: E402
@@ -59,8 +60,15 @@ class CallFailed(Exception):
 
 
 def _view(view) -> dict[str, Any]:
-    return {"group": view.group, "node_id": view.node_id, "leader": view.leader or None, "current": view.current,
-            "note": view.note, "group_size": view.group_size, "applied_index": view.applied_index}
+    return {
+        "group": view.group,
+        "node_id": view.node_id,
+        "leader": view.leader or None,
+        "current": view.current,
+        "note": view.note,
+        "group_size": view.group_size,
+        "applied_index": view.applied_index,
+    }
 
 
 class Agent:
@@ -89,8 +97,11 @@ class Agent:
                 elif kind == "decisions":
                     client = DecisionsClient(address, self.operator, timeout_s=timeout_s)
                 else:
-                    client = grpc.secure_channel(address, channel_credentials(self.client),
-                                                 options=secure_channel_options(Role.NODE, None))
+                    client = grpc.secure_channel(
+                        address,
+                        channel_credentials(self.client),
+                        options=secure_channel_options(Role.NODE, None),
+                    )
                 self._clients[key] = client
             return client
 
@@ -98,10 +109,8 @@ class Agent:
         with self._lock:
             for key in [k for k in self._clients if k[1] == address]:
                 client = self._clients.pop(key)
-                try:
+                with contextlib.suppress(Exception):  # closing a broken channel
                     client.close()
-                except Exception:  # noqa: BLE001 - closing a broken channel
-                    pass
 
     def _call(self, address: str, fn: Callable[[], Any], phase: str) -> Any:
         try:
@@ -125,64 +134,134 @@ class Agent:
 
     def inference(self, address: str, timeout_s: float = 2.0) -> dict:
         s = self._call(address, lambda: self._client("admin", address, timeout_s).inference(), "inference")
-        return {"enabled": s.enabled, "model": s.model, "active_version": s.active_version,
-                "previous_version": s.previous_version, "last_activation_error": s.last_activation_error,
-                "signature_json": s.signature_json}
+        return {
+            "enabled": s.enabled,
+            "model": s.model,
+            "active_version": s.active_version,
+            "previous_version": s.previous_version,
+            "last_activation_error": s.last_activation_error,
+            "signature_json": s.signature_json,
+        }
 
     def models(self, address: str, timeout_s: float = 2.0) -> dict:
         resp = self._call(address, lambda: self._client("admin", address, timeout_s).models(), "models")
-        return {"versions": [{"name": v.name, "version": v.version, "phase": v.phase, "origin": v.origin,
-                              "serving": v.serving, "error": v.error, "manifest_digest": v.manifest_digest}
-                             for v in resp.versions]}
+        return {
+            "versions": [
+                {
+                    "name": v.name,
+                    "version": v.version,
+                    "phase": v.phase,
+                    "origin": v.origin,
+                    "serving": v.serving,
+                    "error": v.error,
+                    "manifest_digest": v.manifest_digest,
+                }
+                for v in resp.versions
+            ]
+        }
 
     def routes(self, address: str, timeout_s: float = 3.0) -> dict:
         started = time.monotonic()
         resp = self._call(address, lambda: self._client("decisions", address, timeout_s).routes(), "routes")
-        return {"group": _view(resp.group), "routes": dict(resp.routes), "allocations": dict(resp.allocations),
-                "elapsed_s": round(time.monotonic() - started, 4)}
+        return {
+            "group": _view(resp.group),
+            "routes": dict(resp.routes),
+            "allocations": dict(resp.allocations),
+            "elapsed_s": round(time.monotonic() - started, 4),
+        }
 
     def pending(self, address: str, timeout_s: float = 3.0) -> dict:
         resp = self._call(address, lambda: self._client("decisions", address, timeout_s).pending(), "pending")
-        return {"group": _view(resp.group),
-                "held": [{"decision_id": h.decision_id, "kind": h.kind, "decision": json.loads(h.decision_json),
-                          "expires_at": h.expires_at} for h in resp.held]}
+        return {
+            "group": _view(resp.group),
+            "held": [
+                {
+                    "decision_id": h.decision_id,
+                    "kind": h.kind,
+                    "decision": json.loads(h.decision_json),
+                    "expires_at": h.expires_at,
+                }
+                for h in resp.held
+            ],
+        }
 
     def audit(self, address: str, timeout_s: float = 8.0) -> dict:
         client = self._client("decisions", address, timeout_s)
         resp = self._call(address, lambda: client.audit(verify=True, limit=0), "audit")
         v = resp.verdict
-        return {"node_id": resp.group.node_id, "group": resp.group.group, "path": resp.path,
-                "total_records": resp.total_records,
-                "verdict": {"ok": v.ok, "records": v.records, "first_bad_seq": v.first_bad_seq or None,
-                            "reason": v.reason},
-                "records": [{"seq": r.seq, "time": r.time, "kind": r.kind, "payload": json.loads(r.payload_json)}
-                            for r in resp.records]}
+        return {
+            "node_id": resp.group.node_id,
+            "group": resp.group.group,
+            "path": resp.path,
+            "total_records": resp.total_records,
+            "verdict": {
+                "ok": v.ok,
+                "records": v.records,
+                "first_bad_seq": v.first_bad_seq or None,
+                "reason": v.reason,
+            },
+            "records": [
+                {"seq": r.seq, "time": r.time, "kind": r.kind, "payload": json.loads(r.payload_json)}
+                for r in resp.records
+            ],
+        }
 
-    def move(self, address: str, streams: list[str], to_node: str, proposer: str = "chaos",
-             reason: str = "chaos workload", timeout_s: float = 8.0) -> dict:
+    def move(
+        self,
+        address: str,
+        streams: list[str],
+        to_node: str,
+        proposer: str = "chaos",
+        reason: str = "chaos workload",
+        timeout_s: float = 8.0,
+    ) -> dict:
         """As `mesh admin move`: read the routes through the node, then propose the move there."""
         client = self._client("decisions", address, timeout_s)
         current = self._call(address, client.routes, "routes")
         unknown = [s for s in streams if s not in current.routes]
         if unknown:
             raise CallFailed("CLIENT", f"no route for {', '.join(unknown)} on {address}", "routes")
-        moves = tuple(StreamMove(s, current.routes[s], to_node) for s in streams if current.routes[s] != to_node)
+        moves = tuple(
+            StreamMove(s, current.routes[s], to_node) for s in streams if current.routes[s] != to_node
+        )
         if not moves:
             raise CallFailed("CLIENT", f"{', '.join(streams)} already served by {to_node}", "routes")
-        decision = Decision(kind=DecisionKind.MOVE_STREAMS, group=current.group.group, proposer=proposer,
-                            reason=reason, proposed_at=time.time(), nonce=secrets.token_hex(8), moves=moves)
-        base = {"decision_id": decision.decision_id, "group": decision.group,
-                "moves": [m.to_dict() for m in moves], "read_current": current.group.current}
+        decision = Decision(
+            kind=DecisionKind.MOVE_STREAMS,
+            group=current.group.group,
+            proposer=proposer,
+            reason=reason,
+            proposed_at=time.time(),
+            nonce=secrets.token_hex(8),
+            moves=moves,
+        )
+        base = {
+            "decision_id": decision.decision_id,
+            "group": decision.group,
+            "moves": [m.to_dict() for m in moves],
+            "read_current": current.group.current,
+        }
         try:
             result = self._call(address, lambda: client.propose(decision.to_dict()), "propose")
         except CallFailed as exc:
             exc.detail = base  # type: ignore[attr-defined]
             raise
-        return {**base, "outcome": result.outcome, "message": result.message,
-                "refusal_reason": result.refusal_reason or None, "view": _view(result.group)}
+        return {
+            **base,
+            "outcome": result.outcome,
+            "message": result.message,
+            "refusal_reason": result.refusal_reason or None,
+            "view": _view(result.group),
+        }
 
-    def approve(self, address: str, pick: int = 0, decision_id: str | None = None, ttl_s: float = 600.0,
-                timeout_s: float = 8.0) -> dict:
+    def approve(
+        self,
+        address: str,
+        pick: int = 0,
+        decision_id: str | None = None,
+        ttl_s: float = 600.0,
+        timeout_s: float = 8.0,
+    ) -> dict:
         """As `mesh admin approve`: list what the node holds, sign an approval of one, send it."""
         client = self._client("decisions", address, timeout_s)
         resp = self._call(address, client.pending, "pending")
@@ -194,19 +273,36 @@ class Agent:
         chosen = held[pick % len(held)]
         decision = Decision.from_dict(json.loads(chosen.decision_json))
         if decision.decision_id != chosen.decision_id:
-            raise CallFailed("CLIENT", f"node sent decision {decision.decision_id} for id {chosen.decision_id}",
-                             "pending")
-        approval = sign_approval(self.operator_key, decision, now=time.time(), ttl_s=ttl_s,
-                                 nonce=secrets.token_urlsafe(18), approve=True, reason="chaos workload")
-        base = {"decision_id": decision.decision_id, "kind": decision.kind.value, "group": decision.group,
-                "moves": [m.to_dict() for m in decision.moves], "key_id": self.operator_key.key_id}
+            raise CallFailed(
+                "CLIENT", f"node sent decision {decision.decision_id} for id {chosen.decision_id}", "pending"
+            )
+        approval = sign_approval(
+            self.operator_key,
+            decision,
+            now=time.time(),
+            ttl_s=ttl_s,
+            nonce=secrets.token_urlsafe(18),
+            approve=True,
+            reason="chaos workload",
+        )
+        base = {
+            "decision_id": decision.decision_id,
+            "kind": decision.kind.value,
+            "group": decision.group,
+            "moves": [m.to_dict() for m in decision.moves],
+            "key_id": self.operator_key.key_id,
+        }
         try:
             result = self._call(address, lambda: client.approve(approval.to_dict()), "approve")
         except CallFailed as exc:
             exc.detail = base  # type: ignore[attr-defined]
             raise
-        return {**base, "outcome": result.outcome, "message": result.message,
-                "refusal_reason": result.refusal_reason or None}
+        return {
+            **base,
+            "outcome": result.outcome,
+            "message": result.message,
+            "refusal_reason": result.refusal_reason or None,
+        }
 
     def infer(self, address: str, stream_id: str, seed: int = 0, timeout_s: float = 3.0) -> dict:
         signature = self._signature(address)
@@ -220,8 +316,9 @@ class Agent:
             else:
                 info = np.iinfo(dtype)
                 x = rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
-            tensors.append(inference_pb2.Tensor(name=spec.name, dtype=spec.dtype, shape=list(shape),
-                                                data=x.tobytes()))
+            tensors.append(
+                inference_pb2.Tensor(name=spec.name, dtype=spec.dtype, shape=list(shape), data=x.tobytes())
+            )
         channel = self._client("infer", address, timeout_s)
         stub = inference_pb2_grpc.InferenceStub(channel)
         request = inference_pb2.InferRequest(inputs=tensors, stream_id=stream_id)
@@ -236,8 +333,11 @@ class Agent:
             return cached
         status = self.inference(address)
         if not status["signature_json"]:
-            raise CallFailed("FAILED_PRECONDITION", f"{address} serves no model yet "
-                             f"({status['last_activation_error'] or 'nothing activated'})", "inference")
+            raise CallFailed(
+                "FAILED_PRECONDITION",
+                f"{address} serves no model yet ({status['last_activation_error'] or 'nothing activated'})",
+                "inference",
+            )
         signature = ModelSignature.from_dict(json.loads(status["signature_json"]))
         with self._lock:
             self._signatures[("any", "")] = signature
@@ -260,8 +360,13 @@ class Agent:
                 reply["detail"] = exc.detail
             return reply
         except Exception as exc:  # noqa: BLE001 - one bad call must not end the agent
-            return {"id": rid, "ok": False, "code": "CLIENT", "error": f"{type(exc).__name__}: {exc}",
-                    "phase": op or ""}
+            return {
+                "id": rid,
+                "ok": False,
+                "code": "CLIENT",
+                "error": f"{type(exc).__name__}: {exc}",
+                "phase": op or "",
+            }
 
     def reply(self, message: dict) -> None:
         line = json.dumps(message, separators=(",", ":"))

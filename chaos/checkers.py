@@ -47,7 +47,9 @@ class CheckResult:
         return self.status == FAIL
 
 
-def _result(name: str, problems: list[str], ok_summary: str, figures: dict[str, Any] | None = None) -> CheckResult:
+def _result(
+    name: str, problems: list[str], ok_summary: str, figures: dict[str, Any] | None = None
+) -> CheckResult:
     if problems:
         shown = problems[:MAX_PROBLEMS_SHOWN]
         more = f" (+{len(problems) - len(shown)} more)" if len(problems) > len(shown) else ""
@@ -80,8 +82,14 @@ def _applied(records: Iterable[dict[str, Any]]) -> dict[str, _Applied]:
         p = r.get("payload") or {}
         did = p.get("decision_id")
         if did:
-            out[did] = _Applied(did, p.get("raft_index"), r.get("seq", 0), list(p.get("moves") or []),
-                                p.get("approved_by"), p.get("kind", ""))
+            out[did] = _Applied(
+                did,
+                p.get("raft_index"),
+                r.get("seq", 0),
+                list(p.get("moves") or []),
+                p.get("approved_by"),
+                p.get("kind", ""),
+            )
     return out
 
 
@@ -102,8 +110,11 @@ def _route_writes(records: Iterable[dict[str, Any]]) -> list[tuple[int, str, str
 
 def _gaps(records: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
     """Raft index ranges this replica never applied (it installed another member's snapshot)."""
-    return [(int(r["payload"]["from_index"]), int(r["payload"]["to_index"])) for r in records
-            if r.get("kind") == "snapshot_installed" and isinstance((r.get("payload") or {}).get("to_index"), int)]
+    return [
+        (int(r["payload"]["from_index"]), int(r["payload"]["to_index"]))
+        for r in records
+        if r.get("kind") == "snapshot_installed" and isinstance((r.get("payload") or {}).get("to_index"), int)
+    ]
 
 
 def _site_nodes(record: RunRecord, site: str) -> list[str]:
@@ -125,10 +136,17 @@ def _unreadable(record: RunRecord, nodes: Iterable[str], what: str, attr: str) -
 
 def acknowledged_decisions(record: RunRecord) -> CheckResult:
     name = "acknowledged_decisions"
-    acked = [op for op in record.ops if op.kind in ("move", "approve") and op.outcome == ACKNOWLEDGED
-             and op.detail.get("outcome") == "applied" and op.detail.get("decision_id")]
+    acked = [
+        op
+        for op in record.ops
+        if op.kind in ("move", "approve")
+        and op.outcome == ACKNOWLEDGED
+        and op.detail.get("outcome") == "applied"
+        and op.detail.get("decision_id")
+    ]
     problems: list[str] = []
     sites = sorted({op.site for op in acked})
+    tampered = set(record.spec.tampered_audit)
     checked = 0
     for site in sites:
         nodes = _site_nodes(record, site)
@@ -145,9 +163,13 @@ def acknowledged_decisions(record: RunRecord) -> CheckResult:
             did = op.detail["decision_id"]
             index = union[did].raft_index if did in union else None
             moves = op.detail.get("moves") or (union[did].moves if did in union else [])
-            what = f"decision {did} ({_moves_text(moves)}; {op.kind} acknowledged as applied by {op.node} " \
-                   f"at t={op.end_s or op.start_s:.1f}s)"
+            what = (
+                f"decision {did} ({_moves_text(moves)}; {op.kind} acknowledged as applied by {op.node} "
+                f"at t={op.end_s or op.start_s:.1f}s)"
+            )
             for node, per_node in applied.items():
+                if node in tampered:
+                    continue  # a nemesis altered this log on disk: audit_chains judges it
                 checked += 1
                 if did in per_node:
                     continue
@@ -164,10 +186,16 @@ def acknowledged_decisions(record: RunRecord) -> CheckResult:
                     if routes is None:
                         continue
                     if routes.get(stream) != target:
-                        problems.append(f"{node} routes {stream} to {routes.get(stream)}, but {what} moved it "
-                                        f"to {target} and no later applied decision moved it")
-    return _result(name, problems, f"{len(acked)} acknowledged applied decisions present on every replica "
-                   f"({checked} replica checks)", {"acknowledged_applied": len(acked)})
+                        problems.append(
+                            f"{node} routes {stream} to {routes.get(stream)}, but {what} moved it "
+                            f"to {target} and no later applied decision moved it"
+                        )
+    return _result(
+        name,
+        problems,
+        f"{len(acked)} acknowledged applied decisions present on every replica ({checked} replica checks)",
+        {"acknowledged_applied": len(acked)},
+    )
 
 
 def _moves_text(moves: list[dict[str, str]]) -> str:
@@ -185,8 +213,10 @@ def replicas_agree(record: RunRecord) -> CheckResult:
         views = {n: record.final[n].routes for n in nodes if n in record.final and record.final[n].routes}
         for node, view in views.items():
             if not (view.get("group") or {}).get("current", False):
-                problems.append(f"{node} could not confirm its routes are current after the run "
-                                f"({(view.get('group') or {}).get('note', 'no leader reachable')})")
+                problems.append(
+                    f"{node} could not confirm its routes are current after the run "
+                    f"({(view.get('group') or {}).get('note', 'no leader reachable')})"
+                )
         if len(views) < 2:
             continue
         compared += 1
@@ -242,24 +272,36 @@ def guard_scope(record: RunRecord) -> CheckResult:
             judged += 1
             if not (over or did in held):
                 if a.approved_by is not None and a.approved_by not in operators:
-                    problems.append(f"{node} applied {did} naming approver key {a.approved_by}, "
-                                    "which is not an operator key")
+                    problems.append(
+                        f"{node} applied {did} naming approver key {a.approved_by}, "
+                        "which is not an operator key"
+                    )
                 continue
             above_seen += 1
             why = "; ".join(over) if over else "it was held"
             if a.approved_by is None:
-                problems.append(f"{node} applied {did} ({_moves_text(a.moves)}) without an approval although "
-                                f"it is above scope ({why})")
+                problems.append(
+                    f"{node} applied {did} ({_moves_text(a.moves)}) without an approval although "
+                    f"it is above scope ({why})"
+                )
                 continue
             if a.approved_by not in operators:
-                problems.append(f"{node} applied {did} approved by key {a.approved_by}, which is not an operator "
-                                "key of this fleet")
+                problems.append(
+                    f"{node} applied {did} approved by key {a.approved_by}, which is not an operator "
+                    "key of this fleet"
+                )
             before = [key for seq, key in approvals.get(did, []) if seq < a.seq]
             if a.approved_by not in before:
-                problems.append(f"{node} applied {did} as approved by {a.approved_by}, but its audit log has no "
-                                "approval by that key before the apply")
-    return _result(name, problems, f"{judged} applied decisions judged, {above_seen} above scope, each with a "
-                   "prior operator approval", {"judged": judged, "above_scope": above_seen})
+                problems.append(
+                    f"{node} applied {did} as approved by {a.approved_by}, but its audit log has no "
+                    "approval by that key before the apply"
+                )
+    return _result(
+        name,
+        problems,
+        f"{judged} applied decisions judged, {above_seen} above scope, each with a prior operator approval",
+        {"judged": judged, "above_scope": above_seen},
+    )
 
 
 def audit_chains(record: RunRecord) -> CheckResult:
@@ -276,15 +318,23 @@ def audit_chains(record: RunRecord) -> CheckResult:
         verdict = final.audit.get("verdict") or {}
         if node in tampered:
             if verdict.get("ok"):
-                problems.append(f"{node}'s audit log was altered on disk by a nemesis, but it still verifies: "
-                                "the tampering went undetected")
+                problems.append(
+                    f"{node}'s audit log was altered on disk by a nemesis, but it still verifies: "
+                    "the tampering went undetected"
+                )
             continue
         if not verdict.get("ok"):
-            problems.append(f"{node}'s audit chain is broken at record {verdict.get('first_bad_seq')}: "
-                            f"{verdict.get('reason')}")
+            problems.append(
+                f"{node}'s audit chain is broken at record {verdict.get('first_bad_seq')}: "
+                f"{verdict.get('reason')}"
+            )
         verified += 1
-    return _result(name, problems, f"{verified} audit chains verify"
-                   + (f"; tampering detected on {', '.join(sorted(tampered))}" if tampered else ""))
+    return _result(
+        name,
+        problems,
+        f"{verified} audit chains verify"
+        + (f"; tampering detected on {', '.join(sorted(tampered))}" if tampered else ""),
+    )
 
 
 def model_versions(record: RunRecord) -> CheckResult:
@@ -300,8 +350,10 @@ def model_versions(record: RunRecord) -> CheckResult:
             served[op.detail.get("served_by") or op.node].add(op.detail["version"])
     for node, versions in sorted(served.items()):
         for version in sorted(versions & rogue):
-            problems.append(f"{node} activated {record.spec.model} {version}, whose manifest is signed by a key "
-                            "outside the fleet")
+            problems.append(
+                f"{node} activated {record.spec.model} {version}, whose manifest is signed by a key "
+                "outside the fleet"
+            )
         for version in sorted(versions - rogue - published):
             problems.append(f"{node} served {record.spec.model} {version}, which nobody published")
     finals = {n: f.inference for n, f in record.final.items() if f.running}
@@ -316,8 +368,13 @@ def model_versions(record: RunRecord) -> CheckResult:
             spread = ", ".join(f"{n}: {v}" for n, v in sorted(active.items()))
             problems.append(f"nodes end on different versions of {record.spec.model} ({spread})")
     final_versions = sorted({v for v in active.values() if v})
-    return _result(name, problems, f"{len(active)} nodes end on {record.spec.model} {', '.join(final_versions)}; "
-                   "no unverified version ever served", {"final_versions": final_versions})
+    return _result(
+        name,
+        problems,
+        f"{len(active)} nodes end on {record.spec.model} {', '.join(final_versions)}; "
+        "no unverified version ever served",
+        {"final_versions": final_versions},
+    )
 
 
 def membership(record: RunRecord) -> CheckResult:
@@ -335,33 +392,51 @@ def membership(record: RunRecord) -> CheckResult:
                 continue
             state = states.get(member, "absent")
             if state != "alive":
-                problems.append(f"{observer} sees {member} as {state} after the heal, but {member} is running "
-                                "and reachable")
+                problems.append(
+                    f"{observer} sees {member} as {state} after the heal, but {member} is running "
+                    "and reachable"
+                )
     figures: dict[str, Any] = {"bound_s": record.spec.membership_bound_s}
     if record.healed_at_s is not None:
         if record.converged_at_s is None:
-            problems.append(f"membership never reconverged after the heal at t={record.healed_at_s:.1f}s "
-                            f"(settle ended at t={record.settled_at_s or 0:.1f}s)")
+            problems.append(
+                f"membership never reconverged after the heal at t={record.healed_at_s:.1f}s "
+                f"(settle ended at t={record.settled_at_s or 0:.1f}s)"
+            )
         else:
             took = max(0.0, record.converged_at_s - record.healed_at_s)
             figures["reconverged_after_s"] = round(took, 2)
             if took > record.spec.membership_bound_s:
-                problems.append(f"membership took {took:.1f}s to reconverge after the heal, above the bound of "
-                                f"{record.spec.membership_bound_s:.1f}s derived from the SWIM timings")
+                problems.append(
+                    f"membership took {took:.1f}s to reconverge after the heal, above the bound of "
+                    f"{record.spec.membership_bound_s:.1f}s derived from the SWIM timings"
+                )
     took_text = f" in {figures['reconverged_after_s']}s" if "reconverged_after_s" in figures else ""
-    return _result(name, problems, f"{len(running)} running nodes see each other alive{took_text} "
-                   f"(bound {record.spec.membership_bound_s:.0f}s)", figures)
+    return _result(
+        name,
+        problems,
+        f"{len(running)} running nodes see each other alive{took_text} "
+        f"(bound {record.spec.membership_bound_s:.0f}s)",
+        figures,
+    )
 
 
 def one_leader_per_term(record: RunRecord) -> CheckResult:
     name = "one_leader_per_term"
     # Only a node's claim to lead (it names itself) counts: a follower's view of who leads can lag a
     # term change by a tick (pysyncobj sets the new leader before it stores the new term).
-    terms = [s for s in record.samples if s.kind == "term" and s.data.get("term") is not None
-             and s.data.get("leader") == s.node]
+    terms = [
+        s
+        for s in record.samples
+        if s.kind == "term" and s.data.get("term") is not None and s.data.get("leader") == s.node
+    ]
     if not terms:
-        return CheckResult(name, SKIP, "no leader's claim with a Raft term was observed (the node reports no term "
-                                       "in `mesh admin status`/routes, and no term sample was taken)")
+        return CheckResult(
+            name,
+            SKIP,
+            "no leader's claim with a Raft term was observed (the node reports no term "
+            "in `mesh admin status`/routes, and no term sample was taken)",
+        )
     named: dict[tuple[str, int], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for s in terms:
         leader = s.data.get("leader")
@@ -372,11 +447,17 @@ def one_leader_per_term(record: RunRecord) -> CheckResult:
     problems = []
     for (site, term), leaders in sorted(named.items()):
         if len(leaders) > 1:
-            who = "; ".join(f"{leader} (claimed at {', '.join(sorted(set(at))[:3])})"
-                            for leader, at in sorted(leaders.items()))
+            who = "; ".join(
+                f"{leader} (claimed at {', '.join(sorted(set(at))[:3])})"
+                for leader, at in sorted(leaders.items())
+            )
             problems.append(f"site {site}, term {term}: {len(leaders)} leaders: {who}")
-    return _result(name, problems, f"{len(named)} (site, term) pairs, one leader each, from {len(terms)} leader claims",
-                   {"terms_seen": len(named), "samples": len(terms)})
+    return _result(
+        name,
+        problems,
+        f"{len(named)} (site, term) pairs, one leader each, from {len(terms)} leader claims",
+        {"terms_seen": len(named), "samples": len(terms)},
+    )
 
 
 def nodes_running(record: RunRecord) -> CheckResult:
@@ -407,8 +488,14 @@ def run_checkers(record: RunRecord) -> list[CheckResult]:
         try:
             results.append(check(record))
         except Exception as exc:  # noqa: BLE001 - a checker bug must show as a failure, not end the report
-            results.append(CheckResult(name, FAIL, f"checker crashed: {type(exc).__name__}: {exc}",
-                                       [f"checker crashed: {type(exc).__name__}: {exc}"]))
+            results.append(
+                CheckResult(
+                    name,
+                    FAIL,
+                    f"checker crashed: {type(exc).__name__}: {exc}",
+                    [f"checker crashed: {type(exc).__name__}: {exc}"],
+                )
+            )
     return results
 
 
@@ -432,8 +519,11 @@ def phases(record: RunRecord, end_s: float | None = None) -> list[tuple[str, flo
         stop = events[i + 1].t_s if i + 1 < len(events) else end
         if stop <= event.t_s:
             continue
-        label = ("during " + " + ".join(sorted(active))) if active else (
-            "after heal" if i == len(events) - 1 else "between faults")
+        label = (
+            ("during " + " + ".join(sorted(active)))
+            if active
+            else ("after heal" if i == len(events) - 1 else "between faults")
+        )
         out.append((label, event.t_s, stop))
     return out
 
@@ -446,9 +536,17 @@ def availability(record: RunRecord) -> list[dict[str, Any]]:
         writes = [o for o in record.ops if o.kind in ("move", "approve") and start <= o.start_s < end]
         answered = sum(o.outcome == ACKNOWLEDGED for o in infer)
         acked = sum(o.outcome == ACKNOWLEDGED for o in writes)
-        rows.append({"phase": label, "from_s": round(start, 1), "to_s": round(end, 1),
-                     "infer": len(infer), "infer_answered": answered,
-                     "infer_share": round(answered / len(infer), 3) if infer else None,
-                     "writes": len(writes), "writes_acknowledged": acked,
-                     "writes_share": round(acked / len(writes), 3) if writes else None})
+        rows.append(
+            {
+                "phase": label,
+                "from_s": round(start, 1),
+                "to_s": round(end, 1),
+                "infer": len(infer),
+                "infer_answered": answered,
+                "infer_share": round(answered / len(infer), 3) if infer else None,
+                "writes": len(writes),
+                "writes_acknowledged": acked,
+                "writes_share": round(acked / len(writes), 3) if writes else None,
+            }
+        )
     return rows

@@ -46,13 +46,28 @@ class AgentClient:
         return self.process.pid if self.process else None
 
     async def start(self, timeout_s: float = 60.0) -> None:
-        argv = in_ns(CLIENT_NS, [sys.executable, "-m", "chaos.agent", "--fleet", str(self.fleet_dir),
-                                 "--client-creds", str(self.client_creds)])
+        argv = in_ns(
+            CLIENT_NS,
+            [
+                sys.executable,
+                "-m",
+                "chaos.agent",
+                "--fleet",
+                str(self.fleet_dir),
+                "--client-creds",
+                str(self.client_creds),
+            ],
+        )
         log = self.log_path.open("ab")
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log, cwd=REPO,
-                limit=64 * 1024 * 1024)
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                cwd=REPO,
+                limit=64 * 1024 * 1024,
+            )
         finally:
             log.close()
         self._ready = asyncio.get_running_loop().create_future()
@@ -60,7 +75,9 @@ class AgentClient:
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
         except TimeoutError:
-            raise AgentError(f"the client agent did not start within {timeout_s:.0f}s; see {self.log_path}") from None
+            raise AgentError(
+                f"the client agent did not start within {timeout_s:.0f}s; see {self.log_path}"
+            ) from None
 
     async def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
@@ -95,19 +112,23 @@ class AgentClient:
         rid = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._waiting[rid] = future
-        self.process.stdin.write(json.dumps({"id": rid, "op": op, "args": {**args, "timeout_s": timeout_s}}).encode()
-                                 + b"\n")
+        self.process.stdin.write(
+            json.dumps({"id": rid, "op": op, "args": {**args, "timeout_s": timeout_s}}).encode() + b"\n"
+        )
         await self.process.stdin.drain()
         try:
             reply = await asyncio.wait_for(future, 2 * timeout_s + 5.0)
         except TimeoutError:
             self._waiting.pop(rid, None)
-            raise CallError("AGENT", f"{op} on {args.get('address')}: no answer from the agent in "
-                                     f"{2 * timeout_s + 5:.0f}s") from None
+            raise CallError(
+                "AGENT",
+                f"{op} on {args.get('address')}: no answer from the agent in {2 * timeout_s + 5:.0f}s",
+            ) from None
         if reply.get("ok"):
             return reply["result"]
-        raise CallError(reply.get("code", "CLIENT"), reply.get("error", ""), reply.get("phase", ""),
-                        reply.get("detail"))
+        raise CallError(
+            reply.get("code", "CLIENT"), reply.get("error", ""), reply.get("phase", ""), reply.get("detail")
+        )
 
     async def close(self) -> None:
         if self.process is None:

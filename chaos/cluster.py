@@ -44,8 +44,13 @@ LOCK_FILE = STATE_DIR / "lock"
 
 # SWIM timings for chaos runs: memberlist's LAN structure at twice the speed, so a heal is
 # seen within seconds, but slow enough that 9 nodes on 2 busy cores do not suspect each other.
-CHAOS_TIMINGS = MembershipConfig(probe_interval_s=0.5, probe_timeout_s=0.25, gossip_interval_s=0.1,
-                                 push_pull_interval_s=10.0, gossip_to_dead_s=15.0)
+CHAOS_TIMINGS = MembershipConfig(
+    probe_interval_s=0.5,
+    probe_timeout_s=0.25,
+    gossip_interval_s=0.1,
+    push_pull_interval_s=10.0,
+    gossip_to_dead_s=15.0,
+)
 
 # The guard of every chaos node: a site may move one stream at a time on its own; moving two
 # (an operator's bulk move, or a dead node's two streams) waits for an operator's approval.
@@ -107,12 +112,17 @@ class ClusterPlan:
         refuted or declared dead), twenty probe periods, and 10 s of slack for a loaded
         2-core machine."""
         t = self.timings
-        return (2 * t.push_pull_interval_s + t.suspicion_timeout_s(len(self.nodes)) + 20 * t.probe_interval_s
-                + 10.0)
+        return (
+            2 * t.push_pull_interval_s
+            + t.suspicion_timeout_s(len(self.nodes))
+            + 20 * t.probe_interval_s
+            + 10.0
+        )
 
 
-def write_config(path: Path, node: NodeSpec, plan: ClusterPlan, network: Network, *, tls_dir: Path,
-                 data_dir: Path) -> None:
+def write_config(
+    path: Path, node: NodeSpec, plan: ClusterPlan, network: Network, *, tls_dir: Path, data_dir: Path
+) -> None:
     """The node.toml of one chaos node. The only function that knows the node's config format.
 
     Each node listens on its namespace's address (the same ports everywhere: namespaces do
@@ -122,11 +132,21 @@ def write_config(path: Path, node: NodeSpec, plan: ClusterPlan, network: Network
     firsts = [plan.site_members(site)[0] for site in plan.site_names]
     seeds = [f"{network.addresses[n]}:{GRPC_PORT}" for n in firsts if n != node.node_id]
     members = [f"{network.addresses[n]}:{RAFT_PORT}" for n in plan.site_members(node.site)]
-    write_node_config(path, node_id=node.node_id, address=f"{ip}:{GRPC_PORT}", seeds=seeds, site=node.site,
-                      tls_dir=tls_dir, data_dir=data_dir, timings=plan.timings, log_level="info",
-                      inference={"model": MODEL_NAME, "workers": 1},
-                      raft={"listen": f"{ip}:{RAFT_PORT}", "members": members},
-                      guard=GUARD, streams=node.streams)
+    write_node_config(
+        path,
+        node_id=node.node_id,
+        address=f"{ip}:{GRPC_PORT}",
+        seeds=seeds,
+        site=node.site,
+        tls_dir=tls_dir,
+        data_dir=data_dir,
+        timings=plan.timings,
+        log_level="info",
+        inference={"model": MODEL_NAME, "workers": 1},
+        raft={"listen": f"{ip}:{RAFT_PORT}", "members": members},
+        guard=GUARD,
+        streams=node.streams,
+    )
 
 
 def leader_names(plan: ClusterPlan, network: Network) -> dict[str, str]:
@@ -140,8 +160,14 @@ def leader_names(plan: ClusterPlan, network: Network) -> dict[str, str]:
 
 def mesh_cli(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
     """Run the `mesh` CLI (file-only commands: fleet, model publish) from the root namespace."""
-    return subprocess.run([sys.executable, "-m", "mesh", *args], capture_output=True, text=True,
-                          timeout=timeout_s, cwd=REPO, env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
+    return subprocess.run(
+        [sys.executable, "-m", "mesh", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=REPO,
+        env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
+    )
 
 
 def make_fleet(directory: Path, names: list[str], *, fleet_id: str) -> dict:
@@ -161,8 +187,13 @@ class RunState:
     """The run's cleanup record (STATE_FILE): pids, namespaces, mounts, written as they appear."""
 
     def __init__(self, workdir: Path) -> None:
-        self.doc = {"harness_pid": os.getpid(), "workdir": str(workdir), "pids": [], "namespaces": [],
-                    "mounts": []}
+        self.doc = {
+            "harness_pid": os.getpid(),
+            "workdir": str(workdir),
+            "pids": [],
+            "namespaces": [],
+            "mounts": [],
+        }
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         self._write()
 
@@ -183,7 +214,9 @@ class RunState:
 class NodeProcess:
     """One `mesh node` process in its namespace. The log accumulates across restarts."""
 
-    def __init__(self, spec: NodeSpec, config: Path, log_path: Path, env: dict[str, str], state: RunState) -> None:
+    def __init__(
+        self, spec: NodeSpec, config: Path, log_path: Path, env: dict[str, str], state: RunState
+    ) -> None:
         self.spec = spec
         self.config = config
         self.log_path = log_path
@@ -199,12 +232,21 @@ class NodeProcess:
         return self.spec.node_id
 
     def start(self) -> None:
-        argv = in_ns(node_ns(self.node_id), [sys.executable, "-m", "mesh", "node", "--config", str(self.config)])
+        argv = in_ns(
+            node_ns(self.node_id), [sys.executable, "-m", "mesh", "node", "--config", str(self.config)]
+        )
         with self.log_path.open("ab") as logf:
             logf.write(f"--- chaos: start #{self.starts + 1} at {time.strftime('%H:%M:%S')} ---\n".encode())
             logf.flush()
-            self.popen = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=self.env, cwd=REPO, start_new_session=True)
+            self.popen = subprocess.Popen(
+                argv,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=REPO,
+                start_new_session=True,
+            )
         self.starts += 1
         self.paused = False
         self.expected_down = False
@@ -309,8 +351,14 @@ class Cluster:
                 self.mounts.append(data)
                 self.state.add("mounts", str(data))
             config = self.workdir / "configs" / f"{spec.node_id}.toml"
-            write_config(config, spec, self.plan, self.network, tls_dir=self.fleet_dir / "nodes" / spec.node_id,
-                         data_dir=data)
+            write_config(
+                config,
+                spec,
+                self.plan,
+                self.network,
+                tls_dir=self.fleet_dir / "nodes" / spec.node_id,
+                data_dir=data,
+            )
             env = {**os.environ, "GRPC_VERBOSITY": "ERROR", "PYTHONUNBUFFERED": "1"}
             if spec.node_id in self.plan.faketime_nodes:
                 if not LIBFAKETIME.exists():
@@ -318,10 +366,14 @@ class Cluster:
                 self.clock_file(spec.node_id).write_text("+0\n")
                 # Monotonic time is faked too: with FAKETIME_DONT_FAKE_MONOTONIC=1, libfaketime 0.9.10 makes
                 # Python's time.sleep fail with EINVAL, which would kill pysyncobj's tick thread.
-                env.update(LD_PRELOAD=str(LIBFAKETIME), FAKETIME_TIMESTAMP_FILE=str(self.clock_file(spec.node_id)),
-                           FAKETIME_CACHE_DURATION="1")
-            self.procs[spec.node_id] = NodeProcess(spec, config, self.workdir / "logs" / f"{spec.node_id}.log",
-                                                   env, self.state)
+                env.update(
+                    LD_PRELOAD=str(LIBFAKETIME),
+                    FAKETIME_TIMESTAMP_FILE=str(self.clock_file(spec.node_id)),
+                    FAKETIME_CACHE_DURATION="1",
+                )
+            self.procs[spec.node_id] = NodeProcess(
+                spec, config, self.workdir / "logs" / f"{spec.node_id}.log", env, self.state
+            )
             if spec.node_id in self.plan.delay_nodes:
                 self._start_proxy(spec.node_id)
 
@@ -330,12 +382,26 @@ class Cluster:
         control.write_text("0\n")
         ports = {GRPC_PORT: GRPC_PORT + PROXY_PORT_OFFSET, RAFT_PORT: RAFT_PORT + PROXY_PORT_OFFSET}
         outbound = PROXY_OUTBOUND_PORT
-        argv = in_ns(node_ns(node_id), [sys.executable, "-m", "chaos.proxy", "--target",
-                                        self.network.addresses[node_id], "--ports",
-                                        ",".join(f"{p}:{q}" for p, q in ports.items()),
-                                        "--outbound-port", str(outbound), "--control", str(control)])
+        argv = in_ns(
+            node_ns(node_id),
+            [
+                sys.executable,
+                "-m",
+                "chaos.proxy",
+                "--target",
+                self.network.addresses[node_id],
+                "--ports",
+                ",".join(f"{p}:{q}" for p, q in ports.items()),
+                "--outbound-port",
+                str(outbound),
+                "--control",
+                str(control),
+            ],
+        )
         with (self.workdir / "logs" / f"proxy-{node_id}.log").open("ab") as logf:
-            proxy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=logf, cwd=REPO, start_new_session=True)
+            proxy = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=logf, cwd=REPO, start_new_session=True
+            )
         self.state.add("pids", proxy.pid)
         self.proxies[node_id] = proxy
         line = proxy.stdout.readline()
@@ -355,7 +421,7 @@ class Cluster:
                 proc.kill()
             except Exception as exc:  # noqa: BLE001 - teardown goes on whatever one step hit
                 problems.append(f"kill {proc.node_id}: {exc}")
-        for node_id, proxy in self.proxies.items():
+        for proxy in self.proxies.values():
             if proxy.poll() is None:
                 proxy.kill()
             proxy.wait()
@@ -373,8 +439,20 @@ class Cluster:
         """`mesh model publish` into a node's store; a rogue publish signs with a key from a
         different fleet, which no node trusts."""
         key = (self.rogue_dir if rogue else self.fleet_dir) / "publisher.key"
-        done = mesh_cli("model", "publish", str(model_file), "--name", MODEL_NAME, "--version", version,
-                        "--key", str(key), "--data-dir", str(self.data_dir(node_id)), "--json")
+        done = mesh_cli(
+            "model",
+            "publish",
+            str(model_file),
+            "--name",
+            MODEL_NAME,
+            "--version",
+            version,
+            "--key",
+            str(key),
+            "--data-dir",
+            str(self.data_dir(node_id)),
+            "--json",
+        )
         if done.returncode != 0:
             raise ClusterError(done.stderr.strip().replace("error: ", "", 1) or f"exit {done.returncode}")
         return json.loads(done.stdout)

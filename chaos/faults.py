@@ -37,7 +37,7 @@ def components(groups: Sequence[Iterable[str]]) -> Grudges:
     sets = [list(g) for g in groups]
     out: set[tuple[str, str]] = set()
     for i, group in enumerate(sets):
-        for other in sets[i + 1:]:
+        for other in sets[i + 1 :]:
             out |= cut(group, other)
     return frozenset(out)
 
@@ -54,12 +54,13 @@ def halves(nodes: Sequence[str], rng: random.Random) -> tuple[Grudges, list[list
     shuffled = list(nodes)
     rng.shuffle(shuffled)
     small = sorted(shuffled[: len(shuffled) // 2])
-    large = sorted(shuffled[len(shuffled) // 2:])
+    large = sorted(shuffled[len(shuffled) // 2 :])
     return cut(small, large), [small, large]
 
 
-def minority_with(nodes: Sequence[str], keep: str, minority_size: int,
-                  rng: random.Random) -> tuple[Grudges, list[list[str]]]:
+def minority_with(
+    nodes: Sequence[str], keep: str, minority_size: int, rng: random.Random
+) -> tuple[Grudges, list[list[str]]]:
     """Split so that `keep` is on a side of `minority_size` nodes (e.g. the leader on the 2 side of 2|3)."""
     if keep not in nodes:
         raise FaultPlanError(f"{keep} is not among {list(nodes)}")
@@ -99,7 +100,7 @@ def bridge(nodes: Sequence[str], rng: random.Random) -> tuple[Grudges, dict[str,
     rng.shuffle(shuffled)
     middle = shuffled[0]
     rest = shuffled[1:]
-    left, right = sorted(rest[: len(rest) // 2]), sorted(rest[len(rest) // 2:])
+    left, right = sorted(rest[: len(rest) // 2]), sorted(rest[len(rest) // 2 :])
     return cut(left, right), {"left": left, "bridge": middle, "right": right}
 
 
@@ -108,15 +109,20 @@ def one_way(deaf: Iterable[str], speakers: Iterable[str]) -> Grudges:
     return frozenset((s, d) for d in deaf for s in speakers if s != d)
 
 
-def render_ruleset(addresses: Mapping[str, str], drops: Iterable[tuple[str, str]],
-                   losses: Mapping[tuple[str, str], int]) -> str:
+def render_ruleset(
+    addresses: Mapping[str, str], drops: Iterable[tuple[str, str]], losses: Mapping[tuple[str, str], int]
+) -> str:
     """The nft script (for the bridge namespace) that drops `drops` and randomly drops
     `losses[pair]` percent of the packets of each lossy pair. Pairs are node ids,
     mapped to IPv4 addresses with `addresses`. The table is flushed and rebuilt in
     the same transaction."""
-    lines = [f"add table bridge {BRIDGE_TABLE}", f"flush table bridge {BRIDGE_TABLE}",
-             f"table bridge {BRIDGE_TABLE} {{", "  chain forward {",
-             "    type filter hook forward priority 0; policy accept;"]
+    lines = [
+        f"add table bridge {BRIDGE_TABLE}",
+        f"flush table bridge {BRIDGE_TABLE}",
+        f"table bridge {BRIDGE_TABLE} {{",
+        "  chain forward {",
+        "    type filter hook forward priority 0; policy accept;",
+    ]
     dropped = sorted(set(drops))
     for src, dst in dropped:
         lines.append(f"    ip saddr {_ip(addresses, src)} ip daddr {_ip(addresses, dst)} drop")
@@ -125,8 +131,10 @@ def render_ruleset(addresses: Mapping[str, str], drops: Iterable[tuple[str, str]
             continue
         if percent > 100:
             raise FaultPlanError(f"loss of {percent}% between {src} and {dst} is above 100%")
-        lines.append(f"    ip saddr {_ip(addresses, src)} ip daddr {_ip(addresses, dst)} "
-                     f"numgen random mod 100 < {int(percent)} drop")
+        lines.append(
+            f"    ip saddr {_ip(addresses, src)} ip daddr {_ip(addresses, dst)} "
+            f"numgen random mod 100 < {int(percent)} drop"
+        )
     lines += ["  }", "}"]
     return "\n".join(lines) + "\n"
 

@@ -116,12 +116,17 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> RunRecord:
-        return cls(spec=RunSpec(**doc["spec"]), ops=[Op(**o) for o in doc.get("ops", [])],
-                   faults=[FaultEvent(**f) for f in doc.get("faults", [])],
-                   samples=[Sample(**s) for s in doc.get("samples", [])],
-                   final={k: NodeFinal(**v) for k, v in doc.get("final", {}).items()},
-                   healed_at_s=doc.get("healed_at_s"), settled_at_s=doc.get("settled_at_s"),
-                   converged_at_s=doc.get("converged_at_s"), measurements=doc.get("measurements", {}))
+        return cls(
+            spec=RunSpec(**doc["spec"]),
+            ops=[Op(**o) for o in doc.get("ops", [])],
+            faults=[FaultEvent(**f) for f in doc.get("faults", [])],
+            samples=[Sample(**s) for s in doc.get("samples", [])],
+            final={k: NodeFinal(**v) for k, v in doc.get("final", {}).items()},
+            healed_at_s=doc.get("healed_at_s"),
+            settled_at_s=doc.get("settled_at_s"),
+            converged_at_s=doc.get("converged_at_s"),
+            measurements=doc.get("measurements", {}),
+        )
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import random
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,8 +64,13 @@ class FaultBook:
     drops: dict[str, frozenset[tuple[str, str]]] = field(default_factory=dict)
     losses: dict[str, dict[tuple[str, str], int]] = field(default_factory=dict)
 
-    async def set(self, key: str, *, drops: frozenset[tuple[str, str]] = frozenset(),
-                  losses: dict[tuple[str, str], int] | None = None) -> None:
+    async def set(
+        self,
+        key: str,
+        *,
+        drops: frozenset[tuple[str, str]] = frozenset(),
+        losses: dict[tuple[str, str], int] | None = None,
+    ) -> None:
         self.drops[key] = drops
         self.losses[key] = dict(losses or {})
         await self.sync()
@@ -145,7 +151,7 @@ class Partition(Nemesis):
             "halves": f"split {where} into random halves",
             "leader": f"isolate the Raft leader of {self.site or 'a random site'}",
             "leader-minority": f"split {self.site or 'a random site'} 2|3-style with its Raft leader on the "
-                               "smaller side",
+            "smaller side",
             "majorities-ring": f"majorities ring over {where}: each node hears a different majority",
             "bridge": f"two halves of {where} that hear only one bridge node",
             "site": f"cut {self.site or 'a random site'} off from the other sites",
@@ -168,8 +174,13 @@ class Partition(Nemesis):
             known = leader is not None
             leader = leader or rng.choice(members)
             if self.mode == "leader":
-                return {"grudges": faults.isolate(leader, plan.ids), "isolated": [leader], "site": site,
-                        "leader": leader, "leader_known": known}
+                return {
+                    "grudges": faults.isolate(leader, plan.ids),
+                    "isolated": [leader],
+                    "site": site,
+                    "leader": leader,
+                    "leader_known": known,
+                }
             grudges, sides = faults.minority_with(members, leader, (len(members) - 1) // 2, rng)
             return {"grudges": grudges, "sides": sides, "site": site, "leader": leader, "leader_known": known}
         if self.mode == "majorities-ring":
@@ -245,8 +256,9 @@ class PacketLoss(Nemesis):
         self.everywhere = everywhere
 
     def describe(self) -> str:
-        return f"drop {self.percent}% of packets " + ("between every pair of nodes" if self.everywhere
-                                                     else "to and from one random node")
+        return f"drop {self.percent}% of packets " + (
+            "between every pair of nodes" if self.everywhere else "to and from one random node"
+        )
 
     async def apply(self, world: World) -> dict[str, Any]:
         ids = world.cluster.plan.ids
@@ -298,12 +310,17 @@ class Latency(Nemesis):
         self.node: str | None = None
 
     def describe(self) -> str:
-        return f"add {self.delay_ms} ms each way to every connection of one node with other nodes (user-space proxy)"
+        return (
+            f"add {self.delay_ms} ms each way to every connection of one node with other nodes "
+            "(user-space proxy)"
+        )
 
     async def apply(self, world: World) -> dict[str, Any]:
         candidates = sorted(world.cluster.plan.delay_nodes)
         if not candidates:
-            raise NemesisError("latency needs a node started behind the delay proxy (ClusterPlan.delay_nodes)")
+            raise NemesisError(
+                "latency needs a node started behind the delay proxy (ClusterPlan.delay_nodes)"
+            )
         self.node = world.rng.choice(candidates)
         world.cluster.delay_file(self.node).write_text(f"{self.delay_ms}\n")
         return {"node": self.node, "delay_ms": self.delay_ms}
@@ -324,7 +341,9 @@ class Kill(Nemesis):
         self.nodes: list[str] = []
 
     def describe(self) -> str:
-        return f"SIGKILL {self.target} ({self.site or 'any site'})" + ("; restart on heal" if self.restart else "")
+        return f"SIGKILL {self.target} ({self.site or 'any site'})" + (
+            "; restart on heal" if self.restart else ""
+        )
 
     async def apply(self, world: World) -> dict[str, Any]:
         self.nodes = await _target(world, self.target, self.site)
@@ -394,7 +413,10 @@ class ClockSkew(Nemesis):
         self.node: str | None = None
 
     def describe(self) -> str:
-        return f"restart one node with its clock {self.offset_s:+g}s off (libfaketime); heal restarts it on true time"
+        return (
+            f"restart one node with its clock {self.offset_s:+g}s off (libfaketime); "
+            "heal restarts it on true time"
+        )
 
     async def _restart_with(self, world: World, offset: str) -> None:
         proc = world.cluster.procs[self.node]
@@ -405,7 +427,9 @@ class ClockSkew(Nemesis):
     async def apply(self, world: World) -> dict[str, Any]:
         candidates = sorted(world.cluster.plan.faketime_nodes)
         if not candidates:
-            raise NemesisError("clock faults need a node started under libfaketime (ClusterPlan.faketime_nodes)")
+            raise NemesisError(
+                "clock faults need a node started under libfaketime (ClusterPlan.faketime_nodes)"
+            )
         self.node = world.rng.choice(candidates)
         await self._restart_with(world, f"{self.offset_s:+g}s")
         return {"node": self.node, "offset_s": self.offset_s}
@@ -420,12 +444,17 @@ class ClockJump(ClockSkew):
     kind = "clock-jump"
 
     def describe(self) -> str:
-        return f"jump one running node's clocks by {self.offset_s:+g}s (libfaketime; monotonic too), back on heal"
+        return (
+            f"jump one running node's clocks by {self.offset_s:+g}s (libfaketime; monotonic too), "
+            "back on heal"
+        )
 
     async def apply(self, world: World) -> dict[str, Any]:
         candidates = sorted(world.cluster.plan.faketime_nodes)
         if not candidates:
-            raise NemesisError("clock faults need a node started under libfaketime (ClusterPlan.faketime_nodes)")
+            raise NemesisError(
+                "clock faults need a node started under libfaketime (ClusterPlan.faketime_nodes)"
+            )
         self.node = world.rng.choice(candidates)
         world.cluster.clock_file(self.node).write_text(f"{self.offset_s:+g}s\n")
         return {"node": self.node, "offset_s": self.offset_s}
@@ -464,22 +493,20 @@ class DiskFull(Nemesis):
 
 
 def _fill(path: Path) -> int:
+    """Write zeros to `path` until the file system refuses even one more byte; returns bytes written."""
     written = 0
-    block = b"\0" * (1 << 20)
-    with path.open("wb") as f:
-        while True:
+    block = 1 << 20
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while block >= 1:
             try:
-                written += f.write(block)
-                f.flush()
-            except OSError:
-                break
-        while len(block) > 1:  # the last few KiB, so nothing at all is left
-            block = block[: len(block) // 2]
-            try:
-                written += f.write(block)
-                f.flush()
-            except OSError:
-                continue
+                written += os.write(fd, b"\0" * block)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                block //= 2  # the last few KiB too, so nothing at all is left
+    finally:
+        os.close(fd)
     return written
 
 
@@ -536,4 +563,3 @@ def _damage(path: Path, how: str, rng: random.Random) -> dict[str, Any]:
     with path.open("r+b") as f:
         f.truncate(keep)
     return {"kept_bytes": keep, "size_bytes": size}
-

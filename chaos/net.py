@@ -38,8 +38,9 @@ class NetError(Exception):
     """A namespace, link or nft command failed; the message has the command and its stderr."""
 
 
-def run(argv: Sequence[str], *, input_text: str | None = None, check: bool = True,
-        timeout_s: float = 20.0) -> subprocess.CompletedProcess:
+def run(
+    argv: Sequence[str], *, input_text: str | None = None, check: bool = True, timeout_s: float = 20.0
+) -> subprocess.CompletedProcess:
     """Run a system command (ip, nft, tc, mount); NetError with its stderr if it fails."""
     try:
         done = subprocess.run(list(argv), input=input_text, capture_output=True, text=True, timeout=timeout_s)
@@ -48,7 +49,9 @@ def run(argv: Sequence[str], *, input_text: str | None = None, check: bool = Tru
     except subprocess.TimeoutExpired:
         raise NetError(f"{' '.join(argv)} did not finish within {timeout_s:.0f}s") from None
     if check and done.returncode != 0:
-        raise NetError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+        raise NetError(
+            f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}"
+        )
     return done
 
 
@@ -93,8 +96,10 @@ class Network:
         `on_created(ns)` is called as each one exists (the run's cleanup record)."""
         taken = set(existing_namespaces()) & {BRIDGE_NS, CLIENT_NS, *map(node_ns, self.nodes)}
         if taken:
-            raise NetError(f"namespaces {', '.join(sorted(taken))} already exist: another chaos run is active, "
-                           "or a crashed one left them (python -m chaos cleanup)")
+            raise NetError(
+                f"namespaces {', '.join(sorted(taken))} already exist: another chaos run is active, "
+                "or a crashed one left them (python -m chaos cleanup)"
+            )
         self._add_ns(BRIDGE_NS, on_created)
         run(["ip", "-n", BRIDGE_NS, "link", "set", "lo", "up"])
         run(["ip", "-n", BRIDGE_NS, "link", "add", "br0", "type", "bridge"])
@@ -103,8 +108,23 @@ class Network:
             ns = self.ns(member)
             self._add_ns(ns, on_created)
             veth = self.veth(member)
-            run(["ip", "link", "add", veth, "netns", BRIDGE_NS, "type", "veth", "peer", "name", "eth0",
-                 "netns", ns])
+            run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    veth,
+                    "netns",
+                    BRIDGE_NS,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    ns,
+                ]
+            )
             run(["ip", "-n", BRIDGE_NS, "link", "set", veth, "master", "br0"])
             run(["ip", "-n", BRIDGE_NS, "link", "set", veth, "up"])
             run(["ip", "-n", ns, "link", "set", "lo", "up"])
@@ -142,8 +162,26 @@ class Network:
     def limit_bandwidth(self, node: str, rate_kbit: int) -> None:
         """tbf on both ends of the node's link: what it sends and what it receives."""
         for ns, dev in ((BRIDGE_NS, self.veth(node)), (self.ns(node), "eth0")):
-            run(in_ns(ns, ["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_kbit}kbit",
-                           "burst", "32kbit", "latency", "400ms"]))
+            run(
+                in_ns(
+                    ns,
+                    [
+                        "tc",
+                        "qdisc",
+                        "replace",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        f"{rate_kbit}kbit",
+                        "burst",
+                        "32kbit",
+                        "latency",
+                        "400ms",
+                    ],
+                )
+            )
         self._shaped.add(node)
 
     def clear_bandwidth(self, node: str) -> None:
@@ -157,8 +195,10 @@ class Network:
         another node's ports go to `outbound_port`. The client's own connections, and the proxy's
         (marked `mark`), pass untouched."""
         me = self.addresses[node]
-        inbound = "\n".join(f"    ip saddr != {CLIENT_IP} tcp dport {port} redirect to :{proxy}"
-                            for port, proxy in sorted(ports.items()))
+        inbound = "\n".join(
+            f"    ip saddr != {CLIENT_IP} tcp dport {port} redirect to :{proxy}"
+            for port, proxy in sorted(ports.items())
+        )
         node_ports = ", ".join(str(p) for p in sorted(ports))
         script = (
             "table ip fmc_delay {\n"
@@ -168,7 +208,8 @@ class Network:
             f"    meta mark {mark} accept\n"
             f"    ip daddr {{ {me}, {CLIENT_IP} }} accept\n"
             f"    ip daddr {SUBNET}.0/24 tcp dport {{ {node_ports} }} redirect to :{outbound_port}\n"
-            "  }\n}\n")
+            "  }\n}\n"
+        )
         run(in_ns(self.ns(node), ["nft", "-f", "-"]), input_text=script)
 
 

@@ -110,14 +110,18 @@ async def _serve(listen_port: int, control: DelayControl, target: tuple[str, int
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(_pump(client_reader, far_writer, control), _pump(far_reader, client_writer, control),
-                             return_exceptions=True)
+        await asyncio.gather(
+            _pump(client_reader, far_writer, control),
+            _pump(far_reader, client_writer, control),
+            return_exceptions=True,
+        )
 
     return await asyncio.start_server(handle, "0.0.0.0", listen_port)
 
 
-async def main_async(target: str, ports: list[tuple[int, int]], outbound_port: int | None,
-                     control_path: Path) -> None:
+async def main_async(
+    target: str, ports: list[tuple[int, int]], outbound_port: int | None, control_path: Path
+) -> None:
     control = DelayControl(control_path)
     control.refresh()
     watcher = asyncio.create_task(control.watch())
@@ -136,7 +140,7 @@ async def main_async(target: str, ports: list[tuple[int, int]], outbound_port: i
 
 
 def parse_ports(text: str) -> list[tuple[int, int]]:
-    """"7000:17000,7400:17400" -> [(7000, 17000), (7400, 17400)] (node port : proxy port).
+    """ "7000:17000,7400:17400" -> [(7000, 17000), (7400, 17400)] (node port : proxy port).
     ValueError naming the item for anything else."""
     out = []
     for item in text.split(","):

@@ -70,8 +70,9 @@ class RunResult:
 class Run:
     """One run of a scenario; implements the nemeses' `World`."""
 
-    def __init__(self, scenario: Scenario, seed: int, workdir: Path, *, strict: bool = False,
-                 echo=print) -> None:
+    def __init__(
+        self, scenario: Scenario, seed: int, workdir: Path, *, strict: bool = False, echo=print
+    ) -> None:
         self.scenario = scenario
         self.seed = seed
         self.workdir = workdir
@@ -92,12 +93,18 @@ class Run:
     async def leader(self, site: str) -> str | None:
         """The node most members of `site` name as their Raft leader (current views first)."""
         members = self.plan.site_members(site)
-        calls = [self.agent.call("routes", timeout_s=2.0, address=self.cluster.address(n)) for n in members
-                 if self.cluster.procs[n].running()]
+        calls = [
+            self.agent.call("routes", timeout_s=2.0, address=self.cluster.address(n))
+            for n in members
+            if self.cluster.procs[n].running()
+        ]
         views = [v for v in await asyncio.gather(*calls, return_exceptions=True) if isinstance(v, dict)]
         for current_only in (True, False):
-            named = Counter(self.names.get(v["group"].get("leader") or "", None) for v in views
-                            if v["group"].get("leader") and (v["group"].get("current") or not current_only))
+            named = Counter(
+                self.names.get(v["group"].get("leader") or "", None)
+                for v in views
+                if v["group"].get("leader") and (v["group"].get("current") or not current_only)
+            )
             named.pop(None, None)
             if named:
                 return named.most_common(1)[0][0]
@@ -124,33 +131,52 @@ class Run:
             import traceback
 
             (self.workdir / "harness-error.txt").write_text(traceback.format_exc())
-            error = f"harness bug: {type(exc).__name__}: {exc} (traceback in {self.workdir / 'harness-error.txt'})"
+            where = self.workdir / "harness-error.txt"
+            error = f"harness bug: {type(exc).__name__}: {exc} (traceback in {where})"
         except asyncio.CancelledError:
             error = "interrupted"
             raise
         finally:
             await self._teardown()
             if error == "interrupted":
-                self.echo(f"chaos: interrupted; cleaned up. Replay: python -m chaos run {self.scenario.name} "
-                          f"--seed {self.seed}")
+                self.echo(
+                    f"chaos: interrupted; cleaned up. Replay: python -m chaos run {self.scenario.name} "
+                    f"--seed {self.seed}"
+                )
         return self._conclude(started_wall, error)
 
     async def _setup(self) -> None:
         cluster = self.cluster
-        self.echo(f"chaos: building {len(self.plan.nodes)} nodes in {len(self.plan.site_names)} site(s) "
-                  f"in {self.workdir}")
+        self.echo(
+            f"chaos: building {len(self.plan.nodes)} nodes in {len(self.plan.site_names)} site(s) "
+            f"in {self.workdir}"
+        )
         await asyncio.to_thread(cluster.build)
         self.names = leader_names(self.plan, cluster.network)
         files = model_files()
         await asyncio.to_thread(cluster.publish, self.plan.ids[0], files[0], "1")
-        spec = RunSpec(scenario=self.scenario.name, seed=self.seed, sites={n.node_id: n.site for n in self.plan.nodes},
-                       raft_addresses=self.names, guard=GUARD,
-                       group_sizes={s: len(self.plan.site_members(s)) for s in self.plan.site_names},
-                       operator_key_ids=[cluster.fleet["operator_key_id"]], model="wake", published=["1"],
-                       membership_bound_s=self.plan.membership_bound_s(),
-                       timings={k: getattr(self.plan.timings, k) for k in ("probe_interval_s", "probe_timeout_s",
-                                                                           "gossip_interval_s", "suspicion_mult",
-                                                                           "push_pull_interval_s")})
+        spec = RunSpec(
+            scenario=self.scenario.name,
+            seed=self.seed,
+            sites={n.node_id: n.site for n in self.plan.nodes},
+            raft_addresses=self.names,
+            guard=GUARD,
+            group_sizes={s: len(self.plan.site_members(s)) for s in self.plan.site_names},
+            operator_key_ids=[cluster.fleet["operator_key_id"]],
+            model="wake",
+            published=["1"],
+            membership_bound_s=self.plan.membership_bound_s(),
+            timings={
+                k: getattr(self.plan.timings, k)
+                for k in (
+                    "probe_interval_s",
+                    "probe_timeout_s",
+                    "gossip_interval_s",
+                    "suspicion_mult",
+                    "push_pull_interval_s",
+                )
+            },
+        )
         self.record = RunRecord(spec=spec)
         self.agent = AgentClient(cluster.fleet_dir, cluster.client_creds, self.workdir / "logs" / "agent.log")
         await self.agent.start()
@@ -158,8 +184,10 @@ class Run:
         self.book = FaultBook(cluster.network)
         cluster.start_all()
         took = await self._wait_ready()
-        self.echo(f"chaos: cluster ready in {took:.1f}s (membership converged, every site has a leader, every node "
-                  "serves version 1)")
+        self.echo(
+            f"chaos: cluster ready in {took:.1f}s (membership converged, every site has a leader, every node "
+            "serves version 1)"
+        )
 
     async def _wait_ready(self) -> float:
         start = time.monotonic()
@@ -167,36 +195,44 @@ class Run:
         while time.monotonic() - start < READY_TIMEOUT_S:
             for proc in self.cluster.procs.values():
                 if not proc.running():
-                    raise HarnessError(f"{proc.node_id} exited with {proc.exit_code()} during start: "
-                                       f"{proc.log_tail(3)} (log: {proc.log_path})")
+                    raise HarnessError(
+                        f"{proc.node_id} exited with {proc.exit_code()} during start: "
+                        f"{proc.log_tail(3)} (log: {proc.log_path})"
+                    )
             last = await self._not_ready()
             if last is None:
                 return time.monotonic() - start
             await asyncio.sleep(1.0)  # polling the cluster's readiness
-        raise HarnessError(f"cluster not ready after {READY_TIMEOUT_S:.0f}s: {last}; logs in {self.workdir / 'logs'}")
+        raise HarnessError(
+            f"cluster not ready after {READY_TIMEOUT_S:.0f}s: {last}; logs in {self.workdir / 'logs'}"
+        )
 
     async def _not_ready(self) -> str | None:
         """Why the cluster is not ready yet, or None."""
         ids = self.plan.ids
         addresses = [self.cluster.address(n) for n in ids]
-        status = await asyncio.gather(*(self.agent.call("status", timeout_s=2.0, address=a) for a in addresses),
-                                      return_exceptions=True)
+        status = await asyncio.gather(
+            *(self.agent.call("status", timeout_s=2.0, address=a) for a in addresses), return_exceptions=True
+        )
         for node, s in zip(ids, status, strict=True):
             if not isinstance(s, dict):
                 return f"{node} does not answer ({s})"
             alive = {m["node_id"] for m in s["members"] if m["state"] == "alive"}
             if not set(ids) <= alive:
                 return f"{node} sees {len(alive & set(ids))}/{len(ids)} alive"
-        routes = await asyncio.gather(*(self.agent.call("routes", timeout_s=3.0, address=a) for a in addresses),
-                                      return_exceptions=True)
+        routes = await asyncio.gather(
+            *(self.agent.call("routes", timeout_s=3.0, address=a) for a in addresses), return_exceptions=True
+        )
         for node, r in zip(ids, routes, strict=True):
             if not isinstance(r, dict) or not r["group"].get("current"):
                 return f"{node} has no current view of its group's routes"
             mine = [f"{node}-a", f"{node}-b"]
             if any(s not in r["routes"] for s in mine):
                 return f"{node}'s streams are not routed yet"
-        inference = await asyncio.gather(*(self.agent.call("inference", timeout_s=2.0, address=a)
-                                           for a in addresses), return_exceptions=True)
+        inference = await asyncio.gather(
+            *(self.agent.call("inference", timeout_s=2.0, address=a) for a in addresses),
+            return_exceptions=True,
+        )
         for node, i in zip(ids, inference, strict=True):
             if not isinstance(i, dict) or i.get("active_version") != "1":
                 return f"{node} does not serve version 1 yet"
@@ -247,7 +283,9 @@ class Run:
             await asyncio.sleep(delay)  # the schedule
         detail = await nemesis.apply(self)
         self.rec.fault("apply", nemesis.key, nemesis.describe(), detail)
-        self.echo(f"chaos: t={self.rec.now():6.1f}s apply {nemesis.kind}: {nemesis.describe()} {_brief(detail)}")
+        self.echo(
+            f"chaos: t={self.rec.now():6.1f}s apply {nemesis.kind}: {nemesis.describe()} {_brief(detail)}"
+        )
         await asyncio.sleep(duration_s)  # how long the fault lasts
         healed = await nemesis.heal(self)
         self.rec.fault("heal", nemesis.key, nemesis.describe(), healed)
@@ -269,43 +307,69 @@ class Run:
         """Wait until membership reconverged, every replica reads current routes, and every node
         serves the newest acknowledged version; give up after the scenario's settle timeout."""
         deadline = time.monotonic() + self.scenario.settle_timeout_s
-        published = [o.detail["version"] for o in self.record.ops if o.kind == "publish" and o.outcome == "acknowledged"]
+        published = [
+            o.detail["version"]
+            for o in self.record.ops
+            if o.kind == "publish" and o.outcome == "acknowledged"
+        ]
         target = max(["1", *published], key=lambda v: (len(v), v))
         last = ""
         while time.monotonic() < deadline:
             running = self._running()
-            routes = await asyncio.gather(*(self.agent.call("routes", timeout_s=3.0, address=self.cluster.address(n))
-                                            for n in running), return_exceptions=True)
-            models = await asyncio.gather(*(self.agent.call("inference", timeout_s=2.0,
-                                                            address=self.cluster.address(n)) for n in running),
-                                          return_exceptions=True)
-            stale = [n for n, r in zip(running, routes, strict=True) if not isinstance(r, dict)
-                     or not r["group"].get("current")]
-            behind = [n for n, m in zip(running, models, strict=True) if not isinstance(m, dict)
-                      or m.get("active_version") != target]
+            routes = await asyncio.gather(
+                *(self.agent.call("routes", timeout_s=3.0, address=self.cluster.address(n)) for n in running),
+                return_exceptions=True,
+            )
+            models = await asyncio.gather(
+                *(
+                    self.agent.call("inference", timeout_s=2.0, address=self.cluster.address(n))
+                    for n in running
+                ),
+                return_exceptions=True,
+            )
+            stale = [
+                n
+                for n, r in zip(running, routes, strict=True)
+                if not isinstance(r, dict) or not r["group"].get("current")
+            ]
+            behind = [
+                n
+                for n, m in zip(running, models, strict=True)
+                if not isinstance(m, dict) or m.get("active_version") != target
+            ]
             if self.record.converged_at_s is None:
                 views = {n: {} for n in running}
-                statuses = await asyncio.gather(*(self.agent.call("status", timeout_s=2.0,
-                                                                  address=self.cluster.address(n)) for n in running),
-                                                return_exceptions=True)
+                statuses = await asyncio.gather(
+                    *(
+                        self.agent.call("status", timeout_s=2.0, address=self.cluster.address(n))
+                        for n in running
+                    ),
+                    return_exceptions=True,
+                )
                 for n, s in zip(running, statuses, strict=True):
                     if isinstance(s, dict):
                         views[n] = {m["node_id"]: m["state"] for m in s["members"]}
                 self._check_convergence({n: v for n, v in views.items() if v})
-            last = (f"membership {'converged' if self.record.converged_at_s is not None else 'not converged'}; "
-                    f"not current: {stale or 'none'}; not on version {target}: {behind or 'none'}")
+            last = (
+                f"membership {'converged' if self.record.converged_at_s is not None else 'not converged'}; "
+                f"not current: {stale or 'none'}; not on version {target}: {behind or 'none'}"
+            )
             if self.record.converged_at_s is not None and not stale and not behind:
                 self.echo(f"chaos: settled at t={self.rec.now():.1f}s")
                 return
             await asyncio.sleep(1.0)  # polling until the cluster settles
-        self.echo(f"chaos: did not settle within {self.scenario.settle_timeout_s:.0f}s ({last}); checking anyway")
+        self.echo(
+            f"chaos: did not settle within {self.scenario.settle_timeout_s:.0f}s ({last}); checking anyway"
+        )
 
     async def _collect_final(self) -> None:
         async def attempt(op: str, node: str, timeout_s: float):
             error = None
             for _ in range(3):
                 try:
-                    return await self.agent.call(op, timeout_s=timeout_s, address=self.cluster.address(node)), None
+                    return await self.agent.call(
+                        op, timeout_s=timeout_s, address=self.cluster.address(node)
+                    ), None
                 except CallError as exc:
                     error = f"{op}: {exc}"
                     await asyncio.sleep(1.0)  # retry pacing for the final read
@@ -317,9 +381,13 @@ class Run:
             if not final.running:
                 final.errors.append(f"process exited with {proc.exit_code()}: {proc.log_tail(2)}")
                 return final
-            for op, attr, timeout_s in (("status", "status", 2.0), ("routes", "routes", 3.0),
-                                        ("audit", "audit", 8.0), ("inference", "inference", 2.0),
-                                        ("models", "models", 2.0)):
+            for op, attr, timeout_s in (
+                ("status", "status", 2.0),
+                ("routes", "routes", 3.0),
+                ("audit", "audit", 8.0),
+                ("inference", "inference", 2.0),
+                ("models", "models", 2.0),
+            ):
                 value, error = await attempt(op, node, timeout_s)
                 setattr(final, attr, value)
                 if error:
@@ -348,7 +416,9 @@ class Run:
                     pass
                 await asyncio.sleep(0.2)  # polling each replica after the heal
 
-        fresh_dead: dict[tuple[str, str], float] = {}  # (observer, member) -> when it was declared, after the heal
+        fresh_dead: dict[
+            tuple[str, str], float
+        ] = {}  # (observer, member) -> when it was declared, after the heal
         carried_dead: set[tuple[str, str]] = set()  # declared during the partition, still dead after it
         last_dead_seen = [None]
 
@@ -357,9 +427,13 @@ class Run:
             while time.monotonic() < end:
                 running = set(self._running())
                 asked = self.rec.now()
-                statuses = await asyncio.gather(*(self.agent.call("status", timeout_s=1.0,
-                                                                  address=self.cluster.address(n))
-                                                  for n in running), return_exceptions=True)
+                statuses = await asyncio.gather(
+                    *(
+                        self.agent.call("status", timeout_s=1.0, address=self.cluster.address(n))
+                        for n in running
+                    ),
+                    return_exceptions=True,
+                )
                 for observer, s in zip(running, statuses, strict=True):
                     if not isinstance(s, dict):
                         continue
@@ -380,22 +454,29 @@ class Run:
         await asyncio.gather(watch_states(), *(until_current(n) for n in self.plan.ids))
         log_dead = self._log_dead_lines(heal_wall, heal_wall + HEAL_WINDOW_S)
         after = [s for s in self.record.samples if s.kind == "term" and s.t_s >= heal_s]
-        split = next((f.detail for f in self.record.faults if f.action == "apply" and "sides" in f.detail), {})
+        split = next(
+            (f.detail for f in self.record.faults if f.action == "apply" and "sides" in f.detail), {}
+        )
         values = [v for v in current_after.values() if v is not None]
         return {
             "healed_at_s": heal_s,
-            "sides": split.get("sides"), "leader_at_split": split.get("leader"),
+            "sides": split.get("sides"),
+            "leader_at_split": split.get("leader"),
             "time_to_current_reads_s": current_after,
             "all_current_after_s": max(values) if len(values) == len(current_after) else None,
             "dead_marks_20s": len(fresh_dead),
-            "dead_marks": [f"{o} declared {m} dead at +{t}s" for (o, m), t in
-                           sorted(fresh_dead.items(), key=lambda x: x[1])],
+            "dead_marks": [
+                f"{o} declared {m} dead at +{t}s"
+                for (o, m), t in sorted(fresh_dead.items(), key=lambda x: x[1])
+            ],
             "dead_from_partition_still_marked": len(carried_dead),
             "last_live_node_seen_dead_at_s": last_dead_seen[0],
             "log_dead_lines_20s": len(log_dead),
             "log_dead_lines": log_dead[:20],
             "terms_after_heal": sorted({s.data["term"] for s in after}),
-            "leaders_after_heal": len({(s.data["term"], s.data.get("leader")) for s in after if s.data.get("leader")}),
+            "leaders_after_heal": len(
+                {(s.data["term"], s.data.get("leader")) for s in after if s.data.get("leader")}
+            ),
         }
 
     def _log_dead_lines(self, start_wall: float, end_wall: float) -> list[str]:
@@ -410,7 +491,10 @@ class Run:
                 match = pattern.match(line)
                 if not match:
                     continue
-                at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(match.group(2)) / 1000
+                at = (
+                    datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
+                    + int(match.group(2)) / 1000
+                )
                 if start_wall <= at <= end_wall:
                     out.append(f"{node}: {match.group(3)} dead at +{at - start_wall:.1f}s")
         return out
@@ -434,8 +518,16 @@ class Run:
             if self.scenario.measure_heal:
                 results.append(heal_targets(record))
             record.save(self.workdir / "record.json")
-        report = build_report(self.scenario, self.seed, record, results, workdir=self.workdir,
-                              duration_s=time.time() - started_wall, error=error, strict=self.strict)
+        report = build_report(
+            self.scenario,
+            self.seed,
+            record,
+            results,
+            workdir=self.workdir,
+            duration_s=time.time() - started_wall,
+            error=error,
+            strict=self.strict,
+        )
         (self.workdir / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True))
         text = summary_text(report)
         (self.workdir / "report.txt").write_text(text + "\n")
@@ -447,24 +539,52 @@ def heal_targets(record: RunRecord) -> CheckResult:
     """Issue 14's targets, reported (advisory: today's node is expected to miss them)."""
     heal = record.measurements.get("heal") or {}
     problems = []
-    slow = {n: t for n, t in (heal.get("time_to_current_reads_s") or {}).items()
-            if t is None or t > HEAL_TARGET_CURRENT_S}
+    slow = {
+        n: t
+        for n, t in (heal.get("time_to_current_reads_s") or {}).items()
+        if t is None or t > HEAL_TARGET_CURRENT_S
+    }
     if slow:
-        problems.append("replicas not serving current reads within "
-                        f"{HEAL_TARGET_CURRENT_S:.0f}s of the heal: "
-                        + ", ".join(f"{n} ({'never' if t is None else f'{t:.1f}s'})" for n, t in sorted(slow.items())))
+        problems.append(
+            "replicas not serving current reads within "
+            f"{HEAL_TARGET_CURRENT_S:.0f}s of the heal: "
+            + ", ".join(f"{n} ({'never' if t is None else f'{t:.1f}s'})" for n, t in sorted(slow.items()))
+        )
     if heal.get("dead_marks_20s"):
-        problems.append(f"{heal['dead_marks_20s']} live node(s) marked dead in the {HEAL_WINDOW_S:.0f}s after the heal: "
-                        + "; ".join(heal.get("dead_marks", [])[:5]))
-    result = checkers._result("heal_targets", problems, f"every replica current within {HEAL_TARGET_CURRENT_S:.0f}s, "
-                              f"no false deaths in {HEAL_WINDOW_S:.0f}s")
+        problems.append(
+            f"{heal['dead_marks_20s']} live node(s) marked dead in the {HEAL_WINDOW_S:.0f}s after the heal: "
+            + "; ".join(heal.get("dead_marks", [])[:5])
+        )
+    result = checkers._result(
+        "heal_targets",
+        problems,
+        f"every replica current within {HEAL_TARGET_CURRENT_S:.0f}s, no false deaths in {HEAL_WINDOW_S:.0f}s",
+    )
     result.advisory = True
     return result
 
 
 def _brief(detail: dict[str, Any]) -> str:
-    keep = {k: v for k, v in detail.items() if k in ("nodes", "node", "isolated", "sides", "site", "leader", "deaf",
-                                                     "left", "bridge", "right", "file", "restarted", "offset_s")}
+    keep = {
+        k: v
+        for k, v in detail.items()
+        if k
+        in (
+            "nodes",
+            "node",
+            "isolated",
+            "sides",
+            "site",
+            "leader",
+            "deaf",
+            "left",
+            "bridge",
+            "right",
+            "file",
+            "restarted",
+            "offset_s",
+        )
+    }
     return json.dumps(keep, separators=(",", ":")) if keep else ""
 
 
@@ -479,8 +599,10 @@ def run_lock():
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise HarnessError("another chaos run is active on this machine (see /run/fleetmesh-chaos/active.json); "
-                               "wait for it, or stop it and run `python -m chaos cleanup`") from None
+            raise HarnessError(
+                "another chaos run is active on this machine (see /run/fleetmesh-chaos/active.json); "
+                "wait for it, or stop it and run `python -m chaos cleanup`"
+            ) from None
         try:
             yield
         finally:
@@ -551,14 +673,18 @@ def new_workdir(root: Path, scenario: str, seed: int) -> Path:
     return path
 
 
-def run_one(scenario: Scenario, seed: int, *, root: Path = DEFAULT_WORKDIR, strict: bool = False,
-            echo=print) -> RunResult:
+def run_one(
+    scenario: Scenario, seed: int, *, root: Path = DEFAULT_WORKDIR, strict: bool = False, echo=print
+) -> RunResult:
     """Run a scenario in a fresh work directory under `root`, with the run lock held."""
     with run_lock():
         if stale_state():
             cleanup(echo)
         workdir = new_workdir(root, scenario.name, seed)
-        echo(f"chaos: scenario {scenario.name} seed {seed} (replay: python -m chaos run {scenario.name} --seed {seed})")
+        echo(
+            f"chaos: scenario {scenario.name} seed {seed} "
+            f"(replay: python -m chaos run {scenario.name} --seed {seed})"
+        )
         return _run_async(Run(scenario, seed, workdir, strict=strict, echo=echo))
 
 

@@ -17,6 +17,7 @@ same choices in the same order (what the nodes answer depends on timing, of cour
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -27,7 +28,16 @@ from typing import Any
 
 from chaos.client import AgentClient, CallError
 from chaos.cluster import Cluster
-from chaos.history import ACKNOWLEDGED, REFUSED, FaultEvent, Op, RunRecord, Sample, read_outcome, write_outcome
+from chaos.history import (
+    ACKNOWLEDGED,
+    REFUSED,
+    FaultEvent,
+    Op,
+    RunRecord,
+    Sample,
+    read_outcome,
+    write_outcome,
+)
 
 PUBLISHED_VERSION = "2"
 ROGUE_VERSION = "9"
@@ -74,12 +84,21 @@ class Recorder:
 
 
 def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda o: sorted(o) if isinstance(o, set | frozenset) else str(o)))
+    return json.loads(
+        json.dumps(value, default=lambda o: sorted(o) if isinstance(o, set | frozenset) else str(o))
+    )
 
 
 class Workload:
-    def __init__(self, cluster: Cluster, agent: AgentClient, recorder: Recorder, spec: WorkloadSpec, seed: int,
-                 model_files: list[Path]) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        agent: AgentClient,
+        recorder: Recorder,
+        spec: WorkloadSpec,
+        seed: int,
+        model_files: list[Path],
+    ) -> None:
         self.cluster = cluster
         self.agent = agent
         self.rec = recorder
@@ -99,9 +118,13 @@ class Workload:
     def tasks(self, fault_phase_start: float) -> list[asyncio.Task]:
         loops = [self._infer_loop(), self._move_loop(), self._approve_loop()]
         if self.spec.publish_at_s is not None:
-            loops.append(self._publish_at(fault_phase_start + self.spec.publish_at_s, PUBLISHED_VERSION, False))
+            loops.append(
+                self._publish_at(fault_phase_start + self.spec.publish_at_s, PUBLISHED_VERSION, False)
+            )
         if self.spec.rogue_publish_at_s is not None:
-            loops.append(self._publish_at(fault_phase_start + self.spec.rogue_publish_at_s, ROGUE_VERSION, True))
+            loops.append(
+                self._publish_at(fault_phase_start + self.spec.rogue_publish_at_s, ROGUE_VERSION, True)
+            )
         return [asyncio.create_task(c, name=f"workload-{i}") for i, c in enumerate(loops)]
 
     async def _every(self, interval_s: float, stop: asyncio.Event, body: Callable[[], Any]) -> None:
@@ -110,10 +133,8 @@ class Workload:
             task = asyncio.create_task(body())
             pending.add(task)
             task.add_done_callback(pending.discard)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)  # the operation rate
-            except TimeoutError:
-                pass
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
 
@@ -129,8 +150,9 @@ class Workload:
             entry = rng.choice(self.cluster.plan.site_members(site))
             op = self.rec.begin("infer", entry, site, stream=stream)
             try:
-                reply = await self.agent.call("infer", timeout_s=3.0, address=self.cluster.address(entry),
-                                              stream_id=stream, seed=op.id)
+                reply = await self.agent.call(
+                    "infer", timeout_s=3.0, address=self.cluster.address(entry), stream_id=stream, seed=op.id
+                )
             except CallError as exc:
                 self.rec.end(op, read_outcome(exc.code), code=exc.code, error=str(exc)[:300])
                 return
@@ -156,11 +178,18 @@ class Workload:
             entry = rng.choice(members)
             op = self.rec.begin("move", entry, site, streams=chosen, to=target, bulk=bulk)
             try:
-                result = await self.agent.call("move", timeout_s=8.0, address=self.cluster.address(entry),
-                                               streams=chosen, to_node=target)
+                result = await self.agent.call(
+                    "move", timeout_s=8.0, address=self.cluster.address(entry), streams=chosen, to_node=target
+                )
             except CallError as exc:
-                self.rec.end(op, write_outcome(exc.code, exc.phase, None), code=exc.code, phase=exc.phase,
-                             error=str(exc)[:300], **exc.detail)
+                self.rec.end(
+                    op,
+                    write_outcome(exc.code, exc.phase, None),
+                    code=exc.code,
+                    phase=exc.phase,
+                    error=str(exc)[:300],
+                    **exc.detail,
+                )
                 return
             self.rec.end(op, write_outcome(None, "", result["outcome"]), **result)
             if result["outcome"] == "applied":
@@ -180,15 +209,22 @@ class Workload:
             pick = rng.randrange(1 << 16)
             started = self.rec.now()
             try:
-                result = await self.agent.call("approve", timeout_s=8.0, address=self.cluster.address(entry),
-                                               pick=pick)
+                result = await self.agent.call(
+                    "approve", timeout_s=8.0, address=self.cluster.address(entry), pick=pick
+                )
             except CallError as exc:
                 if exc.phase == "pending":
                     return  # nothing was sent: not an operation
                 op = self.rec.begin("approve", entry, site)
                 op.start_s = started
-                self.rec.end(op, write_outcome(exc.code, exc.phase, None), code=exc.code, phase=exc.phase,
-                             error=str(exc)[:300], **exc.detail)
+                self.rec.end(
+                    op,
+                    write_outcome(exc.code, exc.phase, None),
+                    code=exc.code,
+                    phase=exc.phase,
+                    error=str(exc)[:300],
+                    **exc.detail,
+                )
                 return
             if result["outcome"] == "nothing_held":
                 return
@@ -216,7 +252,9 @@ class Workload:
         model = self.model_files[2 if rogue else 1]
         op = self.rec.begin(kind, origin, self.cluster.plan.site_of(origin), version=version, file=model.name)
         spec = self.rec.record.spec
-        (spec.rogue if rogue else spec.published).append(version)  # counted even if refused: it may be on disk
+        (spec.rogue if rogue else spec.published).append(
+            version
+        )  # counted even if refused: it may be on disk
         try:
             made = await asyncio.to_thread(self.cluster.publish, origin, model, version, rogue=rogue)
         except Exception as exc:  # noqa: BLE001 - a refused publish is an outcome, not a harness error
@@ -228,8 +266,14 @@ class Workload:
 class Sampler:
     """Periodic observations of every running node (membership, group view, term, model)."""
 
-    def __init__(self, cluster: Cluster, agent: AgentClient, recorder: Recorder, interval_s: float,
-                 leader_names: dict[str, str]) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        agent: AgentClient,
+        recorder: Recorder,
+        interval_s: float,
+        leader_names: dict[str, str],
+    ) -> None:
         self.cluster = cluster
         self.agent = agent
         self.rec = recorder
@@ -248,10 +292,8 @@ class Sampler:
             self.rounds += 1
             wait = self.interval_s - (time.monotonic() - started)
             if wait > 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stop.wait(), wait)  # the sampling period
-                except TimeoutError:
-                    pass
 
     async def round(self) -> dict[str, dict[str, str]]:
         """One observation of every running node; returns node -> (member -> state)."""
@@ -273,14 +315,24 @@ class Sampler:
             routes = await self.agent.call("routes", timeout_s=3.0, address=address)
             group = routes["group"]
             leader = self.leader_names.get(group.get("leader") or "", group.get("leader"))
-            self.rec.sample(node, "routes", {"leader": leader, "current": group.get("current"),
-                                             "applied_index": group.get("applied_index"),
-                                             "elapsed_s": routes.get("elapsed_s")})
+            self.rec.sample(
+                node,
+                "routes",
+                {
+                    "leader": leader,
+                    "current": group.get("current"),
+                    "applied_index": group.get("applied_index"),
+                    "elapsed_s": routes.get("elapsed_s"),
+                },
+            )
             term_after = read_term(self.cluster.data_dir(node))
             term = group.get("term", term_before if term_before == term_after else None)
             if term is not None:
-                self.rec.sample(node, "term", {"term": term, "leader": leader,
-                                               "source": "status" if "term" in group else "vote-file"})
+                self.rec.sample(
+                    node,
+                    "term",
+                    {"term": term, "leader": leader, "source": "status" if "term" in group else "vote-file"},
+                )
         except CallError as exc:
             self.rec.sample(node, "routes", {"error": exc.code})
         if with_model:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chaos.faults import FaultPlanError, bridge, components, cut, halves, hears, isolate, majorities_ring, \
-    minority_with, one_way, render_ruleset
+from chaos.faults import (
+    FaultPlanError,
+    bridge,
+    components,
+    cut,
+    halves,
+    hears,
+    isolate,
+    majorities_ring,
+    minority_with,
+    one_way,
+    render_ruleset,
+)
 from chaos.proxy import parse_ports
 
 seeds = st.integers(min_value=0, max_value=2**32)
@@ -105,7 +117,5 @@ def test_proxy_ports_parse_back(pairs):
 
 @given(st.text(max_size=30))
 def test_proxy_ports_parser_raises_only_value_error(text):
-    try:
+    with contextlib.suppress(ValueError):
         parse_ports(text)
-    except ValueError:
-        pass

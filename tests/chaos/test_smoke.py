@@ -27,7 +27,9 @@ def test_smoke_scenario_passes_every_checker_and_cleans_up(tmp_path):
     seed = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(1, 1 << 31))
     lines: list[str] = []
     result = run_one(SCENARIOS["smoke"], seed, root=tmp_path, echo=lines.append)
-    replay = f"seed {seed} (replay: python -m chaos run smoke --seed {seed}); report {result.workdir}/report.txt"
+    replay = (
+        f"seed {seed} (replay: python -m chaos run smoke --seed {seed}); report {result.workdir}/report.txt"
+    )
     assert not result.failed, f"{replay}\n{result.text}"
     report = result.report
     assert report["error"] is None, replay
@@ -35,4 +37,6 @@ def test_smoke_scenario_passes_every_checker_and_cleans_up(tmp_path):
     assert {c["name"] for c in report["checkers"]} == set(CHECKERS), replay
     assert report["operations"]["acknowledged"] > 0, replay
     assert report["operations"]["by_kind"]["move"]["acknowledged"] > 0, replay
-    assert not [ns for ns in existing_namespaces() if ns.startswith(PREFIX)], f"namespaces left behind; {replay}"
+    assert not [ns for ns in existing_namespaces() if ns.startswith(PREFIX)], (
+        f"namespaces left behind; {replay}"
+    )

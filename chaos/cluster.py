@@ -13,9 +13,11 @@ killed before its own teardown ran.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -427,6 +429,13 @@ class Cluster:
             proxy.wait()
         problems += self.network.destroy()
         for mount in self.mounts:
+            # A tmpfs forgets everything when unmounted: keep a copy for the post-mortem (no filler).
+            with contextlib.suppress(OSError, shutil.Error):
+                shutil.copytree(
+                    mount,
+                    self.workdir / "tmpfs-copy" / mount.name,
+                    ignore=shutil.ignore_patterns(".chaos-filler"),
+                )
             done = run(["umount", "-l", str(mount)], check=False)
             if done.returncode != 0:
                 problems.append(f"umount {mount}: {done.stderr.strip()}")

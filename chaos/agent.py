@@ -48,8 +48,15 @@ from mesh.identity.signing import KeyRole, load_signing_key  # noqa: E402
 from mesh.identity.tls import channel_credentials, secure_channel_options  # noqa: E402
 from mesh.inference.signature import ModelSignature  # noqa: E402
 
-# Codes after which the client cannot know whether a write took effect.
+# Codes after which the client cannot know whether a write took effect (and redials the node).
 UNCERTAIN_CODES = {"DEADLINE_EXCEEDED", "UNAVAILABLE", "UNKNOWN", "CANCELLED", "INTERNAL"}
+# A dropped channel is closed this long after the failure, once the calls in flight on it are over.
+RETIRED_CHANNEL_CLOSE_S = 30.0
+
+
+def _close_quietly(client) -> None:
+    with contextlib.suppress(Exception):  # closing a broken channel
+        client.close()
 
 
 class CallFailed(Exception):
@@ -106,11 +113,14 @@ class Agent:
             return client
 
     def _drop(self, address: str) -> None:
+        """Forget the channels to `address` so the next call dials afresh. They are closed a little
+        later, not now: closing a channel cancels every call still in flight on it."""
         with self._lock:
-            for key in [k for k in self._clients if k[1] == address]:
-                client = self._clients.pop(key)
-                with contextlib.suppress(Exception):  # closing a broken channel
-                    client.close()
+            retired = [self._clients.pop(k) for k in [k for k in self._clients if k[1] == address]]
+        for client in retired:
+            timer = threading.Timer(RETIRED_CHANNEL_CLOSE_S, _close_quietly, args=(client,))
+            timer.daemon = True
+            timer.start()
 
     def _call(self, address: str, fn: Callable[[], Any], phase: str) -> Any:
         try:

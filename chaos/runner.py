@@ -592,17 +592,23 @@ def _brief(detail: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def run_lock():
-    """One chaos run at a time on this machine (they share the namespace names)."""
+def run_lock(wait_s: float = 0.0):
+    """One chaos run at a time on this machine (they share the namespace names); waits up to
+    `wait_s` for another run to finish."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
     with LOCK_FILE.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise HarnessError(
-                "another chaos run is active on this machine (see /run/fleetmesh-chaos/active.json); "
-                "wait for it, or stop it and run `python -m chaos cleanup`"
-            ) from None
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise HarnessError(
+                        "another chaos run is active on this machine (see /run/fleetmesh-chaos/active.json); "
+                        "wait for it, or stop it and run `python -m chaos cleanup`"
+                    ) from None
+                time.sleep(1.0)  # waiting for the other run's lock
         try:
             yield
         finally:
@@ -674,10 +680,17 @@ def new_workdir(root: Path, scenario: str, seed: int) -> Path:
 
 
 def run_one(
-    scenario: Scenario, seed: int, *, root: Path = DEFAULT_WORKDIR, strict: bool = False, echo=print
+    scenario: Scenario,
+    seed: int,
+    *,
+    root: Path = DEFAULT_WORKDIR,
+    strict: bool = False,
+    echo=print,
+    lock_wait_s: float = 0.0,
 ) -> RunResult:
-    """Run a scenario in a fresh work directory under `root`, with the run lock held."""
-    with run_lock():
+    """Run a scenario in a fresh work directory under `root`, with the run lock held (waiting up
+    to `lock_wait_s` for another run)."""
+    with run_lock(lock_wait_s):
         if stale_state():
             cleanup(echo)
         workdir = new_workdir(root, scenario.name, seed)

@@ -711,7 +711,10 @@ def _run_async(run: Run) -> RunResult:
         finally:
             loop.remove_signal_handler(signal.SIGTERM)
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:  # SIGTERM: torn down already; report it as an interruption
+        raise KeyboardInterrupt from None
 
 
 __all__ = ["HarnessError", "Run", "RunResult", "cleanup", "run_one", "PUBLISHED_VERSION", "FAIL", "PASS"]

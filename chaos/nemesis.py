@@ -107,6 +107,18 @@ class Nemesis:
         return {}
 
 
+class NoFault(Nemesis):
+    """Nothing at all, for control runs: the same tooling and timeline without a fault."""
+
+    kind = "no-fault"
+
+    def describe(self) -> str:
+        return "no fault (control run)"
+
+    async def apply(self, world: World) -> dict[str, Any]:
+        return {}
+
+
 def _pick_site(world: World, site: str | None) -> str:
     return site or world.rng.choice(world.cluster.plan.site_names)
 

@@ -550,6 +550,11 @@ def heal_targets(record: RunRecord) -> CheckResult:
             f"{HEAL_TARGET_CURRENT_S:.0f}s of the heal: "
             + ", ".join(f"{n} ({'never' if t is None else f'{t:.1f}s'})" for n, t in sorted(slow.items()))
         )
+    if heal.get("log_dead_lines_20s"):
+        problems.append(
+            f"{heal['log_dead_lines_20s']} 'member ... dead' line(s) in the node logs in the {HEAL_WINDOW_S:.0f}s "
+            "after the heal: " + "; ".join(heal.get("log_dead_lines", [])[:5])
+        )
     if heal.get("dead_marks_20s"):
         problems.append(
             f"{heal['dead_marks_20s']} live node(s) marked dead in the {HEAL_WINDOW_S:.0f}s after the heal: "

@@ -23,6 +23,7 @@ from chaos.nemesis import (
     Kill,
     Latency,
     Nemesis,
+    NoFault,
     PacketLoss,
     Partition,
     Pause,
@@ -298,8 +299,21 @@ _add(
     )
 )
 
+_add(
+    Scenario(
+        "heal-control",
+        "control run for heal-leader-minority: the same 5 nodes, workload and measurements, no partition",
+        _five,
+        _one(lambda: NoFault(), 40.0),
+        WorkloadSpec(publish_at_s=None),
+        warmup_s=5.0,
+        after_heal_s=20.0,
+        measure_heal=True,
+    )
+)
+
 # `make chaos`: every nemesis at least once.
-MATRIX = [name for name in SCENARIOS if name != "heal-leader-minority"]
+MATRIX = [name for name in SCENARIOS if name not in ("heal-leader-minority", "heal-control")]
 
 
 def steps_for(scenario: Scenario, seed: int) -> list[Step]:

@@ -552,8 +552,8 @@ def heal_targets(record: RunRecord) -> CheckResult:
         )
     if heal.get("log_dead_lines_20s"):
         problems.append(
-            f"{heal['log_dead_lines_20s']} 'member ... dead' line(s) in the node logs in the {HEAL_WINDOW_S:.0f}s "
-            "after the heal: " + "; ".join(heal.get("log_dead_lines", [])[:5])
+            f"{heal['log_dead_lines_20s']} 'member ... dead' line(s) in the node logs in the "
+            f"{HEAL_WINDOW_S:.0f}s after the heal: " + "; ".join(heal.get("log_dead_lines", [])[:5])
         )
     if heal.get("dead_marks_20s"):
         problems.append(

@@ -126,6 +126,13 @@ def summary_text(report: dict[str, Any]) -> str:
             f"{heal.get('dead_from_partition_still_marked')}, "
             f"last seen at +{heal.get('last_live_node_seen_dead_at_s')}s"
         )
+        sockets = heal.get("sockets_1s_after_heal") or {}
+        syn = {n: len(v["raft_syn_sent"]) for n, v in sockets.items() if v["raft_syn_sent"]}
+        unacked = {n: len(v["grpc_unacked"]) for n, v in sockets.items() if v["grpc_unacked"]}
+        lines.append(
+            f"  1 s after the heal: Raft connects in SYN-SENT {syn or 'none'}; "
+            f"gRPC connections with unacknowledged data {unacked or 'none'} (diag/ss-*.txt)"
+        )
         seen = heal.get("terms_after_heal") or []
         terms = seen or ["-"]
         lines.append(

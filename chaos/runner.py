@@ -29,8 +29,10 @@ from chaos import checkers
 from chaos.checkers import FAIL, PASS, CheckResult
 from chaos.client import AgentClient, CallError
 from chaos.cluster import (
+    GRPC_PORT,
     GUARD,
     LOCK_FILE,
+    RAFT_PORT,
     STATE_DIR,
     STATE_FILE,
     Cluster,
@@ -41,7 +43,7 @@ from chaos.cluster import (
 )
 from chaos.history import NodeFinal, RunRecord, RunSpec
 from chaos.nemesis import FaultBook, Nemesis, NemesisError
-from chaos.net import NetError, sweep_namespaces
+from chaos.net import NetError, in_ns, node_ns, run, sweep_namespaces
 from chaos.report import build_report, summary_text
 from chaos.scenarios import Scenario, steps_for
 from chaos.workload import PUBLISHED_VERSION, Recorder, Sampler, Workload
@@ -450,8 +452,14 @@ class Run:
                             carried_dead.add(pair)
                 await asyncio.sleep(0.5)  # the sampling period of member states
 
+        async def sockets_after(delay_s: float) -> dict[str, Any]:
+            await asyncio.sleep(delay_s)  # when to look at the kernel's view of the connections
+            return await asyncio.to_thread(self._socket_diagnostics, f"heal+{delay_s:g}s")
+
         deadline = time.monotonic() + 60.0
-        await asyncio.gather(watch_states(), *(until_current(n) for n in self.plan.ids))
+        _, sockets, *_ = await asyncio.gather(
+            watch_states(), sockets_after(1.0), *(until_current(n) for n in self.plan.ids)
+        )
         log_dead = self._log_dead_lines(heal_wall, heal_wall + HEAL_WINDOW_S)
         after = [s for s in self.record.samples if s.kind == "term" and s.t_s >= heal_s]
         split = next(
@@ -474,10 +482,24 @@ class Run:
             "log_dead_lines_20s": len(log_dead),
             "log_dead_lines": log_dead[:20],
             "terms_after_heal": sorted({s.data["term"] for s in after}),
+            "sockets_1s_after_heal": sockets,
             "leaders_after_heal": len(
                 {(s.data["term"], s.data.get("leader")) for s in after if s.data.get("leader")}
             ),
         }
+
+    def _socket_diagnostics(self, label: str) -> dict[str, Any]:
+        """The kernel's view of every node's TCP connections (`ss -tanoi` inside its namespace,
+        read from outside): Raft connects still in SYN-SENT and gRPC connections holding
+        unacknowledged data, with their next retransmission. Raw output goes to diag/."""
+        out_dir = self.workdir / "diag"
+        out_dir.mkdir(exist_ok=True)
+        summary: dict[str, Any] = {}
+        for node in self.plan.ids:
+            done = run(in_ns(node_ns(node), ["ss", "-tanoi"]), check=False)
+            (out_dir / f"ss-{node}-{label}.txt").write_text(done.stdout)
+            summary[node] = parse_ss(done.stdout, raft_port=RAFT_PORT, grpc_port=GRPC_PORT)
+        return summary
 
     def _log_dead_lines(self, start_wall: float, end_wall: float) -> list[str]:
         pattern = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO \S+: member (\S+) dead")
@@ -567,6 +589,38 @@ def heal_targets(record: RunRecord) -> CheckResult:
     )
     result.advisory = True
     return result
+
+
+_TIMER = re.compile(r"timer:\(on,([0-9.]+)(ms|sec|min),(\d+)\)")
+
+
+def parse_ss(text: str, *, raft_port: int, grpc_port: int) -> dict[str, Any]:
+    """From `ss -tanoi`: Raft connects in SYN-SENT and gRPC connections with unacknowledged data,
+    each as "peer next-retry-s/retransmits"."""
+    syn_sent, unacked = [], []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        fields = line.split()
+        if len(fields) < 5 or ":" not in fields[4]:
+            continue
+        state, peer = fields[0], fields[4]
+        port = int(peer.rsplit(":", 1)[1]) if peer.rsplit(":", 1)[1].isdigit() else -1
+        info = lines[i + 1] if i + 1 < len(lines) else ""
+        timer = _TIMER.search(line)
+        retry = ""
+        if timer:
+            value = float(timer.group(1)) * {"ms": 0.001, "sec": 1.0, "min": 60.0}[timer.group(2)]
+            retry = f" next retry {value:.1f}s after {timer.group(3)} retransmits"
+        if state == "SYN-SENT" and port == raft_port:
+            syn_sent.append(peer + retry)
+        elif state == "ESTAB" and grpc_port in (port, _local_port(fields[3])) and "unacked:" in info:
+            unacked.append(peer + retry)
+    return {"raft_syn_sent": syn_sent, "grpc_unacked": unacked}
+
+
+def _local_port(address: str) -> int:
+    tail = address.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
 
 
 def _brief(detail: dict[str, Any]) -> str:

@@ -124,7 +124,11 @@ def summary_text(report: dict[str, Any]) -> str:
             f"  live nodes declared dead in the 20 s after the heal: {heal.get('dead_marks_20s')} (status "
             f"samples), {heal.get('log_dead_lines_20s')} (node logs); dead marks left from the partition: "
             f"{heal.get('dead_from_partition_still_marked')}, "
-            f"last seen at +{heal.get('last_live_node_seen_dead_at_s')}s"
+            + (
+                f"last seen at +{heal['last_live_node_seen_dead_at_s']}s"
+                if heal.get("last_live_node_seen_dead_at_s") is not None
+                else "none seen"
+            )
         )
         sockets = heal.get("sockets_1s_after_heal") or {}
         syn = {n: len(v["raft_syn_sent"]) for n, v in sockets.items() if v["raft_syn_sent"]}

@@ -25,5 +25,7 @@ def test_syn_sent_raft_connects_and_grpc_connections_holding_data_are_found():
 
 
 def test_nothing_in_flight_is_nothing_found():
-    quiet = "\n".join(line for line in SS.splitlines() if not line.startswith(("SYN-SENT", "ESTAB    0      517")))
+    quiet = "\n".join(
+        line for line in SS.splitlines() if not line.startswith(("SYN-SENT", "ESTAB    0      517"))
+    )
     assert parse_ss(quiet, raft_port=7400, grpc_port=7000) == {"raft_syn_sent": [], "grpc_unacked": []}

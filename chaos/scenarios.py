@@ -257,7 +257,7 @@ _add(
 _add(
     Scenario(
         "disk-full",
-        "9 nodes in 3 sites, every data dir a 64 MB tmpfs: one fills up for 15 s while a "
+        "9 nodes in 3 sites, one data dir per site on a 64 MB tmpfs: one fills up for 15 s while a "
         "version is published",
         lambda: ClusterPlan.sites(9, 3, tmpfs_mb={f"n{i:02d}": 64 for i in (1, 4, 7)}),
         _one(lambda: DiskFull()),

@@ -36,6 +36,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
+from google.protobuf.json_format import MessageToDict  # noqa: E402
 
 from mesh._proto import inference_pb2, inference_pb2_grpc  # noqa: E402
 from mesh.admin.client import AdminClient, AdminError  # noqa: E402
@@ -67,15 +68,14 @@ class CallFailed(Exception):
 
 
 def _view(view) -> dict[str, Any]:
-    return {
-        "group": view.group,
-        "node_id": view.node_id,
-        "leader": view.leader or None,
-        "current": view.current,
-        "note": view.note,
-        "group_size": view.group_size,
-        "applied_index": view.applied_index,
-    }
+    """A group view as a dict with every field the node sends (so a field the node adds later,
+    such as a Raft term, reaches the harness without a change here)."""
+    doc = MessageToDict(view, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    doc["leader"] = view.leader or None
+    for key, value in doc.items():  # the JSON mapping writes 64-bit integers as strings
+        if isinstance(value, str) and value.isdigit() and key not in ("group", "node_id", "note", "leader"):
+            doc[key] = int(value)
+    return doc
 
 
 class Agent:

@@ -326,7 +326,10 @@ class Sampler:
                 },
             )
             term_after = read_term(self.cluster.data_dir(node))
-            term = group.get("term", term_before if term_before == term_after else None)
+            if group.get("term") is not None:  # the node reports its term: use that
+                term = int(group["term"])
+            else:
+                term = term_before if term_before == term_after else None
             if term is not None:
                 self.rec.sample(
                     node,

@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 MODELS := .cache/models
 MEDIAPIPE_STAMP := $(MODELS)/mediapipe/.stamp
 
-.PHONY: install models demo test test-tflite-runtime bench protos lint clean chaos-deps chaos chaos-smoke
+.PHONY: install models demo test test-tflite-runtime bench protos lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "fleetmesh needs Python >= 3.11"'
@@ -53,6 +53,8 @@ protos: install
 
 clean:
 	rm -rf $(VENV) .venv-tflite demo-run .pytest_cache .hypothesis .cache
+
+.PHONY: chaos-deps chaos chaos-smoke
 
 # The chaos suite's system tools, from Debian's packages, installed only when missing (needs root).
 # nftables/iptables: partitions and loss; faketime/libfaketime: clock skew; stress-ng: a CPU hog beside runs.

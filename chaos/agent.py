@@ -40,14 +40,17 @@ from google.protobuf.json_format import MessageToDict  # noqa: E402
 
 from mesh._proto import inference_pb2, inference_pb2_grpc  # noqa: E402
 from mesh.admin.client import AdminClient, AdminError  # noqa: E402
-from mesh.admin.decisions import DecisionsClient  # noqa: E402
+
+try:  # the CLI package split moved the Decisions client next to the Admin client
+    from mesh.admin.client import DecisionsClient  # noqa: E402
+except ImportError:
+    from mesh.admin.decisions import DecisionsClient  # noqa: E402
 from mesh.admin.format import status_dict  # noqa: E402
 from mesh.guard.approval import sign_approval  # noqa: E402
 from mesh.guard.core import Decision, DecisionKind, StreamMove  # noqa: E402
 from mesh.identity.ca import Role, load_credentials  # noqa: E402
 from mesh.identity.signing import KeyRole, load_signing_key  # noqa: E402
 from mesh.identity.tls import channel_credentials, secure_channel_options  # noqa: E402
-from mesh.inference.signature import ModelSignature  # noqa: E402
 
 # Codes after which the client cannot know whether a write took effect (and redials the node).
 UNCERTAIN_CODES = {"DEADLINE_EXCEEDED", "UNAVAILABLE", "UNKNOWN", "CANCELLED", "INTERNAL"}
@@ -89,7 +92,7 @@ class Agent:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent")
         self._lock = threading.Lock()
         self._clients: dict[tuple[str, str, float], Any] = {}
-        self._signatures: dict[tuple[str, str], ModelSignature] = {}
+        self._signatures: dict[str, list[dict]] = {}
         self._out = threading.Lock()
 
     # -- channels --
@@ -315,19 +318,21 @@ class Agent:
         }
 
     def infer(self, address: str, stream_id: str, seed: int = 0, timeout_s: float = 3.0) -> dict:
-        signature = self._signature(address)
+        inputs = self._inputs(address)
         rng = np.random.default_rng(seed)
         tensors = []
-        for spec in signature.inputs:
-            shape = tuple(d if d > 0 else 1 for d in spec.shape)
-            dtype = np.dtype(spec.dtype)
+        for spec in inputs:
+            shape = tuple(d if d > 0 else 1 for d in spec["shape"])
+            dtype = np.dtype(spec["dtype"])
             if dtype.kind == "f":
                 x = rng.standard_normal(shape).astype(dtype)
             else:
                 info = np.iinfo(dtype)
                 x = rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
             tensors.append(
-                inference_pb2.Tensor(name=spec.name, dtype=spec.dtype, shape=list(shape), data=x.tobytes())
+                inference_pb2.Tensor(
+                    name=spec["name"], dtype=spec["dtype"], shape=list(shape), data=x.tobytes()
+                )
             )
         channel = self._client("infer", address, timeout_s)
         stub = inference_pb2_grpc.InferenceStub(channel)
@@ -335,10 +340,12 @@ class Agent:
         reply = self._call(address, lambda: stub.Infer(request, timeout=timeout_s), "infer")
         return {"model": reply.model, "version": reply.version, "stream_id": reply.stream_id}
 
-    def _signature(self, address: str) -> ModelSignature:
-        # Every version of the chaos model has the same input signature; ask once per node.
+    def _inputs(self, address: str) -> list[dict]:
+        """The active model's input tensors (name, dtype, shape), from the node's Inference status
+        (`signature_json`, as `mesh infer` reads it). Every version of the chaos model has the same
+        inputs, so they are asked for once."""
         with self._lock:
-            cached = self._signatures.get(("any", ""))
+            cached = self._signatures.get("inputs")
         if cached is not None:
             return cached
         status = self.inference(address)
@@ -348,10 +355,13 @@ class Agent:
                 f"{address} serves no model yet ({status['last_activation_error'] or 'nothing activated'})",
                 "inference",
             )
-        signature = ModelSignature.from_dict(json.loads(status["signature_json"]))
+        inputs = [
+            {"name": t["name"], "dtype": t["dtype"], "shape": [int(d) for d in t["shape"]]}
+            for t in json.loads(status["signature_json"])["inputs"]
+        ]
         with self._lock:
-            self._signatures[("any", "")] = signature
-        return signature
+            self._signatures["inputs"] = inputs
+        return inputs
 
     # -- the loop --
 

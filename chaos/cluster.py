@@ -27,6 +27,7 @@ from pathlib import Path
 
 from chaos.net import Network, in_ns, node_ns, run
 from chaos.proxy import PROXY_MARK
+from mesh.consensus.config import RaftSection
 from mesh.membership.messages import MembershipConfig
 from mesh.node.local import write_node_config
 
@@ -61,6 +62,8 @@ GUARD = {
     "reassign_streams": {"max_nodes": 2, "max_fraction": 1.0, "max_streams": 1},
 }
 SITE_NAMES = ("ams", "ber", "chi", "den", "ess")
+# The node's [raft] section lists members by node id once Raft runs on the gRPC port (no raft.listen).
+RAFT_MEMBERS_BY_NODE_ID = not RaftSection.model_fields["listen"].is_required()
 
 
 class ClusterError(Exception):
@@ -129,11 +132,19 @@ def write_config(
 
     Each node listens on its namespace's address (the same ports everywhere: namespaces do
     not share ports), seeds from the first node of every site, joins its site's Raft group,
-    serves the chaos model and claims two streams of its own."""
+    serves the chaos model and claims two streams of its own. The [raft] section is written
+    in whichever form the node takes: members by node id over the gRPC port, or (before the
+    Raft transport moved onto mTLS) a Raft address of its own and members by address."""
     ip = network.addresses[node.node_id]
     firsts = [plan.site_members(site)[0] for site in plan.site_names]
     seeds = [f"{network.addresses[n]}:{GRPC_PORT}" for n in firsts if n != node.node_id]
-    members = [f"{network.addresses[n]}:{RAFT_PORT}" for n in plan.site_members(node.site)]
+    if RAFT_MEMBERS_BY_NODE_ID:
+        raft: dict[str, object] = {"members": plan.site_members(node.site)}
+    else:
+        raft = {
+            "listen": f"{ip}:{RAFT_PORT}",
+            "members": [f"{network.addresses[n]}:{RAFT_PORT}" for n in plan.site_members(node.site)],
+        }
     write_node_config(
         path,
         node_id=node.node_id,
@@ -145,7 +156,7 @@ def write_config(
         timings=plan.timings,
         log_level="info",
         inference={"model": MODEL_NAME, "workers": 1},
-        raft={"listen": f"{ip}:{RAFT_PORT}", "members": members},
+        raft=raft,
         guard=GUARD,
         streams=node.streams,
     )

@@ -131,10 +131,10 @@ def summary_text(report: dict[str, Any]) -> str:
             )
         )
         sockets = heal.get("sockets_1s_after_heal") or {}
-        syn = {n: len(v["raft_syn_sent"]) for n, v in sockets.items() if v["raft_syn_sent"]}
+        syn = {n: len(v["syn_sent"]) for n, v in sockets.items() if v["syn_sent"]}
         unacked = {n: len(v["grpc_unacked"]) for n, v in sockets.items() if v["grpc_unacked"]}
         lines.append(
-            f"  1 s after the heal: Raft connects in SYN-SENT {syn or 'none'}; "
+            f"  1 s after the heal: connects in SYN-SENT {syn or 'none'}; "
             f"gRPC connections with unacknowledged data {unacked or 'none'} (diag/ss-*.txt)"
         )
         seen = heal.get("terms_after_heal") or []

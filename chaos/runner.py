@@ -490,7 +490,7 @@ class Run:
 
     def _socket_diagnostics(self, label: str) -> dict[str, Any]:
         """The kernel's view of every node's TCP connections (`ss -tanoi` inside its namespace,
-        read from outside): Raft connects still in SYN-SENT and gRPC connections holding
+        read from outside): connects to other nodes still in SYN-SENT and gRPC connections holding
         unacknowledged data, with their next retransmission. Raw output goes to diag/."""
         out_dir = self.workdir / "diag"
         out_dir.mkdir(exist_ok=True)
@@ -595,8 +595,8 @@ _TIMER = re.compile(r"timer:\(on,([0-9.]+)(ms|sec|min),(\d+)\)")
 
 
 def parse_ss(text: str, *, raft_port: int, grpc_port: int) -> dict[str, Any]:
-    """From `ss -tanoi`: Raft connects in SYN-SENT and gRPC connections with unacknowledged data,
-    each as "peer next-retry-s/retransmits"."""
+    """From `ss -tanoi`: connects to a node's Raft or gRPC port still in SYN-SENT, and gRPC
+    connections with unacknowledged data, each as "peer next retry ... after N retransmits"."""
     syn_sent, unacked = [], []
     lines = text.splitlines()
     for i, line in enumerate(lines):
@@ -611,11 +611,11 @@ def parse_ss(text: str, *, raft_port: int, grpc_port: int) -> dict[str, Any]:
         if timer:
             value = float(timer.group(1)) * {"ms": 0.001, "sec": 1.0, "min": 60.0}[timer.group(2)]
             retry = f" next retry {value:.1f}s after {timer.group(3)} retransmits"
-        if state == "SYN-SENT" and port == raft_port:
+        if state == "SYN-SENT" and port in (raft_port, grpc_port):
             syn_sent.append(peer + retry)
         elif state == "ESTAB" and grpc_port in (port, _local_port(fields[3])) and "unacked:" in info:
             unacked.append(peer + retry)
-    return {"raft_syn_sent": syn_sent, "grpc_unacked": unacked}
+    return {"syn_sent": syn_sent, "grpc_unacked": unacked}
 
 
 def _local_port(address: str) -> int:

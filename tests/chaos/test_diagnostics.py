@@ -20,7 +20,7 @@ ESTAB    0      0      10.213.0.11:7400    10.213.0.14:40000
 
 def test_syn_sent_raft_connects_and_grpc_connections_holding_data_are_found():
     found = parse_ss(SS, raft_port=7400, grpc_port=7000)
-    assert found["raft_syn_sent"] == ["10.213.0.12:7400 next retry 23.0s after 4 retransmits"]
+    assert found["syn_sent"] == ["10.213.0.12:7400 next retry 23.0s after 4 retransmits"]
     assert found["grpc_unacked"] == ["10.213.0.13:51234 next retry 7.2s after 7 retransmits"]
 
 
@@ -28,4 +28,4 @@ def test_nothing_in_flight_is_nothing_found():
     quiet = "\n".join(
         line for line in SS.splitlines() if not line.startswith(("SYN-SENT", "ESTAB    0      517"))
     )
-    assert parse_ss(quiet, raft_port=7400, grpc_port=7000) == {"raft_syn_sent": [], "grpc_unacked": []}
+    assert parse_ss(quiet, raft_port=7400, grpc_port=7000) == {"syn_sent": [], "grpc_unacked": []}

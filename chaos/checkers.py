@@ -292,9 +292,11 @@ def guard_scope(record: RunRecord) -> CheckResult:
                 )
             before = [key for seq, key in approvals.get(did, []) if seq < a.seq]
             if a.approved_by not in before:
+                broken = not ((final.audit or {}).get("verdict") or {}).get("ok", True)
                 problems.append(
                     f"{node} applied {did} as approved by {a.approved_by}, but its audit log has no "
                     "approval by that key before the apply"
+                    + (" (this log's chain is broken too: see audit_chains)" if broken else "")
                 )
     return _result(
         name,

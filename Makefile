@@ -68,3 +68,27 @@ protos: install
 
 clean:
 	rm -rf $(VENV) .venv-tflite demo-run .pytest_cache .hypothesis .cache
+
+.PHONY: chaos-deps chaos chaos-smoke
+
+# The chaos suite's system tools, from Debian's packages, installed only when missing (needs root).
+# nftables/iptables: partitions and loss; faketime/libfaketime: clock skew; stress-ng: a CPU hog beside runs.
+CHAOS_DEBS := nftables:nft iptables:iptables faketime:faketime libfaketime:/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 \
+              stress-ng:stress-ng
+
+chaos-deps:
+	@missing=""; for pair in $(CHAOS_DEBS); do pkg=$${pair%%:*}; probe=$${pair#*:}; \
+	    case $$probe in /*) test -e $$probe || missing="$$missing $$pkg";; \
+	                    *) command -v $$probe >/dev/null 2>&1 || missing="$$missing $$pkg";; esac; done; \
+	if [ -n "$$missing" ]; then \
+	    echo "chaos-deps: installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "chaos-deps: nftables, iptables, faketime, libfaketime, stress-ng already installed"; fi
+
+# The scenario matrix (root): every nemesis at least once, a few seeds each; ends with one JSON line.
+chaos: install models chaos-deps
+	$(BIN)/python -m chaos matrix
+
+# One short run of the smoke scenario (one partition, one kill, every checker).
+chaos-smoke: install models chaos-deps
+	$(BIN)/python -m chaos run smoke --seed 1

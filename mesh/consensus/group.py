@@ -3,7 +3,10 @@
 `SiteGroup` assembles one `RaftGroup` whose state machine is `_AuditedLedger`: the
 `DecisionLedger` (the guard runs inside its apply, on every replica) plus this replica's
 hash-chained `AuditLog` (``data_dir/audit.log``). Every replica writes the audit events of
-every committed command to its own log, fsynced, inside the apply.
+every committed command to its own log, fsynced: apply queues them, and at the end of each
+pysyncobj tick (and before a snapshot) the queue is written with one fsync (group commit).
+A member that proposed waits for that sync before it answers: the audit records of a command
+are durable before its proposer hears the outcome.
 
 Audit records are written once per Raft entry, even though apply runs again
     pysyncobj replays the journal on restart: committed entries after the last snapshot are
@@ -35,6 +38,7 @@ applied it, so the `ApplyResult` returned is this member's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import threading
@@ -81,7 +85,9 @@ class GroupStartError(GroupError):
 class _AuditedLedger:
     """The StateMachine the Raft group replicates: DecisionLedger.apply, then the events to the audit log.
 
-    Runs on pysyncobj's tick thread; readers on the event loop take `lock`.
+    Runs on pysyncobj's tick thread; readers on the event loop take `lock`. Audit records are queued by
+    apply and written by `flush` (group commit), which the group calls at the end of every tick;
+    `durable(index)` waits until the records of every entry up to `index` are on disk.
     """
 
     def __init__(self, ledger: DecisionLedger, audit: AuditLog, audited: tuple[int, int]) -> None:
@@ -92,6 +98,10 @@ class _AuditedLedger:
         self.audited = audited  # (raft_index, raft_event) of the last event already in the audit log
         self.applied_index = 0
         self.audit_error: str | None = None
+        self._queued: list[tuple[str, Mapping[str, Any]]] = []  # audit records applied but not yet written
+        self._flush_lock = threading.Lock()  # one writer at a time, so records reach the log in order
+        self.durable_index = 0  # the records of every entry applied up to here are on disk
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def apply(self, command: bytes) -> ApplyResult:
         # pysyncobj applies entry raftLastApplied + 1 and increments raftLastApplied afterwards.
@@ -107,8 +117,43 @@ class _AuditedLedger:
             if (index, position) <= self.audited:
                 continue  # written before a restart: the journal replay applies it again
             payload = {**dict(event.payload), "raft_index": index, "raft_event": position}
-            self._append(event.kind, payload)
+            self._queued.append((event.kind, payload))
             self.audited = (index, position)
+
+    def flush(self) -> None:
+        """Write every queued audit record with one fsync, then release proposers waiting for them.
+        Any thread; the tick thread calls it at the end of each tick."""
+        with self._flush_lock:
+            with self.lock:
+                queued, self._queued = self._queued, []
+                through = self.applied_index
+            if queued:
+                try:
+                    self.audit.append_many(queued)
+                except AuditError as exc:
+                    # As for one record (see _append): the entries are in effect on every replica.
+                    self.audit_error = str(exc)
+                    log.error("%d audit records up to raft index %s NOT written: %s", len(queued), through,
+                              exc)
+            with self.lock:
+                self.durable_index = max(self.durable_index, through)
+                ready = [f for i, f in self._waiters if i <= self.durable_index]
+                self._waiters = [(i, f) for i, f in self._waiters if i > self.durable_index]
+        if ready:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                ready[0].get_loop().call_soon_threadsafe(_release_waiters, ready)
+
+    async def durable(self, index: int, timeout_s: float = 1.0) -> None:
+        """Return once the audit records of every entry up to `index` are on disk (on the event loop)."""
+        with self.lock:
+            if self.durable_index >= index:
+                return
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append((index, waiter))
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+        except TimeoutError:  # no tick ended since (the member is stopping): write them from here
+            await asyncio.to_thread(self.flush)
 
     def _append(self, kind: str, payload: Mapping[str, Any]) -> None:
         try:
@@ -122,7 +167,9 @@ class _AuditedLedger:
     def snapshot(self) -> bytes:
         # Called by pysyncobj on the tick thread at the last applied entry. The writer's address tells a
         # restart (its own snapshot: every entry was applied and audited here) from an install (another
-        # member's snapshot: the entries it covers were never applied here).
+        # member's snapshot: the entries it covers were never applied here). Audit records still queued
+        # are written first: after a restart from this snapshot, the entries it covers are not replayed.
+        self.flush()
         with self.lock:
             index = self.raft.raftLastApplied if self.raft is not None else self.applied_index
             writer = (self.raft.node_id if self.raft is not None else "").encode()
@@ -134,6 +181,7 @@ class _AuditedLedger:
             raise GroupError("Raft snapshot is not a fleetmesh site-group snapshot; move it away to resync")
         index, writer_len = struct.unpack(">QH", data[head : head + 10])
         writer = data[head + 10 : head + 10 + writer_len].decode("utf-8", "replace")
+        self.flush()  # records queued before the snapshot go first
         with self.lock:
             self.ledger.restore(data[head + 10 + writer_len :])
             self.applied_index = index
@@ -153,6 +201,12 @@ class _AuditedLedger:
                     },
                 )
                 self.audited = (index, _GAP_EVENT)
+
+
+def _release_waiters(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 class _SiteRaftGroup(RaftGroup):
@@ -237,6 +291,7 @@ class SiteGroup:
             link=link,
             timings=timings,
         )
+        self.raft.addOnTickCallback(self._state.flush)  # after the transport's: frames leave first
         self._closed = False
 
     @classmethod
@@ -298,6 +353,7 @@ class SiteGroup:
 
     async def _propose(self, command: bytes, timeout_s: float) -> ApplyResult:
         result = await self.raft.propose(command, timeout_s=timeout_s)
+        await self._state.durable(self._state.applied_index)  # its audit records are on disk
         if not isinstance(result, ApplyResult):  # RaftGroup.propose returns what state.apply returned
             raise GroupError(f"unexpected apply result {result!r}")
         return result
@@ -359,10 +415,12 @@ class SiteGroup:
 
     def audit_records(self) -> list[AuditRecord]:
         """This replica's audit records (display only; `verify_audit` checks the chain)."""
+        self._state.flush()
         with self._state.lock:
             return read_audit(self.audit_path)
 
     def verify_audit(self) -> AuditVerdict:
+        self._state.flush()
         with self._state.lock:
             return verify_audit(self.audit_path)
 
@@ -385,6 +443,7 @@ class SiteGroup:
             return
         self._closed = True
         await self.raft.close()
+        self._state.flush()
         with self._state.lock:
             self._state.audit.close()
 

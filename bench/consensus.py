@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import logging
@@ -621,6 +622,16 @@ class Etcd:
         match = re.search(r"^etcd_disk_wal_fsync_duration_seconds_count (\d+)", text, re.M)
         return int(match.group(1)) if match else 0
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the live members have used so far."""
+        total = 0.0
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
     def kill(self, i: int) -> None:
         proc = self.procs[i]
         if proc is not None and proc.poll() is None:
@@ -647,6 +658,7 @@ class Figures:
     def summary(self) -> dict[str, float]:
         lat = self.latencies_s
         return {
+            "cpu_ms_per_commit": self.extra.get("cpu_s", 0.0) * 1e3 / len(lat),
             "commits": len(lat),
             "commits_per_s": len(lat) / self.elapsed_s,
             "median_ms": statistics.median(lat) * 1e3,
@@ -701,10 +713,10 @@ class ThroughLeader:
                 return await self.propose_on(leader)
             except self.errors as exc:
                 self.retries += 1
-                log.warning("proposal failed (%s); proposing again through the leader", exc)
                 if self.retries > 1000:
                     raise BenchError(f"more than 1000 proposals failed; the last: {exc}") from None
                 if self.leader is leader:
+                    log.warning("proposal failed (%s); proposing again through the new leader", exc)
                     self.leader = None
 
 
@@ -744,7 +756,9 @@ async def measure_commits(run: Run, fm: Fleetmesh | None, tcp: Tcp | None) -> di
                 propose = proposers[system]
                 leader = propose.leader
                 before = journal_flushes(leader.raft) if system == "site" else 0
+                cpu_before = time.process_time()
                 elapsed, latencies = await run_block(propose, per_block, concurrency)
+                f.extra["cpu_s"] = f.extra.get("cpu_s", 0.0) + time.process_time() - cpu_before
                 f.elapsed_s += elapsed
                 f.latencies_s += latencies
                 if system == "site":
@@ -885,7 +899,9 @@ async def measure_etcd(run: Run, root: Path, timings: RaftTimings) -> dict[str, 
             f = figures[concurrency]
             fsyncs_before = await asyncio.to_thread(etcd.wal_fsyncs, leader)
             for _ in range(run.blocks):
+                cpu_before = time.process_time() + etcd.cpu_s()
                 elapsed, latencies = await run_block(put, max(1, run.commits // run.blocks), concurrency)
+                f.extra["cpu_s"] = f.extra.get("cpu_s", 0.0) + time.process_time() + etcd.cpu_s() - cpu_before
                 f.elapsed_s += elapsed
                 f.latencies_s += latencies
             f.extra["wal_fsyncs"] = await asyncio.to_thread(etcd.wal_fsyncs, leader) - fsyncs_before
@@ -932,7 +948,7 @@ def report(
             if not f.latencies_s:
                 continue
             s = f.summary()
-            notes = []
+            notes = [f"CPU {s['cpu_ms_per_commit']:.2f} ms/commit"]
             if "journal_flushes" in f.extra:
                 notes.append(f"leader journal syncs/commit {f.extra['journal_flushes'] / s['commits']:.2f}")
             if "wal_fsyncs" in f.extra:
@@ -1001,6 +1017,7 @@ def report(
         for level in (1, 16):
             result[f"{prefix}median_ms_{level}"] = level_of(system, level, "median_ms")
             result[f"{prefix}p99_ms_{level}"] = level_of(system, level, "p99_ms")
+            result[f"{prefix}cpu_ms_per_commit_{level}"] = level_of(system, level, "cpu_ms_per_commit")
     etcd16 = (etcd or {}).get("figures", {}).get(16)
     result["etcd_wal_fsyncs_per_put_16"] = (
         etcd16.extra["wal_fsyncs"] / len(etcd16.latencies_s)

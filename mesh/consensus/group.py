@@ -129,16 +129,21 @@ class _AuditedLedger:
                 through = self.applied_index
             if queued:
                 try:
-                    self.audit.append_many(queued)
+                    # Waiters go as soon as the records are synced, while the head file is written.
+                    self.audit.append_many(queued, on_synced=lambda: self._synced(through))
                 except AuditError as exc:
                     # As for one record (see _append): the entries are in effect on every replica.
                     self.audit_error = str(exc)
                     log.error("%d audit records up to raft index %s NOT written: %s", len(queued), through,
                               exc)
-            with self.lock:
-                self.durable_index = max(self.durable_index, through)
-                ready = [f for i, f in self._waiters if i <= self.durable_index]
-                self._waiters = [(i, f) for i, f in self._waiters if i > self.durable_index]
+            self._synced(through)
+
+    def _synced(self, through: int) -> None:
+        """The records of every entry up to `through` are on disk: release who waits for them."""
+        with self.lock:
+            self.durable_index = max(self.durable_index, through)
+            ready = [f for i, f in self._waiters if i <= self.durable_index]
+            self._waiters = [(i, f) for i, f in self._waiters if i > self.durable_index]
         if ready:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 ready[0].get_loop().call_soon_threadsafe(_release_waiters, ready)

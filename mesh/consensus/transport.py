@@ -14,11 +14,15 @@ There is no Raft port of its own, no shared password, and no pickle on the wire:
   ``call_soon_threadsafe``; the link hands incoming messages and connection changes back
   through a queue and a pipe that wakes the tick thread's poller. pysyncobj is only ever
   entered on its tick thread.
-- Durability (group commit): frames leave only after everything written to the journal
-  before them is durable: the transport releases what the tick thread sent at two points,
-  each after one `flush` of the journal: at the end of every tick and after each batch of
-  incoming messages. A follower therefore acknowledges an entry only once it is on disk,
-  and entries appended together are synced together.
+- Durability (group commit): the transport releases what the tick thread sent at two points,
+  each with one `flush` of the journal: at the end of every tick and after each batch of
+  incoming messages, so entries appended together are synced together. A frame that tells
+  a peer what this member holds (an acknowledgement, a vote) leaves only after the flush: a
+  follower acknowledges an entry only once it is on disk. A batch of append_entries alone
+  (the leader replicating) leaves before the flush, so the leader's sync runs while the
+  followers write theirs, as in etcd; this is safe because the leader counts its own copy
+  towards a commit only when it handles a follower's reply, on the same tick thread, after
+  the flush has returned.
 - Healing: each member keeps one outgoing stream per peer, re-dialled with a short
   back-off (0.05 s doubling to 1 s) through channels with keepalive (mesh/node/peers.py),
   so a member rejoins within about a second of a partition healing.
@@ -54,6 +58,10 @@ GROUP_KEY = "x-mesh-raft-group"
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
 # Frames written in one gRPC message.
 MAX_FRAMES_PER_BATCH = 256
+# Messages that claim nothing about the sender's journal: a batch of only these may leave before the
+# journal's flush. append_entries carries the leader's entries; the leader counts its own copy only after
+# its flush (see the module docstring). Everything else (next_node_idx, votes) waits for the flush.
+_SENT_BEFORE_FLUSH = frozenset({"append_entries"})
 
 DialRaft = Callable[[str], "pb_grpc.RaftStub | None"]
 """node id -> stub over an mTLS channel to that member (None while its address is unknown)."""
@@ -279,6 +287,7 @@ class GrpcTransport(Transport):
         self._connected: set[str] = set()
         self._inbox: collections.deque[tuple] = collections.deque()
         self._outgoing: list[tuple[str, bytes]] = []
+        self._flush_first = False  # _outgoing holds a frame that may leave only once the journal is durable
         self._lock = threading.Lock()  # guards _outgoing: send() may run outside the tick (sync commands)
         self._notifier = PipeNotifier(syncObj._poller, self._drain)
         self._destroyed = False
@@ -310,6 +319,8 @@ class GrpcTransport(Transport):
             return False
         with self._lock:
             self._outgoing.append((node.id, frame))
+            if message["type"] not in _SENT_BEFORE_FLUSH:
+                self._flush_first = True
         return True
 
     def destroy(self) -> None:
@@ -345,17 +356,22 @@ class GrpcTransport(Transport):
         self._release()
 
     def _release(self) -> None:
-        """Make the journal durable, then let everything sent so far leave (group commit)."""
+        """Let everything sent so far leave and make the journal durable (group commit): the flush first
+        unless the batch is only append_entries (see the module docstring)."""
         with self._lock:
             if not self._outgoing:
                 return
             batch, self._outgoing = self._outgoing, []
-        self._flush()
+            flush_first, self._flush_first = self._flush_first, False
+        if flush_first:
+            self._flush()
         if not self._destroyed:
             try:
                 self._loop.call_soon_threadsafe(self._link._send, batch)
             except RuntimeError:
                 pass  # the loop is closed: the node is shutting down
+        if not flush_first:
+            self._flush()
 
 
 class RaftServicer(pb_grpc.RaftServicer):

@@ -38,7 +38,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -411,10 +411,15 @@ class AuditLog:
         return self.append_many([(kind, payload)], now=now)[0]
 
     def append_many(
-        self, entries: Iterable[tuple[str, Mapping[str, Any] | None]], *, now: float | None = None
+        self,
+        entries: Iterable[tuple[str, Mapping[str, Any] | None]],
+        *,
+        now: float | None = None,
+        on_synced: Callable[[], None] | None = None,
     ) -> list[AuditRecord]:
         """Write records (kind, payload) durably and return them: one write, one fsync and one head
-        update per `MAX_RECORDS_PER_SYNC` records. None of them is durable before this returns."""
+        update per `MAX_RECORDS_PER_SYNC` records. `on_synced` is called once every record is on disk,
+        before the last head update (so that a writer waiting for them need not wait for the head too)."""
         items = [(kind, dict(payload or {})) for kind, payload in entries]
         for kind, _ in items:
             if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
@@ -422,10 +427,13 @@ class AuditLog:
         records: list[AuditRecord] = []
         with self._lock:
             for start in range(0, len(items), MAX_RECORDS_PER_SYNC):
-                records += self._write_synced(items[start : start + MAX_RECORDS_PER_SYNC], now)
+                last = start + MAX_RECORDS_PER_SYNC >= len(items)
+                records += self._write_synced(items[start : start + MAX_RECORDS_PER_SYNC], now,
+                                              on_synced if last else None)
         return records
 
-    def _write_synced(self, items: list[tuple[str, dict[str, Any]]], now: float | None) -> list[AuditRecord]:
+    def _write_synced(self, items: list[tuple[str, dict[str, Any]]], now: float | None,
+                      on_synced: Callable[[], None] | None = None) -> list[AuditRecord]:
         """Append `items` as records, fsync the log, then advance the head (caller holds the lock)."""
         seq, prev = self._seq, self._hash
         records, lines = [], []
@@ -443,8 +451,10 @@ class AuditLog:
             os.fsync(self._fd)
         except OSError as exc:
             raise AuditWriteError(f"cannot append to audit log {self.path}: {exc.strerror or exc}") from None
-        _write_head(self.path, seq, prev)
         self._seq, self._hash = seq, prev
+        if on_synced is not None:
+            on_synced()
+        _write_head(self.path, seq, prev)
         return records
 
     def append_events(self, events: Iterable[AuditEvent], *, now: float | None = None) -> list[AuditRecord]:

@@ -62,6 +62,8 @@ MAX_FRAMES_PER_BATCH = 256
 # journal's flush. append_entries carries the leader's entries; the leader counts its own copy only after
 # its flush (see the module docstring). Everything else (next_node_idx, votes) waits for the flush.
 _SENT_BEFORE_FLUSH = frozenset({"append_entries"})
+# Command bytes `coalesce` puts in one merged append_entries (each entry is at most the ledger's 1 MiB).
+MAX_COALESCED_ENTRY_BYTES = 1024 * 1024
 
 DialRaft = Callable[[str], "pb_grpc.RaftStub | None"]
 """node id -> stub over an mTLS channel to that member (None while its address is unknown)."""
@@ -264,6 +266,55 @@ class RaftLink:
             self._transport._post(event)
 
 
+def coalesce(messages: list[tuple[str, dict]], max_entry_bytes: int = MAX_COALESCED_ENTRY_BYTES,
+             ) -> list[tuple[str, dict]]:
+    """The same (node id, message) sequence with fewer messages: pure.
+
+    A leader with unbatched appends sends each new entry to each follower in a message of its own,
+    and a follower acknowledges each. Within one release, consecutive append_entries to the same peer
+    that continue each other (the next starts where the previous ends, same term) become one message
+    with all their entries and the latest commit index, and consecutive successful acknowledgements
+    to the same peer become the last one. A follower handles the merged message exactly as it would
+    the sequence (Raft's append_entries carries any number of entries), and answers it once. Order
+    per peer is kept; nothing else is merged.
+    """
+    out: list[tuple[str, dict]] = []
+    last_for: dict[str, int] = {}  # node id -> position in `out` of the last message to it
+    for node_id, message in messages:
+        at = last_for.get(node_id)
+        merged = _merge(out[at][1], message, max_entry_bytes) if at is not None else None
+        if merged is not None:
+            out[at] = (node_id, merged)
+            continue
+        last_for[node_id] = len(out)
+        out.append((node_id, message))
+    return out
+
+
+def _merge(first: dict, second: dict, max_entry_bytes: int) -> dict | None:
+    """`first` and `second` as one message, or None if they are not two pieces of one append or ack."""
+    kind = first.get("type")
+    if kind != second.get("type"):
+        return None
+    if kind == "next_node_idx":
+        if first.get("success") and second.get("success") and not first.get("reset") and not second.get("reset") \
+                and second.get("next_node_idx", -1) >= first.get("next_node_idx", 0):
+            return second
+        return None
+    if kind != "append_entries" or first.get("term") != second.get("term"):
+        return None
+    if not all("prevLogIdx" in m and "transmission" not in m and "serialized" not in m for m in (first, second)):
+        return None
+    entries_1, entries_2 = first.get("entries", []), second.get("entries", [])
+    end_idx, end_term = (entries_1[-1][1], entries_1[-1][2]) if entries_1 else (first["prevLogIdx"], first["prevLogTerm"])
+    if second["prevLogIdx"] != end_idx or second["prevLogTerm"] != end_term:
+        return None
+    if entries_2 and sum(len(e[0]) for e in entries_1) + sum(len(e[0]) for e in entries_2) > max_entry_bytes:
+        return None
+    return {**first, "entries": list(entries_1) + list(entries_2),
+            "commit_index": max(first["commit_index"], second["commit_index"])}
+
+
 class GrpcTransport(Transport):
     """The tick-thread side: pysyncobj's Transport, built by SyncObj with
     ``transportClass=functools.partial(GrpcTransport, link=..., flush=...)``.
@@ -286,7 +337,8 @@ class GrpcTransport(Transport):
         self._nodes: dict[str, MemberNode] = {}
         self._connected: set[str] = set()
         self._inbox: collections.deque[tuple] = collections.deque()
-        self._outgoing: list[tuple[str, bytes]] = []
+        self._outgoing: list[tuple[str, dict]] = []  # messages sent since the last release, encoded then
+        self._wake_pending = False  # a wake-up of the tick thread is on its way (set by the loop, cleared by _drain)
         self._flush_first = False  # _outgoing holds a frame that may leave only once the journal is durable
         self._lock = threading.Lock()  # guards _outgoing: send() may run outside the tick (sync commands)
         self._notifier = PipeNotifier(syncObj._poller, self._drain)
@@ -312,14 +364,9 @@ class GrpcTransport(Transport):
     def send(self, node: MemberNode, message: dict) -> bool:
         if node.id not in self._connected:
             return False
-        try:
-            frame = encode_message(message)
-        except FrameError as exc:
-            log.error("raft %s: not sending %s to %s: %s", self._link.group, message.get("type"), node.id, exc)
-            return False
         with self._lock:
-            self._outgoing.append((node.id, frame))
-            if message["type"] not in _SENT_BEFORE_FLUSH:
+            self._outgoing.append((node.id, message))
+            if message.get("type") not in _SENT_BEFORE_FLUSH:
                 self._flush_first = True
         return True
 
@@ -330,14 +377,20 @@ class GrpcTransport(Transport):
     # -- incoming, on the tick thread --
 
     def _post(self, item: tuple) -> None:
-        """From the loop: queue an event for the tick thread and wake it."""
+        """From the loop: queue an event for the tick thread and wake it (once until it drains: a pipe
+        write is a system call, and the drain takes every queued event)."""
         self._inbox.append(item)
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
             self._notifier.notify()
         except BlockingIOError:
             pass  # the pipe is full: the tick thread is already due to drain
 
     def _drain(self) -> None:
+        # Cleared before draining: an event posted from here on wakes the tick thread again.
+        self._wake_pending = False
         while self._inbox and not self._destroyed:
             kind, node_id, *rest = self._inbox.popleft()
             node = self._nodes.get(node_id)
@@ -361,8 +414,14 @@ class GrpcTransport(Transport):
         with self._lock:
             if not self._outgoing:
                 return
-            batch, self._outgoing = self._outgoing, []
+            messages, self._outgoing = self._outgoing, []
             flush_first, self._flush_first = self._flush_first, False
+        batch = []
+        for node_id, message in coalesce(messages):
+            try:
+                batch.append((node_id, encode_message(message)))
+            except FrameError as exc:  # as if lost on the network: Raft sends it again
+                log.error("raft %s: not sending %s to %s: %s", self._link.group, message.get("type"), node_id, exc)
         if flush_first:
             self._flush()
         if not self._destroyed:

@@ -114,6 +114,12 @@ def record_hash(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(dict(body))).hexdigest()
 
 
+def _record_line(canonical_body: bytes, digest: str) -> bytes:
+    """canonical_json({**body, "hash": digest}) + newline, from the canonical bytes of `body`: "hash"
+    sorts before every other field, so it only goes in front (one encoding per record, not two)."""
+    return b'{"hash":"' + digest.encode("ascii") + b'",' + canonical_body[1:] + b"\n"
+
+
 class _BadRecord(Exception):
     """One line of the log is not a well-formed record."""
 
@@ -440,8 +446,9 @@ class AuditLog:
         at = time.time() if now is None else float(now)
         for kind, payload in items:
             body = {"seq": seq + 1, "time": at, "kind": kind, "payload": payload, "prev": prev}
-            digest = record_hash(body)
-            lines.append(canonical_json({**body, "hash": digest}) + b"\n")
+            canonical = canonical_json(body)
+            digest = hashlib.sha256(canonical).hexdigest()
+            lines.append(_record_line(canonical, digest))
             records.append(AuditRecord(body["seq"], at, kind, payload, prev, digest))
             seq, prev = body["seq"], digest
         try:

@@ -7,9 +7,12 @@ import json
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh.guard import audit as audit_module
-from mesh.guard.audit import AuditCorruptError, AuditLog, head_path, read_audit, verify_audit
+from mesh.guard.audit import AuditCorruptError, AuditLog, head_path, read_audit, record_hash, verify_audit
+from mesh.identity.signing import canonical_json
 
 N = 4
 BATCH = 5
@@ -104,3 +107,29 @@ def test_a_lagging_head_that_does_not_chain_is_refused(log_path):
     assert not verify_audit(log_path).ok
     with pytest.raises(AuditCorruptError):
         AuditLog(log_path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    payload=st.dictionaries(
+        st.text(max_size=8),
+        st.recursive(
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.floats(allow_nan=False, allow_infinity=False)
+            | st.text(max_size=10),
+            lambda inner: (
+                st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+            ),
+            max_leaves=8,
+        ),
+        max_size=4,
+    ),
+    seq=st.integers(1, 10**9),
+)
+def test_a_record_line_is_the_canonical_json_of_the_record(payload, seq):
+    body = {"seq": seq, "time": 1234.5, "kind": "applied", "payload": payload, "prev": "ab" * 32}
+    digest = record_hash(body)
+    line = audit_module._record_line(canonical_json(body), digest)
+    assert line == canonical_json({**body, "hash": digest}) + b"\n"

@@ -72,6 +72,8 @@ _SNAPSHOT_MAGIC = b"FMSITE1\n"
 # raft_event of a snapshot_installed record: after any event the covered entries could have had.
 _GAP_EVENT = 1 << 30
 DEFAULT_PROPOSE_TIMEOUT_S = 3.0
+# The audit writer brings the head file up to the log once it has had nothing to write for this long.
+AUDIT_HEAD_IDLE_S = 0.05
 
 
 class GroupError(Exception):
@@ -86,7 +88,8 @@ class _AuditedLedger:
     """The StateMachine the Raft group replicates: DecisionLedger.apply, then the events to the audit log.
 
     Runs on pysyncobj's tick thread; readers on the event loop take `lock`. Audit records are queued by
-    apply and written by `flush` (group commit), which the group calls at the end of every tick;
+    apply and written by `flush` (group commit) on a writer thread of their own, woken at the end of
+    every tick (`tick_ended`), so that the tick thread goes on replicating while the audit log syncs;
     `durable(index)` waits until the records of every entry up to `index` are on disk.
     """
 
@@ -102,6 +105,10 @@ class _AuditedLedger:
         self._flush_lock = threading.Lock()  # one writer at a time, so records reach the log in order
         self.durable_index = 0  # the records of every entry applied up to here are on disk
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._wake = threading.Event()
+        self._stopping = False
+        self._writer = threading.Thread(target=self._write_queued, name=f"audit-{audit.path}", daemon=True)
+        self._writer.start()
 
     def apply(self, command: bytes) -> ApplyResult:
         # pysyncobj applies entry raftLastApplied + 1 and increments raftLastApplied afterwards.
@@ -120,17 +127,47 @@ class _AuditedLedger:
             self._queued.append((event.kind, payload))
             self.audited = (index, position)
 
+    def tick_ended(self) -> None:
+        """End of a pysyncobj tick (tick thread): wake the writer if entries were applied since it ran."""
+        if self.applied_index > self.durable_index or self._queued:
+            self._wake.set()
+
+    def _write_queued(self) -> None:
+        while not self._stopping:
+            if self._wake.wait(AUDIT_HEAD_IDLE_S):
+                self._wake.clear()
+                self.flush()
+            else:  # nothing to write for a while: bring the head file up to the log
+                self._sync_head()
+
+    def _sync_head(self) -> None:
+        with self._flush_lock:
+            try:
+                self.audit.sync_head()
+            except AuditError as exc:
+                self.audit_error = str(exc)
+                log.error("audit head file NOT updated: %s", exc)
+
+    def stop(self) -> None:
+        """Stop the writer thread, then write what is still queued (after the tick thread has stopped)."""
+        self._stopping = True
+        self._wake.set()
+        self._writer.join()
+        self.flush()
+        self._sync_head()
+
     def flush(self) -> None:
         """Write every queued audit record with one fsync, then release proposers waiting for them.
-        Any thread; the tick thread calls it at the end of each tick."""
+        Any thread (the writer's, a snapshot's, a reader that wants every record on disk)."""
         with self._flush_lock:
             with self.lock:
                 queued, self._queued = self._queued, []
                 through = self.applied_index
             if queued:
                 try:
-                    # Waiters go as soon as the records are synced, while the head file is written.
-                    self.audit.append_many(queued, on_synced=lambda: self._synced(through))
+                    # Waiters go as soon as the records are synced; the head file follows when the writer
+                    # is idle (or one append behind the log at most), not in the way of the next records.
+                    self.audit.append_many(queued, on_synced=lambda: self._synced(through), defer_head=True)
                 except AuditError as exc:
                     # As for one record (see _append): the entries are in effect on every replica.
                     self.audit_error = str(exc)
@@ -288,15 +325,19 @@ class SiteGroup:
             audited = (0, -1)
         ledger = DecisionLedger(group=group, policy=self.policy, group_size=len(members), trusted=trusted)
         self._state = _AuditedLedger(ledger, audit, audited)
-        self.raft = _SiteRaftGroup(
-            node_id,
-            members,
-            self._state,
-            data_dir=self.data_dir,
-            link=link,
-            timings=timings,
-        )
-        self.raft.addOnTickCallback(self._state.flush)  # after the transport's: frames leave first
+        try:
+            self.raft = _SiteRaftGroup(
+                node_id,
+                members,
+                self._state,
+                data_dir=self.data_dir,
+                link=link,
+                timings=timings,
+            )
+        except BaseException:
+            self._state.stop()
+            raise
+        self.raft.addOnTickCallback(self._state.tick_ended)  # after the transport's: frames leave first
         self._closed = False
 
     @classmethod
@@ -448,7 +489,7 @@ class SiteGroup:
             return
         self._closed = True
         await self.raft.close()
-        self._state.flush()
+        await asyncio.to_thread(self._state.stop)
         with self._state.lock:
             self._state.audit.close()
 

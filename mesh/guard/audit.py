@@ -313,6 +313,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._seq, self._hash = 0, GENESIS_HASH
         recovered_bytes = self._open_existing() if self.path.exists() else self._create()
+        self._head_seq = self._seq  # the seq the head file on disk records
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
         except OSError as exc:
@@ -422,10 +423,15 @@ class AuditLog:
         *,
         now: float | None = None,
         on_synced: Callable[[], None] | None = None,
+        defer_head: bool = False,
     ) -> list[AuditRecord]:
         """Write records (kind, payload) durably and return them: one write, one fsync and one head
         update per `MAX_RECORDS_PER_SYNC` records. `on_synced` is called once every record is on disk,
-        before the last head update (so that a writer waiting for them need not wait for the head too)."""
+        before the last head update (so that a writer waiting for them need not wait for the head too).
+
+        With `defer_head`, the head file is left behind (a busy writer's next records need not wait for
+        it) until the log would get more than `MAX_RECORDS_PER_SYNC` records ahead of it; the writer
+        calls `sync_head` when it has nothing else to do."""
         items = [(kind, dict(payload or {})) for kind, payload in entries]
         for kind, _ in items:
             if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
@@ -433,14 +439,28 @@ class AuditLog:
         records: list[AuditRecord] = []
         with self._lock:
             for start in range(0, len(items), MAX_RECORDS_PER_SYNC):
+                chunk = items[start : start + MAX_RECORDS_PER_SYNC]
+                if self._seq - self._head_seq + len(chunk) > MAX_RECORDS_PER_SYNC:
+                    self._advance_head()  # after a crash the log stays at most one chunk ahead of it
                 last = start + MAX_RECORDS_PER_SYNC >= len(items)
-                records += self._write_synced(items[start : start + MAX_RECORDS_PER_SYNC], now,
-                                              on_synced if last else None)
+                records += self._write_synced(chunk, now, on_synced if last else None)
+                if not defer_head:
+                    self._advance_head()
         return records
+
+    def sync_head(self) -> None:
+        """Bring the head file up to the last record (after appends with `defer_head`)."""
+        with self._lock:
+            self._advance_head()
+
+    def _advance_head(self) -> None:
+        if self._head_seq != self._seq:
+            _write_head(self.path, self._seq, self._hash)
+            self._head_seq = self._seq
 
     def _write_synced(self, items: list[tuple[str, dict[str, Any]]], now: float | None,
                       on_synced: Callable[[], None] | None = None) -> list[AuditRecord]:
-        """Append `items` as records, fsync the log, then advance the head (caller holds the lock)."""
+        """Append `items` as records and fsync the log (caller holds the lock; the head is the caller's)."""
         seq, prev = self._seq, self._hash
         records, lines = [], []
         at = time.time() if now is None else float(now)
@@ -461,7 +481,6 @@ class AuditLog:
         self._seq, self._hash = seq, prev
         if on_synced is not None:
             on_synced()
-        _write_head(self.path, seq, prev)
         return records
 
     def append_events(self, events: Iterable[AuditEvent], *, now: float | None = None) -> list[AuditRecord]:
@@ -470,6 +489,10 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
+                try:
+                    self._advance_head()
+                except AuditWriteError as exc:  # the head may lag the log by one append: still valid
+                    log.warning("%s", exc)
                 os.close(self._fd)
                 self._fd = -1
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import threading
@@ -64,6 +65,10 @@ MAX_FRAMES_PER_BATCH = 256
 _SENT_BEFORE_FLUSH = frozenset({"append_entries"})
 # Command bytes `coalesce` puts in one merged append_entries (each entry is at most the ledger's 1 MiB).
 MAX_COALESCED_ENTRY_BYTES = 1024 * 1024
+# Entries `coalesce` puts in one merged append_entries. Measured at 16 proposers: no slower than merging
+# everything (1,082-1,125 vs 1,072-1,106 decisions/s), and the leader keeps hearing a follower's progress
+# every few entries, as plain pysyncobj's flow (which test_pysyncobj_patch relies on to see resends) has it.
+MAX_COALESCED_ENTRIES = 4
 
 DialRaft = Callable[[str], "pb_grpc.RaftStub | None"]
 """node id -> stub over an mTLS channel to that member (None while its address is unknown)."""
@@ -131,7 +136,8 @@ class RaftLink:
         if self.closed or node_id in self._peers or node_id == self.node_id:
             return
         peer = self._peers[node_id] = _Peer(node_id)
-        peer.task = self.loop.create_task(self._run_peer(peer), name=f"raft-{self.group}-{self.node_id}->{node_id}")
+        name = f"raft-{self.group}-{self.node_id}->{node_id}"
+        peer.task = self.loop.create_task(self._run_peer(peer), name=name)
 
     def _drop_peer(self, node_id: str) -> None:
         peer = self._peers.pop(node_id, None)
@@ -225,11 +231,13 @@ class RaftLink:
             self._notify(("up", peer.node_id))
             writer = asyncio.ensure_future(self._write(peer, call))
             reader = asyncio.ensure_future(call.read())  # ends when the stream does
-            done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
             reader.cancel()
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            # Take every task's exception (one left unread is logged as "never retrieved"), raise the first.
+            errors = [t.exception() for t in (writer, reader) if t.done() and not t.cancelled()]
+            first = next((e for e in errors if e is not None), None)
+            if first is not None:
+                raise first
         except grpc.aio.AioRpcError as exc:
             level = logging.WARNING if exc.code() is grpc.StatusCode.PERMISSION_DENIED else logging.DEBUG
             log.log(level, "raft %s: stream %s -> %s ended: %s %s", self.group, self.node_id, peer.node_id,
@@ -267,7 +275,7 @@ class RaftLink:
 
 
 def coalesce(messages: list[tuple[str, dict]], max_entry_bytes: int = MAX_COALESCED_ENTRY_BYTES,
-             ) -> list[tuple[str, dict]]:
+             max_entries: int = MAX_COALESCED_ENTRIES) -> list[tuple[str, dict]]:
     """The same (node id, message) sequence with fewer messages: pure.
 
     A leader with unbatched appends sends each new entry to each follower in a message of its own,
@@ -282,7 +290,7 @@ def coalesce(messages: list[tuple[str, dict]], max_entry_bytes: int = MAX_COALES
     last_for: dict[str, int] = {}  # node id -> position in `out` of the last message to it
     for node_id, message in messages:
         at = last_for.get(node_id)
-        merged = _merge(out[at][1], message, max_entry_bytes) if at is not None else None
+        merged = _merge(out[at][1], message, max_entry_bytes, max_entries) if at is not None else None
         if merged is not None:
             out[at] = (node_id, merged)
             continue
@@ -291,23 +299,29 @@ def coalesce(messages: list[tuple[str, dict]], max_entry_bytes: int = MAX_COALES
     return out
 
 
-def _merge(first: dict, second: dict, max_entry_bytes: int) -> dict | None:
+def _merge(first: dict, second: dict, max_entry_bytes: int, max_entries: int) -> dict | None:
     """`first` and `second` as one message, or None if they are not two pieces of one append or ack."""
     kind = first.get("type")
     if kind != second.get("type"):
         return None
     if kind == "next_node_idx":
-        if first.get("success") and second.get("success") and not first.get("reset") and not second.get("reset") \
-                and second.get("next_node_idx", -1) >= first.get("next_node_idx", 0):
+        both_succeeded = all(m.get("success") and not m.get("reset") for m in (first, second))
+        if both_succeeded and second.get("next_node_idx", -1) >= first.get("next_node_idx", 0):
             return second
         return None
     if kind != "append_entries" or first.get("term") != second.get("term"):
         return None
-    if not all("prevLogIdx" in m and "transmission" not in m and "serialized" not in m for m in (first, second)):
+    if not all("prevLogIdx" in m and "transmission" not in m and "serialized" not in m
+               for m in (first, second)):
         return None
     entries_1, entries_2 = first.get("entries", []), second.get("entries", [])
-    end_idx, end_term = (entries_1[-1][1], entries_1[-1][2]) if entries_1 else (first["prevLogIdx"], first["prevLogTerm"])
+    if entries_1:
+        end_idx, end_term = entries_1[-1][1], entries_1[-1][2]
+    else:
+        end_idx, end_term = first["prevLogIdx"], first["prevLogTerm"]
     if second["prevLogIdx"] != end_idx or second["prevLogTerm"] != end_term:
+        return None
+    if entries_2 and len(entries_1) + len(entries_2) > max_entries:
         return None
     if entries_2 and sum(len(e[0]) for e in entries_1) + sum(len(e[0]) for e in entries_2) > max_entry_bytes:
         return None
@@ -324,7 +338,8 @@ class GrpcTransport(Transport):
     for _pysyncobj_patch's receive rules); by default `_onMessageReceived`.
     """
 
-    def __init__(self, syncObj: Any, selfNode: MemberNode, otherNodes: Iterable[MemberNode], *, link: RaftLink,
+    def __init__(self, syncObj: Any, selfNode: MemberNode, otherNodes: Iterable[MemberNode], *,
+                 link: RaftLink,
                  flush: Callable[[], None] = lambda: None,
                  on_message: Callable[[GrpcTransport, MemberNode, dict], None] | None = None) -> None:
         super().__init__(syncObj, selfNode, otherNodes)
@@ -338,7 +353,7 @@ class GrpcTransport(Transport):
         self._connected: set[str] = set()
         self._inbox: collections.deque[tuple] = collections.deque()
         self._outgoing: list[tuple[str, dict]] = []  # messages sent since the last release, encoded then
-        self._wake_pending = False  # a wake-up of the tick thread is on its way (set by the loop, cleared by _drain)
+        self._wake_pending = False  # a wake-up of the tick thread is on its way (loop sets, _drain clears)
         self._flush_first = False  # _outgoing holds a frame that may leave only once the journal is durable
         self._lock = threading.Lock()  # guards _outgoing: send() may run outside the tick (sync commands)
         self._notifier = PipeNotifier(syncObj._poller, self._drain)
@@ -383,10 +398,8 @@ class GrpcTransport(Transport):
         if self._wake_pending:
             return
         self._wake_pending = True
-        try:
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: the tick thread is due to drain
             self._notifier.notify()
-        except BlockingIOError:
-            pass  # the pipe is full: the tick thread is already due to drain
 
     def _drain(self) -> None:
         # Cleared before draining: an event posted from here on wakes the tick thread again.
@@ -421,14 +434,13 @@ class GrpcTransport(Transport):
             try:
                 batch.append((node_id, encode_message(message)))
             except FrameError as exc:  # as if lost on the network: Raft sends it again
-                log.error("raft %s: not sending %s to %s: %s", self._link.group, message.get("type"), node_id, exc)
+                log.error("raft %s: not sending %s to %s: %s", self._link.group, message.get("type"), node_id,
+                          exc)
         if flush_first:
             self._flush()
         if not self._destroyed:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the node is shutting down
                 self._loop.call_soon_threadsafe(self._link._send, batch)
-            except RuntimeError:
-                pass  # the loop is closed: the node is shutting down
         if not flush_first:
             self._flush()
 
@@ -449,11 +461,13 @@ class RaftServicer(pb_grpc.RaftServicer):
         link = self._links.get(group)
         who = f"{peer.role.value} {peer.name!r}" if peer else "an unauthenticated caller"
         if link is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"this node is not a member of Raft group {group!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"this node is not a member of Raft group {group!r}")
         if peer is None or peer.role is not Role.NODE:
             link.counters.refused_streams += 1
             log.warning("raft %s: refused a stream from %s: Raft needs a node certificate", group, who)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "Raft streams need a fleet node certificate")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "Raft streams need a fleet node certificate")
         why = link.refusal(peer.name)
         if why is not None:
             link.counters.refused_streams += 1
@@ -469,5 +483,6 @@ class RaftServicer(pb_grpc.RaftServicer):
                     link.receive(peer.name, frame)
                 except FrameError as exc:
                     link.counters.refused_frames += 1
-                    log.warning("raft %s: refused a frame from %s: %s; closing its stream", group, peer.name, exc)
+                    log.warning("raft %s: refused a frame from %s: %s; closing its stream", group, peer.name,
+                                exc)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"refused Raft frame: {exc}")

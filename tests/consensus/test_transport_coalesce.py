@@ -25,7 +25,7 @@ def ack(next_idx: int, success: bool = True, reset: bool = False) -> dict:
 
 def test_single_entry_appends_to_one_follower_become_one_message():
     sent = [("b", append(9 + i, 2, [(10 + i, 2)], commit=8 + i)) for i in range(16)]
-    [(node, merged)] = coalesce(sent)
+    [(node, merged)] = coalesce(sent, max_entries=16)
     assert node == "b" and merged["prevLogIdx"] == 9 and merged["prevLogTerm"] == 2
     assert [e[1] for e in merged["entries"]] == list(range(10, 26)) and merged["commit_index"] == 23
     assert sent[0][1]["entries"] == [(b"cmd-10", 10, 2)]  # the messages pysyncobj built are left alone
@@ -77,6 +77,11 @@ def test_what_does_not_continue_is_not_merged():
 
 def test_successful_acks_become_the_last_one():
     assert coalesce([("a", ack(11)), ("a", ack(12)), ("a", ack(14))]) == [("a", ack(14))]
+
+
+def test_a_merged_append_holds_at_most_max_entries():
+    sent = [("b", append(9 + i, 2, [(10 + i, 2)], 8)) for i in range(10)]
+    assert [len(m["entries"]) for _, m in coalesce(sent, max_entries=4)] == [4, 4, 2]
 
 
 def test_merging_stops_at_the_byte_budget():

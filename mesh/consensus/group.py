@@ -3,7 +3,10 @@
 `SiteGroup` assembles one `RaftGroup` whose state machine is `_AuditedLedger`: the
 `DecisionLedger` (the guard runs inside its apply, on every replica) plus this replica's
 hash-chained `AuditLog` (``data_dir/audit.log``). Every replica writes the audit events of
-every committed command to its own log, fsynced, inside the apply.
+every committed command to its own log, fsynced: apply queues them, and at the end of each
+pysyncobj tick (and before a snapshot) the queue is written with one fsync (group commit).
+A member that proposed waits for that sync before it answers: the audit records of a command
+are durable before its proposer hears the outcome.
 
 Audit records are written once per Raft entry, even though apply runs again
     pysyncobj replays the journal on restart: committed entries after the last snapshot are
@@ -35,6 +38,7 @@ applied it, so the `ApplyResult` returned is this member's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import threading
@@ -79,6 +83,8 @@ _SNAPSHOT_MAGIC = b"FMSITE1\n"
 # raft_event of a snapshot_installed record: after any event the covered entries could have had.
 _GAP_EVENT = 1 << 30
 DEFAULT_PROPOSE_TIMEOUT_S = 3.0
+# The audit writer brings the head file up to the log once it has had nothing to write for this long.
+AUDIT_HEAD_IDLE_S = 0.05
 
 
 class GroupError(Exception):
@@ -92,7 +98,10 @@ class GroupStartError(GroupError):
 class _AuditedLedger:
     """The StateMachine the Raft group replicates: DecisionLedger.apply, then the events to the audit log.
 
-    Runs on pysyncobj's tick thread; readers on the event loop take `lock`.
+    Runs on pysyncobj's tick thread; readers on the event loop take `lock`. Audit records are queued by
+    apply and written by `flush` (group commit) on a writer thread of their own, woken at the end of
+    every tick (`tick_ended`), so that the tick thread goes on replicating while the audit log syncs;
+    `durable(index)` waits until the records of every entry up to `index` are on disk.
     """
 
     def __init__(self, ledger: DecisionLedger, audit: AuditLog, audited: tuple[int, int]) -> None:
@@ -104,6 +113,14 @@ class _AuditedLedger:
         self.applied_index = 0
         self.audit_error: str | None = None
         self.counts = GroupCounts()
+        self._queued: list[tuple[str, Mapping[str, Any]]] = []  # audit records applied but not yet written
+        self._flush_lock = threading.Lock()  # one writer at a time, so records reach the log in order
+        self.durable_index = 0  # the records of every entry applied up to here are on disk
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._wake = threading.Event()
+        self._stopping = False
+        self._writer = threading.Thread(target=self._write_queued, name=f"audit-{audit.path}", daemon=True)
+        self._writer.start()
 
     def apply(self, command: bytes) -> ApplyResult:
         # pysyncobj applies entry raftLastApplied + 1 and increments raftLastApplied afterwards.
@@ -121,8 +138,80 @@ class _AuditedLedger:
             if (index, position) <= self.audited:
                 continue  # written before a restart: the journal replay applies it again
             payload = {**dict(event.payload), "raft_index": index, "raft_event": position}
-            self._append(event.kind, payload)
+            self._queued.append((event.kind, payload))
             self.audited = (index, position)
+
+    def tick_ended(self) -> None:
+        """End of a pysyncobj tick (tick thread): wake the writer if entries were applied since it ran."""
+        if self.applied_index > self.durable_index or self._queued:
+            self._wake.set()
+
+    def _write_queued(self) -> None:
+        while not self._stopping:
+            if self._wake.wait(AUDIT_HEAD_IDLE_S):
+                self._wake.clear()
+                self.flush()
+            else:  # nothing to write for a while: bring the head file up to the log
+                self._sync_head()
+
+    def _sync_head(self) -> None:
+        with self._flush_lock:
+            try:
+                self.audit.sync_head()
+            except AuditError as exc:
+                self.audit_error = str(exc)
+                log.error("audit head file NOT updated: %s", exc)
+
+    def stop(self) -> None:
+        """Stop the writer thread, then write what is still queued (after the tick thread has stopped)."""
+        self._stopping = True
+        self._wake.set()
+        self._writer.join()
+        self.flush()
+        self._sync_head()
+
+    def flush(self) -> None:
+        """Write every queued audit record with one fsync, then release proposers waiting for them.
+        Any thread (the writer's, a snapshot's, a reader that wants every record on disk)."""
+        with self._flush_lock:
+            with self.lock:
+                queued, self._queued = self._queued, []
+                through = self.applied_index
+            if queued:
+                try:
+                    # Waiters go as soon as the records are synced; the head file follows when the writer
+                    # is idle (or one append behind the log at most), not in the way of the next records.
+                    self.audit.append_many(queued, on_synced=lambda: self._synced(through), defer_head=True)
+                except AuditError as exc:
+                    # As for one record (see _append): the entries are in effect on every replica.
+                    self.audit_error = str(exc)
+                    for _ in queued:
+                        self.counts.audit_failed()
+                    log.error("%d audit records up to raft index %s NOT written: %s", len(queued), through,
+                              exc)
+            self._synced(through)
+
+    def _synced(self, through: int) -> None:
+        """The records of every entry up to `through` are on disk: release who waits for them."""
+        with self.lock:
+            self.durable_index = max(self.durable_index, through)
+            ready = [f for i, f in self._waiters if i <= self.durable_index]
+            self._waiters = [(i, f) for i, f in self._waiters if i > self.durable_index]
+        if ready:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                ready[0].get_loop().call_soon_threadsafe(_release_waiters, ready)
+
+    async def durable(self, index: int, timeout_s: float = 1.0) -> None:
+        """Return once the audit records of every entry up to `index` are on disk (on the event loop)."""
+        with self.lock:
+            if self.durable_index >= index:
+                return
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append((index, waiter))
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+        except TimeoutError:  # no tick ended since (the member is stopping): write them from here
+            await asyncio.to_thread(self.flush)
 
     def _append(self, kind: str, payload: Mapping[str, Any]) -> None:
         try:
@@ -137,7 +226,9 @@ class _AuditedLedger:
     def snapshot(self) -> bytes:
         # Called by pysyncobj on the tick thread at the last applied entry. The writer's address tells a
         # restart (its own snapshot: every entry was applied and audited here) from an install (another
-        # member's snapshot: the entries it covers were never applied here).
+        # member's snapshot: the entries it covers were never applied here). Audit records still queued
+        # are written first: after a restart from this snapshot, the entries it covers are not replayed.
+        self.flush()
         with self.lock:
             index = self.raft.raftLastApplied if self.raft is not None else self.applied_index
             writer = (self.raft.node_id if self.raft is not None else "").encode()
@@ -149,6 +240,7 @@ class _AuditedLedger:
             raise GroupError("Raft snapshot is not a fleetmesh site-group snapshot; move it away to resync")
         index, writer_len = struct.unpack(">QH", data[head : head + 10])
         writer = data[head + 10 : head + 10 + writer_len].decode("utf-8", "replace")
+        self.flush()  # records queued before the snapshot go first
         with self.lock:
             self.ledger.restore(data[head + 10 + writer_len :])
             self.applied_index = index
@@ -168,6 +260,12 @@ class _AuditedLedger:
                     },
                 )
                 self.audited = (index, _GAP_EVENT)
+
+
+def _release_waiters(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 class _SiteRaftGroup(RaftGroup):
@@ -250,14 +348,19 @@ class SiteGroup:
                         self.audit_check.first_bad_seq)
         ledger = DecisionLedger(group=group, policy=self.policy, group_size=len(members), trusted=trusted)
         self._state = _AuditedLedger(ledger, audit, audited)
-        self.raft = _SiteRaftGroup(
-            node_id,
-            members,
-            self._state,
-            data_dir=self.data_dir,
-            link=link,
-            timings=timings,
-        )
+        try:
+            self.raft = _SiteRaftGroup(
+                node_id,
+                members,
+                self._state,
+                data_dir=self.data_dir,
+                link=link,
+                timings=timings,
+            )
+        except BaseException:
+            self._state.stop()
+            raise
+        self.raft.addOnTickCallback(self._state.tick_ended)  # after the transport's: frames leave first
         self._closed = False
 
     @classmethod
@@ -325,6 +428,7 @@ class SiteGroup:
 
     async def _propose(self, command: bytes, timeout_s: float) -> ApplyResult:
         result = await self.raft.propose(command, timeout_s=timeout_s)
+        await self._state.durable(self._state.applied_index)  # its audit records are on disk
         if not isinstance(result, ApplyResult):  # RaftGroup.propose returns what state.apply returned
             raise GroupError(f"unexpected apply result {result!r}")
         return result
@@ -396,10 +500,12 @@ class SiteGroup:
 
     def audit_records(self) -> list[AuditRecord]:
         """This replica's audit records (display only; `verify_audit` checks the chain)."""
+        self._state.flush()
         with self._state.lock:
             return read_audit(self.audit_path)
 
     def verify_audit(self) -> AuditVerdict:
+        self._state.flush()
         with self._state.lock:
             return verify_audit(self.audit_path)
 
@@ -424,6 +530,7 @@ class SiteGroup:
             return
         self._closed = True
         await self.raft.close()
+        await asyncio.to_thread(self._state.stop)
         with self._state.lock:
             self._state.audit.close()
 

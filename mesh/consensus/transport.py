@@ -14,11 +14,15 @@ There is no Raft port of its own, no shared password, and no pickle on the wire:
   ``call_soon_threadsafe``; the link hands incoming messages and connection changes back
   through a queue and a pipe that wakes the tick thread's poller. pysyncobj is only ever
   entered on its tick thread.
-- Durability (group commit): frames leave only after everything written to the journal
-  before them is durable: the transport releases what the tick thread sent at two points,
-  each after one `flush` of the journal: at the end of every tick and after each batch of
-  incoming messages. A follower therefore acknowledges an entry only once it is on disk,
-  and entries appended together are synced together.
+- Durability (group commit): the transport releases what the tick thread sent at two points,
+  each with one `flush` of the journal: at the end of every tick and after each batch of
+  incoming messages, so entries appended together are synced together. A frame that tells
+  a peer what this member holds (an acknowledgement, a vote) leaves only after the flush: a
+  follower acknowledges an entry only once it is on disk. A batch of append_entries alone
+  (the leader replicating) leaves before the flush, so the leader's sync runs while the
+  followers write theirs, as in etcd; this is safe because the leader counts its own copy
+  towards a commit only when it handles a follower's reply, on the same tick thread, after
+  the flush has returned.
 - Healing: each member keeps one outgoing stream per peer, re-dialled with a short
   back-off (0.05 s doubling to 1 s) through channels with keepalive (mesh/node/peers.py),
   so a member rejoins within about a second of a partition healing.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import threading
@@ -55,6 +60,16 @@ GROUP_KEY = "x-mesh-raft-group"
 MAX_QUEUED_BYTES = 16 * 1024 * 1024
 # Frames written in one gRPC message.
 MAX_FRAMES_PER_BATCH = 256
+# Messages that claim nothing about the sender's journal: a batch of only these may leave before the
+# journal's flush. append_entries carries the leader's entries; the leader counts its own copy only after
+# its flush (see the module docstring). Everything else (next_node_idx, votes) waits for the flush.
+_SENT_BEFORE_FLUSH = frozenset({"append_entries"})
+# Command bytes `coalesce` puts in one merged append_entries (each entry is at most the ledger's 1 MiB).
+MAX_COALESCED_ENTRY_BYTES = 1024 * 1024
+# Entries `coalesce` puts in one merged append_entries (bounds a follower's work per message; at 16
+# proposers 4 was measured as fast as no bound: 1,082-1,125 vs 1,072-1,106 decisions/s). 1 sends every
+# entry on its own, as plain pysyncobj does (read at each call, so a test can emulate that).
+MAX_COALESCED_ENTRIES = 4
 
 DialRaft = Callable[[str], "pb_grpc.RaftStub | None"]
 """node id -> stub over an mTLS channel to that member (None while its address is unknown)."""
@@ -124,7 +139,8 @@ class RaftLink:
         if self.closed or node_id in self._peers or node_id == self.node_id:
             return
         peer = self._peers[node_id] = _Peer(node_id)
-        peer.task = self.loop.create_task(self._run_peer(peer), name=f"raft-{self.group}-{self.node_id}->{node_id}")
+        name = f"raft-{self.group}-{self.node_id}->{node_id}"
+        peer.task = self.loop.create_task(self._run_peer(peer), name=name)
 
     def _drop_peer(self, node_id: str) -> None:
         peer = self._peers.pop(node_id, None)
@@ -234,11 +250,13 @@ class RaftLink:
             self._notify(("up", peer.node_id))
             writer = asyncio.ensure_future(self._write(peer, call))
             reader = asyncio.ensure_future(call.read())  # ends when the stream does
-            done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
             reader.cancel()
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+            # Take every task's exception (one left unread is logged as "never retrieved"), raise the first.
+            errors = [t.exception() for t in (writer, reader) if t.done() and not t.cancelled()]
+            first = next((e for e in errors if e is not None), None)
+            if first is not None:
+                raise first
         except grpc.aio.AioRpcError as exc:
             level = logging.WARNING if exc.code() is grpc.StatusCode.PERMISSION_DENIED else logging.DEBUG
             log.log(level, "raft %s: stream %s -> %s ended: %s %s", self.group, self.node_id, peer.node_id,
@@ -276,6 +294,62 @@ class RaftLink:
             self._transport._post(event)
 
 
+def coalesce(messages: list[tuple[str, dict]], max_entry_bytes: int = MAX_COALESCED_ENTRY_BYTES,
+             max_entries: int | None = None) -> list[tuple[str, dict]]:
+    """The same (node id, message) sequence with fewer messages: pure.
+
+    A leader with unbatched appends sends each new entry to each follower in a message of its own,
+    and a follower acknowledges each. Within one release, consecutive append_entries to the same peer
+    that continue each other (the next starts where the previous ends, same term) become one message
+    with all their entries and the latest commit index, and consecutive successful acknowledgements
+    to the same peer become the last one. A follower handles the merged message exactly as it would
+    the sequence (Raft's append_entries carries any number of entries), and answers it once. Order
+    per peer is kept; nothing else is merged.
+    """
+    max_entries = MAX_COALESCED_ENTRIES if max_entries is None else max_entries  # read now: tests may set it
+    out: list[tuple[str, dict]] = []
+    last_for: dict[str, int] = {}  # node id -> position in `out` of the last message to it
+    for node_id, message in messages:
+        at = last_for.get(node_id)
+        merged = _merge(out[at][1], message, max_entry_bytes, max_entries) if at is not None else None
+        if merged is not None:
+            out[at] = (node_id, merged)
+            continue
+        last_for[node_id] = len(out)
+        out.append((node_id, message))
+    return out
+
+
+def _merge(first: dict, second: dict, max_entry_bytes: int, max_entries: int) -> dict | None:
+    """`first` and `second` as one message, or None if they are not two pieces of one append or ack."""
+    kind = first.get("type")
+    if kind != second.get("type"):
+        return None
+    if kind == "next_node_idx":
+        both_succeeded = all(m.get("success") and not m.get("reset") for m in (first, second))
+        if both_succeeded and second.get("next_node_idx", -1) >= first.get("next_node_idx", 0):
+            return second
+        return None
+    if kind != "append_entries" or first.get("term") != second.get("term"):
+        return None
+    if not all("prevLogIdx" in m and "transmission" not in m and "serialized" not in m
+               for m in (first, second)):
+        return None
+    entries_1, entries_2 = first.get("entries", []), second.get("entries", [])
+    if entries_1:
+        end_idx, end_term = entries_1[-1][1], entries_1[-1][2]
+    else:
+        end_idx, end_term = first["prevLogIdx"], first["prevLogTerm"]
+    if second["prevLogIdx"] != end_idx or second["prevLogTerm"] != end_term:
+        return None
+    if entries_2 and len(entries_1) + len(entries_2) > max_entries:
+        return None
+    if entries_2 and sum(len(e[0]) for e in entries_1) + sum(len(e[0]) for e in entries_2) > max_entry_bytes:
+        return None
+    return {**first, "entries": list(entries_1) + list(entries_2),
+            "commit_index": max(first["commit_index"], second["commit_index"])}
+
+
 class GrpcTransport(Transport):
     """The tick-thread side: pysyncobj's Transport, built by SyncObj with
     ``transportClass=functools.partial(GrpcTransport, link=..., flush=...)``.
@@ -285,7 +359,8 @@ class GrpcTransport(Transport):
     for _pysyncobj_patch's receive rules); by default `_onMessageReceived`.
     """
 
-    def __init__(self, syncObj: Any, selfNode: MemberNode, otherNodes: Iterable[MemberNode], *, link: RaftLink,
+    def __init__(self, syncObj: Any, selfNode: MemberNode, otherNodes: Iterable[MemberNode], *,
+                 link: RaftLink,
                  flush: Callable[[], None] = lambda: None,
                  on_message: Callable[[GrpcTransport, MemberNode, dict], None] | None = None) -> None:
         super().__init__(syncObj, selfNode, otherNodes)
@@ -298,7 +373,9 @@ class GrpcTransport(Transport):
         self._nodes: dict[str, MemberNode] = {}
         self._connected: set[str] = set()
         self._inbox: collections.deque[tuple] = collections.deque()
-        self._outgoing: list[tuple[str, bytes]] = []
+        self._outgoing: list[tuple[str, dict]] = []  # messages sent since the last release, encoded then
+        self._wake_pending = False  # a wake-up of the tick thread is on its way (loop sets, _drain clears)
+        self._flush_first = False  # _outgoing holds a frame that may leave only once the journal is durable
         self._lock = threading.Lock()  # guards _outgoing: send() may run outside the tick (sync commands)
         self._notifier = PipeNotifier(syncObj._poller, self._drain)
         self._destroyed = False
@@ -330,13 +407,10 @@ class GrpcTransport(Transport):
                                                   "request_id": message["request_id"],
                                                   "error": FAIL_REASON.NOT_LEADER}))
             return False
-        try:
-            frame = encode_message(message)
-        except FrameError as exc:
-            log.error("raft %s: not sending %s to %s: %s", self._link.group, message.get("type"), node.id, exc)
-            return False
         with self._lock:
-            self._outgoing.append((node.id, frame))
+            self._outgoing.append((node.id, message))
+            if message.get("type") not in _SENT_BEFORE_FLUSH:
+                self._flush_first = True
         return True
 
     def destroy(self) -> None:
@@ -346,14 +420,18 @@ class GrpcTransport(Transport):
     # -- incoming, on the tick thread --
 
     def _post(self, item: tuple) -> None:
-        """From the loop: queue an event for the tick thread and wake it."""
+        """From the loop: queue an event for the tick thread and wake it (once until it drains: a pipe
+        write is a system call, and the drain takes every queued event)."""
         self._inbox.append(item)
-        try:
+        if self._wake_pending:
+            return
+        self._wake_pending = True
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: the tick thread is due to drain
             self._notifier.notify()
-        except BlockingIOError:
-            pass  # the pipe is full: the tick thread is already due to drain
 
     def _drain(self) -> None:
+        # Cleared before draining: an event posted from here on wakes the tick thread again.
+        self._wake_pending = False
         while self._inbox and not self._destroyed:
             kind, node_id, *rest = self._inbox.popleft()
             node = self._nodes.get(node_id)
@@ -372,17 +450,30 @@ class GrpcTransport(Transport):
         self._release()
 
     def _release(self) -> None:
-        """Make the journal durable, then let everything sent so far leave (group commit)."""
+        """Let everything sent so far leave and make the journal durable (group commit): the flush first
+        unless the batch is only append_entries (see the module docstring)."""
         with self._lock:
-            if not self._outgoing:
-                return
-            batch, self._outgoing = self._outgoing, []
-        self._flush()
-        if not self._destroyed:
+            messages, self._outgoing = self._outgoing, []
+            flush_first, self._flush_first = self._flush_first, False
+        if not messages:
+            # Nothing to send, but entries may have been appended (a member alone in its group commits
+            # them on its next tick): they must be durable all the same.
+            self._flush()
+            return
+        batch = []
+        for node_id, message in coalesce(messages):
             try:
+                batch.append((node_id, encode_message(message)))
+            except FrameError as exc:  # as if lost on the network: Raft sends it again
+                log.error("raft %s: not sending %s to %s: %s", self._link.group, message.get("type"), node_id,
+                          exc)
+        if flush_first:
+            self._flush()
+        if not self._destroyed:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the node is shutting down
                 self._loop.call_soon_threadsafe(self._link._send, batch)
-            except RuntimeError:
-                pass  # the loop is closed: the node is shutting down
+        if not flush_first:
+            self._flush()
 
 
 class RaftServicer(pb_grpc.RaftServicer):
@@ -401,11 +492,13 @@ class RaftServicer(pb_grpc.RaftServicer):
         link = self._links.get(group)
         who = f"{peer.role.value} {peer.name!r}" if peer else "an unauthenticated caller"
         if link is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"this node is not a member of Raft group {group!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"this node is not a member of Raft group {group!r}")
         if peer is None or peer.role is not Role.NODE:
             link.counters.refused_streams += 1
             log.warning("raft %s: refused a stream from %s: Raft needs a node certificate", group, who)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "Raft streams need a fleet node certificate")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "Raft streams need a fleet node certificate")
         why = link.refusal(peer.name)
         if why is not None:
             link.counters.refused_streams += 1
@@ -424,5 +517,6 @@ class RaftServicer(pb_grpc.RaftServicer):
                     link.receive(peer.name, frame)
                 except FrameError as exc:
                     link.counters.refused_frames += 1
-                    log.warning("raft %s: refused a frame from %s: %s; closing its stream", group, peer.name, exc)
+                    log.warning("raft %s: refused a frame from %s: %s; closing its stream", group, peer.name,
+                                exc)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"refused Raft frame: {exc}")

@@ -17,10 +17,16 @@ the tail. The complete answer is to keep the head somewhere else as well
 (print it with `AuditLog.head`, gossip it, or pass it as `expected_head`).
 
 Crash safety: a record is fsynced before the head is advanced, so after a
-power loss the log may be one record ahead of the head (accepted) or end in a
-torn line that was never acknowledged. Reopening drops such a torn line and
-records that it did so; a torn or missing record the head already covers is
-damage, and reopening refuses it (`AuditCorruptError`).
+power loss the log may be ahead of the head by the records of one append
+(accepted: one record for `append`, at most `MAX_RECORDS_PER_SYNC` for
+`append_many`) or end in a torn line that was never acknowledged. Reopening
+drops such a torn line and records that it did so; a torn or missing record
+the head already covers is damage, and reopening refuses it
+(`AuditCorruptError`).
+
+Group commit: `append_many` writes many records with one write, one fsync
+and one head update, for a writer (a Raft replica applying a batch of
+entries) that acknowledges none of them before it returns.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -46,6 +52,9 @@ GENESIS_HASH = "0" * 64
 _KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _RECORD_FIELDS = frozenset({"seq", "time", "kind", "payload", "prev", "hash"})
 _FILE_MODE = 0o640
+#: Records that one `append_many` makes durable with a single fsync and head update; after a crash the log
+#: may be ahead of its head file by at most this many records (the records of one interrupted append).
+MAX_RECORDS_PER_SYNC = 1024
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +113,12 @@ class AuditRecord:
 
 def record_hash(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(dict(body))).hexdigest()
+
+
+def _record_line(canonical_body: bytes, digest: str) -> bytes:
+    """canonical_json({**body, "hash": digest}) + newline, from the canonical bytes of `body`: "hash"
+    sorts before every other field, so it only goes in front (one encoding per record, not two)."""
+    return b'{"hash":"' + digest.encode("ascii") + b'",' + canonical_body[1:] + b"\n"
 
 
 class _BadRecord(Exception):
@@ -322,9 +337,10 @@ def _verify(path: Path, *, expected_head: tuple[int, str] | None, tail_bytes: in
             return bad(f"record {head_seq} does not match the {source}: the log was rewritten", at=head_seq)
         if head_seq == 0 and head_hash != GENESIS_HASH:
             return bad(f"{source} is not the empty-log head", at=1)
-        if source == "head file" and last_seq - head_seq > 1:
+        if source == "head file" and last_seq - head_seq > MAX_RECORDS_PER_SYNC:
             return bad(
-                f"the log is {last_seq - head_seq} records ahead of its head file (at most 1 after a crash)",
+                f"the log is {last_seq - head_seq} records ahead of its head file (at most "
+                f"{MAX_RECORDS_PER_SYNC} after a crash)",
                 at=head_seq + 1,
             )
     if window:
@@ -363,6 +379,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._seq, self._hash = 0, GENESIS_HASH
         recovered_bytes = self._open_existing() if self.path.exists() else self._create()
+        self._head_seq = self._seq  # the seq the head file on disk records
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
         except OSError as exc:
@@ -418,11 +435,22 @@ class AuditLog:
                 raise AuditCorruptError(f"last record ({record.seq}) of audit log {self.path} was edited")
             self._seq, self._hash = record.seq, record.hash
         head_seq, head_hash = head
-        # The head may lag the log by one record (a crash between the record's fsync and the head's).
-        if head_seq == self._seq:
+        # The head may lag the log by the records of one append (a crash between their fsync and the head's):
+        # the first record it does not cover must chain to it.
+        lag = self._seq - head_seq
+        if lag == 0:
             covered = head_hash == self._hash
+        elif lag == 1:
+            covered = head_hash == record.prev
+        elif 1 < lag <= MAX_RECORDS_PER_SYNC:
+            rows = data[:end].rstrip(b"\n").split(b"\n")
+            try:
+                first = _parse_record(rows[-lag]) if lag <= len(rows) else None
+            except _BadRecord:
+                first = None
+            covered = first is not None and first.seq == head_seq + 1 and first.prev == head_hash
         else:
-            covered = head_seq == self._seq - 1 and head_hash == record.prev
+            covered = False
         if not covered:
             raise AuditCorruptError(
                 f"audit log {self.path} ends at seq {self._seq} but its head file records seq {head_seq}: "
@@ -453,38 +481,84 @@ class AuditLog:
         self, kind: str, payload: Mapping[str, Any] | None = None, *, now: float | None = None
     ) -> AuditRecord:
         """Write one record durably and return it."""
-        if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
-            raise ValueError(f"audit kind {kind!r} must match {_KIND_RE.pattern}")
-        payload = dict(payload or {})
+        return self.append_many([(kind, payload)], now=now)[0]
+
+    def append_many(
+        self,
+        entries: Iterable[tuple[str, Mapping[str, Any] | None]],
+        *,
+        now: float | None = None,
+        on_synced: Callable[[], None] | None = None,
+        defer_head: bool = False,
+    ) -> list[AuditRecord]:
+        """Write records (kind, payload) durably and return them: one write, one fsync and one head
+        update per `MAX_RECORDS_PER_SYNC` records. `on_synced` is called once every record is on disk,
+        before the last head update (so that a writer waiting for them need not wait for the head too).
+
+        With `defer_head`, the head file is left behind (a busy writer's next records need not wait for
+        it) until the log would get more than `MAX_RECORDS_PER_SYNC` records ahead of it; the writer
+        calls `sync_head` when it has nothing else to do."""
+        items = [(kind, dict(payload or {})) for kind, payload in entries]
+        for kind, _ in items:
+            if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind):
+                raise ValueError(f"audit kind {kind!r} must match {_KIND_RE.pattern}")
+        records: list[AuditRecord] = []
         with self._lock:
-            body = {
-                "seq": self._seq + 1,
-                "time": time.time() if now is None else float(now),
-                "kind": kind,
-                "payload": payload,
-                "prev": self._hash,
-            }
-            digest = record_hash(body)
-            line = canonical_json({**body, "hash": digest}) + b"\n"
-            try:
-                view = memoryview(line)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-                os.fsync(self._fd)
-            except OSError as exc:
-                raise AuditWriteError(
-                    f"cannot append to audit log {self.path}: {exc.strerror or exc}"
-                ) from None
-            _write_head(self.path, body["seq"], digest)
-            self._seq, self._hash = body["seq"], digest
-            return AuditRecord(body["seq"], body["time"], kind, payload, body["prev"], digest)
+            for start in range(0, len(items), MAX_RECORDS_PER_SYNC):
+                chunk = items[start : start + MAX_RECORDS_PER_SYNC]
+                if self._seq - self._head_seq + len(chunk) > MAX_RECORDS_PER_SYNC:
+                    self._advance_head()  # after a crash the log stays at most one chunk ahead of it
+                last = start + MAX_RECORDS_PER_SYNC >= len(items)
+                records += self._write_synced(chunk, now, on_synced if last else None)
+                if not defer_head:
+                    self._advance_head()
+        return records
+
+    def sync_head(self) -> None:
+        """Bring the head file up to the last record (after appends with `defer_head`)."""
+        with self._lock:
+            self._advance_head()
+
+    def _advance_head(self) -> None:
+        if self._head_seq != self._seq:
+            _write_head(self.path, self._seq, self._hash)
+            self._head_seq = self._seq
+
+    def _write_synced(self, items: list[tuple[str, dict[str, Any]]], now: float | None,
+                      on_synced: Callable[[], None] | None = None) -> list[AuditRecord]:
+        """Append `items` as records and fsync the log (caller holds the lock; the head is the caller's)."""
+        seq, prev = self._seq, self._hash
+        records, lines = [], []
+        at = time.time() if now is None else float(now)
+        for kind, payload in items:
+            body = {"seq": seq + 1, "time": at, "kind": kind, "payload": payload, "prev": prev}
+            canonical = canonical_json(body)
+            digest = hashlib.sha256(canonical).hexdigest()
+            lines.append(_record_line(canonical, digest))
+            records.append(AuditRecord(body["seq"], at, kind, payload, prev, digest))
+            seq, prev = body["seq"], digest
+        try:
+            view = memoryview(b"".join(lines))
+            while view:
+                view = view[os.write(self._fd, view) :]
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise AuditWriteError(f"cannot append to audit log {self.path}: {exc.strerror or exc}") from None
+        self._seq, self._hash = seq, prev
+        if on_synced is not None:
+            on_synced()
+        return records
 
     def append_events(self, events: Iterable[AuditEvent], *, now: float | None = None) -> list[AuditRecord]:
-        return [self.append(e.kind, e.payload, now=now) for e in events]
+        return self.append_many(((e.kind, e.payload) for e in events), now=now)
 
     def close(self) -> None:
         with self._lock:
             if self._fd >= 0:
+                try:
+                    self._advance_head()
+                except AuditWriteError as exc:  # the head may lag the log by one append: still valid
+                    log.warning("%s", exc)
                 os.close(self._fd)
                 self._fd = -1
 

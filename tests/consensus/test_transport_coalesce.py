@@ -1,0 +1,144 @@
+"""`transport.coalesce`: the messages of one release, fewer of them, with the same effect on every peer."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.consensus.transport import coalesce
+
+
+def append(prev: int, prev_term: int, entries: list[tuple[int, int]], commit: int, term: int = 2) -> dict:
+    return {
+        "type": "append_entries",
+        "term": term,
+        "commit_index": commit,
+        "prevLogIdx": prev,
+        "prevLogTerm": prev_term,
+        "entries": [(b"cmd-%d" % i, i, t) for i, t in entries],
+    }
+
+
+def ack(next_idx: int, success: bool = True, reset: bool = False) -> dict:
+    return {"type": "next_node_idx", "next_node_idx": next_idx, "success": success, "reset": reset}
+
+
+def test_single_entry_appends_to_one_follower_become_one_message():
+    sent = [("b", append(9 + i, 2, [(10 + i, 2)], commit=8 + i)) for i in range(16)]
+    [(node, merged)] = coalesce(sent, max_entries=16)
+    assert node == "b" and merged["prevLogIdx"] == 9 and merged["prevLogTerm"] == 2
+    assert [e[1] for e in merged["entries"]] == list(range(10, 26)) and merged["commit_index"] == 23
+    assert sent[0][1]["entries"] == [(b"cmd-10", 10, 2)]  # the messages pysyncobj built are left alone
+
+
+def test_each_peer_keeps_its_order_and_other_messages_stay_where_they_are():
+    sent = [
+        ("b", append(9, 2, [(10, 2)], 8)),
+        ("c", append(9, 2, [(10, 2)], 8)),
+        ("b", {"type": "apply_command_response", "request_id": 1, "log_idx": 10, "log_term": 2}),
+        ("b", append(10, 2, [(11, 2)], 9)),
+        ("c", append(10, 2, [(11, 2)], 9)),
+    ]
+    out = coalesce(sent)
+    assert [(n, m["type"]) for n, m in out] == [
+        ("b", "append_entries"),
+        ("c", "append_entries"),
+        ("b", "apply_command_response"),
+        ("b", "append_entries"),
+    ]
+    assert [e[1] for e in out[1][1]["entries"]] == [10, 11]
+
+
+def test_a_heartbeat_merges_with_the_append_that_continues_it():
+    out = coalesce(
+        [("b", append(9, 2, [], 7)), ("b", append(9, 2, [(10, 2)], 8)), ("b", append(10, 2, [], 10))]
+    )
+    assert len(out) == 1 and out[0][1]["prevLogIdx"] == 9 and out[0][1]["commit_index"] == 10
+    assert [e[1] for e in out[0][1]["entries"]] == [10]
+
+
+def test_what_does_not_continue_is_not_merged():
+    cases = [
+        [append(9, 2, [(10, 2)], 8), append(12, 2, [(13, 2)], 8)],  # a gap
+        [append(9, 2, [(10, 2), (11, 2)], 8), append(10, 2, [(11, 2)], 8)],  # resent overlap
+        [append(9, 2, [(10, 2)], 8), append(10, 1, [(11, 2)], 8)],  # prevLogTerm differs
+        [append(9, 2, [(10, 2)], 8, term=2), append(10, 2, [(11, 3)], 8, term=3)],  # a new term
+        [append(9, 2, [(10, 2)], 8), {**append(10, 2, [], 8), "transmission": "start", "data": b"x"}],
+        [
+            append(9, 2, [(10, 2)], 8),
+            {"type": "append_entries", "term": 2, "commit_index": 8, "serialized": None},
+        ],
+        [ack(11, success=False, reset=True), ack(12)],
+        [ack(12), ack(11)],
+    ]
+    for messages in cases:
+        assert len(coalesce([("b", m) for m in messages])) == 2, messages
+
+
+def test_successful_acks_become_the_last_one():
+    assert coalesce([("a", ack(11)), ("a", ack(12)), ("a", ack(14))]) == [("a", ack(14))]
+
+
+def test_a_merged_append_holds_at_most_max_entries():
+    sent = [("b", append(9 + i, 2, [(10 + i, 2)], 8)) for i in range(10)]
+    assert [len(m["entries"]) for _, m in coalesce(sent, max_entries=4)] == [4, 4, 2]
+
+
+def test_merging_stops_at_the_byte_budget():
+    sent = [("b", append(9 + i, 2, [(10 + i, 2)], 8)) for i in range(10)]
+    out = coalesce(sent, max_entry_bytes=3 * len(b"cmd-10"))
+    assert [len(m["entries"]) for _, m in out] == [3, 3, 3, 1]
+
+
+# --- the property: a follower ends in the same state ----------------------------------------------------
+
+
+def follower(messages: list[dict]) -> tuple[dict[int, int], int, list[bool]]:
+    """Raft's receiver of append_entries (log index -> term, commit index, and the reply to each)."""
+    log: dict[int, int] = {}
+    commit = 0
+    replies = []
+    for m in messages:
+        if m["prevLogIdx"] > 0 and log.get(m["prevLogIdx"]) != m["prevLogTerm"]:
+            replies.append(False)
+            continue
+        for _, idx, term in m["entries"]:
+            if log.get(idx, term) != term:
+                for stale in [i for i in log if i >= idx]:
+                    del log[stale]
+            log[idx] = term
+        last_new = m["entries"][-1][1] if m["entries"] else m["prevLogIdx"]
+        commit = max(commit, min(m["commit_index"], last_new))
+        replies.append(True)
+    return log, commit, replies
+
+
+@st.composite
+def appends(draw) -> list[dict]:
+    """Slices of a leader's log (terms non-decreasing), in the order a leader might send them, with its
+    commit index (which never goes back)."""
+    terms = draw(st.lists(st.integers(1, 3), min_size=1, max_size=30).map(sorted))
+    count_messages = draw(st.integers(1, 25))
+    commits = sorted(
+        draw(st.lists(st.integers(0, len(terms)), min_size=count_messages, max_size=count_messages))
+    )
+    out = []
+    for commit in commits:
+        start = draw(st.integers(0, len(terms)))
+        count = draw(st.integers(0, len(terms) - start))
+        prev_term = terms[start - 1] if start else 0
+        entries = [(i + 1, terms[i]) for i in range(start, start + count)]
+        out.append(append(start, prev_term, entries, commit=commit, term=max(terms)))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(appends())
+def test_a_follower_reaches_the_same_log_and_commit_index(messages):
+    merged = [m for _, m in coalesce([("b", m) for m in messages])]
+    log, commit, replies = follower(messages)
+    log_merged, commit_merged, replies_merged = follower(merged)
+    assert (log_merged, commit_merged) == (log, commit)
+    assert len(merged) <= len(messages)
+    # The last reply (what the leader ends up knowing) is the same.
+    assert replies_merged[-1] == replies[-1]

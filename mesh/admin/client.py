@@ -11,6 +11,8 @@ from mesh._proto import admin_pb2 as pb
 from mesh._proto import admin_pb2_grpc as pb_grpc
 from mesh._proto import decisions_pb2 as decisions_pb
 from mesh._proto import decisions_pb2_grpc as decisions_pb_grpc
+from mesh._proto import trust_pb2 as trust_pb
+from mesh._proto import trust_pb2_grpc as trust_pb_grpc
 from mesh.identity.ca import Credentials, Role
 from mesh.identity.tls import channel_credentials, secure_channel_options
 
@@ -114,3 +116,20 @@ class DecisionsClient(OperatorClient):
 
     def audit(self, *, verify: bool = False, limit: int = 0) -> decisions_pb.AuditResponse:
         return self._call(self._stub.Audit, decisions_pb.AuditRequest(verify=verify, limit=limit))
+
+
+class TrustError(AdminError):
+    """A Trust call (revocations) failed."""
+
+
+class TrustClient(OperatorClient):
+    """The Trust service: submit an operator-signed revocation, read the revocations a node enforces."""
+
+    error = TrustError
+    stub_class = trust_pb_grpc.TrustStub
+
+    def revoke(self, revocation_json: bytes) -> trust_pb.RevokeReply:
+        return self._call(self._stub.Revoke, trust_pb.RevokeRequest(revocation_json=revocation_json))
+
+    def revocations(self) -> trust_pb.RevocationList:
+        return self._call(self._stub.Revocations, trust_pb.RevocationsRequest())

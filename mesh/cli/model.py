@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from mesh.identity.signing import SigningKey
 
 # A watched version is finished in these phases; every other phase is still moving.
-_DONE_PHASES = ("complete", "failed")
+_DONE_PHASES = ("complete", "failed", "refused")
 _WATCH_POLL_S = 0.5  # polling a remote node for a progress display
 
 _PUBLISH_EPILOG = """Example:

@@ -134,6 +134,11 @@ class RaftLink:
             if peer is None or not peer.up or node_id in self.cut:
                 self.counters.dropped_frames += 1
                 continue
+            if self._accept is not None and self._accept(node_id) is not None:
+                self.counters.dropped_frames += 1
+                if peer.task is not None:
+                    peer.task.cancel()  # no longer trusted: close our stream to it for good
+                continue
             if peer.queued_bytes + len(frame) > MAX_QUEUED_BYTES:
                 # The peer does not read its stream (flow control holds our writes): drop what is
                 # queued rather than grow without bound; Raft resends from the peer's next index.
@@ -197,7 +202,14 @@ class RaftLink:
     async def _run_peer(self, peer: _Peer) -> None:
         backoff = Backoff(first_s=0.05, max_s=1.0, rng=random.Random(self._rng.random()))
         while not self.closed:
-            stub = self._dial(peer.node_id)
+            if self._accept is not None and (why := self._accept(peer.node_id)) is not None:
+                log.warning("raft %s: not streaming to %s: %s", self.group, peer.node_id, why)
+                return
+            try:
+                stub = self._dial(peer.node_id)
+            except (ConnectionError, OSError) as exc:
+                log.debug("raft %s: cannot dial %s: %s", self.group, peer.node_id, exc)
+                stub = None
             if stub is not None:
                 await self._stream(peer, stub, backoff)
             await asyncio.sleep(backoff.next_delay_s())  # reconnect pacing
@@ -389,6 +401,9 @@ class RaftServicer(pb_grpc.RaftServicer):
             if link.closed or self._links.get(group) is not link:
                 # This member stopped or restarted: the caller must dial its new self.
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"{link.node_id} left Raft group {group}")
+            if (why := link.refusal(peer.name)) is not None:  # revoked since the stream opened
+                link.counters.refused_streams += 1
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
             for frame in batch.frames:
                 try:
                     link.receive(peer.name, frame)

@@ -26,7 +26,6 @@ from mesh.identity.ca import (
     init_fleet,
     load_credentials,
     load_fleet,
-    load_group_secret,
     load_publisher_key,
     load_trusted_keys,
 )
@@ -69,7 +68,6 @@ __all__ = [
     "init_fleet",
     "load_credentials",
     "load_fleet",
-    "load_group_secret",
     "load_publisher_key",
     "load_trusted_keys",
 ]

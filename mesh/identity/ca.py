@@ -49,7 +49,9 @@ from mesh.identity.signing import (
 
 FORMAT = 1
 CA_VALIDITY_DAYS = 3650
-LEAF_VALIDITY_DAYS = 365
+# Node and operator certificates: short enough that a lost device's certificate dies on its own,
+# long enough for devices that are offline for weeks; `mesh fleet renew` issues the next one.
+LEAF_VALIDITY_DAYS = 90
 # Certificates start a little in the past so a device whose clock runs slightly
 # behind the CA's accepts them right away.
 _BACKDATE = timedelta(minutes=5)
@@ -67,8 +69,9 @@ CA_FILE = "ca.pem"
 PUBLISHER_PUB_FILE = "publisher.pub"
 OPERATOR_PUB_FILE = "operator.pub"
 # 32 random bytes (hex) from which each Raft group's password is derived; nodes only.
-GROUP_SECRET_FILE = "groups.secret"
-GROUP_SECRET_BYTES = 32
+# Written by fleets made before Raft ran over each node's own mTLS: no longer written, copied or
+# read (a node refuses to start only if one is left readable by others, since it is a secret).
+LEGACY_GROUP_SECRET_FILE = "groups.secret"
 
 
 class Role(enum.Enum):
@@ -148,10 +151,6 @@ class Fleet:
     def operator_pub_path(self) -> Path:
         return self.directory / "operator.pub"
 
-    @property
-    def group_secret_path(self) -> Path:
-        return self.directory / GROUP_SECRET_FILE
-
     def credentials_dir(self, role: Role, name: str) -> Path:
         """Default home of a member's credentials: nodes/<name> or operators/<name>."""
         return self.directory / _ROLE_DIRS[role] / name
@@ -190,7 +189,6 @@ _FLEET_FILES = (
     "publisher.pub",
     "operator.key",
     "operator.pub",
-    GROUP_SECRET_FILE,
 )
 
 
@@ -252,7 +250,6 @@ def init_fleet(fleet_dir: Path, *, fleet_id: str | None = None, force: bool = Fa
     save_verify_key(publisher.verify_key, fleet.publisher_pub_path)
     save_signing_key(operator, fleet.operator_key_path)
     save_verify_key(operator.verify_key, fleet.operator_pub_path)
-    write_file_atomic(fleet.group_secret_path, secrets.token_hex(GROUP_SECRET_BYTES).encode() + b"\n", 0o600)
     # fleet.json goes last: its presence means the fleet is complete.
     document = {
         "fleet_id": fleet_id,
@@ -313,8 +310,6 @@ def enroll(
     write_file_atomic(creds.ca_path, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
     write_file_atomic(out_dir / PUBLISHER_PUB_FILE, fleet.publisher_pub_path.read_bytes(), 0o644)
     write_file_atomic(out_dir / OPERATOR_PUB_FILE, fleet.operator_pub_path.read_bytes(), 0o644)
-    if role is Role.NODE:
-        write_file_atomic(out_dir / GROUP_SECRET_FILE, fleet.group_secret_path.read_bytes(), 0o600)
     return creds
 
 
@@ -347,25 +342,6 @@ def load_publisher_key(directory: Path) -> VerifyKey:
         return load_verify_key(path, KeyRole.PUBLISHER)
     except KeyFileError as exc:
         raise CredentialsError(str(exc)) from None
-
-
-def load_group_secret(directory: Path) -> bytes:
-    """The fleet's Raft group secret from a node's credentials folder (32 bytes)."""
-    path = Path(directory) / GROUP_SECRET_FILE
-    try:
-        raw = path.read_text().strip()
-    except FileNotFoundError:
-        raise CredentialsError(
-            f"{path} is missing; node credentials from `mesh fleet enroll` include it "
-            "(re-issue with --force, or copy it from the fleet folder)"
-        ) from None
-    try:
-        secret = bytes.fromhex(raw)
-    except ValueError:
-        secret = b""
-    if len(secret) != GROUP_SECRET_BYTES:
-        raise CredentialsError(f"{path} must hold {GROUP_SECRET_BYTES} bytes as hex; it is corrupt")
-    return secret
 
 
 def load_fleet(fleet_dir: Path) -> Fleet:

@@ -39,7 +39,6 @@ from mesh.durable import write_file_atomic
 from mesh.identity.ca import (
     CA_FILE,
     CERT_FILE,
-    GROUP_SECRET_FILE,
     KEY_FILE,
     OPERATOR_PUB_FILE,
     PUBLISHER_PUB_FILE,
@@ -53,7 +52,7 @@ SECRET_PREFIX = "fleetmesh-cert-"
 # Every file `mesh fleet enroll` writes for a node, and the mode it is written with.
 NODE_FILES: dict[str, int] = {
     CERT_FILE: 0o644, KEY_FILE: 0o600, CA_FILE: 0o644,
-    PUBLISHER_PUB_FILE: 0o644, OPERATOR_PUB_FILE: 0o644, GROUP_SECRET_FILE: 0o600,
+    PUBLISHER_PUB_FILE: 0o644, OPERATOR_PUB_FILE: 0o644,
 }
 NODE_LABEL = "fleetmesh.io/node"
 NOT_AFTER_ANNOTATION = "fleetmesh.io/cert-not-after"

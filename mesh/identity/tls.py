@@ -16,7 +16,7 @@ Every connection in the fleet is mutual TLS against the fleet CA:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from cryptography import x509
@@ -30,10 +30,15 @@ _PEER_CACHE_SIZE = 256
 
 @dataclass(frozen=True)
 class PeerIdentity:
-    """The fleet member at the other end of a call, as its certificate names it."""
+    """The fleet member at the other end of a call, as its certificate names it. `serial` (hex)
+    and `not_before`/`not_after` (seconds since the epoch) identify the certificate itself, for
+    revocation and expiry."""
 
     name: str
     role: Role
+    serial: str = field(default="", compare=False)
+    not_before: float = field(default=0.0, compare=False)
+    not_after: float = field(default=float("inf"), compare=False)
 
 
 def server_credentials(creds: Credentials) -> grpc.ServerCredentials:
@@ -101,7 +106,11 @@ def _identity_from_pem(pem: bytes) -> PeerIdentity | None:
     except ValueError:
         return None
     identity = cert_identity(cert)
-    return None if identity is None else PeerIdentity(*identity)
+    if identity is None:
+        return None
+    return PeerIdentity(*identity, serial=f"{cert.serial_number:x}",
+                        not_before=cert.not_valid_before_utc.timestamp(),
+                        not_after=cert.not_valid_after_utc.timestamp())
 
 
 def _read(creds: Credentials) -> tuple[bytes, bytes, bytes]:

@@ -8,5 +8,5 @@ health.py     per-version request/error/latency counters, Prometheus export
 runtime.py    ModelRuntime: activation with validation, atomic swap, rollback, worker pool
 service.py    the Inference gRPC service over a ModelRuntime
 optimize.py   INT8 post-training quantisation with LiteRT's calibrator
-fixtures.py   purpose-built .tflite models for tests and benchmarks (needs the test extras)
+fixtures.py   purpose-built .tflite models for tests, benchmarks and the demo (runtime dependencies only)
 """

@@ -9,11 +9,12 @@ the distributor uses to announce what it holds.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from mesh.membership.core import Membership
-from mesh.membership.messages import MemberEvent, MemberView
+from mesh.membership.messages import MemberEvent, MemberView, State
 
 MemberEventHandler = Callable[[Sequence[MemberEvent]], None]
 
@@ -45,20 +46,31 @@ class MetadataBoard(Protocol):
 
 
 class CoreView:
-    """The `MembershipView` (and `MetadataBoard`) of a SWIM core: what the node hands to shells."""
+    """The `MembershipView` (and `MetadataBoard`) of a SWIM core: what the node hands to shells.
 
-    def __init__(self, core: Membership) -> None:
+    `revoked(node_id)` names members an operator revoked: the view reports them DEAD whatever
+    gossip says, so no shell fetches from them, routes to them or counts them, from the moment
+    the revocation arrives (SWIM then marks them dead too: no node answers or dials them)."""
+
+    def __init__(self, core: Membership, revoked: Callable[[str], bool] = lambda node_id: False) -> None:
         self._core = core
+        self._revoked = revoked
+
+    def _overlay(self, member: MemberView) -> MemberView:
+        if member.state in (State.DEAD, State.LEFT) or not self._revoked(member.node_id):
+            return member
+        return dataclasses.replace(member, state=State.DEAD)
 
     @property
     def node_id(self) -> str:
         return self._core.node_id
 
     def members(self) -> list[MemberView]:
-        return self._core.members()
+        return [self._overlay(m) for m in self._core.members()]
 
     def member(self, node_id: str) -> MemberView | None:
-        return self._core.member(node_id)
+        member = self._core.member(node_id)
+        return None if member is None else self._overlay(member)
 
     def live_count(self) -> int:
         return self._core.live_count()

@@ -11,7 +11,7 @@ peer channels, membership events and the metrics endpoint, and does nothing else
       -> rollouts: the shell that steers the activator and tells the distributor what to pin
       -> distributor (pinned versions from the activator and the rollouts)
       -> routed Infer (on a version its stream's site is on)
-      -> SWIM runner (membership events fanned out to the distributor, the reassigner, the rollouts)
+      -> SWIM runner (membership events fanned out to the distributor and the reassigner)
       -> admin, health, reflection, metrics
 
 and starts the background tasks each part asks for. A capability plugs in by getting its
@@ -50,6 +50,8 @@ from mesh._proto import (
     rollout_pb2_grpc,
     transfer_pb2,
     transfer_pb2_grpc,
+    trust_pb2,
+    trust_pb2_grpc,
 )
 from mesh.admin.service import AdminServicer
 from mesh.artifacts.store import ArtifactStore
@@ -57,22 +59,25 @@ from mesh.consensus import service as decisions_service
 from mesh.consensus.group import GroupError, SiteGroup
 from mesh.consensus.raft import RaftError
 from mesh.consensus.transport import RaftLink, RaftServicer
-from mesh.identity.ca import Credentials, load_credentials, load_trusted_keys
+from mesh.identity.ca import LEGACY_GROUP_SECRET_FILE, Credentials, Role, load_credentials, load_trusted_keys
+from mesh.identity.revocation import RevocationError
 from mesh.identity.tls import server_credentials
+from mesh.identity.trust import TrustServicer, TrustStore
 from mesh.inference.activation import Activator, Steering
 from mesh.inference.backend import load_backend
 from mesh.inference.health import HealthCollector
 from mesh.inference.runtime import ModelRuntime, NoActiveModel
 from mesh.membership.core import Membership
 from mesh.membership.messages import MemberEvent, labels_from_mapping
-from mesh.membership.service import MembershipServicer, SwimRunner
 from mesh.membership.sections import MetaSections
+from mesh.membership.service import MembershipServicer, SwimRunner
 from mesh.membership.view import CoreView, MembershipView, fan_out
 from mesh.node.config import NodeConfig, parse_host_port
-from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor
+from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor, TrustInterceptor
 from mesh.node.metrics import MembershipCollector, NodeMetrics
-from mesh.node.peers import MAX_MESSAGE_BYTES, Faults, PeerChannels
+from mesh.node.peers import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS, Faults, PeerChannels
 from mesh.node.probes import Heartbeat, ProbeBindError, ProbeServer, sd_notify, watchdog_pinger
+from mesh.node.revocations import REVOCATIONS_SECTION, RevocationGossip
 from mesh.node.rollouts import (
     HEALTH_SECTION,
     ROLLOUTS_SECTION,
@@ -97,13 +102,14 @@ SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
     decisions_pb2.DESCRIPTOR.services_by_name["Decisions"].full_name,
     raft_pb2.DESCRIPTOR.services_by_name["Raft"].full_name,
+    trust_pb2.DESCRIPTOR.services_by_name["Trust"].full_name,
     rollout_pb2.DESCRIPTOR.services_by_name["Rollouts"].full_name,
 )
 
 
 # Bytes of membership metadata per capability (the whole blob is at most 2 KiB with the default
 # gossip budget): what versions this node holds takes most of it.
-META_BUDGETS = {HOLDINGS_SECTION: 1400, HEALTH_SECTION: 256, ROLLOUTS_SECTION: 256}
+META_BUDGETS = {HOLDINGS_SECTION: 1400, HEALTH_SECTION: 256, ROLLOUTS_SECTION: 256, REVOCATIONS_SECTION: 24}
 
 
 class _NoInference:
@@ -139,6 +145,8 @@ class _Parts:
     reassigner: StreamReassigner | None
     rollouts: RolloutShell | None
     routed_inference: SiteVersionRouting
+    trust: TrustStore
+    revocations: RevocationGossip
     heartbeat: Heartbeat
     probes: ProbeServer | None = None
     metrics_port: int | None = None
@@ -154,6 +162,7 @@ class Node:
         self.config = config
         self.rollout_settings = rollout_settings or RolloutSettings()
         self.credentials = credentials or load_credentials(config.tls.dir)
+        check_identity(config, self.credentials)
         self.faults = faults or Faults()
         self.metrics = NodeMetrics()
         self.events: list[MemberEvent] = []  # every membership event, oldest first
@@ -223,6 +232,10 @@ class Node:
     def inference_servicer(self) -> SiteVersionRouting:
         return self._started.routed_inference
 
+    @property
+    def trust(self) -> TrustStore:
+        return self._started.trust
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -230,27 +243,34 @@ class Node:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
+        trusted = load_trusted_keys(config.tls.dir)
+        # Whom this node trusts right now: revocations it enforces, certificate expiry.
+        try:
+            trust = TrustStore(config.data_dir, trusted)
+        except RevocationError as exc:
+            raise NodeStartError(str(exc)) from None
         server = grpc.aio.server(
-            # Interceptors run first to last: cut links refuse before anything is decoded.
-            interceptors=[FaultInterceptor(self.faults), DecodeInterceptor()],
+            # Interceptors run first to last: revoked or expired certificates and cut links are
+            # refused before anything is decoded.
+            interceptors=[TrustInterceptor(trust.refusal), FaultInterceptor(self.faults), DecodeInterceptor()],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                     ("grpc.so_reuseport", 0)])
+                     ("grpc.so_reuseport", 0), *SERVER_KEEPALIVE_OPTIONS])
         host, port = parse_host_port(config.listen)
         bound = server.add_secure_port(config.listen, server_credentials(self.credentials))
         if bound == 0:
             raise NodeStartError(f"cannot listen on {config.listen}: address in use or not available")
         address = config.advertise or (config.listen if port else f"{host}:{bound}")
-        channels = PeerChannels(self.credentials, self.faults, observe=self.metrics.observe_rpc)
+        channels = PeerChannels(self.credentials, self.faults, observe=self.metrics.observe_rpc,
+                                refuse=trust.is_revoked_id)
         site = config.labels.get("site", "")
-        trusted = load_trusted_keys(config.tls.dir)
 
         # Membership core first: every other part sees the fleet through its read-only view.
         core = Membership(config.node_id, address, labels_from_mapping(config.labels),
                           config.membership.to_core(), self._rng, loop.time(),
                           # Grows across restarts, so our fresh metadata beats our old self's.
                           meta_version=time.time_ns() // 1_000_000)
-        view = CoreView(core)
+        view = CoreView(core, revoked=trust.is_revoked_id)
         # What this node gossips about itself, one section per capability within its own budget.
         meta = MetaSections(view, META_BUDGETS)
 
@@ -268,7 +288,7 @@ class Node:
         # Local decisions: the site's Raft group (with [raft]), over this node's gRPC port.
         raft_service = RaftServicer()
         try:
-            group, reassigner = self._build_decisions(view, site, channels, raft_service)
+            group, reassigner = self._build_decisions(view, site, channels, raft_service, trust)
         except BaseException:
             if inference is not None:
                 inference.close()
@@ -311,7 +331,10 @@ class Node:
             inference or _NoInference(), node_id=config.node_id, group=group, view=view, rollouts=rollouts,
             dial=lambda address, peer_id: inference_pb2_grpc.InferenceStub(channels.channel(address, peer_id)))
 
-        handlers = [self.events.extend, distributor.on_member_events]
+        revocations = RevocationGossip(
+            trust, view=view, board=meta.board(REVOCATIONS_SECTION), trusted=trusted, now=loop.time,
+            dial=lambda address, peer_id: trust_pb2_grpc.TrustStub(channels.channel(address, peer_id)))
+        handlers = [self.events.extend, distributor.on_member_events, revocations.on_member_events]
         if reassigner is not None:
             handlers.append(reassigner.on_member_events)
         if rollouts is not None:
@@ -326,6 +349,7 @@ class Node:
         transfer_pb2_grpc.add_TransferServicer_to_server(transfer, server)
         inference_pb2_grpc.add_InferenceServicer_to_server(routed, server)
         raft_pb2_grpc.add_RaftServicer_to_server(raft_service, server)
+        trust_pb2_grpc.add_TrustServicer_to_server(TrustServicer(trust, announce=revocations.announce), server)
         # Served in any case, so a client gets FAILED_PRECONDITION ("no [raft] section"), not UNIMPLEMENTED.
         decisions_service.add_to_server(server, group)
         rollout_pb2_grpc.add_RolloutsServicer_to_server(RolloutServicer(rollouts, store, inference), server)
@@ -341,7 +365,8 @@ class Node:
         self._parts = _Parts(server=server, address=address, channels=channels, health=health, runner=runner,
                              view=view, store=store, transfer=transfer, distributor=distributor,
                              inference=inference, activator=activator, group=group, reassigner=reassigner,
-                             rollouts=rollouts, routed_inference=routed, heartbeat=heartbeat)
+                             rollouts=rollouts, routed_inference=routed, trust=trust, revocations=revocations,
+                             heartbeat=heartbeat)
         try:
             await server.start()
             for name in ("", *SERVICE_NAMES):
@@ -360,6 +385,7 @@ class Node:
             raise
         sd_notify("READY=1")  # serving; joining the fleet is what /readyz reports
 
+        revocations.announce()
         runner.start(list(config.seeds))
         distributor.start()
         self._start_tasks(self._parts)
@@ -380,8 +406,8 @@ class Node:
                               rng=random.Random(self._rng.random()), steering=steering)
         return runtime, activator
 
-    def _build_decisions(self, view: MembershipView, site: str, channels: PeerChannels,
-                         raft_service: RaftServicer) -> tuple[SiteGroup | None, StreamReassigner | None]:
+    def _build_decisions(self, view: MembershipView, site: str, channels: PeerChannels, raft_service: RaftServicer,
+                         trust: TrustStore) -> tuple[SiteGroup | None, StreamReassigner | None]:
         config = self.config
         if config.raft is None:
             return None, None
@@ -394,7 +420,9 @@ class Node:
 
         try:
             link = RaftLink(group=config.raft.group_id(config.labels.get("site")), node_id=config.node_id,
-                            dial=dial, rng=random.Random(self._rng.random()))
+                            dial=dial, rng=random.Random(self._rng.random()),
+                            accept=lambda node_id: (f"{node_id}'s certificate is revoked"
+                                                    if trust.is_revoked_id(node_id) else None))
             group = SiteGroup.from_config(config.node_id, config.raft, config.guard, site=config.labels.get("site"),
                                           node_data_dir=config.data_dir, creds_dir=config.tls.dir, link=link)
         except (GroupError, RaftError, ValueError) as exc:
@@ -414,6 +442,7 @@ class Node:
 
     def _start_tasks(self, parts: _Parts) -> None:
         config = self.config
+        self._spawn(watch_certificate_expiry(self.credentials), "certificate-expiry")
         if parts.activator is not None:
             self._spawn(parts.activator.run(), "activation")
         group = parts.group
@@ -504,6 +533,7 @@ class Node:
         if parts.group is not None:
             await parts.group.close()
         await parts.distributor.stop()
+        await parts.revocations.close()
         await parts.server.stop(grace_s if leave else 0)
         await parts.channels.close()
         if parts.inference is not None:
@@ -527,6 +557,55 @@ class Node:
 
 def _ignore_version(name: str, version: str) -> None:
     return None
+
+
+# Warn this long before the node's own certificate expires (and again every CERT_CHECK_INTERVAL_S).
+CERT_WARN_BEFORE_S = 14 * 86400
+CERT_CHECK_INTERVAL_S = 6 * 3600
+
+
+def certificate_expiry(credentials: Credentials) -> float:
+    """When this node's certificate stops being valid (seconds since the epoch)."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(credentials.cert_path.read_bytes())
+    return cert.not_valid_after_utc.timestamp()
+
+
+async def watch_certificate_expiry(credentials: Credentials) -> None:
+    """Log a warning while the node's certificate is within CERT_WARN_BEFORE_S of expiring: peers
+    refuse an expired certificate, so an unrenewed device drops out of the fleet on that day."""
+    while True:
+        left_s = certificate_expiry(credentials) - time.time()
+        if left_s < CERT_WARN_BEFORE_S:
+            log.warning("this node's certificate %s expires in %.1f days; peers refuse it from then on: renew it "
+                        "with `mesh fleet renew %s` and install the new cert.pem and key.pem", credentials.cert_path,
+                        max(left_s, 0) / 86400, credentials.name)
+        await asyncio.sleep(CERT_CHECK_INTERVAL_S)  # a check period, not synchronisation
+
+
+def check_identity(config: NodeConfig, credentials: Credentials) -> None:
+    """Refuse to start a node whose certificate does not name it, or whose secrets others can read.
+
+    A node_id that differs from its certificate's name would start and never join (peers drop
+    its messages because the sender does not match the caller); a private key readable by
+    group or others is a key anyone on the device can take."""
+    if credentials.role is not Role.NODE:
+        raise NodeStartError(f"{credentials.cert_path} is an {credentials.role.value} certificate; a node needs "
+                             f"its own node certificate (mesh fleet enroll {config.node_id})")
+    if credentials.name != config.node_id:
+        raise NodeStartError(
+            f"node_id is {config.node_id!r} but {credentials.cert_path} is the certificate of "
+            f"{credentials.name!r}: set node_id = \"{credentials.name}\" or point [tls] dir at "
+            f"{config.node_id}'s credentials (mesh fleet enroll {config.node_id})")
+    for path in (credentials.key_path, credentials.directory / LEGACY_GROUP_SECRET_FILE):
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            raise NodeStartError(f"{path} is readable by group or others (mode {mode & 0o777:o}); it is a secret: "
+                                 f"run `chmod 600 {path}` and start again")
 
 
 def _ignore_steering(steering: Steering) -> None:

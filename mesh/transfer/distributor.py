@@ -10,6 +10,20 @@ on its membership metadata board so that others can fetch from it.
 Everything it talks to is given at construction: the membership view and
 board, the dialer, what the node pins (`pinned`), and whom to tell when a
 version completes (`on_complete`) or is collected (`on_removed`).
+
+What a peer with a valid certificate but hostile intent can make this node do
+with announcements (they are only claims until a manifest signed by the
+fleet's publisher backs them):
+
+- Only versions whose manifest verified (fetched from the announcer and checked
+  in memory, never stored before it verifies) compete for "newest"; an
+  unverifiable 9.0 never displaces a genuine 2.0.
+- An announcer whose manifest is refused is remembered: its announcements of
+  that model are ignored for `ban_s`, and after `MAX_STRIKES` refusals all of
+  its announcements are, so it costs this node at most a few small manifest
+  fetches per ban period. At most `MAX_CHECKS` manifest checks run at once.
+- A refused version shows in `mesh model status` as "refused" with the reason
+  and the announcer, without counting as a failed download.
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ import enum
 import logging
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 
@@ -27,8 +42,14 @@ import grpc
 from mesh._proto import transfer_pb2 as pb
 from mesh._proto import transfer_pb2_grpc as pb_grpc
 from mesh.artifacts.bitfield import Bitfield
-from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, SignedManifest
-from mesh.artifacts.store import ArtifactStore, BadChunkError, ManifestConflictError, StoreError
+from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, SignedManifest, verify_manifest
+from mesh.artifacts.store import (
+    ArtifactStore,
+    BadChunkError,
+    ManifestConflictError,
+    StoreError,
+    version_order_key,
+)
 from mesh.identity.signing import TrustedKeys
 from mesh.membership.messages import MemberView, State
 from mesh.membership.sections import MetaError, read_section
@@ -51,6 +72,13 @@ VersionHook = Callable[[str, str], None]
 
 # The membership metadata section this node's holdings are published in.
 HOLDINGS_SECTION = "holdings"
+# Manifest checks of announced versions running at once, and verified manifests kept in memory.
+MAX_CHECKS = 4
+MAX_CHECKED = 64
+# Refused manifests after which all of an announcer's announcements are ignored for ban_s.
+MAX_STRIKES = 3
+# A check that could not reach the announcer is retried after this long.
+CHECK_RETRY_S = 5.0
 
 # How often the store is listed for versions that `mesh model publish` (another process)
 # wrote into it. Publishing is rare and an operator waits seconds for it anyway.
@@ -92,6 +120,15 @@ class Progress:
     started_at: float = 0.0
     error: str = ""
     bytes_from: dict[str, int] = field(default_factory=dict)  # peer id -> bytes received from it
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A version refused here: why, who announced it, when."""
+
+    why: str
+    announcer: str
+    at: float
 
 
 @dataclass(frozen=True)
@@ -147,7 +184,12 @@ class Distributor:
         self._download_wakes: set[asyncio.Event] = set()
         self._tasks: dict[tuple[str, str], asyncio.Task] = {}
         self._origin: set[tuple[str, str]] = set()
-        self._refused: dict[tuple[str, str, str], str] = {}  # (name, version, digest) -> why
+        self._refused: dict[tuple[str, str, str], Refusal] = {}  # (name, version, digest) -> why
+        self._checked: OrderedDict[tuple[str, str, str], SignedManifest] = OrderedDict()
+        self._checking: dict[tuple[str, str, str], asyncio.Task] = {}
+        self._check_failed_at: dict[tuple[str, str, str], float] = {}
+        self._bans: dict[tuple[str, str], float] = {}  # (announcer, model or "") -> until
+        self._strikes: dict[str, int] = {}
         self._bad_meta_logged: set[str] = set()
         self._decoded: dict[str, tuple[tuple[int, int], list[Holding]]] = {}
         self._complete: set[tuple[str, str]] = set()  # versions assembled and verified here
@@ -166,7 +208,7 @@ class Distributor:
         self._loop_task = asyncio.create_task(self._run(), name=f"transfer-{self.node_id}")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._loop_task, *self._tasks.values()) if t is not None]
+        tasks = [t for t in (self._loop_task, *self._tasks.values(), *self._checking.values()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -229,6 +271,11 @@ class Distributor:
                 row["phase"] = progress.phase.value
             row["error"] = progress.error if progress.phase is Phase.FAILED else ""
             row["bytes_downloaded"] = progress.bytes_downloaded
+        for (name, version, digest), refusal in self._refused.items():
+            if (name, version) not in rows:
+                rows[(name, version)] = dict(name=name, version=version, phase="refused", origin=False,
+                                             have_chunks=0, total_chunks=0, manifest_digest=digest,
+                                             error=f"{refusal.why} (announced by {refusal.announcer})")
         for key, row in rows.items():
             row["bytes_uploaded"] = self._uploaded(*key)
         return [rows[k] for k in sorted(rows)]
@@ -381,18 +428,83 @@ class Distributor:
                 pass
 
     def _start_wanted(self) -> None:
-        peer_holdings = self._peer_holdings()
-        known = set(self._holdings) | {h.key for _, hs in peer_holdings for h in hs}
+        now = self._now()
+        known = set(self._holdings)  # what we hold was verified when it was stored
+        announced: set[tuple[str, str]] = set()
+        unverified: dict[tuple[str, str, str], MemberView] = {}
+        for member, holdings in self._peer_holdings():
+            for holding in holdings:
+                ident = (*holding.key, holding.manifest_digest)
+                if ident in self._refused or self._banned(member.node_id, holding.name, now):
+                    continue
+                if holding.key in self._holdings or ident in self._checked:
+                    known.add(holding.key)
+                    announced.add(holding.key)
+                else:
+                    unverified.setdefault(ident, member)
         wanted = kept_versions(known, keep_per_model=self.settings.keep_per_model, pinned=self._pinned(),
                                downloading=self._tasks) - set(self._unwanted())
-        for _member, holdings in peer_holdings:
-            for holding in holdings:
-                key = holding.key
-                if key in self._tasks or key not in wanted or (*key, holding.manifest_digest) in self._refused:
-                    continue
-                if key in self._complete:
-                    continue
+        for key in sorted(wanted & announced):
+            if key not in self._tasks and key not in self._complete:
                 self.fetch(*key)
+        # Verify the announcements that would be wanted if they are genuine, newest first.
+        for ident, member in sorted(unverified.items(), key=lambda im: version_order_key(im[0][1]), reverse=True):
+            if len(self._checking) >= MAX_CHECKS:
+                break
+            key = ident[:2]
+            if ident in self._checking or key not in kept_versions(known | {key}, pinned=self._pinned(),
+                                                                  keep_per_model=self.settings.keep_per_model):
+                continue
+            if now - self._check_failed_at.get(ident, -math.inf) < CHECK_RETRY_S:
+                continue
+            task = asyncio.create_task(self._check(ident, member), name=f"check-{key[0]}-{key[1]}")
+            self._checking[ident] = task
+            task.add_done_callback(lambda _t, ident=ident: self._checking.pop(ident, None))
+
+    def _banned(self, announcer: str, model: str, now: float) -> bool:
+        return self._bans.get((announcer, model), -math.inf) > now or self._bans.get((announcer, ""), -math.inf) > now
+
+    def _refuse(self, ident: tuple[str, str, str], announcer: str, why: str) -> None:
+        """Refuse a version for good, and ignore its announcer's announcements of that model (of
+        everything after MAX_STRIKES refusals) for ban_s."""
+        name, version, _digest = ident
+        now = self._now()
+        self._refused[ident] = Refusal(why, announcer, now)
+        strikes = self._strikes[announcer] = self._strikes.get(announcer, 0) + 1
+        self._bans[(announcer, name)] = now + self.settings.ban_s
+        scope = f"announcements of {name}"
+        if strikes >= MAX_STRIKES:
+            self._bans[(announcer, "")] = now + self.settings.ban_s
+            scope = "announcements"
+        log.error("refusing %s %s announced by %s: %s; ignoring its %s for %.0fs", name, version, announcer, why,
+                  scope, self.settings.ban_s)
+
+    async def _check(self, ident: tuple[str, str, str], member: MemberView) -> None:
+        """Fetch and verify the manifest `member` announced, in memory; a genuine one may then
+        compete for newest, a bad one is refused and its announcer ignored for a while."""
+        name, version, digest = ident
+        try:
+            reply = await self._dial(member.address, member.node_id).GetManifest(
+                pb.ManifestRequest(name=name, version=version), timeout=self.settings.request_timeout_s)
+        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+            log.debug("manifest check of %s %s at %s failed: %s", name, version, member.node_id, exc)
+            self._check_failed_at[ident] = self._now()
+            return
+        try:
+            signed = SignedManifest.from_json(reply.signed_manifest)
+            if (signed.manifest.name, signed.manifest.version) != (name, version):
+                raise ManifestError(f"it served the manifest of {signed.manifest.label} for {name} {version}")
+            if signed.digest != digest:
+                raise ManifestError(f"it served a manifest with digest {signed.digest[:16]}..., but announced "
+                                    f"{digest[:16]}...")
+            verify_manifest(signed, self.trusted)
+        except ManifestError as exc:
+            self._refuse(ident, member.node_id, str(exc))
+            return
+        self._checked[ident] = signed
+        while len(self._checked) > MAX_CHECKED:
+            self._checked.popitem(last=False)
+        self.poke()
 
     def fetch(self, name: str, version: str) -> asyncio.Task:
         """Start (or return the running) download of name/version."""
@@ -455,6 +567,17 @@ class Distributor:
             pass
         except ManifestError as exc:  # unreadable here: fetch it again (save_manifest replaces it)
             log.warning("stored manifest of %s %s is unreadable (%s); fetching it again", name, version, exc)
+        checked = [(ident, signed) for ident, signed in self._checked.items() if ident[:2] == (name, version)]
+        for ident, signed in checked:  # verified when it was checked: store it (verified again)
+            try:
+                manifest = await asyncio.to_thread(self.store.save_manifest, signed, trusted=self.trusted)
+            except (ManifestConflictError, ManifestError) as exc:
+                log.error("not storing %s %s: %s", name, version, exc)
+                self._checked.pop(ident, None)
+                continue
+            self._set_holding(manifest, self.store.bitfield(manifest))
+            self._announce()
+            return manifest
         holders = self._holders(name, version)
         for member, holding in holders:
             try:
@@ -483,8 +606,7 @@ class Distributor:
                 # Not signed by the fleet's publisher (or clashing with a stored version):
                 # refuse it for good, whoever offers it.
                 why = str(exc)
-                self._refused[(name, version, holding.manifest_digest)] = why
-                log.error("refusing %s %s announced by %s: %s", name, version, member.node_id, why)
+                self._refuse((name, version, holding.manifest_digest), member.node_id, why)
                 await self._finish(progress, Phase.FAILED, why)
                 return None
             # Announce at once, even with no chunks: peers' schedulers count who is fetching.

@@ -80,10 +80,10 @@ def test_an_incomplete_folder_names_the_missing_file(node_dir, tmp_path):
     partial = tmp_path / "partial"
     partial.mkdir()
     for f in node_dir.iterdir():
-        if f.name != "groups.secret":
+        if f.name != "operator.pub":
             (partial / f.name).write_bytes(f.read_bytes())
     with pytest.raises(K8sCredentialsError,
-                       match=r"groups\.secret is missing; .* `mesh fleet enroll <node> --force`"):
+                       match=r"operator\.pub is missing; .* `mesh fleet enroll <node> --force`"):
         node_secret_manifest(partial)
 
 

@@ -15,7 +15,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.identity import (
-    CredentialsError,
     CredentialsExistError,
     FleetExistsError,
     FleetFileError,
@@ -34,7 +33,6 @@ from mesh.identity import (
     init_fleet,
     load_credentials,
     load_fleet,
-    load_group_secret,
     load_trusted_keys,
 )
 from mesh.identity.signing import load_signing_key, load_verify_key, save_signing_key
@@ -200,7 +198,7 @@ def test_enroll_node(fleet_dir: Path) -> None:
     assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
 
 
-def test_node_credentials_carry_the_fleet_trust_and_group_secret(fleet_dir: Path, tmp_path: Path) -> None:
+def test_node_credentials_carry_the_fleet_trust_and_no_shared_secret(fleet_dir: Path, tmp_path: Path) -> None:
     fleet = load_fleet(fleet_dir)
     node = enroll(fleet_dir, "cam-18", out_dir=tmp_path / "device")
     trusted = load_trusted_keys(node.directory)
@@ -210,21 +208,13 @@ def test_node_credentials_carry_the_fleet_trust_and_group_secret(fleet_dir: Path
     with pytest.raises(KeyRoleError):  # the operator key is trusted, but not to sign manifests
         operator = load_signing_key(fleet_dir / "operator.key", KeyRole.OPERATOR)
         trusted.verify(KeyRole.PUBLISHER, manifest, operator.sign(manifest), fleet.operator_key_id)
-    secret = load_group_secret(node.directory)
-    assert len(secret) == 32 and secret == bytes.fromhex((fleet_dir / "groups.secret").read_text())
-    assert _mode(node.directory / "groups.secret") == 0o600
+    # A device holds nothing valid beyond itself: no fleet-wide secret is made or copied.
+    assert sorted(p.name for p in node.directory.iterdir()) == [
+        "ca.pem", "cert.pem", "key.pem", "operator.pub", "publisher.pub"]
+    assert not (fleet_dir / "groups.secret").exists()
 
     operator_creds = load_credentials(fleet_dir / "operators" / "admin")
     assert len(load_trusted_keys(operator_creds.directory)) == 2
-    with pytest.raises(CredentialsError, match="groups.secret is missing"):
-        load_group_secret(operator_creds.directory)  # operators are not Raft members
-
-
-def test_corrupt_group_secret_is_named(fleet_dir: Path, tmp_path: Path) -> None:
-    node = enroll(fleet_dir, "cam-19", out_dir=tmp_path / "device")
-    (node.directory / "groups.secret").write_text("abc\n")
-    with pytest.raises(CredentialsError, match="groups.secret must hold 32 bytes"):
-        load_group_secret(node.directory)
 
 
 def test_enroll_operator_into_chosen_dir(fleet_dir: Path, tmp_path: Path) -> None:

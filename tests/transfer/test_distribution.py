@@ -104,15 +104,16 @@ async def test_manifest_not_signed_by_the_publisher_key_is_refused_by_every_node
 
     others = [n for i, n in c.nodes.items() if i != "node-00"]
 
-    def all_refused() -> bool:
-        return all(("face", "6.6.6") in n.distributor.progress
-                   and n.distributor.progress[("face", "6.6.6")].phase is Phase.FAILED for n in others)
+    def refused_row(node) -> dict | None:
+        return next((r for r in node.distributor.model_status()
+                     if (r["name"], r["version"]) == ("face", "6.6.6") and r["phase"] == "refused"), None)
 
-    await wait_for(all_refused, 20.0, what="every node refuses the forged manifest")
+    await wait_for(lambda: all(refused_row(n) for n in others), 20.0, what="every node refuses the forged manifest")
     for node in others:
-        error = node.distributor.progress[("face", "6.6.6")].error
-        assert operator_key.key_id in error and "publisher" in error, error
+        error = refused_row(node)["error"]
+        assert operator_key.key_id in error and "publisher" in error and "announced by node-00" in error, error
         assert ("face", "6.6.6") not in node.store.stored_versions()
+        assert ("face", "6.6.6") not in node.distributor.progress  # refused before any download started
 
 
 async def test_delta_release_moves_only_the_new_chunks(cluster, fleet, tmp_path):

@@ -1,0 +1,71 @@
+"""A fleet node with a valid certificate and hostile intent, against real nodes on loopback: what its
+announcements can make the others do is bounded (issue: unverifiable higher versions delayed a
+genuine release for as long as they stood)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from mesh.artifacts.manifest import SignedManifest
+from mesh.artifacts.publish import publish
+from mesh.artifacts.store import ArtifactStore
+from mesh.identity.signing import KeyRole, SigningKey, load_signing_key
+from mesh.node.local import wait_for
+from tests.models import mediapipe_model
+
+pytestmark = pytest.mark.asyncio
+
+
+def plant(node, signed: SignedManifest) -> None:
+    """Put a manifest into a node's store as a hostile operator of that device would."""
+    manifest = signed.manifest
+    path = node.store.manifest_path(manifest.name, manifest.version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(signed.to_json())
+
+
+async def test_unverifiable_higher_versions_do_not_delay_a_genuine_release(cluster, fleet, tmp_path):
+    c = await cluster(6)
+    await wait_for(c.converged, 10.0, what="convergence")
+    origin, hostile = c.nodes["node-00"], c.nodes["node-05"]
+    honest = [n for i, n in c.nodes.items() if i != "node-05"]
+    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+    operator = load_signing_key(fleet.directory / "operator.key", KeyRole.OPERATOR)
+    stranger = SigningKey.generate(KeyRole.PUBLISHER)
+    model = mediapipe_model("face_detection_short_range")
+    template = publish(model, name="face", version="1.0", key=publisher,
+                       store=ArtifactStore(tmp_path / "publisher")).manifest
+
+    # The hostile node announces 9.0, 9.1 and 9.2: signed with the operator key, with a key the fleet
+    # does not know, and with a signature that is not one.
+    for version, key in (("9.0", operator), ("9.1", stranger), ("9.2", None)):
+        forged = dataclasses.replace(template, version=version,
+                                     publisher_key_id=(key or publisher).key_id)
+        signature = key.sign(forged.canonical_bytes()) if key else b"\x01" * 64
+        plant(hostile, SignedManifest(forged, signature))
+    hostile.distributor.poke()
+    await wait_for(lambda: all(any(r["phase"] == "refused" and r["version"].startswith("9.")
+                                   for r in n.distributor.model_status()) for n in honest[1:]),
+                   20.0, what="every honest node refuses what the hostile node announces")
+
+    # The genuine 2.0, published at the origin while those announcements stand.
+    started = time.monotonic()
+    genuine = publish(model, name="face", version="2.0", key=publisher, store=origin.store)
+    origin.distributor.add_published(genuine)
+    await wait_for(lambda: all(n.store.is_complete(genuine.manifest) for n in honest), 20.0,
+                   what="every honest node completes the genuine 2.0")
+    elapsed_s = time.monotonic() - started
+
+    for node in honest[1:]:
+        rows = {r["version"]: r for r in node.distributor.model_status() if r["name"] == "face"}
+        refused = [v for v in ("9.0", "9.1", "9.2") if rows.get(v, {}).get("phase") == "refused"]
+        assert refused, rows
+        assert all("announced by node-05" in rows[v]["error"] for v in refused)
+        assert not any(node.store.is_complete(dataclasses.replace(template, version=v)) for v in ("9.0", "9.1", "9.2"))
+    # Each honest node asked the hostile node for at most one manifest per version before ignoring it.
+    assert hostile.transfer.counters.manifests_served <= 3 * (len(honest) - 1)
+    assert hostile.transfer.counters.chunks_served == 0
+    print(f"genuine 2.0 on every honest node after {elapsed_s:.2f}s with hostile announcements standing")

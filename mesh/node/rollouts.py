@@ -51,7 +51,7 @@ from mesh.inference.activation import Steering
 from mesh.inference.counts import LATENCY_BUCKETS_S, VersionHealth
 from mesh.inference.runtime import ModelRuntime
 from mesh.inference.service import InferenceServicer
-from mesh.membership.messages import MemberView, State
+from mesh.membership.messages import EventKind, MemberEvent, MemberView, State
 from mesh.membership.sections import MetaError, read_section
 from mesh.membership.view import MembershipView, MetadataBoard
 from mesh.node.streams import FORWARDED_KEY, RoutedInference
@@ -164,6 +164,8 @@ class RolloutShell:
         self.served: set[str] = set()  # every version of its model this node has activated in this run
         self.steering = fleet.DeviceSteering()
         self._peer_cache: dict[str, tuple[tuple, fleet.PeerView]] = {}
+        self._notes_seen: dict[str, bytes] = {}
+        self._free_disk: tuple[float, int] = (-float("inf"), 0)
         self._bad_meta_logged: set[str] = set()
         self._fetches: dict[str, asyncio.Task] = {}
         self._fetched: dict[tuple[str, str], tuple[str, str]] = {}
@@ -177,12 +179,28 @@ class RolloutShell:
         self._was_leader = False
         self.gate_counts: dict[tuple[str, str], int] = {}  # (rollout, pass|fail|wait) -> evaluations here
         self.rollbacks: dict[str, int] = {}  # rollout -> swaps back to its baseline on this node
+        self.steps = 0
+        self.step_s = 0.0  # time spent in steps (CPU of the loop, mostly): what rollouts cost a node
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def on_member_events(self, events: object) -> None:
-        """Membership handler: a peer's notes may carry news (an abort elsewhere, new documents)."""
-        self._wake.set()
+    def on_member_events(self, events: Sequence[MemberEvent]) -> None:
+        """Membership handler: look again when a peer's rollout notes changed (an abort elsewhere, new
+        documents) or a member came or went; health counters alone wait for the next interval."""
+        for event in events:
+            if event.kind is not EventKind.META:
+                self._wake.set()
+                return
+            member = self._view.member(event.node_id)
+            if member is None:
+                continue
+            try:
+                notes = read_section(member.meta, ROLLOUTS_SECTION)
+            except MetaError:
+                continue
+            if self._notes_seen.get(event.node_id) != notes:
+                self._notes_seen[event.node_id] = notes
+                self._wake.set()
 
     async def run(self) -> None:
         while True:
@@ -206,6 +224,14 @@ class RolloutShell:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def step(self) -> None:
+        started = time.perf_counter()
+        try:
+            await self._step()
+        finally:
+            self.steps += 1
+            self.step_s += time.perf_counter() - started
+
+    async def _step(self) -> None:
         now = self._clock()
         self._observe_active()
         await self._catch_up()
@@ -266,7 +292,8 @@ class RolloutShell:
                 self._bad_meta_logged.add(member.node_id)
                 log.warning("ignoring the rollout metadata of %s: %s", member.node_id, exc)
         return fleet.PeerView(member.node_id, labels.get("site", ""), tuple(sorted(labels.items())),
-                              member.state is State.ALIVE, health, notes)
+                              member.state is State.ALIVE, health, notes,
+                              present=member.state in (State.ALIVE, State.SUSPECT))
 
     def _address(self, node_id: str) -> str | None:
         member = self._view.member(node_id)
@@ -540,10 +567,13 @@ class RolloutShell:
     def facts(self) -> DeviceFacts:
         runtime = self._runtime
         active = runtime.active if runtime is not None else None
-        try:
-            free = shutil.disk_usage(self._data_dir).free
-        except OSError:
-            free = 0
+        checked_at, free = self._free_disk
+        if self._monotonic() - checked_at >= 5.0:  # a statvfs per step is not needed: disks fill slowly
+            try:
+                free = shutil.disk_usage(self._data_dir).free
+            except OSError:
+                free = 0
+            self._free_disk = (self._monotonic(), free)
         return DeviceFacts(
             self.node_id, self.labels, runtime.backend.version if runtime is not None else "0",
             free, signature_digest(active.signature) if active is not None and active.name == self.model else None)
@@ -623,7 +653,7 @@ class RolloutShell:
     # --- publishing ------------------------------------------------------------------------------
 
     def _publish(self, now: float) -> None:
-        if self._monotonic() - self._health_at >= self.settings.interval_s / 2:
+        if self._monotonic() - self._health_at >= self.settings.interval_s:
             self._health_at = self._monotonic()
             self._publish_health()
         self._notes_board.set_meta(encode_notes(self._notes(), self._notes_board.meta_limit_bytes))

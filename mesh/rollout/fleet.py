@@ -40,9 +40,14 @@ class PeerView:
     node_id: str
     site: str
     labels: tuple[tuple[str, str], ...]
-    reachable: bool
+    reachable: bool  # alive as far as this node knows
     health: NodeHealth | None = None
     notes: tuple[RolloutNote, ...] = ()
+    present: bool | None = None  # a member of the fleet now (alive or suspect); None: as `reachable`
+
+    def __post_init__(self) -> None:
+        if self.present is None:
+            object.__setattr__(self, "present", self.reachable)
 
     def note(self, plan: RolloutPlan) -> RolloutNote | None:
         """Its note about exactly `plan` (same id and digest), if it announces one."""
@@ -65,11 +70,21 @@ def participates(plan: RolloutPlan, peer: PeerView) -> bool:
 
 
 def site_populations(plan: RolloutPlan, peers: Iterable[PeerView]) -> dict[str, list[str]]:
-    """Per site, the reachable devices that take part in `plan` (sorted node ids)."""
+    """Per site, the reachable selected devices that take part in `plan` (sorted node ids).
+
+    Leaders of different sites start at different moments and must apportion the waves alike, so the
+    count is as stable as membership allows: a member that has not announced the plan yet counts (its
+    labels are selected), and so does a suspect one (a busy device is not a departed one). One that
+    announced it serves another model, or skips, does not.
+    """
     out: dict[str, list[str]] = {}
     for peer in peers:
-        if peer.reachable and participates(plan, peer):
-            out.setdefault(peer.site, []).append(peer.node_id)
+        if not peer.present or not selected(plan, peer):
+            continue
+        note = peer.note(plan)
+        if note is not None and (note.serving is Serving.NONE or note.skip is not None):
+            continue
+        out.setdefault(peer.site, []).append(peer.node_id)
     return {site: sorted(nodes) for site, nodes in out.items()}
 
 
@@ -79,7 +94,7 @@ def start_ready(plan: RolloutPlan, peers: Iterable[PeerView], *, registered_at: 
     what it serves are known), or has `grace_s` passed since the site registered it?"""
     if now >= registered_at + grace_s:
         return True
-    return all(peer.note(plan) is not None for peer in peers if peer.reachable and selected(plan, peer))
+    return all(peer.note(plan) is not None for peer in peers if peer.present and selected(plan, peer))
 
 
 def start_input(plan: RolloutPlan, site: str, peers: Sequence[PeerView], now: float) -> Start:

@@ -69,15 +69,16 @@ def choose_active(model: str, complete: Iterable[str], *, refused: Set[str], act
     Without `desired`, the newest complete version that never failed here (and is not `blocked`);
     with `keep`, only when nothing is active. With `desired` (a rollout's verdict for this device:
     its target, or the baseline to roll back to), that version once it is complete and has not
-    failed, and nothing else meanwhile.
+    failed, and nothing else meanwhile (but a node that serves nothing serves the newest allowed
+    version until the desired one is here).
     """
     usable = sorted((v for v in set(complete) if v not in refused), key=version_order_key)
-    if desired is not None:
+    allowed = [v for v in usable if v not in blocked]
+    if desired is not None and (desired in usable or active is not None):
         choice = desired if desired in usable else None
     elif keep and active is not None:
         choice = None
-    else:
-        allowed = [v for v in usable if v not in blocked]
+    else:  # no rollout says otherwise, or nothing is served while the desired version is not here yet
         choice = allowed[-1] if allowed else None
     if choice is None or choice == active:
         return None

@@ -78,13 +78,18 @@ from mesh.rollout.health import (
 )
 from mesh.rollout.plan import (
     CommandAction,
+    CommandRefused,
     DeviceFacts,
     MalformedCommand,
+    PlanExpiredError,
     PlanFormatError,
+    PlanSignatureError,
     RolloutCommand,
     RolloutPlan,
     SignedPlan,
     signature_digest,
+    verify_command,
+    verify_plan,
 )
 from mesh.rollout.report import rollout_report, rollout_summary
 from mesh.rollout.state import (
@@ -211,10 +216,13 @@ class RolloutShell:
             await asyncio.sleep(self.settings.min_step_s)
             changed = asyncio.ensure_future(self.group.rollout_changed(self.settings.interval_s))
             woken = asyncio.ensure_future(self._wake.wait())
-            await asyncio.wait({changed, woken}, timeout=self.settings.interval_s,
-                               return_when=asyncio.FIRST_COMPLETED)
-            for task in (changed, woken):
-                task.cancel()
+            try:
+                await asyncio.wait({changed, woken}, timeout=self.settings.interval_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (changed, woken):
+                    task.cancel()
+                await asyncio.gather(changed, woken, return_exceptions=True)
             self._wake.clear()
 
     async def close(self) -> None:
@@ -728,35 +736,54 @@ class RolloutShell:
 
     async def start(self, signed: SignedPlan) -> LedgerResult:
         """Register a publisher-signed plan with this site (from `mesh rollout start`). A plan that does not
-        verify is still proposed, so every replica refuses and audits it; it is never handed on."""
+        verify is still proposed, so every replica refuses and audits it; it is never handed on. One that
+        verifies is handed on (even if no leader answers now: the site's leader registers it later)."""
         now = self._clock()
         try:
-            self.docs.add_plan(signed, now=now)
-            held = True
-        except DocumentRefused as exc:
-            held = False
+            verify_plan(signed, self.docs.trusted, now=now)
+            verified = True
+        except (PlanSignatureError, PlanExpiredError) as exc:
+            verified = False
             log.warning("%s: refusing %s: %s", self.node_id, signed.plan.label, exc)
-        result = await self.group.propose_rollout(plan_command(signed, now=now),
-                                                  timeout_s=self.settings.propose_timeout_s)
-        if held and result.outcome is Outcome.REFUSED and self.group.rollout(signed.plan.rollout_id) is None:
-            self.docs.drop_plan(signed.plan.rollout_id)
-        self._wake.set()
+        result = None
+        try:
+            result = await self.group.propose_rollout(plan_command(signed, now=now),
+                                                      timeout_s=self.settings.propose_timeout_s)
+        finally:
+            if verified and (result is None or result.outcome is not Outcome.REFUSED):
+                try:
+                    self.docs.add_plan(signed, now=now)
+                except DocumentRefused as exc:
+                    log.warning("%s: not handing on %s: %s", self.node_id, signed.plan.label, exc)
+            self._wake.set()
         return result
 
     async def command(self, command: RolloutCommand) -> LedgerResult | None:
-        """An operator-signed command: held (and handed on to every site) once it verifies here, and
-        proposed to this site, whose replicas verify it again and audit a refusal. None: unknown rollout."""
+        """An operator-signed command: proposed to this site, whose replicas verify it and audit a refusal,
+        and handed on to every site once it verifies here. None: the rollout is not known here."""
         now = self._clock()
-        if self.docs.plan(command.rollout_id) is None and self.group.rollout(command.rollout_id) is None:
+        plan = self.docs.plan(command.rollout_id)
+        known = self.group.rollout(command.rollout_id)
+        if plan is None and known is None:
             return None
         try:
-            self.docs.add_command(command, now=now)
-        except DocumentRefused as exc:
+            verify_command(command, plan or known[0], self.docs.trusted, now=now, used_nonces=())
+            verified = True
+        except CommandRefused as exc:
+            verified = False
             log.warning("%s: refusing %s: %s", self.node_id, command.label, exc)
-        result = await self.group.propose_rollout(encode_input(command.rollout_id, OperatorInput(now, command)),
-                                                  timeout_s=self.settings.propose_timeout_s)
-        self._wake.set()
-        return result
+        try:
+            # Proposed before it is handed on: the site leader's loop would otherwise race this call to it.
+            return await self.group.propose_rollout(
+                encode_input(command.rollout_id, OperatorInput(now, command)),
+                timeout_s=self.settings.propose_timeout_s)
+        finally:
+            if verified and plan is not None:
+                try:
+                    self.docs.add_command(command, now=now)
+                except DocumentRefused as exc:
+                    log.warning("%s: not handing on %s: %s", self.node_id, command.label, exc)
+            self._wake.set()
 
     def report(self, rollout_id: str | None) -> dict[str, Any] | None:
         """Where a rollout stands (newest if `rollout_id` is None), for `mesh rollout status`."""

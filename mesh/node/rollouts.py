@@ -452,8 +452,8 @@ class RolloutShell:
                 if result is not None:
                     log.info("%s: %s", self.group.group, result.message)
             return
-        if now - self._gated_at.get(rid, -float("inf")) < self.settings.interval_s * 0.9:
-            return
+        if rollout.wave == 0 or now - self._gated_at.get(rid, -float("inf")) < self.settings.interval_s * 0.9:
+            return  # wave 1 held for an operator: nothing to judge yet
         self._gated_at[rid] = now
         members = [p.node_id for p in peers if p.site == self.site and fleet.selected(plan, p)]
         verdict = evaluate_gate(plan, rollout.wave, cohort=rollout.cohort(members),

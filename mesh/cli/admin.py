@@ -209,8 +209,9 @@ def pending(address: str, creds_dir: Path, as_json: bool) -> None:
         what = (f"wave {r['wave']} is held above the autonomous scope" if r["state"] == "waiting_approval"
                 else f"paused at wave {r['wave']}: {r['reason']}")
         lines = "\n".join(f"  {verb + ':':8} {command}" for verb, command in r["commands"].items())
+        # soft_wrap: a command is printed on one line, so it can be pasted as it is.
         console.print(f"[yellow]rollout {r['rollout_id']}[/] ({r['change']}) in site {r['site']}: {what}\n{lines}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
 
 
 def _waiting_rollouts(address: str, creds_dir: Path) -> list[dict[str, Any]]:

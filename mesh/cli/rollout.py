@@ -148,6 +148,8 @@ def start(model_name: str, version: str, baseline: str | None, waves: str, soak:
         try:
             plan = _build_plan(model_name, version, base, both.signed_manifest_json, key, shape, rollout_id)
             signed = sign_plan(plan, key)
+        except PermissionError as exc:
+            fail(str(exc))
         except (ValueError, RolloutError) as exc:
             fail(str(exc), EXIT_USAGE)
         return signed, client.start(signed.to_json().decode())
@@ -166,7 +168,8 @@ def start(model_name: str, version: str, baseline: str | None, waves: str, soak:
                       f"{plan.waves[0].soak_s:g} s, error limit {plan.waves[0].max_error_rate:.0%}, selector "
                       f"{plan.selector.describe()}; plan {plan.digest[:16]}... signed by publisher key "
                       f"{plan.publisher_key_id}", highlight=False)
-        console.print(f"  follow it: mesh rollout status {plan.rollout_id} --watch --node {address}", highlight=False)
+        console.print(f"  follow it: mesh rollout status {plan.rollout_id} --watch --node {address}", highlight=False,
+                      soft_wrap=True)
     if result.outcome == "refused":
         sys.exit(EXIT_FAILED)
 
@@ -201,10 +204,14 @@ def _build_plan(model: str, version: str, baseline: str, manifests: Any, key: An
     for text in manifests:
         try:
             signed = SignedManifest.from_json(text.encode())
-            verify_manifest(signed, own)
         except ManifestError as exc:
-            raise ValueError(f"the node sent a manifest this publisher key did not sign ({exc}); not signing a "
-                             "plan for it") from None
+            raise ValueError(f"the node sent a manifest that does not parse ({exc}); not signing a plan") from None
+        try:
+            verify_manifest(signed, own)
+        except ManifestError:
+            raise PermissionError(
+                f"{signed.manifest.label} is signed by publisher key {signed.manifest.publisher_key_id}, not by the "
+                f"key given ({key.key_id}); sign the plan with the fleet's publisher key (publisher.key)") from None
         found.append(signed)
     target, base = found
     if (target.manifest.name, target.manifest.version) != (model, version) or base.manifest.version != baseline:
@@ -400,7 +407,9 @@ def _command(action: str, summary: str, *, needs_wave: bool, needs_reason: bool,
     @click.argument("rollout_id")
     @click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
                   help="The operator signing key (operator.key from `mesh fleet init`).")
-    @click.option("--reason", required=needs_reason, default="", help="Why (goes to every site's audit log).")
+    # Click counts an explicit default, even None, as given: a required option gets none.
+    @click.option("--reason", required=needs_reason, **({} if needs_reason else {"default": ""}),
+                  help="Why (goes to every site's audit log).")
     @click.option("--ttl-s", type=click.FloatRange(1.0, 7 * 24 * 3600.0), default=DEFAULT_COMMAND_TTL_S,
                   show_default=True, help="How long the signed command stays valid.")
     @admin_options

@@ -78,8 +78,10 @@ class Traffic:
     """Infer against every running device of `fleet` at `rate_per_node_s`, `bad_share` of inputs bad."""
 
     def __init__(self, fleet: RolloutFleet, *, rate_per_node_s: float = 10.0, bad_share: float = 0.3,
-                 seed: int = 0) -> None:
+                 seed: int = 0, timeline: bool = False) -> None:
+        """`timeline`: also keep every answer as (monotonic time, node, version, finite), for benchmarks."""
         self.fleet = fleet
+        self.timeline: list[tuple[float, str, str, bool]] | None = [] if timeline else None
         self.rate_per_node_s = rate_per_node_s
         self.bad_share = bad_share
         self.stats: dict[str, NodeTraffic] = {}
@@ -138,9 +140,12 @@ class Traffic:
                     stats.failure_messages.append(f"{exc.code().name}: {exc.details()}"[:200])
                 else:
                     out = np.frombuffer(reply.outputs[0].data, dtype=np.float32)
+                    finite = bool(np.isfinite(out).all())
                     counts = stats.by_version.setdefault(reply.version, [0, 0])
                     counts[0] += 1
-                    counts[1] += int(not np.isfinite(out).all())
+                    counts[1] += int(not finite)
+                    if self.timeline is not None:
+                        self.timeline.append((time.monotonic(), node_id, reply.version, finite))
                 await asyncio.sleep(interval_s)
 
 

@@ -214,16 +214,29 @@ class RolloutShell:
             except Exception:  # one bad round must not end rollouts on this node
                 log.exception("rollout step failed on %s", self.node_id)
             await asyncio.sleep(self.settings.min_step_s)
-            changed = asyncio.ensure_future(self.group.rollout_changed(self.settings.interval_s))
+            timeout_s = self._next_wake_s()
+            changed = asyncio.ensure_future(self.group.rollout_changed(timeout_s))
             woken = asyncio.ensure_future(self._wake.wait())
             try:
-                await asyncio.wait({changed, woken}, timeout=self.settings.interval_s,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({changed, woken}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for task in (changed, woken):
                     task.cancel()
                 await asyncio.gather(changed, woken, return_exceptions=True)
             self._wake.clear()
+
+    def _next_wake_s(self) -> float:
+        """Until the next step: the interval, or sooner when a wave this node's site soaks ends (its leader
+        judges it then, not up to an interval later)."""
+        wake_s = self.settings.interval_s
+        if self.group.raft.is_leader:
+            now = self._clock()
+            for plan, rollout in self.group.rollouts():
+                if rollout.state is RolloutState.SOAKING and rollout.soak_started_at is not None:
+                    left_s = rollout.soak_started_at + plan.wave(rollout.wave).soak_s - now
+                    if left_s > 0:
+                        wake_s = min(wake_s, left_s + 0.01)
+        return max(wake_s, 0.01)
 
     async def close(self) -> None:
         tasks = list(self._fetches.values())
@@ -452,8 +465,12 @@ class RolloutShell:
                 if result is not None:
                     log.info("%s: %s", self.group.group, result.message)
             return
-        if rollout.wave == 0 or now - self._gated_at.get(rid, -float("inf")) < self.settings.interval_s * 0.9:
+        if rollout.wave == 0:
             return  # wave 1 held for an operator: nothing to judge yet
+        soak_end = (rollout.soak_started_at or now) + plan.wave(rollout.wave).soak_s
+        last = self._gated_at.get(rid, -float("inf"))
+        if now - last < self.settings.interval_s * 0.9 and not last < soak_end <= now:
+            return
         self._gated_at[rid] = now
         members = [p.node_id for p in peers if p.site == self.site and fleet.selected(plan, p)]
         verdict = evaluate_gate(plan, rollout.wave, cohort=rollout.cohort(members),

@@ -314,7 +314,8 @@ def status_view(report: dict[str, Any], address: str = "NODE") -> Any:
     for w in report["waves"]:
         share = w["share"] + (" *" if w["needs_approval"] else "")
         waves.add_row(str(w["wave"]), share, str(w["eligible"]), str(w["in_cohort"]), str(w["on_target"]),
-                      _bar(w["on_target"], w["in_cohort"]), str(w["requests"]), _pct(w["error_rate"]),
+                      _bar(w["on_target"], w["in_cohort"]), "-" if w["requests"] is None else str(w["requests"]),
+                      _pct(w["error_rate"]),
                       _pct(w["baseline_error_rate"]), Text(w["status"], style=_STATUS_STYLE.get(w["status"], "")),
                       w["waiting_for"])
     sites = Table(title="sites", title_justify="left", show_edge=False)

@@ -119,7 +119,7 @@ class RolloutSettings:
 
     interval_s: float = 1.0  # the leader's gate interval; devices decide at least this often
     min_step_s: float = 0.1  # steps woken by changes come at most this often
-    start_grace_s: float = 5.0  # a new plan starts once every selected member announced it, or after this
+    start_grace_s: float = 3.0  # a new plan starts once every selected member announced it, or after this
     fetch_timeout_s: float = 2.0
     propose_timeout_s: float = 3.0
     sync_timeout_s: float = 10.0  # after a restart: act on the last committed state after this long

@@ -93,15 +93,15 @@ def _wave_status(plan: RolloutPlan, k: int, row: Mapping[str, Any]) -> str:
     return "pending"
 
 
-def _counters(peer: PeerView, model: str, version: str) -> tuple[int, int]:
-    if peer.health is None:
-        return 0, 0
-    c = peer.health.counters(model, version)
-    return (0, 0) if c is None else (c.requests, c.serving_errors)
+def _counters(peer: PeerView, model: str, version: str) -> tuple[int, int] | None:
+    """A device's counters of `version` as it gossips them; None if it gossips none (devices publish
+    counters only while a rollout of their model runs)."""
+    c = None if peer.health is None else peer.health.counters(model, version)
+    return None if c is None else (c.requests, c.serving_errors)
 
 
-def _rate(errors: int, requests: int) -> float | None:
-    return errors / requests if requests else None
+def _rate(errors: int | None, requests: int | None) -> float | None:
+    return errors / requests if requests and errors is not None else None
 
 
 def rollout_report(plan: RolloutPlan, *, site: str, node_id: str, own: SiteRollout | None,
@@ -116,10 +116,12 @@ def rollout_report(plan: RolloutPlan, *, site: str, node_id: str, own: SiteRollo
     for k, w in enumerate(plan.waves, start=1):
         cohort = [p for p in taking_part if 1 <= notes[p.node_id].first_wave <= k]
         outside = [p for p in taking_part if not 1 <= notes[p.node_id].first_wave <= k]
-        target = [_counters(p, plan.model, plan.target_version) for p in cohort]
-        baseline = [_counters(p, plan.model, plan.baseline_version) for p in outside]
-        t_req, t_err = sum(r for r, _ in target), sum(e for _, e in target)
-        b_req, b_err = sum(r for r, _ in baseline), sum(e for _, e in baseline)
+        target = [c for p in cohort if (c := _counters(p, plan.model, plan.target_version)) is not None]
+        baseline = [c for p in outside if (c := _counters(p, plan.model, plan.baseline_version)) is not None]
+        t_req = sum(r for r, _ in target) if target else None
+        t_err = sum(e for _, e in target) if target else None
+        b_req = sum(r for r, _ in baseline) if baseline else None
+        b_err = sum(e for _, e in baseline) if baseline else None
         statuses = [_wave_status(plan, k, row) for row in sites] or ["pending"]
         status = min(statuses, key=_STATUS_ORDER.index)
         if status == "passed" and any(s != "passed" for s in statuses):

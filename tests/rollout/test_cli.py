@@ -98,6 +98,20 @@ async def test_an_operator_starts_watches_approves_and_aborts_rollouts(tmp_path)
         code, out, err = await mesh("rollout", "status", "nope", *creds)
         assert code == 1 and "knows of no rollout nope" in err
         assert sum(s.failures for s in traffic.stats.values()) == 0
+
+        # Every node serves the rollout metrics (names as in deploy/prometheus/METRICS.md).
+        from prometheus_client import generate_latest
+
+        scraped = generate_latest(f.nodes["node-01"].metrics.registry).decode()
+        for sample in ('fleetmesh_rollout_state{model="mlp",rollout="mlp-2",state="completed",version="2.0"} 1.0',
+                       'fleetmesh_rollout_state{model="mlp",rollout="mlp-3",state="rolled_back",version="3.0"} 1.0',
+                       'fleetmesh_rollout_wave{rollout="mlp-2"} 1.0',
+                       'fleetmesh_rollout_wave_target_ratio{rollout="mlp-2"} 1.0'):
+            assert sample in scraped, sample
+        assert "fleetmesh_rollout_gate_verdicts_total" in scraped and "fleetmesh_rollout_rollbacks_total" in scraped
+        leader = next(n for n in f.nodes.values() if n.group.raft.is_leader)
+        assert leader.rollouts.gate_counts.get(("mlp-2", "pass"), 0) >= 1 or any(
+            n.rollouts.gate_counts.get(("mlp-2", "pass")) for n in f.nodes.values())
     finally:
         await traffic.stop()
         await f.close()

@@ -16,6 +16,7 @@ guard holds for an operator.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -122,8 +123,8 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
             n.process = spawn_node_process(n.config, n.log)
         _converge(fleet_nodes, clients, console, workdir)
         _distribute(fleet_nodes, clients, console, workdir, fleet_dir, model, "1.0")
-        _distribute(fleet_nodes, clients, console, workdir, fleet_dir, _served_model(workdir, "1.0", seed=1), "1.0",
-                    name=SERVED_MODEL)
+        first = _served_model(workdir, "1.0", seed=1)
+        _distribute(fleet_nodes, clients, console, workdir, fleet_dir, first, "1.0", name=SERVED_MODEL)
         _serve(fleet_nodes, clients, console, workdir, fleet_dir, "1.0")
         _rollouts(fleet_nodes, clients, console, workdir, fleet_dir)
         victim = _kill_and_detect(fleet_nodes, clients, console, workdir, timings)
@@ -264,7 +265,9 @@ def _served_model(workdir: Path, version: str, *, seed: int, bad: bool = False) 
 
     path = workdir / "models" / version / f"{SERVED_MODEL}.tflite"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(partly_nan_model(SERVED_LAYERS, seed=seed) if bad else mlp_model(SERVED_LAYERS, seed=seed))
+    path.write_bytes(
+        partly_nan_model(SERVED_LAYERS, seed=seed) if bad else mlp_model(SERVED_LAYERS, seed=seed)
+    )
     return path
 
 
@@ -277,12 +280,16 @@ class DemoTraffic:
     client_creds: Path
     rate_per_node_s: float = TRAFFIC_RATE_PER_NODE_S
     bad_share: float = BAD_INPUT_SHARE
-    answers: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # node -> version -> [answers, NaN]
+    answers: dict[str, dict[str, list[int]]] = field(
+        default_factory=dict
+    )  # node -> version -> [answers, NaN]
     failures: int = 0
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="demo-traffic", daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self._run()), name="demo-traffic", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -295,8 +302,10 @@ class DemoTraffic:
         return {n for n, by in self.answers.items() if by.get(version, [0])[0]}
 
     def totals(self, version: str) -> tuple[int, int]:
-        return (sum(by.get(version, [0, 0])[0] for by in self.answers.values()),
-                sum(by.get(version, [0, 0])[1] for by in self.answers.values()))
+        return (
+            sum(by.get(version, [0, 0])[0] for by in self.answers.values()),
+            sum(by.get(version, [0, 0])[1] for by in self.answers.values()),
+        )
 
     async def _run(self) -> None:
         await asyncio.gather(*(self._drive(n) for n in self.nodes))
@@ -313,13 +322,19 @@ class DemoTraffic:
         rng = np.random.default_rng(abs(hash(node.node_id)) % 2**32)
         creds = channel_credentials(load_credentials(self.client_creds))
         counts = self.answers.setdefault(node.node_id, {})
-        async with grpc.aio.secure_channel(node.address, creds,
-                                           options=secure_channel_options(peer_id=node.node_id)) as channel:
+        async with grpc.aio.secure_channel(
+            node.address, creds, options=secure_channel_options(peer_id=node.node_id)
+        ) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             while not self._stop.is_set():
                 x = partly_nan_input(SERVED_LAYERS[0], bad=bool(rng.random() < self.bad_share), rng=rng)
-                request = inference_pb2.InferRequest(inputs=[inference_pb2.Tensor(
-                    name="input", dtype="float32", shape=list(x.shape), data=x.tobytes())])
+                request = inference_pb2.InferRequest(
+                    inputs=[
+                        inference_pb2.Tensor(
+                            name="input", dtype="float32", shape=list(x.shape), data=x.tobytes()
+                        )
+                    ]
+                )
                 try:
                     reply = await stub.Infer(request, timeout=5.0)
                 except grpc.aio.AioRpcError as exc:
@@ -336,10 +351,8 @@ class DemoTraffic:
 def _serving_versions(fleet_nodes, clients) -> dict[str, str]:
     out = {}
     for n in fleet_nodes:
-        try:
+        with contextlib.suppress(AdminError):  # a node that does not answer serves nothing we can see
             out[n.node_id] = clients[n.node_id].inference().active_version
-        except AdminError:
-            pass
     return out
 
 
@@ -348,8 +361,16 @@ def _rollout_report(entry: DemoNode, creds: str, rollout_id: str) -> dict:
     return json.loads(result.stdout) if result.returncode == 0 else {}
 
 
-def _wait_rollout(entry: DemoNode, creds: str, rollout_id: str, states: set[str], what: str, workdir: Path,
-                  console, timeout_s: float = 90.0) -> dict:
+def _wait_rollout(
+    entry: DemoNode,
+    creds: str,
+    rollout_id: str,
+    states: set[str],
+    what: str,
+    workdir: Path,
+    console,
+    timeout_s: float = 90.0,
+) -> dict:
     """Poll `mesh rollout status` until every site's state is in `states`, showing the waves."""
     start = time.monotonic()
     with console.status(what) as status:
@@ -359,11 +380,17 @@ def _wait_rollout(entry: DemoNode, creds: str, rollout_id: str, states: set[str]
             if sites and all(s["state"] in states for s in sites):
                 return report
             if report:
-                status.update(f"{what} " + ", ".join(f"{s['site']} {s['state']}"
-                                                     + (f" w{s['wave']}" if s["wave"] else "") for s in sites))
+                status.update(
+                    f"{what} "
+                    + ", ".join(
+                        f"{s['site']} {s['state']}" + (f" w{s['wave']}" if s["wave"] else "") for s in sites
+                    )
+                )
             if time.monotonic() - start > timeout_s:
-                raise DemoFailed(f"rollout {rollout_id} did not reach {sorted(states)} in {timeout_s:.0f} s "
-                                 f"({[(s['site'], s['state']) for s in sites]}); logs in {workdir / 'logs'}")
+                raise DemoFailed(
+                    f"rollout {rollout_id} did not reach {sorted(states)} in {timeout_s:.0f} s "
+                    f"({[(s['site'], s['state']) for s in sites]}); logs in {workdir / 'logs'}"
+                )
             time.sleep(0.3)
 
 
@@ -376,74 +403,160 @@ def _rollouts(fleet_nodes, clients, console, workdir, fleet_dir: Path) -> None:
     traffic = DemoTraffic(fleet_nodes, fleet_dir / "nodes" / "demo-client")
     traffic.start()
     try:
-        console.print(f"\n[bold]canary rollout[/]: traffic on all {len(fleet_nodes)} devices "
-                      f"({TRAFFIC_RATE_PER_NODE_S:g} requests/s each, {BAD_INPUT_SHARE:.0%} of inputs unusual); "
-                      f"{SERVED_MODEL} 2.0 published, and served by nobody until a rollout says so")
-        _distribute(fleet_nodes, clients, console, workdir, fleet_dir, _served_model(workdir, "2.0", seed=2), "2.0",
-                    name=SERVED_MODEL)
-        start = ["rollout", "start", SERVED_MODEL, "2.0", "--id", "mlp-2", "--waves", "1,10,100", "--soak",
-                 ROLLOUT_SOAK, "--min-requests", "8", "--key", str(fleet_dir / "publisher.key"), *node]
-        console.print(f"  $ mesh {' '.join(start[:-4])} --node {entry.address}", highlight=False, soft_wrap=True)
+        console.print(
+            f"\n[bold]canary rollout[/]: traffic on all {len(fleet_nodes)} devices "
+            f"({TRAFFIC_RATE_PER_NODE_S:g} requests/s each, {BAD_INPUT_SHARE:.0%} of inputs unusual); "
+            f"{SERVED_MODEL} 2.0 published, and served by nobody until a rollout says so"
+        )
+        _distribute(
+            fleet_nodes,
+            clients,
+            console,
+            workdir,
+            fleet_dir,
+            _served_model(workdir, "2.0", seed=2),
+            "2.0",
+            name=SERVED_MODEL,
+        )
+        start = [
+            "rollout",
+            "start",
+            SERVED_MODEL,
+            "2.0",
+            "--id",
+            "mlp-2",
+            "--waves",
+            "1,10,100",
+            "--soak",
+            ROLLOUT_SOAK,
+            "--min-requests",
+            "8",
+            "--key",
+            str(fleet_dir / "publisher.key"),
+            *node,
+        ]
+        console.print(
+            f"  $ mesh {' '.join(start[:-4])} --node {entry.address}", highlight=False, soft_wrap=True
+        )
         started = _mesh(*start)
         if started.returncode != 0:
             raise DemoFailed(f"mesh rollout start failed: {started.stderr.strip()}")
         for line in started.stdout.strip().splitlines():
             console.print("  " + line.strip(), highlight=False, soft_wrap=True)
-        report = _wait_rollout(entry, creds, "mlp-2", {"waiting_approval"}, "waves 1% and 10% soak...", workdir,
-                               console)
+        report = _wait_rollout(
+            entry, creds, "mlp-2", {"waiting_approval"}, "waves 1% and 10% soak...", workdir, console
+        )
         on_target = [n for n, v in _serving_versions(fleet_nodes, clients).items() if v == "2.0"]
         waves = report["waves"]
-        console.print(f"[green]passed[/] wave 1 ({waves[0]['share']}: {waves[0]['in_cohort']} device) and wave 2 "
-                      f"({waves[1]['share']}: {waves[1]['in_cohort']} device(s)), {waves[1]['requests'] or 0} requests, "
-                      f"errors {waves[1]['error_rate'] or 0:.2%}; [yellow]held[/]: wave 3 (100%) is above the "
-                      f"autonomous scope of {report['autonomous_share']}. On 2.0: {', '.join(sorted(on_target))}")
+        console.print(
+            f"[green]passed[/] wave 1 ({waves[0]['share']}: {waves[0]['in_cohort']} device) and wave 2 "
+            f"({waves[1]['share']}: {waves[1]['in_cohort']} device(s)), "
+            f"{waves[1]['requests'] or 0} requests, "
+            f"errors {waves[1]['error_rate'] or 0:.2%}; [yellow]held[/]: wave 3 (100%) is above the "
+            f"autonomous scope of {report['autonomous_share']}. On 2.0: {', '.join(sorted(on_target))}"
+        )
         pending = _mesh("admin", "pending", *node)
         console.print(f"  $ mesh admin pending --node {entry.address}")
         for line in pending.stdout.splitlines():
             if "rollout" in line or "approve:" in line:
                 console.print("  " + line.strip(), highlight=False, soft_wrap=True)
-        approve = _mesh("rollout", "approve", "mlp-2", "--wave", "3", "--key", str(fleet_dir / "operator.key"),
-                        "--reason", "demo: canary looks good", *node)
-        console.print(f"  $ mesh rollout approve mlp-2 --wave 3 --key {fleet_dir / 'operator.key'} "
-                      f"--node {entry.address}", highlight=False, soft_wrap=True)
+        approve = _mesh(
+            "rollout",
+            "approve",
+            "mlp-2",
+            "--wave",
+            "3",
+            "--key",
+            str(fleet_dir / "operator.key"),
+            "--reason",
+            "demo: canary looks good",
+            *node,
+        )
+        console.print(
+            f"  $ mesh rollout approve mlp-2 --wave 3 --key {fleet_dir / 'operator.key'} "
+            f"--node {entry.address}",
+            highlight=False,
+            soft_wrap=True,
+        )
         if approve.returncode != 0:
             raise DemoFailed(f"approval failed: {approve.stderr.strip() or approve.stdout.strip()}")
-        report = _wait_rollout(entry, creds, "mlp-2", {"completed"}, "wave 3 (100%) soaks...", workdir, console)
+        report = _wait_rollout(
+            entry, creds, "mlp-2", {"completed"}, "wave 3 (100%) soaks...", workdir, console
+        )
         serving = _serving_versions(fleet_nodes, clients)
-        console.print(f"[green]completed[/] in every site: {sum(v == '2.0' for v in serving.values())}/"
-                      f"{len(fleet_nodes)} devices serve 2.0 (one approval, signed once, verified by each site)")
+        console.print(
+            f"[green]completed[/] in every site: {sum(v == '2.0' for v in serving.values())}/"
+            f"{len(fleet_nodes)} devices serve 2.0 (one approval, signed once, verified by each site)"
+        )
         table = _mesh("rollout", "status", "mlp-2", *node)
-        console.print("\n".join("  " + line for line in table.stdout.rstrip().splitlines()), highlight=False,
-                      soft_wrap=True)
+        console.print(
+            "\n".join("  " + line for line in table.stdout.rstrip().splitlines()),
+            highlight=False,
+            soft_wrap=True,
+        )
 
-        console.print(f"\n[bold]a bad version[/]: {SERVED_MODEL} 3.0 passes activation's validation but answers NaN on "
-                      f"unusual inputs ({BAD_INPUT_SHARE:.0%} of this traffic)")
-        _distribute(fleet_nodes, clients, console, workdir, fleet_dir,
-                    _served_model(workdir, "3.0", seed=3, bad=True), "3.0", name=SERVED_MODEL)
+        console.print(
+            f"\n[bold]a bad version[/]: {SERVED_MODEL} 3.0 passes activation's validation but answers NaN on "
+            f"unusual inputs ({BAD_INPUT_SHARE:.0%} of this traffic)"
+        )
+        _distribute(
+            fleet_nodes,
+            clients,
+            console,
+            workdir,
+            fleet_dir,
+            _served_model(workdir, "3.0", seed=3, bad=True),
+            "3.0",
+            name=SERVED_MODEL,
+        )
         failures_before = traffic.failures
         began = time.monotonic()
-        started = _mesh("rollout", "start", SERVED_MODEL, "3.0", "--id", "mlp-3", "--soak", ROLLOUT_SOAK,
-                        "--min-requests", "8", "--key", str(fleet_dir / "publisher.key"), *node)
+        started = _mesh(
+            "rollout",
+            "start",
+            SERVED_MODEL,
+            "3.0",
+            "--id",
+            "mlp-3",
+            "--soak",
+            ROLLOUT_SOAK,
+            "--min-requests",
+            "8",
+            "--key",
+            str(fleet_dir / "publisher.key"),
+            *node,
+        )
         if started.returncode != 0:
             raise DemoFailed(f"mesh rollout start failed: {started.stderr.strip()}")
-        console.print(f"  $ mesh rollout start {SERVED_MODEL} 3.0 --id mlp-3 --soak {ROLLOUT_SOAK} ... "
-                      f"--node {entry.address}", highlight=False)
-        report = _wait_rollout(entry, creds, "mlp-3", {"aborted"}, "wave 1 (1%) serves 3.0...", workdir, console)
+        console.print(
+            f"  $ mesh rollout start {SERVED_MODEL} 3.0 --id mlp-3 --soak {ROLLOUT_SOAK} ... "
+            f"--node {entry.address}",
+            highlight=False,
+        )
+        report = _wait_rollout(
+            entry, creds, "mlp-3", {"aborted"}, "wave 1 (1%) serves 3.0...", workdir, console
+        )
         deadline = time.monotonic() + 30
         while any(v == "3.0" for v in _serving_versions(fleet_nodes, clients).values()):
             if time.monotonic() > deadline:
-                raise DemoFailed(f"a device still serves 3.0 after its rollout was aborted; logs in {workdir / 'logs'}")
+                raise DemoFailed(
+                    f"a device still serves 3.0 after its rollout was aborted; logs in {workdir / 'logs'}"
+                )
             time.sleep(0.1)
         took = time.monotonic() - began
         touched = sorted(traffic.served_by("3.0"))
         answers, nans = traffic.totals("3.0")
-        reason = next((s["reason"] for s in report["sites"] if "gate failed" in s["reason"]),
-                      report["sites"][0]["reason"])
+        reason = next(
+            (s["reason"] for s in report["sites"] if "gate failed" in s["reason"]),
+            report["sites"][0]["reason"],
+        )
         console.print(f"[red]rolled back[/] by itself at wave 1: {reason}")
-        console.print(f"  devices touched: {', '.join(touched) or 'none'} ({len(touched)} of {len(fleet_nodes)}); "
-                      f"they answered {answers} requests, {nans} of them NaN; every device serves 2.0 again "
-                      f"{took:.1f}s after the rollout started, with {traffic.failures - failures_before} failed "
-                      f"requests; every site's audit log holds the reason")
+        console.print(
+            f"  devices touched: {', '.join(touched) or 'none'} ({len(touched)} of {len(fleet_nodes)}); "
+            f"they answered {answers} requests, {nans} of them NaN; every device serves 2.0 again "
+            f"{took:.1f}s after the rollout started, with {traffic.failures - failures_before} failed "
+            f"requests; every site's audit log holds the reason"
+        )
     finally:
         traffic.stop()
 

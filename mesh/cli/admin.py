@@ -210,8 +210,8 @@ def pending(address: str, creds_dir: Path, as_json: bool) -> None:
                 else f"paused at wave {r['wave']}: {r['reason']}")
         lines = "\n".join(f"  {verb + ':':8} {command}" for verb, command in r["commands"].items())
         # soft_wrap: a command is printed on one line, so it can be pasted as it is.
-        console.print(f"[yellow]rollout {r['rollout_id']}[/] ({r['change']}) in site {r['site']}: {what}\n{lines}",
-                      highlight=False, soft_wrap=True)
+        console.print(f"[yellow]rollout {r['rollout_id']}[/] ({r['change']}) in site {r['site']}: "
+                      f"{what}\n{lines}", highlight=False, soft_wrap=True)
 
 
 def _waiting_rollouts(address: str, creds_dir: Path) -> list[dict[str, Any]]:
@@ -234,12 +234,13 @@ def _waiting_rollouts(address: str, creds_dir: Path) -> list[dict[str, Any]]:
         if not own or own["state"] not in ("waiting_approval", "paused"):
             continue
         rid, held = r["rollout_id"], own["state"] == "waiting_approval"
-        commands = ({"approve": f"mesh rollout approve {rid} --wave {own['wave'] + 1} --key {key} {target}"} if held
+        wave = own["wave"] + 1 if held else own["wave"]
+        commands = ({"approve": f"mesh rollout approve {rid} --wave {wave} --key {key} {target}"} if held
                     else {"resume": f"mesh rollout resume {rid} --key {key} {target}"})
         commands["abort"] = f"mesh rollout abort {rid} --reason '...' --key {key} {target}"
-        out.append({"rollout_id": rid, "change": f"{r['model']} {r['baseline_version']} -> {r['target_version']}",
-                    "site": own["site"], "state": own["state"], "wave": own["wave"] + 1 if held else own["wave"],
-                    "reason": own["reason"], "commands": commands})
+        change = f"{r['model']} {r['baseline_version']} -> {r['target_version']}"
+        out.append({"rollout_id": rid, "change": change, "site": own["site"], "state": own["state"],
+                    "wave": wave, "reason": own["reason"], "commands": commands})
     return out
 
 

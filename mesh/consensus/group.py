@@ -40,6 +40,7 @@ applied it, so the `ApplyResult` returned is this member's own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import struct
@@ -123,7 +124,8 @@ class _AuditedLedger:
                 result = self.ledger.apply(command)
             self.applied_index = index
             self._write(index, result.audit)
-        if isinstance(result, LedgerResult) and result.outcome is RolloutOutcome.APPLIED and self.on_rollout_change:
+        changed = isinstance(result, LedgerResult) and result.outcome is RolloutOutcome.APPLIED
+        if changed and self.on_rollout_change is not None:
             self.on_rollout_change()
         return result
 
@@ -275,7 +277,8 @@ class SiteGroup:
         except RuntimeError:
             self._loop = None
         self._rollout_changed = asyncio.Event()
-        self._state = _AuditedLedger(ledger, rollouts, audit, audited, on_rollout_change=self._rollout_applied)
+        self._state = _AuditedLedger(ledger, rollouts, audit, audited,
+                                     on_rollout_change=self._rollout_applied)
         self.raft = _SiteRaftGroup(
             node_id,
             members,
@@ -419,10 +422,8 @@ class SiteGroup:
     def _rollout_applied(self) -> None:
         # On pysyncobj's tick thread: wake whoever waits on the loop.
         if self._loop is not None and not self._loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 self._loop.call_soon_threadsafe(self._rollout_changed.set)
-            except RuntimeError:
-                pass  # the loop closed meanwhile
 
     async def rollout_changed(self, timeout_s: float) -> bool:
         """Wait until a rollout command changes this replica's state (True) or `timeout_s` passes (False)."""

@@ -154,8 +154,8 @@ class Activator:
         steering = self._steering
         if steering.wait:
             return
-        choice = choose_active(self.model, complete, refused=self._refused,
-                               active=active.version if active is not None and active.name == self.model else None,
+        serving = active.version if active is not None and active.name == self.model else None
+        choice = choose_active(self.model, complete, refused=self._refused, active=serving,
                                desired=steering.desired, keep=steering.keep, blocked=steering.blocked)
         if choice is None:
             return

@@ -55,12 +55,18 @@ from mesh.rollout.state import LedgerResult, RolloutState, SiteRollout
 
 MODEL = "mlp"
 # Loopback timings for rollouts: a gate every half second.
-FAST_ROLLOUTS = RolloutSettings(interval_s=0.5, min_step_s=0.1, start_grace_s=2.0, fetch_timeout_s=1.0,
-                                sync_timeout_s=15.0)
+FAST_ROLLOUTS = RolloutSettings(
+    interval_s=0.5, min_step_s=0.1, start_grace_s=2.0, fetch_timeout_s=1.0, sync_timeout_s=15.0
+)
 # Dozens of nodes share one process (and a loaded machine): SWIM and Raft with room for scheduling delays,
 # so a busy event loop is not taken for a dead peer or a lost leader.
-FLEET_TIMINGS = MembershipConfig(probe_interval_s=1.0, probe_timeout_s=0.5, gossip_interval_s=0.1,
-                                 push_pull_interval_s=5.0, gossip_to_dead_s=20.0)
+FLEET_TIMINGS = MembershipConfig(
+    probe_interval_s=1.0,
+    probe_timeout_s=0.5,
+    gossip_interval_s=0.1,
+    push_pull_interval_s=5.0,
+    gossip_to_dead_s=20.0,
+)
 FLEET_RAFT = {"election_min_s": 1.0, "election_max_s": 2.0, "append_period_s": 0.2, "leader_fallback_s": 2.0}
 
 
@@ -77,8 +83,15 @@ class NodeTraffic:
 class Traffic:
     """Infer against every running device of `fleet` at `rate_per_node_s`, `bad_share` of inputs bad."""
 
-    def __init__(self, fleet: RolloutFleet, *, rate_per_node_s: float = 10.0, bad_share: float = 0.3,
-                 seed: int = 0, timeline: bool = False) -> None:
+    def __init__(
+        self,
+        fleet: RolloutFleet,
+        *,
+        rate_per_node_s: float = 10.0,
+        bad_share: float = 0.3,
+        seed: int = 0,
+        timeline: bool = False,
+    ) -> None:
         """`timeline`: also keep every answer as (monotonic time, node, version, finite), for benchmarks."""
         self.fleet = fleet
         self.timeline: list[tuple[float, str, str, bool]] | None = [] if timeline else None
@@ -108,8 +121,10 @@ class Traffic:
 
     def answered(self, version: str) -> tuple[int, int]:
         """(answers, non-finite answers) by `version`, fleet-wide."""
-        return (sum(s.by_version.get(version, [0, 0])[0] for s in self.stats.values()),
-                sum(s.by_version.get(version, [0, 0])[1] for s in self.stats.values()))
+        return (
+            sum(s.by_version.get(version, [0, 0])[0] for s in self.stats.values()),
+            sum(s.by_version.get(version, [0, 0])[1] for s in self.stats.values()),
+        )
 
     def nodes_served_by(self, version: str) -> set[str]:
         return {n for n, s in self.stats.items() if s.by_version.get(version, [0])[0]}
@@ -128,10 +143,16 @@ class Traffic:
                 if self.fleet.nodes[node_id].inference.active is None:
                     await asyncio.sleep(interval_s)
                     continue
-                x = partly_nan_input(PARTLY_NAN_LAYERS[0], bad=bool(self._rng.random() < self.bad_share),
-                                     rng=self._rng)
-                request = inference_pb2.InferRequest(inputs=[inference_pb2.Tensor(
-                    name="input", dtype="float32", shape=[1, PARTLY_NAN_LAYERS[0]], data=x.tobytes())])
+                x = partly_nan_input(
+                    PARTLY_NAN_LAYERS[0], bad=bool(self._rng.random() < self.bad_share), rng=self._rng
+                )
+                request = inference_pb2.InferRequest(
+                    inputs=[
+                        inference_pb2.Tensor(
+                            name="input", dtype="float32", shape=[1, PARTLY_NAN_LAYERS[0]], data=x.tobytes()
+                        )
+                    ]
+                )
                 stats.requests += 1
                 try:
                     reply = await stub.Infer(request, timeout=5.0)
@@ -152,10 +173,19 @@ class Traffic:
 class RolloutFleet:
     """`nodes` nodes in `sites` sites (node i in SITES[i % sites]); each site's nodes form its Raft group."""
 
-    def __init__(self, fleet: LocalFleet, workdir: Path, *, nodes: int, sites: int,
-                 timings: MembershipConfig = FLEET_TIMINGS, settings: RolloutSettings = FAST_ROLLOUTS,
-                 seed: int = 0, labels: dict[str, dict[str, str]] | None = None,
-                 runtime_versions: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        fleet: LocalFleet,
+        workdir: Path,
+        *,
+        nodes: int,
+        sites: int,
+        timings: MembershipConfig = FLEET_TIMINGS,
+        settings: RolloutSettings = FAST_ROLLOUTS,
+        seed: int = 0,
+        labels: dict[str, dict[str, str]] | None = None,
+        runtime_versions: dict[str, str] | None = None,
+    ) -> None:
         """`labels`: extra labels per node id (device_class is "camera" unless given). `runtime_versions`:
         node id -> the inference runtime version that node reports (an older device, for skew tests)."""
         self.fleet = fleet
@@ -186,11 +216,18 @@ class RolloutFleet:
         seeds = [self.nodes[seed_id].address] if seed_id in self.nodes else []
         labels = {"site": site, "device_class": "camera", **self.labels.get(node_id, {})}
         return NodeConfig(
-            node_id=node_id, listen="127.0.0.1:0", seeds=seeds, labels=labels,
-            data_dir=self.workdir / node_id, tls=TlsSection(dir=creds.directory),
-            membership=MembershipSection(**{f: getattr(self.timings, f) for f in MembershipSection.model_fields}),
+            node_id=node_id,
+            listen="127.0.0.1:0",
+            seeds=seeds,
+            labels=labels,
+            data_dir=self.workdir / node_id,
+            tls=TlsSection(dir=creds.directory),
+            membership=MembershipSection(
+                **{f: getattr(self.timings, f) for f in MembershipSection.model_fields}
+            ),
             inference=InferenceSection(model=MODEL, workers=1),
-            raft=RaftSection(members=self.members(site), **FLEET_RAFT))
+            raft=RaftSection(members=self.members(site), **FLEET_RAFT),
+        )
 
     async def start(self) -> RolloutFleet:
         await self.start_node("node-00")  # everyone's seed
@@ -202,8 +239,12 @@ class RolloutFleet:
 
     async def start_node(self, node_id: str) -> Node:
         """Start (or restart, with its data directory as it was) one node."""
-        node = Node(self.config(node_id), rng=random.Random(f"{self.seed}-{node_id}"), serve_metrics=False,
-                    rollout_settings=self.settings)
+        node = Node(
+            self.config(node_id),
+            rng=random.Random(f"{self.seed}-{node_id}"),
+            serve_metrics=False,
+            rollout_settings=self.settings,
+        )
         with _reporting_runtime_version(self.runtime_versions.get(node_id)):
             await node.start()
         self.nodes[node_id] = node
@@ -218,8 +259,10 @@ class RolloutFleet:
 
     def converged(self) -> bool:
         want = set(self.nodes)
-        return all({m.node_id for m in n.membership.members() if m.state is State.ALIVE} >= want
-                   for n in self.nodes.values())
+        return all(
+            {m.node_id for m in n.membership.members() if m.state is State.ALIVE} >= want
+            for n in self.nodes.values()
+        )
 
     async def ready(self, timeout_s: float = 60.0) -> None:
         """Every node sees every other, and every site group has a leader."""
@@ -229,8 +272,14 @@ class RolloutFleet:
             await node.group.raft.wait_for_leader(timeout_s)
 
     def leader(self, site: str) -> Node | None:
-        return next((self.nodes[n] for n in self.members(site) if n in self.nodes
-                     and self.nodes[n].group.raft.is_leader), None)
+        return next(
+            (
+                self.nodes[n]
+                for n in self.members(site)
+                if n in self.nodes and self.nodes[n].group.raft.is_leader
+            ),
+            None,
+        )
 
     # --- models ---
 
@@ -253,33 +302,76 @@ class RolloutFleet:
 
     # --- plans and commands ---
 
-    def plan(self, rollout_id: str, *, target: str, baseline: str, shares: tuple[int, ...] = (10_000, 100_000,
-             1_000_000), soak_s: float = 2.0, min_requests: int = 10, max_error_rate: float = 0.05,
-             deadline_s: float | None = None, selector: Selector | None = None, ttl_s: float = 3600.0,
-             prefetch: PrefetchPolicy = PrefetchPolicy.LOW, key: SigningKey | None = None,
-             min_runtime: str | None = None, autonomous_share_ppm: int = 100_000) -> SignedPlan:
+    def plan(
+        self,
+        rollout_id: str,
+        *,
+        target: str,
+        baseline: str,
+        shares: tuple[int, ...] = (10_000, 100_000, 1_000_000),
+        soak_s: float = 2.0,
+        min_requests: int = 10,
+        max_error_rate: float = 0.05,
+        deadline_s: float | None = None,
+        selector: Selector | None = None,
+        ttl_s: float = 3600.0,
+        prefetch: PrefetchPolicy = PrefetchPolicy.LOW,
+        key: SigningKey | None = None,
+        min_runtime: str | None = None,
+        autonomous_share_ppm: int = 100_000,
+    ) -> SignedPlan:
         """A plan for `target` over `baseline` (both published here), signed by `key` (the publisher's)."""
         t, b = self.manifests[target].manifest, self.manifests[baseline].manifest
         key = key or self.publisher
         plan = RolloutPlan(
-            rollout_id=rollout_id, model=MODEL, target_version=target, target_digest=self.manifests[target].digest,
-            baseline_version=baseline, baseline_digest=self.manifests[baseline].digest,
+            rollout_id=rollout_id,
+            model=MODEL,
+            target_version=target,
+            target_digest=self.manifests[target].digest,
+            baseline_version=baseline,
+            baseline_digest=self.manifests[baseline].digest,
             skew=SkewRule(min_runtime or t.min_runtime_version, signature_digest(t.signature), t.size_bytes),
-            created_at=time.time(), expires_at=time.time() + ttl_s, publisher_key_id=key.key_id,
-            waves=tuple(Wave(s, soak_s=soak_s, min_requests=min_requests, max_error_rate=max_error_rate,
-                             deadline_s=deadline_s) for s in shares),
-            selector=selector or Selector(), autonomous_scope=AutonomousScope(autonomous_share_ppm),
-            prefetch=prefetch)
+            created_at=time.time(),
+            expires_at=time.time() + ttl_s,
+            publisher_key_id=key.key_id,
+            waves=tuple(
+                Wave(
+                    s,
+                    soak_s=soak_s,
+                    min_requests=min_requests,
+                    max_error_rate=max_error_rate,
+                    deadline_s=deadline_s,
+                )
+                for s in shares
+            ),
+            selector=selector or Selector(),
+            autonomous_scope=AutonomousScope(autonomous_share_ppm),
+            prefetch=prefetch,
+        )
         del b
         if key.role is not KeyRole.PUBLISHER:  # sign_plan refuses: forge the signature by hand (tests)
             return SignedPlan(plan, key.sign(plan.signed_bytes()))
         return sign_plan(plan, key)
 
-    def command(self, signed: SignedPlan, action: CommandAction, *, wave: int | None = None, reason: str = "",
-                key: SigningKey | None = None) -> RolloutCommand:
-        return sign_command(key or self.operator, signed.plan, action, now=time.time(), ttl_s=600.0,
-                            nonce=secrets.token_urlsafe(12), wave=wave,
-                            reason=reason or ("test abort" if action is CommandAction.ABORT else ""))
+    def command(
+        self,
+        signed: SignedPlan,
+        action: CommandAction,
+        *,
+        wave: int | None = None,
+        reason: str = "",
+        key: SigningKey | None = None,
+    ) -> RolloutCommand:
+        return sign_command(
+            key or self.operator,
+            signed.plan,
+            action,
+            now=time.time(),
+            ttl_s=600.0,
+            nonce=secrets.token_urlsafe(12),
+            wave=wave,
+            reason=reason or ("test abort" if action is CommandAction.ABORT else ""),
+        )
 
     async def start_rollout(self, signed: SignedPlan, *, via: str = "node-00") -> LedgerResult:
         """Register `signed` through node `via` (as `mesh rollout start` does), retried while its site group
@@ -317,8 +409,11 @@ class RolloutFleet:
         return True
 
     def audit_kinds(self, node_id: str, rollout_id: str) -> list[tuple[str, dict]]:
-        return [(r.kind, dict(r.payload)) for r in self.nodes[node_id].group.audit_records()
-                if r.kind.startswith("rollout") and r.payload.get("rollout_id") == rollout_id]
+        return [
+            (r.kind, dict(r.payload))
+            for r in self.nodes[node_id].group.audit_records()
+            if r.kind.startswith("rollout") and r.payload.get("rollout_id") == rollout_id
+        ]
 
 
 async def _retried(submit, attempts: int = 5):

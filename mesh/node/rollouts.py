@@ -26,6 +26,7 @@ leader reachable for `sync_timeout_s` it acts on its last committed state, in th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -131,13 +132,29 @@ DialRollouts = Callable[[str, str], pb_grpc.RolloutsStub]
 class RolloutShell:
     """One node's part in the fleet's rollouts (see the module doc)."""
 
-    def __init__(self, *, node_id: str, site: str, labels: dict[str, str], model: str | None, group: SiteGroup,
-                 view: MembershipView, health_board: MetadataBoard, notes_board: MetadataBoard,
-                 runtime: ModelRuntime | None, steer: Callable[[Steering], None],
-                 refused: Callable[[], Set[str]], history: Callable[[], Sequence[tuple[float, str]]],
-                 store: ArtifactStore, data_dir: Path, trusted: TrustedKeys, dial: DialRollouts,
-                 settings: RolloutSettings | None = None, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        site: str,
+        labels: dict[str, str],
+        model: str | None,
+        group: SiteGroup,
+        view: MembershipView,
+        health_board: MetadataBoard,
+        notes_board: MetadataBoard,
+        runtime: ModelRuntime | None,
+        steer: Callable[[Steering], None],
+        refused: Callable[[], Set[str]],
+        history: Callable[[], Sequence[tuple[float, str]]],
+        store: ArtifactStore,
+        data_dir: Path,
+        trusted: TrustedKeys,
+        dial: DialRollouts,
+        settings: RolloutSettings | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.node_id = node_id
         self.site = site
         self.labels = dict(labels)
@@ -165,7 +182,7 @@ class RolloutShell:
         self._active: str | None = None
         self._active_since = monotonic()
         self._active_s: dict[str, float] = {}
-        self._history_seen = 0
+        self._history_seen = -float("inf")  # time of the last activation counted in `served`
         self.served: set[str] = set()  # every version of its model this node has activated in this run
         self.steering = fleet.DeviceSteering()
         self._peer_cache: dict[str, tuple[tuple, fleet.PeerView]] = {}
@@ -278,9 +295,13 @@ class RolloutShell:
         except (RaftError, GroupError):
             if not self._safe_only and self._monotonic() - self._started_at >= self.settings.sync_timeout_s:
                 self._safe_only = True
-                log.warning("%s: no leader of %s reachable for %.0f s; acting on its last committed rollout "
-                            "state, in the safe direction only (rollbacks, no new target)", self.node_id,
-                            self.group.group, self.settings.sync_timeout_s)
+                log.warning(
+                    "%s: no leader of %s reachable for %.0f s; acting on its last committed rollout "
+                    "state, in the safe direction only (rollbacks, no new target)",
+                    self.node_id,
+                    self.group.group,
+                    self.settings.sync_timeout_s,
+                )
             return
         self._synced, self._safe_only = True, False
 
@@ -312,9 +333,15 @@ class RolloutShell:
             if member.node_id not in self._bad_meta_logged:
                 self._bad_meta_logged.add(member.node_id)
                 log.warning("ignoring the rollout metadata of %s: %s", member.node_id, exc)
-        return fleet.PeerView(member.node_id, labels.get("site", ""), tuple(sorted(labels.items())),
-                              member.state is State.ALIVE, health, notes,
-                              present=member.state in (State.ALIVE, State.SUSPECT))
+        return fleet.PeerView(
+            member.node_id,
+            labels.get("site", ""),
+            tuple(sorted(labels.items())),
+            member.state is State.ALIVE,
+            health,
+            notes,
+            present=member.state in (State.ALIVE, State.SUSPECT),
+        )
 
     def _address(self, node_id: str) -> str | None:
         member = self._view.member(node_id)
@@ -354,8 +381,10 @@ class RolloutShell:
                 if note.rollout_id in self._fetches or len(self._fetches) >= MAX_PARALLEL_FETCHES:
                     continue
                 self._fetched[(peer.node_id, note.rollout_id)] = wanted
-                task = asyncio.create_task(self._fetch_documents(peer, note.rollout_id),
-                                           name=f"rollout-fetch-{note.rollout_id}-{self.node_id}")
+                task = asyncio.create_task(
+                    self._fetch_documents(peer, note.rollout_id),
+                    name=f"rollout-fetch-{note.rollout_id}-{self.node_id}",
+                )
                 self._fetches[note.rollout_id] = task
                 task.add_done_callback(lambda _t, rid=note.rollout_id: self._fetches.pop(rid, None))
 
@@ -369,8 +398,9 @@ class RolloutShell:
             try:
                 signed = SignedPlan.from_json(reply.signed_plan_json.encode())
                 if signed.plan.rollout_id != rollout_id:
-                    raise DocumentRefused(f"{peer.node_id} answered {rollout_id} with {signed.plan.label}",
-                                          "wrong_rollout")
+                    raise DocumentRefused(
+                        f"{peer.node_id} answered {rollout_id} with {signed.plan.label}", "wrong_rollout"
+                    )
                 added = self.docs.plan(rollout_id) is None
                 self.docs.add_plan(signed, now=now)
             except (PlanFormatError, DocumentRefused) as exc:
@@ -392,18 +422,20 @@ class RolloutShell:
             return None
         try:
             reply = await self._dial(address, peer.node_id).GetRollout(
-                pb.GetRolloutRequest(rollout_id=rollout_id), timeout=self.settings.fetch_timeout_s)
+                pb.GetRolloutRequest(rollout_id=rollout_id), timeout=self.settings.fetch_timeout_s
+            )
         except (grpc.aio.AioRpcError, ConnectionError) as exc:
             code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
             log.debug("rollout %s from %s: %s", rollout_id, peer.node_id, code)
             return None
         if reply.site_state_json:
-            try:
+            with contextlib.suppress(ValueError):  # a peer's malformed view is only not remembered
                 self._site_views[(peer.site, rollout_id)] = {
-                    "node": peer.node_id, "at": self._clock(), "state": json.loads(reply.site_state_json),
-                    "verdict": json.loads(reply.verdict_json) if reply.verdict_json else None}
-            except ValueError:
-                pass
+                    "node": peer.node_id,
+                    "at": self._clock(),
+                    "state": json.loads(reply.site_state_json),
+                    "verdict": json.loads(reply.verdict_json) if reply.verdict_json else None,
+                }
         return reply
 
     def documents(self, rollout_id: str) -> pb.RolloutDocuments:
@@ -421,8 +453,13 @@ class RolloutShell:
             reply.verdict_json = json.dumps(_verdict_doc(verdict))
         decision = self.steering.decisions.get(rollout_id)
         if decision is not None:
-            reply.device_json = json.dumps({"version": decision.version, "reason": decision.reason,
-                                            "skip": None if decision.skip is None else decision.skip.kind.value})
+            reply.device_json = json.dumps(
+                {
+                    "version": decision.version,
+                    "reason": decision.reason,
+                    "skip": None if decision.skip is None else decision.skip.kind.value,
+                }
+            )
         return reply
 
     # --- the leader's part ---------------------------------------------------------------------
@@ -458,8 +495,9 @@ class RolloutShell:
             await self._propose(encode_input(rid, PeerAborted(now, aborted.site, reason)))
             return
         if rollout.state is RolloutState.PENDING:
-            if fleet.start_ready(plan, peers, registered_at=rollout.updated_at, now=now,
-                                 grace_s=self.settings.start_grace_s):
+            if fleet.start_ready(
+                plan, peers, registered_at=rollout.updated_at, now=now, grace_s=self.settings.start_grace_s
+            ):
                 start = fleet.start_input(plan, self.site, peers, now)
                 result = await self._propose(encode_input(rid, start))
                 if result is not None:
@@ -473,10 +511,17 @@ class RolloutShell:
             return
         self._gated_at[rid] = now
         members = [p.node_id for p in peers if p.site == self.site and fleet.selected(plan, p)]
-        verdict = evaluate_gate(plan, rollout.wave, cohort=rollout.cohort(members),
-                                reports=fleet.gate_reports(plan, self.site, peers), marks=rollout.marks_map(),
-                                soak_started_at=rollout.soak_started_at or now, now=now,
-                                remote=fleet.remote_evidence(plan, self.site, peers), site=self.site)
+        verdict = evaluate_gate(
+            plan,
+            rollout.wave,
+            cohort=rollout.cohort(members),
+            reports=fleet.gate_reports(plan, self.site, peers),
+            marks=rollout.marks_map(),
+            soak_started_at=rollout.soak_started_at or now,
+            now=now,
+            remote=fleet.remote_evidence(plan, self.site, peers),
+            site=self.site,
+        )
         previous = self._verdicts.get(rid)
         if previous is not None and previous.wave < verdict.wave and previous.outcome is GateOutcome.PASS:
             self._passed[rid] = WaveEvidence.of(previous.evidence(self.site))
@@ -517,8 +562,10 @@ class RolloutShell:
         than one already applied is superseded. True if any was applied."""
         used = {nonce for nonce, _ in rollout.used_nonces}
         held = self.docs.commands(plan.rollout_id)
-        latest = max((c.issued_at for c in held if c.nonce in used and c.action in _PAUSE_RESUME),
-                     default=-float("inf"))
+        latest = max(
+            (c.issued_at for c in held if c.nonce in used and c.action in _PAUSE_RESUME),
+            default=-float("inf"),
+        )
         changed = False
         for command in held:
             digest = command_digest(command)
@@ -542,9 +589,9 @@ class RolloutShell:
         """Why `peer`'s site aborted, as its replica says (so every site's audit log names the gate,
         the devices and the measured rate); a plain note if that peer cannot be asked."""
         seen = self._site_views.get((peer.site, plan.rollout_id))
-        if seen is None or seen["state"].get("state") != RolloutState.ABORTED.value:
-            if await self._get_rollout(peer, plan.rollout_id) is not None:
-                seen = self._site_views.get((peer.site, plan.rollout_id))
+        aborted = seen is not None and seen["state"].get("state") == RolloutState.ABORTED.value
+        if not aborted and await self._get_rollout(peer, plan.rollout_id) is not None:
+            seen = self._site_views.get((peer.site, plan.rollout_id))
         if seen is not None and seen["state"].get("state") == RolloutState.ABORTED.value:
             return str(seen["state"].get("reason", ""))[:400] or f"announced by {peer.node_id}"
         return f"announced aborted by {peer.node_id} of site {peer.site}"
@@ -562,10 +609,10 @@ class RolloutShell:
         runtime = self._runtime
         active = runtime.active if runtime is not None else None
         version = active.version if active is not None and active.name == self.model else None
-        history = list(self._history())
-        for _, activated in history[self._history_seen:] if len(history) >= self._history_seen else history:
-            self.served.add(activated)
-        self._history_seen = len(history)
+        for at, activated in self._history():
+            if at > self._history_seen:
+                self.served.add(activated)
+                self._history_seen = at
         if version == self._active:
             return
         now_m = self._monotonic()
@@ -575,13 +622,25 @@ class RolloutShell:
         if version is not None:
             self.served.add(version)
         for plan, rollout in self.group.rollouts():
-            if (plan.model == self.model and previous == plan.target_version and version == plan.baseline_version
-                    and (rollout.state is RolloutState.ABORTED
-                         or self.steering.decisions.get(plan.rollout_id) is not None
-                         and self.steering.decisions[plan.rollout_id].version == plan.baseline_version)):
+            if (
+                plan.model == self.model
+                and previous == plan.target_version
+                and version == plan.baseline_version
+                and (
+                    rollout.state is RolloutState.ABORTED
+                    or self.steering.decisions.get(plan.rollout_id) is not None
+                    and self.steering.decisions[plan.rollout_id].version == plan.baseline_version
+                )
+            ):
                 self.rollbacks[plan.rollout_id] = self.rollbacks.get(plan.rollout_id, 0) + 1
-                log.warning("%s rolled back %s %s -> %s (%s)", self.node_id, plan.model, previous, version,
-                            rollout.reason or "aborted")
+                log.warning(
+                    "%s rolled back %s %s -> %s (%s)",
+                    self.node_id,
+                    plan.model,
+                    previous,
+                    version,
+                    rollout.reason or "aborted",
+                )
 
     def active_seconds(self, version: str) -> float:
         spent = self._active_s.get(version, 0.0)
@@ -600,8 +659,12 @@ class RolloutShell:
                 free = 0
             self._free_disk = (self._monotonic(), free)
         return DeviceFacts(
-            self.node_id, self.labels, runtime.backend.version if runtime is not None else "0",
-            free, signature_digest(active.signature) if active is not None and active.name == self.model else None)
+            self.node_id,
+            self.labels,
+            runtime.backend.version if runtime is not None else "0",
+            free,
+            signature_digest(active.signature) if active is not None and active.name == self.model else None,
+        )
 
     def _complete_versions(self) -> set[str]:
         out = set()
@@ -631,8 +694,16 @@ class RolloutShell:
         registered = {p.rollout_id for p, _ in rollouts}
         unregistered = [p for p in self.docs.plans() if p.rollout_id not in registered]
         self.steering = fleet.steer_device(
-            self.model, rollouts, unregistered, self.facts(), complete=self._complete_versions(),
-            serving=self._active, aborted=self._aborts_known(peers), now=now, safe_only=self._safe_only)
+            self.model,
+            rollouts,
+            unregistered,
+            self.facts(),
+            complete=self._complete_versions(),
+            serving=self._active,
+            aborted=self._aborts_known(peers),
+            now=now,
+            safe_only=self._safe_only,
+        )
         if not self._synced and not self._safe_only:
             self._steer(Steering(wait=True))
         else:
@@ -665,14 +736,19 @@ class RolloutShell:
             note = peer.note(plan)
             if note is None:
                 return None
-            return {Serving.BASELINE: plan.baseline_version, Serving.TARGET: plan.target_version}.get(note.serving)
+            return {Serving.BASELINE: plan.baseline_version, Serving.TARGET: plan.target_version}.get(
+                note.serving
+            )
 
         by_id = {p.node_id: p for p in peers}
         owner_peer = by_id.get(owner)
         if owner_peer is None or version_of(owner_peer) in acceptable or version_of(owner_peer) is None:
             return None
-        candidates = [p.node_id for p in peers if (p.reachable or p.node_id == self.node_id)
-                      and version_of(p) in acceptable]
+        candidates = [
+            p.node_id
+            for p in peers
+            if (p.reachable or p.node_id == self.node_id) and version_of(p) in acceptable
+        ]
         return fleet.stream_server(stream_id, candidates)
 
     # --- publishing ------------------------------------------------------------------------------
@@ -706,8 +782,11 @@ class RolloutShell:
                 if active_s == 0 and failures == 0:
                     continue
                 counts = VersionHealth(self.model, version, 0, {}, (0,) * (len(LATENCY_BUCKETS_S) + 1), 0.0)
-            entries.append(VersionCounters.from_health(counts, epoch=self._epoch, active_s=active_s,
-                                                       activation_failures=failures))
+            entries.append(
+                VersionCounters.from_health(
+                    counts, epoch=self._epoch, active_s=active_s, activation_failures=failures
+                )
+            )
         budget = self._health_board.meta_limit_bytes
         while True:
             try:
@@ -738,13 +817,18 @@ class RolloutShell:
                 if passed is not None and passed.wave < verdict.wave:
                     evidence = (passed, *evidence)
             note = RolloutNote(
-                plan.rollout_id, plan.digest, count, digest,
+                plan.rollout_id,
+                plan.digest,
+                count,
+                digest,
                 state=None if rollout is None else rollout.state,
                 wave=0 if rollout is None else rollout.wave,
                 first_wave=0 if rollout is None else fleet.cohort_wave(rollout, self.node_id),
                 serving=fleet.serving_of(plan, self.model, self._active),
                 skip=None if decision is None or decision.skip is None else decision.skip.kind,
-                verdict=None if verdict is None else verdict.outcome, evidence=evidence)
+                verdict=None if verdict is None else verdict.outcome,
+                evidence=evidence,
+            )
             final = rollout is not None and rollout.state.final
             rows.append(((final, -plan.created_at), note))
         return [note for _, note in sorted(rows, key=lambda r: r[0])]
@@ -764,8 +848,9 @@ class RolloutShell:
             log.warning("%s: refusing %s: %s", self.node_id, signed.plan.label, exc)
         result = None
         try:
-            result = await self.group.propose_rollout(plan_command(signed, now=now),
-                                                      timeout_s=self.settings.propose_timeout_s)
+            result = await self.group.propose_rollout(
+                plan_command(signed, now=now), timeout_s=self.settings.propose_timeout_s
+            )
         finally:
             if verified and (result is None or result.outcome is not Outcome.REFUSED):
                 try:
@@ -793,7 +878,8 @@ class RolloutShell:
             # Proposed before it is handed on: the site leader's loop would otherwise race this call to it.
             return await self.group.propose_rollout(
                 encode_input(command.rollout_id, OperatorInput(now, command)),
-                timeout_s=self.settings.propose_timeout_s)
+                timeout_s=self.settings.propose_timeout_s,
+            )
         finally:
             if verified and plan is not None:
                 try:
@@ -818,9 +904,16 @@ class RolloutShell:
         known = self.group.rollout(plan.rollout_id)
         own = None if known is None else known[1]
         verdict = self._verdicts.get(plan.rollout_id)
-        return rollout_report(plan, site=self.site, node_id=self.node_id, own=own,
-                              own_verdict=None if verdict is None else _verdict_doc(verdict),
-                              peers=self.peers(), site_views=self._site_views, now=self._clock())
+        return rollout_report(
+            plan,
+            site=self.site,
+            node_id=self.node_id,
+            own=own,
+            own_verdict=None if verdict is None else _verdict_doc(verdict),
+            peers=self.peers(),
+            site_views=self._site_views,
+            now=self._clock(),
+        )
 
     def summaries(self) -> list[dict[str, Any]]:
         """One line per rollout this node knows, newest first, for `mesh rollout ls`."""
@@ -831,21 +924,29 @@ class RolloutShell:
         out = []
         for plan in sorted(plans.values(), key=lambda p: (p.created_at, p.rollout_id), reverse=True):
             known = self.group.rollout(plan.rollout_id)
-            out.append(rollout_summary(plan, site=self.site, own=None if known is None else known[1],
-                                       peers=peers))
+            out.append(
+                rollout_summary(plan, site=self.site, own=None if known is None else known[1], peers=peers)
+            )
         return out
 
 
 def _refusal_reason(result: LedgerResult) -> str:
-    return next((str(e.payload.get("reason", "")) for e in reversed(result.audit) if e.kind == "rollout_refused"),
-                "")
+    return next(
+        (str(e.payload.get("reason", "")) for e in reversed(result.audit) if e.kind == "rollout_refused"), ""
+    )
 
 
 def _site_state_doc(plan: RolloutPlan, rollout: SiteRollout) -> dict[str, Any]:
-    return {"state": rollout.state.value, "wave": rollout.wave, "reason": rollout.reason,
-            "waiting_for": rollout.waiting_for(plan), "soak_started_at": rollout.soak_started_at,
-            "eligible_count": rollout.eligible_count, "updated_at": rollout.updated_at,
-            "approved_waves": sorted(rollout.approved_waves)}
+    return {
+        "state": rollout.state.value,
+        "wave": rollout.wave,
+        "reason": rollout.reason,
+        "waiting_for": rollout.waiting_for(plan),
+        "soak_started_at": rollout.soak_started_at,
+        "eligible_count": rollout.eligible_count,
+        "updated_at": rollout.updated_at,
+        "approved_waves": sorted(rollout.approved_waves),
+    }
 
 
 def _verdict_doc(verdict: GateVerdict) -> dict[str, Any]:
@@ -857,14 +958,18 @@ def _verdict_doc(verdict: GateVerdict) -> dict[str, Any]:
 # --- the gRPC service ------------------------------------------------------------------------------
 
 MAX_DOCUMENT_CHARS = 64 * 1024
-NO_ROLLOUTS = ("this node takes no part in rollouts: it has no [raft] section (rollouts are decided in each "
-               "site's Raft group); ask a node of a site group")
+NO_ROLLOUTS = (
+    "this node takes no part in rollouts: it has no [raft] section (rollouts are decided in each "
+    "site's Raft group); ask a node of a site group"
+)
 
 
 class RolloutServicer(pb_grpc.RolloutsServicer):
     """GetRollout for fleet nodes; the rest for operators. A thin adapter over `RolloutShell`."""
 
-    def __init__(self, shell: RolloutShell | None, store: ArtifactStore, runtime: ModelRuntime | None) -> None:
+    def __init__(
+        self, shell: RolloutShell | None, store: ArtifactStore, runtime: ModelRuntime | None
+    ) -> None:
         self._shell = shell
         self._store = store
         self._runtime = runtime
@@ -873,8 +978,10 @@ class RolloutServicer(pb_grpc.RolloutsServicer):
         peer = peer_identity(context)
         if peer is None or peer.role is not Role.OPERATOR:
             who = f"{peer.role.value} {peer.name!r}" if peer else "an unauthenticated caller"
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"rollout commands need an operator certificate; this is {who}")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"rollout commands need an operator certificate; this is {who}",
+            )
         if self._shell is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_ROLLOUTS)
         return self._shell
@@ -897,15 +1004,18 @@ class RolloutServicer(pb_grpc.RolloutsServicer):
             try:
                 out.append(self._store.load_manifest(request.model, version).to_json().decode())
             except (FileNotFoundError, OSError, ValueError) as exc:
-                await context.abort(grpc.StatusCode.NOT_FOUND,
-                                    f"{request.model} {version} is not held on this node ({type(exc).__name__}); "
-                                    "publish it here or ask the origin")
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"{request.model} {version} is not held on this node ({type(exc).__name__}); "
+                    "publish it here or ask the origin",
+                )
             except Exception as exc:  # ArtifactError and friends: unreadable here
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"{request.model} {version}: {exc}")
         active = self._runtime.active if self._runtime is not None else None
         return pb.GetManifestsResponse(
             signed_manifest_json=out,
-            active_version=active.version if active is not None and active.name == request.model else "")
+            active_version=active.version if active is not None and active.name == request.model else "",
+        )
 
     async def Start(self, request: pb.StartRequest, context) -> pb.RolloutResult:
         shell = await self._operator(context)
@@ -926,9 +1036,11 @@ class RolloutServicer(pb_grpc.RolloutsServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         result = await _write(context, shell.command(command))
         if result is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"rollout {command.rollout_id} is not known on {shell.node_id}; "
-                                "list rollouts with `mesh rollout ls`")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"rollout {command.rollout_id} is not known on {shell.node_id}; "
+                "list rollouts with `mesh rollout ls`",
+            )
         return _result(shell, result)
 
     async def Status(self, request: pb.RolloutStatusRequest, context) -> pb.RolloutStatusResponse:
@@ -936,8 +1048,10 @@ class RolloutServicer(pb_grpc.RolloutsServicer):
         report = shell.report(request.rollout_id or None)
         if report is None:
             what = f"rollout {request.rollout_id}" if request.rollout_id else "any rollout"
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"{shell.node_id} knows of no {what}; "
-                                "`mesh rollout ls` lists the rollouts it knows")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"{shell.node_id} knows of no {what}; `mesh rollout ls` lists the rollouts it knows",
+            )
         return pb.RolloutStatusResponse(report_json=json.dumps(report))
 
     async def List(self, request: pb.RolloutListRequest, context) -> pb.RolloutListResponse:
@@ -967,10 +1081,14 @@ async def _write(context, submit) -> Any:
 
 
 def _result(shell: RolloutShell, result: LedgerResult) -> pb.RolloutResult:
-    return pb.RolloutResult(outcome=result.outcome.value, rollout_id=result.rollout_id or "",
-                            message=result.message, refusal_reason=_refusal_reason(result)
-                            if result.outcome is Outcome.REFUSED else "", group=shell.group.group,
-                            node_id=shell.node_id)
+    return pb.RolloutResult(
+        outcome=result.outcome.value,
+        rollout_id=result.rollout_id or "",
+        message=result.message,
+        refusal_reason=_refusal_reason(result) if result.outcome is Outcome.REFUSED else "",
+        group=shell.group.group,
+        node_id=shell.node_id,
+    )
 
 
 # --- routed inference on the site's versions ----------------------------------------------------------
@@ -982,8 +1100,16 @@ class SiteVersionRouting(RoutedInference):
     skipped the rollout) is served by a device of the site that runs the right one, chosen by rendezvous
     hashing of the stream. Otherwise, as `RoutedInference`."""
 
-    def __init__(self, runtime, *, node_id: str, group: SiteGroup | None, view: MembershipView,
-                 dial: Callable[[str, str], inference_pb_grpc.InferenceStub], rollouts: RolloutShell | None) -> None:
+    def __init__(
+        self,
+        runtime,
+        *,
+        node_id: str,
+        group: SiteGroup | None,
+        view: MembershipView,
+        dial: Callable[[str, str], inference_pb_grpc.InferenceStub],
+        rollouts: RolloutShell | None,
+    ) -> None:
         super().__init__(runtime, node_id=node_id, group=group, view=view, dial=dial)
         self._me = node_id
         self._site_group = group
@@ -1009,19 +1135,29 @@ class SiteVersionRouting(RoutedInference):
                     remaining_s = context.time_remaining()
                     try:
                         return await self._dial_inference(member.address, server).Infer(
-                            request, timeout=remaining_s if remaining_s is not None else 10.0,
-                            metadata=((FORWARDED_KEY, self._me),))
+                            request,
+                            timeout=remaining_s if remaining_s is not None else 10.0,
+                            metadata=((FORWARDED_KEY, self._me),),
+                        )
                     except grpc.aio.AioRpcError as exc:
-                        await context.abort(exc.code(), f"forwarded to {server} (serving stream "
-                                                        f"{request.stream_id} for {owner}): {exc.details()}")
+                        await context.abort(
+                            exc.code(),
+                            f"forwarded to {server} (serving stream "
+                            f"{request.stream_id} for {owner}): {exc.details()}",
+                        )
         return await super().Infer(request, context)
 
 
 # --- metrics ----------------------------------------------------------------------------------------------
 
-_STATE_LABELS = {RolloutState.PENDING: "pending", RolloutState.SOAKING: "progressing",
-                 RolloutState.PAUSED: "paused", RolloutState.WAITING_APPROVAL: "held",
-                 RolloutState.COMPLETED: "completed", RolloutState.ABORTED: "rolled_back"}
+_STATE_LABELS = {
+    RolloutState.PENDING: "pending",
+    RolloutState.SOAKING: "progressing",
+    RolloutState.PAUSED: "paused",
+    RolloutState.WAITING_APPROVAL: "held",
+    RolloutState.COMPLETED: "completed",
+    RolloutState.ABORTED: "rolled_back",
+}
 
 
 class RolloutCollector:
@@ -1034,16 +1170,29 @@ class RolloutCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         shell = self._shell
-        state = GaugeMetricFamily("fleetmesh_rollout_state", "The rollout's state in this node's site (1 for "
-                                  "the current one)", labels=["rollout", "model", "version", "state"])
-        wave = GaugeMetricFamily("fleetmesh_rollout_wave", "Index of the current wave, from 0",
-                                 labels=["rollout"])
-        ratio = GaugeMetricFamily("fleetmesh_rollout_wave_target_ratio", "Share of the selected devices the "
-                                  "current wave targets", labels=["rollout"])
-        verdicts = CounterMetricFamily("fleetmesh_rollout_gate_verdicts", "Health gate evaluations by this node "
-                                       "(as its site's leader)", labels=["rollout", "verdict"])
-        rollbacks = CounterMetricFamily("fleetmesh_rollout_rollbacks", "Swaps back to the baseline on this node",
-                                        labels=["rollout", "model"])
+        state = GaugeMetricFamily(
+            "fleetmesh_rollout_state",
+            "The rollout's state in this node's site (1 for the current one)",
+            labels=["rollout", "model", "version", "state"],
+        )
+        wave = GaugeMetricFamily(
+            "fleetmesh_rollout_wave", "Index of the current wave, from 0", labels=["rollout"]
+        )
+        ratio = GaugeMetricFamily(
+            "fleetmesh_rollout_wave_target_ratio",
+            "Share of the selected devices the current wave targets",
+            labels=["rollout"],
+        )
+        verdicts = CounterMetricFamily(
+            "fleetmesh_rollout_gate_verdicts",
+            "Health gate evaluations by this node (as its site's leader)",
+            labels=["rollout", "verdict"],
+        )
+        rollbacks = CounterMetricFamily(
+            "fleetmesh_rollout_rollbacks",
+            "Swaps back to the baseline on this node",
+            labels=["rollout", "model"],
+        )
         for plan, rollout in shell.group.rollouts():
             rid = plan.rollout_id
             for s, name in _STATE_LABELS.items():
@@ -1056,5 +1205,12 @@ class RolloutCollector:
         yield from (state, wave, ratio, verdicts, rollbacks)
 
 
-__all__ = ["HEALTH_SECTION", "ROLLOUTS_SECTION", "RolloutCollector", "RolloutServicer", "RolloutSettings",
-           "RolloutShell", "SiteVersionRouting"]
+__all__ = [
+    "HEALTH_SECTION",
+    "ROLLOUTS_SECTION",
+    "RolloutCollector",
+    "RolloutServicer",
+    "RolloutSettings",
+    "RolloutShell",
+    "SiteVersionRouting",
+]

@@ -305,7 +305,8 @@ class Node:
                 refused=(lambda: activator.refused) if activator else frozenset,
                 history=(lambda: tuple(activator.history)) if activator else tuple,
                 store=store, data_dir=config.data_dir, trusted=trusted,
-                dial=lambda address, peer_id: rollout_pb2_grpc.RolloutsStub(channels.channel(address, peer_id)),
+                dial=lambda address, peer_id: rollout_pb2_grpc.RolloutsStub(
+                    channels.channel(address, peer_id)),
                 settings=self.rollout_settings)
             self.metrics.registry.register(RolloutCollector(rollouts))
 

@@ -91,12 +91,24 @@ class WaveEvidence:
 
     @classmethod
     def of(cls, evidence: SiteEvidence) -> WaveEvidence:
-        return cls(evidence.wave, evidence.measured, evidence.soaked, evidence.activation_failures,
-                   evidence.unreachable)
+        return cls(
+            evidence.wave,
+            evidence.measured,
+            evidence.soaked,
+            evidence.activation_failures,
+            evidence.unreachable,
+        )
 
     def for_site(self, site: str, rollout_id: str) -> SiteEvidence:
-        return SiteEvidence(site, rollout_id, self.wave, self.measured, self.soaked, self.activation_failures,
-                            self.unreachable)
+        return SiteEvidence(
+            site,
+            rollout_id,
+            self.wave,
+            self.measured,
+            self.soaked,
+            self.activation_failures,
+            self.unreachable,
+        )
 
 
 @dataclass(frozen=True)
@@ -128,13 +140,20 @@ class RolloutNote:
             value = getattr(self, name)
             if type(value) is not int or not 0 <= value <= top:
                 raise AnnounceFormatError(f"note {self.rollout_id}: {name} {value!r} is not 0..{top}")
-        checks = ((self.state, RolloutState, True), (self.serving, Serving, False), (self.skip, SkipKind, True),
-                  (self.verdict, GateOutcome, True))
+        checks = (
+            (self.state, RolloutState, True),
+            (self.serving, Serving, False),
+            (self.skip, SkipKind, True),
+            (self.verdict, GateOutcome, True),
+        )
         for value, kind, optional in checks:
             if not (isinstance(value, kind) or (optional and value is None)):
                 raise AnnounceFormatError(f"note {self.rollout_id}: {value!r} is not a {kind.__name__}")
-        if not isinstance(self.evidence, tuple) or len(self.evidence) > MAX_EVIDENCE or not all(
-                isinstance(e, WaveEvidence) for e in self.evidence):
+        if (
+            not isinstance(self.evidence, tuple)
+            or len(self.evidence) > MAX_EVIDENCE
+            or not all(isinstance(e, WaveEvidence) for e in self.evidence)
+        ):
             raise AnnounceFormatError(f"note {self.rollout_id}: at most {MAX_EVIDENCE} evidence entries")
 
     def matches(self, plan_digest: str) -> bool:
@@ -178,7 +197,8 @@ def decode_notes(data: object) -> tuple[RolloutNote, ...]:
     if version != ANNOUNCE_CODEC_VERSION:
         raise AnnounceFormatError(
             f"rollout notes codec {version} is not known (this node reads {ANNOUNCE_CODEC_VERSION}); "
-            "upgrade the node")
+            "upgrade the node"
+        )
     count = reader.varint()
     if not 1 <= count <= MAX_NOTES:
         raise AnnounceFormatError(f"rollout notes: {count} notes, expected 1 to {MAX_NOTES}")
@@ -210,7 +230,13 @@ def _encode_note(note: RolloutNote) -> bytes:
     out.append(0 if note.verdict is None else 1 + _OUTCOMES.index(note.verdict))
     out.append(len(note.evidence))
     for e in note.evidence:
-        for value in (e.wave, *e.measured.to_list(), *e.soaked.to_list(), e.activation_failures, e.unreachable):
+        for value in (
+            e.wave,
+            *e.measured.to_list(),
+            *e.soaked.to_list(),
+            e.activation_failures,
+            e.unreachable,
+        ):
             _put_varint(out, value)
     return bytes(out)
 
@@ -228,14 +254,27 @@ def _decode_note(r: _Reader) -> RolloutNote:
     evidence = []
     count = r.byte()
     if count > MAX_EVIDENCE:
-        raise AnnounceFormatError(f"rollout note {rollout_id}: {count} evidence entries, at most {MAX_EVIDENCE}")
+        raise AnnounceFormatError(
+            f"rollout note {rollout_id}: {count} evidence entries, at most {MAX_EVIDENCE}"
+        )
     for _ in range(count):
         wave_e = r.varint()
         measured = Totals.from_list([r.varint() for _ in range(3)], "evidence.measured")
         soaked = Totals.from_list([r.varint() for _ in range(3)], "evidence.soaked")
         evidence.append(WaveEvidence(wave_e, measured, soaked, r.varint(), r.varint()))
-    return RolloutNote(rollout_id, plan_digest, commands, digest, state, wave, first_wave, serving, skip, verdict,
-                       tuple(evidence))
+    return RolloutNote(
+        rollout_id,
+        plan_digest,
+        commands,
+        digest,
+        state,
+        wave,
+        first_wave,
+        serving,
+        skip,
+        verdict,
+        tuple(evidence),
+    )
 
 
 def _put_varint(out: bytearray, value: int) -> None:

@@ -70,8 +70,9 @@ class RolloutDocs:
 
     def plans(self) -> list[RolloutPlan]:
         """Every plan held, oldest first."""
-        return sorted((r.signed.plan for r in self._rollouts.values()),
-                      key=lambda p: (p.created_at, p.rollout_id))
+        return sorted(
+            (r.signed.plan for r in self._rollouts.values()), key=lambda p: (p.created_at, p.rollout_id)
+        )
 
     def plan(self, rollout_id: str) -> RolloutPlan | None:
         held = self._rollouts.get(rollout_id)
@@ -116,8 +117,9 @@ class RolloutDocs:
         if held is not None:
             if held.signed.digest == signed.digest:
                 return plan
-            raise DocumentRefused(f"rollout id {plan.rollout_id} already names plan {held.signed.digest[:16]}",
-                                  "id_collision")
+            raise DocumentRefused(
+                f"rollout id {plan.rollout_id} already names plan {held.signed.digest[:16]}", "id_collision"
+            )
         why = self._refused.get(signed.digest)
         if why is not None:
             raise DocumentRefused(f"{plan.label} was refused here before ({why})", why)

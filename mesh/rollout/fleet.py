@@ -51,7 +51,9 @@ class PeerView:
 
     def note(self, plan: RolloutPlan) -> RolloutNote | None:
         """Its note about exactly `plan` (same id and digest), if it announces one."""
-        return next((n for n in self.notes if n.rollout_id == plan.rollout_id and n.matches(plan.digest)), None)
+        return next(
+            (n for n in self.notes if n.rollout_id == plan.rollout_id and n.matches(plan.digest)), None
+        )
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -65,8 +67,9 @@ def selected(plan: RolloutPlan, peer: PeerView) -> bool:
 def participates(plan: RolloutPlan, peer: PeerView) -> bool:
     """Does `peer` take part in `plan` as far as it says: selected, serving the model, not skipping?"""
     note = peer.note(plan)
-    return (note is not None and selected(plan, peer) and note.serving is not Serving.NONE
-            and note.skip is None)
+    return (
+        note is not None and selected(plan, peer) and note.serving is not Serving.NONE and note.skip is None
+    )
 
 
 def site_populations(plan: RolloutPlan, peers: Iterable[PeerView]) -> dict[str, list[str]]:
@@ -88,8 +91,9 @@ def site_populations(plan: RolloutPlan, peers: Iterable[PeerView]) -> dict[str, 
     return {site: sorted(nodes) for site, nodes in out.items()}
 
 
-def start_ready(plan: RolloutPlan, peers: Iterable[PeerView], *, registered_at: float, now: float,
-                grace_s: float) -> bool:
+def start_ready(
+    plan: RolloutPlan, peers: Iterable[PeerView], *, registered_at: float, now: float, grace_s: float
+) -> bool:
     """May a site leader start `plan`: has every reachable selected member announced it (so its skips and
     what it serves are known), or has `grace_s` passed since the site registered it?"""
     if now >= registered_at + grace_s:
@@ -113,16 +117,20 @@ def start_input(plan: RolloutPlan, site: str, peers: Sequence[PeerView], now: fl
             continue
         target = h.counters(plan.model, plan.target_version)
         baseline = h.counters(plan.model, plan.baseline_version)
-        marks.append((node, DeviceMarks(target.mark() if target else None,
-                                        baseline.mark() if baseline else None)))
+        marks.append(
+            (node, DeviceMarks(target.mark() if target else None, baseline.mark() if baseline else None))
+        )
     return Start(now, tuple(eligible), sizes, tuple(marks))
 
 
 def gate_reports(plan: RolloutPlan, site: str, peers: Iterable[PeerView]) -> list[DeviceReport]:
     """What the gate knows of every selected device of `site` (the cohort measures the target, the
     others the baseline); an unreachable device's last report still counts its errors."""
-    return [DeviceReport.from_health(p.node_id, p.reachable, p.health, plan)
-            for p in peers if p.site == site and selected(plan, p)]
+    return [
+        DeviceReport.from_health(p.node_id, p.reachable, p.health, plan)
+        for p in peers
+        if p.site == site and selected(plan, p)
+    ]
 
 
 def remote_evidence(plan: RolloutPlan, site: str, peers: Iterable[PeerView]) -> list[SiteEvidence]:
@@ -141,8 +149,11 @@ def remote_evidence(plan: RolloutPlan, site: str, peers: Iterable[PeerView]) -> 
 
 def aborted_elsewhere(plan: RolloutPlan, site: str, peers: Iterable[PeerView]) -> PeerView | None:
     """A member of another site whose replica holds `plan` aborted, if any (reachable ones first)."""
-    found = [p for p in peers if p.site != site and (n := p.note(plan)) is not None
-             and n.state is RolloutState.ABORTED]
+    found = [
+        p
+        for p in peers
+        if p.site != site and (n := p.note(plan)) is not None and n.state is RolloutState.ABORTED
+    ]
     return min(found, key=lambda p: (not p.reachable, p.node_id)) if found else None
 
 
@@ -176,6 +187,7 @@ def acceptable_versions(plan: RolloutPlan, state: RolloutState) -> frozenset[str
 def stream_server(stream_id: str, candidates: Iterable[str]) -> str | None:
     """The candidate that serves `stream_id` instead of its owner (rendezvous hashing: a stream stays on
     the same substitute while the candidates stay the same)."""
+
     def weight(node: str) -> bytes:
         return hashlib.sha256(f"{stream_id}\x00{node}".encode()).digest()
 
@@ -197,26 +209,36 @@ class DeviceSteering:
     governing: str | None = None  # the rollout whose word decides (the newest of the model)
 
 
-def steer_device(model: str, rollouts: Sequence[tuple[RolloutPlan, SiteRollout]],
-                 unregistered: Sequence[RolloutPlan], facts: DeviceFacts, *, complete: Iterable[str],
-                 serving: str | None, aborted: Mapping[str, str], now: float,
-                 safe_only: bool = False) -> DeviceSteering:
+def steer_device(
+    model: str,
+    rollouts: Sequence[tuple[RolloutPlan, SiteRollout]],
+    unregistered: Sequence[RolloutPlan],
+    facts: DeviceFacts,
+    *,
+    complete: Iterable[str],
+    serving: str | None,
+    aborted: Mapping[str, str],
+    now: float,
+    safe_only: bool = False,
+) -> DeviceSteering:
     """What this device (`facts`, serving `serving`, with `complete` versions on disk) does about the
     rollouts of `model`: `rollouts` as its site holds them, `unregistered` plans it holds that its site
     has not registered yet (their targets are blocked and pinned, nothing more), `aborted` rollout id ->
     reason for aborts known from elsewhere. `safe_only` (the site's state may be stale: no leader was
     reachable since a restart) never moves this device onto a target, only back to a baseline."""
     held = frozenset(complete)
-    mine = sorted(((p, r) for p, r in rollouts if p.model == model), key=lambda pr: (pr[0].created_at,
-                                                                                    pr[0].rollout_id))
+    mine = sorted(
+        ((p, r) for p, r in rollouts if p.model == model), key=lambda pr: (pr[0].created_at, pr[0].rollout_id)
+    )
     decisions: dict[str, Desired] = {}
     blocked: set[str] = set()
     pinned: set[VersionKey] = set()
     unwanted: set[VersionKey] = set()
     for plan, rollout in mine:
         device = replace(facts, holds_target=plan.target_version in held)
-        decision = desired_version(plan, rollout, device, serving=serving,
-                                   aborted_elsewhere=aborted.get(plan.rollout_id), now=now)
+        decision = desired_version(
+            plan, rollout, device, serving=serving, aborted_elsewhere=aborted.get(plan.rollout_id), now=now
+        )
         decisions[plan.rollout_id] = decision
         if decision.version == plan.target_version:
             blocked.discard(plan.target_version)
@@ -238,6 +260,11 @@ def steer_device(model: str, rollouts: Sequence[tuple[RolloutPlan, SiteRollout]]
         desired = decisions[governing.rollout_id].version
         if safe_only and desired == governing.target_version and serving != desired:
             desired = None
-    return DeviceSteering(desired=desired, blocked=frozenset(blocked), pinned=frozenset(pinned),
-                          unwanted=frozenset(unwanted), decisions=decisions,
-                          governing=None if governing is None else governing.rollout_id)
+    return DeviceSteering(
+        desired=desired,
+        blocked=frozenset(blocked),
+        pinned=frozenset(pinned),
+        unwanted=frozenset(unwanted),
+        decisions=decisions,
+        governing=None if governing is None else governing.rollout_id,
+    )

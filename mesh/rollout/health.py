@@ -832,7 +832,8 @@ def evaluate_gate(
     ):
         rate = totals.rate
         if totals.requests >= w.min_requests and rate is not None and rate > limit:
-            named = f" (errors on {', '.join(erring[:5])}{', ...' if len(erring) > 5 else ''})" if erring else ""
+            more = ", ..." if len(erring) > 5 else ""
+            named = f" (errors on {', '.join(erring[:5])}{more})" if erring else ""
             return verdict(
                 GateOutcome.FAIL,
                 f"{prefix}: {whose} measured {totals.describe()}, above the limit of "

@@ -30,20 +30,36 @@ def overall_state(states: Iterable[RolloutState]) -> str:
     found = set(states)
     if not found:
         return "unregistered"
-    for state in (RolloutState.ABORTED, RolloutState.PAUSED, RolloutState.WAITING_APPROVAL,
-                  RolloutState.SOAKING, RolloutState.PENDING):
+    for state in (
+        RolloutState.ABORTED,
+        RolloutState.PAUSED,
+        RolloutState.WAITING_APPROVAL,
+        RolloutState.SOAKING,
+        RolloutState.PENDING,
+    ):
         if state in found:
             return state.value
     return RolloutState.COMPLETED.value
 
 
-def _site_rows(plan: RolloutPlan, *, site: str, own: SiteRollout | None, own_verdict: Mapping[str, Any] | None,
-               peers: list[PeerView], site_views: Mapping[tuple[str, str], Mapping[str, Any]]) -> list[dict]:
-    sites = sorted({p.site for p in peers if p.site and (selected(plan, p) or p.note(plan) is not None)}
-                   | ({site} if site else set()))
+def _site_rows(
+    plan: RolloutPlan,
+    *,
+    site: str,
+    own: SiteRollout | None,
+    own_verdict: Mapping[str, Any] | None,
+    peers: list[PeerView],
+    site_views: Mapping[tuple[str, str], Mapping[str, Any]],
+) -> list[dict]:
+    sites = sorted(
+        {p.site for p in peers if p.site and (selected(plan, p) or p.note(plan) is not None)}
+        | ({site} if site else set())
+    )
     rows = []
     for s in sites:
-        notes = [(p, n) for p in peers if p.site == s and (n := p.note(plan)) is not None and n.state is not None]
+        notes = [
+            (p, n) for p in peers if p.site == s and (n := p.note(plan)) is not None and n.state is not None
+        ]
         seen = site_views.get((s, plan.rollout_id))
         if s == site and own is not None:
             state, wave, reason, source = own.state, own.wave, own.reason, "this node's replica"
@@ -52,13 +68,24 @@ def _site_rows(plan: RolloutPlan, *, site: str, own: SiteRollout | None, own_ver
             peer, note = max(notes, key=lambda pn: (pn[1].verdict is not None, pn[1].state.final, pn[1].wave))
             state, wave, source = note.state, note.wave, f"announced by {peer.node_id}"
             reason = ""
-            if seen is not None and seen["state"].get("state") == state.value \
-                    and seen["state"].get("wave") == wave:
+            if (
+                seen is not None
+                and seen["state"].get("state") == state.value
+                and seen["state"].get("wave") == wave
+            ):
                 reason = str(seen["state"].get("reason", ""))
         else:
-            rows.append({"site": s, "state": "unregistered", "wave": 0, "reason": "", "waiting_for":
-                         "its site leader to register the plan (learnt from peers)", "verdict": None,
-                         "source": "no member of this site announces it"})
+            rows.append(
+                {
+                    "site": s,
+                    "state": "unregistered",
+                    "wave": 0,
+                    "reason": "",
+                    "waiting_for": "its site leader to register the plan (learnt from peers)",
+                    "verdict": None,
+                    "source": "no member of this site announces it",
+                }
+            )
             continue
         verdict = None
         if s == site and own_verdict is not None:
@@ -70,8 +97,17 @@ def _site_rows(plan: RolloutPlan, *, site: str, own: SiteRollout | None, own_ver
             if leader_note is not None:
                 verdict = {"outcome": leader_note.verdict.value, "reason": ""}
         shown = SiteRollout(plan.rollout_id, plan.digest, state=state, wave=wave, reason=reason)
-        rows.append({"site": s, "state": state.value, "wave": wave, "reason": reason,
-                     "waiting_for": shown.waiting_for(plan), "verdict": verdict, "source": source})
+        rows.append(
+            {
+                "site": s,
+                "state": state.value,
+                "wave": wave,
+                "reason": reason,
+                "waiting_for": shown.waiting_for(plan),
+                "verdict": verdict,
+                "source": source,
+            }
+        )
     return rows
 
 
@@ -86,8 +122,11 @@ def _wave_status(plan: RolloutPlan, k: int, row: Mapping[str, Any]) -> str:
     if k < wave:
         return "passed"
     if k == wave:
-        return {RolloutState.SOAKING.value: "soaking", RolloutState.PAUSED.value: "paused",
-                RolloutState.WAITING_APPROVAL.value: "passed"}.get(state, "pending")
+        return {
+            RolloutState.SOAKING.value: "soaking",
+            RolloutState.PAUSED.value: "paused",
+            RolloutState.WAITING_APPROVAL.value: "passed",
+        }.get(state, "pending")
     if k == wave + 1 and state == RolloutState.WAITING_APPROVAL.value:
         return "held"
     return "pending"
@@ -104,9 +143,17 @@ def _rate(errors: int | None, requests: int | None) -> float | None:
     return errors / requests if requests and errors is not None else None
 
 
-def rollout_report(plan: RolloutPlan, *, site: str, node_id: str, own: SiteRollout | None,
-                   own_verdict: Mapping[str, Any] | None, peers: list[PeerView],
-                   site_views: Mapping[tuple[str, str], Mapping[str, Any]], now: float) -> dict[str, Any]:
+def rollout_report(
+    plan: RolloutPlan,
+    *,
+    site: str,
+    node_id: str,
+    own: SiteRollout | None,
+    own_verdict: Mapping[str, Any] | None,
+    peers: list[PeerView],
+    site_views: Mapping[tuple[str, str], Mapping[str, Any]],
+    now: float,
+) -> dict[str, Any]:
     """The status document of `plan` as node `node_id` of `site` sees it (see the module doc)."""
     sites = _site_rows(plan, site=site, own=own, own_verdict=own_verdict, peers=peers, site_views=site_views)
     taking_part = [p for p in peers if participates(plan, p)]
@@ -132,46 +179,87 @@ def rollout_report(plan: RolloutPlan, *, site: str, node_id: str, own: SiteRollo
         elif status == "paused":
             waiting = "an operator: " + RESUME_HINT.format(rollout_id=plan.rollout_id) + " (or abort)"
         elif status == "soaking":
-            waiting = f"its gate: {w.soak_s:g} s soak, {w.min_requests} requests, errors <= {w.max_error_rate:.0%}"
-        waves.append({
-            "wave": k, "share": format_share(w.share_ppm), "soak_s": w.soak_s, "min_requests": w.min_requests,
-            "max_error_rate": w.max_error_rate, "needs_approval": plan.needs_approval(k),
-            "eligible": len(eligible), "in_cohort": len(cohort),
-            "on_target": sum(1 for p in cohort if notes[p.node_id].serving is Serving.TARGET),
-            "requests": t_req, "errors": t_err, "error_rate": _rate(t_err, t_req),
-            "baseline_requests": b_req, "baseline_errors": b_err, "baseline_error_rate": _rate(b_err, b_req),
-            "status": status, "waiting_for": waiting})
+            waiting = (
+                f"its gate: {w.soak_s:g} s soak, {w.min_requests} requests, errors <= {w.max_error_rate:.0%}"
+            )
+        waves.append(
+            {
+                "wave": k,
+                "share": format_share(w.share_ppm),
+                "soak_s": w.soak_s,
+                "min_requests": w.min_requests,
+                "max_error_rate": w.max_error_rate,
+                "needs_approval": plan.needs_approval(k),
+                "eligible": len(eligible),
+                "in_cohort": len(cohort),
+                "on_target": sum(1 for p in cohort if notes[p.node_id].serving is Serving.TARGET),
+                "requests": t_req,
+                "errors": t_err,
+                "error_rate": _rate(t_err, t_req),
+                "baseline_requests": b_req,
+                "baseline_errors": b_err,
+                "baseline_error_rate": _rate(b_err, b_req),
+                "status": status,
+                "waiting_for": waiting,
+            }
+        )
     skipped = sorted((p.node_id, n.skip.value) for p in peers if (n := p.note(plan)) is not None and n.skip)
     unreachable = sorted(p.node_id for p in taking_part if not p.reachable)
     return {
-        "rollout_id": plan.rollout_id, "model": plan.model, "baseline_version": plan.baseline_version,
-        "target_version": plan.target_version, "plan_digest": plan.digest, "created_at": plan.created_at,
-        "expires_at": plan.expires_at, "selector": plan.selector.to_dict(), "prefetch": plan.prefetch.value,
+        "rollout_id": plan.rollout_id,
+        "model": plan.model,
+        "baseline_version": plan.baseline_version,
+        "target_version": plan.target_version,
+        "plan_digest": plan.digest,
+        "created_at": plan.created_at,
+        "expires_at": plan.expires_at,
+        "selector": plan.selector.to_dict(),
+        "prefetch": plan.prefetch.value,
         "autonomous_share": format_share(plan.autonomous_scope.max_share_ppm),
         "state": overall_state(RolloutState(r["state"]) for r in sites if r["state"] != "unregistered"),
         "asked": {"node_id": node_id, "site": site, "at": now},
-        "sites": sites, "waves": waves,
+        "sites": sites,
+        "waves": waves,
         "serving_target": sum(1 for n in notes.values() if n.serving is Serving.TARGET),
-        "skipped": [{"node_id": n, "kind": k} for n, k in skipped[:MAX_NAMED]], "skipped_count": len(skipped),
-        "unreachable": unreachable[:MAX_NAMED], "unreachable_count": len(unreachable),
+        "skipped": [{"node_id": n, "kind": k} for n, k in skipped[:MAX_NAMED]],
+        "skipped_count": len(skipped),
+        "unreachable": unreachable[:MAX_NAMED],
+        "unreachable_count": len(unreachable),
     }
 
 
-def rollout_summary(plan: RolloutPlan, *, site: str, own: SiteRollout | None,
-                    peers: list[PeerView]) -> dict[str, Any]:
+def rollout_summary(
+    plan: RolloutPlan, *, site: str, own: SiteRollout | None, peers: list[PeerView]
+) -> dict[str, Any]:
     """One line of `mesh rollout ls`."""
     states: dict[str, tuple[str, int]] = {}
     for p in peers:
         note = p.note(plan)
-        if note is not None and note.state is not None and p.site:
-            if p.site not in states or (note.verdict is not None, note.wave) > (False, states[p.site][1]):
-                states[p.site] = (note.state.value, note.wave)
+        if (
+            note is not None
+            and note.state is not None
+            and p.site
+            and (p.site not in states or (note.verdict is not None, note.wave) > (False, states[p.site][1]))
+        ):
+            states[p.site] = (note.state.value, note.wave)
     if own is not None and site:
         states[site] = (own.state.value, own.wave)
-    return {"rollout_id": plan.rollout_id, "model": plan.model, "baseline_version": plan.baseline_version,
-            "target_version": plan.target_version, "created_at": plan.created_at,
-            "waves": [format_share(w.share_ppm) for w in plan.waves],
-            "state": overall_state(RolloutState(s) for s, _ in states.values()),
-            "sites": {s: {"state": st, "wave": w} for s, (st, w) in sorted(states.items())},
-            "own_site": None if own is None else {"site": site, "state": own.state.value, "wave": own.wave,
-                                                  "reason": own.reason, "waiting_for": own.waiting_for(plan)}}
+    return {
+        "rollout_id": plan.rollout_id,
+        "model": plan.model,
+        "baseline_version": plan.baseline_version,
+        "target_version": plan.target_version,
+        "created_at": plan.created_at,
+        "waves": [format_share(w.share_ppm) for w in plan.waves],
+        "state": overall_state(RolloutState(s) for s, _ in states.values()),
+        "sites": {s: {"state": st, "wave": w} for s, (st, w) in sorted(states.items())},
+        "own_site": None
+        if own is None
+        else {
+            "site": site,
+            "state": own.state.value,
+            "wave": own.wave,
+            "reason": own.reason,
+            "waiting_for": own.waiting_for(plan),
+        },
+    }

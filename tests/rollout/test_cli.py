@@ -38,18 +38,40 @@ async def test_an_operator_starts_watches_approves_and_aborts_rollouts(tmp_path)
         traffic.start()
         node = f.nodes["node-00"].address
         creds = ("--creds", str(f.fleet.operator.directory), "--node", node)
-        publisher, operator = str(f.fleet.directory / "publisher.key"), str(f.fleet.directory / "operator.key")
+        publisher, operator = (
+            str(f.fleet.directory / "publisher.key"),
+            str(f.fleet.directory / "operator.key"),
+        )
 
-        code, out, err = await mesh("rollout", "start", "mlp", "9.9", "--soak", "2s", "--key", publisher, *creds)
+        code, out, err = await mesh(
+            "rollout", "start", "mlp", "9.9", "--soak", "2s", "--key", publisher, *creds
+        )
         assert code == 1 and "9.9 is not held on this node" in err
-        code, out, err = await mesh("rollout", "start", "mlp", "2.0", "--waves", "1,200", "--key", publisher,
-                                    *creds)
+        code, out, err = await mesh(
+            "rollout", "start", "mlp", "2.0", "--waves", "1,200", "--key", publisher, *creds
+        )
         assert code == 2 and "percentage in (0, 100]" in err
         code, out, err = await mesh("rollout", "start", "mlp", "2.0", "--key", operator, *creds)
         assert code == 1 and "sign the plan with the fleet's publisher key" in err
 
-        code, out, err = await mesh("rollout", "start", "mlp", "2.0", "--waves", "10,100", "--soak", "2s",
-                                    "--min-requests", "5", "--id", "mlp-2", "--key", publisher, *creds, "--json")
+        code, out, err = await mesh(
+            "rollout",
+            "start",
+            "mlp",
+            "2.0",
+            "--waves",
+            "10,100",
+            "--soak",
+            "2s",
+            "--min-requests",
+            "5",
+            "--id",
+            "mlp-2",
+            "--key",
+            publisher,
+            *creds,
+            "--json",
+        )
         assert code == 0, err
         started = json.loads(out)
         assert started["outcome"] == "applied" and started["plan"]["baseline_version"] == "1.0"
@@ -81,13 +103,15 @@ async def test_an_operator_starts_watches_approves_and_aborts_rollouts(tmp_path)
         assert f.all_serving("2.0")
 
         f.publish("3.0", mlp_model(PARTLY_NAN_LAYERS, seed=3))
-        code, out, err = await mesh("rollout", "start", "mlp", "3.0", "--soak", "30s", "--id", "mlp-3", "--key",
-                                    publisher, *creds)
+        code, out, err = await mesh(
+            "rollout", "start", "mlp", "3.0", "--soak", "30s", "--id", "mlp-3", "--key", publisher, *creds
+        )
         assert code == 0 and "started" in out and "mesh rollout status mlp-3 --watch" in out, err
         code, out, err = await mesh("rollout", "abort", "mlp-3", "--key", operator, *creds)
         assert code == 2 and "--reason" in err
-        code, out, err = await mesh("rollout", "abort", "mlp-3", "--reason", "changed my mind", "--key", operator,
-                                    *creds)
+        code, out, err = await mesh(
+            "rollout", "abort", "mlp-3", "--reason", "changed my mind", "--key", operator, *creds
+        )
         assert code == 0, err
         await wait_for(lambda: f.every_site("mlp-3", RolloutState.ABORTED), 30, "aborted")
         code, out, err = await mesh("rollout", "status", "mlp-3", "--watch", *creds)
@@ -103,15 +127,21 @@ async def test_an_operator_starts_watches_approves_and_aborts_rollouts(tmp_path)
         from prometheus_client import generate_latest
 
         scraped = generate_latest(f.nodes["node-01"].metrics.registry).decode()
-        for sample in ('fleetmesh_rollout_state{model="mlp",rollout="mlp-2",state="completed",version="2.0"} 1.0',
-                       'fleetmesh_rollout_state{model="mlp",rollout="mlp-3",state="rolled_back",version="3.0"} 1.0',
-                       'fleetmesh_rollout_wave{rollout="mlp-2"} 1.0',
-                       'fleetmesh_rollout_wave_target_ratio{rollout="mlp-2"} 1.0'):
+        for sample in (
+            'fleetmesh_rollout_state{model="mlp",rollout="mlp-2",state="completed",version="2.0"} 1.0',
+            'fleetmesh_rollout_state{model="mlp",rollout="mlp-3",state="rolled_back",version="3.0"} 1.0',
+            'fleetmesh_rollout_wave{rollout="mlp-2"} 1.0',
+            'fleetmesh_rollout_wave_target_ratio{rollout="mlp-2"} 1.0',
+        ):
             assert sample in scraped, sample
-        assert "fleetmesh_rollout_gate_verdicts_total" in scraped and "fleetmesh_rollout_rollbacks_total" in scraped
+        assert (
+            "fleetmesh_rollout_gate_verdicts_total" in scraped
+            and "fleetmesh_rollout_rollbacks_total" in scraped
+        )
         leader = next(n for n in f.nodes.values() if n.group.raft.is_leader)
         assert leader.rollouts.gate_counts.get(("mlp-2", "pass"), 0) >= 1 or any(
-            n.rollouts.gate_counts.get(("mlp-2", "pass")) for n in f.nodes.values())
+            n.rollouts.gate_counts.get(("mlp-2", "pass")) for n in f.nodes.values()
+        )
     finally:
         await traffic.stop()
         await f.close()

@@ -45,8 +45,14 @@ SOAK_S = 3.0
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fleet(tmp_path_factory):
     directory = tmp_path_factory.mktemp("rollouts")
-    f = RolloutFleet(LocalFleet(directory / "fleet"), directory / "nodes", nodes=NODES, sites=SITES, seed=8,
-                     runtime_versions={OLD_RUNTIME_NODE: "2.2.0"})
+    f = RolloutFleet(
+        LocalFleet(directory / "fleet"),
+        directory / "nodes",
+        nodes=NODES,
+        sites=SITES,
+        seed=8,
+        runtime_versions={OLD_RUNTIME_NODE: "2.2.0"},
+    )
     traffic = Traffic(f, rate_per_node_s=8.0, bad_share=0.3, seed=8)
     try:
         await f.start()
@@ -88,9 +94,15 @@ async def infer_stream(f: RolloutFleet, via: str, stream_id: str) -> inference_p
     node = f.nodes[via]
     creds = channel_credentials(f.fleet.node_credentials("camera-app"))
     x = np.full((1, PARTLY_NAN_LAYERS[0]), 0.5, dtype=np.float32)
-    async with grpc.aio.secure_channel(node.address, creds, options=secure_channel_options(peer_id=via)) as ch:
-        request = inference_pb2.InferRequest(stream_id=stream_id, inputs=[inference_pb2.Tensor(
-            name="input", dtype="float32", shape=list(x.shape), data=x.tobytes())])
+    async with grpc.aio.secure_channel(
+        node.address, creds, options=secure_channel_options(peer_id=via)
+    ) as ch:
+        request = inference_pb2.InferRequest(
+            stream_id=stream_id,
+            inputs=[
+                inference_pb2.Tensor(name="input", dtype="float32", shape=list(x.shape), data=x.tobytes())
+            ],
+        )
         return await inference_pb2_grpc.InferenceStub(ch).Infer(request, timeout=10)
 
 
@@ -102,7 +114,9 @@ async def test_a_good_version_passes_each_wave_and_waits_for_approval_above_scop
     plan = f.plan("mlp-2", target="2.0", baseline="1.0", soak_s=SOAK_S, deadline_s=60)
     assert (await f.start_rollout(plan)).outcome is Outcome.APPLIED
 
-    await until(lambda: f.every_site("mlp-2", RolloutState.WAITING_APPROVAL), 90, "every site held before 100%")
+    await until(
+        lambda: f.every_site("mlp-2", RolloutState.WAITING_APPROVAL), 90, "every site held before 100%"
+    )
     second = cohort(f, "mlp-2", 2)
     eligible = [n for n in f.nodes if n != OLD_RUNTIME_NODE]
     assert 1 <= len(second) <= 3, f"wave 2 is 10% of 18 devices: {sorted(second)}"
@@ -124,8 +138,9 @@ async def test_a_good_version_passes_each_wave_and_waits_for_approval_above_scop
     # One operator approval, sent to one node, releases every site; meanwhile a site leader dies.
     result = await f.send(f.command(plan, CommandAction.APPROVE, wave=3), via="node-02")
     assert result.outcome is Outcome.APPLIED, result.message
-    await until(lambda: all(f.site_state(s, "mlp-2").wave == 3 for s in f.site_names()), 30,
-                "wave 3 everywhere")
+    await until(
+        lambda: all(f.site_state(s, "mlp-2").wave == 3 for s in f.site_names()), 30, "wave 3 everywhere"
+    )
     victim_site = "chicago"
     victim = f.leader(victim_site)
     assert victim is not None
@@ -162,8 +177,14 @@ async def test_a_bad_version_rolls_back_at_the_first_wave(fleet):
     f = fleet
     away = "node-10"  # holds the bad version on disk while offline
     f.publish("3.0", partly_nan_model(PARTLY_NAN_LAYERS, seed=3))
-    await until(lambda: ("mlp", "3.0") in f.nodes[away].store.stored_versions()
-                and f.nodes[away].store.model_path("mlp", "3.0").exists(), 60, f"{away} holds 3.0")
+    await until(
+        lambda: (
+            ("mlp", "3.0") in f.nodes[away].store.stored_versions()
+            and f.nodes[away].store.model_path("mlp", "3.0").exists()
+        ),
+        60,
+        f"{away} holds 3.0",
+    )
     await f.stop_node(away)
     answered_before = f.traffic.answered("3.0")
     plan = f.plan("mlp-3", target="3.0", baseline="2.0", soak_s=SOAK_S, deadline_s=60)
@@ -174,8 +195,10 @@ async def test_a_bad_version_rolls_back_at_the_first_wave(fleet):
     took = time.monotonic() - started
     first = cohort(f, "mlp-3", 1)
     touched = f.traffic.nodes_served_by("3.0")
-    print(f"bad version rolled back in {took:.1f}s; wave 1 {sorted(first)}, served it: {sorted(touched)}, "
-          f"answers by it: {f.traffic.answered('3.0')} (before: {answered_before})")
+    print(
+        f"bad version rolled back in {took:.1f}s; wave 1 {sorted(first)}, served it: {sorted(touched)}, "
+        f"answers by it: {f.traffic.answered('3.0')} (before: {answered_before})"
+    )
     assert len(first) == 1 and touched <= first
     assert all(f.serving(n) == "2.0" for n in f.nodes if n != OLD_RUNTIME_NODE)
     assert sum(s.failures for s in f.traffic.stats.values()) == 0, "a swap failed requests"
@@ -219,7 +242,9 @@ async def test_documents_signed_by_the_wrong_key_are_refused_everywhere(fleet):
     rogue = SigningKey.generate(KeyRole.OPERATOR)  # an operator key of no fleet
     for site, node_id in entry.items():
         result = await f.start_rollout(forged, via=node_id)
-        assert result.outcome is Outcome.REFUSED and "not a fleet publisher key" in result.message, result.message
+        assert result.outcome is Outcome.REFUSED and "not a fleet publisher key" in result.message, (
+            result.message
+        )
         for bad_key, reason in ((rogue, "unknown_key"), (f.publisher, "not_operator_key")):
             abort = f.command(plan, CommandAction.ABORT, reason="forged", key=bad_key)
             result = await f.send(abort, via=node_id)
@@ -237,8 +262,9 @@ async def test_documents_signed_by_the_wrong_key_are_refused_everywhere(fleet):
     result = await f.send(f.command(plan, CommandAction.ABORT, reason="not needed"), via=entry["berlin"])
     assert result.outcome is Outcome.APPLIED, result.message
     await until(lambda: f.every_site("mlp-4", RolloutState.ABORTED), 30, "operator abort everywhere")
-    await until(lambda: all(f.serving(n) == "2.0" for n in f.nodes if n != OLD_RUNTIME_NODE), 30,
-                "back on 2.0")
+    await until(
+        lambda: all(f.serving(n) == "2.0" for n in f.nodes if n != OLD_RUNTIME_NODE), 30, "back on 2.0"
+    )
     f.traffic.start()
 
 
@@ -260,12 +286,17 @@ async def test_a_site_cut_off_keeps_its_wave_and_cannot_pass_the_held_wave_alone
         result = await f.send(f.command(plan, CommandAction.APPROVE, wave=3), via="node-00")
         assert result.outcome is Outcome.APPLIED, result.message
         others = [s for s in f.site_names() if s != island]
-        await until(lambda: all(f.site_state(s, "mlp-5").state is RolloutState.COMPLETED for s in others), 90,
-                    "the connected sites complete")
+        await until(
+            lambda: all(f.site_state(s, "mlp-5").state is RolloutState.COMPLETED for s in others),
+            90,
+            "the connected sites complete",
+        )
         island_state = f.site_state(island, "mlp-5")
         assert (island_state.state, island_state.wave) == (RolloutState.WAITING_APPROVAL, 2)
         assert {n for n in inside if f.serving(n) == "5.0"} == held_on_island
     finally:
         for node_id in f.nodes:
             f.nodes[node_id].faults.blocked.clear()
-    await until(lambda: f.every_site("mlp-5", RolloutState.COMPLETED), 90, "the island completes after healing")
+    await until(
+        lambda: f.every_site("mlp-5", RolloutState.COMPLETED), 90, "the island completes after healing"
+    )

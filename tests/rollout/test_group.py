@@ -15,7 +15,15 @@ from mesh.consensus.raft import RaftTimings
 from mesh.guard.audit import AuditLog
 from mesh.node.local import LocalFleet, wait_for
 from mesh.rollout.plan import AutonomousScope, CommandAction, sign_command, sign_plan
-from mesh.rollout.state import OperatorInput, Outcome, RolloutLedger, RolloutState, Start, encode_input, plan_command
+from mesh.rollout.state import (
+    OperatorInput,
+    Outcome,
+    RolloutLedger,
+    RolloutState,
+    Start,
+    encode_input,
+    plan_command,
+)
 from tests.consensus.harness import GROUP, POLICY, ROUTES, SiteCluster
 from tests.rollout.builders import make_plan, waves
 
@@ -42,8 +50,13 @@ def fleet_plan(fleet: LocalFleet, rollout_id: str = "mlp-2"):
 
     publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
     now = time.time()
-    plan = make_plan(rollout_id, created_at=now, key=publisher, plan_waves=waves(500_000, 1_000_000, soak_s=60),
-                     autonomous_scope=AutonomousScope(1_000_000))
+    plan = make_plan(
+        rollout_id,
+        created_at=now,
+        key=publisher,
+        plan_waves=waves(500_000, 1_000_000, soak_s=60),
+        autonomous_scope=AutonomousScope(1_000_000),
+    )
     return sign_plan(plan, publisher)
 
 
@@ -70,18 +83,29 @@ async def test_rollout_commands_replicate_beside_decisions_and_are_audited_once(
     from mesh.identity.signing import KeyRole, SigningKey
 
     rogue = SigningKey.generate(KeyRole.OPERATOR)
-    abort = sign_command(rogue, signed.plan, CommandAction.ABORT, now=time.time(), ttl_s=60, nonce="rogue-0001",
-                         reason="forged")
+    abort = sign_command(
+        rogue,
+        signed.plan,
+        CommandAction.ABORT,
+        now=time.time(),
+        ttl_s=60,
+        nonce="rogue-0001",
+        reason="forged",
+    )
     refused = await leader.propose_rollout(encode_input("mlp-2", OperatorInput(time.time(), abort)))
     assert refused.outcome is Outcome.REFUSED
     await s.converged()
     for g in groups:
         kinds = [(r.kind, r.payload.get("reason")) for r in g.audit_records() if r.kind.startswith("rollout")]
-        assert kinds == [("rollout_plan", None), ("rollout_started", ""), ("rollout_refused", "unknown_key")], kinds
+        assert kinds == [
+            ("rollout_plan", None),
+            ("rollout_started", ""),
+            ("rollout_refused", "unknown_key"),
+        ], kinds
 
     # Enough entries to compact: a member restarted from its own snapshot holds both ledgers again, and
     # its audit log has no duplicate.
-    for i in range(6):
+    for _ in range(6):
         await leader.propose_rollout(encode_input("mlp-2", Start(time.time(), ("node-0",))))  # noops
     await wait_for(lambda: (leader.data_dir / "raft.snapshot").exists(), 10.0, "a snapshot")
     digest = leader.state_digest()
@@ -101,8 +125,12 @@ async def test_a_snapshot_written_before_rollouts_existed_still_restores(tmp_pat
     old = _SNAPSHOT_MAGIC_V1 + (7).to_bytes(8, "big") + (0).to_bytes(2, "big") + decisions.snapshot()
     rollouts = RolloutLedger(site=GROUP, trusted=trusted)
     rollouts.apply(plan_command(fleet_plan(fleet), now=time.time()))
-    state = _AuditedLedger(DecisionLedger(group=GROUP, policy=POLICY, group_size=3, trusted=trusted), rollouts,
-                           AuditLog(tmp_path / "audit.log"), (7, 0))
+    state = _AuditedLedger(
+        DecisionLedger(group=GROUP, policy=POLICY, group_size=3, trusted=trusted),
+        rollouts,
+        AuditLog(tmp_path / "audit.log"),
+        (7, 0),
+    )
     state.restore(old)
     assert state.rollouts.rollouts() == ()  # an old snapshot holds no rollouts
     new = state.snapshot()

@@ -4,6 +4,7 @@ activation choice under steering, a first wave above scope, and the CLI's parser
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 
@@ -68,9 +69,15 @@ DIGEST = PLAN.digest
 
 # --- notes codec -----------------------------------------------------------------------------------
 
-totals = st.builds(lambda r, e, d: Totals(r, min(e, r), d), st.integers(0, 10**9), st.integers(0, 10**9),
-                   st.integers(0, 10**5))
-evidence = st.builds(WaveEvidence, st.integers(1, 10), totals, totals, st.integers(0, 100), st.integers(0, 100))
+totals = st.builds(
+    lambda r, e, d: Totals(r, min(e, r), d),
+    st.integers(0, 10**9),
+    st.integers(0, 10**9),
+    st.integers(0, 10**5),
+)
+evidence = st.builds(
+    WaveEvidence, st.integers(1, 10), totals, totals, st.integers(0, 100), st.integers(0, 100)
+)
 notes = st.builds(
     RolloutNote,
     rollout_id=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,30}", fullmatch=True),
@@ -134,7 +141,9 @@ def test_documents_are_held_only_once_verified_and_a_forgery_is_remembered():
     with pytest.raises(DocumentRefused, match="already names plan"):
         docs.add_plan(signed(make_plan(target="3.0")), now=T0)
     approve = command(PLAN, CommandAction.APPROVE, wave=2)
-    assert docs.add_command(approve, now=T0 + 100) is True and docs.add_command(approve, now=T0 + 100) is False
+    assert (
+        docs.add_command(approve, now=T0 + 100) is True and docs.add_command(approve, now=T0 + 100) is False
+    )
     count, digest = docs.note_digests(PLAN.rollout_id)
     assert count == 1 and digest != digest_commands(())
     with pytest.raises(DocumentRefused) as info:
@@ -154,24 +163,48 @@ def test_documents_are_held_only_once_verified_and_a_forgery_is_remembered():
 # --- reading the fleet -------------------------------------------------------------------------------
 
 
-def peer(node: str, site: str, *, note: RolloutNote | None = None, reachable: bool = True,
-         present: bool | None = None, labels: dict[str, str] | None = None,
-         health: NodeHealth | None = None) -> PeerView:
-    return PeerView(node, site, tuple(sorted({"site": site, **(labels or {"device_class": "camera"})}.items())),
-                    reachable, health, (note,) if note is not None else (), present)
+def peer(
+    node: str,
+    site: str,
+    *,
+    note: RolloutNote | None = None,
+    reachable: bool = True,
+    present: bool | None = None,
+    labels: dict[str, str] | None = None,
+    health: NodeHealth | None = None,
+) -> PeerView:
+    return PeerView(
+        node,
+        site,
+        tuple(sorted({"site": site, **(labels or {"device_class": "camera"})}.items())),
+        reachable,
+        health,
+        (note,) if note is not None else (),
+        present,
+    )
 
 
 def note(**kw) -> RolloutNote:
     return RolloutNote(PLAN.rollout_id, DIGEST, **{"serving": Serving.BASELINE, **kw})
 
 
-@given(st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(0, 60), min_size=1),
-       st.integers(0, 2**32))
+@given(
+    st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(0, 60), min_size=1),
+    st.integers(0, 2**32),
+)
 def test_sites_that_see_the_same_fleet_apportion_every_wave_exactly(sizes, seed):
     rng = random.Random(seed)
-    peers = [peer(f"{s}-{i:03d}", s, note=note() if rng.random() < 0.7 else None,
-                  reachable=rng.random() < 0.9, present=True)
-             for s, n in sizes.items() for i in range(n)]
+    peers = [
+        peer(
+            f"{s}-{i:03d}",
+            s,
+            note=note() if rng.random() < 0.7 else None,
+            reachable=rng.random() < 0.9,
+            present=True,
+        )
+        for s, n in sizes.items()
+        for i in range(n)
+    ]
     total = len(peers)
     starts = {s: start_input(PLAN, s, peers, T0) for s in sizes}
     for k, w in enumerate(PLAN.waves):
@@ -194,12 +227,14 @@ def test_who_counts_for_a_start_and_when_a_leader_starts():
     assert site_populations(PLAN, peers) == {"a": ["a1", "a2", "a5", "a7"]}
     cameras = make_plan(selector=Selector.of(device_class="camera"))
     assert site_populations(cameras, [dataclasses.replace(p, notes=()) for p in peers]) == {
-        "a": ["a1", "a2", "a3", "a4", "a5"]}
+        "a": ["a1", "a2", "a3", "a4", "a5"]
+    }
     assert not start_ready(PLAN, peers, registered_at=T0, now=T0 + 1, grace_s=5)  # a2 has not announced
     assert start_ready(PLAN, peers, registered_at=T0, now=T0 + 5, grace_s=5)
     assert start_ready(PLAN, [p for p in peers if p.node_id != "a2"], registered_at=T0, now=T0, grace_s=5)
-    start = start_input(PLAN, "a", [peer("a1", "a", note=note(), health=NodeHealth((counters(7, 1, version="1.0"),)))],
-                        T0)
+    start = start_input(
+        PLAN, "a", [peer("a1", "a", note=note(), health=NodeHealth((counters(7, 1, version="1.0"),)))], T0
+    )
     assert start.eligible == ("a1",) and dict(start.marks)["a1"].baseline.requests == 7
 
 
@@ -207,11 +242,19 @@ def test_evidence_comes_from_each_other_site_s_furthest_announcer_and_aborts_are
     e1 = WaveEvidence(1, Totals(100, 1, 1), Totals(90, 1, 1))
     e2 = WaveEvidence(2, Totals(10, 0, 2), Totals(0, 0, 0))
     peers = [
-        peer("b1", "b", note=note(state=RolloutState.SOAKING, wave=2, verdict=GateOutcome.PASS, evidence=(e1, e2))),
-        peer("b2", "b", note=note(state=RolloutState.SOAKING, wave=1, verdict=GateOutcome.PASS, evidence=(e1,))),
+        peer(
+            "b1",
+            "b",
+            note=note(state=RolloutState.SOAKING, wave=2, verdict=GateOutcome.PASS, evidence=(e1, e2)),
+        ),
+        peer(
+            "b2", "b", note=note(state=RolloutState.SOAKING, wave=1, verdict=GateOutcome.PASS, evidence=(e1,))
+        ),
         peer("a1", "a", note=note(state=RolloutState.SOAKING, wave=1, evidence=(e2,))),
         peer("c1", "c", note=note(state=RolloutState.ABORTED, wave=1), reachable=False),
-        peer("c2", "c", note=RolloutNote(PLAN.rollout_id, "0" * 16, state=RolloutState.ABORTED)),  # other plan
+        peer(
+            "c2", "c", note=RolloutNote(PLAN.rollout_id, "0" * 16, state=RolloutState.ABORTED)
+        ),  # other plan
     ]
     found = remote_evidence(PLAN, "a", peers)
     assert [(e.site, e.wave) for e in found] == [("b", 1), ("b", 2)]
@@ -244,54 +287,97 @@ def everyone_in(rollout: SiteRollout, wave: int) -> SiteRollout:
 def test_the_newest_rollout_decides_and_unfinished_targets_are_never_chosen_by_default():
     me = device("dev-1")
     plan, pending = registered()
-    steer = steer_device("okay-nabu", [(plan, pending)], [], me, complete={"1.0", "2.0"}, serving="1.0",
-                         aborted={}, now=T0 + 10)
+    steer = steer_device(
+        "okay-nabu",
+        [(plan, pending)],
+        [],
+        me,
+        complete={"1.0", "2.0"},
+        serving="1.0",
+        aborted={},
+        now=T0 + 10,
+    )
     assert steer.desired is None and steer.blocked == {"2.0"}
     assert steer.pinned == {("okay-nabu", "1.0"), ("okay-nabu", "2.0")} and not steer.unwanted
     in_wave = everyone_in(pending, 1)
-    steer = steer_device("okay-nabu", [(plan, in_wave)], [], me, complete={"1.0"}, serving="1.0", aborted={},
-                         now=T0 + 10)
+    steer = steer_device(
+        "okay-nabu", [(plan, in_wave)], [], me, complete={"1.0"}, serving="1.0", aborted={}, now=T0 + 10
+    )
     assert steer.desired == "2.0" and "2.0" not in steer.blocked
     # An abort known from elsewhere wins, even before this site applied it.
-    steer = steer_device("okay-nabu", [(plan, in_wave)], [], me, complete={"1.0", "2.0"}, serving="2.0",
-                         aborted={plan.rollout_id: "site b aborted it"}, now=T0 + 10)
+    steer = steer_device(
+        "okay-nabu",
+        [(plan, in_wave)],
+        [],
+        me,
+        complete={"1.0", "2.0"},
+        serving="2.0",
+        aborted={plan.rollout_id: "site b aborted it"},
+        now=T0 + 10,
+    )
     assert steer.desired == "1.0" and steer.blocked == {"2.0"} and ("okay-nabu", "2.0") in steer.unwanted
     # Safe only (no leader reachable since a restart): back to a baseline, never onto a target.
-    steer = steer_device("okay-nabu", [(plan, in_wave)], [], me, complete={"1.0", "2.0"}, serving="1.0",
-                         aborted={}, now=T0 + 10, safe_only=True)
+    steer = steer_device(
+        "okay-nabu",
+        [(plan, in_wave)],
+        [],
+        me,
+        complete={"1.0", "2.0"},
+        serving="1.0",
+        aborted={},
+        now=T0 + 10,
+        safe_only=True,
+    )
     assert steer.desired is None
     # A plan held but not registered by this site yet: its target is blocked and pinned, nothing more.
     later = make_plan("okay-nabu-3", target="3.0", baseline="2.0", created_at=T0 + 50)
-    steer = steer_device("okay-nabu", [(plan, pending)], [later], me, complete={"3.0"}, serving=None,
-                         aborted={}, now=T0 + 60)
+    steer = steer_device(
+        "okay-nabu", [(plan, pending)], [later], me, complete={"3.0"}, serving=None, aborted={}, now=T0 + 60
+    )
     assert {"2.0", "3.0"} <= steer.blocked and ("okay-nabu", "3.0") in steer.pinned
     # Another model's rollouts ask nothing of this device.
-    assert steer_device("other", [(plan, in_wave)], [], me, complete=(), serving=None, aborted={},
-                        now=T0).desired is None
+    assert (
+        steer_device(
+            "other", [(plan, in_wave)], [], me, complete=(), serving=None, aborted={}, now=T0
+        ).desired
+        is None
+    )
 
 
 def test_a_device_the_skew_rule_excludes_keeps_the_baseline_and_does_not_fetch_the_target():
     plan, rollout = registered()
     old = device("dev-1", runtime="2.2.0")
-    steer = steer_device("okay-nabu", [(plan, everyone_in(rollout, 3))], [], old, complete={"1.0"},
-                         serving="1.0", aborted={}, now=T0 + 10)
+    steer = steer_device(
+        "okay-nabu",
+        [(plan, everyone_in(rollout, 3))],
+        [],
+        old,
+        complete={"1.0"},
+        serving="1.0",
+        aborted={},
+        now=T0 + 10,
+    )
     decision = steer.decisions[plan.rollout_id]
     assert steer.desired == "1.0" and decision.skip.kind is SkipKind.OLD_RUNTIME
     assert "runtime 2.2.0 is older than 2.3.0" in decision.reason
     assert ("okay-nabu", "2.0") in steer.unwanted
 
 
-@pytest.mark.parametrize(("desired", "keep", "blocked", "active", "complete", "expected"), [
-    (None, False, set(), "1", {"1", "2"}, "2"),  # no rollout: the newest
-    (None, True, set(), "1", {"1", "2"}, None),  # a site group member keeps what it serves
-    (None, True, {"2"}, None, {"1", "2"}, "1"),  # ...starts with the newest allowed
-    ("2", True, set(), "1", {"1"}, None),  # the target is not here yet: keep serving
-    ("2", True, {"3"}, None, {"1", "3"}, "1"),  # serving nothing meanwhile: the newest allowed
-    ("1", True, {"2"}, "2", {"1", "2"}, "1"),  # roll back
-])
+@pytest.mark.parametrize(
+    ("desired", "keep", "blocked", "active", "complete", "expected"),
+    [
+        (None, False, set(), "1", {"1", "2"}, "2"),  # no rollout: the newest
+        (None, True, set(), "1", {"1", "2"}, None),  # a site group member keeps what it serves
+        (None, True, {"2"}, None, {"1", "2"}, "1"),  # ...starts with the newest allowed
+        ("2", True, set(), "1", {"1"}, None),  # the target is not here yet: keep serving
+        ("2", True, {"3"}, None, {"1", "3"}, "1"),  # serving nothing meanwhile: the newest allowed
+        ("1", True, {"2"}, "2", {"1", "2"}, "1"),  # roll back
+    ],
+)
 def test_activation_follows_the_steering(desired, keep, blocked, active, complete, expected):
-    choice = choose_active("m", complete, refused=set(), active=active, desired=desired, keep=keep,
-                           blocked=blocked)
+    choice = choose_active(
+        "m", complete, refused=set(), active=active, desired=desired, keep=keep, blocked=blocked
+    )
     assert choice == (None if expected is None else Activate("m", expected))
 
 
@@ -307,10 +393,24 @@ def test_a_first_wave_above_scope_draws_its_cohort_and_waits_for_an_operator():
 
     result = ledger.apply(encode_input(plan.rollout_id, Start(T0 + 1, tuple(nodes))))
     rollout = ledger.get(plan.rollout_id)[1]
-    assert result.outcome is Outcome.APPLIED and (rollout.state, rollout.wave) == (RolloutState.WAITING_APPROVAL, 0)
+    assert result.outcome is Outcome.APPLIED and (rollout.state, rollout.wave) == (
+        RolloutState.WAITING_APPROVAL,
+        0,
+    )
     assert "mesh rollout approve okay-nabu-2 --wave 1" in rollout.reason
-    assert steer_device("okay-nabu", [(plan, rollout)], [], device("dev-1"), complete={"1.0", "2.0"},
-                        serving="1.0", aborted={}, now=T0 + 2).desired == "1.0"
+    assert (
+        steer_device(
+            "okay-nabu",
+            [(plan, rollout)],
+            [],
+            device("dev-1"),
+            complete={"1.0", "2.0"},
+            serving="1.0",
+            aborted={},
+            now=T0 + 2,
+        ).desired
+        == "1.0"
+    )
     approve = command(plan, CommandAction.APPROVE, wave=1, now=T0 + 2)
     ledger.apply(encode_input(plan.rollout_id, OperatorInput(T0 + 2, approve)))
     rollout = ledger.get(plan.rollout_id)[1]
@@ -323,18 +423,32 @@ def test_a_first_wave_above_scope_draws_its_cohort_and_waits_for_an_operator():
 
 def test_the_report_shows_each_wave_across_sites_and_what_it_waits_for():
     peers = [
-        peer("a1", "a", note=note(state=RolloutState.WAITING_APPROVAL, wave=2, first_wave=1,
-                                  serving=Serving.TARGET, verdict=GateOutcome.PASS),
-             health=NodeHealth((counters(40, 1),))),
-        peer("a2", "a", note=note(state=RolloutState.WAITING_APPROVAL, wave=2, first_wave=3),
-             health=NodeHealth((counters(50, 0, version="1.0"),))),
+        peer(
+            "a1",
+            "a",
+            note=note(
+                state=RolloutState.WAITING_APPROVAL,
+                wave=2,
+                first_wave=1,
+                serving=Serving.TARGET,
+                verdict=GateOutcome.PASS,
+            ),
+            health=NodeHealth((counters(40, 1),)),
+        ),
+        peer(
+            "a2",
+            "a",
+            note=note(state=RolloutState.WAITING_APPROVAL, wave=2, first_wave=3),
+            health=NodeHealth((counters(50, 0, version="1.0"),)),
+        ),
         peer("b1", "b", note=note(state=RolloutState.SOAKING, wave=2, first_wave=2, serving=Serving.TARGET)),
         peer("b2", "b", note=note(state=RolloutState.SOAKING, wave=2, skip=SkipKind.LOW_DISK)),
         peer("b3", "b", note=note(first_wave=3), reachable=False),
     ]
     own = SiteRollout(PLAN.rollout_id, DIGEST, state=RolloutState.WAITING_APPROVAL, wave=2, reason="held")
-    report = rollout_report(PLAN, site="a", node_id="a1", own=own, own_verdict=None, peers=peers, site_views={},
-                            now=T0)
+    report = rollout_report(
+        PLAN, site="a", node_id="a1", own=own, own_verdict=None, peers=peers, site_views={}, now=T0
+    )
     assert report["state"] == "waiting_approval"
     assert [w["status"] for w in report["waves"]] == ["passed", "soaking", "held"]
     first, _, third = report["waves"]
@@ -355,15 +469,16 @@ def test_durations_parse_in_their_unit(value, unit):
 
 
 @given(st.text(max_size=12))
-def test_a_bad_duration_is_a_value_error(text):
-    try:
+def test_a_duration_is_positive_or_a_value_error(text):
+    with contextlib.suppress(ValueError):
         assert parse_duration_s(text) > 0
-    except ValueError:
-        pass
 
 
 def test_selectors_parse_and_name_the_mistake():
-    assert parse_selector(("device_class=camera", "site=a,b")) == {"device_class": ("camera",), "site": ("a", "b")}
+    assert parse_selector(("device_class=camera", "site=a,b")) == {
+        "device_class": ("camera",),
+        "site": ("a", "b"),
+    }
     for bad, message in (("camera", "LABEL=VALUE"), ("=x", "LABEL=VALUE")):
         with pytest.raises(ValueError, match=message):
             parse_selector((bad,))

@@ -3,17 +3,28 @@
 Each node is a separate `mesh node` process with its own certificate (mTLS
 on), exactly as on a device; the demo only writes their config files and
 watches them through the admin client, as an operator would.
+
+Acts: membership converges; a real model (mediapipe's hand landmarks) spreads
+peer to peer; every device serves its model ("mlp", a small float32 network) and
+answers `mesh infer`; canary rollouts while traffic flows on every device: a
+good version goes 1% -> 10%, is held above the autonomous scope, approved and
+completes, then a bad version (NaN on a share of inputs) rolls itself back at
+the first wave; a killed node is detected; its streams move by a decision the
+guard holds for an operator.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -33,6 +44,13 @@ SITES = ("amsterdam", "berlin", "chicago", "denver", "essen", "fresno", "geneva"
 
 # The site may move one stream on its own; anything bigger waits for an operator.
 DEMO_GUARD = {"reassign_streams": {"max_streams": 1, "max_nodes": 2, "max_fraction": 0.5}}
+# The model every device serves, in the rollout acts: the partly-NaN fixture's input and output
+# (so traffic decides the bad version's error rate), ~70 KB.
+SERVED_MODEL = "mlp"
+SERVED_LAYERS = (8, 128, 128, 2)
+ROLLOUT_SOAK = "3s"
+TRAFFIC_RATE_PER_NODE_S = 5.0
+BAD_INPUT_SHARE = 0.3
 
 
 class DemoFailed(Exception):
@@ -88,7 +106,7 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
         site_members = [f"node-{j:02d}" for j in range(nodes) if j % sites == i % sites]
         write_node_config(config, node_id=node_id, address=address, seeds=seeds, site=site,
                           tls_dir=creds.directory, data_dir=workdir / "data" / node_id, timings=timings,
-                          inference={"model": model_name(model), "workers": 1},
+                          inference={"model": SERVED_MODEL, "workers": 1},
                           raft={"members": site_members},
                           guard=DEMO_GUARD, streams=[f"cam-{i:02d}a", f"cam-{i:02d}b"])
     (workdir / "logs").mkdir()
@@ -105,8 +123,10 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
             n.process = spawn_node_process(n.config, n.log)
         _converge(fleet_nodes, clients, console, workdir)
         _distribute(fleet_nodes, clients, console, workdir, fleet_dir, model, "1.0")
+        first = _served_model(workdir, "1.0", seed=1)
+        _distribute(fleet_nodes, clients, console, workdir, fleet_dir, first, "1.0", name=SERVED_MODEL)
         _serve(fleet_nodes, clients, console, workdir, fleet_dir, "1.0")
-        _hot_swap(fleet_nodes, clients, console, workdir, fleet_dir, model)
+        _rollouts(fleet_nodes, clients, console, workdir, fleet_dir)
         victim = _kill_and_detect(fleet_nodes, clients, console, workdir, timings)
         _held_and_approved(fleet_nodes, victim, console, workdir, fleet_dir)
         _shutdown(fleet_nodes, console, workdir)
@@ -159,10 +179,11 @@ def model_name(model: Path) -> str:
     return model.stem.replace("_", "-")
 
 
-def _distribute(fleet_nodes, clients, console, workdir, fleet_dir: Path, model: Path, version: str) -> dict:
+def _distribute(fleet_nodes, clients, console, workdir, fleet_dir: Path, model: Path, version: str,
+                name: str | None = None) -> dict:
     """Publish `model` at the first node and wait until every node holds it, verified."""
     origin = fleet_nodes[0]
-    name = model_name(model)
+    name = name or model_name(model)
     console.print(f"\n[bold]distribution[/]: publishing {model.name} ({model.stat().st_size:,} bytes) "
                   f"as {name} {version} at {origin.node_id}, signed with the fleet's publisher key")
     publish = subprocess.run(
@@ -237,20 +258,307 @@ def _serve(fleet_nodes, clients, console, workdir, fleet_dir: Path, version: str
         console.print(f"  $ mesh infer --node {n.address} --count 5   ({n.site})\n  " + " ".join(result.stdout.split()))
 
 
-def _hot_swap(fleet_nodes, clients, console, workdir, fleet_dir: Path, model: Path) -> None:
-    """Publish 2.0 (the same model with its last weights changed): only the changed chunks move,
-    and every node swaps to it while serving; 1.0 stays on disk for rollback."""
-    data = bytearray(model.read_bytes())
-    start = len(data) - len(data) // 20  # inside the last weights
-    data[start:start + 4096] = bytes((b + 1) % 256 for b in data[start:start + 4096])
-    v2 = workdir / model.name  # same file name, so the same model name
-    v2.write_bytes(bytes(data))
-    console.print("\n[bold]new version[/]: 2.0 is the same model with its last weights changed")
-    rows = _distribute(fleet_nodes, clients, console, workdir, fleet_dir, v2, "2.0")
-    downloaded = [r.bytes_downloaded for i, r in rows.items() if i != fleet_nodes[0].node_id]
-    console.print(f"  delta: each node downloaded {max(downloaded):,} bytes at most of the {v2.stat().st_size:,} "
-                  f"(only the chunks 1.0 did not have)")
-    _serve(fleet_nodes, clients, console, workdir, fleet_dir, "2.0")
+def _served_model(workdir: Path, version: str, *, seed: int, bad: bool = False) -> Path:
+    """A version of the served model: a float32 MLP, or (bad) the same network that answers NaN when an
+    input's first value is below -1, which activation's validation inputs never are."""
+    from mesh.inference.fixtures import mlp_model, partly_nan_model
+
+    path = workdir / "models" / version / f"{SERVED_MODEL}.tflite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        partly_nan_model(SERVED_LAYERS, seed=seed) if bad else mlp_model(SERVED_LAYERS, seed=seed)
+    )
+    return path
+
+
+@dataclass
+class DemoTraffic:
+    """Infer against every node from a thread of its own (an application on each device), a share of the
+    inputs "bad" (first value below -1): the good versions answer them, the bad one answers NaN."""
+
+    nodes: list[DemoNode]
+    client_creds: Path
+    rate_per_node_s: float = TRAFFIC_RATE_PER_NODE_S
+    bad_share: float = BAD_INPUT_SHARE
+    answers: dict[str, dict[str, list[int]]] = field(
+        default_factory=dict
+    )  # node -> version -> [answers, NaN]
+    failures: int = 0
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self._run()), name="demo-traffic", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def served_by(self, version: str) -> set[str]:
+        return {n for n, by in self.answers.items() if by.get(version, [0])[0]}
+
+    def totals(self, version: str) -> tuple[int, int]:
+        return (
+            sum(by.get(version, [0, 0])[0] for by in self.answers.values()),
+            sum(by.get(version, [0, 0])[1] for by in self.answers.values()),
+        )
+
+    async def _run(self) -> None:
+        await asyncio.gather(*(self._drive(n) for n in self.nodes))
+
+    async def _drive(self, node: DemoNode) -> None:
+        import grpc
+        import numpy as np
+
+        from mesh._proto import inference_pb2, inference_pb2_grpc
+        from mesh.identity.ca import load_credentials
+        from mesh.identity.tls import channel_credentials, secure_channel_options
+        from mesh.inference.fixtures import partly_nan_input
+
+        rng = np.random.default_rng(abs(hash(node.node_id)) % 2**32)
+        creds = channel_credentials(load_credentials(self.client_creds))
+        counts = self.answers.setdefault(node.node_id, {})
+        async with grpc.aio.secure_channel(
+            node.address, creds, options=secure_channel_options(peer_id=node.node_id)
+        ) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            while not self._stop.is_set():
+                x = partly_nan_input(SERVED_LAYERS[0], bad=bool(rng.random() < self.bad_share), rng=rng)
+                request = inference_pb2.InferRequest(
+                    inputs=[
+                        inference_pb2.Tensor(
+                            name="input", dtype="float32", shape=list(x.shape), data=x.tobytes()
+                        )
+                    ]
+                )
+                try:
+                    reply = await stub.Infer(request, timeout=5.0)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:  # a node being killed is not a failure
+                        self.failures += 1
+                else:
+                    out = np.frombuffer(reply.outputs[0].data, dtype=np.float32)
+                    c = counts.setdefault(reply.version, [0, 0])
+                    c[0] += 1
+                    c[1] += int(not np.isfinite(out).all())
+                await asyncio.sleep(1.0 / self.rate_per_node_s)
+
+
+def _serving_versions(fleet_nodes, clients) -> dict[str, str]:
+    out = {}
+    for n in fleet_nodes:
+        with contextlib.suppress(AdminError):  # a node that does not answer serves nothing we can see
+            out[n.node_id] = clients[n.node_id].inference().active_version
+    return out
+
+
+def _rollout_report(entry: DemoNode, creds: str, rollout_id: str) -> dict:
+    result = _mesh("rollout", "status", rollout_id, "--node", entry.address, "--creds", creds, "--json")
+    return json.loads(result.stdout) if result.returncode == 0 else {}
+
+
+def _wait_rollout(
+    entry: DemoNode,
+    creds: str,
+    rollout_id: str,
+    states: set[str],
+    what: str,
+    workdir: Path,
+    console,
+    timeout_s: float = 90.0,
+) -> dict:
+    """Poll `mesh rollout status` until every site's state is in `states`, showing the waves."""
+    start = time.monotonic()
+    with console.status(what) as status:
+        while True:
+            report = _rollout_report(entry, creds, rollout_id)
+            sites = report.get("sites", [])
+            if sites and all(s["state"] in states for s in sites):
+                return report
+            if report:
+                status.update(
+                    f"{what} "
+                    + ", ".join(
+                        f"{s['site']} {s['state']}" + (f" w{s['wave']}" if s["wave"] else "") for s in sites
+                    )
+                )
+            if time.monotonic() - start > timeout_s:
+                raise DemoFailed(
+                    f"rollout {rollout_id} did not reach {sorted(states)} in {timeout_s:.0f} s "
+                    f"({[(s['site'], s['state']) for s in sites]}); logs in {workdir / 'logs'}"
+                )
+            time.sleep(0.3)
+
+
+def _rollouts(fleet_nodes, clients, console, workdir, fleet_dir: Path) -> None:
+    """A good version canaried wave by wave, held above the autonomous scope and approved; then a bad one
+    that rolls itself back at its first wave, both while traffic flows on every device."""
+    entry = fleet_nodes[0]
+    creds = str(fleet_dir / "operators" / "admin")
+    node = ["--node", entry.address, "--creds", creds]
+    traffic = DemoTraffic(fleet_nodes, fleet_dir / "nodes" / "demo-client")
+    traffic.start()
+    try:
+        console.print(
+            f"\n[bold]canary rollout[/]: traffic on all {len(fleet_nodes)} devices "
+            f"({TRAFFIC_RATE_PER_NODE_S:g} requests/s each, {BAD_INPUT_SHARE:.0%} of inputs unusual); "
+            f"{SERVED_MODEL} 2.0 published, and served by nobody until a rollout says so"
+        )
+        _distribute(
+            fleet_nodes,
+            clients,
+            console,
+            workdir,
+            fleet_dir,
+            _served_model(workdir, "2.0", seed=2),
+            "2.0",
+            name=SERVED_MODEL,
+        )
+        start = [
+            "rollout",
+            "start",
+            SERVED_MODEL,
+            "2.0",
+            "--id",
+            "mlp-2",
+            "--waves",
+            "1,10,100",
+            "--soak",
+            ROLLOUT_SOAK,
+            "--min-requests",
+            "8",
+            "--key",
+            str(fleet_dir / "publisher.key"),
+            *node,
+        ]
+        console.print(
+            f"  $ mesh {' '.join(start[:-4])} --node {entry.address}", highlight=False, soft_wrap=True
+        )
+        started = _mesh(*start)
+        if started.returncode != 0:
+            raise DemoFailed(f"mesh rollout start failed: {started.stderr.strip()}")
+        for line in started.stdout.strip().splitlines():
+            console.print("  " + line.strip(), highlight=False, soft_wrap=True)
+        report = _wait_rollout(
+            entry, creds, "mlp-2", {"waiting_approval"}, "waves 1% and 10% soak...", workdir, console
+        )
+        on_target = [n for n, v in _serving_versions(fleet_nodes, clients).items() if v == "2.0"]
+        waves = report["waves"]
+        console.print(
+            f"[green]passed[/] wave 1 ({waves[0]['share']}: {waves[0]['in_cohort']} device) and wave 2 "
+            f"({waves[1]['share']}: {waves[1]['in_cohort']} device(s)), "
+            f"{waves[1]['requests'] or 0} requests, "
+            f"errors {waves[1]['error_rate'] or 0:.2%}; [yellow]held[/]: wave 3 (100%) is above the "
+            f"autonomous scope of {report['autonomous_share']}. On 2.0: {', '.join(sorted(on_target))}"
+        )
+        pending = _mesh("admin", "pending", *node)
+        console.print(f"  $ mesh admin pending --node {entry.address}")
+        for line in pending.stdout.splitlines():
+            if "rollout" in line or "approve:" in line:
+                console.print("  " + line.strip(), highlight=False, soft_wrap=True)
+        approve = _mesh(
+            "rollout",
+            "approve",
+            "mlp-2",
+            "--wave",
+            "3",
+            "--key",
+            str(fleet_dir / "operator.key"),
+            "--reason",
+            "demo: canary looks good",
+            *node,
+        )
+        console.print(
+            f"  $ mesh rollout approve mlp-2 --wave 3 --key {fleet_dir / 'operator.key'} "
+            f"--node {entry.address}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if approve.returncode != 0:
+            raise DemoFailed(f"approval failed: {approve.stderr.strip() or approve.stdout.strip()}")
+        report = _wait_rollout(
+            entry, creds, "mlp-2", {"completed"}, "wave 3 (100%) soaks...", workdir, console
+        )
+        serving = _serving_versions(fleet_nodes, clients)
+        console.print(
+            f"[green]completed[/] in every site: {sum(v == '2.0' for v in serving.values())}/"
+            f"{len(fleet_nodes)} devices serve 2.0 (one approval, signed once, verified by each site)"
+        )
+        table = _mesh("rollout", "status", "mlp-2", *node)
+        console.print(
+            "\n".join("  " + line for line in table.stdout.rstrip().splitlines()),
+            highlight=False,
+            soft_wrap=True,
+        )
+
+        console.print(
+            f"\n[bold]a bad version[/]: {SERVED_MODEL} 3.0 passes activation's validation but answers NaN on "
+            f"unusual inputs ({BAD_INPUT_SHARE:.0%} of this traffic)"
+        )
+        _distribute(
+            fleet_nodes,
+            clients,
+            console,
+            workdir,
+            fleet_dir,
+            _served_model(workdir, "3.0", seed=3, bad=True),
+            "3.0",
+            name=SERVED_MODEL,
+        )
+        failures_before = traffic.failures
+        began = time.monotonic()
+        started = _mesh(
+            "rollout",
+            "start",
+            SERVED_MODEL,
+            "3.0",
+            "--id",
+            "mlp-3",
+            "--soak",
+            ROLLOUT_SOAK,
+            "--min-requests",
+            "8",
+            "--key",
+            str(fleet_dir / "publisher.key"),
+            *node,
+        )
+        if started.returncode != 0:
+            raise DemoFailed(f"mesh rollout start failed: {started.stderr.strip()}")
+        console.print(
+            f"  $ mesh rollout start {SERVED_MODEL} 3.0 --id mlp-3 --soak {ROLLOUT_SOAK} ... "
+            f"--node {entry.address}",
+            highlight=False,
+        )
+        report = _wait_rollout(
+            entry, creds, "mlp-3", {"aborted"}, "wave 1 (1%) serves 3.0...", workdir, console
+        )
+        deadline = time.monotonic() + 30
+        while any(v == "3.0" for v in _serving_versions(fleet_nodes, clients).values()):
+            if time.monotonic() > deadline:
+                raise DemoFailed(
+                    f"a device still serves 3.0 after its rollout was aborted; logs in {workdir / 'logs'}"
+                )
+            time.sleep(0.1)
+        took = time.monotonic() - began
+        touched = sorted(traffic.served_by("3.0"))
+        answers, nans = traffic.totals("3.0")
+        reason = next(
+            (s["reason"] for s in report["sites"] if "gate failed" in s["reason"]),
+            report["sites"][0]["reason"],
+        )
+        console.print(f"[red]rolled back[/] by itself at wave 1: {reason}")
+        console.print(
+            f"  devices touched: {', '.join(touched) or 'none'} ({len(touched)} of {len(fleet_nodes)}); "
+            f"they answered {answers} requests, {nans} of them NaN; every device serves 2.0 again "
+            f"{took:.1f}s after the rollout started, with {traffic.failures - failures_before} failed "
+            f"requests; every site's audit log holds the reason"
+        )
+    finally:
+        traffic.stop()
 
 
 def _kill_and_detect(fleet_nodes, clients, console, workdir, timings: MembershipConfig) -> DemoNode:

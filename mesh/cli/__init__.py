@@ -3,7 +3,7 @@
 Exit codes: 0 done, 1 failed, 2 usage error (bad flags, bad config file).
 Human output by default; `--json` where scripts want to read the result.
 
-One module per command group (`fleet`, `node`, `admin`, `model`, `infer`, `demo`), each
+One module per command group (`fleet`, `node`, `admin`, `model`, `rollout`, `infer`, `demo`), each
 importing only `common` (consoles, exit codes, options, the operator-client factory);
 this module puts them under `main`, the `mesh` entry point.
 """
@@ -20,6 +20,7 @@ from mesh.cli.fleet import fleet
 from mesh.cli.infer import infer_command
 from mesh.cli.model import model
 from mesh.cli.node import node
+from mesh.cli.rollout import rollout
 
 __all__ = ["main"]
 
@@ -35,11 +36,12 @@ def main() -> None:
       mesh fleet enroll cam-01 --fleet ./fleet
       mesh node --config node.toml            run a node (see README for the config)
       mesh admin status --node 127.0.0.1:7000 the node's view of the fleet
+      mesh rollout start MODEL VERSION ...    a canary rollout (1% -> 10% -> 100%)
       mesh demo                               a 12-node cluster on loopback
     """
 
 
-for _command in (fleet, node, admin, model, infer_command, demo):
+for _command in (fleet, node, admin, model, rollout, infer_command, demo):
     main.add_command(_command)
 
 if __name__ == "__main__":

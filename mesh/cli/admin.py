@@ -219,14 +219,16 @@ def _answer(decision_id: str, key_path: Path, ttl_s: float, reason: str, address
     "members, how long since it heard from a leader); `mesh admin group` shows it in full."))
 @admin_options
 def pending(address: str, creds_dir: Path, as_json: bool) -> None:
-    """Decisions of NODE's site group held for an operator (id, kind, scope vs limit, proposer, age),
-    then the latest outcomes (applied, denied, expired, refused, withdrawn)."""
+    """Decisions of NODE's site group held for an operator (id, kind, scope vs limit, proposer, age), its
+    rollouts waiting for one (a wave held above the autonomous scope, an inconclusive pause), each with the
+    exact command that unblocks it, then the latest outcomes (applied, denied, expired, refused, withdrawn)."""
     from mesh.admin.format import held_table, pending_dict, recent_table
 
     resp = _decisions_call(address, creds_dir, lambda client: client.pending())
     now = time.time()
+    rollouts = _waiting_rollouts(address, creds_dir)
     if as_json:
-        emit_json(pending_dict(resp, now))
+        emit_json({**pending_dict(resp, now), "rollouts": rollouts})
         return
     _print_stale_note(resp.group)
     console.print(held_table(resp, now))
@@ -235,9 +237,46 @@ def pending(address: str, creds_dir: Path, as_json: bool) -> None:
         console.print(f"[yellow]{h.decision_id}[/] {h.describe}\n  waits for an operator: "
                       f"{'; '.join(h.exceeded)}\n  approve: {approve_cmd}\n  deny:    {deny_cmd}",
                       highlight=False)
+    for r in rollouts:
+        what = (f"wave {r['wave']} is held above the autonomous scope" if r["state"] == "waiting_approval"
+                else f"paused at wave {r['wave']}: {r['reason']}")
+        lines = "\n".join(f"  {verb + ':':8} {command}" for verb, command in r["commands"].items())
+        # soft_wrap: a command is printed on one line, so it can be pasted as it is.
+        console.print(f"[yellow]rollout {r['rollout_id']}[/] ({r['change']}) in site {r['site']}: "
+                      f"{what}\n{lines}", highlight=False, soft_wrap=True)
     recent = recent_table(resp)
     if recent is not None:
         console.print(recent)
+
+
+def _waiting_rollouts(address: str, creds_dir: Path) -> list[dict[str, Any]]:
+    """NODE's site's rollouts that wait for an operator (a held wave, a pause), with the exact commands that
+    unblock them; empty when the node cannot tell (no [raft] section)."""
+    from mesh.admin.client import AdminError
+    from mesh.admin.rollout_client import RolloutClient
+
+    with operator_client(address, creds_dir, RolloutClient) as client:
+        try:
+            rows = client.list()
+        except AdminError:
+            return []
+    key = shlex.quote(str(operator_key_path(creds_dir)))
+    target = f"--node {address}" + (f" --creds {shlex.quote(str(creds_dir))}"
+                                    if str(creds_dir) != admin_creds_default() else "")
+    out = []
+    for r in rows:
+        own = r.get("own_site")
+        if not own or own["state"] not in ("waiting_approval", "paused"):
+            continue
+        rid, held = r["rollout_id"], own["state"] == "waiting_approval"
+        wave = own["wave"] + 1 if held else own["wave"]
+        commands = ({"approve": f"mesh rollout approve {rid} --wave {wave} --key {key} {target}"} if held
+                    else {"resume": f"mesh rollout resume {rid} --key {key} {target}"})
+        commands["abort"] = f"mesh rollout abort {rid} --reason '...' --key {key} {target}"
+        change = f"{r['model']} {r['baseline_version']} -> {r['target_version']}"
+        out.append({"rollout_id": rid, "change": change, "site": own["site"], "state": own["state"],
+                    "wave": wave, "reason": own["reason"], "commands": commands})
+    return out
 
 
 @admin.command("history", context_settings=CONTEXT, epilog=(

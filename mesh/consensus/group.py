@@ -1,12 +1,17 @@
-"""A node's membership in its site's Raft group: the replicated DecisionLedger and this replica's audit log.
+"""A node's membership in its site's Raft group: the replicated ledgers and this replica's audit log.
 
 `SiteGroup` assembles one `RaftGroup` whose state machine is `_AuditedLedger`: the
-`DecisionLedger` (the guard runs inside its apply, on every replica) plus this replica's
-hash-chained `AuditLog` (``data_dir/audit.log``). Every replica writes the audit events of
-every committed command to its own log, fsynced: apply queues them, and at the end of each
-pysyncobj tick (and before a snapshot) the queue is written with one fsync (group commit).
-A member that proposed waits for that sync before it answers: the audit records of a command
-are durable before its proposer hears the outcome.
+`DecisionLedger` (the guard runs inside its apply, on every replica) and the site's
+`RolloutLedger` (canary rollouts: plans, waves, gate verdicts, operator commands, the same
+guard rule inside its apply), one state machine that dispatches each command by its name
+(`RolloutLedger` takes the canonical commands whose ``cmd`` is one of
+`mesh.rollout.state.COMMAND_NAMES`, the decision ledger everything else), with one snapshot
+holding both, plus this replica's hash-chained `AuditLog` (``data_dir/audit.log``). Every
+replica writes the audit events of every committed command, of either ledger, to its own
+log, fsynced: apply queues them, and at the end of each pysyncobj tick (and before a
+snapshot) the queue is written with one fsync (group commit). A member that proposed waits for
+that sync before it answers: the audit records of a command are durable before its proposer
+hears the outcome.
 
 Audit records are written once per Raft entry, even though apply runs again
     pysyncobj replays the journal on restart: committed entries after the last snapshot are
@@ -39,11 +44,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +77,9 @@ from mesh.guard.audit import (
 )
 from mesh.guard.core import NODE_ID_RE, Decision, Policy
 from mesh.identity.signing import TrustedKeys
+from mesh.rollout.plan import RolloutPlan, SignedPlan
+from mesh.rollout.state import LedgerResult, RolloutLedger, SiteRollout
+from mesh.rollout.state import Outcome as RolloutOutcome
 
 if TYPE_CHECKING:
     from mesh.consensus.config import RaftSection
@@ -79,7 +88,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 AUDIT_FILE = "audit.log"
-_SNAPSHOT_MAGIC = b"FMSITE1\n"
+# FMSITE1: the decision ledger alone (written before rollouts existed; still restored).
+# FMSITE2: the decision ledger's snapshot, length-prefixed, then the rollout ledger's.
+_SNAPSHOT_MAGIC_V1 = b"FMSITE1\n"
+_SNAPSHOT_MAGIC = b"FMSITE2\n"
+# Canonical JSON sorts keys, and "cmd" is the first key of every rollout command: this prefix routes
+# a command to the rollout ledger on every replica alike (bytes spelled otherwise go to the decision
+# ledger, which refuses them as malformed, also alike).
+_ROLLOUT_COMMAND_PREFIX = b'{"cmd":"rollout_'
 # raft_event of a snapshot_installed record: after any event the covered entries could have had.
 _GAP_EVENT = 1 << 30
 DEFAULT_PROPOSE_TIMEOUT_S = 3.0
@@ -96,7 +112,8 @@ class GroupStartError(GroupError):
 
 
 class _AuditedLedger:
-    """The StateMachine the Raft group replicates: DecisionLedger.apply, then the events to the audit log.
+    """The StateMachine the Raft group replicates: each command applied by the ledger it names (decisions
+    or rollouts), then its events to the audit log.
 
     Runs on pysyncobj's tick thread; readers on the event loop take `lock`. Audit records are queued by
     apply and written by `flush` (group commit) on a writer thread of their own, woken at the end of
@@ -104,8 +121,11 @@ class _AuditedLedger:
     `durable(index)` waits until the records of every entry up to `index` are on disk.
     """
 
-    def __init__(self, ledger: DecisionLedger, audit: AuditLog, audited: tuple[int, int]) -> None:
+    def __init__(self, ledger: DecisionLedger, rollouts: RolloutLedger, audit: AuditLog,
+                 audited: tuple[int, int], on_rollout_change: Callable[[], None] | None = None) -> None:
         self.ledger = ledger
+        self.rollouts = rollouts
+        self.on_rollout_change = on_rollout_change
         self.audit = audit
         self.lock = threading.RLock()
         self.raft: RaftGroup | None = None  # set before the tick thread starts (see _SiteRaftGroup)
@@ -122,15 +142,21 @@ class _AuditedLedger:
         self._writer = threading.Thread(target=self._write_queued, name=f"audit-{audit.path}", daemon=True)
         self._writer.start()
 
-    def apply(self, command: bytes) -> ApplyResult:
+    def apply(self, command: bytes) -> ApplyResult | LedgerResult:
         # pysyncobj applies entry raftLastApplied + 1 and increments raftLastApplied afterwards.
         index = self.raft.raftLastApplied + 1 if self.raft is not None else self.applied_index + 1
         with self.lock:
-            result = self.ledger.apply(command)
-            if index > self.audited[0]:  # not a journal replay after a restart
-                self.counts.applied(result)
+            if command.startswith(_ROLLOUT_COMMAND_PREFIX):
+                result: ApplyResult | LedgerResult = self.rollouts.apply(command)
+            else:
+                result = self.ledger.apply(command)
+                if index > self.audited[0]:  # not a journal replay after a restart
+                    self.counts.applied(result)
             self.applied_index = index
             self._write(index, result.audit)
+        changed = isinstance(result, LedgerResult) and result.outcome is RolloutOutcome.APPLIED
+        if changed and self.on_rollout_change is not None:
+            self.on_rollout_change()
         return result
 
     def _write(self, index: int, events: Sequence[Any]) -> None:
@@ -232,17 +258,32 @@ class _AuditedLedger:
         with self.lock:
             index = self.raft.raftLastApplied if self.raft is not None else self.applied_index
             writer = (self.raft.node_id if self.raft is not None else "").encode()
-            return _SNAPSHOT_MAGIC + struct.pack(">QH", index, len(writer)) + writer + self.ledger.snapshot()
+            decisions = self.ledger.snapshot()
+            return (_SNAPSHOT_MAGIC + struct.pack(">QH", index, len(writer)) + writer
+                    + struct.pack(">Q", len(decisions)) + decisions + self.rollouts.snapshot())
 
     def restore(self, data: bytes) -> None:
         head = len(_SNAPSHOT_MAGIC)
-        if not data.startswith(_SNAPSHOT_MAGIC) or len(data) < head + 10:
+        if not data.startswith((_SNAPSHOT_MAGIC, _SNAPSHOT_MAGIC_V1)) or len(data) < head + 10:
             raise GroupError("Raft snapshot is not a fleetmesh site-group snapshot; move it away to resync")
         index, writer_len = struct.unpack(">QH", data[head : head + 10])
         writer = data[head + 10 : head + 10 + writer_len].decode("utf-8", "replace")
         self.flush()  # records queued before the snapshot go first
+        body = data[head + 10 + writer_len :]
+        rollouts: bytes | None = None
+        if data.startswith(_SNAPSHOT_MAGIC):
+            if len(body) < 8 or struct.unpack(">Q", body[:8])[0] > len(body) - 8:
+                raise GroupError("Raft snapshot of the site group is truncated; move it away to resync")
+            size = struct.unpack(">Q", body[:8])[0]
+            body, rollouts = body[8 : 8 + size], body[8 + size :]
         with self.lock:
-            self.ledger.restore(data[head + 10 + writer_len :])
+            # Both or neither: the rollouts are restored aside first, so a damaged part changes nothing.
+            fresh = RolloutLedger(site=self.rollouts.site, trusted=self.rollouts.trusted,
+                                  max_share_ppm=self.rollouts.max_share_ppm)
+            if rollouts is not None:
+                fresh.restore(rollouts)
+            self.ledger.restore(body)
+            self.rollouts = fresh
             self.applied_index = index
             mine = self.raft is not None and writer == self.raft.node_id
             if not mine and self.audited[0] < index:
@@ -347,7 +388,15 @@ class SiteGroup:
                         "`mesh admin audit --verify`", self.audit_path, group, self.audit_check.reason,
                         self.audit_check.first_bad_seq)
         ledger = DecisionLedger(group=group, policy=self.policy, group_size=len(members), trusted=trusted)
-        self._state = _AuditedLedger(ledger, audit, audited)
+        # The site's rollouts: named after the group (the site), the same trusted keys on every replica.
+        rollouts = RolloutLedger(site=group, trusted=trusted)
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._rollout_changed = asyncio.Event()
+        self._state = _AuditedLedger(ledger, rollouts, audit, audited,
+                                     on_rollout_change=self._rollout_applied)
         try:
             self.raft = _SiteRaftGroup(
                 node_id,
@@ -433,6 +482,17 @@ class SiteGroup:
             raise GroupError(f"unexpected apply result {result!r}")
         return result
 
+    async def propose_rollout(self, command: bytes,
+                              timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S) -> LedgerResult:
+        """Replicate a rollout command (`mesh.rollout.state`: `plan_command`, `encode_input`); every replica
+        verifies plans and operator signatures inside its apply. Returns this member's result."""
+        if not command.startswith(_ROLLOUT_COMMAND_PREFIX):
+            raise GroupError("not a rollout command (expected canonical JSON with a rollout_* cmd)")
+        result = await self.raft.propose(command, timeout_s=timeout_s)
+        if not isinstance(result, LedgerResult):
+            raise GroupError(f"unexpected apply result {result!r}")
+        return result
+
     async def run_expiry(self, interval_s: float = 10.0) -> None:
         """Background task for the node: while this member leads, expire held decisions that are due."""
         while not self._closed:
@@ -481,9 +541,45 @@ class SiteGroup:
     def held(self, decision_id: str) -> HeldDecision | None:
         return next((h for h in self.pending() if h.decision_id == decision_id), None)
 
-    def state_digest(self) -> str:
+    def rollouts(self) -> tuple[tuple[RolloutPlan, SiteRollout], ...]:
+        """Every rollout this replica's site holds, oldest plan first (see the staleness note above)."""
         with self._state.lock:
-            return self._state.ledger.state_digest()
+            return self._state.rollouts.rollouts()
+
+    def rollout(self, rollout_id: str) -> tuple[RolloutPlan, SiteRollout] | None:
+        with self._state.lock:
+            return self._state.rollouts.get(rollout_id)
+
+    def signed_plan(self, rollout_id: str) -> SignedPlan | None:
+        with self._state.lock:
+            return self._state.rollouts.signed_plan(rollout_id)
+
+    def _rollout_applied(self) -> None:
+        # On pysyncobj's tick thread: wake whoever waits on the loop.
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(self._rollout_changed.set)
+
+    async def rollout_changed(self, timeout_s: float) -> bool:
+        """Wait until a rollout command changes this replica's state (True) or `timeout_s` passes (False)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._rollout_changed.wait()
+        except TimeoutError:
+            return False
+        self._rollout_changed.clear()
+        return True
+
+    def rollout_clock(self) -> float:
+        """The rollout ledger's time: the largest `now` any applied rollout command carried."""
+        with self._state.lock:
+            return self._state.rollouts.clock
+
+    def state_digest(self) -> str:
+        """Digest of both replicated ledgers: replicas that applied the same log agree on it."""
+        with self._state.lock:
+            both = self._state.ledger.state_digest() + self._state.rollouts.state_digest()
+        return hashlib.sha256(both.encode()).hexdigest()
 
     @property
     def applied_index(self) -> int:

@@ -3,6 +3,9 @@
 `choose_active` is the decision, pure: from the versions complete and verified on this
 node, those that failed activation before, the active one and (when a rollout says so)
 the version this device should serve, it returns the version to activate or None.
+`Steering` is what the node's rollouts ask of it: follow a version, keep the active one
+(never move to a newer one on its own), or activate nothing yet (while the site's
+rollout state is not known after a restart); without rollouts, the newest version.
 
 `Activator` is the shell: woken when a version completes or is collected (the
 distributor's `on_complete`), never on a timer, it lists what the store holds, verifies
@@ -15,13 +18,18 @@ failure (a version collected while it was read) is retried with back-off.
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import logging
 import random
+import time
 from collections.abc import Iterable, Set
 from dataclasses import dataclass
+from pathlib import Path
 
 from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, verify_manifest
 from mesh.artifacts.store import ArtifactStore, version_order_key
+from mesh.durable import write_file_atomic
 from mesh.identity.signing import TrustedKeys
 from mesh.inference.runtime import ActivationError, ModelRuntime
 from mesh.retry import Backoff
@@ -39,19 +47,46 @@ class Activate:
     version: str
 
 
+@dataclass(frozen=True)
+class Steering:
+    """What the node's rollouts ask of its active version (the default: the newest version).
+
+    `desired`: serve exactly this version once it is complete (a rollout's target, or the
+    baseline to roll back to). Otherwise, with `keep`, keep the active version (a new one moves
+    only by a rollout) and, when nothing is active yet, start with the newest version not in
+    `blocked` (targets of rollouts that do not put this device on them). `wait`: activate
+    nothing for now (the site's rollout state is not known yet after a restart).
+    """
+
+    desired: str | None = None
+    keep: bool = False
+    blocked: frozenset[str] = frozenset()
+    wait: bool = False
+
+
 def choose_active(model: str, complete: Iterable[str], *, refused: Set[str], active: str | None,
-                  desired: str | None = None) -> Activate | None:
+                  desired: str | None = None, keep: bool = False,
+                  blocked: Set[str] = frozenset(), resume: str | None = None) -> Activate | None:
     """The version of `model` to activate now, or None to keep serving what is active.
 
-    Without `desired`, the newest complete version that never failed here. With `desired` (a
-    rollout's verdict for this device: its target, or the baseline to roll back to), that version
-    once it is complete and has not failed, and nothing else meanwhile.
+    Without `desired`, the newest complete version that never failed here (and is not `blocked`);
+    with `keep`, only when nothing is active. With `desired` (a rollout's verdict for this device:
+    its target, or the baseline to roll back to), that version once it is complete and has not
+    failed, and nothing else meanwhile (but a node that serves nothing serves the newest allowed
+    version until the desired one is here). With `keep`, a node that serves nothing resumes the
+    version it served before it stopped (`resume`), when that one is usable: a restart must not
+    move a device to a version its site is not on.
     """
     usable = sorted((v for v in set(complete) if v not in refused), key=version_order_key)
-    if desired is not None:
+    allowed = [v for v in usable if v not in blocked]
+    if desired is not None and (desired in usable or active is not None):
         choice = desired if desired in usable else None
-    else:
-        choice = usable[-1] if usable else None
+    elif keep and active is not None:
+        choice = None
+    elif keep and resume is not None and resume in allowed:
+        choice = resume
+    else:  # no rollout says otherwise, or nothing is served while the desired version is not here yet
+        choice = allowed[-1] if allowed else None
     if choice is None or choice == active:
         return None
     return Activate(model, choice)
@@ -61,8 +96,13 @@ class Activator:
     """Keeps the runtime serving what `choose_active` says, on events."""
 
     def __init__(self, *, model: str, store: ArtifactStore, trusted: TrustedKeys, runtime: ModelRuntime,
-                 rng: random.Random) -> None:
+                 rng: random.Random, steering: Steering | None = None, state_path: Path | None = None) -> None:
+        """`steering`: what to do until a rollout says otherwise (`steer`); default the newest version.
+        `state_path`: where the version served last is kept across restarts (see `choose_active`)."""
         self.model = model
+        self._state_path = state_path
+        self._resume = self._read_resume()
+        self._steering = steering or Steering()
         self._store = store
         self._trusted = trusted
         self._runtime = runtime
@@ -72,6 +112,8 @@ class Activator:
         self._verified: dict[tuple[str, str], Manifest] = {}  # (version, manifest digest) -> manifest
         self._backoff = Backoff(first_s=0.5, max_s=10.0, rng=rng)
         self._retry: asyncio.TimerHandle | None = None
+        # Versions activated here, oldest first (for rollout status and counters): (monotonic time, version).
+        self.history: collections.deque[tuple[float, str]] = collections.deque(maxlen=64)
 
     @property
     def refused(self) -> frozenset[str]:
@@ -81,6 +123,16 @@ class Activator:
     def poke(self, name: str = "", version: str = "") -> None:
         """A version completed or was removed (distributor hook): look again."""
         self._wake.set()
+
+    @property
+    def steering(self) -> Steering:
+        return self._steering
+
+    def steer(self, steering: Steering) -> None:
+        """What the node's rollouts ask now (the rollout shell calls this); looks again if it changed."""
+        if steering != self._steering:
+            self._steering = steering
+            self._wake.set()
 
     def pinned(self) -> Set[VersionKey]:
         """The active and previous versions: never collected while they are needed for rollback."""
@@ -109,8 +161,13 @@ class Activator:
             delay_s = self._backoff.next_delay_s()
             self._retry = asyncio.get_running_loop().call_later(delay_s, self._wake.set)
         active = self._runtime.active
-        choice = choose_active(self.model, complete, refused=self._refused,
-                               active=active.version if active is not None and active.name == self.model else None)
+        steering = self._steering
+        if steering.wait:
+            return
+        serving = active.version if active is not None and active.name == self.model else None
+        choice = choose_active(self.model, complete, refused=self._refused, active=serving,
+                               desired=steering.desired, keep=steering.keep, blocked=steering.blocked,
+                               resume=self._resume)
         if choice is None:
             return
         manifest = complete[choice.version]
@@ -127,7 +184,27 @@ class Activator:
             log.info("could not activate %s %s this round: %s", manifest.name, manifest.version, exc)
             self._retry = asyncio.get_running_loop().call_later(self._backoff.next_delay_s(), self._wake.set)
             return
+        self.history.append((time.monotonic(), manifest.version))
         self._backoff.reset()
+        self._resume = manifest.version
+        if self._state_path is not None:
+            try:
+                await asyncio.to_thread(write_file_atomic, self._state_path,
+                                        json.dumps({"model": self.model, "version": manifest.version}).encode(),
+                                        0o644)
+            except OSError as exc:  # serving goes on; only a restart would start from the newest version
+                log.warning("could not record the active version in %s: %s", self._state_path, exc)
+
+    def _read_resume(self) -> str | None:
+        if self._state_path is None:
+            return None
+        try:
+            doc = json.loads(self._state_path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("model") != self.model or not isinstance(doc.get("version"), str):
+            return None
+        return doc["version"]
 
     def _complete_versions(self) -> tuple[dict[str, Manifest], bool]:
         """Blocking (directory listing, manifest reads, signature checks): run it in a thread.

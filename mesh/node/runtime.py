@@ -7,8 +7,10 @@ peer channels, membership events and the metrics endpoint, and does nothing else
     server, channels -> membership core, its read-only view
       -> transfer: store, origin policy, Transfer service
       -> inference: runtime, activator (told by the distributor when a version completes)
-      -> distributor (pinned versions from the activator)
-      -> decisions: site group, stream reassigner, routed Infer
+      -> decisions: site group, stream reassigner
+      -> rollouts: the shell that steers the activator and tells the distributor what to pin
+      -> distributor (pinned versions from the activator and the rollouts)
+      -> routed Infer (on a version its stream's site is on)
       -> SWIM runner (membership events fanned out to the distributor and the reassigner)
       -> admin, health, reflection, metrics
 
@@ -43,6 +45,8 @@ from mesh._proto import (
     membership_pb2_grpc,
     raft_pb2,
     raft_pb2_grpc,
+    rollout_pb2,
+    rollout_pb2_grpc,
     transfer_pb2,
     transfer_pb2_grpc,
     trust_pb2,
@@ -58,7 +62,7 @@ from mesh.identity.ca import LEGACY_GROUP_SECRET_FILE, Credentials, Role, load_c
 from mesh.identity.revocation import RevocationError
 from mesh.identity.tls import server_credentials
 from mesh.identity.trust import TrustServicer, TrustStore
-from mesh.inference.activation import Activator
+from mesh.inference.activation import Activator, Steering
 from mesh.inference.backend import load_backend
 from mesh.inference.health import HealthCollector
 from mesh.inference.runtime import ModelRuntime, NoActiveModel
@@ -74,8 +78,17 @@ from mesh.node.peers import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS, Faults,
 from mesh.node.probes import Heartbeat, ProbeBindError, ProbeServer, sd_notify, watchdog_pinger
 from mesh.node.reflection import enable_reflection
 from mesh.node.revocations import REVOCATIONS_SECTION, RevocationGossip
+from mesh.node.rollouts import (
+    HEALTH_SECTION,
+    ROLLOUTS_SECTION,
+    RolloutCollector,
+    RolloutServicer,
+    RolloutSettings,
+    RolloutShell,
+    SiteVersionRouting,
+)
 from mesh.node.startup import data_dir_error, listen_error
-from mesh.node.streams import RoutedInference, StreamReassigner, claim_streams, watch_overload
+from mesh.node.streams import StreamReassigner, claim_streams, watch_overload
 from mesh.retry import Backoff
 from mesh.transfer.distributor import HOLDINGS_SECTION, Distributor, TransferSettings
 from mesh.transfer.pacing import Pacer
@@ -91,12 +104,13 @@ SERVICE_NAMES = (
     decisions_pb2.DESCRIPTOR.services_by_name["Decisions"].full_name,
     raft_pb2.DESCRIPTOR.services_by_name["Raft"].full_name,
     trust_pb2.DESCRIPTOR.services_by_name["Trust"].full_name,
+    rollout_pb2.DESCRIPTOR.services_by_name["Rollouts"].full_name,
 )
 
 
 # Bytes of membership metadata per capability (the whole blob is at most 2 KiB with the default
 # gossip budget): what versions this node holds takes most of it.
-META_BUDGETS = {HOLDINGS_SECTION: 1400, "health": 256, "rollouts": 256, REVOCATIONS_SECTION: 24}
+META_BUDGETS = {HOLDINGS_SECTION: 1400, HEALTH_SECTION: 256, ROLLOUTS_SECTION: 256, REVOCATIONS_SECTION: 24}
 
 
 class _NoInference:
@@ -130,7 +144,8 @@ class _Parts:
     activator: Activator | None
     group: SiteGroup | None
     reassigner: StreamReassigner | None
-    routed_inference: RoutedInference
+    rollouts: RolloutShell | None
+    routed_inference: SiteVersionRouting
     trust: TrustStore
     revocations: RevocationGossip
     heartbeat: Heartbeat
@@ -143,8 +158,10 @@ class Node:
 
     def __init__(self, config: NodeConfig, *, credentials: Credentials | None = None,
                  rng: random.Random | None = None, faults: Faults | None = None,
-                 serve_metrics: bool = True) -> None:
+                 serve_metrics: bool = True, rollout_settings: RolloutSettings | None = None) -> None:
+        """`rollout_settings`: the rollout shell's timings (gate interval; tests and the demo shorten it)."""
         self.config = config
+        self.rollout_settings = rollout_settings or RolloutSettings()
         self.credentials = credentials or load_credentials(config.tls.dir)
         check_identity(config, self.credentials)
         self.faults = faults or Faults()
@@ -209,7 +226,11 @@ class Node:
         return self._started.reassigner
 
     @property
-    def inference_servicer(self) -> RoutedInference:
+    def rollouts(self) -> RolloutShell | None:
+        return self._started.rollouts
+
+    @property
+    def inference_servicer(self) -> SiteVersionRouting:
         return self._started.routed_inference
 
     @property
@@ -271,8 +292,37 @@ class Node:
         transfer = TransferServicer(store, max_uploads=tc.max_uploads, origin=origin,
                                     upload=Pacer(tc.upload_rate_bytes_per_s or None))
 
-        # Inference: the runtime and the activator that keeps it on the right version.
-        inference, activator = self._build_inference(store, trusted)
+        # Inference: the runtime and the activator that keeps it on the right version. A member of a site
+        # group takes part in rollouts: it activates nothing until its rollout state is known.
+        inference, activator = self._build_inference(store, trusted, Steering(wait=config.raft is not None))
+
+        # Local decisions: the site's Raft group (with [raft]), over this node's gRPC port.
+        raft_service = RaftServicer()
+        try:
+            group, reassigner = self._build_decisions(view, site, channels, raft_service, trust)
+        except BaseException:
+            if inference is not None:
+                inference.close()
+            raise
+
+        # Rollouts: decided in the site group, steering the activator; the distributor keeps what they pin.
+        rollouts = None
+        if group is not None:
+            rollouts = RolloutShell(
+                node_id=config.node_id, site=site, labels=dict(config.labels), model=config.inference.model,
+                group=group, view=view, health_board=meta.board(HEALTH_SECTION),
+                notes_board=meta.board(ROLLOUTS_SECTION), runtime=inference,
+                steer=activator.steer if activator else _ignore_steering,
+                refused=(lambda: activator.refused) if activator else frozenset,
+                history=(lambda: tuple(activator.history)) if activator else tuple,
+                store=store, data_dir=config.data_dir, trusted=trusted,
+                dial=lambda address, peer_id: rollout_pb2_grpc.RolloutsStub(
+                    channels.channel(address, peer_id)),
+                settings=self.rollout_settings)
+            self.metrics.registry.register(RolloutCollector(rollouts))
+
+        def pinned() -> set[tuple[str, str]]:
+            return set(activator.pinned() if activator else ()) | set(rollouts.pinned() if rollouts else ())
 
         distributor = Distributor(
             node_id=config.node_id, site=site, store=store, trusted=trusted, view=view,
@@ -283,22 +333,14 @@ class Node:
                                       download_rate_bytes_per_s=tc.download_rate_bytes_per_s or None,
                                       fetch_all=tc.fetch == "all", origin_only=tc.sources == "origin"),
             rng=random.Random(self._rng.random()), now=loop.time,
-            pinned=activator.pinned if activator else frozenset,
+            pinned=pinned, unwanted=rollouts.unwanted if rollouts else frozenset,
             on_complete=activator.poke if activator else _ignore_version,
             on_removed=self._removed_hook(origin, activator),
             uploaded=transfer.counters.uploaded_bytes)
 
-        # Local decisions: the site's Raft group (with [raft]), over this node's gRPC port, and
-        # Infer routed by its table.
-        raft_service = RaftServicer()
-        try:
-            group, reassigner = self._build_decisions(view, site, channels, raft_service, trust)
-        except BaseException:
-            if inference is not None:
-                inference.close()
-            raise
-        routed = RoutedInference(
-            inference or _NoInference(), node_id=config.node_id, group=group, view=view,
+        # Infer routed by the site's table, on a device that runs a version the stream's site is on.
+        routed = SiteVersionRouting(
+            inference or _NoInference(), node_id=config.node_id, group=group, view=view, rollouts=rollouts,
             dial=lambda address, peer_id: inference_pb2_grpc.InferenceStub(channels.channel(address, peer_id)))
 
         revocations = RevocationGossip(
@@ -307,6 +349,8 @@ class Node:
         handlers = [self.events.extend, distributor.on_member_events, revocations.on_member_events]
         if reassigner is not None:
             handlers.append(reassigner.on_member_events)
+        if rollouts is not None:
+            handlers.append(rollouts.on_member_events)
         runner = SwimRunner(
             core, lambda address, peer_id: membership_pb2_grpc.MembershipStub(channels.channel(address, peer_id)),
             on_events=fan_out(*handlers))
@@ -319,6 +363,7 @@ class Node:
         trust_pb2_grpc.add_TrustServicer_to_server(TrustServicer(trust, announce=revocations.announce), server)
         # Served in any case, so a client gets FAILED_PRECONDITION ("no [raft] section"), not UNIMPLEMENTED.
         decisions_service.add_to_server(server, group)
+        rollout_pb2_grpc.add_RolloutsServicer_to_server(RolloutServicer(rollouts, store, inference), server)
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminServicer(core, loop.time, loop.time(), models=self._model_rows,
                           inference=self._inference_status,
@@ -335,7 +380,8 @@ class Node:
         self._parts = _Parts(server=server, address=address, channels=channels, health=health, runner=runner,
                              view=view, store=store, transfer=transfer, distributor=distributor,
                              inference=inference, activator=activator, group=group, reassigner=reassigner,
-                             routed_inference=routed, trust=trust, revocations=revocations, heartbeat=heartbeat)
+                             rollouts=rollouts, routed_inference=routed, trust=trust, revocations=revocations,
+                             heartbeat=heartbeat)
         try:
             await server.start()
             for name in ("", *SERVICE_NAMES):
@@ -361,7 +407,8 @@ class Node:
         log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, address, site or "-",
                  ", ".join(config.seeds) or "none")
 
-    def _build_inference(self, store: ArtifactStore, trusted: Any) -> tuple[ModelRuntime | None, Activator | None]:
+    def _build_inference(self, store: ArtifactStore, trusted: Any,
+                         steering: Steering) -> tuple[ModelRuntime | None, Activator | None]:
         ic = self.config.inference
         if not ic.model:
             return None, None
@@ -371,7 +418,8 @@ class Node:
             raise NodeStartError(f"inference: {exc}") from None
         self.metrics.registry.register(HealthCollector(runtime.health))
         activator = Activator(model=ic.model, store=store, trusted=trusted, runtime=runtime,
-                              rng=random.Random(self._rng.random()))
+                              rng=random.Random(self._rng.random()), steering=steering,
+                              state_path=self.config.data_dir / "active-model.json")
         return runtime, activator
 
     def _build_decisions(self, view: MembershipView, site: str, channels: PeerChannels, raft_service: RaftServicer,
@@ -419,6 +467,8 @@ class Node:
             return
         assert parts.reassigner is not None
         self._spawn(group.run_expiry(), "decision-expiry")
+        if parts.rollouts is not None:
+            self._spawn(parts.rollouts.run(), "rollouts")
         self._spawn(parts.reassigner.reconcile(), "reassign-reconcile")
         if config.streams:
             self._spawn(claim_streams(group, {stream: config.node_id for stream in config.streams},
@@ -495,6 +545,8 @@ class Node:
             parts.activator.close()
         if parts.reassigner is not None:
             await parts.reassigner.close()
+        if parts.rollouts is not None:
+            await parts.rollouts.close()
         if parts.group is not None:
             await parts.group.close()
         await parts.distributor.stop()
@@ -581,3 +633,7 @@ def check_identity(config: NodeConfig, credentials: Credentials) -> None:
         if mode & 0o077:
             raise NodeStartError(f"{path} is readable by group or others (mode {mode & 0o777:o}); it is a secret: "
                                  f"run `chmod 600 {path}` and start again")
+
+
+def _ignore_steering(steering: Steering) -> None:
+    return None

@@ -733,6 +733,7 @@ def evaluate_gate(
     failed: list[str] = []
     skipped: list[str] = []
     not_serving: list[str] = []
+    erring: list[str] = []  # cohort devices of this site whose window holds errors (named in a FAIL)
     new_marks: list[tuple[str, DeviceMarks]] = []
     soak_ms = int(w.soak_s * 1000)
     for node in sorted(members | by_node.keys()):
@@ -769,6 +770,8 @@ def evaluate_gate(
             failed.append(node)
         if window.requests:
             measured += Totals(window.requests, window.errors, 1)
+            if window.errors:
+                erring.append(node)
         if not report.reachable:
             unreachable.append(node)
             continue
@@ -829,9 +832,12 @@ def evaluate_gate(
     ):
         rate = totals.rate
         if totals.requests >= w.min_requests and rate is not None and rate > limit:
+            more = ", ..." if len(erring) > 5 else ""
+            named = f" (errors on {', '.join(erring[:5])}{more})" if erring else ""
             return verdict(
                 GateOutcome.FAIL,
-                f"{prefix}: {whose} measured {totals.describe()}, above the limit of {w.max_error_rate:.2%}",
+                f"{prefix}: {whose} measured {totals.describe()}, above the limit of "
+                f"{w.max_error_rate:.2%}{named}",
             )
     relative_note = ""
     if w.relative_margin is not None:

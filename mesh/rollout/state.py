@@ -104,6 +104,7 @@ class Event(enum.Enum):
     """What happened, as the transition table sees it."""
 
     START = "start"
+    START_HELD = "start_held"  # wave 1 itself is above scope and not approved: wait for an operator
     GATE_PASS = "gate_pass"  # next wave within scope, or approved: it starts
     GATE_PASS_HELD = "gate_pass_held"  # next wave above scope and not approved: wait for an operator
     GATE_PASS_LAST = "gate_pass_last"  # the last wave passed
@@ -124,7 +125,13 @@ _PREVIOUS = "previous"  # RESUME returns to the state the rollout was paused in
 _ABORTS = {E.GATE_FAIL: S.ABORTED, E.ABORT: S.ABORTED, E.EXPIRE: S.ABORTED, E.PEER_ABORT: S.ABORTED}
 
 TRANSITIONS: Mapping[RolloutState, Mapping[Event, RolloutState | str]] = {
-    S.PENDING: {E.START: S.SOAKING, E.APPROVE_AHEAD: S.PENDING, E.PAUSE: S.PAUSED, **_ABORTS},
+    S.PENDING: {
+        E.START: S.SOAKING,
+        E.START_HELD: S.WAITING_APPROVAL,
+        E.APPROVE_AHEAD: S.PENDING,
+        E.PAUSE: S.PAUSED,
+        **_ABORTS,
+    },
     S.SOAKING: {
         E.GATE_PASS: S.SOAKING,
         E.GATE_PASS_HELD: S.WAITING_APPROVAL,
@@ -352,7 +359,7 @@ def apply(
     if not rollout.state.final and plan.expired(now) and not isinstance(event_input, Expire):
         return apply(plan, rollout, Expire(now), trusted=trusted, max_share_ppm=max_share_ppm)
     if isinstance(event_input, Start):
-        return _start(plan, rollout, event_input)
+        return _start(plan, rollout, event_input, max_share_ppm)
     if isinstance(event_input, GateResult):
         return _gate(plan, rollout, event_input, max_share_ppm)
     if isinstance(event_input, OperatorInput):
@@ -379,7 +386,7 @@ def apply(
     return _refused(rollout, "malformed_command", f"not a rollout input: {type(event_input).__name__}")
 
 
-def _start(plan: RolloutPlan, rollout: SiteRollout, start: Start) -> Transition:
+def _start(plan: RolloutPlan, rollout: SiteRollout, start: Start, max_share_ppm: int | None) -> Transition:
     eligible = sorted(set(start.eligible))
     shares = [w.share_ppm for w in plan.waves]
     sizes = wave_sizes(shares, len(eligible)) if start.sizes is None else tuple(start.sizes)
@@ -404,6 +411,12 @@ def _start(plan: RolloutPlan, rollout: SiteRollout, start: Start) -> Transition:
         rollout, thresholds=thresholds, eligible_count=len(eligible), marks=tuple(sorted(start.marks))
     )
     detail = {"eligible": len(eligible), "sizes": list(sizes)}
+    if plan.needs_approval(1, max_share_ppm=max_share_ppm) and 1 not in rollout.approved_waves:
+        # The guard's rule holds for the first wave too: its cohort is drawn, nobody moves until approved.
+        hint = APPROVE_HINT.format(rollout_id=plan.rollout_id, wave=1)
+        return _move(plan, started, E.START_HELD, start.now, marks=started.marks, detail=detail,
+                     reason=f"wave 1 ({plan.wave(1).label}) is above the autonomous scope of "
+                     f"{format_share(_scope(plan, max_share_ppm))}; waiting for {hint}")
     return _move(plan, started, E.START, start.now, next_wave=1, marks=started.marks, detail=detail)
 
 
@@ -546,7 +559,7 @@ def _operator_step(
             return _move(plan, rollout, E.APPROVE_HELD, now, next_wave=wave, detail=who)
         return _move(plan, rollout, E.APPROVE_AHEAD, now, detail={**who, "wave": wave})
     # PROMOTE: start the next wave now; the operator's signature is its approval.
-    if wave != rollout.wave + 1 or rollout.wave == 0:
+    if wave != rollout.wave + 1 or rollout.state is S.PENDING:
         return _noop(
             rollout,
             None,
@@ -622,6 +635,7 @@ def _describe(plan: RolloutPlan, before: SiteRollout, after: SiteRollout, event:
 
 _AUDIT_KIND = {
     E.START: "rollout_started",
+    E.START_HELD: "rollout_started",
     E.GATE_PASS: "rollout_wave_started",
     E.APPROVE_HELD: "rollout_wave_started",
     E.PROMOTE: "rollout_wave_started",

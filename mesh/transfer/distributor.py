@@ -171,10 +171,13 @@ class Distributor:
                  view: MembershipView, board: MetadataBoard, dial: DialTransfer, settings: TransferSettings,
                  rng: random.Random, now: Callable[[], float],
                  pinned: Callable[[], Set[VersionKey]] = _nothing_pinned,
+                 unwanted: Callable[[], Set[VersionKey]] = _nothing_pinned,
                  on_complete: VersionHook = _no_hook, on_removed: VersionHook = _no_hook,
                  uploaded: Callable[[str, str], int] = _nothing_uploaded) -> None:
         """`pinned()`: versions the node needs whatever their age (the active and previous model,
-        a rollout's baseline and target). `on_complete`/`on_removed`: told when a version is
+        a rollout's baseline and target). `unwanted()`: versions not to start fetching now, however
+        new (a rollout's target outside this device's wave when its plan says not to prefetch, the
+        target of an aborted rollout). `on_complete`/`on_removed`: told when a version is
         complete here / was garbage-collected. `uploaded(name, version)`: bytes of it this node
         has served (the Transfer service counts them)."""
         self.node_id = node_id
@@ -188,6 +191,7 @@ class Distributor:
         self._rng = rng
         self._now = now
         self._pinned = pinned
+        self._unwanted = unwanted
         self._on_complete = on_complete
         self._on_removed = on_removed
         self._uploaded = uploaded
@@ -468,7 +472,7 @@ class Distributor:
                 else:
                     unverified.setdefault(ident, member)
         wanted = kept_versions(known, keep_per_model=self.settings.keep_per_model, pinned=self._pinned(),
-                               downloading=self._tasks)
+                               downloading=self._tasks) - set(self._unwanted())
         for key in sorted(wanted & announced):
             if key not in self._tasks and key not in self._complete:
                 self.fetch(*key)

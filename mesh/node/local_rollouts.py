@@ -1,0 +1,449 @@
+"""A fleet for rollouts in one process: real nodes on loopback in sites, each site one Raft group, traffic
+against every device, plans and commands signed with the fleet's keys. For tests and bench/rollout.py.
+
+Every node is a full `Node` (mTLS, SWIM, the transfer swarm, LiteRT inference, its site's Raft group,
+its rollout shell); they share the event loop. `Traffic` calls Infer on every device at a steady rate
+with a chosen share of "bad" inputs (`partly_nan_input`): a good model answers them finitely, the bad
+one (`partly_nan_model`) with NaN, so the traffic decides the bad version's error rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from mesh._proto import inference_pb2, inference_pb2_grpc
+from mesh.artifacts.manifest import Manifest, SignedManifest
+from mesh.artifacts.publish import publish
+from mesh.consensus.config import RaftSection
+from mesh.consensus.group import GroupError
+from mesh.consensus.raft import RaftError
+from mesh.identity.signing import KeyRole, SigningKey, load_signing_key
+from mesh.identity.tls import channel_credentials, secure_channel_options
+from mesh.inference.fixtures import PARTLY_NAN_LAYERS, partly_nan_input
+from mesh.membership.messages import MembershipConfig, State
+from mesh.node import runtime as node_runtime
+from mesh.node.config import InferenceSection, MembershipSection, NodeConfig, TlsSection
+from mesh.node.local import SITES, LocalFleet, wait_for
+from mesh.node.rollouts import RolloutSettings
+from mesh.node.runtime import Node
+from mesh.rollout.plan import (
+    AutonomousScope,
+    CommandAction,
+    PrefetchPolicy,
+    RolloutCommand,
+    RolloutPlan,
+    Selector,
+    SignedPlan,
+    SkewRule,
+    Wave,
+    sign_command,
+    sign_plan,
+    signature_digest,
+)
+from mesh.rollout.state import LedgerResult, RolloutState, SiteRollout
+
+MODEL = "mlp"
+# Loopback timings for rollouts: a gate every half second.
+FAST_ROLLOUTS = RolloutSettings(
+    interval_s=0.5, min_step_s=0.1, start_grace_s=2.0, fetch_timeout_s=1.0, sync_timeout_s=15.0
+)
+# Dozens of nodes share one process (and a loaded machine): SWIM and Raft with room for scheduling delays,
+# so a busy event loop is not taken for a dead peer or a lost leader.
+FLEET_TIMINGS = MembershipConfig(
+    probe_interval_s=1.0,
+    probe_timeout_s=0.5,
+    gossip_interval_s=0.1,
+    push_pull_interval_s=5.0,
+    gossip_to_dead_s=20.0,
+)
+FLEET_RAFT = {"election_min_s": 1.0, "election_max_s": 2.0, "append_period_s": 0.2, "leader_fallback_s": 2.0}
+
+
+@dataclass
+class NodeTraffic:
+    """What one device's traffic saw."""
+
+    requests: int = 0
+    failures: int = 0  # RPCs that failed (never expected: a swap must not fail a request)
+    by_version: dict[str, list[int]] = field(default_factory=dict)  # version -> [answers, non-finite answers]
+    failure_messages: list[str] = field(default_factory=list)
+
+
+class Traffic:
+    """Infer against every running device of `fleet` at `rate_per_node_s`, `bad_share` of inputs bad."""
+
+    def __init__(
+        self,
+        fleet: RolloutFleet,
+        *,
+        rate_per_node_s: float = 10.0,
+        bad_share: float = 0.3,
+        seed: int = 0,
+        timeline: bool = False,
+    ) -> None:
+        """`timeline`: also keep every answer as (monotonic time, node, version, finite), for benchmarks."""
+        self.fleet = fleet
+        self.timeline: list[tuple[float, str, str, bool]] | None = [] if timeline else None
+        self.rate_per_node_s = rate_per_node_s
+        self.bad_share = bad_share
+        self.stats: dict[str, NodeTraffic] = {}
+        self._rng = np.random.default_rng(seed)
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._creds = channel_credentials(fleet.fleet.node_credentials("camera-app"))
+
+    def start(self) -> None:
+        for node_id in self.fleet.nodes:
+            self.ensure(node_id)
+
+    def ensure(self, node_id: str) -> None:
+        """Send traffic to `node_id` (again, after a restart)."""
+        task = self._tasks.get(node_id)
+        if task is None or task.done():
+            self._tasks[node_id] = asyncio.create_task(self._drive(node_id), name=f"traffic-{node_id}")
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    def answered(self, version: str) -> tuple[int, int]:
+        """(answers, non-finite answers) by `version`, fleet-wide."""
+        return (
+            sum(s.by_version.get(version, [0, 0])[0] for s in self.stats.values()),
+            sum(s.by_version.get(version, [0, 0])[1] for s in self.stats.values()),
+        )
+
+    def nodes_served_by(self, version: str) -> set[str]:
+        return {n for n, s in self.stats.items() if s.by_version.get(version, [0])[0]}
+
+    async def _drive(self, node_id: str) -> None:
+        stats = self.stats.setdefault(node_id, NodeTraffic())
+        interval_s = 1.0 / self.rate_per_node_s
+        await asyncio.sleep(random.Random(node_id).random() * interval_s)  # spread the calls over time
+        node = self.fleet.nodes.get(node_id)
+        if node is None:
+            return
+        options = secure_channel_options(peer_id=node_id)
+        async with grpc.aio.secure_channel(node.address, self._creds, options=options) as channel:
+            stub = inference_pb2_grpc.InferenceStub(channel)
+            while node_id in self.fleet.nodes:
+                if self.fleet.nodes[node_id].inference.active is None:
+                    await asyncio.sleep(interval_s)
+                    continue
+                x = partly_nan_input(
+                    PARTLY_NAN_LAYERS[0], bad=bool(self._rng.random() < self.bad_share), rng=self._rng
+                )
+                request = inference_pb2.InferRequest(
+                    inputs=[
+                        inference_pb2.Tensor(
+                            name="input", dtype="float32", shape=[1, PARTLY_NAN_LAYERS[0]], data=x.tobytes()
+                        )
+                    ]
+                )
+                stats.requests += 1
+                try:
+                    reply = await stub.Infer(request, timeout=5.0)
+                except grpc.aio.AioRpcError as exc:
+                    stats.failures += 1
+                    stats.failure_messages.append(f"{exc.code().name}: {exc.details()}"[:200])
+                else:
+                    out = np.frombuffer(reply.outputs[0].data, dtype=np.float32)
+                    finite = bool(np.isfinite(out).all())
+                    counts = stats.by_version.setdefault(reply.version, [0, 0])
+                    counts[0] += 1
+                    counts[1] += int(not finite)
+                    if self.timeline is not None:
+                        self.timeline.append((time.monotonic(), node_id, reply.version, finite))
+                await asyncio.sleep(interval_s)
+
+
+class RolloutFleet:
+    """`nodes` nodes in `sites` sites (node i in SITES[i % sites]); each site's nodes form its Raft group."""
+
+    def __init__(
+        self,
+        fleet: LocalFleet,
+        workdir: Path,
+        *,
+        nodes: int,
+        sites: int,
+        timings: MembershipConfig = FLEET_TIMINGS,
+        settings: RolloutSettings = FAST_ROLLOUTS,
+        seed: int = 0,
+        labels: dict[str, dict[str, str]] | None = None,
+        runtime_versions: dict[str, str] | None = None,
+    ) -> None:
+        """`labels`: extra labels per node id (device_class is "camera" unless given). `runtime_versions`:
+        node id -> the inference runtime version that node reports (an older device, for skew tests)."""
+        self.fleet = fleet
+        self.workdir = Path(workdir)
+        self.timings = timings
+        self.settings = settings
+        self.seed = seed
+        self.sites = {f"node-{i:02d}": SITES[i % sites] for i in range(nodes)}
+        self.labels = labels or {}
+        self.runtime_versions = runtime_versions or {}
+        self.nodes: dict[str, Node] = {}
+        self.publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+        self.operator = load_signing_key(fleet.directory / "operator.key", KeyRole.OPERATOR)
+        self.manifests: dict[str, SignedManifest] = {}
+
+    # --- nodes ---
+
+    def members(self, site: str) -> list[str]:
+        return sorted(n for n, s in self.sites.items() if s == site)
+
+    def site_names(self) -> list[str]:
+        return sorted(set(self.sites.values()))
+
+    def config(self, node_id: str) -> NodeConfig:
+        site = self.sites[node_id]
+        creds = self.fleet.node_credentials(node_id)
+        seed_id = "node-00" if node_id != "node-00" else next((n for n in self.nodes if n != node_id), None)
+        seeds = [self.nodes[seed_id].address] if seed_id in self.nodes else []
+        labels = {"site": site, "device_class": "camera", **self.labels.get(node_id, {})}
+        return NodeConfig(
+            node_id=node_id,
+            listen="127.0.0.1:0",
+            seeds=seeds,
+            labels=labels,
+            data_dir=self.workdir / node_id,
+            tls=TlsSection(dir=creds.directory),
+            membership=MembershipSection(
+                **{f: getattr(self.timings, f) for f in MembershipSection.model_fields}
+            ),
+            inference=InferenceSection(model=MODEL, workers=1),
+            raft=RaftSection(members=self.members(site), **FLEET_RAFT),
+        )
+
+    async def start(self) -> RolloutFleet:
+        await self.start_node("node-00")  # everyone's seed
+        plain = [n for n in self.sites if n != "node-00" and n not in self.runtime_versions]
+        await asyncio.gather(*(self.start_node(n) for n in plain))
+        for node_id in self.runtime_versions:  # one at a time: their backend reports another version
+            await self.start_node(node_id)
+        return self
+
+    async def start_node(self, node_id: str) -> Node:
+        """Start (or restart, with its data directory as it was) one node."""
+        node = Node(
+            self.config(node_id),
+            rng=random.Random(f"{self.seed}-{node_id}"),
+            serve_metrics=False,
+            rollout_settings=self.settings,
+        )
+        with _reporting_runtime_version(self.runtime_versions.get(node_id)):
+            await node.start()
+        self.nodes[node_id] = node
+        return node
+
+    async def stop_node(self, node_id: str, *, leave: bool = False) -> None:
+        await self.nodes.pop(node_id).stop(leave=leave)
+
+    async def close(self) -> None:
+        nodes, self.nodes = list(self.nodes.values()), {}
+        await asyncio.gather(*(n.stop(leave=False) for n in nodes), return_exceptions=True)
+
+    def converged(self) -> bool:
+        want = set(self.nodes)
+        return all(
+            {m.node_id for m in n.membership.members() if m.state is State.ALIVE} >= want
+            for n in self.nodes.values()
+        )
+
+    async def ready(self, timeout_s: float = 60.0) -> None:
+        """Every node sees every other, and every site group has a leader."""
+        await wait_for(self.converged, timeout_s, what="membership convergence", interval_s=0.1)
+        for site in self.site_names():
+            node = next(self.nodes[n] for n in self.members(site) if n in self.nodes)
+            await node.group.raft.wait_for_leader(timeout_s)
+
+    def leader(self, site: str) -> Node | None:
+        return next(
+            (
+                self.nodes[n]
+                for n in self.members(site)
+                if n in self.nodes and self.nodes[n].group.raft.is_leader
+            ),
+            None,
+        )
+
+    # --- models ---
+
+    def publish(self, version: str, model: bytes, *, at: str = "node-00") -> Manifest:
+        """Publish `model` as `version` at node `at` (the origin) and announce it."""
+        path = self.workdir / f"{MODEL}-{version}.tflite"
+        path.write_bytes(model)
+        origin = self.nodes[at]
+        signed = publish(path, name=MODEL, version=version, key=self.publisher, store=origin.store)
+        origin.distributor.add_published(signed)
+        self.manifests[version] = signed
+        return signed.manifest
+
+    def serving(self, node_id: str) -> str | None:
+        active = self.nodes[node_id].inference.active
+        return None if active is None else active.version
+
+    def all_serving(self, version: str, among: list[str] | None = None) -> bool:
+        return all(self.serving(n) == version for n in (among if among is not None else self.nodes))
+
+    # --- plans and commands ---
+
+    def plan(
+        self,
+        rollout_id: str,
+        *,
+        target: str,
+        baseline: str,
+        shares: tuple[int, ...] = (10_000, 100_000, 1_000_000),
+        soak_s: float = 2.0,
+        min_requests: int = 10,
+        max_error_rate: float = 0.05,
+        deadline_s: float | None = None,
+        selector: Selector | None = None,
+        ttl_s: float = 3600.0,
+        prefetch: PrefetchPolicy = PrefetchPolicy.LOW,
+        key: SigningKey | None = None,
+        min_runtime: str | None = None,
+        autonomous_share_ppm: int = 100_000,
+    ) -> SignedPlan:
+        """A plan for `target` over `baseline` (both published here), signed by `key` (the publisher's)."""
+        t, b = self.manifests[target].manifest, self.manifests[baseline].manifest
+        key = key or self.publisher
+        plan = RolloutPlan(
+            rollout_id=rollout_id,
+            model=MODEL,
+            target_version=target,
+            target_digest=self.manifests[target].digest,
+            baseline_version=baseline,
+            baseline_digest=self.manifests[baseline].digest,
+            skew=SkewRule(min_runtime or t.min_runtime_version, signature_digest(t.signature), t.size_bytes),
+            created_at=time.time(),
+            expires_at=time.time() + ttl_s,
+            publisher_key_id=key.key_id,
+            waves=tuple(
+                Wave(
+                    s,
+                    soak_s=soak_s,
+                    min_requests=min_requests,
+                    max_error_rate=max_error_rate,
+                    deadline_s=deadline_s,
+                )
+                for s in shares
+            ),
+            selector=selector or Selector(),
+            autonomous_scope=AutonomousScope(autonomous_share_ppm),
+            prefetch=prefetch,
+        )
+        del b
+        if key.role is not KeyRole.PUBLISHER:  # sign_plan refuses: forge the signature by hand (tests)
+            return SignedPlan(plan, key.sign(plan.signed_bytes()))
+        return sign_plan(plan, key)
+
+    def command(
+        self,
+        signed: SignedPlan,
+        action: CommandAction,
+        *,
+        wave: int | None = None,
+        reason: str = "",
+        key: SigningKey | None = None,
+    ) -> RolloutCommand:
+        return sign_command(
+            key or self.operator,
+            signed.plan,
+            action,
+            now=time.time(),
+            ttl_s=600.0,
+            nonce=secrets.token_urlsafe(12),
+            wave=wave,
+            reason=reason or ("test abort" if action is CommandAction.ABORT else ""),
+        )
+
+    async def start_rollout(self, signed: SignedPlan, *, via: str = "node-00") -> LedgerResult:
+        """Register `signed` through node `via` (as `mesh rollout start` does), retried while its site group
+        elects a leader (registering a plan twice changes nothing)."""
+        return await _retried(lambda: self.nodes[via].rollouts.start(signed))
+
+    async def send(self, command: RolloutCommand, *, via: str = "node-00") -> LedgerResult | None:
+        """Send an operator command through node `via` (as `mesh rollout approve` and friends do)."""
+        return await _retried(lambda: self.nodes[via].rollouts.command(command))
+
+    # --- reading state ---
+
+    def site_state(self, site: str, rollout_id: str) -> SiteRollout | None:
+        """The rollout as the first running member of `site` holds it."""
+        for node_id in self.members(site):
+            if node_id in self.nodes:
+                known = self.nodes[node_id].group.rollout(rollout_id)
+                return None if known is None else known[1]
+        return None
+
+    def states(self, rollout_id: str) -> dict[str, tuple[str, int]]:
+        """site -> (state, wave), as each site's first running member holds it."""
+        out = {}
+        for site in self.site_names():
+            s = self.site_state(site, rollout_id)
+            out[site] = ("unregistered", 0) if s is None else (s.state.value, s.wave)
+        return out
+
+    def every_site(self, rollout_id: str, state: RolloutState) -> bool:
+        """Every running member of every site holds the rollout in `state`."""
+        for node in self.nodes.values():
+            known = node.group.rollout(rollout_id)
+            if known is None or known[1].state is not state:
+                return False
+        return True
+
+    def audit_kinds(self, node_id: str, rollout_id: str) -> list[tuple[str, dict]]:
+        return [
+            (r.kind, dict(r.payload))
+            for r in self.nodes[node_id].group.audit_records()
+            if r.kind.startswith("rollout") and r.payload.get("rollout_id") == rollout_id
+        ]
+
+
+async def _retried(submit, attempts: int = 5):
+    for attempt in range(attempts):
+        try:
+            return await submit()
+        except (RaftError, GroupError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.5)
+    return None
+
+
+@contextlib.contextmanager
+def _reporting_runtime_version(version: str | None) -> Iterator[None]:
+    """While a node starts, make its inference backend report `version` (a real LiteRT that says it is
+    older): the only way to have devices of two runtime versions in one process."""
+    if version is None:
+        yield
+        return
+    real = node_runtime.load_backend
+
+    def older(name: str | None = None):
+        return dataclasses.replace(real(name), version=version)
+
+    node_runtime.load_backend = older
+    try:
+        yield
+    finally:
+        node_runtime.load_backend = real
+
+
+__all__ = ["FAST_ROLLOUTS", "MODEL", "RolloutFleet", "Traffic", "RolloutState"]

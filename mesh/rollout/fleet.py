@@ -1,0 +1,270 @@
+"""How a node reads the fleet for its rollouts, from what membership carries. Pure.
+
+A node sees every member as a `PeerView`: its site and labels, whether it is reachable, the health
+counters it gossips (`health.NodeHealth`) and its rollout notes (`announce.RolloutNote`). From those,
+for one plan:
+
+- a site leader finds who takes part (`site_populations`: reachable, selected, announcing the plan,
+  serving its model, not skipping), when to start (`start_ready`: every selected member has
+  announced the plan, or a grace time has passed), what to start with (`start_input`: this site's
+  eligible devices, its share of every wave apportioned over the sites, and where each device's
+  window begins), what the gate reads (`gate_reports`, `remote_evidence`) and whether another site
+  has aborted (`aborted_elsewhere`);
+- a device decides what to serve across every rollout of its model (`steer_device`): the latest
+  rollout of the model decides (`state.desired_version`), targets that no rollout puts this device
+  on are never chosen by default, the versions any live rollout needs stay pinned on disk, and a
+  target the plan says not to prefetch (or an aborted one) is not fetched;
+- routed inference keeps a stream on a version its site is on (`acceptable_versions`,
+  `stream_server`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from mesh.rollout.announce import RolloutNote, Serving
+from mesh.rollout.cohort import cohort_score, first_wave, site_wave_sizes
+from mesh.rollout.health import DeviceMarks, DeviceReport, NodeHealth, SiteEvidence
+from mesh.rollout.plan import DeviceFacts, RolloutPlan
+from mesh.rollout.state import Desired, Prefetch, RolloutState, SiteRollout, Start, desired_version
+
+VersionKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """One member as this node knows it (itself included)."""
+
+    node_id: str
+    site: str
+    labels: tuple[tuple[str, str], ...]
+    reachable: bool  # alive as far as this node knows
+    health: NodeHealth | None = None
+    notes: tuple[RolloutNote, ...] = ()
+    present: bool | None = None  # a member of the fleet now (alive or suspect); None: as `reachable`
+
+    def __post_init__(self) -> None:
+        if self.present is None:
+            object.__setattr__(self, "present", self.reachable)
+
+    def note(self, plan: RolloutPlan) -> RolloutNote | None:
+        """Its note about exactly `plan` (same id and digest), if it announces one."""
+        return next(
+            (n for n in self.notes if n.rollout_id == plan.rollout_id and n.matches(plan.digest)), None
+        )
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+def selected(plan: RolloutPlan, peer: PeerView) -> bool:
+    return plan.selector.mismatch(peer.label_map) is None
+
+
+def participates(plan: RolloutPlan, peer: PeerView) -> bool:
+    """Does `peer` take part in `plan` as far as it says: selected, serving the model, not skipping?"""
+    note = peer.note(plan)
+    return (
+        note is not None and selected(plan, peer) and note.serving is not Serving.NONE and note.skip is None
+    )
+
+
+def site_populations(plan: RolloutPlan, peers: Iterable[PeerView]) -> dict[str, list[str]]:
+    """Per site, the reachable selected devices that take part in `plan` (sorted node ids).
+
+    Leaders of different sites start at different moments and must apportion the waves alike, so the
+    count is as stable as membership allows: a member that has not announced the plan yet counts (its
+    labels are selected), and so does a suspect one (a busy device is not a departed one). One that
+    announced it serves another model, or skips, does not.
+    """
+    out: dict[str, list[str]] = {}
+    for peer in peers:
+        if not peer.present or not selected(plan, peer):
+            continue
+        note = peer.note(plan)
+        if note is not None and (note.serving is Serving.NONE or note.skip is not None):
+            continue
+        out.setdefault(peer.site, []).append(peer.node_id)
+    return {site: sorted(nodes) for site, nodes in out.items()}
+
+
+def start_ready(
+    plan: RolloutPlan, peers: Iterable[PeerView], *, registered_at: float, now: float, grace_s: float
+) -> bool:
+    """May a site leader start `plan`: has every reachable selected member announced it (so its skips and
+    what it serves are known), or has `grace_s` passed since the site registered it?"""
+    if now >= registered_at + grace_s:
+        return True
+    return all(peer.note(plan) is not None for peer in peers if peer.present and selected(plan, peer))
+
+
+def start_input(plan: RolloutPlan, site: str, peers: Sequence[PeerView], now: float) -> Start:
+    """Wave 1's start in `site`: its eligible devices, its share of every wave (apportioned over the
+    sites by their eligible counts, so the fleet-wide wave sizes are exact), and each device's mark."""
+    populations = site_populations(plan, peers)
+    eligible = populations.get(site, [])
+    counts = {s: len(nodes) for s, nodes in populations.items()}
+    counts.setdefault(site, 0)
+    sizes = site_wave_sizes([w.share_ppm for w in plan.waves], counts)[site]
+    health = {p.node_id: p.health for p in peers}
+    marks = []
+    for node in eligible:
+        h = health.get(node)
+        if h is None:
+            continue
+        target = h.counters(plan.model, plan.target_version)
+        baseline = h.counters(plan.model, plan.baseline_version)
+        marks.append(
+            (node, DeviceMarks(target.mark() if target else None, baseline.mark() if baseline else None))
+        )
+    return Start(now, tuple(eligible), sizes, tuple(marks))
+
+
+def gate_reports(plan: RolloutPlan, site: str, peers: Iterable[PeerView]) -> list[DeviceReport]:
+    """What the gate knows of every selected device of `site` (the cohort measures the target, the
+    others the baseline); an unreachable device's last report still counts its errors."""
+    return [
+        DeviceReport.from_health(p.node_id, p.reachable, p.health, plan)
+        for p in peers
+        if p.site == site and selected(plan, p)
+    ]
+
+
+def remote_evidence(plan: RolloutPlan, site: str, peers: Iterable[PeerView]) -> list[SiteEvidence]:
+    """Other sites' evidence for `plan`: per site, the entries of the member announcing the furthest
+    wave (its leader; a deposed leader's older word loses)."""
+    best: dict[str, tuple[tuple[int, int], RolloutNote]] = {}
+    for peer in peers:
+        note = peer.note(plan)
+        if peer.site == site or note is None or not note.evidence:
+            continue
+        key = (max(e.wave for e in note.evidence), sum(e.measured.requests for e in note.evidence))
+        if peer.site not in best or key > best[peer.site][0]:
+            best[peer.site] = (key, note)
+    return [e.for_site(s, plan.rollout_id) for s, (_, note) in sorted(best.items()) for e in note.evidence]
+
+
+def aborted_elsewhere(plan: RolloutPlan, site: str, peers: Iterable[PeerView]) -> PeerView | None:
+    """A member of another site whose replica holds `plan` aborted, if any (reachable ones first)."""
+    found = [
+        p
+        for p in peers
+        if p.site != site and (n := p.note(plan)) is not None and n.state is RolloutState.ABORTED
+    ]
+    return min(found, key=lambda p: (not p.reachable, p.node_id)) if found else None
+
+
+def cohort_wave(rollout: SiteRollout, node_id: str) -> int:
+    """The first wave whose cohort in its site holds `node_id`; 0 for none (or not started)."""
+    return first_wave(cohort_score(rollout.rollout_id, node_id), rollout.thresholds) or 0
+
+
+def serving_of(plan: RolloutPlan, model: str | None, version: str | None) -> Serving:
+    """What a node configured for `model` and serving `version` serves, relative to `plan`."""
+    if model != plan.model:
+        return Serving.NONE
+    if version is None:
+        return Serving.INACTIVE
+    if version == plan.baseline_version:
+        return Serving.BASELINE
+    if version == plan.target_version:
+        return Serving.TARGET
+    return Serving.OTHER
+
+
+def acceptable_versions(plan: RolloutPlan, state: RolloutState) -> frozenset[str]:
+    """The versions a site runs under `plan` in `state`: a routed stream belongs on one of them."""
+    if state is RolloutState.ABORTED:
+        return frozenset({plan.baseline_version})
+    if state is RolloutState.COMPLETED:
+        return frozenset({plan.target_version})
+    return frozenset({plan.baseline_version, plan.target_version})
+
+
+def stream_server(stream_id: str, candidates: Iterable[str]) -> str | None:
+    """The candidate that serves `stream_id` instead of its owner (rendezvous hashing: a stream stays on
+    the same substitute while the candidates stay the same)."""
+
+    def weight(node: str) -> bytes:
+        return hashlib.sha256(f"{stream_id}\x00{node}".encode()).digest()
+
+    pool = sorted(set(candidates))
+    return max(pool, key=weight) if pool else None
+
+
+@dataclass(frozen=True)
+class DeviceSteering:
+    """What a device does about its model's rollouts (the shell hands it to the activator and the
+    distributor): serve `desired` (None: keep what is active; with nothing active, the newest version
+    not `blocked`), keep `pinned` on disk, do not fetch `unwanted`."""
+
+    desired: str | None = None
+    blocked: frozenset[str] = frozenset()
+    pinned: frozenset[VersionKey] = frozenset()
+    unwanted: frozenset[VersionKey] = frozenset()
+    decisions: Mapping[str, Desired] = field(default_factory=dict)  # rollout id -> what it asks of us
+    governing: str | None = None  # the rollout whose word decides (the newest of the model)
+
+
+def steer_device(
+    model: str,
+    rollouts: Sequence[tuple[RolloutPlan, SiteRollout]],
+    unregistered: Sequence[RolloutPlan],
+    facts: DeviceFacts,
+    *,
+    complete: Iterable[str],
+    serving: str | None,
+    aborted: Mapping[str, str],
+    now: float,
+    safe_only: bool = False,
+) -> DeviceSteering:
+    """What this device (`facts`, serving `serving`, with `complete` versions on disk) does about the
+    rollouts of `model`: `rollouts` as its site holds them, `unregistered` plans it holds that its site
+    has not registered yet (their targets are blocked and pinned, nothing more), `aborted` rollout id ->
+    reason for aborts known from elsewhere. `safe_only` (the site's state may be stale: no leader was
+    reachable since a restart) never moves this device onto a target, only back to a baseline."""
+    held = frozenset(complete)
+    mine = sorted(
+        ((p, r) for p, r in rollouts if p.model == model), key=lambda pr: (pr[0].created_at, pr[0].rollout_id)
+    )
+    decisions: dict[str, Desired] = {}
+    blocked: set[str] = set()
+    pinned: set[VersionKey] = set()
+    unwanted: set[VersionKey] = set()
+    for plan, rollout in mine:
+        device = replace(facts, holds_target=plan.target_version in held)
+        decision = desired_version(
+            plan, rollout, device, serving=serving, aborted_elsewhere=aborted.get(plan.rollout_id), now=now
+        )
+        decisions[plan.rollout_id] = decision
+        if decision.version == plan.target_version:
+            blocked.discard(plan.target_version)
+        else:
+            blocked.add(plan.target_version)
+        if not plan.expired(now) or rollout.state is RolloutState.COMPLETED:
+            pinned.update((model, v) for v in decision.pinned)
+        if decision.prefetch is Prefetch.NONE and decision.version != plan.target_version:
+            unwanted.add((model, plan.target_version))
+    registered = {p.rollout_id for p, _ in mine}
+    for plan in unregistered:
+        if plan.model != model or plan.rollout_id in registered or plan.expired(now):
+            continue
+        blocked.add(plan.target_version)
+        pinned.update({(model, plan.baseline_version), (model, plan.target_version)})
+    desired = None
+    governing = mine[-1][0] if mine else None
+    if governing is not None:
+        desired = decisions[governing.rollout_id].version
+        if safe_only and desired == governing.target_version and serving != desired:
+            desired = None
+    return DeviceSteering(
+        desired=desired,
+        blocked=frozenset(blocked),
+        pinned=frozenset(pinned),
+        unwanted=frozenset(unwanted),
+        decisions=decisions,
+        governing=None if governing is None else governing.rollout_id,
+    )

@@ -1,0 +1,486 @@
+"""The pure parts of the rollout wiring: the gossiped notes codec, the document store, how a node reads the
+fleet (apportionment, start, evidence, aborts), how a device steers its activator, the status report, the
+activation choice under steering, a first wave above scope, and the CLI's parsers. No clock, no network."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.cli.rollout import parse_duration_s, parse_selector
+from mesh.inference.activation import Activate, choose_active
+from mesh.rollout.announce import (
+    MAX_NOTES,
+    AnnounceFormatError,
+    RolloutNote,
+    Serving,
+    WaveEvidence,
+    decode_notes,
+    digest_commands,
+    encode_notes,
+)
+from mesh.rollout.cohort import wave_size
+from mesh.rollout.docs import DocumentRefused, RolloutDocs
+from mesh.rollout.fleet import (
+    PeerView,
+    aborted_elsewhere,
+    acceptable_versions,
+    remote_evidence,
+    site_populations,
+    start_input,
+    start_ready,
+    steer_device,
+    stream_server,
+)
+from mesh.rollout.health import GateOutcome, NodeHealth, Totals
+from mesh.rollout.plan import AutonomousScope, CommandAction, Selector, SkipKind
+from mesh.rollout.report import rollout_report
+from mesh.rollout.state import (
+    OperatorInput,
+    Outcome,
+    RolloutLedger,
+    RolloutState,
+    SiteRollout,
+    encode_input,
+    plan_command,
+)
+from tests.rollout.builders import (
+    OPERATOR,
+    ROGUE_OPERATOR,
+    STRANGER,
+    T0,
+    TRUSTED,
+    command,
+    counters,
+    device,
+    make_plan,
+    signed,
+    waves,
+)
+
+PLAN = make_plan()
+DIGEST = PLAN.digest
+
+
+# --- notes codec -----------------------------------------------------------------------------------
+
+totals = st.builds(
+    lambda r, e, d: Totals(r, min(e, r), d),
+    st.integers(0, 10**9),
+    st.integers(0, 10**9),
+    st.integers(0, 10**5),
+)
+evidence = st.builds(
+    WaveEvidence, st.integers(1, 10), totals, totals, st.integers(0, 100), st.integers(0, 100)
+)
+notes = st.builds(
+    RolloutNote,
+    rollout_id=st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,30}", fullmatch=True),
+    plan_digest=st.text("0123456789abcdef", min_size=16, max_size=16),
+    commands=st.integers(0, 1000),
+    commands_digest=st.text("0123456789abcdef", min_size=12, max_size=12),
+    state=st.none() | st.sampled_from(RolloutState),
+    wave=st.integers(0, 10),
+    first_wave=st.integers(0, 10),
+    serving=st.sampled_from(Serving),
+    skip=st.none() | st.sampled_from(SkipKind),
+    verdict=st.none() | st.sampled_from(GateOutcome),
+    evidence=st.lists(evidence, max_size=2).map(tuple),
+)
+
+
+@given(st.lists(notes, max_size=MAX_NOTES, unique_by=lambda n: n.rollout_id))
+def test_notes_round_trip_through_their_one_canonical_encoding(items):
+    blob = encode_notes(items)
+    decoded = decode_notes(blob)
+    assert decoded == tuple(sorted(items, key=lambda n: n.rollout_id))
+    assert encode_notes(list(decoded)) == blob
+
+
+@given(st.binary(max_size=400))
+@settings(max_examples=300)
+def test_a_peers_notes_blob_parses_or_is_refused_with_one_error(blob):
+    try:
+        parsed = decode_notes(blob)
+    except AnnounceFormatError:
+        return
+    assert encode_notes(list(parsed)) == blob  # whatever parses is canonical
+
+
+def test_notes_keep_the_first_that_fit_the_budget():
+    items = [RolloutNote(f"rollout-{i:02d}", DIGEST) for i in range(6)]
+    one = len(encode_notes(items[:1]))
+    blob = encode_notes(items, limit_bytes=one + 40)
+    assert [n.rollout_id for n in decode_notes(blob)] == ["rollout-00", "rollout-01"]
+    assert encode_notes([], 256) == b"" and decode_notes(b"") == ()
+    with pytest.raises(AnnounceFormatError, match="not a rollout id"):
+        RolloutNote("bad id!", DIGEST)
+
+
+def test_the_commands_digest_does_not_depend_on_order():
+    assert digest_commands(["a", "b"]) == digest_commands(["b", "a", "a"]) != digest_commands(["a"])
+
+
+# --- documents ---------------------------------------------------------------------------------------
+
+
+def test_documents_are_held_only_once_verified_and_a_forgery_is_remembered():
+    docs = RolloutDocs(TRUSTED)
+    plan = docs.add_plan(signed(PLAN), now=T0)
+    assert docs.plan(PLAN.rollout_id) == plan and docs.note_digests(PLAN.rollout_id)[0] == 0
+    forged = signed(make_plan("forged", key=STRANGER), STRANGER)
+    with pytest.raises(DocumentRefused) as info:
+        docs.add_plan(forged, now=T0)
+    assert info.value.reason == "unknown_key" and docs.refused(forged.digest) == "unknown_key"
+    assert docs.refused(forged.digest[:16]) == "unknown_key"  # as a note names it
+    with pytest.raises(DocumentRefused, match="already names plan"):
+        docs.add_plan(signed(make_plan(target="3.0")), now=T0)
+    approve = command(PLAN, CommandAction.APPROVE, wave=2)
+    assert (
+        docs.add_command(approve, now=T0 + 100) is True and docs.add_command(approve, now=T0 + 100) is False
+    )
+    count, digest = docs.note_digests(PLAN.rollout_id)
+    assert count == 1 and digest != digest_commands(())
+    with pytest.raises(DocumentRefused) as info:
+        docs.add_command(command(PLAN, CommandAction.ABORT, key=ROGUE_OPERATOR), now=T0 + 100)
+    assert info.value.reason == "unknown_key"
+    late = command(PLAN, CommandAction.PAUSE, now=T0, ttl_s=10)
+    with pytest.raises(DocumentRefused):
+        docs.add_command(late, now=T0 + 100)
+    assert docs.refused(late.signature) is None  # a genuine command that expired is not a forgery
+    assert docs.abort_of(PLAN.rollout_id) is None
+    docs.add_command(command(PLAN, CommandAction.ABORT, reason="bad outputs"), now=T0 + 100)
+    assert docs.abort_of(PLAN.rollout_id).reason == "bad outputs"
+    docs.forget_expired(PLAN.expires_at + 25 * 3600)
+    assert docs.plans() == []
+
+
+# --- reading the fleet -------------------------------------------------------------------------------
+
+
+def peer(
+    node: str,
+    site: str,
+    *,
+    note: RolloutNote | None = None,
+    reachable: bool = True,
+    present: bool | None = None,
+    labels: dict[str, str] | None = None,
+    health: NodeHealth | None = None,
+) -> PeerView:
+    return PeerView(
+        node,
+        site,
+        tuple(sorted({"site": site, **(labels or {"device_class": "camera"})}.items())),
+        reachable,
+        health,
+        (note,) if note is not None else (),
+        present,
+    )
+
+
+def note(**kw) -> RolloutNote:
+    return RolloutNote(PLAN.rollout_id, DIGEST, **{"serving": Serving.BASELINE, **kw})
+
+
+@given(
+    st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(0, 60), min_size=1),
+    st.integers(0, 2**32),
+)
+def test_sites_that_see_the_same_fleet_apportion_every_wave_exactly(sizes, seed):
+    rng = random.Random(seed)
+    peers = [
+        peer(
+            f"{s}-{i:03d}",
+            s,
+            note=note() if rng.random() < 0.7 else None,
+            reachable=rng.random() < 0.9,
+            present=True,
+        )
+        for s, n in sizes.items()
+        for i in range(n)
+    ]
+    total = len(peers)
+    starts = {s: start_input(PLAN, s, peers, T0) for s in sizes}
+    for k, w in enumerate(PLAN.waves):
+        assert sum(st_.sizes[k] for st_ in starts.values()) == wave_size(w.share_ppm, total), f"seed {seed}"
+    for s, start in starts.items():
+        assert len(start.eligible) == start.sizes[-1] == sizes[s]
+        assert all(a <= b for a, b in zip(start.sizes, start.sizes[1:], strict=False))
+
+
+def test_who_counts_for_a_start_and_when_a_leader_starts():
+    peers = [
+        peer("a1", "a", note=note()),
+        peer("a2", "a", note=None),  # not announced yet: counts by its labels
+        peer("a3", "a", note=note(skip=SkipKind.OLD_RUNTIME)),
+        peer("a4", "a", note=note(serving=Serving.NONE)),  # serves another model
+        peer("a5", "a", note=note(), reachable=False, present=True),  # suspect: still a member
+        peer("a6", "a", note=note(), reachable=False, present=False),  # dead
+        peer("a7", "a", note=note(), labels={"device_class": "gateway"}),
+    ]
+    assert site_populations(PLAN, peers) == {"a": ["a1", "a2", "a5", "a7"]}
+    cameras = make_plan(selector=Selector.of(device_class="camera"))
+    assert site_populations(cameras, [dataclasses.replace(p, notes=()) for p in peers]) == {
+        "a": ["a1", "a2", "a3", "a4", "a5"]
+    }
+    assert not start_ready(PLAN, peers, registered_at=T0, now=T0 + 1, grace_s=5)  # a2 has not announced
+    assert start_ready(PLAN, peers, registered_at=T0, now=T0 + 5, grace_s=5)
+    assert start_ready(PLAN, [p for p in peers if p.node_id != "a2"], registered_at=T0, now=T0, grace_s=5)
+    start = start_input(
+        PLAN, "a", [peer("a1", "a", note=note(), health=NodeHealth((counters(7, 1, version="1.0"),)))], T0
+    )
+    assert start.eligible == ("a1",) and dict(start.marks)["a1"].baseline.requests == 7
+
+
+def test_evidence_comes_from_each_other_site_s_furthest_announcer_and_aborts_are_noticed():
+    e1 = WaveEvidence(1, Totals(100, 1, 1), Totals(90, 1, 1))
+    e2 = WaveEvidence(2, Totals(10, 0, 2), Totals(0, 0, 0))
+    peers = [
+        peer(
+            "b1",
+            "b",
+            note=note(state=RolloutState.SOAKING, wave=2, verdict=GateOutcome.PASS, evidence=(e1, e2)),
+        ),
+        peer(
+            "b2", "b", note=note(state=RolloutState.SOAKING, wave=1, verdict=GateOutcome.PASS, evidence=(e1,))
+        ),
+        peer("a1", "a", note=note(state=RolloutState.SOAKING, wave=1, evidence=(e2,))),
+        peer("c1", "c", note=note(state=RolloutState.ABORTED, wave=1), reachable=False),
+        peer(
+            "c2", "c", note=RolloutNote(PLAN.rollout_id, "0" * 16, state=RolloutState.ABORTED)
+        ),  # other plan
+    ]
+    found = remote_evidence(PLAN, "a", peers)
+    assert [(e.site, e.wave) for e in found] == [("b", 1), ("b", 2)]
+    assert aborted_elsewhere(PLAN, "a", peers).node_id == "c1"
+    assert aborted_elsewhere(PLAN, "c", peers) is None
+
+
+def test_routing_keeps_streams_on_the_versions_a_site_is_on():
+    assert acceptable_versions(PLAN, RolloutState.ABORTED) == {"1.0"}
+    assert acceptable_versions(PLAN, RolloutState.COMPLETED) == {"2.0"}
+    assert acceptable_versions(PLAN, RolloutState.SOAKING) == {"1.0", "2.0"}
+    assert stream_server("cam-1", ["n2", "n1"]) == stream_server("cam-1", ["n1", "n2"])
+    assert stream_server("cam-1", []) is None
+
+
+# --- a device's steering -----------------------------------------------------------------------------
+
+
+def registered(plan=PLAN, **state) -> tuple:
+    ledger = RolloutLedger(site="a", trusted=TRUSTED)
+    ledger.apply(plan_command(signed(plan), now=T0))
+    rollout = dataclasses.replace(ledger.get(plan.rollout_id)[1], **state)
+    return plan, rollout
+
+
+def everyone_in(rollout: SiteRollout, wave: int) -> SiteRollout:
+    return dataclasses.replace(rollout, wave=wave, thresholds=(2**256 - 1,) * 3, state=RolloutState.SOAKING)
+
+
+def test_the_newest_rollout_decides_and_unfinished_targets_are_never_chosen_by_default():
+    me = device("dev-1")
+    plan, pending = registered()
+    steer = steer_device(
+        "okay-nabu",
+        [(plan, pending)],
+        [],
+        me,
+        complete={"1.0", "2.0"},
+        serving="1.0",
+        aborted={},
+        now=T0 + 10,
+    )
+    assert steer.desired is None and steer.blocked == {"2.0"}
+    assert steer.pinned == {("okay-nabu", "1.0"), ("okay-nabu", "2.0")} and not steer.unwanted
+    in_wave = everyone_in(pending, 1)
+    steer = steer_device(
+        "okay-nabu", [(plan, in_wave)], [], me, complete={"1.0"}, serving="1.0", aborted={}, now=T0 + 10
+    )
+    assert steer.desired == "2.0" and "2.0" not in steer.blocked
+    # An abort known from elsewhere wins, even before this site applied it.
+    steer = steer_device(
+        "okay-nabu",
+        [(plan, in_wave)],
+        [],
+        me,
+        complete={"1.0", "2.0"},
+        serving="2.0",
+        aborted={plan.rollout_id: "site b aborted it"},
+        now=T0 + 10,
+    )
+    assert steer.desired == "1.0" and steer.blocked == {"2.0"} and ("okay-nabu", "2.0") in steer.unwanted
+    # Safe only (no leader reachable since a restart): back to a baseline, never onto a target.
+    steer = steer_device(
+        "okay-nabu",
+        [(plan, in_wave)],
+        [],
+        me,
+        complete={"1.0", "2.0"},
+        serving="1.0",
+        aborted={},
+        now=T0 + 10,
+        safe_only=True,
+    )
+    assert steer.desired is None
+    # A plan held but not registered by this site yet: its target is blocked and pinned, nothing more.
+    later = make_plan("okay-nabu-3", target="3.0", baseline="2.0", created_at=T0 + 50)
+    steer = steer_device(
+        "okay-nabu", [(plan, pending)], [later], me, complete={"3.0"}, serving=None, aborted={}, now=T0 + 60
+    )
+    assert {"2.0", "3.0"} <= steer.blocked and ("okay-nabu", "3.0") in steer.pinned
+    # Another model's rollouts ask nothing of this device.
+    assert (
+        steer_device(
+            "other", [(plan, in_wave)], [], me, complete=(), serving=None, aborted={}, now=T0
+        ).desired
+        is None
+    )
+
+
+def test_a_device_the_skew_rule_excludes_keeps_the_baseline_and_does_not_fetch_the_target():
+    plan, rollout = registered()
+    old = device("dev-1", runtime="2.2.0")
+    steer = steer_device(
+        "okay-nabu",
+        [(plan, everyone_in(rollout, 3))],
+        [],
+        old,
+        complete={"1.0"},
+        serving="1.0",
+        aborted={},
+        now=T0 + 10,
+    )
+    decision = steer.decisions[plan.rollout_id]
+    assert steer.desired == "1.0" and decision.skip.kind is SkipKind.OLD_RUNTIME
+    assert "runtime 2.2.0 is older than 2.3.0" in decision.reason
+    assert ("okay-nabu", "2.0") in steer.unwanted
+
+
+@pytest.mark.parametrize(
+    ("desired", "keep", "blocked", "active", "complete", "expected"),
+    [
+        (None, False, set(), "1", {"1", "2"}, "2"),  # no rollout: the newest
+        (None, True, set(), "1", {"1", "2"}, None),  # a site group member keeps what it serves
+        (None, True, {"2"}, None, {"1", "2"}, "1"),  # ...starts with the newest allowed
+        ("2", True, set(), "1", {"1"}, None),  # the target is not here yet: keep serving
+        ("2", True, {"3"}, None, {"1", "3"}, "1"),  # serving nothing meanwhile: the newest allowed
+        ("1", True, {"2"}, "2", {"1", "2"}, "1"),  # roll back
+    ],
+)
+def test_activation_follows_the_steering(desired, keep, blocked, active, complete, expected):
+    choice = choose_active(
+        "m", complete, refused=set(), active=active, desired=desired, keep=keep, blocked=blocked
+    )
+    assert choice == (None if expected is None else Activate("m", expected))
+
+
+# --- the first wave above the autonomous scope ---------------------------------------------------
+
+
+def test_a_first_wave_above_scope_draws_its_cohort_and_waits_for_an_operator():
+    plan = make_plan(plan_waves=waves(500_000, 1_000_000), autonomous_scope=AutonomousScope(100_000))
+    ledger = RolloutLedger(site="a", trusted=TRUSTED)
+    ledger.apply(plan_command(signed(plan), now=T0))
+    nodes = [f"dev-{i}" for i in range(10)]
+    from mesh.rollout.state import Start
+
+    result = ledger.apply(encode_input(plan.rollout_id, Start(T0 + 1, tuple(nodes))))
+    rollout = ledger.get(plan.rollout_id)[1]
+    assert result.outcome is Outcome.APPLIED and (rollout.state, rollout.wave) == (
+        RolloutState.WAITING_APPROVAL,
+        0,
+    )
+    assert "mesh rollout approve okay-nabu-2 --wave 1" in rollout.reason
+    assert (
+        steer_device(
+            "okay-nabu",
+            [(plan, rollout)],
+            [],
+            device("dev-1"),
+            complete={"1.0", "2.0"},
+            serving="1.0",
+            aborted={},
+            now=T0 + 2,
+        ).desired
+        == "1.0"
+    )
+    approve = command(plan, CommandAction.APPROVE, wave=1, now=T0 + 2)
+    ledger.apply(encode_input(plan.rollout_id, OperatorInput(T0 + 2, approve)))
+    rollout = ledger.get(plan.rollout_id)[1]
+    assert (rollout.state, rollout.wave) == (RolloutState.SOAKING, 1) and len(rollout.cohort(nodes)) == 5
+    assert OPERATOR.key_id in {k for _, k in rollout.approved}
+
+
+# --- the status report -------------------------------------------------------------------------------
+
+
+def test_the_report_shows_each_wave_across_sites_and_what_it_waits_for():
+    peers = [
+        peer(
+            "a1",
+            "a",
+            note=note(
+                state=RolloutState.WAITING_APPROVAL,
+                wave=2,
+                first_wave=1,
+                serving=Serving.TARGET,
+                verdict=GateOutcome.PASS,
+            ),
+            health=NodeHealth((counters(40, 1),)),
+        ),
+        peer(
+            "a2",
+            "a",
+            note=note(state=RolloutState.WAITING_APPROVAL, wave=2, first_wave=3),
+            health=NodeHealth((counters(50, 0, version="1.0"),)),
+        ),
+        peer("b1", "b", note=note(state=RolloutState.SOAKING, wave=2, first_wave=2, serving=Serving.TARGET)),
+        peer("b2", "b", note=note(state=RolloutState.SOAKING, wave=2, skip=SkipKind.LOW_DISK)),
+        peer("b3", "b", note=note(first_wave=3), reachable=False),
+    ]
+    own = SiteRollout(PLAN.rollout_id, DIGEST, state=RolloutState.WAITING_APPROVAL, wave=2, reason="held")
+    report = rollout_report(
+        PLAN, site="a", node_id="a1", own=own, own_verdict=None, peers=peers, site_views={}, now=T0
+    )
+    assert report["state"] == "waiting_approval"
+    assert [w["status"] for w in report["waves"]] == ["passed", "soaking", "held"]
+    first, _, third = report["waves"]
+    assert (first["eligible"], first["in_cohort"], first["on_target"]) == (3, 1, 1)
+    assert (first["requests"], first["errors"], first["baseline_requests"]) == (40, 1, 50)
+    assert "mesh rollout approve okay-nabu-2 --wave 3" in third["waiting_for"]
+    assert report["skipped"] == [{"node_id": "b2", "kind": "low_disk"}] and report["unreachable"] == ["b3"]
+    assert [s["source"] for s in report["sites"]] == ["this node's replica", "announced by b1"]
+
+
+# --- the CLI's parsers ----------------------------------------------------------------------------------
+
+
+@given(st.floats(0.001, 10**6), st.sampled_from(["", "s", "m", "h", "d"]))
+def test_durations_parse_in_their_unit(value, unit):
+    seconds = parse_duration_s(f"{value!r}{unit}")
+    assert seconds == pytest.approx(value * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+
+
+@given(st.text(max_size=12))
+def test_a_duration_is_positive_or_a_value_error(text):
+    with contextlib.suppress(ValueError):
+        assert parse_duration_s(text) > 0
+
+
+def test_selectors_parse_and_name_the_mistake():
+    assert parse_selector(("device_class=camera", "site=a,b")) == {
+        "device_class": ("camera",),
+        "site": ("a", "b"),
+    }
+    for bad, message in (("camera", "LABEL=VALUE"), ("=x", "LABEL=VALUE")):
+        with pytest.raises(ValueError, match=message):
+            parse_selector((bad,))
+    with pytest.raises(ValueError, match="twice"):
+        parse_selector(("site=a", "site=b"))

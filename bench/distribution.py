@@ -34,14 +34,13 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from mesh.artifacts.publish import publish
 from mesh.identity.signing import KeyRole, load_signing_key
+from mesh.membership.config import MembershipConfig
 from mesh.node.config import NodeConfig, TransferSection
-from mesh.membership.messages import MembershipConfig
 from mesh.node.local import LocalCluster, LocalFleet, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from tests.models import mediapipe_model  # noqa: E402
-
 
 # LAN-default structure at twice the speed (as bench/membership.py): holdings still
 # spread in a fraction of a second, without 30 nodes' probes eating the CPU.

@@ -34,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from mesh.inference.fixtures import mlp_model, partly_nan_model  # noqa: E402
-from mesh.membership.messages import MembershipConfig  # noqa: E402
+from mesh.membership.config import MembershipConfig  # noqa: E402
 from mesh.node.local import LocalFleet, wait_for  # noqa: E402
 from mesh.node.local_rollouts import FAST_ROLLOUTS, RolloutFleet, Traffic  # noqa: E402
 from mesh.rollout.state import RolloutState  # noqa: E402

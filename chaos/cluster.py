@@ -28,7 +28,7 @@ from pathlib import Path
 from chaos.net import Network, in_ns, node_ns, run
 from chaos.proxy import PROXY_MARK
 from mesh.consensus.config import RaftSection
-from mesh.membership.messages import MembershipConfig
+from mesh.membership.config import MembershipConfig
 from mesh.node.local import write_node_config
 
 log = logging.getLogger("chaos.cluster")

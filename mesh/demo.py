@@ -32,7 +32,8 @@ from rich.console import Console
 from mesh.admin.client import AdminClient, AdminError
 from mesh.admin.format import status_table
 from mesh.identity.ca import enroll, init_fleet, load_credentials
-from mesh.membership.messages import MembershipConfig, State
+from mesh.membership.config import MembershipConfig
+from mesh.membership.messages import State
 from mesh.node.local import free_ports, spawn_node_process, write_node_config
 
 # Faster than the LAN defaults so the demo takes seconds, same ratios.

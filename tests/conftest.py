@@ -10,7 +10,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import pytest
 import pytest_asyncio
 
-from mesh.membership.messages import MembershipConfig
+from mesh.membership.config import MembershipConfig
 from mesh.node.local import FAST_TIMINGS, LocalCluster, LocalFleet
 
 

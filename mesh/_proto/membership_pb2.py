@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mesh/v1/membership.proto\x12\x07mesh.v1\"\xf0\x01\n\x0cMemberUpdate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.mesh.v1.MemberState\x12\x31\n\x06labels\x18\x05 \x03(\x0b\x32!.mesh.v1.MemberUpdate.LabelsEntry\x12\x14\n\x0cmeta_version\x18\x06 \x01(\x04\x12\x0c\n\x04meta\x18\x07 \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\x04Ping\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12&\n\x07updates\x18\x04 \x03(\x0b\x32\x15.mesh.v1.MemberUpdate\"J\n\x03\x41\x63k\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12&\n\x07updates\x18\x03 \x03(\x0b\x32\x15.mesh.v1.MemberUpdate\"v\n\x07PingReq\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x16\n\x0etarget_address\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12&\n\x07updates\x18\x05 \x03(\x0b\x32\x15.mesh.v1.MemberUpdate\"@\n\x06Gossip\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12&\n\x07updates\x18\x02 \x03(\x0b\x32\x15.mesh.v1.MemberUpdate\"B\n\x08PushPull\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12&\n\x07members\x18\x02 \x03(\x0b\x32\x15.mesh.v1.MemberUpdate*m\n\x0bMemberState\x12\x16\n\x12MEMBER_STATE_ALIVE\x10\x00\x12\x18\n\x14MEMBER_STATE_SUSPECT\x10\x01\x12\x15\n\x11MEMBER_STATE_DEAD\x10\x02\x12\x15\n\x11MEMBER_STATE_LEFT\x10\x03\x32\xba\x01\n\nMembership\x12#\n\x04Ping\x12\r.mesh.v1.Ping\x1a\x0c.mesh.v1.Ack\x12)\n\x07PingReq\x12\x10.mesh.v1.PingReq\x1a\x0c.mesh.v1.Ack\x12*\n\x06Gossip\x12\x0f.mesh.v1.Gossip\x1a\x0f.mesh.v1.Gossip\x12\x30\n\x08PushPull\x12\x11.mesh.v1.PushPull\x1a\x11.mesh.v1.PushPullb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mesh/v1/membership.proto\x12\x07mesh.v1\"\x81\x02\n\x0cMemberUpdate\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bincarnation\x18\x03 \x01(\x04\x12#\n\x05state\x18\x04 \x01(\x0e\x32\x14.mesh.v1.MemberState\x12\x31\n\x06labels\x18\x05 \x03(\x0b\x32!.mesh.v1.MemberUpdate.LabelsEntry\x12\x14\n\x0cmeta_version\x18\x06 \x01(\x04\x12\x0c\n\x04meta\x18\x07 \x01(\x0c\x12\x0f\n\x07\x61\x63\x63user\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x04Ping\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12&\n\x07updates\x18\x04 \x03(\x0b\x32\x15.mesh.v1.MemberUpdate\x12\x0c\n\x04pool\x18\x05 \x01(\t\"X\n\x03\x41\x63k\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12&\n\x07updates\x18\x03 \x03(\x0b\x32\x15.mesh.v1.MemberUpdate\x12\x0c\n\x04nack\x18\x04 \x01(\x08\"\x84\x01\n\x07PingReq\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x16\n\x0etarget_address\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12&\n\x07updates\x18\x05 \x03(\x0b\x32\x15.mesh.v1.MemberUpdate\x12\x0c\n\x04pool\x18\x06 \x01(\t\"N\n\x06Gossip\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12&\n\x07updates\x18\x02 \x03(\x0b\x32\x15.mesh.v1.MemberUpdate\x12\x0c\n\x04pool\x18\x03 \x01(\t\"v\n\x08PushPull\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12&\n\x07members\x18\x02 \x03(\x0b\x32\x15.mesh.v1.MemberUpdate\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x12\n\npage_after\x18\x04 \x01(\t\x12\x10\n\x08page_end\x18\x05 \x01(\t*m\n\x0bMemberState\x12\x16\n\x12MEMBER_STATE_ALIVE\x10\x00\x12\x18\n\x14MEMBER_STATE_SUSPECT\x10\x01\x12\x15\n\x11MEMBER_STATE_DEAD\x10\x02\x12\x15\n\x11MEMBER_STATE_LEFT\x10\x03\x32\xba\x01\n\nMembership\x12#\n\x04Ping\x12\r.mesh.v1.Ping\x1a\x0c.mesh.v1.Ack\x12)\n\x07PingReq\x12\x10.mesh.v1.PingReq\x1a\x0c.mesh.v1.Ack\x12*\n\x06Gossip\x12\x0f.mesh.v1.Gossip\x1a\x0f.mesh.v1.Gossip\x12\x30\n\x08PushPull\x12\x11.mesh.v1.PushPull\x1a\x11.mesh.v1.PushPullb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,22 +34,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MEMBERUPDATE_LABELSENTRY']._loaded_options = None
   _globals['_MEMBERUPDATE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_MEMBERSTATE']._serialized_start=703
-  _globals['_MEMBERSTATE']._serialized_end=812
+  _globals['_MEMBERSTATE']._serialized_start=829
+  _globals['_MEMBERSTATE']._serialized_end=938
   _globals['_MEMBERUPDATE']._serialized_start=38
-  _globals['_MEMBERUPDATE']._serialized_end=278
-  _globals['_MEMBERUPDATE_LABELSENTRY']._serialized_start=233
-  _globals['_MEMBERUPDATE_LABELSENTRY']._serialized_end=278
-  _globals['_PING']._serialized_start=280
-  _globals['_PING']._serialized_end=371
-  _globals['_ACK']._serialized_start=373
-  _globals['_ACK']._serialized_end=447
-  _globals['_PINGREQ']._serialized_start=449
-  _globals['_PINGREQ']._serialized_end=567
-  _globals['_GOSSIP']._serialized_start=569
-  _globals['_GOSSIP']._serialized_end=633
-  _globals['_PUSHPULL']._serialized_start=635
-  _globals['_PUSHPULL']._serialized_end=701
-  _globals['_MEMBERSHIP']._serialized_start=815
-  _globals['_MEMBERSHIP']._serialized_end=1001
+  _globals['_MEMBERUPDATE']._serialized_end=295
+  _globals['_MEMBERUPDATE_LABELSENTRY']._serialized_start=250
+  _globals['_MEMBERUPDATE_LABELSENTRY']._serialized_end=295
+  _globals['_PING']._serialized_start=297
+  _globals['_PING']._serialized_end=402
+  _globals['_ACK']._serialized_start=404
+  _globals['_ACK']._serialized_end=492
+  _globals['_PINGREQ']._serialized_start=495
+  _globals['_PINGREQ']._serialized_end=627
+  _globals['_GOSSIP']._serialized_start=629
+  _globals['_GOSSIP']._serialized_end=707
+  _globals['_PUSHPULL']._serialized_start=709
+  _globals['_PUSHPULL']._serialized_end=827
+  _globals['_MEMBERSHIP']._serialized_start=941
+  _globals['_MEMBERSHIP']._serialized_end=1127
 # @@protoc_insertion_point(module_scope)

@@ -20,7 +20,7 @@ MEMBER_STATE_DEAD: MemberState
 MEMBER_STATE_LEFT: MemberState
 
 class MemberUpdate(_message.Message):
-    __slots__ = ("node_id", "address", "incarnation", "state", "labels", "meta_version", "meta")
+    __slots__ = ("node_id", "address", "incarnation", "state", "labels", "meta_version", "meta", "accuser")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class MemberUpdate(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     META_VERSION_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    ACCUSER_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     incarnation: int
@@ -42,56 +43,71 @@ class MemberUpdate(_message.Message):
     labels: _containers.ScalarMap[str, str]
     meta_version: int
     meta: bytes
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., meta_version: _Optional[int] = ..., meta: _Optional[bytes] = ...) -> None: ...
+    accuser: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[MemberState, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., meta_version: _Optional[int] = ..., meta: _Optional[bytes] = ..., accuser: _Optional[str] = ...) -> None: ...
 
 class Ping(_message.Message):
-    __slots__ = ("sender", "target", "seq", "updates")
+    __slots__ = ("sender", "target", "seq", "updates", "pool")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     sender: str
     target: str
     seq: int
     updates: _containers.RepeatedCompositeFieldContainer[MemberUpdate]
-    def __init__(self, sender: _Optional[str] = ..., target: _Optional[str] = ..., seq: _Optional[int] = ..., updates: _Optional[_Iterable[_Union[MemberUpdate, _Mapping]]] = ...) -> None: ...
+    pool: str
+    def __init__(self, sender: _Optional[str] = ..., target: _Optional[str] = ..., seq: _Optional[int] = ..., updates: _Optional[_Iterable[_Union[MemberUpdate, _Mapping]]] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("sender", "seq", "updates")
+    __slots__ = ("sender", "seq", "updates", "nack")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    NACK_FIELD_NUMBER: _ClassVar[int]
     sender: str
     seq: int
     updates: _containers.RepeatedCompositeFieldContainer[MemberUpdate]
-    def __init__(self, sender: _Optional[str] = ..., seq: _Optional[int] = ..., updates: _Optional[_Iterable[_Union[MemberUpdate, _Mapping]]] = ...) -> None: ...
+    nack: bool
+    def __init__(self, sender: _Optional[str] = ..., seq: _Optional[int] = ..., updates: _Optional[_Iterable[_Union[MemberUpdate, _Mapping]]] = ..., nack: _Optional[bool] = ...) -> None: ...
 
 class PingReq(_message.Message):
-    __slots__ = ("sender", "target", "target_address", "seq", "updates")
+    __slots__ = ("sender", "target", "target_address", "seq", "updates", "pool")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     TARGET_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     sender: str
     target: str
     target_address: str
     seq: int
     updates: _containers.RepeatedCompositeFieldContainer[MemberUpdate]
-    def __init__(self, sender: _Optional[str] = ..., target: _Optional[str] = ..., target_address: _Optional[str] = ..., seq: _Optional[int] = ..., updates: _Optional[_Iterable[_Union[MemberUpdate, _Mapping]]] = ...) -> None: ...
+    pool: str
+    def __init__(self, sender: _Optional[str] = ..., target: _Optional[str] = ..., target_address: _Optional[str] = ..., seq: _Optional[int] = ..., updates: _Optional[_Iterable[_Union[MemberUpdate, _Mapping]]] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class Gossip(_message.Message):
-    __slots__ = ("sender", "updates")
+    __slots__ = ("sender", "updates", "pool")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     sender: str
     updates: _containers.RepeatedCompositeFieldContainer[MemberUpdate]
-    def __init__(self, sender: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[MemberUpdate, _Mapping]]] = ...) -> None: ...
+    pool: str
+    def __init__(self, sender: _Optional[str] = ..., updates: _Optional[_Iterable[_Union[MemberUpdate, _Mapping]]] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class PushPull(_message.Message):
-    __slots__ = ("sender", "members")
+    __slots__ = ("sender", "members", "pool", "page_after", "page_end")
     SENDER_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_END_FIELD_NUMBER: _ClassVar[int]
     sender: str
     members: _containers.RepeatedCompositeFieldContainer[MemberUpdate]
-    def __init__(self, sender: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberUpdate, _Mapping]]] = ...) -> None: ...
+    pool: str
+    page_after: str
+    page_end: str
+    def __init__(self, sender: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberUpdate, _Mapping]]] = ..., pool: _Optional[str] = ..., page_after: _Optional[str] = ..., page_end: _Optional[str] = ...) -> None: ...

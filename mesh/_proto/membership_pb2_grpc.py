@@ -68,8 +68,9 @@ class MembershipServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PingReq(self, request, context):
-        """Indirect probe: the receiver pings `target` and relays its Ack.
-        NOT_FOUND if the target is unknown, UNAVAILABLE if it does not answer.
+        """Indirect probe: the receiver pings `target` and relays its Ack, or answers
+        with a nack (an Ack with `nack` set) if the target does not answer in
+        time. NOT_FOUND if the target is unknown or the pool is not served here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,7 +84,7 @@ class MembershipServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PushPull(self, request, context):
-        """Full-state anti-entropy exchange, also used to join.
+        """Paged state exchange (anti-entropy), also used to join.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -21,6 +21,7 @@ from mesh.cli.infer import infer_command
 from mesh.cli.model import model
 from mesh.cli.node import node
 from mesh.cli.rollout import rollout
+from mesh.sim.command import sim
 
 __all__ = ["main"]
 
@@ -38,10 +39,11 @@ def main() -> None:
       mesh admin status --node 127.0.0.1:7000 the node's view of the fleet
       mesh rollout start MODEL VERSION ...    a canary rollout (1% -> 10% -> 100%)
       mesh demo                               a 12-node cluster on loopback
+      mesh sim membership --devices 1000000   the fleet at scale, simulated
     """
 
 
-for _command in (fleet, node, admin, model, rollout, infer_command, demo):
+for _command in (fleet, node, admin, model, rollout, infer_command, demo, sim):
     main.add_command(_command)
 
 if __name__ == "__main__":

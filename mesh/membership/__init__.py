@@ -1,5 +1,6 @@
-"""SWIM membership: who is in the fleet and who is alive.
+"""SWIM membership with Lifeguard: who is in the fleet and who is alive.
 
-`core.Membership` is the pure state machine; `messages` is its vocabulary;
-`service` and `wire` carry it over gRPC.
+`core.Membership` is the pure state machine; `messages` is its vocabulary and
+`config` its settings; `federation` chooses a site's representatives for the
+federation pool; `service` and `wire` carry it over gRPC.
 """

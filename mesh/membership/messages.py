@@ -1,4 +1,4 @@
-"""Membership protocol vocabulary: member states, gossip updates, messages, timings.
+"""Membership protocol vocabulary: member states, gossip updates, messages, events.
 
 Everything here is plain data. The pure core (`core.py`) consumes and produces
 these; the gRPC adapter (`service.py`) converts them to and from protobuf, and
@@ -8,9 +8,7 @@ the simulator can move them around in memory without any encoding at all.
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
-from typing import Union
 
 
 class State(enum.IntEnum):
@@ -46,6 +44,10 @@ class Update:
     # its own metadata.
     meta_version: int = 0
     meta: bytes = b""
+    # SUSPECT only: the member whose probe failed (memberlist's suspect.From).
+    # Lifeguard counts distinct accusers as independent confirmations; empty
+    # (a peer that predates Lifeguard) starts a suspicion but confirms nothing.
+    accuser: str = ""
 
     def size_bytes(self) -> int:
         """Upper estimate of this update's encoded size, used to bound piggyback payloads.
@@ -53,12 +55,16 @@ class Update:
         Protobuf adds a tag and a length per field; 16 bytes of overhead per
         string field and 24 for the fixed fields over-estimates it safely.
         """
-        text = len(self.node_id) + len(self.address)
+        text = len(self.node_id) + len(self.address) + len(self.accuser)
         text += sum(len(k) + len(v) + 8 for k, v in self.labels)
-        return text + len(self.meta) + 24 + 16 * 3
+        return text + len(self.meta) + 24 + 16 * 4
 
 
 Updates = tuple[Update, ...]
+
+
+# Requests carry the name of the pool they belong to (`MembershipConfig.pool`;
+# "" is the site pool), so that one gRPC service can serve several pools.
 
 
 @dataclass(frozen=True)
@@ -69,11 +75,27 @@ class Ping:
     target: str
     seq: int
     updates: Updates = ()
+    pool: str = ""
 
 
 @dataclass(frozen=True)
 class Ack:
     """Answer to a Ping (or, relayed, to a PingReq). `sender` is the probed node."""
+
+    sender: str
+    seq: int
+    updates: Updates = ()
+
+
+@dataclass(frozen=True)
+class Nack:
+    """A PingReq relay's answer when the target did not ack in time (Lifeguard).
+
+    It tells the requester that the relay itself is alive and reachable, so a
+    probe that fails with nacks says "the target is unreachable", one that
+    fails without them says "maybe it is us": only the latter lowers the
+    requester's local health. `sender` is the relay, `seq` the requester's.
+    """
 
     sender: str
     seq: int
@@ -89,6 +111,7 @@ class PingReq:
     target_address: str
     seq: int
     updates: Updates = ()
+    pool: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,17 +120,29 @@ class Gossip:
 
     sender: str
     updates: Updates = ()
+    pool: str = ""
 
 
 @dataclass(frozen=True)
 class PushPull:
-    """Full-state exchange (anti-entropy and join). `members` includes the sender itself."""
+    """State exchange (anti-entropy and join), one page at a time.
+
+    `members` holds the sender's own entry, its entry about the recipient (so
+    that a member we think dead hears it and refutes), and the sender's members
+    whose ids sort after `page_after`, in id order, up to the sender's byte
+    budget. `page_end` is the last id the range reached, or "" if it reached the
+    end of the sender's table. A reply covers the range the request named.
+    Paging keeps every message under the gRPC cap whatever the pool's size.
+    """
 
     sender: str
     members: Updates = ()
+    pool: str = ""
+    page_after: str = ""
+    page_end: str = ""
 
 
-Message = Union[Ping, Ack, PingReq, Gossip, PushPull]
+Message = Ping | Ack | Nack | PingReq | Gossip | PushPull
 
 
 @dataclass(frozen=True)
@@ -117,13 +152,16 @@ class Send:
     `target_id` is the node id expected at that address, when known (it is not
     known for seed addresses at join). The adapter uses it to check the peer's
     certificate. Pings, PingReqs, Gossips and PushPulls are requests: the
-    adapter hands their replies back to the core (`on_ack`, `on_gossip_reply`,
-    `on_push_pull_reply`).
+    adapter hands their replies back to the core (`on_ack`, `on_nack`,
+    `on_gossip_reply`, `on_push_pull_reply`).
     """
 
     address: str
     target_id: str | None
     message: Message
+    # How long the reply is worth waiting for (a probe's timeout, the rest of
+    # the probe interval for a PingReq); None leaves it to the adapter.
+    timeout_s: float | None = None
 
 
 class EventKind(enum.Enum):
@@ -171,91 +209,5 @@ class UnknownMember(MembershipError):
     """A message names a member this node has never heard of."""
 
 
-@dataclass(frozen=True)
-class MembershipConfig:
-    """SWIM timings. Defaults follow hashicorp/memberlist's DefaultLANConfig.
-
-    memberlist LAN defaults, for comparison: ProbeInterval 1 s, ProbeTimeout
-    500 ms, IndirectChecks 3, GossipInterval 200 ms, GossipNodes 3,
-    SuspicionMult 4, RetransmitMult 4, PushPullInterval 30 s,
-    GossipToTheDeadTime 30 s. We keep all of them; the one difference is the
-    piggyback budget: memberlist caps a UDP packet at 1400 bytes, our
-    messages ride gRPC over TCP, so `max_gossip_bytes` is 8 KiB, which lets a
-    join storm of a few dozen nodes clear in one round without fragmenting.
-    """
-
-    probe_interval_s: float = 1.0
-    probe_timeout_s: float = 0.5
-    indirect_checks: int = 3
-    gossip_interval_s: float = 0.2
-    gossip_nodes: int = 3
-    suspicion_mult: int = 4
-    retransmit_mult: int = 4
-    push_pull_interval_s: float = 30.0
-    gossip_to_dead_s: float = 30.0
-    max_gossip_bytes: int = 8192
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.probe_interval_s <= 0:
-            problems.append("probe_interval_s must be > 0")
-        if not 0 < self.probe_timeout_s < self.probe_interval_s:
-            problems.append("probe_timeout_s must be > 0 and < probe_interval_s")
-        if self.indirect_checks < 0:
-            problems.append("indirect_checks must be >= 0")
-        if self.gossip_interval_s <= 0:
-            problems.append("gossip_interval_s must be > 0")
-        if self.gossip_nodes < 1:
-            problems.append("gossip_nodes must be >= 1")
-        if self.suspicion_mult < 1:
-            problems.append("suspicion_mult must be >= 1")
-        if self.retransmit_mult < 1:
-            problems.append("retransmit_mult must be >= 1")
-        if self.push_pull_interval_s <= 0:
-            problems.append("push_pull_interval_s must be > 0")
-        if self.max_gossip_bytes < 512:
-            problems.append("max_gossip_bytes must be >= 512")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    # Derived quantities. Everything that tests and benchmarks call "the bound
-    # the timings imply" comes from here, so there is one definition of it.
-
-    def suspicion_timeout_s(self, n_members: int) -> float:
-        """memberlist: SuspicionMult * max(1, log10(n)) * ProbeInterval."""
-        return self.suspicion_mult * max(1.0, math.log10(max(1, n_members))) * self.probe_interval_s
-
-    def retransmit_limit(self, n_members: int) -> int:
-        """memberlist: RetransmitMult * ceil(log10(n + 1))."""
-        return self.retransmit_mult * math.ceil(math.log10(n_members + 1))
-
-    def dissemination_s(self, n_members: int) -> float:
-        """Time for an update to reach everyone by gossip: fan-out `gossip_nodes`
-        per round reaches n nodes in about log_fanout(n) rounds; we allow twice
-        that plus one round for piggybacking delays."""
-        rounds = 2 * math.ceil(math.log(max(2, n_members), max(2, self.gossip_nodes))) + 1
-        return rounds * self.gossip_interval_s
-
-    def expected_detection_s(self, n_members: int) -> float:
-        """Expected time from a crash to every survivor marking the node dead.
-
-        With n-1 probers each probing one random-order member per interval, the
-        first probe of the dead node arrives after about e/(e-1) intervals
-        (SWIM paper, section 3.1); the failed probe cycle then takes one
-        interval, then the suspicion timeout runs at each node once the
-        suspicion reached it.
-        """
-        first_probe = self.probe_interval_s * math.e / (math.e - 1)
-        return first_probe + self.probe_interval_s + self.suspicion_timeout_s(n_members) \
-            + self.dissemination_s(n_members) / 2
-
-    def detection_bound_s(self, n_members: int) -> float:
-        """Worst case from a crash to every survivor marking the node dead.
-
-        Round-robin probing guarantees that each live node probes every other
-        member at least once in 2(n-1) - 1 intervals; add the failed probe
-        cycle, dissemination of the suspicion and the suspicion timeout.
-        """
-        rounds = max(1, 2 * (n_members - 1) - 1)
-        return (rounds + 1) * self.probe_interval_s + self.dissemination_s(n_members) \
-            + self.suspicion_timeout_s(n_members)
+class WrongPool(MembershipError):
+    """A message for another gossip pool reached this pool's core."""

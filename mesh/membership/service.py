@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 
@@ -21,11 +22,14 @@ from mesh._proto import membership_pb2_grpc as pb_grpc
 from mesh.identity.ca import Role
 from mesh.identity.tls import peer_identity
 from mesh.membership import wire
+from mesh.membership.config import SITE_POOL
 from mesh.membership.core import Membership
 from mesh.membership.messages import (
+    Ack,
     EventKind,
     Gossip,
     MemberEvent,
+    Nack,
     Ping,
     PingReq,
     PushPull,
@@ -46,11 +50,13 @@ class TrafficCounters:
 
     bytes_in: int = 0
     bytes_out: int = 0
-    # Push-pull carries the whole member list (O(n) bytes per exchange); it is
-    # counted apart so SWIM's own per-node load, which should not grow with n,
-    # can be seen on its own.
+    # Push-pull carries pages of the member list; it is counted apart so SWIM's
+    # own per-node load, which should not grow with n, can be seen on its own.
     push_pull_bytes_out: int = 0
     calls_failed: int = 0
+    # Requests we answered only after the caller had given up (its deadline
+    # passed or it cancelled): the reply is not sent.
+    replies_dropped: int = 0
 
 
 async def _authenticated_sender(context: grpc.aio.ServicerContext, sender: str) -> None:
@@ -58,15 +64,37 @@ async def _authenticated_sender(context: grpc.aio.ServicerContext, sender: str) 
     a node may speak only for itself."""
     peer = peer_identity(context)
     if peer is None or peer.role is not Role.NODE:
-        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "membership calls need a fleet node certificate")
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                            "membership calls need a fleet node certificate")
     if peer.name != sender:
         await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                            f"message claims sender {sender!r} but the caller's certificate is for {peer.name!r}")
+                            f"message claims sender {sender!r} but the caller's certificate is for "
+                            f"{peer.name!r}")
+
+
+def _caller_gone(context: grpc.aio.ServicerContext) -> bool:
+    """The caller cancelled or its deadline passed: nobody is waiting for our reply."""
+    if context.cancelled() or context.done():
+        return True
+    remaining_s = context.time_remaining()
+    return remaining_s is not None and remaining_s <= 0
 
 
 class MembershipServicer(pb_grpc.MembershipServicer):
-    def __init__(self, runner: "SwimRunner") -> None:
-        self._runner = runner
+    """Incoming membership calls, routed by the message's `pool` to that pool's runner.
+
+    A node runs one `SwimRunner` per pool it belongs to (its site pool, and the
+    federation pool if it is a site representative); a plain runner is taken as
+    the site pool's. A request for a pool this node does not serve is NOT_FOUND.
+
+    A reply to a caller that has gone away is not sent: when the loop was busy
+    and the caller's deadline passed, sending it fails inside gRPC, which logs
+    an ExecuteBatchError traceback for what is an ordinary late answer. The
+    handler ends as cancelled instead, which gRPC logs at debug level.
+    """
+
+    def __init__(self, runners: SwimRunner | Mapping[str, SwimRunner]) -> None:
+        self._runners = {SITE_POOL: runners} if isinstance(runners, SwimRunner) else dict(runners)
 
     async def _parse(self, context, parse, request):
         try:
@@ -75,46 +103,62 @@ class MembershipServicer(pb_grpc.MembershipServicer):
             log.warning("rejected malformed %s from %s: %s", type(request).__name__, context.peer(), exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
+    async def _runner(self, context, message, request) -> SwimRunner:
+        await _authenticated_sender(context, message.sender)
+        runner = self._runners.get(message.pool)
+        if runner is None:
+            await self._abort(context, grpc.StatusCode.NOT_FOUND,
+                              f"this node is not a member of the {message.pool or 'site'!r} pool")
+        runner.counters.bytes_in += request.ByteSize()
+        return runner
+
+    async def _abort(self, context, code: grpc.StatusCode, details: str) -> NoReturn:
+        if _caller_gone(context):
+            raise asyncio.CancelledError(f"caller gave up before: {details}")
+        await context.abort(code, details)
+        raise AssertionError("grpc's context.abort returned")  # it raises; this tells type checkers
+
+    def _reply(self, context, runner: SwimRunner, message):
+        if _caller_gone(context):
+            runner.counters.replies_dropped += 1
+            log.debug("caller %s gave up before our %s; not replying", context.peer(), type(message).__name__)
+            raise asyncio.CancelledError("the caller has gone away")
+        return runner.outgoing(message)
+
     async def Ping(self, request: pb.Ping, context) -> pb.Ack:
         ping = await self._parse(context, wire.ping_from_pb, request)
-        await _authenticated_sender(context, ping.sender)
-        self._runner.counters.bytes_in += request.ByteSize()
+        runner = await self._runner(context, ping, request)
         try:
-            ack = self._runner.core.on_ping(ping, self._runner.now())
+            ack = runner.core.on_ping(ping, runner.now())
         except WrongTarget as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        self._runner.poke()
-        return self._runner.outgoing(wire.ack_to_pb(ack))
+            await self._abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        runner.poke()
+        return self._reply(context, runner, wire.ack_to_pb(ack))
 
     async def PingReq(self, request: pb.PingReq, context) -> pb.Ack:
         req = await self._parse(context, wire.ping_req_from_pb, request)
-        await _authenticated_sender(context, req.sender)
-        self._runner.counters.bytes_in += request.ByteSize()
+        runner = await self._runner(context, req, request)
         try:
-            ping = self._runner.core.on_ping_req(req, self._runner.now())
+            ping = runner.core.on_ping_req(req, runner.now())
         except UnknownMember as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        ack = await self._runner.probe_for(req, ping)
-        self._runner.poke()
-        if ack is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{req.target} did not answer the relayed ping")
-        return self._runner.outgoing(wire.ack_to_pb(ack))
+            await self._abort(context, grpc.StatusCode.NOT_FOUND, str(exc))
+        answer = await runner.probe_for(req, ping, runner.core.relay_timeout_s(context.time_remaining()))
+        runner.poke()
+        return self._reply(context, runner, wire.ack_to_pb(answer))
 
     async def Gossip(self, request: pb.Gossip, context) -> pb.Gossip:
         gossip = await self._parse(context, wire.gossip_from_pb, request)
-        await _authenticated_sender(context, gossip.sender)
-        self._runner.counters.bytes_in += request.ByteSize()
-        reply = self._runner.core.on_gossip(gossip, self._runner.now())
-        self._runner.poke()
-        return self._runner.outgoing(wire.gossip_to_pb(reply))
+        runner = await self._runner(context, gossip, request)
+        reply = runner.core.on_gossip(gossip, runner.now())
+        runner.poke()
+        return self._reply(context, runner, wire.gossip_to_pb(reply))
 
     async def PushPull(self, request: pb.PushPull, context) -> pb.PushPull:
         pp = await self._parse(context, wire.push_pull_from_pb, request)
-        await _authenticated_sender(context, pp.sender)
-        self._runner.counters.bytes_in += request.ByteSize()
-        reply = self._runner.core.on_push_pull(pp, self._runner.now())
-        self._runner.poke()
-        return self._runner.outgoing(wire.push_pull_to_pb(reply))
+        runner = await self._runner(context, pp, request)
+        reply = runner.core.on_push_pull(pp, runner.now())
+        runner.poke()
+        return self._reply(context, runner, wire.push_pull_to_pb(reply))
 
 
 class SwimRunner:
@@ -122,7 +166,8 @@ class SwimRunner:
 
     The core says when it next needs `tick`; the runner sleeps until then or
     until an incoming message may have moved that deadline (`poke`). Each
-    `Send` becomes one unary call whose reply is fed back to the core.
+    `Send` becomes one unary call whose reply is fed back to the core, with the
+    deadline the core gave it.
     """
 
     def __init__(self, core: Membership, dial: Dial, *, push_pull_timeout_s: float = 5.0,
@@ -188,9 +233,10 @@ class SwimRunner:
         if not events:
             return
         for event in events:
-            # META changes with every chunk a peer stores: too chatty for info.
+            # META changes whenever a peer's holdings change: too chatty for info.
             level = logging.DEBUG if event.kind is EventKind.META else logging.INFO
-            log.log(level, "member %s %s (incarnation %d)", event.node_id, event.kind.value, event.incarnation)
+            log.log(level, "member %s %s (incarnation %d)", event.node_id, event.kind.value,
+                    event.incarnation)
         if self._on_events:
             self._on_events(events)
 
@@ -207,29 +253,45 @@ class SwimRunner:
             self.counters.push_pull_bytes_out += size
         return message
 
+    def _timeout_s(self, send: Send) -> float:
+        if send.timeout_s is not None:
+            return send.timeout_s
+        msg, config = send.message, self._config
+        if isinstance(msg, Ping):
+            return config.probe_timeout_s
+        if isinstance(msg, PingReq):
+            return config.probe_interval_s - config.probe_timeout_s
+        if isinstance(msg, PushPull):
+            return self._push_pull_timeout_s
+        return config.probe_interval_s
+
     async def _deliver(self, send: Send) -> None:
         msg = send.message
-        config = self._config
+        timeout_s = self._timeout_s(send)
         try:
             stub = self._dial(send.address, send.target_id)
             if isinstance(msg, Ping):
-                reply = await stub.Ping(self.outgoing(wire.ping_to_pb(msg)), timeout=config.probe_timeout_s)
+                reply = await stub.Ping(self.outgoing(wire.ping_to_pb(msg)), timeout=timeout_s)
                 self.counters.bytes_in += reply.ByteSize()
-                self.core.on_ack(wire.ack_from_pb(reply), self.now())
+                ack = wire.ack_from_pb(reply)
+                if isinstance(ack, Ack):  # a nack only answers a PingReq
+                    self.core.on_ack(ack, self.now())
             elif isinstance(msg, PingReq):
-                budget = config.probe_interval_s - config.probe_timeout_s
-                reply = await stub.PingReq(self.outgoing(wire.ping_req_to_pb(msg)), timeout=budget)
+                reply = await stub.PingReq(self.outgoing(wire.ping_req_to_pb(msg)), timeout=timeout_s)
                 self.counters.bytes_in += reply.ByteSize()
-                self.core.on_ack(wire.ack_from_pb(reply), self.now())
+                answer = wire.ack_from_pb(reply)
+                if isinstance(answer, Nack):
+                    self.core.on_nack(answer, self.now())
+                else:
+                    self.core.on_ack(answer, self.now())
             elif isinstance(msg, Gossip):
-                reply = await stub.Gossip(self.outgoing(wire.gossip_to_pb(msg)), timeout=config.probe_interval_s)
+                reply = await stub.Gossip(self.outgoing(wire.gossip_to_pb(msg)), timeout=timeout_s)
                 self.counters.bytes_in += reply.ByteSize()
                 self.core.on_gossip_reply(wire.gossip_from_pb(reply), self.now())
             elif isinstance(msg, PushPull):
-                reply = await stub.PushPull(self.outgoing(wire.push_pull_to_pb(msg)),
-                                            timeout=self._push_pull_timeout_s)
+                reply = await stub.PushPull(self.outgoing(wire.push_pull_to_pb(msg)), timeout=timeout_s)
                 self.counters.bytes_in += reply.ByteSize()
-                self.core.on_push_pull_reply(wire.push_pull_from_pb(reply), self.now())
+                self._send_all(self.core.on_push_pull_reply(wire.push_pull_from_pb(reply), self.now()))
             else:  # pragma: no cover - the core only emits the four requests above
                 raise TypeError(f"core asked to send {type(msg).__name__}")
         except (grpc.aio.AioRpcError, OSError) as exc:
@@ -243,14 +305,17 @@ class SwimRunner:
         else:
             self.poke()
 
-    async def probe_for(self, req: PingReq, ping: Ping):
-        """Relay side of an indirect probe: ping the target, return the Ack for the requester or None."""
+    async def probe_for(self, req: PingReq, ping: Ping, timeout_s: float) -> Ack | Nack:
+        """Relay side of an indirect probe: ping the target for at most `timeout_s`;
+        the Ack to relay, or a Nack if the target did not answer."""
         try:
             stub = self._dial(req.target_address, req.target)
-            reply = await stub.Ping(self.outgoing(wire.ping_to_pb(ping)), timeout=self._config.probe_timeout_s)
+            reply = await stub.Ping(self.outgoing(wire.ping_to_pb(ping)), timeout=timeout_s)
             self.counters.bytes_in += reply.ByteSize()
-            return self.core.on_relayed_ack(req, wire.ack_from_pb(reply), self.now())
-        except (grpc.aio.AioRpcError, OSError, wire.WireError) as exc:
+            answer = wire.ack_from_pb(reply)
+            if isinstance(answer, Ack):
+                return self.core.on_relayed_ack(req, answer, self.now())
+        except (grpc.aio.AioRpcError, OSError, wire.WireError, WrongTarget) as exc:
             self.counters.calls_failed += 1
             log.debug("relayed ping to %s for %s failed: %s", req.target, req.sender, exc)
-            return None
+        return self.core.nack_for(req, self.now())

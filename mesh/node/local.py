@@ -19,7 +19,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mesh.identity.ca import Credentials, enroll, init_fleet, load_credentials
-from mesh.membership.messages import MembershipConfig, State
+from mesh.membership.config import MembershipConfig
+from mesh.membership.messages import State
 from mesh.node.config import MembershipSection, NodeConfig, TlsSection
 from mesh.node.runtime import Node
 

@@ -31,7 +31,8 @@ from mesh.consensus.raft import RaftError
 from mesh.identity.signing import KeyRole, SigningKey, load_signing_key
 from mesh.identity.tls import channel_credentials, secure_channel_options
 from mesh.inference.fixtures import PARTLY_NAN_LAYERS, partly_nan_input
-from mesh.membership.messages import MembershipConfig, State
+from mesh.membership.config import MembershipConfig
+from mesh.membership.messages import State
 from mesh.node import runtime as node_runtime
 from mesh.node.config import InferenceSection, MembershipSection, NodeConfig, TlsSection
 from mesh.node.local import SITES, LocalFleet, wait_for

@@ -29,7 +29,8 @@ from mesh.guard.core import Decision, DecisionChange, DecisionKind
 from mesh.identity.ca import Role
 from mesh.identity.tls import peer_identity
 from mesh.inference.service import InferenceServicer
-from mesh.membership.messages import EventKind, MemberEvent, MembershipConfig, State
+from mesh.membership.config import MembershipConfig
+from mesh.membership.messages import EventKind, MemberEvent, State
 from mesh.membership.view import MembershipView
 from mesh.retry import Backoff, retry
 

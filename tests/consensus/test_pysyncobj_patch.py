@@ -16,8 +16,8 @@ import pysyncobj.version
 import pytest
 from pysyncobj.journal import FileJournal
 
-from mesh._proto import raft_pb2, raft_pb2_grpc
 import mesh.consensus.transport
+from mesh._proto import raft_pb2, raft_pb2_grpc
 from mesh.consensus import _pysyncobj_patch
 from mesh.consensus._pysyncobj_patch import PYSYNCOBJ_VERSION, PysyncobjMismatch, check_pysyncobj, hook_counts
 from mesh.consensus.raft import RaftGroup

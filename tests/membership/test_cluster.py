@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+
 import grpc
 import pytest
 
@@ -93,7 +97,8 @@ async def test_operator_certificate_cannot_gossip(cluster, fleet):
     async with grpc.aio.secure_channel(node.address, channel_credentials(fleet.operator),
                                        options=secure_channel_options()) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await membership_pb2_grpc.MembershipStub(ch).Gossip(membership_pb2.Gossip(sender="admin"), timeout=5)
+            await membership_pb2_grpc.MembershipStub(ch).Gossip(membership_pb2.Gossip(sender="admin"),
+                                                                timeout=5)
         assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED
         status = await admin_pb2_grpc.AdminStub(ch).Status(admin_pb2.StatusRequest(), timeout=5)
         assert status.node_id == "node-00"
@@ -119,3 +124,56 @@ async def test_clients_without_a_fleet_certificate_are_refused(cluster, tmp_path
             assert err.value.code() is grpc.StatusCode.UNAVAILABLE, what
     # The node is still serving its own fleet.
     assert node.membership.member("node-00").state is State.ALIVE
+
+
+class _BlockTheLoopOn(logging.Handler):
+    """Blocks the event loop for `block_s` when a record containing `text` is logged:
+    a node busy with something else while a request is being handled."""
+
+    def __init__(self, text: str, block_s: float) -> None:
+        super().__init__(logging.INFO)
+        self.text, self.block_s = text, block_s
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            time.sleep(self.block_s)
+
+
+async def test_a_reply_to_a_caller_that_gave_up_is_dropped_without_an_error_log(cluster, fleet, caplog):
+    """The node finishes a request after the caller's deadline: it must not send the
+    reply (gRPC logs an ExecuteBatchError traceback when that send fails) nor log an error."""
+    c = await cluster(2)
+    await wait_for(c.converged, 10.0, what="convergence")
+    target = c.nodes["node-01"]
+    creds = channel_credentials(fleet.node_credentials("node-00"))
+    outcome: list[grpc.StatusCode] = []
+    # The ping carries news of a member: handling it logs "member slowpoke joined",
+    # and the loop is blocked right there, past the caller's deadline.
+    news = membership_pb2.MemberUpdate(node_id="slowpoke", address="127.0.0.1:9", incarnation=1)
+
+    def impatient_caller() -> None:
+        options = secure_channel_options(peer_id="node-01")
+        with grpc.secure_channel(target.address, creds, options=options) as ch:
+            stub = membership_pb2_grpc.MembershipStub(ch)
+            stub.Ping(membership_pb2.Ping(sender="node-00", target="node-01", seq=1), timeout=5)  # handshake
+            try:
+                stub.Ping(membership_pb2.Ping(sender="node-00", target="node-01", seq=2, updates=[news]),
+                          timeout=0.2)
+                outcome.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                outcome.append(exc.code())
+
+    blocker = _BlockTheLoopOn("member slowpoke joined", 0.5)
+    membership_log = logging.getLogger("mesh.membership")
+    membership_log.addHandler(blocker)
+    caplog.set_level(logging.INFO)
+    dropped = target.runner.counters.replies_dropped
+    try:
+        await asyncio.to_thread(impatient_caller)
+    finally:
+        membership_log.removeHandler(blocker)
+    assert outcome == [grpc.StatusCode.DEADLINE_EXCEEDED]
+    assert target.runner.counters.replies_dropped == dropped + 1
+    await asyncio.sleep(0.2)   # let gRPC finish the call on its side
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]

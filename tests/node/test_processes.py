@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mesh.admin.client import AdminClient, AdminError
-from mesh.membership.messages import MembershipConfig, State
+from mesh.membership.config import MembershipConfig
+from mesh.membership.messages import State
 from mesh.node.local import FAST_TIMINGS, free_ports, poll_until, spawn_node_process, write_node_config
 
 

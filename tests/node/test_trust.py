@@ -17,8 +17,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mesh._proto import decisions_pb2, decisions_pb2_grpc, membership_pb2, membership_pb2_grpc, raft_pb2, \
-    raft_pb2_grpc, transfer_pb2, transfer_pb2_grpc, trust_pb2, trust_pb2_grpc
+from mesh._proto import (
+    decisions_pb2,
+    decisions_pb2_grpc,
+    membership_pb2,
+    membership_pb2_grpc,
+    raft_pb2,
+    raft_pb2_grpc,
+    transfer_pb2,
+    transfer_pb2_grpc,
+    trust_pb2,
+    trust_pb2_grpc,
+)
 from mesh.consensus.config import RaftSection
 from mesh.consensus.transport import GROUP_KEY
 from mesh.identity.ca import Credentials, Role, san_names
@@ -28,6 +38,7 @@ from mesh.identity.tls import channel_credentials, secure_channel_options
 from mesh.membership.messages import State
 from mesh.node.local import FAST_TIMINGS, LocalCluster, wait_for
 from mesh.node.runtime import Node, NodeStartError
+
 
 def channel(creds: Credentials, node) -> grpc.aio.Channel:
     return grpc.aio.secure_channel(node.address, channel_credentials(creds),

@@ -1,0 +1,68 @@
+"""Who represents a site in the federation pool (pure).
+
+Each site (label `site`) gossips in its own pool; a few of its members, its
+representatives, also join the federation pool, which carries per-site
+summaries between sites, as Consul's servers join the WAN pool. Every member
+of the site computes the same choice from its own view, so the site agrees on
+its representatives without a vote once its views agree; while views differ
+(a death not yet known everywhere) two members may briefly disagree, which
+costs an extra federation member for a few gossip rounds, nothing more.
+
+The choice is sticky: a live representative stays one. Re-choosing from
+scratch (say, the k lowest ids) would move the role whenever a member with a
+lower id joins, and each move costs a federation join, a leave and a refill
+of that node's federation table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+from mesh.membership.messages import Labels, State
+
+__all__ = ["DEFAULT_REPRESENTATIVES", "SITE_LABEL", "choose_representatives", "site_of"]
+
+SITE_LABEL = "site"
+DEFAULT_REPRESENTATIVES = 3
+
+_LIVE = (State.ALIVE, State.SUSPECT)
+
+
+class _Member(Protocol):
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def labels(self) -> Labels: ...
+    @property
+    def state(self) -> State: ...
+
+
+def site_of(labels: Labels) -> str | None:
+    """The value of the `site` label, if any."""
+    for key, value in labels:
+        if key == SITE_LABEL:
+            return value
+    return None
+
+
+def choose_representatives(members: Iterable[_Member], site: str, current: Iterable[str] = (),
+                           k: int = DEFAULT_REPRESENTATIVES) -> tuple[str, ...]:
+    """The node ids (sorted) that represent `site` in the federation pool.
+
+    Candidates are the members of the site that are live (ALIVE, or SUSPECT:
+    not yet declared dead, so a representative is not replaced on a mere
+    suspicion). Current representatives that are still candidates keep the
+    role (at most k of them, lowest ids first); the free places go to the
+    other candidates, ALIVE before SUSPECT, lowest id first. Exactly
+    min(k, candidates) are chosen, and the result depends only on the view
+    and `current`, not on their order.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, not {k}")
+    candidates = {m.node_id: m for m in members if m.state in _LIVE and site_of(m.labels) == site}
+    kept = sorted(node_id for node_id in set(current) if node_id in candidates)[:k]
+    newcomers = sorted((m for node_id, m in candidates.items() if node_id not in kept),
+                       key=lambda m: (m.state is not State.ALIVE, m.node_id))
+    chosen = kept + [m.node_id for m in newcomers[:k - len(kept)]]
+    return tuple(sorted(chosen))

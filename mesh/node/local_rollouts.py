@@ -77,6 +77,7 @@ class NodeTraffic:
 
     requests: int = 0
     failures: int = 0  # RPCs that failed (never expected: a swap must not fail a request)
+    cut_by_stop: int = 0  # RPCs in flight when the fleet stopped the device on purpose (not failures)
     by_version: dict[str, list[int]] = field(default_factory=dict)  # version -> [answers, non-finite answers]
     failure_messages: list[str] = field(default_factory=list)
 
@@ -110,8 +111,9 @@ class Traffic:
     def ensure(self, node_id: str) -> None:
         """Send traffic to `node_id` (again, after a restart)."""
         task = self._tasks.get(node_id)
-        if task is None or task.done():
-            self._tasks[node_id] = asyncio.create_task(self._drive(node_id), name=f"traffic-{node_id}")
+        if task is not None and not task.done():
+            task.cancel()  # it drove the node before its restart
+        self._tasks[node_id] = asyncio.create_task(self._drive(node_id), name=f"traffic-{node_id}")
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
@@ -127,6 +129,10 @@ class Traffic:
             sum(s.by_version.get(version, [0, 0])[1] for s in self.stats.values()),
         )
 
+    def failures(self) -> list[str]:
+        """Every failed request, as "node: CODE: details" (empty when no request failed)."""
+        return [f"{n}: {m}" for n, s in self.stats.items() for m in s.failure_messages]
+
     def nodes_served_by(self, version: str) -> set[str]:
         return {n for n, s in self.stats.items() if s.by_version.get(version, [0])[0]}
 
@@ -140,8 +146,8 @@ class Traffic:
         options = secure_channel_options(peer_id=node_id)
         async with grpc.aio.secure_channel(node.address, self._creds, options=options) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
-            while node_id in self.fleet.nodes:
-                if self.fleet.nodes[node_id].inference.active is None:
+            while self.fleet.nodes.get(node_id) is node:
+                if node.inference.active is None:
                     await asyncio.sleep(interval_s)
                     continue
                 x = partly_nan_input(
@@ -158,6 +164,9 @@ class Traffic:
                 try:
                     reply = await stub.Infer(request, timeout=5.0)
                 except grpc.aio.AioRpcError as exc:
+                    if self.fleet.nodes.get(node_id) is not node:
+                        stats.cut_by_stop += 1  # the test stopped the device under the request
+                        break
                     stats.failures += 1
                     stats.failure_messages.append(f"{exc.code().name}: {exc.details()}"[:200])
                 else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 # gRPC core logs every GOAWAY of a stopped test node at INFO; keep failures readable.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -33,3 +35,26 @@ async def cluster(fleet, tmp_path):
     yield make
     for c in made:
         await c.close()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """Factory: `tiny_disk(size_kib)` mounts a real tmpfs that small and returns its mount point, so
+    writers meet ENOSPC from the kernel (partial writes included). Unmounted after the test. Skips
+    where mounting is not allowed (CI and these machines run as root; a laptop may not)."""
+    mounted: list[Path] = []
+
+    def mount(size_kib: int) -> Path:
+        mount_point = tmp_path / f"tiny{len(mounted)}"
+        mount_point.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount_point)]
+        result = subprocess.run(command, check=False, capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); the injected-failure tests "
+                        "(/dev/full) cover the same code paths")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for mount_point in mounted:
+        subprocess.run(["umount", "--lazy", str(mount_point)], check=True)

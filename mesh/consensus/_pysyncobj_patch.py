@@ -9,7 +9,11 @@
    and vote in a file of its own written temp + fsync + rename + directory fsync before
    ``setCurrentTerm`` returns (so before the vote or the request leaves), and msyncs the log
    after every change, or, with ``defer_flush`` (group commit, used with the gRPC transport),
-   once in `flush_pending`, which the transport calls before any frame leaves. SyncObj
+   once in `flush_pending`, which the transport calls before any frame leaves. The log is
+   written through an mmap of a sparse file: on a full disk, touching a page the file system
+   cannot back kills the whole process with SIGBUS. `add` reserves the record's bytes with
+   ``posix_fallocate`` first, so a full disk fails that one entry with `JournalFullError`
+   (pysyncobj logs it and retries the tick; the proposal times out) and the node lives. SyncObj
    builds its journal through the module-global ``createJournal``; `install()` wraps it so a
    `DurableJournalPath` gets the durable journal and every other path keeps pysyncobj's own.
 2. Followers truncate only on a conflict. pysyncobj's follower deletes every entry after
@@ -42,6 +46,7 @@ or one of those internals is gone.
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import logging
@@ -54,7 +59,7 @@ from typing import Any
 import pysyncobj.pipe_notifier as _pipe_notifier
 import pysyncobj.syncobj as _syncobj
 import pysyncobj.version as _pysyncobj_version
-from pysyncobj.journal import FileJournal
+from pysyncobj.journal import FileJournal, ResizableFile
 from pysyncobj.transport import Transport
 
 from mesh.durable import fsync_dir
@@ -78,6 +83,11 @@ _JOURNAL_METHODS = (
 )
 # Instance attributes of SyncObj (name-mangled) that the message hooks read and write.
 _SYNCOBJ_ATTRIBUTES = ("_SyncObj__raftLog", "_SyncObj__raftNextIndex")
+# Instance attributes of FileJournal and its ResizableFile that DurableFileJournal reserves space through.
+_JOURNAL_ATTRIBUTES = ("_FileJournal__journalFile", "_FileJournal__currentOffset")
+_RESIZABLE_FILE_ATTRIBUTES = ("_ResizableFile__f",)
+# FileJournal.add's record: length (4), index and term (16), the command, length again (4).
+_RECORD_OVERHEAD = 24
 # Message types and fields of pysyncobj's Raft protocol that the message hooks rely on.
 _MESSAGE_KEYS = (
     "append_entries",
@@ -124,6 +134,9 @@ def missing_internals() -> list[str]:
     init_names = getattr(getattr(_syncobj.SyncObj.__init__, "__code__", None), "co_names", ())
     missing += [f"SyncObj.{name}" for name in _SYNCOBJ_ATTRIBUTES if name not in init_names]
     missing += [f"FileJournal.{name}" for name in _JOURNAL_METHODS if name not in vars(FileJournal)]
+    for cls, names in ((FileJournal, _JOURNAL_ATTRIBUTES), (ResizableFile, _RESIZABLE_FILE_ATTRIBUTES)):
+        assigned = getattr(getattr(cls.__init__, "__code__", None), "co_names", ())
+        missing += [f"{cls.__name__}.{name}" for name in names if name not in assigned]
     if not callable(getattr(Transport, "_onMessageReceived", None)):
         missing.append("Transport._onMessageReceived")
     handler = getattr(_syncobj.SyncObj, "_SyncObj__onMessageReceived", None)
@@ -207,11 +220,16 @@ def write_durably(path: str, data: bytes) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+class JournalFullError(OSError):
+    """The Raft journal cannot take another entry (the disk is full); nothing was written."""
+
+
 class DurableFileJournal(FileJournal):
     """pysyncobj's FileJournal with term/vote and log entries made durable before they count."""
 
     def __init__(self, journal_file: str, *, defer_flush: bool = False):
         super().__init__(journal_file)
+        self._path = journal_file
         self._vote_path = journal_file + ".vote"
         self._dir = os.path.dirname(os.path.abspath(journal_file))
         self._rewriting = False
@@ -248,9 +266,39 @@ class DurableFileJournal(FileJournal):
     # the leader counts its own copy at once: msync before either can happen. Deferred, the
     # transport calls flush_pending before any message leaves, which is before either too.
     def add(self, command, idx, term):
+        self._reserve(_RECORD_OVERHEAD + len(command))
         super().add(command, idx, term)
         if not self._rewriting:
             self._changed()
+
+    def _reserve(self, size: int) -> None:
+        """Allocate the next `size` bytes of the log file before the mmap touches them (see point 1).
+        Growing past the mapping, reserve as pysyncobj would grow (double) and map it here: mmap's
+        ``size()``, which pysyncobj's ResizableFile compares with, is the file's size, not the map's."""
+        resizable = self._FileJournal__journalFile
+        mm, fileno = resizable._ResizableFile__mm, resizable._ResizableFile__f.fileno()
+        offset = self._FileJournal__currentOffset
+        end = offset + size
+        try:
+            if end <= len(mm):
+                os.posix_fallocate(fileno, offset, size)
+                return
+            target = max(end, 2 * len(mm))
+            try:
+                os.posix_fallocate(fileno, offset, target - offset)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or target == end:
+                    raise
+                target = end  # not room to double: the exact record
+                os.posix_fallocate(fileno, offset, size)
+            mm.resize(target)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return  # a file system that cannot reserve: as plain pysyncobj
+            raise JournalFullError(
+                f"cannot grow the Raft journal {self._path}: {exc.strerror or exc}; the entry is refused "
+                "(free disk space in the node's data directory; the group retries)"
+            ) from None
 
     def deleteEntriesFrom(self, entryFrom):
         super().deleteEntriesFrom(entryFrom)
@@ -342,7 +390,30 @@ def install() -> None:
                 return None
 
         _syncobj.SyncObj._SyncObj__doApplyCommand = do_apply_command
+        logging.getLogger(_syncobj.__name__).addFilter(_JournalFullLines())
         _installed = True
+
+
+class _JournalFullLines(logging.Filter):
+    """pysyncobj logs every failed tick with a traceback and retries it; a full disk fails the ticks of a
+    member until there is room. Say that in one line, at most once per JOURNAL_FULL_LOG_EVERY_S."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, JournalFullError):
+            return True
+        if record.created - self._last < JOURNAL_FULL_LOG_EVERY_S:
+            return False
+        self._last = record.created
+        record.msg, record.args, record.exc_info, record.exc_text = "%s", (str(exc),), None, None
+        return True
+
+
+JOURNAL_FULL_LOG_EVERY_S = 10.0
 
 
 def trim_append_entries(

@@ -101,6 +101,9 @@ _GAP_EVENT = 1 << 30
 DEFAULT_PROPOSE_TIMEOUT_S = 3.0
 # The audit writer brings the head file up to the log once it has had nothing to write for this long.
 AUDIT_HEAD_IDLE_S = 0.05
+# Audit records a failing log (a full disk) keeps in memory to write when it can; older ones are dropped.
+MAX_UNWRITTEN_AUDIT_RECORDS = 100_000
+AUDIT_RETRY_S = 1.0  # how often a failing audit log (or head file) is tried again
 
 
 class GroupError(Exception):
@@ -134,6 +137,8 @@ class _AuditedLedger:
         self.audit_error: str | None = None
         self.counts = GroupCounts()
         self._queued: list[tuple[str, Mapping[str, Any]]] = []  # audit records applied but not yet written
+        self._unwritten = 0  # of them, how many a failed write left queued (they lead the queue)
+        self._retry_at = 0.0  # monotonic time before which a failed log is not tried again
         self._flush_lock = threading.Lock()  # one writer at a time, so records reach the log in order
         self.durable_index = 0  # the records of every entry applied up to here are on disk
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -182,39 +187,65 @@ class _AuditedLedger:
 
     def _sync_head(self) -> None:
         with self._flush_lock:
+            if time.monotonic() < self._retry_at:
+                return
             try:
                 self.audit.sync_head()
+                if not self._unwritten:
+                    self.audit_error = None
             except AuditError as exc:
+                if self.audit_error != str(exc):
+                    log.error("audit head file NOT updated (retried every %.0f s): %s", AUDIT_RETRY_S, exc)
                 self.audit_error = str(exc)
-                log.error("audit head file NOT updated: %s", exc)
+                self._retry_at = time.monotonic() + AUDIT_RETRY_S
 
     def stop(self) -> None:
         """Stop the writer thread, then write what is still queued (after the tick thread has stopped)."""
         self._stopping = True
         self._wake.set()
         self._writer.join()
-        self.flush()
+        self.flush(force=True)
+        self._retry_at = 0.0
         self._sync_head()
 
-    def flush(self) -> None:
+    def flush(self, *, force: bool = False) -> None:
         """Write every queued audit record with one fsync, then release proposers waiting for them.
-        Any thread (the writer's, a snapshot's, a reader that wants every record on disk)."""
+        Any thread (the writer's, a snapshot's, a reader that wants every record on disk). After a failed
+        write the log is tried again every AUDIT_RETRY_S, or now with `force`."""
         with self._flush_lock:
             with self.lock:
-                queued, self._queued = self._queued, []
                 through = self.applied_index
+                if self._unwritten and not force and time.monotonic() < self._retry_at:
+                    queued = []  # the log failed a moment ago: let the disk drain before trying again
+                else:
+                    queued, self._queued = self._queued, []
             if queued:
                 try:
                     # Waiters go as soon as the records are synced; the head file follows when the writer
                     # is idle (or one append behind the log at most), not in the way of the next records.
                     self.audit.append_many(queued, on_synced=lambda: self._synced(through), defer_head=True)
                 except AuditError as exc:
-                    # As for one record (see _append): the entries are in effect on every replica.
-                    self.audit_error = str(exc)
-                    for _ in queued:
+                    # As for one record (see _append): the entries are in effect on every replica, so
+                    # proposers are not held. The records stay queued, in order, and the next flush
+                    # retries them: a full disk delays the audit trail, it does not cut holes in it.
+                    with self.lock:
+                        kept = queued[-MAX_UNWRITTEN_AUDIT_RECORDS:]
+                        dropped = len(queued) - len(kept)
+                        newly = len(queued) - self._unwritten
+                        self._queued = kept + self._queued
+                        self._unwritten = len(kept)
+                    for _ in range(max(newly, 0) + dropped):
                         self.counts.audit_failed()
-                    log.error("%d audit records up to raft index %s NOT written: %s", len(queued), through,
-                              exc)
+                    if self.audit_error is None or dropped:
+                        log.error("%d audit records up to raft index %s NOT written yet (kept to retry; %d "
+                                  "dropped): %s", len(queued), through, dropped, exc)
+                    self.audit_error = str(exc)
+                    self._retry_at = time.monotonic() + AUDIT_RETRY_S
+                else:
+                    if self._unwritten:
+                        log.warning("audit log writable again: %d held records written", self._unwritten)
+                    self._unwritten = 0
+                    self.audit_error = None
             self._synced(through)
 
     def _synced(self, through: int) -> None:
@@ -254,7 +285,8 @@ class _AuditedLedger:
         # restart (its own snapshot: every entry was applied and audited here) from an install (another
         # member's snapshot: the entries it covers were never applied here). Audit records still queued
         # are written first: after a restart from this snapshot, the entries it covers are not replayed.
-        self.flush()
+        # (If the log still fails, records held in memory are lost at the next restart; audit_error says so.)
+        self.flush(force=True)
         with self.lock:
             index = self.raft.raftLastApplied if self.raft is not None else self.applied_index
             writer = (self.raft.node_id if self.raft is not None else "").encode()
@@ -268,7 +300,7 @@ class _AuditedLedger:
             raise GroupError("Raft snapshot is not a fleetmesh site-group snapshot; move it away to resync")
         index, writer_len = struct.unpack(">QH", data[head : head + 10])
         writer = data[head + 10 : head + 10 + writer_len].decode("utf-8", "replace")
-        self.flush()  # records queued before the snapshot go first
+        self.flush(force=True)  # records queued before the snapshot go first
         body = data[head + 10 + writer_len :]
         rollouts: bytes | None = None
         if data.startswith(_SNAPSHOT_MAGIC):

@@ -380,6 +380,7 @@ class AuditLog:
         self._seq, self._hash = 0, GENESIS_HASH
         recovered_bytes = self._open_existing() if self.path.exists() else self._create()
         self._head_seq = self._seq  # the seq the head file on disk records
+        self._damaged: str | None = None  # set when a partial write could not be cut off: appends refuse
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
         except OSError as exc:
@@ -511,8 +512,17 @@ class AuditLog:
                 last = start + MAX_RECORDS_PER_SYNC >= len(items)
                 records += self._write_synced(chunk, now, on_synced if last else None)
                 if not defer_head:
-                    self._advance_head()
+                    self._try_advance_head()
         return records
+
+    def _try_advance_head(self) -> None:
+        """Advance the head file after records are durable; if it cannot be written (a full disk), the
+        records stand and the head lags: the next append that would leave it too far behind refuses."""
+        try:
+            self._advance_head()
+        except AuditWriteError as exc:
+            log.warning("%s (the log is %d records ahead of it; retried at the next append)", exc,
+                        self._seq - self._head_seq)
 
     def sync_head(self) -> None:
         """Bring the head file up to the last record (after appends with `defer_head`)."""
@@ -537,13 +547,27 @@ class AuditLog:
             lines.append(_record_line(canonical, digest))
             records.append(AuditRecord(body["seq"], at, kind, payload, prev, digest))
             seq, prev = body["seq"], digest
+        if self._damaged is not None:
+            raise AuditWriteError(self._damaged)
+        start = os.lseek(self._fd, 0, os.SEEK_END)
         try:
             view = memoryview(b"".join(lines))
             while view:
                 view = view[os.write(self._fd, view) :]
             os.fsync(self._fd)
         except OSError as exc:
-            raise AuditWriteError(f"cannot append to audit log {self.path}: {exc.strerror or exc}") from None
+            # A full disk takes part of the lines: cut them off again, or the next records would follow a
+            # torn line and the chain would never verify again. The records were not acknowledged.
+            reason = f"cannot append to audit log {self.path}: {exc.strerror or exc}"
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError as cut:
+                self._damaged = (
+                    f"{reason}, and cannot cut the partial record off again ({cut.strerror or cut}): "
+                    "restart the node once the disk has room (reopening drops the torn line)"
+                )
+                raise AuditWriteError(self._damaged) from None
+            raise AuditWriteError(f"{reason}; nothing was written, free disk space and it retries") from None
         self._seq, self._hash = seq, prev
         if on_synced is not None:
             on_synced()

@@ -256,31 +256,9 @@ def test_a_writer_killed_mid_write_leaves_nothing_under_a_final_name(tmp_path):
 
 # --- full disks and I/O errors --------------------------------------------------------------
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """Factory: `tiny_disk(size_kib)` mounts a real tmpfs that small, so the store meets ENOSPC from
-    the kernel; returns a store root on it. Unmounted after the test."""
-    mounted: list[Path] = []
-
-    def mount(size_kib: int) -> Path:
-        mount_point = tmp_path / f"tiny{len(mounted)}"
-        mount_point.mkdir()
-        command = ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount_point)]
-        result = subprocess.run(command, check=False, capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); the injected-failure tests "
-                        "cover the same code path")
-        mounted.append(mount_point)
-        return mount_point / "artifacts"
-
-    yield mount
-    for mount_point in mounted:
-        subprocess.run(["umount", str(mount_point)], check=True)
-
-
 def test_disk_full_during_transfer_fails_cleanly_and_keeps_complete_versions(tiny_disk, origin):
     src, published = origin
-    root = tiny_disk(512)
+    root = tiny_disk(512) / "artifacts"
     store = ArtifactStore(root)
     copy_version(src, store, published["okay-nabu"])  # 80 KB of chunks
     nabu = published["okay-nabu"].manifest
@@ -309,7 +287,7 @@ def test_disk_full_during_transfer_fails_cleanly_and_keeps_complete_versions(tin
 
 def test_disk_full_while_assembling_leaves_no_half_model(tiny_disk, origin):
     src, published = origin
-    root = tiny_disk(256)
+    root = tiny_disk(256) / "artifacts"
     store = ArtifactStore(root)
     nabu, jarvis = published["okay-nabu"].manifest, published["hey-jarvis"].manifest
     copy_version(src, store, published["okay-nabu"])  # 80 KB
@@ -449,9 +427,8 @@ def test_a_sweep_that_must_not_wait_gives_way_to_a_publish(tmp_path, origin):
     src, published = origin
     store = ArtifactStore(tmp_path)
     copy_version(src, store, published["okay-nabu"])
-    with store.locked():
-        with pytest.raises(BlockingIOError):
-            store.collect(lambda stored: set(), wait=False)
+    with store.locked(), pytest.raises(BlockingIOError):
+        store.collect(lambda stored: set(), wait=False)
     assert store.bitfield(published["okay-nabu"].manifest).complete  # nothing was swept
     assert store.collect(lambda stored: set(), wait=False)[1] > 0
 
@@ -513,7 +490,7 @@ def test_gc_of_a_version_sharing_chunks_with_a_kept_model_writes_nothing_back(tm
 
 def test_gc_frees_space_on_a_full_disk(tiny_disk, origin):
     src, published = origin
-    root = tiny_disk(512)
+    root = tiny_disk(512) / "artifacts"
     store, v1, v2 = two_versions_sharing_chunks(root, src, published)
     stat = os.statvfs(root)
     (root.parent / "filler").write_bytes(bytes(stat.f_bavail * stat.f_frsize))  # not a byte left

@@ -22,6 +22,7 @@ from mesh.guard.audit import (
     read_audit,
     verify_audit,
 )
+from tests.disks import fill_to_the_last_byte
 
 N = 5
 KINDS = ["proposed", "held", "approved", "applied", "model_activated"]
@@ -241,6 +242,51 @@ def test_append_after_the_disk_fails_raises_a_typed_error(tmp_path):
         os.close(full)
     with pytest.raises(AuditWriteError, match="a.log"):
         log.append("held", {}, now=1.0)
+    log.close()
+
+
+def test_a_full_disk_delays_records_but_never_breaks_the_chain(tiny_disk):
+    # A real tmpfs: the kernel takes what fits of a write (part of a record) before ENOSPC.
+    disk = tiny_disk(256)
+    path = disk / "a.log"
+    log = AuditLog(path)
+    for i in range(10):
+        log.append("held", {"i": i}, now=1.0)
+    filler = fill_to_the_last_byte(disk)
+    refused = 0
+    for _ in range(20):
+        try:
+            log.append("held", {"i": "x" * 700}, now=2.0)
+        except AuditWriteError as exc:
+            refused += 1
+            assert "free disk space" in str(exc) or "head" in str(exc), exc
+    assert refused, "the disk was full, yet every append succeeded"
+    assert verify_audit(path).ok, "a refused append left part of a record behind"
+    filler.unlink()
+    log.append("released", {"after": True}, now=3.0)
+    log.close()
+    verdict = verify_audit(path)
+    assert verdict.ok, verdict.reason
+    records = read_audit(path)
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    assert records[-1].kind == "released"
+    AuditLog(path).close()  # reopens: nothing torn, nothing dropped
+
+
+def test_a_partial_record_that_cannot_be_cut_off_stops_appends_with_a_clear_error(tmp_path):
+    path = tmp_path / "a.log"
+    log = AuditLog(path)
+    log.append("held", {}, now=1.0)
+    real = os.path.realpath(path)
+    (fd,) = [int(f.name) for f in Path("/proc/self/fd").iterdir() if os.path.realpath(f) == real]
+    full = os.open("/dev/full", os.O_WRONLY)  # ENOSPC on write, and it cannot be truncated
+    try:
+        os.dup2(full, fd)
+    finally:
+        os.close(full)
+    for _ in range(2):  # the second append refuses too, without writing after the partial record
+        with pytest.raises(AuditWriteError, match="restart the node"):
+            log.append("held", {}, now=2.0)
     log.close()
 
 

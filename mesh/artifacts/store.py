@@ -43,6 +43,7 @@ waiting, so neither sees half a publish. Others may read the store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -621,10 +622,8 @@ class ArtifactStore:
                 freed += self._unlink(self.chunk_path(sha))
         for parent in (self.manifests_dir, self.models_dir):
             for name in self._listdir(parent):
-                try:
+                with contextlib.suppress(OSError):  # not empty
                     (parent / name).rmdir()
-                except OSError:
-                    pass  # not empty
         return freed
 
     # --- file helpers -------------------------------------------------------------------------
@@ -650,10 +649,8 @@ class ArtifactStore:
             os.replace(tmp, final)
             fsync_dir(final.parent)
         except BaseException as exc:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
             if isinstance(exc, OSError):
                 raise self._os_error(exc, f"write {what} to", final) from None
             raise

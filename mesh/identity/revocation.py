@@ -83,7 +83,8 @@ class Revocation:
         return f"{self.node_id} revoked at {when} ({which}) by operator key {self.key_id}: {self.reason}"
 
 
-def sign_revocation(key: SigningKey, node_id: str, *, reason: str, now: float, serial: str = "") -> Revocation:
+def sign_revocation(key: SigningKey, node_id: str, *, reason: str, now: float,
+                    serial: str = "") -> Revocation:
     """An operator's revocation of `node_id` (its `serial` only, if given). Only an operator key
     passes verification; any other key's document is refused by every node."""
     unsigned = Revocation(node_id=node_id, reason=reason, revoked_at=float(now), key_id=key.key_id,

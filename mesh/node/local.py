@@ -65,10 +65,11 @@ class LocalCluster:
         return NodeConfig(
             node_id=node_id, listen="127.0.0.1:0", seeds=seeds, labels={"site": site},
             data_dir=self.workdir / node_id, tls=TlsSection(dir=creds.directory),
-            membership=MembershipSection(**{f: getattr(self.timings, f) for f in MembershipSection.model_fields}),
+            membership=MembershipSection(
+                **{f: getattr(self.timings, f) for f in MembershipSection.model_fields}),
             **self.sections)
 
-    async def start(self, n: int, sites: int = 1) -> "LocalCluster":
+    async def start(self, n: int, sites: int = 1) -> LocalCluster:
         """Start n nodes; every node seeds from the first, as a site gateway would be configured."""
         for i in range(n):
             await self.add(f"node-{i:02d}", site=SITES[i % sites])

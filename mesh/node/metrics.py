@@ -237,8 +237,8 @@ class ConsensusCollector:
                     raft["commit_index"])
         yield gauge("fleetmesh_raft_apply_lag_entries", "Committed entries not yet applied here",
                     max(0, raft["commit_index"] - raft["applied_index"]))
-        yield gauge("fleetmesh_raft_reachable_members", "Other members of the group this member's streams reach",
-                    len(raft["reachable"]))
+        yield gauge("fleetmesh_raft_reachable_members",
+                    "Other members of the group this member's streams reach", len(raft["reachable"]))
         contact = raft.get("leader_contact_s")
         yield gauge("fleetmesh_raft_leader_contact_age_seconds",
                     "Seconds since this member last heard from a leader (0 while it leads; -1 never)",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -187,7 +187,7 @@ class RevocationSet:
         """Every node id with a revocation (of some certificate of it)."""
         return self._node_ids
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Revocation]:
         return iter(sorted(self._by_signature.values(), key=lambda r: (r.revoked_at, r.signature)))
 
     def __len__(self) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 # Upper bounds of the latency buckets, seconds; a final +Inf bucket is implied.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -50,7 +51,7 @@ class VersionHealth:
                                                         strict=True)),
             latency_sum_s=self.latency_sum_s - earlier.latency_sum_s)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "version": self.version, "requests": self.requests,
                 "errors": dict(self.errors), "latency_buckets": list(self.latency_buckets),
                 "latency_sum_s": self.latency_sum_s}

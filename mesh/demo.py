@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -36,6 +37,9 @@ from mesh.membership.config import MembershipConfig
 from mesh.membership.messages import State
 from mesh.node.local import free_ports, spawn_node_process, write_node_config
 
+if TYPE_CHECKING:
+    from mesh._proto import admin_pb2
+
 # Faster than the LAN defaults so the demo takes seconds, same ratios.
 DEMO_TIMINGS = MembershipConfig(probe_interval_s=0.5, probe_timeout_s=0.2, gossip_interval_s=0.1,
                                 push_pull_interval_s=5.0)
@@ -44,7 +48,9 @@ SITES = ("amsterdam", "berlin", "chicago", "denver", "essen", "fresno", "geneva"
 
 
 # The site may move one stream on its own; anything bigger waits for an operator.
-DEMO_GUARD = {"reassign_streams": {"max_streams": 1, "max_nodes": 2, "max_fraction": 0.5}}
+DEMO_GUARD: dict[str, dict[str, object]] = {
+    "reassign_streams": {"max_streams": 1, "max_nodes": 2, "max_fraction": 0.5},
+}
 # The model every device serves, in the rollout acts: the partly-NaN fixture's input and output
 # (so traffic decides the bad version's error rate), ~70 KB.
 SERVED_MODEL = "mlp"
@@ -194,7 +200,7 @@ def _distribute(fleet_nodes, clients, console, workdir, fleet_dir: Path, model: 
         raise DemoFailed(f"mesh model publish failed: {publish.stderr.strip()}")
     console.print("  " + " ".join(publish.stdout.split()))
     start = time.monotonic()
-    rows: dict[str, object] = {}
+    rows: dict[str, admin_pb2.ModelVersion] = {}
     with console.status("peers fetch chunks from each other...") as status:
         while True:
             for n in fleet_nodes:

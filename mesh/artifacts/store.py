@@ -57,6 +57,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mesh.artifacts.bitfield import Bitfield
 from mesh.artifacts.chunking import ChunkParams
@@ -172,11 +173,11 @@ class ArtifactStore:
                 version = file[: -len(".tflite")]
                 try:
                     model = (self.models_dir / name / file).stat()
-                    manifest = self.manifests_dir.joinpath(name, f"{version}.json").stat()
+                    manifest_stat = self.manifests_dir.joinpath(name, f"{version}.json").stat()
                 except OSError:
                     continue  # no manifest: not a complete version
                 files.append((name, version, model.st_size, model.st_mtime_ns, model.st_ino,
-                              manifest.st_mtime_ns, manifest.st_ino))
+                              manifest_stat.st_mtime_ns, manifest_stat.st_ino))
         fingerprint = (tuple(files), len(self._bad))
         cached = self._packed_cache
         if cached is not None and cached[0] == fingerprint:
@@ -213,7 +214,7 @@ class ArtifactStore:
             )
         return self._put_verified(path, data)
 
-    def put_manifest_chunk(self, manifest: Manifest, index: int, data: bytes) -> Path:
+    def put_manifest_chunk(self, manifest: Manifest, index: int, data: bytes | memoryview) -> Path:
         """Store chunk `index` of `manifest` after checking its size and hash against the manifest."""
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(manifest.chunks):
             raise BadChunkError(f"{manifest.label} has chunks 0..{len(manifest.chunks) - 1}, not {index!r}")
@@ -230,7 +231,7 @@ class ArtifactStore:
             )
         return self._put_verified(self.chunk_path(ref.sha256), data)
 
-    def _put_verified(self, path: Path, data: bytes) -> Path:
+    def _put_verified(self, path: Path, data: bytes | memoryview) -> Path:
         # Content-addressed: the same name always holds the same bytes, and a chunk a complete
         # model holds is not stored twice.
         if not path.is_file() and path.name not in self._packed():
@@ -311,7 +312,7 @@ class ArtifactStore:
         path = self.origin_path(name, version)
         if path.exists():
             return
-        record = {"published_here": True}
+        record: dict[str, Any] = {"published_here": True}
         if chunking is not None:
             record["chunking"] = dataclasses.asdict(chunking)
         self._write_atomic(path, [json.dumps(record).encode() + b"\n"], f"origin marker for {name} {version}")
@@ -628,7 +629,7 @@ class ArtifactStore:
 
     # --- file helpers -------------------------------------------------------------------------
 
-    def _write_atomic(self, final: Path, pieces: Iterable[bytes], what: str,
+    def _write_atomic(self, final: Path, pieces: Iterable[bytes | memoryview], what: str,
                       check: Callable[[], None] | None = None) -> None:
         """Write `pieces` to a temp file beside `final`, fsync, run `check`, rename, fsync the directory."""
         self._mkdir(final.parent)

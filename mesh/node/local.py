@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from mesh.identity.ca import Credentials, enroll, init_fleet, load_credentials
 from mesh.membership.config import MembershipConfig
@@ -51,7 +52,7 @@ class LocalCluster:
     """In-process nodes sharing one event loop. Node i has id `node-{i:02d}`."""
 
     def __init__(self, fleet: LocalFleet, workdir: Path, timings: MembershipConfig, *, seed: int = 0,
-                 sections: dict[str, object] | None = None) -> None:
+                 sections: dict[str, Any] | None = None) -> None:
         """`sections`: extra config sections for every node, e.g. {"inference": {"model": "hand"}}."""
         self.sections = sections or {}
         self.fleet = fleet

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import math
 import random
@@ -492,7 +493,7 @@ class Distributor:
                 continue
             task = asyncio.create_task(self._check(ident, member), name=f"check-{key[0]}-{key[1]}")
             self._checking[ident] = task
-            task.add_done_callback(lambda _t, ident=ident: self._checking.pop(ident, None))
+            task.add_done_callback(functools.partial(self._check_done, ident))
 
     def _banned(self, announcer: str, model: str, now: float) -> bool:
         return (self._bans.get((announcer, model), -math.inf) > now
@@ -512,6 +513,9 @@ class Distributor:
             scope = "announcements"
         log.error("refusing %s %s announced by %s: %s; ignoring its %s for %.0fs", name, version, announcer,
                   why, scope, self.settings.ban_s)
+
+    def _check_done(self, ident: tuple[str, str, str], _task: asyncio.Task[None]) -> None:
+        self._checking.pop(ident, None)
 
     async def _check(self, ident: tuple[str, str, str], member: MemberView) -> None:
         """Fetch and verify the manifest `member` announced, in memory; a genuine one may then

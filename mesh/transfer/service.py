@@ -119,6 +119,7 @@ class TransferServicer(pb_grpc.TransferServicer):
         if peer is None or peer.role is not Role.NODE:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 "transfer calls need a fleet node certificate")
+            raise AssertionError("grpc's context.abort returned")  # it raises; this tells type checkers
         return peer.name
 
     async def _names(self, request, context) -> tuple[str, str]:
@@ -126,6 +127,8 @@ class TransferServicer(pb_grpc.TransferServicer):
             return check_name(request.name, "model name"), check_name(request.version, "model version")
         except ArtifactError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            # It raises; this tells type checkers.
+            raise AssertionError("grpc's context.abort returned") from None
 
     async def _manifest(self, name: str, version: str, context):
         try:

@@ -9,11 +9,12 @@ the same real model and the same per-node upload cap, side by side:
       fall back to the origin only for chunks no peer has.
 
 Node stores live on tmpfs (/dev/shm): 30 nodes share this machine's one disk,
-whose fsync latency would otherwise dominate. For each it prints origin egress / model size, completion time of the last
-node / (model size / upload cap) (the time one upload link needs to send one
-copy: no distribution can beat it), and total bytes moved / (nodes x model
-size) (the minimum: every node needs every byte once). Goals for the swarm:
-origin egress <= 1.2x, last-node completion <= 3x, total bytes <= 1.05x.
+whose fsync latency would otherwise dominate. For each it prints origin egress /
+model size, completion time of the last node / (model size / upload cap) (the
+time one upload link needs to send one copy: no distribution can beat it), and
+total bytes moved / (nodes x model size) (the minimum: every node needs every
+byte once). Goals for the swarm: origin egress <= 1.2x, last-node completion
+<= 3x, total bytes <= 1.05x.
 
     python bench/distribution.py                          # 30 nodes, hand_landmark_full (5.5 MB), 1 MB/s cap
     python bench/distribution.py --nodes 20 --upload-cap-mb 2 --model pose_landmark_full
@@ -67,7 +68,8 @@ class CappedCluster(LocalCluster):
 
 async def run_one(fleet: LocalFleet, workdir: Path, *, nodes: int, model: Path, upload_cap: int,
                   origin_only: bool) -> dict:
-    cluster = CappedCluster(fleet, workdir, BENCH_TIMINGS, seed=7, upload_cap=upload_cap, origin_only=origin_only)
+    cluster = CappedCluster(fleet, workdir, BENCH_TIMINGS, seed=7, upload_cap=upload_cap,
+                            origin_only=origin_only)
     try:
         await cluster.start(nodes, sites=3)
         await wait_for(cluster.converged, 60.0, what=f"{nodes}-node convergence")
@@ -88,14 +90,16 @@ async def run_one(fleet: LocalFleet, workdir: Path, *, nodes: int, model: Path, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=30)
     parser.add_argument("--model", default="hand_landmark_full", help="a mediapipe model name (make models)")
     # 1 MB/s (8 Mbit/s) is a plausible device uplink, and low enough that 30 nodes sharing
     # this machine's 2 cores are limited by their caps, not by the CPU (measured: at 4 MB/s
     # the one process ran at full CPU and the ratio measured the machine, not the protocol).
     parser.add_argument("--upload-cap-mb", type=float, default=1.0, help="per-node upload cap, MB/s")
-    parser.add_argument("--only", choices=["origin-only", "swarm"], help="run one side (profiling); no ratios")
+    parser.add_argument("--only", choices=["origin-only", "swarm"],
+                        help="run one side (profiling); no ratios")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     cap = int(args.upload_cap_mb * 1_000_000)

@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     shown_ratio = "-" if ratio is None else f"{ratio:.2f}"
     print(
         f"fleet: {r['nodes']} nodes in {r['sites']} sites, gate interval {r['interval_s']:g} s, "
-        f"dissemination {r['dissemination_s']:.2f} s, soak {r['soak_s']:g} s per wave, model {r['model_bytes']:,} bytes"
+        f"dissemination {r['dissemination_s']:.2f} s, soak {r['soak_s']:g} s per wave, "
+        f"model {r['model_bytes']:,} bytes"
     )
     print(
         f"(a) bad version: served by {len(r['served_bad'])}/{r['eligible']} devices ({exposure:.1%}; "

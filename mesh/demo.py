@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -36,6 +37,9 @@ from mesh.membership.config import MembershipConfig
 from mesh.membership.messages import State
 from mesh.node.local import free_ports, spawn_node_process, write_node_config
 
+if TYPE_CHECKING:
+    from mesh._proto import admin_pb2
+
 # Faster than the LAN defaults so the demo takes seconds, same ratios.
 DEMO_TIMINGS = MembershipConfig(probe_interval_s=0.5, probe_timeout_s=0.2, gossip_interval_s=0.1,
                                 push_pull_interval_s=5.0)
@@ -44,7 +48,9 @@ SITES = ("amsterdam", "berlin", "chicago", "denver", "essen", "fresno", "geneva"
 
 
 # The site may move one stream on its own; anything bigger waits for an operator.
-DEMO_GUARD = {"reassign_streams": {"max_streams": 1, "max_nodes": 2, "max_fraction": 0.5}}
+DEMO_GUARD: dict[str, dict[str, object]] = {
+    "reassign_streams": {"max_streams": 1, "max_nodes": 2, "max_fraction": 0.5},
+}
 # The model every device serves, in the rollout acts: the partly-NaN fixture's input and output
 # (so traffic decides the bad version's error rate), ~70 KB.
 SERVED_MODEL = "mlp"
@@ -72,10 +78,8 @@ def views(clients: dict[str, AdminClient]) -> dict[str, dict[str, State]]:
     """node id -> (member id -> state) for every node that answers."""
     out = {}
     for node_id, client in clients.items():
-        try:
+        with contextlib.suppress(AdminError):
             out[node_id] = {m.node_id: State(m.state) for m in client.status().members}
-        except AdminError:
-            pass
     return out
 
 
@@ -115,7 +119,8 @@ def run_demo(*, nodes: int, sites: int, workdir: Path, base_port: int | None = N
     console.rule("[bold]fleetmesh demo: membership")
     console.print(f"fleet [bold]{fleet.fleet_id}[/]: CA and keys in {fleet_dir}; "
                   f"{nodes} nodes in {sites} sites ({', '.join(site_names)}), mTLS on every link")
-    console.print(f"SWIM timings: probe every {timings.probe_interval_s}s, timeout {timings.probe_timeout_s}s, "
+    console.print(f"SWIM timings: probe every {timings.probe_interval_s}s, "
+                  f"timeout {timings.probe_timeout_s}s, "
                   f"{timings.indirect_checks} indirect checks, gossip every {timings.gossip_interval_s}s "
                   f"to {timings.gossip_nodes} peers")
     clients = {n.node_id: AdminClient(n.address, operator, timeout_s=1.0) for n in fleet_nodes}
@@ -195,15 +200,13 @@ def _distribute(fleet_nodes, clients, console, workdir, fleet_dir: Path, model: 
         raise DemoFailed(f"mesh model publish failed: {publish.stderr.strip()}")
     console.print("  " + " ".join(publish.stdout.split()))
     start = time.monotonic()
-    rows: dict[str, object] = {}
+    rows: dict[str, admin_pb2.ModelVersion] = {}
     with console.status("peers fetch chunks from each other...") as status:
         while True:
             for n in fleet_nodes:
-                try:
+                with contextlib.suppress(AdminError, StopIteration):
                     rows[n.node_id] = next(v for v in clients[n.node_id].models().versions
                                            if (v.name, v.version) == (name, version))
-                except (AdminError, StopIteration):
-                    pass
             done = [r for r in rows.values() if r.phase == "complete"]
             status.update(f"{len(done)}/{len(fleet_nodes)} nodes hold the complete model")
             if len(done) == len(fleet_nodes):
@@ -230,13 +233,13 @@ def _serve(fleet_nodes, clients, console, workdir, fleet_dir: Path, version: str
         while True:
             serving = {}
             for n in fleet_nodes:
-                try:
+                with contextlib.suppress(AdminError):
                     serving[n.node_id] = clients[n.node_id].inference()
-                except AdminError:
-                    pass
-            if len(serving) == len(fleet_nodes) and all(s.active_version == version for s in serving.values()):
+            if len(serving) == len(fleet_nodes) and all(
+                    s.active_version == version for s in serving.values()):
                 break
-            errors = [f"{i}: {s.last_activation_error}" for i, s in serving.items() if s.last_activation_error]
+            errors = [f"{i}: {s.last_activation_error}"
+                      for i, s in serving.items() if s.last_activation_error]
             if errors or time.monotonic() - start > 60:
                 raise DemoFailed(f"activation of {version} failed ({'; '.join(errors) or 'timeout'}); "
                                  f"logs in {workdir / 'logs'}")
@@ -256,7 +259,8 @@ def _serve(fleet_nodes, clients, console, workdir, fleet_dir: Path, version: str
             capture_output=True, text=True)
         if result.returncode != 0:
             raise DemoFailed(f"mesh infer against {n.node_id} failed: {result.stderr.strip()}")
-        console.print(f"  $ mesh infer --node {n.address} --count 5   ({n.site})\n  " + " ".join(result.stdout.split()))
+        console.print(f"  $ mesh infer --node {n.address} --count 5   ({n.site})\n  "
+                      + " ".join(result.stdout.split()))
 
 
 def _served_model(workdir: Path, version: str, *, seed: int, bad: bool = False) -> Path:
@@ -623,19 +627,22 @@ def _held_and_approved(fleet_nodes, victim: DemoNode, console, workdir, fleet_di
     console.print("\n".join("  " + line for line in table.stdout.rstrip().splitlines()), highlight=False)
     approve = _mesh("admin", "approve", decision_id, "--key", str(fleet_dir / "operator.key"),
                     "--reason", "demo: node died", "--node", survivor.address, "--creds", creds)
-    console.print(f"  $ mesh admin approve {decision_id} --key {fleet_dir / 'operator.key'} --node {survivor.address}")
+    console.print(f"  $ mesh admin approve {decision_id} --key {fleet_dir / 'operator.key'} "
+                  f"--node {survivor.address}")
     console.print("  " + " ".join(approve.stdout.split()), highlight=False)
     if approve.returncode != 0:
         raise DemoFailed(f"approval failed: {approve.stderr.strip() or approve.stdout.strip()}")
     routes = _mesh("admin", "routes", "--node", survivor.address, "--creds", creds, "--json")
-    moved = {s: o for s, o in json.loads(routes.stdout)["routes"].items() if s.startswith(f"cam-{victim.node_id[-2:]}")}
+    moved = {s: o for s, o in json.loads(routes.stdout)["routes"].items()
+             if s.startswith(f"cam-{victim.node_id[-2:]}")}
     if not moved or any(o == victim.node_id for o in moved.values()):
         raise DemoFailed(f"streams of {victim.node_id} did not move after the approval: {moved}")
     audit = _mesh("admin", "audit", "--verify", "--node", survivor.address, "--creds", creds, "--json")
     verdict = json.loads(audit.stdout).get("verdict", {}) if audit.stdout.strip() else {}
     console.print(f"[green]approved and applied[/] on every replica: "
                   f"{', '.join(f'{s} -> {o}' for s, o in sorted(moved.items()))}; audit log hash chain "
-                  f"{'verified' if verdict.get('ok') else 'NOT verified'} ({verdict.get('records', '?')} records)")
+                  f"{'verified' if verdict.get('ok') else 'NOT verified'} "
+                  f"({verdict.get('records', '?')} records)")
 
 
 def _shutdown(fleet_nodes, console, workdir) -> None:

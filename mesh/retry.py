@@ -36,7 +36,8 @@ class Backoff:
         if not 0 < self.first_s <= self.max_s:
             raise ValueError(f"back-off needs 0 < first_s ({self.first_s}) <= max_s ({self.max_s})")
         if self.factor < 1 or not 0 <= self.jitter < 1:
-            raise ValueError(f"back-off needs factor >= 1 and 0 <= jitter < 1, got {self.factor}, {self.jitter}")
+            raise ValueError(f"back-off needs factor >= 1 and 0 <= jitter < 1, "
+                             f"got {self.factor}, {self.jitter}")
         self._next_s = self.first_s
 
     def next_delay_s(self) -> float:

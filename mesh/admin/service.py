@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from mesh import __version__
 from mesh._proto import admin_pb2 as pb
 from mesh._proto import admin_pb2_grpc as pb_grpc
+from mesh._proto import membership_pb2
 from mesh.guard.audit import AuditVerdict
 from mesh.identity.authz import require_operator
 from mesh.membership.core import Membership
@@ -39,8 +41,12 @@ class AdminServicer(pb_grpc.AdminServicer):
         await require_operator(context)
         now = self._now()
         me = self._core.member(self._core.node_id)
+        if me is None:  # the core lists itself from its start
+            raise RuntimeError(f"membership of {self._core.node_id} does not list the node itself")
         members = [
-            pb.MemberStatus(node_id=m.node_id, address=m.address, state=int(m.state),
+            # The enum's number: the stub names only MemberState, protobuf takes either.
+            pb.MemberStatus(node_id=m.node_id, address=m.address,
+                            state=cast(membership_pb2.MemberState, int(m.state)),
                             incarnation=m.incarnation, labels=dict(m.labels),
                             last_heard_s_ago=-1.0 if m.last_heard is None else max(0.0, now - m.last_heard),
                             state_age_s=max(0.0, now - m.state_since))

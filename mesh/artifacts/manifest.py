@@ -369,7 +369,7 @@ def verify_manifest(signed: SignedManifest, trusted: TrustedKeys) -> Manifest:
     return manifest
 
 
-def _check_fields(raw: dict, allowed: frozenset[str], what: str) -> None:
+def _check_fields(raw: dict[str, Any], allowed: frozenset[str], what: str) -> None:
     unknown = set(raw) - allowed
     if unknown:
         raise ManifestFormatError(f"{what} has unknown fields {sorted(map(str, unknown))}")
@@ -396,6 +396,6 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _short(exc: BaseException) -> str:
+def _short(exc: BaseException | str) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 200 else text[:200] + "..."

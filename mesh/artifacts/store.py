@@ -43,6 +43,7 @@ waiting, so neither sees half a publish. Others may read the store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -56,6 +57,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mesh.artifacts.bitfield import Bitfield
 from mesh.artifacts.chunking import ChunkParams
@@ -171,11 +173,11 @@ class ArtifactStore:
                 version = file[: -len(".tflite")]
                 try:
                     model = (self.models_dir / name / file).stat()
-                    manifest = self.manifests_dir.joinpath(name, f"{version}.json").stat()
+                    manifest_stat = self.manifests_dir.joinpath(name, f"{version}.json").stat()
                 except OSError:
                     continue  # no manifest: not a complete version
                 files.append((name, version, model.st_size, model.st_mtime_ns, model.st_ino,
-                              manifest.st_mtime_ns, manifest.st_ino))
+                              manifest_stat.st_mtime_ns, manifest_stat.st_ino))
         fingerprint = (tuple(files), len(self._bad))
         cached = self._packed_cache
         if cached is not None and cached[0] == fingerprint:
@@ -212,7 +214,7 @@ class ArtifactStore:
             )
         return self._put_verified(path, data)
 
-    def put_manifest_chunk(self, manifest: Manifest, index: int, data: bytes) -> Path:
+    def put_manifest_chunk(self, manifest: Manifest, index: int, data: bytes | memoryview) -> Path:
         """Store chunk `index` of `manifest` after checking its size and hash against the manifest."""
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(manifest.chunks):
             raise BadChunkError(f"{manifest.label} has chunks 0..{len(manifest.chunks) - 1}, not {index!r}")
@@ -229,7 +231,7 @@ class ArtifactStore:
             )
         return self._put_verified(self.chunk_path(ref.sha256), data)
 
-    def _put_verified(self, path: Path, data: bytes) -> Path:
+    def _put_verified(self, path: Path, data: bytes | memoryview) -> Path:
         # Content-addressed: the same name always holds the same bytes, and a chunk a complete
         # model holds is not stored twice.
         if not path.is_file() and path.name not in self._packed():
@@ -310,7 +312,7 @@ class ArtifactStore:
         path = self.origin_path(name, version)
         if path.exists():
             return
-        record = {"published_here": True}
+        record: dict[str, Any] = {"published_here": True}
         if chunking is not None:
             record["chunking"] = dataclasses.asdict(chunking)
         self._write_atomic(path, [json.dumps(record).encode() + b"\n"], f"origin marker for {name} {version}")
@@ -621,15 +623,13 @@ class ArtifactStore:
                 freed += self._unlink(self.chunk_path(sha))
         for parent in (self.manifests_dir, self.models_dir):
             for name in self._listdir(parent):
-                try:
+                with contextlib.suppress(OSError):  # not empty
                     (parent / name).rmdir()
-                except OSError:
-                    pass  # not empty
         return freed
 
     # --- file helpers -------------------------------------------------------------------------
 
-    def _write_atomic(self, final: Path, pieces: Iterable[bytes], what: str,
+    def _write_atomic(self, final: Path, pieces: Iterable[bytes | memoryview], what: str,
                       check: Callable[[], None] | None = None) -> None:
         """Write `pieces` to a temp file beside `final`, fsync, run `check`, rename, fsync the directory."""
         self._mkdir(final.parent)
@@ -650,10 +650,8 @@ class ArtifactStore:
             os.replace(tmp, final)
             fsync_dir(final.parent)
         except BaseException as exc:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
             if isinstance(exc, OSError):
                 raise self._os_error(exc, f"write {what} to", final) from None
             raise

@@ -221,7 +221,8 @@ def _answer(decision_id: str, key_path: Path, ttl_s: float, reason: str, address
 def pending(address: str, creds_dir: Path, as_json: bool) -> None:
     """Decisions of NODE's site group held for an operator (id, kind, scope vs limit, proposer, age), its
     rollouts waiting for one (a wave held above the autonomous scope, an inconclusive pause), each with the
-    exact command that unblocks it, then the latest outcomes (applied, denied, expired, refused, withdrawn)."""
+    exact command that unblocks it, then the latest outcomes (applied, denied, expired, refused,
+    withdrawn)."""
     from mesh.admin.format import held_table, pending_dict, recent_table
 
     resp = _decisions_call(address, creds_dir, lambda client: client.pending())

@@ -13,13 +13,13 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, overload
 
 import click
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from mesh.admin.client import OperatorClient
+    from mesh.admin.client import AdminClient, OperatorClient
 
 # Piped output (CI logs, `make demo | tee`) has no terminal width; rich would
 # fall back to 80 columns and truncate addresses in tables.
@@ -77,6 +77,19 @@ def missing_operator_creds(creds_dir: Path, flag: str) -> str | None:
     return (f"no operator certificate at {cert}; pass {flag} DIR or set {ADMIN_CREDS_ENV}=DIR, where DIR is "
             f"an operator's certificate folder (`mesh fleet init FLEET` makes FLEET/operators/admin; "
             f"`mesh fleet enroll NAME --role operator --fleet FLEET` makes FLEET/operators/NAME)")
+
+
+_Client = TypeVar("_Client", bound="OperatorClient")
+
+
+@overload
+def operator_client(address: str, creds_dir: Path, client_class: None = None, *,
+                    flag: str = "--creds") -> AdminClient: ...
+
+
+@overload
+def operator_client(address: str, creds_dir: Path, client_class: type[_Client], *,
+                    flag: str = "--creds") -> _Client: ...
 
 
 def operator_client(address: str, creds_dir: Path, client_class: type[OperatorClient] | None = None, *,

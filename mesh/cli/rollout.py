@@ -594,6 +594,8 @@ def _send_command(
 
 
 def _command(action: str, summary: str, *, needs_wave: bool, needs_reason: bool, example: str):
+    reason_default: dict[str, Any] = {} if needs_reason else {"default": ""}
+
     @click.argument("rollout_id")
     @click.option(
         "--key",
@@ -606,7 +608,7 @@ def _command(action: str, summary: str, *, needs_wave: bool, needs_reason: bool,
     @click.option(
         "--reason",
         required=needs_reason,
-        **({} if needs_reason else {"default": ""}),
+        **reason_default,
         help="Why (goes to every site's audit log).",
     )
     @click.option(

@@ -386,7 +386,8 @@ def install() -> None:
             try:
                 return original_apply(self, command)
             except UnsafePickle as exc:
-                _log.error("skipped a Raft log entry that is not plain values (%s); every replica skips it", exc)
+                _log.error("skipped a Raft log entry that is not plain values (%s); every replica skips it",
+                           exc)
                 return None
 
         _syncobj.SyncObj._SyncObj__doApplyCommand = do_apply_command

@@ -278,7 +278,8 @@ class _AuditedLedger:
             # replica report a failure for a command that is in effect. Say it loudly instead.
             self.audit_error = str(exc)
             self.counts.audit_failed()
-            log.error("audit record %s at raft index %s NOT written: %s", kind, payload.get("raft_index"), exc)
+            log.error("audit record %s at raft index %s NOT written: %s", kind, payload.get("raft_index"),
+                      exc)
 
     def snapshot(self) -> bytes:
         # Called by pysyncobj on the tick thread at the last applied entry. The writer's address tells a
@@ -407,8 +408,8 @@ class SiteGroup:
             try:
                 audit.append("raft_journal_reset", {
                     "last_audited_index": audited[0],
-                    "why": f"no Raft journal in {self.data_dir}; entries applied from now on are audited even "
-                           "if an earlier record has the same raft_index",
+                    "why": f"no Raft journal in {self.data_dir}; entries applied from now on are "
+                           "audited even if an earlier record has the same raft_index",
                 })
             except AuditError as exc:
                 raise GroupStartError(f"Raft group {group} cannot start on {node_id}: {exc}") from None

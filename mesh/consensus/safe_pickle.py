@@ -7,8 +7,9 @@ follower unpickles the snapshot metadata it installs from its leader. A member w
 certificate could therefore put a pickle gadget (an object whose ``__reduce__`` runs a
 command) into the log through the leader. `loads` refuses every global: dict, list, tuple,
 set, str, bytes, int, float, bool and None need none (bytes at pickle protocol 2 need
-``_codecs.encode(text, "latin1")``, which is answered by a function that does only that), so fleetmesh's own entries (one
-replicated method whose argument is the command's bytes) read back unchanged, and anything
+``_codecs.encode(text, "latin1")``, which is answered by a function that does only that),
+so fleetmesh's own entries (one replicated method whose argument is the command's bytes)
+read back unchanged, and anything
 that would construct an object (or call a function) raises `UnsafePickle` instead.
 
 The one class pysyncobj legitimately pickles into the log is its node class, inside
@@ -31,7 +32,8 @@ class UnsafePickle(pickle.UnpicklingError):
 def _latin1_bytes(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
     """What pickle protocol 2 stores bytes as: ``_codecs.encode(text, "latin1")``. Only that."""
     if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-        raise UnsafePickle(f"refused _codecs.encode with encoding {encoding!r}: only latin1 bytes are accepted")
+        raise UnsafePickle(f"refused _codecs.encode with encoding {encoding!r}: "
+                           "only latin1 bytes are accepted")
     return text.encode("latin1", errors)
 
 

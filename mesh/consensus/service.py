@@ -49,6 +49,7 @@ class DecisionsServicer(pb_grpc.DecisionsServicer):
         await require_operator(context)
         if self._group is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_RAFT)
+            raise AssertionError("grpc's context.abort returned")  # it raises; this tells type checkers
         return self._group
 
     def _view(self, group: SiteGroup, *, current: bool, note: str = "",
@@ -201,6 +202,8 @@ async def _json_arg(context, text: str, field: str) -> object:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} is not valid JSON: {exc}")
+        # It raises; this tells type checkers.
+        raise AssertionError("grpc's context.abort returned") from None
 
 
 def add_to_server(server: grpc.aio.Server, group: SiteGroup | None) -> DecisionsServicer:

@@ -280,7 +280,7 @@ class RaftLink:
             await peer.ready.wait()
             peer.ready.clear()
             while peer.queue:
-                frames = []
+                frames: list[bytes] = []
                 while peer.queue and len(frames) < MAX_FRAMES_PER_BATCH:
                     frame = peer.queue.popleft()
                     peer.queued_bytes -= len(frame)
@@ -311,10 +311,11 @@ def coalesce(messages: list[tuple[str, dict]], max_entry_bytes: int = MAX_COALES
     last_for: dict[str, int] = {}  # node id -> position in `out` of the last message to it
     for node_id, message in messages:
         at = last_for.get(node_id)
-        merged = _merge(out[at][1], message, max_entry_bytes, max_entries) if at is not None else None
-        if merged is not None:
-            out[at] = (node_id, merged)
-            continue
+        if at is not None:
+            merged = _merge(out[at][1], message, max_entry_bytes, max_entries)
+            if merged is not None:
+                out[at] = (node_id, merged)
+                continue
         last_for[node_id] = len(out)
         out.append((node_id, message))
     return out
@@ -494,11 +495,13 @@ class RaftServicer(pb_grpc.RaftServicer):
         if link is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"this node is not a member of Raft group {group!r}")
+            raise AssertionError("grpc's context.abort returned")  # it raises; this tells type checkers
         if peer is None or peer.role is not Role.NODE:
             link.counters.refused_streams += 1
             log.warning("raft %s: refused a stream from %s: Raft needs a node certificate", group, who)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                 "Raft streams need a fleet node certificate")
+            raise AssertionError("grpc's context.abort returned")  # it raises; this tells type checkers
         why = link.refusal(peer.name)
         if why is not None:
             link.counters.refused_streams += 1

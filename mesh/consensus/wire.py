@@ -39,7 +39,8 @@ def _default(value: Any) -> Any:
 
 def encode_value(value: Any) -> bytes:
     try:
-        return msgpack.packb(value, use_bin_type=True, strict_types=True, default=_default)
+        packed: bytes = msgpack.packb(value, use_bin_type=True, strict_types=True, default=_default)
+        return packed
     except (TypeError, ValueError, OverflowError) as exc:
         if isinstance(exc, FrameError):
             raise

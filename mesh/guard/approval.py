@@ -173,23 +173,28 @@ class Approval:
             raise MalformedApproval(
                 f"approval.format: unsupported format {d['format']!r}; this node reads format 1"
             )
-        times = {}
-        for name in ("issued_at", "expires_at"):
-            v = d[name]
-            times[name] = as_seconds(v)
-            if times[name] is None:
-                raise MalformedApproval(f"approval.{name}: expected seconds since the epoch >= 0, got {v!r}")
+        issued_at = _epoch_seconds(d, "issued_at")
+        expires_at = _epoch_seconds(d, "expires_at")
         return cls(
             decision_id=d["decision_id"],
             decision_digest=d["decision_digest"],
             approve=d["approve"],
             reason=d["reason"],
-            issued_at=times["issued_at"],
-            expires_at=times["expires_at"],
+            issued_at=issued_at,
+            expires_at=expires_at,
             nonce=d["nonce"],
             key_id=d["key_id"],
             signature=d["signature"],
         )
+
+
+def _epoch_seconds(d: dict[str, Any], name: str) -> float:
+    """Field `name` of a parsed approval as seconds since the epoch; MalformedApproval if it is not."""
+    v = d[name]
+    seconds = as_seconds(v)
+    if seconds is None:
+        raise MalformedApproval(f"approval.{name}: expected seconds since the epoch >= 0, got {v!r}")
+    return seconds
 
 
 def _validate(a: Approval) -> None:

@@ -541,12 +541,13 @@ class AuditLog:
         records, lines = [], []
         at = time.time() if now is None else float(now)
         for kind, payload in items:
-            body = {"seq": seq + 1, "time": at, "kind": kind, "payload": payload, "prev": prev}
+            seq += 1
+            body = {"seq": seq, "time": at, "kind": kind, "payload": payload, "prev": prev}
             canonical = canonical_json(body)
             digest = hashlib.sha256(canonical).hexdigest()
             lines.append(_record_line(canonical, digest))
-            records.append(AuditRecord(body["seq"], at, kind, payload, prev, digest))
-            seq, prev = body["seq"], digest
+            records.append(AuditRecord(seq, at, kind, payload, prev, digest))
+            prev = digest
         if self._damaged is not None:
             raise AuditWriteError(self._damaged)
         start = os.lseek(self._fd, 0, os.SEEK_END)

@@ -486,7 +486,7 @@ def decide(decision: Decision, policy: Policy, group_size: int) -> Verdict:
 
 def as_seconds(value: object) -> float | None:
     """`value` as float seconds if it is a finite number >= 0 (not a bool), else None."""
-    if type(value) not in (int, float):
+    if type(value) is not int and type(value) is not float:  # exact types: bool is an int
         return None
     try:
         seconds = float(value)

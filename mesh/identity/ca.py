@@ -316,12 +316,14 @@ def enroll(
 def load_trusted_keys(directory: Path) -> TrustedKeys:
     """The fleet's publisher and operator public keys from a credentials folder."""
     directory = Path(directory)
-    paths = ((directory / PUBLISHER_PUB_FILE, KeyRole.PUBLISHER), (directory / OPERATOR_PUB_FILE, KeyRole.OPERATOR))
+    paths = ((directory / PUBLISHER_PUB_FILE, KeyRole.PUBLISHER),
+             (directory / OPERATOR_PUB_FILE, KeyRole.OPERATOR))
     for path, _ in paths:
         if not path.exists():
             raise CredentialsError(
                 f"{path} is missing; re-issue this member's credentials with `mesh fleet enroll --force` "
-                "(it copies the fleet's publisher.pub and operator.pub) or copy the file from the fleet folder"
+                "(it copies the fleet's publisher.pub and operator.pub) "
+                "or copy the file from the fleet folder"
             )
     try:
         return TrustedKeys([load_verify_key(path, role) for path, role in paths])

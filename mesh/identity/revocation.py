@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -83,7 +83,8 @@ class Revocation:
         return f"{self.node_id} revoked at {when} ({which}) by operator key {self.key_id}: {self.reason}"
 
 
-def sign_revocation(key: SigningKey, node_id: str, *, reason: str, now: float, serial: str = "") -> Revocation:
+def sign_revocation(key: SigningKey, node_id: str, *, reason: str, now: float,
+                    serial: str = "") -> Revocation:
     """An operator's revocation of `node_id` (its `serial` only, if given). Only an operator key
     passes verification; any other key's document is refused by every node."""
     unsigned = Revocation(node_id=node_id, reason=reason, revoked_at=float(now), key_id=key.key_id,
@@ -186,7 +187,7 @@ class RevocationSet:
         """Every node id with a revocation (of some certificate of it)."""
         return self._node_ids
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Revocation]:
         return iter(sorted(self._by_signature.values(), key=lambda r: (r.revoked_at, r.signature)))
 
     def __len__(self) -> int:

@@ -76,7 +76,8 @@ class TrustStore:
         if revocation is not None:
             return f"the certificate of {peer.role.value} {peer.name} is revoked: {revocation.describe()}"
         if peer.not_after < self._clock():
-            return f"the certificate of {peer.role.value} {peer.name} expired; renew it with `mesh fleet renew`"
+            return (f"the certificate of {peer.role.value} {peer.name} expired; "
+                    "renew it with `mesh fleet renew`")
         return None
 
     def is_revoked_id(self, node_id: str) -> bool:
@@ -113,6 +114,7 @@ class TrustServicer(pb_grpc.TrustServicer):
                           context: grpc.aio.ServicerContext) -> pb.RevocationList:
         peer = peer_identity(context)
         if peer is None or peer.role not in (Role.NODE, Role.OPERATOR):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "revocations are read with a fleet certificate")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "revocations are read with a fleet certificate")
         revocations = self._store.revocations
         return pb.RevocationList(revocations_json=revocations.to_json(), digest=revocations.digest)

@@ -96,7 +96,8 @@ class Activator:
     """Keeps the runtime serving what `choose_active` says, on events."""
 
     def __init__(self, *, model: str, store: ArtifactStore, trusted: TrustedKeys, runtime: ModelRuntime,
-                 rng: random.Random, steering: Steering | None = None, state_path: Path | None = None) -> None:
+                 rng: random.Random, steering: Steering | None = None,
+                 state_path: Path | None = None) -> None:
         """`steering`: what to do until a rollout says otherwise (`steer`); default the newest version.
         `state_path`: where the version served last is kept across restarts (see `choose_active`)."""
         self.model = model
@@ -177,8 +178,8 @@ class Activator:
                                     sha256=manifest.sha256)
         except ActivationError as exc:
             self._refused.add(choice.version)
-            log.error("refused to activate %s %s (%s); still serving %s", manifest.name, manifest.version, exc,
-                      f"{active.name} {active.version}" if active else "nothing")
+            log.error("refused to activate %s %s (%s); still serving %s", manifest.name, manifest.version,
+                      exc, f"{active.name} {active.version}" if active else "nothing")
             return
         except (FileNotFoundError, ArtifactError, OSError) as exc:  # collected or unreadable meanwhile
             log.info("could not activate %s %s this round: %s", manifest.name, manifest.version, exc)
@@ -189,9 +190,8 @@ class Activator:
         self._resume = manifest.version
         if self._state_path is not None:
             try:
-                await asyncio.to_thread(write_file_atomic, self._state_path,
-                                        json.dumps({"model": self.model, "version": manifest.version}).encode(),
-                                        0o644)
+                state = json.dumps({"model": self.model, "version": manifest.version}).encode()
+                await asyncio.to_thread(write_file_atomic, self._state_path, state, 0o644)
             except OSError as exc:  # serving goes on; only a restart would start from the newest version
                 log.warning("could not record the active version in %s: %s", self._state_path, exc)
 
@@ -202,7 +202,8 @@ class Activator:
             doc = json.loads(self._state_path.read_bytes())
         except (OSError, ValueError):
             return None
-        if not isinstance(doc, dict) or doc.get("model") != self.model or not isinstance(doc.get("version"), str):
+        if (not isinstance(doc, dict) or doc.get("model") != self.model
+                or not isinstance(doc.get("version"), str)):
             return None
         return doc["version"]
 

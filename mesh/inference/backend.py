@@ -36,7 +36,8 @@ CRASH_PRONE_BACKENDS = frozenset({"tflite-runtime"})
 # tflite-runtime's own verifier, exported by its extension module but not bound
 # to Python: static std::unique_ptr<FlatBufferModel> VerifyAndBuildFromBuffer(
 #     const char*, size_t, TfLiteVerifier*, ErrorReporter*).
-_VERIFY_AND_BUILD = "_ZN6tflite4impl15FlatBufferModel24VerifyAndBuildFromBufferEPKcmPNS_14TfLiteVerifierEPNS_13ErrorReporterE"
+_VERIFY_AND_BUILD = ("_ZN6tflite4impl15FlatBufferModel24VerifyAndBuildFromBuffer"
+                     "EPKcmPNS_14TfLiteVerifierEPNS_13ErrorReporterE")
 _MODEL_DESTRUCTOR = "_ZN6tflite4impl15FlatBufferModelD1Ev"
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
@@ -96,14 +97,14 @@ class LoadedModel:
         """Run once on numpy arrays given in input order; return outputs (copies) in output order."""
         interp = self.interpreter
         resized = False
-        for i, (index, array) in enumerate(zip(self._input_indices, inputs)):
+        for i, (index, array) in enumerate(zip(self._input_indices, inputs, strict=True)):
             if self._input_shapes[i] != tuple(array.shape):
                 interp.resize_tensor_input(index, array.shape)
                 self._input_shapes[i] = tuple(array.shape)
                 resized = True
         if resized:
             interp.allocate_tensors()
-        for index, array in zip(self._input_indices, inputs):
+        for index, array in zip(self._input_indices, inputs, strict=True):
             interp.set_tensor(index, array)
         interp.invoke()
         return [interp.get_tensor(index).copy() for index in self._output_indices]
@@ -140,7 +141,8 @@ def _flatbuffer_verifier(module: Any) -> Any:
     # The unique_ptr comes back through a hidden pointer: the first argument on x86-64 (what the
     # argtypes below say), but register x8 on AArch64, where this call would corrupt memory.
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        log.warning("flatbuffer verifier not used on %s (only called on x86-64); %s", platform.machine(), unguarded)
+        log.warning("flatbuffer verifier not used on %s (only called on x86-64); %s", platform.machine(),
+                    unguarded)
         return None
     extension = getattr(module, "_interpreter_wrapper", None)
     path = getattr(extension, "__file__", None)
@@ -188,7 +190,8 @@ def probe_model(content: bytes, backend_name: str, *, timeout_s: float = 60.0) -
     Keeps a model that crashes the runtime from taking the node down with it.
     Costs a process start (about a second), so it is for activation, not requests.
     """
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
+    pythonpath = os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath)
     try:
         proc = subprocess.run([sys.executable, "-m", "mesh.inference._probe", backend_name], input=content,
                               capture_output=True, timeout=timeout_s, env=env, check=False)

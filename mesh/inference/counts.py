@@ -6,13 +6,14 @@ Pure: the rollout gate and the simulator read these; `health.HealthCounters` fil
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
+from typing import Any
 
 # Upper bounds of the latency buckets, seconds; a final +Inf bucket is implied.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-class ErrorKind(str, Enum):
+class ErrorKind(StrEnum):
     EXCEPTION = "exception"
     NON_FINITE = "non_finite"
     DEADLINE_EXCEEDED = "deadline_exceeded"
@@ -46,10 +47,11 @@ class VersionHealth:
         return VersionHealth(
             model=self.model, version=self.version, requests=self.requests - earlier.requests,
             errors={k: v - earlier.errors.get(k, 0) for k, v in self.errors.items()},
-            latency_buckets=tuple(a - b for a, b in zip(self.latency_buckets, earlier.latency_buckets)),
+            latency_buckets=tuple(a - b for a, b in zip(self.latency_buckets, earlier.latency_buckets,
+                                                        strict=True)),
             latency_sum_s=self.latency_sum_s - earlier.latency_sum_s)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "version": self.version, "requests": self.requests,
                 "errors": dict(self.errors), "latency_buckets": list(self.latency_buckets),
                 "latency_sum_s": self.latency_sum_s}

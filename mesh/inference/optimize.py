@@ -415,8 +415,8 @@ def compare_outputs(float_model: bytes, quant_model: bytes, samples: list[list[n
     """Run both models on every sample and measure how far the (dequantised) outputs differ."""
     backend = backend or load_backend()
     reference, candidate = backend.load(float_model), backend.load(quant_model)
-    errors = [[] for _ in reference.signature.outputs]
-    floats = [[] for _ in reference.signature.outputs]
+    errors: list[list[np.ndarray]] = [[] for _ in reference.signature.outputs]
+    floats: list[list[np.ndarray]] = [[] for _ in reference.signature.outputs]
     for sample in samples:
         want = reference.invoke(sample)
         got = candidate.invoke([_quantize_input(x, s)

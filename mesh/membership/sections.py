@@ -58,7 +58,8 @@ class MetaSections:
     def __init__(self, board: MetadataBoard, budgets: Mapping[str, int]) -> None:
         needed = sum(budgets.values()) + _OVERHEAD_PER_SECTION_BYTES * len(budgets) + sum(map(len, budgets))
         if needed > board.meta_limit_bytes:
-            raise ValueError(f"metadata budgets need {needed} bytes, the board holds {board.meta_limit_bytes}")
+            raise ValueError(f"metadata budgets need {needed} bytes, "
+                             f"the board holds {board.meta_limit_bytes}")
         self._board = board
         self._budgets = dict(budgets)
         self._sections: dict[str, bytes] = {}

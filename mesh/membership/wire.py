@@ -9,6 +9,7 @@ INVALID_ARGUMENT.
 from __future__ import annotations
 
 import re
+from typing import cast
 
 from mesh._proto import membership_pb2 as pb
 from mesh.membership.core import MAX_META_BYTES, MAX_UPDATES_PER_MESSAGE
@@ -76,7 +77,9 @@ def _updates_from_pb(items, field: str) -> Updates:
 
 def _updates_to_pb(updates: Updates) -> list[pb.MemberUpdate]:
     return [pb.MemberUpdate(node_id=u.node_id, address=u.address, incarnation=u.incarnation,
-                            state=int(u.state), labels=dict(u.labels), meta_version=u.meta_version,
+                            # The enum's number: the stub names only pb.MemberState, protobuf takes either.
+                            state=cast(pb.MemberState, int(u.state)), labels=dict(u.labels),
+                            meta_version=u.meta_version,
                             meta=u.meta, accuser=u.accuser) for u in updates]
 
 

@@ -151,12 +151,12 @@ class TrustInterceptor(grpc.aio.ServerInterceptor):
         async def check(context) -> None:
             peer = peer_identity(context)
             why = self._refusal(peer) if peer is not None else None
-            if why is not None:
+            if peer is not None and why is not None:
                 self.refused += 1
                 if (peer.name, peer.serial) not in self._logged:
                     self._logged.add((peer.name, peer.serial))
-                    log.warning("refused %s from %s %s (certificate %s): %s", method, peer.role.value, peer.name,
-                                peer.serial, why)
+                    log.warning("refused %s from %s %s (certificate %s): %s", method, peer.role.value,
+                                peer.name, peer.serial, why)
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
 
         return _wrap_checked(handler, check)

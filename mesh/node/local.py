@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from mesh.identity.ca import Credentials, enroll, init_fleet, load_credentials
 from mesh.membership.config import MembershipConfig
@@ -51,7 +52,7 @@ class LocalCluster:
     """In-process nodes sharing one event loop. Node i has id `node-{i:02d}`."""
 
     def __init__(self, fleet: LocalFleet, workdir: Path, timings: MembershipConfig, *, seed: int = 0,
-                 sections: dict[str, object] | None = None) -> None:
+                 sections: dict[str, Any] | None = None) -> None:
         """`sections`: extra config sections for every node, e.g. {"inference": {"model": "hand"}}."""
         self.sections = sections or {}
         self.fleet = fleet
@@ -65,10 +66,11 @@ class LocalCluster:
         return NodeConfig(
             node_id=node_id, listen="127.0.0.1:0", seeds=seeds, labels={"site": site},
             data_dir=self.workdir / node_id, tls=TlsSection(dir=creds.directory),
-            membership=MembershipSection(**{f: getattr(self.timings, f) for f in MembershipSection.model_fields}),
+            membership=MembershipSection(
+                **{f: getattr(self.timings, f) for f in MembershipSection.model_fields}),
             **self.sections)
 
-    async def start(self, n: int, sites: int = 1) -> "LocalCluster":
+    async def start(self, n: int, sites: int = 1) -> LocalCluster:
         """Start n nodes; every node seeds from the first, as a site gateway would be configured."""
         for i in range(n):
             await self.add(f"node-{i:02d}", site=SITES[i % sites])

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,17 +27,18 @@ from mesh._proto import inference_pb2, inference_pb2_grpc
 from mesh.artifacts.manifest import Manifest, SignedManifest
 from mesh.artifacts.publish import publish
 from mesh.consensus.config import RaftSection
-from mesh.consensus.group import GroupError
+from mesh.consensus.group import GroupError, SiteGroup
 from mesh.consensus.raft import RaftError
 from mesh.identity.signing import KeyRole, SigningKey, load_signing_key
 from mesh.identity.tls import channel_credentials, secure_channel_options
 from mesh.inference.fixtures import PARTLY_NAN_LAYERS, partly_nan_input
+from mesh.inference.runtime import ModelRuntime
 from mesh.membership.config import MembershipConfig
 from mesh.membership.messages import State
 from mesh.node import runtime as node_runtime
 from mesh.node.config import InferenceSection, MembershipSection, NodeConfig, TlsSection
 from mesh.node.local import SITES, LocalFleet, wait_for
-from mesh.node.rollouts import RolloutSettings
+from mesh.node.rollouts import RolloutSettings, RolloutShell
 from mesh.node.runtime import Node
 from mesh.rollout.plan import (
     AutonomousScope,
@@ -68,7 +70,30 @@ FLEET_TIMINGS = MembershipConfig(
     push_pull_interval_s=5.0,
     gossip_to_dead_s=20.0,
 )
-FLEET_RAFT = {"election_min_s": 1.0, "election_max_s": 2.0, "append_period_s": 0.2, "leader_fallback_s": 2.0}
+FLEET_RAFT: dict[str, Any] = {
+    "election_min_s": 1.0, "election_max_s": 2.0, "append_period_s": 0.2, "leader_fallback_s": 2.0,
+}
+
+
+# Every node of a RolloutFleet is configured with [inference] and [raft], so it has a model runtime,
+# a site group and a rollout shell; these say so where the fleet reads them.
+def _inference(node: Node) -> ModelRuntime:
+    if node.inference is None:
+        raise RuntimeError(f"{node.config.node_id} has no model runtime: "
+                           "a RolloutFleet node needs [inference]")
+    return node.inference
+
+
+def _group(node: Node) -> SiteGroup:
+    if node.group is None:
+        raise RuntimeError(f"{node.config.node_id} has no site group: a RolloutFleet node needs [raft]")
+    return node.group
+
+
+def _rollouts(node: Node) -> RolloutShell:
+    if node.rollouts is None:
+        raise RuntimeError(f"{node.config.node_id} has no rollout shell: a RolloutFleet node needs [raft]")
+    return node.rollouts
 
 
 @dataclass
@@ -147,7 +172,7 @@ class Traffic:
         async with grpc.aio.secure_channel(node.address, self._creds, options=options) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             while self.fleet.nodes.get(node_id) is node:
-                if node.inference.active is None:
+                if _inference(node).active is None:
                     await asyncio.sleep(interval_s)
                     continue
                 x = partly_nan_input(
@@ -279,14 +304,14 @@ class RolloutFleet:
         await wait_for(self.converged, timeout_s, what="membership convergence", interval_s=0.1)
         for site in self.site_names():
             node = next(self.nodes[n] for n in self.members(site) if n in self.nodes)
-            await node.group.raft.wait_for_leader(timeout_s)
+            await _group(node).raft.wait_for_leader(timeout_s)
 
     def leader(self, site: str) -> Node | None:
         return next(
             (
                 self.nodes[n]
                 for n in self.members(site)
-                if n in self.nodes and self.nodes[n].group.raft.is_leader
+                if n in self.nodes and _group(self.nodes[n]).raft.is_leader
             ),
             None,
         )
@@ -304,7 +329,7 @@ class RolloutFleet:
         return signed.manifest
 
     def serving(self, node_id: str) -> str | None:
-        active = self.nodes[node_id].inference.active
+        active = _inference(self.nodes[node_id]).active
         return None if active is None else active.version
 
     def all_serving(self, version: str, among: list[str] | None = None) -> bool:
@@ -386,11 +411,11 @@ class RolloutFleet:
     async def start_rollout(self, signed: SignedPlan, *, via: str = "node-00") -> LedgerResult:
         """Register `signed` through node `via` (as `mesh rollout start` does), retried while its site group
         elects a leader (registering a plan twice changes nothing)."""
-        return await _retried(lambda: self.nodes[via].rollouts.start(signed))
+        return await _retried(lambda: _rollouts(self.nodes[via]).start(signed))
 
     async def send(self, command: RolloutCommand, *, via: str = "node-00") -> LedgerResult | None:
         """Send an operator command through node `via` (as `mesh rollout approve` and friends do)."""
-        return await _retried(lambda: self.nodes[via].rollouts.command(command))
+        return await _retried(lambda: _rollouts(self.nodes[via]).command(command))
 
     # --- reading state ---
 
@@ -398,7 +423,7 @@ class RolloutFleet:
         """The rollout as the first running member of `site` holds it."""
         for node_id in self.members(site):
             if node_id in self.nodes:
-                known = self.nodes[node_id].group.rollout(rollout_id)
+                known = _group(self.nodes[node_id]).rollout(rollout_id)
                 return None if known is None else known[1]
         return None
 
@@ -413,7 +438,7 @@ class RolloutFleet:
     def every_site(self, rollout_id: str, state: RolloutState) -> bool:
         """Every running member of every site holds the rollout in `state`."""
         for node in self.nodes.values():
-            known = node.group.rollout(rollout_id)
+            known = _group(node).rollout(rollout_id)
             if known is None or known[1].state is not state:
                 return False
         return True
@@ -421,7 +446,7 @@ class RolloutFleet:
     def audit_kinds(self, node_id: str, rollout_id: str) -> list[tuple[str, dict]]:
         return [
             (r.kind, dict(r.payload))
-            for r in self.nodes[node_id].group.audit_records()
+            for r in _group(self.nodes[node_id]).audit_records()
             if r.kind.startswith("rollout") and r.payload.get("rollout_id") == rollout_id
         ]
 

@@ -27,6 +27,7 @@ from cryptography import x509
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from mesh import __version__
 from mesh.consensus.counts import APPROVAL_OUTCOMES, PROPOSAL_KINDS, PROPOSAL_OUTCOMES, VERDICTS
@@ -237,8 +238,8 @@ class ConsensusCollector:
                     raft["commit_index"])
         yield gauge("fleetmesh_raft_apply_lag_entries", "Committed entries not yet applied here",
                     max(0, raft["commit_index"] - raft["applied_index"]))
-        yield gauge("fleetmesh_raft_reachable_members", "Other members of the group this member's streams reach",
-                    len(raft["reachable"]))
+        yield gauge("fleetmesh_raft_reachable_members",
+                    "Other members of the group this member's streams reach", len(raft["reachable"]))
         contact = raft.get("leader_contact_s")
         yield gauge("fleetmesh_raft_leader_contact_age_seconds",
                     "Seconds since this member last heard from a leader (0 while it leads; -1 never)",
@@ -254,8 +255,8 @@ class ConsensusCollector:
         held = GaugeMetricFamily("fleetmesh_decisions_held", "Decisions held for an operator's approval",
                                  labels=["site", "kind"])
         by_kind = Tally(h.decision.kind.value for h in pending)
-        for kind in DecisionKind:
-            held.add_metric([site, kind.value], by_kind.get(kind.value, 0))
+        for decision_kind in DecisionKind:
+            held.add_metric([site, decision_kind.value], by_kind.get(decision_kind.value, 0))
         yield held
         oldest = GaugeMetricFamily("fleetmesh_decisions_oldest_held_timestamp_seconds",
                                    "When the oldest decision still held was proposed (Unix time)",
@@ -273,10 +274,10 @@ class ConsensusCollector:
         yield failures
         verdicts = CounterMetricFamily("fleetmesh_guard_verdicts", "Guard verdicts on decisions applied by "
                                        "this replica", labels=["site", "kind", "verdict"])
-        for kind in DecisionKind:
+        for decision_kind in DecisionKind:
             for verdict in VERDICTS:
-                count = counts.verdicts.get((kind.value, verdict), 0)
-                verdicts.add_metric([site, kind.value, verdict], count)
+                count = counts.verdicts.get((decision_kind.value, verdict), 0)
+                verdicts.add_metric([site, decision_kind.value, verdict], count)
         yield verdicts
         approvals = CounterMetricFamily("fleetmesh_guard_approvals", "Approvals and denials checked, by "
                                         "outcome", labels=["site", "outcome"])
@@ -307,7 +308,7 @@ class NodeMetrics:
                        now: Callable[[], float], group: SiteGroup | None, site: str,
                        inference: ModelRuntime | None) -> None:
         """Register a collector for each part the node built (`group`/`inference` None: not configured)."""
-        collectors: list[object] = [
+        collectors: list[Collector] = [
             NodeCollector(heartbeat, readiness), MembershipCollector(runner),
             CertificateCollector(credentials),
             DistributionCollector(transfer, distributor, store_root, now)]

@@ -84,7 +84,8 @@ class _Timing(grpc.aio.UnaryUnaryClientInterceptor):
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
         method = client_call_details.method
-        self._observe(method.decode() if isinstance(method, bytes) else method, time.perf_counter() - start, code)
+        self._observe(method.decode() if isinstance(method, bytes) else method,
+                      time.perf_counter() - start, code)
         return call
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -386,7 +387,10 @@ class RolloutShell:
                     name=f"rollout-fetch-{note.rollout_id}-{self.node_id}",
                 )
                 self._fetches[note.rollout_id] = task
-                task.add_done_callback(lambda _t, rid=note.rollout_id: self._fetches.pop(rid, None))
+                task.add_done_callback(functools.partial(self._fetch_done, note.rollout_id))
+
+    def _fetch_done(self, rollout_id: str, _task: asyncio.Task[Any]) -> None:
+        self._fetches.pop(rollout_id, None)
 
     async def _fetch_documents(self, peer: fleet.PeerView, rollout_id: str) -> pb.RolloutDocuments | None:
         reply = await self._get_rollout(peer, rollout_id)
@@ -660,7 +664,7 @@ class RolloutShell:
             self._free_disk = (self._monotonic(), free)
         return DeviceFacts(
             self.node_id,
-            self.labels,
+            tuple(self.labels.items()),
             runtime.backend.version if runtime is not None else "0",
             free,
             signature_digest(active.signature) if active is not None and active.name == self.model else None,
@@ -866,10 +870,14 @@ class RolloutShell:
         now = self._clock()
         plan = self.docs.plan(command.rollout_id)
         known = self.group.rollout(command.rollout_id)
-        if plan is None and known is None:
+        if plan is not None:
+            registered = plan
+        elif known is not None:
+            registered = known[0]
+        else:
             return None
         try:
-            verify_command(command, plan or known[0], self.docs.trusted, now=now, used_nonces=())
+            verify_command(command, registered, self.docs.trusted, now=now, used_nonces=())
             verified = True
         except CommandRefused as exc:
             verified = False
@@ -984,6 +992,7 @@ class RolloutServicer(pb_grpc.RolloutsServicer):
             )
         if self._shell is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_ROLLOUTS)
+            raise AssertionError("grpc's context.abort returned")  # it raises; this tells type checkers
         return self._shell
 
     async def GetRollout(self, request: pb.GetRolloutRequest, context) -> pb.RolloutDocuments:
@@ -991,6 +1000,7 @@ class RolloutServicer(pb_grpc.RolloutsServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "rollout documents need a fleet certificate")
         if self._shell is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NO_ROLLOUTS)
+            raise AssertionError("grpc's context.abort returned")  # it raises; this tells type checkers
         if len(request.rollout_id) > 64:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rollout_id is longer than 64 characters")
         return self._shell.documents(request.rollout_id)

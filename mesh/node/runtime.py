@@ -259,7 +259,8 @@ class Node:
         server = grpc.aio.server(
             # Interceptors run first to last: revoked or expired certificates and cut links are
             # refused before anything is decoded.
-            interceptors=[TrustInterceptor(trust.refusal), FaultInterceptor(self.faults), DecodeInterceptor()],
+            interceptors=[TrustInterceptor(trust.refusal), FaultInterceptor(self.faults),
+                          DecodeInterceptor()],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.so_reuseport", 0), *SERVER_KEEPALIVE_OPTIONS])
@@ -341,7 +342,8 @@ class Node:
         # Infer routed by the site's table, on a device that runs a version the stream's site is on.
         routed = SiteVersionRouting(
             inference or _NoInference(), node_id=config.node_id, group=group, view=view, rollouts=rollouts,
-            dial=lambda address, peer_id: inference_pb2_grpc.InferenceStub(channels.channel(address, peer_id)))
+            dial=lambda address, peer_id: inference_pb2_grpc.InferenceStub(
+                channels.channel(address, peer_id)))
 
         revocations = RevocationGossip(
             trust, view=view, board=meta.board(REVOCATIONS_SECTION), trusted=trusted, now=loop.time,
@@ -352,7 +354,8 @@ class Node:
         if rollouts is not None:
             handlers.append(rollouts.on_member_events)
         runner = SwimRunner(
-            core, lambda address, peer_id: membership_pb2_grpc.MembershipStub(channels.channel(address, peer_id)),
+            core,
+            lambda address, peer_id: membership_pb2_grpc.MembershipStub(channels.channel(address, peer_id)),
             on_events=fan_out(*handlers))
 
         health = HealthServicer()
@@ -360,7 +363,8 @@ class Node:
         transfer_pb2_grpc.add_TransferServicer_to_server(transfer, server)
         inference_pb2_grpc.add_InferenceServicer_to_server(routed, server)
         raft_pb2_grpc.add_RaftServicer_to_server(raft_service, server)
-        trust_pb2_grpc.add_TrustServicer_to_server(TrustServicer(trust, announce=revocations.announce), server)
+        trust_pb2_grpc.add_TrustServicer_to_server(TrustServicer(trust, announce=revocations.announce),
+                                                   server)
         # Served in any case, so a client gets FAILED_PRECONDITION ("no [raft] section"), not UNIMPLEMENTED.
         decisions_service.add_to_server(server, group)
         rollout_pb2_grpc.add_RolloutsServicer_to_server(RolloutServicer(rollouts, store, inference), server)
@@ -422,7 +426,8 @@ class Node:
                               state_path=self.config.data_dir / "active-model.json")
         return runtime, activator
 
-    def _build_decisions(self, view: MembershipView, site: str, channels: PeerChannels, raft_service: RaftServicer,
+    def _build_decisions(self, view: MembershipView, site: str, channels: PeerChannels,
+                         raft_service: RaftServicer,
                          trust: TrustStore) -> tuple[SiteGroup | None, StreamReassigner | None]:
         config = self.config
         if config.raft is None:
@@ -438,8 +443,9 @@ class Node:
             link = RaftLink(group=config.raft.group_id(config.labels.get("site")), node_id=config.node_id,
                             dial=dial, rng=random.Random(self._rng.random()),
                             accept=lambda node_id: raft_refusal(node_id, trust, self.faults))
-            group = SiteGroup.from_config(config.node_id, config.raft, config.guard, site=config.labels.get("site"),
-                                          node_data_dir=config.data_dir, creds_dir=config.tls.dir, link=link)
+            group = SiteGroup.from_config(config.node_id, config.raft, config.guard,
+                                          site=config.labels.get("site"), node_data_dir=config.data_dir,
+                                          creds_dir=config.tls.dir, link=link)
         except (GroupError, RaftError, ValueError) as exc:
             raise NodeStartError(f"raft: {exc}") from None
         raft_service.add(link)
@@ -471,8 +477,9 @@ class Node:
             self._spawn(parts.rollouts.run(), "rollouts")
         self._spawn(parts.reassigner.reconcile(), "reassign-reconcile")
         if config.streams:
+            backoff = Backoff(first_s=0.5, max_s=5.0, rng=random.Random(self._rng.random()))
             self._spawn(claim_streams(group, {stream: config.node_id for stream in config.streams},
-                                      backoff=Backoff(first_s=0.5, max_s=5.0, rng=random.Random(self._rng.random()))),
+                                      backoff=backoff),
                         "claim-streams")
         if parts.inference is not None:
             self._spawn(watch_overload(node_id=config.node_id, group=group, runtime=parts.inference,
@@ -595,9 +602,9 @@ async def watch_certificate_expiry(credentials: Credentials) -> None:
     while True:
         left_s = certificate_expiry(credentials) - time.time()
         if left_s < CERT_WARN_BEFORE_S:
-            log.warning("this node's certificate %s expires in %.1f days; peers refuse it from then on: renew it "
-                        "with `mesh fleet renew %s` and install the new cert.pem and key.pem", credentials.cert_path,
-                        max(left_s, 0) / 86400, credentials.name)
+            log.warning("this node's certificate %s expires in %.1f days; peers refuse it from then on: "
+                        "renew it with `mesh fleet renew %s` and install the new cert.pem and key.pem",
+                        credentials.cert_path, max(left_s, 0) / 86400, credentials.name)
         await asyncio.sleep(CERT_CHECK_INTERVAL_S)  # a check period, not synchronisation
 
 
@@ -618,8 +625,8 @@ def check_identity(config: NodeConfig, credentials: Credentials) -> None:
     its messages because the sender does not match the caller); a private key readable by
     group or others is a key anyone on the device can take."""
     if credentials.role is not Role.NODE:
-        raise NodeStartError(f"{credentials.cert_path} is an {credentials.role.value} certificate; a node needs "
-                             f"its own node certificate (mesh fleet enroll {config.node_id})")
+        raise NodeStartError(f"{credentials.cert_path} is an {credentials.role.value} certificate; "
+                             f"a node needs its own node certificate (mesh fleet enroll {config.node_id})")
     if credentials.name != config.node_id:
         raise NodeStartError(
             f"node_id is {config.node_id!r} but {credentials.cert_path} is the certificate of "
@@ -631,8 +638,8 @@ def check_identity(config: NodeConfig, credentials: Credentials) -> None:
         except FileNotFoundError:
             continue
         if mode & 0o077:
-            raise NodeStartError(f"{path} is readable by group or others (mode {mode & 0o777:o}); it is a secret: "
-                                 f"run `chmod 600 {path}` and start again")
+            raise NodeStartError(f"{path} is readable by group or others (mode {mode & 0o777:o}); "
+                                 f"it is a secret: run `chmod 600 {path}` and start again")
 
 
 def _ignore_steering(steering: Steering) -> None:

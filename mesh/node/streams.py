@@ -73,6 +73,7 @@ class RoutedInference(InferenceServicer):
                                 f"stream {request.stream_id} is routed to {owner}, which is down; its "
                                 "streams are being reassigned (see `mesh admin pending` if the move waits "
                                 "for approval)")
+            raise AssertionError("grpc's context.abort returned")  # it raises; this tells type checkers
         remaining_s = context.time_remaining()
         try:
             reply = await self._dial(member.address, owner).Infer(

@@ -25,6 +25,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal, TypeVar, overload
 
 from mesh.rollout.health import MAX_COUNT, GateOutcome, HealthFormatError, SiteEvidence, Totals
 from mesh.rollout.plan import MAX_WAVES, ROLLOUT_ID_RE, RolloutError, SkipKind
@@ -53,6 +54,8 @@ class Serving(enum.Enum):
     TARGET = "target"
     OTHER = "other"  # another version of the model
 
+
+_T = TypeVar("_T")
 
 _STATES = tuple(RolloutState)
 _SERVING = tuple(Serving)
@@ -338,7 +341,13 @@ class _Reader:
         except UnicodeDecodeError:
             raise AnnounceFormatError("rollout notes: a name is not UTF-8") from None
 
-    def choice(self, options: tuple, what: str, *, optional: bool):
+    @overload
+    def choice(self, options: tuple[_T, ...], what: str, *, optional: Literal[False]) -> _T: ...
+
+    @overload
+    def choice(self, options: tuple[_T, ...], what: str, *, optional: Literal[True]) -> _T | None: ...
+
+    def choice(self, options: tuple[_T, ...], what: str, *, optional: bool) -> _T | None:
         code = self.byte()
         if optional:
             if code == 0:

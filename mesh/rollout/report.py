@@ -30,13 +30,14 @@ def overall_state(states: Iterable[RolloutState]) -> str:
     found = set(states)
     if not found:
         return "unregistered"
-    for state in (
+    most_pressing_first: tuple[RolloutState, ...] = (
         RolloutState.ABORTED,
         RolloutState.PAUSED,
         RolloutState.WAITING_APPROVAL,
         RolloutState.SOAKING,
         RolloutState.PENDING,
-    ):
+    )
+    for state in most_pressing_first:
         if state in found:
             return state.value
     return RolloutState.COMPLETED.value
@@ -50,23 +51,29 @@ def _site_rows(
     own_verdict: Mapping[str, Any] | None,
     peers: list[PeerView],
     site_views: Mapping[tuple[str, str], Mapping[str, Any]],
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     sites = sorted(
         {p.site for p in peers if p.site and (selected(plan, p) or p.note(plan) is not None)}
         | ({site} if site else set())
     )
     rows = []
     for s in sites:
+        # Each note with the state it announces (notes of members that have not registered the plan
+        # carry none and are left out).
         notes = [
-            (p, n) for p in peers if p.site == s and (n := p.note(plan)) is not None and n.state is not None
+            (p, n, n.state)
+            for p in peers
+            if p.site == s and (n := p.note(plan)) is not None and n.state is not None
         ]
         seen = site_views.get((s, plan.rollout_id))
         if s == site and own is not None:
             state, wave, reason, source = own.state, own.wave, own.reason, "this node's replica"
         elif notes:
             # The leader's note (it carries the verdict) is the freshest; else the most advanced replica.
-            peer, note = max(notes, key=lambda pn: (pn[1].verdict is not None, pn[1].state.final, pn[1].wave))
-            state, wave, source = note.state, note.wave, f"announced by {peer.node_id}"
+            peer, note, note_state = max(
+                notes, key=lambda pns: (pns[1].verdict is not None, pns[2].final, pns[1].wave)
+            )
+            state, wave, source = note_state, note.wave, f"announced by {peer.node_id}"
             reason = ""
             if (
                 seen is not None
@@ -93,9 +100,9 @@ def _site_rows(
         elif seen is not None and seen.get("verdict"):
             verdict = {"outcome": seen["verdict"]["outcome"], "reason": seen["verdict"]["reason"]}
         else:
-            leader_note = next((n for _, n in notes if n.verdict is not None), None)
-            if leader_note is not None:
-                verdict = {"outcome": leader_note.verdict.value, "reason": ""}
+            leader_verdict = next((n.verdict for _, n, _ in notes if n.verdict is not None), None)
+            if leader_verdict is not None:
+                verdict = {"outcome": leader_verdict.value, "reason": ""}
         shown = SiteRollout(plan.rollout_id, plan.digest, state=state, wave=wave, reason=reason)
         rows.append(
             {

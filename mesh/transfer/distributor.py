@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import math
 import random
@@ -227,7 +228,8 @@ class Distributor:
         self._loop_task = asyncio.create_task(self._run(), name=f"transfer-{self.node_id}")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._loop_task, *self._tasks.values(), *self._checking.values()) if t is not None]
+        tasks = [t for t in (self._loop_task, *self._tasks.values(), *self._checking.values())
+                 if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -286,7 +288,7 @@ class Distributor:
         for key, progress in self.progress.items():
             row = rows.setdefault(key, dict(name=progress.name, version=progress.version,
                                             origin=False, have_chunks=0, total_chunks=0))
-            if not (row.get("phase") == Phase.COMPLETE.value):
+            if row.get("phase") != Phase.COMPLETE.value:
                 row["phase"] = progress.phase.value
             row["error"] = progress.error if progress.phase is Phase.FAILED else ""
             row["bytes_downloaded"] = progress.bytes_downloaded
@@ -317,7 +319,8 @@ class Distributor:
         if self._tasks:
             self._gc_pending = True
             return 0
-        downloading, pinned = set(self._tasks), set(self._pinned())  # read on the loop, used in the sweep's thread
+        # Read on the loop, used in the sweep's thread.
+        downloading, pinned = set(self._tasks), set(self._pinned())
         keep_per_model = self.settings.keep_per_model
         try:
             kept, freed = await asyncio.to_thread(
@@ -395,7 +398,8 @@ class Distributor:
 
     def _set_holding(self, manifest: Manifest, have: Bitfield) -> None:
         key = (manifest.name, manifest.version)
-        self._holdings[key] = Holding(manifest.name, manifest.version, manifest.digest, have, key in self._origin)
+        self._holdings[key] = Holding(manifest.name, manifest.version, manifest.digest, have,
+                                      key in self._origin)
 
     def _announce(self) -> None:
         """Publish our holdings in membership metadata. If they do not fit, partial holdings go
@@ -477,7 +481,8 @@ class Distributor:
             if key not in self._tasks and key not in self._complete:
                 self.fetch(*key)
         # Verify the announcements that would be wanted if they are genuine, newest first.
-        for ident, member in sorted(unverified.items(), key=lambda im: version_order_key(im[0][1]), reverse=True):
+        for ident, member in sorted(unverified.items(), key=lambda im: version_order_key(im[0][1]),
+                                    reverse=True):
             if len(self._checking) >= MAX_CHECKS:
                 break
             key = ident[:2]
@@ -488,10 +493,11 @@ class Distributor:
                 continue
             task = asyncio.create_task(self._check(ident, member), name=f"check-{key[0]}-{key[1]}")
             self._checking[ident] = task
-            task.add_done_callback(lambda _t, ident=ident: self._checking.pop(ident, None))
+            task.add_done_callback(functools.partial(self._check_done, ident))
 
     def _banned(self, announcer: str, model: str, now: float) -> bool:
-        return self._bans.get((announcer, model), -math.inf) > now or self._bans.get((announcer, ""), -math.inf) > now
+        return (self._bans.get((announcer, model), -math.inf) > now
+                or self._bans.get((announcer, ""), -math.inf) > now)
 
     def _refuse(self, ident: tuple[str, str, str], announcer: str, why: str) -> None:
         """Refuse a version for good, and ignore its announcer's announcements of that model (of
@@ -505,8 +511,11 @@ class Distributor:
         if strikes >= MAX_STRIKES:
             self._bans[(announcer, "")] = now + self.settings.ban_s
             scope = "announcements"
-        log.error("refusing %s %s announced by %s: %s; ignoring its %s for %.0fs", name, version, announcer, why,
-                  scope, self.settings.ban_s)
+        log.error("refusing %s %s announced by %s: %s; ignoring its %s for %.0fs", name, version, announcer,
+                  why, scope, self.settings.ban_s)
+
+    def _check_done(self, ident: tuple[str, str, str], _task: asyncio.Task[None]) -> None:
+        self._checking.pop(ident, None)
 
     async def _check(self, ident: tuple[str, str, str], member: MemberView) -> None:
         """Fetch and verify the manifest `member` announced, in memory; a genuine one may then
@@ -524,8 +533,8 @@ class Distributor:
             if (signed.manifest.name, signed.manifest.version) != (name, version):
                 raise ManifestError(f"it served the manifest of {signed.manifest.label} for {name} {version}")
             if signed.digest != digest:
-                raise ManifestError(f"it served a manifest with digest {signed.digest[:16]}..., but announced "
-                                    f"{digest[:16]}...")
+                raise ManifestError(f"it served a manifest with digest {signed.digest[:16]}..., "
+                                    f"but announced {digest[:16]}...")
             verify_manifest(signed, self.trusted)
         except ManifestError as exc:
             self._refuse(ident, member.node_id, str(exc))
@@ -617,7 +626,8 @@ class Distributor:
                 log.debug("manifest of %s %s from %s failed: %s", name, version, member.node_id, exc)
                 continue
             except ManifestError as exc:
-                log.warning("%s served a malformed manifest for %s %s: %s", member.node_id, name, version, exc)
+                log.warning("%s served a malformed manifest for %s %s: %s", member.node_id, name, version,
+                            exc)
                 continue
             if (signed.manifest.name, signed.manifest.version) != (name, version):
                 # A genuine manifest of another version under this one's name would make us
@@ -705,8 +715,8 @@ class Distributor:
                     counters.banned_until[event.peer_id] = max(event.until,
                                                                counters.banned_until.get(event.peer_id, 0.0))
                     log.warning("banned %s from %s %s until %.0fs from now (%s on chunk %d)", event.peer_id,
-                                manifest.name, manifest.version, event.until - self._now(), event.reason.value,
-                                event.index)
+                                manifest.name, manifest.version, event.until - self._now(),
+                                event.reason.value, event.index)
 
         progress.have_chunks = have.count()
         progress.bytes_have = sum(sizes[i] for i in have.present())
@@ -772,7 +782,8 @@ class Distributor:
         try:
             stub = self._dial(address, peer_id)
             async with asyncio.timeout(self.settings.request_timeout_s):
-                call = stub.FetchChunk(pb.ChunkRequest(name=manifest.name, version=manifest.version, index=index))
+                call = stub.FetchChunk(pb.ChunkRequest(name=manifest.name, version=manifest.version,
+                                                       index=index))
                 async for piece in call:
                     received += len(piece.data)
                     if received > ref.size_bytes:

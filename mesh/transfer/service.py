@@ -85,7 +85,8 @@ class OriginPolicy:
         if count >= self.max_refusals:
             return None
         self._refusals[(*key, requester)] = count + 1
-        return f"the origin already sent chunk {index} of {name} {version} into the swarm; fetch it from peers"
+        return (f"the origin already sent chunk {index} of {name} {version} into the swarm; "
+                "fetch it from peers")
 
     def started(self, name: str, version: str, index: int) -> None:
         if self.is_origin(name, version):
@@ -116,7 +117,9 @@ class TransferServicer(pb_grpc.TransferServicer):
     async def _require_node(self, context: grpc.aio.ServicerContext) -> str:
         peer = peer_identity(context)
         if peer is None or peer.role is not Role.NODE:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "transfer calls need a fleet node certificate")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "transfer calls need a fleet node certificate")
+            raise AssertionError("grpc's context.abort returned")  # it raises; this tells type checkers
         return peer.name
 
     async def _names(self, request, context) -> tuple[str, str]:
@@ -124,6 +127,8 @@ class TransferServicer(pb_grpc.TransferServicer):
             return check_name(request.name, "model name"), check_name(request.version, "model version")
         except ArtifactError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            # It raises; this tells type checkers.
+            raise AssertionError("grpc's context.abort returned") from None
 
     async def _manifest(self, name: str, version: str, context):
         try:
@@ -147,7 +152,8 @@ class TransferServicer(pb_grpc.TransferServicer):
         manifest = (await self._manifest(name, version, context)).manifest
         if request.index >= len(manifest.chunks):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{name} {version} has chunks 0..{len(manifest.chunks) - 1}, not {request.index}")
+                                f"{name} {version} has chunks 0..{len(manifest.chunks) - 1}, "
+                                f"not {request.index}")
         ref = manifest.chunks[request.index]
         if not self._store.has_chunk(ref.sha256):
             await context.abort(grpc.StatusCode.NOT_FOUND,
@@ -168,7 +174,8 @@ class TransferServicer(pb_grpc.TransferServicer):
                     data = await asyncio.to_thread(self._store.read_chunk, ref.sha256)
                 except (BadChunkError, MissingChunkError) as exc:  # rotted, or collected since has_chunk
                     log.warning("not serving chunk %d of %s %s: %s", request.index, name, version, exc)
-                    await context.abort(grpc.StatusCode.NOT_FOUND, f"chunk {request.index} is no longer held here")
+                    await context.abort(grpc.StatusCode.NOT_FOUND,
+                                        f"chunk {request.index} is no longer held here")
                 except (ArtifactError, OSError) as exc:
                     log.error("cannot read chunk %d of %s %s: %s", request.index, name, version, exc)
                     await context.abort(grpc.StatusCode.INTERNAL, f"chunk {request.index} is unreadable here")

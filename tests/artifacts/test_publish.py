@@ -164,7 +164,8 @@ def test_a_new_version_is_chunked_like_the_last_one_published_here(tmp_path):
     assert to_fetch < second.size_bytes // 10, to_fetch
     assert store.published_chunking("hand") == ("1.1", ChunkParams(avg_size_bytes=64 * 1024))
     # The same v2 cut with the defaults (what happened before parameters were remembered):
-    fresh = publish(v2, name="hand", version="1.1", key=PUBLISHER, store=ArtifactStore(tmp_path / "other")).manifest
+    fresh = publish(v2, name="hand", version="1.1", key=PUBLISHER,
+                    store=ArtifactStore(tmp_path / "other")).manifest
     assert sum(c.size_bytes for c in delta(first, fresh)) > second.size_bytes // 2
 
 
@@ -177,7 +178,8 @@ def test_cli_says_which_chunking_a_version_got(tmp_path, fleet):
     for run in runs:
         assert run.returncode == 0, run.stderr
     got = [json.loads(run.stdout) for run in runs]
-    assert [(g["chunk_avg_bytes"], g["chunking_from"]) for g in got] == [(65536, None), (65536, "1"), (131072, None)]
+    assert [(g["chunk_avg_bytes"], g["chunking_from"]) for g in got] == [
+        (65536, None), (65536, "1"), (131072, None)]
 
 
 def test_a_publish_cut_short_is_finished_by_running_it_again(tmp_path, monkeypatch):

@@ -383,7 +383,8 @@ def test_stray_files_do_not_break_listing_or_gc(tmp_path, origin):
 def test_published_versions_are_marked_as_originating_here_and_the_mark_survives_reopen(tmp_path, origin):
     src, published = origin
     store = ArtifactStore(tmp_path)
-    publish(wakeword_model("okay_nabu"), name="okay-nabu", version="1.0", key=PUBLISHER, store=store, params=SMALL)
+    publish(wakeword_model("okay_nabu"), name="okay-nabu", version="1.0", key=PUBLISHER, store=store,
+            params=SMALL)
     copy_version(src, store, published["hey-jarvis"])  # received from a peer: not ours
     store.assemble(published["hey-jarvis"].manifest)
     reopened = ArtifactStore(tmp_path)
@@ -436,7 +437,8 @@ def test_a_sweep_that_must_not_wait_gives_way_to_a_publish(tmp_path, origin):
 def test_only_the_newest_version_published_here_decides_the_next_chunking(tmp_path, origin):
     src, published = origin
     store = ArtifactStore(tmp_path)
-    publish(wakeword_model("okay_nabu"), name="okay-nabu", version="0.9", key=PUBLISHER, store=store, params=SMALL)
+    publish(wakeword_model("okay_nabu"), name="okay-nabu", version="0.9", key=PUBLISHER, store=store,
+            params=SMALL)
     assert store.published_chunking("okay-nabu") == ("0.9", SMALL)
     copy_version(src, store, published["okay-nabu"])  # 1.0, received from a peer: does not count
     assert store.published_chunking("okay-nabu") == ("0.9", SMALL)
@@ -480,8 +482,8 @@ def test_gc_of_a_version_sharing_chunks_with_a_kept_model_writes_nothing_back(tm
     store, v1, v2 = two_versions_sharing_chunks(tmp_path, src, published)
     writes = []
     real = ArtifactStore._write_atomic
-    monkeypatch.setattr(ArtifactStore, "_write_atomic", lambda self, final, *a, **k: (writes.append(final),
-                                                                                       real(self, final, *a, **k)))
+    monkeypatch.setattr(ArtifactStore, "_write_atomic",
+                        lambda self, final, *a, **k: (writes.append(final), real(self, final, *a, **k)))
     freed = store.gc({("okay-nabu", "2.0")})
     assert writes == [] and list(store.chunk_names()) == []
     assert v1.size_bytes <= freed < v1.size_bytes + 8192  # the model and its manifest, nothing counted twice
@@ -556,7 +558,8 @@ def test_a_chunk_a_complete_model_holds_is_not_stored_again(tmp_path, origin):
     store, v1, v2 = two_versions_sharing_chunks(tmp_path, src, published)
     v3 = sign_manifest(dataclasses.replace(v1, version="3.0"), PUBLISHER)
     store.save_manifest(v3, trusted=TRUST)
-    store.put_manifest_chunk(v3.manifest, 0, src.read_chunk(v1.chunks[0].sha256))  # say, a peer sent it anyway
+    # Say, a peer sent it anyway.
+    store.put_manifest_chunk(v3.manifest, 0, src.read_chunk(v1.chunks[0].sha256))
     assert list(store.chunk_names()) == []
     assert store.bitfield(v3.manifest).complete
 

@@ -254,7 +254,8 @@ class _FileGadget:
 
 
 @pytest.mark.asyncio
-async def test_a_pickle_gadget_proposed_by_a_member_runs_nowhere_and_the_group_goes_on(raft_cluster, tmp_path):
+async def test_a_pickle_gadget_proposed_by_a_member_runs_nowhere_and_the_group_goes_on(raft_cluster,
+                                                                                        tmp_path):
     """A member (valid certificate, hostile intent) forwards a command whose bytes are a pickle
     gadget; the leader appends it as any command, every replica reads it with the plain-value
     reader, skips it, and keeps committing."""
@@ -266,10 +267,12 @@ async def test_a_pickle_gadget_proposed_by_a_member_runs_nowhere_and_the_group_g
     before = hook_counts().get("unsafe_pickle_refused", 0)
     hostile = next(g for g in groups if g is not leader)
     endpoint = c.endpoints[hostile.node_id]
-    stub = raft_pb2_grpc.RaftStub(endpoint.channels.channel(c.endpoints[leader.node_id].address, leader.node_id))
+    stub = raft_pb2_grpc.RaftStub(endpoint.channels.channel(c.endpoints[leader.node_id].address,
+                                                            leader.node_id))
     call = stub.Exchange(metadata=((GROUP_KEY, c.group),))
     assert (await call.read()).node_id == leader.node_id  # accepted: it is a member
-    await call.write(raft_pb2.RaftBatch(frames=[encode_message({"type": "apply_command", "command": gadget})]))
+    await call.write(raft_pb2.RaftBatch(
+        frames=[encode_message({"type": "apply_command", "command": gadget})]))
     await wait_for(lambda: hook_counts().get("unsafe_pickle_refused", 0) >= before + 3, 10.0,
                    "every replica refused the entry")
     call.cancel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 
@@ -14,14 +15,15 @@ from mesh.consensus import safe_pickle
 from mesh.consensus.wire import MAX_FRAME_BYTES, FrameError, decode_message, encode_message
 
 plain = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20)
-    | st.binary(max_size=40),
-    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                         max_size=4),
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20) | st.binary(max_size=40),
+    lambda inner: (st.lists(inner, max_size=4) | st.tuples(inner, inner)
+                   | st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=20)
 
 
-@given(st.dictionaries(st.text(max_size=10), plain, max_size=5), st.sampled_from(["append_entries", "request_vote"]))
+@given(st.dictionaries(st.text(max_size=10), plain, max_size=5),
+       st.sampled_from(["append_entries", "request_vote"]))
 def test_plain_messages_round_trip_exactly(fields, kind) -> None:
     fields.pop("transmission", None)
     message = {**fields, "type": kind}
@@ -33,7 +35,8 @@ def test_pysyncobj_message_shapes_round_trip_with_tuples_kept() -> None:
                "entries": [(b"\x01cmd", 7, 3), (b"\x01cmd2", 8, 3)]}
     decoded = decode_message(encode_message(message))
     assert decoded == message and isinstance(decoded["entries"][0], tuple)
-    serialized = {"type": "append_entries", "term": 3, "commit_index": 7, "serialized": (b"data", True, False)}
+    serialized = {"type": "append_entries", "term": 3, "commit_index": 7,
+                  "serialized": (b"data", True, False)}
     assert decode_message(encode_message(serialized)) == serialized
 
 
@@ -59,10 +62,8 @@ def test_objects_cannot_be_encoded_and_foreign_frames_are_refused() -> None:
 
 @given(st.binary(max_size=200))
 def test_any_bytes_decode_or_raise_frame_error(data) -> None:
-    try:
+    with contextlib.suppress(FrameError):
         decode_message(data)
-    except FrameError:
-        pass
 
 
 def test_plain_pickles_load_and_gadgets_are_refused(tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -60,10 +61,8 @@ def test_malformed_documents_name_the_field(change, message):
 
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_raise_revocation_error(data):
-    try:
+    with contextlib.suppress(RevocationError):
         parse_revocation(data)
-    except RevocationError:
-        pass
 
 
 def test_a_revocation_covers_older_certificates_or_one_serial():
@@ -72,7 +71,8 @@ def test_a_revocation_covers_older_certificates_or_one_serial():
     assert not everything.covers("cam-07", "ab12", not_before=1001.0)  # a replacement enrolled later
     assert not everything.covers("cam-08", "ab12", not_before=999.0)
     one = sign_revocation(OPERATOR, "cam-07", reason="key leaked", now=1000.0, serial="AB12")
-    assert one.covers("cam-07", "ab12", not_before=2000.0) and not one.covers("cam-07", "ab13", not_before=0.0)
+    assert one.covers("cam-07", "ab12", not_before=2000.0)
+    assert not one.covers("cam-07", "ab13", not_before=0.0)
 
 
 @given(st.lists(st.tuples(node_ids, reasons), max_size=6), st.randoms())

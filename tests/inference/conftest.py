@@ -112,8 +112,9 @@ def model_input(signature: ModelSignature, seed: int = 0) -> list[np.ndarray]:
 
 
 def request_for(signature: ModelSignature, arrays: list[np.ndarray], **fields) -> pb.InferRequest:
-    return pb.InferRequest(inputs=[pb.Tensor(name=s.name, dtype=a.dtype.name, shape=list(a.shape), data=a.tobytes())
-                                   for s, a in zip(signature.inputs, arrays)], **fields)
+    return pb.InferRequest(inputs=[pb.Tensor(name=s.name, dtype=a.dtype.name, shape=list(a.shape),
+                                             data=a.tobytes())
+                                   for s, a in zip(signature.inputs, arrays, strict=True)], **fields)
 
 
 def outputs_of(response: pb.InferResponse) -> dict[str, np.ndarray]:

@@ -39,9 +39,11 @@ def test_choice_is_usable_and_never_the_active_one(complete, refused, active) ->
 
 def test_a_restarted_node_that_keeps_its_version_resumes_it_not_the_newest() -> None:
     # In a site that moves versions only by rollouts, a restart must not jump to the newest on disk.
-    assert choose_active("m", ["1", "2"], refused=set(), active=None, keep=True, resume="1") == Activate("m", "1")
+    assert choose_active("m", ["1", "2"], refused=set(), active=None, keep=True,
+                         resume="1") == Activate("m", "1")
     # Nothing to resume (a new device), or it is gone: the newest allowed one.
-    assert choose_active("m", ["1", "2"], refused=set(), active=None, keep=True, resume=None) == Activate("m", "2")
+    assert choose_active("m", ["1", "2"], refused=set(), active=None, keep=True,
+                         resume=None) == Activate("m", "2")
     assert choose_active("m", ["2"], refused=set(), active=None, keep=True, resume="1") == Activate("m", "2")
     # Without keep (no site group), the newest wins as before.
     assert choose_active("m", ["1", "2"], refused=set(), active=None, resume="1") == Activate("m", "2")

@@ -27,7 +27,7 @@ from tests.models import mediapipe_model, wakeword_model, wakeword_models
 
 
 def wire_inputs(signature, arrays):
-    return [encode_tensor(spec.name, a) for spec, a in zip(signature.inputs, arrays)]
+    return [encode_tensor(spec.name, a) for spec, a in zip(signature.inputs, arrays, strict=True)]
 
 
 def direct(backend, path, arrays):
@@ -45,7 +45,7 @@ def test_real_model_activates_and_matches_a_direct_run(make_runtime, backend, pa
     assert (result.model, result.version, result.finite) == (path.stem, "1.0.0", True)
     want = direct(backend, path, arrays)
     assert [name for name, _ in result.outputs] == [s.name for s in signature.outputs]
-    for (_, got), expected in zip(result.outputs, want):
+    for (_, got), expected in zip(result.outputs, want, strict=True):
         np.testing.assert_array_equal(got, expected)
 
 
@@ -92,7 +92,8 @@ def test_nan_model_is_refused_and_previous_keeps_serving(make_runtime, tmp_path)
     x = np.random.default_rng(0).standard_normal((1, 128)).astype(np.float32)
     result = runtime.infer(wire_inputs(mlp_signature(), [x]), timeout_s=30)
     assert result.version == "1"
-    np.testing.assert_allclose(result.outputs[0][1], mlp_reference(mlp_layers(seed=1), x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(result.outputs[0][1], mlp_reference(mlp_layers(seed=1), x),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("manifest, words", [
@@ -100,7 +101,8 @@ def test_nan_model_is_refused_and_previous_keeps_serving(make_runtime, tmp_path)
     (mlp_signature((128, 768, 768, 10)), ["'output'", "[1, 64]", "[1, 10]"]),
     (ModelSignature(inputs=(TensorSpec("input", "int8", (1, 128), scale=0.1),),
                     outputs=mlp_signature().outputs), ["'input'", "dtype float32", "int8"]),
-    (ModelSignature(inputs=mlp_signature().inputs, outputs=mlp_signature().outputs * 2), ["1 outputs", "says 2"]),
+    (ModelSignature(inputs=mlp_signature().inputs, outputs=mlp_signature().outputs * 2),
+     ["1 outputs", "says 2"]),
 ])
 def test_signature_mismatch_is_refused(make_runtime, tmp_path, manifest, words):
     runtime = make_runtime()
@@ -248,7 +250,8 @@ def test_every_truncation_of_a_real_model_is_refused_in_process(backend, model):
     """Cut a real model at 48 places: each cut is refused with ModelLoadError, and this process (which
     loads them in-process, no child) survives to count them."""
     if backend.name == "tflite-runtime":
-        assert backend._verify is not None, "tflite-runtime's verifier was not found: the cuts below would crash"
+        assert backend._verify is not None, \
+            "tflite-runtime's verifier was not found: the cuts below would crash"
     path = wakeword_model(model) if model == "alexa" else mediapipe_model(model)
     content = path.read_bytes()
     for cut in sorted({int(len(content) * i / 48) for i in range(48)}):

@@ -39,7 +39,7 @@ async def test_infer_over_mtls_equals_a_direct_run(make_runtime, serve, backend,
     got = outputs_of(response)
     want = backend.load(path).invoke(arrays)
     assert list(got) == [s.name for s in signature.outputs]
-    for spec, expected in zip(signature.outputs, want):
+    for spec, expected in zip(signature.outputs, want, strict=True):
         assert got[spec.name].dtype == expected.dtype
         np.testing.assert_array_equal(got[spec.name], expected)
 
@@ -60,7 +60,7 @@ async def test_infer_batch_returns_every_result_in_order(make_runtime, serve, ba
     reply = await stub.InferBatch(requests(), timeout=TIMEOUT_S)
     assert [r.stream_id for r in reply.results] == [f"s{i}" for i in range(6)]
     direct = backend.load(path)
-    for result, arrays in zip(reply.results, inputs):
+    for result, arrays in zip(reply.results, inputs, strict=True):
         assert result.version == "1"
         np.testing.assert_array_equal(outputs_of(result)["regressors"], direct.invoke(arrays)[0])
 
@@ -129,7 +129,8 @@ async def test_bad_batch_item_names_its_index(make_runtime, serve):
 
 
 @pytest.mark.asyncio
-async def test_bad_models_are_refused_while_the_previous_version_serves(make_runtime, serve, tmp_path, backend):
+async def test_bad_models_are_refused_while_the_previous_version_serves(make_runtime, serve, tmp_path,
+                                                                        backend):
     runtime = make_runtime()
     stub = await serve(runtime)
     path = mediapipe_model("hand_landmark_lite")
@@ -152,7 +153,8 @@ def _malformed_requests(spec_name: str, good: pb.Tensor) -> list[pb.InferRequest
     hypothesis cannot drive an async test on the session loop itself)."""
     collected: list[pb.InferRequest] = []
     n = len(good.data)
-    shapes = st.lists(st.integers(-(1 << 63), (1 << 63) - 1), max_size=9).filter(lambda s: s != list(good.shape))
+    shapes = st.lists(st.integers(-(1 << 63), (1 << 63) - 1),
+                      max_size=9).filter(lambda s: s != list(good.shape))
     tensors = st.one_of(
         # wrong dtype
         st.sampled_from([d for d in DTYPES if d != good.dtype] + ["float64", "", "i1", "uint8 "]).map(
@@ -178,7 +180,8 @@ def _malformed_requests(spec_name: str, good: pb.Tensor) -> list[pb.InferRequest
 
 
 @pytest.mark.asyncio
-async def test_malformed_tensors_get_invalid_argument_and_the_server_keeps_serving(make_runtime, serve, backend):
+async def test_malformed_tensors_get_invalid_argument_and_the_server_keeps_serving(make_runtime, serve,
+                                                                                   backend):
     runtime = make_runtime()
     stub = await serve(runtime)
     path = wakeword_model("hey_mycroft")
@@ -220,8 +223,8 @@ async def test_hot_swap_and_rollback_under_load_lose_no_request(make_runtime, se
                 failures.append(exc)
                 continue
             got = outputs_of(response)
-            if not all(np.array_equal(got[s.name], want) for s, want in zip(signature.outputs,
-                                                                             expected[response.version])):
+            if not all(np.array_equal(got[s.name], want)
+                       for s, want in zip(signature.outputs, expected[response.version], strict=True)):
                 failures.append(AssertionError(f"outputs do not match version {response.version}"))
             seen.append(response.version)
 
@@ -233,7 +236,8 @@ async def test_hot_swap_and_rollback_under_load_lose_no_request(make_runtime, se
         during_activation = len(seen) - before
         await wait_for(lambda: seen[-16:] == ["2"] * 16, TIMEOUT_S, "responses from v2", interval_s=0.005)
         await asyncio.to_thread(runtime.rollback)
-        await wait_for(lambda: seen[-16:] == ["1"] * 16, TIMEOUT_S, "responses from v1 after rollback", interval_s=0.005)
+        await wait_for(lambda: seen[-16:] == ["1"] * 16, TIMEOUT_S, "responses from v1 after rollback",
+                       interval_s=0.005)
     finally:
         stop.set()
         await asyncio.gather(*clients)

@@ -24,7 +24,8 @@ from mesh.inference.tensors import (
     encode_tensor,
 )
 
-SIG = ModelSignature(inputs=(TensorSpec("image", "float32", (1, 4, 4, 3)), TensorSpec("mask", "int8", (-1, 2))),
+SIG = ModelSignature(inputs=(TensorSpec("image", "float32", (1, 4, 4, 3)),
+                             TensorSpec("mask", "int8", (-1, 2))),
                      outputs=(TensorSpec("score", "float32", (1, 1)),))
 
 
@@ -46,10 +47,12 @@ def test_valid_request_decodes_in_signature_order():
 
 @pytest.mark.parametrize("mutate, words", [
     (lambda t: [WireTensor("image", "float64", t[0].shape, t[0].data * 2), t[1]], ["'image'", "float64"]),
-    (lambda t: [WireTensor("image", "complex64", t[0].shape, t[0].data), t[1]], ["'image'", "not a supported"]),
+    (lambda t: [WireTensor("image", "complex64", t[0].shape, t[0].data), t[1]],
+     ["'image'", "not a supported"]),
     (lambda t: [WireTensor("image", "float32", (1, 4, 3, 4), t[0].data), t[1]], ["'image'", "[1, 4, 3, 4]"]),
     (lambda t: [WireTensor("image", "float32", t[0].shape, t[0].data[:-1]), t[1]], ["'image'", "191 bytes"]),
-    (lambda t: [WireTensor("image", "float32", t[0].shape, t[0].data + b"x"), t[1]], ["'image'", "exactly 192"]),
+    (lambda t: [WireTensor("image", "float32", t[0].shape, t[0].data + b"x"), t[1]],
+     ["'image'", "exactly 192"]),
     (lambda t: [t[0], WireTensor("mask", "int8", (1 << 40, 2), b"")], ["'mask'", "dimension"]),
     (lambda t: [t[0], WireTensor("mask", "int8", (1 << 23, 1 << 23), b"")], ["'mask'", "shape"]),
     (lambda t: [t[0], WireTensor("mask", "int8", (-3, 2), b"")], ["'mask'", "-3"]),
@@ -101,7 +104,8 @@ def test_arbitrary_tensors_decode_or_raise_tensor_error(tensors):
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_non_finite_float_input_is_refused_naming_the_tensor(value, dtype):
-    signature = ModelSignature(inputs=(TensorSpec("image", dtype, (1, 4)), TensorSpec("mask", "int8", (1, 2))),
+    signature = ModelSignature(inputs=(TensorSpec("image", dtype, (1, 4)),
+                                       TensorSpec("mask", "int8", (1, 2))),
                                outputs=(TensorSpec("score", "float32", (1, 1)),))
     image = np.array([[0.5, value, 1.0, value]], dtype=dtype)
     tensors = [wire("image", image), wire("mask", np.array([[1, 2]], np.int8))]
@@ -136,7 +140,8 @@ def test_a_request_whose_tensors_together_exceed_the_limit_is_refused():
     limits = TensorLimits(max_tensor_bytes=200, max_request_bytes=197)
     with pytest.raises(RequestTooLarge) as info:
         decode_inputs(valid(), SIG, limits)  # 192 + 6 bytes fit alone, not together
-    assert "198 bytes" in str(info.value) and "'image' 192" in str(info.value) and "197 bytes one request" in str(info.value)
+    message = str(info.value)
+    assert "198 bytes" in message and "'image' 192" in message and "197 bytes one request" in message
     assert info.value.reason == "too_large"
     with pytest.raises(RequestTooLarge, match="'image'.*more than the limit of 100"):
         decode_inputs(valid(), SIG, TensorLimits(max_tensor_bytes=100))

@@ -160,7 +160,8 @@ def test_unknown_node_ids_are_not_found(node_channel):
         stub.Ping(pb.Ping(sender=ATTACKER, target="somebody-else", seq=1), timeout=5)
     assert err.value.code() is grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as err:
-        stub.PingReq(pb.PingReq(sender=ATTACKER, target="never-heard-of", target_address="127.0.0.1:1", seq=1),
+        stub.PingReq(pb.PingReq(sender=ATTACKER, target="never-heard-of", target_address="127.0.0.1:1",
+                                seq=1),
                      timeout=5)
     assert err.value.code() is grpc.StatusCode.NOT_FOUND
     still_serving(node_channel)

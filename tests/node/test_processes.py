@@ -45,7 +45,8 @@ class ProcessCluster:
 
     def view(self, node_id: str) -> dict[str, tuple[State, int]] | None:
         try:
-            return {m.node_id: (State(m.state), m.incarnation) for m in self.procs[node_id].admin.status().members}
+            members = self.procs[node_id].admin.status().members
+            return {m.node_id: (State(m.state), m.incarnation) for m in members}
         except AdminError:
             return None
 
@@ -55,7 +56,8 @@ class ProcessCluster:
     def check_alive(self) -> None:
         for p in self.procs.values():
             if p.process.poll() not in (None, -signal.SIGKILL):
-                raise AssertionError(f"{p.node_id} exited with {p.process.returncode}:\n{p.log.read_text()[-3000:]}")
+                raise AssertionError(f"{p.node_id} exited with {p.process.returncode}:\n"
+                                     f"{p.log.read_text()[-3000:]}")
 
     def converged(self, ids) -> bool:
         for node_id in ids:
@@ -125,7 +127,8 @@ def test_paused_node_refutes_suspicion_and_stays_alive(processes):
     before = c.view(others[0])[paused.node_id][1]
     paused.process.send_signal(signal.SIGSTOP)
     try:
-        c.wait(lambda: any((c.view(o) or {}).get(paused.node_id, (None,))[0] is State.SUSPECT for o in others),
+        c.wait(lambda: any((c.view(o) or {}).get(paused.node_id, (None,))[0] is State.SUSPECT
+                           for o in others),
                10, "someone suspects the paused node")
     finally:
         paused.process.send_signal(signal.SIGCONT)

@@ -45,7 +45,8 @@ async def test_readyz_follows_join_and_model_and_healthz_the_loop(fleet, tmp_pat
 
         # A peer joins through this node (its seed): joined, but still no model.
         peer = await c.add("node-01", site="berlin", seeds=[node.address])
-        await wait_for(lambda: node.readiness()[1] == ["no version of model mlp is active yet"], 10.0, "joined")
+        await wait_for(lambda: node.readiness()[1] == ["no version of model mlp is active yet"], 10.0,
+                       "joined")
         path = tmp_path / "mlp.tflite"
         path.write_bytes(mlp_model((8, 16, 2), seed=1))
         key = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)

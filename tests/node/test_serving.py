@@ -29,8 +29,8 @@ def serving(cluster, version: str) -> bool:
 
 async def infer(node, fleet, x: np.ndarray) -> inference_pb2.InferResponse:
     creds = channel_credentials(fleet.node_credentials("client-1"))
-    async with grpc.aio.secure_channel(node.address, creds,
-                                       options=secure_channel_options(peer_id=node.config.node_id)) as channel:
+    options = secure_channel_options(peer_id=node.config.node_id)
+    async with grpc.aio.secure_channel(node.address, creds, options=options) as channel:
         request = inference_pb2.InferRequest(inputs=[inference_pb2.Tensor(
             name="input", dtype="float32", shape=list(x.shape), data=x.tobytes())])
         return await inference_pb2_grpc.InferenceStub(channel).Infer(request, timeout=10)
@@ -50,7 +50,8 @@ async def test_every_node_serves_the_newest_release_and_refuses_a_bad_one(cluste
     def direct(version: str) -> np.ndarray:
         return load_backend().load(paths[version]).invoke([x])[0]
 
-    origin.distributor.add_published(publish(paths["1"], name="mlp", version="1", key=key, store=origin.store))
+    origin.distributor.add_published(publish(paths["1"], name="mlp", version="1", key=key,
+                                             store=origin.store))
     await wait_for(lambda: serving(c, "1"), 30.0, what="every node serves mlp 1")
     for node in c.nodes.values():
         reply = await infer(node, fleet, x)
@@ -58,14 +59,17 @@ async def test_every_node_serves_the_newest_release_and_refuses_a_bad_one(cluste
         out = np.frombuffer(reply.outputs[0].data, dtype=np.float32).reshape(tuple(reply.outputs[0].shape))
         np.testing.assert_array_equal(out, direct("1"))
 
-    origin.distributor.add_published(publish(paths["2"], name="mlp", version="2", key=key, store=origin.store))
+    origin.distributor.add_published(publish(paths["2"], name="mlp", version="2", key=key,
+                                             store=origin.store))
     await wait_for(lambda: serving(c, "2"), 30.0, what="every node swaps to mlp 2")
     assert all(n.inference.previous.version == "1" for n in c.nodes.values())
 
     # v3 loads but every output is NaN: it spreads, is refused at activation, v2 keeps serving.
-    origin.distributor.add_published(publish(paths["3"], name="mlp", version="3", key=key, store=origin.store))
+    origin.distributor.add_published(publish(paths["3"], name="mlp", version="3", key=key,
+                                             store=origin.store))
     await wait_for(lambda: all(n.store.is_complete(n.store.load_manifest("mlp", "3").manifest)
-                               if ("mlp", "3") in n.store.stored_versions() else False for n in c.nodes.values()),
+                               if ("mlp", "3") in n.store.stored_versions() else False
+                               for n in c.nodes.values()),
                    30.0, what="mlp 3 distributed")
     await wait_for(lambda: all("3" in n.activator.refused for n in c.nodes.values()), 10.0,
                    what="every node refuses mlp 3")

@@ -54,8 +54,9 @@ async def test_release_reaches_twenty_nodes_while_the_origin_sends_about_one_cop
         assert node.store.verify_model(manifest), f"{node_id}: whole-file SHA-256 does not match"
     origin_bytes = origin.transfer.counters.bytes_served
     total_served = sum(n.transfer.counters.bytes_served for n in c.nodes.values())
-    print(f"20 nodes complete in {took:.1f}s; model {manifest.size_bytes} bytes in {len(manifest.chunks)} chunks; "
-          f"origin sent {origin_bytes / manifest.size_bytes:.2f} copies, all peers {total_served / manifest.size_bytes:.2f}")
+    print(f"20 nodes complete in {took:.1f}s; model {manifest.size_bytes} bytes in "
+          f"{len(manifest.chunks)} chunks; origin sent {origin_bytes / manifest.size_bytes:.2f} copies, "
+          f"all peers {total_served / manifest.size_bytes:.2f}")
     assert origin_bytes <= 2 * manifest.size_bytes
     # Nearly every byte moved was a chunk its receiver lacked (a request that times out
     # under load and is re-sent elsewhere is the only waste).
@@ -94,7 +95,8 @@ async def test_manifest_not_signed_by_the_publisher_key_is_refused_by_every_node
     # Re-sign the same manifest with the operator key and plant it at the origin, as a
     # compromised or misconfigured origin would; it announces it like any other version.
     operator_key = load_signing_key(fleet.directory / "operator.key", KeyRole.OPERATOR)
-    forged_manifest = dataclasses.replace(genuine.manifest, version="6.6.6", publisher_key_id=operator_key.key_id)
+    forged_manifest = dataclasses.replace(genuine.manifest, version="6.6.6",
+                                          publisher_key_id=operator_key.key_id)
     forged = SignedManifest(forged_manifest, operator_key.sign(forged_manifest.canonical_bytes()))
     path = origin.store.manifest_path("face", "6.6.6")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,10 +109,12 @@ async def test_manifest_not_signed_by_the_publisher_key_is_refused_by_every_node
         return next((r for r in node.distributor.model_status()
                      if (r["name"], r["version"]) == ("face", "6.6.6") and r["phase"] == "refused"), None)
 
-    await wait_for(lambda: all(refused_row(n) for n in others), 20.0, what="every node refuses the forged manifest")
+    await wait_for(lambda: all(refused_row(n) for n in others), 20.0,
+                   what="every node refuses the forged manifest")
     for node in others:
         error = refused_row(node)["error"]
-        assert operator_key.key_id in error and "publisher" in error and "announced by node-00" in error, error
+        assert (operator_key.key_id in error and "publisher" in error
+                and "announced by node-00" in error), error
         assert ("face", "6.6.6") not in node.store.stored_versions()
         assert ("face", "6.6.6") not in node.distributor.progress  # refused before any download started
 
@@ -163,10 +167,11 @@ async def test_old_versions_are_collected_and_not_fetched_again(cluster, fleet, 
         signed = publish(path, name="face", version=version, key=key, store=origin.store)
         origin.distributor.add_published(signed)
         manifests.append(signed.manifest)
-        await wait_for(lambda: complete_everywhere(c, signed.manifest), 30.0, interval_s=0.05,
-                       what=f"face {version} everywhere")
+        await wait_for(lambda manifest=signed.manifest: complete_everywhere(c, manifest), 30.0,
+                       interval_s=0.05, what=f"face {version} everywhere")
         assert ("face", version) in origin.transfer.origin.tracked()  # the origin counted what it sent
-    v1_only = {ref.sha256 for ref in manifests[0].chunks} - {ref.sha256 for m in manifests[1:] for ref in m.chunks}
+    v1_only = ({ref.sha256 for ref in manifests[0].chunks}
+               - {ref.sha256 for m in manifests[1:] for ref in m.chunks})
     assert v1_only
 
     def v1_gone(node) -> bool:
@@ -196,9 +201,11 @@ async def test_disk_full_fails_the_download_clearly_and_keeps_what_was_complete(
         origin.distributor.add_published(nabu)
         await wait_for(lambda: small.store.is_complete(nabu.manifest), 20.0, what="small model fits")
 
-        hand = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1", key=key, store=origin.store)
+        hand = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1", key=key,
+                       store=origin.store)
         origin.distributor.add_published(hand)
-        await wait_for(lambda: getattr(small.distributor.progress.get(("hand", "1")), "phase", None) is Phase.FAILED,
+        await wait_for(lambda: getattr(small.distributor.progress.get(("hand", "1")), "phase", None)
+                       is Phase.FAILED,
                        30.0, what="the 2 MB download fails on a 1.5 MB disk")
         error = small.distributor.progress[("hand", "1")].error
         assert "No space left on device" in error and "free space" in error, error
@@ -207,7 +214,8 @@ async def test_disk_full_fails_the_download_clearly_and_keeps_what_was_complete(
         leftovers = [p for p in disk.rglob("*") if p.is_file() and p.name.startswith(TMP_PREFIX)]
         assert not leftovers, f"temp files left behind: {leftovers}"
         # The node keeps serving: peers still see it alive and the other node completed.
-        await wait_for(lambda: c.nodes["node-01"].store.is_complete(hand.manifest), 30.0, what="node-01 has hand 1")
+        await wait_for(lambda: c.nodes["node-01"].store.is_complete(hand.manifest), 30.0,
+                       what="node-01 has hand 1")
         assert origin.membership.member("node-small").state is State.ALIVE
     finally:
         if "c" in locals():
@@ -221,7 +229,8 @@ async def test_a_restarted_origin_is_still_the_origin_and_a_restarted_peer_is_no
     # As `mesh model publish` does from another process: straight into the running origin's store.
     signed = publish(wakeword_model("okay_nabu"), name="nabu", version="1", key=publisher_key(fleet),
                      store=origin.store)
-    await wait_for(lambda: origin.distributor.is_origin("nabu", "1"), 10.0, what="the origin picks up the publish")
+    await wait_for(lambda: origin.distributor.is_origin("nabu", "1"), 10.0,
+                   what="the origin picks up the publish")
     await wait_for(lambda: peer.store.is_complete(signed.manifest), 20.0, what="node-01 has nabu 1")
     assert not peer.distributor.is_origin("nabu", "1")
 
@@ -257,5 +266,6 @@ async def test_a_publish_finished_after_the_node_saw_it_half_done_is_announced_c
                    what="the origin holds the half-published version")
     assert not origin.distributor.is_origin("face", "1")
     signed = publish(model, name="face", version="1", key=publisher_key(fleet), store=origin.store)
-    await wait_for(lambda: origin.distributor.is_origin("face", "1"), 10.0, what="the origin sees it complete")
+    await wait_for(lambda: origin.distributor.is_origin("face", "1"), 10.0,
+                   what="the origin sees it complete")
     await wait_for(lambda: peer.store.is_complete(signed.manifest), 20.0, what="node-01 fetches face 1")

@@ -64,7 +64,8 @@ async def test_unverifiable_higher_versions_do_not_delay_a_genuine_release(clust
         refused = [v for v in ("9.0", "9.1", "9.2") if rows.get(v, {}).get("phase") == "refused"]
         assert refused, rows
         assert all("announced by node-05" in rows[v]["error"] for v in refused)
-        assert not any(node.store.is_complete(dataclasses.replace(template, version=v)) for v in ("9.0", "9.1", "9.2"))
+        assert not any(node.store.is_complete(dataclasses.replace(template, version=v))
+                       for v in ("9.0", "9.1", "9.2"))
     # Each honest node asked the hostile node for at most one manifest per version before ignoring it.
     assert hostile.transfer.counters.manifests_served <= 3 * (len(honest) - 1)
     assert hostile.transfer.counters.chunks_served == 0

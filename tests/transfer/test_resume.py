@@ -42,7 +42,8 @@ def test_sigkilled_download_resumes_without_fetching_any_chunk_twice(fleet, tmp_
     for i, node_id in enumerate(ids):
         configs[node_id] = tmp_path / f"{node_id}.toml"
         logs[node_id] = tmp_path / f"{node_id}.log"
-        write_node_config(configs[node_id], node_id=node_id, address=addresses[i], seeds=addresses[:1] if i else [],
+        write_node_config(configs[node_id], node_id=node_id, address=addresses[i],
+                          seeds=addresses[:1] if i else [],
                           site="amsterdam", tls_dir=fleet.node_credentials(node_id).directory,
                           data_dir=tmp_path / node_id, timings=FAST_TIMINGS, transfer=caps.get(node_id))
     try:
@@ -50,14 +51,17 @@ def test_sigkilled_download_resumes_without_fetching_any_chunk_twice(fleet, tmp_
             procs[node_id] = spawn_node_process(configs[node_id], logs[node_id])
         victim_admin = AdminClient(addresses[1], fleet.operator, timeout_s=1.0)
         # Publish the way an operator does: the CLI writes into the origin's data dir.
-        subprocess.run([sys.executable, "-m", "mesh", "model", "publish", str(mediapipe_model("hand_landmark_full")),
+        subprocess.run([sys.executable, "-m", "mesh", "model", "publish",
+                        str(mediapipe_model("hand_landmark_full")),
                         "--name", "hand", "--version", "3", "--key", str(fleet.directory / "publisher.key"),
                         "--data-dir", str(tmp_path / "origin")], check=True, capture_output=True)
         manifest = ArtifactStore(tmp_path / "origin" / "artifacts").load_manifest("hand", "3").manifest
         victim_store_dir = tmp_path / "victim" / "artifacts"
 
         def victim_chunks() -> int:
-            return ArtifactStore(victim_store_dir).bitfield(manifest).count() if victim_store_dir.exists() else 0
+            if not victim_store_dir.exists():
+                return 0
+            return ArtifactStore(victim_store_dir).bitfield(manifest).count()
 
         watched = [(procs["victim"], logs["victim"])]
         poll(lambda: victim_chunks() >= 3, 60.0, "victim holds 3 chunks", watched)
@@ -77,7 +81,8 @@ def test_sigkilled_download_resumes_without_fetching_any_chunk_twice(fleet, tmp_
              90.0, "victim completes hand 3 after restart", watched)
         row = model_row(victim_admin, "hand", "3")
         assert row.bytes_downloaded == manifest.size_bytes - kept_bytes, \
-            f"after restart fetched {row.bytes_downloaded} bytes; only {manifest.size_bytes - kept_bytes} were missing"
+            f"after restart fetched {row.bytes_downloaded} bytes; " \
+            f"only {manifest.size_bytes - kept_bytes} were missing"
         assert ArtifactStore(victim_store_dir).verify_model(manifest)
     finally:
         for proc in procs.values():

@@ -35,23 +35,26 @@ this 2-core machine; byte counts do not depend on the CPU's speed.
 
 Measured on this 2-core machine (full run, 8 min):
 
-- Gossip: steady SWIM load (probes, acks, gossip) is flat, ~62 B/s/node at N = 10..60;
-  push-pull pages grow with N, so total steady load grows (exponent ~0.4). During a release
-  of hand_landmark_full (18 chunks), gossip bytes per node per release double from N = 10 to
-  20 (exponent ~1.0: every stored chunk is a metadata update for the whole fleet). From
-  N = 40 the one process cannot move 40 x 1 MB/s over mTLS and keep every node's timers:
-  suspicions appear, the release is CPU-bound and per-second figures fall with N, so the
-  release exponent over all sizes is not a protocol figure (the bench flags those sizes).
-  N = 80 does not converge in one process here.
-- Lifeguard, quiet machine: x0.96 (6,237 vs 6,468 per node-hour, no false DEAD either way).
-  Every false suspicion was a healthy prober suspecting a stalled node that really gave no
-  answer in a whole probe cycle; the stalled nodes accused no one (their acks arrive on
-  time through gRPC's C core and are read as the loop resumes), so Lifeguard's local health
-  multiplier (which slows an accuser that is itself late) has nothing to act on, early
-  notice only speeds a refutation the suspect sends anyway within the plain timeout, and the
-  confirmation-scaled timeout only delays DEAD, which did not happen. Lifeguard does not try
-  to stop healthy members suspecting a member that does not answer (the simulator,
-  tests/membership/test_slow_nodes.py, finds 1.1-1.4x for blocked loops too).
+- Gossip: steady SWIM load (probes, acks, gossip) is flat, 62 B/s/node at N = 10..60
+  (exponent 0.00, no suspicion in any steady window); push-pull pages grow with N (the
+  interval doubles above 32 members, hence the step), so total steady load grows (168, 273,
+  276, 386 B/s/node; exponent ~0.4). During a release of hand_landmark_full (18 chunks),
+  gossip bytes per node per release grow from 155 KB to 270-310 KB from N = 10 to 20
+  (exponent 0.8-1.0: every stored chunk is a metadata update for the whole fleet), 90x the
+  steady rate (15-23 KB/s/node). From N = 40 the one process cannot move 40 x 1 MB/s over
+  mTLS and keep every node's timers: suspicions appear, the release is CPU-bound and
+  per-second figures fall with N, so the release exponent over all sizes is not a protocol
+  figure (the bench flags those sizes). N = 80 does not converge in one process here.
+- Lifeguard, quiet machine: x0.96 and x1.36 in two runs (6,237 vs 6,468 and 7,316 vs 5,378
+  per node-hour), no false DEAD either way. Every false suspicion was a healthy prober
+  suspecting a stalled node that really gave no answer in a whole probe cycle; the stalled
+  nodes accused no one (their acks arrive on time through gRPC's C core and are read as the
+  loop resumes), so Lifeguard's local health multiplier (which slows an accuser that is
+  itself late) has nothing to act on, early notice only speeds a refutation the suspect
+  sends anyway within the plain timeout, and the confirmation-scaled timeout only delays
+  DEAD, which did not happen. Lifeguard does not try to stop healthy members suspecting a
+  member that does not answer (the simulator, tests/membership/test_slow_nodes.py, finds
+  1.1-1.4x for blocked loops too).
 - Lifeguard, machine loaded by other work (load average 10-15): x2.1 per node-hour; about
   healthy members 8,543 vs 2,914 (x2.9) and false DEADs 5,241 vs 950 (x5.5): there the
   healthy nodes' loops were late too and accused each other, which is what Lifeguard is for.

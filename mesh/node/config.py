@@ -64,6 +64,10 @@ class MembershipSection(_Strict):
     push_pull_interval_s: float = Field(default=MembershipConfig.push_pull_interval_s, gt=0)
     gossip_to_dead_s: float = Field(default=MembershipConfig.gossip_to_dead_s, ge=0)
     max_gossip_bytes: int = Field(default=MembershipConfig.max_gossip_bytes, ge=512, le=1 << 20)
+    # Lifeguard: on by default, as in memberlist; off gives plain SWIM (bench/scale.py compares both).
+    lifeguard: bool = MembershipConfig.lifeguard
+    suspicion_max_timeout_mult: int = Field(default=MembershipConfig.suspicion_max_timeout_mult, ge=1)
+    awareness_max_multiplier: int = Field(default=MembershipConfig.awareness_max_multiplier, ge=1)
 
     @model_validator(mode="after")
     def _timeout_below_interval(self) -> MembershipSection:

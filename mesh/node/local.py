@@ -171,7 +171,9 @@ def write_node_config(path: Path, *, node_id: str, address: str, seeds: list[str
         lines.append(f"metrics_listen = {q(metrics_listen)}")
     lines += ["", "[labels]", f"site = {q(site)}", 'device_class = "camera"', "",
               "[tls]", f"dir = {q(str(tls_dir))}", "", "[membership]"]
-    lines += [f"{name} = {getattr(timings, name)}" for name in MembershipSection.model_fields]
+    # json.dumps spells booleans as TOML does (true/false); numbers are written as they are.
+    lines += [f"{name} = {q(value) if isinstance(value := getattr(timings, name), bool) else value}"
+              for name in MembershipSection.model_fields]
     for section, values in (("transfer", transfer), ("inference", inference), ("raft", raft)):
         if values:
             lines += ["", f"[{section}]"] + [f"{key} = {q(value)}" for key, value in values.items()]

@@ -75,6 +75,12 @@ class MembershipCollector:
         gossip.add_metric(["in"], runner.counters.bytes_in)
         gossip.add_metric(["out"], runner.counters.bytes_out)
         yield gossip
+        yield CounterMetricFamily("fleetmesh_gossip_push_pull_bytes_out",
+                                  "Of the membership bytes out, push-pull pages (they grow with the fleet)",
+                                  value=runner.counters.push_pull_bytes_out)
+        yield CounterMetricFamily("fleetmesh_membership_replies_dropped",
+                                  "Membership replies not sent because the caller had given up",
+                                  value=runner.counters.replies_dropped)
         yield GaugeMetricFamily("fleetmesh_incarnation", "This node's incarnation number",
                                 value=core.incarnation)
 

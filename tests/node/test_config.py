@@ -43,6 +43,22 @@ def test_good_config_resolves_paths_relative_to_the_file(tmp_path):
     assert config.membership.to_core().indirect_checks == 3  # memberlist default kept
 
 
+def test_lifeguard_can_be_switched_off_in_the_node_toml_a_local_cluster_writes(tmp_path):
+    """The Lifeguard switches reach the membership core from a node.toml, so benches and operators
+    can run plain SWIM; `write_node_config` spells booleans the TOML way."""
+    from dataclasses import replace
+
+    from mesh.node.local import FAST_TIMINGS, write_node_config
+
+    path = tmp_path / "node.toml"
+    write_node_config(path, node_id="cam-01", address="127.0.0.1:7000", seeds=[], site="berlin",
+                      tls_dir=tmp_path / "creds", data_dir=tmp_path / "data",
+                      timings=replace(FAST_TIMINGS, lifeguard=False, awareness_max_multiplier=3))
+    core = load_config(path).membership.to_core()
+    assert core.lifeguard is False and core.awareness_max_multiplier == 3
+    assert load_config(write(tmp_path, GOOD)).membership.to_core().lifeguard is True
+
+
 @pytest.mark.parametrize("change, field, words", [
     (('listen = "127.0.0.1:7000"', 'listen = "localhost"'), "listen", "host:port"),
     (('node_id = "cam-01"', 'node_id = "cam 01!"'), "node_id", "pattern"),

@@ -41,7 +41,7 @@ import numpy as np
 
 from mesh.identity.signing import TrustedKeys
 from mesh.inference.counts import LATENCY_BUCKETS_S
-from mesh.rollout.cohort import cohort_score, in_wave, site_wave_sizes
+from mesh.rollout.cohort import cohort_score, site_wave_sizes
 from mesh.rollout.health import (
     ERROR_KINDS,
     DeviceReport,

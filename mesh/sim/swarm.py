@@ -20,9 +20,9 @@ What is modelled:
   instead (as a node's HAVE messages to its transfer peers), and each node
   re-plans once per batch: the same swarm, many fewer scheduler calls.
 - Who sees whom (`sees`): by default every node sees every other node's
-  chunks. A two-level fleet passes a rule instead (mesh.sim.distribution: a
-  device sees its own site; a representative also sees the origin and other
-  sites' representatives, for its share of the chunks).
+  chunks; a rule can hide some (say, other sites' chunks from a device that
+  may only fetch inside its site). mesh.sim.distribution does not need it: it
+  runs each tier as a swarm of its own.
 - Bad nodes download normally but serve corrupted bytes; the receiver's hash
   check fails and its scheduler bans them.
 - Restarts: a node killed at `at_s` loses its in-flight transfers but keeps its

@@ -16,13 +16,21 @@ What is modelled:
 - Holdings: at start everyone knows everyone's holdings (membership has
   converged); afterwards each verified chunk is announced to every other node
   after `gossip_delay_s` (x uniform 0.5..1.5), as the holdings metadata would.
+  With `have_batch_s`, announcements go out in batches every `have_batch_s`
+  instead (as a node's HAVE messages to its transfer peers), and each node
+  re-plans once per batch: the same swarm, many fewer scheduler calls.
+- Who sees whom (`sees`): by default every node sees every other node's
+  chunks; a rule can hide some (say, other sites' chunks from a device that
+  may only fetch inside its site). mesh.sim.distribution does not need it: it
+  runs each tier as a swarm of its own.
 - Bad nodes download normally but serve corrupted bytes; the receiver's hash
   check fails and its scheduler bans them.
 - Restarts: a node killed at `at_s` loses its in-flight transfers but keeps its
   verified chunks; others notice after `failure_detect_s`; after `down_s` it
   starts a fresh scheduler with the chunks on disk (resume) and re-announces.
 
-What it reports (`SimResult`): origin egress / model size, total chunk bytes
+What it reports (`SimResult`): origin egress / model size, bytes that crossed
+a site boundary (the origin is a site of its own), total chunk bytes
 on the wire / the minimum (every node receives each chunk it lacks once), and
 the last node's completion time / (model size / upload cap), the time the
 origin needs to push out one copy, which no swarm can beat.
@@ -34,7 +42,7 @@ import heapq
 import logging
 import math
 import random
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mesh.transfer.ratelimit import TokenBucket, UploadSlots
@@ -95,6 +103,8 @@ class SimResult:
     requests: int
     refused: int                          # requests refused for lack of an upload slot
     sim_time_s: float
+    cross_site_bytes: int = 0             # chunk bytes whose server was in another site than the receiver
+    cross_site_bytes_by_site: Mapping[str, int] = field(default_factory=dict)  # by the receiver's site
 
     @property
     def lower_bound_s(self) -> float:
@@ -151,7 +161,9 @@ class _Swarm:
                  n_sites: int, max_uploads: int, origin_max_uploads: int, gossip_delay_s: float,
                  lan_latency_s: float, wan_latency_s: float, bad_nodes: Collection[int],
                  config: SchedulerConfig, initial_have: Mapping[int, Collection[int]],
-                 failure_detect_s: float, burst_bytes: int, use_node_ids: bool, retry_hints: bool) -> None:
+                 failure_detect_s: float, burst_bytes: int, use_node_ids: bool, retry_hints: bool,
+                 sites: Sequence[str] | None = None, sees: Callable[[str, str, int], bool] | None = None,
+                 have_batch_s: float | None = None) -> None:
         self.rng = random.Random(seed)
         self.sizes = list(chunk_sizes)
         self.config = config
@@ -169,6 +181,11 @@ class _Swarm:
         self.refused = 0
         self.total_bytes = 0
         self.origin_egress_bytes = 0
+        self.cross_site_bytes = 0
+        self.cross_site_bytes_by_site: dict[str, int] = {}
+        self.sees = sees
+        self.have_batch_s = have_batch_s
+        self._pending_have: list[tuple[str, int, int]] = []  # (node id, epoch, chunk) awaiting the next batch
         self.bans: list[BanRecord] = []
         self.lifecycle_pending = 0  # kills and restarts still to come
         n = len(self.sizes)
@@ -186,7 +203,8 @@ class _Swarm:
             have = bytearray(n)
             for c in initial_have.get(i, ()):
                 have[c] = 1
-            node = make(f"n{i:02d}", f"site-{i % n_sites}", have, upload_cap_bytes_per_s, max_uploads)
+            site = sites[i] if sites is not None else f"site-{i % n_sites}"
+            node = make(f"n{i:02d}", site, have, upload_cap_bytes_per_s, max_uploads)
             node.bad = i in bad_nodes
             self.nodes[node.node_id] = node
             self.peers.append(node)
@@ -200,6 +218,13 @@ class _Swarm:
 
     def _latency_s(self, a: _Node, b: _Node) -> float:
         return self.lan_latency_s if a.site == b.site else self.wan_latency_s
+
+    def _shown(self, viewer: _Node, holder: _Node) -> list[int]:
+        """The chunks of `holder` that `viewer` is told about."""
+        present = _present(holder.have)
+        if self.sees is None:
+            return present
+        return [i for i in present if self.sees(viewer.node_id, holder.node_id, i)]
 
     def _gossip_s(self) -> float:
         return self.gossip_delay_s * self.rng.uniform(0.5, 1.5)
@@ -231,7 +256,7 @@ class _Swarm:
                                         self_id=node.node_id if self.use_node_ids else None, now=self.now)
         for other in self.nodes.values():
             if other is not node and other.alive:
-                node.scheduler.peer_update(other.node_id, site=other.site, have=_present(other.have),
+                node.scheduler.peer_update(other.node_id, site=other.site, have=self._shown(node, other),
                                            is_origin=other.is_origin, now=self.now)
         node.timer_at = math.inf
         node.requests.clear()
@@ -270,7 +295,7 @@ class _Swarm:
     def _on_hello(self, node_id: str, peer_id: str, peer_epoch: int) -> None:
         node, peer = self.nodes[node_id], self.nodes[peer_id]
         if node.alive and peer.alive and peer.epoch == peer_epoch and node.scheduler is not None:
-            node.scheduler.peer_update(peer_id, site=peer.site, have=_present(peer.have), now=self.now)
+            node.scheduler.peer_update(peer_id, site=peer.site, have=self._shown(node, peer), now=self.now)
             self._pump(node)
 
     # -- the client side -----------------------------------------------------
@@ -295,8 +320,15 @@ class _Swarm:
                          node.node_id, event.peer_id, event.until, event.index)
                 self.bans.append(BanRecord(self.now, node.node_id, event.peer_id, event.index))
             elif isinstance(event, ChunkDone):
+                if self.have_batch_s is not None:
+                    if not self._pending_have:
+                        tick = (math.floor(self.now / self.have_batch_s) + 1) * self.have_batch_s
+                        self._at(tick, "flush")
+                    self._pending_have.append((node.node_id, node.epoch, event.index))
+                    continue
                 for other in self.peers:
-                    if other is not node:
+                    if other is not node and (self.sees is None
+                                              or self.sees(other.node_id, node.node_id, event.index)):
                         self._at(self.now + self._gossip_s(), "have", other.node_id, node.node_id, node.epoch,
                                  event.index)
         if scheduler.done and node.done_at is None:
@@ -319,6 +351,22 @@ class _Swarm:
             node.scheduler.peer_has(peer_id, index, self.now)
             self._pump(node)
 
+    def _on_flush(self) -> None:
+        """Deliver the batch of announcements, then let each node that learned something re-plan once."""
+        batch, self._pending_have = self._pending_have, []
+        for other in self.peers:
+            if not other.alive or other.scheduler is None:
+                continue
+            learned = False
+            for holder_id, epoch, index in batch:
+                if holder_id == other.node_id or self.nodes[holder_id].epoch != epoch:
+                    continue
+                if self.sees is None or self.sees(other.node_id, holder_id, index):
+                    other.scheduler.peer_has(holder_id, index, self.now)
+                    learned = True
+            if learned:
+                self._pump(other)
+
     def _answer_for(self, client: _Node, client_epoch: int, server_id: str, index: int,
                     request_id: int) -> bool:
         return (client.alive and client.epoch == client_epoch and client.scheduler is not None
@@ -333,6 +381,9 @@ class _Swarm:
         self.total_bytes += size
         if server.is_origin:
             self.origin_egress_bytes += size
+        if server.site != client.site:
+            self.cross_site_bytes += size
+            self.cross_site_bytes_by_site[client.site] = self.cross_site_bytes_by_site.get(client.site, 0) + size
         if not self._answer_for(client, client_epoch, server_id, index, request_id):
             return
         del client.requests[(server_id, index)]
@@ -395,7 +446,9 @@ def simulate(n_nodes: int, chunk_sizes: Sequence[int], upload_cap_bytes_per_s: f
              lan_latency_s: float = 0.002, wan_latency_s: float = 0.02, bad_nodes: Collection[int] = (),
              config: SchedulerConfig | None = None, initial_have: Mapping[int, Collection[int]] | None = None,
              restarts: Sequence[Restart] = (), failure_detect_s: float = 1.0, burst_bytes: int = 64 * 1024,
-             use_node_ids: bool = True, retry_hints: bool = False, time_limit_s: float = 3600.0) -> SimResult:
+             use_node_ids: bool = True, retry_hints: bool = False, time_limit_s: float = 3600.0,
+             sites: Sequence[str] | None = None, sees: Callable[[str, str, int], bool] | None = None,
+             have_batch_s: float | None = None) -> SimResult:
     """Spread one model (`chunk_sizes`) from an origin to `n_nodes` nodes and measure it.
 
     Every node (the origin too, unless `origin_upload_cap_bytes_per_s`) uploads at
@@ -403,6 +456,9 @@ def simulate(n_nodes: int, chunk_sizes: Sequence[int], upload_cap_bytes_per_s: f
     `download_cap_bytes_per_s`. `initial_have` maps node index -> chunks it already
     holds (delta from a previous version, or resume). `use_node_ids=False` gives the
     schedulers no node id, which turns origin rendezvous off (for comparison).
+    `sites` names each node's site (default: node i in site i % n_sites); `sees(viewer,
+    holder, chunk)` says whether `viewer` is told that `holder` has `chunk` (default: all);
+    `have_batch_s` batches chunk announcements (see the module docstring).
     `retry_hints=True` makes a refusal carry when the server's next slot frees
     (`failed(..., retry_after_s=...)`); measured, it brings refused nodes back
     together and raises both refusals and completion time, so it is off.
@@ -411,6 +467,10 @@ def simulate(n_nodes: int, chunk_sizes: Sequence[int], upload_cap_bytes_per_s: f
         raise ValueError(f"a swarm needs at least one node, got {n_nodes}")
     if n_sites < 1:
         raise ValueError(f"n_sites must be >= 1, got {n_sites}")
+    if sites is not None and len(sites) != n_nodes:
+        raise ValueError(f"sites names {len(sites)} sites for {n_nodes} nodes")
+    if have_batch_s is not None and not have_batch_s > 0:
+        raise ValueError(f"have_batch_s must be positive, got {have_batch_s}")
     swarm = _Swarm(
         n_nodes=n_nodes, chunk_sizes=chunk_sizes, upload_cap_bytes_per_s=upload_cap_bytes_per_s,
         download_cap_bytes_per_s=download_cap_bytes_per_s or 4 * upload_cap_bytes_per_s,
@@ -419,7 +479,7 @@ def simulate(n_nodes: int, chunk_sizes: Sequence[int], upload_cap_bytes_per_s: f
         gossip_delay_s=gossip_delay_s, lan_latency_s=lan_latency_s, wan_latency_s=wan_latency_s,
         bad_nodes=frozenset(bad_nodes), config=config or SchedulerConfig(), initial_have=initial_have or {},
         failure_detect_s=failure_detect_s, burst_bytes=burst_bytes, use_node_ids=use_node_ids,
-        retry_hints=retry_hints)
+        retry_hints=retry_hints, sites=sites, sees=sees, have_batch_s=have_batch_s)
     for restart in restarts:
         if not 0 <= restart.node < n_nodes:
             raise ValueError(f"restart names node {restart.node}, but nodes are 0..{n_nodes - 1}")
@@ -434,4 +494,5 @@ def simulate(n_nodes: int, chunk_sizes: Sequence[int], upload_cap_bytes_per_s: f
         upload_cap_bytes_per_s=upload_cap_bytes_per_s, origin_egress_bytes=swarm.origin_egress_bytes,
         total_bytes=swarm.total_bytes, min_bytes=swarm.min_bytes, completion_s=completion,
         all_complete=len(completion) == n_nodes and all(node.alive for node in swarm.peers),
-        bans=tuple(swarm.bans), requests=swarm.requests, refused=swarm.refused, sim_time_s=swarm.now)
+        bans=tuple(swarm.bans), requests=swarm.requests, refused=swarm.refused, sim_time_s=swarm.now,
+        cross_site_bytes=swarm.cross_site_bytes, cross_site_bytes_by_site=dict(swarm.cross_site_bytes_by_site))

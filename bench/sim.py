@@ -32,7 +32,9 @@ SITE_SIZE = 100
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--membership-seeds", type=int, default=3)
     parser.add_argument("--distribution-seeds", type=int, default=2)
@@ -45,31 +47,54 @@ def main() -> int:
 
     out: dict[str, list[dict]] = {"membership": [], "distribution": [], "rollout": []}
     errors: list[float] = []
-    print(f"{'part':<13} {'devices':>8} {'sites':>6}  {'figure':<28} {'cores':>10} {'model':>10} {'error':>8}")
+    print(
+        f"{'part':<13} {'devices':>8} {'sites':>6}  {'figure':<28} {'cores':>10} {'model':>10} {'error':>8}"
+    )
     for devices in args.sizes:
         sites = max(1, math.ceil(devices / SITE_SIZE))
-        m = validate(devices, sites, list(range(1, args.membership_seeds + 1)), detection_trials=2,
-                     progress=progress)
+        m = validate(
+            devices, sites, list(range(1, args.membership_seeds + 1)), detection_trials=2, progress=progress
+        )
         out["membership"].append(m.to_json())
-        rows = [("rounds_known_all", m.cores_rounds, m.model_rounds, m.rounds_error),
-                ("detection_s", m.cores_detection_s, m.model_detection_s, m.detection_error)]
-        d = validate_distribution(devices, sites, list(range(1, args.distribution_seeds + 1)), progress=progress)
+        rows = [
+            ("rounds_known_all", m.cores_rounds, m.model_rounds, m.rounds_error),
+            ("detection_s", m.cores_detection_s, m.model_detection_s, m.detection_error),
+        ]
+        d = validate_distribution(
+            devices, sites, list(range(1, args.distribution_seeds + 1)), progress=progress
+        )
         out["distribution"].append(d.to_json())
         r = validate_rollout(devices, sites, list(range(1, args.rollout_seeds + 1)), progress=progress)
         out["rollout"].append(r.to_json())
-        for part, table in (("membership", rows),
-                            ("distribution", [(f, d.cores[f], d.model[f], d.error(f)) for f in d.FIGURES]),
-                            ("rollout", [(f, r.cores[f], r.model[f], r.error(f)) for f in r.FIGURES])):
+        for part, table in (
+            ("membership", rows),
+            ("distribution", [(f, d.cores[f], d.model[f], d.error(f)) for f in d.FIGURES]),
+            ("rollout", [(f, r.cores[f], r.model[f], r.error(f)) for f in r.FIGURES]),
+        ):
             for figure, cores, model, error in table:
                 errors.append(abs(error))
-                print(f"{part:<13} {devices:>8,} {sites:>6,}  {figure:<28} {cores:>10.4g} {model:>10.4g} "
-                      f"{error:>+8.1%}", flush=True)
+                print(
+                    f"{part:<13} {devices:>8,} {sites:>6,}  {figure:<28} {cores:>10.4g} {model:>10.4g} "
+                    f"{error:>+8.1%}",
+                    flush=True,
+                )
     worst = max(errors)
     verdict = "within" if worst <= TOLERANCE else "OUTSIDE"
-    print(f"worst model error {worst:.1%}: {verdict} the {TOLERANCE:.0%} tolerance "
-          f"({time.perf_counter() - started:.0f} s)")
-    print(json.dumps(out | {"worst_error": round(worst, 3), "tolerance": TOLERANCE,
-                            "wall_s": round(time.perf_counter() - started, 1)}, sort_keys=True))
+    print(
+        f"worst model error {worst:.1%}: {verdict} the {TOLERANCE:.0%} tolerance "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
+    print(
+        json.dumps(
+            out
+            | {
+                "worst_error": round(worst, 3),
+                "tolerance": TOLERANCE,
+                "wall_s": round(time.perf_counter() - started, 1),
+            },
+            sort_keys=True,
+        )
+    )
     return 0 if worst <= TOLERANCE else 1
 
 

@@ -11,9 +11,15 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import pytest
 import pytest_asyncio
+from hypothesis import settings
 
 from mesh.membership.config import MembershipConfig
 from mesh.node.local import FAST_TIMINGS, LocalCluster, LocalFleet
+
+# Hypothesis's per-example deadline measures the machine, not the code: on a busy 2-core machine a
+# first example (imports, caches) can take 400 ms. Properties are checked; speed is for bench/.
+settings.register_profile("fleetmesh", deadline=None)
+settings.load_profile("fleetmesh")
 
 
 @pytest.fixture(scope="session")

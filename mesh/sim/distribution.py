@@ -56,8 +56,16 @@ from mesh.sim.membership import peak_rss_mb, site_sizes
 from mesh.sim.swarm import SimResult, simulate, split_model
 from mesh.transfer.scheduler import SchedulerConfig
 
-__all__ = ["CORES_MAX_FETCHERS", "DistributionResult", "DistributionScenario", "DistributionValidationRow",
-           "TierResult", "run", "run_tier", "validate_distribution"]
+__all__ = [
+    "CORES_MAX_FETCHERS",
+    "DistributionResult",
+    "DistributionScenario",
+    "DistributionValidationRow",
+    "TierResult",
+    "run",
+    "run_tier",
+    "validate_distribution",
+]
 
 CORES_MAX_FETCHERS = 200
 """Largest federation the real schedulers run by default (about a minute of wall time)."""
@@ -71,7 +79,7 @@ class DistributionScenario:
     devices: int
     sites: int
     seed: int = 1
-    model_size_bytes: int = 5_500_000       # the hand landmark model of the issue's measurements
+    model_size_bytes: int = 5_500_000  # the hand landmark model of the issue's measurements
     chunk_bytes: int = 256 * 1024
     upload_cap_bytes_per_s: float = 1_000_000.0
     site_samples: int = 4
@@ -103,7 +111,7 @@ class TierResult:
     engine: str
     completion_s: np.ndarray
     origin_copies: float
-    cross_site_copies: float      # bytes that entered from outside the node's site, in copies, summed
+    cross_site_copies: float  # bytes that entered from outside the node's site, in copies, summed
     wall_s: float
 
 
@@ -112,7 +120,7 @@ class DistributionResult:
     scenario: DistributionScenario
     federation: TierResult
     site_tier: list[TierResult]
-    device_done_s: np.ndarray      # every device, seconds from publication until it holds the version
+    device_done_s: np.ndarray  # every device, seconds from publication until it holds the version
     cross_site_copies_by_site: np.ndarray
     wall_s: float = 0.0
     peak_rss_mb: float = 0.0
@@ -120,8 +128,11 @@ class DistributionResult:
     @property
     def engine(self) -> str:
         engines = {self.federation.engine, *(t.engine for t in self.site_tier)}
-        return engines.pop() if len(engines) == 1 else f"federation {self.federation.engine}, sites " \
-            f"{self.site_tier[0].engine}"
+        return (
+            engines.pop()
+            if len(engines) == 1
+            else f"federation {self.federation.engine}, sites {self.site_tier[0].engine}"
+        )
 
     @property
     def seconds_all_hold(self) -> float:
@@ -143,8 +154,12 @@ class DistributionResult:
         sc = self.scenario
         by_site = self.cross_site_copies_by_site
         return {
-            "devices": sc.devices, "sites": sc.sites, "seed": sc.seed, "distribution_engine": self.engine,
-            "model_size_bytes": sc.model_size_bytes, "upload_cap_bytes_per_s": sc.upload_cap_bytes_per_s,
+            "devices": sc.devices,
+            "sites": sc.sites,
+            "seed": sc.seed,
+            "distribution_engine": self.engine,
+            "model_size_bytes": sc.model_size_bytes,
+            "upload_cap_bytes_per_s": sc.upload_cap_bytes_per_s,
             "seconds_all_hold": round(self.seconds_all_hold, 2),
             "seconds_federation_all_hold": round(float(self.federation.completion_s.max()), 2),
             "seconds_site_tier": round(max(float(t.completion_s.max()) for t in self.site_tier), 2),
@@ -165,17 +180,37 @@ def _cores_tier(sc: DistributionScenario, nodes: int, *, seeded: bool, seed: int
     started = time.perf_counter()
     sizes = sc.chunk_sizes
     if seeded:
-        result = simulate(nodes, sizes, sc.upload_cap_bytes_per_s, seed, n_sites=1,
-                          initial_have={0: range(len(sizes))}, lan_latency_s=sc.lan_latency_s,
-                          wan_latency_s=sc.wan_latency_s, have_batch_s=HAVE_BATCH_S)
+        result = simulate(
+            nodes,
+            sizes,
+            sc.upload_cap_bytes_per_s,
+            seed,
+            n_sites=1,
+            initial_have={0: range(len(sizes))},
+            lan_latency_s=sc.lan_latency_s,
+            wan_latency_s=sc.wan_latency_s,
+            have_batch_s=HAVE_BATCH_S,
+        )
     else:
-        result = simulate(nodes, sizes, sc.upload_cap_bytes_per_s, seed, n_sites=nodes,
-                          lan_latency_s=sc.lan_latency_s, wan_latency_s=sc.wan_latency_s,
-                          have_batch_s=HAVE_BATCH_S)
+        result = simulate(
+            nodes,
+            sizes,
+            sc.upload_cap_bytes_per_s,
+            seed,
+            n_sites=nodes,
+            lan_latency_s=sc.lan_latency_s,
+            wan_latency_s=sc.wan_latency_s,
+            have_batch_s=HAVE_BATCH_S,
+        )
     if not result.all_complete:
         raise RuntimeError(f"seed {seed}: {nodes}-node swarm did not complete: {result.summary()}")
-    return TierResult("cores", _completion(result, nodes), result.origin_egress_ratio,
-                      result.cross_site_bytes / sc.model_size_bytes, time.perf_counter() - started)
+    return TierResult(
+        "cores",
+        _completion(result, nodes),
+        result.origin_egress_ratio,
+        result.cross_site_bytes / sc.model_size_bytes,
+        time.perf_counter() - started,
+    )
 
 
 def _completion(result: SimResult, nodes: int) -> np.ndarray:
@@ -185,8 +220,15 @@ def _completion(result: SimResult, nodes: int) -> np.ndarray:
 # -- the model ------------------------------------------------------------------------------------
 
 
-def _model_tier(sc: DistributionScenario, nodes: int, *, seeded: bool, seed: int,
-                config: SchedulerConfig | None = None, max_uploads: int = 4) -> TierResult:
+def _model_tier(
+    sc: DistributionScenario,
+    nodes: int,
+    *,
+    seeded: bool,
+    seed: int,
+    config: SchedulerConfig | None = None,
+    max_uploads: int = 4,
+) -> TierResult:
     """The slot model of one swarm (see the module docstring)."""
     started = time.perf_counter()
     config = config or SchedulerConfig()
@@ -205,7 +247,7 @@ def _model_tier(sc: DistributionScenario, nodes: int, *, seeded: bool, seed: int
     in_flight = np.zeros(nodes, dtype=np.int64)
     origin_in_flight = np.zeros(nodes, dtype=np.int64)
     backoff_until = np.zeros(nodes)
-    free_at = np.zeros(nodes + 1)              # when each uploader (the origin last) finishes its queue
+    free_at = np.zeros(nodes + 1)  # when each uploader (the origin last) finishes its queue
     pending = np.zeros(nodes + 1, dtype=np.int64)
     rendezvous = rng.integers(0, nodes, chunks)
     # Transfers under way: arrays of (arrive_at, client, chunk, server).
@@ -234,10 +276,16 @@ def _model_tier(sc: DistributionScenario, nodes: int, *, seeded: bool, seed: int
             for node in finished:
                 done_at[node] = arrive[landed][c == node].max()
             keep = ~landed
-            arrive, client_of, chunk_of, server_of = arrive[keep], client_of[keep], chunk_of[keep], server_of[keep]
+            arrive, client_of, chunk_of, server_of = (
+                arrive[keep],
+                client_of[keep],
+                chunk_of[keep],
+                server_of[keep],
+            )
         avail = have.sum(axis=0)
-        active = np.flatnonzero(~np.isfinite(done_at) & (backoff_until <= now)
-                                & (in_flight < config.max_in_flight_total))
+        active = np.flatnonzero(
+            ~np.isfinite(done_at) & (backoff_until <= now) & (in_flight < config.max_in_flight_total)
+        )
         if not active.size:
             continue
         wanted = ~have[active] & ~asked[active]
@@ -311,8 +359,9 @@ def _model_tier(sc: DistributionScenario, nodes: int, *, seeded: bool, seed: int
     # The federation puts every fetcher in a site of its own, so all its bytes cross a boundary;
     # inside a site only the origin's do.
     cross = origin_bytes if seeded else moved_bytes
-    return TierResult("model", done_at, origin_bytes / model_bytes, cross / model_bytes,
-                      time.perf_counter() - started)
+    return TierResult(
+        "model", done_at, origin_bytes / model_bytes, cross / model_bytes, time.perf_counter() - started
+    )
 
 
 def run_tier(sc: DistributionScenario, nodes: int, *, seeded: bool, seed: int, engine: str) -> TierResult:
@@ -329,8 +378,10 @@ def run_tier(sc: DistributionScenario, nodes: int, *, seeded: bool, seed: int, e
 def _tier_engines(sc: DistributionScenario, engine: str) -> tuple[str, str]:
     if engine == "auto":
         site = max(site_sizes(sc.devices, sc.sites))
-        return ("cores" if sc.sites <= CORES_MAX_FETCHERS else "model",
-                "cores" if site <= CORES_MAX_SITE_DEVICES else "model")
+        return (
+            "cores" if sc.sites <= CORES_MAX_FETCHERS else "model",
+            "cores" if site <= CORES_MAX_SITE_DEVICES else "model",
+        )
     if engine in ("cores", "model"):
         return engine, engine
     raise ValueError(f"engine must be auto, cores or model, not {engine!r}")
@@ -345,15 +396,17 @@ def run(sc: DistributionScenario, engine: str = "auto") -> DistributionResult:
     federation = run_tier(sc, sc.sites, seeded=False, seed=sc.seed, engine=fed_engine)
     samples = min(sc.site_samples, sc.sites)
     largest = int(sizes.max())
-    site_tier = [run_tier(sc, largest, seeded=True, seed=sc.seed * 1000 + i + 1, engine=site_engine)
-                 for i in range(samples)]
+    site_tier = [
+        run_tier(sc, largest, seeded=True, seed=sc.seed * 1000 + i + 1, engine=site_engine)
+        for i in range(samples)
+    ]
     done = np.empty(sc.devices)
     at = 0
     fed_done = federation.completion_s
     for j, size in enumerate(sizes):
         times = site_tier[j % samples].completion_s
-        done[at] = fed_done[j]                        # the fetcher
-        done[at + 1:at + size] = fed_done[j] + times[1:size]
+        done[at] = fed_done[j]  # the fetcher
+        done[at + 1 : at + size] = fed_done[j] + times[1:size]
         at += size
     # Bytes into each site from outside: its fetcher's share of the federation's cross-site bytes
     # (every fetcher is a site of its own there) plus what its site swarm took from the origin.
@@ -361,8 +414,15 @@ def run(sc: DistributionScenario, engine: str = "auto") -> DistributionResult:
     by_site = np.full(sc.sites, per_fetcher)
     for j in range(sc.sites):
         by_site[j] += site_tier[j % samples].cross_site_copies
-    return DistributionResult(sc, federation, site_tier, done, by_site,
-                              wall_s=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
+    return DistributionResult(
+        sc,
+        federation,
+        site_tier,
+        done,
+        by_site,
+        wall_s=time.perf_counter() - started,
+        peak_rss_mb=peak_rss_mb(),
+    )
 
 
 # -- validation -----------------------------------------------------------------------------------
@@ -395,8 +455,14 @@ class DistributionValidationRow:
         return out
 
 
-def validate_distribution(devices: int, sites: int, seeds: list[int], *, site_samples: int = 2,
-                          progress: Callable[[str], None] | None = None) -> DistributionValidationRow:
+def validate_distribution(
+    devices: int,
+    sites: int,
+    seeds: list[int],
+    *,
+    site_samples: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> DistributionValidationRow:
     """Cores and model on the same scenarios: mean over seeds of each figure."""
     figures: dict[str, dict[str, list[float]]] = {"cores": {}, "model": {}}
     for seed in seeds:

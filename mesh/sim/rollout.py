@@ -63,8 +63,15 @@ from mesh.rollout.state import (
 )
 from mesh.sim.membership import peak_rss_mb, site_sizes
 
-__all__ = ["RolloutResult", "RolloutScenario", "RolloutValidationRow", "expected", "run_cores",
-           "sim_plan", "validate_rollout"]
+__all__ = [
+    "RolloutResult",
+    "RolloutScenario",
+    "RolloutValidationRow",
+    "expected",
+    "run_cores",
+    "sim_plan",
+    "validate_rollout",
+]
 
 _MODEL, _BASELINE, _TARGET = "hand-landmark", "1.4", "1.5"
 _TRUSTED = TrustedKeys()
@@ -99,15 +106,24 @@ class RolloutScenario:
 
 def sim_plan(sc: RolloutScenario) -> RolloutPlan:
     """The plan the simulated publisher signs (the signature itself is not simulated)."""
-    waves = tuple(Wave(s, soak_s=sc.soak_s, min_requests=sc.min_requests, max_error_rate=sc.max_error_rate)
-                  for s in sc.shares_ppm)
+    waves = tuple(
+        Wave(s, soak_s=sc.soak_s, min_requests=sc.min_requests, max_error_rate=sc.max_error_rate)
+        for s in sc.shares_ppm
+    )
     return RolloutPlan(
-        rollout_id="hand-landmark-1.5-sim", model=_MODEL, target_version=_TARGET,
-        target_digest=hashlib.sha256(b"target").hexdigest(), baseline_version=_BASELINE,
+        rollout_id="hand-landmark-1.5-sim",
+        model=_MODEL,
+        target_version=_TARGET,
+        target_digest=hashlib.sha256(b"target").hexdigest(),
+        baseline_version=_BASELINE,
         baseline_digest=hashlib.sha256(b"baseline").hexdigest(),
-        skew=SkewRule("2.3.0", hashlib.sha256(b"signature").hexdigest()), created_at=0.0,
-        expires_at=7 * 24 * 3600.0, publisher_key_id="0" * 16, waves=waves,
-        autonomous_scope=AutonomousScope(PPM))
+        skew=SkewRule("2.3.0", hashlib.sha256(b"signature").hexdigest()),
+        created_at=0.0,
+        expires_at=7 * 24 * 3600.0,
+        publisher_key_id="0" * 16,
+        waves=waves,
+        autonomous_scope=AutonomousScope(PPM),
+    )
 
 
 @dataclass
@@ -117,9 +133,9 @@ class RolloutResult:
     exposed_devices: int
     target_requests: int
     total_requests: int
-    first_failing_s: float | None    # first gate FAIL anywhere (seconds from the start of wave 1)
-    all_aborted_s: float | None      # every site's state is ABORTED
-    all_baseline_s: float | None     # every device serves the baseline again
+    first_failing_s: float | None  # first gate FAIL anywhere (seconds from the start of wave 1)
+    all_aborted_s: float | None  # every site's state is ABORTED
+    all_baseline_s: float | None  # every device serves the baseline again
     final_states: dict[str, int]
     wave_share: list[tuple[float, float]]  # (seconds, share of devices serving the target)
     max_wave: int
@@ -141,22 +157,35 @@ class RolloutResult:
             return None if x is None else round(x, n)
 
         return {
-            "devices": sc.devices, "sites": sc.sites, "rollout_engine": self.engine,
-            "bad_error_share": sc.bad_error_share, "first_wave_share": sc.first_wave_share,
-            "bad_exposure_share": round(self.bad_exposure_share, 6), "exposed_devices": self.exposed_devices,
-            "bad_requests": self.target_requests, "bad_request_share": round(self.bad_request_share, 6),
-            "furthest_wave": self.max_wave, "seconds_to_first_fail": r(self.first_failing_s),
-            "seconds_to_all_aborted": r(self.all_aborted_s), "seconds_to_rollback": r(self.all_baseline_s),
-            "rollback_after_fail_s": r(None if self.all_baseline_s is None or self.first_failing_s is None
-                                       else self.all_baseline_s - self.first_failing_s),
-            "dissemination_s": round(sc.dissemination_s, 3), "final_states": self.final_states,
+            "devices": sc.devices,
+            "sites": sc.sites,
+            "rollout_engine": self.engine,
+            "bad_error_share": sc.bad_error_share,
+            "first_wave_share": sc.first_wave_share,
+            "bad_exposure_share": round(self.bad_exposure_share, 6),
+            "exposed_devices": self.exposed_devices,
+            "bad_requests": self.target_requests,
+            "bad_request_share": round(self.bad_request_share, 6),
+            "furthest_wave": self.max_wave,
+            "seconds_to_first_fail": r(self.first_failing_s),
+            "seconds_to_all_aborted": r(self.all_aborted_s),
+            "seconds_to_rollback": r(self.all_baseline_s),
+            "rollback_after_fail_s": r(
+                None
+                if self.all_baseline_s is None or self.first_failing_s is None
+                else self.all_baseline_s - self.first_failing_s
+            ),
+            "dissemination_s": round(sc.dissemination_s, 3),
+            "final_states": self.final_states,
             "rollout_wall_s": round(self.wall_s, 2),
         }
 
 
 def _counters(requests: int, errors: int, active_ms: int) -> VersionCounters:
     buckets = (requests,) + (0,) * len(LATENCY_BUCKETS_S)
-    return VersionCounters(_MODEL, _TARGET, 1, requests, (errors,) + (0,) * _ERROR_KINDS, active_ms, buckets, 0)
+    return VersionCounters(
+        _MODEL, _TARGET, 1, requests, (errors,) + (0,) * _ERROR_KINDS, active_ms, buckets, 0
+    )
 
 
 def run_cores(sc: RolloutScenario) -> RolloutResult:
@@ -168,7 +197,7 @@ def run_cores(sc: RolloutScenario) -> RolloutResult:
     names = [f"site-{j:05d}" for j in range(sc.sites)]
     per_site = site_wave_sizes(list(sc.shares_ppm), dict(zip(names, sizes, strict=True)))
     states: list[SiteRollout] = []
-    cohort_ids: list[list[str]] = []      # per site: devices in the last wave, sorted by score
+    cohort_ids: list[list[str]] = []  # per site: devices in the last wave, sorted by score
     cohort_scores: list[list[int]] = []
     for j, name in enumerate(names):
         ids = [f"s{j:05d}-d{i:05d}" for i in range(sizes[j])]
@@ -183,15 +212,15 @@ def run_cores(sc: RolloutScenario) -> RolloutResult:
     off_at = [np.full(len(ids), np.inf) for ids in cohort_ids]
     requests = [np.zeros(len(ids), dtype=np.int64) for ids in cohort_ids]
     errors = [np.zeros(len(ids), dtype=np.int64) for ids in cohort_ids]
-    step = [rng.random(len(ids)) * sc.interval_s for ids in cohort_ids]   # each device's step phase
-    evidence: dict[int, list[tuple[float, SiteEvidence]]] = {}   # per site: (published at, evidence)
+    step = [rng.random(len(ids)) * sc.interval_s for ids in cohort_ids]  # each device's step phase
+    evidence: dict[int, list[tuple[float, SiteEvidence]]] = {}  # per site: (published at, evidence)
     aborted_at: dict[int, float] = {}
     first_fail: float | None = None
     max_wave = 1
     wave_share: list[tuple[float, float]] = [(0.0, 0.0)]
     target_requests = 0
     now = 0.0
-    reached = [0] * sc.sites     # per site: devices of the furthest wave started (a prefix by score)
+    reached = [0] * sc.sites  # per site: devices of the furthest wave started (a prefix by score)
     while now < sc.time_limit_s:
         now += sc.interval_s
         # Devices: in their site's current wave and not rolled back, they serve the target from their
@@ -202,8 +231,8 @@ def run_cores(sc: RolloutScenario) -> RolloutResult:
                 count = bisect.bisect_right(cohort_scores[j], state.threshold(state.wave) or -1)
                 if count > reached[j]:
                     began = state.soak_started_at or 0.0
-                    phase = step[j][reached[j]:count]
-                    on_at[j][reached[j]:count] = began + np.mod(phase - began, sc.interval_s)
+                    phase = step[j][reached[j] : count]
+                    on_at[j][reached[j] : count] = began + np.mod(phase - began, sc.interval_s)
                     reached[j] = count
             n = reached[j]
             if not n:
@@ -227,25 +256,43 @@ def run_cores(sc: RolloutScenario) -> RolloutResult:
             delivered = [i for i, (at, _) in enumerate(items) if at + sc.dissemination_s <= now]
             if delivered:
                 heard[k] = items[delivered[-1]][1]
-                del items[:delivered[-1]]
+                del items[: delivered[-1]]
         known_aborts = sorted(k for k, at in aborted_at.items() if at + sc.dissemination_s <= now)
         for j, state in enumerate(states):
             if state.state.final:
                 continue
             if any(k != j for k in known_aborts):
                 k = next(k for k in known_aborts if k != j)
-                states[j] = apply(plan, state, PeerAborted(now, names[k], "gate failed"), trusted=_TRUSTED).after
+                states[j] = apply(
+                    plan, state, PeerAborted(now, names[k], "gate failed"), trusted=_TRUSTED
+                ).after
                 aborted_at[j] = now
                 continue
             remote = _summed(plan, [e for k, e in heard.items() if k != j])
             ids = cohort_ids[j]
             members = bisect.bisect_right(cohort_scores[j], state.threshold(state.wave) or -1)
-            reports = [DeviceReport(ids[i], True, _counters(int(requests[j][i]), int(errors[j][i]),
-                                                            int(max(0.0, now - on_at[j][i]) * 1000)))
-                       for i in range(members) if on_at[j][i] <= now]
+            reports = [
+                DeviceReport(
+                    ids[i],
+                    True,
+                    _counters(
+                        int(requests[j][i]), int(errors[j][i]), int(max(0.0, now - on_at[j][i]) * 1000)
+                    ),
+                )
+                for i in range(members)
+                if on_at[j][i] <= now
+            ]
             verdict: GateVerdict = evaluate_gate(
-                plan, state.wave, cohort=ids[:members], reports=reports, marks=state.marks_map(),
-                soak_started_at=state.soak_started_at or 0.0, now=now, remote=remote, site=names[j])
+                plan,
+                state.wave,
+                cohort=ids[:members],
+                reports=reports,
+                marks=state.marks_map(),
+                soak_started_at=state.soak_started_at or 0.0,
+                now=now,
+                remote=remote,
+                site=names[j],
+            )
             if verdict.own_measured.requests:
                 evidence.setdefault(j, []).append((now, verdict.evidence(names[j])))
             for step_input in proposals(plan, state, verdict, now):
@@ -259,15 +306,33 @@ def run_cores(sc: RolloutScenario) -> RolloutResult:
             break
     exposed = sum(int(np.isfinite(on).sum()) for on in on_at)
     all_aborted = max(aborted_at.values()) if len(aborted_at) == sc.sites else None
-    last_off = max((float(off[np.isfinite(on)].max()) for on, off in zip(on_at, off_at, strict=True)
-                    if np.isfinite(on).any()), default=0.0)
-    final = {}
+    last_off = max(
+        (
+            float(off[np.isfinite(on)].max())
+            for on, off in zip(on_at, off_at, strict=True)
+            if np.isfinite(on).any()
+        ),
+        default=0.0,
+    )
+    final: dict[str, int] = {}
     for s in states:
         final[s.state.value] = final.get(s.state.value, 0) + 1
     total = int(round(sc.devices * sc.request_rate_per_s * now))
-    return RolloutResult(sc, "cores", exposed, target_requests, total, first_fail, all_aborted,
-                         last_off if all_aborted is not None else None, final, wave_share, max_wave,
-                         wall_s=time.perf_counter() - started, peak_rss_mb=peak_rss_mb())
+    return RolloutResult(
+        sc,
+        "cores",
+        exposed,
+        target_requests,
+        total,
+        first_fail,
+        all_aborted,
+        last_off if all_aborted is not None else None,
+        final,
+        wave_share,
+        max_wave,
+        wall_s=time.perf_counter() - started,
+        peak_rss_mb=peak_rss_mb(),
+    )
 
 
 def _summed(plan: RolloutPlan, heard: list[SiteEvidence]) -> list[SiteEvidence]:
@@ -276,8 +341,16 @@ def _summed(plan: RolloutPlan, heard: list[SiteEvidence]) -> list[SiteEvidence]:
         return []
     measured = sum((e.measured for e in heard), Totals())
     soaked = sum((e.soaked for e in heard), Totals())
-    return [SiteEvidence("other-sites", plan.rollout_id, min(e.wave for e in heard), measured, soaked,
-                         sum(e.activation_failures for e in heard))]
+    return [
+        SiteEvidence(
+            "other-sites",
+            plan.rollout_id,
+            min(e.wave for e in heard),
+            measured,
+            soaked,
+            sum(e.activation_failures for e in heard),
+        )
+    ]
 
 
 # -- the model ------------------------------------------------------------------------------------
@@ -312,8 +385,12 @@ def expected(sc: RolloutScenario) -> dict[str, float]:
     # The last exposed device steps back within an interval: the max of w1 uniform phases.
     rollback_s = all_fail_s + step * w1 / (w1 + 1)
     bad_requests = w1 * rate * (fail_s - start_s + step / 2)
-    return {"bad_exposure_share": w1 / sc.devices, "seconds_to_first_fail": fail_s,
-            "seconds_to_rollback": rollback_s, "bad_requests": bad_requests}
+    return {
+        "bad_exposure_share": w1 / sc.devices,
+        "seconds_to_first_fail": fail_s,
+        "seconds_to_rollback": rollback_s,
+        "bad_requests": bad_requests,
+    }
 
 
 @dataclass(frozen=True)
@@ -341,8 +418,14 @@ class RolloutValidationRow:
         return out
 
 
-def validate_rollout(devices: int, sites: int, seeds: list[int], *, dissemination_s: float = 2.0,
-                     progress: Callable[[str], None] | None = None) -> RolloutValidationRow:
+def validate_rollout(
+    devices: int,
+    sites: int,
+    seeds: list[int],
+    *,
+    dissemination_s: float = 2.0,
+    progress: Callable[[str], None] | None = None,
+) -> RolloutValidationRow:
     cores: dict[str, list[float]] = {}
     model: dict[str, float] = {}
     for seed in seeds:
@@ -353,5 +436,9 @@ def validate_rollout(devices: int, sites: int, seeds: list[int], *, disseminatio
         for f in RolloutValidationRow.FIGURES:
             cores.setdefault(f, []).append(float(data[f] or 0.0))
         model = expected(sc)
-    return RolloutValidationRow(devices, sites, {f: statistics.mean(v) for f, v in cores.items()},
-                                {f: model[f] for f in RolloutValidationRow.FIGURES})
+    return RolloutValidationRow(
+        devices,
+        sites,
+        {f: statistics.mean(v) for f, v in cores.items()},
+        {f: model[f] for f in RolloutValidationRow.FIGURES},
+    )

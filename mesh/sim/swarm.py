@@ -83,9 +83,9 @@ class Restart:
 @dataclass(frozen=True)
 class BanRecord:
     at_s: float
-    node_id: str     # who banned
-    peer_id: str     # whom
-    index: int       # the chunk that failed its hash check
+    node_id: str  # who banned
+    peer_id: str  # whom
+    index: int  # the chunk that failed its hash check
 
 
 @dataclass(frozen=True)
@@ -95,15 +95,15 @@ class SimResult:
     model_size_bytes: int
     upload_cap_bytes_per_s: float
     origin_egress_bytes: int
-    total_bytes: int                     # chunk bytes sent to nodes, wasted ones included
-    min_bytes: int                       # bytes the nodes lacked at start
-    completion_s: Mapping[str, float]    # node id -> time it held every chunk
+    total_bytes: int  # chunk bytes sent to nodes, wasted ones included
+    min_bytes: int  # bytes the nodes lacked at start
+    completion_s: Mapping[str, float]  # node id -> time it held every chunk
     all_complete: bool
     bans: tuple[BanRecord, ...]
     requests: int
-    refused: int                          # requests refused for lack of an upload slot
+    refused: int  # requests refused for lack of an upload slot
     sim_time_s: float
-    cross_site_bytes: int = 0             # chunk bytes whose server was in another site than the receiver
+    cross_site_bytes: int = 0  # chunk bytes whose server was in another site than the receiver
     cross_site_bytes_by_site: Mapping[str, int] = field(default_factory=dict)  # by the receiver's site
 
     @property
@@ -127,26 +127,28 @@ class SimResult:
         return self.last_completion_s / self.lower_bound_s
 
     def summary(self) -> str:
-        return (f"seed={self.seed} nodes={self.n_nodes} model={self.model_size_bytes}B "
-                f"origin egress={self.origin_egress_ratio:.3f}x model, "
-                f"total bytes={self.total_bytes_ratio:.3f}x minimum, "
-                f"last node done at {self.last_completion_s:.2f}s = {self.completion_ratio:.2f}x "
-                f"(model/upload cap = {self.lower_bound_s:.2f}s), requests={self.requests} "
-                f"refused={self.refused} bans={len(self.bans)} complete={self.all_complete}")
+        return (
+            f"seed={self.seed} nodes={self.n_nodes} model={self.model_size_bytes}B "
+            f"origin egress={self.origin_egress_ratio:.3f}x model, "
+            f"total bytes={self.total_bytes_ratio:.3f}x minimum, "
+            f"last node done at {self.last_completion_s:.2f}s = {self.completion_ratio:.2f}x "
+            f"(model/upload cap = {self.lower_bound_s:.2f}s), requests={self.requests} "
+            f"refused={self.refused} bans={len(self.bans)} complete={self.all_complete}"
+        )
 
 
 @dataclass
 class _Node:
     node_id: str
     site: str
-    have: bytearray                      # verified chunks on disk; survives restarts
+    have: bytearray  # verified chunks on disk; survives restarts
     up: TokenBucket
     down: TokenBucket
     slots: UploadSlots
     bad: bool = False
     is_origin: bool = False
     alive: bool = True
-    epoch: int = 0                       # bumped by every kill and restart
+    epoch: int = 0  # bumped by every kill and restart
     scheduler: SwarmScheduler | None = None
     timer_at: float = math.inf
     done_at: float | None = None
@@ -156,14 +158,32 @@ class _Node:
 
 
 class _Swarm:
-    def __init__(self, *, n_nodes: int, chunk_sizes: Sequence[int], upload_cap_bytes_per_s: float,
-                 download_cap_bytes_per_s: float, origin_upload_cap_bytes_per_s: float, seed: int,
-                 n_sites: int, max_uploads: int, origin_max_uploads: int, gossip_delay_s: float,
-                 lan_latency_s: float, wan_latency_s: float, bad_nodes: Collection[int],
-                 config: SchedulerConfig, initial_have: Mapping[int, Collection[int]],
-                 failure_detect_s: float, burst_bytes: int, use_node_ids: bool, retry_hints: bool,
-                 sites: Sequence[str] | None = None, sees: Callable[[str, str, int], bool] | None = None,
-                 have_batch_s: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        n_nodes: int,
+        chunk_sizes: Sequence[int],
+        upload_cap_bytes_per_s: float,
+        download_cap_bytes_per_s: float,
+        origin_upload_cap_bytes_per_s: float,
+        seed: int,
+        n_sites: int,
+        max_uploads: int,
+        origin_max_uploads: int,
+        gossip_delay_s: float,
+        lan_latency_s: float,
+        wan_latency_s: float,
+        bad_nodes: Collection[int],
+        config: SchedulerConfig,
+        initial_have: Mapping[int, Collection[int]],
+        failure_detect_s: float,
+        burst_bytes: int,
+        use_node_ids: bool,
+        retry_hints: bool,
+        sites: Sequence[str] | None = None,
+        sees: Callable[[str, str, int], bool] | None = None,
+        have_batch_s: float | None = None,
+    ) -> None:
         self.rng = random.Random(seed)
         self.sizes = list(chunk_sizes)
         self.config = config
@@ -191,11 +211,18 @@ class _Swarm:
         n = len(self.sizes)
 
         def make(node_id: str, site: str, have: bytearray, up_rate: float, slots: int) -> _Node:
-            return _Node(node_id, site, have, TokenBucket(up_rate, burst_bytes, 0.0),
-                         TokenBucket(download_cap_bytes_per_s, burst_bytes, 0.0), UploadSlots(slots))
+            return _Node(
+                node_id,
+                site,
+                have,
+                TokenBucket(up_rate, burst_bytes, 0.0),
+                TokenBucket(download_cap_bytes_per_s, burst_bytes, 0.0),
+                UploadSlots(slots),
+            )
 
-        self.origin = make(ORIGIN_ID, ORIGIN_SITE, bytearray([1]) * n, origin_upload_cap_bytes_per_s,
-                           origin_max_uploads)
+        self.origin = make(
+            ORIGIN_ID, ORIGIN_SITE, bytearray([1]) * n, origin_upload_cap_bytes_per_s, origin_max_uploads
+        )
         self.origin.is_origin = True
         self.nodes: dict[str, _Node] = {ORIGIN_ID: self.origin}
         self.peers: list[_Node] = []
@@ -245,19 +272,31 @@ class _Swarm:
 
     def _finished(self) -> bool:
         return self.lifecycle_pending == 0 and all(
-            node.alive and node.done_at is not None for node in self.peers)
+            node.alive and node.done_at is not None for node in self.peers
+        )
 
     # -- node lifecycle ------------------------------------------------------
 
     def _start(self, node: _Node) -> None:
         """A fresh scheduler with the chunks on disk, told what every live node holds."""
-        node.scheduler = SwarmScheduler(self.sizes, [bool(x) for x in node.have], self_site=node.site,
-                                        config=self.config, rng=random.Random(self.rng.random()),
-                                        self_id=node.node_id if self.use_node_ids else None, now=self.now)
+        node.scheduler = SwarmScheduler(
+            self.sizes,
+            [bool(x) for x in node.have],
+            self_site=node.site,
+            config=self.config,
+            rng=random.Random(self.rng.random()),
+            self_id=node.node_id if self.use_node_ids else None,
+            now=self.now,
+        )
         for other in self.nodes.values():
             if other is not node and other.alive:
-                node.scheduler.peer_update(other.node_id, site=other.site, have=self._shown(node, other),
-                                           is_origin=other.is_origin, now=self.now)
+                node.scheduler.peer_update(
+                    other.node_id,
+                    site=other.site,
+                    have=self._shown(node, other),
+                    is_origin=other.is_origin,
+                    now=self.now,
+                )
         node.timer_at = math.inf
         node.requests.clear()
         if node.scheduler.done and node.done_at is None:
@@ -310,14 +349,27 @@ class _Swarm:
             self._request_ids += 1
             self.requests += 1
             node.requests[(server.node_id, request.index)] = self._request_ids
-            self._at(self.now + self._latency_s(node, server), "request", server.node_id, server.epoch,
-                     node.node_id, node.epoch, request.index, self._request_ids)
+            self._at(
+                self.now + self._latency_s(node, server),
+                "request",
+                server.node_id,
+                server.epoch,
+                node.node_id,
+                node.epoch,
+                request.index,
+                self._request_ids,
+            )
         for event in scheduler.drain_events():
             if isinstance(event, RequestCancelled):
                 node.requests.pop((event.peer_id, event.index), None)
             elif isinstance(event, PeerBanned):
-                log.info("%s banned %s until %.1fs: chunk %d failed its hash check",
-                         node.node_id, event.peer_id, event.until, event.index)
+                log.info(
+                    "%s banned %s until %.1fs: chunk %d failed its hash check",
+                    node.node_id,
+                    event.peer_id,
+                    event.until,
+                    event.index,
+                )
                 self.bans.append(BanRecord(self.now, node.node_id, event.peer_id, event.index))
             elif isinstance(event, ChunkDone):
                 if self.have_batch_s is not None:
@@ -327,10 +379,17 @@ class _Swarm:
                     self._pending_have.append((node.node_id, node.epoch, event.index))
                     continue
                 for other in self.peers:
-                    if other is not node and (self.sees is None
-                                              or self.sees(other.node_id, node.node_id, event.index)):
-                        self._at(self.now + self._gossip_s(), "have", other.node_id, node.node_id, node.epoch,
-                                 event.index)
+                    if other is not node and (
+                        self.sees is None or self.sees(other.node_id, node.node_id, event.index)
+                    ):
+                        self._at(
+                            self.now + self._gossip_s(),
+                            "have",
+                            other.node_id,
+                            node.node_id,
+                            node.epoch,
+                            event.index,
+                        )
         if scheduler.done and node.done_at is None:
             node.done_at = self.now
         deadline = scheduler.next_deadline()
@@ -367,13 +426,26 @@ class _Swarm:
             if learned:
                 self._pump(other)
 
-    def _answer_for(self, client: _Node, client_epoch: int, server_id: str, index: int,
-                    request_id: int) -> bool:
-        return (client.alive and client.epoch == client_epoch and client.scheduler is not None
-                and client.requests.get((server_id, index)) == request_id)
+    def _answer_for(
+        self, client: _Node, client_epoch: int, server_id: str, index: int, request_id: int
+    ) -> bool:
+        return (
+            client.alive
+            and client.epoch == client_epoch
+            and client.scheduler is not None
+            and client.requests.get((server_id, index)) == request_id
+        )
 
-    def _on_chunk(self, client_id: str, client_epoch: int, server_id: str, server_epoch: int, index: int,
-                  request_id: int, corrupt: bool) -> None:
+    def _on_chunk(
+        self,
+        client_id: str,
+        client_epoch: int,
+        server_id: str,
+        server_epoch: int,
+        index: int,
+        request_id: int,
+        corrupt: bool,
+    ) -> None:
         client, server = self.nodes[client_id], self.nodes[server_id]
         if server.epoch != server_epoch:
             return  # the server died mid-upload: the stream broke, the client will time out
@@ -383,7 +455,9 @@ class _Swarm:
             self.origin_egress_bytes += size
         if server.site != client.site:
             self.cross_site_bytes += size
-            self.cross_site_bytes_by_site[client.site] = self.cross_site_bytes_by_site.get(client.site, 0) + size
+            self.cross_site_bytes_by_site[client.site] = (
+                self.cross_site_bytes_by_site.get(client.site, 0) + size
+            )
         if not self._answer_for(client, client_epoch, server_id, index, request_id):
             return
         del client.requests[(server_id, index)]
@@ -395,20 +469,35 @@ class _Swarm:
             client.scheduler.completed(server_id, index, self.now)
         self._pump(client)
 
-    def _on_refused(self, client_id: str, client_epoch: int, server_id: str, index: int, request_id: int,
-                    retry_after_s: float | None) -> None:
+    def _on_refused(
+        self,
+        client_id: str,
+        client_epoch: int,
+        server_id: str,
+        index: int,
+        request_id: int,
+        retry_after_s: float | None,
+    ) -> None:
         client = self.nodes[client_id]
         if self._answer_for(client, client_epoch, server_id, index, request_id):
             del client.requests[(server_id, index)]
             assert client.scheduler is not None
-            client.scheduler.failed(server_id, index, FailureReason.UNAVAILABLE, self.now,
-                                    retry_after_s=retry_after_s)
+            client.scheduler.failed(
+                server_id, index, FailureReason.UNAVAILABLE, self.now, retry_after_s=retry_after_s
+            )
             self._pump(client)
 
     # -- the server side -----------------------------------------------------
 
-    def _on_request(self, server_id: str, server_epoch: int, client_id: str, client_epoch: int, index: int,
-                    request_id: int) -> None:
+    def _on_request(
+        self,
+        server_id: str,
+        server_epoch: int,
+        client_id: str,
+        client_epoch: int,
+        index: int,
+        request_id: int,
+    ) -> None:
         server, client = self.nodes[server_id], self.nodes[client_id]
         if not server.alive or server.epoch != server_epoch:
             return  # nobody answers: the client times out or hears the server is gone
@@ -416,17 +505,37 @@ class _Swarm:
         if not server.have[index] or not server.slots.try_acquire():
             self.refused += 1
             # The refusal says when a slot frees, as a server would from its own upload queue.
-            retry_after_s = (max(0.0, server.upload_ends[0] - self.now - latency_s)
-                             if self.retry_hints and server.upload_ends else None)
-            self._at(self.now + latency_s, "refused", client_id, client_epoch, server_id, index, request_id,
-                     retry_after_s)
+            retry_after_s = (
+                max(0.0, server.upload_ends[0] - self.now - latency_s)
+                if self.retry_hints and server.upload_ends
+                else None
+            )
+            self._at(
+                self.now + latency_s,
+                "refused",
+                client_id,
+                client_epoch,
+                server_id,
+                index,
+                request_id,
+                retry_after_s,
+            )
             return
         size = self.sizes[index]
         sent_at = self.now + max(server.up.reserve(size, self.now), client.down.reserve(size, self.now))
         heapq.heappush(server.upload_ends, sent_at)
         self._at(sent_at, "uploaded", server_id, server.epoch)
-        self._at(sent_at + latency_s, "chunk", client_id, client_epoch, server_id, server.epoch, index,
-                 request_id, server.bad)
+        self._at(
+            sent_at + latency_s,
+            "chunk",
+            client_id,
+            client_epoch,
+            server_id,
+            server.epoch,
+            index,
+            request_id,
+            server.bad,
+        )
 
     def _on_uploaded(self, server_id: str, server_epoch: int) -> None:
         server = self.nodes[server_id]
@@ -439,16 +548,33 @@ def _present(have: bytearray) -> list[int]:
     return [i for i, x in enumerate(have) if x]
 
 
-def simulate(n_nodes: int, chunk_sizes: Sequence[int], upload_cap_bytes_per_s: float, seed: int, *,
-             download_cap_bytes_per_s: float | None = None,
-             origin_upload_cap_bytes_per_s: float | None = None, n_sites: int = 3, max_uploads: int = 4,
-             origin_max_uploads: int = 4, gossip_delay_s: float = 0.05,
-             lan_latency_s: float = 0.002, wan_latency_s: float = 0.02, bad_nodes: Collection[int] = (),
-             config: SchedulerConfig | None = None, initial_have: Mapping[int, Collection[int]] | None = None,
-             restarts: Sequence[Restart] = (), failure_detect_s: float = 1.0, burst_bytes: int = 64 * 1024,
-             use_node_ids: bool = True, retry_hints: bool = False, time_limit_s: float = 3600.0,
-             sites: Sequence[str] | None = None, sees: Callable[[str, str, int], bool] | None = None,
-             have_batch_s: float | None = None) -> SimResult:
+def simulate(
+    n_nodes: int,
+    chunk_sizes: Sequence[int],
+    upload_cap_bytes_per_s: float,
+    seed: int,
+    *,
+    download_cap_bytes_per_s: float | None = None,
+    origin_upload_cap_bytes_per_s: float | None = None,
+    n_sites: int = 3,
+    max_uploads: int = 4,
+    origin_max_uploads: int = 4,
+    gossip_delay_s: float = 0.05,
+    lan_latency_s: float = 0.002,
+    wan_latency_s: float = 0.02,
+    bad_nodes: Collection[int] = (),
+    config: SchedulerConfig | None = None,
+    initial_have: Mapping[int, Collection[int]] | None = None,
+    restarts: Sequence[Restart] = (),
+    failure_detect_s: float = 1.0,
+    burst_bytes: int = 64 * 1024,
+    use_node_ids: bool = True,
+    retry_hints: bool = False,
+    time_limit_s: float = 3600.0,
+    sites: Sequence[str] | None = None,
+    sees: Callable[[str, str, int], bool] | None = None,
+    have_batch_s: float | None = None,
+) -> SimResult:
     """Spread one model (`chunk_sizes`) from an origin to `n_nodes` nodes and measure it.
 
     Every node (the origin too, unless `origin_upload_cap_bytes_per_s`) uploads at
@@ -472,14 +598,29 @@ def simulate(n_nodes: int, chunk_sizes: Sequence[int], upload_cap_bytes_per_s: f
     if have_batch_s is not None and not have_batch_s > 0:
         raise ValueError(f"have_batch_s must be positive, got {have_batch_s}")
     swarm = _Swarm(
-        n_nodes=n_nodes, chunk_sizes=chunk_sizes, upload_cap_bytes_per_s=upload_cap_bytes_per_s,
+        n_nodes=n_nodes,
+        chunk_sizes=chunk_sizes,
+        upload_cap_bytes_per_s=upload_cap_bytes_per_s,
         download_cap_bytes_per_s=download_cap_bytes_per_s or 4 * upload_cap_bytes_per_s,
-        origin_upload_cap_bytes_per_s=origin_upload_cap_bytes_per_s or upload_cap_bytes_per_s, seed=seed,
-        n_sites=n_sites, max_uploads=max_uploads, origin_max_uploads=origin_max_uploads,
-        gossip_delay_s=gossip_delay_s, lan_latency_s=lan_latency_s, wan_latency_s=wan_latency_s,
-        bad_nodes=frozenset(bad_nodes), config=config or SchedulerConfig(), initial_have=initial_have or {},
-        failure_detect_s=failure_detect_s, burst_bytes=burst_bytes, use_node_ids=use_node_ids,
-        retry_hints=retry_hints, sites=sites, sees=sees, have_batch_s=have_batch_s)
+        origin_upload_cap_bytes_per_s=origin_upload_cap_bytes_per_s or upload_cap_bytes_per_s,
+        seed=seed,
+        n_sites=n_sites,
+        max_uploads=max_uploads,
+        origin_max_uploads=origin_max_uploads,
+        gossip_delay_s=gossip_delay_s,
+        lan_latency_s=lan_latency_s,
+        wan_latency_s=wan_latency_s,
+        bad_nodes=frozenset(bad_nodes),
+        config=config or SchedulerConfig(),
+        initial_have=initial_have or {},
+        failure_detect_s=failure_detect_s,
+        burst_bytes=burst_bytes,
+        use_node_ids=use_node_ids,
+        retry_hints=retry_hints,
+        sites=sites,
+        sees=sees,
+        have_batch_s=have_batch_s,
+    )
     for restart in restarts:
         if not 0 <= restart.node < n_nodes:
             raise ValueError(f"restart names node {restart.node}, but nodes are 0..{n_nodes - 1}")
@@ -490,9 +631,19 @@ def simulate(n_nodes: int, chunk_sizes: Sequence[int], upload_cap_bytes_per_s: f
     swarm.run(time_limit_s)
     completion = {node.node_id: node.done_at for node in swarm.peers if node.done_at is not None}
     return SimResult(
-        seed=seed, n_nodes=n_nodes, model_size_bytes=sum(chunk_sizes),
-        upload_cap_bytes_per_s=upload_cap_bytes_per_s, origin_egress_bytes=swarm.origin_egress_bytes,
-        total_bytes=swarm.total_bytes, min_bytes=swarm.min_bytes, completion_s=completion,
+        seed=seed,
+        n_nodes=n_nodes,
+        model_size_bytes=sum(chunk_sizes),
+        upload_cap_bytes_per_s=upload_cap_bytes_per_s,
+        origin_egress_bytes=swarm.origin_egress_bytes,
+        total_bytes=swarm.total_bytes,
+        min_bytes=swarm.min_bytes,
+        completion_s=completion,
         all_complete=len(completion) == n_nodes and all(node.alive for node in swarm.peers),
-        bans=tuple(swarm.bans), requests=swarm.requests, refused=swarm.refused, sim_time_s=swarm.now,
-        cross_site_bytes=swarm.cross_site_bytes, cross_site_bytes_by_site=dict(swarm.cross_site_bytes_by_site))
+        bans=tuple(swarm.bans),
+        requests=swarm.requests,
+        refused=swarm.refused,
+        sim_time_s=swarm.now,
+        cross_site_bytes=swarm.cross_site_bytes,
+        cross_site_bytes_by_site=dict(swarm.cross_site_bytes_by_site),
+    )

@@ -6,7 +6,6 @@ again the group decides on, every replica's audit chain verifies, and no record 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from mesh.guard.audit import read_audit, verify_audit
 from mesh.node.local import wait_for
 from tests.consensus.harness import ROUTES, SiteCluster, move
 from tests.disks import fill_to_the_last_byte
-
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,8 +55,13 @@ JOURNAL_ON_A_FULL_DISK = textwrap.dedent("""
 
 
 def journal_on_a_full_disk(disk: Path, kind: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", JOURNAL_ON_A_FULL_DISK, str(disk), kind], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", JOURNAL_ON_A_FULL_DISK, str(disk), kind],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_the_durable_journal_refuses_an_entry_on_a_full_disk_and_goes_on_when_there_is_room(tiny_disk):
@@ -75,8 +78,11 @@ def test_pysyncobjs_own_journal_dies_of_sigbus_on_a_full_disk(tiny_disk):
 
 
 def audited_entries(path) -> set[tuple[int, int]]:
-    return {(r.payload["raft_index"], r.payload["raft_event"]) for r in read_audit(path)
-            if "raft_index" in r.payload}
+    return {
+        (r.payload["raft_index"], r.payload["raft_event"])
+        for r in read_audit(path)
+        if "raft_index" in r.payload
+    }
 
 
 @pytest.mark.asyncio
@@ -95,8 +101,9 @@ async def test_a_full_disk_fails_proposals_and_the_group_recovers_with_every_rec
         refused = None
         for n in range(40):
             try:
-                result = await leader.propose(move(("cam-0", side[0], side[1]), nonce=f"full-{n:05d}"),
-                                              timeout_s=2.0)
+                result = await leader.propose(
+                    move(("cam-0", side[0], side[1]), nonce=f"full-{n:05d}"), timeout_s=2.0
+                )
             except RaftError as exc:
                 refused = exc
                 break
@@ -113,7 +120,9 @@ async def test_a_full_disk_fails_proposals_and_the_group_recovers_with_every_rec
                 leader = await s.wait_leader()
                 on = leader.routes()["cam-0"]
                 to = "node-2" if on == "node-1" else "node-1"
-                result = await leader.propose(move(("cam-0", on, to), nonce=f"room-{attempt:05d}"), timeout_s=2.0)
+                result = await leader.propose(
+                    move(("cam-0", on, to), nonce=f"room-{attempt:05d}"), timeout_s=2.0
+                )
                 outcomes.append(result.outcome.value)
                 if result.outcome is Outcome.APPLIED:
                     break
@@ -122,8 +131,11 @@ async def test_a_full_disk_fails_proposals_and_the_group_recovers_with_every_rec
             assert asyncio.get_running_loop().time() < deadline, f"no decision applied 30 s after: {outcomes}"
         await s.converged()
         for g in groups:
-            await wait_for(lambda g=g: g.status()["audit_error"] is None, 10.0,
-                           what=f"{g.node_id}'s audit log writes again")
+            await wait_for(
+                lambda g=g: g.status()["audit_error"] is None,
+                10.0,
+                what=f"{g.node_id}'s audit log writes again",
+            )
         await s.close_all()
         entries = []
         for g in groups:

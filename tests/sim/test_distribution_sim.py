@@ -12,12 +12,15 @@ from mesh.sim.distribution import DistributionScenario, run, run_tier
 TOLERANCE = 0.20
 
 
-def completion_error(sc: DistributionScenario, model_sc: DistributionScenario, nodes: int, *, seeded: bool,
-                     seed: int) -> tuple[float, str]:
+def completion_error(
+    sc: DistributionScenario, model_sc: DistributionScenario, nodes: int, *, seeded: bool, seed: int
+) -> tuple[float, str]:
     cores = run_tier(sc, nodes, seeded=seeded, seed=seed, engine="cores")
     model = run_tier(model_sc, nodes, seeded=seeded, seed=seed, engine="model")
-    summary = (f"seed {seed}, {nodes} nodes, seeded={seeded}: last node cores {cores.completion_s.max():.2f} s, "
-               f"model {model.completion_s.max():.2f} s")
+    summary = (
+        f"seed {seed}, {nodes} nodes, seeded={seeded}: last node cores {cores.completion_s.max():.2f} s, "
+        f"model {model.completion_s.max():.2f} s"
+    )
     return float(model.completion_s.max() / cores.completion_s.max() - 1), summary
 
 

@@ -229,6 +229,7 @@ class _AuditedLedger:
                     # proposers are not held. The records stay queued, in order, and the next flush
                     # retries them: a full disk delays the audit trail, it does not cut holes in it.
                     with self.lock:
+                        queued = queued[getattr(exc, "written", 0):]  # a first part may have been written
                         kept = queued[-MAX_UNWRITTEN_AUDIT_RECORDS:]
                         dropped = len(queued) - len(kept)
                         newly = len(queued) - self._unwritten

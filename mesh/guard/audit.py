@@ -64,7 +64,10 @@ class AuditError(GuardError):
 
 
 class AuditWriteError(AuditError):
-    """The audit log could not be written (names the file and the OS error)."""
+    """The audit log could not be written (names the file and the OS error). `written`: how many of the
+    records of the failed call are durable all the same (the first chunks of a long append)."""
+
+    written: int = 0
 
 
 class AuditReadError(AuditError):
@@ -508,9 +511,17 @@ class AuditLog:
             for start in range(0, len(items), MAX_RECORDS_PER_SYNC):
                 chunk = items[start : start + MAX_RECORDS_PER_SYNC]
                 if self._seq - self._head_seq + len(chunk) > MAX_RECORDS_PER_SYNC:
-                    self._advance_head()  # after a crash the log stays at most one chunk ahead of it
+                    try:
+                        self._advance_head()  # after a crash the log stays at most one chunk ahead of it
+                    except AuditWriteError as exc:
+                        exc.written = len(records)
+                        raise
                 last = start + MAX_RECORDS_PER_SYNC >= len(items)
-                records += self._write_synced(chunk, now, on_synced if last else None)
+                try:
+                    records += self._write_synced(chunk, now, on_synced if last else None)
+                except AuditWriteError as exc:
+                    exc.written = len(records)  # the earlier chunks are durable: a retry must not repeat them
+                    raise
                 if not defer_head:
                     self._try_advance_head()
         return records

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from mesh.guard.audit import (
     GENESIS_HASH,
+    MAX_RECORDS_PER_SYNC,
     AuditCorruptError,
     AuditEvent,
     AuditLog,
@@ -271,6 +272,22 @@ def test_a_full_disk_delays_records_but_never_breaks_the_chain(tiny_disk):
     assert [r.seq for r in records] == list(range(1, len(records) + 1))
     assert records[-1].kind == "released"
     AuditLog(path).close()  # reopens: nothing torn, nothing dropped
+
+
+def test_a_long_append_that_fails_part_way_says_how_many_records_are_durable(tmp_path, monkeypatch):
+    import mesh.guard.audit as audit_module
+
+    path = tmp_path / "a.log"
+    log = AuditLog(path)
+
+    def no_head(*args, **kwargs):
+        raise AuditWriteError("cannot write audit head file: No space left on device")
+
+    monkeypatch.setattr(audit_module, "_write_head", no_head)
+    entries = [("held", {"i": i}) for i in range(MAX_RECORDS_PER_SYNC + 10)]
+    with pytest.raises(AuditWriteError) as failed:
+        log.append_many(entries, now=1.0, defer_head=True)
+    assert failed.value.written == MAX_RECORDS_PER_SYNC == len(read_audit(path))
 
 
 def test_a_partial_record_that_cannot_be_cut_off_stops_appends_with_a_clear_error(tmp_path):

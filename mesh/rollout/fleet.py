@@ -260,6 +260,7 @@ def steer_device(
         desired = decisions[governing.rollout_id].version
         if safe_only and desired == governing.target_version and serving != desired:
             desired = None
+            blocked.add(governing.target_version)  # nor as the newest version, nor resumed after a restart
     return DeviceSteering(
         desired=desired,
         blocked=frozenset(blocked),

@@ -328,7 +328,16 @@ def test_the_newest_rollout_decides_and_unfinished_targets_are_never_chosen_by_d
         now=T0 + 10,
         safe_only=True,
     )
-    assert steer.desired is None
+    assert steer.desired is None and "2.0" in steer.blocked
+    # ... nor after a restart that left it serving nothing: the target is neither resumed nor taken as newest.
+    for resume in ("2.0", None):
+        steer = steer_device(
+            "okay-nabu", [(plan, in_wave)], [], me, complete={"1.0", "2.0"}, serving=None, aborted={},
+            now=T0 + 10, safe_only=True,
+        )
+        choice = choose_active("okay-nabu", complete={"1.0", "2.0"}, refused=set(), active=None,
+                               desired=steer.desired, blocked=steer.blocked, keep=True, resume=resume)
+        assert choice == Activate("okay-nabu", "1.0"), (resume, choice)
     # A plan held but not registered by this site yet: its target is blocked and pinned, nothing more.
     later = make_plan("okay-nabu-3", target="3.0", baseline="2.0", created_at=T0 + 50)
     steer = steer_device(

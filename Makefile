@@ -53,7 +53,7 @@ test-tflite-runtime: models
 
 # Every benchmark under bench/, one after another (each prints its figures, the last line one JSON
 # object); a new bench is added to this list (tests/deploy/test_make.py checks none is missing).
-BENCHES := membership distribution inference consensus rollout scale
+BENCHES := membership distribution inference consensus rollout scale sim
 
 bench: install models
 	@set -e; for name in $(BENCHES); do echo "== bench/$$name.py"; $(BIN)/python bench/$$name.py; done

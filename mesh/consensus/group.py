@@ -423,7 +423,8 @@ class SiteGroup:
                         self.audit_check.first_bad_seq)
         ledger = DecisionLedger(group=group, policy=self.policy, group_size=len(members), trusted=trusted)
         # The site's rollouts: named after the group (the site), the same trusted keys on every replica.
-        rollouts = RolloutLedger(site=group, trusted=trusted)
+        # The site's [guard] rollout_max_share narrows every plan's autonomous scope here.
+        rollouts = RolloutLedger(site=group, trusted=trusted, max_share_ppm=self.policy.rollout_max_share_ppm)
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:

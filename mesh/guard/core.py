@@ -352,10 +352,13 @@ MAX_HOLD_TTL_S = 30 * 24 * 3600.0
 
 @dataclass(frozen=True)
 class Policy:
-    """Per-kind limits and how long a held decision waits for an operator before it expires."""
+    """Per-kind limits, how long a held decision waits for an operator before it expires, and the site's
+    own limit on a rollout wave's share of the selected devices (None: the signed plan's scope alone;
+    a site can narrow the publisher's scope, never widen it)."""
 
     limits: Mapping[DecisionKind, Limits] = field(default_factory=lambda: dict(DEFAULT_LIMITS))
     hold_ttl_s: float = DEFAULT_HOLD_TTL_S
+    rollout_max_share: float | None = None
 
     def __post_init__(self) -> None:
         # Every kind present (defaults fill the gaps) and read-only, so two equal policies compare equal and
@@ -369,6 +372,14 @@ class Policy:
             raise PolicyError(
                 f"guard.hold_ttl_s: expected seconds in (0, {MAX_HOLD_TTL_S:.0f}], got {self.hold_ttl_s!r}"
             )
+        _check_rollout_share(self.rollout_max_share)
+
+    @property
+    def rollout_max_share_ppm(self) -> int | None:
+        """`rollout_max_share` in parts per million (the nearest: 0.29 is 290000, not 289999), or None."""
+        if self.rollout_max_share is None:
+            return None
+        return round(self.rollout_max_share * 1_000_000)
 
     def limits_for(self, kind: DecisionKind) -> Limits:
         return self.limits[kind]
@@ -376,6 +387,8 @@ class Policy:
     def to_mapping(self) -> dict[str, Any]:
         """The [guard] table this policy would be read from (round-trips through `from_mapping`)."""
         doc: dict[str, Any] = {"hold_ttl_s": self.hold_ttl_s}
+        if self.rollout_max_share is not None:
+            doc["rollout_max_share"] = self.rollout_max_share
         for kind in DecisionKind:
             doc[kind.value] = self.limits_for(kind).to_dict()
         return doc
@@ -388,6 +401,7 @@ class Policy:
 
             [guard]
             hold_ttl_s = 3600
+            rollout_max_share = 0.05   # a rollout wave above 5% of the devices waits for an operator
             [guard.move_streams]
             max_nodes = 2
             max_fraction = 0.5
@@ -397,7 +411,7 @@ class Policy:
             return cls()
         if not isinstance(table, Mapping):
             raise PolicyError(f"guard: expected a table, got {type(table).__name__}")
-        known = {"hold_ttl_s"} | {k.value for k in DecisionKind}
+        known = {"hold_ttl_s", "rollout_max_share"} | {k.value for k in DecisionKind}
         for key in table:
             if key not in known:
                 raise PolicyError(f"guard.{key}: unknown setting; expected one of {', '.join(sorted(known))}")
@@ -413,7 +427,23 @@ class Policy:
         limits = {}
         for kind in DecisionKind:
             limits[kind] = _limits_from(table.get(kind.value), kind)
-        return cls(limits=limits, hold_ttl_s=float(hold_ttl_s))
+        share = table.get("rollout_max_share")
+        _check_rollout_share(share)
+        return cls(
+            limits=limits,
+            hold_ttl_s=float(hold_ttl_s),
+            rollout_max_share=None if share is None else float(share),
+        )
+
+
+def _check_rollout_share(share: object) -> None:
+    if share is None:
+        return
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise PolicyError(
+            f"guard.rollout_max_share: expected a fraction between 0 and 1 (0.1 = a wave may reach 10% of "
+            f"the selected devices before an operator approves), got {share!r}"
+        )
 
 
 def _limits_from(value: object, kind: DecisionKind) -> Limits:

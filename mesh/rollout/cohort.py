@@ -69,6 +69,17 @@ def wave_size(share_ppm: int, eligible: int) -> int:
     return min(eligible, max(1, rounded))
 
 
+def wave_over_scope(share_ppm: int, scope_ppm: int, eligible: int) -> bool:
+    """Does a wave of `share_ppm` put the target on more than `scope_ppm` of `eligible` devices? Judged by
+    the plan's share and by the wave's real size, since a wave takes at least one device: a 1% wave of
+    5 devices is one device, 20% of them, and is above a 10% scope."""
+    if share_ppm > scope_ppm:
+        return True
+    if eligible <= 0:
+        return False
+    return Fraction(wave_size(share_ppm, eligible), eligible) > Fraction(scope_ppm, PPM)
+
+
 def wave_sizes(shares_ppm: Sequence[int], eligible: int) -> tuple[int, ...]:
     """`wave_size` of every wave; nondecreasing whenever the shares are."""
     return tuple(wave_size(share, eligible) for share in shares_ppm)

@@ -120,7 +120,7 @@ def start_input(plan: RolloutPlan, site: str, peers: Sequence[PeerView], now: fl
         marks.append(
             (node, DeviceMarks(target.mark() if target else None, baseline.mark() if baseline else None))
         )
-    return Start(now, tuple(eligible), sizes, tuple(marks))
+    return Start(now, tuple(eligible), sizes, tuple(marks), sum(counts.values()))
 
 
 def gate_reports(plan: RolloutPlan, site: str, peers: Iterable[PeerView]) -> list[DeviceReport]:

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from mesh.rollout.announce import RolloutNote, Serving
+from mesh.rollout.cohort import wave_over_scope
 from mesh.rollout.fleet import PeerView, participates, selected
 from mesh.rollout.plan import RolloutPlan, format_share
 from mesh.rollout.state import APPROVE_HINT, RESUME_HINT, RolloutState, SiteRollout
@@ -196,7 +197,7 @@ def rollout_report(
                 "soak_s": w.soak_s,
                 "min_requests": w.min_requests,
                 "max_error_rate": w.max_error_rate,
-                "needs_approval": plan.needs_approval(k),
+                "needs_approval": wave_over_scope(w.share_ppm, plan.autonomous_scope.max_share_ppm, len(eligible)),
                 "eligible": len(eligible),
                 "in_cohort": len(cohort),
                 "on_target": sum(1 for p in cohort if notes[p.node_id].serving is Serving.TARGET),

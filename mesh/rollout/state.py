@@ -44,7 +44,15 @@ from typing import Any
 from mesh.guard.audit import AuditEvent
 from mesh.identity.signing import TrustedKeys, canonical_json
 from mesh.rollout._json import expect_object, json_number, number, strict_json, text
-from mesh.rollout.cohort import CohortError, cohort_score, cohort_thresholds, in_wave, wave_sizes
+from mesh.rollout.cohort import (
+    CohortError,
+    cohort_score,
+    cohort_thresholds,
+    in_wave,
+    wave_over_scope,
+    wave_size,
+    wave_sizes,
+)
 from mesh.rollout.health import DeviceMarks, GateOutcome, GateVerdict, HealthFormatError, Mark
 from mesh.rollout.plan import (
     PPM,
@@ -72,6 +80,7 @@ from mesh.rollout.plan import (
 LEDGER_FORMAT = 1
 MAX_LEDGER_COMMAND_BYTES = 1024 * 1024
 MAX_ELIGIBLE = 100_000
+MAX_FLEET_ELIGIBLE = 1 << 38  # cohort.MAX_SITE_DEVICES: what apportioning can split
 MAX_ROLLOUTS = 256
 # A finished rollout is kept this long after its plan expires (offline devices catch up on it until the plan
 # itself is refused as expired), then forgotten.
@@ -162,12 +171,15 @@ TRANSITIONS: Mapping[RolloutState, Mapping[Event, RolloutState | str]] = {
 class Start:
     """Begin wave 1 in this site. `eligible` are the site's selected devices that pass the skew rule as
     the proposer knows them; `sizes` is this site's device count per wave (from `site_wave_sizes` when
-    the fleet is split into sites), or None to take the plan's shares of `eligible` here."""
+    the fleet is split into sites), or None to take the plan's shares of `eligible` here.
+    `fleet_eligible` is the eligible count of the whole fleet the sizes were apportioned from (None: this
+    site's); the guard judges a wave's real share of the selected devices by it."""
 
     now: float
     eligible: tuple[str, ...]
     sizes: tuple[int, ...] | None = None
     marks: tuple[tuple[str, DeviceMarks], ...] = ()
+    fleet_eligible: int | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +228,7 @@ class SiteRollout:
     soak_started_at: float | None = None
     thresholds: tuple[int | None, ...] = ()  # per wave: highest cohort score in it (None: nobody here)
     eligible_count: int = 0
+    fleet_eligible_count: int = 0  # selected devices fleet-wide when it started (the guard's denominator)
     marks: tuple[tuple[str, DeviceMarks], ...] = ()  # where the current wave's window starts, per device
     approved: tuple[tuple[int, str], ...] = ()  # (wave, operator key id) of approvals received
     used_nonces: tuple[tuple[str, float], ...] = ()  # (nonce, expires_at) of verified commands
@@ -265,6 +278,7 @@ class SiteRollout:
             "soak_started_at": None if self.soak_started_at is None else json_number(self.soak_started_at),
             "thresholds": [None if t is None else f"{t:064x}" for t in self.thresholds],
             "eligible_count": self.eligible_count,
+            "fleet_eligible_count": self.fleet_eligible_count,
             "marks": {
                 node: [
                     None if m.target is None else m.target.to_list(),
@@ -296,6 +310,7 @@ class SiteRollout:
             soak_started_at=None if doc["soak_started_at"] is None else float(doc["soak_started_at"]),
             thresholds=tuple(None if t is None else int(t, 16) for t in doc["thresholds"]),
             eligible_count=int(doc["eligible_count"]),
+            fleet_eligible_count=int(doc.get("fleet_eligible_count", doc["eligible_count"])),
             marks=marks,
             approved=tuple((int(w), str(k)) for w, k in doc["approved"]),
             used_nonces=tuple(sorted((str(n), float(e)) for n, e in doc["used_nonces"].items())),
@@ -390,16 +405,19 @@ def _start(plan: RolloutPlan, rollout: SiteRollout, start: Start, max_share_ppm:
     eligible = sorted(set(start.eligible))
     shares = [w.share_ppm for w in plan.waves]
     sizes = wave_sizes(shares, len(eligible)) if start.sizes is None else tuple(start.sizes)
+    fleet = len(eligible) if start.fleet_eligible is None else start.fleet_eligible
     if (
         len(sizes) != plan.wave_count
         or any(type(s) is not int for s in sizes)
         or (eligible and sizes[-1] != len(eligible))
+        or type(fleet) is not int
+        or fleet < len(eligible)
     ):
         return _refused(
             rollout,
             "bad_start",
             f"start of {plan.label}: wave sizes {list(sizes)!r} do not fit "
-            f"{len(eligible)} eligible devices and {plan.wave_count} waves",
+            f"{len(eligible)} eligible devices ({fleet!r} in the fleet) and {plan.wave_count} waves",
         )
     try:
         thresholds = cohort_thresholds(plan.rollout_id, eligible, sizes, shares)
@@ -408,14 +426,18 @@ def _start(plan: RolloutPlan, rollout: SiteRollout, start: Start, max_share_ppm:
     if TRANSITIONS[rollout.state].get(E.START) is None:
         return _noop(rollout, E.START, f"{plan.label} is already {rollout.state.value}")
     started = dataclasses.replace(
-        rollout, thresholds=thresholds, eligible_count=len(eligible), marks=tuple(sorted(start.marks))
+        rollout,
+        thresholds=thresholds,
+        eligible_count=len(eligible),
+        fleet_eligible_count=fleet,
+        marks=tuple(sorted(start.marks)),
     )
-    detail = {"eligible": len(eligible), "sizes": list(sizes)}
-    if plan.needs_approval(1, max_share_ppm=max_share_ppm) and 1 not in rollout.approved_waves:
+    detail = {"eligible": len(eligible), "fleet_eligible": fleet, "sizes": list(sizes)}
+    if wave_needs_approval(plan, started, 1, max_share_ppm) and 1 not in rollout.approved_waves:
         # The guard's rule holds for the first wave too: its cohort is drawn, nobody moves until approved.
         hint = APPROVE_HINT.format(rollout_id=plan.rollout_id, wave=1)
         return _move(plan, started, E.START_HELD, start.now, marks=started.marks, detail=detail,
-                     reason=f"wave 1 ({plan.wave(1).label}) is above the autonomous scope of "
+                     reason=f"{_wave_scope_label(plan, started, 1)} is above the autonomous scope of "
                      f"{format_share(_scope(plan, max_share_ppm))}; waiting for {hint}")
     return _move(plan, started, E.START, start.now, next_wave=1, marks=started.marks, detail=detail)
 
@@ -483,7 +505,7 @@ def _gate(
     if v.wave == plan.wave_count:
         return _move(plan, rollout, E.GATE_PASS_LAST, now, verdict=v, reason=f"completed: {v.reason}")
     nxt = v.wave + 1
-    if plan.needs_approval(nxt, max_share_ppm=max_share_ppm) and nxt not in rollout.approved_waves:
+    if wave_needs_approval(plan, rollout, nxt, max_share_ppm) and nxt not in rollout.approved_waves:
         hint = APPROVE_HINT.format(rollout_id=plan.rollout_id, wave=nxt)
         return _move(
             plan,
@@ -492,7 +514,7 @@ def _gate(
             now,
             verdict=v,
             marks=v.marks,
-            reason=f"wave {nxt} ({plan.wave(nxt).label}) is above the autonomous scope of "
+            reason=f"{_wave_scope_label(plan, rollout, nxt)} is above the autonomous scope of "
             f"{format_share(_scope(plan, max_share_ppm))}; waiting for {hint}",
         )
     return _move(plan, rollout, E.GATE_PASS, now, verdict=v, next_wave=nxt, marks=v.marks)
@@ -573,6 +595,25 @@ def _operator_step(
 def _scope(plan: RolloutPlan, max_share_ppm: int | None) -> int:
     limit = plan.autonomous_scope.max_share_ppm
     return limit if max_share_ppm is None else min(limit, max_share_ppm)
+
+
+def wave_needs_approval(
+    plan: RolloutPlan, rollout: SiteRollout, number_: int, max_share_ppm: int | None = None
+) -> bool:
+    """Does wave `number_` of a started rollout reach past the autonomous scope (the plan's, narrowed by
+    the site guard's `max_share_ppm`)? By its share and by its real size among the selected devices
+    fleet-wide, so rounding a small fleet's wave up to one device cannot carry it past the scope."""
+    share = plan.wave(number_).share_ppm
+    return wave_over_scope(share, _scope(plan, max_share_ppm), rollout.fleet_eligible_count)
+
+
+def _wave_scope_label(plan: RolloutPlan, rollout: SiteRollout, number_: int) -> str:
+    wave = plan.wave(number_)
+    fleet = rollout.fleet_eligible_count
+    if fleet <= 0 or wave.share_ppm == PPM:
+        return f"wave {number_} ({wave.label})"
+    size = wave_size(wave.share_ppm, fleet)
+    return f"wave {number_} ({wave.label}: {size} of {fleet} selected devices, {size / fleet:.0%})"
 
 
 def _move(
@@ -867,6 +908,7 @@ def encode_input(rollout_id: str, event_input: Input) -> bytes:
             rollout_id=rollout_id,
             eligible=sorted(set(event_input.eligible)),
             sizes=None if event_input.sizes is None else list(event_input.sizes),
+            **({} if event_input.fleet_eligible is None else {"fleet_eligible": event_input.fleet_eligible}),
             marks={
                 n: [
                     None if m.target is None else m.target.to_list(),
@@ -900,6 +942,7 @@ _LEDGER_FIELDS = {
     "rollout_expire": frozenset(),
     "rollout_peer_aborted": frozenset({"rollout_id", "site", "reason"}),
 }
+_LEDGER_OPTIONAL = {"rollout_start": frozenset({"fleet_eligible"})}
 COMMAND_NAMES = frozenset(_LEDGER_FIELDS)
 
 
@@ -929,7 +972,11 @@ def decode_command(data: object) -> _Decoded:
             f"{', '.join(sorted(_LEDGER_FIELDS))}"
         )
     d = expect_object(
-        doc, f"rollout command {cmd}", _LEDGER_FIELDS[cmd] | {"format", "cmd", "now"}, RolloutStateError
+        doc,
+        f"rollout command {cmd}",
+        _LEDGER_FIELDS[cmd] | {"format", "cmd", "now"},
+        RolloutStateError,
+        _LEDGER_OPTIONAL.get(cmd, frozenset()),
     )
     now = number(d["now"], f"{cmd}.now", RolloutStateError)
     rollout_id = d.get("rollout_id")
@@ -956,12 +1003,17 @@ def decode_command(data: object) -> _Decoded:
                 or not all(type(s) is int and 0 <= s <= MAX_ELIGIBLE for s in sizes)
             ):
                 raise RolloutStateError("rollout_start.sizes: expected null or a list of device counts")
+            fleet = d.get("fleet_eligible")
+            if fleet is not None and (type(fleet) is not int or not 0 <= fleet <= MAX_FLEET_ELIGIBLE):
+                raise RolloutStateError(
+                    f"rollout_start.fleet_eligible: expected null or a device count 0..{MAX_FLEET_ELIGIBLE}"
+                )
             marks = _marks_from(d["marks"], "rollout_start.marks")
             return _Decoded(
                 cmd,
                 now,
                 rollout_id,
-                event_input=Start(now, tuple(eligible), None if sizes is None else tuple(sizes), marks),
+                event_input=Start(now, tuple(eligible), None if sizes is None else tuple(sizes), marks, fleet),
             )
         if cmd == "rollout_gate":
             return _Decoded(

@@ -258,8 +258,16 @@ class SiteCluster(Cluster[SiteGroup]):
     """SiteGroups of one site (group GROUP, policy POLICY) with the fleet's credentials; NODE_KEY is
     trusted, but only as a node key."""
 
-    def __init__(self, root: Path, fleet: LocalFleet, n: int, timings: RaftTimings | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        fleet: LocalFleet,
+        n: int,
+        timings: RaftTimings | None = None,
+        policy: Policy = POLICY,
+    ) -> None:
         super().__init__(root, fleet, n, timings, group=GROUP)
+        self.policy = policy
         creds = fleet.node_credentials("node-0").directory
         self.trusted = load_trusted_keys(creds)
         self.trusted.add(NODE_KEY.verify_key)
@@ -273,7 +281,7 @@ class SiteCluster(Cluster[SiteGroup]):
             data_dir=data_dir,
             link=self.link(name),
             trusted=self.trusted,
-            policy=POLICY,
+            policy=self.policy,
             timings=self.timings,
         )
 

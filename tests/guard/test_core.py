@@ -289,6 +289,7 @@ def test_policy_defaults_and_toml_table():
         """
         [guard]
         hold_ttl_s = 600
+        rollout_max_share = 0.05
         [guard.reassign_streams]
         max_streams = 12
         max_fraction = 1
@@ -296,6 +297,9 @@ def test_policy_defaults_and_toml_table():
     )["guard"]
     policy = Policy.from_mapping(table)
     assert policy.hold_ttl_s == 600.0
+    assert (policy.rollout_max_share, policy.rollout_max_share_ppm) == (0.05, 50_000)
+    assert Policy().rollout_max_share_ppm is None  # the signed plan's scope alone
+    assert Policy(rollout_max_share=0.29).rollout_max_share_ppm == 290_000  # nearest, not 289999
     reassign = policy.limits_for(DecisionKind.REASSIGN_STREAMS)
     assert (reassign.max_streams, reassign.max_fraction) == (12, 1.0)
     assert reassign.max_nodes == DEFAULT_LIMITS[DecisionKind.REASSIGN_STREAMS].max_nodes
@@ -316,6 +320,9 @@ def test_policy_defaults_and_toml_table():
         ({"set_allocation": {"max_streams": "many"}}, "guard.set_allocation.max_streams"),
         ({"reassign_streams": {"max_fraction": 1.5}}, "guard.reassign_streams.max_fraction"),
         ({"reassign_streams": {"max_fraction": False}}, "guard.reassign_streams.max_fraction"),
+        ({"rollout_max_share": 5}, "guard.rollout_max_share"),
+        ({"rollout_max_share": "5%"}, "guard.rollout_max_share"),
+        ({"rollout_max_share": True}, "guard.rollout_max_share"),
     ],
 )
 def test_policy_errors_name_the_field(table, field):

@@ -24,6 +24,7 @@ from mesh.rollout.cohort import (
     rank,
     rank_cohorts,
     site_wave_sizes,
+    wave_over_scope,
     wave_size,
     wave_sizes,
 )
@@ -251,3 +252,13 @@ def test_apportionment_reference_agrees_with_heap_on_ties():
         {"b": 1, "a": 1, "c": 0},
         {"b": 1, "a": 1, "c": 1},
     ]
+
+
+def test_a_wave_is_over_scope_by_its_share_or_by_its_real_size():
+    ten = 100_000
+    assert wave_over_scope(200_000, ten, 1000)  # the plan's share alone
+    assert not wave_over_scope(10_000, ten, 1000)  # 1% of 1000: 10 devices, 1%
+    assert wave_over_scope(10_000, ten, 5)  # 1% of 5 rounds up to 1 device: 20%
+    assert not wave_over_scope(10_000, ten, 10)  # 1 of 10: exactly the scope
+    assert wave_over_scope(ten, ten, 5)  # 10% of 5 rounds half up to 1 device: 20%
+    assert not wave_over_scope(ten, ten, 0)  # nobody eligible: nothing reaches past anything

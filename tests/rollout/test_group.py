@@ -4,6 +4,7 @@ Raft groups on loopback (tests/consensus/harness.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -138,3 +139,20 @@ async def test_a_snapshot_written_before_rollouts_existed_still_restores(tmp_pat
         state.restore(new[: len(new) // 3])
     state.restore(new)
     assert state.snapshot() == new
+
+
+async def test_the_sites_guard_narrows_a_plans_autonomous_scope(site, fleet):
+    """[guard] rollout_max_share = 0.05 holds a 50% wave that the plan itself (scope 100%) lets start."""
+    s = await site(3)
+    s.policy = dataclasses.replace(POLICY, rollout_max_share=0.05)
+    groups = s.start_all()
+    leader = await s.wait_leader()
+    signed = fleet_plan(fleet)
+    assert (await leader.propose_rollout(plan_command(signed, now=time.time()))).outcome is Outcome.APPLIED
+    start = Start(time.time(), ("node-0", "node-1", "node-2"))
+    assert (await leader.propose_rollout(encode_input("mlp-2", start))).outcome is Outcome.APPLIED
+    await s.converged()
+    for g in groups:
+        _, rollout = g.rollout("mlp-2")
+        assert rollout.state is RolloutState.WAITING_APPROVAL and rollout.wave == 0, rollout
+        assert "autonomous scope of 5%" in rollout.reason

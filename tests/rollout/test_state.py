@@ -24,6 +24,7 @@ from mesh.rollout.state import (
     Prefetch,
     RolloutLedger,
     RolloutState,
+    RolloutStateError,
     SiteRollout,
     Start,
     apply,
@@ -33,6 +34,7 @@ from mesh.rollout.state import (
     new_rollout,
     plan_command,
     proposals,
+    wave_needs_approval,
 )
 from tests.rollout.builders import (
     NODE,
@@ -170,6 +172,46 @@ def test_the_site_guard_can_narrow_the_scope_but_not_widen_it():
     assert r.state is S.WAITING_APPROVAL and r.wave == 1
     r = passed(passed(started(), max_share_ppm=PPM), max_share_ppm=PPM)
     assert r.state is S.WAITING_APPROVAL  # the plan's own 10% still holds the 100% wave
+
+
+def test_a_wave_rounded_up_to_one_device_is_judged_by_its_real_share():
+    # Five devices: the 1% wave is one device, 20% of them, above the plan's 10% scope: even wave 1 waits.
+    t = step(new_rollout(PLAN), Start(STARTED_AT, tuple(NODES[:5])))
+    assert t.after.state is S.WAITING_APPROVAL and t.after.fleet_eligible_count == 5, t.after
+    assert "wave 1 (1%: 1 of 5 selected devices, 20%) is above the autonomous scope of 10%" in t.after.reason
+    r = op(t.after, CommandAction.APPROVE, wave=1).after
+    assert (r.state, r.wave) == (S.SOAKING, 1)
+    # Twenty: one device is 5%, the 10% wave two devices, 10%: both within scope.
+    r = passed(started(nodes=NODES[:20]))
+    assert (r.state, r.wave) == (S.SOAKING, 2)
+    # A site of 7 in a fleet of 20 is judged by the fleet's count its wave sizes were apportioned from.
+    t = step(new_rollout(PLAN), Start(STARTED_AT, tuple(NODES[:7]), (1, 1, 7), fleet_eligible=20))
+    assert (t.after.state, t.after.wave, t.after.fleet_eligible_count) == (S.SOAKING, 1, 20)
+    assert wave_needs_approval(PLAN, t.after, 3) and not wave_needs_approval(PLAN, t.after, 2)
+    # The same site alone would hold its wave: the count is what the guard judges by.
+    assert step(new_rollout(PLAN), Start(STARTED_AT, tuple(NODES[:7]), (1, 1, 7))).after.state is (
+        S.WAITING_APPROVAL
+    )
+    # A fleet smaller than the site is a confused proposer: refused, audited, nothing moves.
+    t = step(new_rollout(PLAN), Start(STARTED_AT, tuple(NODES[:7]), (1, 1, 7), fleet_eligible=5))
+    assert t.outcome is Outcome.REFUSED and t.after.state is S.PENDING
+
+
+def test_the_fleet_count_travels_in_the_ledger_bytes_and_old_starts_still_decode():
+    start = Start(STARTED_AT, tuple(NODES[:7]), (1, 1, 7), fleet_eligible=20)
+    assert decode_command(encode_input(PLAN.rollout_id, start)).event_input == start
+    old = Start(STARTED_AT, tuple(NODES[:7]))
+    data = encode_input(PLAN.rollout_id, old)
+    assert b"fleet_eligible" not in data and decode_command(data).event_input == old
+    doc = json.loads(encode_input(PLAN.rollout_id, start))
+    for bad in (-1, 1.5, "20", 1 << 40):
+        with pytest.raises(RolloutStateError, match="fleet_eligible"):
+            decode_command(json.dumps({**doc, "fleet_eligible": bad}).encode())
+    # A snapshot written before the count existed restores with the site's own count.
+    r = started()
+    d = r.to_dict()
+    del d["fleet_eligible_count"]
+    assert SiteRollout.from_dict(d) == r
 
 
 def test_a_failing_gate_aborts_from_every_live_state_with_its_evidence_audited():
@@ -589,7 +631,7 @@ def test_no_sequence_of_inputs_starts_an_above_scope_wave_without_an_operator(se
         _, after = a.get(PLAN.rollout_id)
         for t in result.transitions:
             entered = t.after.wave > t.before.wave and t.after.state is S.SOAKING
-            if entered and PLAN.needs_approval(t.after.wave):
+            if entered and wave_needs_approval(PLAN, t.after, t.after.wave):
                 assert t.after.wave in t.after.approved_waves, (t.before, t.after, t.event)
             if t.before.state.final:
                 assert t.after.state is t.before.state

@@ -71,13 +71,15 @@ def wave_size(share_ppm: int, eligible: int) -> int:
 
 def wave_over_scope(share_ppm: int, scope_ppm: int, eligible: int) -> bool:
     """Does a wave of `share_ppm` put the target on more than `scope_ppm` of `eligible` devices? Judged by
-    the plan's share and by the wave's real size, since a wave takes at least one device: a 1% wave of
-    5 devices is one device, 20% of them, and is above a 10% scope."""
+    the plan's share and by the wave's real size. Both are rounded to the nearest device (half up), so a
+    wave within the scope's share stays within it, but the one-device minimum gets no such pass: a 1% wave
+    of 4 devices is one device, 25%, above a 10% scope (which is 0.4 devices, rounded to none)."""
     if share_ppm > scope_ppm:
         return True
     if eligible <= 0:
         return False
-    return Fraction(wave_size(share_ppm, eligible), eligible) > Fraction(scope_ppm, PPM)
+    allowed = int(Fraction(scope_ppm * eligible, PPM) + Fraction(1, 2))
+    return wave_size(share_ppm, eligible) > allowed
 
 
 def wave_sizes(shares_ppm: Sequence[int], eligible: int) -> tuple[int, ...]:

@@ -72,6 +72,19 @@ MAX_REPORTS = 10_000
 _SITE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
+def min_covered(taking_part: int) -> int:
+    """How many of `taking_part` cohort devices (skips aside; this site's and those behind other sites'
+    evidence) must have served the target for the whole soak before a gate may pass: half, rounded up.
+    Enough requests from a few devices while the rest are silent is not evidence about the wave (AWS
+    IoT's minNumberOfExecutedThings). Other sites' devices that report but do not serve the target yet
+    are not in their evidence, so they are not counted: the rule is as strict as the evidence allows."""
+    return (taking_part + 1) // 2
+
+
+def covered(soaked_devices: int, taking_part: int) -> bool:
+    return soaked_devices >= min_covered(taking_part)
+
+
 class HealthFormatError(RolloutError):
     """A health blob, evidence or verdict document from a peer is malformed (names what is wrong)."""
 
@@ -783,6 +796,7 @@ def evaluate_gate(
             soaked += Totals(window.requests, window.errors, 1)
     own_measured, own_soaked = measured, soaked
     remote_failures = 0
+    remote_expected = 0  # other sites' cohort devices behind the evidence that may vouch for this wave
     for evidence in remote:
         if evidence.rollout_id != plan.rollout_id or evidence.site == site:
             continue
@@ -793,6 +807,7 @@ def evaluate_gate(
         if evidence.wave >= wave:
             reachable_target += evidence.soaked
             soaked += evidence.soaked
+            remote_expected += evidence.soaked.devices + evidence.unreachable
     soak_left_s = soak_started_at + w.soak_s - now
     deadline_passed = now >= soak_started_at + w.deadline_s  # type: ignore[operator]
 
@@ -870,6 +885,13 @@ def evaluate_gate(
     if skipped:
         missing.append(f"{len(skipped)} skipped")
     detail = f" ({', '.join(missing)})" if missing else ""
+    expected = len(members) - len(skipped) + remote_expected
+    if soaked.requests >= w.min_requests and not covered(soaked.devices, expected):
+        return verdict(
+            GateOutcome.INCONCLUSIVE,
+            f"{prefix}: too few devices heard from: {soaked.devices} of {expected} cohort devices "
+            f"served the target for the whole soak, at least {min_covered(expected)} needed{detail}",
+        )
     if soaked.requests < w.min_requests:
         if not members and soaked.requests == 0:
             reason = (

@@ -197,7 +197,9 @@ def rollout_report(
                 "soak_s": w.soak_s,
                 "min_requests": w.min_requests,
                 "max_error_rate": w.max_error_rate,
-                "needs_approval": wave_over_scope(w.share_ppm, plan.autonomous_scope.max_share_ppm, len(eligible)),
+                "needs_approval": wave_over_scope(
+                    w.share_ppm, plan.autonomous_scope.max_share_ppm, len(eligible)
+                ),
                 "eligible": len(eligible),
                 "in_cohort": len(cohort),
                 "on_target": sum(1 for p in cohort if notes[p.node_id].serving is Serving.TARGET),

@@ -53,7 +53,15 @@ from mesh.rollout.cohort import (
     wave_size,
     wave_sizes,
 )
-from mesh.rollout.health import DeviceMarks, GateOutcome, GateVerdict, HealthFormatError, Mark
+from mesh.rollout.health import (
+    MAX_LISTED,
+    DeviceMarks,
+    GateOutcome,
+    GateVerdict,
+    HealthFormatError,
+    Mark,
+    covered,
+)
 from mesh.rollout.plan import (
     PPM,
     ROLLOUT_ID_RE,
@@ -490,17 +498,22 @@ def _gate(
         )
     # PASS: check the verdict against the plan, so a confused leader cannot advance on too little.
     rate = v.soaked.rate
+    # At least half of this site's own cohort (skips aside) heard from, counting devices other sites
+    # vouch for; the gate asks more (their silent devices too), which a replica cannot recount. Skips
+    # beyond the listed ones are unknown here: the check is only as strict as the list.
+    taking_part = v.cohort_size - len(v.skipped) if len(v.skipped) < MAX_LISTED else 0
     if (
         v.evaluated_at < v.soak_started_at + wave.soak_s
         or v.soaked.requests < wave.min_requests
         or (rate is None or rate > Fraction(wave.max_error_rate))
+        or not covered(v.soaked.devices, taking_part)
     ):
         return _refused(
             rollout,
             "bad_verdict",
             f"passing verdict for wave {v.wave} does not meet the plan: "
-            f"{v.soaked.describe()} at {v.evaluated_at - v.soak_started_at:.0f} s "
-            f"of a {wave.soak_s:g} s soak",
+            f"{v.soaked.describe()} (at least {taking_part} of this site's cohort devices to hear from) "
+            f"at {v.evaluated_at - v.soak_started_at:.0f} s of a {wave.soak_s:g} s soak",
         )
     if v.wave == plan.wave_count:
         return _move(plan, rollout, E.GATE_PASS_LAST, now, verdict=v, reason=f"completed: {v.reason}")
@@ -765,6 +778,7 @@ def proposals(
     *,
     eligible: Iterable[str] | None = None,
     sizes: tuple[int, ...] | None = None,
+    fleet_eligible: int | None = None,
 ) -> tuple[Input, ...]:
     """What the site leader should propose now, given the gate's latest verdict (it proposes exactly the
     inputs that would change the state, so a quiet rollout writes nothing to the Raft log).
@@ -777,7 +791,9 @@ def proposals(
     if plan.expired(now):
         return (Expire(now),)
     if rollout.state is S.PENDING:
-        return () if eligible is None else (Start(now, tuple(sorted(set(eligible))), sizes),)
+        if eligible is None:
+            return ()
+        return (Start(now, tuple(sorted(set(eligible))), sizes, fleet_eligible=fleet_eligible),)
     if verdict is None or verdict.rollout_id != plan.rollout_id:
         return ()
     if verdict.outcome is GateOutcome.FAIL and 1 <= verdict.wave <= rollout.wave:
@@ -1013,7 +1029,9 @@ def decode_command(data: object) -> _Decoded:
                 cmd,
                 now,
                 rollout_id,
-                event_input=Start(now, tuple(eligible), None if sizes is None else tuple(sizes), marks, fleet),
+                event_input=Start(
+                    now, tuple(eligible), None if sizes is None else tuple(sizes), marks, fleet
+                ),
             )
         if cmd == "rollout_gate":
             return _Decoded(

@@ -202,7 +202,8 @@ def run_cores(sc: RolloutScenario) -> RolloutResult:
     for j, name in enumerate(names):
         ids = [f"s{j:05d}-d{i:05d}" for i in range(sizes[j])]
         scores = sorted((cohort_score(plan.rollout_id, d), d) for d in ids)
-        transition = apply(plan, new_rollout(plan), Start(0.0, tuple(ids), per_site[name], fleet_eligible=sum(sizes)), trusted=_TRUSTED)
+        start = Start(0.0, tuple(ids), per_site[name], fleet_eligible=sum(sizes))
+        transition = apply(plan, new_rollout(plan), start, trusted=_TRUSTED)
         states.append(transition.after)
         cohort_ids.append([d for _, d in scores])
         cohort_scores.append([s for s, _ in scores])

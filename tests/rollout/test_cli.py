@@ -65,6 +65,8 @@ async def test_an_operator_starts_watches_approves_and_aborts_rollouts(tmp_path)
             "2s",
             "--min-requests",
             "5",
+            "--autonomous-share",
+            "25",  # the 10% wave of 4 devices is one device: 25%, within this scope
             "--id",
             "mlp-2",
             "--key",

@@ -258,7 +258,12 @@ def test_a_wave_is_over_scope_by_its_share_or_by_its_real_size():
     ten = 100_000
     assert wave_over_scope(200_000, ten, 1000)  # the plan's share alone
     assert not wave_over_scope(10_000, ten, 1000)  # 1% of 1000: 10 devices, 1%
-    assert wave_over_scope(10_000, ten, 5)  # 1% of 5 rounds up to 1 device: 20%
-    assert not wave_over_scope(10_000, ten, 10)  # 1 of 10: exactly the scope
-    assert wave_over_scope(ten, ten, 5)  # 10% of 5 rounds half up to 1 device: 20%
+    assert wave_over_scope(10_000, ten, 4)  # 1% of 4 rounds up to 1 device: 25%; 10% of 4 is none
+    assert not wave_over_scope(10_000, ten, 5)  # 10% of 5 is half a device: one, like every wave's size
+    assert not wave_over_scope(ten, ten, 19)  # 10% of 19: 2 devices, the scope's nearest count too
+    assert not wave_over_scope(ten, ten, 1005)  # 100.5 rounds to 101 on both sides
     assert not wave_over_scope(ten, ten, 0)  # nobody eligible: nothing reaches past anything
+    for eligible in range(1, 300):  # never held by rounding alone once the scope is a device or more
+        for share in (10_000, 50_000, ten):
+            over = wave_over_scope(share, ten, eligible)
+            assert over == (wave_size(share, eligible) == 1 and eligible * ten * 2 < 10**6), (share, eligible)

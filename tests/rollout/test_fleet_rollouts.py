@@ -61,14 +61,35 @@ async def fleet(tmp_path_factory):
         await wait_for(lambda: f.all_serving("1.0"), 90, what="every node serves 1.0", interval_s=0.2)
         traffic.start()
         f.traffic = traffic
+        _FLEET[:] = [f]
         yield f
     finally:
+        _FLEET.clear()
         await traffic.stop()
         await f.close()
 
 
 async def until(predicate, timeout_s: float, what: str) -> float:
-    return await wait_for(predicate, timeout_s, what=what, interval_s=0.1)
+    """`wait_for`; on a timeout the error says where every site stands in every rollout (the module's
+    fleet, kept in _FLEET while it runs)."""
+    try:
+        return await wait_for(predicate, timeout_s, what=what, interval_s=0.1)
+    except TimeoutError as exc:
+        f = _FLEET[0] if _FLEET else None
+        if f is None:
+            raise
+        ids = sorted({p.rollout_id for node in f.nodes.values() for p, _ in node.group.rollouts()})
+        where = {
+            rid: {
+                s: (r.state.value, r.wave, r.reason) if (r := f.site_state(s, rid)) else None
+                for s in f.site_names()
+            }
+            for rid in ids
+        }
+        raise TimeoutError(f"{exc}; sites: {where}") from None
+
+
+_FLEET: list[RolloutFleet] = []
 
 
 def on_version(f: RolloutFleet, version: str) -> set[str]:

@@ -119,6 +119,7 @@ class Fleet:
                     self.now,
                     eligible=(d.node_id for d in members),
                     sizes=sizes[site],
+                    fleet_eligible=len(self.devices),
                 ):
                     self.commit(site, encode_input(self.plan.rollout_id, start))
                 continue

@@ -89,6 +89,7 @@ def verdict(
         soak_started_at=soak,
         measured=Totals(requests, errors, 3),
         soaked=Totals(requests, errors, 3),
+        own_soaked=Totals(requests, errors, 3),
         cohort_size=3,
         deadline_passed=deadline_passed,
     )
@@ -175,21 +176,22 @@ def test_the_site_guard_can_narrow_the_scope_but_not_widen_it():
 
 
 def test_a_wave_rounded_up_to_one_device_is_judged_by_its_real_share():
-    # Five devices: the 1% wave is one device, 20% of them, above the plan's 10% scope: even wave 1 waits.
-    t = step(new_rollout(PLAN), Start(STARTED_AT, tuple(NODES[:5])))
-    assert t.after.state is S.WAITING_APPROVAL and t.after.fleet_eligible_count == 5, t.after
-    assert "wave 1 (1%: 1 of 5 selected devices, 20%) is above the autonomous scope of 10%" in t.after.reason
+    # Four devices: the 1% wave is one device, 25% of them, above the plan's 10% scope (0.4 devices):
+    # even wave 1 waits.
+    t = step(new_rollout(PLAN), Start(STARTED_AT, tuple(NODES[:4])))
+    assert t.after.state is S.WAITING_APPROVAL and t.after.fleet_eligible_count == 4, t.after
+    assert "wave 1 (1%: 1 of 4 selected devices, 25%) is above the autonomous scope of 10%" in t.after.reason
     r = op(t.after, CommandAction.APPROVE, wave=1).after
     assert (r.state, r.wave) == (S.SOAKING, 1)
     # Twenty: one device is 5%, the 10% wave two devices, 10%: both within scope.
     r = passed(started(nodes=NODES[:20]))
     assert (r.state, r.wave) == (S.SOAKING, 2)
-    # A site of 7 in a fleet of 20 is judged by the fleet's count its wave sizes were apportioned from.
-    t = step(new_rollout(PLAN), Start(STARTED_AT, tuple(NODES[:7]), (1, 1, 7), fleet_eligible=20))
+    # A site of 3 in a fleet of 20 is judged by the fleet's count its wave sizes were apportioned from.
+    t = step(new_rollout(PLAN), Start(STARTED_AT, tuple(NODES[:3]), (1, 1, 3), fleet_eligible=20))
     assert (t.after.state, t.after.wave, t.after.fleet_eligible_count) == (S.SOAKING, 1, 20)
     assert wave_needs_approval(PLAN, t.after, 3) and not wave_needs_approval(PLAN, t.after, 2)
     # The same site alone would hold its wave: the count is what the guard judges by.
-    assert step(new_rollout(PLAN), Start(STARTED_AT, tuple(NODES[:7]), (1, 1, 7))).after.state is (
+    assert step(new_rollout(PLAN), Start(STARTED_AT, tuple(NODES[:3]), (1, 1, 3))).after.state is (
         S.WAITING_APPROVAL
     )
     # A fleet smaller than the site is a confused proposer: refused, audited, nothing moves.
@@ -212,6 +214,15 @@ def test_the_fleet_count_travels_in_the_ledger_bytes_and_old_starts_still_decode
     d = r.to_dict()
     del d["fleet_eligible_count"]
     assert SiteRollout.from_dict(d) == r
+
+
+def test_a_pass_from_too_few_of_the_cohort_is_refused_by_every_replica():
+    r = started()
+    v = dataclasses.replace(verdict(r, GateOutcome.PASS), soaked=Totals(1000, 0, 1))  # 1 of 3
+    t = step(r, GateResult(v.evaluated_at, v))
+    assert t.outcome is Outcome.REFUSED and "from 1 device (at least 3 of this site" in t.message, t.message
+    v = dataclasses.replace(v, soaked=Totals(1000, 0, 2))
+    assert step(r, GateResult(v.evaluated_at, v)).outcome is Outcome.APPLIED
 
 
 def test_a_failing_gate_aborts_from_every_live_state_with_its_evidence_audited():

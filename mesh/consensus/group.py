@@ -78,7 +78,7 @@ from mesh.guard.audit import (
 from mesh.guard.core import NODE_ID_RE, Decision, Policy
 from mesh.identity.signing import TrustedKeys
 from mesh.rollout.plan import RolloutPlan, SignedPlan
-from mesh.rollout.state import LedgerResult, RolloutLedger, SiteRollout
+from mesh.rollout.state import LedgerResult, RolloutLedger, SiteRollout, Tombstone
 from mesh.rollout.state import Outcome as RolloutOutcome
 
 if TYPE_CHECKING:
@@ -520,10 +520,12 @@ class SiteGroup:
     async def propose_rollout(self, command: bytes,
                               timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S) -> LedgerResult:
         """Replicate a rollout command (`mesh.rollout.state`: `plan_command`, `encode_input`); every replica
-        verifies plans and operator signatures inside its apply. Returns this member's result."""
+        verifies plans and operator signatures inside its apply. Returns this member's result, once the
+        audit records of it are on disk (an operator told "applied" finds it in the audit log)."""
         if not command.startswith(_ROLLOUT_COMMAND_PREFIX):
             raise GroupError("not a rollout command (expected canonical JSON with a rollout_* cmd)")
         result = await self.raft.propose(command, timeout_s=timeout_s)
+        await self._state.durable(self._state.applied_index)  # its audit records are on disk, as decisions'
         if not isinstance(result, LedgerResult):
             raise GroupError(f"unexpected apply result {result!r}")
         return result
@@ -580,6 +582,11 @@ class SiteGroup:
         """Every rollout this replica's site holds, oldest plan first (see the staleness note above)."""
         with self._state.lock:
             return self._state.rollouts.rollouts()
+
+    def rollout_tombstones(self) -> tuple[Tombstone, ...]:
+        """Aborted rollouts this site has forgotten the plans of (devices still never serve their targets)."""
+        with self._state.lock:
+            return self._state.rollouts.tombstones()
 
     def rollout(self, rollout_id: str) -> tuple[RolloutPlan, SiteRollout] | None:
         with self._state.lock:

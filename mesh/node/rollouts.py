@@ -707,6 +707,7 @@ class RolloutShell:
             aborted=self._aborts_known(peers),
             now=now,
             safe_only=self._safe_only,
+            tombstones=self.group.rollout_tombstones(),
         )
         if not self._synced and not self._safe_only:
             self._steer(Steering(wait=True))

@@ -28,7 +28,15 @@ from mesh.rollout.announce import RolloutNote, Serving
 from mesh.rollout.cohort import cohort_score, first_wave, site_wave_sizes
 from mesh.rollout.health import DeviceMarks, DeviceReport, NodeHealth, SiteEvidence
 from mesh.rollout.plan import DeviceFacts, RolloutPlan
-from mesh.rollout.state import Desired, Prefetch, RolloutState, SiteRollout, Start, desired_version
+from mesh.rollout.state import (
+    Desired,
+    Prefetch,
+    RolloutState,
+    SiteRollout,
+    Start,
+    Tombstone,
+    desired_version,
+)
 
 VersionKey = tuple[str, str]
 
@@ -220,12 +228,16 @@ def steer_device(
     aborted: Mapping[str, str],
     now: float,
     safe_only: bool = False,
+    tombstones: Sequence[Tombstone] = (),
 ) -> DeviceSteering:
     """What this device (`facts`, serving `serving`, with `complete` versions on disk) does about the
     rollouts of `model`: `rollouts` as its site holds them, `unregistered` plans it holds that its site
     has not registered yet (their targets are blocked and pinned, nothing more), `aborted` rollout id ->
     reason for aborts known from elsewhere. `safe_only` (the site's state may be stale: no leader was
-    reachable since a restart) never moves this device onto a target, only back to a baseline."""
+    reachable since a restart) never moves this device onto a target, only back to a baseline.
+    `tombstones` are aborted rollouts the site has forgotten: their targets stay blocked (unless a rollout
+    the site still holds targets the same version), and a device serving one goes back to its baseline
+    when no rollout governs the model."""
     held = frozenset(complete)
     mine = sorted(
         ((p, r) for p, r in rollouts if p.model == model), key=lambda pr: (pr[0].created_at, pr[0].rollout_id)
@@ -254,6 +266,9 @@ def steer_device(
             continue
         blocked.add(plan.target_version)
         pinned.update({(model, plan.baseline_version), (model, plan.target_version)})
+    wanted = {p.target_version for p, _ in mine}
+    buried = [t for t in tombstones if t.model == model and t.target_version not in wanted]
+    blocked.update(t.target_version for t in buried)
     desired = None
     governing = mine[-1][0] if mine else None
     if governing is not None:
@@ -261,6 +276,12 @@ def steer_device(
         if safe_only and desired == governing.target_version and serving != desired:
             desired = None
             blocked.add(governing.target_version)  # nor as the newest version, nor resumed after a restart
+    if desired is None:
+        # Serving the target of a forgotten abort, and nothing the site holds says what to serve: back to
+        # that rollout's baseline (the newest tombstone of it decides).
+        back = [t for t in buried if t.target_version == serving]
+        if back:
+            desired = max(back, key=lambda t: (t.aborted_at, t.rollout_id)).baseline_version
     return DeviceSteering(
         desired=desired,
         blocked=frozenset(blocked),

@@ -90,6 +90,7 @@ MAX_LEDGER_COMMAND_BYTES = 1024 * 1024
 MAX_ELIGIBLE = 100_000
 MAX_FLEET_ELIGIBLE = 1 << 38  # cohort.MAX_SITE_DEVICES: what apportioning can split
 MAX_ROLLOUTS = 256
+MAX_TOMBSTONES = 256  # aborted rollouts remembered after their plan is forgotten (newest kept)
 # A finished rollout is kept this long after its plan expires (offline devices catch up on it until the plan
 # itself is refused as expired), then forgotten.
 RETAIN_AFTER_EXPIRY_S = 24 * 3600.0
@@ -1077,6 +1078,54 @@ class LedgerResult:
     transitions: tuple[Transition, ...] = ()
 
 
+@dataclass(frozen=True)
+class Tombstone:
+    """An aborted rollout whose plan the site has forgotten: enough to keep a device that was away longer
+    than the plan lived (or that holds the target on disk) from serving the target ever again."""
+
+    rollout_id: str
+    model: str
+    target_version: str
+    baseline_version: str
+    aborted_at: float
+    reason: str
+
+    @classmethod
+    def of(cls, plan: RolloutPlan, rollout: SiteRollout) -> Tombstone:
+        return cls(
+            plan.rollout_id,
+            plan.model,
+            plan.target_version,
+            plan.baseline_version,
+            rollout.updated_at,
+            rollout.reason[:512],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "target_version": self.target_version,
+            "baseline_version": self.baseline_version,
+            "aborted_at": json_number(self.aborted_at),
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, rollout_id: str, doc: Any) -> Tombstone:
+        d = expect_object(
+            doc,
+            "rollout snapshot.tombstones",
+            frozenset({"model", "target_version", "baseline_version", "aborted_at", "reason"}),
+            RolloutStateError,
+        )
+        if not ROLLOUT_ID_RE.fullmatch(rollout_id) or not all(
+            isinstance(d[k], str) for k in ("model", "target_version", "baseline_version", "reason")
+        ):
+            raise RolloutStateError(f"rollout snapshot.tombstones: {rollout_id[:80]!r} is malformed")
+        at = number(d["aborted_at"], "rollout snapshot.tombstones.aborted_at", RolloutStateError)
+        return cls(rollout_id, d["model"], d["target_version"], d["baseline_version"], at, d["reason"])
+
+
 class RolloutLedger:
     """One replica's copy of a site's rollouts: verified plans and their `SiteRollout`s.
 
@@ -1096,8 +1145,13 @@ class RolloutLedger:
         self._clock = 0.0
         self._plans: dict[str, SignedPlan] = {}
         self._rollouts: dict[str, SiteRollout] = {}
+        self._tombstones: dict[str, Tombstone] = {}
 
     # --- views ---
+
+    def tombstones(self) -> tuple[Tombstone, ...]:
+        """Aborted rollouts forgotten since (newest `MAX_TOMBSTONES`), oldest first."""
+        return tuple(sorted(self._tombstones.values(), key=lambda t: (t.aborted_at, t.rollout_id)))
 
     @property
     def clock(self) -> float:
@@ -1217,6 +1271,11 @@ class RolloutLedger:
             elif rollout.state.final and now >= plan.expires_at + RETAIN_AFTER_EXPIRY_S:
                 del self._rollouts[plan.rollout_id]
                 del self._plans[plan.rollout_id]
+                if rollout.state is RolloutState.ABORTED:
+                    # Forgotten, not forgiven: a device back after all this must still not serve it.
+                    self._tombstones[plan.rollout_id] = Tombstone.of(plan, rollout)
+                    for old in self.tombstones()[:-MAX_TOMBSTONES]:
+                        del self._tombstones[old.rollout_id]
         if not steps:
             return LedgerResult(Outcome.NOOP, None, "no rollout is due to expire")
         audit = tuple(e for s in steps for e in s.audit)
@@ -1249,6 +1308,12 @@ class RolloutLedger:
                     for r, s in self._plans.items()
                 },
                 "rollouts": {r: s.to_dict() for r, s in self._rollouts.items()},
+                # Only when there are some: the bytes of a ledger without any stay what they were.
+                **(
+                    {"tombstones": {r: t.to_dict() for r, t in self._tombstones.items()}}
+                    if self._tombstones
+                    else {}
+                ),
             }
         )
 
@@ -1270,6 +1335,9 @@ class RolloutLedger:
             clock = number(doc["clock"], "rollout snapshot.clock", RolloutStateError)
             plans = {str(r): SignedPlan.from_json(canonical_json(p)) for r, p in doc["plans"].items()}
             rollouts = {str(r): SiteRollout.from_dict(s) for r, s in doc["rollouts"].items()}
+            tombstones = {
+                str(r): Tombstone.from_dict(str(r), t) for r, t in doc.get("tombstones", {}).items()
+            }
             if plans.keys() != rollouts.keys() or any(
                 rollouts[r].plan_digest != plans[r].digest for r in plans
             ):
@@ -1287,3 +1355,4 @@ class RolloutLedger:
         ) as exc:
             raise RolloutStateError(f"rollout snapshot is damaged: {type(exc).__name__}: {exc}") from None
         self._clock, self._plans, self._rollouts = clock, plans, rollouts
+        self._tombstones = tombstones

@@ -33,6 +33,7 @@ from mesh.rollout.state import (
     encode_input,
     new_rollout,
     plan_command,
+    MAX_TOMBSTONES,
     proposals,
     wave_needs_approval,
 )
@@ -519,6 +520,28 @@ def test_the_ledger_expires_unfinished_rollouts_and_forgets_finished_ones_later(
     assert site.get(PLAN.rollout_id) is not None  # kept while offline devices may still hold the plan
     site.apply(encode_input(PLAN.rollout_id, Expire(PLAN.expires_at + 25 * 3600)))
     assert site.get(PLAN.rollout_id) is None
+    # Forgotten, not forgiven: the aborted target is remembered, in the snapshot too.
+    (tomb,) = site.tombstones()
+    assert (tomb.rollout_id, tomb.target_version, tomb.baseline_version) == (PLAN.rollout_id, "2.0", "1.0")
+    assert "expired" in tomb.reason
+    copy = ledger()
+    copy.restore(site.snapshot())
+    assert copy.tombstones() == (tomb,) and copy.state_digest() == site.state_digest()
+    # A ledger that never forgot an abort writes the bytes it always did.
+    assert b"tombstones" not in ledger().snapshot()
+
+
+def test_tombstones_are_bounded_and_the_oldest_go_first():
+    site = ledger()
+    for i in range(MAX_TOMBSTONES + 3):
+        # One after the other: each is forgotten before the next is published (the ledger's clock moves on).
+        created = T0 + i * 100_000
+        plan = make_plan(f"okay-nabu-{i}", created_at=created, ttl_s=3600)
+        assert site.apply(plan_command(signed(plan), now=created)).outcome is Outcome.APPLIED
+        site.apply(encode_input(plan.rollout_id, Expire(plan.expires_at)))  # aborted: it expired
+        site.apply(encode_input(plan.rollout_id, Expire(plan.expires_at + 25 * 3600)))  # forgotten
+    kept = site.tombstones()
+    assert len(kept) == MAX_TOMBSTONES and kept[0].rollout_id == "okay-nabu-3"  # the oldest went first
 
 
 def test_a_stale_stamp_never_rewinds_the_ledger_clock():

@@ -46,7 +46,9 @@ from mesh.rollout.state import (
     RolloutLedger,
     RolloutState,
     SiteRollout,
+    Tombstone,
     encode_input,
+    new_rollout,
     plan_command,
 )
 from tests.rollout.builders import (
@@ -344,6 +346,24 @@ def test_the_newest_rollout_decides_and_unfinished_targets_are_never_chosen_by_d
         "okay-nabu", [(plan, pending)], [later], me, complete={"3.0"}, serving=None, aborted={}, now=T0 + 60
     )
     assert {"2.0", "3.0"} <= steer.blocked and ("okay-nabu", "3.0") in steer.pinned
+    # An abort the site has forgotten (its plan expired long ago): a device back from far away that still
+    # serves the target goes back to the baseline, and the target is never taken as the newest.
+    tomb = Tombstone(plan.rollout_id, "okay-nabu", "2.0", "1.0", T0 + 5, "gate failed")
+    steer = steer_device(
+        "okay-nabu", [], [], me, complete={"1.0", "2.0"}, serving="2.0", aborted={}, now=T0 + 10**7,
+        tombstones=(tomb,),
+    )
+    assert steer.desired == "1.0" and steer.blocked == {"2.0"}
+    choice = choose_active("okay-nabu", complete={"1.0", "2.0"}, refused=set(), active=None,
+                           desired=None, blocked=steer.blocked, keep=True, resume=None)
+    assert choice == Activate("okay-nabu", "1.0")
+    # ... unless a rollout the site holds targets that version again.
+    again = make_plan("okay-nabu-9", target="2.0", baseline="1.0", created_at=T0 + 10**6)
+    steer = steer_device(
+        "okay-nabu", [(again, everyone_in(new_rollout(again), 1))], [], me, complete={"1.0", "2.0"},
+        serving="1.0", aborted={}, now=T0 + 10**6 + 10, tombstones=(tomb,),
+    )
+    assert steer.desired == "2.0" and "2.0" not in steer.blocked
     # Another model's rollouts ask nothing of this device.
     assert (
         steer_device(

@@ -14,6 +14,7 @@ from mesh.rollout.cohort import cohort_score, in_wave
 from mesh.rollout.health import GateOutcome, GateVerdict, Totals, evaluate_gate
 from mesh.rollout.plan import PPM, CommandAction, PrefetchPolicy, Selector, SignedPlan, SkipKind
 from mesh.rollout.state import (
+    MAX_TOMBSTONES,
     TRANSITIONS,
     Event,
     Expire,
@@ -33,7 +34,6 @@ from mesh.rollout.state import (
     encode_input,
     new_rollout,
     plan_command,
-    MAX_TOMBSTONES,
     proposals,
     wave_needs_approval,
 )

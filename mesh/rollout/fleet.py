@@ -266,8 +266,9 @@ def steer_device(
             continue
         blocked.add(plan.target_version)
         pinned.update({(model, plan.baseline_version), (model, plan.target_version)})
-    wanted = {p.target_version for p, _ in mine}
-    buried = [t for t in tombstones if t.model == model and t.target_version not in wanted]
+    # A version a rollout the site holds names (as target or baseline) is that rollout's to decide.
+    wanted = {v for p, _ in mine for v in (p.target_version, p.baseline_version)}
+    buried = [t for t in tombstones if t.model == model and t.aborted and t.target_version not in wanted]
     blocked.update(t.target_version for t in buried)
     desired = None
     governing = mine[-1][0] if mine else None
@@ -278,10 +279,10 @@ def steer_device(
             blocked.add(governing.target_version)  # nor as the newest version, nor resumed after a restart
     if desired is None:
         # Serving the target of a forgotten abort, and nothing the site holds says what to serve: back to
-        # that rollout's baseline (the newest tombstone of it decides).
+        # that rollout's baseline.
         back = [t for t in buried if t.target_version == serving]
         if back:
-            desired = max(back, key=lambda t: (t.aborted_at, t.rollout_id)).baseline_version
+            desired = max(back, key=lambda t: (t.at, t.rollout_id)).baseline_version
     return DeviceSteering(
         desired=desired,
         blocked=frozenset(blocked),

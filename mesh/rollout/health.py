@@ -72,17 +72,13 @@ MAX_REPORTS = 10_000
 _SITE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
-def min_covered(taking_part: int) -> int:
-    """How many of `taking_part` cohort devices (skips aside; this site's and those behind other sites'
-    evidence) must have served the target for the whole soak before a gate may pass: half, rounded up.
-    Enough requests from a few devices while the rest are silent is not evidence about the wave (AWS
-    IoT's minNumberOfExecutedThings). Other sites' devices that report but do not serve the target yet
-    are not in their evidence, so they are not counted: the rule is as strict as the evidence allows."""
-    return (taking_part + 1) // 2
-
-
-def covered(soaked_devices: int, taking_part: int) -> bool:
-    return soaked_devices >= min_covered(taking_part)
+def covered(soaked_devices: int, silent_devices: int) -> bool:
+    """May a gate pass on `soaked_devices` cohort devices that served the target for the whole soak while
+    `silent_devices` cohort devices are unreachable? Only if at least as many were heard from as were not:
+    enough requests from a few busy devices while most of the cohort is silent is not evidence about the
+    wave (AWS IoT's minNumberOfExecutedThings). Devices that report but do not serve the target (another
+    model, not activated yet, joined late) are listed, not counted on either side: they are heard from."""
+    return soaked_devices >= silent_devices
 
 
 class HealthFormatError(RolloutError):
@@ -796,7 +792,7 @@ def evaluate_gate(
             soaked += Totals(window.requests, window.errors, 1)
     own_measured, own_soaked = measured, soaked
     remote_failures = 0
-    remote_expected = 0  # other sites' cohort devices behind the evidence that may vouch for this wave
+    remote_silent = 0  # other sites' unreachable cohort devices behind evidence that may vouch for this wave
     for evidence in remote:
         if evidence.rollout_id != plan.rollout_id or evidence.site == site:
             continue
@@ -807,7 +803,7 @@ def evaluate_gate(
         if evidence.wave >= wave:
             reachable_target += evidence.soaked
             soaked += evidence.soaked
-            remote_expected += evidence.soaked.devices + evidence.unreachable
+            remote_silent += evidence.unreachable
     soak_left_s = soak_started_at + w.soak_s - now
     deadline_passed = now >= soak_started_at + w.deadline_s  # type: ignore[operator]
 
@@ -885,12 +881,13 @@ def evaluate_gate(
     if skipped:
         missing.append(f"{len(skipped)} skipped")
     detail = f" ({', '.join(missing)})" if missing else ""
-    expected = len(members) - len(skipped) + remote_expected
-    if soaked.requests >= w.min_requests and not covered(soaked.devices, expected):
+    silent = len(unreachable) + remote_silent
+    if soaked.requests >= w.min_requests and not covered(soaked.devices, silent):
         return verdict(
             GateOutcome.INCONCLUSIVE,
-            f"{prefix}: too few devices heard from: {soaked.devices} of {expected} cohort devices "
-            f"served the target for the whole soak, at least {min_covered(expected)} needed{detail}",
+            f"{prefix}: too few devices heard from: {soaked.devices} served the target for the whole "
+            f"soak while {silent} cohort devices are unreachable; the gate passes once at least as many "
+            f"are heard from as are silent{detail}",
         )
     if soaked.requests < w.min_requests:
         if not members and soaked.requests == 0:

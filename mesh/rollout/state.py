@@ -54,7 +54,6 @@ from mesh.rollout.cohort import (
     wave_sizes,
 )
 from mesh.rollout.health import (
-    MAX_LISTED,
     DeviceMarks,
     GateOutcome,
     GateVerdict,
@@ -86,6 +85,12 @@ from mesh.rollout.plan import (
 )
 
 LEDGER_FORMAT = 1
+# Which rules a command is applied under, written in its bytes so that a replica replaying an old journal
+# after an upgrade applies each entry exactly as it was applied when it was committed. A command without
+# `rules` is rules 1: wave scope judged by the plan's share alone, no gate coverage check, nothing
+# remembered of a forgotten rollout. Rules 2 (what this code proposes): wave scope by real size too,
+# a PASS needs coverage, forgotten rollouts leave their verdicts.
+LEDGER_RULES = 2
 MAX_LEDGER_COMMAND_BYTES = 1024 * 1024
 MAX_ELIGIBLE = 100_000
 MAX_FLEET_ELIGIBLE = 1 << 38  # cohort.MAX_SITE_DEVICES: what apportioning can split
@@ -237,7 +242,7 @@ class SiteRollout:
     soak_started_at: float | None = None
     thresholds: tuple[int | None, ...] = ()  # per wave: highest cohort score in it (None: nobody here)
     eligible_count: int = 0
-    fleet_eligible_count: int = 0  # selected devices fleet-wide when it started (the guard's denominator)
+    fleet_eligible_count: int = 0  # selected devices fleet-wide at the start (rules 2); 0: the share alone
     marks: tuple[tuple[str, DeviceMarks], ...] = ()  # where the current wave's window starts, per device
     approved: tuple[tuple[int, str], ...] = ()  # (wave, operator key id) of approvals received
     used_nonces: tuple[tuple[str, float], ...] = ()  # (nonce, expires_at) of verified commands
@@ -287,7 +292,6 @@ class SiteRollout:
             "soak_started_at": None if self.soak_started_at is None else json_number(self.soak_started_at),
             "thresholds": [None if t is None else f"{t:064x}" for t in self.thresholds],
             "eligible_count": self.eligible_count,
-            "fleet_eligible_count": self.fleet_eligible_count,
             "marks": {
                 node: [
                     None if m.target is None else m.target.to_list(),
@@ -300,6 +304,8 @@ class SiteRollout:
             "paused_from": None if self.paused_from is None else self.paused_from.value,
             "reason": self.reason,
             "updated_at": json_number(self.updated_at),
+            # Rules 2 only: a state applied under rules 1 writes the bytes it always did.
+            **({"fleet_eligible_count": self.fleet_eligible_count} if self.fleet_eligible_count else {}),
         }
 
     @classmethod
@@ -319,7 +325,7 @@ class SiteRollout:
             soak_started_at=None if doc["soak_started_at"] is None else float(doc["soak_started_at"]),
             thresholds=tuple(None if t is None else int(t, 16) for t in doc["thresholds"]),
             eligible_count=int(doc["eligible_count"]),
-            fleet_eligible_count=int(doc.get("fleet_eligible_count", doc["eligible_count"])),
+            fleet_eligible_count=int(doc.get("fleet_eligible_count", 0)),
             marks=marks,
             approved=tuple((int(w), str(k)) for w, k in doc["approved"]),
             used_nonces=tuple(sorted((str(n), float(e)) for n, e in doc["used_nonces"].items())),
@@ -370,22 +376,23 @@ def apply(
     *,
     trusted: TrustedKeys,
     max_share_ppm: int | None = None,
+    rules: int = LEDGER_RULES,
 ) -> Transition:
     """Apply one committed input to one site's rollout. Deterministic; never raises on bad input
     (a refusal comes back as REFUSED with an audit record, so every replica audits the same thing).
 
     `trusted` and `max_share_ppm` (the site guard's own limit on a wave's share) are configuration:
-    every replica must use the same values.
+    every replica must use the same values. `rules` comes with the command (see LEDGER_RULES).
     """
     if rollout.plan_digest != plan.digest or rollout.rollout_id != plan.rollout_id:
         return _refused(rollout, "wrong_plan", f"state of {rollout.rollout_id} is not for {plan.label}")
     now = event_input.now
     if not rollout.state.final and plan.expired(now) and not isinstance(event_input, Expire):
-        return apply(plan, rollout, Expire(now), trusted=trusted, max_share_ppm=max_share_ppm)
+        return apply(plan, rollout, Expire(now), trusted=trusted, max_share_ppm=max_share_ppm, rules=rules)
     if isinstance(event_input, Start):
-        return _start(plan, rollout, event_input, max_share_ppm)
+        return _start(plan, rollout, event_input, max_share_ppm, rules)
     if isinstance(event_input, GateResult):
-        return _gate(plan, rollout, event_input, max_share_ppm)
+        return _gate(plan, rollout, event_input, max_share_ppm, rules)
     if isinstance(event_input, OperatorInput):
         return _operator(plan, rollout, event_input, trusted, max_share_ppm)
     if isinstance(event_input, Expire):
@@ -410,24 +417,46 @@ def apply(
     return _refused(rollout, "malformed_command", f"not a rollout input: {type(event_input).__name__}")
 
 
-def _start(plan: RolloutPlan, rollout: SiteRollout, start: Start, max_share_ppm: int | None) -> Transition:
+def _start(
+    plan: RolloutPlan, rollout: SiteRollout, start: Start, max_share_ppm: int | None, rules: int
+) -> Transition:
     eligible = sorted(set(start.eligible))
     shares = [w.share_ppm for w in plan.waves]
     sizes = wave_sizes(shares, len(eligible)) if start.sizes is None else tuple(start.sizes)
-    fleet = len(eligible) if start.fleet_eligible is None else start.fleet_eligible
     if (
         len(sizes) != plan.wave_count
         or any(type(s) is not int for s in sizes)
         or (eligible and sizes[-1] != len(eligible))
-        or type(fleet) is not int
-        or fleet < len(eligible)
     ):
         return _refused(
             rollout,
             "bad_start",
             f"start of {plan.label}: wave sizes {list(sizes)!r} do not fit "
-            f"{len(eligible)} eligible devices ({fleet!r} in the fleet) and {plan.wave_count} waves",
+            f"{len(eligible)} eligible devices and {plan.wave_count} waves",
         )
+    # Rules 1 judged waves by the plan's share alone (fleet count 0); rules 2 by real size among the fleet's
+    # eligible devices, which the proposer counts: a count that cannot be (below this site's, or too small
+    # for the sizes asked of this site, or a fleet when the site sized its waves alone) is refused.
+    fleet = 0
+    if rules >= 2:
+        fleet = len(eligible) if start.fleet_eligible is None else start.fleet_eligible
+        problem = ""
+        if type(fleet) is not int or fleet < len(eligible):
+            problem = f"fleet_eligible {fleet!r} is below this site's {len(eligible)} eligible devices"
+        elif start.sizes is None and fleet != len(eligible):
+            problem = (
+                f"fleet_eligible {fleet} with waves sized for this site alone ({len(eligible)} devices); "
+                "a fleet-wide count comes with this site's apportioned sizes"
+            )
+        elif fleet and any(
+            size > wave_size(share, fleet) for size, share in zip(sizes, shares, strict=True)
+        ):
+            problem = (
+                f"wave sizes {list(sizes)!r} are more than the fleet's waves of {fleet} devices "
+                f"({list(wave_sizes(shares, fleet))!r})"
+            )
+        if problem:
+            return _refused(rollout, "bad_start", f"start of {plan.label}: {problem}")
     try:
         thresholds = cohort_thresholds(plan.rollout_id, eligible, sizes, shares)
     except CohortError as exc:
@@ -452,7 +481,7 @@ def _start(plan: RolloutPlan, rollout: SiteRollout, start: Start, max_share_ppm:
 
 
 def _gate(
-    plan: RolloutPlan, rollout: SiteRollout, result: GateResult, max_share_ppm: int | None
+    plan: RolloutPlan, rollout: SiteRollout, result: GateResult, max_share_ppm: int | None, rules: int
 ) -> Transition:
     v = result.verdict
     now = result.now
@@ -499,22 +528,27 @@ def _gate(
         )
     # PASS: check the verdict against the plan, so a confused leader cannot advance on too little.
     rate = v.soaked.rate
-    # At least half of this site's own cohort (skips aside) heard from, counting devices other sites
-    # vouch for; the gate asks more (their silent devices too), which a replica cannot recount. Skips
-    # beyond the listed ones are unknown here: the check is only as strict as the list.
-    taking_part = v.cohort_size - len(v.skipped) if len(v.skipped) < MAX_LISTED else 0
     if (
         v.evaluated_at < v.soak_started_at + wave.soak_s
         or v.soaked.requests < wave.min_requests
         or (rate is None or rate > Fraction(wave.max_error_rate))
-        or not covered(v.soaked.devices, taking_part)
     ):
         return _refused(
             rollout,
             "bad_verdict",
             f"passing verdict for wave {v.wave} does not meet the plan: "
-            f"{v.soaked.describe()} (at least {taking_part} of this site's cohort devices to hear from) "
-            f"at {v.evaluated_at - v.soak_started_at:.0f} s of a {wave.soak_s:g} s soak",
+            f"{v.soaked.describe()} at {v.evaluated_at - v.soak_started_at:.0f} s "
+            f"of a {wave.soak_s:g} s soak",
+        )
+    # Rules 2: as many cohort devices served the whole soak as this site's listed unreachable ones (the
+    # gate also counts other sites' silent devices, which a replica cannot recount; a list cut at
+    # MAX_LISTED only makes this check weaker than the gate's, never stricter).
+    if rules >= 2 and not covered(v.soaked.devices, len(v.unreachable)):
+        return _refused(
+            rollout,
+            "bad_verdict",
+            f"passing verdict for wave {v.wave} does not cover its cohort: {v.soaked.describe()} "
+            f"served the whole soak, {len(v.unreachable)} cohort devices of this site are unreachable",
         )
     if v.wave == plan.wave_count:
         return _move(plan, rollout, E.GATE_PASS_LAST, now, verdict=v, reason=f"completed: {v.reason}")
@@ -903,7 +937,9 @@ def desired_version(
 
 def _command(cmd: str, now: float, **fields: Any) -> bytes:
     number(now, "command.now", RolloutStateError)
-    return canonical_json({"format": LEDGER_FORMAT, "cmd": cmd, "now": json_number(float(now)), **fields})
+    return canonical_json(
+        {"format": LEDGER_FORMAT, "cmd": cmd, "now": json_number(float(now)), "rules": LEDGER_RULES, **fields}
+    )
 
 
 def plan_command(signed: SignedPlan, *, now: float) -> bytes:
@@ -970,6 +1006,7 @@ class _Decoded:
     rollout_id: str | None = None
     signed_plan: SignedPlan | None = None
     event_input: Input | None = None
+    rules: int = LEDGER_RULES
 
 
 def decode_command(data: object) -> _Decoded:
@@ -993,9 +1030,20 @@ def decode_command(data: object) -> _Decoded:
         f"rollout command {cmd}",
         _LEDGER_FIELDS[cmd] | {"format", "cmd", "now"},
         RolloutStateError,
-        _LEDGER_OPTIONAL.get(cmd, frozenset()),
+        _LEDGER_OPTIONAL.get(cmd, frozenset()) | {"rules"},
     )
     now = number(d["now"], f"{cmd}.now", RolloutStateError)
+    rules = d.get("rules", 1)
+    if type(rules) is not int or not 1 <= rules <= LEDGER_RULES:
+        raise RolloutStateError(
+            f"{cmd}.rules: this node applies rules 1 to {LEDGER_RULES}, not {str(rules)[:20]!r}; "
+            "upgrade it to the version its site leader runs"
+        )
+    decoded = _decode_body(cmd, d, now)
+    return dataclasses.replace(decoded, rules=rules)
+
+
+def _decode_body(cmd: str, d: dict[str, Any], now: float) -> _Decoded:
     rollout_id = d.get("rollout_id")
     if "rollout_id" in d and (not isinstance(rollout_id, str) or not ROLLOUT_ID_RE.fullmatch(rollout_id)):
         raise RolloutStateError(f"{cmd}.rollout_id: {str(rollout_id)[:80]!r} is not a rollout id")
@@ -1080,24 +1128,36 @@ class LedgerResult:
 
 @dataclass(frozen=True)
 class Tombstone:
-    """An aborted rollout whose plan the site has forgotten: enough to keep a device that was away longer
-    than the plan lived (or that holds the target on disk) from serving the target ever again."""
+    """What became of a version's last rollout once the site forgot its plan: `aborted` keeps a device
+    away longer than the plan lived (or holding the target on disk) from serving the target again;
+    `completed` (a later rollout of the same version that went through) lifts an older abort."""
 
-    rollout_id: str
     model: str
     target_version: str
     baseline_version: str
-    aborted_at: float
+    outcome: str  # "aborted" | "completed"
+    at: float
+    rollout_id: str
     reason: str
+
+    @property
+    def aborted(self) -> bool:
+        return self.outcome == "aborted"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.model, self.target_version)
 
     @classmethod
     def of(cls, plan: RolloutPlan, rollout: SiteRollout) -> Tombstone:
+        outcome = "aborted" if rollout.state is RolloutState.ABORTED else "completed"
         return cls(
-            plan.rollout_id,
             plan.model,
             plan.target_version,
             plan.baseline_version,
+            outcome,
             rollout.updated_at,
+            plan.rollout_id,
             rollout.reason[:512],
         )
 
@@ -1106,24 +1166,39 @@ class Tombstone:
             "model": self.model,
             "target_version": self.target_version,
             "baseline_version": self.baseline_version,
-            "aborted_at": json_number(self.aborted_at),
+            "outcome": self.outcome,
+            "at": json_number(self.at),
+            "rollout_id": self.rollout_id,
             "reason": self.reason,
         }
 
     @classmethod
-    def from_dict(cls, rollout_id: str, doc: Any) -> Tombstone:
+    def from_dict(cls, doc: Any) -> Tombstone:
+        where = "rollout snapshot.tombstones"
         d = expect_object(
             doc,
-            "rollout snapshot.tombstones",
-            frozenset({"model", "target_version", "baseline_version", "aborted_at", "reason"}),
+            where,
+            _TOMBSTONE_FIELDS,
             RolloutStateError,
         )
-        if not ROLLOUT_ID_RE.fullmatch(rollout_id) or not all(
-            isinstance(d[k], str) for k in ("model", "target_version", "baseline_version", "reason")
-        ):
-            raise RolloutStateError(f"rollout snapshot.tombstones: {rollout_id[:80]!r} is malformed")
-        at = number(d["aborted_at"], "rollout snapshot.tombstones.aborted_at", RolloutStateError)
-        return cls(rollout_id, d["model"], d["target_version"], d["baseline_version"], at, d["reason"])
+        texts = ("model", "target_version", "baseline_version", "rollout_id", "reason")
+        if not all(isinstance(d[k], str) for k in texts) or d["outcome"] not in ("aborted", "completed"):
+            raise RolloutStateError(f"{where}: malformed entry for {str(d.get('rollout_id'))[:80]!r}")
+        at = number(d["at"], f"{where}.at", RolloutStateError)
+        return cls(
+            d["model"],
+            d["target_version"],
+            d["baseline_version"],
+            d["outcome"],
+            at,
+            d["rollout_id"],
+            d["reason"],
+        )
+
+
+_TOMBSTONE_FIELDS = frozenset(
+    {"model", "target_version", "baseline_version", "outcome", "at", "rollout_id", "reason"}
+)
 
 
 class RolloutLedger:
@@ -1145,13 +1220,14 @@ class RolloutLedger:
         self._clock = 0.0
         self._plans: dict[str, SignedPlan] = {}
         self._rollouts: dict[str, SiteRollout] = {}
-        self._tombstones: dict[str, Tombstone] = {}
+        self._tombstones: dict[tuple[str, str], Tombstone] = {}
 
     # --- views ---
 
     def tombstones(self) -> tuple[Tombstone, ...]:
-        """Aborted rollouts forgotten since (newest `MAX_TOMBSTONES`), oldest first."""
-        return tuple(sorted(self._tombstones.values(), key=lambda t: (t.aborted_at, t.rollout_id)))
+        """Per (model, target version), how its newest forgotten rollout ended (newest `MAX_TOMBSTONES`),
+        oldest first."""
+        return tuple(sorted(self._tombstones.values(), key=lambda t: (t.at, t.model, t.target_version)))
 
     @property
     def clock(self) -> float:
@@ -1197,7 +1273,7 @@ class RolloutLedger:
         assert event_input is not None
         event_input = dataclasses.replace(event_input, now=now)  # a stale stamp never rewinds a rollout
         if isinstance(event_input, Expire):
-            return self._expire(now)
+            return self._expire(now, decoded.rules)
         assert decoded.rollout_id is not None
         known = self.get(decoded.rollout_id)
         if known is None:
@@ -1207,7 +1283,14 @@ class RolloutLedger:
                 f"no plan for rollout {decoded.rollout_id} is registered in site {self.site}",
             )
         plan, rollout = known
-        step = apply(plan, rollout, event_input, trusted=self.trusted, max_share_ppm=self.max_share_ppm)
+        step = apply(
+            plan,
+            rollout,
+            event_input,
+            trusted=self.trusted,
+            max_share_ppm=self.max_share_ppm,
+            rules=decoded.rules,
+        )
         self._rollouts[plan.rollout_id] = step.after
         return LedgerResult(step.outcome, plan.rollout_id, step.message, step.audit, (step,))
 
@@ -1261,21 +1344,32 @@ class RolloutLedger:
         )
         return LedgerResult(Outcome.APPLIED, plan.rollout_id, f"registered {plan.label}", (event,))
 
-    def _expire(self, now: float) -> LedgerResult:
+    def _expire(self, now: float, rules: int) -> LedgerResult:
         steps = []
         for plan, rollout in self.rollouts():
-            step = apply(plan, rollout, Expire(now), trusted=self.trusted, max_share_ppm=self.max_share_ppm)
+            step = apply(
+                plan,
+                rollout,
+                Expire(now),
+                trusted=self.trusted,
+                max_share_ppm=self.max_share_ppm,
+                rules=rules,
+            )
             if step.outcome is Outcome.APPLIED:
                 self._rollouts[plan.rollout_id] = step.after
                 steps.append(step)
             elif rollout.state.final and now >= plan.expires_at + RETAIN_AFTER_EXPIRY_S:
                 del self._rollouts[plan.rollout_id]
                 del self._plans[plan.rollout_id]
-                if rollout.state is RolloutState.ABORTED:
-                    # Forgotten, not forgiven: a device back after all this must still not serve it.
-                    self._tombstones[plan.rollout_id] = Tombstone.of(plan, rollout)
-                    for old in self.tombstones()[:-MAX_TOMBSTONES]:
-                        del self._tombstones[old.rollout_id]
+                if rules >= 2:
+                    # Forgotten, not forgiven: a device back after all this must still not serve an aborted
+                    # target; the newest word on a version wins (a later completed rollout lifts an abort).
+                    tomb = Tombstone.of(plan, rollout)
+                    old = self._tombstones.get(tomb.key)
+                    if old is None or (old.at, old.rollout_id) <= (tomb.at, tomb.rollout_id):
+                        self._tombstones[tomb.key] = tomb
+                    for gone in self.tombstones()[:-MAX_TOMBSTONES]:
+                        del self._tombstones[gone.key]
         if not steps:
             return LedgerResult(Outcome.NOOP, None, "no rollout is due to expire")
         audit = tuple(e for s in steps for e in s.audit)
@@ -1310,7 +1404,7 @@ class RolloutLedger:
                 "rollouts": {r: s.to_dict() for r, s in self._rollouts.items()},
                 # Only when there are some: the bytes of a ledger without any stay what they were.
                 **(
-                    {"tombstones": {r: t.to_dict() for r, t in self._tombstones.items()}}
+                    {"tombstones": [t.to_dict() for t in self.tombstones()]}
                     if self._tombstones
                     else {}
                 ),
@@ -1335,9 +1429,12 @@ class RolloutLedger:
             clock = number(doc["clock"], "rollout snapshot.clock", RolloutStateError)
             plans = {str(r): SignedPlan.from_json(canonical_json(p)) for r, p in doc["plans"].items()}
             rollouts = {str(r): SiteRollout.from_dict(s) for r, s in doc["rollouts"].items()}
-            tombstones = {
-                str(r): Tombstone.from_dict(str(r), t) for r, t in doc.get("tombstones", {}).items()
-            }
+            listed = doc.get("tombstones", [])
+            if not isinstance(listed, list) or len(listed) > MAX_TOMBSTONES:
+                raise RolloutStateError(
+                    f"rollout snapshot.tombstones: expected a list of at most {MAX_TOMBSTONES} entries"
+                )
+            tombstones = {t.key: t for t in map(Tombstone.from_dict, listed)}
             if plans.keys() != rollouts.keys() or any(
                 rollouts[r].plan_digest != plans[r].digest for r in plans
             ):

@@ -271,18 +271,18 @@ def test_enough_requests_from_a_few_devices_while_most_are_silent_is_not_a_pass(
     cohort = {f"c{i}" for i in range(1, 6)}
     verdict = gate(devices, cohort=cohort)
     assert verdict.outcome is GateOutcome.INCONCLUSIVE, verdict.reason
-    assert "too few devices heard from: 1 of 5 cohort devices" in verdict.reason
-    assert "at least 3 needed" in verdict.reason and "4 unreachable" in verdict.reason
+    assert "too few devices heard from: 1 served the target for the whole soak while 4 cohort devices are " \
+        "unreachable" in verdict.reason and "(4 unreachable)" in verdict.reason
     late = gate(devices, cohort=cohort, now=START + 120)
     assert late.outcome is GateOutcome.INCONCLUSIVE and late.deadline_passed  # pauses for an operator
-    # Three of five heard from over the whole soak: enough.
+    # Three of five heard from over the whole soak, two silent: enough.
     devices[1:3] = [report("c2", (10, 0)), report("c3", (10, 0))]
     assert gate(devices, cohort=cohort).outcome is GateOutcome.PASS
-    # Skips are not silent devices: one soaked of two taking part (three skip) passes.
+    # Skips are not silent devices: one soaked and three skipping (one never heard of) passes.
     skips = [report(f"c{i}", skipped=SkipKind.OLD_RUNTIME) for i in range(3, 6)]
     assert gate([report("c1", (1000, 0)), *skips], cohort=cohort).outcome is GateOutcome.PASS
     # Other sites' devices count on both sides: this site's only cohort device is away, two elsewhere
-    # served the whole soak (and one there is unreachable): 2 of 4 heard from.
+    # served the whole soak and one there is unreachable: 2 heard from, 2 silent.
     away = [report("c1", (0, 0), reachable=False)]
     there = SiteEvidence("b", PLAN.rollout_id, 1, Totals(300, 0, 2), Totals(300, 0, 2), unreachable=1)
     assert gate(away, cohort={"c1"}, remote=[there]).outcome is GateOutcome.PASS
@@ -357,7 +357,7 @@ def test_the_gate_never_passes_on_too_little_and_never_misses_a_breach(devices, 
     all_errors = sum(r.target.serving_errors for r in reports)
     if verdict.outcome is GateOutcome.PASS:
         assert elapsed_s >= 60 and soaked_requests >= 100
-        assert 2 * len(soaked) >= len(reports)  # at least half the cohort served the whole soak
+        assert len(soaked) >= sum(not r.reachable for r in reports)  # as many heard from as silent
         assert sum(c.serving_errors for c in soaked) * 20 <= soaked_requests
         assert not any(r.target.activation_failures for r in reports)
     if any(r.target.activation_failures for r in reports) or (

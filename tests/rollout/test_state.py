@@ -195,9 +195,21 @@ def test_a_wave_rounded_up_to_one_device_is_judged_by_its_real_share():
     assert step(new_rollout(PLAN), Start(STARTED_AT, tuple(NODES[:3]), (1, 1, 3))).after.state is (
         S.WAITING_APPROVAL
     )
-    # A fleet smaller than the site is a confused proposer: refused, audited, nothing moves.
-    t = step(new_rollout(PLAN), Start(STARTED_AT, tuple(NODES[:7]), (1, 1, 7), fleet_eligible=5))
-    assert t.outcome is Outcome.REFUSED and t.after.state is S.PENDING
+    # A count that cannot be is a confused (or lying) proposer: refused, audited, nothing moves.
+    for start, why in (
+        (
+            Start(STARTED_AT, tuple(NODES[:7]), (1, 1, 7), fleet_eligible=5),
+            "fleet_eligible 5 is below this site's 7 eligible devices",
+        ),
+        (
+            Start(STARTED_AT, tuple(NODES[:3]), None, fleet_eligible=1000),
+            "with waves sized for this site alone",
+        ),
+        # 3 devices in wave 1 would be 3% of a fleet of 100, but the fleet's wave 1 is one device.
+        (Start(STARTED_AT, tuple(NODES[:3]), (3, 3, 3), fleet_eligible=100), "more than the fleet's waves"),
+    ):
+        t = step(new_rollout(PLAN), start)
+        assert t.outcome is Outcome.REFUSED and t.after.state is S.PENDING and why in t.message, t.message
 
 
 def test_the_fleet_count_travels_in_the_ledger_bytes_and_old_starts_still_decode():
@@ -210,18 +222,47 @@ def test_the_fleet_count_travels_in_the_ledger_bytes_and_old_starts_still_decode
     for bad in (-1, 1.5, "20", 1 << 40):
         with pytest.raises(RolloutStateError, match="fleet_eligible"):
             decode_command(json.dumps({**doc, "fleet_eligible": bad}).encode())
-    # A snapshot written before the count existed restores with the site's own count.
-    r = started()
-    d = r.to_dict()
-    del d["fleet_eligible_count"]
-    assert SiteRollout.from_dict(d) == r
+    assert "fleet_eligible_count" in started().to_dict()
+
+
+def old_rules(data: bytes) -> bytes:
+    """`data` as a node before rules 2 wrote it (no `rules` field)."""
+    doc = json.loads(data)
+    del doc["rules"]
+    return json.dumps(doc).encode()
+
+
+def test_a_journal_written_under_rules_1_replays_as_it_was_applied():
+    # Rules 1: the plan's share alone, no coverage check, no tombstones; the state's bytes are as before.
+    site = ledger()
+    site.apply(old_rules(plan_command(signed(PLAN), now=T0 + 1)))
+    start = Start(STARTED_AT, tuple(NODES[:4]))  # 1% of 4 devices is one: held under rules 2
+    assert site.apply(old_rules(encode_input(PLAN.rollout_id, start))).outcome is Outcome.APPLIED
+    rollout = site.get(PLAN.rollout_id)[1]
+    assert (rollout.state, rollout.fleet_eligible_count) == (S.SOAKING, 0)
+    assert "fleet_eligible_count" not in rollout.to_dict()
+    v = dataclasses.replace(
+        verdict(rollout, GateOutcome.PASS), soaked=Totals(1000, 0, 1), unreachable=("a", "b")
+    )
+    data = encode_input(PLAN.rollout_id, GateResult(v.evaluated_at, v))
+    copy = ledger()
+    copy.restore(site.snapshot())
+    assert copy.apply(data).outcome is Outcome.REFUSED  # rules 2: 1 heard from, 2 silent
+    assert site.apply(old_rules(data)).outcome is Outcome.APPLIED  # rules 1 took it
+    abort = OperatorInput(T0 + 100, command(PLAN, CommandAction.ABORT, now=T0 + 100))
+    assert site.apply(old_rules(encode_input(PLAN.rollout_id, abort))).outcome is Outcome.APPLIED
+    site.apply(old_rules(encode_input(PLAN.rollout_id, Expire(PLAN.expires_at + 25 * 3600))))
+    assert site.get(PLAN.rollout_id) is None and site.tombstones() == ()
+    with pytest.raises(RolloutStateError, match="applies rules 1 to 2"):
+        decode_command(encode_input(PLAN.rollout_id, start).replace(b'"rules":2', b'"rules":3'))
 
 
 def test_a_pass_from_too_few_of_the_cohort_is_refused_by_every_replica():
     r = started()
-    v = dataclasses.replace(verdict(r, GateOutcome.PASS), soaked=Totals(1000, 0, 1))  # 1 of 3
+    v = dataclasses.replace(verdict(r, GateOutcome.PASS), soaked=Totals(1000, 0, 1), unreachable=("a", "b"))
     t = step(r, GateResult(v.evaluated_at, v))
-    assert t.outcome is Outcome.REFUSED and "from 1 device (at least 3 of this site" in t.message, t.message
+    assert t.outcome is Outcome.REFUSED and "does not cover its cohort" in t.message, t.message
+    assert "from 1 device served the whole soak, 2 cohort devices of this site are unreachable" in t.message
     v = dataclasses.replace(v, soaked=Totals(1000, 0, 2))
     assert step(r, GateResult(v.evaluated_at, v)).outcome is Outcome.APPLIED
 
@@ -523,7 +564,7 @@ def test_the_ledger_expires_unfinished_rollouts_and_forgets_finished_ones_later(
     # Forgotten, not forgiven: the aborted target is remembered, in the snapshot too.
     (tomb,) = site.tombstones()
     assert (tomb.rollout_id, tomb.target_version, tomb.baseline_version) == (PLAN.rollout_id, "2.0", "1.0")
-    assert "expired" in tomb.reason
+    assert tomb.aborted and "expired" in tomb.reason
     copy = ledger()
     copy.restore(site.snapshot())
     assert copy.tombstones() == (tomb,) and copy.state_digest() == site.state_digest()
@@ -536,12 +577,32 @@ def test_tombstones_are_bounded_and_the_oldest_go_first():
     for i in range(MAX_TOMBSTONES + 3):
         # One after the other: each is forgotten before the next is published (the ledger's clock moves on).
         created = T0 + i * 100_000
-        plan = make_plan(f"okay-nabu-{i}", created_at=created, ttl_s=3600)
+        plan = make_plan(f"okay-nabu-{i}", target=f"2.{i}", created_at=created, ttl_s=3600)
         assert site.apply(plan_command(signed(plan), now=created)).outcome is Outcome.APPLIED
         site.apply(encode_input(plan.rollout_id, Expire(plan.expires_at)))  # aborted: it expired
         site.apply(encode_input(plan.rollout_id, Expire(plan.expires_at + 25 * 3600)))  # forgotten
     kept = site.tombstones()
     assert len(kept) == MAX_TOMBSTONES and kept[0].rollout_id == "okay-nabu-3"  # the oldest went first
+
+
+def test_the_newest_word_on_a_version_wins_and_a_completed_rollout_lifts_an_abort():
+    site = ledger()
+    first = make_plan("okay-nabu-a", created_at=T0, ttl_s=3600)
+    site.apply(plan_command(signed(first), now=T0))
+    site.apply(encode_input(first.rollout_id, Expire(first.expires_at)))  # aborted
+    again = make_plan("okay-nabu-b", created_at=first.expires_at + 10, ttl_s=3600)  # the same 1.0 -> 2.0
+    site.apply(plan_command(signed(again), now=again.created_at))
+    site.apply(encode_input(first.rollout_id, Expire(first.expires_at + 25 * 3600)))  # the abort forgotten
+    (tomb,) = site.tombstones()
+    assert tomb.aborted and tomb.rollout_id == "okay-nabu-a"
+    # The second one completes (its state is set here; the table's path to it is tested above), then is
+    # forgotten too: its word on 2.0 is newer and lifts the abort.
+    site._rollouts[again.rollout_id] = dataclasses.replace(
+        site.get(again.rollout_id)[1], state=S.COMPLETED, updated_at=again.created_at + 100
+    )
+    site.apply(encode_input(again.rollout_id, Expire(again.expires_at + 25 * 3600)))
+    (tomb,) = site.tombstones()
+    assert not tomb.aborted and tomb.rollout_id == "okay-nabu-b"
 
 
 def test_a_stale_stamp_never_rewinds_the_ledger_clock():

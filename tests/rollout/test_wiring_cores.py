@@ -348,7 +348,7 @@ def test_the_newest_rollout_decides_and_unfinished_targets_are_never_chosen_by_d
     assert {"2.0", "3.0"} <= steer.blocked and ("okay-nabu", "3.0") in steer.pinned
     # An abort the site has forgotten (its plan expired long ago): a device back from far away that still
     # serves the target goes back to the baseline, and the target is never taken as the newest.
-    tomb = Tombstone(plan.rollout_id, "okay-nabu", "2.0", "1.0", T0 + 5, "gate failed")
+    tomb = Tombstone("okay-nabu", "2.0", "1.0", "aborted", T0 + 5, plan.rollout_id, "gate failed")
     steer = steer_device(
         "okay-nabu", [], [], me, complete={"1.0", "2.0"}, serving="2.0", aborted={}, now=T0 + 10**7,
         tombstones=(tomb,),
@@ -364,6 +364,20 @@ def test_the_newest_rollout_decides_and_unfinished_targets_are_never_chosen_by_d
         serving="1.0", aborted={}, now=T0 + 10**6 + 10, tombstones=(tomb,),
     )
     assert steer.desired == "2.0" and "2.0" not in steer.blocked
+    # ... or names it as the baseline it falls back to.
+    onwards = make_plan("okay-nabu-10", target="3.0", baseline="2.0", created_at=T0 + 10**6)
+    steer = steer_device(
+        "okay-nabu", [(onwards, registered(onwards)[1])], [], me, complete={"1.0", "2.0", "3.0"},
+        serving="2.0", aborted={}, now=T0 + 10**6 + 10, tombstones=(tomb,),
+    )
+    assert steer.desired is None and "2.0" not in steer.blocked  # pending: it keeps its baseline 2.0
+    # A completed word on the version is no block at all.
+    lifted = dataclasses.replace(tomb, outcome="completed")
+    steer = steer_device(
+        "okay-nabu", [], [], me, complete={"1.0", "2.0"}, serving="2.0", aborted={}, now=T0 + 10**7,
+        tombstones=(lifted,),
+    )
+    assert steer.desired is None and not steer.blocked
     # Another model's rollouts ask nothing of this device.
     assert (
         steer_device(

@@ -74,10 +74,11 @@ _SITE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 def covered(soaked_devices: int, silent_devices: int) -> bool:
     """May a gate pass on `soaked_devices` cohort devices that served the target for the whole soak while
-    `silent_devices` cohort devices are unreachable? Only if at least as many were heard from as were not:
-    enough requests from a few busy devices while most of the cohort is silent is not evidence about the
-    wave (AWS IoT's minNumberOfExecutedThings). Devices that report but do not serve the target (another
-    model, not activated yet, joined late) are listed, not counted on either side: they are heard from."""
+    `silent_devices` did not (unreachable, still on the baseline, on the target for less than the soak)?
+    Only if at least as many did as did not: enough requests from a few busy devices while most of the
+    cohort is silent or never moved is not evidence about the wave (AWS IoT's minNumberOfExecutedThings).
+    Skipping devices and devices that serve another model take no part and count on neither side. Of
+    other sites, only their unreachable devices are known (their evidence says no more)."""
     return soaked_devices >= silent_devices
 
 
@@ -744,6 +745,7 @@ def evaluate_gate(
     not_serving: list[str] = []
     erring: list[str] = []  # cohort devices of this site whose window holds errors (named in a FAIL)
     new_marks: list[tuple[str, DeviceMarks]] = []
+    waiting = 0  # reachable cohort devices of this model that did not serve the target the whole soak
     soak_ms = int(w.soak_s * 1000)
     for node in sorted(members | by_node.keys()):
         report = by_node.get(node)
@@ -784,12 +786,16 @@ def evaluate_gate(
         if not report.reachable:
             unreachable.append(node)
             continue
+        runs_model = report.target is not None or report.baseline is not None
         if window.requests == 0:
             not_serving.append(node)
+            waiting += runs_model  # still on the baseline (fetching, activating); another model: not counted
             continue
         reachable_target += Totals(window.requests, window.errors, 1)
         if window.active_ms >= soak_ms:
             soaked += Totals(window.requests, window.errors, 1)
+        else:
+            waiting += 1  # on the target, but not for the whole soak yet
     own_measured, own_soaked = measured, soaked
     remote_failures = 0
     remote_silent = 0  # other sites' unreachable cohort devices behind evidence that may vouch for this wave
@@ -881,13 +887,13 @@ def evaluate_gate(
     if skipped:
         missing.append(f"{len(skipped)} skipped")
     detail = f" ({', '.join(missing)})" if missing else ""
-    silent = len(unreachable) + remote_silent
+    silent = len(unreachable) + waiting + remote_silent
     if soaked.requests >= w.min_requests and not covered(soaked.devices, silent):
         return verdict(
             GateOutcome.INCONCLUSIVE,
             f"{prefix}: too few devices heard from: {soaked.devices} served the target for the whole "
-            f"soak while {silent} cohort devices are unreachable; the gate passes once at least as many "
-            f"are heard from as are silent{detail}",
+            f"soak while {silent} cohort devices did not (unreachable, or not on the target for the whole "
+            f"soak); the gate passes once at least as many have as have not{detail}",
         )
     if soaked.requests < w.min_requests:
         if not members and soaked.requests == 0:

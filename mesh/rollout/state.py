@@ -384,6 +384,8 @@ def apply(
     `trusted` and `max_share_ppm` (the site guard's own limit on a wave's share) are configuration:
     every replica must use the same values. `rules` comes with the command (see LEDGER_RULES).
     """
+    if rules < 2:
+        max_share_ppm = None  # rules 1 knew no site limit (the group never passed one)
     if rollout.plan_digest != plan.digest or rollout.rollout_id != plan.rollout_id:
         return _refused(rollout, "wrong_plan", f"state of {rollout.rollout_id} is not for {plan.label}")
     now = event_input.now
@@ -1039,6 +1041,8 @@ def decode_command(data: object) -> _Decoded:
             f"{cmd}.rules: this node applies rules 1 to {LEDGER_RULES}, not {str(rules)[:20]!r}; "
             "upgrade it to the version its site leader runs"
         )
+    if rules < 2 and "fleet_eligible" in d:
+        raise RolloutStateError(f"{cmd}.fleet_eligible: rules 1 has no fleet count; send rules 2")
     decoded = _decode_body(cmd, d, now)
     return dataclasses.replace(decoded, rules=rules)
 
@@ -1221,6 +1225,7 @@ class RolloutLedger:
         self._plans: dict[str, SignedPlan] = {}
         self._rollouts: dict[str, SiteRollout] = {}
         self._tombstones: dict[tuple[str, str], Tombstone] = {}
+        self._rules_floor = 1  # the newest rules applied here; older commands are refused after it
 
     # --- views ---
 
@@ -1265,6 +1270,16 @@ class RolloutLedger:
             decoded = decode_command(data)
         except RolloutStateError as exc:
             return self._refuse(None, "malformed_command", str(exc))
+        if decoded.rules < self._rules_floor:
+            # Once a site applied rules 2 it never goes back: a confused leader cannot skip the checks
+            # rules 2 added by proposing old bytes.
+            return self._refuse(
+                decoded.rollout_id,
+                "old_rules",
+                f"{decoded.cmd} asks for rules {decoded.rules}; site {self.site} applies rules "
+                f"{self._rules_floor} or later",
+            )
+        self._rules_floor = decoded.rules
         self._clock = max(self._clock, decoded.now)
         now = self._clock
         if decoded.signed_plan is not None:
@@ -1368,7 +1383,9 @@ class RolloutLedger:
                     old = self._tombstones.get(tomb.key)
                     if old is None or (old.at, old.rollout_id) <= (tomb.at, tomb.rollout_id):
                         self._tombstones[tomb.key] = tomb
-                    for gone in self.tombstones()[:-MAX_TOMBSTONES]:
+                    # Over the bound, completed words go first (they only lift an abort), then the oldest.
+                    by_worth = sorted(self._tombstones.values(), key=lambda t: (t.aborted, t.at, t.key))
+                    for gone in by_worth[: max(0, len(by_worth) - MAX_TOMBSTONES)]:
                         del self._tombstones[gone.key]
         if not steps:
             return LedgerResult(Outcome.NOOP, None, "no rollout is due to expire")
@@ -1402,7 +1419,8 @@ class RolloutLedger:
                     for r, s in self._plans.items()
                 },
                 "rollouts": {r: s.to_dict() for r, s in self._rollouts.items()},
-                # Only when there are some: the bytes of a ledger without any stay what they were.
+                # Only when set: the bytes of a ledger that only ever applied rules 1 stay what they were.
+                **({"rules": self._rules_floor} if self._rules_floor > 1 else {}),
                 **(
                     {"tombstones": [t.to_dict() for t in self.tombstones()]}
                     if self._tombstones
@@ -1429,6 +1447,9 @@ class RolloutLedger:
             clock = number(doc["clock"], "rollout snapshot.clock", RolloutStateError)
             plans = {str(r): SignedPlan.from_json(canonical_json(p)) for r, p in doc["plans"].items()}
             rollouts = {str(r): SiteRollout.from_dict(s) for r, s in doc["rollouts"].items()}
+            floor = doc.get("rules", 1)
+            if type(floor) is not int or not 1 <= floor <= LEDGER_RULES:
+                raise RolloutStateError(f"rollout snapshot.rules: expected 1..{LEDGER_RULES}, got {floor!r}")
             listed = doc.get("tombstones", [])
             if not isinstance(listed, list) or len(listed) > MAX_TOMBSTONES:
                 raise RolloutStateError(
@@ -1452,4 +1473,4 @@ class RolloutLedger:
         ) as exc:
             raise RolloutStateError(f"rollout snapshot is damaged: {type(exc).__name__}: {exc}") from None
         self._clock, self._plans, self._rollouts = clock, plans, rollouts
-        self._tombstones = tombstones
+        self._tombstones, self._rules_floor = tombstones, floor

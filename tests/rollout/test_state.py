@@ -255,6 +255,31 @@ def test_a_journal_written_under_rules_1_replays_as_it_was_applied():
     assert site.get(PLAN.rollout_id) is None and site.tombstones() == ()
     with pytest.raises(RolloutStateError, match="applies rules 1 to 2"):
         decode_command(encode_input(PLAN.rollout_id, start).replace(b'"rules":2', b'"rules":3'))
+    with pytest.raises(RolloutStateError, match="rules 1 has no fleet count"):
+        decode_command(old_rules(encode_input(PLAN.rollout_id, dataclasses.replace(start, fleet_eligible=4))))
+
+
+def test_rules_1_knew_no_site_limit_and_a_site_never_goes_back_to_rules_1():
+    # Replayed after an upgrade on a site that now sets [guard] rollout_max_share = 5%: as it was applied.
+    site = ledger(max_share_ppm=50_000)
+    site.apply(old_rules(plan_command(signed(PLAN), now=T0 + 1)))
+    site.apply(old_rules(encode_input(PLAN.rollout_id, Start(STARTED_AT, tuple(NODES)))))
+    rollout = site.get(PLAN.rollout_id)[1]
+    v = verdict(rollout, GateOutcome.PASS)
+    assert site.apply(old_rules(encode_input(PLAN.rollout_id, GateResult(v.evaluated_at, v)))).outcome is (
+        Outcome.APPLIED
+    )
+    assert (site.get(PLAN.rollout_id)[1].state, site.get(PLAN.rollout_id)[1].wave) == (S.SOAKING, 2)
+    assert b'"rules"' not in site.snapshot()
+    # The first rules-2 command raises the site's floor, in its snapshot too; old bytes are refused after.
+    pause = OperatorInput(T0 + 200, command(PLAN, CommandAction.PAUSE, now=T0 + 200))
+    assert site.apply(encode_input(PLAN.rollout_id, pause)).outcome is Outcome.APPLIED
+    resume = OperatorInput(T0 + 201, command(PLAN, CommandAction.RESUME, now=T0 + 201))
+    refused = site.apply(old_rules(encode_input(PLAN.rollout_id, resume)))
+    assert refused.outcome is Outcome.REFUSED and "applies rules 2 or later" in refused.message
+    copy = ledger(max_share_ppm=50_000)
+    copy.restore(site.snapshot())
+    assert copy.apply(old_rules(encode_input(PLAN.rollout_id, resume))).outcome is Outcome.REFUSED
 
 
 def test_a_pass_from_too_few_of_the_cohort_is_refused_by_every_replica():
@@ -585,6 +610,22 @@ def test_tombstones_are_bounded_and_the_oldest_go_first():
     assert len(kept) == MAX_TOMBSTONES and kept[0].rollout_id == "okay-nabu-3"  # the oldest went first
 
 
+def test_completed_words_make_room_before_any_abort_is_forgotten():
+    site = ledger()
+    created = T0
+    for i in range(MAX_TOMBSTONES + 1):
+        plan = make_plan(f"okay-nabu-{i}", target=f"2.{i}", created_at=created, ttl_s=3600)
+        site.apply(plan_command(signed(plan), now=created))
+        if i:  # the first is aborted (it expires); every later one completes
+            site._rollouts[plan.rollout_id] = dataclasses.replace(
+                site.get(plan.rollout_id)[1], state=S.COMPLETED, updated_at=created + 10
+            )
+        site.apply(encode_input(plan.rollout_id, Expire(plan.expires_at + 25 * 3600)))
+        created += 100_000
+    kept = site.tombstones()
+    assert len(kept) == MAX_TOMBSTONES and [t.rollout_id for t in kept if t.aborted] == ["okay-nabu-0"]
+
+
 def test_the_newest_word_on_a_version_wins_and_a_completed_rollout_lifts_an_abort():
     site = ledger()
     first = make_plan("okay-nabu-a", created_at=T0, ttl_s=3600)
@@ -601,6 +642,23 @@ def test_the_newest_word_on_a_version_wins_and_a_completed_rollout_lifts_an_abor
         site.get(again.rollout_id)[1], state=S.COMPLETED, updated_at=again.created_at + 100
     )
     site.apply(encode_input(again.rollout_id, Expire(again.expires_at + 25 * 3600)))
+    (tomb,) = site.tombstones()
+    assert not tomb.aborted and tomb.rollout_id == "okay-nabu-b"
+
+
+def test_an_older_abort_forgotten_after_a_newer_completion_does_not_bring_the_block_back():
+    site = ledger()
+    slow = make_plan("okay-nabu-a", created_at=T0, ttl_s=30 * 24 * 3600)  # aborted early, lives long
+    site.apply(plan_command(signed(slow), now=T0))
+    site.apply(encode_input(slow.rollout_id, OperatorInput(T0 + 5, command(slow, CommandAction.ABORT,
+                                                                         now=T0 + 5))))
+    quick = make_plan("okay-nabu-b", created_at=T0 + 10, ttl_s=3600)  # 1.0 -> 2.0 again; completes
+    site.apply(plan_command(signed(quick), now=T0 + 10))
+    site._rollouts[quick.rollout_id] = dataclasses.replace(
+        site.get(quick.rollout_id)[1], state=S.COMPLETED, updated_at=T0 + 100
+    )
+    site.apply(encode_input(quick.rollout_id, Expire(quick.expires_at + 25 * 3600)))  # completion forgotten
+    site.apply(encode_input(slow.rollout_id, Expire(slow.expires_at + 25 * 3600)))  # then the abort
     (tomb,) = site.tombstones()
     assert not tomb.aborted and tomb.rollout_id == "okay-nabu-b"
 

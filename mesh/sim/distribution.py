@@ -54,6 +54,7 @@ import numpy as np
 
 from mesh.sim.membership import peak_rss_mb, site_sizes
 from mesh.sim.swarm import SimResult, simulate, split_model
+from mesh.sim.validation import ModelVsCores
 from mesh.transfer.scheduler import SchedulerConfig
 
 __all__ = [
@@ -429,7 +430,7 @@ def run(sc: DistributionScenario, engine: str = "auto") -> DistributionResult:
 
 
 @dataclass(frozen=True)
-class DistributionValidationRow:
+class DistributionValidationRow(ModelVsCores):
     devices: int
     sites: int
     cores: dict[str, float] = field(default_factory=dict)
@@ -437,19 +438,8 @@ class DistributionValidationRow:
 
     FIGURES = ("seconds_all_hold", "origin_copies", "cross_site_copies_per_site")
 
-    def error(self, figure: str) -> float:
-        return self.model[figure] / self.cores[figure] - 1 if self.cores[figure] else 0.0
-
-    @property
-    def worst_error(self) -> float:
-        return max(abs(self.error(f)) for f in self.FIGURES)
-
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"devices": self.devices, "sites": self.sites}
-        for f in self.FIGURES:
-            out[f"cores_{f}"] = round(self.cores[f], 3)
-            out[f"model_{f}"] = round(self.model[f], 3)
-            out[f"{f}_error"] = round(self.error(f), 3)
+        out = self.figures_json(3)
         out["cores_wall_s"] = round(self.cores["wall_s"], 1)
         out["model_wall_s"] = round(self.model["wall_s"], 1)
         return out

@@ -62,6 +62,7 @@ from mesh.rollout.state import (
     proposals,
 )
 from mesh.sim.membership import peak_rss_mb, site_sizes
+from mesh.sim.validation import ModelVsCores
 
 __all__ = [
     "RolloutResult",
@@ -395,7 +396,7 @@ def expected(sc: RolloutScenario) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
-class RolloutValidationRow:
+class RolloutValidationRow(ModelVsCores):
     devices: int
     sites: int
     cores: dict[str, float]
@@ -403,20 +404,8 @@ class RolloutValidationRow:
 
     FIGURES = ("bad_exposure_share", "seconds_to_first_fail", "seconds_to_rollback")
 
-    def error(self, figure: str) -> float:
-        return self.model[figure] / self.cores[figure] - 1 if self.cores[figure] else 0.0
-
-    @property
-    def worst_error(self) -> float:
-        return max(abs(self.error(f)) for f in self.FIGURES)
-
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"devices": self.devices, "sites": self.sites}
-        for f in self.FIGURES:
-            out[f"cores_{f}"] = round(self.cores[f], 4)
-            out[f"model_{f}"] = round(self.model[f], 4)
-            out[f"{f}_error"] = round(self.error(f), 3)
-        return out
+        return self.figures_json(4)
 
 
 def validate_rollout(

@@ -173,13 +173,15 @@ def held_table(resp: decisions_pb.PendingResponse, now: float) -> Table:
 
 
 def recent_table(resp: decisions_pb.PendingResponse) -> Table | None:
-    """The latest outcomes (applied, denied, expired, refused, withdrawn), oldest first; None if none."""
+    """The latest outcomes (applied, denied, expired, refused, withdrawn, member_removed), oldest first;
+    None if none."""
     if not resp.recent:
         return None
     table = Table(title="recent outcomes", title_justify="left")
     for column in ("time (UTC)", "decision", "outcome", "detail"):
         table.add_column(column)
-    style = {"applied": "green", "denied": "yellow", "refused": "red", "withdrawn": "cyan", "expired": "dim"}
+    style = {"applied": "green", "denied": "yellow", "refused": "red", "withdrawn": "cyan", "expired": "dim",
+             "member_removed": "magenta"}
     for e in resp.recent:
         table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(e.at)), e.decision_id or "-",
                       f"[{style.get(e.outcome, 'bold')}]{e.outcome}[/]", e.detail)
@@ -285,6 +287,9 @@ def _audit_detail(kind: str, payload: dict[str, Any]) -> str:
         return "; ".join(payload.get("exceeded", []))
     if kind == "withdrawn":
         return f"{payload.get('kind')}: {payload.get('reason', '')}"
+    if kind == "member_removed":
+        return (f"{payload.get('node_id')} revoked by operator key {payload.get('key_id')}: "
+                f"{payload.get('reason')}")
     if kind == "duplicate":
         held_as = payload.get("held_as")
         return f"{payload.get('kind')} by {payload.get('proposer')}: same change as held {held_as}"

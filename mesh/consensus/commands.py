@@ -3,7 +3,7 @@
 Rules of this module (everything about the bytes a Raft entry carries lives here):
 
 - A command is canonical JSON with `"format": 1`, a `"cmd"` name (propose,
-  approve, deny, expire, withdraw, set_routes), a `"now"` stamped by whoever
+  approve, deny, expire, withdraw, set_routes, remove_member), a `"now"` stamped by whoever
   submitted it, and exactly the fields of that command; anything else is a
   `CommandError` naming the field.
 - Encoding is canonical (`canonical_json`): the same command has the same bytes
@@ -34,6 +34,7 @@ from mesh.guard.core import (
     as_seconds,
     is_text,
 )
+from mesh.identity.revocation import Revocation, RevocationError, parse_revocation
 from mesh.identity.signing import canonical_json
 
 COMMAND_FORMAT = 1
@@ -92,7 +93,18 @@ class SetRoutesCommand:
     allocations: Mapping[str, int] = field(default_factory=dict)
 
 
-Command = ProposeCommand | ApproveCommand | DenyCommand | ExpireCommand | WithdrawCommand | SetRoutesCommand
+@dataclass(frozen=True)
+class RemoveMemberCommand:
+    """Take `revocation.node_id` out of the site's Raft group: an operator revoked it. The ledger
+    applies it only when the revocation verifies against the operator keys; the Raft membership
+    change follows it (see `mesh.consensus.group.SiteGroup.remove_revoked`)."""
+
+    now: float
+    revocation: Revocation
+
+
+Command = (ProposeCommand | ApproveCommand | DenyCommand | ExpireCommand | WithdrawCommand | SetRoutesCommand
+           | RemoveMemberCommand)
 
 _COMMAND_FIELDS = {
     "propose": frozenset({"format", "cmd", "now", "decision"}),
@@ -101,6 +113,7 @@ _COMMAND_FIELDS = {
     "expire": frozenset({"format", "cmd", "now"}),
     "withdraw": frozenset({"format", "cmd", "now", "decision_id", "reason"}),
     "set_routes": frozenset({"format", "cmd", "now", "routes", "allocations"}),
+    "remove_member": frozenset({"format", "cmd", "now", "revocation"}),
 }
 
 
@@ -144,6 +157,11 @@ def set_routes_command(
     return _command("set_routes", now, routes=dict(cmd.routes), allocations=dict(cmd.allocations))
 
 
+def remove_member_command(revocation: Revocation, *, now: float) -> bytes:
+    """Remove the node `revocation` names from the group (the ledger verifies the operator's signature)."""
+    return _command("remove_member", now, revocation=revocation.to_dict())
+
+
 def encode_command(command: Command) -> bytes:
     if isinstance(command, ProposeCommand):
         return propose_command(command.decision, now=command.now)
@@ -157,6 +175,8 @@ def encode_command(command: Command) -> bytes:
         return withdraw_command(command.decision_id, reason=command.reason, now=command.now)
     if isinstance(command, SetRoutesCommand):
         return set_routes_command(command.routes, allocations=command.allocations, now=command.now)
+    if isinstance(command, RemoveMemberCommand):
+        return remove_member_command(command.revocation, now=command.now)
     raise CommandError(f"not a ledger command: {type(command).__name__}")
 
 
@@ -241,6 +261,13 @@ def decode_command(data: bytes) -> Command:
         withdraw = WithdrawCommand(now, doc["decision_id"], doc["reason"])
         validate_withdraw(withdraw)
         return withdraw
+    if cmd == "remove_member":
+        if not isinstance(doc["revocation"], dict):
+            raise CommandError("command remove_member: revocation must be an object")
+        try:  # its fields only here; the signature is the ledger's to check (it holds the operator keys)
+            return RemoveMemberCommand(now, parse_revocation(canonical_json(doc["revocation"])))
+        except RevocationError as exc:
+            raise CommandError(f"command remove_member: {exc}") from None
     routes, allocations = doc["routes"], doc["allocations"]
     if not isinstance(routes, dict) or not isinstance(allocations, dict):
         raise CommandError("command set_routes: routes and allocations must be objects")

@@ -58,6 +58,7 @@ from mesh.consensus.commands import (
     deny_command,
     expire_command,
     propose_command,
+    remove_member_command,
     set_routes_command,
     withdraw_command,
 )
@@ -76,6 +77,7 @@ from mesh.guard.audit import (
     verify_tail,
 )
 from mesh.guard.core import NODE_ID_RE, Decision, Policy
+from mesh.identity.revocation import Revocation
 from mesh.identity.signing import TrustedKeys
 from mesh.rollout.plan import RolloutPlan, SignedPlan
 from mesh.rollout.state import LedgerResult, RolloutLedger, SiteRollout, Tombstone
@@ -446,6 +448,7 @@ class SiteGroup:
             raise
         self.raft.addOnTickCallback(self._state.tick_ended)  # after the transport's: frames leave first
         self._closed = False
+        self._removals: dict[str, ApplyResult] = {}  # revocation signature -> its ledger entry's result
 
     @classmethod
     def from_config(
@@ -541,6 +544,56 @@ class SiteGroup:
                     log.info("group %s: %s", self.group, result.message)
                 except Exception as exc:  # noqa: BLE001 - the next round retries; the node's task must not die
                     log.warning("group %s: expiring held decisions failed: %s", self.group, exc)
+
+    async def remove_revoked(self, revocation: Revocation,
+                             timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S) -> ApplyResult | None:
+        """Take the member an operator revoked out of this group, through the guard: first the ledger
+        entry that carries the signed revocation (every replica verifies the operator's signature and
+        audits the removal; a forged one is refused there), then the Raft membership change it
+        authorises. None when the node is not (or no longer) a member, or is this node.
+
+        A removal whose ledger entry applied but whose membership change did not (the leader failed
+        in between) is finished by the next call without a second ledger entry on this member."""
+        node_id = revocation.node_id
+        if node_id == self.node_id or node_id not in self.raft.members():
+            return None
+        result = self._removals.get(revocation.signature)
+        if result is None:
+            result = await self._propose(remove_member_command(revocation, now=time.time()), timeout_s)
+            self._removals[revocation.signature] = result  # a refusal is final too: not proposed again
+            if result.outcome is not Outcome.APPLIED:
+                log.error("group %s: removal of revoked member %s refused: %s", self.group, node_id,
+                          result.message)
+        if result.outcome is not Outcome.APPLIED:
+            return result
+        if node_id in self.raft.members():
+            await self.raft.remove_member(node_id, timeout_s)
+        log.warning("group %s: removed revoked member %s (%d members now)", self.group, node_id,
+                    len(self.raft.members()))
+        return result
+
+    async def run_member_removal(self, revocation_of: Callable[[str], Revocation | None],
+                                 interval_s: float = 1.0) -> None:
+        """Background task for the node: while this member leads, remove every member whose certificate
+        an operator revoked (`revocation_of(node_id)` names its revocation). Other members already refuse
+        its messages; removing it also takes it out of the majority the group counts."""
+        while not self._closed:
+            await asyncio.sleep(interval_s)  # a check period, not synchronisation
+            if not self.raft.is_leader:
+                continue
+            for node_id in self.raft.members():
+                revocation = revocation_of(node_id) if node_id != self.node_id else None
+                if revocation is None:
+                    continue
+                if (earlier := self._removals.get(revocation.signature)) is not None \
+                        and earlier.outcome is not Outcome.APPLIED:
+                    continue  # refused by the ledger (logged then); an operator must look
+                try:
+                    await self.remove_revoked(revocation)
+                except Exception as exc:  # noqa: BLE001 - the next round retries; the node's task must not die
+                    log.warning("group %s: removing revoked member %s failed (retrying): %s", self.group,
+                                node_id, exc)
+                break  # one membership change at a time (pysyncobj's rule)
 
     # -- reads --
 

@@ -50,6 +50,7 @@ from mesh.consensus.commands import (
     ExpireCommand,
     LedgerError,
     ProposeCommand,
+    RemoveMemberCommand,
     SetRoutesCommand,
     WithdrawCommand,
     check_now,
@@ -73,6 +74,7 @@ from mesh.guard.core import (
     Scope,
     decide,
 )
+from mesh.identity.revocation import RevocationError, verify_revocation
 from mesh.identity.signing import TrustedKeys, canonical_json
 
 SNAPSHOT_FORMAT = 2
@@ -168,7 +170,7 @@ class HistoryEntry:
     """What became of a decision (or of an approval for one)."""
 
     decision_id: str | None
-    outcome: str  # applied, denied, expired, refused, withdrawn
+    outcome: str  # applied, denied, expired, refused, withdrawn, member_removed
     at: float
     detail: str
     key_id: str | None = None
@@ -287,6 +289,8 @@ class DecisionLedger:
             return self._expire()
         if isinstance(cmd, WithdrawCommand):
             return self._withdraw(cmd)
+        if isinstance(cmd, RemoveMemberCommand):
+            return self._remove_member(cmd)
         return self._set_routes(cmd)
 
     def _refuse(
@@ -596,6 +600,25 @@ class DecisionLedger:
             },
         )
         return ApplyResult(Outcome.WITHDRAWN, decision_id, f"withdrew {decision_id}: {cmd.reason}", (event,))
+
+    def _remove_member(self, cmd: RemoveMemberCommand) -> ApplyResult:
+        """The guard's rule for a membership change: only an operator's signed revocation takes a
+        member out of the group (no node decides that on its own). The change itself is the Raft
+        membership entry the proposer submits once this one applied; this entry is its authority,
+        on the record of every replica."""
+        revocation = cmd.revocation
+        try:
+            verify_revocation(revocation, self.trusted)
+        except RevocationError as exc:
+            return self._refuse(None, "unsigned_revocation",
+                                f"removal of member {revocation.node_id} refused: {exc}")
+        detail = f"member {revocation.node_id} removed from the group: {revocation.describe()}"
+        self._record(HistoryEntry(None, "member_removed", self._clock, detail, revocation.key_id))
+        guard_log.warning("%s", detail)
+        event = AuditEvent("member_removed", {
+            "node_id": revocation.node_id, "reason": revocation.reason, "revoked_at": revocation.revoked_at,
+            "serial": revocation.serial, "key_id": revocation.key_id, "at": self._clock})
+        return ApplyResult(Outcome.APPLIED, None, detail, (event,))
 
     def _expire(self) -> ApplyResult:
         due = sorted(

@@ -103,6 +103,7 @@ class _Peer:
         self.task: asyncio.Task | None = None
         self.call: Any = None  # the current outgoing stream
         self.refused_logged = False
+        self.denied_logged = False  # its refusal of our certificate was logged (until a stream is up)
         self.last_heard: float | None = None  # loop time of the last frame from this member
 
 
@@ -238,13 +239,16 @@ class RaftLink:
             await asyncio.sleep(backoff.next_delay_s())  # reconnect pacing
 
     async def _stream(self, peer: _Peer, stub: pb_grpc.RaftStub, backoff: Backoff) -> None:
+        """Stream to `peer` until the stream ends."""
         call = peer.call = stub.Exchange(metadata=((GROUP_KEY, self.group),))
         writer: asyncio.Task | None = None
+        reader: asyncio.Future | None = None
         try:
             hello = await call.read()
             if hello is grpc.aio.EOF:
                 return
             backoff.reset()
+            peer.denied_logged = False
             self.counters.reconnects += 1
             peer.up = True
             self._notify(("up", peer.node_id))
@@ -258,14 +262,19 @@ class RaftLink:
             if first is not None:
                 raise first
         except grpc.aio.AioRpcError as exc:
-            level = logging.WARNING if exc.code() is grpc.StatusCode.PERMISSION_DENIED else logging.DEBUG
+            denied = exc.code() is grpc.StatusCode.PERMISSION_DENIED
+            level = logging.WARNING if denied and not peer.denied_logged else logging.DEBUG
+            peer.denied_logged = peer.denied_logged or denied  # once until a stream is up again
             log.log(level, "raft %s: stream %s -> %s ended: %s %s", self.group, self.node_id, peer.node_id,
                     exc.code().name, exc.details())
         except (ConnectionError, OSError) as exc:  # refused to dial (fault injection, bad address)
             log.debug("raft %s: cannot stream to %s: %s", self.group, peer.node_id, exc)
         finally:
-            if writer is not None:
-                writer.cancel()
+            for task in (writer, reader):  # also when this task is cancelled (the member was removed)
+                if task is not None:
+                    task.cancel()
+                    if task.done() and not task.cancelled():
+                        task.exception()  # taken, so it is not logged as "never retrieved"
             call.cancel()
             peer.call = None
             if peer.up:

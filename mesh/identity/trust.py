@@ -84,6 +84,13 @@ class TrustStore:
         """Whether some certificate of `node_id` is revoked (peers are not dialled then)."""
         return node_id in self.revocations.node_ids()
 
+    def revocation_of(self, node_id: str) -> Revocation | None:
+        """The newest revocation naming `node_id`, or None (the authority a site leader removes it from
+        its group with)."""
+        if node_id not in self.revocations.node_ids():
+            return None
+        return max((r for r in self.revocations if r.node_id == node_id), key=lambda r: r.revoked_at)
+
     def digest_prefix(self) -> bytes:
         """What this node announces in its metadata: empty while it knows no revocation."""
         return bytes.fromhex(self.revocations.digest)[:DIGEST_PREFIX_BYTES] if len(self.revocations) else b""

@@ -473,6 +473,7 @@ class Node:
             return
         assert parts.reassigner is not None
         self._spawn(group.run_expiry(), "decision-expiry")
+        self._spawn(group.run_member_removal(parts.trust.revocation_of), "revoked-member-removal")
         if parts.rollouts is not None:
             self._spawn(parts.rollouts.run(), "rollouts")
         self._spawn(parts.reassigner.reconcile(), "reassign-reconcile")
@@ -487,7 +488,9 @@ class Node:
                                        rng=random.Random(self._rng.random())), "overload-watch")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
-        self._tasks.append(asyncio.create_task(coro, name=f"{name}-{self.config.node_id}"))
+        task = asyncio.create_task(coro, name=f"{name}-{self.config.node_id}")
+        task.add_done_callback(_report_task_death)
+        self._tasks.append(task)
 
     def readiness(self) -> tuple[bool, list[str]]:
         """Whether this node is ready for traffic, and why not: it has joined the fleet (sees a
@@ -577,6 +580,14 @@ class Node:
         await stop.wait()
         log.info("signal received: leaving the cluster")
         await self.stop()
+
+
+def _report_task_death(task: asyncio.Task) -> None:
+    """A background task of the node ended by an exception: say so (it stops doing its work until the
+    node restarts), rather than leave it to asyncio's garbage-collection warning."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background task %s stopped: %s: %s; restart the node to resume it", task.get_name(),
+                  type(exc).__name__, exc, exc_info=exc)
 
 
 def _ignore_version(name: str, version: str) -> None:

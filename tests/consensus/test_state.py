@@ -15,18 +15,21 @@ from mesh.consensus.commands import (
     ApproveCommand,
     CommandError,
     ProposeCommand,
+    RemoveMemberCommand,
     approve_command,
     decode_command,
     deny_command,
     encode_command,
     expire_command,
     propose_command,
+    remove_member_command,
     set_routes_command,
     withdraw_command,
 )
 from mesh.consensus.ledger import DecisionLedger, Outcome, SnapshotError
 from mesh.guard.approval import sign_approval
 from mesh.guard.core import DecisionKind, Limits, Policy, decide
+from mesh.identity.revocation import Revocation, sign_revocation
 from mesh.identity.signing import KeyRole, SigningKey, TrustedKeys, canonical_json
 from tests.guard.test_core import make_decision
 from tests.strategies import json_values
@@ -352,6 +355,37 @@ def test_forgetting_old_outcomes_and_nonces_is_safe(replicas):
     assert b"approval-01" not in replicas.a.snapshot()
     r = replicas(propose_command(d, now=T0 + 5001))
     assert r.outcome is Outcome.REFUSED and r.audit[0].payload["reason"] == "stale"
+
+
+# --- removal of revoked members ---------------------------------------------------------------------------
+
+
+def test_a_member_is_removed_only_by_an_operator_revocation(replicas):
+    revocation = sign_revocation(OPERATOR, "node-3", reason="stolen from the berlin site", now=T0 + 5)
+    result = replicas(remove_member_command(revocation, now=T0 + 6))
+    assert result.outcome is Outcome.APPLIED and kinds(result) == ["member_removed"]
+    event = result.audit[0].payload
+    assert (event["node_id"], event["key_id"], event["reason"]) == ("node-3", OPERATOR.key_id,
+                                                                    "stolen from the berlin site")
+    assert replicas.a.history()[-1].outcome == "member_removed"
+    # A node key (a captured device's own) or a forged signature cannot take a member out: refused, audited.
+    by_node = sign_revocation(NODE, "node-2", reason="mine now", now=T0 + 7)
+    forged = Revocation(**{**revocation.__dict__, "node_id": "node-2"})
+    for bad in (by_node, forged):
+        refused = replicas(remove_member_command(bad, now=T0 + 8))
+        assert refused.outcome is Outcome.REFUSED and kinds(refused) == ["refused"]
+        assert refused.audit[0].payload["reason"] == "unsigned_revocation"
+    again = decode_command(remove_member_command(revocation, now=T0 + 6))
+    assert again == RemoveMemberCommand(T0 + 6, revocation)
+
+
+def test_a_malformed_removal_is_refused_not_raised(replicas):
+    doc = json.loads(remove_member_command(
+        sign_revocation(OPERATOR, "node-3", reason="stolen", now=T0 + 5), now=T0 + 6))
+    for broken in ({**doc, "revocation": "node-3"},
+                   {**doc, "revocation": {**doc["revocation"], "reason": ""}}):
+        result = replicas(canonical_json(broken))
+        assert result.outcome is Outcome.REFUSED and "remove_member" in result.message
 
 
 # --- commands -------------------------------------------------------------------------------------------

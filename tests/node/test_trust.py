@@ -92,6 +92,39 @@ async def test_a_revoked_node_is_refused_by_every_node_and_seen_dead(cluster, fl
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("which", ["leader", "follower"])
+async def test_a_revoked_member_is_removed_from_its_site_group(cluster, fleet, which):
+    """Revoking a member of a three-member site group takes it out of the group on the others (an
+    audited ledger entry carrying the operator's revocation, then the Raft membership change), and
+    the two left commit on their own: the revoked one no longer counts in their majority. A revoked
+    leader is refused by the others, who elect one of their own first."""
+    members = ["node-00", "node-01", "node-02"]
+    c = await cluster(3, raft=RaftSection(members=members))
+    await wait_for(c.converged, 10.0, what="convergence")
+    leader = await c.nodes["node-00"].group.raft.wait_for_leader(10.0)
+    victim = leader if which == "leader" else next(m for m in members if m != leader)
+    left = [c.nodes[m] for m in members if m != victim]
+    await revoke(fleet, left[0], victim)
+    bound_s = FAST_TIMINGS.dissemination_s(3) + 5.0 + 10.0  # revocation spread, then election and two commits
+    remaining = [m.config.node_id for m in left]
+    took_s = await wait_for(lambda: all(n.group.raft.members() == remaining for n in left),
+                            bound_s, what=f"{victim} removed from the group on the others")
+    print(f"{victim} out of its site group {took_s:.2f}s after revocation (bound {bound_s:.1f}s)")
+    for node in left:
+        removed = [r for r in node.group.audit_records() if r.kind == "member_removed"]
+        assert [r.payload["node_id"] for r in removed] == [victim], removed
+        assert removed[0].payload["reason"] == "stolen from the berlin site"
+    # Two members, no third: a commit still needs (and gets) both of them.
+    result = await left[1].group.set_routes({"cam-1": left[0].config.node_id})
+    assert result.outcome.value == "applied"
+    # A member restarted from its journal keeps the removal (its config still names the revoked node).
+    await c.stop(left[1].config.node_id)
+    restarted = await c.add(left[1].config.node_id, seeds=[left[0].address])
+    await wait_for(lambda: restarted.group.raft.members() == remaining, 20.0,
+                   what="the restarted member replays the removal")
+
+
+@pytest.mark.asyncio
 async def test_a_revocation_not_signed_by_an_operator_is_refused(cluster, fleet):
     c = await cluster(2)
     node = c.nodes["node-00"]

@@ -17,6 +17,10 @@ REQUIRED = {"devices", "sites", "rounds_known_all", "rounds_bound", "detection_o
             "peak_rss_mb"}
 
 
+# Deterministic CPU work (seeded, virtual time; the same figures under any PYTHONHASHSEED): about 55 s
+# beside `stress-ng --cpu 2` on two cores, so the suite's 300 s hang guard is too close under heavy load.
+# Fewer seeds would not do: four seeds' mean is within 0.01 of the 0.20 tolerance.
+@pytest.mark.timeout(1200)
 def test_cores_and_model_agree_at_a_thousand_devices() -> None:
     row = validate(1000, 10, list(range(1, 9)), detection_trials=2)
     summary = (f"rounds: cores {row.cores_rounds:.2f} model {row.model_rounds:.2f}; detection: cores "

@@ -116,6 +116,9 @@ def installed_pysyncobj_version() -> str | None:
         return None
 
 
+_REGULAR_COMMAND = 0  # pysyncobj.syncobj._COMMAND_TYPE.REGULAR: a replicated call
+
+
 def missing_internals() -> list[str]:
     """The pysyncobj internals these patches hook that the imported pysyncobj lacks (empty if none)."""
     missing = [
@@ -142,6 +145,8 @@ def missing_internals() -> list[str]:
     handler = getattr(_syncobj.SyncObj, "_SyncObj__onMessageReceived", None)
     consts = getattr(getattr(handler, "__code__", None), "co_consts", ())
     missing += [f"Raft message key {key!r}" for key in _MESSAGE_KEYS if key not in consts]
+    if getattr(getattr(_syncobj, "_COMMAND_TYPE", None), "REGULAR", None) != _REGULAR_COMMAND:
+        missing.append(f"_COMMAND_TYPE.REGULAR == {_REGULAR_COMMAND}")
     return missing
 
 
@@ -167,13 +172,15 @@ check_pysyncobj()
 
 _counts_lock = threading.Lock()
 _counts: Counter[str] = Counter()
+_refused_changes_from: set[str] = set()  # members whose forwarded change was refused (logged once each)
 
 
 def hook_counts() -> dict[str, int]:
     """How often each message hook changed something in this process, by name (for tests and metrics):
     ``append_entries_trimmed`` (trim_append_entries rewrote a message), ``next_index_kept``
-    (keep_next_index undid a move of the leader's nextIndex) and ``unsafe_pickle_refused`` (a log
-    entry or snapshot that was not plain values)."""
+    (keep_next_index undid a move of the leader's nextIndex), ``unsafe_pickle_refused`` (a log
+    entry or snapshot that was not plain values) and ``forwarded_change_refused`` (a member sent the
+    leader a membership or version change)."""
     with _counts_lock:
         return dict(_counts)
 
@@ -495,5 +502,22 @@ def receive_message(sync_obj: Any, node: Any, message: Any, deliver: Callable[[A
     elif kind == "next_node_idx" and message.get("success") and not message.get("reset"):
         if keep_next_index(sync_obj, node, lambda: deliver(node, message)):
             _count("next_index_kept")
+    elif kind == "apply_command" and not is_regular_command(message.get("command")):
+        # pysyncobj forwards a follower's membership change (or code version change) to the leader
+        # like any command, so any member could add or remove members. fleetmesh changes membership
+        # only on the leader itself, after the ledger entry that authorises it: refuse the rest.
+        _count("forwarded_change_refused")
+        with _counts_lock:
+            first = node.id not in _refused_changes_from
+            _refused_changes_from.add(node.id)
+        _log.log(logging.WARNING if first else logging.DEBUG,
+                 "refused a membership or version change forwarded by member %s: only the leader "
+                 "changes the group's members, after the ledger entry that authorises it", node.id)
     else:
         deliver(node, message)
+
+
+def is_regular_command(command: Any) -> bool:
+    """Whether pysyncobj command bytes are a replicated call (type byte 0), not a membership,
+    version or no-op entry."""
+    return isinstance(command, bytes | bytearray) and len(command) > 0 and command[0] == _REGULAR_COMMAND

@@ -423,7 +423,8 @@ class SiteGroup:
             log.warning("audit log %s of group %s does not verify: %s (first bad record %s); run "
                         "`mesh admin audit --verify`", self.audit_path, group, self.audit_check.reason,
                         self.audit_check.first_bad_seq)
-        ledger = DecisionLedger(group=group, policy=self.policy, group_size=len(members), trusted=trusted)
+        ledger = DecisionLedger(group=group, policy=self.policy, group_size=len(members), trusted=trusted,
+                                members=frozenset(members))
         # The site's rollouts: named after the group (the site), the same trusted keys on every replica.
         # The site's [guard] rollout_max_share narrows every plan's autonomous scope here.
         rollouts = RolloutLedger(site=group, trusted=trusted, max_share_ppm=self.policy.rollout_max_share_ppm)
@@ -448,7 +449,8 @@ class SiteGroup:
             raise
         self.raft.addOnTickCallback(self._state.tick_ended)  # after the transport's: frames leave first
         self._closed = False
-        self._removals: dict[str, ApplyResult] = {}  # revocation signature -> its ledger entry's result
+        # Revocation signature -> the ledger's refusal of the removal it asked for (not proposed again).
+        self._refused_removals: dict[str, ApplyResult] = {}
 
     @classmethod
     def from_config(
@@ -549,33 +551,40 @@ class SiteGroup:
                              timeout_s: float = DEFAULT_PROPOSE_TIMEOUT_S) -> ApplyResult | None:
         """Take the member an operator revoked out of this group, through the guard: first the ledger
         entry that carries the signed revocation (every replica verifies the operator's signature and
-        audits the removal; a forged one is refused there), then the Raft membership change it
-        authorises. None when the node is not (or no longer) a member, or is this node.
+        that the node is a configured member, and audits the removal once; anything else is refused
+        there), then the Raft membership change it authorises, which only the leader makes. Returns the
+        ledger entry's result (None when the node is not, or no longer, a member, or is this node).
 
-        A removal whose ledger entry applied but whose membership change did not (the leader failed
-        in between) is finished by the next call without a second ledger entry on this member."""
+        Idempotent across leaders: a removal whose ledger entry applied but whose membership change
+        did not (the leader failed in between) is finished by the next leader from the replicated
+        state, and a second entry for it would be a no-op with no audit record.
+        """
         node_id = revocation.node_id
         if node_id == self.node_id or node_id not in self.raft.members():
             return None
-        result = self._removals.get(revocation.signature)
-        if result is None:
+        result = None
+        with self._state.lock:
+            authorised = node_id in self._state.ledger.removed_members()
+        if not authorised:
+            if (refused := self._refused_removals.get(revocation.signature)) is not None:
+                return refused
             result = await self._propose(remove_member_command(revocation, now=time.time()), timeout_s)
-            self._removals[revocation.signature] = result  # a refusal is final too: not proposed again
-            if result.outcome is not Outcome.APPLIED:
-                log.error("group %s: removal of revoked member %s refused: %s", self.group, node_id,
-                          result.message)
-        if result.outcome is not Outcome.APPLIED:
-            return result
+            if result.outcome is Outcome.REFUSED:
+                self._refused_removals[revocation.signature] = result
+                log.error("group %s: the ledger refused to remove revoked member %s: %s; this leader does "
+                          "not propose it again until it restarts (check the [tls] operator keys of this "
+                          "site's members)", self.group, node_id, result.message)
+                return result
         if node_id in self.raft.members():
             await self.raft.remove_member(node_id, timeout_s)
-        log.warning("group %s: removed revoked member %s (%d members now)", self.group, node_id,
-                    len(self.raft.members()))
+            log.warning("group %s: removed revoked member %s (%d members now)", self.group, node_id,
+                        len(self.raft.members()))
         return result
 
     async def run_member_removal(self, revocation_of: Callable[[str], Revocation | None],
                                  interval_s: float = 1.0) -> None:
-        """Background task for the node: while this member leads, remove every member whose certificate
-        an operator revoked (`revocation_of(node_id)` names its revocation). Other members already refuse
+        """Background task for the node: while this member leads, remove every member whose certificates
+        an operator revoked (`revocation_of(node_id)` names the revocation). Other members already refuse
         its messages; removing it also takes it out of the majority the group counts."""
         while not self._closed:
             await asyncio.sleep(interval_s)  # a check period, not synchronisation
@@ -583,11 +592,8 @@ class SiteGroup:
                 continue
             for node_id in self.raft.members():
                 revocation = revocation_of(node_id) if node_id != self.node_id else None
-                if revocation is None:
-                    continue
-                if (earlier := self._removals.get(revocation.signature)) is not None \
-                        and earlier.outcome is not Outcome.APPLIED:
-                    continue  # refused by the ledger (logged then); an operator must look
+                if revocation is None or revocation.signature in self._refused_removals:
+                    continue  # refused by the ledger: logged then; an operator must look
                 try:
                     await self.remove_revoked(revocation)
                 except Exception as exc:  # noqa: BLE001 - the next round retries; the node's task must not die

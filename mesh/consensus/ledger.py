@@ -220,7 +220,8 @@ class DecisionLedger:
     group must be built with the same values, or they will disagree.
     """
 
-    def __init__(self, *, group: str, policy: Policy, group_size: int, trusted: TrustedKeys) -> None:
+    def __init__(self, *, group: str, policy: Policy, group_size: int, trusted: TrustedKeys,
+                 members: frozenset[str] | None = None) -> None:
         if not isinstance(group, str) or not NODE_ID_RE.fullmatch(group):
             raise ValueError(f"group name {group!r} is not valid (expected {NODE_ID_RE.pattern})")
         if group_size < 1:
@@ -229,6 +230,7 @@ class DecisionLedger:
         self.policy = policy
         self.group_size = group_size
         self.trusted = trusted
+        self.members = members  # the configured members (None: not checked, for tests of other rules)
         self._reset()
 
     def _reset(self) -> None:
@@ -240,6 +242,7 @@ class DecisionLedger:
         self._used_nonces: dict[str, float] = {}
         self._history: list[HistoryEntry] = []
         self._displaced: dict[str, Displacement] = {}
+        self._removed: dict[str, str] = {}  # member removed by a revocation -> that revocation's signature
 
     # --- views ---
 
@@ -264,6 +267,10 @@ class DecisionLedger:
     def displaced(self) -> dict[str, Displacement]:
         """Stream id -> the reassignment that took it from its node, for streams still where it put them."""
         return dict(self._displaced)
+
+    def removed_members(self) -> dict[str, str]:
+        """Members whose removal an operator's revocation authorised -> the revocation's signature."""
+        return dict(self._removed)
 
     def outcome_of(self, decision_id: str) -> str | None:
         """'held', 'applied', 'denied', 'expired', 'refused', 'withdrawn', or None if unknown or forgotten."""
@@ -607,12 +614,22 @@ class DecisionLedger:
         membership entry the proposer submits once this one applied; this entry is its authority,
         on the record of every replica."""
         revocation = cmd.revocation
+        node_id = revocation.node_id
         try:
             verify_revocation(revocation, self.trusted)
         except RevocationError as exc:
-            return self._refuse(None, "unsigned_revocation",
-                                f"removal of member {revocation.node_id} refused: {exc}")
-        detail = f"member {revocation.node_id} removed from the group: {revocation.describe()}"
+            return self._refuse(None, "unsigned_revocation", f"removal of member {node_id} refused: {exc}")
+        if revocation.serial:
+            return self._refuse(None, "serial_revocation",
+                                f"removal of member {node_id} refused: the revocation names one certificate "
+                                f"({revocation.serial}), not the node")
+        if self.members is not None and node_id not in self.members:
+            return self._refuse(None, "not_a_member", f"removal of {node_id} refused: not a member of group "
+                                                      f"{self.group}")
+        if node_id in self._removed:  # a leader retrying after a failover: on the record once
+            return ApplyResult(Outcome.NOOP, None, f"the removal of member {node_id} is already authorised")
+        self._removed[node_id] = revocation.signature
+        detail = f"removal of member {node_id} from the group authorised: {revocation.describe()}"
         self._record(HistoryEntry(None, "member_removed", self._clock, detail, revocation.key_id))
         guard_log.warning("%s", detail)
         event = AuditEvent("member_removed", {
@@ -695,6 +712,8 @@ class DecisionLedger:
             "used_nonces": dict(self._used_nonces),
             "history": [e.to_dict() for e in self._history],
             "displaced": {k: v.to_dict() for k, v in self._displaced.items()},
+            # Only once a member was removed: a ledger that never removed one keeps its earlier bytes.
+            **({"removed": dict(sorted(self._removed.items()))} if self._removed else {}),
         }
 
     def snapshot(self) -> bytes:
@@ -735,6 +754,9 @@ class DecisionLedger:
             displaced = (
                 {str(k): Displacement.from_dict(v) for k, v in doc["displaced"].items()} if fmt >= 2 else {}
             )
+            removed = dict(doc.get("removed", {}))
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in removed.items()):
+                raise SnapshotError("snapshot.removed: expected node id -> revocation signature")
         except SnapshotError:
             raise
         except (
@@ -755,3 +777,4 @@ class DecisionLedger:
             history,
             displaced,
         )
+        self._removed = removed

@@ -486,13 +486,17 @@ class RaftGroup(SyncObj):
 
     async def add_member(self, address: str, timeout_s: float = 5.0) -> None:
         """Add a member (dynamic membership). Start the new member first, with every current
-        member as partners; add one member at a time."""
+        member as partners; add one member at a time. Only on the leader: members refuse a change
+        forwarded by a follower (see `_pysyncobj_patch.receive_message`); NotLeaderError here."""
+        self.require_leader()
         await self._run(
             lambda cb: self.addNodeToCluster(address, callback=cb), timeout_s, f"adding {address}"
         )
 
     async def remove_member(self, address: str, timeout_s: float = 5.0) -> None:
-        """Remove a member (dynamic membership); close the removed member afterwards."""
+        """Remove a member (dynamic membership); close the removed member afterwards. Only on the
+        leader, as `add_member`."""
+        self.require_leader()
         await self._run(
             lambda cb: self.removeNodeFromCluster(address, callback=cb), timeout_s, f"removing {address}"
         )

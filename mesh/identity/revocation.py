@@ -23,7 +23,7 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from mesh.identity.signing import (
     SIGNATURE_BYTES,
@@ -78,7 +78,9 @@ class Revocation:
         return not_before < self.revoked_at
 
     def describe(self) -> str:
-        when = datetime.fromtimestamp(self.revoked_at).astimezone().isoformat(timespec="seconds")
+        # UTC, not the local zone: the text goes into replicated ledger state (and the node logs' times
+        # are UTC too), so two replicas in different zones must write the same bytes.
+        when = datetime.fromtimestamp(self.revoked_at, UTC).isoformat(timespec="seconds")
         which = f"certificate {self.serial}" if self.serial else "certificates issued before then"
         return f"{self.node_id} revoked at {when} ({which}) by operator key {self.key_id}: {self.reason}"
 
@@ -155,6 +157,7 @@ class RevocationSet:
         self._trusted = trusted
         self._by_signature: dict[str, Revocation] = {}
         self._node_ids: frozenset[str] = frozenset()
+        self._whole_ids: frozenset[str] = frozenset()  # ids with a revocation of every certificate
         for revocation in revocations:
             self.add(revocation)
 
@@ -167,6 +170,8 @@ class RevocationSet:
             raise RevocationError(f"more than {MAX_REVOCATIONS} revocations: refusing more")
         self._by_signature[revocation.signature] = revocation
         self._node_ids = self._node_ids | {revocation.node_id}
+        if not revocation.serial:
+            self._whole_ids = self._whole_ids | {revocation.node_id}
         return True
 
     def merge(self, revocations: Iterable[Revocation]) -> list[Revocation]:
@@ -186,6 +191,12 @@ class RevocationSet:
     def node_ids(self) -> frozenset[str]:
         """Every node id with a revocation (of some certificate of it)."""
         return self._node_ids
+
+    def revoked_ids(self) -> frozenset[str]:
+        """Node ids whose certificates are all revoked (a revocation without a serial). A revocation
+        of one serial (an old certificate after `mesh fleet renew`) leaves the node itself trusted: its
+        other certificates are judged one by one (`revoked`)."""
+        return self._whole_ids
 
     def __iter__(self) -> Iterator[Revocation]:
         return iter(sorted(self._by_signature.values(), key=lambda r: (r.revoked_at, r.signature)))

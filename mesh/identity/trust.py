@@ -81,15 +81,18 @@ class TrustStore:
         return None
 
     def is_revoked_id(self, node_id: str) -> bool:
-        """Whether some certificate of `node_id` is revoked (peers are not dialled then)."""
-        return node_id in self.revocations.node_ids()
+        """Whether `node_id` itself is revoked (every certificate of it issued before the revocation):
+        it is not dialled, is seen dead, and leaves its Raft group. A revoked serial only (an old
+        certificate, after a renewal) is refused per call and leaves the node trusted."""
+        return node_id in self.revocations.revoked_ids()
 
     def revocation_of(self, node_id: str) -> Revocation | None:
-        """The newest revocation naming `node_id`, or None (the authority a site leader removes it from
-        its group with)."""
-        if node_id not in self.revocations.node_ids():
+        """The newest revocation of `node_id` itself (not of one serial), or None: the authority a site
+        leader removes it from its group with."""
+        if not self.is_revoked_id(node_id):
             return None
-        return max((r for r in self.revocations if r.node_id == node_id), key=lambda r: r.revoked_at)
+        return max((r for r in self.revocations if r.node_id == node_id and not r.serial),
+                   key=lambda r: r.revoked_at)
 
     def digest_prefix(self) -> bytes:
         """What this node announces in its metadata: empty while it knows no revocation."""

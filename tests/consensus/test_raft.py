@@ -8,9 +8,11 @@ import random
 
 import pytest
 
+from mesh.consensus import _pysyncobj_patch
 from mesh.consensus.raft import (
     CommandRejected,
     NoLeaderError,
+    NotLeaderError,
     ProposalTimeout,
     RaftConfigError,
     RaftError,
@@ -227,18 +229,39 @@ async def test_members_are_added_and_removed_dynamically(raft_cluster):
     originals = list(c.names)
     fourth = c.start(await c.add_name())  # its partners: the three and itself
     fourth_address = fourth.node_id
-    await groups[1].add_member(fourth_address)
+    follower = next(g for g in groups if g is not leader)
+    with pytest.raises(NotLeaderError):  # only the leader changes the members (after the ledger says so)
+        await follower.add_member(fourth_address)
+    await leader.add_member(fourth_address)
     await leader.propose(b"two")
     assert await c.converged() == [b"one", b"two"]
     assert fourth.state.entries == [b"one", b"two"]
     assert sorted(leader.members()) == sorted([*originals, fourth_address])
 
-    follower = next(g for g in groups if g is not leader)
     await leader.remove_member(follower.node_id)
     await c.close(follower)
     await leader.propose(b"three")
     assert await c.converged() == [b"one", b"two", b"three"]
     assert follower.node_id not in leader.members()
+
+
+@pytest.mark.asyncio
+async def test_a_follower_cannot_change_the_members_through_the_leader(raft_cluster):
+    """pysyncobj forwards a follower's membership change to the leader like any command: a member
+    with a valid certificate could remove honest members (or add made-up ones) and stall its site.
+    The leader refuses it; only its own changes, made after the ledger authorised them, apply."""
+    c = await raft_cluster(3)
+    groups = c.start_all()
+    leader = await c.wait_leader()
+    follower, other = [g for g in groups if g is not leader]
+    before = _pysyncobj_patch.hook_counts().get("forwarded_change_refused", 0)
+    follower.removeNodeFromCluster(other.node_id)  # pysyncobj's own call, as a hostile member would
+    follower.addNodeToCluster("node-made-up")
+    await wait_for(lambda: _pysyncobj_patch.hook_counts().get("forwarded_change_refused", 0) >= before + 2,
+                   10.0, what="the leader refuses both forwarded changes")
+    await leader.propose(b"after")
+    assert await c.converged() == [b"after"]
+    assert all(g.members() == sorted(c.names) for g in groups)
 
 
 # --- whole-site power loss ------------------------------------------------------------------

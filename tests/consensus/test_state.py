@@ -379,6 +379,30 @@ def test_a_member_is_removed_only_by_an_operator_revocation(replicas):
     assert again == RemoveMemberCommand(T0 + 6, revocation)
 
 
+def test_a_removal_is_on_the_record_once_and_only_for_a_member():
+    """A leader that retries after a failover adds no second record; a hostile member proposing the
+    removal of a node that is not in the group, or with a revocation of one serial, is refused."""
+    a = DecisionLedger(group="site-a", policy=POLICY, group_size=3, trusted=TRUSTED,
+                       members=frozenset({"node-1", "node-2", "node-3"}))
+    before = a.snapshot()
+    revocation = sign_revocation(OPERATOR, "node-3", reason="stolen", now=T0 + 5)
+    assert a.apply(remove_member_command(revocation, now=T0 + 6)).outcome is Outcome.APPLIED
+    again = a.apply(remove_member_command(revocation, now=T0 + 7))
+    assert again.outcome is Outcome.NOOP and again.audit == ()
+    assert a.removed_members() == {"node-3": revocation.signature}
+    stranger = sign_revocation(OPERATOR, "node-9", reason="elsewhere", now=T0 + 5)
+    for other, reason in ((stranger, "not_a_member"),
+                          (sign_revocation(OPERATOR, "node-2", reason="old key", now=T0 + 5, serial="ab12"),
+                           "serial_revocation")):
+        refused = a.apply(remove_member_command(other, now=T0 + 8))
+        assert refused.outcome is Outcome.REFUSED and refused.audit[0].payload["reason"] == reason
+    # The removed set is replicated state: in the snapshot, restored, and absent until used.
+    assert b'"removed"' not in before
+    b = DecisionLedger(group="site-a", policy=POLICY, group_size=3, trusted=TRUSTED)
+    b.restore(a.snapshot())
+    assert b.removed_members() == a.removed_members() and b.state_digest() == a.state_digest()
+
+
 def test_a_malformed_removal_is_refused_not_raised(replicas):
     doc = json.loads(remove_member_command(
         sign_revocation(OPERATOR, "node-3", reason="stolen", now=T0 + 5), now=T0 + 6))

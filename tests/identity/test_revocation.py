@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 
 import pytest
 from hypothesis import given
@@ -94,3 +95,30 @@ def test_a_list_with_a_forged_entry_is_refused_by_name():
     data = json.dumps([good.to_dict(), forged.to_dict()]).encode()
     with pytest.raises(RevocationError, match="cam-01"):
         RevocationSet.from_json(data, TRUSTED)
+
+
+def test_a_revoked_serial_leaves_the_node_itself_trusted():
+    """After `mesh fleet renew` the operator revokes the old serial: that certificate is refused, but
+    the node (its new certificate) is not revoked as a whole: not seen dead, not removed from its group."""
+    revocations = RevocationSet(TRUSTED)
+    revocations.add(sign_revocation(OPERATOR, "cam-07", reason="renewed; old key retired", now=1000.0,
+                                    serial="4d16884146"))
+    assert revocations.revoked("cam-07", "4d16884146", 10.0) is not None
+    assert revocations.revoked("cam-07", "77aa", 10.0) is None
+    assert "cam-07" in revocations.node_ids() and "cam-07" not in revocations.revoked_ids()
+    revocations.add(sign_revocation(OPERATOR, "cam-07", reason="stolen", now=2000.0))
+    assert "cam-07" in revocations.revoked_ids()
+
+
+def test_the_description_is_the_same_in_every_time_zone(monkeypatch):
+    """It is written into replicated ledger state (a member's removal): replicas in different zones
+    must write the same bytes."""
+    revocation = sign_revocation(OPERATOR, "cam-07", reason="stolen", now=1000.0)
+    seen = set()
+    for zone in ("UTC", "Europe/Berlin", "America/Los_Angeles"):
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        seen.add(revocation.describe())
+    monkeypatch.undo()
+    time.tzset()
+    assert len(seen) == 1, seen

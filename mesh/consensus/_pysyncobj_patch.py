@@ -302,9 +302,13 @@ class DurableFileJournal(FileJournal):
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 return  # a file system that cannot reserve: as plain pysyncobj
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                what_to_do = "free disk space in the node's data directory; the group retries"
+            else:  # ENOMEM from growing the mapping, EIO, ...: not a full disk
+                what_to_do = f"{errno.errorcode.get(exc.errno or 0, 'an OS error')}; the group retries"
             raise JournalFullError(
                 f"cannot grow the Raft journal {self._path}: {exc.strerror or exc}; the entry is refused "
-                "(free disk space in the node's data directory; the group retries)"
+                f"({what_to_do})"
             ) from None
 
     def deleteEntriesFrom(self, entryFrom):

@@ -6,6 +6,7 @@ again the group decides on, every replica's audit chain verifies, and no record 
 from __future__ import annotations
 
 import asyncio
+import errno
 import signal
 import subprocess
 import sys
@@ -145,3 +146,26 @@ async def test_a_full_disk_fails_proposals_and_the_group_recovers_with_every_rec
         assert entries[0] == entries[1] == entries[2], "a replica's audit lost records of applied entries"
     finally:
         await s.shutdown()
+
+
+def test_a_journal_that_cannot_grow_for_another_reason_does_not_blame_the_disk(tmp_path, monkeypatch):
+    """Growing the journal's mapping can fail with ENOMEM (or EIO): the refusal names that error rather
+    than telling the operator to free disk space. (The OS call is made to fail: the test is about the
+    message, a real full disk is above.)"""
+    from mesh.consensus import _pysyncobj_patch
+    from mesh.consensus._pysyncobj_patch import DurableFileJournal, JournalFullError
+
+    journal = DurableFileJournal(str(tmp_path / "raft.journal"))
+    journal.add(b"x" * 100, 1, 1)
+
+    def no_memory(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(_pysyncobj_patch.os, "posix_fallocate", no_memory)
+    with pytest.raises(JournalFullError) as refused:
+        journal.add(b"y" * 100, 2, 1)
+    assert "ENOMEM" in str(refused.value) and "free disk space" not in str(refused.value)
+    monkeypatch.undo()
+    journal.add(b"z" * 100, 2, 1)  # nothing was written by the refused entry
+    assert [journal[i][1] for i in range(len(journal))] == [1, 2]
+    journal._destroy()

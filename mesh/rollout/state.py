@@ -1361,6 +1361,7 @@ class RolloutLedger:
 
     def _expire(self, now: float, rules: int) -> LedgerResult:
         steps = []
+        forgotten: list[AuditEvent] = []
         for plan, rollout in self.rollouts():
             step = apply(
                 plan,
@@ -1385,12 +1386,22 @@ class RolloutLedger:
                         self._tombstones[tomb.key] = tomb
                     # Over the bound, completed words go first (they only lift an abort), then the oldest.
                     by_worth = sorted(self._tombstones.values(), key=lambda t: (t.aborted, t.at, t.key))
-                    for gone in by_worth[: max(0, len(by_worth) - MAX_TOMBSTONES)]:
+                    dropped = by_worth[: max(0, len(by_worth) - MAX_TOMBSTONES)]
+                    for gone in dropped:
                         del self._tombstones[gone.key]
-        if not steps:
+                    # On the record: what the site no longer holds, and which word on a version it keeps.
+                    forgotten.append(AuditEvent("rollout_forgotten", {
+                        "rollout_id": plan.rollout_id, "model": plan.model,
+                        "target_version": plan.target_version, "state": rollout.state.value,
+                        "remembered": "aborted" if tomb.aborted else "completed",
+                        "tombstones_dropped": [f"{t.model} {t.target_version}" for t in dropped],
+                        "at": now}))
+        if not steps and not forgotten:
             return LedgerResult(Outcome.NOOP, None, "no rollout is due to expire")
-        audit = tuple(e for s in steps for e in s.audit)
-        return LedgerResult(Outcome.APPLIED, None, "; ".join(s.message for s in steps), audit, tuple(steps))
+        audit = tuple(e for s in steps for e in s.audit) + tuple(forgotten)
+        messages = [s.message for s in steps]
+        messages += [f"forgot rollout {e.payload['rollout_id']}" for e in forgotten]
+        return LedgerResult(Outcome.APPLIED, None, "; ".join(messages), audit, tuple(steps))
 
     def _refuse(
         self, rollout_id: str | None, reason: str, message: str, *, key_id: str | None = None

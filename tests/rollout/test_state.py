@@ -584,8 +584,10 @@ def test_the_ledger_expires_unfinished_rollouts_and_forgets_finished_ones_later(
     assert result.outcome is Outcome.APPLIED and site.get(PLAN.rollout_id)[1].state is S.ABORTED
     site.apply(encode_input(PLAN.rollout_id, Expire(PLAN.expires_at + 23 * 3600)))
     assert site.get(PLAN.rollout_id) is not None  # kept while offline devices may still hold the plan
-    site.apply(encode_input(PLAN.rollout_id, Expire(PLAN.expires_at + 25 * 3600)))
+    forgot = site.apply(encode_input(PLAN.rollout_id, Expire(PLAN.expires_at + 25 * 3600)))
     assert site.get(PLAN.rollout_id) is None
+    assert forgot.outcome is Outcome.APPLIED and [e.kind for e in forgot.audit] == ["rollout_forgotten"]
+    assert (forgot.audit[0].payload["remembered"], forgot.audit[0].payload["state"]) == ("aborted", "aborted")
     # Forgotten, not forgiven: the aborted target is remembered, in the snapshot too.
     (tomb,) = site.tombstones()
     assert (tomb.rollout_id, tomb.target_version, tomb.baseline_version) == (PLAN.rollout_id, "2.0", "1.0")

@@ -922,6 +922,7 @@ class RolloutShell:
             peers=self.peers(),
             site_views=self._site_views,
             now=self._clock(),
+            max_share_ppm=self.group.policy.rollout_max_share_ppm,
         )
 
     def summaries(self) -> list[dict[str, Any]]:

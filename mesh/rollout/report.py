@@ -19,7 +19,7 @@ from mesh.rollout.announce import RolloutNote, Serving
 from mesh.rollout.cohort import wave_over_scope
 from mesh.rollout.fleet import PeerView, participates, selected
 from mesh.rollout.plan import RolloutPlan, format_share
-from mesh.rollout.state import APPROVE_HINT, RESUME_HINT, RolloutState, SiteRollout
+from mesh.rollout.state import APPROVE_HINT, RESUME_HINT, RolloutState, SiteRollout, wave_needs_approval
 
 MAX_NAMED = 32
 # A wave's status across sites, most pressing first: the one shown when sites differ.
@@ -140,6 +140,11 @@ def _wave_status(plan: RolloutPlan, k: int, row: Mapping[str, Any]) -> str:
     return "pending"
 
 
+def _scope_ppm(plan: RolloutPlan, max_share_ppm: int | None) -> int:
+    limit = plan.autonomous_scope.max_share_ppm
+    return limit if max_share_ppm is None else min(limit, max_share_ppm)
+
+
 def _counters(peer: PeerView, model: str, version: str) -> tuple[int, int] | None:
     """A device's counters of `version` as it gossips them; None if it gossips none (devices publish
     counters only while a rollout of their model runs)."""
@@ -161,8 +166,10 @@ def rollout_report(
     peers: list[PeerView],
     site_views: Mapping[tuple[str, str], Mapping[str, Any]],
     now: float,
+    max_share_ppm: int | None = None,
 ) -> dict[str, Any]:
-    """The status document of `plan` as node `node_id` of `site` sees it (see the module doc)."""
+    """The status document of `plan` as node `node_id` of `site` sees it (see the module doc).
+    `max_share_ppm`: this site's `[guard] rollout_max_share`, which narrows the plan's scope here."""
     sites = _site_rows(plan, site=site, own=own, own_verdict=own_verdict, peers=peers, site_views=site_views)
     taking_part = [p for p in peers if participates(plan, p)]
     eligible = [p for p in taking_part if p.reachable]
@@ -197,9 +204,11 @@ def rollout_report(
                 "soak_s": w.soak_s,
                 "min_requests": w.min_requests,
                 "max_error_rate": w.max_error_rate,
-                "needs_approval": wave_over_scope(
-                    w.share_ppm, plan.autonomous_scope.max_share_ppm, len(eligible)
-                ),
+                # As the site's ledger judges it once started (the fleet count it recorded, the site's
+                # own limit); before that, by the share and the devices this node sees.
+                "needs_approval": wave_needs_approval(plan, own, k, max_share_ppm)
+                if own is not None and own.fleet_eligible_count > 0
+                else wave_over_scope(w.share_ppm, _scope_ppm(plan, max_share_ppm), len(eligible)),
                 "eligible": len(eligible),
                 "in_cohort": len(cohort),
                 "on_target": sum(1 for p in cohort if notes[p.node_id].serving is Serving.TARGET),

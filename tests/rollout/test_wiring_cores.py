@@ -502,6 +502,25 @@ def test_the_report_shows_each_wave_across_sites_and_what_it_waits_for():
     assert [s["source"] for s in report["sites"]] == ["this node's replica", "announced by b1"]
 
 
+def test_the_report_marks_the_waves_the_site_ledger_holds():
+    """"Needs approval" as the ledger judges it: the fleet count recorded at the start (1% of 4 devices
+    is one device, 25%: held) and the site's own [guard] rollout_max_share (5% narrows "up to 10%")."""
+    soaking = note(state=RolloutState.SOAKING, wave=1, first_wave=1)
+    peers = [peer(f"a{i}", "a", note=soaking) for i in range(4)]
+    small = SiteRollout(PLAN.rollout_id, DIGEST, state=RolloutState.SOAKING, wave=1, fleet_eligible_count=4)
+    big = SiteRollout(PLAN.rollout_id, DIGEST, state=RolloutState.SOAKING, wave=1, fleet_eligible_count=1000)
+
+    def marks(own, max_share_ppm=None):
+        report = rollout_report(PLAN, site="a", node_id="a0", own=own, own_verdict=None, peers=peers,
+                                site_views={}, now=T0, max_share_ppm=max_share_ppm)
+        return [w["needs_approval"] for w in report["waves"]]
+
+    assert marks(big) == [False, False, True]
+    assert marks(small) == [True, True, True]
+    assert marks(big, max_share_ppm=50_000) == [False, True, True]
+    assert marks(None, max_share_ppm=50_000) == [True, True, True]  # not started: the 4 devices seen here
+
+
 # --- the CLI's parsers ----------------------------------------------------------------------------------
 
 

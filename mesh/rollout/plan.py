@@ -506,13 +506,15 @@ class RolloutPlan:
             raise PlanFormatError(f"{self.label} has waves 1 to {len(self.waves)}, not {number_}")
         return self.waves[number_ - 1]
 
-    def needs_approval(self, number_: int, *, max_share_ppm: int | None = None) -> bool:
-        """Does wave `number_` reach past the autonomous scope? `max_share_ppm` is a stricter limit the
-        site's own guard may set: the publisher can narrow the scope, never widen the operator's."""
+    def scope_ppm(self, max_share_ppm: int | None = None) -> int:
+        """The autonomous scope in a site: the plan's, narrowed by `max_share_ppm`, a stricter limit the
+        site's own guard may set (the publisher can narrow the scope, never widen the operator's)."""
         limit = self.autonomous_scope.max_share_ppm
-        if max_share_ppm is not None:
-            limit = min(limit, max_share_ppm)
-        return self.wave(number_).share_ppm > limit
+        return limit if max_share_ppm is None else min(limit, max_share_ppm)
+
+    def needs_approval(self, number_: int, *, max_share_ppm: int | None = None) -> bool:
+        """Does wave `number_` reach past the autonomous scope (`scope_ppm`)?"""
+        return self.wave(number_).share_ppm > self.scope_ppm(max_share_ppm)
 
     def expired(self, now: float) -> bool:
         return now >= self.expires_at

@@ -140,11 +140,6 @@ def _wave_status(plan: RolloutPlan, k: int, row: Mapping[str, Any]) -> str:
     return "pending"
 
 
-def _scope_ppm(plan: RolloutPlan, max_share_ppm: int | None) -> int:
-    limit = plan.autonomous_scope.max_share_ppm
-    return limit if max_share_ppm is None else min(limit, max_share_ppm)
-
-
 def _counters(peer: PeerView, model: str, version: str) -> tuple[int, int] | None:
     """A device's counters of `version` as it gossips them; None if it gossips none (devices publish
     counters only while a rollout of their model runs)."""
@@ -208,7 +203,7 @@ def rollout_report(
                 # own limit); before that, by the share and the devices this node sees.
                 "needs_approval": wave_needs_approval(plan, own, k, max_share_ppm)
                 if own is not None and own.fleet_eligible_count > 0
-                else wave_over_scope(w.share_ppm, _scope_ppm(plan, max_share_ppm), len(eligible)),
+                else wave_over_scope(w.share_ppm, plan.scope_ppm(max_share_ppm), len(eligible)),
                 "eligible": len(eligible),
                 "in_cohort": len(cohort),
                 "on_target": sum(1 for p in cohort if notes[p.node_id].serving is Serving.TARGET),

@@ -478,7 +478,7 @@ def _start(
         hint = APPROVE_HINT.format(rollout_id=plan.rollout_id, wave=1)
         return _move(plan, started, E.START_HELD, start.now, marks=started.marks, detail=detail,
                      reason=f"{_wave_scope_label(plan, started, 1)} is above the autonomous scope of "
-                     f"{format_share(_scope(plan, max_share_ppm))}; waiting for {hint}")
+                     f"{format_share(plan.scope_ppm(max_share_ppm))}; waiting for {hint}")
     return _move(plan, started, E.START, start.now, next_wave=1, marks=started.marks, detail=detail)
 
 
@@ -565,7 +565,7 @@ def _gate(
             verdict=v,
             marks=v.marks,
             reason=f"{_wave_scope_label(plan, rollout, nxt)} is above the autonomous scope of "
-            f"{format_share(_scope(plan, max_share_ppm))}; waiting for {hint}",
+            f"{format_share(plan.scope_ppm(max_share_ppm))}; waiting for {hint}",
         )
     return _move(plan, rollout, E.GATE_PASS, now, verdict=v, next_wave=nxt, marks=v.marks)
 
@@ -642,11 +642,6 @@ def _operator_step(
     return _move(plan, rollout, E.PROMOTE, now, next_wave=wave, detail=who)
 
 
-def _scope(plan: RolloutPlan, max_share_ppm: int | None) -> int:
-    limit = plan.autonomous_scope.max_share_ppm
-    return limit if max_share_ppm is None else min(limit, max_share_ppm)
-
-
 def wave_needs_approval(
     plan: RolloutPlan, rollout: SiteRollout, number_: int, max_share_ppm: int | None = None
 ) -> bool:
@@ -654,7 +649,7 @@ def wave_needs_approval(
     the site guard's `max_share_ppm`)? By its share and by its real size among the selected devices
     fleet-wide, so rounding a small fleet's wave up to one device cannot carry it past the scope."""
     share = plan.wave(number_).share_ppm
-    return wave_over_scope(share, _scope(plan, max_share_ppm), rollout.fleet_eligible_count)
+    return wave_over_scope(share, plan.scope_ppm(max_share_ppm), rollout.fleet_eligible_count)
 
 
 def _wave_scope_label(plan: RolloutPlan, rollout: SiteRollout, number_: int) -> str:

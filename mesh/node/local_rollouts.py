@@ -10,10 +10,12 @@ one (`partly_nan_model`) with NaN, so the traffic decides the bad version's erro
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import random
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -127,11 +129,24 @@ class Traffic:
         self.stats: dict[str, NodeTraffic] = {}
         self._rng = np.random.default_rng(seed)
         self._tasks: dict[str, asyncio.Task] = {}
+        self._started = time.monotonic()
+        self._loop_lag_s = 0.0
         self._creds = channel_credentials(fleet.fleet.node_credentials("camera-app"))
 
     def start(self) -> None:
+        self._started = time.monotonic()
+        self._tasks["_loop_lag"] = asyncio.create_task(self._watch_loop(), name="traffic-loop-lag")
         for node_id in self.fleet.nodes:
             self.ensure(node_id)
+
+    async def _watch_loop(self) -> None:
+        """Keep `_loop_lag_s`: the longest this event loop was late to wake a 0.1 s sleep, over ~10 s."""
+        recent: collections.deque[float] = collections.deque(maxlen=100)
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.1)
+            recent.append(time.monotonic() - t - 0.1)
+            self._loop_lag_s = max(recent)
 
     def ensure(self, node_id: str) -> None:
         """Send traffic to `node_id` (again, after a restart)."""
@@ -186,6 +201,8 @@ class Traffic:
                     ]
                 )
                 stats.requests += 1
+                before = _inference(node).active
+                sent = time.monotonic()
                 try:
                     reply = await stub.Infer(request, timeout=5.0)
                 except grpc.aio.AioRpcError as exc:
@@ -193,7 +210,16 @@ class Traffic:
                         stats.cut_by_stop += 1  # the test stopped the device under the request
                         break
                     stats.failures += 1
-                    stats.failure_messages.append(f"{exc.code().name}: {exc.details()}"[:200])
+                    # Enough to tell a stuck node from a starved test process: when, how long, which
+                    # version was active around the call, and how late this event loop ran lately.
+                    after = _inference(node).active
+                    seen = f"{before.version if before else None} -> {after.version if after else None}"
+                    stats.failure_messages.append(
+                        f"{exc.code().name}: {exc.details()}"[:200]
+                        + f" (at +{sent - self._started:.1f} s, after {time.monotonic() - sent:.1f} s, "
+                        f"active {seen}, event loop late by up to {self._loop_lag_s:.2f} s in the last "
+                        f"10 s, {threading.active_count()} threads)"
+                    )
                 else:
                     out = np.frombuffer(reply.outputs[0].data, dtype=np.float32)
                     finite = bool(np.isfinite(out).all())

@@ -179,7 +179,7 @@ async def test_a_good_version_passes_each_wave_and_waits_for_approval_above_scop
             assert waves_started == [2, 3], (node_id, waves_started)
             assert len(audit_events(f, node_id, "mlp-2", "rollout_started")) == 1
             assert len(audit_events(f, node_id, "mlp-2", "rollout_completed")) == 1
-    assert f.traffic.failures() == []
+    assert f.traffic.failures() == [], "requests failed:\n" + "\n".join(f.traffic.failures()[:20])
 
     # A stream routed to the skipping device is served by a device on the version its site is on.
     site = f.sites[OLD_RUNTIME_NODE]
@@ -225,7 +225,7 @@ async def test_a_bad_version_rolls_back_at_the_first_wave(fleet):
     )
     assert len(first) == 1 and touched <= first
     assert all(f.serving(n) == "2.0" for n in f.nodes if n != OLD_RUNTIME_NODE)
-    assert f.traffic.failures() == [], "a swap failed requests"
+    assert f.traffic.failures() == [], "a swap failed requests:\n" + "\n".join(f.traffic.failures()[:20])
     assert all("3.0" not in f.nodes[n].rollouts.served for n in f.nodes if n not in first)
     (touched_node,) = first
     assert f.nodes[touched_node].rollouts.rollbacks.get("mlp-3") == 1

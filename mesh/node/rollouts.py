@@ -525,6 +525,7 @@ class RolloutShell:
             now=now,
             remote=fleet.remote_evidence(plan, self.site, peers),
             site=self.site,
+            earlier=rollout.cohort(members, rollout.wave - 1) if rollout.wave > 1 else (),
         )
         previous = self._verdicts.get(rid)
         if previous is not None and previous.wave < verdict.wave and previous.outcome is GateOutcome.PASS:

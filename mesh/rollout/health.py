@@ -15,8 +15,9 @@ counters, given `now`:
 - FAIL at once if any cohort device failed to activate the target in the
   window; FAIL when the target's error rate is above the wave's limit (or
   above the baseline's rate plus the margin, with a relative gate) over at
-  least `min_requests`. Errors count wherever they were measured, including
-  the last report of a device that has since become unreachable.
+  least `min_requests`, for the whole cohort or for the devices new in this
+  wave alone. Errors count wherever they were measured, including the last
+  report of a device that has since become unreachable.
 - PASS once the soak time is over, when the cohort devices that are reachable
   and have served the target for the whole soak served at least
   `min_requests` with the rate within the limit. An install does not count
@@ -725,20 +726,28 @@ def evaluate_gate(
     now: float,
     remote: Iterable[SiteEvidence] = (),
     site: str | None = None,
+    earlier: Iterable[str] = (),
 ) -> GateVerdict:
     """Judge wave `wave` of `plan` at `now` (see the module rules).
 
     `cohort` is this site's cohort of the wave (node ids), `reports` what is known of every selected
     device of the site (cohort or not: devices outside it measure the baseline), `marks` where each
     device's window starts (from the replicated state), `remote` other sites' evidence for this rollout
-    (entries from `site` itself are ignored, so a site never counts its own evidence twice).
+    (entries from `site` itself are ignored, so a site never counts its own evidence twice), `earlier`
+    this site's cohort of the wave before (empty for wave 1).
+
+    The devices new in this wave (in `cohort`, not in `earlier`) are also judged on their own: the
+    devices of earlier waves bring the requests they served since the last pass, which after a wave held
+    overnight for an approval can outweigh the newcomers' many times over and hide a version that fails
+    only on them.
     """
     w = plan.wave(wave)
     members = frozenset(cohort)
+    before = frozenset(earlier)
     by_node = {r.node_id: r for r in reports}
     if len(by_node) > MAX_REPORTS:
         raise HealthFormatError(f"gate: {len(by_node)} device reports, at most {MAX_REPORTS}")
-    measured = soaked = reachable_target = baseline = Totals()
+    measured = soaked = reachable_target = baseline = newcomers = Totals()
     unreachable: list[str] = []
     failed: list[str] = []
     skipped: list[str] = []
@@ -781,6 +790,8 @@ def evaluate_gate(
             failed.append(node)
         if window.requests:
             measured += Totals(window.requests, window.errors, 1)
+            if node not in before:
+                newcomers += Totals(window.requests, window.errors, 1)
             if window.errors:
                 erring.append(node)
         if not report.reachable:
@@ -799,17 +810,24 @@ def evaluate_gate(
     own_measured, own_soaked = measured, soaked
     remote_failures = 0
     remote_silent = 0  # other sites' unreachable cohort devices behind evidence that may vouch for this wave
+    vouching: dict[str, SiteEvidence] = {}
     for evidence in remote:
         if evidence.rollout_id != plan.rollout_id or evidence.site == site:
             continue
-        # Errors count from any wave; only evidence of this wave or a later one (more devices on the
-        # target) may vouch for this one.
+        # Errors count from any wave (a site's entries cover windows that do not overlap); only evidence
+        # of this wave or a later one (more devices on the target) may vouch for this one, and one entry
+        # per site: a site announces its last passed wave beside its current one, the same devices in both.
         measured += evidence.measured
         remote_failures += evidence.activation_failures
-        if evidence.wave >= wave:
-            reachable_target += evidence.soaked
-            soaked += evidence.soaked
-            remote_silent += evidence.unreachable
+        held = vouching.get(evidence.site)
+        if evidence.wave >= wave and (
+            held is None or (evidence.soaked.devices, evidence.wave) > (held.soaked.devices, held.wave)
+        ):
+            vouching[evidence.site] = evidence
+    for evidence in vouching.values():
+        reachable_target += evidence.soaked
+        soaked += evidence.soaked
+        remote_silent += evidence.unreachable
     soak_left_s = soak_started_at + w.soak_s - now
     deadline_passed = now >= soak_started_at + w.deadline_s  # type: ignore[operator]
 
@@ -846,6 +864,7 @@ def evaluate_gate(
         (measured, "the cohort"),
         (reachable_target, "reachable cohort devices"),
         (soaked, "devices that served the whole soak"),
+        *([(newcomers, f"the devices new in wave {wave}")] if before else []),
     ):
         rate = totals.rate
         if totals.requests >= w.min_requests and rate is not None and rate > limit:

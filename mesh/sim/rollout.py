@@ -294,6 +294,9 @@ def run_cores(sc: RolloutScenario) -> RolloutResult:
                 now=now,
                 remote=remote,
                 site=names[j],
+                earlier=ids[: bisect.bisect_right(cohort_scores[j], state.threshold(state.wave - 1) or -1)]
+                if state.wave > 1
+                else (),
             )
             if verdict.own_measured.requests:
                 evidence.setdefault(j, []).append((now, verdict.evidence(names[j])))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 
 import pytest
@@ -39,7 +40,9 @@ START = T0 + 1000
 AFTER_SOAK = START + 61
 
 
-def gate(reports, *, cohort=None, now=AFTER_SOAK, marks=None, wave=1, plan=PLAN, remote=(), site="a"):
+def gate(
+    reports, *, cohort=None, now=AFTER_SOAK, marks=None, wave=1, plan=PLAN, remote=(), site="a", earlier=()
+):
     reports = list(reports)
     cohort = {r.node_id for r in reports if r.target is not None} if cohort is None else cohort
     return evaluate_gate(
@@ -52,6 +55,7 @@ def gate(reports, *, cohort=None, now=AFTER_SOAK, marks=None, wave=1, plan=PLAN,
         now=now,
         remote=remote,
         site=site,
+        earlier=earlier,
     )
 
 
@@ -297,6 +301,16 @@ def test_enough_requests_from_a_few_devices_while_most_are_silent_is_not_a_pass(
     assert gate(away, cohort={"c1"}, remote=[there]).outcome is GateOutcome.PASS
     quiet = SiteEvidence("b", PLAN.rollout_id, 1, Totals(300, 0, 1), Totals(300, 0, 1), unreachable=3)
     assert gate(away, cohort={"c1"}, remote=[quiet]).outcome is GateOutcome.INCONCLUSIVE
+    # A site announces its last passed wave beside its current one, the same devices in both: they vouch
+    # once. One device of b heard from twice is still one against this site's two silent ones.
+    both_away = [report("c1", (0, 0), reachable=False), report("c2", (0, 0), reachable=False)]
+    passed = SiteEvidence("b", PLAN.rollout_id, 1, Totals(300, 0, 1), Totals(300, 0, 1), unreachable=0)
+    current = SiteEvidence("b", PLAN.rollout_id, 2, Totals(200, 0, 1), Totals(200, 0, 1), unreachable=0)
+    verdict = gate(both_away, cohort={"c1", "c2"}, remote=[passed, current])
+    assert verdict.outcome is GateOutcome.INCONCLUSIVE, verdict.reason
+    assert verdict.soaked == Totals(200, 0, 1) and verdict.measured == Totals(500, 0, 2)  # the later wave vouches
+    twice = dataclasses.replace(passed, site="c")
+    assert gate(both_away, cohort={"c1", "c2"}, remote=[passed, twice]).outcome is GateOutcome.PASS
 
 
 def test_windows_start_at_the_marks():
@@ -305,6 +319,25 @@ def test_windows_start_at_the_marks():
     verdict = gate([report("c1", (10_100, 10), active_s=200)], marks=before)
     assert verdict.outcome is GateOutcome.FAIL and verdict.measured == Totals(100, 10, 1)
     assert verdict.marks_map()["c1"].target == counters(10_100, 10, active_s=200).mark()
+
+
+def test_the_devices_new_in_a_wave_are_judged_alone_too():
+    # Wave 1's device c1 served 100,000 clean requests while wave 2 waited overnight for its approval;
+    # the four devices new in wave 2 fail 20% of theirs. Together: 0.2%, well within the limit.
+    marks = {"c1": DeviceMarks(target=counters(1_000, 0, active_s=600).mark())}
+    devices = [report("c1", (101_000, 0), active_s=40_000)]
+    devices += [report(f"n{i}", (250, 50), active_s=61) for i in range(4)]
+    verdict = gate(devices, wave=2, marks=marks, earlier={"c1"})
+    assert verdict.outcome is GateOutcome.FAIL, verdict.reason
+    assert "the devices new in wave 2 measured 20.00% errors in 1000 requests" in verdict.reason
+    assert verdict.measured == Totals(101_000, 200, 5)
+    # Judged as one cohort (what the gate did before) the breach is hidden.
+    assert gate(devices, wave=2, marks=marks).outcome is GateOutcome.PASS
+    # Newcomers within the limit: the wave passes; too few of their requests: no verdict from them alone.
+    healthy = [devices[0]] + [report(f"n{i}", (250, 2), active_s=61) for i in range(4)]
+    assert gate(healthy, wave=2, marks=marks, earlier={"c1"}).outcome is GateOutcome.PASS
+    few = [devices[0]] + [report(f"n{i}", (20, 10), active_s=61) for i in range(4)]
+    assert gate(few, wave=2, marks=marks, earlier={"c1"}).outcome is GateOutcome.PASS
 
 
 def test_the_relative_gate_compares_with_the_baseline_outside_the_cohort():

@@ -31,6 +31,7 @@ entries) that acknowledges none of them before it returns.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -260,7 +261,14 @@ def _read_window(path: Path, tail_bytes: int | None) -> tuple[bytes | None, bool
 def _window_start(lines: list[bytes], head: tuple[int, str] | None) -> int:
     """The seq the first line of a window holds: what most records up to the first unreadable
     line say (each record's seq minus its line number), so an edited seq does not shift the
-    others; lines after a damaged one may be shifted by a line split in two."""
+    others; lines after a damaged one may be shifted by a line split in two. A record whose hash
+    is the head file's is anchored exactly (the head may lag the log, but never names another
+    record's hash), which settles a window too short to outvote one edited seq."""
+    if head is not None:
+        for index, line in enumerate(lines):
+            with contextlib.suppress(_BadRecord):
+                if _parse_record(line).hash == head[1]:
+                    return max(1, head[0] - index)
     votes: Counter[int] = Counter()
     for index, line in enumerate(lines):
         try:
@@ -306,7 +314,7 @@ def _verify(path: Path, *, expected_head: tuple[int, str] | None, tail_bytes: in
         if window and index == 0:  # its predecessor is outside the window
             prev = record.prev
         if record.seq != seq:
-            what = "missing (deleted)" if record.seq > seq else "out of order"
+            what = "missing (deleted), or this seq was edited" if record.seq > seq else "out of order"
             return bad(
                 f"{where.format(index + 1)} holds seq {record.seq} where seq {seq} belongs: "
                 f"record {seq} is {what}"

@@ -81,6 +81,18 @@ def test_records_dropped_from_the_end_are_reported(tmp_path, intact):
     assert (v.ok, v.first_bad_seq) == (False, N - 2) and "dropped" in v.reason
 
 
+def test_an_edited_seq_in_a_window_of_one_record_names_the_record_by_its_place(tmp_path, intact):
+    # Hypothesis found it: the window held only record 40, whose seq was edited to 50; with one record
+    # to vote, the report named "record 50". The head file's hash anchors the record at seq 40.
+    data, head = intact
+    start, end = record_spans(data)[-1]
+    line = data[start:end].replace(f'"seq":{N},'.encode(), f'"seq":{N + 10},'.encode())
+    edited = data[:start] + line + b"\n"
+    assert edited != data
+    v = verify_tail(write(tmp_path, edited, head), max_bytes=end - start + 1)
+    assert (v.ok, v.first_bad_seq) == (False, N), v.reason
+
+
 def test_a_record_longer_than_the_window_falls_back_to_the_whole_log(tmp_path, intact):
     path = write(tmp_path, *intact)
     v = verify_tail(path, max_bytes=10)

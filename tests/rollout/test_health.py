@@ -308,7 +308,8 @@ def test_enough_requests_from_a_few_devices_while_most_are_silent_is_not_a_pass(
     current = SiteEvidence("b", PLAN.rollout_id, 2, Totals(200, 0, 1), Totals(200, 0, 1), unreachable=0)
     verdict = gate(both_away, cohort={"c1", "c2"}, remote=[passed, current])
     assert verdict.outcome is GateOutcome.INCONCLUSIVE, verdict.reason
-    assert verdict.soaked == Totals(200, 0, 1) and verdict.measured == Totals(500, 0, 2)  # the later wave vouches
+    # The later wave vouches (a tie in devices); errors count from both.
+    assert verdict.soaked == Totals(200, 0, 1) and verdict.measured == Totals(500, 0, 2)
     twice = dataclasses.replace(passed, site="c")
     assert gate(both_away, cohort={"c1", "c2"}, remote=[passed, twice]).outcome is GateOutcome.PASS
 

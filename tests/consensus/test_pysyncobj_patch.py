@@ -20,7 +20,7 @@ import mesh.consensus.transport
 from mesh._proto import raft_pb2, raft_pb2_grpc
 from mesh.consensus import _pysyncobj_patch
 from mesh.consensus._pysyncobj_patch import PYSYNCOBJ_VERSION, PysyncobjMismatch, check_pysyncobj, hook_counts
-from mesh.consensus.raft import RaftGroup
+from mesh.consensus.raft import RaftGroup, RaftTimings
 from mesh.consensus.transport import GROUP_KEY
 from mesh.consensus.wire import encode_message
 from mesh.node.local import wait_for
@@ -184,7 +184,7 @@ async def test_concurrent_proposals_never_truncate_applied_entries(raft_cluster,
     # One entry per message, as plain pysyncobj sends them: many appends in flight at once, whose success
     # replies would move nextIndex back (merged appends leave too few in flight to show it reliably).
     monkeypatch.setattr(mesh.consensus.transport, "MAX_COALESCED_ENTRIES", 1)
-    c = await raft_cluster(3)
+    c = await raft_cluster(3, STEADY)
     assert not c.timings.batch_appends  # unbatched: each proposal goes out at once, many in flight
     groups = c.start_all()
     await c.wait_leader()
@@ -194,6 +194,12 @@ async def test_concurrent_proposals_never_truncate_applied_entries(raft_cluster,
     assert not [r for r in caplog.records if "truncating" in r.getMessage()]
     # keep_next_index fired: success replies of in-flight appends did not move nextIndex back.
     assert counted("next_index_kept", before) > 0, f"no success reply overtook an append in {sent} proposals"
+
+
+# Rounds of 300 concurrent proposals keep the tick threads busy; on a loaded machine the default 0.2-0.4 s
+# election timeout then elects a new leader mid-round, and a proposal in flight ends "may or may not have
+# committed". These tests are about appends in flight, not failover: elections wait longer.
+STEADY = RaftTimings(election_min_s=1.5, election_max_s=3.0, leader_fallback_s=3.0)
 
 
 async def propose_until(c, groups, prefix: str, exercised, rounds: int = 5, per_round: int = 300) -> int:
@@ -226,7 +232,7 @@ async def test_trim_append_entries_alone_keeps_acknowledged_entries_when_the_lea
     monkeypatch.setattr(_pysyncobj_patch, "keep_next_index", plain_pysyncobj)
     # One entry per message, as plain pysyncobj sends them: merged appends leave fewer resends to trim.
     monkeypatch.setattr(mesh.consensus.transport, "MAX_COALESCED_ENTRIES", 1)
-    c = await raft_cluster(3)
+    c = await raft_cluster(3, STEADY)
     groups = c.start_all()
     await c.wait_leader()
     before = hook_counts()

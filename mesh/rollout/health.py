@@ -13,7 +13,8 @@ The gate (`evaluate_gate`) judges one wave of one rollout from those
 counters, given `now`:
 
 - FAIL at once if any cohort device failed to activate the target in the
-  window; FAIL when the target's error rate is above the wave's limit (or
+  window, or restarted RESTARTS_AS_FAILURE times in the wave after serving it
+  (`RestartWatch`: a crash loop); FAIL when the target's error rate is above the wave's limit (or
   above the baseline's rate plus the margin, with a relative gate) over at
   least `min_requests`, for the whole cohort or for the devices new in this
   wave alone. Errors count wherever they were measured, including the last
@@ -422,6 +423,54 @@ class _Reader:
             raise HealthFormatError("node health: a name is not UTF-8") from None
 
 
+# A cohort device seen restarting this many times within one wave, after serving the target in the run
+# before each restart, fails the wave as a failed activation does: a crash loop. Fewer are taken for
+# power cuts and reboots, which a fleet of thousands always has somewhere.
+RESTARTS_AS_FAILURE = 3
+
+
+class RestartWatch:
+    """Counts, for one rollout, the restarts of each device seen within the current wave after a run in
+    which it served the target. Pure: fed each gate's reports by the site leader, which keeps one per
+    rollout (a new leader starts counting afresh).
+
+    A device's counters live in memory and start again with each run (a new `epoch`), so a window never
+    holds what a device measured before it restarted; a version that crashes its device would
+    otherwise show only as a device that is not heard from for a while. A restart is seen when a
+    device's reports change epoch; a run that ends before the device reported anything is not seen.
+    """
+
+    def __init__(self) -> None:
+        self._wave: int | None = None
+        self._epochs: dict[str, int] = {}
+        self._served: dict[str, bool] = {}  # did the device serve the target in its run of that epoch
+        self._restarts: dict[str, int] = {}
+
+    def epoch_of(self, node_id: str) -> int | None:
+        """The epoch of `node_id`'s run this watch saw last, if any."""
+        return self._epochs.get(node_id)
+
+    def observe(self, wave: int, reports: Iterable[DeviceReport]) -> dict[str, int]:
+        """Take the reports of one gate run in `wave`; return the restarts counted per device in it."""
+        if wave != self._wave:
+            self._wave = wave
+            self._restarts = {}
+        for report in reports:
+            counters = report.target or report.baseline
+            if counters is None:
+                continue
+            node = report.node_id
+            seen = self._epochs.get(node)
+            if seen is not None and counters.epoch != seen:
+                if self._served.get(node):
+                    self._restarts[node] = self._restarts.get(node, 0) + 1
+                self._served[node] = False
+            self._epochs[node] = counters.epoch
+            if report.target is not None and report.target.active_ms > 0:
+                self._served[node] = True
+        return dict(self._restarts)
+
+
 # --- the gate ----------------------------------------------------------------------------------------
 
 
@@ -727,6 +776,7 @@ def evaluate_gate(
     remote: Iterable[SiteEvidence] = (),
     site: str | None = None,
     earlier: Iterable[str] = (),
+    restarts: Mapping[str, int] | None = None,
 ) -> GateVerdict:
     """Judge wave `wave` of `plan` at `now` (see the module rules).
 
@@ -734,7 +784,8 @@ def evaluate_gate(
     device of the site (cohort or not: devices outside it measure the baseline), `marks` where each
     device's window starts (from the replicated state), `remote` other sites' evidence for this rollout
     (entries from `site` itself are ignored, so a site never counts its own evidence twice), `earlier`
-    this site's cohort of the wave before (empty for wave 1).
+    this site's cohort of the wave before (empty for wave 1), `restarts` the restarts `RestartWatch`
+    counted per device in this wave (a cohort device at RESTARTS_AS_FAILURE fails the wave).
 
     The devices new in this wave (in `cohort`, not in `earlier`) are also judged on their own: the
     devices of earlier waves bring the requests they served since the last pass, which after a wave held
@@ -750,6 +801,7 @@ def evaluate_gate(
     measured = soaked = reachable_target = baseline = newcomers = Totals()
     unreachable: list[str] = []
     failed: list[str] = []
+    crashing: list[str] = []  # cohort devices that restarted RESTARTS_AS_FAILURE times on the target
     skipped: list[str] = []
     not_serving: list[str] = []
     erring: list[str] = []  # cohort devices of this site whose window holds errors (named in a FAIL)
@@ -788,6 +840,8 @@ def evaluate_gate(
         window = report.target.since(start.target) if report.target is not None else Window()
         if window.activation_failures:
             failed.append(node)
+        if restarts and restarts.get(node, 0) >= RESTARTS_AS_FAILURE:
+            crashing.append(node)
         if window.requests:
             measured += Totals(window.requests, window.errors, 1)
             if node not in before:
@@ -858,6 +912,13 @@ def evaluate_gate(
     if failed or remote_failures:
         who = ", ".join(failed[:5]) if failed else f"{remote_failures} device(s) in other sites"
         return verdict(GateOutcome.FAIL, f"{prefix}: {who} failed to activate {plan.target_version}")
+    if crashing:
+        more = ", ..." if len(crashing) > 5 else ""
+        return verdict(
+            GateOutcome.FAIL,
+            f"{prefix}: {', '.join(crashing[:5])}{more} restarted {RESTARTS_AS_FAILURE} or more times in "
+            f"this wave after serving {plan.target_version} (a crash loop)",
+        )
     # Any of these measurements over enough requests is real evidence: the whole cohort (errors count
     # wherever they were measured), the devices reachable now, and those that served the whole soak.
     for totals, whose in (

@@ -16,6 +16,7 @@ from mesh.rollout.health import (
     LATENCY_BUCKET_COUNT,
     MAX_HEALTH_BYTES,
     MAX_HEALTH_ENTRIES,
+    RESTARTS_AS_FAILURE,
     DeviceMarks,
     DeviceReport,
     GateOutcome,
@@ -23,6 +24,7 @@ from mesh.rollout.health import (
     HealthFormatError,
     Mark,
     NodeHealth,
+    RestartWatch,
     RolloutSkip,
     SiteEvidence,
     Totals,
@@ -41,7 +43,17 @@ AFTER_SOAK = START + 61
 
 
 def gate(
-    reports, *, cohort=None, now=AFTER_SOAK, marks=None, wave=1, plan=PLAN, remote=(), site="a", earlier=()
+    reports,
+    *,
+    cohort=None,
+    now=AFTER_SOAK,
+    marks=None,
+    wave=1,
+    plan=PLAN,
+    remote=(),
+    site="a",
+    earlier=(),
+    restarts=None,
 ):
     reports = list(reports)
     cohort = {r.node_id for r in reports if r.target is not None} if cohort is None else cohort
@@ -56,6 +68,7 @@ def gate(
         remote=remote,
         site=site,
         earlier=earlier,
+        restarts=restarts,
     )
 
 
@@ -339,6 +352,38 @@ def test_the_devices_new_in_a_wave_are_judged_alone_too():
     assert gate(healthy, wave=2, marks=marks, earlier={"c1"}).outcome is GateOutcome.PASS
     few = [devices[0]] + [report(f"n{i}", (20, 10), active_s=61) for i in range(4)]
     assert gate(few, wave=2, marks=marks, earlier={"c1"}).outcome is GateOutcome.PASS
+
+
+def test_a_device_that_keeps_restarting_on_the_target_fails_the_wave():
+    # c1 serves the target 10 requests at a time, then its process dies and starts again (a new epoch,
+    # counters from zero) and activates the target again. Its window never holds more than one run.
+    def looping(epoch):
+        return DeviceReport("c1", True, counters(10, 0, epoch=epoch, active_s=2))
+
+    healthy = [report(f"c{i}", (200, 0)) for i in range(2, 10)]
+    watch = RestartWatch()
+    for epoch in range(1, RESTARTS_AS_FAILURE + 2):
+        devices = [looping(epoch), *healthy]
+        restarts = watch.observe(1, devices)
+        verdict = gate(devices, restarts=restarts)
+        if epoch <= RESTARTS_AS_FAILURE:  # a reboot or two is not a crash loop
+            assert verdict.outcome is GateOutcome.PASS, (epoch, verdict.reason)
+    assert restarts == {"c1": RESTARTS_AS_FAILURE}
+    assert verdict.outcome is GateOutcome.FAIL, verdict.reason
+    crash_loop = f"c1 restarted {RESTARTS_AS_FAILURE} or more times in this wave after serving 2.0"
+    assert crash_loop in verdict.reason
+    # Judged without the watch (what the gate did before), the crash loop is one silent device in nine.
+    assert gate(devices).outcome is GateOutcome.PASS
+    # A new wave counts afresh; restarts after a run that never served the target do not count, nor do
+    # devices outside the cohort.
+    assert watch.observe(2, [looping(9)]) == {"c1": 1}
+    on_baseline = RestartWatch()
+    for epoch in (1, 2, 3, 4):
+        baseline = counters(50, version="1.0", epoch=epoch)
+        seen = on_baseline.observe(1, [DeviceReport("b1", True, None, baseline)])
+    assert seen == {}
+    outside = gate([*healthy, looping(5)], cohort={r.node_id for r in healthy}, restarts={"c1": 5})
+    assert outside.outcome is GateOutcome.PASS, outside.reason
 
 
 def test_the_relative_gate_compares_with_the_baseline_outside_the_cohort():

@@ -261,21 +261,26 @@ def _read_window(path: Path, tail_bytes: int | None) -> tuple[bytes | None, bool
 def _window_start(lines: list[bytes], head: tuple[int, str] | None) -> int:
     """The seq the first line of a window holds: what most records up to the first unreadable
     line say (each record's seq minus its line number), so an edited seq does not shift the
-    others; lines after a damaged one may be shifted by a line split in two. A record whose hash
-    is the head file's is anchored exactly (the head may lag the log, but never names another
-    record's hash), which settles a window too short to outvote one edited seq."""
-    if head is not None:
-        for index, line in enumerate(lines):
-            with contextlib.suppress(_BadRecord):
-                if _parse_record(line).hash == head[1]:
-                    return max(1, head[0] - index)
+    others; lines after a damaged one may be shifted by a line split in two. Where no two records
+    agree and every line reads (a window of one record, whose seq may be the edited byte), the
+    record whose hash the head file names settles it: it sits at the head's seq (the head may lag
+    the log, but never names another record's hash)."""
     votes: Counter[int] = Counter()
+    readable = True
     for index, line in enumerate(lines):
         try:
             votes[_parse_record(line).seq - index] += 1
         except _BadRecord:
+            readable = False
             if votes:
                 break
+    if votes and votes.most_common(1)[0][1] > 1:
+        return votes.most_common(1)[0][0]
+    if head is not None and readable:  # (a line split in two would shift the head's record too)
+        for index, line in enumerate(lines):
+            with contextlib.suppress(_BadRecord):
+                if _parse_record(line).hash == head[1]:
+                    return max(1, head[0] - index)
     if votes:
         return votes.most_common(1)[0][0]
     return max(1, (head[0] if head else 0) - len(lines) + 1)

@@ -93,6 +93,27 @@ def test_an_edited_seq_in_a_window_of_one_record_names_the_record_by_its_place(t
     assert (v.ok, v.first_bad_seq) == (False, N), v.reason
 
 
+@pytest.mark.parametrize("window", [252, 600, 2500])
+def test_byte_flips_across_the_window_name_their_record(tmp_path, intact, window):
+    # The sweep behind the property test above, deterministic: seq digits, newlines (a line split in
+    # two, after which lines are shifted) and plain flips, every third byte of every record in the window.
+    log, head = intact
+    spans = record_spans(log)
+    inside = [(s, e) for s, e in spans if s >= len(log) - window]
+    wrong = []
+    for start, end in inside:
+        seq = spans.index((start, end)) + 1
+        for offset in range(start, end, 3):
+            for flip in {1, log[offset] ^ ord("\n")} - {0}:
+                edited = bytearray(log)
+                edited[offset] ^= flip
+                v = verify_tail(write(tmp_path, bytes(edited), head), max_bytes=window)
+                named = {seq} if edited[offset] != ord("\n") else {seq - 1, seq, seq + 1}
+                if v.ok or v.first_bad_seq not in named:
+                    wrong.append((offset, flip, seq, v.first_bad_seq, v.reason))
+    assert inside and not wrong, wrong[:3]
+
+
 def test_a_record_longer_than_the_window_falls_back_to_the_whole_log(tmp_path, intact):
     path = write(tmp_path, *intact)
     v = verify_tail(path, max_bytes=10)

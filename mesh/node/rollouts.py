@@ -543,7 +543,16 @@ class RolloutShell:
             restarts=restarts,
         )
         previous = self._verdicts.get(rid)
-        if previous is not None and previous.wave < verdict.wave and previous.outcome is GateOutcome.PASS:
+        passed = self._passed.get(rid)
+        if (
+            previous is not None
+            and previous.wave < verdict.wave
+            and previous.outcome is GateOutcome.PASS
+            and (passed is None or passed.wave < previous.wave)
+        ):
+            # The wave moved on by a pass this leader did not see applied. Where it did (the usual case),
+            # the pass it proposed stays: later verdicts of that wave (while it waited for an approval)
+            # cover the window the next wave's verdicts cover too, and other sites add both up.
             self._passed[rid] = WaveEvidence.of(previous.evidence(self.site))
         self._verdicts[rid] = verdict
         kind = {GateOutcome.PASS: "pass", GateOutcome.FAIL: "fail"}.get(verdict.outcome, "wait")

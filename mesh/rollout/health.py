@@ -784,7 +784,8 @@ def evaluate_gate(
     device of the site (cohort or not: devices outside it measure the baseline), `marks` where each
     device's window starts (from the replicated state), `remote` other sites' evidence for this rollout
     (entries from `site` itself are ignored, so a site never counts its own evidence twice), `earlier`
-    this site's cohort of the wave before (empty for wave 1), `restarts` the restarts `RestartWatch`
+    this site's cohort of the wave before (empty for wave 1, or where the site had no device in it),
+    `restarts` the restarts `RestartWatch`
     counted per device in this wave (a cohort device at RESTARTS_AS_FAILURE fails the wave).
 
     The devices new in this wave (in `cohort`, not in `earlier`) are also judged on their own: the
@@ -805,6 +806,7 @@ def evaluate_gate(
     skipped: list[str] = []
     not_serving: list[str] = []
     erring: list[str] = []  # cohort devices of this site whose window holds errors (named in a FAIL)
+    erring_new: list[str] = []  # of them, those new in this wave
     new_marks: list[tuple[str, DeviceMarks]] = []
     waiting = 0  # reachable cohort devices of this model that did not serve the target the whole soak
     soak_ms = int(w.soak_s * 1000)
@@ -848,6 +850,8 @@ def evaluate_gate(
                 newcomers += Totals(window.requests, window.errors, 1)
             if window.errors:
                 erring.append(node)
+                if node not in before:
+                    erring_new.append(node)
         if not report.reachable:
             unreachable.append(node)
             continue
@@ -863,8 +867,8 @@ def evaluate_gate(
             waiting += 1  # on the target, but not for the whole soak yet
     own_measured, own_soaked = measured, soaked
     remote_failures = 0
-    remote_silent = 0  # other sites' unreachable cohort devices behind evidence that may vouch for this wave
     vouching: dict[str, SiteEvidence] = {}
+    silent_by_site: dict[str, int] = {}  # other sites' unreachable cohort devices behind vouching evidence
     for evidence in remote:
         if evidence.rollout_id != plan.rollout_id or evidence.site == site:
             continue
@@ -873,15 +877,18 @@ def evaluate_gate(
         # per site: a site announces its last passed wave beside its current one, the same devices in both.
         measured += evidence.measured
         remote_failures += evidence.activation_failures
+        if evidence.wave < wave:
+            continue
+        # Its devices heard from by the entry that heard the most; its silent ones by the entry that
+        # misses the most (the current wave's, say, where the passed wave's snapshot is out of date).
         held = vouching.get(evidence.site)
-        if evidence.wave >= wave and (
-            held is None or (evidence.soaked.devices, evidence.wave) > (held.soaked.devices, held.wave)
-        ):
+        if held is None or (evidence.soaked.devices, evidence.wave) > (held.soaked.devices, held.wave):
             vouching[evidence.site] = evidence
+        silent_by_site[evidence.site] = max(silent_by_site.get(evidence.site, 0), evidence.unreachable)
     for evidence in vouching.values():
         reachable_target += evidence.soaked
         soaked += evidence.soaked
-        remote_silent += evidence.unreachable
+    remote_silent = sum(silent_by_site.values())
     soak_left_s = soak_started_at + w.soak_s - now
     deadline_passed = now >= soak_started_at + w.deadline_s  # type: ignore[operator]
 
@@ -921,16 +928,19 @@ def evaluate_gate(
         )
     # Any of these measurements over enough requests is real evidence: the whole cohort (errors count
     # wherever they were measured), the devices reachable now, and those that served the whole soak.
-    for totals, whose in (
-        (measured, "the cohort"),
-        (reachable_target, "reachable cohort devices"),
-        (soaked, "devices that served the whole soak"),
-        *([(newcomers, f"the devices new in wave {wave}")] if before else []),
+    # After wave 1, this site's devices new in the wave alone too (all of them, where the site had no
+    # device in the wave before: other sites' evidence then brings their earlier devices' requests).
+    fresh = wave > 1
+    for totals, whose, named_devices in (
+        (measured, "the cohort", erring),
+        (reachable_target, "reachable cohort devices", erring),
+        (soaked, "devices that served the whole soak", erring),
+        *([(newcomers, f"the devices new in wave {wave}", erring_new)] if fresh else []),
     ):
         rate = totals.rate
         if totals.requests >= w.min_requests and rate is not None and rate > limit:
-            more = ", ..." if len(erring) > 5 else ""
-            named = f" (errors on {', '.join(erring[:5])}{more})" if erring else ""
+            more = ", ..." if len(named_devices) > 5 else ""
+            named = f" (errors on {', '.join(named_devices[:5])}{more})" if named_devices else ""
             return verdict(
                 GateOutcome.FAIL,
                 f"{prefix}: {whose} measured {totals.describe()}, above the limit of "
@@ -941,7 +951,7 @@ def evaluate_gate(
         if baseline.requests >= w.min_requests:
             assert baseline.rate is not None
             relative_limit = baseline.rate + Fraction(w.relative_margin)
-            for totals in (reachable_target, soaked):
+            for totals in (reachable_target, soaked, *([newcomers] if fresh else [])):
                 rate = totals.rate
                 if totals.requests >= w.min_requests and rate is not None and rate > relative_limit:
                     return verdict(

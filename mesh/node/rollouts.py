@@ -72,7 +72,6 @@ from mesh.rollout.health import (
     GateVerdict,
     HealthFormatError,
     NodeHealth,
-    RestartWatch,
     RolloutSkip,
     VersionCounters,
     decode_node_health,
@@ -195,7 +194,6 @@ class RolloutShell:
         self._fetched: dict[tuple[str, str], tuple[str, str]] = {}
         self._site_views: dict[tuple[str, str], dict[str, Any]] = {}  # (site, rollout) -> what a peer said
         self._verdicts: dict[str, GateVerdict] = {}
-        self._restarts: dict[str, RestartWatch] = {}  # per rollout, while this node leads its site
         self._passed: dict[str, WaveEvidence] = {}
         self._gated_at: dict[str, float] = {}
         self._plan_refused: dict[str, str] = {}
@@ -284,7 +282,6 @@ class RolloutShell:
             await self._lead(peers, now)
         elif self._was_leader:
             self._verdicts.clear()
-            self._restarts.clear()
         self._was_leader = leader
         self._steer_device(peers, now)
         self._publish(now)
@@ -310,15 +307,6 @@ class RolloutShell:
         self._synced, self._safe_only = True, False
 
     # --- reading the fleet -------------------------------------------------------------------
-
-    @property
-    def epoch(self) -> int:
-        """This run's counter epoch (its counters started from zero then)."""
-        return self._epoch
-
-    def restart_watch(self, rollout_id: str) -> RestartWatch | None:
-        """The restarts this node counted in `rollout_id`'s current wave, while it leads its site."""
-        return self._restarts.get(rollout_id)
 
     def peers(self) -> list[fleet.PeerView]:
         """Every member (this node included) as the rollout cores read it."""
@@ -528,7 +516,6 @@ class RolloutShell:
         self._gated_at[rid] = now
         members = [p.node_id for p in peers if p.site == self.site and fleet.selected(plan, p)]
         reports = fleet.gate_reports(plan, self.site, peers)
-        restarts = self._restarts.setdefault(rid, RestartWatch()).observe(rollout.wave, reports)
         verdict = evaluate_gate(
             plan,
             rollout.wave,
@@ -540,7 +527,6 @@ class RolloutShell:
             remote=fleet.remote_evidence(plan, self.site, peers),
             site=self.site,
             earlier=rollout.cohort(members, rollout.wave - 1) if rollout.wave > 1 else (),
-            restarts=restarts,
         )
         previous = self._verdicts.get(rid)
         passed = self._passed.get(rid)

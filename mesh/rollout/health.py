@@ -13,8 +13,7 @@ The gate (`evaluate_gate`) judges one wave of one rollout from those
 counters, given `now`:
 
 - FAIL at once if any cohort device failed to activate the target in the
-  window, or restarted RESTARTS_AS_FAILURE times in the wave after serving it
-  (`RestartWatch`: a crash loop); FAIL when the target's error rate is above the wave's limit (or
+  window; FAIL when the target's error rate is above the wave's limit (or
   above the baseline's rate plus the margin, with a relative gate) over at
   least `min_requests`, for the whole cohort or for the devices new in this
   wave alone. Errors count wherever they were measured, including the last
@@ -423,54 +422,6 @@ class _Reader:
             raise HealthFormatError("node health: a name is not UTF-8") from None
 
 
-# A cohort device seen restarting this many times within one wave, after serving the target in the run
-# before each restart, fails the wave as a failed activation does: a crash loop. Fewer are taken for
-# power cuts and reboots, which a fleet of thousands always has somewhere.
-RESTARTS_AS_FAILURE = 3
-
-
-class RestartWatch:
-    """Counts, for one rollout, the restarts of each device seen within the current wave after a run in
-    which it served the target. Pure: fed each gate's reports by the site leader, which keeps one per
-    rollout (a new leader starts counting afresh).
-
-    A device's counters live in memory and start again with each run (a new `epoch`), so a window never
-    holds what a device measured before it restarted; a version that crashes its device would
-    otherwise show only as a device that is not heard from for a while. A restart is seen when a
-    device's reports change epoch; a run that ends before the device reported anything is not seen.
-    """
-
-    def __init__(self) -> None:
-        self._wave: int | None = None
-        self._epochs: dict[str, int] = {}
-        self._served: dict[str, bool] = {}  # did the device serve the target in its run of that epoch
-        self._restarts: dict[str, int] = {}
-
-    def epoch_of(self, node_id: str) -> int | None:
-        """The epoch of `node_id`'s run this watch saw last, if any."""
-        return self._epochs.get(node_id)
-
-    def observe(self, wave: int, reports: Iterable[DeviceReport]) -> dict[str, int]:
-        """Take the reports of one gate run in `wave`; return the restarts counted per device in it."""
-        if wave != self._wave:
-            self._wave = wave
-            self._restarts = {}
-        for report in reports:
-            counters = report.target or report.baseline
-            if counters is None:
-                continue
-            node = report.node_id
-            seen = self._epochs.get(node)
-            if seen is not None and counters.epoch != seen:
-                if self._served.get(node):
-                    self._restarts[node] = self._restarts.get(node, 0) + 1
-                self._served[node] = False
-            self._epochs[node] = counters.epoch
-            if report.target is not None and report.target.active_ms > 0:
-                self._served[node] = True
-        return dict(self._restarts)
-
-
 # --- the gate ----------------------------------------------------------------------------------------
 
 
@@ -764,6 +715,10 @@ _VERDICT_FIELDS = frozenset(
 )
 
 
+def _margin(evidence: SiteEvidence) -> tuple[int, int]:
+    return evidence.soaked.devices - evidence.unreachable, evidence.wave
+
+
 def evaluate_gate(
     plan: RolloutPlan,
     wave: int,
@@ -776,7 +731,6 @@ def evaluate_gate(
     remote: Iterable[SiteEvidence] = (),
     site: str | None = None,
     earlier: Iterable[str] = (),
-    restarts: Mapping[str, int] | None = None,
 ) -> GateVerdict:
     """Judge wave `wave` of `plan` at `now` (see the module rules).
 
@@ -784,9 +738,7 @@ def evaluate_gate(
     device of the site (cohort or not: devices outside it measure the baseline), `marks` where each
     device's window starts (from the replicated state), `remote` other sites' evidence for this rollout
     (entries from `site` itself are ignored, so a site never counts its own evidence twice), `earlier`
-    this site's cohort of the wave before (empty for wave 1, or where the site had no device in it),
-    `restarts` the restarts `RestartWatch`
-    counted per device in this wave (a cohort device at RESTARTS_AS_FAILURE fails the wave).
+    this site's cohort of the wave before (empty for wave 1, or where the site had no device in it).
 
     The devices new in this wave (in `cohort`, not in `earlier`) are also judged on their own: the
     devices of earlier waves bring the requests they served since the last pass, which after a wave held
@@ -802,7 +754,6 @@ def evaluate_gate(
     measured = soaked = reachable_target = baseline = newcomers = Totals()
     unreachable: list[str] = []
     failed: list[str] = []
-    crashing: list[str] = []  # cohort devices that restarted RESTARTS_AS_FAILURE times on the target
     skipped: list[str] = []
     not_serving: list[str] = []
     erring: list[str] = []  # cohort devices of this site whose window holds errors (named in a FAIL)
@@ -842,8 +793,6 @@ def evaluate_gate(
         window = report.target.since(start.target) if report.target is not None else Window()
         if window.activation_failures:
             failed.append(node)
-        if restarts and restarts.get(node, 0) >= RESTARTS_AS_FAILURE:
-            crashing.append(node)
         if window.requests:
             measured += Totals(window.requests, window.errors, 1)
             if node not in before:
@@ -868,7 +817,7 @@ def evaluate_gate(
     own_measured, own_soaked = measured, soaked
     remote_failures = 0
     vouching: dict[str, SiteEvidence] = {}
-    silent_by_site: dict[str, int] = {}  # other sites' unreachable cohort devices behind vouching evidence
+    remote_silent = 0  # other sites' unreachable cohort devices behind the evidence that vouches
     for evidence in remote:
         if evidence.rollout_id != plan.rollout_id or evidence.site == site:
             continue
@@ -879,16 +828,15 @@ def evaluate_gate(
         remote_failures += evidence.activation_failures
         if evidence.wave < wave:
             continue
-        # Its devices heard from by the entry that heard the most; its silent ones by the entry that
-        # misses the most (the current wave's, say, where the passed wave's snapshot is out of date).
+        # Each entry is one moment's count of a site's devices heard from and silent: the site vouches
+        # by one of them, whole (the best margin, ties to the later wave), never by parts of two.
         held = vouching.get(evidence.site)
-        if held is None or (evidence.soaked.devices, evidence.wave) > (held.soaked.devices, held.wave):
+        if held is None or _margin(evidence) > _margin(held):
             vouching[evidence.site] = evidence
-        silent_by_site[evidence.site] = max(silent_by_site.get(evidence.site, 0), evidence.unreachable)
     for evidence in vouching.values():
         reachable_target += evidence.soaked
         soaked += evidence.soaked
-    remote_silent = sum(silent_by_site.values())
+        remote_silent += evidence.unreachable
     soak_left_s = soak_started_at + w.soak_s - now
     deadline_passed = now >= soak_started_at + w.deadline_s  # type: ignore[operator]
 
@@ -919,18 +867,13 @@ def evaluate_gate(
     if failed or remote_failures:
         who = ", ".join(failed[:5]) if failed else f"{remote_failures} device(s) in other sites"
         return verdict(GateOutcome.FAIL, f"{prefix}: {who} failed to activate {plan.target_version}")
-    if crashing:
-        more = ", ..." if len(crashing) > 5 else ""
-        return verdict(
-            GateOutcome.FAIL,
-            f"{prefix}: {', '.join(crashing[:5])}{more} restarted {RESTARTS_AS_FAILURE} or more times in "
-            f"this wave after serving {plan.target_version} (a crash loop)",
-        )
     # Any of these measurements over enough requests is real evidence: the whole cohort (errors count
     # wherever they were measured), the devices reachable now, and those that served the whole soak.
     # After wave 1, this site's devices new in the wave alone too (all of them, where the site had no
     # device in the wave before: other sites' evidence then brings their earlier devices' requests).
-    fresh = wave > 1
+    # Only where they could be hidden: when the requests of others outweigh theirs (each check run at
+    # every gate is another chance for a good version's noise to cross the limit).
+    fresh = wave > 1 and newcomers.requests * 2 < measured.requests
     for totals, whose, named_devices in (
         (measured, "the cohort", erring),
         (reachable_target, "reachable cohort devices", erring),

@@ -13,9 +13,7 @@ rollout of a new version of the model to its end, in order:
    served it, and a device that held it on disk while offline never activates it on return;
 3. without traffic the gate is inconclusive: the rollout pauses and says why;
 4. a plan or an abort signed by the wrong key is refused and audited in every site, and never spreads;
-5. a site cut off from the others keeps its committed wave state and cannot pass the held wave alone;
-6. a version that crashes its device (the device restarts and activates it again, its counters from zero
-   each time) fails its wave, although every request the device answered was fine.
+5. a site cut off from the others keeps its committed wave state and cannot pass the held wave alone.
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ from mesh.identity.tls import channel_credentials, secure_channel_options
 from mesh.inference.fixtures import PARTLY_NAN_LAYERS, mlp_model, partly_nan_model
 from mesh.node.local import LocalFleet, wait_for
 from mesh.node.local_rollouts import RolloutFleet, Traffic
-from mesh.rollout.health import RESTARTS_AS_FAILURE
 from mesh.rollout.plan import CommandAction, SkipKind
 from mesh.rollout.state import Outcome, RolloutState
 
@@ -65,7 +62,6 @@ async def fleet(tmp_path_factory):
         await f.ready(timeout_s=90)
         f.publish("1.0", mlp_model(PARTLY_NAN_LAYERS, seed=1))
         await wait_for(lambda: f.all_serving("1.0"), 90, what="every node serves 1.0", interval_s=0.2)
-        traffic.start()
         f.traffic = traffic
         _FLEET[:] = [f]
         yield f
@@ -73,6 +69,16 @@ async def fleet(tmp_path_factory):
         _FLEET.clear()
         await traffic.stop()
         await f.close()
+
+
+@pytest_asyncio.fixture(autouse=True, loop_scope="module")
+async def traffic_during_each_test(fleet):
+    """Traffic runs while a test runs, not between tests: the event loop every node and the traffic share
+    stands still while pytest works between a fixture and a test (seen for 9.4 s on a loaded machine),
+    and a request in flight then misses its deadline through no fault of the node."""
+    fleet.traffic.start()
+    yield
+    await fleet.traffic.stop()
 
 
 async def until(predicate, timeout_s: float, what: str) -> float:
@@ -292,7 +298,6 @@ async def test_documents_signed_by_the_wrong_key_are_refused_everywhere(fleet):
     await until(
         lambda: all(f.serving(n) == "2.0" for n in f.nodes if n != OLD_RUNTIME_NODE), 30, "back on 2.0"
     )
-    f.traffic.start()
 
 
 async def test_a_site_cut_off_keeps_its_wave_and_cannot_pass_the_held_wave_alone(fleet):
@@ -328,40 +333,3 @@ async def test_a_site_cut_off_keeps_its_wave_and_cannot_pass_the_held_wave_alone
         lambda: f.every_site("mlp-5", RolloutState.COMPLETED), 90, "the island completes after healing"
     )
 
-
-async def test_a_device_in_a_crash_loop_fails_the_wave(fleet):
-    f = fleet
-    f.publish("6.0", mlp_model(PARTLY_NAN_LAYERS, seed=6))
-    # A long soak: only the crash loop can end this wave before the test does.
-    plan = f.plan("mlp-6", target="6.0", baseline="5.0", soak_s=600, deadline_s=1200)
-    assert (await f.start_rollout(plan)).outcome is Outcome.APPLIED
-    await until(lambda: len(cohort(f, "mlp-6", 1)) == 1, 60, "wave 1 drawn")
-    (looping,) = cohort(f, "mlp-6", 1)
-    site = f.sites[looping]
-
-    def counted_by_leader() -> bool:
-        # The site's leader (another member, if the looping device led and lost the lead) has seen the
-        # looping device's current run: its next restart is a new epoch to that leader.
-        leader = f.leader(site)
-        if leader is None or looping not in f.nodes:
-            return False
-        if leader is f.nodes[looping]:
-            return True  # it leads its site: its restart moves the lead, and the next leader counts afresh
-        watch = leader.rollouts.restart_watch("mlp-6")
-        return watch is not None and watch.epoch_of(looping) == f.nodes[looping].rollouts.epoch
-
-    restarts = 0
-    while not f.every_site("mlp-6", RolloutState.ABORTED) and restarts < 2 * RESTARTS_AS_FAILURE:
-        await until(lambda: f.serving(looping) == "6.0", 60, f"{looping} serves 6.0")
-        await until(counted_by_leader, 30, f"{site}'s leader saw {looping}'s run")
-        await f.stop_node(looping)  # dies (no goodbye) ...
-        await f.start_node(looping)  # ... and starts again on the target
-        f.traffic.ensure(looping)
-        restarts += 1
-    await until(lambda: f.every_site("mlp-6", RolloutState.ABORTED), 90, "aborted everywhere")
-    reason = f.site_state(site, "mlp-6").reason
-    assert f"{looping} restarted {RESTARTS_AS_FAILURE} or more times" in reason, reason
-    await until(
-        lambda: all(f.serving(n) == "5.0" for n in f.nodes if n != OLD_RUNTIME_NODE), 60, "back on 5.0"
-    )
-    assert f.traffic.failures() == [], "requests failed:\n" + "\n".join(f.traffic.failures()[:20])

@@ -715,10 +715,6 @@ _VERDICT_FIELDS = frozenset(
 )
 
 
-def _margin(evidence: SiteEvidence) -> tuple[int, int]:
-    return evidence.soaked.devices - evidence.unreachable, evidence.wave
-
-
 def evaluate_gate(
     plan: RolloutPlan,
     wave: int,
@@ -817,7 +813,7 @@ def evaluate_gate(
     own_measured, own_soaked = measured, soaked
     remote_failures = 0
     vouching: dict[str, SiteEvidence] = {}
-    remote_silent = 0  # other sites' unreachable cohort devices behind the evidence that vouches
+    silent_by_site: dict[str, int] = {}  # other sites' unreachable cohort devices behind vouching evidence
     for evidence in remote:
         if evidence.rollout_id != plan.rollout_id or evidence.site == site:
             continue
@@ -828,15 +824,18 @@ def evaluate_gate(
         remote_failures += evidence.activation_failures
         if evidence.wave < wave:
             continue
-        # Each entry is one moment's count of a site's devices heard from and silent: the site vouches
-        # by one of them, whole (the best margin, ties to the later wave), never by parts of two.
+        # Its devices heard from by the entry that heard the most; its silent ones by the entry that
+        # misses the most (the current wave's, say, where the passed wave's snapshot is out of date).
+        # A site's past never speaks over its present silence: at worst this holds a pass back while
+        # a later wave's devices are still soaking (the safe direction).
         held = vouching.get(evidence.site)
-        if held is None or _margin(evidence) > _margin(held):
+        if held is None or (evidence.soaked.devices, evidence.wave) > (held.soaked.devices, held.wave):
             vouching[evidence.site] = evidence
+        silent_by_site[evidence.site] = max(silent_by_site.get(evidence.site, 0), evidence.unreachable)
     for evidence in vouching.values():
         reachable_target += evidence.soaked
         soaked += evidence.soaked
-        remote_silent += evidence.unreachable
+    remote_silent = sum(silent_by_site.values())
     soak_left_s = soak_started_at + w.soak_s - now
     deadline_passed = now >= soak_started_at + w.deadline_s  # type: ignore[operator]
 
@@ -871,9 +870,9 @@ def evaluate_gate(
     # wherever they were measured), the devices reachable now, and those that served the whole soak.
     # After wave 1, this site's devices new in the wave alone too (all of them, where the site had no
     # device in the wave before: other sites' evidence then brings their earlier devices' requests).
-    # Only where they could be hidden: when the requests of others outweigh theirs (each check run at
-    # every gate is another chance for a good version's noise to cross the limit).
-    fresh = wave > 1 and newcomers.requests * 2 < measured.requests
+    # (Each check at every gate is one more chance for a good version's noise to cross the limit: a
+    # false FAIL rolls back, the safe direction; a check switched off by a rule hides real breaches.)
+    fresh = wave > 1
     for totals, whose, named_devices in (
         (measured, "the cohort", erring),
         (reachable_target, "reachable cohort devices", erring),

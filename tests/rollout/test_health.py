@@ -321,15 +321,14 @@ def test_enough_requests_from_a_few_devices_while_most_are_silent_is_not_a_pass(
     assert verdict.soaked == Totals(200, 0, 1) and verdict.measured == Totals(500, 0, 2)
     twice = dataclasses.replace(passed, site="c")
     assert gate(both_away, cohort={"c1", "c2"}, remote=[passed, twice]).outcome is GateOutcome.PASS
-    # Each entry vouches whole, by the best margin of heard-from over silent devices: never the devices
-    # heard from of one entry with the silent count of another.
-    old_count = SiteEvidence("b", PLAN.rollout_id, 1, Totals(600, 0, 6), Totals(600, 0, 6), unreachable=10)
-    new_count = SiteEvidence("b", PLAN.rollout_id, 2, Totals(500, 0, 1), Totals(500, 0, 1), unreachable=0)
-    verdict = gate(both_away, cohort={"c1", "c2"}, remote=[old_count, new_count])
-    assert verdict.outcome is GateOutcome.INCONCLUSIVE and "1 served the target" in verdict.reason
-    assert "while 2 cohort devices did not" in verdict.reason
-    snapshot = dataclasses.replace(old_count, unreachable=0)  # the passed wave's moment: 6 heard, 0 silent
-    assert gate(both_away, cohort={"c1", "c2"}, remote=[snapshot, new_count]).outcome is GateOutcome.PASS
+    # Its silent devices count by the entry that misses the most: the passed wave's snapshot (6 heard
+    # from, none silent) does not hide the 10 its current wave misses now. (Choosing one entry whole by
+    # its margin of heard-from over silent let the snapshot speak over the present silence: PASS.)
+    five_away = [report(f"c{i}", (0, 0), reachable=False) for i in range(5)]
+    snapshot = SiteEvidence("b", PLAN.rollout_id, 1, Totals(600, 0, 6), Totals(600, 0, 6), unreachable=0)
+    now_missing = SiteEvidence("b", PLAN.rollout_id, 2, Totals(50, 0, 1), Totals(50, 0, 1), unreachable=10)
+    verdict = gate(five_away, cohort={f"c{i}" for i in range(5)}, remote=[snapshot, now_missing])
+    assert verdict.outcome is GateOutcome.INCONCLUSIVE and "while 15 cohort devices did not" in verdict.reason
 
 
 def test_windows_start_at_the_marks():
@@ -357,6 +356,11 @@ def test_the_devices_new_in_a_wave_are_judged_alone_too():
     assert gate(healthy, wave=2, marks=marks, earlier={"c1"}).outcome is GateOutcome.PASS
     few = [devices[0]] + [report(f"n{i}", (20, 10), active_s=61) for i in range(4)]
     assert gate(few, wave=2, marks=marks, earlier={"c1"}).outcome is GateOutcome.PASS
+    # Newcomers that served most of the requests are judged alone too: 8.8% on theirs, 4.6% together.
+    most = [report("c1", (1_900, 0), active_s=40_000)]
+    most += [report(f"n{i}", (250, 22), active_s=61) for i in range(4)]
+    verdict = gate(most, wave=2, marks=marks, earlier={"c1"})
+    assert verdict.outcome is GateOutcome.FAIL and "the devices new in wave 2 measured" in verdict.reason
     # A site with no device in wave 1 judges its newcomers alone too: other sites' evidence brings the
     # requests their wave-1 devices served while wave 2 waited.
     newcomers = devices[1:]

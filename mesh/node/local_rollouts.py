@@ -13,10 +13,13 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import gc
 import random
 import secrets
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +112,56 @@ class NodeTraffic:
     failure_messages: list[str] = field(default_factory=list)
 
 
+class _LoopWatchdog:
+    """A thread that notices the event loop standing still (its `beat` older than 2 s) and keeps where
+    the loop's thread stood then, and the longest garbage collection since: enough to tell a blocking
+    call on the loop from a process that got no CPU (then this thread, too, wakes late)."""
+
+    def __init__(self, loop_thread: int, threshold_s: float = 2.0) -> None:
+        self.beat = time.monotonic()
+        self._loop_thread = loop_thread
+        self._threshold_s = threshold_s
+        self._last = "no stall seen"
+        self._gc_started = 0.0
+        self._gc_longest_s = 0.0
+        self._done = threading.Event()
+        gc.callbacks.append(self._gc)
+        self._thread = threading.Thread(target=self._run, name="traffic-watchdog", daemon=True)
+        self._thread.start()
+
+    def _gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.monotonic()
+        else:
+            self._gc_longest_s = max(self._gc_longest_s, time.monotonic() - self._gc_started)
+
+    def _run(self) -> None:
+        woke = time.monotonic()
+        while not self._done.wait(0.5):
+            now = time.monotonic()
+            own_late = now - woke - 0.5
+            woke = now
+            stalled = now - self.beat
+            if stalled > self._threshold_s:
+                frame = sys._current_frames().get(self._loop_thread)
+                where = " <- ".join(
+                    f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                    for f in reversed(traceback.extract_stack(frame)[-4:])
+                ) if frame is not None else "?"
+                self._last = (
+                    f"loop stood still {stalled:.1f} s in {where} (watchdog itself {own_late:.1f} s late; "
+                    f"longest GC so far {self._gc_longest_s:.2f} s)"
+                )
+
+    def describe(self) -> str:
+        return self._last
+
+    def stop(self) -> None:
+        self._done.set()
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._gc)
+
+
 class Traffic:
     """Infer against every running device of `fleet` at `rate_per_node_s`, `bad_share` of inputs bad."""
 
@@ -131,6 +184,7 @@ class Traffic:
         self._tasks: dict[str, asyncio.Task] = {}
         self._started = time.monotonic()
         self._loop_lag_s = 0.0
+        self._watchdog: _LoopWatchdog | None = None
         self._creds = channel_credentials(fleet.fleet.node_credentials("camera-app"))
 
     def start(self) -> None:
@@ -140,13 +194,20 @@ class Traffic:
             self.ensure(node_id)
 
     async def _watch_loop(self) -> None:
-        """Keep `_loop_lag_s`: the longest this event loop was late to wake a 0.1 s sleep, over ~10 s."""
+        """Keep `_loop_lag_s`: the longest this event loop was late to wake a 0.1 s sleep, over ~10 s;
+        and, with a watchdog thread, what the loop's thread was doing while it stood still."""
         recent: collections.deque[float] = collections.deque(maxlen=100)
-        while True:
-            t = time.monotonic()
-            await asyncio.sleep(0.1)
-            recent.append(time.monotonic() - t - 0.1)
-            self._loop_lag_s = max(recent)
+        watchdog = _LoopWatchdog(threading.get_ident())
+        self._watchdog = watchdog
+        try:
+            while True:
+                t = time.monotonic()
+                watchdog.beat = t
+                await asyncio.sleep(0.1)
+                recent.append(time.monotonic() - t - 0.1)
+                self._loop_lag_s = max(recent)
+        finally:
+            watchdog.stop()
 
     def ensure(self, node_id: str) -> None:
         """Send traffic to `node_id` (again, after a restart)."""
@@ -218,7 +279,9 @@ class Traffic:
                         f"{exc.code().name}: {exc.details()}"[:200]
                         + f" (at +{sent - self._started:.1f} s, after {time.monotonic() - sent:.1f} s, "
                         f"active {seen}, event loop late by up to {self._loop_lag_s:.2f} s in the last "
-                        f"10 s, {threading.active_count()} threads)"
+                        f"10 s, {threading.active_count()} threads"
+                        + (f"; {self._watchdog.describe()}" if self._watchdog else "")
+                        + ")"
                     )
                 else:
                     out = np.frombuffer(reply.outputs[0].data, dtype=np.float32)

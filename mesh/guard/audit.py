@@ -31,7 +31,6 @@ entries) that acknowledges none of them before it returns.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -266,21 +265,22 @@ def _window_start(lines: list[bytes], head: tuple[int, str] | None) -> int:
     record whose hash the head file names settles it: it sits at the head's seq (the head may lag
     the log, but never names another record's hash)."""
     votes: Counter[int] = Counter()
+    hashes: list[str] = []  # of the lines read, in order, while every line reads
     readable = True
     for index, line in enumerate(lines):
         try:
-            votes[_parse_record(line).seq - index] += 1
+            record = _parse_record(line)
         except _BadRecord:
             readable = False
             if votes:
                 break
+            continue
+        votes[record.seq - index] += 1
+        hashes.append(record.hash)
     if votes and votes.most_common(1)[0][1] > 1:
         return votes.most_common(1)[0][0]
-    if head is not None and readable:  # (a line split in two would shift the head's record too)
-        for index, line in enumerate(lines):
-            with contextlib.suppress(_BadRecord):
-                if _parse_record(line).hash == head[1]:
-                    return max(1, head[0] - index)
+    if head is not None and readable and head[1] in hashes:  # (a split line would shift it too)
+        return max(1, head[0] - hashes.index(head[1]))
     if votes:
         return votes.most_common(1)[0][0]
     return max(1, (head[0] if head else 0) - len(lines) + 1)

@@ -515,12 +515,11 @@ class RolloutShell:
             return
         self._gated_at[rid] = now
         members = [p.node_id for p in peers if p.site == self.site and fleet.selected(plan, p)]
-        reports = fleet.gate_reports(plan, self.site, peers)
         verdict = evaluate_gate(
             plan,
             rollout.wave,
             cohort=rollout.cohort(members),
-            reports=reports,
+            reports=fleet.gate_reports(plan, self.site, peers),
             marks=rollout.marks_map(),
             soak_started_at=rollout.soak_started_at or now,
             now=now,

@@ -189,6 +189,11 @@ def _counters(requests: int, errors: int, active_ms: int) -> VersionCounters:
     )
 
 
+def _cohort_size(scores: list[int], state: SiteRollout, wave: int) -> int:
+    """How many of a site's devices (`scores` sorted) are in `wave`'s cohort (none in wave 0)."""
+    return bisect.bisect_right(scores, state.threshold(wave) or -1)
+
+
 def run_cores(sc: RolloutScenario) -> RolloutResult:
     """The rollout cores on every site (see the module docstring)."""
     started = time.perf_counter()
@@ -272,7 +277,7 @@ def run_cores(sc: RolloutScenario) -> RolloutResult:
                 continue
             remote = _summed(plan, [e for k, e in heard.items() if k != j])
             ids = cohort_ids[j]
-            members = bisect.bisect_right(cohort_scores[j], state.threshold(state.wave) or -1)
+            members = _cohort_size(cohort_scores[j], state, state.wave)
             reports = [
                 DeviceReport(
                     ids[i],
@@ -294,9 +299,7 @@ def run_cores(sc: RolloutScenario) -> RolloutResult:
                 now=now,
                 remote=remote,
                 site=names[j],
-                earlier=ids[: bisect.bisect_right(cohort_scores[j], state.threshold(state.wave - 1) or -1)]
-                if state.wave > 1
-                else (),
+                earlier=ids[: _cohort_size(cohort_scores[j], state, state.wave - 1)],
             )
             if verdict.own_measured.requests:
                 evidence.setdefault(j, []).append((now, verdict.evidence(names[j])))

@@ -332,4 +332,3 @@ async def test_a_site_cut_off_keeps_its_wave_and_cannot_pass_the_held_wave_alone
     await until(
         lambda: f.every_site("mlp-5", RolloutState.COMPLETED), 90, "the island completes after healing"
     )
-

@@ -23,7 +23,9 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import secrets
+import subprocess
 import sys
 import threading
 import time
@@ -86,6 +88,7 @@ class Agent:
     restarted or a link that healed is not judged through a channel stuck in back-off."""
 
     def __init__(self, fleet_dir: Path, client_creds: Path, workers: int) -> None:
+        self.fleet_dir = fleet_dir
         self.operator = load_credentials(fleet_dir / "operators" / "admin")
         self.operator_key = load_signing_key(fleet_dir / "operator.key", KeyRole.OPERATOR)
         self.client = load_credentials(client_creds)
@@ -317,6 +320,81 @@ class Agent:
             "refusal_reason": result.refusal_reason or None,
         }
 
+    def rollout(
+        self,
+        address: str,
+        action: str,
+        rollout_id: str,
+        model: str = "",
+        version: str = "",
+        baseline: str = "",
+        wave: int = 0,
+        options: list[str] | None = None,
+        timeout_s: float = 40.0,
+    ) -> dict:
+        """`mesh rollout ACTION` as an operator types it, through the real CLI, run in this namespace.
+
+        start signs the plan with the fleet's publisher key; approve, resume and abort sign a command
+        with the operator key. The reply is the command's JSON (`outcome` "refused" when the node said
+        no). A call that never reached a decision raises with the gRPC code the CLI names."""
+        fleet = self.fleet_dir
+        if action == "start":
+            args = ["start", model, version, "--baseline", baseline, "--id", rollout_id]
+            args += ["--key", str(fleet / "publisher.key"), *(options or [])]
+        else:
+            args = [action, rollout_id, "--key", str(fleet / "operator.key")]
+            if action in ("approve", "promote"):
+                args += ["--wave", str(wave)]
+            if action == "abort":
+                args += ["--reason", "chaos workload: not finished after the heal"]
+        args += ["--node", address, "--creds", str(fleet / "operators" / "admin"), "--json"]
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "mesh", "rollout", *args],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                env={**os.environ, "GRPC_VERBOSITY": "ERROR"},
+            )
+        except subprocess.TimeoutExpired:
+            raise CallFailed(
+                "DEADLINE_EXCEEDED", f"mesh rollout {action} ran over {timeout_s:g}s", action
+            ) from None
+        if done.stdout.strip():
+            with contextlib.suppress(ValueError):
+                return json.loads(done.stdout)  # refused answers come with JSON and exit 1
+        line = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        named = re.search(r": ([A-Z_]{4,}): ", line)
+        raise CallFailed(named.group(1) if named else "CLI", line.removeprefix("error: ")[:300], action)
+
+    def rollout_status(self, address: str, rollout_id: str, timeout_s: float = 3.0) -> dict:
+        """The rollout's status document as `mesh rollout status --json` prints it."""
+        client = self._rollout_client(address, timeout_s)
+        return self._call(address, lambda: client.status(rollout_id), "rollout_status")
+
+    def rollout_documents(self, address: str, rollout_id: str, timeout_s: float = 3.0) -> dict:
+        """What the node holds of a rollout: its own site's replicated state (with the wave thresholds)
+        and its own decision as a device (the version it should serve, and why)."""
+        client = self._rollout_client(address, timeout_s)
+        docs = self._call(address, lambda: client.documents(rollout_id), "rollout_documents")
+        return {
+            "node_id": docs.node_id,
+            "site": docs.site,
+            "has_plan": bool(docs.signed_plan_json),
+            "site_state": json.loads(docs.site_state_json) if docs.site_state_json else None,
+            "device": json.loads(docs.device_json) if docs.device_json else None,
+        }
+
+    def _rollout_client(self, address: str, timeout_s: float):
+        from mesh.admin.rollout_client import RolloutClient
+
+        key = ("rollout", address, timeout_s)
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = RolloutClient(address, self.operator, timeout_s=timeout_s)
+            return client
+
     def infer(self, address: str, stream_id: str, seed: int = 0, timeout_s: float = 3.0) -> dict:
         inputs = self._inputs(address)
         rng = np.random.default_rng(seed)
@@ -409,7 +487,20 @@ class Agent:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-OPS = {"status", "inference", "models", "routes", "pending", "audit", "move", "approve", "infer"}
+OPS = {
+    "status",
+    "inference",
+    "models",
+    "routes",
+    "pending",
+    "audit",
+    "move",
+    "approve",
+    "infer",
+    "rollout",
+    "rollout_status",
+    "rollout_documents",
+}
 
 
 def main() -> None:

@@ -12,8 +12,13 @@ name what broke and where (node, decision, stream, term). A checker that cannot 
 - guard_scope: no decision above the configured scope is applied on any replica without an
   `approved` record by a trusted operator key before it (recomputed from the policy).
 - audit_chains: every audit chain verifies; a log a nemesis tampered with must *not* verify.
-- model_versions: every serving node ends on the same version of the model, and no node ever
-  served a version signed by a key outside the fleet or one nobody published.
+- model_versions: every serving node ends on the same version of the model (where the run
+  rolls a version out: the version its site's outcome says, judged by `rollouts`), and no node
+  ever served a version signed by a key outside the fleet or one nobody published.
+- rollouts: every replica of every site ends each rollout finished (completed or aborted) and
+  agreeing with its site; every node ends on its site's outcome (the target of a completed
+  rollout, the baseline of an aborted one); a bad version is completed nowhere; and where a site
+  aborted, no device outside the waves the site reached ever served the target.
 - membership: after the heal every running node sees every other running node alive, within
   a bound derived from the SWIM timings.
 - one_leader_per_term: in each site, no two nodes are named leader for the same Raft term.
@@ -28,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chaos.history import ACKNOWLEDGED, NodeFinal, RunRecord
+from mesh.rollout.cohort import cohort_score, first_wave
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 MAX_PROBLEMS_SHOWN = 20
@@ -361,7 +367,11 @@ def model_versions(record: RunRecord) -> CheckResult:
     finals = {n: f.inference for n, f in record.final.items() if f.running}
     problems += _unreadable(record, sorted(finals), "the inference status", "inference")
     active = {n: (s or {}).get("active_version") or None for n, s in finals.items() if s is not None}
-    if active:
+    if active and record.spec.rollouts:
+        idle = sorted(n for n, v in active.items() if v is None)
+        if idle:
+            problems.append(f"{', '.join(idle)} serve no version of {record.spec.model} at the end")
+    elif active:
         if None in active.values():
             idle = sorted(n for n, v in active.items() if v is None)
             problems.append(f"{', '.join(idle)} serve no version of {record.spec.model} at the end")
@@ -376,6 +386,115 @@ def model_versions(record: RunRecord) -> CheckResult:
         f"{len(active)} nodes end on {record.spec.model} {', '.join(final_versions)}; "
         "no unverified version ever served",
         {"final_versions": final_versions},
+    )
+
+
+FINAL_ROLLOUT_STATES = ("completed", "aborted")
+
+
+def _served(record: RunRecord) -> dict[str, set[str]]:
+    """Versions each node was seen serving itself: its sampled active version, and the answers to
+    requests it served for itself (device-infer). A stream's request is answered by the stream's
+    owner, not by the node asked, so those are left out."""
+    served: dict[str, set[str]] = defaultdict(set)
+    for sample in record.samples:
+        if sample.kind == "inference" and sample.data.get("active_version"):
+            served[sample.node].add(sample.data["active_version"])
+    for op in record.ops:
+        if op.kind == "device-infer" and op.outcome == ACKNOWLEDGED and op.detail.get("version"):
+            served[op.node].add(op.detail["version"])
+    return served
+
+
+def rollouts(record: RunRecord) -> CheckResult:
+    name = "rollouts"
+    if not record.spec.rollouts:
+        return CheckResult(name, SKIP, "this run rolled nothing out")
+    problems: list[str] = []
+    served = _served(record)
+    sites = sorted(set(record.spec.sites.values()))
+    outcomes: dict[str, dict[str, str]] = {}
+    for i, rollout in enumerate(record.spec.rollouts):
+        rid, target, baseline = rollout["rollout_id"], rollout["target"], rollout["baseline"]
+        started = any(
+            o.kind == "rollout-start" and o.outcome == ACKNOWLEDGED and o.detail.get("rollout_id") == rid
+            for o in record.ops
+        )
+        docs = {
+            n: (f.rollouts or {}).get(rid)
+            for n, f in record.final.items()
+            if f.running and f.rollouts is not None and (f.rollouts or {}).get(rid) is not None
+        }
+        if not started and not any(d.get("has_plan") for d in docs.values()):
+            outcomes[rid] = {}
+            continue  # never started (its start was refused everywhere): nothing to judge
+        problems += _unreadable(
+            record,
+            sorted(n for n, f in record.final.items() if f.running and n not in docs),
+            f"rollout {rid}",
+            "rollouts",
+        )
+        outcomes[rid] = {}
+        for site in sites:
+            states = {n: d["site_state"] for n, d in docs.items() if record.spec.sites.get(n) == site}
+            missing = sorted(n for n, st in states.items() if st is None)
+            if missing:
+                problems.append(f"site {site}: {', '.join(missing)} hold no state of rollout {rid}")
+            held = {n: st for n, st in states.items() if st is not None}
+            ends = {st["state"] for st in held.values()}
+            unfinished = {n: st for n, st in held.items() if st["state"] not in FINAL_ROLLOUT_STATES}
+            if unfinished:
+                n, st = sorted(unfinished.items())[0]
+                problems.append(
+                    f"site {site}: rollout {rid} is not finished at the end: {n} holds it {st['state']} at "
+                    f"wave {st['wave']}, waiting for {st.get('waiting_for') or '?'}"
+                )
+            elif len(ends) > 1:
+                spread = ", ".join(f"{n}: {st['state']}" for n, st in sorted(held.items()))
+                problems.append(f"site {site}: replicas end rollout {rid} differently ({spread})")
+            if len(ends) != 1 or unfinished:
+                continue
+            end = ends.pop()
+            outcomes[rid][site] = end
+            if end == "completed" and target in record.spec.bad:
+                problems.append(
+                    f"site {site} completed rollout {rid} of the bad version {target}: its gates never "
+                    "caught the errors its devices served"
+                )
+            if end == "aborted":
+                # Waves are nested prefixes of one ranking: the reached wave's threshold bounds them all.
+                furthest = max(held.values(), key=lambda st: st["wave"])
+                reached = furthest["wave"]
+                thresholds = [None if t is None else int(t, 16) for t in furthest.get("thresholds", [])]
+                for node in _site_nodes(record, site):
+                    if target in served.get(node, set()) and (
+                        first_wave(cohort_score(rid, node), thresholds[:reached]) is None
+                    ):
+                        problems.append(
+                            f"{node} served {target} of rollout {rid}, but site {site} aborted it at wave "
+                            f"{reached} and {node} is in none of its waves up to there"
+                        )
+            if i == len(record.spec.rollouts) - 1:
+                expected = target if end == "completed" else baseline
+                for node in _site_nodes(record, site):
+                    final = record.final.get(node)
+                    if final is None or not final.running or final.inference is None:
+                        continue  # model_versions names unreadable and stopped nodes
+                    active = final.inference.get("active_version")
+                    if active != expected:
+                        problems.append(
+                            f"{node} ends on {record.spec.model} {active}, but site {site} {end} rollout "
+                            f"{rid}: it must serve {expected}"
+                        )
+    described = "; ".join(
+        f"{rid}: " + (", ".join(f"{site} {end}" for site, end in sorted(ends.items())) or "never started")
+        for rid, ends in outcomes.items()
+    )
+    return _result(
+        name,
+        problems,
+        f"{described}; every node on its site's outcome, no device outside the reached waves served a target",
+        {"outcomes": outcomes},
     )
 
 
@@ -478,6 +597,7 @@ CHECKERS: dict[str, Callable[[RunRecord], CheckResult]] = {
     "guard_scope": guard_scope,
     "audit_chains": audit_chains,
     "model_versions": model_versions,
+    "rollouts": rollouts,
     "membership": membership,
     "one_leader_per_term": one_leader_per_term,
     "nodes_running": nodes_running,

@@ -478,13 +478,41 @@ class Cluster:
         return json.loads(done.stdout)
 
 
-def model_files() -> list[Path]:
-    """Real INT8 wake-word models with the same input signature: each is one version of the chaos model."""
-    import pymicro_wakeword
+# The version of the chaos model each family's files are published as: baseline (1), the version the
+# workload publishes and rolls out (2), the rogue one (9, signed outside the fleet), a spare.
+MODEL_FAMILIES = ("wake", "mlp-bad")
 
-    folder = Path(pymicro_wakeword.__file__).parent / "models"
-    files = [folder / f"{name}.tflite" for name in ("okay_nabu", "hey_jarvis", "alexa", "hey_mycroft")]
-    missing = [f for f in files if not f.exists()]
-    if missing:
-        raise ClusterError(f"{missing[0]} is missing: install the test extras (make install)")
-    return files
+
+def model_files(family: str = "wake", folder: Path | None = None) -> list[Path]:
+    """The chaos model's versions, all with the same input signature: [baseline, published, rogue, spare].
+
+    - "wake": real INT8 wake-word models (pymicro_wakeword); every version answers every input.
+    - "mlp-bad": float MLPs (`mesh.inference.fixtures`), where the published version is bad: its
+      outputs are NaN whenever input[0, 0] < 0, half of the workload's standard-normal inputs. It
+      loads and passes activation's validation (inputs in [0, 1)), so only the rollout's gate, fed by
+      the devices' own error counts, can catch it. The files are written into `folder`."""
+    if family == "wake":
+        import pymicro_wakeword
+
+        models = Path(pymicro_wakeword.__file__).parent / "models"
+        files = [models / f"{name}.tflite" for name in ("okay_nabu", "hey_jarvis", "alexa", "hey_mycroft")]
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            raise ClusterError(f"{missing[0]} is missing: install the test extras (make install)")
+        return files
+    if family == "mlp-bad":
+        from mesh.inference.fixtures import PARTLY_NAN_LAYERS, mlp_model, partly_nan_model
+
+        if folder is None:
+            raise ClusterError("the mlp-bad model family is written into a folder; none was given")
+        folder.mkdir(parents=True, exist_ok=True)
+        made = {
+            "mlp-1.tflite": mlp_model(PARTLY_NAN_LAYERS, seed=1),
+            "mlp-2-bad.tflite": partly_nan_model(PARTLY_NAN_LAYERS, seed=2, threshold=0.0),
+            "mlp-9-rogue.tflite": mlp_model(PARTLY_NAN_LAYERS, seed=9),
+            "mlp-4.tflite": mlp_model(PARTLY_NAN_LAYERS, seed=4),
+        }
+        for name, data in made.items():
+            (folder / name).write_bytes(data)
+        return [folder / name for name in made]
+    raise ClusterError(f"unknown model family {family!r}; known: {', '.join(MODEL_FAMILIES)}")

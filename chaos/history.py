@@ -35,7 +35,7 @@ class Op:
     the node's outcome and message, or the error code and message."""
 
     id: int
-    kind: str  # infer | move | approve | publish | publish-rogue
+    kind: str  # infer | device-infer | move | approve | publish | publish-rogue | rollout-<action>
     node: str
     site: str
     start_s: float
@@ -76,6 +76,7 @@ class NodeFinal:
     audit: dict[str, Any] | None = None
     inference: dict[str, Any] | None = None
     models: dict[str, Any] | None = None
+    rollouts: dict[str, Any] | None = None  # rollout id -> what the node holds of it (rollout_documents)
     errors: list[str] = field(default_factory=list)
 
 
@@ -94,6 +95,9 @@ class RunSpec:
     model: str
     published: list[str] = field(default_factory=list)  # versions published with the fleet's key
     rogue: list[str] = field(default_factory=list)  # versions signed by a key the fleet does not trust
+    bad: list[str] = field(default_factory=list)  # published versions that answer wrongly (NaN) on purpose
+    # the workload's rollouts, in start order: {"rollout_id", "target", "baseline"}
+    rollouts: list[dict[str, Any]] = field(default_factory=list)
     tampered_audit: list[str] = field(default_factory=list)  # nodes whose audit log a nemesis altered
     membership_bound_s: float = 30.0
     timings: dict[str, float] = field(default_factory=dict)

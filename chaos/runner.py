@@ -89,6 +89,7 @@ class Run:
         self.record: RunRecord | None = None
         self.rec: Recorder | None = None
         self.names: dict[str, str] = {}
+        self.model_files: list[Path] = []
 
     # -- World --
 
@@ -155,7 +156,8 @@ class Run:
         )
         await asyncio.to_thread(cluster.build)
         self.names = leader_names(self.plan, cluster.network)
-        files = model_files()
+        self.model_files = model_files(self.scenario.model_family, self.workdir / "models")
+        files = self.model_files
         await asyncio.to_thread(cluster.publish, self.plan.ids[0], files[0], "1")
         spec = RunSpec(
             scenario=self.scenario.name,
@@ -167,6 +169,7 @@ class Run:
             operator_key_ids=[cluster.fleet["operator_key_id"]],
             model="wake",
             published=["1"],
+            bad=[PUBLISHED_VERSION] if self.scenario.model_family == "mlp-bad" else [],
             membership_bound_s=self.plan.membership_bound_s(),
             timings={
                 k: getattr(self.plan.timings, k)
@@ -247,7 +250,7 @@ class Run:
         sampler = Sampler(cluster, self.agent, self.rec, scenario.workload.sample_interval_s, self.names)
         sampler.on_round.append(self._check_convergence)
         sampler_task = asyncio.create_task(sampler.run(), name="sampler")
-        workload = Workload(cluster, self.agent, self.rec, scenario.workload, self.seed, model_files())
+        workload = Workload(cluster, self.agent, self.rec, scenario.workload, self.seed, self.model_files)
         steps = steps_for(scenario, self.seed)
         fault_start = scenario.warmup_s
         tasks = workload.tasks(fault_start)
@@ -265,15 +268,16 @@ class Run:
             await asyncio.gather(*tasks, return_exceptions=True)
             if heal_task is not None:
                 self.record.measurements["heal"] = await heal_task
-            await self._settle()
+            await self._settle(workload)
         finally:
             workload.stop_writes.set()
             workload.stop_all.set()
+            workload.stop_rollouts.set()
             sampler.stop.set()
-            for task in [*tasks, heal_task]:
+            for task in [*tasks, *workload.rollout_tasks, heal_task]:
                 if task is not None and not task.done():
                     task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *workload.rollout_tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await sampler_task
         self.record.settled_at_s = self.rec.now()
@@ -305,19 +309,16 @@ class Run:
         if all({m for m, s in view.items() if s == "alive"} >= running for view in views.values()):
             self.record.converged_at_s = self.rec.now()
 
-    async def _settle(self) -> None:
-        """Wait until membership reconverged, every replica reads current routes, and every node
-        serves the newest acknowledged version; give up after the scenario's settle timeout."""
+    async def _settle(self, workload: Workload) -> None:
+        """Wait until membership reconverged, every replica reads current routes, every site finished
+        the workload's rollouts and every node serves the version its site's outcome says (the
+        target of a completed rollout, the baseline of an aborted one); give up after the
+        scenario's settle timeout."""
         deadline = time.monotonic() + self.scenario.settle_timeout_s
-        published = [
-            o.detail["version"]
-            for o in self.record.ops
-            if o.kind == "publish" and o.outcome == "acknowledged"
-        ]
-        target = max(["1", *published], key=lambda v: (len(v), v))
         last = ""
         while time.monotonic() < deadline:
             running = self._running()
+            expected = workload.operator.expected_versions()
             routes = await asyncio.gather(
                 *(self.agent.call("routes", timeout_s=3.0, address=self.cluster.address(n)) for n in running),
                 return_exceptions=True,
@@ -335,9 +336,11 @@ class Run:
                 if not isinstance(r, dict) or not r["group"].get("current")
             ]
             behind = [
-                n
+                f"{n} ({m.get('active_version') if isinstance(m, dict) else 'no answer'}, "
+                f"expected {expected[n]})"
                 for n, m in zip(running, models, strict=True)
-                if not isinstance(m, dict) or m.get("active_version") != target
+                if expected is not None
+                and (not isinstance(m, dict) or m.get("active_version") != expected[n])
             ]
             if self.record.converged_at_s is None:
                 views = {n: {} for n in running}
@@ -354,9 +357,10 @@ class Run:
                 self._check_convergence({n: v for n, v in views.items() if v})
             last = (
                 f"membership {'converged' if self.record.converged_at_s is not None else 'not converged'}; "
-                f"not current: {stale or 'none'}; not on version {target}: {behind or 'none'}"
+                f"not current: {stale or 'none'}; rollouts: {workload.operator.describe()}; "
+                f"not on their site's version: {behind or 'none'}"
             )
-            if self.record.converged_at_s is not None and not stale and not behind:
+            if self.record.converged_at_s is not None and not stale and expected is not None and not behind:
                 self.echo(f"chaos: settled at t={self.rec.now():.1f}s")
                 return
             await asyncio.sleep(1.0)  # polling until the cluster settles
@@ -365,12 +369,12 @@ class Run:
         )
 
     async def _collect_final(self) -> None:
-        async def attempt(op: str, node: str, timeout_s: float):
+        async def attempt(op: str, node: str, timeout_s: float, **args: Any):
             error = None
             for _ in range(3):
                 try:
                     return await self.agent.call(
-                        op, timeout_s=timeout_s, address=self.cluster.address(node)
+                        op, timeout_s=timeout_s, address=self.cluster.address(node), **args
                     ), None
                 except CallError as exc:
                     error = f"{op}: {exc}"
@@ -394,6 +398,14 @@ class Run:
                 setattr(final, attr, value)
                 if error:
                     final.errors.append(error)
+            if self.record.spec.rollouts:
+                final.rollouts = {}
+                for rollout in self.record.spec.rollouts:
+                    rid = rollout["rollout_id"]
+                    value, error = await attempt("rollout_documents", node, 3.0, rollout_id=rid)
+                    final.rollouts[rid] = value
+                    if error:
+                        final.errors.append(error)
             return final
 
         finals = await asyncio.gather(*(one(n) for n in self.plan.ids))

@@ -45,6 +45,7 @@ class Scenario:
     after_heal_s: float = 6.0  # workload keeps running this long after the last heal
     settle_timeout_s: float = 60.0
     measure_heal: bool = False  # issue 14's heal figures (time to current reads, false deaths)
+    model_family: str = "wake"  # chaos.cluster.model_files: "mlp-bad" publishes a bad version 2
 
 
 def _nine() -> ClusterPlan:
@@ -281,6 +282,17 @@ _add(
         "5 nodes in one site: one node's audit log bit-flipped, another's truncated; both must be detected",
         _five,
         lambda rng: [(4.0, 1.0, Corrupt("audit", "bitflip")), (8.0, 1.0, Corrupt("audit", "truncate"))],
+    )
+)
+_add(
+    Scenario(
+        "rollout-bad",
+        "9 nodes in 3 sites: a bad version (NaN on half the inputs) rolled out while a site's Raft "
+        "leader is isolated for 12 s; every site must roll it back by itself",
+        _nine,
+        lambda rng: [(3.0, 12.0, Partition("leader"))],
+        WorkloadSpec(publish_at_s=1.0),
+        model_family="mlp-bad",
     )
 )
 _add(Scenario("mixed", "9 nodes in 3 sites: three faults drawn from the seed", _nine, _mixed))

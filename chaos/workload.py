@@ -10,6 +10,13 @@ same choices in the same order (what the nodes answer depends on timing, of cour
 - approvals: an operator lists what a random member holds and approves one of them.
 - publishes: `mesh model publish` of a new version at the origin at a set time, and of a
   rogue one (signed by a key from another fleet) that no node may ever activate.
+- rollouts: each acknowledged publish is rolled out with `mesh rollout start` (waves 1%, 10%,
+  100%, the last above the autonomous scope), and an operator (`RolloutOperator`) approves held
+  waves and resumes paused ones until every site has finished it. A scenario whose model family
+  makes the published version bad expects every site to roll it back by itself.
+- device traffic: while a rollout is planned, every device also serves its own requests (Infer
+  with no stream) every `device_infer_interval_s`, as an application on the device would: the
+  gates judge a wave by the requests its devices serve.
 - sampler: every node's membership view, group view (leader, current), Raft term and active
   model version, every `interval_s`.
 """
@@ -27,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from chaos.client import AgentClient, CallError
-from chaos.cluster import Cluster
+from chaos.cluster import MODEL_NAME, Cluster
 from chaos.history import (
     ACKNOWLEDGED,
     REFUSED,
+    UNCERTAIN_CODES,
+    UNKNOWN,
     FaultEvent,
     Op,
     RunRecord,
@@ -52,6 +61,19 @@ class WorkloadSpec:
     publish_at_s: float | None = 8.0  # after the fault phase begins
     rogue_publish_at_s: float | None = None
     sample_interval_s: float = 1.0
+    rollout: bool = True  # roll out each acknowledged publish
+    # `mesh rollout start` options: three waves, the last above the autonomous scope (held for an
+    # approval); a short soak and few requests so that a wave is judged within seconds here
+    rollout_options: tuple[str, ...] = (
+        "--waves", "1,10,100",
+        "--soak", "3s",
+        "--min-requests", "10",
+        "--deadline", "20s",
+        "--max-error-rate", "0.05",
+        "--autonomous-share", "10",
+    )  # fmt: skip
+    device_infer_interval_s: float = 0.5
+    operator_interval_s: float = 1.5
 
 
 class Recorder:
@@ -107,7 +129,12 @@ class Workload:
         self.model_files = model_files
         self.stop_writes = asyncio.Event()
         self.stop_all = asyncio.Event()
+        # device traffic and the rollout operator go on through the settle phase: a wave is judged by the
+        # requests its devices serve, and a held wave waits for its approval
+        self.stop_rollouts = asyncio.Event()
+        self.rollout_tasks: list[asyncio.Task] = []
         self.routes: dict[str, dict[str, str]] = {s: {} for s in cluster.plan.site_names}
+        self.operator = RolloutOperator(cluster, agent, recorder, spec, self.rng("operator"))
         for spec_ in cluster.plan.nodes:
             for stream in spec_.streams:
                 self.routes[spec_.site][stream] = spec_.node_id
@@ -116,6 +143,8 @@ class Workload:
         return random.Random(f"{self.seed}/{name}")
 
     def tasks(self, fault_phase_start: float) -> list[asyncio.Task]:
+        """The workload's loops until `stop_all`; the rollout loops (device traffic, the operator), which
+        run on until `stop_rollouts`, are started too and kept in `rollout_tasks`."""
         loops = [self._infer_loop(), self._move_loop(), self._approve_loop()]
         if self.spec.publish_at_s is not None:
             loops.append(
@@ -125,6 +154,11 @@ class Workload:
             loops.append(
                 self._publish_at(fault_phase_start + self.spec.rogue_publish_at_s, ROGUE_VERSION, True)
             )
+        if self.spec.rollout and self.spec.publish_at_s is not None:
+            self.rollout_tasks = [
+                asyncio.create_task(self._device_infer_loop(), name="workload-device-infer"),
+                asyncio.create_task(self._operator_loop(), name="workload-operator"),
+            ]
         return [asyncio.create_task(c, name=f"workload-{i}") for i, c in enumerate(loops)]
 
     async def _every(self, interval_s: float, stop: asyncio.Event, body: Callable[[], Any]) -> None:
@@ -159,6 +193,34 @@ class Workload:
             self.rec.end(op, ACKNOWLEDGED, version=reply.get("version"), model=reply.get("model"))
 
         await self._every(self.spec.infer_interval_s, self.stop_all, one)
+
+    async def _device_infer_loop(self) -> None:
+        """Each running device serves one request of its own (no stream) per tick."""
+        seeds = self.rng("device-infer")
+
+        async def one(node: str) -> None:
+            op = self.rec.begin("device-infer", node, self.cluster.plan.site_of(node))
+            try:
+                reply = await self.agent.call(
+                    "infer",
+                    timeout_s=3.0,
+                    address=self.cluster.address(node),
+                    stream_id="",
+                    seed=seeds.randrange(1 << 31),
+                )
+            except CallError as exc:
+                self.rec.end(op, read_outcome(exc.code), code=exc.code, error=str(exc)[:300])
+                return
+            self.rec.end(op, ACKNOWLEDGED, version=reply.get("version"), model=reply.get("model"))
+
+        async def tick() -> None:
+            running = [n for n, p in self.cluster.procs.items() if p.running() and not p.paused]
+            await asyncio.gather(*(one(n) for n in running))
+
+        await self._every(self.spec.device_infer_interval_s, self.stop_rollouts, tick)
+
+    async def _operator_loop(self) -> None:
+        await self._every(self.spec.operator_interval_s, self.stop_rollouts, self.operator.tick)
 
     # -- moves --
 
@@ -261,6 +323,203 @@ class Workload:
             self.rec.end(op, REFUSED, error=str(exc)[:300])
             return
         self.rec.end(op, ACKNOWLEDGED, manifest_digest=made.get("manifest_digest"))
+        if not rogue and self.spec.rollout:
+            await self.operator.start(version, baseline="1", origin=origin, stop=self.stop_writes)
+
+
+class RolloutOperator:
+    """The operator of the workload's rollouts: starts each with `mesh rollout start`, then, on every
+    tick, reads where each stands and does what `mesh admin pending` would tell an operator to do:
+    approve a wave held above the autonomous scope, resume a paused rollout. It never aborts: a
+    rollout that ends aborted was rolled back by its sites' own gates (or a bad version caught).
+
+    Each action is a recorded operation (rollout-start, rollout-approve, rollout-resume)."""
+
+    RETRY_S = 8.0  # an action repeated for the same site and wave no sooner than this
+
+    def __init__(
+        self, cluster: Cluster, agent: AgentClient, recorder: Recorder, spec: WorkloadSpec, rng: random.Random
+    ) -> None:
+        self.cluster = cluster
+        self.agent = agent
+        self.rec = recorder
+        self.spec = spec
+        self.rng = rng
+        self.rollouts: list[dict[str, Any]] = []  # as in RunSpec.rollouts, plus "status" (the latest read)
+        self._last_action: dict[tuple[str, str, str, int], float] = {}
+
+    def _running(self, nodes: list[str] | None = None) -> list[str]:
+        nodes = nodes if nodes is not None else self.cluster.plan.ids
+        return [n for n in nodes if self.cluster.procs[n].running() and not self.cluster.procs[n].paused]
+
+    async def _known(self, rollout_id: str) -> bool:
+        """Does any node answering now hold the rollout (after a start whose answer was lost)?"""
+        for node in self._running():
+            with contextlib.suppress(CallError):
+                docs = await self.agent.call(
+                    "rollout_documents",
+                    timeout_s=2.0,
+                    address=self.cluster.address(node),
+                    rollout_id=rollout_id,
+                )
+                if docs["has_plan"]:
+                    return True
+        return False
+
+    async def start(self, version: str, *, baseline: str, origin: str, stop: asyncio.Event) -> None:
+        """`mesh rollout start` through the origin (it holds the new version's manifest), then through
+        any other node, until one takes it or the workload stops writing."""
+        rollout_id = f"{MODEL_NAME}-{version}-chaos"
+        entry = {"rollout_id": rollout_id, "target": version, "baseline": baseline}
+        self.rec.record.spec.rollouts.append(dict(entry))
+        attempt = 0
+        while not stop.is_set():
+            candidates = self._running()
+            node = origin if attempt == 0 or origin in candidates and attempt % 2 == 0 else None
+            if node is None and candidates:
+                node = self.rng.choice(candidates)
+            attempt += 1
+            if node is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 2.0)  # nobody answers: retry pacing
+                continue
+            op = self.rec.begin("rollout-start", node, self.cluster.plan.site_of(node), **entry)
+            try:
+                reply = await self.agent.call(
+                    "rollout",
+                    timeout_s=40.0,
+                    address=self.cluster.address(node),
+                    action="start",
+                    rollout_id=rollout_id,
+                    model=MODEL_NAME,
+                    version=version,
+                    baseline=baseline,
+                    options=list(self.spec.rollout_options),
+                )
+            except CallError as exc:
+                uncertain = exc.code in UNCERTAIN_CODES
+                self.rec.end(op, UNKNOWN if uncertain else REFUSED, code=exc.code, error=str(exc)[:300])
+                if uncertain and await self._known(rollout_id):
+                    break
+            else:
+                took = reply.get("outcome") != "refused"
+                self.rec.end(
+                    op,
+                    ACKNOWLEDGED if took else REFUSED,
+                    outcome=reply.get("outcome"),
+                    message=str(reply.get("message", ""))[:300],
+                    refusal_reason=reply.get("refusal_reason"),
+                    plan_digest=reply.get("plan_digest"),
+                )
+                if took or await self._known(rollout_id):
+                    break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 2.0)  # retry pacing
+        else:
+            return
+        self.rollouts.append({**entry, "status": None})
+
+    def finished(self) -> bool:
+        """Has every site finished every started rollout, as the latest reads say?"""
+        return all(_finished(r["status"], self.cluster.plan.site_names) for r in self.rollouts)
+
+    def expected_versions(self) -> dict[str, str] | None:
+        """The version each node must end on, from the latest rollout's outcome in its site: its target
+        where the site completed it, its baseline where the site aborted it; None while unfinished."""
+        versions = {n: "1" for n in self.cluster.plan.ids}
+        if not self.rollouts:
+            return versions
+        last = self.rollouts[-1]
+        if not _finished(last["status"], self.cluster.plan.site_names):
+            return None
+        outcome = {row["site"]: row["state"] for row in last["status"]["sites"]}
+        for node in versions:
+            done = outcome[self.cluster.plan.site_of(node)]
+            versions[node] = last["target"] if done == "completed" else last["baseline"]
+        return versions
+
+    def describe(self) -> str:
+        parts = []
+        for r in self.rollouts:
+            rows = (r["status"] or {}).get("sites", [])
+            where = (
+                ", ".join(f"{row['site']} {row['state']} w{row['wave']}" for row in rows) or "no status yet"
+            )
+            parts.append(f"{r['rollout_id']}: {where}")
+        return "; ".join(parts) or "no rollout started"
+
+    async def tick(self) -> None:
+        for rollout in self.rollouts:
+            if _finished(rollout["status"], self.cluster.plan.site_names):
+                continue
+            running = self._running()
+            if not running:
+                return
+            node = self.rng.choice(running)
+            try:
+                status = await self.agent.call(
+                    "rollout_status",
+                    timeout_s=3.0,
+                    address=self.cluster.address(node),
+                    rollout_id=rollout["rollout_id"],
+                )
+            except CallError:
+                continue  # asked again on the next tick
+            rollout["status"] = {"sites": status.get("sites", []), "state": status.get("state"), "by": node}
+            for row in status.get("sites", []):
+                if row["state"] == "waiting_approval":
+                    await self._act(rollout, row, "approve", row["wave"] + 1)
+                elif row["state"] == "paused":
+                    await self._act(rollout, row, "resume", row["wave"])
+
+    async def _act(self, rollout: dict[str, Any], row: dict[str, Any], action: str, wave: int) -> None:
+        key = (rollout["rollout_id"], row["site"], action, wave)
+        now = self.rec.now()
+        if now - self._last_action.get(key, -1e9) < self.RETRY_S:
+            return
+        members = self._running(self.cluster.plan.site_members(row["site"]))
+        if not members:
+            return
+        self._last_action[key] = now
+        node = self.rng.choice(members)
+        op = self.rec.begin(
+            f"rollout-{action}",
+            node,
+            row["site"],
+            rollout_id=rollout["rollout_id"],
+            wave=wave,
+            why=row["reason"],
+        )
+        try:
+            reply = await self.agent.call(
+                "rollout",
+                timeout_s=40.0,
+                address=self.cluster.address(node),
+                action=action,
+                rollout_id=rollout["rollout_id"],
+                wave=wave,
+            )
+        except CallError as exc:
+            outcome = UNKNOWN if exc.code in UNCERTAIN_CODES else REFUSED
+            self.rec.end(op, outcome, code=exc.code, error=str(exc)[:300])
+            return
+        self.rec.end(
+            op,
+            REFUSED if reply.get("outcome") == "refused" else ACKNOWLEDGED,
+            outcome=reply.get("outcome"),
+            message=str(reply.get("message", ""))[:300],
+            refusal_reason=reply.get("refusal_reason"),
+        )
+
+
+FINAL_STATES = frozenset({"completed", "aborted"})
+
+
+def _finished(status: dict[str, Any] | None, sites: list[str]) -> bool:
+    if status is None:
+        return False
+    rows = {row["site"]: row["state"] for row in status.get("sites", [])}
+    return all(rows.get(site) in FINAL_STATES for site in sites)
 
 
 class Sampler:

@@ -966,6 +966,8 @@ def _site_state_doc(plan: RolloutPlan, rollout: SiteRollout) -> dict[str, Any]:
         "eligible_count": rollout.eligible_count,
         "updated_at": rollout.updated_at,
         "approved_waves": sorted(rollout.approved_waves),
+        # per wave, the highest cohort score in it (hex; None: nobody of this site): who was in which wave
+        "thresholds": [None if t is None else f"{t:064x}" for t in rollout.thresholds],
     }
 
 

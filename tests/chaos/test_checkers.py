@@ -23,8 +23,10 @@ from chaos.history import (
     read_outcome,
     write_outcome,
 )
+from mesh.rollout.cohort import MAX_SCORE, cohort_score
 
 NODES = ("n01", "n02", "n03")
+ROLLOUT = "wake-2-chaos"
 OPERATOR_KEY = "0perat0rkey00001"
 GUARD = {"move_streams": {"max_nodes": 2, "max_fraction": 1.0, "max_streams": 1}}
 
@@ -97,6 +99,27 @@ def _decisions() -> list[dict]:
 FINAL_ROUTES = {"s1": "n02", "s2": "n03", "s3": "n01"}
 
 
+def _score(node: str) -> int:
+    return cohort_score(ROLLOUT, node)
+
+
+def _rollout_doc(node: str, state: str, wave: int, thresholds: list[int | None]) -> dict:
+    """What `rollout_documents` answers: the node's replica of its site's rollout state."""
+    return {
+        "node_id": node,
+        "site": "ams",
+        "has_plan": True,
+        "site_state": {
+            "state": state,
+            "wave": wave,
+            "reason": "",
+            "waiting_for": "nothing (finished)" if state in ("completed", "aborted") else "the gate",
+            "thresholds": [None if t is None else f"{t:064x}" for t in thresholds],
+        },
+        "device": None,
+    }
+
+
 def healthy() -> RunRecord:
     spec = RunSpec(
         scenario="unit",
@@ -109,6 +132,7 @@ def healthy() -> RunRecord:
         model="wake",
         published=["1", "2"],
         rogue=["9"],
+        rollouts=[{"rollout_id": ROLLOUT, "target": "2", "baseline": "1"}],
         membership_bound_s=30.0,
     )
     record = RunRecord(spec=spec)
@@ -148,6 +172,17 @@ def healthy() -> RunRecord:
         Op(5, "infer", "n01", "ams", 3.0, 3.1, ACKNOWLEDGED, {"version": "1"}),
         Op(6, "infer", "n02", "ams", 11.0, 11.2, REFUSED, {"code": "UNAVAILABLE"}),
         Op(7, "infer", "n03", "ams", 30.0, 30.1, ACKNOWLEDGED, {"version": "2"}),
+        Op(
+            8,
+            "rollout-start",
+            "n01",
+            "ams",
+            8.0,
+            9.0,
+            ACKNOWLEDGED,
+            {"rollout_id": ROLLOUT, "outcome": "applied"},
+        ),
+        Op(9, "device-infer", "n02", "ams", 35.0, 35.1, ACKNOWLEDGED, {"version": "2"}),
     ]
     record.faults = [
         FaultEvent(10.0, "apply", "0-partition-one", "isolate n03", {"isolated": ["n03"]}),
@@ -174,6 +209,7 @@ def healthy() -> RunRecord:
                 "records": _audit(ds),
             },
             inference={"active_version": "2"},
+            rollouts={ROLLOUT: _rollout_doc(n, "completed", 3, [_score(NODES[0]), None, MAX_SCORE])},
         )
     record.healed_at_s = 20.0
     record.converged_at_s = 24.0
@@ -361,6 +397,9 @@ def test_a_version_nobody_published_answering_an_infer_fails():
 
 def test_nodes_ending_on_different_versions_fail():
     record = healthy()
+    record.spec.rollouts = []  # without a rollout, every node must end on one version
+    for final in record.final.values():
+        final.rollouts = None
     record.final["n03"].inference = {"active_version": "1"}
     result = _check("model_versions", record)
     assert (
@@ -368,6 +407,95 @@ def test_nodes_ending_on_different_versions_fail():
         and "different versions" in result.problems[0]
         and "n03: 1" in result.problems[0]
     )
+
+
+# -- rollouts --
+
+
+def _abort_at_wave_one(record: RunRecord) -> tuple[str, str]:
+    """Site ams aborted the rollout at wave 1, whose one device is the lowest-ranked node; every node
+    is back on the baseline. Returns (the node in wave 1, a node outside it)."""
+    ranked = sorted(NODES, key=_score)
+    for n in NODES:
+        record.final[n].rollouts = {ROLLOUT: _rollout_doc(n, "aborted", 1, [_score(ranked[0]), None, None])}
+        record.final[n].inference = {"active_version": "1"}
+    record.ops = [o for o in record.ops if o.kind != "device-infer"]
+    record.samples = [s for s in record.samples if s.kind != "inference" or s.data["active_version"] == "1"]
+    return ranked[0], ranked[-1]
+
+
+def test_without_a_rollout_the_rollout_checker_skips():
+    record = healthy()
+    record.spec.rollouts = []
+    assert _check("rollouts", record).status == SKIP
+
+
+def test_a_bad_version_completed_anywhere_fails():
+    record = healthy()
+    record.spec.bad = ["2"]
+    result = _check("rollouts", record)
+    assert (
+        result.status == FAIL and "completed rollout wake-2-chaos of the bad version 2" in result.problems[0]
+    )
+
+
+def test_a_device_outside_the_waves_an_aborted_site_reached_serving_the_target_fails():
+    record = healthy()
+    inside, outside = _abort_at_wave_one(record)
+    record.samples.append(Sample(12.0, inside, "inference", {"active_version": "2"}))
+    assert _check("rollouts", record).status == PASS, _check("rollouts", record).problems
+    record.ops.append(Op(20, "device-infer", outside, "ams", 13.0, 13.1, ACKNOWLEDGED, {"version": "2"}))
+    result = _check("rollouts", record)
+    assert result.status == FAIL
+    assert (
+        f"{outside} served 2 of rollout wake-2-chaos, but site ams aborted it at wave 1" in result.problems[0]
+    )
+
+
+def test_a_node_left_on_the_target_of_an_aborted_rollout_fails():
+    record = healthy()
+    inside, _ = _abort_at_wave_one(record)
+    record.final[inside].inference = {"active_version": "2"}
+    result = _check("rollouts", record)
+    assert result.status == FAIL
+    assert (
+        f"{inside} ends on wake 2, but site ams aborted rollout wake-2-chaos: it must serve 1"
+        in result.problems
+    )
+
+
+def test_a_node_left_on_the_baseline_of_a_completed_rollout_fails():
+    record = healthy()
+    record.final["n03"].inference = {"active_version": "1"}
+    result = _check("rollouts", record)
+    assert (
+        result.status == FAIL
+        and "n03 ends on wake 1" in result.problems[0]
+        and "must serve 2" in result.problems[0]
+    )
+
+
+def test_an_unfinished_rollout_or_replicas_that_disagree_fail():
+    record = healthy()
+    record.final["n02"].rollouts = {ROLLOUT: _rollout_doc("n02", "waiting_approval", 2, [1, 2, None])}
+    result = _check("rollouts", record)
+    assert result.status == FAIL and "n02 holds it waiting_approval at wave 2" in result.problems[0]
+    record = healthy()
+    record.final["n02"].rollouts = {ROLLOUT: _rollout_doc("n02", "aborted", 3, [1, 2, 3])}
+    result = _check("rollouts", record)
+    assert result.status == FAIL and "replicas end rollout wake-2-chaos differently" in result.problems[0]
+
+
+def test_a_replica_that_cannot_be_read_fails_and_a_rollout_never_started_is_not_judged():
+    record = healthy()
+    record.final["n01"].rollouts = None
+    result = _check("rollouts", record)
+    assert result.status == FAIL and "cannot read rollout wake-2-chaos of n01" in result.problems[0]
+    record = healthy()
+    record.ops = [o for o in record.ops if o.kind != "rollout-start"]
+    for n in NODES:
+        record.final[n].rollouts = {ROLLOUT: {"has_plan": False, "site_state": None, "device": None}}
+    assert _check("rollouts", record).status == PASS
 
 
 def test_a_live_node_left_dead_fails():

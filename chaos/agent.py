@@ -363,9 +363,10 @@ class Agent:
         if done.stdout.strip():
             with contextlib.suppress(ValueError):
                 return json.loads(done.stdout)  # refused answers come with JSON and exit 1
-        line = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        named = re.search(r": ([A-Z_]{4,}): ", line)
-        raise CallFailed(named.group(1) if named else "CLI", line.removeprefix("error: ")[:300], action)
+        # The CLI's console wraps long messages: look for the gRPC code in all of stderr, not its last line.
+        said = " ".join(done.stderr.split()) or f"exit {done.returncode}"
+        named = re.search(r": ([A-Z_]{4,}): ", said)
+        raise CallFailed(named.group(1) if named else "CLI", said.removeprefix("error: ")[:300], action)
 
     def rollout_status(self, address: str, rollout_id: str, timeout_s: float = 3.0) -> dict:
         """The rollout's status document as `mesh rollout status --json` prints it."""

@@ -399,7 +399,9 @@ class RolloutOperator:
             except CallError as exc:
                 uncertain = exc.code in UNCERTAIN_CODES
                 self.rec.end(op, UNKNOWN if uncertain else REFUSED, code=exc.code, error=str(exc)[:300])
-                if uncertain and await self._known(rollout_id):
+                # A node hands a verified plan on even when its own proposal failed: never sign a second
+                # plan under the same id while the first may be spreading.
+                if await self._known(rollout_id):
                     break
             else:
                 took = reply.get("outcome") != "refused"

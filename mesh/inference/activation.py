@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Iterable, Set
 from dataclasses import dataclass
@@ -31,6 +31,8 @@ from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, veri
 from mesh.artifacts.store import ArtifactStore, version_order_key
 from mesh.durable import write_file_atomic
 from mesh.identity.signing import TrustedKeys
+from mesh.inference import crashloop
+from mesh.inference.crashloop import ActiveState
 from mesh.inference.runtime import ActivationError, ModelRuntime
 from mesh.retry import Backoff
 
@@ -99,17 +101,29 @@ class Activator:
                  rng: random.Random, steering: Steering | None = None,
                  state_path: Path | None = None) -> None:
         """`steering`: what to do until a rollout says otherwise (`steer`); default the newest version.
-        `state_path`: where the version served last is kept across restarts (see `choose_active`)."""
+        `state_path`: where the version served last is kept across restarts (see `choose_active`), with
+        what the node needs to notice a crash loop on a new version (`mesh.inference.crashloop`)."""
         self.model = model
         self._state_path = state_path
-        self._resume = self._read_resume()
+        self._save_lock = threading.Lock()
+        self._saves = 0  # sequence of state snapshots handed to writers
+        self._saved = 0  # the newest snapshot written: an older one in flight is dropped
+        self._state, given_up = crashloop.after_restart(self._read_state())
+        if given_up is not None:
+            log.error("refusing %s %s: the node stopped without a clean shutdown %d times while that version "
+                      "was new here (less than %.0f s of serving in a run); serving what it replaced",
+                      model, given_up, crashloop.CRASH_LIMIT, crashloop.STABLE_AFTER_S)
+        if state_path is not None and self._state.live is None:
+            self._save_now(self._state)
+        self._resume = self._state.version
+        self._stable_timer: asyncio.TimerHandle | None = None
         self._steering = steering or Steering()
         self._store = store
         self._trusted = trusted
         self._runtime = runtime
         self._wake = asyncio.Event()
         self._wake.set()  # look once at start: versions may already be on disk
-        self._refused: set[str] = set()
+        self._refused: set[str] = set(self._state.refused)
         self._verified: dict[tuple[str, str], Manifest] = {}  # (version, manifest digest) -> manifest
         self._backoff = Backoff(first_s=0.5, max_s=10.0, rng=rng)
         self._retry: asyncio.TimerHandle | None = None
@@ -153,8 +167,13 @@ class Activator:
                 log.exception("activation check failed")
 
     def close(self) -> None:
+        """Stop retrying, and record that this run stopped cleanly (not a crash on its version)."""
         if self._retry is not None:
             self._retry.cancel()
+        if self._stable_timer is not None:
+            self._stable_timer.cancel()
+        self._state = crashloop.clean_stop(self._state)
+        self._save_now(self._state)
 
     async def _activate_once(self) -> None:
         complete, transient = await asyncio.to_thread(self._complete_versions)
@@ -172,40 +191,78 @@ class Activator:
         if choice is None:
             return
         manifest = complete[choice.version]
+        # Live on the new version before touching it: if the process dies from here on, the next run
+        # counts a crash on it (a crash inside the interpreter's load is the likeliest of all).
+        await self._save(crashloop.activating(self._state, choice.version, serving))
         try:
             await asyncio.to_thread(self._runtime.activate, manifest.name, manifest.version,
                                     self._store.complete_model_path(manifest), manifest.signature,
                                     sha256=manifest.sha256)
         except ActivationError as exc:
+            await self._save(crashloop.clean_stop(self._state) if serving is None
+                             else crashloop.activated(self._state, serving))
             self._refused.add(choice.version)
             log.error("refused to activate %s %s (%s); still serving %s", manifest.name, manifest.version,
                       exc, f"{active.name} {active.version}" if active else "nothing")
             return
         except (FileNotFoundError, ArtifactError, OSError) as exc:  # collected or unreadable meanwhile
+            await self._save(crashloop.clean_stop(self._state) if serving is None
+                             else crashloop.activated(self._state, serving))
             log.info("could not activate %s %s this round: %s", manifest.name, manifest.version, exc)
             self._retry = asyncio.get_running_loop().call_later(self._backoff.next_delay_s(), self._wake.set)
             return
         self.history.append((time.monotonic(), manifest.version))
         self._backoff.reset()
         self._resume = manifest.version
-        if self._state_path is not None:
-            try:
-                state = json.dumps({"model": self.model, "version": manifest.version}).encode()
-                await asyncio.to_thread(write_file_atomic, self._state_path, state, 0o644)
-            except OSError as exc:  # serving goes on; only a restart would start from the newest version
-                log.warning("could not record the active version in %s: %s", self._state_path, exc)
+        await self._save(crashloop.activated(self._state, manifest.version))
+        if self._stable_timer is not None:
+            self._stable_timer.cancel()
+        self._stable_timer = asyncio.get_running_loop().call_later(
+            crashloop.STABLE_AFTER_S, self._served_long_enough, manifest.version)
 
-    def _read_resume(self) -> str | None:
+    def _served_long_enough(self, version: str) -> None:
+        active = self._runtime.active
+        if active is not None and active.version == version and self._state.trial is not None:
+            asyncio.get_running_loop().create_task(self._save(crashloop.stable(self._state, version)))
+
+    def _read_state(self) -> ActiveState:
         if self._state_path is None:
-            return None
+            return ActiveState(self.model)
         try:
-            doc = json.loads(self._state_path.read_bytes())
-        except (OSError, ValueError):
-            return None
-        if (not isinstance(doc, dict) or doc.get("model") != self.model
-                or not isinstance(doc.get("version"), str)):
-            return None
-        return doc["version"]
+            data = self._state_path.read_bytes()
+        except OSError:
+            return ActiveState(self.model)
+        return ActiveState.from_json(data, self.model)
+
+    async def _save(self, state: ActiveState) -> None:
+        """Make `state` the node's state and write it (in a thread); a write failure is logged, and
+        serving goes on (only a restart or a crash count would miss it)."""
+        self._state = state
+        if self._state_path is not None:
+            await asyncio.to_thread(self._write, state.to_json(), self._next_seq())
+
+    def _save_now(self, state: ActiveState) -> None:
+        if self._state_path is not None:
+            self._write(state.to_json(), self._next_seq())
+
+    def _next_seq(self) -> int:
+        with self._save_lock:
+            self._saves += 1
+            return self._saves
+
+    def _write(self, data: bytes, seq: int) -> None:
+        """Write one snapshot; writes are serialised, and one older than the last written is dropped
+        (a write still in its thread when the node stops must not undo the clean stop)."""
+        assert self._state_path is not None
+        with self._save_lock:
+            if seq < self._saved:
+                return
+            try:
+                write_file_atomic(self._state_path, data, 0o644)
+            except OSError as exc:
+                log.warning("could not record the active version in %s: %s", self._state_path, exc)
+                return
+            self._saved = seq
 
     def _complete_versions(self) -> tuple[dict[str, Manifest], bool]:
         """Blocking (directory listing, manifest reads, signature checks): run it in a thread.

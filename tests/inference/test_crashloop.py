@@ -22,7 +22,7 @@ from mesh.inference.crashloop import (
     clean_stop,
     stable,
 )
-from mesh.node.local import FAST_TIMINGS, free_ports, spawn_node_process, write_node_config
+from mesh.node.local import FAST_TIMINGS, LocalFleet, free_ports, spawn_node_process, write_node_config
 from tests.models import wakeword_model
 
 
@@ -102,7 +102,9 @@ def _wait_active(client: AdminClient, version: str, proc: subprocess.Popen, log,
         time.sleep(0.1)  # polling the node's status
 
 
-def test_a_node_killed_again_and_again_on_a_new_version_goes_back_to_the_old_one(fleet, tmp_path) -> None:
+def test_a_node_killed_again_and_again_on_a_new_version_goes_back_to_the_old_one(tmp_path) -> None:
+    # Its own fleet: this directory also runs under scripts/test-tflite-runtime.sh, without tests/conftest.py.
+    fleet = LocalFleet(tmp_path / "fleet")
     port, = free_ports(1)
     config, data_dir, log = tmp_path / "n.toml", tmp_path / "d", tmp_path / "n.log"
     write_node_config(config, node_id="crashy", address=f"127.0.0.1:{port}", seeds=[], site="essen",

@@ -17,8 +17,9 @@ name what broke and where (node, decision, stream, term). A checker that cannot 
   ever served a version signed by a key outside the fleet or one nobody published.
 - rollouts: every replica of every site ends each rollout finished (completed or aborted) and
   agreeing with its site; every node ends on its site's outcome (the target of a completed
-  rollout, the baseline of an aborted one); a bad version is completed nowhere; and where a site
-  aborted, no device outside the waves the site reached ever served the target.
+  rollout, the baseline of an aborted one; the baseline where the rollout never started); a bad
+  version's rollout starts and every site aborts it; and where a site aborted, no device outside
+  the waves the site reached ever served the target.
 - membership: after the heal every running node sees every other running node alive, within
   a bound derived from the SWIM timings.
 - one_leader_per_term: in each site, no two nodes are named leader for the same Raft term.
@@ -406,6 +407,22 @@ def _served(record: RunRecord) -> dict[str, set[str]]:
     return served
 
 
+def _ends_on(record: RunRecord, sites: list[str], expected: str, because: str) -> list[str]:
+    """Each running node of the sites that ends on another version than `expected`, as a problem."""
+    problems = []
+    for site in sites:
+        for node in _site_nodes(record, site):
+            final = record.final.get(node)
+            if final is None or not final.running or final.inference is None:
+                continue  # model_versions names unreadable and stopped nodes
+            active = final.inference.get("active_version")
+            if active != expected:
+                problems.append(
+                    f"{node} ends on {record.spec.model} {active}, but {because}: it must serve {expected}"
+                )
+    return problems
+
+
 def rollouts(record: RunRecord) -> CheckResult:
     name = "rollouts"
     if not record.spec.rollouts:
@@ -427,7 +444,15 @@ def rollouts(record: RunRecord) -> CheckResult:
         }
         if not started and not any(d.get("has_plan") for d in docs.values()):
             outcomes[rid] = {}
-            continue  # never started (its start was refused everywhere): nothing to judge
+            # Never started (its start was refused everywhere): no wave to judge, but no node may
+            # serve its target either, and a bad version's rollout that never ran tested no gate.
+            if target in record.spec.bad:
+                problems.append(
+                    f"rollout {rid} of the bad version {target} never started: no gate was put to the test"
+                )
+            if i == len(record.spec.rollouts) - 1:
+                problems += _ends_on(record, sites, baseline, f"rollout {rid} never started")
+            continue
         problems += _unreadable(
             record,
             sorted(n for n, f in record.final.items() if f.running and n not in docs),
@@ -476,16 +501,15 @@ def rollouts(record: RunRecord) -> CheckResult:
                         )
             if i == len(record.spec.rollouts) - 1:
                 expected = target if end == "completed" else baseline
-                for node in _site_nodes(record, site):
-                    final = record.final.get(node)
-                    if final is None or not final.running or final.inference is None:
-                        continue  # model_versions names unreadable and stopped nodes
-                    active = final.inference.get("active_version")
-                    if active != expected:
-                        problems.append(
-                            f"{node} ends on {record.spec.model} {active}, but site {site} {end} rollout "
-                            f"{rid}: it must serve {expected}"
-                        )
+                problems += _ends_on(record, [site], expected, f"site {site} {end} rollout {rid}")
+        if target in record.spec.bad:
+            # a completed site is named above; this names those with no final outcome at all
+            unaborted = sorted(site for site in sites if outcomes[rid].get(site) not in FINAL_ROLLOUT_STATES)
+            if unaborted:
+                problems.append(
+                    f"rollout {rid} of the bad version {target} did not end aborted in "
+                    f"{', '.join(unaborted)}: every site's gate must roll it back"
+                )
     described = "; ".join(
         f"{rid}: " + (", ".join(f"{site} {end}" for site, end in sorted(ends.items())) or "never started")
         for rid, ends in outcomes.items()

@@ -72,6 +72,8 @@ class RunResult:
 class Run:
     """One run of a scenario; implements the nemeses' `World`."""
 
+    DRAIN_S = 10.0  # how long the workload's loops may take to finish their calls in flight at the end
+
     def __init__(
         self, scenario: Scenario, seed: int, workdir: Path, *, strict: bool = False, echo=print
     ) -> None:
@@ -274,6 +276,11 @@ class Run:
             workload.stop_all.set()
             workload.stop_rollouts.set()
             sampler.stop.set()
+            # Let the loops finish the calls they have in flight (each has its own deadline), so
+            # every operation ends with what the node answered; cancel what is still there after.
+            loops = [t for t in [*tasks, *workload.rollout_tasks] if not t.done()]
+            if loops:
+                await asyncio.wait(loops, timeout=self.DRAIN_S)
             for task in [*tasks, *workload.rollout_tasks, heal_task]:
                 if task is not None and not task.done():
                     task.cancel()

@@ -14,9 +14,9 @@ same choices in the same order (what the nodes answer depends on timing, of cour
   100%, the last above the autonomous scope), and an operator (`RolloutOperator`) approves held
   waves and resumes paused ones until every site has finished it. A scenario whose model family
   makes the published version bad expects every site to roll it back by itself.
-- device traffic: while a rollout is planned, every device also serves its own requests (Infer
-  with no stream) every `device_infer_interval_s`, as an application on the device would: the
-  gates judge a wave by the requests its devices serve.
+- device traffic: from the publish on, every device also serves its own requests (Infer with
+  no stream) every `device_infer_interval_s`, as an application on the device would: the gates
+  judge a wave by the requests its devices serve.
 - sampler: every node's membership view, group view (leader, current), Raft term and active
   model version, every `interval_s`.
 """
@@ -155,22 +155,29 @@ class Workload:
                 self._publish_at(fault_phase_start + self.spec.rogue_publish_at_s, ROGUE_VERSION, True)
             )
         if self.spec.rollout and self.spec.publish_at_s is not None:
+            publish_at = fault_phase_start + self.spec.publish_at_s
             self.rollout_tasks = [
-                asyncio.create_task(self._device_infer_loop(), name="workload-device-infer"),
+                asyncio.create_task(self._device_infer_loop(publish_at), name="workload-device-infer"),
                 asyncio.create_task(self._operator_loop(), name="workload-operator"),
             ]
         return [asyncio.create_task(c, name=f"workload-{i}") for i, c in enumerate(loops)]
 
     async def _every(self, interval_s: float, stop: asyncio.Event, body: Callable[[], Any]) -> None:
+        """Start `body` every `interval_s` (they may overlap) until `stop`, then wait for those in
+        flight; cancelled, cancel them too, so no call outlives its loop."""
         pending: set[asyncio.Task] = set()
-        while not stop.is_set():
-            task = asyncio.create_task(body())
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), interval_s)  # the operation rate
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            while not stop.is_set():
+                task = asyncio.create_task(body())
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), interval_s)  # the operation rate
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            for task in pending:
+                task.cancel()
 
     # -- infer --
 
@@ -194,9 +201,14 @@ class Workload:
 
         await self._every(self.spec.infer_interval_s, self.stop_all, one)
 
-    async def _device_infer_loop(self) -> None:
-        """Each running device serves one request of its own (no stream) per tick."""
+    async def _device_infer_loop(self, start_at_s: float) -> None:
+        """From `start_at_s` (the publish), each running device serves one request of its own (no
+        stream) per tick."""
         seeds = self.rng("device-infer")
+        delay = start_at_s - self.rec.now()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_rollouts.wait(), delay)  # until the publish
 
         async def one(node: str) -> None:
             op = self.rec.begin("device-infer", node, self.cluster.plan.site_of(node))
@@ -220,7 +232,12 @@ class Workload:
         await self._every(self.spec.device_infer_interval_s, self.stop_rollouts, tick)
 
     async def _operator_loop(self) -> None:
-        await self._every(self.spec.operator_interval_s, self.stop_rollouts, self.operator.tick)
+        """One operator round at a time: a round that waits on a slow call delays the next one
+        rather than overlapping it (two rounds would act on the same held wave)."""
+        while not self.stop_rollouts.is_set():
+            await self.operator.tick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_rollouts.wait(), self.spec.operator_interval_s)
 
     # -- moves --
 
@@ -346,6 +363,9 @@ class RolloutOperator:
         self.spec = spec
         self.rng = rng
         self.rollouts: list[dict[str, Any]] = []  # as in RunSpec.rollouts, plus "status" (the latest read)
+        # starts whose every attempt was refused or unanswered when the workload stopped writing: a
+        # plan may still be spreading from one of them, so each tick looks for it
+        self.unconfirmed: list[dict[str, Any]] = []
         self._last_action: dict[tuple[str, str, str, int], float] = {}
 
     def _running(self, nodes: list[str] | None = None) -> list[str]:
@@ -418,7 +438,11 @@ class RolloutOperator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 2.0)  # retry pacing
         else:
-            return
+            if not attempt:
+                return
+            if not await self._known(rollout_id):
+                self.unconfirmed.append(entry)
+                return
         self.rollouts.append({**entry, "status": None})
 
     def finished(self) -> bool:
@@ -451,6 +475,10 @@ class RolloutOperator:
         return "; ".join(parts) or "no rollout started"
 
     async def tick(self) -> None:
+        for entry in list(self.unconfirmed):
+            if await self._known(entry["rollout_id"]):
+                self.unconfirmed.remove(entry)
+                self.rollouts.append({**entry, "status": None})
         for rollout in self.rollouts:
             if _finished(rollout["status"], self.cluster.plan.site_names):
                 continue

@@ -491,11 +491,43 @@ def test_a_replica_that_cannot_be_read_fails_and_a_rollout_never_started_is_not_
     record.final["n01"].rollouts = None
     result = _check("rollouts", record)
     assert result.status == FAIL and "cannot read rollout wake-2-chaos of n01" in result.problems[0]
+    record = _never_started()
+    assert _check("rollouts", record).status == PASS, _check("rollouts", record).problems
+
+
+def _never_started() -> RunRecord:
+    """Every start of the rollout was refused and no node holds its plan; every node on the baseline."""
     record = healthy()
     record.ops = [o for o in record.ops if o.kind != "rollout-start"]
     for n in NODES:
         record.final[n].rollouts = {ROLLOUT: {"has_plan": False, "site_state": None, "device": None}}
-    assert _check("rollouts", record).status == PASS
+        record.final[n].inference = {"active_version": "1"}
+    return record
+
+
+def test_a_node_on_the_target_of_a_rollout_that_never_started_fails():
+    record = _never_started()
+    record.final["n02"].inference = {"active_version": "2"}
+    result = _check("rollouts", record)
+    assert result.status == FAIL
+    assert "n02 ends on wake 2, but rollout wake-2-chaos never started: it must serve 1" in result.problems
+
+
+def test_a_bad_version_must_be_started_and_aborted_by_every_site():
+    record = _never_started()
+    record.spec.bad = ["2"]
+    result = _check("rollouts", record)
+    assert result.status == FAIL
+    assert "rollout wake-2-chaos of the bad version 2 never started" in result.problems[0]
+    record = healthy()
+    record.spec.bad = ["2"]
+    _abort_at_wave_one(record)
+    assert _check("rollouts", record).status == PASS, _check("rollouts", record).problems
+    for n in NODES:
+        record.final[n].rollouts = None  # nothing readable: the site has no outcome
+    result = _check("rollouts", record)
+    assert result.status == FAIL
+    assert any("did not end aborted in ams" in p for p in result.problems), result.problems
 
 
 def test_a_live_node_left_dead_fails():

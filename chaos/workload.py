@@ -162,6 +162,14 @@ class Workload:
             ]
         return [asyncio.create_task(c, name=f"workload-{i}") for i, c in enumerate(loops)]
 
+    async def _until(self, at_s: float, stop: asyncio.Event) -> bool:
+        """Wait until run time `at_s` or `stop`, whichever comes first; True if `stop` came."""
+        delay = at_s - self.rec.now()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)  # the schedule
+        return stop.is_set()
+
     async def _every(self, interval_s: float, stop: asyncio.Event, body: Callable[[], Any]) -> None:
         """Start `body` every `interval_s` (they may overlap) until `stop`, then wait for those in
         flight; cancelled, cancel them too, so no call outlives its loop."""
@@ -205,10 +213,7 @@ class Workload:
         """From `start_at_s` (the publish), each running device serves one request of its own (no
         stream) per tick."""
         seeds = self.rng("device-infer")
-        delay = start_at_s - self.rec.now()
-        if delay > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_rollouts.wait(), delay)  # until the publish
+        await self._until(start_at_s, self.stop_rollouts)
 
         async def one(node: str) -> None:
             op = self.rec.begin("device-infer", node, self.cluster.plan.site_of(node))
@@ -319,13 +324,8 @@ class Workload:
     # -- publishes --
 
     async def _publish_at(self, at_s: float, version: str, rogue: bool) -> None:
-        delay = at_s - self.rec.now()
-        if delay > 0:
-            try:
-                await asyncio.wait_for(self.stop_writes.wait(), delay)
-                return
-            except TimeoutError:
-                pass
+        if await self._until(at_s, self.stop_writes):
+            return
         origin = self.cluster.plan.ids[0]
         kind = "publish-rogue" if rogue else "publish"
         model = self.model_files[2 if rogue else 1]

@@ -36,6 +36,18 @@
    ``SyncObj.__doApplyCommand`` then skips the entry (logged, counted) on every replica alike
    instead of letting the exception stop the tick and retry the entry forever.
 
+4. PreVote (Raft thesis, section 9.6). pysyncobj's follower starts an election, and raises its
+   term, as soon as its election timeout passes; every other member that hears the higher term
+   steps down to it, the leader included. A member that restarts does so before the leader's
+   stream to it is re-dialled (about a second, against a 0.2-0.4 s timeout), so every reboot of
+   a site member deposed the site's leader and cost an election. `PreVote` runs a round first: the
+   member asks the others whether they would vote for it at the next term, and pysyncobj's
+   election goes ahead only when a majority says yes (`grant_pre_vote`: no leader heard from for
+   the minimum election timeout, and the candidate's log at least as new). Nobody changes term or
+   vote for a pre-vote. `RaftGroup._onTick` runs `PreVote.before_tick` before pysyncobj's tick,
+   and the group's receive hook hands it the two message types it adds (``pre_vote``,
+   ``pre_vote_response``), which pysyncobj never sees.
+
 These reach into pysyncobj's internals (module-level ``createJournal`` and
 ``pickle`` of ``pysyncobj.syncobj``, the name-mangled ``_SyncObj__raftLog`` and
 ``_SyncObj__raftNextIndex``, FileJournal's methods, the shape of its Raft messages), which
@@ -54,7 +66,7 @@ import os
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import pysyncobj.pipe_notifier as _pipe_notifier
 import pysyncobj.syncobj as _syncobj
@@ -81,8 +93,26 @@ _JOURNAL_METHODS = (
     "getVotedForNodeId",
     "_destroy",
 )
-# Instance attributes of SyncObj (name-mangled) that the message hooks read and write.
-_SYNCOBJ_ATTRIBUTES = ("_SyncObj__raftLog", "_SyncObj__raftNextIndex")
+# Instance attributes of SyncObj (name-mangled) that the message hooks and PreVote read and write.
+_SYNCOBJ_ATTRIBUTES = (
+    "_SyncObj__raftLog",
+    "_SyncObj__raftNextIndex",
+    "_SyncObj__raftElectionDeadline",
+    "_SyncObj__raftState",
+    "_SyncObj__raftCurrentTerm",
+    "_SyncObj__otherNodes",
+    "_SyncObj__selfNode",
+    "_SyncObj__transport",
+    "_SyncObj__transferInProgress",
+)
+# SyncObj methods (name-mangled) that PreVote calls.
+_SYNCOBJ_METHODS = (
+    "_SyncObj__generateRaftTimeout",
+    "_SyncObj__connectedToAnyone",
+    "_SyncObj__getCurrentLogIndex",
+    "_SyncObj__getCurrentLogTerm",
+    "_onTick",
+)
 # Instance attributes of FileJournal and its ResizableFile that DurableFileJournal reserves space through.
 _JOURNAL_ATTRIBUTES = ("_FileJournal__journalFile", "_FileJournal__currentOffset")
 _RESIZABLE_FILE_ATTRIBUTES = ("_ResizableFile__f",)
@@ -134,6 +164,11 @@ def missing_internals() -> list[str]:
         missing.append("pysyncobj.pipe_notifier.PipeNotifier")
     missing += [f"Transport.{name}" for name in ("_onNodeConnected", "_onNodeDisconnected")
                 if not callable(getattr(Transport, name, None))]
+    missing += [f"SyncObj.{name}" for name in _SYNCOBJ_METHODS
+                if not callable(getattr(_syncobj.SyncObj, name, None))]
+    raft_state = getattr(_syncobj, "_RAFT_STATE", None)
+    if [getattr(raft_state, k, None) for k in ("FOLLOWER", "CANDIDATE", "LEADER")] != [0, 1, 2]:
+        missing.append("_RAFT_STATE.FOLLOWER/CANDIDATE/LEADER == 0/1/2")
     init_names = getattr(getattr(_syncobj.SyncObj.__init__, "__code__", None), "co_names", ())
     missing += [f"SyncObj.{name}" for name in _SYNCOBJ_ATTRIBUTES if name not in init_names]
     missing += [f"FileJournal.{name}" for name in _JOURNAL_METHODS if name not in vars(FileJournal)]
@@ -180,7 +215,9 @@ def hook_counts() -> dict[str, int]:
     ``append_entries_trimmed`` (trim_append_entries rewrote a message), ``next_index_kept``
     (keep_next_index undid a move of the leader's nextIndex), ``unsafe_pickle_refused`` (a log
     entry or snapshot that was not plain values) and ``forwarded_change_refused`` (a member sent the
-    leader a membership or version change)."""
+    leader a membership or version change); PreVote's ``pre_vote_started``, ``pre_vote_won``,
+    ``pre_vote_granted`` and ``pre_vote_refused`` (rounds this process's members ran and won,
+    answers they gave)."""
     with _counts_lock:
         return dict(_counts)
 
@@ -525,3 +562,123 @@ def is_regular_command(command: Any) -> bool:
     """Whether pysyncobj command bytes are a replicated call (type byte 0), not a membership,
     version or no-op entry."""
     return isinstance(command, bytes | bytearray) and len(command) > 0 and command[0] == _REGULAR_COMMAND
+
+
+# --- 4. PreVote ------------------------------------------------------------------------------------
+
+PRE_VOTE = "pre_vote"
+PRE_VOTE_RESPONSE = "pre_vote_response"
+_FOLLOWER, _CANDIDATE = 0, 1  # pysyncobj.syncobj._RAFT_STATE (checked by missing_internals)
+
+
+def grant_pre_vote(
+    *,
+    proposed_term: int,
+    candidate_log: tuple[int, int],
+    own_term: int,
+    own_log: tuple[int, int],
+    leader_contact_s: float,
+    min_timeout_s: float,
+) -> bool:
+    """Would this member vote for the candidate at `proposed_term` (the candidate's term + 1)? Pure.
+
+    Logs are (last log term, last log index). Yes when the proposed term is past this member's,
+    the candidate's log is at least as new as its own, and it has heard from no leader for the
+    minimum election timeout; or, with a live leader, when the candidate's own term is already past
+    this member's: it moved on alone (a vote round lost to a partition) and can neither win nor
+    rejoin at the old term, since pysyncobj's members drop appends of a lower term. Only an
+    election lets it back, and this lets it hold one."""
+    if proposed_term <= own_term or candidate_log < own_log:
+        return False
+    return leader_contact_s >= min_timeout_s or proposed_term - 1 > own_term
+
+
+def _plain_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class PreVote:
+    """The pre-vote round of one pysyncobj member (see the module docstring, 4). Tick thread only.
+
+    `leader_contact_s()`: seconds since the member last heard from a leader (0 while it leads).
+    With ``ask=False`` the member holds plain pysyncobj elections but still answers pre-votes."""
+
+    def __init__(
+        self, sync_obj: Any, leader_contact_s: Callable[[], float], min_timeout_s: float, *, ask: bool = True
+    ) -> None:
+        self._so = sync_obj
+        self._ask = ask
+        self._leader_contact_s = leader_contact_s
+        self._min_timeout_s = min_timeout_s
+        self._asking: int | None = None  # the term of the round under way
+        self._grants: set[str] = set()
+        self._won: int | None = None  # the term a round was won for: pysyncobj's election may start
+
+    def _get(self, name: str) -> Any:
+        return getattr(self._so, "_SyncObj__" + name)
+
+    def _log(self) -> tuple[int, int]:
+        return self._get("getCurrentLogTerm")(), self._get("getCurrentLogIndex")()
+
+    def before_tick(self) -> None:
+        """Where pysyncobj would start an election on this tick, run a pre-vote round instead (and
+        push its election deadline back); once a round is won, let the election go ahead."""
+        if not self._ask or self._get("raftState") not in (_FOLLOWER, _CANDIDATE):
+            return
+        if self._get("selfNode") is None:
+            return
+        term = self._get("raftCurrentTerm")
+        now = _syncobj.monotonicTime()
+        if self._won == term + 1:
+            if self._get("raftElectionDeadline") < now:
+                return  # won: pysyncobj's election raises the term to it on this tick
+            self._won = None  # a leader was heard since the round was won: the next election asks again
+        if self._get("transferInProgress"):
+            return  # the leader handed over (timeout_now): its word is the vote
+        if self._get("raftElectionDeadline") >= now or not self._get("connectedToAnyone")():
+            return
+        self._so._SyncObj__raftElectionDeadline = now + self._get("generateRaftTimeout")()
+        self._asking, self._grants = term + 1, {self._get("selfNode").id}
+        _count("pre_vote_started")
+        if not self._majority():
+            last_term, last_index = self._log()
+            message = {"type": PRE_VOTE, "term": term + 1, "last_log_term": last_term,
+                       "last_log_index": last_index}
+            for node in list(self._get("otherNodes")):
+                self._get("transport").send(node, dict(message))
+
+    def receive(self, node: Any, message: dict) -> None:
+        """A ``pre_vote`` (answer it) or a ``pre_vote_response`` (count it) from `node`."""
+        term = message.get("term")
+        if not _plain_int(term):
+            return
+        if message.get("type") == PRE_VOTE:
+            last_term, last_index = message.get("last_log_term"), message.get("last_log_index")
+            if not _plain_int(last_term) or not _plain_int(last_index):
+                return
+            granted = grant_pre_vote(
+                proposed_term=term,
+                candidate_log=(last_term, last_index),
+                own_term=self._get("raftCurrentTerm"),
+                own_log=self._log(),
+                leader_contact_s=self._leader_contact_s(),
+                min_timeout_s=self._min_timeout_s,
+            )
+            _count("pre_vote_granted" if granted else "pre_vote_refused")
+            self._get("transport").send(node, {"type": PRE_VOTE_RESPONSE, "term": term, "granted": granted})
+        elif message.get("type") == PRE_VOTE_RESPONSE and message.get("granted") is True:
+            if term != self._asking or self._get("raftCurrentTerm") + 1 != term:
+                return  # an answer to an earlier round
+            if self._get("raftState") not in (_FOLLOWER, _CANDIDATE):
+                return
+            self._grants.add(node.id)
+            self._majority()
+
+    def _majority(self) -> bool:
+        """Has the round under way a majority? Then it is won: the election starts on the next tick."""
+        if 2 * len(self._grants) <= len(self._get("otherNodes")) + 1:
+            return False
+        self._won, self._asking = self._asking, None
+        self._so._SyncObj__raftElectionDeadline = 0
+        _count("pre_vote_won")
+        return True

@@ -54,6 +54,7 @@ class RaftSection(BaseModel):
     batch_appends: bool = _DEFAULTS.batch_appends
     compaction_min_entries: int = Field(default=_DEFAULTS.compaction_min_entries, ge=10)
     compaction_min_interval_s: float = Field(default=_DEFAULTS.compaction_min_interval_s, gt=0)
+    pre_vote: bool = _DEFAULTS.pre_vote
 
     @field_validator("listen")
     @classmethod

@@ -199,6 +199,11 @@ class RaftTimings:
     #: this long, whichever comes first.
     compaction_min_entries: int = 5000
     compaction_min_interval_s: float = 300.0
+    #: Ask the others before raising the term for an election (PreVote, _pysyncobj_patch 4), so a
+    #: member that restarts or comes back from a partition does not depose a leader the rest still
+    #: hear. False is plain pysyncobj's election (kept for tests that show what PreVote prevents);
+    #: the member still answers others' pre-votes.
+    pre_vote: bool = True
 
     def validate(self) -> None:
         if self.election_min_s <= 3 * self.append_period_s:
@@ -265,9 +270,13 @@ class RaftGroup(SyncObj):
         # Monotonic time this member last heard from a leader (see _note_leader_contact); starting counts
         # as contact, so a group that is forming is given the same grace as one that is electing.
         self._leader_heard_at = time.monotonic()
+        self._pre_vote = _pysyncobj_patch.PreVote(
+            self, self.leader_contact_s, timings.election_min_s, ask=timings.pre_vote
+        )
         journal = _pysyncobj_patch.DurableJournalPath(str(data_dir / "raft.journal"), defer_flush=True)
-        transport = functools.partial(GrpcTransport, link=link, flush=journal.flush_pending,
-                                      on_message=_receive)
+        transport = functools.partial(
+            GrpcTransport, link=link, flush=journal.flush_pending, on_message=_receive
+        )
         conf = SyncObjConf(
             autoTick=True,
             autoTickPeriod=timings.tick_period_s,
@@ -300,6 +309,10 @@ class RaftGroup(SyncObj):
 
     # -- replicated methods (run on pysyncobj's tick thread, on every member) --
 
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        self._pre_vote.before_tick()
+        super()._onTick(timeToWait)
+
     @replicated
     def apply_command(self, command: bytes):
         """The one replicated method. Call it through `propose`; calling it directly with
@@ -322,8 +335,14 @@ class RaftGroup(SyncObj):
         # cluster as node ids), never pickled, since a follower reads the snapshot its leader sends.
         state_bytes = self.state.snapshot()
         last_entry, first_entry, cluster = raft_data
-        meta = encode_message({"type": "snapshot", "last": tuple(last_entry), "first": tuple(first_entry),
-                               "cluster": sorted(node.id for node in cluster)})
+        meta = encode_message(
+            {
+                "type": "snapshot",
+                "last": tuple(last_entry),
+                "first": tuple(first_entry),
+                "cluster": sorted(node.id for node in cluster),
+            }
+        )
         with open(path, "wb") as f:
             f.write(_SNAPSHOT_MAGIC + struct.pack(">QQ", len(state_bytes), len(meta)) + state_bytes + meta)
             f.flush()
@@ -344,8 +363,12 @@ class RaftGroup(SyncObj):
             last, first, cluster = meta["last"], meta["first"], meta["cluster"]
         except (FrameError, KeyError) as exc:
             raise RaftError(f"{path} holds a damaged Raft snapshot ({exc}); move it away to resync") from None
-        if not _is_entry(last) or not _is_entry(first) or not isinstance(cluster, list) \
-                or not all(isinstance(n, str) for n in cluster):
+        if (
+            not _is_entry(last)
+            or not _is_entry(first)
+            or not isinstance(cluster, list)
+            or not all(isinstance(n, str) for n in cluster)
+        ):
             raise RaftError(f"{path} is not a snapshot this group wrote; move it away to resync")
         self.state.restore(body[:state_len])
         return last, first, {MemberNode(n) for n in cluster}
@@ -618,14 +641,22 @@ def _settle(fut: asyncio.Future, result: Any, error: int) -> None:
 
 def _is_entry(value: Any) -> bool:
     """A pysyncobj log entry: (command bytes, index, term)."""
-    return (isinstance(value, tuple) and len(value) == 3 and isinstance(value[0], bytes)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:]))
+    return (
+        isinstance(value, tuple)
+        and len(value) == 3
+        and isinstance(value[0], bytes)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value[1:])
+    )
 
 
 def _receive(transport: GrpcTransport, node: MemberNode, message: dict) -> None:
     """Incoming messages go through fleetmesh's receive rules (_pysyncobj_patch) into pysyncobj; then
     the group notes whether it was word from a leader."""
     sync_obj = transport._sync_obj
+    if message.get("type") in (_pysyncobj_patch.PRE_VOTE, _pysyncobj_patch.PRE_VOTE_RESPONSE):
+        if isinstance(sync_obj, RaftGroup):
+            sync_obj._pre_vote.receive(node, message)
+        return  # not pysyncobj's
     _pysyncobj_patch.receive_message(sync_obj, node, message, transport._onMessageReceived)
     if isinstance(sync_obj, RaftGroup):
         sync_obj._note_leader_contact(node, message)

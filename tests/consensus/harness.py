@@ -47,12 +47,12 @@ class Endpoint:
     """A member's node gRPC port: a server on loopback with the node's certificate and the Raft
     service, and the node's mTLS channels to its peers."""
 
-    def __init__(self, credentials: Credentials) -> None:
+    def __init__(self, credentials: Credentials, port: int = 0) -> None:
         self.credentials = credentials
         self.servicer = RaftServicer()
         self.channels = PeerChannels(credentials)
         self.server = grpc.aio.server()
-        port = self.server.add_secure_port("127.0.0.1:0", server_credentials(credentials))
+        port = self.server.add_secure_port(f"127.0.0.1:{port}", server_credentials(credentials))
         self.address = f"127.0.0.1:{port}"
         raft_pb2_grpc.add_RaftServicer_to_server(self.servicer, self.server)
 
@@ -80,12 +80,20 @@ class Cluster(Generic[Member]):
             await self.add_endpoint(name)
         return self
 
-    async def add_endpoint(self, name: str) -> Endpoint:
+    async def add_endpoint(self, name: str, port: int = 0) -> Endpoint:
         """Start the gRPC port of node `name` (its certificate is enrolled on first use)."""
-        endpoint = Endpoint(self.fleet.node_credentials(name))
+        endpoint = Endpoint(self.fleet.node_credentials(name), port)
         await endpoint.server.start()
         self.endpoints[name] = endpoint
         return endpoint
+
+    async def stop_endpoint(self, name: str) -> int:
+        """Close node `name`'s gRPC port and channels, as its process exiting does (the peers' streams
+        to it break and re-dial with back-off); returns the port for `add_endpoint` to serve again.
+        Close the member first: its link belongs to this endpoint."""
+        endpoint = self.endpoints.pop(name)
+        await endpoint.close()
+        return int(endpoint.address.rsplit(":", 1)[1])
 
     # -- membership of the harness --
 

@@ -14,12 +14,20 @@ from pathlib import Path
 import pysyncobj.syncobj
 import pysyncobj.version
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pysyncobj.journal import FileJournal
 
 import mesh.consensus.transport
 from mesh._proto import raft_pb2, raft_pb2_grpc
 from mesh.consensus import _pysyncobj_patch
-from mesh.consensus._pysyncobj_patch import PYSYNCOBJ_VERSION, PysyncobjMismatch, check_pysyncobj, hook_counts
+from mesh.consensus._pysyncobj_patch import (
+    PYSYNCOBJ_VERSION,
+    PysyncobjMismatch,
+    check_pysyncobj,
+    grant_pre_vote,
+    hook_counts,
+)
 from mesh.consensus.raft import RaftGroup, RaftTimings
 from mesh.consensus.transport import GROUP_KEY
 from mesh.consensus.wire import encode_message
@@ -52,6 +60,16 @@ def test_the_installed_pysyncobj_is_the_pinned_one_with_every_hooked_internal():
     assert _pysyncobj_patch.missing_internals() == []
     pin = next(line for line in (REPO / "pyproject.toml").read_text().splitlines() if '"pysyncobj' in line)
     assert pin.strip() == f'"pysyncobj=={PYSYNCOBJ_VERSION}",'
+
+
+def test_the_internals_check_names_a_missing_method_and_a_changed_state_enum(monkeypatch):
+    """PreVote calls name-mangled SyncObj methods and compares raft states by value: a pysyncobj
+    without one of them, or with other state numbers, is named (the check fails on purpose here)."""
+    monkeypatch.delattr(pysyncobj.syncobj.SyncObj, "_SyncObj__generateRaftTimeout")
+    monkeypatch.setattr(pysyncobj.syncobj._RAFT_STATE, "LEADER", 7)
+    missing = _pysyncobj_patch.missing_internals()
+    assert "SyncObj._SyncObj__generateRaftTimeout" in missing
+    assert "_RAFT_STATE.FOLLOWER/CANDIDATE/LEADER == 0/1/2" in missing
 
 
 def test_another_pysyncobj_version_is_refused_naming_both(monkeypatch):
@@ -285,3 +303,91 @@ async def test_a_pickle_gadget_proposed_by_a_member_runs_nowhere_and_the_group_g
     await leader.propose(b"after")
     assert await c.converged() == [b"after"]
     assert not marker.exists()
+
+
+# --- 4. PreVote: a member that restarts or comes back from a partition does not depose the leader ------
+
+_terms = st.integers(min_value=0, max_value=50)
+_logs = st.tuples(_terms, st.integers(min_value=0, max_value=500))
+
+
+@given(proposed=_terms, own=_terms, candidate_log=_logs, own_log=_logs, contact=st.floats(0, 5))
+def test_a_pre_vote_is_never_granted_to_an_older_log_or_a_term_not_past_ours(
+    proposed, own, candidate_log, own_log, contact
+):
+    granted = grant_pre_vote(
+        proposed_term=proposed,
+        candidate_log=candidate_log,
+        own_term=own,
+        own_log=own_log,
+        leader_contact_s=contact,
+        min_timeout_s=0.2,
+    )
+    if proposed <= own or candidate_log < own_log:
+        assert not granted
+    elif proposed - 1 == own:
+        # a candidate at our term: granted exactly when we have not heard a leader for the timeout
+        assert granted == (contact >= 0.2)
+    else:
+        assert granted  # it is ahead of us already: only an election lets it back
+
+
+def _term_and_leader(groups: list[RaftGroup]) -> set[tuple[int, str | None]]:
+    return {(g.raftCurrentTerm, g.leader_id) for g in groups}
+
+
+@pytest.mark.parametrize("pre_vote", [True, False], ids=["pre-vote", "plain-pysyncobj"])
+@pytest.mark.asyncio
+async def test_a_restarted_follower_rejoins_without_deposing_the_leader(raft_cluster, pre_vote):
+    """A follower whose process restarts (its port gone for 1.5 s, so the leader's stream to it is
+    re-dialled only after a back-off of about a second) times out before the leader reaches it again.
+    With PreVote the others, who still hear the leader, refuse it, and it rejoins at the same term
+    under the same leader; plain pysyncobj (the control) raises the term and holds an election."""
+    c = await raft_cluster(3, RaftTimings(pre_vote=pre_vote))
+    c.start_all()
+    leader = await c.caught_up()
+    term = leader.raftCurrentTerm
+    follower = next(g for g in c.live() if g is not leader)
+    index = c.names.index(follower.node_id)
+    before = hook_counts()
+    for round_ in range(3):
+        await c.close(follower)
+        port = await c.stop_endpoint(follower.node_id)
+        await asyncio.sleep(1.5)  # how long the node is down: the scenario, not a wait for anything
+        await c.add_endpoint(follower.node_id, port)
+        follower = c.start(index)
+        await c.caught_up()
+        await leader.propose(b"after restart %d" % round_)
+        await c.converged()
+    if pre_vote:
+        assert _term_and_leader(c.live()) == {(term, leader.node_id)}
+        assert counted("pre_vote_refused", before) >= 1, "the restarted member never asked: nothing shown"
+    else:
+        assert max(g.raftCurrentTerm for g in c.live()) > term
+
+
+@pytest.mark.parametrize("pre_vote", [True, False], ids=["pre-vote", "plain-pysyncobj"])
+@pytest.mark.asyncio
+async def test_a_follower_back_from_a_partition_does_not_depose_the_leader(raft_cluster, pre_vote):
+    """A follower cut off for 2 s (5-10 election timeouts) cannot win a pre-vote, so it keeps its
+    term and rejoins when the partition heals; plain pysyncobj's follower raises its term with every
+    timeout, and its vote requests depose the leader on the heal (the control)."""
+    c = await raft_cluster(3, RaftTimings(pre_vote=pre_vote))
+    groups = c.start_all()
+    leader = await c.caught_up()
+    term = leader.raftCurrentTerm
+    follower = next(g for g in groups if g is not leader)
+    others = [g.node_id for g in groups if g is not follower]
+    follower.cut(*others)
+    for g in groups:
+        if g is not follower:
+            g.cut(follower.node_id)
+    await asyncio.sleep(2.0)  # the partition's length: what is measured is what it leads to
+    for g in groups:
+        g.heal()
+    await leader.propose(b"after the partition")
+    await c.converged()
+    if pre_vote:
+        assert _term_and_leader(groups) == {(term, leader.node_id)}
+    else:
+        assert max(g.raftCurrentTerm for g in groups) > term + 1

@@ -555,7 +555,7 @@ def _rollouts(fleet_nodes, clients, console, workdir, fleet_dir: Path) -> None:
             (s["reason"] for s in report["sites"] if "gate failed" in s["reason"]),
             report["sites"][0]["reason"],
         )
-        console.print(f"[red]rolled back[/] by itself at wave 1: {reason}")
+        console.print(f"[red]rolled back[/] by itself {_aborted_at(report)}: {reason}")
         console.print(
             f"  devices touched: {', '.join(touched) or 'none'} ({len(touched)} of {len(fleet_nodes)}); "
             f"they answered {answers} requests, {nans} of them NaN; every device serves 2.0 again "
@@ -564,6 +564,15 @@ def _rollouts(fleet_nodes, clients, console, workdir, fleet_dir: Path) -> None:
         )
     finally:
         traffic.stop()
+
+
+def _aborted_at(report: dict) -> str:
+    """Where each site stopped the rollout, as its report says: one wave for all, or site by site (a wave
+    of one device can pass its gate on a lucky draw, and the next wave then stops the version)."""
+    waves = {s["site"]: s["wave"] for s in report["sites"]}
+    if len(set(waves.values())) == 1:
+        return f"at wave {next(iter(waves.values()))} in every site"
+    return "in " + ", ".join(f"{site} at wave {wave}" for site, wave in sorted(waves.items()))
 
 
 def _kill_and_detect(fleet_nodes, clients, console, workdir, timings: MembershipConfig) -> DemoNode:

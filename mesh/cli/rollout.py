@@ -115,6 +115,13 @@ of the selected devices wait for `mesh rollout approve`."""
     help="A wave fails above this error rate.",
 )
 @click.option(
+    "--relative-margin",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Also fail a wave whose error rate is above the baseline's (the devices still on it) by more "
+    "than this, e.g. 0.01 for one point (default: the absolute limit only).",
+)
+@click.option(
     "--min-requests",
     type=click.IntRange(1),
     default=100,
@@ -164,6 +171,7 @@ def start(
     waves: str,
     soak: str,
     max_error_rate: float,
+    relative_margin: float | None,
     min_requests: int,
     deadline: str | None,
     selectors: tuple[str, ...],
@@ -186,7 +194,16 @@ def start(
         fail(str(exc))
     try:
         shape = _plan_shape(
-            waves, soak, max_error_rate, min_requests, deadline, selectors, autonomous_share, prefetch, ttl
+            waves,
+            soak,
+            max_error_rate,
+            min_requests,
+            deadline,
+            selectors,
+            autonomous_share,
+            prefetch,
+            ttl,
+            relative_margin=relative_margin,
         )
     except (ValueError, RolloutError) as exc:
         fail(str(exc), EXIT_USAGE)
@@ -259,6 +276,8 @@ def _plan_shape(
     autonomous_share: str,
     prefetch: str,
     ttl: str,
+    *,
+    relative_margin: float | None = None,
 ) -> dict[str, Any]:
     from mesh.rollout.plan import AutonomousScope, PrefetchPolicy, Selector, Wave, parse_share
 
@@ -274,6 +293,7 @@ def _plan_shape(
                 soak_s=soak_s,
                 min_requests=min_requests,
                 max_error_rate=max_error_rate,
+                relative_margin=relative_margin,
                 deadline_s=deadline_s,
             )
             for s in shares

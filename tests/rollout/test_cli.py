@@ -65,6 +65,8 @@ async def test_an_operator_starts_watches_approves_and_aborts_rollouts(tmp_path)
             "2s",
             "--min-requests",
             "5",
+            "--relative-margin",
+            "0.02",
             "--autonomous-share",
             "25",  # the 10% wave of 4 devices is one device: 25%, within this scope
             "--id",
@@ -78,6 +80,7 @@ async def test_an_operator_starts_watches_approves_and_aborts_rollouts(tmp_path)
         started = json.loads(out)
         assert started["outcome"] == "applied" and started["plan"]["baseline_version"] == "1.0"
         assert started["plan"]["waves"][0]["share_ppm"] == 100_000
+        assert {w["relative_margin"] for w in started["plan"]["waves"]} == {0.02}
 
         await wait_for(lambda: f.every_site("mlp-2", RolloutState.WAITING_APPROVAL), 60, "held before 100%")
         code, out, err = await mesh("rollout", "status", "mlp-2", *creds, "--json")
@@ -109,6 +112,22 @@ async def test_an_operator_starts_watches_approves_and_aborts_rollouts(tmp_path)
             "rollout", "start", "mlp", "3.0", "--soak", "30s", "--id", "mlp-3", "--key", publisher, *creds
         )
         assert code == 0 and "started" in out and "mesh rollout status mlp-3 --watch" in out, err
+        # Pause, resume and promote, each signed by the operator and carried out by the site. Wave 1 of
+        # 4 devices (1%: one device, 25%) is above the default autonomous scope (10%): it waits.
+        (site,) = f.site_names()
+        await wait_for(lambda: f.every_site("mlp-3", RolloutState.WAITING_APPROVAL), 30, "wave 1 held")
+        code, out, err = await mesh(
+            "rollout", "pause", "mlp-3", "--reason", "look first", "--key", operator, *creds
+        )
+        assert code == 0, out + err
+        await wait_for(lambda: f.every_site("mlp-3", RolloutState.PAUSED), 30, "paused")
+        code, out, err = await mesh("rollout", "resume", "mlp-3", "--key", operator, *creds)
+        assert code == 0, out + err
+        await wait_for(lambda: f.every_site("mlp-3", RolloutState.WAITING_APPROVAL), 30, "held again")
+        code, out, err = await mesh("rollout", "promote", "mlp-3", "--wave", "1", "--key", operator, *creds)
+        assert code == 0, out + err
+        await wait_for(lambda: f.every_site("mlp-3", RolloutState.SOAKING), 30, "wave 1 soaks on promotion")
+        assert f.site_state(site, "mlp-3").wave == 1
         code, out, err = await mesh("rollout", "abort", "mlp-3", "--key", operator, *creds)
         assert code == 2 and "--reason" in err
         code, out, err = await mesh(

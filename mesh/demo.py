@@ -569,7 +569,7 @@ def _rollouts(fleet_nodes, clients, console, workdir, fleet_dir: Path) -> None:
 def _aborted_at(report: dict) -> str:
     """Where each site stopped the rollout, as its report says: one wave for all, or site by site (a wave
     of one device can pass its gate on a lucky draw, and the next wave then stops the version)."""
-    waves = {s["site"]: s["wave"] for s in report["sites"]}
+    waves = {s["site"]: s["wave"] for s in report["sites"] if s["state"] == "aborted"}
     if len(set(waves.values())) == 1:
         return f"at wave {next(iter(waves.values()))} in every site"
     return "in " + ", ".join(f"{site} at wave {wave}" for site, wave in sorted(waves.items()))

@@ -119,7 +119,8 @@ of the selected devices wait for `mesh rollout approve`."""
     type=click.FloatRange(0.0, 1.0),
     default=None,
     help="Also fail a wave whose error rate is above the baseline's (the devices still on it) by more "
-    "than this, e.g. 0.01 for one point (default: the absolute limit only).",
+    "than this many points, e.g. 0.01 for one point (default: the absolute limit only; a wave that "
+    "leaves too few requests on the baseline is judged by the absolute limit alone).",
 )
 @click.option(
     "--min-requests",

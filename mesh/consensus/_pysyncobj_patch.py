@@ -43,10 +43,11 @@
    a site member deposed the site's leader and cost an election. `PreVote` runs a round first: the
    member asks the others whether they would vote for it at the next term, and pysyncobj's
    election goes ahead only when a majority says yes (`grant_pre_vote`: no leader heard from for
-   the minimum election timeout, and the candidate's log at least as new). Nobody changes term or
-   vote for a pre-vote. `RaftGroup._onTick` runs `PreVote.before_tick` before pysyncobj's tick,
-   and the group's receive hook hands it the two message types it adds (``pre_vote``,
-   ``pre_vote_response``), which pysyncobj never sees.
+   the minimum election timeout, and the candidate's log at least as new; or the candidate's term
+   already past the member's). Nobody changes term or vote for a pre-vote; rounds are numbered, and
+   a round is void once a leader is heard again. `RaftGroup._onTick` runs `PreVote.before_tick`
+   before pysyncobj's tick, and the group's receive hook hands it the two message types it adds
+   (``pre_vote``, ``pre_vote_response``), which pysyncobj never sees.
 
 These reach into pysyncobj's internals (module-level ``createJournal`` and
 ``pickle`` of ``pysyncobj.syncobj``, the name-mangled ``_SyncObj__raftLog`` and
@@ -100,6 +101,7 @@ _SYNCOBJ_ATTRIBUTES = (
     "_SyncObj__raftElectionDeadline",
     "_SyncObj__raftState",
     "_SyncObj__raftCurrentTerm",
+    "_SyncObj__raftLeader",
     "_SyncObj__otherNodes",
     "_SyncObj__selfNode",
     "_SyncObj__transport",
@@ -582,15 +584,20 @@ def grant_pre_vote(
 ) -> bool:
     """Would this member vote for the candidate at `proposed_term` (the candidate's term + 1)? Pure.
 
-    Logs are (last log term, last log index). Yes when the proposed term is past this member's,
-    the candidate's log is at least as new as its own, and it has heard from no leader for the
-    minimum election timeout; or, with a live leader, when the candidate's own term is already past
-    this member's: it moved on alone (a vote round lost to a partition) and can neither win nor
-    rejoin at the old term, since pysyncobj's members drop appends of a lower term. Only an
-    election lets it back, and this lets it hold one."""
-    if proposed_term <= own_term or candidate_log < own_log:
+    Logs are (last log term, last log index). A candidate at this member's own term (or behind it)
+    is granted only when its log is at least as new and this member has heard from no leader for the
+    minimum election timeout: that is what keeps a restarted or returning member from deposing a
+    leader the rest still hear. A candidate whose own term is already past this member's is always
+    granted: it moved on alone (it won a round whose vote requests were lost, or it ran without
+    PreVote), pysyncobj's members drop appends of a lower term, and only its election lifts the
+    others to its term. Refusing it for an older log would leave it and a member with a newer log but
+    a lower term refusing each other for good (etcd's PreVote deadlock). Granting costs nothing: the
+    real vote still refuses an older log, and the next round is won by a member with the newest log."""
+    if proposed_term <= own_term:
         return False
-    return leader_contact_s >= min_timeout_s or proposed_term - 1 > own_term
+    if proposed_term - 1 > own_term:
+        return True
+    return candidate_log >= own_log and leader_contact_s >= min_timeout_s
 
 
 def _plain_int(value: Any) -> TypeGuard[int]:
@@ -611,6 +618,7 @@ class PreVote:
         self._leader_contact_s = leader_contact_s
         self._min_timeout_s = min_timeout_s
         self._asking: int | None = None  # the term of the round under way
+        self._round = 0  # numbers this member's rounds: a grant counts only for the round it answers
         self._grants: set[str] = set()
         self._won: int | None = None  # the term a round was won for: pysyncobj's election may start
 
@@ -638,19 +646,24 @@ class PreVote:
         if self._get("raftElectionDeadline") >= now or not self._get("connectedToAnyone")():
             return
         self._so._SyncObj__raftElectionDeadline = now + self._get("generateRaftTimeout")()
+        # As pysyncobj's election (and etcd's pre-candidate) does: the leader it has not heard from for a
+        # timeout is no longer taken for one, so calls on this member fail at once (NoLeaderError) instead
+        # of waiting on a leader it cannot reach. Its next append makes it the leader here again.
+        self._so._SyncObj__raftLeader = None
+        self._round += 1
         self._asking, self._grants = term + 1, {self._get("selfNode").id}
         _count("pre_vote_started")
         if not self._majority():
             last_term, last_index = self._log()
-            message = {"type": PRE_VOTE, "term": term + 1, "last_log_term": last_term,
+            message = {"type": PRE_VOTE, "term": term + 1, "round": self._round, "last_log_term": last_term,
                        "last_log_index": last_index}
             for node in list(self._get("otherNodes")):
                 self._get("transport").send(node, dict(message))
 
     def receive(self, node: Any, message: dict) -> None:
         """A ``pre_vote`` (answer it) or a ``pre_vote_response`` (count it) from `node`."""
-        term = message.get("term")
-        if not _plain_int(term):
+        term, round_ = message.get("term"), message.get("round")
+        if not _plain_int(term) or not _plain_int(round_):
             return
         if message.get("type") == PRE_VOTE:
             last_term, last_index = message.get("last_log_term"), message.get("last_log_index")
@@ -665,11 +678,20 @@ class PreVote:
                 min_timeout_s=self._min_timeout_s,
             )
             _count("pre_vote_granted" if granted else "pre_vote_refused")
-            self._get("transport").send(node, {"type": PRE_VOTE_RESPONSE, "term": term, "granted": granted})
+            self._get("transport").send(
+                node, {"type": PRE_VOTE_RESPONSE, "term": term, "round": round_, "granted": granted}
+            )
         elif message.get("type") == PRE_VOTE_RESPONSE and message.get("granted") is True:
-            if term != self._asking or self._get("raftCurrentTerm") + 1 != term:
+            if self._asking is None or (term, round_) != (self._asking, self._round):
                 return  # an answer to an earlier round
-            if self._get("raftState") not in (_FOLLOWER, _CANDIDATE):
+            state = self._get("raftState")
+            if self._get("raftCurrentTerm") + 1 != term or state not in (_FOLLOWER, _CANDIDATE):
+                self._asking = None
+                return
+            if self._leader_contact_s() < self._min_timeout_s:
+                # A leader was heard since the round began (it had stalled, not died): the round is
+                # void, and a late grant must not depose it.
+                self._asking = None
                 return
             self._grants.add(node.id)
             self._majority()

@@ -51,8 +51,15 @@ class Endpoint:
         self.credentials = credentials
         self.servicer = RaftServicer()
         self.channels = PeerChannels(credentials)
-        self.server = grpc.aio.server()
-        port = self.server.add_secure_port(f"127.0.0.1:{port}", server_credentials(credentials))
+        # No SO_REUSEPORT: a port served again after `Cluster.stop_endpoint` must be this one's alone.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        wanted = port
+        try:
+            port = self.server.add_secure_port(f"127.0.0.1:{port}", server_credentials(credentials))
+        except RuntimeError:
+            port = 0
+        if wanted and port != wanted:
+            raise RuntimeError(f"port {wanted} was taken while its endpoint was down; rerun the test")
         self.address = f"127.0.0.1:{port}"
         raft_pb2_grpc.add_RaftServicer_to_server(self.servicer, self.server)
 

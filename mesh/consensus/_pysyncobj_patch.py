@@ -113,6 +113,7 @@ _SYNCOBJ_METHODS = (
     "_SyncObj__connectedToAnyone",
     "_SyncObj__getCurrentLogIndex",
     "_SyncObj__getCurrentLogTerm",
+    "_SyncObj__onLeaderChanged",
     "_onTick",
 )
 # Instance attributes of FileJournal and its ResizableFile that DurableFileJournal reserves space through.
@@ -619,6 +620,7 @@ class PreVote:
         self._min_timeout_s = min_timeout_s
         self._asking: int | None = None  # the term of the round under way
         self._round = 0  # numbers this member's rounds: a grant counts only for the round it answers
+        self._started = 0.0  # monotonic time the round under way began
         self._grants: set[str] = set()
         self._won: int | None = None  # the term a round was won for: pysyncobj's election may start
 
@@ -647,10 +649,12 @@ class PreVote:
             return
         self._so._SyncObj__raftElectionDeadline = now + self._get("generateRaftTimeout")()
         # As pysyncobj's election (and etcd's pre-candidate) does: the leader it has not heard from for a
-        # timeout is no longer taken for one, so calls on this member fail at once (NoLeaderError) instead
-        # of waiting on a leader it cannot reach. Its next append makes it the leader here again.
+        # timeout is no longer taken for one. Commands already forwarded to it fail with LEADER_CHANGED
+        # (they may or may not commit), new ones with MISSING_LEADER until a leader's append arrives.
         self._so._SyncObj__raftLeader = None
+        self._get("onLeaderChanged")()
         self._round += 1
+        self._started = now
         self._asking, self._grants = term + 1, {self._get("selfNode").id}
         _count("pre_vote_started")
         if not self._majority():
@@ -688,7 +692,7 @@ class PreVote:
             if self._get("raftCurrentTerm") + 1 != term or state not in (_FOLLOWER, _CANDIDATE):
                 self._asking = None
                 return
-            if self._leader_contact_s() < self._min_timeout_s:
+            if self._leader_contact_s() < _syncobj.monotonicTime() - self._started:
                 # A leader was heard since the round began (it had stalled, not died): the round is
                 # void, and a late grant must not depose it.
                 self._asking = None

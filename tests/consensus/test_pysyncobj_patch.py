@@ -4,6 +4,7 @@ group of real members on loopback, and the import-time check that refuses any ot
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import pickle
@@ -367,23 +368,120 @@ def test_the_term_log_inversion_resolves():
     assert _grant((7, (5, 10)), (7, (5, 8)), leader_gone)  # ... and wins the next round with its newer log
 
 
+@dataclasses.dataclass(frozen=True)
+class _Node:
+    id: str
+
+
+class _FakeSyncObj:
+    """The pysyncobj state PreVote reads and writes (name-mangled as in SyncObj), and what it sent."""
+
+    def __init__(self, term: int = 3, log: tuple[int, int] = (3, 10)) -> None:
+        self._SyncObj__raftState = 0  # follower
+        self._SyncObj__selfNode = _Node("a")
+        self._SyncObj__otherNodes = {_Node("b"), _Node("c")}
+        self._SyncObj__raftCurrentTerm = term
+        self._SyncObj__raftElectionDeadline = 0.0  # passed
+        self._SyncObj__transferInProgress = False
+        self._SyncObj__raftLeader = _Node("b")
+        self._SyncObj__transport = self
+        self.log = log
+        self.sent: list[tuple[str, dict]] = []
+        self.leader_changes = 0
+
+    def send(self, node: _Node, message: dict) -> bool:
+        self.sent.append((node.id, message))
+        return True
+
+    def _SyncObj__connectedToAnyone(self) -> bool:
+        return True
+
+    def _SyncObj__generateRaftTimeout(self) -> float:
+        return 0.3
+
+    def _SyncObj__getCurrentLogTerm(self) -> int:
+        return self.log[0]
+
+    def _SyncObj__getCurrentLogIndex(self) -> int:
+        return self.log[1]
+
+    def _SyncObj__onLeaderChanged(self) -> None:
+        self.leader_changes += 1
+
+
+def _pre_vote(contact_s: list[float]) -> tuple[_FakeSyncObj, _pysyncobj_patch.PreVote]:
+    so = _FakeSyncObj()
+    return so, _pysyncobj_patch.PreVote(so, lambda: contact_s[0], 0.2)
+
+
+def test_a_timed_out_follower_asks_instead_of_raising_its_term_and_drops_its_leader():
+    so, pv = _pre_vote([5.0])
+    pv.before_tick()
+    assert so._SyncObj__raftCurrentTerm == 3, "a pre-vote changes no term"
+    assert so._SyncObj__raftElectionDeadline > 0, "pysyncobj's own election must not fire on this tick"
+    assert so._SyncObj__raftLeader is None, "no leader taken for one while asking"
+    assert so.leader_changes == 1, "commands forwarded to it fail as in an election"
+    assert sorted(to for to, _ in so.sent) == ["b", "c"]
+    assert {m["type"] for _, m in so.sent} == {"pre_vote"} and {m["term"] for _, m in so.sent} == {4}
+
+
+def test_a_grant_for_the_round_under_way_wins_it_and_lets_the_election_go_ahead():
+    so, pv = _pre_vote([5.0])
+    pv.before_tick()
+    (round_,) = {m["round"] for _, m in so.sent}
+    pv.receive(_Node("b"), {"type": "pre_vote_response", "term": 4, "round": round_, "granted": True})
+    assert so._SyncObj__raftElectionDeadline == 0, "won: pysyncobj's election starts on the next tick"
+    so.sent.clear()
+    pv.before_tick()
+    assert so.sent == [], "no second round: the won election goes ahead"
+
+
+def test_a_grant_from_an_earlier_round_or_after_a_leader_was_heard_wins_nothing():
+    contact = [5.0]
+    so, pv = _pre_vote(contact)
+    pv.before_tick()
+    first = max(m["round"] for _, m in so.sent)
+    so._SyncObj__raftElectionDeadline = 0.0
+    pv.before_tick()  # a second round, at the same term
+    pv.receive(_Node("b"), {"type": "pre_vote_response", "term": 4, "round": first, "granted": True})
+    assert so._SyncObj__raftElectionDeadline > 0, "a grant for an earlier round counted"
+    contact[0] = 0.0  # the leader had only stalled: its append arrived after the round began
+    pv.receive(_Node("c"), {"type": "pre_vote_response", "term": 4, "round": first + 1, "granted": True})
+    assert so._SyncObj__raftElectionDeadline > 0, "a late grant deposed a leader that was heard again"
+
+
+def test_malformed_pre_votes_get_no_answer():
+    so, pv = _pre_vote([5.0])
+    for message in (
+        {"type": "pre_vote", "term": 9, "round": 1, "last_log_term": "3", "last_log_index": 10},
+        {"type": "pre_vote", "term": True, "round": 1, "last_log_term": 3, "last_log_index": 10},
+        {"type": "pre_vote", "term": 9, "last_log_term": 3, "last_log_index": 10},
+    ):
+        pv.receive(_Node("b"), message)
+    assert so.sent == []
+    good = {"type": "pre_vote", "term": 9, "round": 1, "last_log_term": 3, "last_log_index": 10}
+    pv.receive(_Node("b"), good)
+    assert so.sent == [("b", {"type": "pre_vote_response", "term": 9, "round": 1, "granted": True})]
+
+
 def _term_and_leader(groups: list[RaftGroup]) -> set[tuple[int, str | None]]:
     return {(g.raftCurrentTerm, g.leader_id) for g in groups}
 
 
 def _timings(pre_vote: bool) -> RaftTimings:
-    """Twice the default timeouts: what is asserted is that no election happens for seconds, and on a
-    loaded machine a leader's tick thread can stall past 0.2 s (every follower then times out at once,
-    and PreVote rightly lets them elect). Still well under the outages below."""
-    return RaftTimings(pre_vote=pre_vote, election_min_s=0.4, election_max_s=0.8, leader_fallback_s=0.8)
+    """Five times the default timeouts: what is asserted is that no election happens for seconds, and on
+    a loaded machine a leader's tick thread can stall past 0.2 s (every follower then times out at once,
+    and PreVote rightly lets them elect). The outages below are longer than the longest timeout."""
+    return RaftTimings(pre_vote=pre_vote, election_min_s=1.0, election_max_s=2.0, leader_fallback_s=2.0)
 
 
 @pytest.mark.parametrize("pre_vote", [True, False], ids=["pre-vote", "plain-pysyncobj"])
 @pytest.mark.asyncio
 async def test_a_restarted_follower_rejoins_without_deposing_the_leader(raft_cluster, pre_vote):
-    """A follower whose process restarts (its port gone for 1.5 s) times out before the leader's stream
-    reaches it again: the leader re-dials after a back-off of up to about two seconds, longer than an
-    election timeout (made certain here by keeping the two apart for 1.5 s after the start). With
+    """A follower whose process restarts (its port gone for a second) times out before the leader's
+    stream reaches it again: the leader re-dials after a back-off of up to about two seconds, longer
+    than the default election timeout (made certain here by keeping the two apart for longer than the
+    longest timeout after the start). With
     PreVote the others, who still hear the leader, refuse it, and it rejoins at the same term under
     the same leader; plain pysyncobj (the control) raises the term and holds an election."""
     c = await raft_cluster(3, _timings(pre_vote))
@@ -393,16 +491,16 @@ async def test_a_restarted_follower_rejoins_without_deposing_the_leader(raft_clu
     follower = next(g for g in c.live() if g is not leader)
     index = c.names.index(follower.node_id)
     before = hook_counts()
-    for round_ in range(3):
+    for round_ in range(2):
         lead = await c.caught_up()
         await c.close(follower)
         port = await c.stop_endpoint(follower.node_id)
-        await asyncio.sleep(1.5)  # how long the node is down: the scenario, not a wait for anything
+        await asyncio.sleep(1.0)  # how long the node is down: the scenario, not a wait for anything
         await c.add_endpoint(follower.node_id, port)
         follower = c.start(index)
         follower.cut(lead.node_id)
         lead.cut(follower.node_id)
-        await asyncio.sleep(1.5)  # the leader's re-dial back-off, as above
+        await asyncio.sleep(2.5)  # the leader's re-dial back-off, past the longest election timeout
         follower.heal()
         lead.heal()
         await (await c.caught_up()).propose(b"after restart %d" % round_)
@@ -417,7 +515,7 @@ async def test_a_restarted_follower_rejoins_without_deposing_the_leader(raft_clu
 @pytest.mark.parametrize("pre_vote", [True, False], ids=["pre-vote", "plain-pysyncobj"])
 @pytest.mark.asyncio
 async def test_a_follower_back_from_a_partition_does_not_depose_the_leader(raft_cluster, pre_vote):
-    """A follower cut off for 2 s (2.5-5 election timeouts) cannot win a pre-vote, so it keeps its
+    """A follower cut off for 5 s (2.5-5 election timeouts) cannot win a pre-vote, so it keeps its
     term and rejoins when the partition heals; plain pysyncobj's follower raises its term with every
     timeout, and its vote requests depose the leader on the heal (the control)."""
     c = await raft_cluster(3, _timings(pre_vote))
@@ -431,7 +529,7 @@ async def test_a_follower_back_from_a_partition_does_not_depose_the_leader(raft_
         if g is not follower:
             g.cut(follower.node_id)
     before = hook_counts()
-    await asyncio.sleep(2.0)  # the partition's length: what is measured is what it leads to
+    await asyncio.sleep(5.0)  # the partition's length: what is measured is what it leads to
     for g in groups:
         g.heal()
     await leader.propose(b"after the partition")
@@ -440,4 +538,4 @@ async def test_a_follower_back_from_a_partition_does_not_depose_the_leader(raft_
         assert _term_and_leader(groups) == {(term, leader.node_id)}
         assert counted("pre_vote_started", before) >= 1, "the cut-off member never asked: nothing shown"
     else:
-        assert max(g.raftCurrentTerm for g in groups) > term + 1
+        assert max(g.raftCurrentTerm for g in groups) > term

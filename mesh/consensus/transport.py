@@ -102,6 +102,10 @@ class _Peer:
         self.up = False
         self.task: asyncio.Task | None = None
         self.call: Any = None  # the current outgoing stream
+        # What the outgoing stream's task is doing ("dialing", "hello": waiting for the member's hello,
+        # "up", "backoff", "refused"), and since when (loop time): for status and diagnostics.
+        self.phase = "dialing"
+        self.phase_since = 0.0
         self.refused_logged = False
         self.denied_logged = False  # its refusal of our certificate was logged (until a stream is up)
         self.last_heard: float | None = None  # loop time of the last frame from this member
@@ -219,6 +223,14 @@ class RaftLink:
 
     # -- one outgoing stream per peer --
 
+    def _phase(self, peer: _Peer, phase: str) -> None:
+        peer.phase, peer.phase_since = phase, self.loop.time()
+
+    def phases(self) -> dict[str, tuple[str, float]]:
+        """node id -> (what the outgoing stream to it is doing, for how many seconds)."""
+        now = self.loop.time()
+        return {node_id: (p.phase, now - p.phase_since) for node_id, p in self._peers.items()}
+
     async def _run_peer(self, peer: _Peer) -> None:
         backoff = Backoff(first_s=0.05, max_s=1.0, rng=random.Random(self._rng.random()))
         while not self.closed:
@@ -226,16 +238,25 @@ class RaftLink:
                 if not peer.refused_logged:
                     peer.refused_logged = True
                     log.warning("raft %s: not streaming to %s: %s", self.group, peer.node_id, why)
+                self._phase(peer, "refused")
                 await asyncio.sleep(1.0)  # looked at again: a cut link heals (a revocation does not)
                 continue
             peer.refused_logged = False
+            self._phase(peer, "dialing")
             try:
                 stub = self._dial(peer.node_id)
             except (ConnectionError, OSError) as exc:
                 log.debug("raft %s: cannot dial %s: %s", self.group, peer.node_id, exc)
                 stub = None
             if stub is not None:
-                await self._stream(peer, stub, backoff)
+                try:
+                    await self._stream(peer, stub, backoff)
+                except Exception as exc:  # noqa: BLE001 - whatever ended the stream, this task must live on
+                    # An exception out of here would end this task for good, silently (it is referenced,
+                    # so asyncio never reports it): the member would never stream to this peer again.
+                    log.warning("raft %s: stream %s -> %s failed: %r; dialling again", self.group,
+                                self.node_id, peer.node_id, exc)
+            self._phase(peer, "backoff")
             await asyncio.sleep(backoff.next_delay_s())  # reconnect pacing
 
     async def _stream(self, peer: _Peer, stub: pb_grpc.RaftStub, backoff: Backoff) -> None:
@@ -243,10 +264,12 @@ class RaftLink:
         call = peer.call = stub.Exchange(metadata=((GROUP_KEY, self.group),))
         writer: asyncio.Task | None = None
         reader: asyncio.Future | None = None
+        self._phase(peer, "hello")
         try:
             hello = await call.read()
             if hello is grpc.aio.EOF:
                 return
+            self._phase(peer, "up")
             backoff.reset()
             peer.denied_logged = False
             self.counters.reconnects += 1
@@ -269,6 +292,11 @@ class RaftLink:
                     exc.code().name, exc.details())
         except (ConnectionError, OSError) as exc:  # refused to dial (fault injection, bad address)
             log.debug("raft %s: cannot stream to %s: %s", self.group, peer.node_id, exc)
+        except asyncio.InvalidStateError as exc:
+            # A write raced the end of the stream ("RPC already finished": the peer stopped or
+            # restarted while frames were going out): the stream is over, like any other end.
+            log.debug("raft %s: stream %s -> %s ended under a write: %s", self.group, self.node_id,
+                      peer.node_id, exc)
         finally:
             for task in (writer, reader):  # also when this task is cancelled (the member was removed)
                 if task is not None:

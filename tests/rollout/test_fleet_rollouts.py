@@ -98,7 +98,56 @@ async def until(predicate, timeout_s: float, what: str) -> float:
             }
             for rid in ids
         }
-        raise TimeoutError(f"{exc}; sites: {where}") from None
+        raise TimeoutError(f"{exc}; sites: {where}{_waves(f, ids)}{_unsynced(f)}") from None
+
+
+def _waves(f: RolloutFleet, rollout_ids: list[str]) -> str:
+    """For a timeout: each unfinished rollout's waves as node-00's report gives them (status, what each
+    waits for, cohort, on target, requests)."""
+    node = f.nodes.get("node-00")
+    if node is None:
+        return ""
+    out = []
+    for rid in rollout_ids:
+        report = node.rollouts.report(rid)
+        if not report or report.get("state") in ("completed", "aborted"):
+            continue
+        waves = [
+            f"{w['wave']}: {w['status']}, {w['on_target']}/{w['in_cohort']} on target, "
+            f"{w['requests']} requests, waiting for {w['waiting_for'] or '-'}"
+            for w in report["waves"]
+        ]
+        out.append(f"{rid} ({'; '.join(waves)})")
+    return "; waves at node-00: " + " | ".join(out) if out else ""
+
+
+def _unsynced(f: RolloutFleet) -> str:
+    """For a timeout: each node that has not caught up with its site's leader since it started, as its
+    Raft member and its site's other members see it (term, leader, streams, the address they dial)."""
+    out = []
+    for node_id, node in f.nodes.items():
+        if node.rollouts._synced:
+            continue
+        raft = node.group.raft
+        me = (
+            f"{node_id} (at {node.address}): term {raft.raftCurrentTerm}, leader {raft.leader_id}, "
+            f"leader heard {raft.leader_contact_s():.1f} s ago, streams {raft.link.connected()}"
+        )
+        peers = []
+        for peer_id in f.members(f.sites[node_id]):
+            peer = f.nodes.get(peer_id)
+            if peer is None or peer is node:
+                continue
+            pr = peer.group.raft
+            seen = peer.membership.member(node_id)
+            peers.append(
+                f"{peer_id}: term {pr.raftCurrentTerm}, leader {pr.leader_id}, stream to it "
+                f"{pr.link.connected().get(node_id)} {pr.link.phases().get(node_id)}, heard "
+                f"{pr.link.last_heard_s(node_id)}, dials "
+                f"{seen.address if seen else None} ({seen.state.name if seen else '-'})"
+            )
+        out.append(me + "; " + "; ".join(peers))
+    return "; not synced: " + " | ".join(out) if out else ""
 
 
 _FLEET: list[RolloutFleet] = []

@@ -98,7 +98,15 @@ async def until(predicate, timeout_s: float, what: str) -> float:
             }
             for rid in ids
         }
-        raise TimeoutError(f"{exc}; sites: {where}{_waves(f, ids)}{_unsynced(f)}") from None
+        raise TimeoutError(f"{exc}; sites: {where}{_safely(_waves, f, ids)}{_safely(_unsynced, f)}") from None
+
+
+def _safely(describe, *args) -> str:
+    """A diagnostic that fails says so instead of hiding the timeout it describes."""
+    try:
+        return describe(*args)
+    except Exception as exc:  # noqa: BLE001
+        return f"; ({describe.__name__} failed: {exc!r})"
 
 
 def _waves(f: RolloutFleet, rollout_ids: list[str]) -> str:
@@ -118,6 +126,16 @@ def _waves(f: RolloutFleet, rollout_ids: list[str]) -> str:
             for w in report["waves"]
         ]
         out.append(f"{rid} ({'; '.join(waves)})")
+        for site in f.site_names():  # each site leader's last gate verdict (kept in its memory only)
+            leader = f.leader(site)
+            verdict = leader.rollouts._verdicts.get(rid) if leader is not None else None
+            if verdict is not None:
+                into_s = verdict.evaluated_at - verdict.soak_started_at
+                out.append(
+                    f"{site} leader {leader.config.node_id} (term {leader.group.raft.raftCurrentTerm}): "
+                    f"wave {verdict.wave} {verdict.outcome.value} {into_s:.0f} s into its soak: "
+                    f"{verdict.reason}"
+                )
     return "; waves at node-00: " + " | ".join(out) if out else ""
 
 

@@ -1,33 +1,22 @@
 """The demo's rollout narration says where each site stopped a bad version, as its report says."""
 
+import pytest
+
 from mesh.demo import _aborted_at
 
 
-def test_one_wave_everywhere_is_said_once():
-    report = {
-        "sites": [
-            {"site": "ams", "wave": 1, "state": "aborted"},
-            {"site": "ber", "wave": 1, "state": "aborted"},
-        ]
-    }
-    assert _aborted_at(report) == "at wave 1 in every site"
+def site(name: str, wave: int, state: str = "aborted") -> dict:
+    return {"site": name, "wave": wave, "state": state}
 
 
-def test_a_site_without_the_rollout_is_left_out():
-    report = {
-        "sites": [
-            {"site": "ams", "wave": 1, "state": "aborted"},
-            {"site": "chi", "wave": 0, "state": "unregistered"},
-        ]
-    }
-    assert _aborted_at(report) == "at wave 1 in every site"
-
-
-def test_a_site_that_stopped_later_is_named_with_its_wave():
-    report = {
-        "sites": [
-            {"site": "ber", "wave": 2, "state": "aborted"},
-            {"site": "ams", "wave": 1, "state": "aborted"},
-        ]
-    }
-    assert _aborted_at(report) == "in ams at wave 1, ber at wave 2"
+@pytest.mark.parametrize(
+    ("sites", "said"),
+    [
+        ([site("ams", 1), site("ber", 1)], "at wave 1 in every site"),
+        ([site("ams", 1), site("chi", 0, "unregistered")], "at wave 1 in every site"),  # not in it: left out
+        ([site("ber", 2), site("ams", 1)], "in ams at wave 1, ber at wave 2"),  # a later wave is named
+    ],
+    ids=["one-wave", "site-without-the-rollout", "sites-apart"],
+)
+def test_the_narration_names_the_wave_each_site_stopped_at(sites, said):
+    assert _aborted_at({"sites": sites}) == said

@@ -59,7 +59,7 @@ from mesh.rollout.plan import (
     sign_plan,
     signature_digest,
 )
-from mesh.rollout.state import LedgerResult, RolloutState, SiteRollout
+from mesh.rollout.state import LedgerResult, Outcome, RolloutState, SiteRollout
 
 MODEL = "mlp"
 # Loopback timings for rollouts: a gate every half second.
@@ -76,7 +76,10 @@ FLEET_TIMINGS = MembershipConfig(
     gossip_to_dead_s=20.0,
 )
 FLEET_RAFT: dict[str, Any] = {
-    "election_min_s": 1.0, "election_max_s": 2.0, "append_period_s": 0.2, "leader_fallback_s": 2.0,
+    "election_min_s": 1.0,
+    "election_max_s": 2.0,
+    "append_period_s": 0.2,
+    "leader_fallback_s": 2.0,
 }
 
 
@@ -84,8 +87,9 @@ FLEET_RAFT: dict[str, Any] = {
 # a site group and a rollout shell; these say so where the fleet reads them.
 def _inference(node: Node) -> ModelRuntime:
     if node.inference is None:
-        raise RuntimeError(f"{node.config.node_id} has no model runtime: "
-                           "a RolloutFleet node needs [inference]")
+        raise RuntimeError(
+            f"{node.config.node_id} has no model runtime: a RolloutFleet node needs [inference]"
+        )
     return node.inference
 
 
@@ -144,10 +148,14 @@ class _LoopWatchdog:
             stalled = now - self.beat
             if stalled > self._threshold_s:
                 frame = sys._current_frames().get(self._loop_thread)
-                where = " <- ".join(
-                    f"{Path(f.filename).name}:{f.lineno} {f.name}"
-                    for f in reversed(traceback.extract_stack(frame)[-4:])
-                ) if frame is not None else "?"
+                where = (
+                    " <- ".join(
+                        f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                        for f in reversed(traceback.extract_stack(frame)[-4:])
+                    )
+                    if frame is not None
+                    else "?"
+                )
                 self._last = (
                     f"loop stood still {stalled:.1f} s in {where} (watchdog itself {own_late:.1f} s late; "
                     f"longest GC so far {self._gc_longest_s:.2f} s)"
@@ -503,7 +511,8 @@ class RolloutFleet:
         return await _retried(lambda: _rollouts(self.nodes[via]).start(signed))
 
     async def send(self, command: RolloutCommand, *, via: str = "node-00") -> LedgerResult | None:
-        """Send an operator command through node `via` (as `mesh rollout approve` and friends do)."""
+        """Send an operator command through node `via` (as `mesh rollout approve` and friends do), retried
+        like `start_rollout`; check the answer with `took_effect`."""
         return await _retried(lambda: _rollouts(self.nodes[via]).command(command))
 
     # --- reading state ---
@@ -538,6 +547,18 @@ class RolloutFleet:
             for r in _group(self.nodes[node_id]).audit_records()
             if r.kind.startswith("rollout") and r.payload.get("rollout_id") == rollout_id
         ]
+
+
+def took_effect(result: LedgerResult | None) -> bool:
+    """Applied by this call, or by an earlier attempt of it whose reply was lost: sent again, a plan answers
+    NOOP "already registered" and a command NOOP "already accepted" (`send` and `start_rollout` retry)."""
+    if result is None:
+        return False
+    if result.outcome is Outcome.APPLIED:
+        return True
+    return result.outcome is Outcome.NOOP and (
+        "is already registered" in result.message or "was already accepted" in result.message
+    )
 
 
 async def _retried(submit, attempts: int = 5):

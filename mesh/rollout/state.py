@@ -19,7 +19,8 @@ Rules of this module (everything a site believes about a rollout lives here):
   operator's signed command naming this plan and that wave is committed. An
   approval may come early; it is remembered. A command's nonce is used up
   once its signature verifies, even if it changes nothing, so it cannot be
-  replayed into a later state.
+  replayed into a later state; the very same command sent again (a retry
+  after a lost reply) is answered NOOP "already accepted" and changes nothing.
 - A failing gate aborts from any live state, paused or waiting included; a
   PASS or a stalled (inconclusive past its deadline) verdict counts only for
   the wave and soak it was measured in, so a stale one changes nothing.
@@ -72,6 +73,7 @@ from mesh.rollout.plan import (
     PlanFormatError,
     PlanSignatureError,
     PrefetchPolicy,
+    ReplayedCommand,
     RolloutCommand,
     RolloutError,
     RolloutPlan,
@@ -88,9 +90,12 @@ LEDGER_FORMAT = 1
 # Which rules a command is applied under, written in its bytes so that a replica replaying an old journal
 # after an upgrade applies each entry exactly as it was applied when it was committed. A command without
 # `rules` is rules 1: wave scope judged by the plan's share alone, no gate coverage check, nothing
-# remembered of a forgotten rollout. Rules 2 (what this code proposes): wave scope by real size too,
-# a PASS needs coverage, forgotten rollouts leave their verdicts.
-LEDGER_RULES = 2
+# remembered of a forgotten rollout. Rules 2: wave scope by real size too, a PASS needs coverage,
+# forgotten rollouts leave their verdicts. Rules 3 (what this code proposes): a verified command whose
+# nonce is used up is answered "already accepted" (NOOP) if it is the very command that used it, so an
+# operator who retries after a lost reply learns it took effect; another command under that nonce is
+# refused.
+LEDGER_RULES = 3
 MAX_LEDGER_COMMAND_BYTES = 1024 * 1024
 MAX_ELIGIBLE = 100_000
 MAX_FLEET_ELIGIBLE = 1 << 38  # cohort.MAX_SITE_DEVICES: what apportioning can split
@@ -246,6 +251,8 @@ class SiteRollout:
     marks: tuple[tuple[str, DeviceMarks], ...] = ()  # where the current wave's window starts, per device
     approved: tuple[tuple[int, str], ...] = ()  # (wave, operator key id) of approvals received
     used_nonces: tuple[tuple[str, float], ...] = ()  # (nonce, expires_at) of verified commands
+    # (nonce, command_fingerprint) of commands verified under rules 3, kept as long as their nonce
+    applied_commands: tuple[tuple[str, str], ...] = ()
     paused_from: RolloutState | None = None
     reason: str = ""  # why it is paused, waiting, aborted or completed (one line)
     updated_at: float = 0.0
@@ -306,6 +313,8 @@ class SiteRollout:
             "updated_at": json_number(self.updated_at),
             # Rules 2 only: a state applied under rules 1 writes the bytes it always did.
             **({"fleet_eligible_count": self.fleet_eligible_count} if self.fleet_eligible_count else {}),
+            # Rules 3 only, likewise.
+            **({"applied_commands": dict(self.applied_commands)} if self.applied_commands else {}),
         }
 
     @classmethod
@@ -329,6 +338,9 @@ class SiteRollout:
             marks=marks,
             approved=tuple((int(w), str(k)) for w, k in doc["approved"]),
             used_nonces=tuple(sorted((str(n), float(e)) for n, e in doc["used_nonces"].items())),
+            applied_commands=tuple(
+                sorted((str(n), str(d)) for n, d in doc.get("applied_commands", {}).items())
+            ),
             paused_from=None if doc["paused_from"] is None else RolloutState(doc["paused_from"]),
             reason=str(doc["reason"]),
             updated_at=float(doc["updated_at"]),
@@ -396,7 +408,7 @@ def apply(
     if isinstance(event_input, GateResult):
         return _gate(plan, rollout, event_input, max_share_ppm, rules)
     if isinstance(event_input, OperatorInput):
-        return _operator(plan, rollout, event_input, trusted, max_share_ppm)
+        return _operator(plan, rollout, event_input, trusted, max_share_ppm, rules)
     if isinstance(event_input, Expire):
         if rollout.state.final or not plan.expired(now):
             return _noop(rollout, None, f"{plan.label} has not expired or is finished")
@@ -450,9 +462,7 @@ def _start(
                 f"fleet_eligible {fleet} with waves sized for this site alone ({len(eligible)} devices); "
                 "a fleet-wide count comes with this site's apportioned sizes"
             )
-        elif fleet and any(
-            size > wave_size(share, fleet) for size, share in zip(sizes, shares, strict=True)
-        ):
+        elif fleet and any(size > wave_size(share, fleet) for size, share in zip(sizes, shares, strict=True)):
             problem = (
                 f"wave sizes {list(sizes)!r} are more than the fleet's waves of {fleet} devices "
                 f"({list(wave_sizes(shares, fleet))!r})"
@@ -476,9 +486,16 @@ def _start(
     if wave_needs_approval(plan, started, 1, max_share_ppm) and 1 not in rollout.approved_waves:
         # The guard's rule holds for the first wave too: its cohort is drawn, nobody moves until approved.
         hint = APPROVE_HINT.format(rollout_id=plan.rollout_id, wave=1)
-        return _move(plan, started, E.START_HELD, start.now, marks=started.marks, detail=detail,
-                     reason=f"{_wave_scope_label(plan, started, 1)} is above the autonomous scope of "
-                     f"{format_share(plan.scope_ppm(max_share_ppm))}; waiting for {hint}")
+        return _move(
+            plan,
+            started,
+            E.START_HELD,
+            start.now,
+            marks=started.marks,
+            detail=detail,
+            reason=f"{_wave_scope_label(plan, started, 1)} is above the autonomous scope of "
+            f"{format_share(plan.scope_ppm(max_share_ppm))}; waiting for {hint}",
+        )
     return _move(plan, started, E.START, start.now, next_wave=1, marks=started.marks, detail=detail)
 
 
@@ -576,9 +593,15 @@ def _operator(
     op: OperatorInput,
     trusted: TrustedKeys,
     max_share_ppm: int | None,
+    rules: int,
 ) -> Transition:
-    step = _operator_step(plan, rollout, op, trusted, max_share_ppm)
+    step = _operator_step(plan, rollout, op, trusted, max_share_ppm, rules)
     return dataclasses.replace(step, before=rollout)
+
+
+def command_fingerprint(command: RolloutCommand) -> str:
+    """What names one command in a site's state: sha256 of the bytes its operator signed (128 bits)."""
+    return hashlib.sha256(command.signed_bytes()).hexdigest()[:32]
 
 
 def _operator_step(
@@ -587,11 +610,24 @@ def _operator_step(
     op: OperatorInput,
     trusted: TrustedKeys,
     max_share_ppm: int | None,
+    rules: int,
 ) -> Transition:
     command = op.command
     now = op.now
     try:
         key = verify_command(command, plan, trusted, now=now, used_nonces={n for n, _ in rollout.used_nonces})
+    except ReplayedCommand as exc:
+        # Verified in every other way. The very command that used the nonce, sent again (an operator's
+        # retry after a lost reply, or anyone's replay), is answered with what became of it and changes
+        # nothing; another command under a used nonce is refused, as before rules 3.
+        if rules >= 3 and dict(rollout.applied_commands).get(command.nonce) == command_fingerprint(command):
+            return _noop(
+                rollout,
+                None,
+                f"{command.label} (nonce {command.nonce}) was already accepted in this site; sending it "
+                "again changes nothing",
+            )
+        return _refused(rollout, exc.reason, str(exc), key_id=command.key_id)
     except CommandRefused as exc:
         return _refused(
             rollout,
@@ -603,7 +639,15 @@ def _operator_step(
     nonces = tuple(
         sorted({(n, e) for n, e in rollout.used_nonces if e > now} | {(command.nonce, command.expires_at)})
     )
-    rollout = dataclasses.replace(rollout, used_nonces=nonces)
+    applied = rollout.applied_commands
+    if rules >= 3:
+        kept = {n for n, _ in nonces}
+        applied = tuple(
+            sorted(
+                {(n, d) for n, d in applied if n in kept} | {(command.nonce, command_fingerprint(command))}
+            )
+        )
+    rollout = dataclasses.replace(rollout, used_nonces=nonces, applied_commands=applied)
     who = {"key_id": key.key_id, "nonce": command.nonce, "command_reason": command.reason}
     action = command.action
     if action is CommandAction.ABORT:
@@ -1037,7 +1081,7 @@ def decode_command(data: object) -> _Decoded:
             "upgrade it to the version its site leader runs"
         )
     if rules < 2 and "fleet_eligible" in d:
-        raise RolloutStateError(f"{cmd}.fleet_eligible: rules 1 has no fleet count; send rules 2")
+        raise RolloutStateError(f"{cmd}.fleet_eligible: rules 1 has no fleet count; send rules 2 or later")
     decoded = _decode_body(cmd, d, now)
     return dataclasses.replace(decoded, rules=rules)
 
@@ -1385,12 +1429,20 @@ class RolloutLedger:
                     for gone in dropped:
                         del self._tombstones[gone.key]
                     # On the record: what the site no longer holds, and which word on a version it keeps.
-                    forgotten.append(AuditEvent("rollout_forgotten", {
-                        "rollout_id": plan.rollout_id, "model": plan.model,
-                        "target_version": plan.target_version, "state": rollout.state.value,
-                        "remembered": "aborted" if tomb.aborted else "completed",
-                        "tombstones_dropped": [f"{t.model} {t.target_version}" for t in dropped],
-                        "at": now}))
+                    forgotten.append(
+                        AuditEvent(
+                            "rollout_forgotten",
+                            {
+                                "rollout_id": plan.rollout_id,
+                                "model": plan.model,
+                                "target_version": plan.target_version,
+                                "state": rollout.state.value,
+                                "remembered": "aborted" if tomb.aborted else "completed",
+                                "tombstones_dropped": [f"{t.model} {t.target_version}" for t in dropped],
+                                "at": now,
+                            },
+                        )
+                    )
         if not steps and not forgotten:
             return LedgerResult(Outcome.NOOP, None, "no rollout is due to expire")
         audit = tuple(e for s in steps for e in s.audit) + tuple(forgotten)
@@ -1427,11 +1479,7 @@ class RolloutLedger:
                 "rollouts": {r: s.to_dict() for r, s in self._rollouts.items()},
                 # Only when set: the bytes of a ledger that only ever applied rules 1 stay what they were.
                 **({"rules": self._rules_floor} if self._rules_floor > 1 else {}),
-                **(
-                    {"tombstones": [t.to_dict() for t in self.tombstones()]}
-                    if self._tombstones
-                    else {}
-                ),
+                **({"tombstones": [t.to_dict() for t in self.tombstones()]} if self._tombstones else {}),
             }
         )
 

@@ -31,7 +31,7 @@ from mesh.identity.signing import KeyRole, SigningKey
 from mesh.identity.tls import channel_credentials, secure_channel_options
 from mesh.inference.fixtures import PARTLY_NAN_LAYERS, mlp_model, partly_nan_model
 from mesh.node.local import LocalFleet, wait_for
-from mesh.node.local_rollouts import RolloutFleet, Traffic
+from mesh.node.local_rollouts import RolloutFleet, Traffic, took_effect
 from mesh.rollout.plan import CommandAction, SkipKind
 from mesh.rollout.state import Outcome, RolloutState
 
@@ -212,7 +212,7 @@ async def test_a_good_version_passes_each_wave_and_waits_for_approval_above_scop
     f.publish("2.0", mlp_model(PARTLY_NAN_LAYERS, seed=2))
     await f.stop_node(offline)
     plan = f.plan("mlp-2", target="2.0", baseline="1.0", soak_s=SOAK_S, deadline_s=60)
-    assert (await f.start_rollout(plan)).outcome is Outcome.APPLIED
+    assert took_effect(await f.start_rollout(plan))
 
     await until(
         lambda: f.every_site("mlp-2", RolloutState.WAITING_APPROVAL), 90, "every site held before 100%"
@@ -237,7 +237,7 @@ async def test_a_good_version_passes_each_wave_and_waits_for_approval_above_scop
 
     # One operator approval, sent to one node, releases every site; meanwhile a site leader dies.
     result = await f.send(f.command(plan, CommandAction.APPROVE, wave=3), via="node-02")
-    assert result.outcome is Outcome.APPLIED, result.message
+    assert took_effect(result), result.message
     await until(
         lambda: all(f.site_state(s, "mlp-2").wave == 3 for s in f.site_names()), 30, "wave 3 everywhere"
     )
@@ -289,7 +289,7 @@ async def test_a_bad_version_rolls_back_at_the_first_wave(fleet):
     answered_before = f.traffic.answered("3.0")
     plan = f.plan("mlp-3", target="3.0", baseline="2.0", soak_s=SOAK_S, deadline_s=60)
     started = time.monotonic()
-    assert (await f.start_rollout(plan)).outcome is Outcome.APPLIED
+    assert took_effect(await f.start_rollout(plan))
     await until(lambda: f.every_site("mlp-3", RolloutState.ABORTED), 90, "aborted everywhere")
     await until(lambda: not on_version(f, "3.0"), 30, "nobody serves 3.0")
     took = time.monotonic() - started
@@ -323,7 +323,7 @@ async def test_without_traffic_the_gate_is_inconclusive_and_the_rollout_pauses(f
     f.publish("4.0", mlp_model(PARTLY_NAN_LAYERS, seed=4))
     plan = f.plan("mlp-4", target="4.0", baseline="2.0", soak_s=1.0, deadline_s=2.0)
     f.held_plan = plan
-    assert (await f.start_rollout(plan)).outcome is Outcome.APPLIED
+    assert took_effect(await f.start_rollout(plan))
     await until(lambda: f.every_site("mlp-4", RolloutState.PAUSED), 60, "paused everywhere")
     for site in f.site_names():
         state = f.site_state(site, "mlp-4")
@@ -360,7 +360,7 @@ async def test_documents_signed_by_the_wrong_key_are_refused_everywhere(fleet):
 
     # The genuine abort, sent to one site, reaches every site.
     result = await f.send(f.command(plan, CommandAction.ABORT, reason="not needed"), via=entry["berlin"])
-    assert result.outcome is Outcome.APPLIED, result.message
+    assert took_effect(result), result.message
     await until(lambda: f.every_site("mlp-4", RolloutState.ABORTED), 30, "operator abort everywhere")
     await until(
         lambda: all(f.serving(n) == "2.0" for n in f.nodes if n != OLD_RUNTIME_NODE), 30, "back on 2.0"
@@ -371,7 +371,7 @@ async def test_a_site_cut_off_keeps_its_wave_and_cannot_pass_the_held_wave_alone
     f = fleet
     f.publish("5.0", mlp_model(PARTLY_NAN_LAYERS, seed=5))
     plan = f.plan("mlp-5", target="5.0", baseline="2.0", soak_s=SOAK_S, deadline_s=60)
-    assert (await f.start_rollout(plan)).outcome is Outcome.APPLIED
+    assert took_effect(await f.start_rollout(plan))
     await until(lambda: f.every_site("mlp-5", RolloutState.WAITING_APPROVAL), 90, "every site held")
     island = "denver"
     inside = [n for n in f.members(island) if n in f.nodes]
@@ -383,7 +383,7 @@ async def test_a_site_cut_off_keeps_its_wave_and_cannot_pass_the_held_wave_alone
     held_on_island = {n for n in inside if f.serving(n) == "5.0"}
     try:
         result = await f.send(f.command(plan, CommandAction.APPROVE, wave=3), via="node-00")
-        assert result.outcome is Outcome.APPLIED, result.message
+        assert took_effect(result), result.message
         others = [s for s in f.site_names() if s != island]
         await until(
             lambda: all(f.site_state(s, "mlp-5").state is RolloutState.COMPLETED for s in others),

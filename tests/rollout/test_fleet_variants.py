@@ -19,9 +19,9 @@ import pytest_asyncio
 from mesh.inference.fixtures import PARTLY_NAN_LAYERS, mlp_model, partly_nan_input
 from mesh.inference.optimize import optimize_model
 from mesh.node.local import LocalFleet, wait_for
-from mesh.node.local_rollouts import RolloutFleet, Traffic
+from mesh.node.local_rollouts import RolloutFleet, Traffic, took_effect
 from mesh.rollout.plan import Selector
-from mesh.rollout.state import Outcome, RolloutState
+from mesh.rollout.state import RolloutState
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -79,7 +79,7 @@ async def test_an_int8_variant_reaches_only_the_devices_its_selector_names(fleet
         deadline_s=60,
         autonomous_share_ppm=1_000_000,  # the whole selection may move without an approval
     )
-    assert (await f.start_rollout(plan)).outcome is Outcome.APPLIED
+    assert took_effect(await f.start_rollout(plan))
     try:
         await wait_for(lambda: f.every_site("lite-int8", RolloutState.COMPLETED), 120, "completed everywhere")
     except TimeoutError as exc:

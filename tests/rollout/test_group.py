@@ -83,7 +83,7 @@ async def test_rollout_commands_replicate_beside_decisions_and_are_audited_once(
         await leader.propose_rollout(b'{"cmd":"expire"}')
 
     # An operator command with a key no replica trusts is refused and audited on every replica.
-    from mesh.identity.signing import KeyRole, SigningKey
+    from mesh.identity.signing import KeyRole, SigningKey, load_signing_key
 
     rogue = SigningKey.generate(KeyRole.OPERATOR)
     abort = sign_command(
@@ -105,6 +105,21 @@ async def test_rollout_commands_replicate_beside_decisions_and_are_audited_once(
             ("rollout_started", ""),
             ("rollout_refused", "unknown_key"),
         ], kinds
+
+    # A genuine command sent twice (a client retrying after a lost reply): applied once, then answered
+    # "already accepted", with nothing more on any replica's audit log.
+    operator = load_signing_key(fleet.directory / "operator.key", KeyRole.OPERATOR)
+    approve = sign_command(
+        operator, signed.plan, CommandAction.APPROVE, now=time.time(), ttl_s=60, nonce="retry-0001", wave=2
+    )
+    data = encode_input("mlp-2", OperatorInput(time.time(), approve))
+    assert (await follower.propose_rollout(data)).outcome is Outcome.APPLIED
+    again = await follower.propose_rollout(encode_input("mlp-2", OperatorInput(time.time(), approve)))
+    assert again.outcome is Outcome.NOOP and "was already accepted in this site" in again.message, again
+    await s.converged()
+    for g in groups:
+        kinds = [r.kind for r in g.audit_records() if r.kind.startswith("rollout")]
+        assert kinds[3:] == ["rollout_approved"], kinds
 
     # Enough entries to compact: a member restarted from its own snapshot holds both ledgers again, and
     # its audit log has no duplicate.

@@ -226,11 +226,12 @@ def test_a_good_version_completes_and_its_full_wave_waits_for_an_approval(layout
     fleet.run_until(lambda: fleet.states() == {RolloutState.COMPLETED}, max_ticks=100)
     assert all(d.serving == "2.0" for d in fleet.devices), f"seed {seed}"
     assert fleet.replicas_agree()
-    # Replayed to any site, the same approval is refused.
-    replay = fleet.replicas["site-a"][0].apply(
-        encode_input(PLAN.rollout_id, OperatorInput(fleet.now, approval))
-    )
-    assert replay.outcome is Outcome.REFUSED
+    # Sent again to any site, the same approval changes nothing and says it was already accepted.
+    replica = fleet.replicas["site-a"][0]
+    before = replica.get(PLAN.rollout_id)
+    replay = replica.apply(encode_input(PLAN.rollout_id, OperatorInput(fleet.now, approval)))
+    assert replay.outcome is Outcome.NOOP and "already accepted" in replay.message, replay.message
+    assert replica.get(PLAN.rollout_id) == before
 
 
 def test_the_simulation_is_deterministic_under_a_seed():

@@ -253,8 +253,8 @@ def test_a_journal_written_under_rules_1_replays_as_it_was_applied():
     assert site.apply(old_rules(encode_input(PLAN.rollout_id, abort))).outcome is Outcome.APPLIED
     site.apply(old_rules(encode_input(PLAN.rollout_id, Expire(PLAN.expires_at + 25 * 3600))))
     assert site.get(PLAN.rollout_id) is None and site.tombstones() == ()
-    with pytest.raises(RolloutStateError, match="applies rules 1 to 2"):
-        decode_command(encode_input(PLAN.rollout_id, start).replace(b'"rules":2', b'"rules":3'))
+    with pytest.raises(RolloutStateError, match="applies rules 1 to 3"):
+        decode_command(encode_input(PLAN.rollout_id, start).replace(b'"rules":3', b'"rules":4'))
     with pytest.raises(RolloutStateError, match="rules 1 has no fleet count"):
         decode_command(old_rules(encode_input(PLAN.rollout_id, dataclasses.replace(start, fleet_eligible=4))))
 
@@ -276,7 +276,7 @@ def test_rules_1_knew_no_site_limit_and_a_site_never_goes_back_to_rules_1():
     assert site.apply(encode_input(PLAN.rollout_id, pause)).outcome is Outcome.APPLIED
     resume = OperatorInput(T0 + 201, command(PLAN, CommandAction.RESUME, now=T0 + 201))
     refused = site.apply(old_rules(encode_input(PLAN.rollout_id, resume)))
-    assert refused.outcome is Outcome.REFUSED and "applies rules 2 or later" in refused.message
+    assert refused.outcome is Outcome.REFUSED and "applies rules 3 or later" in refused.message
     copy = ledger(max_share_ppm=50_000)
     copy.restore(site.snapshot())
     assert copy.apply(old_rules(encode_input(PLAN.rollout_id, resume))).outcome is Outcome.REFUSED
@@ -387,9 +387,24 @@ def test_commands_are_accepted_once_even_those_that_changed_nothing():
     noop = step(r, OperatorInput(r.updated_at + 1, resume))  # nothing to resume yet...
     assert noop.outcome is Outcome.NOOP
     paused = op(noop.after, CommandAction.PAUSE).after
-    replay = step(paused, OperatorInput(paused.updated_at + 1, resume))  # ...so it cannot resume later
-    assert replay.outcome is Outcome.REFUSED and replay.audit[0].payload["reason"] == "replayed"
-    assert replay.after.state is S.PAUSED
+    replay = step(paused, OperatorInput(paused.updated_at + 1, resume))  # ...so it cannot resume later:
+    assert replay.outcome is Outcome.NOOP and replay.after == paused  # sent again, it is the same answer
+    assert "was already accepted in this site; sending it again changes nothing" in replay.message
+    # Another command under a used nonce is refused and audited: only a retry of the same bytes is a no-op.
+    reused = command(PLAN, CommandAction.RESUME, now=r.updated_at + 2, nonce=resume.nonce)
+    refused = step(paused, OperatorInput(paused.updated_at + 1, reused))
+    assert refused.outcome is Outcome.REFUSED and refused.audit[0].payload["reason"] == "replayed"
+    assert refused.after.state is S.PAUSED
+
+
+def test_under_rules_2_a_command_sent_again_is_refused_as_it_was():
+    # A journal written before rules 3 replays as it was applied: the second copy was a refusal.
+    abort = command(PLAN, CommandAction.ABORT, now=STARTED_AT + 1)
+    first = step(started(), OperatorInput(STARTED_AT + 1, abort), rules=2)
+    assert first.after.state is S.ABORTED and first.after.applied_commands == ()
+    again = step(first.after, OperatorInput(STARTED_AT + 2, abort), rules=2)
+    assert again.outcome is Outcome.REFUSED and again.audit[0].payload["reason"] == "replayed"
+    assert "applied_commands" not in json.dumps(first.after.to_dict())
 
 
 @pytest.mark.parametrize(
@@ -652,8 +667,9 @@ def test_an_older_abort_forgotten_after_a_newer_completion_does_not_bring_the_bl
     site = ledger()
     slow = make_plan("okay-nabu-a", created_at=T0, ttl_s=30 * 24 * 3600)  # aborted early, lives long
     site.apply(plan_command(signed(slow), now=T0))
-    site.apply(encode_input(slow.rollout_id, OperatorInput(T0 + 5, command(slow, CommandAction.ABORT,
-                                                                         now=T0 + 5))))
+    site.apply(
+        encode_input(slow.rollout_id, OperatorInput(T0 + 5, command(slow, CommandAction.ABORT, now=T0 + 5)))
+    )
     quick = make_plan("okay-nabu-b", created_at=T0 + 10, ttl_s=3600)  # 1.0 -> 2.0 again; completes
     site.apply(plan_command(signed(quick), now=T0 + 10))
     site._rollouts[quick.rollout_id] = dataclasses.replace(

@@ -56,6 +56,10 @@ DEMO_GUARD: dict[str, dict[str, object]] = {
 SERVED_MODEL = "mlp"
 SERVED_LAYERS = (8, 128, 128, 2)
 ROLLOUT_SOAK = "3s"
+# A site with no device in a wave's cohort judges it on another site's evidence, which exists only once
+# that site's own soak is over and reaches it by gossip: the default deadline (twice the soak) leaves 3 s
+# of slack for both at a 3 s soak, and a site that misses it pauses (gate_stalled) instead of waiting.
+ROLLOUT_DEADLINE = "20s"
 TRAFFIC_RATE_PER_NODE_S = 5.0
 BAD_INPUT_SHARE = 0.3
 
@@ -434,6 +438,8 @@ def _rollouts(fleet_nodes, clients, console, workdir, fleet_dir: Path) -> None:
             "1,10,100",
             "--soak",
             ROLLOUT_SOAK,
+            "--deadline",
+            ROLLOUT_DEADLINE,
             "--min-requests",
             "8",
             "--key",
@@ -525,6 +531,8 @@ def _rollouts(fleet_nodes, clients, console, workdir, fleet_dir: Path) -> None:
             "mlp-3",
             "--soak",
             ROLLOUT_SOAK,
+            "--deadline",
+            ROLLOUT_DEADLINE,
             "--min-requests",
             "8",
             "--key",

@@ -22,12 +22,14 @@ and handing its tasks to `_spawn`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import json
 import logging
 import random
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -547,24 +549,34 @@ class Node:
                 await parts.runner.leave()
             except TimeoutError:
                 log.warning("leave not acknowledged by every peer in time; shutting down anyway")
-        await parts.runner.stop()  # harmless when it never started
+        with _slow_step("membership stop"):
+            await parts.runner.stop()  # harmless when it never started
         for task in reversed(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with _slow_step("background tasks"):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if parts.activator is not None:
             parts.activator.close()
         if parts.reassigner is not None:
-            await parts.reassigner.close()
+            with _slow_step("reassigner close"):
+                await parts.reassigner.close()
         if parts.rollouts is not None:
-            await parts.rollouts.close()
+            with _slow_step("rollouts close"):
+                await parts.rollouts.close()
         if parts.group is not None:
-            await parts.group.close()
-        await parts.distributor.stop()
-        await parts.revocations.close()
-        await parts.server.stop(grace_s if leave else 0)
-        await parts.channels.close()
+            with _slow_step("site group close"):
+                await parts.group.close()
+        with _slow_step("distributor stop"):
+            await parts.distributor.stop()
+        with _slow_step("revocations close"):
+            await parts.revocations.close()
+        with _slow_step("gRPC server stop"):
+            await parts.server.stop(grace_s if leave else 0)
+        with _slow_step("channels close"):
+            await parts.channels.close()
         if parts.inference is not None:
-            parts.inference.close()
+            with _slow_step("inference close"):
+                parts.inference.close()
         if parts.probes is not None:
             parts.probes.stop()
         parts.heartbeat.stop()
@@ -579,7 +591,29 @@ class Node:
         await self.start()
         await stop.wait()
         log.info("signal received: leaving the cluster")
-        await self.stop()
+        # A stop that hangs is otherwise silent until a supervisor kills the node: dump every thread's stack
+        # to stderr (the node's log under systemd) if it takes longer than STOP_STACKS_AFTER_S.
+        faulthandler.dump_traceback_later(STOP_STACKS_AFTER_S, exit=False)
+        try:
+            await self.stop()
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+
+
+# Seconds after SIGTERM at which a node still stopping writes every thread's stack to stderr.
+STOP_STACKS_AFTER_S = 10.0
+
+
+@contextlib.contextmanager
+def _slow_step(what: str, slow_s: float = 2.0) -> Iterator[None]:
+    """Name a shutdown step that takes longer than `slow_s`, so a node that is slow to stop says where."""
+    began = time.monotonic()
+    try:
+        yield
+    finally:
+        took = time.monotonic() - began
+        if took > slow_s:
+            log.warning("stopping: %s took %.1f s", what, took)
 
 
 def _report_task_death(task: asyncio.Task) -> None:

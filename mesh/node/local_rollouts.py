@@ -551,13 +551,15 @@ class RolloutFleet:
 
 def took_effect(result: LedgerResult | None) -> bool:
     """Applied by this call, or by an earlier attempt of it whose reply was lost: sent again, a plan answers
-    NOOP "already registered" and a command NOOP "already accepted" (`send` and `start_rollout` retry)."""
+    NOOP "already registered" and a command NOOP "already applied" (`send` and `start_rollout` retry).
+    A command whose first application changed nothing is answered "already accepted ... changed nothing
+    then": not taken effect."""
     if result is None:
         return False
     if result.outcome is Outcome.APPLIED:
         return True
     return result.outcome is Outcome.NOOP and (
-        "is already registered" in result.message or "was already accepted" in result.message
+        "is already registered" in result.message or "was already applied" in result.message
     )
 
 

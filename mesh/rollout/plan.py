@@ -11,9 +11,11 @@ role with a `PlanSignatureError` naming the key id.
 
 A `RolloutCommand` is an operator's signed word about one plan (approve wave
 k, promote to wave k, pause, resume, abort with a reason). Like a guard
-approval it names the plan digest, expires and carries a nonce; a replayed or
-expired command is refused. `verify_command` does not remember nonces: the
-replicated rollout state does, so "accepted once" holds on every replica.
+approval it names the plan digest, expires and carries a nonce; an expired
+command, or another command under a spent nonce, is refused. `verify_command`
+does not remember nonces: the replicated rollout state does, so "accepted
+once" holds on every replica (and answers the same command sent again with
+what became of it, see `mesh.rollout.state`).
 
 Rules of the codecs (as in `mesh.artifacts.manifest` and `mesh.guard.approval`):
 bounded documents, every field checked, unknown fields refused, numbers in

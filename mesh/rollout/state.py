@@ -20,7 +20,8 @@ Rules of this module (everything a site believes about a rollout lives here):
   approval may come early; it is remembered. A command's nonce is used up
   once its signature verifies, even if it changes nothing, so it cannot be
   replayed into a later state; the very same command sent again (a retry
-  after a lost reply) is answered NOOP "already accepted" and changes nothing.
+  after a lost reply) is answered NOOP with what became of it the first
+  time, changes nothing, and is audited (`rollout_command_repeated`).
 - A failing gate aborts from any live state, paused or waiting included; a
   PASS or a stalled (inconclusive past its deadline) verdict counts only for
   the wave and soak it was measured in, so a stale one changes nothing.
@@ -92,9 +93,9 @@ LEDGER_FORMAT = 1
 # `rules` is rules 1: wave scope judged by the plan's share alone, no gate coverage check, nothing
 # remembered of a forgotten rollout. Rules 2: wave scope by real size too, a PASS needs coverage,
 # forgotten rollouts leave their verdicts. Rules 3 (what this code proposes): a verified command whose
-# nonce is used up is answered "already accepted" (NOOP) if it is the very command that used it, so an
-# operator who retries after a lost reply learns it took effect; another command under that nonce is
-# refused.
+# nonce is used up is answered NOOP with its first outcome ("already applied") if it is the very command
+# that used it, so a client that retries after a lost reply learns it took effect; another command under
+# that nonce is refused.
 LEDGER_RULES = 3
 MAX_LEDGER_COMMAND_BYTES = 1024 * 1024
 MAX_ELIGIBLE = 100_000
@@ -251,8 +252,9 @@ class SiteRollout:
     marks: tuple[tuple[str, DeviceMarks], ...] = ()  # where the current wave's window starts, per device
     approved: tuple[tuple[int, str], ...] = ()  # (wave, operator key id) of approvals received
     used_nonces: tuple[tuple[str, float], ...] = ()  # (nonce, expires_at) of verified commands
-    # (nonce, command_fingerprint) of commands verified under rules 3, kept as long as their nonce
-    applied_commands: tuple[tuple[str, str], ...] = ()
+    # (nonce, command_fingerprint, first outcome "applied" or "noop") of commands verified under rules 3,
+    # kept as long as their nonce
+    applied_commands: tuple[tuple[str, str, str], ...] = ()
     paused_from: RolloutState | None = None
     reason: str = ""  # why it is paused, waiting, aborted or completed (one line)
     updated_at: float = 0.0
@@ -314,7 +316,11 @@ class SiteRollout:
             # Rules 2 only: a state applied under rules 1 writes the bytes it always did.
             **({"fleet_eligible_count": self.fleet_eligible_count} if self.fleet_eligible_count else {}),
             # Rules 3 only, likewise.
-            **({"applied_commands": dict(self.applied_commands)} if self.applied_commands else {}),
+            **(
+                {"applied_commands": {n: [f, o] for n, f, o in self.applied_commands}}
+                if self.applied_commands
+                else {}
+            ),
         }
 
     @classmethod
@@ -339,7 +345,7 @@ class SiteRollout:
             approved=tuple((int(w), str(k)) for w, k in doc["approved"]),
             used_nonces=tuple(sorted((str(n), float(e)) for n, e in doc["used_nonces"].items())),
             applied_commands=tuple(
-                sorted((str(n), str(d)) for n, d in doc.get("applied_commands", {}).items())
+                sorted((str(n), str(f), str(o)) for n, (f, o) in doc.get("applied_commands", {}).items())
             ),
             paused_from=None if doc["paused_from"] is None else RolloutState(doc["paused_from"]),
             reason=str(doc["reason"]),
@@ -617,16 +623,12 @@ def _operator_step(
     try:
         key = verify_command(command, plan, trusted, now=now, used_nonces={n for n, _ in rollout.used_nonces})
     except ReplayedCommand as exc:
-        # Verified in every other way. The very command that used the nonce, sent again (an operator's
-        # retry after a lost reply, or anyone's replay), is answered with what became of it and changes
-        # nothing; another command under a used nonce is refused, as before rules 3.
-        if rules >= 3 and dict(rollout.applied_commands).get(command.nonce) == command_fingerprint(command):
-            return _noop(
-                rollout,
-                None,
-                f"{command.label} (nonce {command.nonce}) was already accepted in this site; sending it "
-                "again changes nothing",
-            )
+        # Verified in every other way. The very command that used the nonce, sent again (a client's retry
+        # after a lost reply, or anyone's replay of what was gossiped), is answered with what became of it,
+        # changes nothing and is audited; another command under a used nonce is refused, as before rules 3.
+        first = next((e for e in rollout.applied_commands if e[0] == command.nonce), None)
+        if rules >= 3 and first is not None and first[1] == command_fingerprint(command):
+            return _repeated(rollout, command, first[2])
         return _refused(rollout, exc.reason, str(exc), key_id=command.key_id)
     except CommandRefused as exc:
         return _refused(
@@ -639,16 +641,53 @@ def _operator_step(
     nonces = tuple(
         sorted({(n, e) for n, e in rollout.used_nonces if e > now} | {(command.nonce, command.expires_at)})
     )
-    applied = rollout.applied_commands
-    if rules >= 3:
-        kept = {n for n, _ in nonces}
-        applied = tuple(
-            sorted(
-                {(n, d) for n, d in applied if n in kept} | {(command.nonce, command_fingerprint(command))}
-            )
-        )
+    kept = {n for n, _ in nonces}
+    applied = tuple(e for e in rollout.applied_commands if e[0] in kept)
     rollout = dataclasses.replace(rollout, used_nonces=nonces, applied_commands=applied)
-    who = {"key_id": key.key_id, "nonce": command.nonce, "command_reason": command.reason}
+    step = _operator_action(plan, rollout, command, key.key_id, now, max_share_ppm)
+    if rules < 3:
+        return step
+    entry = (
+        command.nonce,
+        command_fingerprint(command),
+        "applied" if step.outcome is Outcome.APPLIED else "noop",
+    )
+    after = dataclasses.replace(
+        step.after, applied_commands=tuple(sorted((*step.after.applied_commands, entry)))
+    )
+    return dataclasses.replace(step, after=after)
+
+
+def _repeated(rollout: SiteRollout, command: RolloutCommand, first_outcome: str) -> Transition:
+    if first_outcome == "applied":
+        message = (
+            f"{command.label} (nonce {command.nonce}) was already applied in this site; sending it again "
+        )
+        message += "changes nothing"
+    else:
+        message = f"{command.label} (nonce {command.nonce}) was already accepted in this site and changed "
+        message += "nothing then; sending it again changes nothing either (sign a new command to act now)"
+    payload = {
+        "rollout_id": rollout.rollout_id,
+        "action": command.action.value,
+        "key_id": command.key_id,
+        "nonce": command.nonce,
+        "first_outcome": first_outcome,
+    }
+    return Transition(
+        Outcome.NOOP, rollout, rollout, None, message, (AuditEvent("rollout_command_repeated", payload),)
+    )
+
+
+def _operator_action(
+    plan: RolloutPlan,
+    rollout: SiteRollout,
+    command: RolloutCommand,
+    key_id: str,
+    now: float,
+    max_share_ppm: int | None,
+) -> Transition:
+    who = {"key_id": key_id, "nonce": command.nonce, "command_reason": command.reason}
     action = command.action
     if action is CommandAction.ABORT:
         return _move(
@@ -656,17 +695,17 @@ def _operator_step(
             rollout,
             E.ABORT,
             now,
-            reason=f"aborted by operator {key.key_id}: {command.reason}",
+            reason=f"aborted by operator {key_id}: {command.reason}",
             detail=who,
         )
     if action is CommandAction.PAUSE:
-        reason = f"paused by operator {key.key_id}" + (f": {command.reason}" if command.reason else "")
+        reason = f"paused by operator {key_id}" + (f": {command.reason}" if command.reason else "")
         return _move(plan, rollout, E.PAUSE, now, reason=reason, detail=who)
     if action is CommandAction.RESUME:
         return _move(plan, rollout, E.RESUME, now, detail=who, max_share_ppm=max_share_ppm)
     assert command.wave is not None
     wave = command.wave
-    approved = tuple(sorted(set(rollout.approved) | {(wave, key.key_id)}))
+    approved = tuple(sorted(set(rollout.approved) | {(wave, key_id)}))
     if action is CommandAction.APPROVE:
         if wave <= rollout.wave:
             return _noop(rollout, None, f"wave {wave} of {plan.label} has already started")
@@ -1310,8 +1349,8 @@ class RolloutLedger:
         except RolloutStateError as exc:
             return self._refuse(None, "malformed_command", str(exc))
         if decoded.rules < self._rules_floor:
-            # Once a site applied rules 2 it never goes back: a confused leader cannot skip the checks
-            # rules 2 added by proposing old bytes.
+            # Once a site applied newer rules it never goes back: a confused leader cannot skip the checks
+            # they added by proposing old bytes.
             return self._refuse(
                 decoded.rollout_id,
                 "old_rules",

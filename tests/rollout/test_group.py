@@ -107,7 +107,7 @@ async def test_rollout_commands_replicate_beside_decisions_and_are_audited_once(
         ], kinds
 
     # A genuine command sent twice (a client retrying after a lost reply): applied once, then answered
-    # "already accepted", with nothing more on any replica's audit log.
+    # "already applied" and audited as repeated on every replica.
     operator = load_signing_key(fleet.directory / "operator.key", KeyRole.OPERATOR)
     approve = sign_command(
         operator, signed.plan, CommandAction.APPROVE, now=time.time(), ttl_s=60, nonce="retry-0001", wave=2
@@ -115,11 +115,11 @@ async def test_rollout_commands_replicate_beside_decisions_and_are_audited_once(
     data = encode_input("mlp-2", OperatorInput(time.time(), approve))
     assert (await follower.propose_rollout(data)).outcome is Outcome.APPLIED
     again = await follower.propose_rollout(encode_input("mlp-2", OperatorInput(time.time(), approve)))
-    assert again.outcome is Outcome.NOOP and "was already accepted in this site" in again.message, again
+    assert again.outcome is Outcome.NOOP and "was already applied in this site" in again.message, again
     await s.converged()
     for g in groups:
         kinds = [r.kind for r in g.audit_records() if r.kind.startswith("rollout")]
-        assert kinds[3:] == ["rollout_approved"], kinds
+        assert kinds[3:] == ["rollout_approved", "rollout_command_repeated"], kinds
 
     # Enough entries to compact: a member restarted from its own snapshot holds both ledgers again, and
     # its audit log has no duplicate.

@@ -226,11 +226,11 @@ def test_a_good_version_completes_and_its_full_wave_waits_for_an_approval(layout
     fleet.run_until(lambda: fleet.states() == {RolloutState.COMPLETED}, max_ticks=100)
     assert all(d.serving == "2.0" for d in fleet.devices), f"seed {seed}"
     assert fleet.replicas_agree()
-    # Sent again to any site, the same approval changes nothing and says it was already accepted.
+    # Sent again to any site, the same approval changes nothing and says it was already applied.
     replica = fleet.replicas["site-a"][0]
     before = replica.get(PLAN.rollout_id)
     replay = replica.apply(encode_input(PLAN.rollout_id, OperatorInput(fleet.now, approval)))
-    assert replay.outcome is Outcome.NOOP and "already accepted" in replay.message, replay.message
+    assert replay.outcome is Outcome.NOOP and "was already applied" in replay.message, replay.message
     assert replica.get(PLAN.rollout_id) == before
 
 

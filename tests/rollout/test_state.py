@@ -388,8 +388,22 @@ def test_commands_are_accepted_once_even_those_that_changed_nothing():
     assert noop.outcome is Outcome.NOOP
     paused = op(noop.after, CommandAction.PAUSE).after
     replay = step(paused, OperatorInput(paused.updated_at + 1, resume))  # ...so it cannot resume later:
-    assert replay.outcome is Outcome.NOOP and replay.after == paused  # sent again, it is the same answer
-    assert "was already accepted in this site; sending it again changes nothing" in replay.message
+    assert replay.outcome is Outcome.NOOP and replay.after == paused  # sent again: what it did the first time
+    assert "was already accepted in this site and changed nothing then" in replay.message, replay.message
+    assert [(e.kind, e.payload["first_outcome"]) for e in replay.audit] == [
+        ("rollout_command_repeated", "noop")
+    ]
+    pause = command(PLAN, CommandAction.PAUSE, now=paused.updated_at)
+    first = step(paused, OperatorInput(paused.updated_at + 1, pause))  # (already paused: changes nothing)
+    assert first.outcome is Outcome.NOOP
+    resumed = op(first.after, CommandAction.RESUME).after
+    sent = command(PLAN, CommandAction.PAUSE, now=resumed.updated_at + 1)
+    applied = step(resumed, OperatorInput(resumed.updated_at + 1, sent))
+    assert applied.outcome is Outcome.APPLIED and applied.after.state is S.PAUSED
+    again = step(applied.after, OperatorInput(resumed.updated_at + 2, sent))
+    assert again.outcome is Outcome.NOOP and again.after == applied.after
+    assert "was already applied in this site; sending it again changes nothing" in again.message
+    assert again.audit[0].payload["first_outcome"] == "applied"
     # Another command under a used nonce is refused and audited: only a retry of the same bytes is a no-op.
     reused = command(PLAN, CommandAction.RESUME, now=r.updated_at + 2, nonce=resume.nonce)
     refused = step(paused, OperatorInput(paused.updated_at + 1, reused))
@@ -405,6 +419,10 @@ def test_under_rules_2_a_command_sent_again_is_refused_as_it_was():
     again = step(first.after, OperatorInput(STARTED_AT + 2, abort), rules=2)
     assert again.outcome is Outcome.REFUSED and again.audit[0].payload["reason"] == "replayed"
     assert "applied_commands" not in json.dumps(first.after.to_dict())
+    # Applied under rules 2 and sent again after the upgrade: nothing says it was this command, so it is
+    # refused as before.
+    again3 = step(first.after, OperatorInput(STARTED_AT + 3, abort), rules=3)
+    assert again3.outcome is Outcome.REFUSED and again3.audit[0].payload["reason"] == "replayed"
 
 
 @pytest.mark.parametrize(

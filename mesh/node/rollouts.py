@@ -732,6 +732,11 @@ class RolloutShell:
         """Versions the distributor must not start fetching now."""
         return self.steering.unwanted
 
+    def background(self) -> Set[tuple[str, str]]:
+        """Versions the distributor fetches at low priority (targets prefetched outside this device's
+        wave)."""
+        return self.steering.background
+
     def stream_substitute(self, owner: str, stream_id: str) -> str | None:
         """Who serves a stream routed to `owner` when `owner` runs a version its site is not on (None: the
         owner serves it)."""

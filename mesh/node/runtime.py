@@ -337,6 +337,7 @@ class Node:
                                       fetch_all=tc.fetch == "all", origin_only=tc.sources == "origin"),
             rng=random.Random(self._rng.random()), now=loop.time,
             pinned=pinned, unwanted=rollouts.unwanted if rollouts else frozenset,
+            background=rollouts.background if rollouts else frozenset,
             on_complete=activator.poke if activator else _ignore_version,
             on_removed=self._removed_hook(origin, activator),
             uploaded=transfer.counters.uploaded_bytes)

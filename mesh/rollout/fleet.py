@@ -207,12 +207,14 @@ def stream_server(stream_id: str, candidates: Iterable[str]) -> str | None:
 class DeviceSteering:
     """What a device does about its model's rollouts (the shell hands it to the activator and the
     distributor): serve `desired` (None: keep what is active; with nothing active, the newest version
-    not `blocked`), keep `pinned` on disk, do not fetch `unwanted`."""
+    not `blocked`), keep `pinned` on disk, do not fetch `unwanted`, fetch `background` only when nothing
+    else is being fetched (a target prefetched outside this device's wave)."""
 
     desired: str | None = None
     blocked: frozenset[str] = frozenset()
     pinned: frozenset[VersionKey] = frozenset()
     unwanted: frozenset[VersionKey] = frozenset()
+    background: frozenset[VersionKey] = frozenset()
     decisions: Mapping[str, Desired] = field(default_factory=dict)  # rollout id -> what it asks of us
     governing: str | None = None  # the rollout whose word decides (the newest of the model)
 
@@ -246,6 +248,7 @@ def steer_device(
     blocked: set[str] = set()
     pinned: set[VersionKey] = set()
     unwanted: set[VersionKey] = set()
+    background: set[VersionKey] = set()
     for plan, rollout in mine:
         device = replace(facts, holds_target=plan.target_version in held)
         decision = desired_version(
@@ -260,6 +263,8 @@ def steer_device(
             pinned.update((model, v) for v in decision.pinned)
         if decision.prefetch is Prefetch.NONE and decision.version != plan.target_version:
             unwanted.add((model, plan.target_version))
+        elif decision.prefetch is Prefetch.LOW and decision.version != plan.target_version:
+            background.add((model, plan.target_version))
     registered = {p.rollout_id for p, _ in mine}
     for plan in unregistered:
         if plan.model != model or plan.rollout_id in registered or plan.expired(now):
@@ -288,6 +293,8 @@ def steer_device(
         blocked=frozenset(blocked),
         pinned=frozenset(pinned),
         unwanted=frozenset(unwanted),
+        # What some rollout has this device serve (or fetch now) is never background for another.
+        background=frozenset(background - {(model, d.version) for d in decisions.values() if d.version}),
         decisions=decisions,
         governing=None if governing is None else governing.rollout_id,
     )

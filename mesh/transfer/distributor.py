@@ -173,14 +173,17 @@ class Distributor:
                  rng: random.Random, now: Callable[[], float],
                  pinned: Callable[[], Set[VersionKey]] = _nothing_pinned,
                  unwanted: Callable[[], Set[VersionKey]] = _nothing_pinned,
+                 background: Callable[[], Set[VersionKey]] = _nothing_pinned,
                  on_complete: VersionHook = _no_hook, on_removed: VersionHook = _no_hook,
                  uploaded: Callable[[str, str], int] = _nothing_uploaded) -> None:
         """`pinned()`: versions the node needs whatever their age (the active and previous model,
         a rollout's baseline and target). `unwanted()`: versions not to start fetching now, however
         new (a rollout's target outside this device's wave when its plan says not to prefetch, the
-        target of an aborted rollout). `on_complete`/`on_removed`: told when a version is
-        complete here / was garbage-collected. `uploaded(name, version)`: bytes of it this node
-        has served (the Transfer service counts them)."""
+        target of an aborted rollout). `background()`: versions fetched at low priority, asking for no
+        chunk while any other download runs here (a rollout's target prefetched outside this device's
+        wave, so the fetch of what it must serve now is never slowed by it). `on_complete`/`on_removed`:
+        told when a version is complete here / was garbage-collected. `uploaded(name, version)`: bytes
+        of it this node has served (the Transfer service counts them)."""
         self.node_id = node_id
         self.site = site
         self.store = store
@@ -193,6 +196,7 @@ class Distributor:
         self._now = now
         self._pinned = pinned
         self._unwanted = unwanted
+        self._background = background
         self._on_complete = on_complete
         self._on_removed = on_removed
         self._uploaded = uploaded
@@ -597,6 +601,7 @@ class Distributor:
             await self._finish(progress, Phase.FAILED, f"unexpected error: {exc}")
         finally:
             self._tasks.pop(key, None)
+            self.poke()  # a low-priority download waiting for this one goes on
 
     async def _get_manifest(self, name: str, version: str, progress: Progress) -> Manifest | None:
         try:
@@ -728,16 +733,19 @@ class Distributor:
                 if self.store.is_complete(manifest):
                     break  # a `mesh model publish` here (re)wrote the whole version meanwhile
                 refresh_peers()
-                for request in scheduler.next_requests(self._now()):
+                # Low priority: no new request while a download of anything else runs (those in flight end).
+                yielding = self._yields((manifest.name, manifest.version))
+                for request in () if yielding else scheduler.next_requests(self._now()):
                     running[(request.peer_id, request.index)] = asyncio.create_task(self._fetch_chunk(
                         manifest, request.peer_id, addresses[request.peer_id], request.index, progress,
                         from_origin=request.is_origin))
                 handle_events()
                 if scheduler.done:
                     break
-                # Wake for an answer, a poke (new holdings) or the scheduler's next deadline.
+                # Wake for an answer, a poke (new holdings, another download ended) or the scheduler's next
+                # deadline (none while yielding: requests in flight and pokes are what can change).
                 waiting = asyncio.ensure_future(wake.wait())
-                deadline = scheduler.next_deadline()
+                deadline = math.inf if yielding else scheduler.next_deadline()
                 timeout_s = None if math.isinf(deadline) else max(0.0, deadline - self._now())
                 done, _ = await asyncio.wait({*running.values(), waiting}, timeout=timeout_s,
                                              return_when=asyncio.FIRST_COMPLETED)
@@ -768,6 +776,14 @@ class Distributor:
             for task in running.values():
                 task.cancel()
             await asyncio.gather(*running.values(), return_exceptions=True)
+
+    def _yields(self, key: VersionKey) -> bool:
+        """Is `key` a low-priority download while another download runs here?"""
+        background = self._background()
+        return key in background and any(
+            other != key and other not in background and not task.done()
+            for other, task in self._tasks.items()
+        )
 
     async def _fetch_chunk(self, manifest: Manifest, peer_id: str, address: str, index: int,
                            progress: Progress, *, from_origin: bool = False) -> FailureReason | None:

@@ -38,7 +38,7 @@ from mesh.rollout.fleet import (
     stream_server,
 )
 from mesh.rollout.health import GateOutcome, NodeHealth, Totals
-from mesh.rollout.plan import AutonomousScope, CommandAction, Selector, SkipKind
+from mesh.rollout.plan import AutonomousScope, CommandAction, PrefetchPolicy, Selector, SkipKind
 from mesh.rollout.report import rollout_report
 from mesh.rollout.state import (
     OperatorInput,
@@ -301,11 +301,13 @@ def test_the_newest_rollout_decides_and_unfinished_targets_are_never_chosen_by_d
     )
     assert steer.desired is None and steer.blocked == {"2.0"}
     assert steer.pinned == {("okay-nabu", "1.0"), ("okay-nabu", "2.0")} and not steer.unwanted
+    assert plan.prefetch is PrefetchPolicy.LOW and steer.background == {("okay-nabu", "2.0")}  # prefetched
     in_wave = everyone_in(pending, 1)
     steer = steer_device(
         "okay-nabu", [(plan, in_wave)], [], me, complete={"1.0"}, serving="1.0", aborted={}, now=T0 + 10
     )
     assert steer.desired == "2.0" and "2.0" not in steer.blocked
+    assert not steer.background  # to serve now: fetched at normal priority
     # An abort known from elsewhere wins, even before this site applied it.
     steer = steer_device(
         "okay-nabu",
@@ -318,6 +320,7 @@ def test_the_newest_rollout_decides_and_unfinished_targets_are_never_chosen_by_d
         now=T0 + 10,
     )
     assert steer.desired == "1.0" and steer.blocked == {"2.0"} and ("okay-nabu", "2.0") in steer.unwanted
+    assert not steer.background
     # Safe only (no leader reachable since a restart): back to a baseline, never onto a target.
     steer = steer_device(
         "okay-nabu",

@@ -150,6 +150,10 @@ class Refusal:
     at: float
 
 
+# How often a low-priority download that is waiting for others looks again whether it still must wait.
+YIELD_RECHECK_S = 1.0
+
+
 @dataclass(frozen=True)
 class TransferSettings:
     max_in_flight_per_peer: int = 2
@@ -601,7 +605,10 @@ class Distributor:
             await self._finish(progress, Phase.FAILED, f"unexpected error: {exc}")
         finally:
             self._tasks.pop(key, None)
-            self.poke()  # a low-priority download waiting for this one goes on
+            # A low-priority download waiting for this one goes on. Only the downloads: waking the main
+            # loop here would restart a failed download at once (a full disk would spin).
+            for wake in self._download_wakes:
+                wake.set()
 
     async def _get_manifest(self, name: str, version: str, progress: Progress) -> Manifest | None:
         try:
@@ -743,9 +750,10 @@ class Distributor:
                 if scheduler.done:
                     break
                 # Wake for an answer, a poke (new holdings, another download ended) or the scheduler's next
-                # deadline (none while yielding: requests in flight and pokes are what can change).
+                # deadline; while yielding, look again every YIELD_RECHECK_S too: the device's wave may
+                # have come (nothing pokes the distributor when steering changes).
                 waiting = asyncio.ensure_future(wake.wait())
-                deadline = math.inf if yielding else scheduler.next_deadline()
+                deadline = self._now() + YIELD_RECHECK_S if yielding else scheduler.next_deadline()
                 timeout_s = None if math.isinf(deadline) else max(0.0, deadline - self._now())
                 done, _ = await asyncio.wait({*running.values(), waiting}, timeout=timeout_s,
                                              return_when=asyncio.FIRST_COMPLETED)

@@ -25,9 +25,12 @@ Rules of this module:
   the author's node id, then the canonical bytes, break ties, so every member
   of the federation keeps the same newest summary of each site whatever order
   gossip brings them in (`merge` is commutative, associative and idempotent).
-- `accept` refuses a summary about another site than its sender's (a member of
-  site A with a valid certificate cannot speak for site B), one whose author
-  is not of its site, and anything malformed; the table keeps what it had.
+- `accept` refuses a summary signed by a member of another site (a member of
+  site A with a valid certificate cannot speak for site B), by a member the
+  receiver's federation view does not list as a representative of its site,
+  one numbered more than MAX_SEQ_STEP past the held one, and anything
+  malformed; the table keeps what it had. A representative keeps in its own
+  table what the others decode (`publish`).
 - `encode` is canonical and bounded: a summary that would pass `limit_bytes`
   drops its least important entries first (health, then versions held by
   fewest devices, then rollouts), never its site, seq, author or
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from mesh.identity.signing import canonical_json
@@ -58,12 +61,15 @@ __all__ = [
     "fleet_health",
     "fleet_holders",
     "merge",
+    "next_seq",
+    "publish",
     "summarize",
 ]
 
 SUMMARY_FORMAT = 1
 MAX_SUMMARY_BYTES = 16 * 1024
 MAX_COUNT = 1 << 40
+MAX_SEQ_STEP = 1 << 12  # how far past the held summary of a site an accepted one may number itself
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}")
 _ADDRESS_RE = re.compile(r"[A-Za-z0-9\[][A-Za-z0-9.:\[\]_-]{0,254}")
 _FIELDS = frozenset(
@@ -116,7 +122,20 @@ class SiteSummary:
     def order(self) -> tuple[int, str, bytes]:
         """Newest wins: by seq, then author, then the bytes themselves (an author that lost its seq in a
         restart may write two summaries under one number; every member must still keep the same one)."""
-        return (self.seq, self.author, canonical_json(_doc(self)))
+        return (self.seq, self.author, self.canonical())
+
+    def canonical(self) -> bytes:
+        """The canonical bytes of this summary (computed once)."""
+        cached = self.__dict__.get("_canonical")
+        if cached is None:
+            cached = canonical_json(_doc(self))
+            object.__setattr__(self, "_canonical", cached)
+        return cached
+
+    def newer_than(self, other: SiteSummary) -> bool:
+        if (self.seq, self.author) != (other.seq, other.author):
+            return (self.seq, self.author) > (other.seq, other.author)
+        return self.canonical() > other.canonical()
 
     def same_content(self, other: SiteSummary) -> bool:
         """Does `other` say the same things (whatever its seq and author)?"""
@@ -146,6 +165,8 @@ def summarize(
         for key in facts.complete:
             holders[key] = holders.get(key, 0) + 1
         for key, (requests, errors) in facts.health.items():
+            if not 0 <= errors <= requests:
+                continue  # one device's impossible counters must not keep its site from summing up
             r, e = health.get(key, (0, 0))
             health[key] = (min(MAX_COUNT, r + requests), min(MAX_COUNT, e + errors))
     return SiteSummary(
@@ -163,40 +184,66 @@ def summarize(
 def next_seq(table: Mapping[str, SiteSummary], site: str) -> int:
     """The seq a representative of `site` writes a changed summary under."""
     held = table.get(site)
-    return 1 if held is None else held.seq + 1
+    return 1 if held is None else min(MAX_COUNT, held.seq + 1)
 
 
 def merge(table: Mapping[str, SiteSummary], incoming: SiteSummary) -> dict[str, SiteSummary]:
     """`table` with `incoming` in it if it is the newest of its site; commutative, idempotent."""
     held = table.get(incoming.site)
     out = dict(table)
-    if held is None or incoming.order > held.order:
+    if held is None or incoming.newer_than(held):
         out[incoming.site] = incoming
     return out
 
 
+def publish(
+    table: Mapping[str, SiteSummary], summary: SiteSummary, limit_bytes: int = MAX_SUMMARY_BYTES
+) -> tuple[bytes, dict[str, SiteSummary]]:
+    """What a representative sends, and its own table after: it keeps what the others will decode (a
+    trimmed summary if `encode` had to drop entries), so its table and theirs hold the same bytes."""
+    data = encode(summary, limit_bytes)
+    return data, merge(table, decode(data, limit_bytes))
+
+
 def accept(
-    table: Mapping[str, SiteSummary], data: bytes, *, signed_by: str, signer_site: str
+    table: Mapping[str, SiteSummary],
+    data: bytes,
+    *,
+    signed_by: str,
+    signer_site: str,
+    representatives: Collection[str],
 ) -> dict[str, SiteSummary]:
-    """Merge a summary whose signature the shell verified as `signed_by`'s, a node whose certificate
-    says it is of `signer_site` (summaries are relayed by gossip, so whoever handed it over does not
-    matter). Raise SummaryError naming what is wrong, `table` unchanged, if it is not the signer's to give:
-    a member of one site, however valid its certificate, cannot speak for another site."""
+    """Merge a summary whose signature the shell verified as `signed_by`'s, a node whose certificate says
+    it is of `signer_site`, which the receiver's federation view lists among that site's
+    `representatives` (summaries are relayed by gossip, so whoever handed it over does not matter).
+
+    Raise SummaryError naming what is wrong, `table` unchanged, if it is not the signer's to give: a
+    member of one site, however valid its certificate, cannot speak for another site; a member that is
+    not a representative cannot speak at all; and no summary may jump more than MAX_SEQ_STEP past the
+    one held, so a captured representative cannot take its site's numbering out of reach of the genuine
+    ones. (A captured representative can still misreport its own site, as a captured device can misreport
+    its own counters: summaries are as honest as the site's representatives.)"""
     summary = decode(data)
     if summary.author != signed_by:
         raise SummaryError(
-            f"summary of {summary.site} #{summary.seq} names author {summary.author} but is "
-            f"signed by {signed_by}"
+            f"summary of {summary.site} #{summary.seq} names author {summary.author} but is signed by "
+            f"{signed_by}"
         )
     if summary.site != signer_site:
         raise SummaryError(
-            f"{signed_by} of site {signer_site} signed a summary of site {summary.site}; a site "
-            "speaks only for itself"
+            f"{signed_by} of site {signer_site} signed a summary of site {summary.site}; a site speaks only "
+            "for itself"
         )
-    if summary.author not in {n for n, _ in summary.representatives}:
+    if signed_by not in representatives:
         raise SummaryError(
-            f"summary of {summary.site} #{summary.seq} is by {summary.author}, who it does not "
-            "name as a representative"
+            f"{signed_by} is not a representative of site {summary.site} in this member's federation view "
+            f"({', '.join(sorted(representatives)) or 'none known'}); its summary #{summary.seq} is ignored"
+        )
+    held = table.get(summary.site)
+    if held is not None and summary.seq > held.seq + MAX_SEQ_STEP:
+        raise SummaryError(
+            f"summary of {summary.site} #{summary.seq} by {signed_by} jumps more than {MAX_SEQ_STEP} past "
+            f"#{held.seq}; ignored"
         )
     return merge(table, summary)
 
@@ -245,32 +292,35 @@ def encode(summary: SiteSummary, limit_bytes: int = MAX_SUMMARY_BYTES) -> bytes:
     if len(data) <= limit_bytes:
         return data
     # Least important last in this list: health, then the versions fewest devices hold, then rollouts.
-    health = list(summary.health)
-    versions = sorted(summary.versions, key=lambda x: (-x[2], x[0], x[1]))
-    rollouts = list(summary.rollouts)
-    dropped = summary.dropped
-    while True:
-        if health:
-            health.pop()
-        elif versions:
-            versions.pop()
-        elif rollouts:
-            rollouts.pop()
-        else:
-            raise SummaryError(
-                f"the summary of site {summary.site} does not fit in {limit_bytes} bytes even without entries"
-            )
-        dropped += 1
+    ranked = [
+        *(("h", x) for x in reversed(summary.health)),
+        *(("v", x) for x in sorted(summary.versions, key=lambda x: (x[2], x[0], x[1]))),
+        *(("r", x) for x in reversed(summary.rollouts)),
+    ]
+
+    def without(n: int) -> bytes:
+        gone = set(ranked[:n])
         trimmed = dataclasses.replace(
             summary,
-            health=tuple(health),
-            versions=tuple(sorted(versions)),
-            rollouts=tuple(rollouts),
-            dropped=dropped,
+            health=tuple(x for x in summary.health if ("h", x) not in gone),
+            versions=tuple(x for x in summary.versions if ("v", x) not in gone),
+            rollouts=tuple(x for x in summary.rollouts if ("r", x) not in gone),
+            dropped=min(MAX_COUNT, summary.dropped + n),
         )
-        data = canonical_json(_doc(trimmed))
-        if len(data) <= limit_bytes:
-            return data
+        return canonical_json(_doc(trimmed))
+
+    if len(without(len(ranked))) > limit_bytes:
+        raise SummaryError(
+            f"the summary of site {summary.site} does not fit in {limit_bytes} bytes even without entries"
+        )
+    low, high = 1, len(ranked)  # the fewest drops that fit lie in [low, high]; dropping more never grows it
+    while low < high:
+        middle = (low + high) // 2
+        if len(without(middle)) <= limit_bytes:
+            high = middle
+        else:
+            low = middle + 1
+    return without(low)
 
 
 def decode(data: object, limit_bytes: int = MAX_SUMMARY_BYTES) -> SiteSummary:
@@ -350,6 +400,11 @@ def _check(s: SiteSummary) -> None:
             for number in row[texts:]:
                 if type(number) is not int or not 0 <= number <= MAX_COUNT:
                     raise SummaryError(f"site summary.{what}: {str(number)[:20]!r} is not a count")
+    for model, version, holders in s.versions:
+        if holders > s.members:
+            raise SummaryError(
+                f"site summary.versions: {holders} devices hold {model} {version} of {s.members}"
+            )
     for _, _, requests, errors in s.health:
         if errors > requests:
             raise SummaryError(f"site summary.health: {errors} errors in {requests} requests")

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.membership.summary import (
+    MAX_SEQ_STEP,
     MemberFacts,
     SiteSummary,
     SummaryError,
@@ -25,6 +26,7 @@ from mesh.membership.summary import (
     fleet_holders,
     merge,
     next_seq,
+    publish,
     summarize,
 )
 
@@ -66,13 +68,14 @@ def summaries(draw, site=None) -> SiteSummary:
     health = []
     for (m, v), r in sorted(draw(st.dictionaries(st.tuples(names, names), counts, max_size=5)).items()):
         health.append((m, v, r, draw(st.integers(0, r))))
+    versions = tuple(sorted((m, v, n) for (m, v), n in draw(st.dictionaries(st.tuples(names, names), counts,
+                                                                             max_size=5)).items()))
     return SiteSummary(
         site=site or draw(st.sampled_from(["amsterdam", "berlin", "chicago"])),
         seq=draw(st.integers(0, 50)),
         author=draw(st.sampled_from([n for n, _ in reps])),
-        members=draw(counts),
-        versions=tuple(sorted((m, v, n) for (m, v), n in draw(st.dictionaries(st.tuples(names, names), counts,
-                                                                               max_size=5)).items())),
+        members=max([draw(counts), *(n for _, _, n in versions)]),
+        versions=versions,
         rollouts=tuple(sorted((r, s, w) for r, (s, w) in draw(st.dictionaries(
             names, st.tuples(st.sampled_from(["soaking", "paused", "aborted"]), st.integers(0, 9)), max_size=3
         )).items())),
@@ -125,6 +128,7 @@ def test_the_codec_is_canonical_and_bounded(s, limit):
 
 def test_health_goes_first_then_the_versions_fewest_devices_hold():
     s = summary(
+        members=40,
         versions=tuple(sorted((f"m{i}", "1.0", i) for i in range(1, 40))),
         health=tuple(sorted((f"m{i}", "1.0", 10, 1) for i in range(1, 40))),
         rollouts=(("m1-2", "soaking", 1),),
@@ -173,19 +177,37 @@ def test_a_summary_spelt_differently_is_refused():
 
 def test_a_member_of_one_site_cannot_speak_for_another():
     table = merge({}, summary(seq=3))
+    reps = {"cam-01", "cam-02"}  # who this member's federation view lists for amsterdam
     forged = encode(summary(site="amsterdam", seq=99, author="b-1",
-                            representatives=(("b-1", "10.1.0.1:7000"),), members=0))
+                            representatives=(("b-1", "10.1.0.1:7000"),), members=1))
     with pytest.raises(SummaryError, match="b-1 of site berlin signed a summary of site amsterdam"):
-        accept(table, forged, signed_by="b-1", signer_site="berlin")
+        accept(table, forged, signed_by="b-1", signer_site="berlin", representatives={"b-1"})
     with pytest.raises(SummaryError, match="names author cam-01 but is signed by cam-02"):
-        accept(table, encode(summary(seq=9)), signed_by="cam-02", signer_site="amsterdam")
-    outsider = encode(summary(seq=9, author="cam-09", representatives=REPS + (("cam-03", "10.0.0.3:1"),)))
-    with pytest.raises(SummaryError, match="is by cam-09, who it does not name as a representative"):
-        accept(table, outsider, signed_by="cam-09", signer_site="amsterdam")
+        accept(table, encode(summary(seq=9)), signed_by="cam-02", signer_site="amsterdam",
+               representatives=reps)
+    # A member of the site that names itself a representative is not one for that.
+    self_named = encode(summary(seq=9, author="cam-09", representatives=REPS + (("cam-09", "10.0.0.9:1"),)))
+    with pytest.raises(SummaryError, match="cam-09 is not a representative of site amsterdam"):
+        accept(table, self_named, signed_by="cam-09", signer_site="amsterdam", representatives=reps)
+    # Nor may a representative number its summary out of the others' reach.
+    far = encode(summary(seq=3 + MAX_SEQ_STEP + 1, author="cam-02"))
+    with pytest.raises(SummaryError, match="jumps more than"):
+        accept(table, far, signed_by="cam-02", signer_site="amsterdam", representatives=reps)
     assert table["amsterdam"].seq == 3  # nothing taken
     mine = encode(summary(seq=4, author="cam-02"))
-    newer = accept(table, mine, signed_by="cam-02", signer_site="amsterdam")
+    newer = accept(table, mine, signed_by="cam-02", signer_site="amsterdam", representatives=reps)
     assert newer["amsterdam"].order[:2] == (4, "cam-02")
+
+
+def test_a_representative_keeps_what_the_others_decode():
+    big = summary(health=tuple(sorted((f"m{i}", "1.0", 10, 1) for i in range(60))))
+    data, mine = publish({}, big, 800)
+    theirs = accept({}, data, signed_by="cam-01", signer_site="amsterdam", representatives={"cam-01"})
+    assert mine == theirs and mine["amsterdam"].dropped > 0
+    odd = MemberFacts("cam-01", health={("m", "1"): (1, 5)})
+    assert summarize("amsterdam", [odd], author="cam-01", seq=1, representatives=REPS).health == (), (
+        "one device's impossible counters are left out"
+    )
 
 
 def test_two_representatives_writing_at_once_agree_on_one():

@@ -516,8 +516,8 @@ class SiteGroup:
         return await count_proposal(self.counts, "set_routes", self._propose(command, timeout_s))
 
     async def _propose(self, command: bytes, timeout_s: float) -> ApplyResult:
-        result = await self.raft.propose(command, timeout_s=timeout_s)
-        await self._state.durable(self._state.applied_index)  # its audit records are on disk
+        result, index = await self.raft.propose_indexed(command, timeout_s=timeout_s)
+        await self._state.durable(index)  # its audit records are on disk (not every later entry's)
         if not isinstance(result, ApplyResult):  # RaftGroup.propose returns what state.apply returned
             raise GroupError(f"unexpected apply result {result!r}")
         return result
@@ -529,8 +529,8 @@ class SiteGroup:
         audit records of it are on disk (an operator told "applied" finds it in the audit log)."""
         if not command.startswith(_ROLLOUT_COMMAND_PREFIX):
             raise GroupError("not a rollout command (expected canonical JSON with a rollout_* cmd)")
-        result = await self.raft.propose(command, timeout_s=timeout_s)
-        await self._state.durable(self._state.applied_index)  # its audit records are on disk, as decisions'
+        result, index = await self.raft.propose_indexed(command, timeout_s=timeout_s)
+        await self._state.durable(index)  # its audit records are on disk, as decisions'
         if not isinstance(result, LedgerResult):
             raise GroupError(f"unexpected apply result {result!r}")
         return result

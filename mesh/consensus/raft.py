@@ -486,13 +486,20 @@ class RaftGroup(SyncObj):
         Retries, until `timeout_s`, the failures after which the command was certainly not
         applied (no leader, not the leader, discarded by a new leader); raises on the others.
         """
+        return (await self.propose_indexed(command, timeout_s))[0]
+
+    async def propose_indexed(self, command: bytes, timeout_s: float = 2.0) -> tuple[object, int]:
+        """`propose`, with the Raft index of the entry this member applied (to wait for what was written
+        about that entry, not about every entry applied since)."""
         if not isinstance(command, bytes | bytearray):
             raise TypeError(f"command must be bytes, got {type(command).__name__}")
         command = bytes(command)
-        result = await self._run(lambda cb: self.apply_command(command, callback=cb), timeout_s, "proposal")
+        result, index = await self._run(
+            lambda cb: self.apply_command(command, callback=cb), timeout_s, "proposal", indexed=True
+        )
         if isinstance(result, _ApplyFailed):
             raise CommandRejected(f"the state machine rejected the command on every member: {result.error}")
-        return result
+        return result, index
 
     async def read_barrier(self, timeout_s: float = 2.0) -> None:
         """Return once this member has applied every entry committed before the call.
@@ -557,6 +564,8 @@ class RaftGroup(SyncObj):
         timeout_s: float,
         what: str,
         retry_on: set[int] = _RETRYABLE,
+        *,
+        indexed: bool = False,
     ) -> Any:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -570,7 +579,10 @@ class RaftGroup(SyncObj):
 
             def on_result(result: Any, error: int, fut=fut) -> None:
                 # Runs on pysyncobj's tick thread (or inline): must never raise, or pysyncobj
-                # re-applies the entry on its next tick.
+                # re-applies the entry on its next tick. pysyncobj calls it right after applying the
+                # entry, before counting it applied: the entry's index is raftLastApplied + 1.
+                if indexed:
+                    result = (result, self.raftLastApplied + 1)
                 with contextlib.suppress(RuntimeError):  # loop closed: nobody waits for this outcome
                     loop.call_soon_threadsafe(_settle, fut, result, error)
 

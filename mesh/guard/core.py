@@ -171,8 +171,13 @@ class Decision:
         }
 
     def digest(self) -> str:
-        """sha256 hex of the canonical JSON of `to_dict()`: what an approval signs."""
-        return hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
+        """sha256 hex of the canonical JSON of `to_dict()`: what an approval signs. Computed once per
+        (immutable) decision: every replica's apply, the audit and the answer all ask for it."""
+        cached = self.__dict__.get("_digest")
+        if cached is None:
+            cached = hashlib.sha256(canonical_json(self.to_dict())).hexdigest()
+            object.__setattr__(self, "_digest", cached)
+        return cached
 
     @property
     def decision_id(self) -> str:

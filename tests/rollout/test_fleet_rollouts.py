@@ -7,18 +7,21 @@ rollout of a new version of the model to its end, in order:
 1. a good version passes each wave, its 100% wave is held above the autonomous scope until one operator
    approval releases every site, the leader of a site is killed mid-wave (no wave decision lost or
    repeated), a device with an old runtime skips with its reason (and streams routed to it go to a
-   device on the site's version), a device offline throughout catches up on return;
+   device on the site's version), a device offline throughout catches up on return; sampled all along,
+   no site has a device serving anything but the baseline and the target (skippers aside);
 2. a bad version (NaN on a share of inputs) rolls itself back at the first wave while traffic flows:
    every touched device back on the baseline with no failed request, nobody outside the wave ever
    served it, and a device that held it on disk while offline never activates it on return;
 3. without traffic the gate is inconclusive: the rollout pauses and says why;
-4. a plan or an abort signed by the wrong key is refused and audited in every site, and never spreads;
+4. a plan or an abort signed by the wrong key is refused and audited in every site, and never spreads; a
+   forged plan a captured device announces by gossip is fetched, refused and remembered by every node;
 5. a site cut off from the others keeps its committed wave state and cannot pass the held wave alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -32,6 +35,7 @@ from mesh.identity.tls import channel_credentials, secure_channel_options
 from mesh.inference.fixtures import PARTLY_NAN_LAYERS, mlp_model, partly_nan_model
 from mesh.node.local import LocalFleet, wait_for
 from mesh.node.local_rollouts import RolloutFleet, Traffic, took_effect
+from mesh.rollout.docs import _Rollout
 from mesh.rollout.plan import CommandAction, SkipKind
 from mesh.rollout.state import Outcome, RolloutState
 
@@ -171,6 +175,48 @@ def _unsynced(f: RolloutFleet) -> str:
 _FLEET: list[RolloutFleet] = []
 
 
+class VersionWatch:
+    """While a rollout runs, samples every 50 ms what each site's devices serve (but `skip`, devices that
+    skip the rollout and keep what they had): never more than the rollout's baseline and target in a site."""
+
+    def __init__(self, f: RolloutFleet, allowed: set[str], skip: set[str]) -> None:
+        self.f, self.allowed, self.skip = f, allowed, skip
+        self.per_site: dict[str, set[str]] = {}
+        self.outside: list[tuple[str, str]] = []  # (node, version) seen serving neither
+        self.samples = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            for site in self.f.site_names():
+                for node_id in self.f.members(site):
+                    if node_id in self.skip or node_id not in self.f.nodes:
+                        continue
+                    version = self.f.serving(node_id)
+                    if version is None:
+                        continue
+                    self.per_site.setdefault(site, set()).add(version)
+                    if version not in self.allowed and len(self.outside) < 20:
+                        self.outside.append((node_id, version))
+            self.samples += 1
+            await asyncio.sleep(0.05)
+
+    def check(self) -> None:
+        print(f"versions served per site over {self.samples} samples: {self.per_site}")
+        assert self.samples > 10, "the watch never ran"
+        assert not self.outside, f"served outside {sorted(self.allowed)}: {self.outside}"
+        assert all(len(v) <= 2 for v in self.per_site.values()), self.per_site
+
+
 def on_version(f: RolloutFleet, version: str) -> set[str]:
     return {n for n in f.nodes if f.serving(n) == version}
 
@@ -212,6 +258,8 @@ async def test_a_good_version_passes_each_wave_and_waits_for_approval_above_scop
     f.publish("2.0", mlp_model(PARTLY_NAN_LAYERS, seed=2))
     await f.stop_node(offline)
     plan = f.plan("mlp-2", target="2.0", baseline="1.0", soak_s=SOAK_S, deadline_s=60)
+    versions = VersionWatch(f, {"1.0", "2.0"}, skip={OLD_RUNTIME_NODE})
+    versions.start()
     assert took_effect(await f.start_rollout(plan))
 
     await until(
@@ -247,6 +295,8 @@ async def test_a_good_version_passes_each_wave_and_waits_for_approval_above_scop
     victim_id = victim.config.node_id
     await f.stop_node(victim_id)
     await until(lambda: f.every_site("mlp-2", RolloutState.COMPLETED), 90, "completed everywhere")
+    await versions.stop()
+    versions.check()
     assert on_version(f, "2.0") == set(eligible) - {victim_id, offline}
     assert f.serving(OLD_RUNTIME_NODE) == "1.0"
     for node_id in f.members(victim_site):
@@ -288,11 +338,15 @@ async def test_a_bad_version_rolls_back_at_the_first_wave(fleet):
     await f.stop_node(away)
     answered_before = f.traffic.answered("3.0")
     plan = f.plan("mlp-3", target="3.0", baseline="2.0", soak_s=SOAK_S, deadline_s=60)
+    versions = VersionWatch(f, {"2.0", "3.0"}, skip={OLD_RUNTIME_NODE})
+    versions.start()
     started = time.monotonic()
     assert took_effect(await f.start_rollout(plan))
     await until(lambda: f.every_site("mlp-3", RolloutState.ABORTED), 90, "aborted everywhere")
     await until(lambda: not on_version(f, "3.0"), 30, "nobody serves 3.0")
     took = time.monotonic() - started
+    await versions.stop()
+    versions.check()
     first = cohort(f, "mlp-3", 1)
     touched = f.traffic.nodes_served_by("3.0")
     print(
@@ -357,6 +411,26 @@ async def test_documents_signed_by_the_wrong_key_are_refused_everywhere(fleet):
         assert f.site_state(site, "mlp-4").state is RolloutState.PAUSED
     assert all(n.rollouts.docs.plan("mlp-4-forged") is None for n in f.nodes.values()), "a forged plan spread"
     assert all(n.group.rollout("mlp-4-forged") is None for n in f.nodes.values())
+
+    # A captured device (a valid certificate, bad intent) holds a forged plan as if it were genuine and
+    # announces it in its gossip notes: every other node fetches it, checks its signature, refuses it and
+    # remembers why; no site registers it.
+    captured = entry["denver"]
+    gossiped = f.plan("mlp-4-gossiped", target="4.0", baseline="2.0", key=f.operator)
+    f.nodes[captured].rollouts.docs._rollouts["mlp-4-gossiped"] = _Rollout(gossiped, {})  # past verification
+    others = [n for n in f.nodes if n != captured]
+    try:
+        await until(
+            lambda: all(
+                f.nodes[n].rollouts.docs.refused(gossiped.digest) == "not_publisher_key" for n in others
+            ),
+            30,
+            "every other node refused the gossiped plan",
+        )
+        assert all(f.nodes[n].rollouts.docs.plan("mlp-4-gossiped") is None for n in others)
+        assert all(n.group.rollout("mlp-4-gossiped") is None for n in f.nodes.values())
+    finally:
+        f.nodes[captured].rollouts.docs._rollouts.pop("mlp-4-gossiped", None)
 
     # The genuine abort, sent to one site, reaches every site.
     result = await f.send(f.command(plan, CommandAction.ABORT, reason="not needed"), via=entry["berlin"])

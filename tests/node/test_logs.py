@@ -87,3 +87,15 @@ def test_a_running_node_with_json_logs_writes_only_json_lines(tmp_path, fleet):
     assert all(set(doc) >= FIELDS and doc["node_id"] == "json-01" for doc in docs), lines
     assert any(d["logger"] == "mesh.node" and "listening on" in d["message"] for d in docs)
     assert any("stopped" in d["message"] for d in docs)
+
+
+def test_a_shutdown_step_over_its_bound_is_named_and_a_quick_one_is_not(caplog):
+    from mesh.node.runtime import _slow_step
+
+    caplog.set_level(logging.WARNING, logger="mesh.node")
+    with _slow_step("site group close", slow_s=60.0):
+        pass
+    assert "stopping:" not in caplog.text
+    with _slow_step("site group close", slow_s=0.0):
+        pass
+    assert "stopping: site group close took" in caplog.text

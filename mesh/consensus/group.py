@@ -269,7 +269,8 @@ class _AuditedLedger:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append((index, waiter))
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for, which can swallow a cancellation in 3.11
+                await asyncio.shield(waiter)
         except TimeoutError:  # no tick ended since (the member is stopping): write them from here
             await asyncio.to_thread(self.flush)
 

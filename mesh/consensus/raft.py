@@ -589,7 +589,10 @@ class RaftGroup(SyncObj):
             submit(on_result)
             remaining_s = deadline - loop.time()
             try:
-                result, error = await asyncio.wait_for(fut, max(remaining_s, 0.0))
+                # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation that meets the
+                # outcome in one loop turn, and the cancelled caller carries on (tests/node/test_shutdown.py).
+                async with asyncio.timeout(max(remaining_s, 0.0)):
+                    result, error = await fut
             except TimeoutError:
                 if self.leader_id is None:
                     raise self._no_leader_error(timeout_s, what) from None

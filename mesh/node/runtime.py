@@ -552,10 +552,8 @@ class Node:
                 log.warning("leave not acknowledged by every peer in time; shutting down anyway")
         with _slow_step("membership stop"):
             await parts.runner.stop()  # harmless when it never started
-        for task in reversed(self._tasks):
-            task.cancel()
         with _slow_step("background tasks"):
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await _cancel_all(self._tasks)
         if parts.activator is not None:
             parts.activator.close()
         if parts.reassigner is not None:
@@ -599,6 +597,20 @@ class Node:
             await self.stop()
         finally:
             faulthandler.cancel_dump_traceback_later()
+
+
+async def _cancel_all(tasks: list[asyncio.Task], recancel_s: float = 1.0) -> None:
+    """Cancel `tasks` and wait until all have ended. A task still running `recancel_s` after its
+    cancellation is cancelled again, and named: Python 3.11's `asyncio.wait_for` swallows a cancellation
+    that arrives in the same loop turn as the end of its wait, and a loop around it then runs on."""
+    for task in reversed(tasks):
+        task.cancel()
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=recancel_s)
+        for task in pending:
+            log.warning("stopping: task %s did not end when cancelled; cancelling it again", task.get_name())
+            task.cancel()
 
 
 # Seconds after SIGTERM at which a node still stopping writes every thread's stack to stderr.

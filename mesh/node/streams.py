@@ -172,8 +172,12 @@ class StreamReassigner:
             delay_s = interval_s
             if self._next_return_at is not None:
                 delay_s = min(delay_s, max(0.0, self._next_return_at - time.monotonic()))
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns normally when the wait ends in
+            # the same loop turn as a cancellation, swallowing it, and this loop then never ends (a node's
+            # stop hung on it while members' leave events woke it).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay_s)
+                async with asyncio.timeout(delay_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.reconcile_once()

@@ -599,18 +599,28 @@ class Node:
             faulthandler.cancel_dump_traceback_later()
 
 
-async def _cancel_all(tasks: list[asyncio.Task], recancel_s: float = 1.0) -> None:
+async def _cancel_all(tasks: list[asyncio.Task], recancel_s: float = 1.0, attempts: int = 5) -> None:
     """Cancel `tasks` and wait until all have ended. A task still running `recancel_s` after its
     cancellation is cancelled again, and named: Python 3.11's `asyncio.wait_for` swallows a cancellation
-    that arrives in the same loop turn as the end of its wait, and a loop around it then runs on."""
+    that arrives in the same loop turn as the end of its wait, and a loop around it then runs on. After
+    `attempts` cancellations a task is left running, with where it stands in the log: the stop goes on."""
     for task in reversed(tasks):
         task.cancel()
     pending = {t for t in tasks if not t.done()}
-    while pending:
+    for attempt in range(1, attempts + 1):
+        if not pending:
+            return
         _, pending = await asyncio.wait(pending, timeout=recancel_s)
         for task in pending:
-            log.warning("stopping: task %s did not end when cancelled; cancelling it again", task.get_name())
-            task.cancel()
+            if attempt < attempts:
+                log.warning("stopping: task %s did not end when cancelled; cancelling it again",
+                            task.get_name())
+                task.cancel()
+            else:
+                frames = task.get_stack(limit=3)
+                where = " <- ".join(f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}" for f in frames)
+                log.error("stopping: task %s still runs after %d cancellations (at %s); not waiting for it",
+                          task.get_name(), attempts, where or "?")
 
 
 # Seconds after SIGTERM at which a node still stopping writes every thread's stack to stderr.

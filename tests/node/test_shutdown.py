@@ -54,9 +54,13 @@ async def test_the_stream_reconcile_loop_ends_when_cancelled_as_it_wakes():
 
     shell = types.SimpleNamespace(_wake=asyncio.Event(), _next_return_at=None, reconcile_once=reconcile_once)
     task = asyncio.create_task(StreamReassigner.reconcile(shell, interval_s=5.0))  # type: ignore[arg-type]
-    await _woken_and_cancelled_in_one_turn(task, shell._wake)
-    done, _ = await asyncio.wait({task}, timeout=1.0)
-    assert task in done and task.cancelled(), f"still running after {len(rounds)} rounds"
+    try:
+        await _woken_and_cancelled_in_one_turn(task, shell._wake)
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        assert task in done and task.cancelled(), f"still running after {len(rounds)} rounds"
+    finally:
+        task.cancel()  # a failure must not leave it running on the session's loop
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_task_that_swallows_its_cancellation_is_cancelled_again_and_named(caplog):
@@ -74,3 +78,25 @@ async def test_a_task_that_swallows_its_cancellation_is_cancelled_again_and_name
     assert polite.cancelled() and task.cancelled()
     assert "task stubborn did not end when cancelled; cancelling it again" in caplog.text
     assert "polite" not in caplog.text
+
+
+async def test_a_task_that_never_ends_is_left_behind_with_where_it_stands(caplog):
+    caplog.set_level(logging.WARNING, logger="mesh.node")
+    listening = False
+
+    async def deaf() -> None:
+        while not listening:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(60)
+
+    task = asyncio.create_task(deaf(), name="deaf")
+    done = asyncio.create_task(asyncio.sleep(0), name="done")
+    await asyncio.sleep(0.01)
+    try:
+        await asyncio.wait_for(_cancel_all([task, done], recancel_s=0.02, attempts=3), 5.0)
+        assert "task deaf still runs after 3 cancellations (at " in caplog.text
+        assert caplog.text.count("cancelling it again") == 2 and not task.done()
+    finally:
+        listening = True  # end it for good: the next cancellation is heard
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)

@@ -395,6 +395,9 @@ class RolloutShell:
     async def _fetch_documents(self, peer: fleet.PeerView, rollout_id: str) -> pb.RolloutDocuments | None:
         reply = await self._get_rollout(peer, rollout_id)
         if reply is None:
+            # Not reached (a timeout on a busy peer): ask again in a later round, or a document only this
+            # peer announces would never be fetched (nor, if forged, refused) while its note is unchanged.
+            self._fetched.pop((peer.node_id, rollout_id), None)
             return None
         now = self._clock()
         added = False

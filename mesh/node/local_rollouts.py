@@ -62,6 +62,7 @@ from mesh.rollout.plan import (
 from mesh.rollout.state import LedgerResult, Outcome, RolloutState, SiteRollout
 
 MODEL = "mlp"
+REQUEST_DEADLINE_S = 15.0  # Traffic's deadline per Infer request
 # Loopback timings for rollouts: a gate every half second.
 FAST_ROLLOUTS = RolloutSettings(
     interval_s=0.5, min_step_s=0.1, start_grace_s=2.0, fetch_timeout_s=1.0, sync_timeout_s=15.0
@@ -273,7 +274,10 @@ class Traffic:
                 before = _inference(node).active
                 sent = time.monotonic()
                 try:
-                    reply = await stub.Infer(request, timeout=5.0)
+                    # A deadline for a request that never comes back, not a latency bound: 20 nodes share
+                    # this process, and beside a CPU hog their one event loop stood still for 4.6 s once
+                    # (watchdog), failing every node's request in flight with a 5 s deadline.
+                    reply = await stub.Infer(request, timeout=REQUEST_DEADLINE_S)
                 except grpc.aio.AioRpcError as exc:
                     if self.fleet.nodes.get(node_id) is not node:
                         stats.cut_by_stop += 1  # the test stopped the device under the request

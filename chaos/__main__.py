@@ -63,34 +63,45 @@ def cmd_run(args) -> int:
 
 def cmd_matrix(args) -> int:
     from chaos.runner import HarnessError, run_one
+    from chaos.scenarios import rotated_plan
 
     scenarios = _scenarios(args.scenarios)
     seeds = _seeds(args.seeds)
+    if not seeds:
+        _fail("--seeds needs at least one integer", EXIT_USAGE)
+    if args.rotate:
+        plan = rotated_plan(scenarios, seeds)
+    else:
+        plan = [(scenario, seed) for scenario in scenarios for seed in seeds]
+    print(
+        f"chaos matrix: {len(plan)} runs of {len(scenarios)} scenarios under seeds "
+        f"{','.join(map(str, seeds))}" + (" (rotated)" if args.rotate else ""),
+        flush=True,
+    )
     _preflight()
     totals = {"acknowledged": 0, "refused": 0, "unknown": 0}
     faults = failed = passed = errors = runs = 0
-    for scenario in scenarios:
-        for seed in seeds:
-            runs += 1
-            try:
-                result = run_one(scenario, seed, root=args.workdir, strict=args.strict)
-            except HarnessError as exc:
-                print(f"chaos: {scenario.name} seed {seed}: {exc}", file=sys.stderr)
-                errors += 1
-                continue
-            print(result.text, flush=True)
-            report = result.report
-            errors += report["error"] is not None
-            faults += len(report["faults"])
-            failed += report["checkers_failed"]
-            passed += report["checkers_passed"]
-            for key in totals:
-                totals[key] += report["operations"][key]
+    for scenario, seed in plan:
+        runs += 1
+        try:
+            result = run_one(scenario, seed, root=args.workdir, strict=args.strict)
+        except HarnessError as exc:
+            print(f"chaos: {scenario.name} seed {seed}: {exc}", file=sys.stderr)
+            errors += 1
+            continue
+        print(result.text, flush=True)
+        report = result.report
+        errors += report["error"] is not None
+        faults += len(report["faults"])
+        failed += report["checkers_failed"]
+        passed += report["checkers_passed"]
+        for key in totals:
+            totals[key] += report["operations"][key]
     print(
         json.dumps(
             {
                 "scenarios": len(scenarios),
-                "seeds": len(seeds),
+                "seeds": len({seed for _, seed in plan}),
                 "faults": faults,
                 "operations": totals,
                 "checkers_failed": failed,
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.splitlines()[0],
         epilog="Examples:\n  python -m chaos run smoke --seed 1\n"
         "  python -m chaos matrix --seeds 1,2\n"
+        "  python -m chaos matrix --seeds 1,2,3 --rotate   # what make chaos runs\n"
         "  python -m chaos run heal-leader-minority --seed 3\n"
         "  python -m chaos cleanup",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -144,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     matrix = sub.add_parser("matrix", help="run scenarios x seeds; ends with one JSON line of totals")
     matrix.add_argument("--scenarios", default=None, help="comma-separated (default: the matrix list)")
     matrix.add_argument("--seeds", default="1", help="comma-separated integers (default: 1)")
+    matrix.add_argument(
+        "--rotate",
+        action="store_true",
+        help="instead of every scenario under every seed: scenario i under seed i mod n, plus "
+        "reruns until each nemesis family has met two seeds (what `make chaos` runs)",
+    )
     for p in (run, matrix):
         p.add_argument(
             "--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"runs go under here ({DEFAULT_WORKDIR})"

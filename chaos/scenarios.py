@@ -328,6 +328,58 @@ _add(
 MATRIX = [name for name in SCENARIOS if name not in ("heal-leader-minority", "heal-control")]
 
 
+def family(kind: str) -> str:
+    """A nemesis kind's family: "partition-leader" -> "partition", "clock-skew" -> "clock"."""
+    return kind.split("-", 1)[0]
+
+
+def families(scenario: Scenario, seed: int) -> set[str]:
+    """The nemesis families a scenario injects under a seed (`mixed` draws them from the seed)."""
+    return {family(n.kind) for _, _, n in steps_for(scenario, seed)} - {"no"}
+
+
+def rotated_plan(
+    scenarios: list[Scenario], seeds: list[int], per_family: int = 2
+) -> list[tuple[Scenario, int]]:
+    """Runs covering several seeds at the cost of about one: scenario i runs under seeds[i mod n];
+    then, while a nemesis family has met fewer than `per_family` seeds (at most n), the first
+    scenario that injects it runs again under its next seed. Deterministic: the same arguments
+    always plan the same runs, in scenario order."""
+    if not seeds:
+        raise ValueError("no seeds")
+    want = min(per_family, len(set(seeds)))
+    runs: list[tuple[Scenario, int]] = []
+    met: dict[str, set[int]] = {}
+    first = {s.name: i for i, s in enumerate(scenarios)}
+    turn = dict(first)  # each scenario's next seed index: its own rotation through the list
+
+    def run(scenario: Scenario) -> None:
+        seed = seeds[turn[scenario.name] % len(seeds)]
+        turn[scenario.name] += 1
+        runs.append((scenario, seed))
+        for fam in families(scenario, seed):
+            met.setdefault(fam, set()).add(seed)
+
+    for scenario in scenarios:
+        run(scenario)
+    stuck: set[str] = set()  # families no scenario can show another seed
+    while short := [f for f, seen in met.items() if len(seen) < want and f not in stuck]:
+        fam = short[0]
+        nexts = [s for s in scenarios if turn[s.name] - first[s.name] < len(seeds)]
+        candidates = [
+            s
+            for s in nexts
+            if fam in families(s, seeds[turn[s.name] % len(seeds)])
+            and seeds[turn[s.name] % len(seeds)] not in met[fam]
+        ]
+        if candidates:
+            run(candidates[0])
+        else:
+            stuck.add(fam)
+    runs.sort(key=lambda r: scenarios.index(r[0]))
+    return runs
+
+
 def steps_for(scenario: Scenario, seed: int) -> list[Step]:
     """The schedule of a scenario under a seed, each nemesis keyed uniquely."""
     steps = scenario.steps(random.Random(f"{seed}/schedule"))

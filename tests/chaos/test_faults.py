@@ -119,3 +119,25 @@ def test_proxy_ports_parse_back(pairs):
 def test_proxy_ports_parser_raises_only_value_error(text):
     with contextlib.suppress(ValueError):
         parse_ports(text)
+
+
+def test_rotated_matrix_shows_every_nemesis_family_two_seeds_at_the_cost_of_about_one():
+    from chaos.scenarios import MATRIX, SCENARIOS, families, rotated_plan
+
+    scenarios = [SCENARIOS[n] for n in MATRIX]
+    plan = rotated_plan(scenarios, [1, 2, 3])
+    seen: dict[str, set[int]] = {}
+    for scenario, seed in plan:
+        for fam in families(scenario, seed):
+            seen.setdefault(fam, set()).add(seed)
+    assert {"partition", "kill", "pause", "clock", "packet", "corrupt", "disk"} <= set(seen)
+    assert all(len(s) >= 2 for s in seen.values()), seen
+    assert {s.name for s, _ in plan} == set(MATRIX)  # every scenario at least once
+    names = [(s.name, seed) for s, seed in plan]
+    assert len(set(names)) == len(names)  # no run twice
+    assert len(plan) < 1.5 * len(scenarios)  # rotation, not the product
+    assert names == [
+        (s.name, seed) for s, seed in rotated_plan(scenarios, [1, 2, 3])
+    ]  # the same arguments plan the same runs
+    # one seed: the plain matrix
+    assert [(s.name, seed) for s, seed in rotated_plan(scenarios, [7])] == [(n, 7) for n in MATRIX]

@@ -57,8 +57,8 @@ class CappedCluster(LocalCluster):
         self.upload_cap = upload_cap
         self.origin_only = origin_only
 
-    def config(self, node_id: str, *, site: str, seeds: list[str]) -> NodeConfig:
-        base = super().config(node_id, site=site, seeds=seeds)
+    def config(self, node_id: str, *, site: str, seeds: list[str], **pools) -> NodeConfig:
+        base = super().config(node_id, site=site, seeds=seeds, **pools)
         # The baseline: every device pulls from the origin, which serves whoever asks (a registry).
         baseline = dict(sources="origin", origin_refusals=0) if self.origin_only else {}
         transfer = TransferSection(upload_rate_bytes_per_s=self.upload_cap, max_uploads=4,

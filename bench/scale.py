@@ -135,8 +135,8 @@ class ReleaseCluster(LocalCluster):
         super().__init__(*args, **kwargs)
         self.upload_cap = upload_cap
 
-    def config(self, node_id: str, *, site: str, seeds: list[str]) -> NodeConfig:
-        base = super().config(node_id, site=site, seeds=seeds)
+    def config(self, node_id: str, *, site: str, seeds: list[str], **pools) -> NodeConfig:
+        base = super().config(node_id, site=site, seeds=seeds, **pools)
         transfer = TransferSection(upload_rate_bytes_per_s=self.upload_cap, max_uploads=4,
                                    max_in_flight_per_peer=2, request_timeout_s=60.0)
         return base.model_copy(update={"transfer": transfer})

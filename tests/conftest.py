@@ -33,8 +33,9 @@ async def cluster(fleet, tmp_path):
     made: list[LocalCluster] = []
 
     async def make(n: int, sites: int = 1, timings: MembershipConfig = FAST_TIMINGS, seed: int = 0,
-                   **sections):
-        c = LocalCluster(fleet, tmp_path / f"cluster{len(made)}", timings, seed=seed, sections=sections)
+                   pools: str = "flat", representatives: int | None = None, **sections):
+        c = LocalCluster(fleet, tmp_path / f"cluster{len(made)}", timings, seed=seed, sections=sections,
+                         pools=pools, representatives=representatives)
         made.append(c)
         return await c.start(n, sites)
 

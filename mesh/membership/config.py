@@ -82,6 +82,11 @@ class MembershipConfig:
     awareness_max_multiplier: int = 8
     max_push_pull_bytes: int = 1 << 20
     pool: str = SITE_POOL
+    # The site pool of a fleet in sites mode (`[membership] pools = "sites"`): only members
+    # whose `site` label is this node's are admitted; updates about any other node are dropped
+    # (counted in `MembershipStats.foreign_dropped`). A node seeded with another site's
+    # address, or a member of two pools, cannot fill the site's table with other sites.
+    site_only: bool = False
 
     def __post_init__(self) -> None:
         problems = []

@@ -89,6 +89,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from mesh.membership.config import MembershipConfig, lifeguard_suspicion_timeout_s
+from mesh.membership.federation import site_of
 from mesh.membership.messages import (
     Ack,
     EventKind,
@@ -204,6 +205,7 @@ class MembershipStats:
     confirmations: int = 0          # Lifeguard: independent accusers counted for our suspicions
     gossips_sent: int = 0
     push_pulls_sent: int = 0
+    foreign_dropped: int = 0        # updates about members of another site (`site_only` pools)
 
 
 @dataclass(slots=True)
@@ -285,6 +287,7 @@ class Membership:
         self.labels = labels
         self.config = config
         self.stats = MembershipStats()
+        self._site = site_of(labels)
         self._rng = rng
         self._self = _Member(node_id, address, labels, incarnation, State.ALIVE, now,
                              meta_version=meta_version)
@@ -318,7 +321,7 @@ class Membership:
         self._probe_index = 0
 
         for update in known:
-            if update.node_id == node_id or update.node_id in self._members:
+            if update.node_id == node_id or update.node_id in self._members or self._foreign(update):
                 continue
             member = _Member(update.node_id, update.address, update.labels, update.incarnation, update.state,
                              now, meta_version=update.meta_version, meta=update.meta, accuser=update.accuser)
@@ -782,10 +785,17 @@ class Membership:
 
     # -- the member table ----------------------------------------------------
 
+    def _foreign(self, update: Update) -> bool:
+        """An update about a member of another site, in a pool of this site only."""
+        return self.config.site_only and site_of(update.labels) != self._site
+
     def _apply(self, update: Update, now: float) -> bool:
         """Apply one update by the precedence rules; True if it changed the table."""
         if update.node_id == self.node_id:
             return self._apply_about_self(update)
+        if self._foreign(update):
+            self.stats.foreign_dropped += 1
+            return False
         held = self._members.get(update.node_id)
         broadcast: Update | None = None
         if held is None:

@@ -16,12 +16,13 @@ of that node's federation table.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Protocol
 
 from mesh.membership.messages import Labels, State
 
-__all__ = ["DEFAULT_REPRESENTATIVES", "SITE_LABEL", "choose_representatives", "site_of"]
+__all__ = ["DEFAULT_REPRESENTATIVES", "SITE_LABEL", "choose_representatives", "fetcher", "site_of"]
 
 SITE_LABEL = "site"
 DEFAULT_REPRESENTATIVES = 3
@@ -66,3 +67,13 @@ def choose_representatives(members: Iterable[_Member], site: str, current: Itera
                        key=lambda m: (m.state is not State.ALIVE, m.node_id))
     chosen = kept + [m.node_id for m in newcomers[:k - len(kept)]]
     return tuple(sorted(chosen))
+
+
+def fetcher(representatives: Iterable[str], name: str, version: str) -> str | None:
+    """The representative that fetches `name` `version` across the site boundary: the highest
+    rendezvous hash of (version, node id). Every member of the site that agrees on the
+    representatives agrees on it, a version's bytes cross into the site about once, and
+    different versions spread over the representatives. None when there are none."""
+    def score(node_id: str) -> tuple[bytes, str]:
+        return hashlib.blake2b(f"{name}\0{version}\0{node_id}".encode(), digest_size=8).digest(), node_id
+    return max(representatives, key=score, default=None)

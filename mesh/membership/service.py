@@ -97,6 +97,14 @@ class MembershipServicer(pb_grpc.MembershipServicer):
     def __init__(self, runners: SwimRunner | Mapping[str, SwimRunner]) -> None:
         self._runners = {SITE_POOL: runners} if isinstance(runners, SwimRunner) else dict(runners)
 
+    def serve(self, pool: str, runner: SwimRunner) -> None:
+        """From now on, requests for `pool` go to `runner` (a representative joining the federation)."""
+        self._runners[pool] = runner
+
+    def unserve(self, pool: str) -> None:
+        """Requests for `pool` are NOT_FOUND from now on (a representative that left)."""
+        self._runners.pop(pool, None)
+
     async def _parse(self, context, parse, request):
         try:
             return parse(request)
@@ -189,6 +197,10 @@ class SwimRunner:
     def start(self, seeds: list[str]) -> None:
         self._send_all(self.core.join(seeds, self.now()))
         self._loop_task = asyncio.create_task(self._run(), name=f"swim-{self.core.node_id}")
+
+    def rejoin(self, seeds: list[str]) -> None:
+        """Exchange state with `seeds` again (a federation member that knows no other site yet)."""
+        self._send_all(self.core.join(seeds, self.now()))
 
     async def leave(self, timeout_s: float = 2.0) -> None:
         """Tell peers we are leaving and wait (bounded) until they have heard it."""

@@ -17,7 +17,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mesh.consensus.config import GuardTable, RaftSection
-from mesh.membership.config import MembershipConfig
+from mesh.membership.config import FEDERATION_POOL, MembershipConfig
+from mesh.membership.federation import DEFAULT_REPRESENTATIVES
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
@@ -51,6 +52,9 @@ class TlsSection(_Strict):
     dir: Path
 
 
+_POOL_FIELDS = {"pools", "representatives", "federation_seeds"}
+
+
 class MembershipSection(_Strict):
     """SWIM timings; defaults are memberlist's LAN defaults (see MembershipConfig)."""
 
@@ -68,6 +72,18 @@ class MembershipSection(_Strict):
     lifeguard: bool = MembershipConfig.lifeguard
     suspicion_max_timeout_mult: int = Field(default=MembershipConfig.suspicion_max_timeout_mult, ge=1)
     awareness_max_multiplier: int = Field(default=MembershipConfig.awareness_max_multiplier, ge=1)
+    # "flat": one gossip pool for the whole fleet (every node holds every member; fine to a few
+    # hundred). "sites": each site (label `site`) is its own pool, and `representatives` members
+    # of each site also join the federation pool, found through `federation_seeds` (addresses of
+    # other sites' nodes), as Consul's LAN and WAN pools. `seeds` must then be of the node's site.
+    pools: str = Field(default="flat", pattern="^(flat|sites)$")
+    representatives: int = Field(default=DEFAULT_REPRESENTATIVES, ge=1, le=16)
+    federation_seeds: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("federation_seeds")
+    @classmethod
+    def _federation_seeds(cls, value: list[str]) -> list[str]:
+        return [_check_address(v) for v in value]
 
     @model_validator(mode="after")
     def _timeout_below_interval(self) -> MembershipSection:
@@ -77,8 +93,25 @@ class MembershipSection(_Strict):
                 f"({self.probe_interval_s}): indirect probes need the rest of the interval")
         return self
 
+    @classmethod
+    def timing_fields(cls) -> list[str]:
+        """The fields that are SWIM core settings (not the pool layout)."""
+        return [f for f in cls.model_fields if f not in _POOL_FIELDS]
+
+    @classmethod
+    def from_core(cls, timings: MembershipConfig, **pools: Any) -> MembershipSection:
+        """A section with the timings of `timings` (tests and benchmarks), plus pool settings."""
+        return cls(**{f: getattr(timings, f) for f in cls.timing_fields()}, **pools)
+
     def to_core(self) -> MembershipConfig:
-        return MembershipConfig(**self.model_dump())
+        """The site pool's core settings (in sites mode it admits this node's site only)."""
+        timings = self.model_dump(exclude=_POOL_FIELDS)
+        return MembershipConfig(**timings, site_only=self.pools == "sites")
+
+    def federation_core(self) -> MembershipConfig:
+        """The federation pool's core settings: the same timings, all sites admitted."""
+        timings = self.model_dump(exclude=_POOL_FIELDS)
+        return MembershipConfig(**timings, pool=FEDERATION_POOL)
 
 
 class TransferSection(_Strict):
@@ -158,6 +191,13 @@ class NodeConfig(_Strict):
             if len(val) > 255:
                 raise ValueError(f"label {key!r} value longer than 255 characters")
         return value
+
+    @model_validator(mode="after")
+    def _sites_need_a_site(self) -> NodeConfig:
+        if self.membership.pools == "sites" and not self.labels.get("site"):
+            raise ValueError('[membership] pools = "sites" needs a `site` label in [labels] (the pool this '
+                             'node gossips in), or pools = "flat"')
+        return self
 
     @property
     def advertised_address(self) -> str:

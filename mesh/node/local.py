@@ -52,23 +52,44 @@ class LocalCluster:
     """In-process nodes sharing one event loop. Node i has id `node-{i:02d}`."""
 
     def __init__(self, fleet: LocalFleet, workdir: Path, timings: MembershipConfig, *, seed: int = 0,
-                 sections: dict[str, Any] | None = None) -> None:
-        """`sections`: extra config sections for every node, e.g. {"inference": {"model": "hand"}}."""
+                 sections: dict[str, Any] | None = None, pools: str = "flat",
+                 representatives: int | None = None) -> None:
+        """`sections`: extra config sections for every node, e.g. {"inference": {"model": "hand"}}.
+        `pools="sites"`: each site its own gossip pool, joined by the federation pool (a node seeds
+        from the first node of its site, and from the first node of every other site for the
+        federation)."""
         self.sections = sections or {}
+        self.pools_mode = pools
+        self.representatives = representatives
         self.fleet = fleet
         self.workdir = Path(workdir)
         self.timings = timings
         self.seed = seed
         self.nodes: dict[str, Node] = {}
 
-    def config(self, node_id: str, *, site: str, seeds: list[str]) -> NodeConfig:
+    @property
+    def pools(self) -> dict[str, Any]:
+        """This cluster's pool settings for a node's [membership] (federation seeds added per node)."""
+        if self.pools_mode == "flat":
+            return {}
+        extra: dict[str, Any] = {"pools": self.pools_mode}
+        if self.representatives is not None:
+            extra["representatives"] = self.representatives
+        return extra
+
+    def config(self, node_id: str, *, site: str, seeds: list[str],
+               federation_seeds: list[str] | None = None) -> NodeConfig:
         creds = self.fleet.node_credentials(node_id)
         return NodeConfig(
             node_id=node_id, listen="127.0.0.1:0", seeds=seeds, labels={"site": site},
             data_dir=self.workdir / node_id, tls=TlsSection(dir=creds.directory),
-            membership=MembershipSection(
-                **{f: getattr(self.timings, f) for f in MembershipSection.model_fields}),
+            membership=MembershipSection.from_core(
+                self.timings, **self.pools,
+                **({"federation_seeds": federation_seeds} if federation_seeds else {})),
             **self.sections)
+
+    def site_of(self, node_id: str) -> str:
+        return self.nodes[node_id].config.labels.get("site", "")
 
     async def start(self, n: int, sites: int = 1) -> LocalCluster:
         """Start n nodes; every node seeds from the first, as a site gateway would be configured."""
@@ -77,10 +98,19 @@ class LocalCluster:
         return self
 
     async def add(self, node_id: str, *, site: str = SITES[0], seeds: list[str] | None = None) -> Node:
-        if seeds is None:
+        federation_seeds: list[str] = []
+        if self.pools_mode == "sites":
+            firsts: dict[str, str] = {}  # site -> address of its first running node
+            for other_id, other in self.nodes.items():
+                firsts.setdefault(self.site_of(other_id), other.address)
+            if seeds is None:
+                seeds = [firsts[site]] if site in firsts else []
+            federation_seeds = [address for other_site, address in firsts.items() if other_site != site]
+        elif seeds is None:
             seeds = [next(iter(self.nodes.values())).address] if self.nodes else []
         rng = random.Random(f"{self.seed}-{node_id}")
-        node = Node(self.config(node_id, site=site, seeds=seeds), rng=rng, serve_metrics=False)
+        sites_mode = {"federation_seeds": federation_seeds} if self.pools_mode == "sites" else {}
+        node = Node(self.config(node_id, site=site, seeds=seeds, **sites_mode), rng=rng, serve_metrics=False)
         await node.start()
         self.nodes[node_id] = node
         return node
@@ -173,7 +203,7 @@ def write_node_config(path: Path, *, node_id: str, address: str, seeds: list[str
               "[tls]", f"dir = {q(str(tls_dir))}", "", "[membership]"]
     # json.dumps spells booleans as TOML does (true/false); numbers are written as they are.
     lines += [f"{name} = {q(value) if isinstance(value := getattr(timings, name), bool) else value}"
-              for name in MembershipSection.model_fields]
+              for name in MembershipSection.timing_fields()]
     for section, values in (("transfer", transfer), ("inference", inference), ("raft", raft)):
         if values:
             lines += ["", f"[{section}]"] + [f"{key} = {q(value)}" for key, value in values.items()]

@@ -358,9 +358,7 @@ class RolloutFleet:
             labels=labels,
             data_dir=self.workdir / node_id,
             tls=TlsSection(dir=creds.directory),
-            membership=MembershipSection(
-                **{f: getattr(self.timings, f) for f in MembershipSection.model_fields}
-            ),
+            membership=MembershipSection.from_core(self.timings),
             inference=InferenceSection(model=MODEL, workers=1),
             raft=RaftSection(members=self.members(site), **FLEET_RAFT),
         )

@@ -175,6 +175,9 @@ class DistributionCollector:
         transfer.add_metric(["out", "origin"], as_origin)
         transfer.add_metric(["out", "peer"], served - as_origin)
         yield transfer
+        yield CounterMetricFamily("fleetmesh_transfer_bytes_from_other_sites", "Model chunk bytes received "
+                                  "from a node of another site (label `site`)",
+                                  value=downloads.bytes_from_other_sites)
         yield CounterMetricFamily("fleetmesh_transfer_chunks_verified", "Chunks received whose SHA-256 "
                                   "matched the manifest", value=downloads.chunks_verified)
         refused = CounterMetricFamily("fleetmesh_transfer_chunks_refused", "Chunks received and thrown away",

@@ -29,7 +29,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,12 +68,14 @@ from mesh.inference.activation import Activator, Steering
 from mesh.inference.backend import load_backend
 from mesh.inference.health import HealthCollector
 from mesh.inference.runtime import ModelRuntime, NoActiveModel
+from mesh.membership.config import SITE_POOL
 from mesh.membership.core import Membership
 from mesh.membership.messages import MemberEvent, labels_from_mapping
 from mesh.membership.sections import MetaSections
 from mesh.membership.service import MembershipServicer, SwimRunner
-from mesh.membership.view import CoreView, MembershipView, fan_out
+from mesh.membership.view import CoreView, MemberEventHandler, MembershipView, fan_out
 from mesh.node.config import NodeConfig, parse_host_port
+from mesh.node.federation import FEDERATION_SECTION, FederationMember, MirroredBoard, PoolsView
 from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor, TrustInterceptor
 from mesh.node.metrics import NodeMetrics
 from mesh.node.peers import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS, Faults, PeerChannels
@@ -151,6 +153,7 @@ class _Parts:
     trust: TrustStore
     revocations: RevocationGossip
     heartbeat: Heartbeat
+    federation: FederationMember | None = None
     probes: ProbeServer | None = None
     metrics_port: int | None = None
 
@@ -285,9 +288,36 @@ class Node:
                           config.membership.to_core(), self._rng, loop.time(),
                           # Grows across restarts, so our fresh metadata beats our old self's.
                           meta_version=time.time_ns() // 1_000_000)
-        view = CoreView(core, revoked=trust.is_revoked_id)
-        # What this node gossips about itself, one section per capability within its own budget.
-        meta = MetaSections(view, META_BUDGETS)
+        site_view = CoreView(core, revoked=trust.is_revoked_id)
+        # Membership event handlers of the shells built below (added as they are built).
+        handlers: list[MemberEventHandler] = [self.events.extend]
+
+        def shell_events(events: Sequence[MemberEvent]) -> None:
+            for handler in handlers:
+                handler(events)
+
+        membership_service = MembershipServicer({})
+        federation: FederationMember | None = None
+        view: MembershipView
+        if config.membership.pools == "sites":
+            # Sites mode: the shells see this site, and (on a representative) other sites' representatives;
+            # this node's metadata goes to both pools.
+            board = MirroredBoard(site_view)
+            meta = MetaSections(board, META_BUDGETS | {FEDERATION_SECTION: 4})
+            federation = FederationMember(
+                node_id=config.node_id, address=address, labels=labels_from_mapping(config.labels), site=site,
+                site_view=site_view, config=config.membership.federation_core(),
+                representatives=config.membership.representatives, seeds=config.membership.federation_seeds,
+                servicer=membership_service,
+                dial=lambda peer_address, peer_id: membership_pb2_grpc.MembershipStub(
+                    channels.channel(peer_address, peer_id)),
+                board=board, rep_board=meta.board(FEDERATION_SECTION), on_events=shell_events,
+                rng=random.Random(self._rng.random()), revoked=trust.is_revoked_id)
+            view = PoolsView(site_view, site, federation.view)
+        else:
+            view = site_view
+            # What this node gossips about itself, one section per capability within its own budget.
+            meta = MetaSections(view, META_BUDGETS)
 
         # Transfer: the store, the origin's egress policy and the service that serves chunks.
         tc = config.transfer
@@ -340,7 +370,8 @@ class Node:
             background=rollouts.background if rollouts else frozenset,
             on_complete=activator.poke if activator else _ignore_version,
             on_removed=self._removed_hook(origin, activator),
-            uploaded=transfer.counters.uploaded_bytes)
+            uploaded=transfer.counters.uploaded_bytes,
+            crosses=federation.crosses if federation is not None else None)
 
         # Infer routed by the site's table, on a device that runs a version the stream's site is on.
         routed = SiteVersionRouting(
@@ -351,7 +382,7 @@ class Node:
         revocations = RevocationGossip(
             trust, view=view, board=meta.board(REVOCATIONS_SECTION), trusted=trusted, now=loop.time,
             dial=lambda address, peer_id: trust_pb2_grpc.TrustStub(channels.channel(address, peer_id)))
-        handlers = [self.events.extend, distributor.on_member_events, revocations.on_member_events]
+        handlers += [distributor.on_member_events, revocations.on_member_events]
         if reassigner is not None:
             handlers.append(reassigner.on_member_events)
         if rollouts is not None:
@@ -359,10 +390,12 @@ class Node:
         runner = SwimRunner(
             core,
             lambda address, peer_id: membership_pb2_grpc.MembershipStub(channels.channel(address, peer_id)),
-            on_events=fan_out(*handlers))
+            on_events=shell_events if federation is None else fan_out(shell_events,
+                                                                      federation.on_member_events))
+        membership_service.serve(SITE_POOL, runner)
 
         health = HealthServicer()
-        membership_pb2_grpc.add_MembershipServicer_to_server(MembershipServicer(runner), server)
+        membership_pb2_grpc.add_MembershipServicer_to_server(membership_service, server)
         transfer_pb2_grpc.add_TransferServicer_to_server(transfer, server)
         inference_pb2_grpc.add_InferenceServicer_to_server(routed, server)
         raft_pb2_grpc.add_RaftServicer_to_server(raft_service, server)
@@ -388,7 +421,7 @@ class Node:
                              view=view, store=store, transfer=transfer, distributor=distributor,
                              inference=inference, activator=activator, group=group, reassigner=reassigner,
                              rollouts=rollouts, routed_inference=routed, trust=trust, revocations=revocations,
-                             heartbeat=heartbeat)
+                             heartbeat=heartbeat, federation=federation)
         try:
             await server.start()
             for name in ("", *SERVICE_NAMES):
@@ -409,6 +442,8 @@ class Node:
 
         revocations.announce()
         runner.start(list(config.seeds))
+        if federation is not None:
+            federation.on_member_events()  # a site of one (or the first node up) represents itself at once
         distributor.start()
         self._start_tasks(self._parts)
         log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, address, site or "-",
@@ -544,6 +579,9 @@ class Node:
         self._stopped = True
         parts = self._parts
         sd_notify("STOPPING=1")
+        if parts.federation is not None:
+            with _slow_step("federation stop"):
+                await parts.federation.stop(leave=leave)
         if leave:
             await parts.health.enter_graceful_shutdown()
             try:

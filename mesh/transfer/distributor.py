@@ -130,6 +130,7 @@ class DownloadCounters:
 
     bytes_from_origin: int = 0
     bytes_from_peers: int = 0
+    bytes_from_other_sites: int = 0  # of the above two, from a sender of another site (label `site`)
     chunks_verified: int = 0
     chunks_refused: dict[str, int] = field(default_factory=lambda: {"hash_mismatch": 0, "size_mismatch": 0})
     bans: dict[str, int] = field(default_factory=lambda: {"hash_mismatch": 0, "protocol": 0})
@@ -179,7 +180,8 @@ class Distributor:
                  unwanted: Callable[[], Set[VersionKey]] = _nothing_pinned,
                  background: Callable[[], Set[VersionKey]] = _nothing_pinned,
                  on_complete: VersionHook = _no_hook, on_removed: VersionHook = _no_hook,
-                 uploaded: Callable[[str, str], int] = _nothing_uploaded) -> None:
+                 uploaded: Callable[[str, str], int] = _nothing_uploaded,
+                 crosses: Callable[[str, str], bool] | None = None) -> None:
         """`pinned()`: versions the node needs whatever their age (the active and previous model,
         a rollout's baseline and target). `unwanted()`: versions not to start fetching now, however
         new (a rollout's target outside this device's wave when its plan says not to prefetch, the
@@ -187,8 +189,12 @@ class Distributor:
         chunk while any other download runs here (a rollout's target prefetched outside this device's
         wave, so the fetch of what it must serve now is never slowed by it). `on_complete`/`on_removed`:
         told when a version is complete here / was garbage-collected. `uploaded(name, version)`: bytes
-        of it this node has served (the Transfer service counts them)."""
+        of it this node has served (the Transfer service counts them). `crosses(name, version)`, in sites
+        mode: whether this node fetches that version from nodes of other sites (only the site's fetcher
+        for it, one of its representatives; the others wait for it to land in their site); no node fetches
+        across sites a version whose origin is in its own site. None (flat mode): every peer counts."""
         self.node_id = node_id
+        self._crosses = crosses
         self.site = site
         self.store = store
         self.trusted = trusted
@@ -449,7 +455,16 @@ class Distributor:
         if len(self._decoded) > len(out):  # members that died or left: forget their holdings
             current = {m.node_id for m, _ in out}
             self._decoded = {k: v for k, v in self._decoded.items() if k in current}
-        return out
+        if self._crosses is None:
+            return out
+        # Sites mode: another site's holdings count only for versions this node fetches across sites,
+        # and never for a version whose origin is in this site.
+        crosses = self._crosses
+        ours = [dict(m.labels).get("site", "") == self.site for m, _ in out]
+        in_site_origin = set(self._origin) | {h.key for (_, hs), mine in zip(out, ours, strict=True) if mine
+                                              for h in hs if h.origin}
+        return [(m, hs if mine else [h for h in hs if h.key not in in_site_origin and crosses(*h.key)])
+                for (m, hs), mine in zip(out, ours, strict=True)]
 
     # -- the loop ----------------------------------------------------------------
 
@@ -829,6 +844,9 @@ class Distributor:
                 self.counters.bytes_from_origin += received
             else:
                 self.counters.bytes_from_peers += received
+            sender = self._view.member(peer_id)
+            if sender is not None and dict(sender.labels).get("site", "") != self.site:
+                self.counters.bytes_from_other_sites += received
         data = b"".join(pieces)
         try:
             await asyncio.to_thread(self.store.put_manifest_chunk, manifest, index, data)

@@ -83,3 +83,64 @@ def test_alive_members_are_preferred_and_sites_do_not_mix() -> None:
     assert choose_representatives(view, "amsterdam", ["a"], k=2) == ("a", "b")
     with pytest.raises(ValueError, match="k must be"):
         choose_representatives(view, "amsterdam", k=-1)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_site_only_pool_admits_its_own_site_even_when_seeded_across_sites(seed) -> None:
+    """Sites mode: six nodes of two sites all join through a node of `amsterdam`. Each site's
+    table ends with that site only; the updates about the other site are dropped and counted.
+    The same cluster without `site_only` is one flat pool (the filter is what separates them)."""
+    from mesh.membership.config import MembershipConfig
+    from mesh.sim.netsim import Network
+
+    def cluster(site_only: bool) -> Network:
+        config = MembershipConfig(probe_interval_s=1.0, probe_timeout_s=0.5, push_pull_interval_s=5.0,
+                                  site_only=site_only)
+        net = Network(seed=seed, config=config)
+        for i in range(6):
+            net.add_node(f"n{i}", labels=(("site", SITES[i % 2]),))
+        for i in range(1, 6):
+            net.join(f"n{i}", ["n0"])
+        net.run_for(15.0)
+        return net
+
+    net = cluster(site_only=True)
+    for name, node in net.nodes.items():
+        mine = SITES[int(name[1]) % 2]
+        seen = {m.node_id for m in node.core.members() if m.state is State.ALIVE}
+        if mine == "amsterdam":
+            assert seen == {"n0", "n2", "n4"}, (name, seen)
+        else:  # the berlin nodes joined through amsterdam's n0, which told them of nobody they admit
+            assert seen <= {"n1", "n3", "n5"} and name in seen, (name, seen)
+    assert net.nodes["n0"].core.stats.foreign_dropped > 0
+
+    flat = cluster(site_only=False)
+    assert all(node.core.live_count() == 6 for node in flat.nodes.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(reps=st.sets(st.text("abcdef0123", min_size=1, max_size=4), min_size=1, max_size=5),
+       version=st.text("0123456789.", min_size=1, max_size=6), shuffle_seed=st.integers(0, 1000))
+def test_the_fetcher_is_one_of_the_representatives_whatever_their_order(reps, version, shuffle_seed) -> None:
+    from mesh.membership.federation import fetcher
+
+    order = sorted(reps)
+    random.Random(shuffle_seed).shuffle(order)
+    chosen = fetcher(order, "hand", version)
+    assert chosen in reps
+    assert chosen == fetcher(sorted(reps), "hand", version)
+    # Losing another representative does not move the role (rendezvous hashing).
+    others = reps - {chosen}
+    if others:
+        assert fetcher(reps - {sorted(others)[0]}, "hand", version) == chosen
+
+
+def test_versions_spread_over_the_representatives() -> None:
+    from mesh.membership.federation import fetcher
+
+    reps = ["node-01", "node-04", "node-07"]
+    counts = {r: 0 for r in reps}
+    for i in range(300):
+        counts[fetcher(reps, "hand", f"1.{i}")] += 1
+    assert all(60 < c < 140 for c in counts.values()), counts
+    assert fetcher([], "hand", "1.0") is None

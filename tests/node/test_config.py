@@ -178,3 +178,20 @@ def test_any_table_is_a_config_or_a_config_error(tmp_path, doc):
         load_config(path)
     except ConfigError as exc:
         assert str(exc).startswith(f"{path}: ")
+
+
+def test_sites_mode_in_the_node_toml(tmp_path):
+    """`pools = "sites"`: the site pool's core admits this site only, the federation core is its own
+    pool with the same timings; without a `site` label the config says what to add."""
+    text = GOOD + 'pools = "sites"\nrepresentatives = 2\nfederation_seeds = ["10.0.2.1:7000"]\n'
+    membership = load_config(write(tmp_path, text)).membership
+    assert membership.to_core().site_only and membership.to_core().pool == ""
+    federation = membership.federation_core()
+    assert federation.pool == "federation" and not federation.site_only
+    assert federation.probe_interval_s == 0.5
+    assert membership.representatives == 2 and membership.federation_seeds == ["10.0.2.1:7000"]
+    assert not load_config(write(tmp_path, GOOD)).membership.to_core().site_only  # flat by default
+    with pytest.raises(ConfigError, match='needs a `site` label'):
+        load_config(write(tmp_path, text.replace('site = "berlin"', 'zone = "berlin"')))
+    with pytest.raises(ConfigError, match="federation_seeds"):
+        load_config(write(tmp_path, text.replace('"10.0.2.1:7000"', '"nowhere"')))

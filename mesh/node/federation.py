@@ -1,0 +1,279 @@
+"""Sites mode (`[membership] pools = "sites"`): the site pool, the federation pool, and the
+view that joins them for the node's shells.
+
+Each site gossips in its own pool (a `site_only` SWIM core: a device's table holds its site
+only). A few members of each site, its representatives (`choose_representatives`, sticky),
+also run a second core in the federation pool, as Consul's servers join the WAN pool; it
+carries the representatives' own metadata (what they hold, revocations, rollout notes), so
+a version, a revocation or a rollout plan crosses a site boundary through them and spreads
+inside the site from them. A device never holds another site's member list: a representative
+sees its site plus the other sites' representatives, any other device its site only.
+
+Representatives say so in their site metadata (`FEDERATION_SECTION`), so that every member
+of the site computes the choice from the same `current` set and the site agrees on it once
+its views agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+
+from mesh.membership.config import FEDERATION_POOL, MembershipConfig
+from mesh.membership.core import Membership
+from mesh.membership.federation import choose_representatives, fetcher, site_of
+from mesh.membership.messages import Labels, MemberEvent, MemberView, State
+from mesh.membership.sections import MetaError, read_section
+from mesh.membership.service import Dial, MembershipServicer, SwimRunner
+from mesh.membership.view import CoreView, MemberEventHandler, MetadataBoard
+
+__all__ = ["FEDERATION_SECTION", "FederationMember", "MirroredBoard", "PoolsView"]
+
+log = logging.getLogger("mesh.federation")
+
+FEDERATION_SECTION = "fed"
+"""Metadata section a representative sets (b"1") in its site pool."""
+
+_LIVE = (State.ALIVE, State.SUSPECT)
+
+
+class MirroredBoard:
+    """This node's metadata, published in its site pool and, while it is a representative,
+    in the federation pool too (the same bytes)."""
+
+    def __init__(self, site: CoreView) -> None:
+        self._site = site
+        self._federation: CoreView | None = None
+        self._meta = b""
+
+    @property
+    def meta_limit_bytes(self) -> int:
+        return self._site.meta_limit_bytes
+
+    def set_meta(self, meta: bytes) -> None:
+        self._site.set_meta(meta)
+        self._meta = bytes(meta)
+        if self._federation is not None:
+            self._federation.set_meta(meta)
+
+    def attach(self, federation: CoreView | None) -> None:
+        self._federation = federation
+        if federation is not None and self._meta:
+            federation.set_meta(self._meta)
+
+
+class PoolsView:
+    """What the shells see in sites mode: the site pool, plus, on a representative, the other
+    sites' members of the federation pool (its own site's come from the site pool only)."""
+
+    def __init__(self, site_view: CoreView, site: str,
+                 federation: Callable[[], CoreView | None]) -> None:
+        self._site_view = site_view
+        self._site = site
+        self._federation = federation
+
+    def _foreign(self) -> list[MemberView]:
+        fed = self._federation()
+        if fed is None:
+            return []
+        return [m for m in fed.members() if site_of(m.labels) != self._site]
+
+    @property
+    def node_id(self) -> str:
+        return self._site_view.node_id
+
+    def members(self) -> list[MemberView]:
+        return self._site_view.members() + self._foreign()
+
+    def member(self, node_id: str) -> MemberView | None:
+        found = self._site_view.member(node_id)
+        if found is not None:
+            return found
+        fed = self._federation()
+        member = fed.member(node_id) if fed is not None else None
+        return member if member is not None and site_of(member.labels) != self._site else None
+
+    def live_count(self) -> int:
+        return self._site_view.live_count() + sum(m.state in _LIVE for m in self._foreign())
+
+    def dissemination_s(self) -> float:
+        """News from another site crosses the federation pool, then this site's pool."""
+        fed = self._federation()
+        return self._site_view.dissemination_s() + (fed.dissemination_s() if fed is not None else 0.0)
+
+
+class FederationMember:
+    """Keeps this node in the federation pool while its site chooses it as a representative.
+
+    `on_member_events` (a site-pool handler) re-checks the choice: a node that becomes a
+    representative starts a federation core, serves it on the node's Membership service and
+    joins through `seeds` (other sites' representatives, from the config) and its own site's
+    other representatives; one that stops being one leaves the pool.
+    """
+
+    def __init__(self, *, node_id: str, address: str, labels: Labels, site: str,
+                 site_view: CoreView, config: MembershipConfig, representatives: int,
+                 seeds: Sequence[str], servicer: MembershipServicer, dial: Dial,
+                 board: MirroredBoard, rep_board: MetadataBoard,
+                 on_events: MemberEventHandler, rng: random.Random,
+                 revoked: Callable[[str], bool] = lambda node_id: False) -> None:
+        self.node_id = node_id
+        self._address = address
+        self._labels = labels
+        self._site = site
+        self._site_view = site_view
+        self._config = config
+        self._k = representatives
+        self._seeds = list(seeds)
+        self._servicer = servicer
+        self._dial = dial
+        self._board = board
+        self._rep_board = rep_board
+        self._on_events = on_events
+        self._rng = rng
+        self._revoked = revoked
+        self._runner: SwimRunner | None = None
+        self._view: CoreView | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._stopped = False
+        self.representatives: tuple[str, ...] = ()
+        self.changes = 0  # times this node joined or left the federation pool
+
+    # -- what the node reads ---------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        return self._runner is not None
+
+    @property
+    def runner(self) -> SwimRunner | None:
+        return self._runner
+
+    def view(self) -> CoreView | None:
+        return self._view
+
+    def crosses(self, name: str, version: str) -> bool:
+        """Whether this node fetches `name` `version` from other sites: it is a representative and
+        the site's fetcher for that version (`fetcher`); the site's others fetch it inside the site."""
+        return self.active and fetcher(self.representatives, name, version) == self.node_id
+
+    # -- the choice --------------------------------------------------------------
+
+    def _advertised(self) -> set[str]:
+        """Members of the site that say they are representatives (and this node, if it is)."""
+        current = {self.node_id} if self.active else set()
+        for member in self._site_view.members():
+            if member.node_id == self.node_id or member.state not in _LIVE:
+                continue
+            try:
+                if read_section(member.meta, FEDERATION_SECTION):
+                    current.add(member.node_id)
+            except MetaError:
+                continue
+        return current
+
+    def on_member_events(self, events: Sequence[MemberEvent] = ()) -> None:
+        if self._stopped:
+            return
+        chosen = choose_representatives(self._site_view.members(), self._site, self._advertised(), self._k)
+        if chosen != self.representatives:
+            log.info("site %s representatives: %s", self._site, ", ".join(chosen) or "none")
+            self.representatives = chosen
+        if self.node_id in chosen and not self.active:
+            self._join()
+        elif self.node_id not in chosen and self.active:
+            self._spawn(self._leave())
+
+    # -- joining and leaving -----------------------------------------------------
+
+    def _join(self) -> None:
+        core = Membership(self.node_id, self._address, self._labels, self._config, self._rng,
+                          asyncio.get_running_loop().time(), meta_version=time.time_ns() // 1_000_000)
+        view = CoreView(core, revoked=self._revoked)
+
+        def federation_events(events: list[MemberEvent]) -> None:
+            # Other sites' members only: this site's are the site pool's business.
+            foreign = [e for e in events
+                       if (m := core.member(e.node_id)) is not None and site_of(m.labels) != self._site]
+            if foreign:
+                self._on_events(foreign)
+
+        runner = SwimRunner(core, self._dial, on_events=federation_events)
+        self._runner, self._view = runner, view
+        self._board.attach(view)
+        self._servicer.serve(FEDERATION_POOL, runner)
+        # Seeds: the configured ones (other sites), and this site's other representatives.
+        mine = {m.node_id: m.address for m in self._site_view.members()}
+        seeds = [a for a in self._seeds if a != self._address]
+        seeds += [mine[r] for r in self.representatives if r != self.node_id and r in mine]
+        seeds = list(dict.fromkeys(seeds))
+        runner.start(seeds)
+        self._spawn(self._find_other_sites(runner, [a for a in self._seeds if a != self._address]))
+        self._rep_board.set_meta(b"1")
+        self.changes += 1
+        log.info("node %s joined the federation pool for site %s (seeds: %s)", self.node_id, self._site,
+                 ", ".join(seeds) or "none: it waits to be found")
+        self._on_events([])
+
+    async def _leave(self, timeout_s: float = 2.0) -> None:
+        runner = self._runner
+        if runner is None:
+            return
+        self._runner, self._view = None, None
+        self._board.attach(None)
+        self._rep_board.set_meta(b"")
+        self._servicer.unserve(FEDERATION_POOL)
+        self.changes += 1
+        log.info("node %s left the federation pool (no longer a representative of site %s)",
+                 self.node_id, self._site)
+        try:
+            await runner.leave(timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            await runner.stop()
+        self._on_events([])
+
+    async def _find_other_sites(self, runner: SwimRunner, seeds: list[str]) -> None:
+        """While this federation member knows no live member of another site, ask the configured seeds
+        again every push-pull interval: SWIM retries its seeds only while it knows nobody, and this
+        site's other representatives count as somebody."""
+        warned = False
+        while self._runner is runner and seeds:
+            await asyncio.sleep(self._config.push_pull_interval_s)
+            if self._runner is not runner:
+                return
+            if any(site_of(m.labels) != self._site and m.state in _LIVE for m in runner.core.members()):
+                warned = False
+                continue
+            if not warned:
+                log.warning("federation pool: no representative of another site answers yet; asking %s again "
+                            "every %.0f s (check [membership] federation_seeds: they must be nodes of other "
+                            "sites, ideally each site's lowest node ids, which become its representatives)",
+                            ", ".join(seeds), self._config.push_pull_interval_s)
+                warned = True
+            runner.rejoin(seeds)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro, name=f"federation-{self.node_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self, leave: bool = True) -> None:
+        """Leave the federation pool (told to its members when `leave`) and stop its runner."""
+        self._stopped = True
+        runner, self._runner = self._runner, None  # ends the seed watchers
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._runner = runner
+        if self._runner is not None:
+            if leave:
+                await self._leave()
+            else:
+                runner, self._runner, self._view = self._runner, None, None
+                self._servicer.unserve(FEDERATION_POOL)
+                await runner.stop()

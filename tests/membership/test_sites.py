@@ -1,0 +1,130 @@
+"""Sites mode with real nodes (grpc.aio, mTLS) in one process on loopback: each site its own
+gossip pool, a few representatives per site in the federation pool (issue 10)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh.membership.messages import State
+from mesh.node.local import wait_for
+
+pytestmark = pytest.mark.asyncio
+
+LIVE = (State.ALIVE, State.SUSPECT)
+
+
+def live(node, *, pool: str = "all") -> set[str]:
+    view = node.membership if pool == "all" else node._parts.federation.view()
+    return {m.node_id for m in view.members() if m.state in LIVE} if view is not None else set()
+
+
+def site_members(c, site: str) -> set[str]:
+    return {i for i in c.nodes if c.site_of(i) == site}
+
+
+def representatives(c) -> dict[str, set[str]]:
+    """site -> the nodes that are in the federation pool now."""
+    out: dict[str, set[str]] = {}
+    for node_id, node in c.nodes.items():
+        if node._parts.federation.active:
+            out.setdefault(c.site_of(node_id), set()).add(node_id)
+    return out
+
+
+async def test_sites_gossip_apart_and_their_representatives_meet_in_the_federation(cluster):
+    c = await cluster(9, sites=3, pools="sites", representatives=2)
+    # A misconfigured device: a berlin node given an amsterdam seed as well as its own site's.
+    # Amsterdam's pool must not take it in, nor it amsterdam's members.
+    await c.add("node-09", site=c.site_of("node-01"),
+                seeds=[c.nodes["node-00"].address, c.nodes["node-01"].address])
+    sites = {c.site_of(i) for i in c.nodes}
+
+    def settled() -> bool:
+        reps = representatives(c)
+        if set(reps) != sites or any(len(r) != 2 for r in reps.values()):
+            return False
+        every_rep = set().union(*reps.values())
+        for node_id, node in c.nodes.items():
+            site = c.site_of(node_id)
+            if not (site_members(c, site) <= live(node)):
+                return False
+            if node_id in every_rep and live(node, pool="federation") != every_rep:
+                return False
+        return True
+
+    took = await wait_for(settled, 20.0, what="site pools and a federation of 2 representatives per site")
+    reps = representatives(c)
+    every_rep = set().union(*reps.values())
+    for node_id, node in c.nodes.items():
+        site = c.site_of(node_id)
+        # The site pool's own table holds this site only, whatever the federation knows.
+        table = {m.node_id for m in node._parts.runner.core.members()}
+        assert table == site_members(c, site), (node_id, table)
+        seen = live(node)
+        if node_id in every_rep:  # its site, and the other sites' representatives
+            assert seen == site_members(c, site) | every_rep, (node_id, seen)
+        else:  # its site only
+            assert seen == site_members(c, site), (node_id, seen)
+    # Every member of a site names the same representatives.
+    for node_id, node in c.nodes.items():
+        assert set(node._parts.federation.representatives) == reps[c.site_of(node_id)], node_id
+    print(f"settled in {took:.2f}s; representatives {sorted(every_rep)}")
+
+
+async def test_a_dead_representative_is_replaced_and_the_federation_learns_it(cluster):
+    c = await cluster(9, sites=3, pools="sites", representatives=2)
+
+    def two_each() -> bool:
+        reps = representatives(c)
+        return len(reps) == 3 and all(len(r) == 2 for r in reps.values())
+
+    await wait_for(two_each, 20.0, what="two representatives per site")
+    site = c.site_of("node-00")
+    victim = sorted(representatives(c)[site])[0]
+    await c.stop(victim, leave=False)  # a crash: the site must notice and replace it
+
+    def replaced() -> bool:
+        reps = representatives(c)
+        if len(reps.get(site, ())) != 2 or victim in reps[site]:
+            return False
+        every_rep = set().union(*reps.values())
+        return all(live(c.nodes[r], pool="federation") == every_rep for r in every_rep)
+
+    took = await wait_for(replaced, 30.0, what=f"{victim} replaced in the federation")
+    newcomer = (representatives(c)[site] - {victim}).pop()
+    assert c.site_of(newcomer) == site
+    print(f"{victim} replaced by {newcomer} within {took:.2f}s")
+
+
+async def test_a_release_crosses_each_site_boundary_about_once(cluster, fleet):
+    """The origin's site publishes; the other sites' representatives fetch across the boundary and
+    their sites fetch from them: every node completes, and what crossed into each site is about
+    one copy (issue 10: cross-site bytes <= 1.2 copies per site)."""
+    from mesh.artifacts.publish import publish
+    from mesh.identity.signing import KeyRole, load_signing_key
+    from tests.models import mediapipe_model
+
+    c = await cluster(12, sites=3, pools="sites", representatives=2)
+    await wait_for(lambda: all(len(r) == 2 for r in representatives(c).values())
+                   and len(representatives(c)) == 3, 20.0, what="two representatives per site")
+    origin = c.nodes["node-00"]
+    signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0",
+                     key=load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER),
+                     store=origin.store)
+    manifest = signed.manifest
+    origin.distributor.add_published(signed)
+    took = await wait_for(lambda: all(n.store.is_complete(manifest) for n in c.nodes.values()), 120.0,
+                          interval_s=0.1, what="hand 1.0 complete on all 12 nodes")
+    size = manifest.size_bytes
+    crossed = {}
+    for node_id, node in c.nodes.items():
+        crossed[c.site_of(node_id)] = crossed.get(c.site_of(node_id), 0) + \
+            node.distributor.counters.bytes_from_other_sites
+    reps = set().union(*representatives(c).values())
+    for node_id, node in c.nodes.items():
+        if node_id not in reps:  # a plain device fetches inside its site only
+            assert node.distributor.counters.bytes_from_other_sites == 0, node_id
+    per_site = {site: round(b / size, 2) for site, b in crossed.items()}
+    print(f"12 nodes in 3 sites complete in {took:.1f}s; copies that crossed into each site: {per_site}")
+    assert per_site[c.site_of("node-00")] == 0
+    assert all(copies <= 1.5 for copies in per_site.values()), per_site

@@ -21,6 +21,12 @@ this 2-core machine; byte counts do not depend on the CPU's speed.
    Push-pull (pages of the member list, which grow with N by design and run less often as N
    grows) is included in the totals and printed apart.
 
+   Both pool layouts run side by side, size after size (`--pools both`, the default): `flat`
+   (one pool, 3 site labels) and `sites` (`[membership] pools = "sites"`: N // `--site-size`
+   sites of 10, each its own pool, 3 representatives each in the federation pool, one fetcher
+   per site for the release). The JSON line's unsuffixed figures are the sites mode's (the
+   architecture meant to stay flat); `*_flat` are the flat pool's.
+
 2. False suspicions with a third of the nodes slow: two clusters of 30 side by side, one
    with Lifeguard and one without, in two processes: every third node of both clusters lives
    in a "slow" process whose event loop is blocked 600 ms of every second (time.sleep on the
@@ -143,21 +149,26 @@ class ReleaseCluster(LocalCluster):
 
 
 def sent(cluster: LocalCluster) -> tuple[int, int, int]:
-    """(membership bytes sent, of which push-pull, false suspicions seen) by all nodes so far."""
-    counters = [n.runner.counters for n in cluster.nodes.values()]
+    """(membership bytes sent in both pools, of which push-pull, false suspicions seen) by all nodes."""
     suspicions = sum(e.kind in ACCUSATIONS for n in cluster.nodes.values() for e in n.events)
-    return sum(c.bytes_out for c in counters), sum(c.push_pull_bytes_out for c in counters), suspicions
+    return (*cluster.bytes_sent(), suspicions)
 
 
 async def gossip_load(fleet: LocalFleet, workdir: Path, n: int, *, model: Path, upload_cap: int,
-                      steady_window_s: float | None, timings: MembershipConfig) -> dict:
-    cluster = ReleaseCluster(fleet, workdir / f"n{n}", timings, seed=n, upload_cap=upload_cap)
+                      steady_window_s: float | None, timings: MembershipConfig, pools: str = "flat",
+                      site_size: int = 10) -> dict:
+    """Flat: one pool of n nodes labelled with 3 sites. Sites: n // site_size sites of `site_size`,
+    each its own pool, 3 representatives each in the federation pool."""
+    sites = 3 if pools == "flat" else max(1, n // site_size)
+    cluster = ReleaseCluster(fleet, workdir / f"{pools}-n{n}", timings, seed=n, upload_cap=upload_cap,
+                             pools=pools)
     try:
-        await cluster.start(n, sites=3)
-        await wait_for(cluster.converged, 60 + n, interval_s=0.05, what=f"{n}-node convergence")
-        await asyncio.sleep(timings.dissemination_s(n) * 2)   # join gossip drains
+        await cluster.start(n, sites=sites)
+        await wait_for(cluster.settled, 60 + n, interval_s=0.05, what=f"{n}-node convergence ({pools})")
+        pool = n if pools == "flat" else n // sites
+        await asyncio.sleep(timings.dissemination_s(pool) * 2)   # join gossip drains
 
-        window_s = steady_window_s or push_pull_interval_s(timings, n)
+        window_s = steady_window_s or push_pull_interval_s(timings, pool)
         (out0, pp0, sus0), t0 = sent(cluster), time.perf_counter()
         await asyncio.sleep(window_s)
         (out1, pp1, sus1), t1 = sent(cluster), time.perf_counter()
@@ -174,7 +185,8 @@ async def gossip_load(fleet: LocalFleet, workdir: Path, n: int, *, model: Path, 
         (out3, pp3, sus3), t3 = sent(cluster), time.perf_counter()
         release_s = t3 - t2
         return {
-            "n": n, "chunks": len(manifest.chunks), "size_bytes": manifest.size_bytes,
+            "n": n, "pools": pools, "sites": sites, "chunks": len(manifest.chunks),
+            "size_bytes": manifest.size_bytes,
             "steady_s": steady_s, "release_s": release_s,
             "steady_bytes_per_node_s": (out1 - out0) / steady_s / n,
             "steady_push_pull_bytes_per_node_s": (pp1 - pp0) / steady_s / n,
@@ -386,89 +398,20 @@ def false_suspicions(workdir: Path, *, n: int, duration_s: float, stall_s: float
 
 # -- the run ----------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 40, 60, 80])
-    parser.add_argument("--model", default="hand_landmark_full", help="a mediapipe model name (make models)")
-    parser.add_argument("--upload-cap-mb", type=float, default=1.0, help="per-node upload cap, MB/s")
-    parser.add_argument("--steady-window", type=float, default=None,
-                        help="seconds of steady state (default: one push-pull interval at that N)")
-    parser.add_argument("--lifeguard-nodes", type=int, default=30, help="nodes in each of the two clusters")
-    parser.add_argument("--lifeguard-duration", type=float, default=120.0, help="seconds with slow nodes")
-    parser.add_argument("--stall-ms", type=float, default=600.0,
-                        help="how long the slow nodes' event loop is blocked in each period (default 600 ms: "
-                             "a stall must outlast the 500 ms probe interval to fail a probe cycle)")
-    parser.add_argument("--stall-period", type=float, default=1.0, help="seconds between stalls")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test (< 60 s): N = 5 10, a 1.2 MB model, 2 x 9 nodes for 15 s; "
-                             "figures are not comparable with a full run")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.sizes, args.model, args.steady_window = [5, 10], "face_landmark", 4.0
-        args.lifeguard_nodes, args.lifeguard_duration = 9, 15.0
-    if len(args.sizes) < 2:
-        parser.error("--sizes needs at least two sizes to give an exponent")
-    logging.basicConfig(level=logging.WARNING)
-    grpc_errors = count_grpc_errors()
-    timings = BENCH_TIMINGS
-    cap = int(args.upload_cap_mb * 1_000_000)
-    model = mediapipe_model(args.model)
-    wall0 = time.perf_counter()
-
-    # Node stores on tmpfs, as bench/distribution.py: the shared disk's fsync is not gossip's business.
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    with tempfile.TemporaryDirectory(dir=shm) as tmp:
-        async def all_sizes() -> list[dict]:
-            fleet = LocalFleet(Path(tmp) / "fleet")
-            results, unfit = [], []
-            for n in args.sizes:
-                print(f"gossip load, N={n}...", file=sys.stderr, flush=True)
-                try:
-                    r = await gossip_load(fleet, Path(tmp), n, model=model, upload_cap=cap,
-                                          steady_window_s=args.steady_window, timings=timings)
-                except TimeoutError as exc:
-                    # One process on a shared 2-core machine: past some N the loop cannot keep
-                    # every node's timers, the view never settles and the figures would measure
-                    # the CPU. That size did not fit; larger ones would not either.
-                    print(f"  N={n} did not fit on this machine: {exc}", file=sys.stderr, flush=True)
-                    unfit.append({"n": n, "reason": str(exc)})
-                    break
-                print(f"  steady {r['steady_bytes_per_node_s']:,.0f} B/s/node, release "
-                      f"{r['release_bytes_per_node_s']:,.0f} B/s/node", file=sys.stderr, flush=True)
-                results.append(r)
-            return results, unfit
-
-        loads, unfit = asyncio.run(all_sizes())
-        if len(loads) < 2:
-            print(f"fewer than two sizes fit ({unfit}): no exponent", file=sys.stderr)
-            return 1
-        print(f"false suspicions: 2 x {args.lifeguard_nodes} nodes, a third slow, "
-              f"{args.lifeguard_duration:.0f}s...", file=sys.stderr, flush=True)
-        slow = false_suspicions(Path(tmp) / "lifeguard", n=args.lifeguard_nodes,
-                                duration_s=args.lifeguard_duration, stall_s=args.stall_ms / 1000,
-                                period_s=args.stall_period, timings=timings)
-    wall_s = time.perf_counter() - wall0
-
+def report_loads(loads: list[dict], unfit: list[dict], timings: MembershipConfig, label: str) -> dict:
+    """Print one mode's gossip table and exponents; return its figures for the JSON line."""
     sizes = [r["n"] for r in loads]
     steady = [r["steady_bytes_per_node_s"] for r in loads]
     release = [r["release_bytes_per_node_s"] for r in loads]
     per_release = [r["release_bytes_per_node"] for r in loads]
     exp_steady, exp_release = slope(sizes, steady), slope(sizes, release)
     exp_per_release = slope(sizes, per_release)
-    t = timings
-    first = loads[0]
-    print(f"timings: probe {t.probe_interval_s}s, timeout {t.probe_timeout_s}s, gossip "
-          f"{t.gossip_interval_s}s x {t.gossip_nodes}, push-pull {t.push_pull_interval_s}s (scaled with N), "
-          f"budget {t.max_gossip_bytes} B per message; gossip-round ceiling "
-          f"{gossip_ceiling_bytes_per_node_s(t):,.0f} B/s/node")
-    print(f"release: {args.model}, {first['size_bytes']:,} bytes in {first['chunks']} chunks, "
-          f"upload cap {cap:,} B/s per node")
-    print(f"{'N':>4} {'steady B/s/node':>16} {'of it push-pull':>16} {'release B/s/node':>17} "
+    print(f"-- {label}")
+    print(f"{'N':>4} {'sites':>5} {'steady B/s/node':>16} {'of it push-pull':>16} {'release B/s/node':>17} "
           f"{'of it push-pull':>16} {'release/steady':>15} {'KB/node/release':>16} {'release s':>10} "
           f"{'suspicions steady/release':>25}")
     for r in loads:
-        print(f"{r['n']:>4} {r['steady_bytes_per_node_s']:>16,.0f} "
+        print(f"{r['n']:>4} {r['sites']:>5} {r['steady_bytes_per_node_s']:>16,.0f} "
               f"{r['steady_push_pull_bytes_per_node_s']:>16,.0f} "
               f"{r['release_bytes_per_node_s']:>17,.0f} {r['release_push_pull_bytes_per_node_s']:>16,.0f} "
               f"{r['release_bytes_per_node_s'] / r['steady_bytes_per_node_s']:>15.1f} "
@@ -487,8 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     exp_swim = slope(sizes, swim)
     print(f"  steady SWIM alone (probes, acks, gossip; push-pull apart): "
           f"{', '.join(f'{x:,.0f}' for x in swim)} B/s/node, exponent {exp_swim:+.2f}")
-    pairs = list(zip(loads, loads[1:], strict=False))
-    for a, b in pairs:
+    for a, b in zip(loads, loads[1:], strict=False):
         ns = [a["n"], b["n"]]
 
         def pair(key: str, a: dict = a, b: dict = b, ns: list[int] = ns) -> float:
@@ -498,10 +440,125 @@ def main(argv: list[str] | None = None) -> int:
               f"release {pair('release_bytes_per_node_s'):+.2f}, "
               f"per-release bytes {pair('release_bytes_per_node'):+.2f}")
     growth = sizes[-1] / sizes[0]
-    print(f"growth exponent (log-log fit over N = {', '.join(map(str, sizes))}): steady {exp_steady:+.2f}, "
+    print(f"  growth exponent (log-log fit over N = {', '.join(map(str, sizes))}): steady {exp_steady:+.2f}, "
           f"release {exp_release:+.2f}, bytes per node per release {exp_per_release:+.2f}; "
           f"goal: flat within +-20% over x{growth:g} in N, "
           f"i.e. |exponent| <= {math.log(1.2) / math.log(growth):.2f}")
+    return {
+        "sizes": sizes,
+        "sizes_not_fitting": [u["n"] for u in unfit],
+        "sizes_overloaded": overloaded,
+        "sites": [r["sites"] for r in loads],
+        "steady_swim_bytes_per_node_s": [round(x, 1) for x in swim],
+        "gossip_exponent_steady_swim": round(exp_swim, 3),
+        "steady_bytes_per_node_s": [round(x, 1) for x in steady],
+        "release_bytes_per_node_s": [round(x, 1) for x in release],
+        "release_bytes_per_node": [round(x) for x in per_release],
+        "steady_push_pull_bytes_per_node_s": [round(r["steady_push_pull_bytes_per_node_s"], 1)
+                                              for r in loads],
+        "release_s": [round(r["release_s"], 2) for r in loads],
+        "gossip_exponent_steady": round(exp_steady, 3),
+        "gossip_exponent_release": round(exp_release, 3),
+        "gossip_exponent_release_bytes": round(exp_per_release, 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 40, 60, 80])
+    parser.add_argument("--pools", choices=("both", "sites", "flat"), default=None,
+                        help="sites: each site its own pool plus the federation pool ([membership] pools); "
+                             "flat: one pool; both (default; --quick: sites): each size in both, side by side")
+    parser.add_argument("--site-size", type=int, default=10, help="nodes per site in sites mode")
+    parser.add_argument("--model", default="hand_landmark_full", help="a mediapipe model name (make models)")
+    parser.add_argument("--upload-cap-mb", type=float, default=1.0, help="per-node upload cap, MB/s")
+    parser.add_argument("--steady-window", type=float, default=None,
+                        help="seconds of steady state (default: one push-pull interval at that N)")
+    parser.add_argument("--lifeguard-nodes", type=int, default=30, help="nodes in each of the two clusters")
+    parser.add_argument("--lifeguard-duration", type=float, default=120.0, help="seconds with slow nodes")
+    parser.add_argument("--stall-ms", type=float, default=600.0,
+                        help="how long the slow nodes' event loop is blocked in each period (default 600 ms: "
+                             "a stall must outlast the 500 ms probe interval to fail a probe cycle)")
+    parser.add_argument("--stall-period", type=float, default=1.0, help="seconds between stalls")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test (< 60 s): N = 5 10, a 1.2 MB model, 2 x 9 nodes for 15 s; "
+                             "figures are not comparable with a full run")
+    args = parser.parse_args(argv)
+    pools = args.pools or ("sites" if args.quick else "both")
+    modes = ["flat", "sites"] if pools == "both" else [pools]
+    if args.quick:
+        args.sizes, args.model, args.steady_window, args.site_size = [5, 10], "face_landmark", 4.0, 5
+        args.lifeguard_nodes, args.lifeguard_duration = 9, 15.0
+    if len(args.sizes) < 2:
+        parser.error("--sizes needs at least two sizes to give an exponent")
+    logging.basicConfig(level=logging.WARNING)
+    grpc_errors = count_grpc_errors()
+    timings = BENCH_TIMINGS
+    cap = int(args.upload_cap_mb * 1_000_000)
+    model = mediapipe_model(args.model)
+    wall0 = time.perf_counter()
+
+    # Node stores on tmpfs, as bench/distribution.py: the shared disk's fsync is not gossip's business.
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(dir=shm) as tmp:
+        async def all_sizes() -> list[dict]:
+            fleet = LocalFleet(Path(tmp) / "fleet")
+            results: dict[str, list[dict]] = {m: [] for m in modes}
+            unfit: dict[str, list[dict]] = {m: [] for m in modes}
+            stopped: set[str] = set()
+            for n in args.sizes:
+                for mode in [m for m in modes if m not in stopped]:
+                    print(f"gossip load, N={n}, {mode}...", file=sys.stderr, flush=True)
+                    try:
+                        r = await gossip_load(fleet, Path(tmp), n, model=model, upload_cap=cap,
+                                              steady_window_s=args.steady_window, timings=timings,
+                                              pools=mode, site_size=args.site_size)
+                    except TimeoutError as exc:
+                        # One process on a shared 2-core machine: past some N the loop cannot keep
+                        # every node's timers, the view never settles and the figures would measure
+                        # the CPU. That size did not fit; larger ones would not either.
+                        print(f"  N={n} ({mode}) did not fit on this machine: {exc}", file=sys.stderr,
+                              flush=True)
+                        unfit[mode].append({"n": n, "reason": str(exc)})
+                        stopped.add(mode)
+                        continue
+                    print(f"  steady {r['steady_bytes_per_node_s']:,.0f} B/s/node, release "
+                          f"{r['release_bytes_per_node_s']:,.0f} B/s/node", file=sys.stderr, flush=True)
+                    results[mode].append(r)
+            return results, unfit
+
+        loads, unfit = asyncio.run(all_sizes())
+        short = [m for m in modes if len(loads[m]) < 2]
+        if short:
+            print(f"fewer than two sizes fit in {', '.join(short)} ({unfit}): no exponent", file=sys.stderr)
+            return 1
+        print(f"false suspicions: 2 x {args.lifeguard_nodes} nodes, a third slow, "
+              f"{args.lifeguard_duration:.0f}s...", file=sys.stderr, flush=True)
+        slow = false_suspicions(Path(tmp) / "lifeguard", n=args.lifeguard_nodes,
+                                duration_s=args.lifeguard_duration, stall_s=args.stall_ms / 1000,
+                                period_s=args.stall_period, timings=timings)
+    wall_s = time.perf_counter() - wall0
+
+    t = timings
+    first = loads[modes[0]][0]
+    print(f"timings: probe {t.probe_interval_s}s, timeout {t.probe_timeout_s}s, gossip "
+          f"{t.gossip_interval_s}s x {t.gossip_nodes}, push-pull {t.push_pull_interval_s}s (scaled with N), "
+          f"budget {t.max_gossip_bytes} B per message; gossip-round ceiling "
+          f"{gossip_ceiling_bytes_per_node_s(t):,.0f} B/s/node")
+    print(f"release: {args.model}, {first['size_bytes']:,} bytes in {first['chunks']} chunks, "
+          f"upload cap {cap:,} B/s per node")
+    figures = {}
+    for mode in modes:
+        label = ("flat: one pool of N nodes (3 site labels)" if mode == "flat" else
+                 f"sites: N // {args.site_size} sites of {args.site_size}, each its own pool, "
+                 "3 representatives each in the federation pool")
+        figures[mode] = report_loads(loads[mode], unfit[mode], timings, label)
+    if len(modes) == 2:
+        for key in ("steady_bytes_per_node_s", "release_bytes_per_node"):
+            pairs = zip(figures["flat"][key], figures["sites"][key], strict=False)
+            ratios = [round(flat / sites, 2) for flat, sites in pairs]
+            print(f"  flat / sites, {key}: {', '.join(f'x{r:g}' for r in ratios)}")
 
     without, with_ = slow["without"], slow["with"]
     print(f"false suspicions, {args.lifeguard_nodes} nodes per cluster, every third node's loop blocked "
@@ -529,21 +586,12 @@ def main(argv: list[str] | None = None) -> int:
           f"replies not sent to callers that had gone away: "
           f"{without['replies_dropped'] + with_['replies_dropped']}")
     print(f"wall time {wall_s:.0f}s")
+    headline = figures["sites" if "sites" in figures else "flat"]
     summary = {
-        "sizes": sizes,
-        "sizes_not_fitting": [u["n"] for u in unfit],
-        "sizes_overloaded": overloaded,
-        "steady_swim_bytes_per_node_s": [round(x, 1) for x in swim],
-        "gossip_exponent_steady_swim": round(exp_swim, 3),
-        "steady_bytes_per_node_s": [round(x, 1) for x in steady],
-        "release_bytes_per_node_s": [round(x, 1) for x in release],
-        "release_bytes_per_node": [round(x) for x in per_release],
-        "steady_push_pull_bytes_per_node_s": [round(r["steady_push_pull_bytes_per_node_s"], 1)
-                                              for r in loads],
-        "release_s": [round(r["release_s"], 2) for r in loads],
-        "gossip_exponent_steady": round(exp_steady, 3),
-        "gossip_exponent_release": round(exp_release, 3),
-        "gossip_exponent_release_bytes": round(exp_per_release, 3),
+        "pools": "sites" if "sites" in figures else "flat",  # the mode of the unsuffixed figures
+        **headline,
+        **({f"{k}_flat": v for k, v in figures["flat"].items()} if "flat" in figures and "sites" in figures
+           else {}),
         "false_suspicions_without_lifeguard": round(without["per_node_hour"], 2),
         "false_suspicions_with_lifeguard": round(with_["per_node_hour"], 2),
         "lifeguard_ratio": round(ratio, 3) if math.isfinite(ratio) else None,

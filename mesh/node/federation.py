@@ -139,6 +139,7 @@ class FederationMember:
         self._view: CoreView | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stopped = False
+        self._ready = False  # no choice before this node has heard from its site (see `start`)
         self.representatives: tuple[str, ...] = ()
         self.changes = 0  # times this node joined or left the federation pool
 
@@ -175,9 +176,33 @@ class FederationMember:
                 continue
         return current
 
+    def start(self, has_seeds: bool, wait_s: float) -> None:
+        """Choose at once if this node has no site seeds (the first of its site); otherwise once it has
+        heard from its site, or after `wait_s` if it hears nothing. A node that chose before learning
+        its site would see itself alone, call itself a representative and, being advertised, could
+        displace one of the site's live representatives."""
+        if not has_seeds:
+            self._ready = True
+            self.on_member_events()
+            return
+
+        async def fallback() -> None:
+            await asyncio.sleep(wait_s)
+            if not self._ready:
+                log.warning("node %s heard nothing from its site in %.0f s; choosing representatives "
+                            "from what it knows", self.node_id, wait_s)
+                self._ready = True
+                self.on_member_events()
+
+        self._spawn(fallback())
+
     def on_member_events(self, events: Sequence[MemberEvent] = ()) -> None:
         if self._stopped:
             return
+        if not self._ready:
+            if not any(m.node_id != self.node_id for m in self._site_view.members()):
+                return
+            self._ready = True
         chosen = choose_representatives(self._site_view.members(), self._site, self._advertised(), self._k)
         if chosen != self.representatives:
             log.info("site %s representatives: %s", self._site, ", ".join(chosen) or "none")
@@ -186,6 +211,14 @@ class FederationMember:
             self._join()
         elif self.node_id not in chosen and self.active:
             self._spawn(self._leave())
+        elif self.active and self._runner is not None:
+            # This site's other representatives that our federation core has not met: join through them
+            # (each side may have started its federation core before it knew the other).
+            unmet = [m.address for m in self._site_view.members()
+                     if m.node_id in chosen and m.node_id != self.node_id
+                     and self._runner.core.member(m.node_id) is None]
+            if unmet:
+                self._runner.rejoin(unmet)
 
     # -- joining and leaving -----------------------------------------------------
 

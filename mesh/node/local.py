@@ -33,6 +33,11 @@ FAST_TIMINGS = MembershipConfig(probe_interval_s=0.2, probe_timeout_s=0.1, gossi
 SITES = ("amsterdam", "berlin", "chicago", "denver", "essen", "fresno")
 
 
+def site_name(j: int) -> str:
+    """The j-th site of a local cluster: a city for the first few, then site-06, site-07, ..."""
+    return SITES[j] if j < len(SITES) else f"site-{j:02d}"
+
+
 class LocalFleet:
     """A fleet CA in a directory, enrolling node certificates on first use."""
 
@@ -94,7 +99,7 @@ class LocalCluster:
     async def start(self, n: int, sites: int = 1) -> LocalCluster:
         """Start n nodes; every node seeds from the first, as a site gateway would be configured."""
         for i in range(n):
-            await self.add(f"node-{i:02d}", site=SITES[i % sites])
+            await self.add(f"node-{i:02d}", site=site_name(i % sites))
         return self
 
     async def add(self, node_id: str, *, site: str = SITES[0], seeds: list[str] | None = None) -> Node:
@@ -128,6 +133,37 @@ class LocalCluster:
             if {m for m, s in view.items() if s is State.ALIVE} != want:
                 return False
         return True
+
+    def settled(self) -> bool:
+        """Flat: `converged()`. Sites mode: every node sees its whole site alive, every site has a
+        representative in the federation, and every representative sees all of them there."""
+        if self.pools_mode == "flat":
+            return self.converged()
+        sites: dict[str, set[str]] = {}
+        for node_id in self.nodes:
+            sites.setdefault(self.site_of(node_id), set()).add(node_id)
+        reps = {i for i, n in self.nodes.items() if n.federation is not None and n.federation.active}
+        if {self.site_of(i) for i in reps} != set(sites):
+            return False
+        for node_id, node in self.nodes.items():
+            alive = {m.node_id for m in node.membership.members() if m.state is State.ALIVE}
+            if not sites[self.site_of(node_id)] <= alive:
+                return False
+            fed = node.federation.view() if node_id in reps and node.federation is not None else None
+            if fed is not None and {m.node_id for m in fed.members() if m.state is State.ALIVE} != reps:
+                return False
+        return True
+
+    def bytes_sent(self) -> tuple[int, int]:
+        """(membership bytes sent, of which push-pull) by every running node, both pools."""
+        out = push_pull = 0
+        for node in self.nodes.values():
+            runners = [node.runner]
+            if node.federation is not None and node.federation.runner is not None:
+                runners.append(node.federation.runner)
+            out += sum(r.counters.bytes_out for r in runners)
+            push_pull += sum(r.counters.push_pull_bytes_out for r in runners)
+        return out, push_pull
 
     async def stop(self, node_id: str, *, leave: bool = True) -> None:
         await self.nodes.pop(node_id).stop(leave=leave)

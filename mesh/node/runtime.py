@@ -199,6 +199,11 @@ class Node:
         return self._started.runner
 
     @property
+    def federation(self) -> FederationMember | None:
+        """Sites mode: this node's place in the federation pool (None in flat mode)."""
+        return self._started.federation
+
+    @property
     def membership(self) -> MembershipView:
         return self._started.view
 
@@ -443,7 +448,8 @@ class Node:
         revocations.announce()
         runner.start(list(config.seeds))
         if federation is not None:
-            federation.on_member_events()  # a site of one (or the first node up) represents itself at once
+            federation.start(has_seeds=bool(config.seeds),
+                             wait_s=2 * config.membership.to_core().push_pull_interval_s)
         distributor.start()
         self._start_tasks(self._parts)
         log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, address, site or "-",

@@ -25,9 +25,9 @@ def test_quick_run_ends_with_the_json_figures():
     for key in RATES:
         assert len(figures[key]) == len(figures["sizes"]), key
         assert all(math.isfinite(x) and x > 0 for x in figures[key]), (key, figures[key])
+    assert figures["pools"] == "sites"  # --quick measures sites mode, the one meant to stay flat
     for key in EXPONENTS:
-        # Gossip load grows with N today (issue 10): an exponent, finite and positive.
-        assert math.isfinite(figures[key]) and figures[key] > 0, (key, figures[key])
+        assert math.isfinite(figures[key]), (key, figures[key])
     for key in SUSPICIONS:
         # A rate per node-hour; with Lifeguard a short run may well see none.
         assert math.isfinite(figures[key]) and figures[key] >= 0, (key, figures[key])

@@ -3,10 +3,12 @@ gossip pool, a few representatives per site in the federation pool (issue 10).""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from mesh.membership.messages import State
-from mesh.node.local import wait_for
+from mesh.node.local import FAST_TIMINGS, wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -14,7 +16,7 @@ LIVE = (State.ALIVE, State.SUSPECT)
 
 
 def live(node, *, pool: str = "all") -> set[str]:
-    view = node.membership if pool == "all" else node._parts.federation.view()
+    view = node.membership if pool == "all" else node.federation.view()
     return {m.node_id for m in view.members() if m.state in LIVE} if view is not None else set()
 
 
@@ -26,7 +28,7 @@ def representatives(c) -> dict[str, set[str]]:
     """site -> the nodes that are in the federation pool now."""
     out: dict[str, set[str]] = {}
     for node_id, node in c.nodes.items():
-        if node._parts.federation.active:
+        if node.federation.active:
             out.setdefault(c.site_of(node_id), set()).add(node_id)
     return out
 
@@ -58,7 +60,7 @@ async def test_sites_gossip_apart_and_their_representatives_meet_in_the_federati
     for node_id, node in c.nodes.items():
         site = c.site_of(node_id)
         # The site pool's own table holds this site only, whatever the federation knows.
-        table = {m.node_id for m in node._parts.runner.core.members()}
+        table = {m.node_id for m in node.runner.core.members()}
         assert table == site_members(c, site), (node_id, table)
         seen = live(node)
         if node_id in every_rep:  # its site, and the other sites' representatives
@@ -67,7 +69,7 @@ async def test_sites_gossip_apart_and_their_representatives_meet_in_the_federati
             assert seen == site_members(c, site), (node_id, seen)
     # Every member of a site names the same representatives.
     for node_id, node in c.nodes.items():
-        assert set(node._parts.federation.representatives) == reps[c.site_of(node_id)], node_id
+        assert set(node.federation.representatives) == reps[c.site_of(node_id)], node_id
     print(f"settled in {took:.2f}s; representatives {sorted(every_rep)}")
 
 
@@ -94,6 +96,20 @@ async def test_a_dead_representative_is_replaced_and_the_federation_learns_it(cl
     newcomer = (representatives(c)[site] - {victim}).pop()
     assert c.site_of(newcomer) == site
     print(f"{victim} replaced by {newcomer} within {took:.2f}s")
+
+    # The victim comes back with its (lowest) id: live representatives keep the role, so the
+    # site's choice does not move, and the returning node stays out of the federation.
+    before = representatives(c)
+    changes = {i: n.federation.changes for i, n in c.nodes.items()}
+    await c.add(victim, site=site)
+    await wait_for(lambda: victim in c.nodes[newcomer].membership.member(victim).node_id
+                   and c.nodes[newcomer].membership.member(victim).state is State.ALIVE
+                   and set(c.nodes[victim].federation.representatives) == before[site],
+                   20.0, what=f"{victim} back in its site, naming the same representatives")
+    await asyncio.sleep(4 * FAST_TIMINGS.dissemination_s(4))  # let any wrong choice show
+    assert representatives(c) == before
+    assert not c.nodes[victim].federation.active and c.nodes[victim].federation.changes == 0
+    assert all(c.nodes[i].federation.changes == n for i, n in changes.items())
 
 
 async def test_a_release_crosses_each_site_boundary_about_once(cluster, fleet):

@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 40, 60, 80])
     parser.add_argument("--pools", choices=("both", "sites", "flat"), default=None,
                         help="sites: each site its own pool plus the federation pool ([membership] pools); "
-                             "flat: one pool; both (default; --quick: sites): each size in both, side by side")
+                             "flat: one pool; both (default; --quick: sites): each size in both")
     parser.add_argument("--site-size", type=int, default=10, help="nodes per site in sites mode")
     parser.add_argument("--model", default="hand_landmark_full", help="a mediapipe model name (make models)")
     parser.add_argument("--upload-cap-mb", type=float, default=1.0, help="per-node upload cap, MB/s")

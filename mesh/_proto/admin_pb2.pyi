@@ -54,7 +54,7 @@ class AuditCheck(_message.Message):
     def __init__(self, checked: _Optional[bool] = ..., ok: _Optional[bool] = ..., records: _Optional[int] = ..., first_bad_seq: _Optional[int] = ..., reason: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "address", "labels", "incarnation", "version", "uptime_s", "members", "audit")
+    __slots__ = ("node_id", "address", "labels", "incarnation", "version", "uptime_s", "members", "audit", "pools", "representatives", "representative", "federation")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,10 @@ class StatusResponse(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    REPRESENTATIVES_FIELD_NUMBER: _ClassVar[int]
+    REPRESENTATIVE_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     labels: _containers.ScalarMap[str, str]
@@ -78,7 +82,11 @@ class StatusResponse(_message.Message):
     uptime_s: float
     members: _containers.RepeatedCompositeFieldContainer[MemberStatus]
     audit: AuditCheck
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., incarnation: _Optional[int] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., audit: _Optional[_Union[AuditCheck, _Mapping]] = ...) -> None: ...
+    pools: str
+    representatives: _containers.RepeatedScalarFieldContainer[str]
+    representative: bool
+    federation: _containers.RepeatedCompositeFieldContainer[MemberStatus]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., incarnation: _Optional[int] = ..., version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., members: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ..., audit: _Optional[_Union[AuditCheck, _Mapping]] = ..., pools: _Optional[str] = ..., representatives: _Optional[_Iterable[str]] = ..., representative: _Optional[bool] = ..., federation: _Optional[_Iterable[_Union[MemberStatus, _Mapping]]] = ...) -> None: ...
 
 class ModelsRequest(_message.Message):
     __slots__ = ()

@@ -23,28 +23,53 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 60:.0f}m ago"
 
 
+def _member_dicts(members) -> list[dict]:
+    return [
+        {
+            "node_id": m.node_id,
+            "address": m.address,
+            "site": m.labels.get("site", ""),
+            "labels": dict(m.labels),
+            "state": State(m.state).name.lower(),
+            "incarnation": m.incarnation,
+            "last_heard_s_ago": None if m.last_heard_s_ago < 0 else round(m.last_heard_s_ago, 3),
+            "state_age_s": round(m.state_age_s, 3),
+        }
+        for m in members
+    ]
+
+
 def status_dict(resp: pb.StatusResponse) -> dict:
-    return {
+    doc = {
         "node_id": resp.node_id,
         "address": resp.address,
         "labels": dict(resp.labels),
         "incarnation": resp.incarnation,
         "version": resp.version,
         "uptime_s": round(resp.uptime_s, 3),
-        "members": [
-            {
-                "node_id": m.node_id,
-                "address": m.address,
-                "site": m.labels.get("site", ""),
-                "labels": dict(m.labels),
-                "state": State(m.state).name.lower(),
-                "incarnation": m.incarnation,
-                "last_heard_s_ago": None if m.last_heard_s_ago < 0 else round(m.last_heard_s_ago, 3),
-                "state_age_s": round(m.state_age_s, 3),
-            }
-            for m in resp.members
-        ],
+        "pools": resp.pools or "flat",
+        "members": _member_dicts(resp.members),
     }
+    if resp.pools == "sites":
+        doc["representatives"] = list(resp.representatives)
+        doc["representative"] = resp.representative
+        doc["federation"] = _member_dicts(resp.federation) if resp.representative else None
+    return doc
+
+
+def federation_line(resp: pb.StatusResponse) -> str | None:
+    """Sites mode, in one line: the site's representatives and, on one, the federation it sees."""
+    if resp.pools != "sites":
+        return None
+    site = resp.labels.get("site", "")
+    reps = ", ".join(resp.representatives) or "none yet"
+    line = f"pools: sites; representatives of site {site}: {reps}"
+    if not resp.representative:
+        return line + f" ({resp.node_id} is not one: it sees its site only)"
+    live = [m for m in resp.federation if State(m.state) in (State.ALIVE, State.SUSPECT)]
+    sites = sorted({m.labels.get("site", "") for m in live})
+    return (line + f"; {resp.node_id} is one: federation pool {len(live)} live members in "
+            f"{len(sites)} sites ({', '.join(sites)})")
 
 
 def status_table(resp: pb.StatusResponse) -> Table:

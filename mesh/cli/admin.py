@@ -67,6 +67,11 @@ def admin_status(address: str, creds_dir: Path, as_json: bool) -> None:
         emit_json(doc)
         return
     console.print(status_table(resp))
+    from mesh.admin.format import federation_line
+
+    pools = federation_line(resp)
+    if pools is not None:
+        console.print(pools, highlight=False)
     if group is not None:
         from mesh.admin.format import raft_line
 

@@ -412,7 +412,8 @@ class Node:
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminServicer(core, loop.time, loop.time(), models=self._model_rows,
                           inference=self._inference_status,
-                          audit=(lambda: (group.audit_path, group.audit_check)) if group else None), server)
+                          audit=(lambda: (group.audit_path, group.audit_check)) if group else None,
+                          federation=federation), server)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         enable_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
                           server)

@@ -146,3 +146,35 @@ async def test_a_release_crosses_each_site_boundary_about_once(cluster, fleet, o
     print(f"12 nodes in 3 sites complete in {took:.1f}s; copies that crossed into each site: {per_site}")
     assert per_site[c.site_of(origin_id)] == 0
     assert all(copies <= 1.5 for copies in per_site.values()), per_site
+
+
+async def test_admin_status_shows_the_site_pool_and_the_federation(cluster, fleet):
+    """`mesh admin status` in sites mode: the members are the site's; a representative also lists
+    the federation pool; a plain device says it sees its site only."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mesh.cli import main as cli
+
+    c = await cluster(6, sites=2, pools="sites", representatives=1)
+    await wait_for(c.settled, 20.0, what="site pools and federation")
+    reps = {i for i, n in c.nodes.items() if n.federation.active}
+    rep = sorted(reps)[0]
+    plain = sorted(i for i in c.nodes if i not in reps and c.site_of(i) == c.site_of(rep))[0]
+
+    async def status(node_id: str, *flags: str):
+        argv = ["admin", "status", "--node", c.nodes[node_id].address, "--creds",
+                str(fleet.operator.directory), *flags]
+        shown = await asyncio.to_thread(CliRunner().invoke, cli, argv)
+        assert shown.exit_code == 0, shown.output
+        return shown.output
+
+    doc = json.loads(await status(rep, "--json"))
+    assert doc["pools"] == "sites" and doc["representative"] is True and doc["representatives"] == [rep]
+    assert {m["node_id"] for m in doc["members"]} == site_members(c, c.site_of(rep))
+    assert {m["node_id"] for m in doc["federation"]} == reps
+    text = " ".join((await status(plain)).split())
+    assert f"representatives of site {c.site_of(plain)}: {rep}" in text and "sees its site only" in text, text
+    text = " ".join((await status(rep)).split())
+    assert "federation pool 2 live members in 2 sites" in text, text

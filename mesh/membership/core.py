@@ -423,13 +423,16 @@ class Membership:
 
     # -- lifecycle -----------------------------------------------------------
 
-    def join(self, seed_addresses: Sequence[str], now: float) -> list[Send]:
+    def join(self, seed_addresses: Sequence[str], now: float, *, remember: bool = True) -> list[Send]:
         """State exchange with each seed; their replies (`on_push_pull_reply`) fill
         our table, page after page, and our ALIVE spreads from them. While we know
-        no other member, every push-pull round repeats this (a lost join is retried)."""
-        self._seed_addresses = list(dict.fromkeys(seed_addresses))
+        no other member, every push-pull round repeats this (a lost join is retried)
+        with the seeds of the last join that `remember`ed them."""
+        addresses = list(dict.fromkeys(seed_addresses))
+        if remember:
+            self._seed_addresses = addresses
         sends = []
-        for address in self._seed_addresses:
+        for address in addresses:
             if address != self.address:
                 members, page_end = self._page("", None)
                 pp = PushPull(self.node_id, members, self.config.pool, "", page_end)
@@ -795,7 +798,17 @@ class Membership:
             return self._apply_about_self(update)
         if self._foreign(update):
             self.stats.foreign_dropped += 1
-            return False
+            held = self._members.get(update.node_id)
+            if held is None or held.state is State.LEFT or update.state is not State.ALIVE:
+                return False
+            # A member we hold now says it belongs to another site (its labels changed): it has
+            # left this site's pool. Without this it would stay ALIVE here with its old labels,
+            # answering our pings, for as long as it runs.
+            self._set_state(held, State.LEFT, now)
+            self._suspicions.pop(held.node_id, None)
+            self._emit(EventKind.LEFT, held, now)
+            self._enqueue(held.as_update())
+            return True
         held = self._members.get(update.node_id)
         broadcast: Update | None = None
         if held is None:

@@ -17,7 +17,7 @@ of that node's federation table.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from mesh.membership.messages import Labels, State
@@ -48,13 +48,15 @@ def site_of(labels: Labels) -> str | None:
 
 
 def choose_representatives(members: Iterable[_Member], site: str, current: Iterable[str] = (),
-                           k: int = DEFAULT_REPRESENTATIVES) -> tuple[str, ...]:
+                           k: int = DEFAULT_REPRESENTATIVES,
+                           tenure: Mapping[str, int] | None = None) -> tuple[str, ...]:
     """The node ids (sorted) that represent `site` in the federation pool.
 
     Candidates are the members of the site that are live (ALIVE, or SUSPECT:
     not yet declared dead, so a representative is not replaced on a mere
     suspicion). Current representatives that are still candidates keep the
-    role (at most k of them, lowest ids first); the free places go to the
+    role (at most k of them: the longest serving first by `tenure`, when it the
+    role began, then the lowest ids); the free places go to the
     other candidates, ALIVE before SUSPECT, lowest id first. Exactly
     min(k, candidates) are chosen, and the result depends only on the view
     and `current`, not on their order.
@@ -62,7 +64,9 @@ def choose_representatives(members: Iterable[_Member], site: str, current: Itera
     if k < 0:
         raise ValueError(f"k must be >= 0, not {k}")
     candidates = {m.node_id: m for m in members if m.state in _LIVE and site_of(m.labels) == site}
-    kept = sorted(node_id for node_id in set(current) if node_id in candidates)[:k]
+    since = tenure or {}
+    kept = sorted((node_id for node_id in set(current) if node_id in candidates),
+                  key=lambda node_id: (since.get(node_id, 0), node_id))[:k]
     newcomers = sorted((m for node_id, m in candidates.items() if node_id not in kept),
                        key=lambda m: (m.state is not State.ALIVE, m.node_id))
     chosen = kept + [m.node_id for m in newcomers[:k - len(kept)]]

@@ -81,6 +81,19 @@ def _caller_gone(context: grpc.aio.ServicerContext) -> bool:
     return remaining_s is not None and remaining_s <= 0
 
 
+REDIRECT_KEY = "fleetmesh-pool-members"
+"""Trailing metadata of a NOT_FOUND for a pool this node does not serve: members that do."""
+MAX_REDIRECTS = 8
+
+
+def _redirected(exc: grpc.aio.AioRpcError) -> list[str]:
+    """The addresses a NOT_FOUND named (at most MAX_REDIRECTS host:port strings), or []."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == REDIRECT_KEY and isinstance(value, str):
+            return [a for a in value.split(",") if 3 <= len(a) <= 255 and ":" in a][:MAX_REDIRECTS]
+    return []
+
+
 class MembershipServicer(pb_grpc.MembershipServicer):
     """Incoming membership calls, routed by the message's `pool` to that pool's runner.
 
@@ -94,8 +107,12 @@ class MembershipServicer(pb_grpc.MembershipServicer):
     handler ends as cancelled instead, which gRPC logs at debug level.
     """
 
-    def __init__(self, runners: SwimRunner | Mapping[str, SwimRunner]) -> None:
+    def __init__(self, runners: SwimRunner | Mapping[str, SwimRunner],
+                 redirect: Callable[[str], list[str]] | None = None) -> None:
+        """`redirect(pool)`: addresses of nodes that serve a pool this node does not (sites mode: its
+        site's representatives, for a federation join that reached a node that is not one)."""
         self._runners = {SITE_POOL: runners} if isinstance(runners, SwimRunner) else dict(runners)
+        self._redirect = redirect
 
     def serve(self, pool: str, runner: SwimRunner) -> None:
         """From now on, requests for `pool` go to `runner` (a representative joining the federation)."""
@@ -116,6 +133,12 @@ class MembershipServicer(pb_grpc.MembershipServicer):
         await _authenticated_sender(context, message.sender)
         runner = self._runners.get(message.pool)
         if runner is None:
+            others = self._redirect(message.pool)[:MAX_REDIRECTS] if self._redirect else []
+            if others and not _caller_gone(context):
+                await context.abort(grpc.StatusCode.NOT_FOUND,
+                                    f"this node is not a member of the {message.pool or 'site'!r} pool; "
+                                    f"these are: {', '.join(others)}",
+                                    trailing_metadata=((REDIRECT_KEY, ",".join(others)),))
             await self._abort(context, grpc.StatusCode.NOT_FOUND,
                               f"this node is not a member of the {message.pool or 'site'!r} pool")
         runner.counters.bytes_in += request.ByteSize()
@@ -180,8 +203,12 @@ class SwimRunner:
     """
 
     def __init__(self, core: Membership, dial: Dial, *, push_pull_timeout_s: float = 5.0,
-                 on_events: Callable[[list[MemberEvent]], None] | None = None) -> None:
+                 on_events: Callable[[list[MemberEvent]], None] | None = None,
+                 on_redirect: Callable[[list[str]], None] | None = None) -> None:
+        """`on_redirect(addresses)`: a push-pull reached a node outside this pool, which named
+        members of it (see `MembershipServicer`'s `redirect`)."""
         self.core = core
+        self._on_redirect = on_redirect
         self.counters = TrafficCounters()
         self._dial = dial
         self._config = core.config
@@ -310,6 +337,11 @@ class SwimRunner:
         except (grpc.aio.AioRpcError, OSError) as exc:
             # OSError: the adapter refused to dial (fault injection, bad address).
             self.counters.calls_failed += 1
+            if isinstance(exc, grpc.aio.AioRpcError) and self._on_redirect is not None \
+                    and exc.code() is grpc.StatusCode.NOT_FOUND and isinstance(msg, PushPull):
+                named = _redirected(exc)
+                if named:
+                    self._on_redirect(named)
             log.debug("%s to %s (%s) failed: %s", type(msg).__name__, send.target_id, send.address,
                       exc.code() if isinstance(exc, grpc.aio.AioRpcError) else exc)
         except wire.WireError as exc:

@@ -132,6 +132,9 @@ class TransferSection(_Strict):
     # How many times the origin refuses a chunk it already sent to each other requester ("fetch it
     # from a peer") before serving it anyway; 0 serves whoever asks (see OriginPolicy).
     origin_refusals: int = Field(default=4, ge=0, le=64)
+    # Sites mode: a version only other sites announce waits this long for the site's fetcher (one of its
+    # representatives) before any representative fetches it across sites.
+    cross_fallback_s: float = Field(default=15.0, gt=0)
 
 
 class InferenceSection(_Strict):
@@ -194,9 +197,21 @@ class NodeConfig(_Strict):
 
     @model_validator(mode="after")
     def _sites_need_a_site(self) -> NodeConfig:
-        if self.membership.pools == "sites" and not self.labels.get("site"):
+        if self.membership.pools == "flat":
+            if self.membership.federation_seeds:
+                raise ValueError('[membership] federation_seeds apply only with pools = "sites"; remove '
+                                 'them or set pools = "sites"')
+            return self
+        if not self.labels.get("site"):
             raise ValueError('[membership] pools = "sites" needs a `site` label in [labels] (the pool this '
                              'node gossips in), or pools = "flat"')
+        if self.raft is not None:
+            raise ValueError('[membership] pools = "sites" does not run with a [raft] section yet: a site '
+                             "group's rollouts read other sites' aborts and gate evidence, which the "
+                             'federation pool does not carry yet (issue 10); use pools = "flat"')
+        if self.transfer.sources == "origin":
+            raise ValueError('[transfer] sources = "origin" cannot work with [membership] pools = "sites": '
+                             "devices outside the origin's site never see it; use sources = \"swarm\"")
         return self
 
     @property

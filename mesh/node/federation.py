@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from collections.abc import Callable, Sequence
 from mesh.membership.config import FEDERATION_POOL, MembershipConfig
 from mesh.membership.core import Membership
 from mesh.membership.federation import choose_representatives, fetcher, site_of
-from mesh.membership.messages import Labels, MemberEvent, MemberView, State
+from mesh.membership.messages import EventKind, Labels, MemberEvent, MemberView, State
 from mesh.membership.sections import MetaError, read_section
 from mesh.membership.service import Dial, MembershipServicer, SwimRunner
 from mesh.membership.view import CoreView, MemberEventHandler, MetadataBoard
@@ -110,8 +111,13 @@ class FederationMember:
 
     `on_member_events` (a site-pool handler) re-checks the choice: a node that becomes a
     representative starts a federation core, serves it on the node's Membership service and
-    joins through `seeds` (other sites' representatives, from the config) and its own site's
-    other representatives; one that stops being one leaves the pool.
+    joins through `seeds` (other sites' nodes, from the config), its own site's other
+    representatives, and whatever members of the pool a non-representative named when a join
+    reached it; one that stops being one leaves the pool.
+
+    Representatives advertise when their role began (`FEDERATION_SECTION`), so the whole site
+    computes the choice from the same `current` set ordered by tenure, and the fetcher of a
+    version (`crosses`) from the same advertised set, whatever each node's `representatives`.
     """
 
     def __init__(self, *, node_id: str, address: str, labels: Labels, site: str,
@@ -128,6 +134,7 @@ class FederationMember:
         self._config = config
         self._k = representatives
         self._seeds = list(seeds)
+        self._learned: dict[str, None] = {}  # addresses non-representatives named (most recent last)
         self._servicer = servicer
         self._dial = dial
         self._board = board
@@ -137,11 +144,18 @@ class FederationMember:
         self._revoked = revoked
         self._runner: SwimRunner | None = None
         self._view: CoreView | None = None
+        self._since_ms = 0  # when this node's current term as representative began
         self._tasks: set[asyncio.Task] = set()
         self._stopped = False
         self._ready = False  # no choice before this node has heard from its site (see `start`)
+        # Advertised representatives: node id -> (incarnation, meta_version, tenure or None).
+        self._flags: dict[str, tuple[int, int, int | None]] = {}
+        self._rejoined_at: dict[str, float] = {}
         self.representatives: tuple[str, ...] = ()
         self.changes = 0  # times this node joined or left the federation pool
+        # Bytes the federation runners this node ran before its current one sent (bench figures).
+        self.retired_bytes_out = 0
+        self.retired_push_pull_bytes_out = 0
 
     # -- what the node reads ---------------------------------------------------
 
@@ -156,25 +170,212 @@ class FederationMember:
     def view(self) -> CoreView | None:
         return self._view
 
+    def advertised(self) -> dict[str, int]:
+        """Live members of the site that say they represent it, with when their term began (ms);
+        this node too while it is one."""
+        out = {node_id: tenure or 0 for node_id, (_, _, tenure) in self._flags.items()
+               if tenure is not None and node_id != self.node_id}
+        if self.active:
+            out[self.node_id] = self._since_ms
+        return out
+
     def crosses(self, name: str, version: str) -> bool:
         """Whether this node fetches `name` `version` from other sites: it is a representative and
-        the site's fetcher for that version (`fetcher`); the site's others fetch it inside the site."""
-        return self.active and fetcher(self.representatives, name, version) == self.node_id
+        the site's fetcher for that version (`fetcher` over the advertised representatives, which
+        every member of the site sees alike); the site's others fetch it inside the site."""
+        return self.active and fetcher(self.advertised(), name, version) == self.node_id
+
+    def redirect(self, pool: str) -> list[str]:
+        """For the Membership service: a federation join reached this node, which is not in that pool:
+        the addresses of its site's representatives."""
+        if pool != FEDERATION_POOL:
+            return []
+        reps = self.advertised()
+        return [m.address for m in self._site_view.members() if m.node_id in reps and m.state in _LIVE]
 
     # -- the choice --------------------------------------------------------------
 
-    def _advertised(self) -> set[str]:
-        """Members of the site that say they are representatives (and this node, if it is)."""
-        current = {self.node_id} if self.active else set()
+    def _refresh_flags(self) -> bool:
+        """Re-read the representative flags of site members whose metadata changed; True if any flag
+        changed (metadata updates are frequent during a release: only changed members are decoded)."""
+        changed = False
+        seen = set()
         for member in self._site_view.members():
-            if member.node_id == self.node_id or member.state not in _LIVE:
+            if member.node_id == self.node_id:
                 continue
-            try:
-                if read_section(member.meta, FEDERATION_SECTION):
-                    current.add(member.node_id)
-            except MetaError:
+            seen.add(member.node_id)
+            held = self._flags.get(member.node_id)
+            live = member.state in _LIVE
+            if held is not None and held[:2] == (member.incarnation, member.meta_version) and live:
                 continue
-        return current
+            tenure: int | None = None
+            if live:
+                try:
+                    raw = read_section(member.meta, FEDERATION_SECTION)
+                    tenure = int(raw) if raw and raw.isdigit() and len(raw) <= 20 else None
+                except MetaError:
+                    tenure = None
+            changed |= held is None or held[2] != tenure
+            self._flags[member.node_id] = (member.incarnation, member.meta_version, tenure)
+        for gone in set(self._flags) - seen:
+            changed |= self._flags.pop(gone)[2] is not None
+        return changed
+
+    def on_member_events(self, events: Sequence[MemberEvent] = ()) -> None:
+        """Site-pool handler (it must not raise: it runs inside the site's SWIM loop)."""
+        try:
+            self._recheck(events)
+        except Exception:  # a bug here must not stop the site's gossip
+            log.exception("federation: re-checking the representatives of site %s failed", self._site)
+
+    def _recheck(self, events: Sequence[MemberEvent]) -> None:
+        if self._stopped:
+            return
+        if not self._ready:
+            if not any(m.node_id != self.node_id for m in self._site_view.members()):
+                return
+            self._ready = True
+        flags_changed = self._refresh_flags()
+        if events and not flags_changed and all(e.kind is EventKind.META for e in events):
+            return  # holdings and health updates: nothing that moves the choice
+        current = self.advertised()
+        chosen = choose_representatives(self._site_view.members(), self._site, current, self._k,
+                                        tenure=current)
+        if chosen != self.representatives:
+            log.info("site %s representatives: %s", self._site, ", ".join(chosen) or "none")
+            self.representatives = chosen
+        if self.node_id in chosen and not self.active:
+            self._join()
+        elif self.node_id not in chosen and self.active:
+            self._retire()
+        elif self.active:
+            # This site's other representatives that our federation core has not met: join through them
+            # (each side may have started its federation core before it knew the other).
+            unmet = [m.address for m in self._site_view.members()
+                     if m.node_id in current and m.node_id != self.node_id
+                     and self._runner is not None and self._runner.core.member(m.node_id) is None]
+            self._rejoin(unmet)
+
+    def _rejoin(self, addresses: list[str]) -> None:
+        """Push-pull with `addresses`, each at most once per push-pull interval."""
+        runner = self._runner
+        if runner is None:
+            return
+        now = runner.now()
+        every = self._config.push_pull_interval_s
+        due = [a for a in addresses if now - self._rejoined_at.get(a, -math.inf) >= every]
+        if due:
+            for address in due:
+                self._rejoined_at[address] = now
+            runner.rejoin(due)
+
+    def _redirected(self, addresses: list[str]) -> None:
+        """A join reached a node of another site that is not a representative; it named its site's."""
+        for address in addresses:
+            if address != self._address:
+                self._learned.pop(address, None)
+                self._learned[address] = None
+        while len(self._learned) > 32:
+            self._learned.pop(next(iter(self._learned)))
+        self._rejoin([a for a in addresses if a != self._address])
+
+    # -- joining and leaving -----------------------------------------------------
+
+    def _join(self) -> None:
+        loop = asyncio.get_running_loop()
+        core = Membership(self.node_id, self._address, self._labels, self._config, self._rng, loop.time(),
+                          meta_version=time.time_ns() // 1_000_000)
+        view = CoreView(core, revoked=self._revoked)
+
+        def federation_events(events: list[MemberEvent]) -> None:
+            # Other sites' members only: this site's are the site pool's business.
+            foreign = [e for e in events
+                       if (m := core.member(e.node_id)) is not None and site_of(m.labels) != self._site]
+            if foreign:
+                self._on_events(foreign)
+
+        runner = SwimRunner(core, self._dial, on_events=federation_events, on_redirect=self._redirected)
+        self._runner, self._view = runner, view
+        self._since_ms = time.time_ns() // 1_000_000
+        self._board.attach(view)
+        self._servicer.serve(FEDERATION_POOL, runner)
+        # Seeds: the configured ones (other sites), and this site's other representatives.
+        mine = {m.node_id: m.address for m in self._site_view.members()}
+        seeds = [a for a in self._seeds if a != self._address]
+        seeds += [mine[r] for r in self.advertised() if r != self.node_id and r in mine]
+        seeds = list(dict.fromkeys(seeds))
+        runner.start(seeds)
+        self._spawn(self._find_other_sites(runner))
+        self._rep_board.set_meta(str(self._since_ms).encode())
+        self.changes += 1
+        log.info("node %s joined the federation pool for site %s (seeds: %s)", self.node_id, self._site,
+                 ", ".join(seeds) or "none: it waits to be found")
+        self._on_events([])
+
+    def _retire(self) -> None:
+        """Stop being a representative now (the choice moved); tell the pool in the background."""
+        runner = self._runner
+        if runner is None:
+            return
+        self._runner, self._view = None, None
+        self._board.attach(None)
+        self._rep_board.set_meta(b"")
+        self._servicer.unserve(FEDERATION_POOL)
+        self.retired_bytes_out += runner.counters.bytes_out
+        self.retired_push_pull_bytes_out += runner.counters.push_pull_bytes_out
+        self.changes += 1
+        log.info("node %s left the federation pool (no longer a representative of site %s)",
+                 self.node_id, self._site)
+        self._spawn(self._leave(runner))
+        self._on_events([])
+
+    @staticmethod
+    async def _leave(runner: SwimRunner, timeout_s: float = 2.0) -> None:
+        try:
+            await runner.leave(timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            await runner.stop()
+
+    async def _find_other_sites(self, runner: SwimRunner) -> None:
+        """While this federation member knows no live member of another site, ask the configured seeds
+        (and the representatives non-representatives named) again every push-pull interval: SWIM
+        retries its seeds only while it knows nobody, and this site's other representatives count."""
+        warned = False
+        while self._runner is runner:
+            await asyncio.sleep(self._config.push_pull_interval_s)
+            if self._runner is not runner:
+                return
+            view = self._view
+            if view is not None and any(site_of(m.labels) != self._site and m.state in _LIVE
+                                        for m in view.members()):
+                warned = False
+                continue
+            seeds = [a for a in self._seeds if a != self._address] + list(self._learned)
+            seeds = list(dict.fromkeys(seeds))
+            if not seeds:
+                if not warned:
+                    log.warning("federation pool: this site's representatives know no other site and have "
+                                "no [membership] federation_seeds: other sites find it only if they list it")
+                    warned = True
+                continue
+            if not warned:
+                log.warning("federation pool: no representative of another site answers yet; asking %s again "
+                            "every %.0f s (check [membership] federation_seeds: nodes of other sites)",
+                            ", ".join(seeds), self._config.push_pull_interval_s)
+                warned = True
+            self._rejoin(seeds)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro, name=f"federation-{self.node_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("federation task %s failed", task.get_name(), exc_info=task.exception())
 
     def start(self, has_seeds: bool, wait_s: float) -> None:
         """Choose at once if this node has no site seeds (the first of its site); otherwise once it has
@@ -196,117 +397,18 @@ class FederationMember:
 
         self._spawn(fallback())
 
-    def on_member_events(self, events: Sequence[MemberEvent] = ()) -> None:
-        if self._stopped:
-            return
-        if not self._ready:
-            if not any(m.node_id != self.node_id for m in self._site_view.members()):
-                return
-            self._ready = True
-        chosen = choose_representatives(self._site_view.members(), self._site, self._advertised(), self._k)
-        if chosen != self.representatives:
-            log.info("site %s representatives: %s", self._site, ", ".join(chosen) or "none")
-            self.representatives = chosen
-        if self.node_id in chosen and not self.active:
-            self._join()
-        elif self.node_id not in chosen and self.active:
-            self._spawn(self._leave())
-        elif self.active and self._runner is not None:
-            # This site's other representatives that our federation core has not met: join through them
-            # (each side may have started its federation core before it knew the other).
-            unmet = [m.address for m in self._site_view.members()
-                     if m.node_id in chosen and m.node_id != self.node_id
-                     and self._runner.core.member(m.node_id) is None]
-            if unmet:
-                self._runner.rejoin(unmet)
-
-    # -- joining and leaving -----------------------------------------------------
-
-    def _join(self) -> None:
-        core = Membership(self.node_id, self._address, self._labels, self._config, self._rng,
-                          asyncio.get_running_loop().time(), meta_version=time.time_ns() // 1_000_000)
-        view = CoreView(core, revoked=self._revoked)
-
-        def federation_events(events: list[MemberEvent]) -> None:
-            # Other sites' members only: this site's are the site pool's business.
-            foreign = [e for e in events
-                       if (m := core.member(e.node_id)) is not None and site_of(m.labels) != self._site]
-            if foreign:
-                self._on_events(foreign)
-
-        runner = SwimRunner(core, self._dial, on_events=federation_events)
-        self._runner, self._view = runner, view
-        self._board.attach(view)
-        self._servicer.serve(FEDERATION_POOL, runner)
-        # Seeds: the configured ones (other sites), and this site's other representatives.
-        mine = {m.node_id: m.address for m in self._site_view.members()}
-        seeds = [a for a in self._seeds if a != self._address]
-        seeds += [mine[r] for r in self.representatives if r != self.node_id and r in mine]
-        seeds = list(dict.fromkeys(seeds))
-        runner.start(seeds)
-        self._spawn(self._find_other_sites(runner, [a for a in self._seeds if a != self._address]))
-        self._rep_board.set_meta(b"1")
-        self.changes += 1
-        log.info("node %s joined the federation pool for site %s (seeds: %s)", self.node_id, self._site,
-                 ", ".join(seeds) or "none: it waits to be found")
-        self._on_events([])
-
-    async def _leave(self, timeout_s: float = 2.0) -> None:
-        runner = self._runner
-        if runner is None:
-            return
-        self._runner, self._view = None, None
-        self._board.attach(None)
-        self._rep_board.set_meta(b"")
-        self._servicer.unserve(FEDERATION_POOL)
-        self.changes += 1
-        log.info("node %s left the federation pool (no longer a representative of site %s)",
-                 self.node_id, self._site)
-        try:
-            await runner.leave(timeout_s)
-        except TimeoutError:
-            pass
-        finally:
-            await runner.stop()
-        self._on_events([])
-
-    async def _find_other_sites(self, runner: SwimRunner, seeds: list[str]) -> None:
-        """While this federation member knows no live member of another site, ask the configured seeds
-        again every push-pull interval: SWIM retries its seeds only while it knows nobody, and this
-        site's other representatives count as somebody."""
-        warned = False
-        while self._runner is runner and seeds:
-            await asyncio.sleep(self._config.push_pull_interval_s)
-            if self._runner is not runner:
-                return
-            if any(site_of(m.labels) != self._site and m.state in _LIVE for m in runner.core.members()):
-                warned = False
-                continue
-            if not warned:
-                log.warning("federation pool: no representative of another site answers yet; asking %s again "
-                            "every %.0f s (check [membership] federation_seeds: they must be nodes of other "
-                            "sites, ideally each site's lowest node ids, which become its representatives)",
-                            ", ".join(seeds), self._config.push_pull_interval_s)
-                warned = True
-            runner.rejoin(seeds)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro, name=f"federation-{self.node_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def stop(self, leave: bool = True) -> None:
         """Leave the federation pool (told to its members when `leave`) and stop its runner."""
         self._stopped = True
-        runner, self._runner = self._runner, None  # ends the seed watchers
-        for task in list(self._tasks):
+        runner, self._runner, self._view = self._runner, None, None  # ends the seed watcher
+        if runner is not None:
+            self._servicer.unserve(FEDERATION_POOL)
+            self._board.attach(None)
+        for task in list(self._tasks):  # a leave in flight still stops its runner (its `finally`)
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._runner = runner
-        if self._runner is not None:
+        if runner is not None:
             if leave:
-                await self._leave()
+                await self._leave(runner)
             else:
-                runner, self._runner, self._view = self._runner, None, None
-                self._servicer.unserve(FEDERATION_POOL)
                 await runner.stop()

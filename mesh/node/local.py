@@ -163,6 +163,9 @@ class LocalCluster:
                 runners.append(node.federation.runner)
             out += sum(r.counters.bytes_out for r in runners)
             push_pull += sum(r.counters.push_pull_bytes_out for r in runners)
+            if node.federation is not None:  # federation runners it ran before its current one
+                out += node.federation.retired_bytes_out
+                push_pull += node.federation.retired_push_pull_bytes_out
         return out, push_pull
 
     async def stop(self, node_id: str, *, leave: bool = True) -> None:

@@ -301,14 +301,16 @@ class Node:
             for handler in handlers:
                 handler(events)
 
-        membership_service = MembershipServicer({})
         federation: FederationMember | None = None
+        # A federation join that reaches this node while it is no representative is told its site's.
+        membership_service = MembershipServicer(
+            {}, redirect=lambda pool: federation.redirect(pool) if federation is not None else [])
         view: MembershipView
         if config.membership.pools == "sites":
             # Sites mode: the shells see this site, and (on a representative) other sites' representatives;
             # this node's metadata goes to both pools.
             board = MirroredBoard(site_view)
-            meta = MetaSections(board, META_BUDGETS | {FEDERATION_SECTION: 4})
+            meta = MetaSections(board, META_BUDGETS | {FEDERATION_SECTION: 16})
             federation = FederationMember(
                 node_id=config.node_id, address=address, labels=labels_from_mapping(config.labels), site=site,
                 site_view=site_view, config=config.membership.federation_core(),
@@ -369,7 +371,8 @@ class Node:
             settings=TransferSettings(max_in_flight_per_peer=tc.max_in_flight_per_peer,
                                       request_timeout_s=tc.request_timeout_s, ban_s=tc.ban_s,
                                       download_rate_bytes_per_s=tc.download_rate_bytes_per_s or None,
-                                      fetch_all=tc.fetch == "all", origin_only=tc.sources == "origin"),
+                                      fetch_all=tc.fetch == "all", origin_only=tc.sources == "origin",
+                                      cross_fallback_s=tc.cross_fallback_s),
             rng=random.Random(self._rng.random()), now=loop.time,
             pinned=pinned, unwanted=rollouts.unwanted if rollouts else frozenset,
             background=rollouts.background if rollouts else frozenset,
@@ -450,7 +453,7 @@ class Node:
         runner.start(list(config.seeds))
         if federation is not None:
             federation.start(has_seeds=bool(config.seeds),
-                             wait_s=2 * config.membership.to_core().push_pull_interval_s)
+                             wait_s=max(10.0, 5 * config.membership.to_core().push_pull_interval_s))
         distributor.start()
         self._start_tasks(self._parts)
         log.info("node %s listening on %s (site=%s), seeds %s", config.node_id, address, site or "-",

@@ -168,6 +168,9 @@ class TransferSettings:
     # Registry-style baseline for the distribution benchmark: fetch only from the
     # origin, as if every device pulled from a central server.
     origin_only: bool = False
+    # Sites mode: how long a version only other sites announce waits for the site's fetcher before
+    # any representative fetches it across sites (at least three dissemination times).
+    cross_fallback_s: float = 15.0
 
 
 class Distributor:
@@ -195,6 +198,9 @@ class Distributor:
         across sites a version whose origin is in its own site. None (flat mode): every peer counts."""
         self.node_id = node_id
         self._crosses = crosses
+        self._foreign_since: dict[VersionKey, float] = {}  # versions only other sites announce: since when
+        self._site_progress: dict[VersionKey, tuple[int, float]] = {}  # chunks held in the site, since when
+        self._cross_poke: asyncio.TimerHandle | None = None
         self.site = site
         self.store = store
         self.trusted = trusted
@@ -242,6 +248,8 @@ class Distributor:
         self._loop_task = asyncio.create_task(self._run(), name=f"transfer-{self.node_id}")
 
     async def stop(self) -> None:
+        if self._cross_poke is not None:
+            self._cross_poke.cancel()
         tasks = [t for t in (self._loop_task, *self._tasks.values(), *self._checking.values())
                  if t is not None]
         for task in tasks:
@@ -457,14 +465,59 @@ class Distributor:
             self._decoded = {k: v for k, v in self._decoded.items() if k in current}
         if self._crosses is None:
             return out
-        # Sites mode: another site's holdings count only for versions this node fetches across sites,
-        # and never for a version whose origin is in this site.
-        crosses = self._crosses
+        # Sites mode: another site's holdings count only for versions this node fetches across sites
+        # (it is the site's fetcher for them), or that the site has not made progress on for
+        # `cross_fallback_s`: nobody in it announced the version (the fetcher does not want it, or
+        # the site disagrees on who it is), or what the site holds of it stopped growing (the fetcher
+        # cannot reach other sites). Never for a version whose origin is in this site.
+        now = self._now()
+        fallback_s = max(self.settings.cross_fallback_s, 3 * self._view.dissemination_s())
         ours = [dict(m.labels).get("site", "") == self.site for m, _ in out]
-        in_site_origin = set(self._origin) | {h.key for (_, hs), mine in zip(out, ours, strict=True) if mine
-                                              for h in hs if h.origin}
-        return [(m, hs if mine else [h for h in hs if h.key not in in_site_origin and crosses(*h.key)])
-                for (m, hs), mine in zip(out, ours, strict=True)]
+        in_site_origin = set(self._origin)
+        held: dict[VersionKey, int] = {}  # chunks of each version held in this site, summed
+        complete: set[VersionKey] = set()
+        in_site = [h for (_, hs), mine in zip(out, ours, strict=True) if mine for h in hs]
+        for h in [*in_site, *self._holdings.values()]:
+            held[h.key] = held.get(h.key, 0) + h.have.count()
+            if h.origin:
+                in_site_origin.add(h.key)
+            if h.complete:
+                complete.add(h.key)
+        for key, count in held.items():
+            if self._site_progress.get(key, (-1, 0.0))[0] != count:
+                self._site_progress[key] = (count, now)
+        self._site_progress = {k: v for k, v in self._site_progress.items() if k in held}
+        foreign_only: set[VersionKey] = set()
+        flips: list[float] = []  # when a version still waiting would start to count
+
+        def after(since: float) -> bool:
+            if now - since >= fallback_s:
+                return True
+            flips.append(since + fallback_s)
+            return False
+
+        def counts(h: Holding) -> bool:
+            if h.key in in_site_origin:
+                return False
+            if self._crosses is not None and self._crosses(*h.key):
+                return True
+            if h.key in held:  # the site has it or is fetching it: cross only if that stalled
+                return h.key not in complete and after(self._site_progress[h.key][1])
+            foreign_only.add(h.key)
+            return after(self._foreign_since.setdefault(h.key, now))
+
+        result = [(m, hs if mine else [h for h in hs if counts(h)])
+                  for (m, hs), mine in zip(out, ours, strict=True)]
+        self._foreign_since = {k: v for k, v in self._foreign_since.items() if k in foreign_only}
+        if flips:  # look again then: nothing else may wake this node when a fallback comes due
+            loop = asyncio.get_running_loop()
+            due = loop.time() + max(0.0, min(flips) - now) + 0.05
+            handle = self._cross_poke
+            if handle is None or handle.cancelled() or not loop.time() <= handle.when() <= due + 0.01:
+                if handle is not None:
+                    handle.cancel()
+                self._cross_poke = loop.call_later(due - loop.time(), self.poke)
+        return result
 
     # -- the loop ----------------------------------------------------------------
 
@@ -818,6 +871,8 @@ class Distributor:
         ref = manifest.chunks[index]
         pieces: list[bytes] = []
         received = 0
+        sender = self._view.member(peer_id)  # now: it may have left the view when the chunk ends
+        other_site = sender is not None and dict(sender.labels).get("site", "") != self.site
         try:
             stub = self._dial(address, peer_id)
             async with asyncio.timeout(self.settings.request_timeout_s):
@@ -844,8 +899,7 @@ class Distributor:
                 self.counters.bytes_from_origin += received
             else:
                 self.counters.bytes_from_peers += received
-            sender = self._view.member(peer_id)
-            if sender is not None and dict(sender.labels).get("site", "") != self.site:
+            if other_site:
                 self.counters.bytes_from_other_sites += received
         data = b"".join(pieces)
         try:

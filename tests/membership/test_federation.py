@@ -144,3 +144,34 @@ def test_versions_spread_over_the_representatives() -> None:
         counts[fetcher(reps, "hand", f"1.{i}")] += 1
     assert all(60 < c < 140 for c in counts.values()), counts
     assert fetcher([], "hand", "1.0") is None
+
+
+def test_a_member_that_moves_to_another_site_leaves_the_old_site_pool() -> None:
+    """A node restarted with another `site` label: its old site's pool marks it LEFT (and says so),
+    instead of keeping it ALIVE with its old labels because it still answers pings."""
+    from mesh.membership.config import MembershipConfig
+    from mesh.membership.core import Membership
+    from mesh.membership.messages import EventKind, Gossip, Update
+
+    config = MembershipConfig(site_only=True)
+    core = Membership("a1", "a1:1", (("site", "amsterdam"),), config, random.Random(1), 0.0)
+    core.on_gossip(Gossip("a2", (Update("a2", "a2:1", 0, State.ALIVE, (("site", "amsterdam"),)),)), 1.0)
+    assert core.member("a2").state is State.ALIVE
+    core.drain_events()
+    moved = Update("a2", "a2:1", 1, State.ALIVE, (("site", "berlin"),))
+    core.on_gossip(Gossip("a2", (moved,)), 2.0)
+    assert core.member("a2").state is State.LEFT
+    assert [e.kind for e in core.drain_events()] == [EventKind.LEFT]
+    core.on_gossip(Gossip("a2", (moved,)), 3.0)  # said again: nothing more happens
+    assert core.drain_events() == [] and core.member("a2").state is State.LEFT
+
+
+def test_with_tenure_the_longest_serving_keep_the_role_not_the_lowest_ids() -> None:
+    """A low-id representative wrongly declared dead was replaced; when it comes back, both say they
+    represent the site. The replacement, serving longer now, keeps the role (by ids alone the
+    returning node would evict it, and the role would flap on every false death)."""
+    view = [member("a"), member("b"), member("c"), member("d")]
+    advertised = ["a", "b", "d"]  # a came back; d replaced it meanwhile
+    assert choose_representatives(view, "amsterdam", advertised, k=2) == ("a", "b")  # ids alone
+    tenure = {"b": 100, "d": 200, "a": 300}
+    assert choose_representatives(view, "amsterdam", advertised, k=2, tenure=tenure) == ("b", "d")

@@ -178,3 +178,38 @@ async def test_admin_status_shows_the_site_pool_and_the_federation(cluster, flee
     assert f"representatives of site {c.site_of(plain)}: {rep}" in text and "sees its site only" in text, text
     text = " ".join((await status(rep)).split())
     assert "federation pool 2 live members in 2 sites" in text, text
+
+
+async def test_a_site_whose_fetcher_cannot_cross_gets_the_version_through_another_representative(
+        cluster, fleet):
+    """Berlin's fetcher for the version cannot reach other sites (its outgoing calls to them fail):
+    after `cross_fallback_s` with nobody in berlin announcing the version, berlin's other
+    representative fetches it across, and every berlin device completes."""
+    from mesh.artifacts.publish import publish
+    from mesh.identity.signing import KeyRole, load_signing_key
+    from mesh.membership.federation import fetcher
+    from tests.models import mediapipe_model
+
+    c = await cluster(8, sites=2, pools="sites", representatives=2, transfer={"cross_fallback_s": 3.0})
+    await wait_for(c.settled, 20.0, what="site pools and federation")
+    berlin = c.site_of("node-01")
+    reps = representatives(c)[berlin]
+    stuck = fetcher({r: c.nodes[r].federation.advertised()[r] for r in reps}, "hand", "1.0")
+    assert stuck is not None and all(c.nodes[r].federation.crosses("hand", "1.0") is (r == stuck)
+                                     for r in reps)
+    abroad = [i for i in c.nodes if c.site_of(i) != berlin]
+    c.nodes[stuck].faults.blocked |= set(abroad) | {c.nodes[i].address for i in abroad}
+
+    origin = c.nodes["node-00"]
+    signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0",
+                     key=load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER),
+                     store=origin.store)
+    origin.distributor.add_published(signed)
+    took = await wait_for(lambda: all(n.store.is_complete(signed.manifest) for n in c.nodes.values()), 60.0,
+                          interval_s=0.1, what="hand 1.0 complete in both sites")
+    crossed = {i: c.nodes[i].distributor.counters.bytes_from_other_sites for i in c.nodes
+               if c.site_of(i) == berlin}
+    (other,) = reps - {stuck}
+    assert crossed[stuck] == 0 and crossed[other] > 0, crossed
+    assert sum(crossed.values()) <= 1.5 * signed.manifest.size_bytes, crossed
+    print(f"berlin complete in {took:.1f}s through {other} (fetcher {stuck} cut off): {crossed}")

@@ -102,19 +102,22 @@ class LocalCluster:
             await self.add(f"node-{i:02d}", site=site_name(i % sites))
         return self
 
-    async def add(self, node_id: str, *, site: str = SITES[0], seeds: list[str] | None = None) -> Node:
-        federation_seeds: list[str] = []
+    async def add(self, node_id: str, *, site: str = SITES[0], seeds: list[str] | None = None,
+                  federation_seeds: list[str] | None = None) -> Node:
+        """`seeds` and `federation_seeds` default to the first running node of this site and of
+        every other site."""
         if self.pools_mode == "sites":
             firsts: dict[str, str] = {}  # site -> address of its first running node
             for other_id, other in self.nodes.items():
                 firsts.setdefault(self.site_of(other_id), other.address)
             if seeds is None:
                 seeds = [firsts[site]] if site in firsts else []
-            federation_seeds = [address for other_site, address in firsts.items() if other_site != site]
+            if federation_seeds is None:
+                federation_seeds = [address for other_site, address in firsts.items() if other_site != site]
         elif seeds is None:
             seeds = [next(iter(self.nodes.values())).address] if self.nodes else []
         rng = random.Random(f"{self.seed}-{node_id}")
-        sites_mode = {"federation_seeds": federation_seeds} if self.pools_mode == "sites" else {}
+        sites_mode = {"federation_seeds": federation_seeds or []} if self.pools_mode == "sites" else {}
         node = Node(self.config(node_id, site=site, seeds=seeds, **sites_mode), rng=rng, serve_metrics=False)
         await node.start()
         self.nodes[node_id] = node

@@ -213,3 +213,18 @@ async def test_a_site_whose_fetcher_cannot_cross_gets_the_version_through_anothe
     assert crossed[stuck] == 0 and crossed[other] > 0, crossed
     assert sum(crossed.values()) <= 1.5 * signed.manifest.size_bytes, crossed
     print(f"berlin complete in {took:.1f}s through {other} (fetcher {stuck} cut off): {crossed}")
+
+
+async def test_a_join_that_reaches_a_non_representative_is_redirected_to_its_sites_representatives(
+        cluster, fleet):
+    """Berlin's only federation seed is a node of amsterdam that is not a representative (seeds go
+    stale as the role moves): it answers NOT_FOUND naming amsterdam's representatives, and berlin's
+    representative joins through them."""
+    c = await cluster(3, sites=1, pools="sites", representatives=1)  # amsterdam: node-00 represents it
+    await wait_for(c.settled, 20.0, what="amsterdam settled")
+    plain = c.nodes["node-02"]
+    assert not plain.federation.active
+    await c.add("node-10", site="berlin", seeds=[], federation_seeds=[plain.address])
+    await wait_for(lambda: live(c.nodes["node-10"], pool="federation") == {"node-00", "node-10"}, 20.0,
+                   what="berlin's representative in the federation with amsterdam's")
+    assert live(c.nodes["node-00"], pool="federation") >= {"node-00", "node-10"}

@@ -195,3 +195,18 @@ def test_sites_mode_in_the_node_toml(tmp_path):
         load_config(write(tmp_path, text.replace('site = "berlin"', 'zone = "berlin"')))
     with pytest.raises(ConfigError, match="federation_seeds"):
         load_config(write(tmp_path, text.replace('"10.0.2.1:7000"', '"nowhere"')))
+
+
+@pytest.mark.parametrize("extra, words", [
+    ('\n[raft]\nmembers = ["cam-01"]\n', "does not run with a [raft] section yet"),
+    ('\n[transfer]\nsources = "origin"\n', 'sources = "origin" cannot work'),
+])
+def test_sites_mode_refuses_what_it_cannot_do_yet(tmp_path, extra, words):
+    text = GOOD + 'pools = "sites"\n' + extra
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(write(tmp_path, text))
+
+
+def test_federation_seeds_in_flat_mode_are_an_error_not_ignored(tmp_path):
+    with pytest.raises(ConfigError, match='federation_seeds apply only with pools = "sites"'):
+        load_config(write(tmp_path, GOOD + 'federation_seeds = ["10.0.2.1:7000"]\n'))

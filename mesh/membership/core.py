@@ -799,7 +799,8 @@ class Membership:
         if self._foreign(update):
             self.stats.foreign_dropped += 1
             held = self._members.get(update.node_id)
-            if held is None or held.state is State.LEFT or update.state is not State.ALIVE:
+            if held is None or held.state is State.LEFT or update.state is not State.ALIVE \
+                    or update.incarnation < held.incarnation:  # a stale entry relayed late says nothing
                 return False
             # A member we hold now says it belongs to another site (its labels changed): it has
             # left this site's pool. Without this it would stay ALIVE here with its old labels,

@@ -227,7 +227,7 @@ class SwimRunner:
 
     def rejoin(self, seeds: list[str]) -> None:
         """Exchange state with `seeds` again (a federation member that knows no other site yet)."""
-        self._send_all(self.core.join(seeds, self.now()))
+        self._send_all(self.core.join(seeds, self.now(), remember=False))
 
     async def leave(self, timeout_s: float = 2.0) -> None:
         """Tell peers we are leaving and wait (bounded) until they have heard it."""

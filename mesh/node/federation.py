@@ -39,6 +39,7 @@ FEDERATION_SECTION = "fed"
 """Metadata section a representative sets (b"1") in its site pool."""
 
 _LIVE = (State.ALIVE, State.SUSPECT)
+_EARLIEST_TENURE_MS = 1_577_836_800_000  # 2020-01-01
 
 
 class MirroredBoard:
@@ -151,6 +152,7 @@ class FederationMember:
         # Advertised representatives: node id -> (incarnation, meta_version, tenure or None).
         self._flags: dict[str, tuple[int, int, int | None]] = {}
         self._rejoined_at: dict[str, float] = {}
+        self._incarnation = 0  # this node's incarnation in its site pool, last seen
         self.representatives: tuple[str, ...] = ()
         self.changes = 0  # times this node joined or left the federation pool
         # Bytes the federation runners this node ran before its current one sent (bench figures).
@@ -215,6 +217,11 @@ class FederationMember:
                     tenure = int(raw) if raw and raw.isdigit() and len(raw) <= 20 else None
                 except MetaError:
                     tenure = None
+                # A term that began before 2020 or more than an hour from now is a wrong clock or a
+                # lie (a claim of the longest term would keep the role for good): not advertised.
+                if tenure is not None and not _EARLIEST_TENURE_MS <= tenure <= time.time_ns() // 1_000_000 \
+                        + 3_600_000:
+                    tenure = None
             changed |= held is None or held[2] != tenure
             self._flags[member.node_id] = (member.incarnation, member.meta_version, tenure)
         for gone in set(self._flags) - seen:
@@ -235,6 +242,14 @@ class FederationMember:
             if not any(m.node_id != self.node_id for m in self._site_view.members()):
                 return
             self._ready = True
+        me = self._site_view.member(self.node_id)
+        incarnation = me.incarnation if me is not None else 0
+        if self.active and incarnation > self._incarnation:
+            # This node refuted a suspicion or death: the site may have replaced it meanwhile, and a
+            # node back from a false death must not evict its replacement, so its term starts now.
+            self._since_ms = time.time_ns() // 1_000_000
+            self._rep_board.set_meta(str(self._since_ms).encode())
+        self._incarnation = incarnation
         flags_changed = self._refresh_flags()
         if events and not flags_changed and all(e.kind is EventKind.META for e in events):
             return  # holdings and health updates: nothing that moves the choice
@@ -267,6 +282,7 @@ class FederationMember:
         if due:
             for address in due:
                 self._rejoined_at[address] = now
+            self._rejoined_at = {a: t for a, t in self._rejoined_at.items() if now - t < 2 * every}
             runner.rejoin(due)
 
     def _redirected(self, addresses: list[str]) -> None:

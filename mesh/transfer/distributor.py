@@ -170,7 +170,7 @@ class TransferSettings:
     origin_only: bool = False
     # Sites mode: how long a version only other sites announce waits for the site's fetcher before
     # any representative fetches it across sites (at least three dissemination times).
-    cross_fallback_s: float = 15.0
+    cross_fallback_s: float = 60.0
 
 
 class Distributor:
@@ -201,6 +201,7 @@ class Distributor:
         self._foreign_since: dict[VersionKey, float] = {}  # versions only other sites announce: since when
         self._site_progress: dict[VersionKey, tuple[int, float]] = {}  # chunks held in the site, since when
         self._cross_poke: asyncio.TimerHandle | None = None
+        self._crossing: set[VersionKey] = set()  # versions this node fetches across sites by the fallback
         self.site = site
         self.store = store
         self.trusted = trusted
@@ -248,13 +249,13 @@ class Distributor:
         self._loop_task = asyncio.create_task(self._run(), name=f"transfer-{self.node_id}")
 
     async def stop(self) -> None:
-        if self._cross_poke is not None:
-            self._cross_poke.cancel()
         tasks = [t for t in (self._loop_task, *self._tasks.values(), *self._checking.values())
                  if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._cross_poke is not None:
+            self._cross_poke.cancel()
 
     def poke(self) -> None:
         """Something changed (a peer's holdings, joins, deaths, what the node pins): look again."""
@@ -468,30 +469,46 @@ class Distributor:
         # Sites mode: another site's holdings count only for versions this node fetches across sites
         # (it is the site's fetcher for them), or that the site has not made progress on for
         # `cross_fallback_s`: nobody in it announced the version (the fetcher does not want it, or
-        # the site disagrees on who it is), or what the site holds of it stopped growing (the fetcher
-        # cannot reach other sites). Never for a version whose origin is in this site.
+        # the site disagrees on who it is), or the chunks the site's other members hold stopped
+        # growing while other sites offer chunks it lacks (the fetcher cannot reach them). Once this
+        # node crosses for a version it keeps crossing until the version is complete here. Only
+        # announcements of a verified manifest by members not banned count as the site's; never
+        # crosses a version whose origin is in this site.
         now = self._now()
         fallback_s = max(self.settings.cross_fallback_s, 3 * self._view.dissemination_s())
         ours = [dict(m.labels).get("site", "") == self.site for m, _ in out]
+        verified = set(self._checked) | {(*h.key, h.manifest_digest) for h in self._holdings.values()}
         in_site_origin = set(self._origin)
-        held: dict[VersionKey, int] = {}  # chunks of each version held in this site, summed
-        complete: set[VersionKey] = set()
-        in_site = [h for (_, hs), mine in zip(out, ours, strict=True) if mine for h in hs]
-        for h in [*in_site, *self._holdings.values()]:
-            held[h.key] = held.get(h.key, 0) + h.have.count()
-            if h.origin:
-                in_site_origin.add(h.key)
-            if h.complete:
-                complete.add(h.key)
-        for key, count in held.items():
-            if self._site_progress.get(key, (-1, 0.0))[0] != count:
+        union: dict[VersionKey, Bitfield] = {}  # chunks of each version this site's other members hold
+        complete = {key for key, h in self._holdings.items() if h.complete}
+        for (member, hs), mine in zip(out, ours, strict=True):
+            if not mine:
+                continue
+            for h in hs:
+                ident = (*h.key, h.manifest_digest)
+                if ident not in verified or ident in self._refused \
+                        or self._banned(member.node_id, h.name, now):
+                    continue
+                union[h.key] = union[h.key] | h.have if h.key in union else h.have.copy()
+                if h.origin:
+                    in_site_origin.add(h.key)
+                if h.complete:
+                    complete.add(h.key)
+        for key, bits in union.items():  # progress is growth only: a holder gone is not progress
+            count = bits.count()
+            if key not in self._site_progress or count > self._site_progress[key][0]:
                 self._site_progress[key] = (count, now)
-        self._site_progress = {k: v for k, v in self._site_progress.items() if k in held}
+        self._site_progress = {k: v for k, v in self._site_progress.items() if k in union}
+        self._crossing -= self._complete
         foreign_only: set[VersionKey] = set()
         flips: list[float] = []  # when a version still waiting would start to count
 
-        def after(since: float) -> bool:
+        def after(key: VersionKey, since: float) -> bool:
             if now - since >= fallback_s:
+                if key not in self._crossing:
+                    log.info("%s %s: no progress in this site for %.0f s; fetching it from other sites",
+                             *key, fallback_s)
+                self._crossing.add(key)
                 return True
             flips.append(since + fallback_s)
             return False
@@ -499,12 +516,17 @@ class Distributor:
         def counts(h: Holding) -> bool:
             if h.key in in_site_origin:
                 return False
-            if self._crosses is not None and self._crosses(*h.key):
+            if h.key in self._crossing or (self._crosses is not None and self._crosses(*h.key)):
                 return True
-            if h.key in held:  # the site has it or is fetching it: cross only if that stalled
-                return h.key not in complete and after(self._site_progress[h.key][1])
+            if h.key in complete:
+                return False
+            if h.key in union:  # the site is fetching it: cross only if that stalled and they have more
+                site = union[h.key]
+                if len(site) != len(h.have) or all(i in site for i in h.have.present()):
+                    return False
+                return after(h.key, self._site_progress[h.key][1])
             foreign_only.add(h.key)
-            return after(self._foreign_since.setdefault(h.key, now))
+            return after(h.key, self._foreign_since.setdefault(h.key, now))
 
         result = [(m, hs if mine else [h for h in hs if counts(h)])
                   for (m, hs), mine in zip(out, ours, strict=True)]

@@ -166,6 +166,20 @@ def test_a_member_that_moves_to_another_site_leaves_the_old_site_pool() -> None:
     assert core.drain_events() == [] and core.member("a2").state is State.LEFT
 
 
+def test_a_stale_entry_with_other_labels_does_not_evict_a_member() -> None:
+    """A node that still carries an old label relays an old entry about a member (a rolling site
+    rename): an entry older than the one held is not a move, and the member stays."""
+    from mesh.membership.config import MembershipConfig
+    from mesh.membership.core import Membership
+    from mesh.membership.messages import Gossip, Update
+
+    config = MembershipConfig(site_only=True)
+    core = Membership("a1", "a1:1", (("site", "amsterdam"),), config, random.Random(1), 0.0)
+    core.on_gossip(Gossip("a2", (Update("a2", "a2:1", 3, State.ALIVE, (("site", "amsterdam"),)),)), 1.0)
+    core.on_gossip(Gossip("a3", (Update("a2", "a2:1", 2, State.ALIVE, (("site", "ams"),)),)), 2.0)
+    assert core.member("a2").state is State.ALIVE and core.member("a2").incarnation == 3
+
+
 def test_with_tenure_the_longest_serving_keep_the_role_not_the_lowest_ids() -> None:
     """A low-id representative wrongly declared dead was replaced; when it comes back, both say they
     represent the site. The replacement, serving longer now, keeps the role (by ids alone the

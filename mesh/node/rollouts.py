@@ -311,18 +311,22 @@ class RolloutShell:
     def peers(self) -> list[fleet.PeerView]:
         """Every member (this node included) as the rollout cores read it."""
         out = []
+        now = self._monotonic()
         for member in self._view.members():
-            key = (member.incarnation, member.meta_version, member.state, member.labels)
+            # A member declared dead moments ago still counts as present (`fleet.member_present`).
+            dead_for_s = now - member.state_since if member.state is State.DEAD else None
+            recently_dead = dead_for_s is not None and fleet.member_present(False, dead_for_s)
+            key = (member.incarnation, member.meta_version, member.state, member.labels, recently_dead)
             cached = self._peer_cache.get(member.node_id)
             if cached is not None and cached[0] == key:
                 out.append(cached[1])
                 continue
-            peer = self._peer_view(member)
+            peer = self._peer_view(member, recently_dead)
             self._peer_cache[member.node_id] = (key, peer)
             out.append(peer)
         return out
 
-    def _peer_view(self, member: MemberView) -> fleet.PeerView:
+    def _peer_view(self, member: MemberView, recently_dead: bool = False) -> fleet.PeerView:
         labels = dict(member.labels)
         health: NodeHealth | None = None
         notes: tuple[RolloutNote, ...] = ()
@@ -341,7 +345,7 @@ class RolloutShell:
             member.state is State.ALIVE,
             health,
             notes,
-            present=member.state in (State.ALIVE, State.SUSPECT),
+            present=member.state in (State.ALIVE, State.SUSPECT) or recently_dead,
         )
 
     def _address(self, node_id: str) -> str | None:

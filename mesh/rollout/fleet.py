@@ -80,6 +80,18 @@ def participates(plan: RolloutPlan, peer: PeerView) -> bool:
     )
 
 
+DEAD_PRESENT_GRACE_S = 60.0
+"""How long a member declared dead still counts as present in its site's population."""
+
+
+def member_present(live: bool, dead_for_s: float | None) -> bool:
+    """Whether a member counts as present for `site_populations`: alive or suspect (`live`), or declared
+    dead less than DEAD_PRESENT_GRACE_S ago (`dead_for_s`; None: not dead). On a loaded machine a
+    false death is common and brief, and site leaders that count a population differently apportion
+    the waves differently: a 1% wave of one device could then go to no site at all."""
+    return live or (dead_for_s is not None and dead_for_s < DEAD_PRESENT_GRACE_S)
+
+
 def site_populations(plan: RolloutPlan, peers: Iterable[PeerView]) -> dict[str, list[str]]:
     """Per site, the reachable selected devices that take part in `plan` (sorted node ids).
 

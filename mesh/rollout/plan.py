@@ -466,7 +466,10 @@ class RolloutPlan:
         expires = number(self.expires_at, "plan.expires_at", PlanFormatError)
         object.__setattr__(self, "created_at", created)
         object.__setattr__(self, "expires_at", expires)
-        if not 0 < expires - created <= MAX_PLAN_TTL_S:
+        # A millisecond of slack: created + ttl - created is not ttl in floating point, and a plan made
+        # with the longest lifetime must not be refused for a rounding error (the message said "7776000 s
+        # ... at most 7776000 s").
+        if not 0 < expires - created <= MAX_PLAN_TTL_S + 0.001:
             raise PlanFormatError(
                 f"plan: expires_at - created_at is {expires - created:.0f} s; "
                 f"it must be positive and at most {MAX_PLAN_TTL_S:.0f} s"

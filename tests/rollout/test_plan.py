@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from mesh.identity.signing import canonical_json
 from mesh.rollout.plan import (
     MAX_PLAN_BYTES,
+    MAX_PLAN_TTL_S,
     MAX_SELECTOR_LABELS,
     MAX_SELECTOR_VALUES,
     MAX_WAVES,
@@ -414,3 +415,12 @@ def test_compatible_devices_take_part():
     assert skew_check(plan, device("n1", runtime="10.0")) is None  # numeric, not text, order
     assert skew_check(plan, device("n1", signature=None)) is None  # serves nothing yet: nobody to break
     assert skew_check(plan, device("n1", free_disk_bytes=0, holds_target=True)) is None
+
+
+def test_a_plan_with_the_longest_lifetime_is_not_refused_for_a_rounding_error():
+    """created + ttl - created is not ttl in floating point: at this created_at it is 7776000.000000001 s,
+    and the plan was refused ("7776000 s ... at most 7776000 s"); hypothesis found it."""
+    created = 4212106.702221385
+    assert (created + MAX_PLAN_TTL_S) - created > MAX_PLAN_TTL_S
+    plan = make_plan(created_at=created, ttl_s=MAX_PLAN_TTL_S)
+    assert verify_plan(sign_plan(plan, PUBLISHER), TRUSTED, now=created + 1) == plan

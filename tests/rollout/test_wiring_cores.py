@@ -27,8 +27,10 @@ from mesh.rollout.announce import (
 from mesh.rollout.cohort import wave_size
 from mesh.rollout.docs import DocumentRefused, RolloutDocs
 from mesh.rollout.fleet import (
+    DEAD_PRESENT_GRACE_S,
     PeerView,
     aborted_elsewhere,
+    member_present,
     acceptable_versions,
     remote_evidence,
     site_populations,
@@ -549,3 +551,31 @@ def test_selectors_parse_and_name_the_mistake():
             parse_selector((bad,))
     with pytest.raises(ValueError, match="twice"):
         parse_selector(("site=a", "site=b"))
+
+
+def test_a_member_falsely_declared_dead_does_not_make_site_leaders_apportion_differently():
+    """Four sites of five; a 1% wave has one device. Seen alive, one leader of the four would seat it
+    in one site; seen dead a moment ago by another leader, the seat would move: each leader would
+    leave it to another site and no site would take it (a `make test` run under load paused a
+    rollout that way). Counted as present for DEAD_PRESENT_GRACE_S, both apportion alike."""
+    sizes = {"amsterdam": 5, "berlin": 5, "chicago": 5, "denver": 5}
+
+    def view(dead_for_s):
+        out = []
+        for s, n in sizes.items():
+            for i in range(n):
+                gone = s == "berlin" and i == 0
+                live = not gone or dead_for_s is None
+                out.append(peer(f"{s}-{i}", s, note=note(), reachable=live,
+                                present=member_present(live, dead_for_s if gone else None)))
+        return out
+
+    healthy, flapped = view(None), view(2.0)
+    for site in sizes:
+        assert start_input(PLAN, site, healthy, T0).sizes == start_input(PLAN, site, flapped, T0).sizes, site
+    seats = [start_input(PLAN, s, flapped, T0).sizes[0] for s in sizes]
+    assert sum(seats) == wave_size(PLAN.waves[0].share_ppm, 20)
+    # Dead for longer: a departed device, no longer counted.
+    assert not member_present(False, DEAD_PRESENT_GRACE_S + 1)
+    gone = view(DEAD_PRESENT_GRACE_S + 1)
+    assert sum(len(v) for v in site_populations(PLAN, gone).values()) == 19

@@ -232,9 +232,19 @@ class SwimRunner:
     async def leave(self, timeout_s: float = 2.0) -> None:
         """Tell peers we are leaving and wait (bounded) until they have heard it."""
         sends = self.core.leave(self.now())
-        calls = [self._deliver(s) for s in sends]
-        if calls:
-            await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), timeout_s)
+        calls = [asyncio.ensure_future(self._deliver(s)) for s in sends]
+        if not calls:
+            return
+        # asyncio.wait, not wait_for(gather): on a timeout wait_for cancelled the gather, whose
+        # CancelledError nobody retrieved ("_GatheringFuture exception was never retrieved" in the
+        # log), and 3.11's wait_for can lose a cancellation of the caller.
+        _, pending = await asyncio.wait(calls, timeout=timeout_s)
+        for call in pending:
+            call.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            raise TimeoutError(f"{len(pending)} of {len(calls)} peers did not acknowledge the leave in "
+                               f"{timeout_s:.1f}s")
 
     async def stop(self) -> None:
         if self._loop_task:

@@ -39,7 +39,16 @@ this 2-core machine; byte counts do not depend on the CPU's speed.
    fewer with Lifeguard. The bench also says who accuses whom (probes failed by slow vs
    healthy nodes, suspicions about slow vs healthy members, false DEADs).
 
-Measured on this 2-core machine (full run, 8 min):
+Measured on this 2-core machine, both layouts (`--sizes 10 20 40`, 7.3 min, 2026-12-07):
+
+- sites (sites of 10, 3 representatives each): steady 227, 238, 264 B/s/node (exponent
+  +0.11, goal |x| <= 0.13 over x4), gossip per node per release 174, 194, 190 KB (+0.06);
+  flat: steady 169, 273, 277 (+0.36), per release 153, 184, 229 KB (+0.29). Per-second
+  release rates fall with N in both (-0.61, -0.43): the one process is CPU-bound at N = 40
+  (flat already at 20: more suspicions than members), so releases take longer. Lifeguard
+  x2.42 (6,584 vs 15,903 false suspicions per node-hour; false DEAD 1,160 vs 6,523).
+
+Measured before sites mode existed (full run, 8 min):
 
 - Gossip: steady SWIM load (probes, acks, gossip) is flat, 62 B/s/node at N = 10..60
   (exponent 0.00, no suspicion in any steady window); push-pull pages grow with N (the

@@ -317,7 +317,7 @@ def _build_plan(
 ) -> RolloutPlan:
     from mesh.artifacts.manifest import ManifestError, SignedManifest, verify_manifest
     from mesh.identity.signing import TrustedKeys
-    from mesh.rollout.plan import RolloutPlan, SkewRule, signature_digest
+    from mesh.rollout.plan import RolloutPlan, SkewRule, expiry, signature_digest
 
     own = TrustedKeys([key.verify_key])
     found = []
@@ -357,7 +357,7 @@ def _build_plan(
             target.manifest.size_bytes,
         ),
         created_at=now,
-        expires_at=now + shape["ttl_s"],
+        expires_at=expiry(now, shape["ttl_s"]),
         publisher_key_id=key.key_id,
         waves=shape["waves"],
         selector=shape["selector"],

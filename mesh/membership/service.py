@@ -238,10 +238,12 @@ class SwimRunner:
         # asyncio.wait, not wait_for(gather): on a timeout wait_for cancelled the gather, whose
         # CancelledError nobody retrieved ("_GatheringFuture exception was never retrieved" in the
         # log), and 3.11's wait_for can lose a cancellation of the caller.
-        _, pending = await asyncio.wait(calls, timeout=timeout_s)
-        for call in pending:
-            call.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            _, pending = await asyncio.wait(calls, timeout=timeout_s)
+        finally:  # on a timeout, and if our caller is cancelled meanwhile: no call outlives the leave
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
         if pending:
             raise TimeoutError(f"{len(pending)} of {len(calls)} peers did not acknowledge the leave in "
                                f"{timeout_s:.1f}s")

@@ -10,6 +10,7 @@ the distributor uses to announce what it holds.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -59,7 +60,8 @@ class CoreView:
     def _overlay(self, member: MemberView) -> MemberView:
         if member.state in (State.DEAD, State.LEFT) or not self._revoked(member.node_id):
             return member
-        return dataclasses.replace(member, state=State.DEAD)
+        # Dead since forever: nothing may take a revoked member for one that died a moment ago.
+        return dataclasses.replace(member, state=State.DEAD, state_since=-math.inf)
 
     @property
     def node_id(self) -> str:

@@ -42,6 +42,13 @@ _LIVE = (State.ALIVE, State.SUSPECT)
 _EARLIEST_TENURE_MS = 1_577_836_800_000  # 2020-01-01
 
 
+def _plausible(tenure_ms: int) -> bool:
+    """A term that began before 2020 or more than an hour from now is a wrong clock or a lie (a claim of
+    the longest term would keep the role for good): such a representative is not advertised, by the
+    site or by itself, so both compute the same fetchers."""
+    return _EARLIEST_TENURE_MS <= tenure_ms <= time.time_ns() // 1_000_000 + 3_600_000
+
+
 class MirroredBoard:
     """This node's metadata, published in its site pool and, while it is a representative,
     in the federation pool too (the same bytes)."""
@@ -177,7 +184,7 @@ class FederationMember:
         this node too while it is one."""
         out = {node_id: tenure or 0 for node_id, (_, _, tenure) in self._flags.items()
                if tenure is not None and node_id != self.node_id}
-        if self.active:
+        if self.active and _plausible(self._since_ms):  # as the rest of the site reads our flag
             out[self.node_id] = self._since_ms
         return out
 
@@ -217,10 +224,7 @@ class FederationMember:
                     tenure = int(raw) if raw and raw.isdigit() and len(raw) <= 20 else None
                 except MetaError:
                     tenure = None
-                # A term that began before 2020 or more than an hour from now is a wrong clock or a
-                # lie (a claim of the longest term would keep the role for good): not advertised.
-                if tenure is not None and not _EARLIEST_TENURE_MS <= tenure <= time.time_ns() // 1_000_000 \
-                        + 3_600_000:
+                if tenure is not None and not _plausible(tenure):
                     tenure = None
             changed |= held is None or held[2] != tenure
             self._flags[member.node_id] = (member.incarnation, member.meta_version, tenure)

@@ -55,6 +55,7 @@ from mesh.rollout.plan import (
     SignedPlan,
     SkewRule,
     Wave,
+    expiry,
     sign_command,
     sign_plan,
     signature_digest,
@@ -457,6 +458,7 @@ class RolloutFleet:
         """A plan for `target` over `baseline` (both published here), signed by `key` (the publisher's)."""
         t, b = self.manifests[target].manifest, self.manifests[baseline].manifest
         key = key or self.publisher
+        created = time.time()
         plan = RolloutPlan(
             rollout_id=rollout_id,
             model=MODEL,
@@ -465,8 +467,8 @@ class RolloutFleet:
             baseline_version=baseline,
             baseline_digest=self.manifests[baseline].digest,
             skew=SkewRule(min_runtime or t.min_runtime_version, signature_digest(t.signature), t.size_bytes),
-            created_at=time.time(),
-            expires_at=time.time() + ttl_s,
+            created_at=created,
+            expires_at=expiry(created, ttl_s),
             publisher_key_id=key.key_id,
             waves=tuple(
                 Wave(

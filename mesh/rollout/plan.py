@@ -31,6 +31,7 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import math
 import re
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
@@ -466,10 +467,7 @@ class RolloutPlan:
         expires = number(self.expires_at, "plan.expires_at", PlanFormatError)
         object.__setattr__(self, "created_at", created)
         object.__setattr__(self, "expires_at", expires)
-        # A millisecond of slack: created + ttl - created is not ttl in floating point, and a plan made
-        # with the longest lifetime must not be refused for a rounding error (the message said "7776000 s
-        # ... at most 7776000 s").
-        if not 0 < expires - created <= MAX_PLAN_TTL_S + 0.001:
+        if not 0 < expires - created <= MAX_PLAN_TTL_S:
             raise PlanFormatError(
                 f"plan: expires_at - created_at is {expires - created:.0f} s; "
                 f"it must be positive and at most {MAX_PLAN_TTL_S:.0f} s"
@@ -936,6 +934,17 @@ def _validate_command(c: RolloutCommand) -> None:
         )
 
 
+def expiry(start: float, ttl_s: float) -> float:
+    """`start + ttl_s`, rounded down where floating point would make `expiry - start` exceed `ttl_s`:
+    a plan or command made with the longest lifetime must not be refused for a rounding error (a
+    plan's check said "7776000 s ... at most 7776000 s"). The check itself is unchanged, so every
+    replica judges a document as it always did."""
+    expires = start + ttl_s
+    while expires - start > ttl_s:
+        expires = math.nextafter(expires, -math.inf)
+    return expires
+
+
 def sign_command(
     key: SigningKey,
     plan: RolloutPlan,
@@ -956,7 +965,7 @@ def sign_command(
         wave=wave,
         reason=reason,
         issued_at=float(now),
-        expires_at=float(now) + float(ttl_s),
+        expires_at=expiry(float(now), float(ttl_s)),
         nonce=nonce,
         key_id=key.key_id,
         signature="0" * (2 * SIGNATURE_BYTES),

@@ -199,7 +199,8 @@ class Distributor:
         self.node_id = node_id
         self._crosses = crosses
         self._foreign_since: dict[VersionKey, float] = {}  # versions only other sites announce: since when
-        self._site_progress: dict[VersionKey, tuple[int, float]] = {}  # chunks held in the site, since when
+        # Per manifest (name, version, digest): chunks the site's other members hold, and since when.
+        self._site_progress: dict[tuple[str, str, str], tuple[int, float]] = {}
         self._cross_poke: asyncio.TimerHandle | None = None
         self._crossing: set[VersionKey] = set()  # versions this node fetches across sites by the fallback
         self.site = site
@@ -470,45 +471,53 @@ class Distributor:
         # (it is the site's fetcher for them), or that the site has not made progress on for
         # `cross_fallback_s`: nobody in it announced the version (the fetcher does not want it, or
         # the site disagrees on who it is), or the chunks the site's other members hold stopped
-        # growing while other sites offer chunks it lacks (the fetcher cannot reach them). Once this
-        # node crosses for a version it keeps crossing until the version is complete here. Only
-        # announcements of a verified manifest by members not banned count as the site's; never
-        # crosses a version whose origin is in this site.
+        # growing while other sites offer chunks it lacks (the fetcher cannot reach them). While this
+        # node's download of a version it crosses for runs, it keeps crossing. Only announcements of a
+        # verified manifest, of its chunk count, by members not banned count as the site's; a version
+        # this node does not want starts no timer; never crosses a version whose origin is in the site.
+        ours = [dict(m.labels).get("site", "") == self.site for m, _ in out]
+        if all(ours):  # no other site in view (any device but a representative): nothing to decide
+            self._foreign_since.clear()
+            return out
         now = self._now()
         fallback_s = max(self.settings.cross_fallback_s, 3 * self._view.dissemination_s())
-        ours = [dict(m.labels).get("site", "") == self.site for m, _ in out]
-        verified = set(self._checked) | {(*h.key, h.manifest_digest) for h in self._holdings.values()}
+        chunks: dict[tuple[str, str, str], int] = {ident: len(signed.manifest.chunks)
+                                                   for ident, signed in self._checked.items()}
+        for h in self._holdings.values():
+            chunks[(*h.key, h.manifest_digest)] = len(h.have)
         in_site_origin = set(self._origin)
-        union: dict[VersionKey, Bitfield] = {}  # chunks of each version this site's other members hold
+        union: dict[tuple[str, str, str], Bitfield] = {}  # per manifest: chunks the site's others hold
         complete = {key for key, h in self._holdings.items() if h.complete}
         for (member, hs), mine in zip(out, ours, strict=True):
             if not mine:
                 continue
             for h in hs:
                 ident = (*h.key, h.manifest_digest)
-                if ident not in verified or ident in self._refused \
+                if chunks.get(ident) != len(h.have) or ident in self._refused \
                         or self._banned(member.node_id, h.name, now):
                     continue
-                union[h.key] = union[h.key] | h.have if h.key in union else h.have.copy()
+                union[ident] = union[ident] | h.have if ident in union else h.have.copy()
                 if h.origin:
                     in_site_origin.add(h.key)
                 if h.complete:
                     complete.add(h.key)
-        for key, bits in union.items():  # progress is growth only: a holder gone is not progress
+        in_site = {ident[:2] for ident in union}
+        for ident, bits in union.items():  # progress is growth only: a holder gone is not progress
             count = bits.count()
-            if key not in self._site_progress or count > self._site_progress[key][0]:
-                self._site_progress[key] = (count, now)
+            if ident not in self._site_progress or count > self._site_progress[ident][0]:
+                self._site_progress[ident] = (count, now)
         self._site_progress = {k: v for k, v in self._site_progress.items() if k in union}
-        self._crossing -= self._complete
+        self._crossing &= set(self._tasks)  # only while this node's download of it runs
+        unwanted = set(self._unwanted())
         foreign_only: set[VersionKey] = set()
         flips: list[float] = []  # when a version still waiting would start to count
 
         def after(key: VersionKey, since: float) -> bool:
             if now - since >= fallback_s:
-                if key not in self._crossing:
+                if key in self._tasks and key not in self._crossing:
                     log.info("%s %s: no progress in this site for %.0f s; fetching it from other sites",
                              *key, fallback_s)
-                self._crossing.add(key)
+                    self._crossing.add(key)
                 return True
             flips.append(since + fallback_s)
             return False
@@ -518,13 +527,14 @@ class Distributor:
                 return False
             if h.key in self._crossing or (self._crosses is not None and self._crosses(*h.key)):
                 return True
-            if h.key in complete:
+            if h.key in complete or h.key in unwanted:
                 return False
-            if h.key in union:  # the site is fetching it: cross only if that stalled and they have more
-                site = union[h.key]
-                if len(site) != len(h.have) or all(i in site for i in h.have.present()):
+            if h.key in in_site:  # the site is fetching it: cross only if that stalled and they have more
+                ident = (*h.key, h.manifest_digest)
+                site = union.get(ident)
+                if site is None or len(site) != len(h.have) or not (h.have - site).count():
                     return False
-                return after(h.key, self._site_progress[h.key][1])
+                return after(h.key, self._site_progress[ident][1])
             foreign_only.add(h.key)
             return after(h.key, self._foreign_since.setdefault(h.key, now))
 

@@ -16,6 +16,7 @@ from mesh.rollout.plan import (
     Selector,
     SkewRule,
     Wave,
+    expiry,
     sign_command,
     sign_plan,
 )
@@ -70,7 +71,7 @@ def make_plan(
         baseline_digest=hashlib.sha256(f"{model} {baseline}".encode()).hexdigest(),
         skew=SkewRule(min_runtime, SIGNATURE, min_free_disk_bytes),
         created_at=created_at,
-        expires_at=created_at + ttl_s,
+        expires_at=expiry(created_at, ttl_s),
         publisher_key_id=key.key_id,
         waves=plan_waves,
         selector=selector,

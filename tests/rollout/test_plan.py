@@ -37,6 +37,7 @@ from mesh.rollout.plan import (
     UnknownCommandKey,
     Wave,
     WrongRollout,
+    expiry,
     format_share,
     parse_share,
     sign_plan,
@@ -419,8 +420,13 @@ def test_compatible_devices_take_part():
 
 def test_a_plan_with_the_longest_lifetime_is_not_refused_for_a_rounding_error():
     """created + ttl - created is not ttl in floating point: at this created_at it is 7776000.000000001 s,
-    and the plan was refused ("7776000 s ... at most 7776000 s"); hypothesis found it."""
+    and the plan was refused ("7776000 s ... at most 7776000 s"); hypothesis found it. The makers of
+    plans and commands round the expiry down (`expiry`); the check, which every replica's ledger
+    applies, is unchanged."""
     created = 4212106.702221385
     assert (created + MAX_PLAN_TTL_S) - created > MAX_PLAN_TTL_S
+    with pytest.raises(PlanFormatError, match="at most 7776000 s"):
+        dataclasses.replace(make_plan(created_at=created, ttl_s=1.0), expires_at=created + MAX_PLAN_TTL_S)
+    assert 0 < expiry(created, MAX_PLAN_TTL_S) - created <= MAX_PLAN_TTL_S
     plan = make_plan(created_at=created, ttl_s=MAX_PLAN_TTL_S)
     assert verify_plan(sign_plan(plan, PUBLISHER), TRUSTED, now=created + 1) == plan

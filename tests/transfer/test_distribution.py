@@ -41,7 +41,8 @@ def seed_copy(node, signed: SignedManifest, source_store) -> None:
 
 async def test_release_reaches_twenty_nodes_while_the_origin_sends_about_one_copy(cluster, fleet):
     c = await cluster(20, sites=3)
-    await wait_for(c.converged, 20.0, what="20-node convergence")
+    # 20 nodes on one loop: a loaded 2-core machine (stress-ng beside `make test`) took over 20 s once.
+    await wait_for(c.converged, 60.0, what="20-node convergence")
     origin = c.nodes["node-00"]
     signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0",
                      key=publisher_key(fleet), store=origin.store)

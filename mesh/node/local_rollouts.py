@@ -69,11 +69,14 @@ FAST_ROLLOUTS = RolloutSettings(
     interval_s=0.5, min_step_s=0.1, start_grace_s=2.0, fetch_timeout_s=1.0, sync_timeout_s=15.0
 )
 # Dozens of nodes share one process (and a loaded machine): SWIM and Raft with room for scheduling delays,
-# so a busy event loop is not taken for a dead peer or a lost leader.
+# so a busy event loop is not taken for a dead peer or a lost leader, and with little idle work: twenty
+# nodes gossiping every 0.1 s and twenty tick threads waking every 20 ms (the defaults for one group per
+# device) took more than the one core a Python process gets, and beside `stress-ng --cpu 2` members
+# flapped dead and leaders were lost (measured: the module's CPU time went from 210 s to 91 s).
 FLEET_TIMINGS = MembershipConfig(
     probe_interval_s=1.0,
     probe_timeout_s=0.5,
-    gossip_interval_s=0.1,
+    gossip_interval_s=0.2,
     push_pull_interval_s=5.0,
     gossip_to_dead_s=20.0,
 )
@@ -82,6 +85,7 @@ FLEET_RAFT: dict[str, Any] = {
     "election_max_s": 2.0,
     "append_period_s": 0.2,
     "leader_fallback_s": 2.0,
+    "tick_period_s": 0.1,
 }
 
 

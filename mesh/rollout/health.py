@@ -715,6 +715,115 @@ _VERDICT_FIELDS = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class FoldedEvidence:
+    """Other sites' evidence for one rollout as the gate reads it, folded once (`fold_evidence`): its size
+    depends on the plan's waves, never on how many sites there are, so it can be handed to a site leader
+    that does not see the other sites itself (sites mode) and the gate's cost does not grow with them.
+
+    `measured` and `activation_failures` sum every entry of every wave (errors count wherever they were
+    measured); `vouch[w - 1]` is, for a gate of wave `w`, what other sites' entries of wave `w` or later
+    vouch for: the soaked totals of each site's best such entry, summed over the sites, and the sum over
+    the sites of their most unreachable devices."""
+
+    rollout_id: str
+    measured: Totals = Totals()
+    activation_failures: int = 0
+    vouch: tuple[tuple[Totals, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rollout_id, str) or not ROLLOUT_ID_RE.fullmatch(self.rollout_id):
+            raise HealthFormatError(f"evidence.rollout_id: {self.rollout_id!r} is not a rollout id")
+        integer(
+            self.activation_failures, "evidence.activation_failures", HealthFormatError, maximum=MAX_COUNT
+        )
+        if len(self.vouch) > MAX_WAVES:
+            raise HealthFormatError(f"evidence.vouch: at most {MAX_WAVES} waves, got {len(self.vouch)}")
+        for row in self.vouch:
+            if not (isinstance(row, tuple) and len(row) == 2 and isinstance(row[0], Totals)):
+                raise HealthFormatError("evidence.vouch: expected (soaked totals, silent devices) per wave")
+            integer(row[1], "evidence.vouch.silent", HealthFormatError, maximum=MAX_COUNT)
+
+    def at(self, wave: int) -> tuple[Totals, int]:
+        """(soaked, silent) vouched for a gate of `wave`: nothing past the waves folded."""
+        return self.vouch[wave - 1] if 1 <= wave <= len(self.vouch) else (Totals(), 0)
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.measured == Totals()
+            and not self.activation_failures
+            and not any(soaked != Totals() or silent for soaked, silent in self.vouch)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rollout_id": self.rollout_id,
+            "measured": self.measured.to_list(),
+            "activation_failures": self.activation_failures,
+            "vouch": [[soaked.to_list(), silent] for soaked, silent in self.vouch],
+        }
+
+    @classmethod
+    def from_dict(cls, doc: object) -> FoldedEvidence:
+        d = expect_object(doc, "evidence", _FOLDED_FIELDS, HealthFormatError)
+        rows = d["vouch"]
+        if not isinstance(rows, list) or len(rows) > MAX_WAVES:
+            raise HealthFormatError(f"evidence.vouch: expected a list of at most {MAX_WAVES} waves")
+        vouch = []
+        for k, row in enumerate(rows, 1):
+            if not isinstance(row, list) or len(row) != 2:
+                raise HealthFormatError(f"evidence.vouch[{k}]: expected [soaked, silent]")
+            vouch.append((Totals.from_list(row[0], f"evidence.vouch[{k}].soaked"), row[1]))
+        return cls(
+            d["rollout_id"],
+            Totals.from_list(d["measured"], "evidence.measured"),
+            d["activation_failures"],
+            tuple(vouch),
+        )
+
+
+_FOLDED_FIELDS = frozenset({"rollout_id", "measured", "activation_failures", "vouch"})
+
+
+def fold_evidence(
+    rollout_id: str, remote: Iterable[SiteEvidence], *, besides: str | None = None, waves: int = MAX_WAVES
+) -> FoldedEvidence:
+    """Fold other sites' evidence for `rollout_id` (entries of other rollouts, and of site `besides`, are
+    ignored) as `evaluate_gate` reads it, for gates of waves 1 to `waves`."""
+    entries = [e for e in remote if e.rollout_id == rollout_id and e.site != besides]
+    measured = Totals()
+    failures = 0
+    for evidence in entries:
+        # Errors count from any wave (a site's entries cover windows that do not overlap).
+        measured += evidence.measured
+        failures += evidence.activation_failures
+    vouch = []
+    for wave in range(1, waves + 1):
+        # Only evidence of this wave or a later one (more devices on the target) may vouch for this one,
+        # and one entry per site: a site announces its last passed wave beside its current one, the same
+        # devices in both. Its devices heard from by the entry that heard the most; its silent ones by
+        # the entry that misses the most (the current wave's, say, where the passed wave's snapshot is
+        # out of date). A site's past never speaks over its present silence: at worst this holds a pass
+        # back while a later wave's devices are still soaking (the safe direction).
+        best: dict[str, SiteEvidence] = {}
+        silent_by_site: dict[str, int] = {}
+        for evidence in entries:
+            if evidence.wave < wave:
+                continue
+            held = best.get(evidence.site)
+            if held is None or (evidence.soaked.devices, evidence.wave) > (held.soaked.devices, held.wave):
+                best[evidence.site] = evidence
+            silent_by_site[evidence.site] = max(silent_by_site.get(evidence.site, 0), evidence.unreachable)
+        soaked = Totals()
+        for evidence in best.values():
+            soaked += evidence.soaked
+        vouch.append((soaked, sum(silent_by_site.values())))
+    while vouch and vouch[-1] == (Totals(), 0):
+        vouch.pop()
+    return FoldedEvidence(rollout_id, measured, failures, tuple(vouch))
+
+
 def evaluate_gate(
     plan: RolloutPlan,
     wave: int,
@@ -724,7 +833,7 @@ def evaluate_gate(
     marks: Mapping[str, DeviceMarks],
     soak_started_at: float,
     now: float,
-    remote: Iterable[SiteEvidence] = (),
+    remote: Iterable[SiteEvidence] | FoldedEvidence = (),
     site: str | None = None,
     earlier: Iterable[str] = (),
 ) -> GateVerdict:
@@ -733,7 +842,8 @@ def evaluate_gate(
     `cohort` is this site's cohort of the wave (node ids), `reports` what is known of every selected
     device of the site (cohort or not: devices outside it measure the baseline), `marks` where each
     device's window starts (from the replicated state), `remote` other sites' evidence for this rollout
-    (entries from `site` itself are ignored, so a site never counts its own evidence twice), `earlier`
+    (entries from `site` itself are ignored, so a site never counts its own evidence twice; or the same
+    already folded by `fold_evidence`, which judges exactly alike), `earlier`
     this site's cohort of the wave before (empty for wave 1, or where the site had no device in it).
 
     The devices new in this wave (in `cohort`, not in `earlier`) are also judged on their own: the
@@ -811,31 +921,19 @@ def evaluate_gate(
         else:
             waiting += 1  # on the target, but not for the whole soak yet
     own_measured, own_soaked = measured, soaked
-    remote_failures = 0
-    vouching: dict[str, SiteEvidence] = {}
-    silent_by_site: dict[str, int] = {}  # other sites' unreachable cohort devices behind vouching evidence
-    for evidence in remote:
-        if evidence.rollout_id != plan.rollout_id or evidence.site == site:
-            continue
-        # Errors count from any wave (a site's entries cover windows that do not overlap); only evidence
-        # of this wave or a later one (more devices on the target) may vouch for this one, and one entry
-        # per site: a site announces its last passed wave beside its current one, the same devices in both.
-        measured += evidence.measured
-        remote_failures += evidence.activation_failures
-        if evidence.wave < wave:
-            continue
-        # Its devices heard from by the entry that heard the most; its silent ones by the entry that
-        # misses the most (the current wave's, say, where the passed wave's snapshot is out of date).
-        # A site's past never speaks over its present silence: at worst this holds a pass back while
-        # a later wave's devices are still soaking (the safe direction).
-        held = vouching.get(evidence.site)
-        if held is None or (evidence.soaked.devices, evidence.wave) > (held.soaked.devices, held.wave):
-            vouching[evidence.site] = evidence
-        silent_by_site[evidence.site] = max(silent_by_site.get(evidence.site, 0), evidence.unreachable)
-    for evidence in vouching.values():
-        reachable_target += evidence.soaked
-        soaked += evidence.soaked
-    remote_silent = sum(silent_by_site.values())
+    folded = (
+        remote
+        if isinstance(remote, FoldedEvidence)
+        else fold_evidence(plan.rollout_id, remote, besides=site, waves=wave)
+    )
+    if folded.rollout_id == plan.rollout_id:
+        measured += folded.measured
+        remote_failures = folded.activation_failures
+        vouched, remote_silent = folded.at(wave)
+        reachable_target += vouched
+        soaked += vouched
+    else:
+        remote_failures = remote_silent = 0
     soak_left_s = soak_started_at + w.soak_s - now
     deadline_passed = now >= soak_started_at + w.deadline_s  # type: ignore[operator]
 

@@ -18,6 +18,7 @@ from mesh.rollout.health import (
     MAX_HEALTH_ENTRIES,
     DeviceMarks,
     DeviceReport,
+    FoldedEvidence,
     GateOutcome,
     GateVerdict,
     HealthFormatError,
@@ -30,6 +31,7 @@ from mesh.rollout.health import (
     decode_node_health,
     encode_node_health,
     evaluate_gate,
+    fold_evidence,
 )
 from mesh.rollout.plan import SkipKind
 from tests.rollout.builders import T0, counters, make_plan, report, waves
@@ -284,8 +286,11 @@ def test_enough_requests_from_a_few_devices_while_most_are_silent_is_not_a_pass(
     cohort = {f"c{i}" for i in range(1, 6)}
     verdict = gate(devices, cohort=cohort)
     assert verdict.outcome is GateOutcome.INCONCLUSIVE, verdict.reason
-    assert "too few devices heard from: 1 served the target for the whole soak while 4 cohort devices " \
-        "did not" in verdict.reason and "(4 unreachable)" in verdict.reason
+    assert (
+        "too few devices heard from: 1 served the target for the whole soak while 4 cohort devices did not"
+        in verdict.reason
+        and "(4 unreachable)" in verdict.reason
+    )
     late = gate(devices, cohort=cohort, now=START + 120)
     assert late.outcome is GateOutcome.INCONCLUSIVE and late.deadline_passed  # pauses for an operator
     # Three of five heard from over the whole soak, two silent: enough.
@@ -397,6 +402,114 @@ def test_a_site_without_cohort_devices_judges_by_other_sites_evidence():
     # Evidence of an earlier wave may fail a later one, never pass it.
     earlier = SiteEvidence("b", PLAN.rollout_id, 1, Totals(300, 3, 3), Totals(300, 3, 3))
     assert gate([], cohort=set(), remote=[earlier], wave=2).outcome is GateOutcome.INCONCLUSIVE
+
+
+_EVIDENCE = st.builds(
+    lambda site, rollout, wave, measured, soaked, failures, unreachable: SiteEvidence(
+        site,
+        rollout,
+        wave,
+        Totals(measured[0], min(measured[1], measured[0]), measured[2]),
+        Totals(soaked[0], min(soaked[1], soaked[0]), soaked[2]),
+        failures,
+        unreachable,
+    ),
+    st.sampled_from(["a", "b", "c", "d"]),
+    st.sampled_from([PLAN.rollout_id, PLAN.rollout_id, "other-rollout"]),
+    st.integers(1, 3),
+    st.tuples(st.integers(0, 400), st.integers(0, 40), st.integers(0, 4)),
+    st.tuples(st.integers(0, 400), st.integers(0, 40), st.integers(0, 4)),
+    st.integers(0, 1),
+    st.integers(0, 4),
+)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(_EVIDENCE, max_size=8),
+    st.lists(st.tuples(st.integers(0, 200), st.integers(0, 20), st.booleans()), max_size=3),
+    st.integers(1, 3),
+    st.integers(0, 130),
+)
+def test_folded_evidence_judges_exactly_as_the_entries_it_folds(remote, devices, wave, elapsed_s):
+    """What a site leader in sites mode receives (other sites' evidence folded by a representative, a size
+    that does not grow with the sites) gives the very verdict the entries themselves would."""
+    reports = [report(f"c{i}", (r, min(e, r)), reachable=up) for i, (r, e, up) in enumerate(devices)]
+    cohort = {r.node_id for r in reports}
+    folded = fold_evidence(PLAN.rollout_id, remote, besides="a")
+    assert FoldedEvidence.from_dict(json.loads(json.dumps(folded.to_dict()))) == folded
+    # The fold as the gate's rules say it: errors from every entry; per other site, the entry of this wave
+    # or later that heard the most devices vouches, and the one that misses the most says who is silent.
+    mine = [e for e in remote if e.rollout_id == PLAN.rollout_id and e.site != "a"]
+    assert folded.measured == sum((e.measured for e in mine), Totals())
+    assert folded.activation_failures == sum(e.activation_failures for e in mine)
+    vouching = {}
+    for e in mine:
+        if e.wave >= wave and (e.site not in vouching or (e.soaked.devices, e.wave) > vouching[e.site][0]):
+            vouching[e.site] = ((e.soaked.devices, e.wave), e.soaked)
+    silent = {
+        e.site: max(x.unreachable for x in mine if x.site == e.site and x.wave >= wave)
+        for e in mine
+        if e.wave >= wave
+    }
+    assert folded.at(wave) == (sum((t for _, t in vouching.values()), Totals()), sum(silent.values()))
+    by_list = gate(reports, cohort=cohort, remote=remote, wave=wave, now=START + elapsed_s)
+    by_fold = gate(reports, cohort=cohort, remote=folded, wave=wave, now=START + elapsed_s)
+    assert by_fold == by_list
+    # Folded for another rollout, it says nothing about this one.
+    elsewhere = fold_evidence("other-rollout", remote, besides="a")
+    alone = gate(reports, cohort=cohort, wave=wave, now=START + elapsed_s)
+    assert gate(reports, cohort=cohort, remote=elsewhere, wave=wave, now=START + elapsed_s) == alone
+
+
+def test_folded_evidence_is_bounded_by_the_waves_not_the_sites():
+    many = [
+        SiteEvidence(f"site-{k:05d}", PLAN.rollout_id, 1 + k % 3, Totals(100, 1, 2), Totals(100, 1, 2), 0, 1)
+        for k in range(10_000)
+    ]
+    folded = fold_evidence(PLAN.rollout_id, many, besides="a")
+    assert len(json.dumps(folded.to_dict())) < 400
+    assert folded.measured == Totals(1_000_000, 10_000, 20_000)
+    assert folded.at(1) == (Totals(1_000_000, 10_000, 20_000), 10_000)
+    assert folded.at(3)[1] == 3333 and folded.at(4) == (Totals(), 0)
+    assert fold_evidence(PLAN.rollout_id, []).empty and not folded.empty
+
+
+@pytest.mark.parametrize(
+    "doc, fragment",
+    [
+        ({"rollout_id": "x", "measured": [0, 0, 0], "activation_failures": 0}, "vouch"),
+        (
+            {"rollout_id": "okay-nabu-2", "measured": [1, 2, 0], "activation_failures": 0, "vouch": []},
+            "errors",
+        ),
+        (
+            {
+                "rollout_id": "okay-nabu-2",
+                "measured": [0, 0, 0],
+                "activation_failures": 0,
+                "vouch": [[[0, 0, 0]]],
+            },
+            "soaked, silent",
+        ),
+        (
+            {
+                "rollout_id": "okay-nabu-2",
+                "measured": [0, 0, 0],
+                "activation_failures": 0,
+                "vouch": [[[0, 0, 0], 0]] * 11,
+            },
+            "at most 10",
+        ),
+        (
+            {"rollout_id": "okay-nabu-2", "measured": [0, 0, 0], "activation_failures": -1, "vouch": []},
+            "activation",
+        ),
+    ],
+)
+def test_folded_evidence_parses_strictly(doc, fragment):
+    with pytest.raises(HealthFormatError, match=fragment):
+        FoldedEvidence.from_dict(doc)
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])

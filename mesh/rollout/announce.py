@@ -31,7 +31,9 @@ from mesh.rollout.health import MAX_COUNT, GateOutcome, HealthFormatError, SiteE
 from mesh.rollout.plan import MAX_WAVES, ROLLOUT_ID_RE, RolloutError, SkipKind
 from mesh.rollout.state import RolloutState
 
-ANNOUNCE_CODEC_VERSION = 1
+# Codec versions read. Version 2 adds each note's `population` (sites mode); it is written only when a
+# note kept has one, so a flat fleet's blobs stay version 1 byte for byte.
+ANNOUNCE_CODEC_VERSIONS = (1, 2)
 MAX_ANNOUNCE_BYTES = 1024
 MAX_NOTES = 8
 MAX_EVIDENCE = 2  # the current wave's, and the last passed wave's (so a lagging site still sees it)
@@ -129,6 +131,9 @@ class RolloutNote:
     skip: SkipKind | None = None
     verdict: GateOutcome | None = None  # its site's latest gate verdict (site leaders only)
     evidence: tuple[WaveEvidence, ...] = ()  # its site's evidence (site leaders only)
+    # Sites mode, from a site's representatives: how many devices of the site the plan selects (what
+    # other sites apportion waves by, as flat mode counts members). None: not said.
+    population: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rollout_id, str) or not ROLLOUT_ID_RE.fullmatch(self.rollout_id):
@@ -158,6 +163,12 @@ class RolloutNote:
             or not all(isinstance(e, WaveEvidence) for e in self.evidence)
         ):
             raise AnnounceFormatError(f"note {self.rollout_id}: at most {MAX_EVIDENCE} evidence entries")
+        if self.population is not None and (
+            type(self.population) is not int or not 0 <= self.population <= MAX_COUNT
+        ):
+            raise AnnounceFormatError(
+                f"note {self.rollout_id}: population {self.population!r} is out of range"
+            )
 
     def matches(self, plan_digest: str) -> bool:
         """Is this note about the plan with (full) digest `plan_digest`?"""
@@ -166,24 +177,34 @@ class RolloutNote:
 
 def encode_notes(notes: Sequence[RolloutNote], limit_bytes: int = MAX_ANNOUNCE_BYTES) -> bytes:
     """The canonical blob of the first of `notes` (in the caller's order of importance) that fit in
-    `limit_bytes`; b"" when there is nothing to say. A rollout id given twice keeps its first note."""
-    kept: dict[str, bytes] = {}
+    `limit_bytes`; b"" when there is nothing to say. A rollout id given twice keeps its first note.
+    Codec version 2 (notes with their populations) only where a note kept has one."""
+    blob, kept = _pack(notes, limit_bytes, with_population=True)
+    if not any(note.population is not None for note in kept):
+        blob, _ = _pack(notes, limit_bytes, with_population=False)
+    return blob
+
+
+def _pack(
+    notes: Sequence[RolloutNote], limit_bytes: int, *, with_population: bool
+) -> tuple[bytes, list[RolloutNote]]:
+    kept: dict[str, tuple[bytes, RolloutNote]] = {}
     size = 2
     for note in notes[:MAX_NOTES]:
         if note.rollout_id in kept:
             continue
-        entry = _encode_note(note)
+        entry = _encode_note(note, with_population=with_population)
         if size + len(entry) > min(limit_bytes, MAX_ANNOUNCE_BYTES):
             continue
-        kept[note.rollout_id] = entry
+        kept[note.rollout_id] = (entry, note)
         size += len(entry)
     if not kept:
-        return b""
-    out = bytearray([ANNOUNCE_CODEC_VERSION])
+        return b"", []
+    out = bytearray([2 if with_population else 1])
     _put_varint(out, len(kept))
     for rollout_id in sorted(kept):
-        out += kept[rollout_id]
-    return bytes(out)
+        out += kept[rollout_id][0]
+    return bytes(out), [note for _, note in kept.values()]
 
 
 def decode_notes(data: object) -> tuple[RolloutNote, ...]:
@@ -197,10 +218,10 @@ def decode_notes(data: object) -> tuple[RolloutNote, ...]:
         raise AnnounceFormatError(f"rollout notes are {len(data)} bytes, at most {MAX_ANNOUNCE_BYTES}")
     reader = _Reader(data)
     version = reader.byte()
-    if version != ANNOUNCE_CODEC_VERSION:
+    if version not in ANNOUNCE_CODEC_VERSIONS:
         raise AnnounceFormatError(
-            f"rollout notes codec {version} is not known (this node reads {ANNOUNCE_CODEC_VERSION}); "
-            "upgrade the node"
+            f"rollout notes codec {version} is not known (this node reads "
+            f"{', '.join(map(str, ANNOUNCE_CODEC_VERSIONS))}); upgrade the node"
         )
     count = reader.varint()
     if not 1 <= count <= MAX_NOTES:
@@ -208,18 +229,20 @@ def decode_notes(data: object) -> tuple[RolloutNote, ...]:
     notes = []
     try:
         for _ in range(count):
-            notes.append(_decode_note(reader))
+            notes.append(_decode_note(reader, with_population=version == 2))
     except HealthFormatError as exc:
         raise AnnounceFormatError(f"rollout notes: {exc}") from None
     if not reader.done:
         raise AnnounceFormatError(f"rollout notes: {len(data) - reader.offset} bytes after the last note")
     ids = [n.rollout_id for n in notes]
+    if version == 2 and all(n.population is None for n in notes):
+        raise AnnounceFormatError("rollout notes are not in canonical form (codec 2 without a population)")
     if ids != sorted(set(ids)):
         raise AnnounceFormatError("rollout notes are not in canonical form (out of order or repeated)")
     return tuple(notes)
 
 
-def _encode_note(note: RolloutNote) -> bytes:
+def _encode_note(note: RolloutNote, *, with_population: bool = False) -> bytes:
     out = bytearray()
     _put_text(out, note.rollout_id)
     out += bytes.fromhex(note.plan_digest)
@@ -241,10 +264,12 @@ def _encode_note(note: RolloutNote) -> bytes:
             e.unreachable,
         ):
             _put_varint(out, value)
+    if with_population:
+        _put_varint(out, 0 if note.population is None else 1 + note.population)
     return bytes(out)
 
 
-def _decode_note(r: _Reader) -> RolloutNote:
+def _decode_note(r: _Reader, *, with_population: bool = False) -> RolloutNote:
     rollout_id = r.text()
     plan_digest = r.raw(PLAN_DIGEST_HEX // 2).hex()
     commands = r.varint()
@@ -265,6 +290,7 @@ def _decode_note(r: _Reader) -> RolloutNote:
         measured = Totals.from_list([r.varint() for _ in range(3)], "evidence.measured")
         soaked = Totals.from_list([r.varint() for _ in range(3)], "evidence.soaked")
         evidence.append(WaveEvidence(wave_e, measured, soaked, r.varint(), r.varint()))
+    population = r.varint() - 1 if with_population else -1
     return RolloutNote(
         rollout_id,
         plan_digest,
@@ -277,6 +303,7 @@ def _decode_note(r: _Reader) -> RolloutNote:
         skip,
         verdict,
         tuple(evidence),
+        None if population < 0 else population,
     )
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from mesh.cli.rollout import parse_duration_s, parse_selector
 from mesh.inference.activation import Activate, choose_active
+from mesh.rollout import announce
 from mesh.rollout.announce import (
     MAX_NOTES,
     AnnounceFormatError,
@@ -95,6 +96,7 @@ notes = st.builds(
     skip=st.none() | st.sampled_from(SkipKind),
     verdict=st.none() | st.sampled_from(GateOutcome),
     evidence=st.lists(evidence, max_size=2).map(tuple),
+    population=st.none() | st.none() | st.integers(0, 10**7),
 )
 
 
@@ -124,6 +126,25 @@ def test_notes_keep_the_first_that_fit_the_budget():
     assert encode_notes([], 256) == b"" and decode_notes(b"") == ()
     with pytest.raises(AnnounceFormatError, match="not a rollout id"):
         RolloutNote("bad id!", DIGEST)
+
+
+def test_populations_travel_in_codec_2_and_a_flat_fleet_keeps_codec_1():
+    plain = [RolloutNote("rollout-00", DIGEST, wave=1), RolloutNote("rollout-01", DIGEST)]
+    blob = encode_notes(plain)
+    assert blob[0] == 1 and decode_notes(blob) == tuple(plain)
+    counted = [plain[0], dataclasses.replace(plain[1], population=12_000)]
+    blob2 = encode_notes(counted)
+    assert blob2[0] == 2 and decode_notes(blob2) == tuple(counted)
+    assert len(blob2) == len(blob) + 1 + 2  # one byte for "unknown", two for 12,001
+    # The one note with a population does not fit: what fits is written as codec 1.
+    budget = len(encode_notes(plain[:1])) + 3
+    assert encode_notes([plain[0], counted[1]], limit_bytes=budget)[0] == 1
+    # Codec 2 without any population would be a second spelling of a codec 1 blob.
+    unsaid = bytes([2, 2]) + b"".join(announce._encode_note(n, with_population=True) for n in plain)
+    with pytest.raises(AnnounceFormatError, match="canonical"):
+        decode_notes(unsaid)
+    with pytest.raises(AnnounceFormatError, match="codec 3 is not known"):
+        decode_notes(bytes([3]) + blob[1:])
 
 
 def test_the_commands_digest_does_not_depend_on_order():
@@ -339,11 +360,26 @@ def test_the_newest_rollout_decides_and_unfinished_targets_are_never_chosen_by_d
     # ... nor after a restart that left it serving nothing: the target is neither resumed nor taken as newest.
     for resume in ("2.0", None):
         steer = steer_device(
-            "okay-nabu", [(plan, in_wave)], [], me, complete={"1.0", "2.0"}, serving=None, aborted={},
-            now=T0 + 10, safe_only=True,
+            "okay-nabu",
+            [(plan, in_wave)],
+            [],
+            me,
+            complete={"1.0", "2.0"},
+            serving=None,
+            aborted={},
+            now=T0 + 10,
+            safe_only=True,
         )
-        choice = choose_active("okay-nabu", complete={"1.0", "2.0"}, refused=set(), active=None,
-                               desired=steer.desired, blocked=steer.blocked, keep=True, resume=resume)
+        choice = choose_active(
+            "okay-nabu",
+            complete={"1.0", "2.0"},
+            refused=set(),
+            active=None,
+            desired=steer.desired,
+            blocked=steer.blocked,
+            keep=True,
+            resume=resume,
+        )
         assert choice == Activate("okay-nabu", "1.0"), (resume, choice)
     # A plan held but not registered by this site yet: its target is blocked and pinned, nothing more.
     later = make_plan("okay-nabu-3", target="3.0", baseline="2.0", created_at=T0 + 50)
@@ -355,31 +391,67 @@ def test_the_newest_rollout_decides_and_unfinished_targets_are_never_chosen_by_d
     # serves the target goes back to the baseline, and the target is never taken as the newest.
     tomb = Tombstone("okay-nabu", "2.0", "1.0", "aborted", T0 + 5, plan.rollout_id, "gate failed")
     steer = steer_device(
-        "okay-nabu", [], [], me, complete={"1.0", "2.0"}, serving="2.0", aborted={}, now=T0 + 10**7,
+        "okay-nabu",
+        [],
+        [],
+        me,
+        complete={"1.0", "2.0"},
+        serving="2.0",
+        aborted={},
+        now=T0 + 10**7,
         tombstones=(tomb,),
     )
     assert steer.desired == "1.0" and steer.blocked == {"2.0"}
-    choice = choose_active("okay-nabu", complete={"1.0", "2.0"}, refused=set(), active=None,
-                           desired=None, blocked=steer.blocked, keep=True, resume=None)
+    choice = choose_active(
+        "okay-nabu",
+        complete={"1.0", "2.0"},
+        refused=set(),
+        active=None,
+        desired=None,
+        blocked=steer.blocked,
+        keep=True,
+        resume=None,
+    )
     assert choice == Activate("okay-nabu", "1.0")
     # ... unless a rollout the site holds targets that version again.
     again = make_plan("okay-nabu-9", target="2.0", baseline="1.0", created_at=T0 + 10**6)
     steer = steer_device(
-        "okay-nabu", [(again, everyone_in(new_rollout(again), 1))], [], me, complete={"1.0", "2.0"},
-        serving="1.0", aborted={}, now=T0 + 10**6 + 10, tombstones=(tomb,),
+        "okay-nabu",
+        [(again, everyone_in(new_rollout(again), 1))],
+        [],
+        me,
+        complete={"1.0", "2.0"},
+        serving="1.0",
+        aborted={},
+        now=T0 + 10**6 + 10,
+        tombstones=(tomb,),
     )
     assert steer.desired == "2.0" and "2.0" not in steer.blocked
     # ... or names it as the baseline it falls back to.
     onwards = make_plan("okay-nabu-10", target="3.0", baseline="2.0", created_at=T0 + 10**6)
     steer = steer_device(
-        "okay-nabu", [(onwards, registered(onwards)[1])], [], me, complete={"1.0", "2.0", "3.0"},
-        serving="2.0", aborted={}, now=T0 + 10**6 + 10, tombstones=(tomb,),
+        "okay-nabu",
+        [(onwards, registered(onwards)[1])],
+        [],
+        me,
+        complete={"1.0", "2.0", "3.0"},
+        serving="2.0",
+        aborted={},
+        now=T0 + 10**6 + 10,
+        tombstones=(tomb,),
     )
     assert steer.desired is None and "2.0" not in steer.blocked  # pending: it keeps its baseline 2.0
     # A completed word on the version is no block at all.
     lifted = dataclasses.replace(tomb, outcome="completed")
     steer = steer_device(
-        "okay-nabu", [], [], me, complete={"1.0", "2.0"}, serving="2.0", aborted={}, now=T0 + 10**7,
+        "okay-nabu",
+        [],
+        [],
+        me,
+        complete={"1.0", "2.0"},
+        serving="2.0",
+        aborted={},
+        now=T0 + 10**7,
         tombstones=(lifted,),
     )
     assert steer.desired is None and not steer.blocked
@@ -508,7 +580,7 @@ def test_the_report_shows_each_wave_across_sites_and_what_it_waits_for():
 
 
 def test_the_report_marks_the_waves_the_site_ledger_holds():
-    """"Needs approval" as the ledger judges it: the fleet count recorded at the start (1% of 4 devices
+    """ "Needs approval" as the ledger judges it: the fleet count recorded at the start (1% of 4 devices
     is one device, 25%: held) and the site's own [guard] rollout_max_share (5% narrows "up to 10%")."""
     soaking = note(state=RolloutState.SOAKING, wave=1, first_wave=1)
     peers = [peer(f"a{i}", "a", note=soaking) for i in range(4)]
@@ -516,8 +588,17 @@ def test_the_report_marks_the_waves_the_site_ledger_holds():
     big = SiteRollout(PLAN.rollout_id, DIGEST, state=RolloutState.SOAKING, wave=1, fleet_eligible_count=1000)
 
     def marks(own, max_share_ppm=None):
-        report = rollout_report(PLAN, site="a", node_id="a0", own=own, own_verdict=None, peers=peers,
-                                site_views={}, now=T0, max_share_ppm=max_share_ppm)
+        report = rollout_report(
+            PLAN,
+            site="a",
+            node_id="a0",
+            own=own,
+            own_verdict=None,
+            peers=peers,
+            site_views={},
+            now=T0,
+            max_share_ppm=max_share_ppm,
+        )
         return [w["needs_approval"] for w in report["waves"]]
 
     assert marks(big) == [False, False, True]
@@ -566,8 +647,15 @@ def test_a_member_falsely_declared_dead_does_not_make_site_leaders_apportion_dif
             for i in range(n):
                 gone = s == "berlin" and i == 0
                 live = not gone or dead_for_s is None
-                out.append(peer(f"{s}-{i}", s, note=note(), reachable=live,
-                                present=member_present(live, dead_for_s if gone else None)))
+                out.append(
+                    peer(
+                        f"{s}-{i}",
+                        s,
+                        note=note(),
+                        reachable=live,
+                        present=member_present(live, dead_for_s if gone else None),
+                    )
+                )
         return out
 
     healthy, flapped = view(None), view(2.0)

@@ -21,13 +21,23 @@ for one plan:
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from mesh.rollout.announce import RolloutNote, Serving
+from mesh.rollout._json import expect_object, integer, strict_json, text
+from mesh.rollout.announce import PLAN_DIGEST_HEX, RolloutNote, Serving
 from mesh.rollout.cohort import cohort_score, first_wave, site_wave_sizes
-from mesh.rollout.health import DeviceMarks, DeviceReport, NodeHealth, SiteEvidence
-from mesh.rollout.plan import DeviceFacts, RolloutPlan
+from mesh.rollout.health import (
+    MAX_COUNT,
+    DeviceMarks,
+    DeviceReport,
+    FoldedEvidence,
+    NodeHealth,
+    SiteEvidence,
+    fold_evidence,
+)
+from mesh.rollout.plan import MAX_WAVES, DeviceFacts, RolloutError, RolloutPlan
 from mesh.rollout.state import (
     Desired,
     Prefetch,
@@ -121,14 +131,28 @@ def start_ready(
     return all(peer.note(plan) is not None for peer in peers if peer.present and selected(plan, peer))
 
 
-def start_input(plan: RolloutPlan, site: str, peers: Sequence[PeerView], now: float) -> Start:
+def start_input(
+    plan: RolloutPlan, site: str, peers: Sequence[PeerView], now: float, *, fleet: FleetView | None = None
+) -> Start:
     """Wave 1's start in `site`: its eligible devices, its share of every wave (apportioned over the
-    sites by their eligible counts, so the fleet-wide wave sizes are exact), and each device's mark."""
+    sites by their eligible counts, so the fleet-wide wave sizes are exact), and each device's mark.
+    In sites mode `fleet` (a representative's view, asked with this site's eligible count) gives the
+    share and the fleet's count, and only this site's members in `peers` are read."""
+    if fleet is not None:
+        peers = [p for p in peers if p.site == site]
     populations = site_populations(plan, peers)
     eligible = populations.get(site, [])
     counts = {s: len(nodes) for s, nodes in populations.items()}
     counts.setdefault(site, 0)
-    sizes = site_wave_sizes([w.share_ppm for w in plan.waves], counts)[site]
+    if fleet is not None:
+        if fleet.sizes is None or fleet.fleet_eligible is None or fleet.site_eligible != len(eligible):
+            raise ValueError(
+                f"a fleet view for {fleet.site_eligible} eligible devices; this site has {len(eligible)}"
+            )
+        counts = {site: len(eligible)}
+        sizes = fleet.sizes
+    else:
+        sizes = site_wave_sizes([w.share_ppm for w in plan.waves], counts)[site]
     health = {p.node_id: p.health for p in peers}
     marks = []
     for node in eligible:
@@ -140,7 +164,8 @@ def start_input(plan: RolloutPlan, site: str, peers: Sequence[PeerView], now: fl
         marks.append(
             (node, DeviceMarks(target.mark() if target else None, baseline.mark() if baseline else None))
         )
-    return Start(now, tuple(eligible), sizes, tuple(marks), sum(counts.values()))
+    fleet_eligible = sum(counts.values()) if fleet is None else fleet.fleet_eligible
+    return Start(now, tuple(eligible), sizes, tuple(marks), fleet_eligible)
 
 
 def gate_reports(plan: RolloutPlan, site: str, peers: Iterable[PeerView]) -> list[DeviceReport]:
@@ -175,6 +200,191 @@ def aborted_elsewhere(plan: RolloutPlan, site: str, peers: Iterable[PeerView]) -
         if p.site != site and (n := p.note(plan)) is not None and n.state is RolloutState.ABORTED
     ]
     return min(found, key=lambda p: (not p.reachable, p.node_id)) if found else None
+
+
+# --- sites mode: the rest of the fleet, through a site's representatives ----------------------------
+
+MAX_FLEET_VIEW_BYTES = 4096
+MAX_ABORT_REASON = 400
+
+
+class FleetViewError(RolloutError):
+    """A fleet view from a representative is malformed (names what is wrong)."""
+
+
+@dataclass(frozen=True)
+class FleetView:
+    """The rest of the fleet for one plan, as one representative of `site` sees it in the federation pool
+    (sites mode, where a site leader sees only its own site): what `start_input`, the gate and the abort
+    check read of other sites. Its size depends on the plan's waves, never on how many sites there are.
+
+    `sites` other sites have a present member in the representative's federation view, `counted` of
+    them said their population for the plan; `sizes` is this site's share of every wave and
+    `fleet_eligible` the fleet's eligible count, both apportioned with `site_eligible` devices here (None
+    when the asker gave no count); `evidence` folds the other sites' evidence; `aborted_site` is a site
+    whose replica aborted the plan (with its reason, where the representative could learn it)."""
+
+    site: str
+    plan_digest: str
+    evidence: FoldedEvidence
+    sites: int = 0
+    counted: int = 0
+    site_eligible: int | None = None
+    fleet_eligible: int | None = None
+    sizes: tuple[int, ...] | None = None
+    aborted_site: str | None = None
+    aborted_reason: str = ""
+
+    @property
+    def complete(self) -> bool:
+        """Has every other site the representative sees said its population?"""
+        return self.counted >= self.sites
+
+    def for_plan(self, plan: RolloutPlan, site: str) -> bool:
+        """Is this a view of `plan` for `site` (a reply to another question is not used)?"""
+        return (
+            self.site == site
+            and plan.digest.startswith(self.plan_digest)
+            and self.evidence.rollout_id == plan.rollout_id
+            and (self.sizes is None or len(self.sizes) == len(plan.waves))
+        )
+
+    def to_json(self) -> bytes:
+        doc = {
+            "site": self.site,
+            "plan_digest": self.plan_digest,
+            "evidence": self.evidence.to_dict(),
+            "sites": self.sites,
+            "counted": self.counted,
+            "site_eligible": self.site_eligible,
+            "fleet_eligible": self.fleet_eligible,
+            "sizes": None if self.sizes is None else list(self.sizes),
+            "aborted_site": self.aborted_site,
+            "aborted_reason": self.aborted_reason,
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: object) -> FleetView:
+        d = expect_object(
+            strict_json(data, "fleet view", FleetViewError, MAX_FLEET_VIEW_BYTES),
+            "fleet view",
+            _FLEET_VIEW_FIELDS,
+            FleetViewError,
+        )
+        err = FleetViewError
+        site = text(d["site"], "fleet view.site", err, 63)
+        digest = text(d["plan_digest"], "fleet view.plan_digest", err, PLAN_DIGEST_HEX)
+        sites, counted = (
+            integer(d[n], f"fleet view.{n}", err, maximum=MAX_COUNT) for n in ("sites", "counted")
+        )
+        site_eligible, fleet_eligible = (
+            None if d[n] is None else integer(d[n], f"fleet view.{n}", err, maximum=MAX_COUNT)
+            for n in ("site_eligible", "fleet_eligible")
+        )
+        sizes = d["sizes"]
+        if sizes is not None:
+            if not isinstance(sizes, list) or not 1 <= len(sizes) <= MAX_WAVES:
+                raise err(f"fleet view.sizes: expected a list of 1 to {MAX_WAVES} wave sizes")
+            sizes = tuple(integer(v, "fleet view.sizes", err, maximum=MAX_COUNT) for v in sizes)
+        aborted = d["aborted_site"]
+        if aborted is not None:
+            aborted = text(aborted, "fleet view.aborted_site", err, 63)
+        try:
+            evidence = FoldedEvidence.from_dict(d["evidence"])
+        except RolloutError as exc:
+            raise err(f"fleet view: {exc}") from None
+        return cls(
+            site,
+            digest,
+            evidence,
+            sizes=sizes,
+            aborted_site=aborted,
+            aborted_reason=text(d["aborted_reason"], "fleet view.aborted_reason", err, MAX_ABORT_REASON),
+            sites=sites,
+            counted=counted,
+            site_eligible=site_eligible,
+            fleet_eligible=fleet_eligible,
+        )
+
+
+_FLEET_VIEW_FIELDS = frozenset(
+    {
+        "site",
+        "plan_digest",
+        "evidence",
+        "sites",
+        "counted",
+        "site_eligible",
+        "fleet_eligible",
+        "sizes",
+        "aborted_site",
+        "aborted_reason",
+    }
+)
+
+
+def site_population(
+    plan: RolloutPlan, rollout: SiteRollout | None, site: str, peers: Iterable[PeerView]
+) -> int:
+    """What a representative says of its site's population for `plan`: the count the site started with
+    (replicated, so every representative says the same and a site starting later apportions as this one
+    did), or before the start the count `site_populations` gives now."""
+    if rollout is not None and rollout.wave > 0:
+        return rollout.eligible_count
+    return len(site_populations(plan, [p for p in peers if p.site == site]).get(site, []))
+
+
+def fleet_view(
+    plan: RolloutPlan, site: str, peers: Iterable[PeerView], *, site_eligible: int | None = None
+) -> FleetView:
+    """The rest of the fleet for `plan` as a representative of `site` sees it in `peers` (its site's
+    members and the other sites' federation members); with `site_eligible` (the asking leader's own
+    count), this site's wave sizes apportioned over every site that said its population."""
+    others = [p for p in peers if p.site != site]
+    sites = {p.site for p in others if p.present}
+    populations: dict[str, int] = {}
+    for peer in others:
+        note = peer.note(plan)
+        if note is not None and note.population is not None and peer.site in sites:
+            populations[peer.site] = max(populations.get(peer.site, 0), note.population)
+    evidence = fold_evidence(
+        plan.rollout_id, remote_evidence(plan, site, others), besides=site, waves=len(plan.waves)
+    )
+    aborted = aborted_elsewhere(plan, site, others)
+    sizes = fleet_eligible = None
+    if site_eligible is not None:
+        counts = {**populations, site: site_eligible}
+        sizes = site_wave_sizes([w.share_ppm for w in plan.waves], counts)[site]
+        fleet_eligible = sum(counts.values())
+    return FleetView(
+        site,
+        plan.digest[:PLAN_DIGEST_HEX],
+        evidence,
+        sites=len(sites),
+        counted=len(populations),
+        site_eligible=site_eligible,
+        fleet_eligible=fleet_eligible,
+        sizes=sizes,
+        aborted_site=None if aborted is None else aborted.site,
+    )
+
+
+def prefer(views: Mapping[str, FleetView]) -> FleetView | None:
+    """Of the views a site leader holds (by representative), the one that sees the most of the fleet:
+    most sites counted, then most sites seen, then the lowest representative id."""
+    if not views:
+        return None
+    best = min(views, key=lambda rep: (-views[rep].counted, -views[rep].sites, rep))
+    return views[best]
+
+
+def fleet_start_ready(view: FleetView | None, *, registered_at: float, now: float, grace_s: float) -> bool:
+    """May a site leader in sites mode start, as far as other sites go: a view has counted every site it
+    sees, or `grace_s` has passed since the site registered the plan (uncounted sites are then left out,
+    as flat mode leaves out absent members). Never without a view: sizing the waves for this site alone
+    would put far more devices in the first wave than the plan allows fleet-wide."""
+    return view is not None and (view.complete or now >= registered_at + grace_s)
 
 
 def cohort_wave(rollout: SiteRollout, node_id: str) -> int:

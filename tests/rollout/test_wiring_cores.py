@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import random
 
 import pytest
@@ -29,18 +30,25 @@ from mesh.rollout.cohort import wave_size
 from mesh.rollout.docs import DocumentRefused, RolloutDocs
 from mesh.rollout.fleet import (
     DEAD_PRESENT_GRACE_S,
+    MAX_FLEET_VIEW_BYTES,
+    FleetView,
+    FleetViewError,
     PeerView,
     aborted_elsewhere,
     acceptable_versions,
+    fleet_start_ready,
+    fleet_view,
     member_present,
+    prefer,
     remote_evidence,
+    site_population,
     site_populations,
     start_input,
     start_ready,
     steer_device,
     stream_server,
 )
-from mesh.rollout.health import GateOutcome, NodeHealth, Totals
+from mesh.rollout.health import GateOutcome, NodeHealth, SiteEvidence, Totals, fold_evidence
 from mesh.rollout.plan import AutonomousScope, CommandAction, PrefetchPolicy, Selector, SkipKind
 from mesh.rollout.report import rollout_report
 from mesh.rollout.state import (
@@ -67,6 +75,7 @@ from tests.rollout.builders import (
     signed,
     waves,
 )
+from tests.strategies import json_values
 
 PLAN = make_plan()
 DIGEST = PLAN.digest
@@ -285,6 +294,167 @@ def test_evidence_comes_from_each_other_site_s_furthest_announcer_and_aborts_are
     assert [(e.site, e.wave) for e in found] == [("b", 1), ("b", 2)]
     assert aborted_elsewhere(PLAN, "a", peers).node_id == "c1"
     assert aborted_elsewhere(PLAN, "c", peers) is None
+
+
+# --- sites mode: the fleet through representatives ---------------------------------------------------
+
+
+def _sites_fleet(sizes: dict[str, int], rng: random.Random, representatives: int = 3):
+    """Every site's members (as its pool shows them), and per site the federation members a representative
+    of it sees: the other sites' representatives, announcing their site's population."""
+    members = {
+        s: [
+            peer(
+                f"{s}-{i:03d}",
+                s,
+                note=note() if rng.random() < 0.7 else None,
+                reachable=rng.random() < 0.9,
+                present=True,
+            )
+            for i in range(n)
+        ]
+        for s, n in sizes.items()
+    }
+    reps = {
+        s: [
+            dataclasses.replace(
+                m, notes=(note(population=site_population(PLAN, None, s, members[s])),), reachable=True
+            )
+            for m in members[s][:representatives]
+        ]
+        for s in sizes
+    }
+    return members, reps
+
+
+@given(
+    st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(0, 60), min_size=1),
+    st.integers(0, 2**32),
+)
+def test_site_leaders_that_see_only_their_site_apportion_every_wave_exactly_through_representatives(
+    sizes, seed
+):
+    """Sites mode: a leader sees its own site; a representative's view of the others (their populations,
+    from their representatives' notes) gives the same fleet-wide wave sizes as flat mode's one pool."""
+    rng = random.Random(seed)
+    members, reps = _sites_fleet(sizes, rng)
+    starts = {}
+    for s in sizes:
+        seen = members[s] + [r for o in sizes if o != s for r in reps[o]]
+        own = site_population(PLAN, None, s, members[s])
+        view = fleet_view(PLAN, s, seen, site_eligible=own)
+        assert view.complete and view.counted == len([o for o in sizes if o != s and reps[o]])
+        starts[s] = start_input(PLAN, s, seen, T0, fleet=view)
+    total = sum(sizes.values())
+    for k, w in enumerate(PLAN.waves):
+        assert sum(st_.sizes[k] for st_ in starts.values()) == wave_size(w.share_ppm, total), f"seed {seed}"
+    flat = [m for ms in members.values() for m in ms]
+    for s, start in starts.items():
+        assert start == start_input(PLAN, s, flat, T0), s  # exactly what one pool would have started with
+        assert start.fleet_eligible == total
+
+
+def test_a_fleet_view_counts_sites_folds_their_evidence_and_notices_an_abort():
+    e1 = WaveEvidence(1, Totals(100, 1, 1), Totals(90, 1, 1))
+    seen = [
+        peer("a1", "a", note=note()),
+        peer("a2", "a", note=note(evidence=(WaveEvidence(1, Totals(5, 5, 1), Totals(5, 5, 1)),))),  # own site
+        peer("b1", "b", note=note(population=40, state=RolloutState.SOAKING, wave=1, evidence=(e1,))),
+        peer("b2", "b", note=note(population=41)),  # a site's representatives may differ: the most counts
+        peer("c1", "c", note=note()),  # has not said its population yet
+        peer(
+            "d1", "d", note=note(population=9), reachable=False, present=False
+        ),  # gone: neither seen nor counted
+    ]
+    view = fleet_view(PLAN, "a", seen, site_eligible=10)
+    assert (view.sites, view.counted, view.complete) == (2, 1, False)
+    assert (
+        view.fleet_eligible == 51
+        and view.sizes
+        == start_input(
+            PLAN,
+            "a",
+            [
+                *[peer(f"a{i}", "a", note=note()) for i in range(10)],
+                *[peer(f"b{i}", "b", note=note()) for i in range(41)],
+            ],
+            T0,
+        ).sizes
+    )
+    assert view.evidence == fold_evidence(
+        PLAN.rollout_id, [SiteEvidence("b", PLAN.rollout_id, 1, e1.measured, e1.soaked)]
+    )
+    assert view.aborted_site is None and view.for_plan(PLAN, "a") and not view.for_plan(PLAN, "b")
+    aborted = [*seen, peer("c2", "c", note=note(state=RolloutState.ABORTED, wave=1))]
+    assert fleet_view(PLAN, "a", aborted).aborted_site == "c"
+    assert fleet_view(PLAN, "a", aborted).sizes is None  # no count asked: no sizes
+    # A start waits for every site seen to be counted, or the grace; never without a view at all.
+    assert not fleet_start_ready(view, registered_at=T0, now=T0 + 1, grace_s=30)
+    assert fleet_start_ready(view, registered_at=T0, now=T0 + 30, grace_s=30)
+    assert not fleet_start_ready(None, registered_at=T0, now=T0 + 10**6, grace_s=30)
+    complete = dataclasses.replace(view, counted=2)
+    assert fleet_start_ready(complete, registered_at=T0, now=T0, grace_s=30)
+    assert prefer({"b-rep": view, "a-rep": view}) is view and prefer({}) is None
+    assert prefer({"x": view, "y": complete}) is complete
+    # A view asked for another count is not a start for this one.
+    with pytest.raises(ValueError, match="10 eligible devices; this site has 2"):
+        start_input(PLAN, "a", seen, T0, fleet=view)
+
+
+def test_a_site_says_the_population_it_started_with():
+    members = [peer(f"a{i}", "a", note=note()) for i in range(5)]
+    assert site_population(PLAN, None, "a", members) == 5
+    started = SiteRollout(PLAN.rollout_id, DIGEST, RolloutState.SOAKING, wave=1, eligible_count=7)
+    assert site_population(PLAN, started, "a", members) == 7
+    pending = SiteRollout(PLAN.rollout_id, DIGEST)
+    assert site_population(PLAN, pending, "a", members + [peer("b1", "b", note=note())]) == 5
+
+
+def test_a_fleet_view_stays_small_whatever_the_number_of_sites():
+    evidence = (WaveEvidence(1, Totals(100, 1, 2), Totals(100, 1, 2), 0, 1),)
+    seen = [
+        peer(
+            f"s{k:05d}-r{j}",
+            f"s{k:05d}",
+            note=note(population=100, state=RolloutState.SOAKING, wave=1, evidence=evidence),
+        )
+        for k in range(10_000)
+        for j in range(3)
+    ]
+    view = fleet_view(PLAN, "a", seen, site_eligible=100)
+    blob = view.to_json()
+    assert len(blob) < 1024 and view.fleet_eligible == 1_000_100 and view.sites == view.counted == 10_000
+    assert FleetView.from_json(blob) == view
+
+
+@settings(max_examples=300)
+@given(json_values())
+def test_any_json_is_refused_as_a_fleet_view_or_parses(doc):
+    blob = json.dumps(doc).encode()
+    try:
+        view = FleetView.from_json(blob)
+    except FleetViewError:
+        return
+    assert FleetView.from_json(view.to_json()) == view
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"sizes": [1] * 11}, "sizes"),
+        ({"sites": -1}, "sites"),
+        ({"aborted_reason": "x" * 401}, "aborted_reason"),
+        ({"evidence": {"rollout_id": "bad id!"}}, "evidence"),
+        ({"extra": 1}, "extra"),
+    ],
+)
+def test_a_fleet_view_parses_strictly(change, fragment):
+    doc = json.loads(fleet_view(PLAN, "a", [], site_eligible=3).to_json())
+    doc.update(change)
+    with pytest.raises(FleetViewError, match=fragment):
+        FleetView.from_json(json.dumps(doc).encode())
+    with pytest.raises(FleetViewError, match="at most"):
+        FleetView.from_json(b" " * (MAX_FLEET_VIEW_BYTES + 1))
 
 
 def test_routing_keeps_streams_on_the_versions_a_site_is_on():

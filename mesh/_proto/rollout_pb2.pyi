@@ -8,13 +8,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetRolloutRequest(_message.Message):
-    __slots__ = ("rollout_id",)
+    __slots__ = ("rollout_id", "site_eligible")
     ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
     rollout_id: str
-    def __init__(self, rollout_id: _Optional[str] = ...) -> None: ...
+    site_eligible: int
+    def __init__(self, rollout_id: _Optional[str] = ..., site_eligible: _Optional[int] = ...) -> None: ...
 
 class RolloutDocuments(_message.Message):
-    __slots__ = ("rollout_id", "signed_plan_json", "command_json", "node_id", "site", "site_state_json", "verdict_json", "device_json")
+    __slots__ = ("rollout_id", "signed_plan_json", "command_json", "node_id", "site", "site_state_json", "verdict_json", "device_json", "fleet_json")
     ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNED_PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
     COMMAND_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +25,7 @@ class RolloutDocuments(_message.Message):
     SITE_STATE_JSON_FIELD_NUMBER: _ClassVar[int]
     VERDICT_JSON_FIELD_NUMBER: _ClassVar[int]
     DEVICE_JSON_FIELD_NUMBER: _ClassVar[int]
+    FLEET_JSON_FIELD_NUMBER: _ClassVar[int]
     rollout_id: str
     signed_plan_json: str
     command_json: _containers.RepeatedScalarFieldContainer[str]
@@ -31,7 +34,8 @@ class RolloutDocuments(_message.Message):
     site_state_json: str
     verdict_json: str
     device_json: str
-    def __init__(self, rollout_id: _Optional[str] = ..., signed_plan_json: _Optional[str] = ..., command_json: _Optional[_Iterable[str]] = ..., node_id: _Optional[str] = ..., site: _Optional[str] = ..., site_state_json: _Optional[str] = ..., verdict_json: _Optional[str] = ..., device_json: _Optional[str] = ...) -> None: ...
+    fleet_json: str
+    def __init__(self, rollout_id: _Optional[str] = ..., signed_plan_json: _Optional[str] = ..., command_json: _Optional[_Iterable[str]] = ..., node_id: _Optional[str] = ..., site: _Optional[str] = ..., site_state_json: _Optional[str] = ..., verdict_json: _Optional[str] = ..., device_json: _Optional[str] = ..., fleet_json: _Optional[str] = ...) -> None: ...
 
 class GetManifestsRequest(_message.Message):
     __slots__ = ("model", "versions")

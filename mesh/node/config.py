@@ -206,10 +206,6 @@ class NodeConfig(_Strict):
         if not self.labels.get("site"):
             raise ValueError('[membership] pools = "sites" needs a `site` label in [labels] (the pool this '
                              'node gossips in), or pools = "flat"')
-        if self.raft is not None:
-            raise ValueError('[membership] pools = "sites" does not run with a [raft] section yet: a site '
-                             "group's rollouts read other sites' aborts and gate evidence, which the "
-                             'federation pool does not carry yet (issue 10); use pools = "flat"')
         if self.transfer.sources == "origin":
             raise ValueError('[transfer] sources = "origin" cannot work with [membership] pools = "sites": '
                              "devices outside the origin's site never see it; use sources = \"swarm\"")

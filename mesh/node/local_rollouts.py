@@ -326,9 +326,16 @@ class RolloutFleet:
         seed: int = 0,
         labels: dict[str, dict[str, str]] | None = None,
         runtime_versions: dict[str, str] | None = None,
+        pools: str = "flat",
+        representatives: int | None = None,
     ) -> None:
         """`labels`: extra labels per node id (device_class is "camera" unless given). `runtime_versions`:
-        node id -> the inference runtime version that node reports (an older device, for skew tests)."""
+        node id -> the inference runtime version that node reports (an older device, for skew tests).
+        `pools="sites"`: each site its own gossip pool, `representatives` of each in the federation pool
+        (a node seeds from its site's first node, and from every other site's first node for the
+        federation)."""
+        self.pools = pools
+        self.representatives = representatives
         self.fleet = fleet
         self.workdir = Path(workdir)
         self.timings = timings
@@ -353,8 +360,25 @@ class RolloutFleet:
     def config(self, node_id: str) -> NodeConfig:
         site = self.sites[node_id]
         creds = self.fleet.node_credentials(node_id)
-        seed_id = "node-00" if node_id != "node-00" else next((n for n in self.nodes if n != node_id), None)
-        seeds = [self.nodes[seed_id].address] if seed_id in self.nodes else []
+        pools: dict[str, Any] = {}
+        if self.pools == "sites":
+            firsts = {
+                s: next((n for n in self.members(s) if n in self.nodes and n != node_id), None)
+                for s in self.site_names()
+            }
+            seeds = [self.nodes[n].address for s, n in firsts.items() if s == site and n is not None]
+            pools = {
+                "pools": "sites",
+                "federation_seeds": [
+                    self.nodes[n].address for s, n in firsts.items() if s != site and n is not None
+                ],
+                **({"representatives": self.representatives} if self.representatives is not None else {}),
+            }
+        else:
+            seed_id = (
+                "node-00" if node_id != "node-00" else next((n for n in self.nodes if n != node_id), None)
+            )
+            seeds = [self.nodes[seed_id].address] if seed_id in self.nodes else []
         labels = {"site": site, "device_class": "camera", **self.labels.get(node_id, {})}
         return NodeConfig(
             node_id=node_id,
@@ -363,14 +387,18 @@ class RolloutFleet:
             labels=labels,
             data_dir=self.workdir / node_id,
             tls=TlsSection(dir=creds.directory),
-            membership=MembershipSection.from_core(self.timings),
+            membership=MembershipSection.from_core(self.timings, **pools),
             inference=InferenceSection(model=MODEL, workers=1),
             raft=RaftSection(members=self.members(site), **FLEET_RAFT),
         )
 
     async def start(self) -> RolloutFleet:
-        await self.start_node("node-00")  # everyone's seed
-        plain = [n for n in self.sites if n != "node-00" and n not in self.runtime_versions]
+        firsts = ["node-00"]  # everyone's seed; in sites mode, each site's first node seeds its site
+        if self.pools == "sites":
+            firsts = [self.members(s)[0] for s in self.site_names()]
+        for node_id in firsts:
+            await self.start_node(node_id)
+        plain = [n for n in self.sites if n not in firsts and n not in self.runtime_versions]
         await asyncio.gather(*(self.start_node(n) for n in plain))
         for node_id in self.runtime_versions:  # one at a time: their backend reports another version
             await self.start_node(node_id)
@@ -397,6 +425,20 @@ class RolloutFleet:
         await asyncio.gather(*(n.stop(leave=False) for n in nodes), return_exceptions=True)
 
     def converged(self) -> bool:
+        """Flat: every node sees every other alive. Sites mode: every node sees its site alive, every site
+        has a representative, and every representative sees all of them in the federation pool."""
+        if self.pools == "sites":
+            reps = {i for i, n in self.nodes.items() if n.federation is not None and n.federation.active}
+            if {self.sites[i] for i in reps} != {self.sites[i] for i in self.nodes}:
+                return False
+            for node_id, node in self.nodes.items():
+                alive = {m.node_id for m in node.membership.members() if m.state is State.ALIVE}
+                if not {n for n in self.members(self.sites[node_id]) if n in self.nodes} <= alive:
+                    return False
+                fed = node.federation.view() if node_id in reps and node.federation is not None else None
+                if fed is not None and {m.node_id for m in fed.members() if m.state is State.ALIVE} != reps:
+                    return False
+            return True
         want = set(self.nodes)
         return all(
             {m.node_id for m in n.membership.members() if m.state is State.ALIVE} >= want

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,11 +69,13 @@ from mesh.rollout.announce import (
 )
 from mesh.rollout.docs import DocumentRefused, RolloutDocs, command_digest
 from mesh.rollout.health import (
+    FoldedEvidence,
     GateOutcome,
     GateVerdict,
     HealthFormatError,
     NodeHealth,
     RolloutSkip,
+    SiteEvidence,
     VersionCounters,
     decode_node_health,
     encode_node_health,
@@ -125,6 +128,24 @@ class RolloutSettings:
     fetch_timeout_s: float = 2.0
     propose_timeout_s: float = 3.0
     sync_timeout_s: float = 10.0  # after a restart: act on the last committed state after this long
+    # Sites mode: a new plan starts once the representatives' views count every site they see, or after
+    # this long; a representative's view is used by its site leader while younger than fleet_max_age_s
+    # (None: three intervals).
+    fleet_start_grace_s: float = 30.0
+    fleet_max_age_s: float | None = None
+
+    @property
+    def fleet_max_age(self) -> float:
+        return 3 * self.interval_s if self.fleet_max_age_s is None else self.fleet_max_age_s
+
+
+@dataclass(frozen=True)
+class SitesHooks:
+    """Sites mode (`[membership] pools = "sites"`): whether this node represents its site in the federation
+    pool now, and its site's advertised representatives (node id -> term start), from FederationMember."""
+
+    active: Callable[[], bool]
+    advertised: Callable[[], Mapping[str, int]]
 
 
 DialRollouts = Callable[[str, str], pb_grpc.RolloutsStub]
@@ -153,10 +174,21 @@ class RolloutShell:
         trusted: TrustedKeys,
         dial: DialRollouts,
         settings: RolloutSettings | None = None,
+        sites: SitesHooks | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.node_id = node_id
+        # Sites mode: this node sees only its site (and, as a representative, the other sites'
+        # representatives); the rest of the fleet reaches its site leader as representatives' FleetViews.
+        self._sites = sites
+        self._last_peers: list[fleet.PeerView] = []
+        self._fleet_views: dict[str, dict[str, tuple[float, fleet.FleetView]]] = {}  # rollout -> rep -> view
+        self._fleet_polls: dict[tuple[str, str], asyncio.Task] = {}
+        self._fleet_polled_at: dict[str, float] = {}
+        self._view_cache: dict[tuple[str, int | None], tuple[float, fleet.FleetView]] = {}
+        self._relayed_abort_at: dict[str, float] = {}
+        self._abort_seen_at: dict[str, float] = {}
         self.site = site
         self.labels = dict(labels)
         self.model = model
@@ -257,7 +289,7 @@ class RolloutShell:
         return max(wake_s, 0.01)
 
     async def close(self) -> None:
-        tasks = list(self._fetches.values())
+        tasks = list(self._fetches.values()) + list(self._fleet_polls.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -276,8 +308,11 @@ class RolloutShell:
         await self._catch_up()
         self._docs_from_ledger(now)
         peers = self.peers()
+        self._last_peers = peers
         self._anti_entropy(peers)
         leader = self.group.raft.is_leader
+        if self._representing() and not leader:
+            await self._relay_aborts(peers, now)
         if leader:
             await self._lead(peers, now)
         elif self._was_leader:
@@ -324,6 +359,11 @@ class RolloutShell:
             peer = self._peer_view(member, recently_dead)
             self._peer_cache[member.node_id] = (key, peer)
             out.append(peer)
+        if len(self._peer_cache) > 2 * len(out) + 16:  # members gone for good (federation churn, say)
+            current = {p.node_id for p in out}
+            for cache in (self._peer_cache, self._notes_seen):
+                for node_id in [n for n in cache if n not in current]:
+                    del cache[node_id]
         return out
 
     def _peer_view(self, member: MemberView, recently_dead: bool = False) -> fleet.PeerView:
@@ -449,8 +489,9 @@ class RolloutShell:
                 }
         return reply
 
-    def documents(self, rollout_id: str) -> pb.RolloutDocuments:
-        """What this node answers a peer's GetRollout with."""
+    def documents(self, rollout_id: str, site_eligible: int | None = None) -> pb.RolloutDocuments:
+        """What this node answers a peer's GetRollout with; with `site_eligible`, from a representative in
+        sites mode, its view of the rest of the fleet too (`fleet_json`)."""
         signed = self.docs.signed_plan(rollout_id)
         reply = pb.RolloutDocuments(rollout_id=rollout_id, node_id=self.node_id, site=self.site)
         if signed is not None:
@@ -462,6 +503,10 @@ class RolloutShell:
         verdict = self._verdicts.get(rollout_id)
         if verdict is not None and self.group.raft.is_leader:
             reply.verdict_json = json.dumps(_verdict_doc(verdict))
+        if site_eligible is not None and self._representing():
+            plan = self.docs.plan(rollout_id) or (known[0] if known is not None else None)
+            if plan is not None:
+                reply.fleet_json = self._fleet_view(plan, site_eligible).to_json().decode()
         decision = self.steering.decisions.get(rollout_id)
         if decision is not None:
             reply.device_json = json.dumps(
@@ -500,6 +545,27 @@ class RolloutShell:
             plan, rollout = known
             if rollout.state.final:
                 return
+        views: dict[str, fleet.FleetView] = {}
+        if self._sites is not None:
+            # Sites mode: this site's members only; the rest of the fleet as its representatives see it.
+            peers = [p for p in peers if p.site == self.site]
+            views = self._views_of(plan, peers)
+            aborted_view = next((v for v in views.values() if v.aborted_site is not None), None)
+            if aborted_view is not None and aborted_view.aborted_site is not None:
+                # The representative that saw it proposes the abort with the other site's reason itself
+                # (`_relay_aborts`), and its view carries the reason once it has fetched it; without one
+                # for a while, the abort goes ahead with what is known.
+                first_seen = self._abort_seen_at.setdefault(rid, self._monotonic())
+                reason = aborted_view.aborted_reason
+                if reason or self._monotonic() - first_seen >= 2 * self.settings.interval_s:
+                    reason = reason or (
+                        f"announced aborted by site {aborted_view.aborted_site} (seen by this site's "
+                        "representatives)"
+                    )
+                    await self._propose(
+                        encode_input(rid, PeerAborted(now, aborted_view.aborted_site, reason))
+                    )
+                    return
         aborted = fleet.aborted_elsewhere(plan, self.site, peers)
         if aborted is not None:
             reason = await self._abort_reason(plan, aborted)
@@ -509,7 +575,13 @@ class RolloutShell:
             if fleet.start_ready(
                 plan, peers, registered_at=rollout.updated_at, now=now, grace_s=self.settings.start_grace_s
             ):
-                start = fleet.start_input(plan, self.site, peers, now)
+                if self._sites is None:
+                    start = fleet.start_input(plan, self.site, peers, now)
+                else:
+                    view = self._start_view(plan, rollout, peers, views, now)
+                    if view is None:
+                        return
+                    start = fleet.start_input(plan, self.site, peers, now, fleet=view)
                 result = await self._propose(encode_input(rid, start))
                 if result is not None:
                     log.info("%s: %s", self.group.group, result.message)
@@ -522,18 +594,36 @@ class RolloutShell:
             return
         self._gated_at[rid] = now
         members = [p.node_id for p in peers if p.site == self.site and fleet.selected(plan, p)]
-        verdict = evaluate_gate(
-            plan,
-            rollout.wave,
-            cohort=rollout.cohort(members),
-            reports=fleet.gate_reports(plan, self.site, peers),
-            marks=rollout.marks_map(),
-            soak_started_at=rollout.soak_started_at or now,
-            now=now,
-            remote=fleet.remote_evidence(plan, self.site, peers),
-            site=self.site,
-            earlier=rollout.cohort(members, rollout.wave - 1) if rollout.wave > 1 else (),
-        )
+
+        def judge(remote: list[SiteEvidence] | FoldedEvidence) -> GateVerdict:
+            return evaluate_gate(
+                plan,
+                rollout.wave,
+                cohort=rollout.cohort(members),
+                reports=fleet.gate_reports(plan, self.site, peers),
+                marks=rollout.marks_map(),
+                soak_started_at=rollout.soak_started_at or now,
+                now=now,
+                remote=remote,
+                site=self.site,
+                earlier=rollout.cohort(members, rollout.wave - 1) if rollout.wave > 1 else (),
+            )
+
+        if self._sites is None:
+            verdict = judge(fleet.remote_evidence(plan, self.site, peers))
+        else:
+            # Each representative's view judged: a failure seen through any of them fails the wave (the
+            # safe direction); otherwise the view that sees the most decides. No view: this site's own
+            # devices only, so a site without a cohort device of its own cannot pass on evidence it lacks.
+            preferred = fleet.prefer(views)
+            verdict = judge(preferred.evidence if preferred is not None else [])
+            for other in views.values():
+                if verdict.outcome is GateOutcome.FAIL:
+                    break
+                if other is not preferred:
+                    candidate = judge(other.evidence)
+                    if candidate.outcome is GateOutcome.FAIL:
+                        verdict = candidate
         previous = self._verdicts.get(rid)
         passed = self._passed.get(rid)
         if (
@@ -555,6 +645,139 @@ class RolloutShell:
                 log.info("%s: %s", self.group.group, result.message)
                 if verdict.outcome is GateOutcome.PASS:
                     self._passed[rid] = WaveEvidence.of(verdict.evidence(self.site))
+
+    # --- sites mode ---------------------------------------------------------------------------------
+
+    def _representing(self) -> bool:
+        return self._sites is not None and self._sites.active()
+
+    def _fleet_view(self, plan: RolloutPlan, site_eligible: int | None) -> fleet.FleetView:
+        """This representative's view of the rest of the fleet for `plan` (cached for half an interval: any
+        certificate holder may ask, and the fold reads every federation member)."""
+        key = (plan.rollout_id, site_eligible)
+        now_m = self._monotonic()
+        cached = self._view_cache.get(key)
+        if cached is not None and now_m - cached[0] < self.settings.interval_s / 2:
+            return cached[1]
+        view = fleet.fleet_view(plan, self.site, self._last_peers, site_eligible=site_eligible)
+        if view.aborted_site is not None:
+            seen = self._site_views.get((view.aborted_site, plan.rollout_id))
+            if seen is not None and seen["state"].get("state") == RolloutState.ABORTED.value:
+                reason = str(seen["state"].get("reason", ""))[: fleet.MAX_ABORT_REASON]
+                view = dataclasses.replace(view, aborted_reason=reason)
+            else:  # ask the aborting site why, for the next view
+                aborted = fleet.aborted_elsewhere(plan, self.site, self._last_peers)
+                why = (f"why-{plan.rollout_id}", aborted.node_id if aborted is not None else "")
+                if aborted is not None and why not in self._fleet_polls:
+                    task = asyncio.create_task(self._get_rollout(aborted, plan.rollout_id))
+                    self._fleet_polls[why] = task
+                    task.add_done_callback(functools.partial(self._poll_done, why))
+        if len(self._view_cache) > 64:
+            self._view_cache.clear()
+        self._view_cache[key] = (now_m, view)
+        return view
+
+    async def _relay_aborts(self, peers: list[fleet.PeerView], now: float) -> None:
+        """A representative that sees another site abort a rollout this site runs proposes the abort to its
+        own site itself (any member may propose), at most once an interval per rollout: an abort must not
+        wait for the site leader's next poll, nor depend on it."""
+        now_m = self._monotonic()
+        for plan, rollout in self.group.rollouts():
+            rid = plan.rollout_id
+            if (
+                rollout.state.final
+                or now_m - self._relayed_abort_at.get(rid, -float("inf")) < self.settings.interval_s
+            ):
+                continue
+            aborted = fleet.aborted_elsewhere(plan, self.site, peers)
+            if aborted is None:
+                continue
+            self._relayed_abort_at[rid] = now_m
+            reason = await self._abort_reason(plan, aborted)
+            result = await self._propose(encode_input(rid, PeerAborted(now, aborted.site, reason)))
+            if result is not None and result.outcome is Outcome.APPLIED:
+                log.info(
+                    "%s: %s (relayed by representative %s)", self.group.group, result.message, self.node_id
+                )
+
+    def _views_of(self, plan: RolloutPlan, peers: list[fleet.PeerView]) -> dict[str, fleet.FleetView]:
+        """The fresh views of the rest of the fleet this site leader holds for `plan` (by representative),
+        asking the representatives again once an interval. A leader that represents its site itself
+        computes its own view."""
+        assert self._sites is not None
+        rid = plan.rollout_id
+        eligible = len(fleet.site_populations(plan, peers).get(self.site, []))
+        now_m = self._monotonic()
+        advertised = set(self._sites.advertised())
+        held = self._fleet_views.setdefault(rid, {})
+        for rep in [r for r in held if r not in advertised]:
+            del held[rep]
+        if self._representing():
+            held[self.node_id] = (now_m, self._fleet_view(plan, eligible))
+        if now_m - self._fleet_polled_at.get(rid, -float("inf")) >= self.settings.interval_s:
+            self._fleet_polled_at[rid] = now_m
+            for rep in sorted(advertised - {self.node_id}):
+                if (rid, rep) not in self._fleet_polls:
+                    task = asyncio.create_task(
+                        self._poll_view(plan, rep, eligible), name=f"fleet-view-{rid}-{rep}"
+                    )
+                    self._fleet_polls[(rid, rep)] = task
+                    task.add_done_callback(functools.partial(self._poll_done, (rid, rep)))
+        max_age = self.settings.fleet_max_age
+        return {rep: view for rep, (at, view) in held.items() if now_m - at <= max_age}
+
+    def _poll_done(self, key: tuple[str, str], _task: asyncio.Task[Any]) -> None:
+        self._fleet_polls.pop(key, None)
+
+    async def _poll_view(self, plan: RolloutPlan, rep: str, eligible: int) -> None:
+        address = self._address(rep)
+        if address is None:
+            return
+        try:
+            reply = await self._dial(address, rep).GetRollout(
+                pb.GetRolloutRequest(rollout_id=plan.rollout_id, site_eligible=eligible),
+                timeout=self.settings.fetch_timeout_s,
+            )
+        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+            log.debug("fleet view of %s from %s: %s", plan.rollout_id, rep, code)
+            return
+        if not reply.fleet_json:
+            return  # not (or no longer) a representative
+        try:
+            view = fleet.FleetView.from_json(reply.fleet_json.encode())
+        except fleet.FleetViewError as exc:
+            log.warning("ignoring the fleet view of %s from representative %s: %s", plan.rollout_id, rep, exc)
+            return
+        if not view.for_plan(plan, self.site):
+            log.warning(
+                "ignoring a fleet view from representative %s: not of %s for site %s",
+                rep,
+                plan.label,
+                self.site,
+            )
+            return
+        self._fleet_views.setdefault(plan.rollout_id, {})[rep] = (self._monotonic(), view)
+        self._wake.set()
+
+    def _start_view(
+        self,
+        plan: RolloutPlan,
+        rollout: SiteRollout,
+        peers: list[fleet.PeerView],
+        views: Mapping[str, fleet.FleetView],
+        now: float,
+    ) -> fleet.FleetView | None:
+        """The view a sites-mode leader starts `plan` with: one asked with this site's eligible count now,
+        that counts every site it sees (or the grace has passed). None: not yet."""
+        eligible = len(fleet.site_populations(plan, peers).get(self.site, []))
+        matching = {rep: v for rep, v in views.items() if v.site_eligible == eligible and v.sizes is not None}
+        view = fleet.prefer(matching)
+        if not fleet.fleet_start_ready(
+            view, registered_at=rollout.updated_at, now=now, grace_s=self.settings.fleet_start_grace_s
+        ):
+            return None
+        return view
 
     async def _register(self, plan: RolloutPlan, now: float) -> None:
         rid = plan.rollout_id
@@ -830,6 +1053,13 @@ class RolloutShell:
 
     def _notes(self) -> list[RolloutNote]:
         leader = self.group.raft.is_leader
+        representing = self._representing()
+        leader_notes: dict[str, RolloutNote] = {}
+        if representing and not leader:
+            leader_id = self.group.raft.leader_id
+            for peer in self._last_peers:
+                if peer.node_id == leader_id and peer.site == self.site:
+                    leader_notes = {n.rollout_id: n for n in peer.notes}
         rows = []
         for plan in self.docs.plans():
             known = self.group.rollout(plan.rollout_id)
@@ -838,11 +1068,20 @@ class RolloutShell:
             decision = self.steering.decisions.get(plan.rollout_id)
             verdict = self._verdicts.get(plan.rollout_id) if leader else None
             evidence: tuple[WaveEvidence, ...] = ()
+            outcome = None if verdict is None else verdict.outcome
             if verdict is not None and rollout is not None and not rollout.state.final:
                 evidence = (WaveEvidence.of(verdict.evidence(self.site)),)
                 passed = self._passed.get(plan.rollout_id)
                 if passed is not None and passed.wave < verdict.wave:
                     evidence = (passed, *evidence)
+            population = None
+            if representing:
+                # What the federation pool learns of this site: its population for the plan, and its
+                # leader's word (the leader is in general no representative, so its note stays here).
+                population = fleet.site_population(plan, rollout, self.site, self._last_peers)
+                relayed = leader_notes.get(plan.rollout_id)
+                if not leader and relayed is not None and rollout is not None and not rollout.state.final:
+                    evidence, outcome = relayed.evidence, relayed.verdict
             note = RolloutNote(
                 plan.rollout_id,
                 plan.digest,
@@ -853,8 +1092,9 @@ class RolloutShell:
                 first_wave=0 if rollout is None else fleet.cohort_wave(rollout, self.node_id),
                 serving=fleet.serving_of(plan, self.model, self._active),
                 skip=None if decision is None or decision.skip is None else decision.skip.kind,
-                verdict=None if verdict is None else verdict.outcome,
+                verdict=outcome,
                 evidence=evidence,
+                population=population,
             )
             final = rollout is not None and rollout.state.final
             rows.append(((final, -plan.created_at), note))
@@ -1029,7 +1269,8 @@ class RolloutServicer(pb_grpc.RolloutsServicer):
             raise AssertionError("grpc's context.abort returned")  # it raises; this tells type checkers
         if len(request.rollout_id) > 64:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rollout_id is longer than 64 characters")
-        return self._shell.documents(request.rollout_id)
+        site_eligible = request.site_eligible if request.HasField("site_eligible") else None
+        return self._shell.documents(request.rollout_id, site_eligible)
 
     async def GetManifests(self, request: pb.GetManifestsRequest, context) -> pb.GetManifestsResponse:
         await self._operator(context)
@@ -1248,5 +1489,6 @@ __all__ = [
     "RolloutServicer",
     "RolloutSettings",
     "RolloutShell",
+    "SitesHooks",
     "SiteVersionRouting",
 ]

@@ -89,6 +89,7 @@ from mesh.node.rollouts import (
     RolloutServicer,
     RolloutSettings,
     RolloutShell,
+    SitesHooks,
     SiteVersionRouting,
 )
 from mesh.node.startup import data_dir_error, listen_error
@@ -358,7 +359,10 @@ class Node:
                 store=store, data_dir=config.data_dir, trusted=trusted,
                 dial=lambda address, peer_id: rollout_pb2_grpc.RolloutsStub(
                     channels.channel(address, peer_id)),
-                settings=self.rollout_settings)
+                settings=self.rollout_settings,
+                sites=None if federation is None else SitesHooks(
+                    active=lambda: federation is not None and federation.active,
+                    advertised=lambda: federation.advertised() if federation is not None else {}))
             self.metrics.registry.register(RolloutCollector(rollouts))
 
         def pinned() -> set[tuple[str, str]]:

@@ -198,13 +198,19 @@ def test_sites_mode_in_the_node_toml(tmp_path):
 
 
 @pytest.mark.parametrize("extra, words", [
-    ('\n[raft]\nmembers = ["cam-01"]\n', "does not run with a [raft] section yet"),
     ('\n[transfer]\nsources = "origin"\n', 'sources = "origin" cannot work'),
 ])
 def test_sites_mode_refuses_what_it_cannot_do_yet(tmp_path, extra, words):
     text = GOOD + 'pools = "sites"\n' + extra
     with pytest.raises(ConfigError, match=re.escape(words)):
         load_config(write(tmp_path, text))
+
+
+def test_sites_mode_runs_with_a_site_group(tmp_path):
+    """Rollouts in sites mode reach a site leader through its representatives (tests/rollout/
+    test_sites_rollouts.py), so a site group no longer needs one flat pool."""
+    config = load_config(write(tmp_path, GOOD + 'pools = "sites"\n' + '\n[raft]\nmembers = ["cam-01"]\n'))
+    assert config.membership.pools == "sites" and config.raft is not None
 
 
 def test_federation_seeds_in_flat_mode_are_an_error_not_ignored(tmp_path):

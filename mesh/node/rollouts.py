@@ -90,6 +90,7 @@ from mesh.rollout.plan import (
     PlanFormatError,
     PlanSignatureError,
     RolloutCommand,
+    RolloutError,
     RolloutPlan,
     SignedPlan,
     signature_digest,
@@ -141,11 +142,12 @@ class RolloutSettings:
 
 @dataclass(frozen=True)
 class SitesHooks:
-    """Sites mode (`[membership] pools = "sites"`): whether this node represents its site in the federation
-    pool now, and its site's advertised representatives (node id -> term start), from FederationMember."""
+    """Sites mode (`[membership] pools = "sites"`), from FederationMember: whether this node represents its
+    site in the federation pool now, and who does (the members this node's own view chooses that also say
+    so: a member that merely claims the role is not asked)."""
 
     active: Callable[[], bool]
-    advertised: Callable[[], Mapping[str, int]]
+    representatives: Callable[[], Sequence[str]]
 
 
 DialRollouts = Callable[[str, str], pb_grpc.RolloutsStub]
@@ -189,6 +191,7 @@ class RolloutShell:
         self._view_cache: dict[tuple[str, int | None], tuple[float, fleet.FleetView]] = {}
         self._relayed_abort_at: dict[str, float] = {}
         self._abort_seen_at: dict[str, float] = {}
+        self._closed = False
         self.site = site
         self.labels = dict(labels)
         self.model = model
@@ -289,6 +292,7 @@ class RolloutShell:
         return max(wake_s, 0.01)
 
     async def close(self) -> None:
+        self._closed = True
         tasks = list(self._fetches.values()) + list(self._fleet_polls.values())
         for task in tasks:
             task.cancel()
@@ -405,6 +409,17 @@ class RolloutShell:
                     except DocumentRefused as exc:
                         log.debug("not handing on %s: %s", plan.label, exc)
         self.docs.forget_expired(now)
+        if self._sites is not None:  # what sites mode keeps per rollout, for live rollouts only
+            live = {p.rollout_id for p, r in self.group.rollouts() if not r.state.final}
+            live |= {p.rollout_id for p in self.docs.plans() if self.group.rollout(p.rollout_id) is None}
+            for table in (
+                self._fleet_views,
+                self._fleet_polled_at,
+                self._relayed_abort_at,
+                self._abort_seen_at,
+            ):
+                for rid in [k for k in table if k not in live]:
+                    del table[rid]
 
     def _anti_entropy(self, peers: list[fleet.PeerView]) -> None:
         """Fetch documents a peer announces and this node lacks (bounded, never the same twice)."""
@@ -481,17 +496,23 @@ class RolloutShell:
             return None
         if reply.site_state_json:
             with contextlib.suppress(ValueError):  # a peer's malformed view is only not remembered
-                self._site_views[(peer.site, rollout_id)] = {
-                    "node": peer.node_id,
-                    "at": self._clock(),
-                    "state": json.loads(reply.site_state_json),
-                    "verdict": json.loads(reply.verdict_json) if reply.verdict_json else None,
-                }
+                state = json.loads(reply.site_state_json)
+                verdict = json.loads(reply.verdict_json) if reply.verdict_json else None
+                if isinstance(state, dict) and (verdict is None or isinstance(verdict, dict)):
+                    self._site_views[(peer.site, rollout_id)] = {
+                        "node": peer.node_id,
+                        "at": self._clock(),
+                        "state": state,
+                        "verdict": verdict,
+                    }
         return reply
 
-    def documents(self, rollout_id: str, site_eligible: int | None = None) -> pb.RolloutDocuments:
+    def documents(
+        self, rollout_id: str, site_eligible: int | None = None, caller: str | None = None
+    ) -> pb.RolloutDocuments:
         """What this node answers a peer's GetRollout with; with `site_eligible`, from a representative in
-        sites mode, its view of the rest of the fleet too (`fleet_json`)."""
+        sites mode, its view of the rest of the fleet too (`fleet_json`): only for a member of its own
+        site (`caller`), and for a count its site can have (the apportionment costs what the count says)."""
         signed = self.docs.signed_plan(rollout_id)
         reply = pb.RolloutDocuments(rollout_id=rollout_id, node_id=self.node_id, site=self.site)
         if signed is not None:
@@ -505,8 +526,21 @@ class RolloutShell:
             reply.verdict_json = json.dumps(_verdict_doc(verdict))
         if site_eligible is not None and self._representing():
             plan = self.docs.plan(rollout_id) or (known[0] if known is not None else None)
-            if plan is not None:
-                reply.fleet_json = self._fleet_view(plan, site_eligible).to_json().decode()
+            site_members = {p.node_id for p in self._last_peers if p.site == self.site}
+            if caller not in site_members or site_eligible > len(site_members):
+                log.info(
+                    "%s: no fleet view for %s (%s eligible): only for a member of site %s, with at most "
+                    "its %d members",
+                    self.node_id,
+                    caller,
+                    site_eligible,
+                    self.site,
+                    len(site_members),
+                )
+            elif plan is not None:
+                view = self._fleet_view(plan, site_eligible)
+                if view is not None:
+                    reply.fleet_json = view.to_json().decode()
         decision = self.steering.decisions.get(rollout_id)
         if decision is not None:
             reply.device_json = json.dumps(
@@ -546,15 +580,17 @@ class RolloutShell:
             if rollout.state.final:
                 return
         views: dict[str, fleet.FleetView] = {}
-        if self._sites is not None:
+        # Another site aborted it (a leader that represents its site sees that site's representatives).
+        aborted = fleet.aborted_elsewhere(plan, self.site, peers)
+        if self._sites is not None and aborted is None:
             # Sites mode: this site's members only; the rest of the fleet as its representatives see it.
             peers = [p for p in peers if p.site == self.site]
             views = self._views_of(plan, peers)
             aborted_view = next((v for v in views.values() if v.aborted_site is not None), None)
             if aborted_view is not None and aborted_view.aborted_site is not None:
                 # The representative that saw it proposes the abort with the other site's reason itself
-                # (`_relay_aborts`), and its view carries the reason once it has fetched it; without one
-                # for a while, the abort goes ahead with what is known.
+                # (`_relay_aborts`), and its view carries the reason once it has fetched it; the abort
+                # goes ahead with what is known after a while. Meanwhile nothing starts or passes.
                 first_seen = self._abort_seen_at.setdefault(rid, self._monotonic())
                 reason = aborted_view.aborted_reason
                 if reason or self._monotonic() - first_seen >= 2 * self.settings.interval_s:
@@ -565,8 +601,7 @@ class RolloutShell:
                     await self._propose(
                         encode_input(rid, PeerAborted(now, aborted_view.aborted_site, reason))
                     )
-                    return
-        aborted = fleet.aborted_elsewhere(plan, self.site, peers)
+                return
         if aborted is not None:
             reason = await self._abort_reason(plan, aborted)
             await self._propose(encode_input(rid, PeerAborted(now, aborted.site, reason)))
@@ -651,15 +686,19 @@ class RolloutShell:
     def _representing(self) -> bool:
         return self._sites is not None and self._sites.active()
 
-    def _fleet_view(self, plan: RolloutPlan, site_eligible: int | None) -> fleet.FleetView:
-        """This representative's view of the rest of the fleet for `plan` (cached for half an interval: any
-        certificate holder may ask, and the fold reads every federation member)."""
+    def _fleet_view(self, plan: RolloutPlan, site_eligible: int | None) -> fleet.FleetView | None:
+        """This representative's view of the rest of the fleet for `plan` (cached for half an interval: the
+        fold reads every federation member); None if the peers' figures cannot be folded."""
         key = (plan.rollout_id, site_eligible)
         now_m = self._monotonic()
         cached = self._view_cache.get(key)
         if cached is not None and now_m - cached[0] < self.settings.interval_s / 2:
             return cached[1]
-        view = fleet.fleet_view(plan, self.site, self._last_peers, site_eligible=site_eligible)
+        try:
+            view = fleet.fleet_view(plan, self.site, self._last_peers, site_eligible=site_eligible)
+        except (RolloutError, ValueError) as exc:  # CohortError, HealthFormatError: peers' figures
+            log.warning("%s: no fleet view of %s: %s", self.node_id, plan.rollout_id, exc)
+            return None
         if view.aborted_site is not None:
             seen = self._site_views.get((view.aborted_site, plan.rollout_id))
             if seen is not None and seen["state"].get("state") == RolloutState.ABORTED.value:
@@ -668,7 +707,7 @@ class RolloutShell:
             else:  # ask the aborting site why, for the next view
                 aborted = fleet.aborted_elsewhere(plan, self.site, self._last_peers)
                 why = (f"why-{plan.rollout_id}", aborted.node_id if aborted is not None else "")
-                if aborted is not None and why not in self._fleet_polls:
+                if aborted is not None and why not in self._fleet_polls and not self._closed:
                     task = asyncio.create_task(self._get_rollout(aborted, plan.rollout_id))
                     self._fleet_polls[why] = task
                     task.add_done_callback(functools.partial(self._poll_done, why))
@@ -708,16 +747,20 @@ class RolloutShell:
         rid = plan.rollout_id
         eligible = len(fleet.site_populations(plan, peers).get(self.site, []))
         now_m = self._monotonic()
-        advertised = set(self._sites.advertised())
+        advertised = set(self._sites.representatives())
         held = self._fleet_views.setdefault(rid, {})
-        for rep in [r for r in held if r not in advertised]:
+        for rep in [r for r in held if r not in advertised and r != self.node_id]:
             del held[rep]
         if self._representing():
-            held[self.node_id] = (now_m, self._fleet_view(plan, eligible))
+            own = self._fleet_view(plan, eligible)
+            if own is not None:
+                held[self.node_id] = (now_m, own)
+        elif self.node_id in held:
+            del held[self.node_id]
         if now_m - self._fleet_polled_at.get(rid, -float("inf")) >= self.settings.interval_s:
             self._fleet_polled_at[rid] = now_m
             for rep in sorted(advertised - {self.node_id}):
-                if (rid, rep) not in self._fleet_polls:
+                if (rid, rep) not in self._fleet_polls and not self._closed:
                     task = asyncio.create_task(
                         self._poll_view(plan, rep, eligible), name=f"fleet-view-{rid}-{rep}"
                     )
@@ -771,8 +814,7 @@ class RolloutShell:
         """The view a sites-mode leader starts `plan` with: one asked with this site's eligible count now,
         that counts every site it sees (or the grace has passed). None: not yet."""
         eligible = len(fleet.site_populations(plan, peers).get(self.site, []))
-        matching = {rep: v for rep, v in views.items() if v.site_eligible == eligible and v.sizes is not None}
-        view = fleet.prefer(matching)
+        view = fleet.cautious_start(plan, views.values(), eligible)
         if not fleet.fleet_start_ready(
             view, registered_at=rollout.updated_at, now=now, grace_s=self.settings.fleet_start_grace_s
         ):
@@ -1270,7 +1312,10 @@ class RolloutServicer(pb_grpc.RolloutsServicer):
         if len(request.rollout_id) > 64:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rollout_id is longer than 64 characters")
         site_eligible = request.site_eligible if request.HasField("site_eligible") else None
-        return self._shell.documents(request.rollout_id, site_eligible)
+        caller = peer_identity(context)
+        return self._shell.documents(
+            request.rollout_id, site_eligible, caller.name if caller is not None else None
+        )
 
     async def GetManifests(self, request: pb.GetManifestsRequest, context) -> pb.GetManifestsResponse:
         await self._operator(context)

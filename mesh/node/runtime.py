@@ -362,7 +362,8 @@ class Node:
                 settings=self.rollout_settings,
                 sites=None if federation is None else SitesHooks(
                     active=lambda: federation is not None and federation.active,
-                    advertised=lambda: federation.advertised() if federation is not None else {}))
+                    representatives=lambda: [] if federation is None else [
+                        r for r in federation.representatives if r in federation.advertised()]))
             self.metrics.registry.register(RolloutCollector(rollouts))
 
         def pinned() -> set[tuple[str, str]]:

@@ -35,6 +35,9 @@ from mesh.rollout.state import RolloutState
 # note kept has one, so a flat fleet's blobs stay version 1 byte for byte.
 ANNOUNCE_CODEC_VERSIONS = (1, 2)
 MAX_ANNOUNCE_BYTES = 1024
+# A site's population as a representative may announce it: a site is one gossip pool (meant for up to
+# ~10^4 members); a bound keeps a peer's number from costing others more than a real site would.
+MAX_SITE_POPULATION = 1_000_000
 MAX_NOTES = 8
 MAX_EVIDENCE = 2  # the current wave's, and the last passed wave's (so a lagging site still sees it)
 PLAN_DIGEST_HEX = 16  # 8 bytes: enough to tell two plans apart; the signature is what is trusted
@@ -164,7 +167,7 @@ class RolloutNote:
         ):
             raise AnnounceFormatError(f"note {self.rollout_id}: at most {MAX_EVIDENCE} evidence entries")
         if self.population is not None and (
-            type(self.population) is not int or not 0 <= self.population <= MAX_COUNT
+            type(self.population) is not int or not 0 <= self.population <= MAX_SITE_POPULATION
         ):
             raise AnnounceFormatError(
                 f"note {self.rollout_id}: population {self.population!r} is out of range"

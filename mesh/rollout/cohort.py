@@ -137,6 +137,10 @@ def apportion_waves(seats: Sequence[int], populations: Mapping[str, int]) -> tup
     out = []
     given = 0
     for target in seats:
+        if target == total:  # every eligible device (a 100% wave): no need to hand out seats one by one
+            allocation, given = dict(populations), total
+            out.append(dict(allocation))
+            continue
         while given < target:
             _, site = heapq.heappop(heap)
             allocation[site] += 1

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 from mesh.rollout._json import expect_object, integer, strict_json, text
 from mesh.rollout.announce import PLAN_DIGEST_HEX, RolloutNote, Serving
-from mesh.rollout.cohort import cohort_score, first_wave, site_wave_sizes
+from mesh.rollout.cohort import cohort_score, first_wave, site_wave_sizes, wave_size
 from mesh.rollout.health import (
     MAX_COUNT,
     DeviceMarks,
@@ -237,13 +237,16 @@ class FleetView:
 
     @property
     def complete(self) -> bool:
-        """Has every other site the representative sees said its population?"""
-        return self.counted >= self.sites
+        """Has every other site the representative sees said its population? Not when it sees none: a
+        representative cut off from the federation (or not joined yet) cannot tell a fleet of one site
+        from a partition, so such a start waits for the grace time."""
+        return self.sites > 0 and self.counted >= self.sites
 
     def for_plan(self, plan: RolloutPlan, site: str) -> bool:
         """Is this a view of `plan` for `site` (a reply to another question is not used)?"""
         return (
             self.site == site
+            and len(self.plan_digest) == PLAN_DIGEST_HEX
             and plan.digest.startswith(self.plan_digest)
             and self.evidence.rollout_id == plan.rollout_id
             and (self.sizes is None or len(self.sizes) == len(plan.waves))
@@ -275,6 +278,8 @@ class FleetView:
         err = FleetViewError
         site = text(d["site"], "fleet view.site", err, 63)
         digest = text(d["plan_digest"], "fleet view.plan_digest", err, PLAN_DIGEST_HEX)
+        if len(digest) != PLAN_DIGEST_HEX or not all(c in "0123456789abcdef" for c in digest):
+            raise err(f"fleet view.plan_digest: expected {PLAN_DIGEST_HEX} hex characters")
         sites, counted = (
             integer(d[n], f"fleet view.{n}", err, maximum=MAX_COUNT) for n in ("sites", "counted")
         )
@@ -294,6 +299,16 @@ class FleetView:
             evidence = FoldedEvidence.from_dict(d["evidence"])
         except RolloutError as exc:
             raise err(f"fleet view: {exc}") from None
+        if counted > sites:
+            raise err(f"fleet view: {counted} sites counted of {sites} seen")
+        if (site_eligible is None) != (fleet_eligible is None) or (site_eligible is None) != (sizes is None):
+            raise err("fleet view: site_eligible, fleet_eligible and sizes come together or not at all")
+        if sizes is not None:
+            assert site_eligible is not None and fleet_eligible is not None
+            if any(a > b for a, b in zip(sizes, sizes[1:], strict=False)) or sizes[-1] != site_eligible:
+                raise err(f"fleet view.sizes: {list(sizes)} is not a nondecreasing share of {site_eligible}")
+            if site_eligible > fleet_eligible:
+                raise err(f"fleet view: {site_eligible} eligible here but {fleet_eligible} in the fleet")
         return cls(
             site,
             digest,
@@ -330,7 +345,7 @@ def site_population(
     """What a representative says of its site's population for `plan`: the count the site started with
     (replicated, so every representative says the same and a site starting later apportions as this one
     did), or before the start the count `site_populations` gives now."""
-    if rollout is not None and rollout.wave > 0:
+    if rollout is not None and rollout.thresholds:  # started (wave 1 may be held for an operator)
         return rollout.eligible_count
     return len(site_populations(plan, [p for p in peers if p.site == site]).get(site, []))
 
@@ -377,6 +392,34 @@ def prefer(views: Mapping[str, FleetView]) -> FleetView | None:
         return None
     best = min(views, key=lambda rep: (-views[rep].counted, -views[rep].sites, rep))
     return views[best]
+
+
+def cautious_start(plan: RolloutPlan, views: Iterable[FleetView], site_eligible: int) -> FleetView | None:
+    """What a site starts with when its representatives' views (each asked with `site_eligible`) differ:
+    per wave the fewest devices any of them gives this site, and the smallest fleet any of them counts
+    (so the guard judges each wave's share as the largest any view implies), each wave kept within the
+    plan's share of that fleet; the last wave keeps what the views give it (all of the site's eligible
+    devices at 100%). None without a view asked with this count. Beside honest views, one that lies can
+    only make this site's waves smaller, or ask for approvals sooner (a site's representatives are trusted
+    as far as their own view goes, as any member's gossiped evidence is in flat mode)."""
+    usable = [
+        v
+        for v in views
+        if v.site_eligible == site_eligible and v.sizes is not None and len(v.sizes) == len(plan.waves)
+    ]
+    if not usable:
+        return None
+    fleet_eligible = min(v.fleet_eligible or 0 for v in usable)
+    fleet_eligible = max(fleet_eligible, site_eligible)
+    sizes = [min(column) for column in zip(*(v.sizes or () for v in usable), strict=True)]
+    sizes[-1] = site_eligible  # a plan's last wave is 100%: all of this site's eligible devices
+    for k, w in enumerate(plan.waves[:-1]):
+        sizes[k] = min(sizes[k], wave_size(w.share_ppm, fleet_eligible))
+    for k in range(len(sizes) - 2, -1, -1):  # nondecreasing
+        sizes[k] = min(sizes[k], sizes[k + 1])
+    base = prefer({str(i): v for i, v in enumerate(usable)})
+    assert base is not None
+    return replace(base, sizes=tuple(sizes), fleet_eligible=fleet_eligible)
 
 
 def fleet_start_ready(view: FleetView | None, *, registered_at: float, now: float, grace_s: float) -> bool:

@@ -786,6 +786,12 @@ class FoldedEvidence:
 _FOLDED_FIELDS = frozenset({"rollout_id", "measured", "activation_failures", "vouch"})
 
 
+def _saturated(t: Totals) -> Totals:
+    """`t` with each count at most MAX_COUNT (errors kept at most requests)."""
+    requests = min(t.requests, MAX_COUNT)
+    return Totals(requests, min(t.errors, requests), min(t.devices, MAX_COUNT))
+
+
 def fold_evidence(
     rollout_id: str, remote: Iterable[SiteEvidence], *, besides: str | None = None, waves: int = MAX_WAVES
 ) -> FoldedEvidence:
@@ -798,6 +804,9 @@ def fold_evidence(
         # Errors count from any wave (a site's entries cover windows that do not overlap).
         measured += evidence.measured
         failures += evidence.activation_failures
+    # Sums of peers' counts saturate at MAX_COUNT (each entry may say up to that): a peer's absurd figures
+    # still fail the wave, they do not make the fold itself invalid.
+    measured, failures = _saturated(measured), min(failures, MAX_COUNT)
     vouch = []
     for wave in range(1, waves + 1):
         # Only evidence of this wave or a later one (more devices on the target) may vouch for this one,
@@ -818,7 +827,7 @@ def fold_evidence(
         soaked = Totals()
         for evidence in best.values():
             soaked += evidence.soaked
-        vouch.append((soaked, sum(silent_by_site.values())))
+        vouch.append((_saturated(soaked), min(sum(silent_by_site.values()), MAX_COUNT)))
     while vouch and vouch[-1] == (Totals(), 0):
         vouch.pop()
     return FoldedEvidence(rollout_id, measured, failures, tuple(vouch))

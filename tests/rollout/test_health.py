@@ -475,6 +475,20 @@ def test_folded_evidence_is_bounded_by_the_waves_not_the_sites():
     assert fold_evidence(PLAN.rollout_id, []).empty and not folded.empty
 
 
+def test_absurd_figures_from_peers_fail_the_wave_and_do_not_break_the_fold():
+    """Each entry may say up to MAX_COUNT; sums past it saturate, so two of them still fail the wave (as
+    before the fold existed) instead of making the gate raise on every step."""
+    big = 2**62
+    huge = [
+        SiteEvidence("b", PLAN.rollout_id, 1, Totals(big, big, big), Totals(big, 0, big), big, big),
+        SiteEvidence("c", PLAN.rollout_id, 1, Totals(big, big, big), Totals(big, 0, big), big, big),
+    ]
+    folded = fold_evidence(PLAN.rollout_id, huge)
+    assert folded.activation_failures == big and folded.at(1)[1] == big
+    assert FoldedEvidence.from_dict(json.loads(json.dumps(folded.to_dict()))) == folded
+    assert gate([], cohort=set(), remote=huge).outcome is GateOutcome.FAIL
+
+
 @pytest.mark.parametrize(
     "doc, fragment",
     [

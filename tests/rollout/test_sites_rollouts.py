@@ -140,9 +140,10 @@ async def test_a_good_version_passes_each_wave_across_sites_and_one_approval_rel
     assert empty, "every site had a wave-2 device: nothing shows a pass on other sites' evidence"
     for site in empty:
         leader = f.leader(site)
-        verdict = leader.rollouts._verdicts.get("mlp-2") if leader is not None else None
-        if verdict is not None:  # a leader elected since holds none
-            assert verdict.own_soaked.requests == 0 and verdict.soaked.requests > 0, (site, verdict)
+        assert leader is not None, site
+        verdict = leader.rollouts._verdicts.get("mlp-2")
+        assert verdict is not None and verdict.wave == 2, (site, verdict)
+        assert verdict.own_soaked.requests == 0 and verdict.soaked.requests > 0, (site, verdict)
 
     result = await f.send(f.command(plan, CommandAction.APPROVE, wave=3), via="node-02")
     assert took_effect(result), result.message

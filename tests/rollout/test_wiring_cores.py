@@ -36,6 +36,7 @@ from mesh.rollout.fleet import (
     PeerView,
     aborted_elsewhere,
     acceptable_versions,
+    cautious_start,
     fleet_start_ready,
     fleet_view,
     member_present,
@@ -105,7 +106,7 @@ notes = st.builds(
     skip=st.none() | st.sampled_from(SkipKind),
     verdict=st.none() | st.sampled_from(GateOutcome),
     evidence=st.lists(evidence, max_size=2).map(tuple),
-    population=st.none() | st.none() | st.integers(0, 10**7),
+    population=st.none() | st.none() | st.integers(0, 10**6),
 )
 
 
@@ -135,6 +136,12 @@ def test_notes_keep_the_first_that_fit_the_budget():
     assert encode_notes([], 256) == b"" and decode_notes(b"") == ()
     with pytest.raises(AnnounceFormatError, match="not a rollout id"):
         RolloutNote("bad id!", DIGEST)
+
+
+def test_a_population_is_bounded():
+    RolloutNote("rollout-00", DIGEST, population=announce.MAX_SITE_POPULATION)
+    with pytest.raises(AnnounceFormatError, match="population"):
+        RolloutNote("rollout-00", DIGEST, population=announce.MAX_SITE_POPULATION + 1)
 
 
 def test_populations_travel_in_codec_2_and_a_flat_fleet_keeps_codec_1():
@@ -343,7 +350,8 @@ def test_site_leaders_that_see_only_their_site_apportion_every_wave_exactly_thro
         seen = members[s] + [r for o in sizes if o != s for r in reps[o]]
         own = site_population(PLAN, None, s, members[s])
         view = fleet_view(PLAN, s, seen, site_eligible=own)
-        assert view.complete and view.counted == len([o for o in sizes if o != s and reps[o]])
+        others = [o for o in sizes if o != s and reps[o]]
+        assert view.counted == view.sites == len(others) and view.complete == bool(others)
         starts[s] = start_input(PLAN, s, seen, T0, fleet=view)
     total = sum(sizes.values())
     for k, w in enumerate(PLAN.waves):
@@ -394,18 +402,55 @@ def test_a_fleet_view_counts_sites_folds_their_evidence_and_notices_an_abort():
     assert not fleet_start_ready(None, registered_at=T0, now=T0 + 10**6, grace_s=30)
     complete = dataclasses.replace(view, counted=2)
     assert fleet_start_ready(complete, registered_at=T0, now=T0, grace_s=30)
-    assert prefer({"b-rep": view, "a-rep": view}) is view and prefer({}) is None
+    twin = dataclasses.replace(view, aborted_reason="the twin")
+    assert prefer({"b-rep": twin, "a-rep": view}) is view and prefer({}) is None
     assert prefer({"x": view, "y": complete}) is complete
     # A view asked for another count is not a start for this one.
     with pytest.raises(ValueError, match="10 eligible devices; this site has 2"):
         start_input(PLAN, "a", seen, T0, fleet=view)
 
 
+def test_a_representative_that_sees_no_other_site_cannot_start_its_site_alone():
+    """Cut off from the federation (or not joined yet), a representative sees no other site: that is no
+    proof of a fleet of one site, so the start waits for the grace time instead of sizing every wave for
+    this site alone."""
+    alone = fleet_view(PLAN, "a", [peer(f"a{i}", "a", note=note()) for i in range(50)], site_eligible=50)
+    assert (alone.sites, alone.counted, alone.complete) == (0, 0, False)
+    assert not fleet_start_ready(alone, registered_at=T0, now=T0 + 29, grace_s=30)
+    assert fleet_start_ready(alone, registered_at=T0, now=T0 + 30, grace_s=30)
+
+
+def test_a_start_takes_the_most_cautious_of_the_views():
+    honest = fleet_view(PLAN, "a", [peer("b1", "b", note=note(population=990))], site_eligible=10)
+    assert honest.sizes == (0, 1, 10) and honest.fleet_eligible == 1000
+    # A view that claims a huge fleet and a big share for this site, within what parses.
+    liar = dataclasses.replace(honest, sizes=(10, 10, 10), fleet_eligible=2**40, counted=1, sites=1)
+    assert FleetView.from_json(liar.to_json()) == liar
+    both = cautious_start(PLAN, [liar, honest], 10)
+    assert both.sizes == (0, 1, 10) and both.fleet_eligible == 1000
+    # Alone, the largest any wave of it may be is the plan's share of the fleet it counts.
+    assert cautious_start(PLAN, [liar], 10).sizes == (10, 10, 10)
+    small = dataclasses.replace(honest, sizes=(5, 5, 10), fleet_eligible=20)
+    assert cautious_start(PLAN, [small], 10).sizes == (1, 2, 10)  # 1% and 10% of 20, rounded up
+    assert cautious_start(PLAN, [honest], 9) is None  # asked for another count
+
+
 def test_a_site_says_the_population_it_started_with():
     members = [peer(f"a{i}", "a", note=note()) for i in range(5)]
     assert site_population(PLAN, None, "a", members) == 5
-    started = SiteRollout(PLAN.rollout_id, DIGEST, RolloutState.SOAKING, wave=1, eligible_count=7)
+    started = SiteRollout(
+        PLAN.rollout_id, DIGEST, RolloutState.SOAKING, wave=1, eligible_count=7, thresholds=(1, 2, 2**64)
+    )
     assert site_population(PLAN, started, "a", members) == 7
+    held = SiteRollout(
+        PLAN.rollout_id,
+        DIGEST,
+        RolloutState.WAITING_APPROVAL,
+        wave=0,
+        eligible_count=6,
+        thresholds=(None, None, 2**64),
+    )  # started, wave 1 held for an operator
+    assert site_population(PLAN, held, "a", members) == 6
     pending = SiteRollout(PLAN.rollout_id, DIGEST)
     assert site_population(PLAN, pending, "a", members + [peer("b1", "b", note=note())]) == 5
 
@@ -446,6 +491,12 @@ def test_any_json_is_refused_as_a_fleet_view_or_parses(doc):
         ({"aborted_reason": "x" * 401}, "aborted_reason"),
         ({"evidence": {"rollout_id": "bad id!"}}, "evidence"),
         ({"extra": 1}, "extra"),
+        ({"plan_digest": ""}, "hex characters"),
+        ({"counted": 5, "sites": 4}, "5 sites counted of 4"),
+        ({"fleet_eligible": None}, "come together"),
+        ({"sizes": [1, 0, 3]}, "nondecreasing"),
+        ({"sizes": [0, 1, 2]}, "share of 3"),
+        ({"fleet_eligible": 2}, "3 eligible here but 2"),
     ],
 )
 def test_a_fleet_view_parses_strictly(change, fragment):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mesh/v1/rollout.proto\x12\x07mesh.v1\"U\n\x11GetRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x1a\n\rsite_eligible\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_site_eligible\"\xcd\x01\n\x10RolloutDocuments\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x18\n\x10signed_plan_json\x18\x02 \x01(\t\x12\x14\n\x0c\x63ommand_json\x18\x03 \x03(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x17\n\x0fsite_state_json\x18\x06 \x01(\t\x12\x14\n\x0cverdict_json\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65vice_json\x18\x08 \x01(\t\x12\x12\n\nfleet_json\x18\t \x01(\t\"6\n\x13GetManifestsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\"L\n\x14GetManifestsResponse\x12\x1c\n\x14signed_manifest_json\x18\x01 \x03(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\t\"(\n\x0cStartRequest\x12\x18\n\x10signed_plan_json\x18\x01 \x01(\t\"&\n\x0e\x43ommandRequest\x12\x14\n\x0c\x63ommand_json\x18\x01 \x01(\t\"}\n\rRolloutResult\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0erefusal_reason\x18\x04 \x01(\t\x12\r\n\x05group\x18\x05 \x01(\t\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"*\n\x14RolloutStatusRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\",\n\x15RolloutStatusResponse\x12\x13\n\x0breport_json\x18\x01 \x01(\t\"\x14\n\x12RolloutListRequest\",\n\x13RolloutListResponse\x12\x15\n\rrollouts_json\x18\x01 \x01(\t2\x9c\x03\n\x08Rollouts\x12\x43\n\nGetRollout\x12\x1a.mesh.v1.GetRolloutRequest\x1a\x19.mesh.v1.RolloutDocuments\x12K\n\x0cGetManifests\x12\x1c.mesh.v1.GetManifestsRequest\x1a\x1d.mesh.v1.GetManifestsResponse\x12\x36\n\x05Start\x12\x15.mesh.v1.StartRequest\x1a\x16.mesh.v1.RolloutResult\x12:\n\x07\x43ommand\x12\x17.mesh.v1.CommandRequest\x1a\x16.mesh.v1.RolloutResult\x12G\n\x06Status\x12\x1d.mesh.v1.RolloutStatusRequest\x1a\x1e.mesh.v1.RolloutStatusResponse\x12\x41\n\x04List\x12\x1b.mesh.v1.RolloutListRequest\x1a\x1c.mesh.v1.RolloutListResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mesh/v1/rollout.proto\x12\x07mesh.v1\"i\n\x11GetRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x1a\n\rsite_eligible\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nfleet_view\x18\x03 \x01(\x08\x42\x10\n\x0e_site_eligible\"\xcd\x01\n\x10RolloutDocuments\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x18\n\x10signed_plan_json\x18\x02 \x01(\t\x12\x14\n\x0c\x63ommand_json\x18\x03 \x03(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\x0c\n\x04site\x18\x05 \x01(\t\x12\x17\n\x0fsite_state_json\x18\x06 \x01(\t\x12\x14\n\x0cverdict_json\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65vice_json\x18\x08 \x01(\t\x12\x12\n\nfleet_json\x18\t \x01(\t\"6\n\x13GetManifestsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\"L\n\x14GetManifestsResponse\x12\x1c\n\x14signed_manifest_json\x18\x01 \x03(\t\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\t\"(\n\x0cStartRequest\x12\x18\n\x10signed_plan_json\x18\x01 \x01(\t\"&\n\x0e\x43ommandRequest\x12\x14\n\x0c\x63ommand_json\x18\x01 \x01(\t\"}\n\rRolloutResult\x12\x0f\n\x07outcome\x18\x01 \x01(\t\x12\x12\n\nrollout_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0erefusal_reason\x18\x04 \x01(\t\x12\r\n\x05group\x18\x05 \x01(\t\x12\x0f\n\x07node_id\x18\x06 \x01(\t\"*\n\x14RolloutStatusRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\",\n\x15RolloutStatusResponse\x12\x13\n\x0breport_json\x18\x01 \x01(\t\"\x14\n\x12RolloutListRequest\",\n\x13RolloutListResponse\x12\x15\n\rrollouts_json\x18\x01 \x01(\t2\x9c\x03\n\x08Rollouts\x12\x43\n\nGetRollout\x12\x1a.mesh.v1.GetRolloutRequest\x1a\x19.mesh.v1.RolloutDocuments\x12K\n\x0cGetManifests\x12\x1c.mesh.v1.GetManifestsRequest\x1a\x1d.mesh.v1.GetManifestsResponse\x12\x36\n\x05Start\x12\x15.mesh.v1.StartRequest\x1a\x16.mesh.v1.RolloutResult\x12:\n\x07\x43ommand\x12\x17.mesh.v1.CommandRequest\x1a\x16.mesh.v1.RolloutResult\x12G\n\x06Status\x12\x1d.mesh.v1.RolloutStatusRequest\x1a\x1e.mesh.v1.RolloutStatusResponse\x12\x41\n\x04List\x12\x1b.mesh.v1.RolloutListRequest\x1a\x1c.mesh.v1.RolloutListResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.v1.rollout_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETROLLOUTREQUEST']._serialized_start=34
-  _globals['_GETROLLOUTREQUEST']._serialized_end=119
-  _globals['_ROLLOUTDOCUMENTS']._serialized_start=122
-  _globals['_ROLLOUTDOCUMENTS']._serialized_end=327
-  _globals['_GETMANIFESTSREQUEST']._serialized_start=329
-  _globals['_GETMANIFESTSREQUEST']._serialized_end=383
-  _globals['_GETMANIFESTSRESPONSE']._serialized_start=385
-  _globals['_GETMANIFESTSRESPONSE']._serialized_end=461
-  _globals['_STARTREQUEST']._serialized_start=463
-  _globals['_STARTREQUEST']._serialized_end=503
-  _globals['_COMMANDREQUEST']._serialized_start=505
-  _globals['_COMMANDREQUEST']._serialized_end=543
-  _globals['_ROLLOUTRESULT']._serialized_start=545
-  _globals['_ROLLOUTRESULT']._serialized_end=670
-  _globals['_ROLLOUTSTATUSREQUEST']._serialized_start=672
-  _globals['_ROLLOUTSTATUSREQUEST']._serialized_end=714
-  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_start=716
-  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_end=760
-  _globals['_ROLLOUTLISTREQUEST']._serialized_start=762
-  _globals['_ROLLOUTLISTREQUEST']._serialized_end=782
-  _globals['_ROLLOUTLISTRESPONSE']._serialized_start=784
-  _globals['_ROLLOUTLISTRESPONSE']._serialized_end=828
-  _globals['_ROLLOUTS']._serialized_start=831
-  _globals['_ROLLOUTS']._serialized_end=1243
+  _globals['_GETROLLOUTREQUEST']._serialized_end=139
+  _globals['_ROLLOUTDOCUMENTS']._serialized_start=142
+  _globals['_ROLLOUTDOCUMENTS']._serialized_end=347
+  _globals['_GETMANIFESTSREQUEST']._serialized_start=349
+  _globals['_GETMANIFESTSREQUEST']._serialized_end=403
+  _globals['_GETMANIFESTSRESPONSE']._serialized_start=405
+  _globals['_GETMANIFESTSRESPONSE']._serialized_end=481
+  _globals['_STARTREQUEST']._serialized_start=483
+  _globals['_STARTREQUEST']._serialized_end=523
+  _globals['_COMMANDREQUEST']._serialized_start=525
+  _globals['_COMMANDREQUEST']._serialized_end=563
+  _globals['_ROLLOUTRESULT']._serialized_start=565
+  _globals['_ROLLOUTRESULT']._serialized_end=690
+  _globals['_ROLLOUTSTATUSREQUEST']._serialized_start=692
+  _globals['_ROLLOUTSTATUSREQUEST']._serialized_end=734
+  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_start=736
+  _globals['_ROLLOUTSTATUSRESPONSE']._serialized_end=780
+  _globals['_ROLLOUTLISTREQUEST']._serialized_start=782
+  _globals['_ROLLOUTLISTREQUEST']._serialized_end=802
+  _globals['_ROLLOUTLISTRESPONSE']._serialized_start=804
+  _globals['_ROLLOUTLISTRESPONSE']._serialized_end=848
+  _globals['_ROLLOUTS']._serialized_start=851
+  _globals['_ROLLOUTS']._serialized_end=1263
 # @@protoc_insertion_point(module_scope)

@@ -8,12 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetRolloutRequest(_message.Message):
-    __slots__ = ("rollout_id", "site_eligible")
+    __slots__ = ("rollout_id", "site_eligible", "fleet_view")
     ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    FLEET_VIEW_FIELD_NUMBER: _ClassVar[int]
     rollout_id: str
     site_eligible: int
-    def __init__(self, rollout_id: _Optional[str] = ..., site_eligible: _Optional[int] = ...) -> None: ...
+    fleet_view: bool
+    def __init__(self, rollout_id: _Optional[str] = ..., site_eligible: _Optional[int] = ..., fleet_view: _Optional[bool] = ...) -> None: ...
 
 class RolloutDocuments(_message.Message):
     __slots__ = ("rollout_id", "signed_plan_json", "command_json", "node_id", "site", "site_state_json", "verdict_json", "device_json", "fleet_json")

@@ -151,6 +151,9 @@ class SitesHooks:
 
 
 DialRollouts = Callable[[str, str], pb_grpc.RolloutsStub]
+# Sites mode: fleet views with wave sizes a representative computes an interval at most (its site leader
+# asks for one per interval while a rollout is pending; apportioning costs in proportion to the fleet).
+SIZED_VIEWS_PER_INTERVAL = 2
 
 
 class RolloutShell:
@@ -191,6 +194,7 @@ class RolloutShell:
         self._view_cache: dict[tuple[str, int | None], tuple[float, fleet.FleetView]] = {}
         self._relayed_abort_at: dict[str, float] = {}
         self._abort_seen_at: dict[str, float] = {}
+        self._sized_at: list[float] = []  # when this representative computed fleet views with sizes
         self._closed = False
         self.site = site
         self.labels = dict(labels)
@@ -508,11 +512,18 @@ class RolloutShell:
         return reply
 
     def documents(
-        self, rollout_id: str, site_eligible: int | None = None, caller: str | None = None
+        self,
+        rollout_id: str,
+        site_eligible: int | None = None,
+        caller: str | None = None,
+        *,
+        fleet_view: bool = False,
     ) -> pb.RolloutDocuments:
-        """What this node answers a peer's GetRollout with; with `site_eligible`, from a representative in
-        sites mode, its view of the rest of the fleet too (`fleet_json`): only for a member of its own
-        site (`caller`), and for a count its site can have (the apportionment costs what the count says)."""
+        """What this node answers a peer's GetRollout with; with `fleet_view`, from a representative in sites
+        mode, its view of the rest of the fleet too (`fleet_json`; with this site's wave sizes for
+        `site_eligible` devices): only for a member of its own site (`caller`), for a count its site can
+        have, and at most SIZED_VIEWS_PER_INTERVAL views with sizes an interval (apportioning the waves
+        costs in proportion to the fleet's devices; a started site asks for none)."""
         signed = self.docs.signed_plan(rollout_id)
         reply = pb.RolloutDocuments(rollout_id=rollout_id, node_id=self.node_id, site=self.site)
         if signed is not None:
@@ -524,10 +535,10 @@ class RolloutShell:
         verdict = self._verdicts.get(rollout_id)
         if verdict is not None and self.group.raft.is_leader:
             reply.verdict_json = json.dumps(_verdict_doc(verdict))
-        if site_eligible is not None and self._representing():
+        if (fleet_view or site_eligible is not None) and self._representing():
             plan = self.docs.plan(rollout_id) or (known[0] if known is not None else None)
             site_members = {p.node_id for p in self._last_peers if p.site == self.site}
-            if caller not in site_members or site_eligible > len(site_members):
+            if caller not in site_members or (site_eligible or 0) > len(site_members):
                 log.info(
                     "%s: no fleet view for %s (%s eligible): only for a member of site %s, with at most "
                     "its %d members",
@@ -585,7 +596,7 @@ class RolloutShell:
         if self._sites is not None and aborted is None:
             # Sites mode: this site's members only; the rest of the fleet as its representatives see it.
             peers = [p for p in peers if p.site == self.site]
-            views = self._views_of(plan, peers)
+            views = self._views_of(plan, peers, sized=rollout.state is RolloutState.PENDING)
             aborted_view = next((v for v in views.values() if v.aborted_site is not None), None)
             if aborted_view is not None and aborted_view.aborted_site is not None:
                 # The representative that saw it proposes the abort with the other site's reason itself
@@ -630,7 +641,7 @@ class RolloutShell:
         self._gated_at[rid] = now
         members = [p.node_id for p in peers if p.site == self.site and fleet.selected(plan, p)]
 
-        def judge(remote: list[SiteEvidence] | FoldedEvidence) -> GateVerdict:
+        def judge(remote: Sequence[SiteEvidence] | FoldedEvidence) -> GateVerdict:
             return evaluate_gate(
                 plan,
                 rollout.wave,
@@ -647,18 +658,7 @@ class RolloutShell:
         if self._sites is None:
             verdict = judge(fleet.remote_evidence(plan, self.site, peers))
         else:
-            # Each representative's view judged: a failure seen through any of them fails the wave (the
-            # safe direction); otherwise the view that sees the most decides. No view: this site's own
-            # devices only, so a site without a cohort device of its own cannot pass on evidence it lacks.
-            preferred = fleet.prefer(views)
-            verdict = judge(preferred.evidence if preferred is not None else [])
-            for other in views.values():
-                if verdict.outcome is GateOutcome.FAIL:
-                    break
-                if other is not preferred:
-                    candidate = judge(other.evidence)
-                    if candidate.outcome is GateOutcome.FAIL:
-                        verdict = candidate
+            verdict = fleet.sites_verdict(plan, judge, views)  # each representative's view judged
         previous = self._verdicts.get(rid)
         passed = self._passed.get(rid)
         if (
@@ -688,12 +688,19 @@ class RolloutShell:
 
     def _fleet_view(self, plan: RolloutPlan, site_eligible: int | None) -> fleet.FleetView | None:
         """This representative's view of the rest of the fleet for `plan` (cached for half an interval: the
-        fold reads every federation member); None if the peers' figures cannot be folded."""
+        fold reads every federation member); None if the peers' figures cannot be folded, or when more
+        views with sizes were asked for this interval than SIZED_VIEWS_PER_INTERVAL."""
         key = (plan.rollout_id, site_eligible)
         now_m = self._monotonic()
         cached = self._view_cache.get(key)
         if cached is not None and now_m - cached[0] < self.settings.interval_s / 2:
             return cached[1]
+        if site_eligible is not None:
+            self._sized_at = [t for t in self._sized_at if now_m - t < self.settings.interval_s]
+            if len(self._sized_at) >= SIZED_VIEWS_PER_INTERVAL:
+                log.debug("%s: no sized fleet view of %s this interval", self.node_id, plan.rollout_id)
+                return None
+            self._sized_at.append(now_m)
         try:
             view = fleet.fleet_view(plan, self.site, self._last_peers, site_eligible=site_eligible)
         except (RolloutError, ValueError) as exc:  # CohortError, HealthFormatError: peers' figures
@@ -739,13 +746,15 @@ class RolloutShell:
                     "%s: %s (relayed by representative %s)", self.group.group, result.message, self.node_id
                 )
 
-    def _views_of(self, plan: RolloutPlan, peers: list[fleet.PeerView]) -> dict[str, fleet.FleetView]:
+    def _views_of(
+        self, plan: RolloutPlan, peers: list[fleet.PeerView], *, sized: bool
+    ) -> dict[str, fleet.FleetView]:
         """The fresh views of the rest of the fleet this site leader holds for `plan` (by representative),
-        asking the representatives again once an interval. A leader that represents its site itself
-        computes its own view."""
+        asking the representatives again once an interval, for this site's wave sizes too while `sized`
+        (before the start). A leader that represents its site itself computes its own view."""
         assert self._sites is not None
         rid = plan.rollout_id
-        eligible = len(fleet.site_populations(plan, peers).get(self.site, []))
+        eligible = len(fleet.site_populations(plan, peers).get(self.site, [])) if sized else None
         now_m = self._monotonic()
         advertised = set(self._sites.representatives())
         held = self._fleet_views.setdefault(rid, {})
@@ -772,13 +781,13 @@ class RolloutShell:
     def _poll_done(self, key: tuple[str, str], _task: asyncio.Task[Any]) -> None:
         self._fleet_polls.pop(key, None)
 
-    async def _poll_view(self, plan: RolloutPlan, rep: str, eligible: int) -> None:
+    async def _poll_view(self, plan: RolloutPlan, rep: str, eligible: int | None) -> None:
         address = self._address(rep)
         if address is None:
             return
         try:
             reply = await self._dial(address, rep).GetRollout(
-                pb.GetRolloutRequest(rollout_id=plan.rollout_id, site_eligible=eligible),
+                pb.GetRolloutRequest(rollout_id=plan.rollout_id, site_eligible=eligible, fleet_view=True),
                 timeout=self.settings.fetch_timeout_s,
             )
         except (grpc.aio.AioRpcError, ConnectionError) as exc:
@@ -1314,7 +1323,10 @@ class RolloutServicer(pb_grpc.RolloutsServicer):
         site_eligible = request.site_eligible if request.HasField("site_eligible") else None
         caller = peer_identity(context)
         return self._shell.documents(
-            request.rollout_id, site_eligible, caller.name if caller is not None else None
+            request.rollout_id,
+            site_eligible,
+            caller.name if caller is not None else None,
+            fleet_view=request.fleet_view or site_eligible is not None,
         )
 
     async def GetManifests(self, request: pb.GetManifestsRequest, context) -> pb.GetManifestsResponse:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from mesh.rollout._json import expect_object, integer, strict_json, text
@@ -33,12 +33,15 @@ from mesh.rollout.health import (
     DeviceMarks,
     DeviceReport,
     FoldedEvidence,
+    GateOutcome,
+    GateVerdict,
     NodeHealth,
     SiteEvidence,
     fold_evidence,
 )
 from mesh.rollout.plan import MAX_WAVES, DeviceFacts, RolloutError, RolloutPlan
 from mesh.rollout.state import (
+    MAX_FLEET_ELIGIBLE,
     Desired,
     Prefetch,
     RolloutState,
@@ -309,6 +312,8 @@ class FleetView:
                 raise err(f"fleet view.sizes: {list(sizes)} is not a nondecreasing share of {site_eligible}")
             if site_eligible > fleet_eligible:
                 raise err(f"fleet view: {site_eligible} eligible here but {fleet_eligible} in the fleet")
+            if fleet_eligible > MAX_FLEET_ELIGIBLE:
+                raise err(f"fleet view: a fleet of {fleet_eligible} devices, at most {MAX_FLEET_ELIGIBLE}")
         return cls(
             site,
             digest,
@@ -415,11 +420,46 @@ def cautious_start(plan: RolloutPlan, views: Iterable[FleetView], site_eligible:
     sizes[-1] = site_eligible  # a plan's last wave is 100%: all of this site's eligible devices
     for k, w in enumerate(plan.waves[:-1]):
         sizes[k] = min(sizes[k], wave_size(w.share_ppm, fleet_eligible))
-    for k in range(len(sizes) - 2, -1, -1):  # nondecreasing
-        sizes[k] = min(sizes[k], sizes[k + 1])
     base = prefer({str(i): v for i, v in enumerate(usable)})
     assert base is not None
     return replace(base, sizes=tuple(sizes), fleet_eligible=fleet_eligible)
+
+
+def sites_verdict(
+    plan: RolloutPlan,
+    judge: Callable[[FoldedEvidence | Sequence[SiteEvidence]], GateVerdict],
+    views: Mapping[str, FleetView],
+) -> GateVerdict:
+    """A sites-mode leader's gate over its representatives' fresh views (`judge` evaluates the gate with
+    the given remote evidence). A failure through any view fails the wave (the safe direction). A pass
+    needs every view that sees other sites to pass (a view that sees none, from a representative cut off
+    from the federation, weighs only when no other is held): a stale view that passes does not outvote a
+    fresher one still waiting. Without any view the site's own devices are judged, and a pass they would
+    give waits: errors other sites measured may be missing, as the site cannot see them itself."""
+    if not views:
+        own = judge(())
+        if own.outcome is not GateOutcome.PASS:
+            return own
+        w = plan.wave(own.wave)
+        assert w.deadline_s is not None
+        note = "; waiting for a representative's view of the other sites before passing"
+        return replace(
+            own,
+            outcome=GateOutcome.INCONCLUSIVE,
+            reason=(own.reason[: 1024 - len(note)] + note),
+            deadline_passed=own.evaluated_at >= own.soak_started_at + w.deadline_s,
+        )
+    verdicts = {rep: judge(view.evidence) for rep, view in sorted(views.items())}
+    failed = next((v for v in verdicts.values() if v.outcome is GateOutcome.FAIL), None)
+    if failed is not None:
+        return failed
+    informative = {rep: view for rep, view in views.items() if view.sites > 0} or dict(views)
+    best = prefer(informative)
+    preferred = next(verdicts[rep] for rep, view in informative.items() if view is best)
+    if preferred.outcome is not GateOutcome.PASS:
+        return preferred
+    waiting = [verdicts[rep] for rep in sorted(informative) if verdicts[rep].outcome is not GateOutcome.PASS]
+    return waiting[0] if waiting else preferred
 
 
 def fleet_start_ready(view: FleetView | None, *, registered_at: float, now: float, grace_s: float) -> bool:

@@ -476,8 +476,11 @@ class Totals:
         return Fraction(self.errors, self.requests) if self.requests else None
 
     def __add__(self, other: Totals) -> Totals:
+        """Saturating at MAX_COUNT (what a peer's figures may say each): a verdict built from absurd
+        figures stays one the ledger can record."""
+        requests = min(self.requests + other.requests, MAX_COUNT)
         return Totals(
-            self.requests + other.requests, self.errors + other.errors, self.devices + other.devices
+            requests, min(self.errors + other.errors, requests), min(self.devices + other.devices, MAX_COUNT)
         )
 
     def describe(self) -> str:

@@ -34,6 +34,7 @@ from mesh.rollout.health import (
     fold_evidence,
 )
 from mesh.rollout.plan import SkipKind
+from mesh.rollout.state import GateResult, decode_command, encode_input
 from tests.rollout.builders import T0, counters, make_plan, report, waves
 from tests.strategies import json_values
 
@@ -487,6 +488,13 @@ def test_absurd_figures_from_peers_fail_the_wave_and_do_not_break_the_fold():
     assert folded.activation_failures == big and folded.at(1)[1] == big
     assert FoldedEvidence.from_dict(json.loads(json.dumps(folded.to_dict()))) == folded
     assert gate([], cohort=set(), remote=huge).outcome is GateOutcome.FAIL
+    # Without failures, absurd request counts beside this site's own: the verdict (a pass here) is one the
+    # site's ledger can still record, on every replica.
+    loud = [SiteEvidence("b", PLAN.rollout_id, 1, Totals(big, 0, 5), Totals(big, 0, 5))]
+    verdict = gate([report("c1", (1000, 0))], remote=loud)
+    assert verdict.outcome is GateOutcome.PASS and verdict.measured.requests == big
+    decoded = decode_command(encode_input(PLAN.rollout_id, GateResult(verdict.evaluated_at, verdict)))
+    assert decoded.event_input.verdict == verdict
 
 
 @pytest.mark.parametrize(

@@ -44,12 +44,21 @@ from mesh.rollout.fleet import (
     remote_evidence,
     site_population,
     site_populations,
+    sites_verdict,
     start_input,
     start_ready,
     steer_device,
     stream_server,
 )
-from mesh.rollout.health import GateOutcome, NodeHealth, SiteEvidence, Totals, fold_evidence
+from mesh.rollout.health import (
+    FoldedEvidence,
+    GateOutcome,
+    GateVerdict,
+    NodeHealth,
+    SiteEvidence,
+    Totals,
+    fold_evidence,
+)
 from mesh.rollout.plan import AutonomousScope, CommandAction, PrefetchPolicy, Selector, SkipKind
 from mesh.rollout.report import rollout_report
 from mesh.rollout.state import (
@@ -424,7 +433,7 @@ def test_a_start_takes_the_most_cautious_of_the_views():
     honest = fleet_view(PLAN, "a", [peer("b1", "b", note=note(population=990))], site_eligible=10)
     assert honest.sizes == (0, 1, 10) and honest.fleet_eligible == 1000
     # A view that claims a huge fleet and a big share for this site, within what parses.
-    liar = dataclasses.replace(honest, sizes=(10, 10, 10), fleet_eligible=2**40, counted=1, sites=1)
+    liar = dataclasses.replace(honest, sizes=(10, 10, 10), fleet_eligible=2**38, counted=1, sites=1)
     assert FleetView.from_json(liar.to_json()) == liar
     both = cautious_start(PLAN, [liar, honest], 10)
     assert both.sizes == (0, 1, 10) and both.fleet_eligible == 1000
@@ -472,6 +481,62 @@ def test_a_fleet_view_stays_small_whatever_the_number_of_sites():
     assert FleetView.from_json(blob) == view
 
 
+def _verdict(outcome: GateOutcome, reason: str = "r", now: float = T0 + 10) -> GateVerdict:
+    return GateVerdict(PLAN.rollout_id, 1, outcome, reason, evaluated_at=now, soak_started_at=T0)
+
+
+def test_a_sites_mode_gate_needs_a_view_to_pass_and_fails_through_any():
+    seen = fold_evidence(
+        PLAN.rollout_id, [SiteEvidence("b", PLAN.rollout_id, 1, Totals(9, 0, 1), Totals(9, 0, 1))]
+    )
+    view = FleetView("a", DIGEST[:16], seen, sites=1, counted=1)
+    blind = FleetView("a", DIGEST[:16], FoldedEvidence(PLAN.rollout_id), sites=0)  # cut off from the others
+    stale = FleetView("a", DIGEST[:16], FoldedEvidence(PLAN.rollout_id), sites=1, counted=1)
+    outcome_by_evidence = {seen: GateOutcome.PASS}
+
+    def judge(remote):
+        if not isinstance(remote, FoldedEvidence):
+            return _verdict(GateOutcome.PASS, "own devices pass")
+        return _verdict(outcome_by_evidence.get(remote, GateOutcome.INCONCLUSIVE))
+
+    # No view: what the site's own devices say, but never a pass (others' errors may be missing).
+    alone = sites_verdict(PLAN, judge, {})
+    assert alone.outcome is GateOutcome.INCONCLUSIVE and "waiting for a representative's view" in alone.reason
+    assert not alone.deadline_passed
+    late = sites_verdict(PLAN, lambda r: _verdict(GateOutcome.PASS, now=T0 + 10**6), {})
+    assert late.outcome is GateOutcome.INCONCLUSIVE and late.deadline_passed
+    assert sites_verdict(PLAN, judge, {"r1": view}).outcome is GateOutcome.PASS
+    # A view that sees no other site does not hold back one that does; alone, it is what there is.
+    assert sites_verdict(PLAN, judge, {"r1": view, "r2": blind}).outcome is GateOutcome.PASS
+    assert sites_verdict(PLAN, judge, {"r2": blind}).outcome is GateOutcome.INCONCLUSIVE
+    # Every view that sees other sites must pass; a failure through any fails.
+    assert sites_verdict(PLAN, judge, {"r1": view, "r3": stale}).outcome is GateOutcome.INCONCLUSIVE
+    outcome_by_evidence[blind.evidence] = GateOutcome.FAIL
+    assert sites_verdict(PLAN, judge, {"r1": view, "r2": blind}).outcome is GateOutcome.FAIL
+
+
+def _valid_view_doc() -> dict:
+    view = fleet_view(PLAN, "a", [peer("b1", "b", note=note(population=7))], site_eligible=3)
+    return json.loads(view.to_json())
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_any_field_of_a_fleet_view_replaced_is_refused_or_parses_coherently(data):
+    doc = _valid_view_doc()
+    key = data.draw(st.sampled_from(sorted(doc)))
+    doc[key] = data.draw(json_values(max_leaves=5) | st.integers(-3, 2**40) | st.none())
+    try:
+        view = FleetView.from_json(json.dumps(doc).encode())
+    except FleetViewError:
+        return
+    assert FleetView.from_json(view.to_json()) == view
+    assert view.counted <= view.sites
+    if view.sizes is not None:
+        assert view.sizes[-1] == view.site_eligible <= view.fleet_eligible <= 2**38
+        assert list(view.sizes) == sorted(view.sizes)
+
+
 @settings(max_examples=300)
 @given(json_values())
 def test_any_json_is_refused_as_a_fleet_view_or_parses(doc):
@@ -497,6 +562,7 @@ def test_any_json_is_refused_as_a_fleet_view_or_parses(doc):
         ({"sizes": [1, 0, 3]}, "nondecreasing"),
         ({"sizes": [0, 1, 2]}, "share of 3"),
         ({"fleet_eligible": 2}, "3 eligible here but 2"),
+        ({"fleet_eligible": 2**38 + 1}, "at most"),
     ],
 )
 def test_a_fleet_view_parses_strictly(change, fragment):

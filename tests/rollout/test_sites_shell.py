@@ -1,0 +1,91 @@
+"""A representative's answers to its site leader in sites mode (`RolloutShell.documents` with a fleet
+view), on a shell built with stand-ins for what it does not use here (group, boards, runtime): who gets a
+view, for which counts, and how many views with wave sizes an interval (each costs in proportion to the
+fleet's devices)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from mesh.node.rollouts import SIZED_VIEWS_PER_INTERVAL, RolloutSettings, RolloutShell, SitesHooks
+from mesh.rollout.announce import RolloutNote, Serving
+from mesh.rollout.fleet import FleetView, PeerView
+from tests.rollout.builders import T0, TRUSTED, make_plan, signed
+
+PLAN = make_plan()
+
+
+def peer(node: str, site: str, population: int | None = None) -> PeerView:
+    note = RolloutNote(PLAN.rollout_id, PLAN.digest, serving=Serving.BASELINE, population=population)
+    return PeerView(node, site, (("device_class", "camera"), ("site", site)), True, None, (note,))
+
+
+def representative(*, active: bool = True) -> tuple[RolloutShell, list[float]]:
+    clock = [100.0]
+    board = SimpleNamespace(set_meta=lambda blob: None, meta_limit_bytes=256)
+    group = SimpleNamespace(
+        raft=SimpleNamespace(is_leader=False, leader_id=None), rollout=lambda rid: None, rollouts=lambda: []
+    )
+    shell = RolloutShell(
+        node_id="a0",
+        site="a",
+        labels={"site": "a"},
+        model=None,
+        group=group,  # type: ignore[arg-type]
+        view=SimpleNamespace(members=lambda: [], member=lambda node_id: None),  # type: ignore[arg-type]
+        health_board=board,  # type: ignore[arg-type]
+        notes_board=board,  # type: ignore[arg-type]
+        runtime=None,
+        steer=lambda steering: None,
+        refused=frozenset,
+        history=tuple,
+        store=None,  # type: ignore[arg-type]
+        data_dir=Path("/nonexistent"),
+        trusted=TRUSTED,
+        dial=None,  # type: ignore[arg-type]
+        settings=RolloutSettings(interval_s=1.0),
+        sites=SitesHooks(active=lambda: active, representatives=lambda: ["a0"]),
+        clock=lambda: T0,
+        monotonic=lambda: clock[0],
+    )
+    shell.docs.add_plan(signed(PLAN), now=T0)
+    shell._last_peers = [peer(f"a{i}", "a") for i in range(4)] + [peer("b0", "b", population=96)]
+    return shell, clock
+
+
+def view_of(reply) -> FleetView | None:
+    return FleetView.from_json(reply.fleet_json.encode()) if reply.fleet_json else None
+
+
+def test_a_member_of_the_site_gets_the_view_with_its_wave_sizes():
+    shell, _ = representative()
+    view = view_of(shell.documents(PLAN.rollout_id, 4, "a2", fleet_view=True))
+    assert (
+        view is not None and view.fleet_eligible == 100 and view.sizes == (0, 0, 4)
+    )  # 1 and 10 of 100: to b
+    unsized = view_of(shell.documents(PLAN.rollout_id, None, "a2", fleet_view=True))
+    assert unsized is not None and unsized.sizes is None and unsized.sites == 1
+    assert json.loads(shell.documents(PLAN.rollout_id, None, "a2").fleet_json or "null") is None  # not asked
+
+
+def test_no_view_for_another_site_a_count_the_site_cannot_have_or_a_node_that_is_no_representative():
+    shell, _ = representative()
+    assert view_of(shell.documents(PLAN.rollout_id, 4, "b0", fleet_view=True)) is None
+    assert view_of(shell.documents(PLAN.rollout_id, 4, None, fleet_view=True)) is None
+    assert view_of(shell.documents(PLAN.rollout_id, 5, "a2", fleet_view=True)) is None  # 4 members
+    assert view_of(shell.documents(PLAN.rollout_id, 2**31, "a2", fleet_view=True)) is None
+    retired, _ = representative(active=False)
+    assert view_of(retired.documents(PLAN.rollout_id, 4, "a2", fleet_view=True)) is None
+
+
+def test_views_with_sizes_are_few_an_interval_and_the_same_question_is_answered_from_the_cache():
+    shell, clock = representative()
+    counts = list(range(SIZED_VIEWS_PER_INTERVAL + 2))
+    answered = [view_of(shell.documents(PLAN.rollout_id, n, "a1", fleet_view=True)) for n in counts]
+    assert [v is not None for v in answered] == [True] * SIZED_VIEWS_PER_INTERVAL + [False, False]
+    assert view_of(shell.documents(PLAN.rollout_id, 0, "a1", fleet_view=True)) == answered[0]  # cached
+    assert view_of(shell.documents(PLAN.rollout_id, None, "a1", fleet_view=True)) is not None  # no sizes
+    clock[0] += 1.0
+    assert view_of(shell.documents(PLAN.rollout_id, counts[-1], "a1", fleet_view=True)) is not None

@@ -66,7 +66,13 @@ MODEL = "mlp"
 REQUEST_DEADLINE_S = 15.0  # Traffic's deadline per Infer request
 # Loopback timings for rollouts: a gate every half second.
 FAST_ROLLOUTS = RolloutSettings(
-    interval_s=0.5, min_step_s=0.1, start_grace_s=2.0, fetch_timeout_s=1.0, sync_timeout_s=15.0
+    interval_s=0.5,
+    min_step_s=0.1,
+    start_grace_s=2.0,
+    fetch_timeout_s=1.0,
+    sync_timeout_s=15.0,
+    # Sites mode: a representative's view stays usable through a few slow polls on a loaded machine.
+    fleet_max_age_s=10.0,
 )
 # Dozens of nodes share one process (and a loaded machine): SWIM and Raft with room for scheduling delays,
 # so a busy event loop is not taken for a dead peer or a lost leader, and with little idle work: twenty

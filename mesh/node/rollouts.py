@@ -131,13 +131,16 @@ class RolloutSettings:
     sync_timeout_s: float = 10.0  # after a restart: act on the last committed state after this long
     # Sites mode: a new plan starts once the representatives' views count every site they see, or after
     # this long; a representative's view is used by its site leader while younger than fleet_max_age_s
-    # (None: three intervals).
+    # (None: `fleet_max_age`).
     fleet_start_grace_s: float = 30.0
     fleet_max_age_s: float | None = None
 
     @property
     def fleet_max_age(self) -> float:
-        return 3 * self.interval_s if self.fleet_max_age_s is None else self.fleet_max_age_s
+        """Three polls, or two that time out and one more (a slow representative is not dropped at once)."""
+        if self.fleet_max_age_s is not None:
+            return self.fleet_max_age_s
+        return max(3 * self.interval_s, 2 * self.fetch_timeout_s + self.interval_s)
 
 
 @dataclass(frozen=True)

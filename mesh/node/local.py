@@ -30,6 +30,19 @@ from mesh.node.runtime import Node
 FAST_TIMINGS = MembershipConfig(probe_interval_s=0.2, probe_timeout_s=0.1, gossip_interval_s=0.05,
                                 push_pull_interval_s=2.0, gossip_to_dead_s=10.0)
 
+# A dozen nodes or more share one process (and a loaded machine): SWIM with room for scheduling delays,
+# so a busy event loop is not taken for a dead peer, and with little idle work. With FAST_TIMINGS, twenty
+# rollout nodes took more than the one core a Python process gets, and beside `stress-ng --cpu 2` members
+# flapped dead (with FLEET_RAFT, the module's CPU time went from 210 s to 91 s); twelve sites-mode nodes
+# lost representatives mid-download, so a plain device fetched across sites.
+FLEET_TIMINGS = MembershipConfig(
+    probe_interval_s=1.0,
+    probe_timeout_s=0.5,
+    gossip_interval_s=0.2,
+    push_pull_interval_s=5.0,
+    gossip_to_dead_s=20.0,
+)
+
 SITES = ("amsterdam", "berlin", "chicago", "denver", "essen", "fresno")
 
 

@@ -42,7 +42,7 @@ from mesh.membership.config import MembershipConfig
 from mesh.membership.messages import State
 from mesh.node import runtime as node_runtime
 from mesh.node.config import InferenceSection, MembershipSection, NodeConfig, TlsSection
-from mesh.node.local import SITES, LocalFleet, wait_for
+from mesh.node.local import FLEET_TIMINGS, SITES, LocalFleet, wait_for
 from mesh.node.rollouts import RolloutSettings, RolloutShell
 from mesh.node.runtime import Node
 from mesh.rollout.plan import (
@@ -74,18 +74,7 @@ FAST_ROLLOUTS = RolloutSettings(
     # Sites mode: a representative's view stays usable through a few slow polls on a loaded machine.
     fleet_max_age_s=10.0,
 )
-# Dozens of nodes share one process (and a loaded machine): SWIM and Raft with room for scheduling delays,
-# so a busy event loop is not taken for a dead peer or a lost leader, and with little idle work: twenty
-# nodes gossiping every 0.1 s and twenty tick threads waking every 20 ms (the defaults for one group per
-# device) took more than the one core a Python process gets, and beside `stress-ng --cpu 2` members
-# flapped dead and leaders were lost (measured: the module's CPU time went from 210 s to 91 s).
-FLEET_TIMINGS = MembershipConfig(
-    probe_interval_s=1.0,
-    probe_timeout_s=0.5,
-    gossip_interval_s=0.2,
-    push_pull_interval_s=5.0,
-    gossip_to_dead_s=20.0,
-)
+# Raft with room for scheduling delays too (see FLEET_TIMINGS); a tick thread per node wakes every 0.1 s.
 FLEET_RAFT: dict[str, Any] = {
     "election_min_s": 1.0,
     "election_max_s": 2.0,

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from mesh.membership.messages import State
-from mesh.node.local import FAST_TIMINGS, wait_for
+from mesh.node.local import FAST_TIMINGS, FLEET_TIMINGS, wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -113,6 +113,13 @@ async def test_a_dead_representative_is_replaced_and_the_federation_learns_it(cl
     assert all(c.nodes[i].federation.changes == n for i, n in changes.items())
 
 
+def crossers(c) -> str:
+    """Who fetched across a site boundary, and how often each node joined or left the federation."""
+    return ", ".join(f"{i} ({c.site_of(i)}) {n.distributor.counters.bytes_from_other_sites} B, "
+                     f"{n.federation.changes} federation changes" for i, n in sorted(c.nodes.items())
+                     if n.distributor.counters.bytes_from_other_sites or n.federation.changes)
+
+
 @pytest.mark.parametrize("origin_id", ["node-00", "node-09"])  # a representative; a plain device
 async def test_a_release_crosses_each_site_boundary_about_once(cluster, fleet, origin_id):
     """The origin's site publishes; the other sites' representatives fetch across the boundary and
@@ -122,10 +129,14 @@ async def test_a_release_crosses_each_site_boundary_about_once(cluster, fleet, o
     from mesh.identity.signing import KeyRole, load_signing_key
     from tests.models import mediapipe_model
 
-    # The fallback (another representative crossing when the site stalls) kept out of the figure.
-    c = await cluster(12, sites=3, pools="sites", representatives=2, transfer={"cross_fallback_s": 600.0})
+    # The fallback (another representative crossing when the site stalls) kept out of the figure, and
+    # timings for a dozen nodes in one process: with FAST_TIMINGS, on a loaded machine, false suspicions
+    # moved representatives mid-download and a site crossed 1.6 copies (one through a plain device).
+    c = await cluster(12, sites=3, pools="sites", representatives=2, timings=FLEET_TIMINGS,
+                      transfer={"cross_fallback_s": 600.0})
     await wait_for(lambda: all(len(r) == 2 for r in representatives(c).values())
-                   and len(representatives(c)) == 3, 20.0, what="two representatives per site")
+                   and len(representatives(c)) == 3, 30.0, what="two representatives per site")
+    changes = {i: n.federation.changes for i, n in c.nodes.items()}
     origin = c.nodes[origin_id]
     assert origin.federation.active is (origin_id == "node-00")
     signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0",
@@ -135,6 +146,9 @@ async def test_a_release_crosses_each_site_boundary_about_once(cluster, fleet, o
     origin.distributor.add_published(signed)
     took = await wait_for(lambda: all(n.store.is_complete(manifest) for n in c.nodes.values()), 120.0,
                           interval_s=0.1, what="hand 1.0 complete on all 12 nodes")
+    moved = {i: n.federation.changes - changes[i] for i, n in c.nodes.items()
+             if n.federation.changes != changes[i]}
+    assert not moved, f"representatives moved mid-download (a false suspicion?): {moved}; {crossers(c)}"
     size = manifest.size_bytes
     crossed = {}
     for node_id, node in c.nodes.items():
@@ -143,11 +157,11 @@ async def test_a_release_crosses_each_site_boundary_about_once(cluster, fleet, o
     reps = set().union(*representatives(c).values())
     for node_id, node in c.nodes.items():
         if node_id not in reps:  # a plain device fetches inside its site only
-            assert node.distributor.counters.bytes_from_other_sites == 0, node_id
+            assert node.distributor.counters.bytes_from_other_sites == 0, f"{node_id}: {crossers(c)}"
     per_site = {site: round(b / size, 2) for site, b in crossed.items()}
     print(f"12 nodes in 3 sites complete in {took:.1f}s; copies that crossed into each site: {per_site}")
     assert per_site[c.site_of(origin_id)] == 0
-    assert all(copies <= 1.5 for copies in per_site.values()), per_site
+    assert all(copies <= 1.5 for copies in per_site.values()), f"{per_site}: {crossers(c)}"
 
 
 async def test_admin_status_shows_the_site_pool_and_the_federation(cluster, fleet):

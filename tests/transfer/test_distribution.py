@@ -15,8 +15,7 @@ from mesh.artifacts.publish import delta, publish
 from mesh.artifacts.store import TMP_PREFIX, ArtifactStore, StoreError
 from mesh.identity.signing import KeyRole, load_signing_key
 from mesh.membership.messages import State
-from mesh.node.local import wait_for
-from mesh.node.local_rollouts import FLEET_TIMINGS
+from mesh.node.local import FLEET_TIMINGS, wait_for
 from mesh.node.runtime import Node
 from mesh.transfer.distributor import Phase
 from tests.models import mediapipe_model, wakeword_model

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence, Set
@@ -157,6 +158,10 @@ DialRollouts = Callable[[str, str], pb_grpc.RolloutsStub]
 # Sites mode: fleet views with wave sizes a representative computes an interval at most (its site leader
 # asks for one per interval while a rollout is pending; apportioning costs in proportion to the fleet).
 SIZED_VIEWS_PER_INTERVAL = 2
+# A refused fleet view is logged at INFO at most once a minute per caller (callers are mTLS identities);
+# at most this many callers are remembered, and past them refusals log at DEBUG until some expire.
+REFUSAL_LOG_INTERVAL_S = 60.0
+MAX_REFUSALS_REMEMBERED = 1024
 
 
 class RolloutShell:
@@ -198,6 +203,7 @@ class RolloutShell:
         self._relayed_abort_at: dict[str, float] = {}
         self._abort_seen_at: dict[str, float] = {}
         self._sized_at: list[float] = []  # when this representative computed fleet views with sizes
+        self._refusal_logged_at: dict[str | None, float] = {}  # caller -> when a view refusal was logged
         self._closed = False
         self.site = site
         self.labels = dict(labels)
@@ -514,6 +520,30 @@ class RolloutShell:
                     }
         return reply
 
+    def _log_view_refusal(self, caller: str | None, site_eligible: int | None, members: int) -> None:
+        """A fleet view refused: logged at INFO once per caller and interval (a caller that keeps asking,
+        misconfigured or hostile, does not fill the log), else at DEBUG."""
+        now_m = self._monotonic()
+        level = logging.DEBUG
+        if now_m - self._refusal_logged_at.get(caller, -math.inf) >= REFUSAL_LOG_INTERVAL_S:
+            if len(self._refusal_logged_at) >= MAX_REFUSALS_REMEMBERED:
+                self._refusal_logged_at = {
+                    c: t for c, t in self._refusal_logged_at.items() if now_m - t < REFUSAL_LOG_INTERVAL_S
+                }
+            if len(self._refusal_logged_at) < MAX_REFUSALS_REMEMBERED:
+                self._refusal_logged_at[caller] = now_m
+                level = logging.INFO
+        log.log(
+            level,
+            "%s: no fleet view for %s (%s eligible): only for a member of site %s, with at most its %d "
+            "members",
+            self.node_id,
+            caller,
+            site_eligible,
+            self.site,
+            members,
+        )
+
     def documents(
         self,
         rollout_id: str,
@@ -542,15 +572,7 @@ class RolloutShell:
             plan = self.docs.plan(rollout_id) or (known[0] if known is not None else None)
             site_members = {p.node_id for p in self._last_peers if p.site == self.site}
             if caller not in site_members or (site_eligible or 0) > len(site_members):
-                log.info(
-                    "%s: no fleet view for %s (%s eligible): only for a member of site %s, with at most "
-                    "its %d members",
-                    self.node_id,
-                    caller,
-                    site_eligible,
-                    self.site,
-                    len(site_members),
-                )
+                self._log_view_refusal(caller, site_eligible, len(site_members))
             elif plan is not None:
                 view = self._fleet_view(plan, site_eligible)
                 if view is not None:

@@ -6,10 +6,18 @@ fleet's devices)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
-from mesh.node.rollouts import SIZED_VIEWS_PER_INTERVAL, RolloutSettings, RolloutShell, SitesHooks
+from mesh.node.rollouts import (
+    MAX_REFUSALS_REMEMBERED,
+    REFUSAL_LOG_INTERVAL_S,
+    SIZED_VIEWS_PER_INTERVAL,
+    RolloutSettings,
+    RolloutShell,
+    SitesHooks,
+)
 from mesh.rollout.announce import RolloutNote, Serving
 from mesh.rollout.fleet import FleetView, PeerView
 from tests.rollout.builders import T0, TRUSTED, make_plan, signed
@@ -89,3 +97,29 @@ def test_views_with_sizes_are_few_an_interval_and_the_same_question_is_answered_
     assert view_of(shell.documents(PLAN.rollout_id, None, "a1", fleet_view=True)) is not None  # no sizes
     clock[0] += 1.0
     assert view_of(shell.documents(PLAN.rollout_id, counts[-1], "a1", fleet_view=True)) is not None
+
+
+def test_a_caller_refused_a_view_is_logged_at_info_once_a_minute(caplog):
+    """A caller that keeps asking for a view it may not have (misconfigured, or hostile) does not fill
+    the log: one INFO line per caller and minute, the rest at DEBUG; the callers remembered are bounded."""
+    shell, clock = representative()
+    caplog.set_level(logging.DEBUG, logger="mesh.rollout")
+
+    def refusals(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if "no fleet view for" in r.getMessage() and r.levelno == level]
+
+    for _ in range(5):
+        assert view_of(shell.documents(PLAN.rollout_id, 4, "b0", fleet_view=True)) is None
+    assert len(refusals(logging.INFO)) == 1 and "only for a member of site a" in refusals(logging.INFO)[0]
+    assert len(refusals(logging.DEBUG)) == 4
+    shell.documents(PLAN.rollout_id, 4, "c0", fleet_view=True)  # another caller: its own line
+    assert len(refusals(logging.INFO)) == 2
+    clock[0] += REFUSAL_LOG_INTERVAL_S
+    shell.documents(PLAN.rollout_id, 4, "b0", fleet_view=True)
+    assert len(refusals(logging.INFO)) == 3
+    for i in range(2 * MAX_REFUSALS_REMEMBERED):
+        shell.documents(PLAN.rollout_id, 4, f"x{i}", fleet_view=True)
+    assert len(shell._refusal_logged_at) <= MAX_REFUSALS_REMEMBERED
+    assert len(refusals(logging.INFO)) <= 3 + MAX_REFUSALS_REMEMBERED  # past the bound: DEBUG
+    assert f"x{2 * MAX_REFUSALS_REMEMBERED - 1}" in refusals(logging.DEBUG)[-1]

@@ -500,6 +500,9 @@ def status_view(report: dict[str, Any], address: str = "NODE") -> Any:
         )
     if report["unreachable"]:
         notes.append(f"unreachable ({report['unreachable_count']}): " + ", ".join(report["unreachable"]))
+    fleet_views = report.get("fleet_views")  # sites mode
+    if fleet_views and fleet_views["note"]:
+        notes.append(f"sites mode: {fleet_views['note']}")
     if any(w["needs_approval"] for w in report["waves"]):
         notes.append(
             f"* above the autonomous scope of {report['autonomous_share']}: waits for "

@@ -199,6 +199,7 @@ class RolloutShell:
         self._fleet_views: dict[str, dict[str, tuple[float, fleet.FleetView]]] = {}  # rollout -> rep -> view
         self._fleet_polls: dict[tuple[str, str], asyncio.Task] = {}
         self._fleet_polled_at: dict[str, float] = {}
+        self._view_misses: dict[tuple[str, str], str] = {}  # (rollout, rep) -> why its last poll gave no view
         self._view_cache: dict[tuple[str, int | None], tuple[float, fleet.FleetView]] = {}
         self._relayed_abort_at: dict[str, float] = {}
         self._abort_seen_at: dict[str, float] = {}
@@ -785,6 +786,8 @@ class RolloutShell:
         held = self._fleet_views.setdefault(rid, {})
         for rep in [r for r in held if r not in advertised and r != self.node_id]:
             del held[rep]
+        for key in [k for k in self._view_misses if k[0] == rid and k[1] not in advertised]:
+            del self._view_misses[key]
         if self._representing():
             own = self._fleet_view(plan, eligible)
             if own is not None:
@@ -818,13 +821,16 @@ class RolloutShell:
         except (grpc.aio.AioRpcError, ConnectionError) as exc:
             code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
             log.debug("fleet view of %s from %s: %s", plan.rollout_id, rep, code)
+            self._view_misses[(plan.rollout_id, rep)] = f"its GetRollout failed ({code})"
             return
-        if not reply.fleet_json:
-            return  # not (or no longer) a representative
+        if not reply.fleet_json:  # not (or no longer) a representative, or no sized view this interval
+            self._view_misses[(plan.rollout_id, rep)] = "it answered without a view"
+            return
         try:
             view = fleet.FleetView.from_json(reply.fleet_json.encode())
         except fleet.FleetViewError as exc:
             log.warning("ignoring the fleet view of %s from representative %s: %s", plan.rollout_id, rep, exc)
+            self._view_misses[(plan.rollout_id, rep)] = "its view was malformed"
             return
         if not view.for_plan(plan, self.site):
             log.warning(
@@ -833,7 +839,9 @@ class RolloutShell:
                 plan.label,
                 self.site,
             )
+            self._view_misses[(plan.rollout_id, rep)] = "its view was of another plan or site"
             return
+        self._view_misses.pop((plan.rollout_id, rep), None)
         self._fleet_views.setdefault(plan.rollout_id, {})[rep] = (self._monotonic(), view)
         self._wake.set()
 
@@ -1251,7 +1259,7 @@ class RolloutShell:
         known = self.group.rollout(plan.rollout_id)
         own = None if known is None else known[1]
         verdict = self._verdicts.get(plan.rollout_id)
-        return rollout_report(
+        report = rollout_report(
             plan,
             site=self.site,
             node_id=self.node_id,
@@ -1262,6 +1270,49 @@ class RolloutShell:
             now=self._clock(),
             max_share_ppm=self.group.policy.rollout_max_share_ppm,
         )
+        if self._sites is not None:
+            report["fleet_views"] = self._fleet_views_doc(plan.rollout_id, own)
+        return report
+
+    def _fleet_views_doc(self, rollout_id: str, own: SiteRollout | None) -> dict[str, Any]:
+        """Sites mode, for `mesh rollout status`: the representatives' views of the rest of the fleet this
+        node holds (a site leader holds them), how old, why a representative gave none, and a note when
+        the site waits for one."""
+        assert self._sites is not None
+        now_m = self._monotonic()
+        max_age = self.settings.fleet_max_age
+        reps = sorted(self._sites.representatives())
+        leader = self.group.raft.is_leader
+        held = sorted(self._fleet_views.get(rollout_id, {}).items())
+        views = [
+            {
+                "representative": rep,
+                "age_s": round(now_m - at, 1),
+                "fresh": now_m - at <= max_age,
+                "sites": view.sites,
+                "counted": view.counted,
+            }
+            for rep, (at, view) in held
+        ]
+        misses = {rep: why for (rid, rep), why in sorted(self._view_misses.items()) if rid == rollout_id}
+        note = ""  # a finished rollout needs no view
+        if own is not None and own.state.final:
+            note = ""
+        elif not leader:
+            holder = self.group.raft.leader_id
+            note = (
+                f"the site leader ({holder}) holds the representatives' views of the other sites; ask it"
+                if holder
+                else "this site has no leader now; its leader will hold the representatives' views"
+            )
+        elif not any(v["fresh"] for v in views):
+            named = ", ".join(f"{r} ({misses[r]})" if r in misses else r for r in reps) or "none advertised"
+            note = (
+                f"no fresh view of the other sites from a representative (within {max_age:g} s): wave 1 does "
+                f"not start and no gate passes until one answers; representatives: {named}. "
+                "`mesh admin status --node REP` shows whether a representative reaches the federation"
+            )
+        return {"leader": leader, "representatives": reps, "views": views, "misses": misses, "note": note}
 
     def summaries(self) -> list[dict[str, Any]]:
         """One line per rollout this node knows, newest first, for `mesh rollout ls`."""

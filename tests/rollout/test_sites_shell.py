@@ -34,7 +34,10 @@ def representative(*, active: bool = True) -> tuple[RolloutShell, list[float]]:
     clock = [100.0]
     board = SimpleNamespace(set_meta=lambda blob: None, meta_limit_bytes=256)
     group = SimpleNamespace(
-        raft=SimpleNamespace(is_leader=False, leader_id=None), rollout=lambda rid: None, rollouts=lambda: []
+        raft=SimpleNamespace(is_leader=False, leader_id=None),
+        rollout=lambda rid: None,
+        rollouts=lambda: [],
+        policy=SimpleNamespace(rollout_max_share_ppm=None),
     )
     shell = RolloutShell(
         node_id="a0",
@@ -123,3 +126,37 @@ def test_a_caller_refused_a_view_is_logged_at_info_once_a_minute(caplog):
     assert len(shell._refusal_logged_at) <= MAX_REFUSALS_REMEMBERED
     assert len(refusals(logging.INFO)) <= 3 + MAX_REFUSALS_REMEMBERED  # past the bound: DEBUG
     assert f"x{2 * MAX_REFUSALS_REMEMBERED - 1}" in refusals(logging.DEBUG)[-1]
+
+
+def test_rollout_status_says_why_a_site_waits_for_a_fleet_view():
+    """`mesh rollout status` in sites mode: a node that is not the leader points at it; a leader without a
+    fresh representative's view says that wave 1 and the gates wait for one, naming the representatives
+    and why each gave none; with a fresh view, no note."""
+    from rich.console import Console
+
+    from mesh.cli.rollout import status_view
+
+    def rendered(report) -> str:
+        console = Console(width=400, record=True)
+        console.print(status_view(report))
+        return " ".join(console.export_text().split())
+
+    shell, clock = representative()
+    doc = shell.report(PLAN.rollout_id)["fleet_views"]
+    assert not doc["leader"] and doc["views"] == [] and "this site has no leader now" in doc["note"]
+    shell.group.raft.leader_id = "a3"
+    assert "the site leader (a3) holds" in shell.report(PLAN.rollout_id)["fleet_views"]["note"]
+
+    shell.group.raft.is_leader = True
+    shell._view_misses[(PLAN.rollout_id, "a0")] = "its GetRollout failed (UNAVAILABLE)"
+    report = shell.report(PLAN.rollout_id)
+    assert "no fresh view of the other sites" in report["fleet_views"]["note"]
+    assert "sites mode: no fresh view" in rendered(report)
+    assert "representatives: a0 (its GetRollout failed (UNAVAILABLE))" in rendered(report)
+
+    held = shell._views_of(PLAN, shell._last_peers, sized=False)  # a leader that represents: its own view
+    assert set(held) == {"a0"}
+    doc = shell.report(PLAN.rollout_id)["fleet_views"]
+    assert doc["note"] == "" and doc["views"][0]["fresh"] and doc["views"][0]["sites"] == 1
+    clock[0] += shell.settings.fleet_max_age + 1  # the view ages out
+    assert "no fresh view" in shell.report(PLAN.rollout_id)["fleet_views"]["note"]

@@ -32,11 +32,15 @@ def _scenarios(names: str | None) -> list:
 
 
 def _seeds(text: str) -> list[int]:
+    """The seeds of --seeds, each once, in the order given."""
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         _fail(f"--seeds takes integers separated by commas, got {text!r}", EXIT_USAGE)
         raise
+    if len(set(seeds)) != len(seeds):
+        _fail(f"--seeds lists a seed more than once ({text}); a seed replays the same run", EXIT_USAGE)
+    return seeds
 
 
 def _preflight() -> None:
@@ -50,6 +54,9 @@ def _preflight() -> None:
 def cmd_run(args) -> int:
     from chaos.runner import HarnessError, run_one
 
+    if "," in args.scenario:
+        _fail(f"run takes one scenario, not {args.scenario!r}; `python -m chaos matrix --scenarios "
+              f"{args.scenario}` runs several", EXIT_USAGE)
     scenario = _scenarios(args.scenario)[0]
     _preflight()
     try:
@@ -78,9 +85,11 @@ def cmd_matrix(args) -> int:
         f"{','.join(map(str, seeds))}" + (" (rotated)" if args.rotate else ""),
         flush=True,
     )
+    for scenario, seed in plan:  # what will run, each replayable alone
+        print(f"  {scenario.name} --seed {seed}", flush=True)
     _preflight()
     totals = {"acknowledged": 0, "refused": 0, "unknown": 0}
-    faults = failed = passed = errors = runs = 0
+    faults = failed = passed = skipped = errors = runs = 0
     for scenario, seed in plan:
         runs += 1
         try:
@@ -95,6 +104,7 @@ def cmd_matrix(args) -> int:
         faults += len(report["faults"])
         failed += report["checkers_failed"]
         passed += report["checkers_passed"]
+        skipped += report["checkers_skipped"]
         for key in totals:
             totals[key] += report["operations"][key]
     print(
@@ -106,6 +116,7 @@ def cmd_matrix(args) -> int:
                 "operations": totals,
                 "checkers_failed": failed,
                 "checkers_passed": passed,
+                "checkers_skipped": skipped,  # nothing to judge in that run (e.g. no rollout)
                 "runs": runs,
                 "harness_errors": errors,
             },
@@ -159,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     matrix.add_argument(
         "--rotate",
         action="store_true",
-        help="instead of every scenario under every seed: scenario i under seed i mod n, plus "
-        "reruns until each nemesis family has met two seeds (what `make chaos` runs)",
+        help="instead of every scenario under every seed: the i-th scenario under the i-th seed, "
+        "cycling, plus reruns until each nemesis family has met two seeds (what `make chaos` runs)",
     )
     for p in (run, matrix):
         p.add_argument(

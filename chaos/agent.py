@@ -154,6 +154,7 @@ class Agent:
             "enabled": s.enabled,
             "model": s.model,
             "active_version": s.active_version,
+            "active_sha256": s.active_sha256,
             "previous_version": s.previous_version,
             "last_activation_error": s.last_activation_error,
             "signature_json": s.signature_json,

@@ -151,6 +151,11 @@ def acknowledged_decisions(record: RunRecord) -> CheckResult:
         and op.detail.get("outcome") == "applied"
         and op.detail.get("decision_id")
     ]
+    if not acked:  # a lost acknowledged decision needs one acknowledged first
+        return CheckResult(
+            name, SKIP, "no decision was acknowledged as applied: nothing to look for in the replicas",
+            figures={"acknowledged_applied": 0},
+        )
     problems: list[str] = []
     sites = sorted({op.site for op in acked})
     tampered = set(record.spec.tampered_audit)
@@ -258,6 +263,16 @@ def guard_scope(record: RunRecord) -> CheckResult:
             if r.get("kind") == "proposed":
                 p = r.get("payload") or {}
                 proposals.setdefault(p.get("decision_id"), p)
+    above_proposed = {
+        did for did, p in proposals.items()
+        if (limits := record.spec.guard.get(p.get("kind") or "")) and _exceeds(p.get("scope") or {}, limits)
+    }
+    held_anywhere = {
+        (r.get("payload") or {}).get("decision_id")
+        for final in record.final.values()
+        for r in _records(final)
+        if r.get("kind") == "held"
+    }
     judged = above_seen = 0
     for node, final in sorted(record.final.items()):
         records = _records(final)
@@ -305,11 +320,21 @@ def guard_scope(record: RunRecord) -> CheckResult:
                     "approval by that key before the apply"
                     + (" (this log's chain is broken too: see audit_chains)" if broken else "")
                 )
+    figures = {
+        "judged": judged,
+        "above_scope": above_seen,
+        "above_scope_proposed": len(above_proposed | held_anywhere),
+    }
+    if not problems and not above_proposed and not held_anywhere:  # a guard nobody asked to hold anything
+        return CheckResult(
+            name, SKIP, "no decision above scope was proposed: the guard was not put to the test", [], figures
+        )
     return _result(
         name,
         problems,
-        f"{judged} applied decisions judged, {above_seen} above scope, each with a prior operator approval",
-        {"judged": judged, "above_scope": above_seen},
+        f"{judged} applies judged over every replica's log, {above_seen} of them above scope, each with a "
+        f"prior operator approval ({figures['above_scope_proposed']} decisions proposed above scope)",
+        figures,
     )
 
 
@@ -357,6 +382,21 @@ def model_versions(record: RunRecord) -> CheckResult:
     for op in record.ops:
         if op.kind == "infer" and op.outcome == ACKNOWLEDGED and op.detail.get("version"):
             served[op.detail.get("served_by") or op.node].add(op.detail["version"])
+    # Bytes: every activation seen (sampled, and at the end) loaded the bytes published as its version.
+    loaded = [(s.node, s.data) for s in record.samples if s.kind == "inference"]
+    loaded += [(n, f.inference) for n, f in sorted(record.final.items()) if f.running and f.inference]
+    wrong_bytes: set[tuple[str, str, str]] = set()
+    for node, data in loaded:
+        version, digest = data.get("active_version"), data.get("active_sha256")
+        expected = record.spec.published_sha256.get(version or "")
+        if digest and expected and digest != expected:
+            wrong_bytes.add((node, version, digest))
+    for node, version, digest in sorted(wrong_bytes):
+        problems.append(
+            f"{node} activated {record.spec.model} {version} from bytes with sha256 {digest[:16]}..., not "
+            f"the {record.spec.published_sha256[version][:16]}... published: it loaded bytes that do not "
+            "verify"
+        )
     for node, versions in sorted(served.items()):
         for version in sorted(versions & rogue):
             problems.append(
@@ -385,7 +425,7 @@ def model_versions(record: RunRecord) -> CheckResult:
         name,
         problems,
         f"{len(active)} nodes end on {record.spec.model} {', '.join(final_versions)}; "
-        "no unverified version ever served",
+        "no unverified version ever served, every activation seen loaded the published bytes",
         {"final_versions": final_versions},
     )
 
@@ -426,6 +466,13 @@ def _ends_on(record: RunRecord, sites: list[str], expected: str, because: str) -
 def rollouts(record: RunRecord) -> CheckResult:
     name = "rollouts"
     if not record.spec.rollouts:
+        if record.spec.bad:  # the run exists to show a bad version rolled back: nothing shown is a failure
+            problem = (
+                f"bad version(s) {', '.join(record.spec.bad)} were published to be rolled out, but no "
+                "rollout was started: the rollback this run is for was never tested (see the publish and "
+                "rollout-start operations in the report)"
+            )
+            return CheckResult(name, FAIL, "a bad version was never rolled out", [problem])
         return CheckResult(name, SKIP, "this run rolled nothing out")
     problems: list[str] = []
     served = _served(record)

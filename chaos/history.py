@@ -96,6 +96,8 @@ class RunSpec:
     published: list[str] = field(default_factory=list)  # versions published with the fleet's key
     rogue: list[str] = field(default_factory=list)  # versions signed by a key the fleet does not trust
     bad: list[str] = field(default_factory=list)  # published versions that answer wrongly (NaN) on purpose
+    # version -> hex sha256 of the file published as it (fleet key only): what activating it must load
+    published_sha256: dict[str, str] = field(default_factory=dict)
     # the workload's rollouts, in start order: {"rollout_id", "target", "baseline"}
     rollouts: list[dict[str, Any]] = field(default_factory=list)
     tampered_audit: list[str] = field(default_factory=list)  # nodes whose audit log a nemesis altered

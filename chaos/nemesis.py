@@ -45,10 +45,9 @@ class NemesisError(Exception):
 
 
 class World(Protocol):
-    """What a nemesis may use: the cluster, the seeded rng, the fault book, and lookups."""
+    """What a nemesis may use: the cluster, the fault book, and lookups (its draws are its own `rng`)."""
 
     cluster: Cluster
-    rng: random.Random
     book: FaultBook
 
     async def leader(self, site: str) -> str | None: ...
@@ -96,6 +95,9 @@ class Nemesis:
 
     def __init__(self) -> None:
         self.key = ""  # unique within a run; set by the schedule
+        # Its own draws, seeded by the schedule from the run's seed and its key: what one nemesis draws
+        # (or whether a lookup it makes answers) changes nothing another draws, so a seed replays.
+        self.rng = random.Random(0)
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -119,26 +121,26 @@ class NoFault(Nemesis):
         return {}
 
 
-def _pick_site(world: World, site: str | None) -> str:
-    return site or world.rng.choice(world.cluster.plan.site_names)
+def _pick_site(world: World, rng: random.Random, site: str | None) -> str:
+    return site or rng.choice(world.cluster.plan.site_names)
 
 
-async def _target(world: World, target: str, site: str | None) -> list[str]:
+async def _target(world: World, rng: random.Random, target: str, site: str | None) -> list[str]:
     """Nodes named by `target`: one (random), leader (of a site), quorum (a majority of a
     site), site (all of a site), minority (the largest minority of a site)."""
     plan = world.cluster.plan
     if target == "one":
         pool = plan.site_members(site) if site else plan.ids
-        return [world.rng.choice(pool)]
-    chosen_site = _pick_site(world, site)
+        return [rng.choice(pool)]
+    chosen_site = _pick_site(world, rng, site)
     members = plan.site_members(chosen_site)
     if target == "leader":
-        leader = await world.leader(chosen_site)
-        return [leader or world.rng.choice(members)]
+        fallback = rng.choice(members)  # drawn either way: whether a leader answers changes no later draw
+        return [await world.leader(chosen_site) or fallback]
     if target == "quorum":
-        return sorted(world.rng.sample(members, len(members) // 2 + 1))
+        return sorted(rng.sample(members, len(members) // 2 + 1))
     if target == "minority":
-        return sorted(world.rng.sample(members, (len(members) - 1) // 2))
+        return sorted(rng.sample(members, (len(members) - 1) // 2))
     if target == "site":
         return list(members)
     raise NemesisError(f"unknown target {target!r} (one, leader, quorum, minority, site)")
@@ -171,7 +173,7 @@ class Partition(Nemesis):
         }[self.mode]
 
     async def plan(self, world: World) -> dict[str, Any]:
-        plan, rng = world.cluster.plan, world.rng
+        plan, rng = world.cluster.plan, self.rng
         scope = plan.site_members(self.site) if self.site else plan.ids
         if self.mode == "one":
             node = rng.choice(scope)
@@ -180,11 +182,12 @@ class Partition(Nemesis):
             grudges, sides = faults.halves(scope, rng)
             return {"grudges": grudges, "sides": sides}
         if self.mode in ("leader", "leader-minority"):
-            site = _pick_site(world, self.site)
+            site = _pick_site(world, rng, self.site)
             members = plan.site_members(site)
+            fallback = rng.choice(members)  # drawn either way: whether a leader answers changes no later draw
             leader = await world.leader(site)
             known = leader is not None
-            leader = leader or rng.choice(members)
+            leader = leader or fallback
             if self.mode == "leader":
                 return {
                     "grudges": faults.isolate(leader, plan.ids),
@@ -203,7 +206,7 @@ class Partition(Nemesis):
         if self.mode == "site":
             if len(plan.site_names) < 2:
                 raise NemesisError("a site partition needs at least two sites")
-            site = _pick_site(world, self.site)
+            site = _pick_site(world, rng, self.site)
             inside = plan.site_members(site)
             return {"grudges": faults.cut(inside, [n for n in plan.ids if n not in inside]), "site": site}
         node = rng.choice(scope)
@@ -278,7 +281,7 @@ class PacketLoss(Nemesis):
             pairs = {(a, b): self.percent for a in ids for b in ids if a != b}
             await world.book.set(self.key, losses=pairs)
             return {"pairs": len(pairs), "percent": self.percent}
-        node = world.rng.choice(ids)
+        node = self.rng.choice(ids)
         pairs = {}
         for other in ids:
             if other != node:
@@ -303,7 +306,7 @@ class Bandwidth(Nemesis):
         return f"limit one random node's link to {self.rate_kbit} kbit/s each way (tc tbf)"
 
     async def apply(self, world: World) -> dict[str, Any]:
-        self.node = world.rng.choice(world.cluster.plan.ids)
+        self.node = self.rng.choice(world.cluster.plan.ids)
         await asyncio.to_thread(world.cluster.network.limit_bandwidth, self.node, self.rate_kbit)
         return {"node": self.node, "rate_kbit": self.rate_kbit}
 
@@ -333,7 +336,7 @@ class Latency(Nemesis):
             raise NemesisError(
                 "latency needs a node started behind the delay proxy (ClusterPlan.delay_nodes)"
             )
-        self.node = world.rng.choice(candidates)
+        self.node = self.rng.choice(candidates)
         world.cluster.delay_file(self.node).write_text(f"{self.delay_ms}\n")
         return {"node": self.node, "delay_ms": self.delay_ms}
 
@@ -358,7 +361,7 @@ class Kill(Nemesis):
         )
 
     async def apply(self, world: World) -> dict[str, Any]:
-        self.nodes = await _target(world, self.target, self.site)
+        self.nodes = await _target(world, self.rng, self.target, self.site)
         for node in self.nodes:
             proc = world.cluster.procs[node]
             proc.expected_down = True
@@ -384,7 +387,7 @@ class Pause(Nemesis):
         return f"SIGSTOP {self.target} ({self.site or 'any site'}), SIGCONT on heal"
 
     async def apply(self, world: World) -> dict[str, Any]:
-        self.nodes = await _target(world, self.target, self.site)
+        self.nodes = await _target(world, self.rng, self.target, self.site)
         for node in self.nodes:
             world.cluster.procs[node].pause()
         return {"nodes": self.nodes}
@@ -408,7 +411,7 @@ class Restart(Nemesis):
         return f"{how} {self.target} and start it again at once"
 
     async def apply(self, world: World) -> dict[str, Any]:
-        nodes = await _target(world, self.target, self.site)
+        nodes = await _target(world, self.rng, self.target, self.site)
         for node in nodes:
             proc = world.cluster.procs[node]
             await asyncio.to_thread(proc.terminate if self.graceful else proc.kill)
@@ -442,7 +445,7 @@ class ClockSkew(Nemesis):
             raise NemesisError(
                 "clock faults need a node started under libfaketime (ClusterPlan.faketime_nodes)"
             )
-        self.node = world.rng.choice(candidates)
+        self.node = self.rng.choice(candidates)
         await self._restart_with(world, f"{self.offset_s:+g}s")
         return {"node": self.node, "offset_s": self.offset_s}
 
@@ -467,7 +470,7 @@ class ClockJump(ClockSkew):
             raise NemesisError(
                 "clock faults need a node started under libfaketime (ClusterPlan.faketime_nodes)"
             )
-        self.node = world.rng.choice(candidates)
+        self.node = self.rng.choice(candidates)
         world.cluster.clock_file(self.node).write_text(f"{self.offset_s:+g}s\n")
         return {"node": self.node, "offset_s": self.offset_s}
 
@@ -494,7 +497,7 @@ class DiskFull(Nemesis):
         candidates = sorted(world.cluster.plan.tmpfs_mb)
         if not candidates:
             raise NemesisError("disk-full needs a node with a tmpfs data dir (ClusterPlan.tmpfs_mb)")
-        self.node = world.rng.choice(candidates)
+        self.node = self.rng.choice(candidates)
         filled = await asyncio.to_thread(_fill, world.cluster.data_dir(self.node) / FILLER)
         return {"node": self.node, "filled_bytes": filled}
 
@@ -537,12 +540,12 @@ class Corrupt(Nemesis):
 
     async def apply(self, world: World) -> dict[str, Any]:
         nodes = list(world.cluster.plan.ids)
-        world.rng.shuffle(nodes)
+        self.rng.shuffle(nodes)
         for node in nodes:
             files = _candidates(world.cluster.data_dir(node), self.what)
             if files:
-                target = world.rng.choice(files)
-                detail = await asyncio.to_thread(_damage, target, self.how, world.rng)
+                target = self.rng.choice(files)
+                detail = await asyncio.to_thread(_damage, target, self.how, self.rng)
                 if self.what == "audit":
                     world.mark_tampered(node)
                 return {"node": node, "file": str(target.relative_to(world.cluster.data_dir(node))), **detail}

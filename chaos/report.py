@@ -32,7 +32,7 @@ def build_report(
         "scenario": scenario.name,
         "description": scenario.description,
         "seed": seed,
-        "replay": f"python -m chaos run {scenario.name} --seed {seed}",
+        "replay": f"python -m chaos run {scenario.name} --seed {seed}" + (" --strict" if strict else ""),
         "duration_s": round(duration_s, 1),
         "workdir": str(workdir),
         "error": error,

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import signal
@@ -82,7 +82,6 @@ class Run:
         self.workdir = workdir
         self.strict = strict
         self.echo = echo
-        self.rng = random.Random(f"{seed}/nemesis")
         self.plan = scenario.plan()
         self.state: RunState | None = None
         self.cluster: Cluster | None = None
@@ -171,6 +170,7 @@ class Run:
             operator_key_ids=[cluster.fleet["operator_key_id"]],
             model="wake",
             published=["1"],
+            published_sha256={"1": hashlib.sha256(files[0].read_bytes()).hexdigest()},
             bad=[PUBLISHED_VERSION] if self.scenario.model_family == "mlp-bad" else [],
             membership_bound_s=self.plan.membership_bound_s(),
             timings={
@@ -774,7 +774,7 @@ def run_one(
         workdir = new_workdir(root, scenario.name, seed)
         echo(
             f"chaos: scenario {scenario.name} seed {seed} "
-            f"(replay: python -m chaos run {scenario.name} --seed {seed})"
+            f"(replay: python -m chaos run {scenario.name} --seed {seed}{' --strict' if strict else ''})"
         )
         return _run_async(Run(scenario, seed, workdir, strict=strict, echo=echo))
 

@@ -381,8 +381,9 @@ def rotated_plan(
 
 
 def steps_for(scenario: Scenario, seed: int) -> list[Step]:
-    """The schedule of a scenario under a seed, each nemesis keyed uniquely."""
+    """The schedule of a scenario under a seed, each nemesis keyed uniquely and given its own draws."""
     steps = scenario.steps(random.Random(f"{seed}/schedule"))
     for i, (_, _, nemesis) in enumerate(steps):
         nemesis.key = f"{i}-{nemesis.kind}"
+        nemesis.rng = random.Random(f"{seed}/nemesis/{nemesis.key}")
     return steps

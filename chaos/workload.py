@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import random
 import time
@@ -334,6 +335,8 @@ class Workload:
         (spec.rogue if rogue else spec.published).append(
             version
         )  # counted even if refused: it may be on disk
+        if not rogue:  # the bytes a node that activates it must have loaded
+            spec.published_sha256[version] = await asyncio.to_thread(_sha256, model)
         try:
             made = await asyncio.to_thread(self.cluster.publish, origin, model, version, rogue=rogue)
         except Exception as exc:  # noqa: BLE001 - a refused publish is an outcome, not a harness error
@@ -630,17 +633,28 @@ class Sampler:
         if with_model:
             try:
                 inference = await self.agent.call("inference", timeout_s=2.0, address=address)
-                self.rec.sample(node, "inference", {"active_version": inference.get("active_version")})
+                self.rec.sample(
+                    node,
+                    "inference",
+                    {
+                        "active_version": inference.get("active_version"),
+                        "active_sha256": inference.get("active_sha256"),
+                    },
+                )
             except CallError:
                 pass
         return view
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def read_term(data_dir: Path) -> int | None:
     """The Raft term a node last made durable (raft/raft.journal.vote), read from outside.
 
-    The node's status reports no term yet, so this is the only way to see one; it is read
-    before and after the node names its leader, and a sample is kept only if both agree
+    Used when the node's group view carries no term (a node from before it reported one): it is
+    read before and after the node names its leader, and a sample is kept only if both agree
     (the checker then uses only samples where a node names itself: see one_leader_per_term)."""
     try:
         return int(json.loads((data_dir / "raft" / "raft.journal.vote").read_text())["term"])

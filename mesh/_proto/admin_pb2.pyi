@@ -129,7 +129,7 @@ class InferenceStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InferenceStatus(_message.Message):
-    __slots__ = ("enabled", "backend", "backend_version", "workers", "model", "active_version", "previous_version", "last_activation_error", "signature_json")
+    __slots__ = ("enabled", "backend", "backend_version", "workers", "model", "active_version", "previous_version", "last_activation_error", "signature_json", "active_sha256")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     BACKEND_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class InferenceStatus(_message.Message):
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVATION_ERROR_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_JSON_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SHA256_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     backend: str
     backend_version: str
@@ -148,7 +149,8 @@ class InferenceStatus(_message.Message):
     previous_version: str
     last_activation_error: str
     signature_json: str
-    def __init__(self, enabled: _Optional[bool] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., workers: _Optional[int] = ..., model: _Optional[str] = ..., active_version: _Optional[str] = ..., previous_version: _Optional[str] = ..., last_activation_error: _Optional[str] = ..., signature_json: _Optional[str] = ...) -> None: ...
+    active_sha256: str
+    def __init__(self, enabled: _Optional[bool] = ..., backend: _Optional[str] = ..., backend_version: _Optional[str] = ..., workers: _Optional[int] = ..., model: _Optional[str] = ..., active_version: _Optional[str] = ..., previous_version: _Optional[str] = ..., last_activation_error: _Optional[str] = ..., signature_json: _Optional[str] = ..., active_sha256: _Optional[str] = ...) -> None: ...
 
 class ModelsResponse(_message.Message):
     __slots__ = ("versions",)

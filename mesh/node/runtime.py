@@ -583,6 +583,7 @@ class Node:
         return {"enabled": True, "backend": status.backend, "backend_version": status.backend_version,
                 "workers": status.workers, "model": self.config.inference.model or "",
                 "active_version": status.active.version if status.active else "",
+                "active_sha256": status.active.sha256 if status.active else "",
                 "previous_version": status.previous.version if status.previous else "",
                 "last_activation_error": status.last_activation_error or "",
                 "signature_json": json.dumps(status.active.signature.to_dict()) if status.active else ""}

@@ -120,6 +120,9 @@ def _rollout_doc(node: str, state: str, wave: int, thresholds: list[int | None])
     }
 
 
+SHA = {"1": "1a" * 32, "2": "2b" * 32}  # what each version's published file hashes to
+
+
 def healthy() -> RunRecord:
     spec = RunSpec(
         scenario="unit",
@@ -131,6 +134,7 @@ def healthy() -> RunRecord:
         operator_key_ids=[OPERATOR_KEY],
         model="wake",
         published=["1", "2"],
+        published_sha256={"1": SHA["1"], "2": SHA["2"]},
         rogue=["9"],
         rollouts=[{"rollout_id": ROLLOUT, "target": "2", "baseline": "1"}],
         membership_bound_s=30.0,
@@ -190,8 +194,12 @@ def healthy() -> RunRecord:
     ]
     record.samples = [Sample(2.0, n, "term", {"term": 3, "leader": "n01"}) for n in NODES]
     record.samples += [Sample(25.0, n, "term", {"term": 4, "leader": "n02"}) for n in NODES]
-    record.samples += [Sample(2.0, n, "inference", {"active_version": "1"}) for n in NODES]
-    record.samples += [Sample(40.0, n, "inference", {"active_version": "2"}) for n in NODES]
+    record.samples += [
+        Sample(2.0, n, "inference", {"active_version": "1", "active_sha256": SHA["1"]}) for n in NODES
+    ]
+    record.samples += [
+        Sample(40.0, n, "inference", {"active_version": "2", "active_sha256": SHA["2"]}) for n in NODES
+    ]
     members = [{"node_id": n, "state": "alive"} for n in NODES]
     for n in NODES:
         record.final[n] = NodeFinal(
@@ -208,7 +216,7 @@ def healthy() -> RunRecord:
                 "verdict": {"ok": True, "records": 9, "first_bad_seq": None, "reason": ""},
                 "records": _audit(ds),
             },
-            inference={"active_version": "2"},
+            inference={"active_version": "2", "active_sha256": SHA["2"]},
             rollouts={ROLLOUT: _rollout_doc(n, "completed", 3, [_score(NODES[0]), None, MAX_SCORE])},
         )
     record.healed_at_s = 20.0
@@ -332,6 +340,21 @@ def test_an_above_scope_decision_applied_without_approval_fails():
     assert "2 streams > 1" in result.problems[0]
 
 
+def test_checkers_with_nothing_to_judge_skip_rather_than_pass():
+    """No decision acknowledged as applied: nothing to look for in the replicas. No decision above
+    scope proposed (the first decision only, within scope): the guard was not put to the test."""
+    record = healthy()
+    record.ops = [o for o in record.ops if o.kind not in ("move", "approve")]
+    assert _check("acknowledged_decisions", record).status == SKIP
+    record = healthy()
+    for node in NODES:
+        records = record.final[node].audit["records"]
+        record.final[node].audit["records"] = [r for r in records if r["payload"].get("decision_id") != "d2"]
+    result = _check("guard_scope", record)
+    assert result.status == SKIP and "not put to the test" in result.summary, result
+    assert _check("guard_scope", healthy()).figures["above_scope_proposed"] == 1
+
+
 def test_an_approval_by_a_key_that_is_not_an_operators_fails():
     record = healthy()
     for r in record.final["n01"].audit["records"]:
@@ -388,6 +411,23 @@ def test_a_rogue_version_ever_served_fails():
     assert "n02 activated wake 9" in result.problems[0] and "outside the fleet" in result.problems[0]
 
 
+def test_a_node_that_activated_bytes_other_than_those_published_fails():
+    """A node that skipped verification and loaded a corrupted (or substituted) file of a published
+    version is caught by the sha256 of what its runtime loaded, whether sampled during the run or read
+    at the end."""
+    record = healthy()
+    assert _check("model_versions", record).status == PASS
+    wrong = {"active_version": "2", "active_sha256": "ff" * 32}
+    record.samples.append(Sample(33.0, "n02", "inference", wrong))
+    result = _check("model_versions", record)
+    assert result.status == FAIL
+    assert "n02 activated wake 2 from bytes with sha256 ffffffff" in result.problems[0]
+    record = healthy()
+    record.final["n03"].inference = {"active_version": "2", "active_sha256": SHA["1"]}
+    result = _check("model_versions", record)
+    assert result.status == FAIL and "n03 activated wake 2" in result.problems[0], result.problems
+
+
 def test_a_version_nobody_published_answering_an_infer_fails():
     record = healthy()
     record.ops.append(Op(8, "infer", "n01", "ams", 31.0, 31.1, ACKNOWLEDGED, {"version": "5"}))
@@ -428,6 +468,16 @@ def test_without_a_rollout_the_rollout_checker_skips():
     record = healthy()
     record.spec.rollouts = []
     assert _check("rollouts", record).status == SKIP
+
+
+def test_a_bad_version_that_was_never_rolled_out_fails_the_rollout_checker():
+    """A run meant to show a bad version rolled back, whose rollout never started (the publish was
+    refused, or came too late), tested nothing: it fails, it does not skip."""
+    record = healthy()
+    record.spec.rollouts = []
+    record.spec.bad = ["2"]
+    result = _check("rollouts", record)
+    assert result.status == FAIL and "no rollout was started" in result.problems[0], result
 
 
 def test_a_bad_version_completed_anywhere_fails():

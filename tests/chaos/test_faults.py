@@ -141,3 +141,36 @@ def test_rotated_matrix_shows_every_nemesis_family_two_seeds_at_the_cost_of_abou
     ]  # the same arguments plan the same runs
     # one seed: the plain matrix
     assert [(s.name, seed) for s, seed in rotated_plan(scenarios, [7])] == [(n, 7) for n in MATRIX]
+
+
+def test_a_nemesis_draws_the_same_whether_or_not_another_found_a_leader():
+    """Replay: each nemesis draws from its own generator (seed and key), and a leader fault draws its
+    fallback either way, so whether a leader answered changes no later nemesis's choice."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from chaos.nemesis import Partition
+    from chaos.scenarios import Scenario, steps_for
+
+    sites = {"a": ["n00", "n01", "n02"], "b": ["n03", "n04", "n05"]}
+    plan = SimpleNamespace(ids=[n for m in sites.values() for n in m], site_names=sorted(sites),
+                           site_members=lambda site: sites[site])
+
+    class Book:
+        async def set(self, key, **kwargs):
+            pass
+
+    async def applied(leader: str | None) -> list[dict]:
+        async def lookup(site: str) -> str | None:
+            return leader if leader in sites[site] else None
+
+        world = SimpleNamespace(cluster=SimpleNamespace(plan=plan), book=Book(), leader=lookup,
+                                mark_tampered=lambda node: None)
+        scenario = Scenario("t", "test", plan=lambda: plan,
+                            steps=lambda rng: [(0.0, 1.0, Partition("leader", site="a")),
+                                               (2.0, 1.0, Partition("asymmetric"))])
+        return [await nemesis.apply(world) for _, _, nemesis in steps_for(scenario, 5)]
+
+    answered, unanswered = asyncio.run(applied("n01")), asyncio.run(applied(None))
+    assert answered[0]["leader"] == "n01" and unanswered[0]["leader_known"] is False
+    assert answered[1] == unanswered[1]

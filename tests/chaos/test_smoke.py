@@ -40,7 +40,10 @@ def test_smoke_scenario_passes_every_checker_and_cleans_up(tmp_path):
     assert report["operations"]["by_kind"]["move"]["acknowledged"] > 0, replay
     # the published version was rolled out under the faults, and the rollout checker judged it
     assert sum(report["operations"]["by_kind"]["rollout-start"].values()) >= 1, replay
-    assert {c["name"]: c["status"] for c in report["checkers"]}["rollouts"] == "pass", replay
+    statuses = {c["name"]: c["status"] for c in report["checkers"]}
+    assert statuses["rollouts"] == "pass", replay
+    # the workload gave the decision checkers something to judge: applied decisions, above-scope ones
+    assert statuses["acknowledged_decisions"] == statuses["guard_scope"] == "pass", replay
     assert not [ns for ns in existing_namespaces() if ns.startswith(PREFIX)], (
         f"namespaces left behind; {replay}"
     )

@@ -3,6 +3,7 @@ SIGKILLed while it serves a new version until it gives the version up and serves
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -123,6 +124,9 @@ def test_a_node_killed_again_and_again_on_a_new_version_goes_back_to_the_old_one
     proc = spawn_node_process(config, log)
     try:
         _wait_active(client, "1", proc, log)
+        # The admin status names the bytes the runtime loaded (the chaos checkers compare them).
+        loaded = hashlib.sha256(wakeword_model("okay_nabu").read_bytes()).hexdigest()
+        assert client.inference().active_sha256 == loaded
         publish("hey_jarvis", "2")  # a node without a site group moves to the newest version: 2 on trial
         _wait_active(client, "2", proc, log)
         for crash in range(1, CRASH_LIMIT + 1):

@@ -92,8 +92,8 @@ chaos-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	else echo "chaos-deps: $(CHAOS_DEBS) already installed"; fi
 
-# The scenario matrix (root), ends with one JSON line. Seeds rotate: scenario i runs under seed
-# i mod 3, and a few scenarios again, so that every nemesis family meets at least two seeds
+# The scenario matrix (root), ends with one JSON line. Seeds rotate: the i-th scenario runs under the
+# i-th seed, cycling, and a few scenarios again, so that every nemesis family meets at least two seeds
 # (31 runs, 26.6 min measured on a fresh clone, 2 cores). Every scenario under every seed:
 # `python -m chaos matrix --seeds 1,2,3`, about 19 min per seed.
 CHAOS_SEEDS ?= 1,2,3

@@ -335,6 +335,7 @@ class RolloutShell:
             await self._lead(peers, now)
         elif self._was_leader:
             self._verdicts.clear()
+            self._view_misses.clear()  # a leader's; a later term polls afresh
         self._was_leader = leader
         self._steer_device(peers, now)
         self._publish(now)
@@ -434,6 +435,8 @@ class RolloutShell:
             ):
                 for rid in [k for k in table if k not in live]:
                     del table[rid]
+            for key in [k for k in self._view_misses if k[0] not in live]:  # late poll results too
+                del self._view_misses[key]
 
     def _anti_entropy(self, peers: list[fleet.PeerView]) -> None:
         """Fetch documents a peer announces and this node lacks (bounded, never the same twice)."""
@@ -792,6 +795,11 @@ class RolloutShell:
             own = self._fleet_view(plan, eligible)
             if own is not None:
                 held[self.node_id] = (now_m, own)
+                self._view_misses.pop((rid, self.node_id), None)
+            else:
+                self._view_misses[(rid, self.node_id)] = (
+                    "this node's own view could not be made now (see its log)"
+                )
         elif self.node_id in held:
             del held[self.node_id]
         if now_m - self._fleet_polled_at.get(rid, -float("inf")) >= self.settings.interval_s:
@@ -812,6 +820,7 @@ class RolloutShell:
     async def _poll_view(self, plan: RolloutPlan, rep: str, eligible: int | None) -> None:
         address = self._address(rep)
         if address is None:
+            self._view_misses[(plan.rollout_id, rep)] = "it is not in this node's membership view"
             return
         try:
             reply = await self._dial(address, rep).GetRollout(
@@ -1295,9 +1304,9 @@ class RolloutShell:
             for rep, (at, view) in held
         ]
         misses = {rep: why for (rid, rep), why in sorted(self._view_misses.items()) if rid == rollout_id}
-        note = ""  # a finished rollout needs no view
-        if own is not None and own.state.final:
-            note = ""
+        misses = {rep: why for rep, why in misses.items() if rep in reps}
+        if own is not None and own.state not in (RolloutState.PENDING, RolloutState.SOAKING):
+            note = ""  # finished, or waiting for an operator: not for a view
         elif not leader:
             holder = self.group.raft.leader_id
             note = (
@@ -1305,13 +1314,30 @@ class RolloutShell:
                 if holder
                 else "this site has no leader now; its leader will hold the representatives' views"
             )
-        elif not any(v["fresh"] for v in views):
-            named = ", ".join(f"{r} ({misses[r]})" if r in misses else r for r in reps) or "none advertised"
+        elif own is None:
+            refused = self._plan_refused.get(rollout_id)
             note = (
-                f"no fresh view of the other sites from a representative (within {max_age:g} s): wave 1 does "
-                f"not start and no gate passes until one answers; representatives: {named}. "
-                "`mesh admin status --node REP` shows whether a representative reaches the federation"
+                f"this site's group refused the plan ({refused}); no view is asked for"
+                if refused
+                else "the plan is not registered in this site's group yet; views are asked for once it is"
             )
+        elif not reps:
+            note = (
+                "no member of this site is advertised as a representative in the federation, so no view of "
+                "the other sites reaches this site: check `[membership] pools`/`representatives` and "
+                "`mesh admin status` on the site's members"
+            )
+        elif not any(v["fresh"] for v in views):
+            named = ", ".join(f"{r} ({misses[r]})" if r in misses else r for r in reps)
+            pending = own.state is RolloutState.PENDING
+            waits = "wave 1 does not start" if pending else "the wave's gate does not pass"
+            note = (
+                f"no fresh view of the other sites from a representative (within {max_age:g} s): {waits} "
+                f"until one answers; representatives: {named}. `mesh admin status --node REP` shows "
+                "whether a representative reaches the federation"
+            )
+        else:
+            note = ""
         return {"leader": leader, "representatives": reps, "views": views, "misses": misses, "note": note}
 
     def summaries(self) -> list[dict[str, Any]]:

@@ -30,15 +30,16 @@ def peer(node: str, site: str, population: int | None = None) -> PeerView:
     return PeerView(node, site, (("device_class", "camera"), ("site", site)), True, None, (note,))
 
 
-def representative(*, active: bool = True) -> tuple[RolloutShell, list[float]]:
+def representative(*, active: bool = True, reps: list[str] | None = None) -> tuple[RolloutShell, list[float]]:
     clock = [100.0]
     board = SimpleNamespace(set_meta=lambda blob: None, meta_limit_bytes=256)
     group = SimpleNamespace(
         raft=SimpleNamespace(is_leader=False, leader_id=None),
-        rollout=lambda rid: None,
+        own=None,  # this site's replicated state of PLAN (None: not registered)
         rollouts=lambda: [],
         policy=SimpleNamespace(rollout_max_share_ppm=None),
     )
+    group.rollout = lambda rid: None if group.own is None or rid != PLAN.rollout_id else (PLAN, group.own)
     shell = RolloutShell(
         node_id="a0",
         site="a",
@@ -57,7 +58,7 @@ def representative(*, active: bool = True) -> tuple[RolloutShell, list[float]]:
         trusted=TRUSTED,
         dial=None,  # type: ignore[arg-type]
         settings=RolloutSettings(interval_s=1.0),
-        sites=SitesHooks(active=lambda: active, representatives=lambda: ["a0"]),
+        sites=SitesHooks(active=lambda: active, representatives=lambda: ["a0"] if reps is None else reps),
         clock=lambda: T0,
         monotonic=lambda: clock[0],
     )
@@ -129,34 +130,65 @@ def test_a_caller_refused_a_view_is_logged_at_info_once_a_minute(caplog):
 
 
 def test_rollout_status_says_why_a_site_waits_for_a_fleet_view():
-    """`mesh rollout status` in sites mode: a node that is not the leader points at it; a leader without a
-    fresh representative's view says that wave 1 and the gates wait for one, naming the representatives
-    and why each gave none; with a fresh view, no note."""
+    """`mesh rollout status` in sites mode: a node that is not the leader points at it; a leader whose
+    pending site holds no fresh representative's view says wave 1 waits for one, naming each
+    representative and why it gave none (here: a1 is not in its membership view, found by a real poll);
+    with a fresh view, or once the rollout is finished, no note; the report stays JSON."""
+    import asyncio
+
     from rich.console import Console
 
     from mesh.cli.rollout import status_view
+    from mesh.rollout.state import RolloutState, SiteRollout
 
     def rendered(report) -> str:
         console = Console(width=400, record=True)
         console.print(status_view(report))
         return " ".join(console.export_text().split())
 
-    shell, clock = representative()
+    shell, clock = representative(reps=["a0", "a1"])
     doc = shell.report(PLAN.rollout_id)["fleet_views"]
     assert not doc["leader"] and doc["views"] == [] and "this site has no leader now" in doc["note"]
     shell.group.raft.leader_id = "a3"
     assert "the site leader (a3) holds" in shell.report(PLAN.rollout_id)["fleet_views"]["note"]
 
     shell.group.raft.is_leader = True
-    shell._view_misses[(PLAN.rollout_id, "a0")] = "its GetRollout failed (UNAVAILABLE)"
+    assert "not registered in this site's group yet" in shell.report(PLAN.rollout_id)["fleet_views"]["note"]
+    shell._plan_refused[PLAN.rollout_id] = "model_busy"
+    assert "refused the plan (model_busy)" in shell.report(PLAN.rollout_id)["fleet_views"]["note"]
+    shell.group.own = SiteRollout(PLAN.rollout_id, PLAN.digest)  # registered, pending
+    asyncio.run(shell._poll_view(PLAN, "a1", 4))  # a1 has no address here: the poll records why
     report = shell.report(PLAN.rollout_id)
+    json.dumps(report)  # what the Status RPC sends
     assert "no fresh view of the other sites" in report["fleet_views"]["note"]
+    assert "wave 1 does not start" in report["fleet_views"]["note"]
+    assert "representatives: a0, a1 (it is not in this node's membership view)" in rendered(report)
     assert "sites mode: no fresh view" in rendered(report)
-    assert "representatives: a0 (its GetRollout failed (UNAVAILABLE))" in rendered(report)
 
-    held = shell._views_of(PLAN, shell._last_peers, sized=False)  # a leader that represents: its own view
-    assert set(held) == {"a0"}
+    async def step() -> dict:  # a leader that represents makes its own view, and polls a1
+        held = shell._views_of(PLAN, shell._last_peers, sized=False)
+        await asyncio.gather(*list(shell._fleet_polls.values()))
+        return held
+
+    assert set(asyncio.run(step())) == {"a0"}
     doc = shell.report(PLAN.rollout_id)["fleet_views"]
     assert doc["note"] == "" and doc["views"][0]["fresh"] and doc["views"][0]["sites"] == 1
+    assert doc["misses"] == {"a1": "it is not in this node's membership view"}
     clock[0] += shell.settings.fleet_max_age + 1  # the view ages out
     assert "no fresh view" in shell.report(PLAN.rollout_id)["fleet_views"]["note"]
+    shell.group.own = SiteRollout(PLAN.rollout_id, PLAN.digest, state=RolloutState.COMPLETED)
+    assert shell.report(PLAN.rollout_id)["fleet_views"]["note"] == ""
+
+    lonely, _ = representative(reps=[])
+    lonely.group.raft.is_leader = True
+    lonely.group.own = SiteRollout(PLAN.rollout_id, PLAN.digest)
+    note = lonely.report(PLAN.rollout_id)["fleet_views"]["note"]
+    assert "no member of this site is advertised as a representative" in note and "REP" not in note
+
+
+def test_poll_misses_are_forgotten_with_the_rollout():
+    shell, _ = representative(reps=["a0", "a1"])
+    shell._view_misses[(PLAN.rollout_id, "a1")] = "its GetRollout failed (UNAVAILABLE)"
+    shell._view_misses[("gone", "a1")] = "its GetRollout failed (UNAVAILABLE)"
+    shell._docs_from_ledger(T0)
+    assert set(shell._view_misses) == {(PLAN.rollout_id, "a1")}  # PLAN is live (held, not registered)

@@ -133,7 +133,10 @@ class DownloadCounters:
     bytes_from_other_sites: int = 0  # of the above two, from a sender of another site (label `site`)
     chunks_verified: int = 0
     chunks_refused: dict[str, int] = field(default_factory=lambda: {"hash_mismatch": 0, "size_mismatch": 0})
-    bans: dict[str, int] = field(default_factory=lambda: {"hash_mismatch": 0, "protocol": 0})
+    # false_claim: it announced chunks it then said it did not hold (SchedulerConfig.max_false_claims)
+    bans: dict[str, int] = field(
+        default_factory=lambda: {"hash_mismatch": 0, "protocol": 0, "false_claim": 0}
+    )
     banned_until: dict[str, float] = field(default_factory=dict)  # peer id -> end of its latest ban (now())
     last_refusal: dict[str, str] = field(default_factory=dict)  # peer id -> why its last chunk was refused
 
@@ -821,8 +824,12 @@ class Distributor:
                     if task is not None:
                         task.cancel()
                 elif isinstance(event, PeerBanned):
-                    reason = "protocol" if counters.last_refusal.get(event.peer_id) == "size_mismatch" \
-                        else "hash_mismatch"
+                    if event.reason is FailureReason.NOT_HELD:
+                        reason = "false_claim"
+                    elif counters.last_refusal.get(event.peer_id) == "size_mismatch":
+                        reason = "protocol"
+                    else:
+                        reason = "hash_mismatch"
                     counters.bans[reason] += 1
                     counters.banned_until[event.peer_id] = max(event.until,
                                                                counters.banned_until.get(event.peer_id, 0.0))
@@ -923,6 +930,8 @@ class Distributor:
             code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
             log.debug("chunk %d of %s from %s failed: %s", index, manifest.label, peer_id,
                       code.name if code else exc)
+            if code is grpc.StatusCode.NOT_FOUND:  # it announced the chunk and does not hold it
+                return FailureReason.NOT_HELD
             return FailureReason.UNAVAILABLE
         finally:
             progress.bytes_downloaded += received

@@ -93,6 +93,11 @@ class FailureReason(enum.Enum):
     TIMEOUT = "timeout"          # no answer by request_timeout_s
     UNAVAILABLE = "unavailable"  # peer refused: no upload slot, or it no longer has the chunk
     IO_ERROR = "io-error"        # connection reset, stream broken, local write failed
+    # The peer says it does not hold a chunk it announced (NOT_FOUND): its claim to that chunk is
+    # dropped for the rest of the download, and `max_false_claims` of them ban it. Otherwise a peer
+    # that announces chunks it never serves (a hostile one, with a valid certificate) would keep
+    # them "available" and the origin would never be asked.
+    NOT_HELD = "not-held"
 
 
 @dataclass(frozen=True)
@@ -115,9 +120,13 @@ class SchedulerConfig:
     # the origin rendezvous only spreads origin uploads over nodes that know each other. Chunks
     # that peers already hold are fetched meanwhile. 0 disables the hold-off.
     origin_holdoff_s: float = 0.0
+    # Chunks a peer may deny having, after announcing them, before it is banned for this download
+    # (an honest peer denies one only when it collected or lost the version since it announced it).
+    max_false_claims: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("max_in_flight_per_peer", "max_in_flight_total", "max_in_flight_origin"):
+        for name in ("max_in_flight_per_peer", "max_in_flight_total", "max_in_flight_origin",
+                     "max_false_claims"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SchedulerError(f"{name} must be an integer >= 1, got {value!r}")
@@ -263,6 +272,8 @@ class SwarmScheduler:
         self._missing = n - sum(self._have)
         self._peers: dict[str, _Peer] = {}
         self._banned_until: dict[str, float] = {}
+        # per peer id, chunks it announced and then said it does not hold (kept across a reconnect, as bans)
+        self._denied: dict[str, set[int]] = {}
         # Non-origin peers announcing each chunk (banned ones too; they are skipped), in
         # announcement order: dicts, not sets, so that iteration never depends on str hashing.
         self._holders: list[dict[str, None]] = [{} for _ in range(n)]
@@ -360,8 +371,9 @@ class SwarmScheduler:
             self._assignee.clear()
         peer.site = site
         new = bytearray(self.n_chunks)
+        denied = self._denied.get(peer_id, ())
         for i in indexes:
-            new[i] = 1
+            new[i] = 0 if i in denied else 1  # a claim it denied once stays dropped for this download
         for i in range(self.n_chunks):
             if new[i] != peer.have[i]:
                 if new[i]:
@@ -374,7 +386,7 @@ class SwarmScheduler:
         their full holdings arrive with `peer_update`."""
         self._check_index(index)
         peer = self._peers.get(peer_id)
-        if peer is not None and not peer.have[index]:
+        if peer is not None and not peer.have[index] and index not in self._denied.get(peer_id, ()):
             self._add_holding(peer, index, now)
 
     def peer_gone(self, peer_id: str, now: float) -> None:
@@ -429,6 +441,18 @@ class SwarmScheduler:
             self._count_bytes(peer_id, size, peer is not None and peer.is_origin)
             self.stats.wasted_bytes += size
             self._ban(peer_id, index, now)
+        elif reason is FailureReason.NOT_HELD:
+            peer = self._peers.get(peer_id)
+            if peer is None or peer.is_origin:  # the origin's holdings are what it is told, not claims
+                self._back_off(peer_id, now, retry_after_s)
+                return
+            denied = self._denied.setdefault(peer_id, set())
+            denied.add(index)
+            if peer.have[index]:
+                self._remove_holding(peer, index)
+                self._assignee.clear()
+            if len(denied) >= self.config.max_false_claims and not self.is_banned(peer_id, now):
+                self._ban(peer_id, index, now, FailureReason.NOT_HELD)
         else:
             self._back_off(peer_id, now, retry_after_s)
 
@@ -605,12 +629,13 @@ class SwarmScheduler:
         peer.backoff_s = min(self.config.max_backoff_s, max(self.config.busy_backoff_s, peer.backoff_s * 2))
         peer.backoff_until = now + peer.backoff_s
 
-    def _ban(self, peer_id: str, index: int, now: float) -> None:
+    def _ban(self, peer_id: str, index: int, now: float,
+             reason: FailureReason = FailureReason.BAD_CHUNK) -> None:
         until = now + self.config.ban_s
         was_banned = peer_id in self._banned_until
         self._banned_until[peer_id] = max(until, self._banned_until.get(peer_id, until))
         self.stats.bans += 1
-        self._events.append(PeerBanned(peer_id, until, FailureReason.BAD_CHUNK, index))
+        self._events.append(PeerBanned(peer_id, until, reason, index))
         for pid, i in [key for key in self._in_flight if key[0] == peer_id]:
             self._end_request(pid, i)
             self._events.append(RequestCancelled(pid, i, "peer banned"))

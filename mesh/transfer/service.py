@@ -48,10 +48,12 @@ class UploadCounters:
 
 
 class ServeFaults:
-    """Test-only misbehaviour: serve corrupted chunk bytes (a bad peer)."""
+    """Test-only misbehaviour: serve corrupted chunk bytes, or deny holding the chunks this node
+    announces (bad peers)."""
 
     def __init__(self) -> None:
         self.corrupt_chunks = False
+        self.deny_chunks = False
 
 
 class OriginPolicy:
@@ -155,7 +157,7 @@ class TransferServicer(pb_grpc.TransferServicer):
                                 f"{name} {version} has chunks 0..{len(manifest.chunks) - 1}, "
                                 f"not {request.index}")
         ref = manifest.chunks[request.index]
-        if not self._store.has_chunk(ref.sha256):
+        if self.faults.deny_chunks or not self._store.has_chunk(ref.sha256):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"chunk {request.index} of {name} {version} is not held here")
         refusal = self.origin.refuse(name, version, request.index, peer)

@@ -70,3 +70,27 @@ async def test_unverifiable_higher_versions_do_not_delay_a_genuine_release(clust
     assert hostile.transfer.counters.manifests_served <= 3 * (len(honest) - 1)
     assert hostile.transfer.counters.chunks_served == 0
     print(f"genuine 2.0 on every honest node after {elapsed_s:.2f}s with hostile announcements standing")
+
+
+async def test_a_node_announcing_chunks_it_never_serves_is_banned_and_the_release_completes(cluster, fleet):
+    """A node announces a complete version and answers every chunk request with NOT_FOUND. It was the
+    only peer holding the version besides the origin, so its claims kept every chunk "available" and
+    a newcomer never asked the origin: the download never ended. Now each denial drops that claim,
+    three of them ban the node for the download (counted as `false_claim`), and the chunks come from
+    the origin."""
+    c = await cluster(2)
+    await wait_for(c.converged, 10.0, what="convergence")
+    origin, liar = c.nodes["node-00"], c.nodes["node-01"]
+    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+    signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0", key=publisher,
+                     store=origin.store)
+    origin.distributor.add_published(signed)
+    await wait_for(lambda: liar.store.is_complete(signed.manifest), 30.0, what="the liar-to-be completes")
+    liar.transfer.faults.deny_chunks = True  # it keeps announcing the version, and serves none of it
+    newcomer = await c.add("node-02")
+    took = await wait_for(lambda: newcomer.store.is_complete(signed.manifest), 60.0,
+                          what="the newcomer completes despite the liar")
+    counters = newcomer.distributor.counters
+    assert counters.bans["false_claim"] == 1, counters
+    assert counters.bytes_from_origin == signed.manifest.size_bytes, counters
+    print(f"newcomer complete in {took:.1f}s; the liar banned after denying chunks")

@@ -72,6 +72,7 @@ def test_requests_obey_every_rule_whatever_the_inputs(seed: int, start: set[int]
                        self_id="me")
     now = 0.0
     holdings: dict[str, set[int]] = {}   # our model of what the scheduler was told
+    denied: dict[str, set[int]] = {}     # chunks a peer said it does not hold after all
     banned_until: dict[str, float] = {}
     ever_requested: set[int] = set()
     for op in ops:
@@ -94,6 +95,8 @@ def test_requests_obey_every_rule_whatever_the_inputs(seed: int, start: set[int]
                 s.completed(request.peer_id, request.index, now)
             else:
                 s.failed(request.peer_id, request.index, op[2], now)
+                if op[2] is FailureReason.NOT_HELD and not request.is_origin:
+                    denied.setdefault(request.peer_id, set()).add(request.index)
         elif kind == "time":
             now += op[1]
             s.tick(now)
@@ -116,12 +119,13 @@ def test_requests_obey_every_rule_whatever_the_inputs(seed: int, start: set[int]
             for r in requests:
                 assert banned_until.get(r.peer_id, -math.inf) <= now, f"asked banned {r.peer_id}"
                 eligible_holders = [p for p, have in holdings.items()
-                                    if r.index in have and banned_until.get(p, -math.inf) <= now]
+                                    if r.index in have - denied.get(p, set())
+                                    and banned_until.get(p, -math.inf) <= now]
                 if r.is_origin:
                     assert r.peer_id == "origin"
                     assert not eligible_holders, f"origin asked for {r.index} held by {eligible_holders}"
                 else:
-                    assert r.index in holdings[r.peer_id]
+                    assert r.index in holdings[r.peer_id] - denied.get(r.peer_id, set()), "asked a denied one"
                     if PEERS[r.peer_id] != "a":
                         # Another site was chosen: no same-site holder could take it then.
                         for p in eligible_holders:
@@ -299,6 +303,56 @@ def test_a_bad_chunk_bans_the_peer_and_the_chunk_comes_from_elsewhere() -> None:
     assert s.availability(0) == 1
     assert s.next_requests(1.0) == [Request("honest", 0, CHUNK)]
     assert s.stats.wasted_bytes == CHUNK and s.stats.bans == 1
+
+
+def test_a_peer_that_denies_chunks_it_announced_loses_those_claims_and_then_is_banned() -> None:
+    """A peer announcing every chunk and serving none (NOT_FOUND: a hostile peer with a valid
+    certificate) used to keep the chunks 'available' for good, so the origin was never asked and the
+    download never ended. Each denial drops that claim for the download (an unchanged announcement
+    does not bring it back, nor does a reconnect); `max_false_claims` of them ban the peer; the
+    chunks come from the origin."""
+    s = make(4, max_false_claims=3, ban_s=60.0, max_in_flight_total=1, origin_rendezvous=False)
+    s.peer_update("origin", site="cloud", have=range(4), is_origin=True, now=0.0)
+    s.peer_update("liar", site="a", have=range(4), now=0.0)
+    [first] = s.next_requests(0.0)
+    assert first.peer_id == "liar"
+    s.failed("liar", first.index, FailureReason.NOT_HELD, 0.1)
+    assert s.availability(first.index) == 0 and s.drain_events() == []
+    s.peer_update("liar", site="a", have=range(4), now=0.2)  # the same gossip again: the claim stays dropped
+    s.peer_gone("liar", 0.3)
+    s.peer_update("liar", site="a", have=range(4), now=0.3)  # back: the claim still stays dropped
+    assert s.availability(first.index) == 0
+    now = 0.3
+    denied = {first.index}
+    while len(denied) < 3:
+        [request] = s.next_requests(now)
+        if request.is_origin:  # a chunk nobody else claims any more
+            assert request.index in denied
+            s.completed("origin", request.index, now)
+            continue
+        assert request.peer_id == "liar"
+        s.failed("liar", request.index, FailureReason.NOT_HELD, now)
+        denied.add(request.index)
+    banned = [e for e in s.drain_events() if isinstance(e, PeerBanned)]
+    assert [(e.peer_id, e.reason) for e in banned] == [("liar", FailureReason.NOT_HELD)]
+    assert s.is_banned("liar", now)
+    while not s.done:  # everything from the origin now
+        now += 1.0
+        for request in s.next_requests(now):
+            assert request.is_origin, request
+            s.completed(request.peer_id, request.index, now)
+    assert s.stats.bans == 1
+
+
+def test_one_denied_chunk_does_not_ban_an_honest_peer_and_the_origin_denying_is_only_a_refusal() -> None:
+    s = make(3, max_false_claims=3)
+    s.peer_update("gc", site="a", have=[0, 1, 2], now=0.0)  # it collected chunk 0 since it announced it
+    s.peer_update("origin", site="cloud", have=[0, 1, 2], is_origin=True, now=0.0)
+    s.failed("gc", 0, FailureReason.NOT_HELD, 0.0)
+    assert not s.is_banned("gc", 0.0) and s.availability(0) == 0 and s.availability(1) == 1
+    assert {r.index for r in s.next_requests(0.0) if r.peer_id == "gc"} == {1, 2}
+    s.failed("origin", 0, FailureReason.NOT_HELD, 0.0)  # not a claim: the origin is told, not believed
+    assert not s.is_banned("origin", 0.0) and s.drain_events() == []
 
 
 def test_a_ban_outlives_a_reconnect_and_expires_after_ban_s() -> None:

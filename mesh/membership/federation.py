@@ -17,7 +17,7 @@ of that node's federation table.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Protocol
 
 from mesh.membership.messages import Labels, State
@@ -49,27 +49,39 @@ def site_of(labels: Labels) -> str | None:
 
 def choose_representatives(members: Iterable[_Member], site: str, current: Iterable[str] = (),
                            k: int = DEFAULT_REPRESENTATIVES,
-                           tenure: Mapping[str, int] | None = None) -> tuple[str, ...]:
+                           tenure: Mapping[str, int] | None = None,
+                           preferred: Collection[str] = ()) -> tuple[str, ...]:
     """The node ids (sorted) that represent `site` in the federation pool.
 
     Candidates are the members of the site that are live (ALIVE, or SUSPECT:
     not yet declared dead, so a representative is not replaced on a mere
-    suspicion). Current representatives that are still candidates keep the
-    role (at most k of them: the longest serving first by `tenure`, when it the
-    role began, then the lowest ids); the free places go to the
-    other candidates, ALIVE before SUSPECT, lowest id first. Exactly
-    min(k, candidates) are chosen, and the result depends only on the view
-    and `current`, not on their order.
+    suspicion). `preferred` candidates (those that can do all a representative
+    does, e.g. run the site's rollouts) come first: a preferred current
+    representative keeps the role; free places go to preferred candidates,
+    then to other current representatives, then to other candidates. Within
+    each group, current representatives keep the role the longest serving
+    first (by `tenure`, when the role began, then the lowest id), newcomers
+    ALIVE before SUSPECT, lowest id first. Without `preferred` that is: current
+    representatives that are still candidates keep the role (at most k), the
+    free places go to the other candidates. So a preferred representative is
+    never displaced by another, and one that is not preferred only by a
+    preferred candidate. Exactly min(k, candidates) are chosen, and the result
+    depends only on the view, `current` and `preferred`, not on their order.
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, not {k}")
     candidates = {m.node_id: m for m in members if m.state in _LIVE and site_of(m.labels) == site}
     since = tenure or {}
-    kept = sorted((node_id for node_id in set(current) if node_id in candidates),
-                  key=lambda node_id: (since.get(node_id, 0), node_id))[:k]
-    newcomers = sorted((m for node_id, m in candidates.items() if node_id not in kept),
+    liked = set(preferred)
+    serving = sorted((node_id for node_id in set(current) if node_id in candidates),
+                     key=lambda node_id: (since.get(node_id, 0), node_id))
+    newcomers = sorted((m for node_id, m in candidates.items() if node_id not in set(serving)),
                        key=lambda m: (m.state is not State.ALIVE, m.node_id))
-    chosen = kept + [m.node_id for m in newcomers[:k - len(kept)]]
+    fresh = [m.node_id for m in newcomers]
+    chosen: list[str] = []
+    for group in ([n for n in serving if n in liked], [n for n in fresh if n in liked],
+                  [n for n in serving if n not in liked], [n for n in fresh if n not in liked]):
+        chosen += group[:k - len(chosen)]
     return tuple(sorted(chosen))
 
 

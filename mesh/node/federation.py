@@ -31,12 +31,16 @@ from mesh.membership.sections import MetaError, read_section
 from mesh.membership.service import Dial, MembershipServicer, SwimRunner
 from mesh.membership.view import CoreView, MemberEventHandler, MetadataBoard
 
-__all__ = ["FEDERATION_SECTION", "FederationMember", "MirroredBoard", "PoolsView"]
+__all__ = ["FEDERATION_SECTION", "ROLLOUTS_CAPABLE_SECTION", "FederationMember", "MirroredBoard", "PoolsView"]
 
 log = logging.getLogger("mesh.federation")
 
 FEDERATION_SECTION = "fed"
-"""Metadata section a representative sets (b"1") in its site pool."""
+"""Metadata section a representative sets (when its term began, ms) in its site pool."""
+ROLLOUTS_CAPABLE_SECTION = "fedr"
+"""Metadata section a node that runs its site's rollouts (it has `[raft]`) sets (b"1") in its site pool:
+the site prefers such members as representatives, since a site leader asks its representatives for the
+fleet views its rollouts need."""
 
 _LIVE = (State.ALIVE, State.SUSPECT)
 _EARLIEST_TENURE_MS = 1_577_836_800_000  # 2020-01-01
@@ -133,7 +137,8 @@ class FederationMember:
                  seeds: Sequence[str], servicer: MembershipServicer, dial: Dial,
                  board: MirroredBoard, rep_board: MetadataBoard,
                  on_events: MemberEventHandler, rng: random.Random,
-                 revoked: Callable[[str], bool] = lambda node_id: False) -> None:
+                 revoked: Callable[[str], bool] = lambda node_id: False,
+                 runs_rollouts: bool = False, capable_board: MetadataBoard | None = None) -> None:
         self.node_id = node_id
         self._address = address
         self._labels = labels
@@ -150,14 +155,17 @@ class FederationMember:
         self._on_events = on_events
         self._rng = rng
         self._revoked = revoked
+        self._runs_rollouts = runs_rollouts
+        if runs_rollouts and capable_board is not None:
+            capable_board.set_meta(b"1")  # constant for the node's life: set once, gossiped with the rest
         self._runner: SwimRunner | None = None
         self._view: CoreView | None = None
         self._since_ms = 0  # when this node's current term as representative began
         self._tasks: set[asyncio.Task] = set()
         self._stopped = False
         self._ready = False  # no choice before this node has heard from its site (see `start`)
-        # Advertised representatives: node id -> (incarnation, meta_version, tenure or None).
-        self._flags: dict[str, tuple[int, int, int | None]] = {}
+        # Site members: node id -> (incarnation, meta_version, advertised tenure or None, runs rollouts).
+        self._flags: dict[str, tuple[int, int, int | None, bool]] = {}
         self._rejoined_at: dict[str, float] = {}
         self._incarnation = 0  # this node's incarnation in its site pool, last seen
         self.representatives: tuple[str, ...] = ()
@@ -182,7 +190,7 @@ class FederationMember:
     def advertised(self) -> dict[str, int]:
         """Live members of the site that say they represent it, with when their term began (ms);
         this node too while it is one."""
-        out = {node_id: tenure or 0 for node_id, (_, _, tenure) in self._flags.items()
+        out = {node_id: tenure or 0 for node_id, (_, _, tenure, _) in self._flags.items()
                if tenure is not None and node_id != self.node_id}
         if self.active and _plausible(self._since_ms):  # as the rest of the site reads our flag
             out[self.node_id] = self._since_ms
@@ -204,9 +212,17 @@ class FederationMember:
 
     # -- the choice --------------------------------------------------------------
 
+    def preferred(self) -> set[str]:
+        """Live members of the site that run its rollouts (this node too if it does)."""
+        out = {node_id for node_id, (_, _, _, capable) in self._flags.items() if capable}
+        if self._runs_rollouts:
+            out.add(self.node_id)
+        return out
+
     def _refresh_flags(self) -> bool:
-        """Re-read the representative flags of site members whose metadata changed; True if any flag
-        changed (metadata updates are frequent during a release: only changed members are decoded)."""
+        """Re-read the representative and rollouts flags of site members whose metadata changed; True if
+        any flag changed (metadata updates are frequent during a release: only changed members are
+        decoded)."""
         changed = False
         seen = set()
         for member in self._site_view.members():
@@ -218,18 +234,21 @@ class FederationMember:
             if held is not None and held[:2] == (member.incarnation, member.meta_version) and live:
                 continue
             tenure: int | None = None
+            capable = False
             if live:
                 try:
                     raw = read_section(member.meta, FEDERATION_SECTION)
                     tenure = int(raw) if raw and raw.isdigit() and len(raw) <= 20 else None
+                    capable = read_section(member.meta, ROLLOUTS_CAPABLE_SECTION) == b"1"
                 except MetaError:
-                    tenure = None
+                    tenure, capable = None, False
                 if tenure is not None and not _plausible(tenure):
                     tenure = None
-            changed |= held is None or held[2] != tenure
-            self._flags[member.node_id] = (member.incarnation, member.meta_version, tenure)
+            changed |= held is None or held[2:] != (tenure, capable)
+            self._flags[member.node_id] = (member.incarnation, member.meta_version, tenure, capable)
         for gone in set(self._flags) - seen:
-            changed |= self._flags.pop(gone)[2] is not None
+            _, _, tenure, capable = self._flags.pop(gone)
+            changed |= tenure is not None or capable
         return changed
 
     def on_member_events(self, events: Sequence[MemberEvent] = ()) -> None:
@@ -259,7 +278,7 @@ class FederationMember:
             return  # holdings and health updates: nothing that moves the choice
         current = self.advertised()
         chosen = choose_representatives(self._site_view.members(), self._site, current, self._k,
-                                        tenure=current)
+                                        tenure=current, preferred=self.preferred())
         if chosen != self.representatives:
             log.info("site %s representatives: %s", self._site, ", ".join(chosen) or "none")
             self.representatives = chosen

@@ -95,8 +95,8 @@ class LocalCluster:
             extra["representatives"] = self.representatives
         return extra
 
-    def config(self, node_id: str, *, site: str, seeds: list[str],
-               federation_seeds: list[str] | None = None) -> NodeConfig:
+    def config(self, node_id: str, *, site: str, seeds: list[str], federation_seeds: list[str] | None = None,
+               sections: dict[str, Any] | None = None) -> NodeConfig:
         creds = self.fleet.node_credentials(node_id)
         return NodeConfig(
             node_id=node_id, listen="127.0.0.1:0", seeds=seeds, labels={"site": site},
@@ -104,7 +104,7 @@ class LocalCluster:
             membership=MembershipSection.from_core(
                 self.timings, **self.pools,
                 **({"federation_seeds": federation_seeds} if federation_seeds else {})),
-            **self.sections)
+            **(self.sections | (sections or {})))
 
     def site_of(self, node_id: str) -> str:
         return self.nodes[node_id].config.labels.get("site", "")
@@ -116,9 +116,9 @@ class LocalCluster:
         return self
 
     async def add(self, node_id: str, *, site: str = SITES[0], seeds: list[str] | None = None,
-                  federation_seeds: list[str] | None = None) -> Node:
+                  federation_seeds: list[str] | None = None, sections: dict[str, Any] | None = None) -> Node:
         """`seeds` and `federation_seeds` default to the first running node of this site and of
-        every other site."""
+        every other site; `sections`: config sections for this node only (over the cluster's)."""
         if self.pools_mode == "sites":
             firsts: dict[str, str] = {}  # site -> address of its first running node
             for other_id, other in self.nodes.items():
@@ -131,7 +131,8 @@ class LocalCluster:
             seeds = [next(iter(self.nodes.values())).address] if self.nodes else []
         rng = random.Random(f"{self.seed}-{node_id}")
         sites_mode = {"federation_seeds": federation_seeds or []} if self.pools_mode == "sites" else {}
-        node = Node(self.config(node_id, site=site, seeds=seeds, **sites_mode), rng=rng, serve_metrics=False)
+        node = Node(self.config(node_id, site=site, seeds=seeds, sections=sections, **sites_mode), rng=rng,
+                    serve_metrics=False)
         await node.start()
         self.nodes[node_id] = node
         return node

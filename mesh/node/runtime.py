@@ -75,7 +75,13 @@ from mesh.membership.sections import MetaSections
 from mesh.membership.service import MembershipServicer, SwimRunner
 from mesh.membership.view import CoreView, MemberEventHandler, MembershipView, fan_out
 from mesh.node.config import NodeConfig, parse_host_port
-from mesh.node.federation import FEDERATION_SECTION, FederationMember, MirroredBoard, PoolsView
+from mesh.node.federation import (
+    FEDERATION_SECTION,
+    ROLLOUTS_CAPABLE_SECTION,
+    FederationMember,
+    MirroredBoard,
+    PoolsView,
+)
 from mesh.node.interceptors import DecodeInterceptor, FaultInterceptor, TrustInterceptor
 from mesh.node.metrics import NodeMetrics
 from mesh.node.peers import MAX_MESSAGE_BYTES, SERVER_KEEPALIVE_OPTIONS, Faults, PeerChannels
@@ -311,7 +317,7 @@ class Node:
             # Sites mode: the shells see this site, and (on a representative) other sites' representatives;
             # this node's metadata goes to both pools.
             board = MirroredBoard(site_view)
-            meta = MetaSections(board, META_BUDGETS | {FEDERATION_SECTION: 16})
+            meta = MetaSections(board, META_BUDGETS | {FEDERATION_SECTION: 16, ROLLOUTS_CAPABLE_SECTION: 1})
             federation = FederationMember(
                 node_id=config.node_id, address=address, labels=labels_from_mapping(config.labels), site=site,
                 site_view=site_view, config=config.membership.federation_core(),
@@ -320,7 +326,8 @@ class Node:
                 dial=lambda peer_address, peer_id: membership_pb2_grpc.MembershipStub(
                     channels.channel(peer_address, peer_id)),
                 board=board, rep_board=meta.board(FEDERATION_SECTION), on_events=shell_events,
-                rng=random.Random(self._rng.random()), revoked=trust.is_revoked_id)
+                rng=random.Random(self._rng.random()), revoked=trust.is_revoked_id,
+                runs_rollouts=config.raft is not None, capable_board=meta.board(ROLLOUTS_CAPABLE_SECTION))
             view = PoolsView(site_view, site, federation.view)
         else:
             view = site_view

@@ -189,3 +189,48 @@ def test_with_tenure_the_longest_serving_keep_the_role_not_the_lowest_ids() -> N
     assert choose_representatives(view, "amsterdam", advertised, k=2) == ("a", "b")  # ids alone
     tenure = {"b": 100, "d": 200, "a": 300}
     assert choose_representatives(view, "amsterdam", advertised, k=2, tenure=tenure) == ("b", "d")
+
+
+preferred_st = st.sets(st.text("abcdef0123", min_size=1, max_size=4), max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(view=members_st, k=ks, current=st.lists(st.text("abcdef0123", min_size=1, max_size=4), max_size=6),
+       preferred=preferred_st, shuffle_seed=st.integers(0, 1000))
+def test_preferred_candidates_come_first_and_a_preferred_representative_is_never_displaced(
+        view, k, current, preferred, shuffle_seed) -> None:
+    """Preferred members (in the node: those that run the site's rollouts) fill the places first; a
+    preferred representative keeps its place; the choice stays deterministic and of the right size."""
+    chosen = choose_representatives(view, "amsterdam", current, k, preferred=preferred)
+    shuffled = list(view)
+    random.Random(shuffle_seed).shuffle(shuffled)
+    assert chosen == choose_representatives(shuffled, "amsterdam", list(reversed(current)), k,
+                                            preferred=sorted(preferred, reverse=True))
+    candidates = live_in(view, "amsterdam")
+    assert len(chosen) == min(k, len(candidates))
+    liked = candidates & preferred
+    assert len(set(chosen) & liked) == min(k, len(liked))  # as many preferred as there are places for
+    kept = [c for c in current if c in liked]
+    if len(set(kept)) <= k:
+        assert set(kept) <= set(chosen)  # a preferred representative is never displaced
+    # Stable: asked again with its own choice as the current one, nothing moves.
+    assert choose_representatives(view, "amsterdam", chosen, k, preferred=preferred) == chosen
+
+
+@settings(max_examples=300, deadline=None)
+@given(view=members_st, k=ks, current=st.lists(st.text("abcdef0123", min_size=1, max_size=4), max_size=6))
+def test_without_preferences_the_choice_is_what_it_was(view, k, current) -> None:
+    """`preferred` empty, or preferring every member, changes nothing."""
+    plain = choose_representatives(view, "amsterdam", current, k)
+    assert choose_representatives(view, "amsterdam", current, k, preferred=()) == plain
+    everyone = {m.node_id for m in view}
+    assert choose_representatives(view, "amsterdam", current, k, preferred=everyone) == plain
+
+
+def test_a_preferred_newcomer_takes_the_place_of_a_representative_that_is_not_preferred() -> None:
+    view = [member("a"), member("b"), member("c"), member("z")]
+    assert choose_representatives(view, "amsterdam", ["a", "b"], k=2, preferred={"z"}) == ("a", "z")
+    assert choose_representatives(view, "amsterdam", ["a", "z"], k=2, preferred={"z"}) == ("a", "z")
+    # a suspected preferred member is still preferred to an alive one that is not
+    view = [member("a"), member("y", state=State.SUSPECT)]
+    assert choose_representatives(view, "amsterdam", (), k=1, preferred={"y"}) == ("y",)

@@ -120,6 +120,29 @@ def crossers(c) -> str:
                      if n.distributor.counters.bytes_from_other_sites or n.federation.changes)
 
 
+async def test_a_site_prefers_representatives_that_run_its_rollouts(cluster):
+    """A site leader asks its representatives for the fleet views its rollouts need, so a site prefers
+    members that run its rollouts (they have [raft]): one that joins takes the place of a representative
+    that does not, and keeps it."""
+    c = await cluster(4, sites=2, pools="sites", representatives=1)
+    amsterdam = c.site_of("node-00")
+    await wait_for(lambda: representatives(c).get(amsterdam) == {"node-00"}, 20.0,
+                   what="node-00, the lowest id, represents amsterdam")
+    raft = {"raft": {"members": ["node-04"], "election_min_s": 0.3, "election_max_s": 0.6}}
+    await c.add("node-04", site=amsterdam, sections=raft)
+    took = await wait_for(lambda: representatives(c).get(amsterdam) == {"node-04"}
+                          and all(set(c.nodes[i].federation.representatives) == {"node-04"}
+                                  for i in site_members(c, amsterdam)),
+                          30.0, what="node-04, which runs amsterdam's rollouts, represents it")
+    assert c.nodes["node-04"].federation.preferred() == {"node-04"}
+    assert c.nodes["node-00"].federation.preferred() == {"node-04"}
+    changes = c.nodes["node-04"].federation.changes
+    await asyncio.sleep(4 * FAST_TIMINGS.dissemination_s(3))  # let any flapping show
+    assert representatives(c).get(amsterdam) == {"node-04"}
+    assert c.nodes["node-04"].federation.changes == changes
+    print(f"node-04 took amsterdam's place in the federation within {took:.2f}s")
+
+
 @pytest.mark.parametrize("origin_id", ["node-00", "node-09"])  # a representative; a plain device
 async def test_a_release_crosses_each_site_boundary_about_once(cluster, fleet, origin_id):
     """The origin's site publishes; the other sites' representatives fetch across the boundary and

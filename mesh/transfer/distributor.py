@@ -65,6 +65,7 @@ from mesh.transfer.scheduler import (
     SchedulerConfig,
     SwarmScheduler,
 )
+from mesh.transfer.service import VERSION_NOT_HELD
 
 log = logging.getLogger("mesh.transfer")
 
@@ -931,7 +932,9 @@ class Distributor:
             log.debug("chunk %d of %s from %s failed: %s", index, manifest.label, peer_id,
                       code.name if code else exc)
             if code is grpc.StatusCode.NOT_FOUND:  # it announced the chunk and does not hold it
-                return FailureReason.NOT_HELD
+                details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else ""
+                gone = (details or "").startswith(VERSION_NOT_HELD)  # it collected the version: no lie
+                return FailureReason.WITHDRAWN if gone else FailureReason.NOT_HELD
             return FailureReason.UNAVAILABLE
         finally:
             progress.bytes_downloaded += received

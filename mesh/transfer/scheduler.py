@@ -51,7 +51,11 @@ lives here):
   the peer off for `busy_backoff_s`, doubling per consecutive failure up to
   `max_backoff_s`; a completed chunk resets it. A refusal that says when the
   peer's next upload slot frees (`retry_after_s`) is believed instead, with
-  up to 50% jitter, still capped at `max_backoff_s`.
+  up to 50% jitter, still capped at `max_backoff_s`. NOT_HELD (the peer
+  denies a chunk it announced) backs off too and masks that claim until the
+  peer's announcements drop the chunk; `max_false_claims` denials ban it
+  (`PeerBanned` with NOT_HELD). WITHDRAWN (it holds the version no more)
+  masks all its claims, with no count against it.
 - No endgame mode: the last chunks are not requested twice. Duplicates would
   cost bytes (the goal is <= 1.05x the minimum) and the simulator shows the
   tail is short without them.
@@ -91,13 +95,16 @@ class SchedulerError(ValueError):
 class FailureReason(enum.Enum):
     BAD_CHUNK = "bad-chunk"      # bytes did not match the manifest hash: ban the peer
     TIMEOUT = "timeout"          # no answer by request_timeout_s
-    UNAVAILABLE = "unavailable"  # peer refused: no upload slot, or it no longer has the chunk
+    UNAVAILABLE = "unavailable"  # peer refused: no upload slot (or, from a peer, a fault of its own)
     IO_ERROR = "io-error"        # connection reset, stream broken, local write failed
     # The peer says it does not hold a chunk it announced (NOT_FOUND): its claim to that chunk is
-    # dropped for the rest of the download, and `max_false_claims` of them ban it. Otherwise a peer
-    # that announces chunks it never serves (a hostile one, with a valid certificate) would keep
-    # them "available" and the origin would never be asked.
+    # dropped until its announcements drop the chunk too, and `max_false_claims` such denials ban it.
+    # Otherwise a peer that announces chunks it never serves (a hostile one, with a valid
+    # certificate) would keep them "available" and the origin would never be asked.
     NOT_HELD = "not-held"
+    # The peer no longer holds the version at all (it collected it, or lost its store): every claim
+    # it made is dropped as above, without counting against it; its gossip says so soon after.
+    WITHDRAWN = "withdrawn"
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,8 @@ class SchedulerConfig:
     # that peers already hold are fetched meanwhile. 0 disables the hold-off.
     origin_holdoff_s: float = 0.0
     # Chunks a peer may deny having, after announcing them, before it is banned for this download
-    # (an honest peer denies one only when it collected or lost the version since it announced it).
+    # (an honest peer denies a chunk whose file rotted; one that collected the whole version says
+    # WITHDRAWN instead).
     max_false_claims: int = 3
 
     def __post_init__(self) -> None:
@@ -272,8 +280,10 @@ class SwarmScheduler:
         self._missing = n - sum(self._have)
         self._peers: dict[str, _Peer] = {}
         self._banned_until: dict[str, float] = {}
-        # per peer id, chunks it announced and then said it does not hold (kept across a reconnect, as bans)
+        # Per peer id, chunks it announced and then said it does not hold: masked until an announcement of
+        # it lacks them (kept across a reconnect, as bans); and how many denials it made (they ban it).
         self._denied: dict[str, set[int]] = {}
+        self._false_claims: dict[str, int] = {}
         # Non-origin peers announcing each chunk (banned ones too; they are skipped), in
         # announcement order: dicts, not sets, so that iteration never depends on str hashing.
         self._holders: list[dict[str, None]] = [{} for _ in range(n)]
@@ -371,9 +381,16 @@ class SwarmScheduler:
             self._assignee.clear()
         peer.site = site
         new = bytearray(self.n_chunks)
-        denied = self._denied.get(peer_id, ())
         for i in indexes:
-            new[i] = 0 if i in denied else 1  # a claim it denied once stays dropped for this download
+            new[i] = 1
+        denied = self._denied.get(peer_id)
+        if denied and not is_origin:  # the origin's holdings are what it is told, never masked
+            still = {i for i in denied if new[i]}  # dropped from its claims: unmasked
+            if still != denied:
+                self._denied[peer_id] = denied = still
+                self._assignee.clear()
+            for i in denied:
+                new[i] = 0
         for i in range(self.n_chunks):
             if new[i] != peer.have[i]:
                 if new[i]:
@@ -441,18 +458,24 @@ class SwarmScheduler:
             self._count_bytes(peer_id, size, peer is not None and peer.is_origin)
             self.stats.wasted_bytes += size
             self._ban(peer_id, index, now)
-        elif reason is FailureReason.NOT_HELD:
+        elif reason in (FailureReason.NOT_HELD, FailureReason.WITHDRAWN):
+            self._back_off(peer_id, now, retry_after_s)
             peer = self._peers.get(peer_id)
             if peer is None or peer.is_origin:  # the origin's holdings are what it is told, not claims
-                self._back_off(peer_id, now, retry_after_s)
                 return
+            dropped = [index] if reason is FailureReason.NOT_HELD else [i for i in range(self.n_chunks)
+                                                                        if peer.have[i]]
             denied = self._denied.setdefault(peer_id, set())
-            denied.add(index)
-            if peer.have[index]:
-                self._remove_holding(peer, index)
-                self._assignee.clear()
-            if len(denied) >= self.config.max_false_claims and not self.is_banned(peer_id, now):
-                self._ban(peer_id, index, now, FailureReason.NOT_HELD)
+            for i in dropped:
+                denied.add(i)
+                if peer.have[i]:
+                    self._remove_holding(peer, i)
+            self._assignee.clear()  # the origin roster leaves it out for those chunks
+            if reason is FailureReason.NOT_HELD:
+                self._false_claims[peer_id] = self._false_claims.get(peer_id, 0) + 1
+                claims = self._false_claims[peer_id]
+                if claims >= self.config.max_false_claims and not self.is_banned(peer_id, now):
+                    self._ban(peer_id, index, now, FailureReason.NOT_HELD)
         else:
             self._back_off(peer_id, now, retry_after_s)
 
@@ -562,7 +585,9 @@ class SwarmScheduler:
             assert self.self_id is not None
             assignee, best = self.self_id, rendezvous_score(self.self_id, index)
             for peer in self._peers.values():
-                if peer.is_origin or self.is_banned(peer.peer_id, now):
+                # A peer that denied this chunk (or withdrew the version) is not counted on to fetch it.
+                if peer.is_origin or self.is_banned(peer.peer_id, now) \
+                        or index in self._denied.get(peer.peer_id, ()):
                     continue
                 score = rendezvous_score(peer.peer_id, index)
                 if score > best or (score == best and peer.peer_id > assignee):

@@ -47,6 +47,11 @@ class UploadCounters:
         return self.bytes_by_version.get((name, version), 0)
 
 
+# FetchChunk's NOT_FOUND details when this node holds no version of that name and number (it collected
+# it, or never had it): the asker drops every claim this node made to it, without counting it as a lie.
+VERSION_NOT_HELD = "version not held here"
+
+
 class ServeFaults:
     """Test-only misbehaviour: serve corrupted chunk bytes, or deny holding the chunks this node
     announces (bad peers)."""
@@ -54,6 +59,7 @@ class ServeFaults:
     def __init__(self) -> None:
         self.corrupt_chunks = False
         self.deny_chunks = False
+        self.forget_versions = False  # answer as a node that collected every version
 
 
 class OriginPolicy:
@@ -151,6 +157,8 @@ class TransferServicer(pb_grpc.TransferServicer):
     async def FetchChunk(self, request: pb.ChunkRequest, context):
         peer = await self._require_node(context)
         name, version = await self._names(request, context)
+        if self.faults.forget_versions or not self._store.manifest_path(name, version).exists():
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{VERSION_NOT_HELD}: {name} {version}")
         manifest = (await self._manifest(name, version, context)).manifest
         if request.index >= len(manifest.chunks):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,

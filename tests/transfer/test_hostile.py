@@ -94,3 +94,23 @@ async def test_a_node_announcing_chunks_it_never_serves_is_banned_and_the_releas
     assert counters.bans["false_claim"] == 1, counters
     assert counters.bytes_from_origin == signed.manifest.size_bytes, counters
     print(f"newcomer complete in {took:.1f}s; the liar banned after denying chunks")
+
+
+async def test_a_node_that_collected_the_version_is_not_taken_for_a_liar(cluster, fleet):
+    """The honest twin of the test above: a node that no longer holds the version (it collected it, and
+    its gossip has not said so yet) answers 'version not held'; the asker drops its claims without
+    counting them as lies, so no alert names an honest node, and the release completes."""
+    c = await cluster(2)
+    await wait_for(c.converged, 10.0, what="convergence")
+    origin, collector = c.nodes["node-00"], c.nodes["node-01"]
+    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+    signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0", key=publisher,
+                     store=origin.store)
+    origin.distributor.add_published(signed)
+    await wait_for(lambda: collector.store.is_complete(signed.manifest), 30.0, what="node-01 completes")
+    collector.transfer.faults.forget_versions = True  # as if collected, still announced
+    newcomer = await c.add("node-02")
+    await wait_for(lambda: newcomer.store.is_complete(signed.manifest), 60.0, what="the newcomer completes")
+    counters = newcomer.distributor.counters
+    assert counters.bans == {"hash_mismatch": 0, "protocol": 0, "false_claim": 0}, counters
+    assert counters.bytes_from_origin == signed.manifest.size_bytes, counters

@@ -325,6 +325,7 @@ def test_a_peer_that_denies_chunks_it_announced_loses_those_claims_and_then_is_b
     now = 0.3
     denied = {first.index}
     while len(denied) < 3:
+        now += 1.0  # past the back-off a denial costs
         [request] = s.next_requests(now)
         if request.is_origin:  # a chunk nobody else claims any more
             assert request.index in denied
@@ -350,9 +351,50 @@ def test_one_denied_chunk_does_not_ban_an_honest_peer_and_the_origin_denying_is_
     s.peer_update("origin", site="cloud", have=[0, 1, 2], is_origin=True, now=0.0)
     s.failed("gc", 0, FailureReason.NOT_HELD, 0.0)
     assert not s.is_banned("gc", 0.0) and s.availability(0) == 0 and s.availability(1) == 1
-    assert {r.index for r in s.next_requests(0.0) if r.peer_id == "gc"} == {1, 2}
+    assert not [r for r in s.next_requests(0.0) if r.peer_id == "gc"]  # backed off a moment
+    assert {r.index for r in s.next_requests(1.0) if r.peer_id == "gc"} == {1, 2}
     s.failed("origin", 0, FailureReason.NOT_HELD, 0.0)  # not a claim: the origin is told, not believed
     assert not s.is_banned("origin", 0.0) and s.drain_events() == []
+
+
+def test_a_denied_claim_comes_back_only_when_the_peer_drops_it_and_announces_it_again() -> None:
+    """A denial masks the claim against the same announcement, a reconnect and a HAVE; once the peer's
+    announcement no longer claims the chunk, a later claim is believed again (it got the chunk since)."""
+    s = make(2, max_false_claims=3)
+    s.peer_update("p", site="a", have=[0, 1], now=0.0)
+    s.failed("p", 0, FailureReason.NOT_HELD, 0.0)
+    s.peer_has("p", 0, 0.1)
+    s.peer_update("p", site="a", have=[0, 1], now=0.2)
+    assert s.availability(0) == 0 and s.availability(1) == 1
+    s.peer_update("p", site="a", have=[1], now=0.3)  # it says so itself now
+    s.peer_update("p", site="a", have=[0, 1], now=0.4)  # and later holds it again
+    assert s.availability(0) == 1
+
+
+def test_two_denials_in_flight_at_once_ban_once_and_withdrawn_versions_ban_never() -> None:
+    s = make(4, max_false_claims=2, max_in_flight_per_peer=4)
+    s.peer_update("liar", site="a", have=range(4), now=0.0)
+    s.next_requests(0.0)
+    for index in (0, 1, 2):
+        s.failed("liar", index, FailureReason.NOT_HELD, 0.1)
+    assert [e.reason for e in s.drain_events() if isinstance(e, PeerBanned)] == [FailureReason.NOT_HELD]
+    s = make(4, max_false_claims=1)
+    s.peer_update("collector", site="a", have=range(4), now=0.0)
+    s.failed("collector", 0, FailureReason.WITHDRAWN, 0.0)  # it collected the version: every claim goes
+    assert [s.availability(i) for i in range(4)] == [0, 0, 0, 0]
+    assert not s.is_banned("collector", 0.0)
+    assert not [e for e in s.drain_events() if isinstance(e, PeerBanned)]
+    s.peer_update("collector", site="a", have=[], now=1.0)  # its gossip catches up
+    s.peer_update("collector", site="a", have=[2], now=2.0)  # and it fetches again
+    assert s.availability(2) == 1
+
+
+def test_a_peer_that_becomes_the_origin_is_not_masked() -> None:
+    s = make(2)
+    s.peer_update("p", site="a", have=[0, 1], now=0.0)
+    s.failed("p", 0, FailureReason.NOT_HELD, 0.0)
+    s.peer_update("p", site="a", have=[0, 1], is_origin=True, now=1.0)  # it published the version itself
+    assert 0 in {r.index for r in s.next_requests(61.0) if r.is_origin}
 
 
 def test_a_ban_outlives_a_reconnect_and_expires_after_ban_s() -> None:

@@ -366,10 +366,18 @@ async def test_a_bad_version_rolls_back_at_the_first_wave(fleet):
     assert all("3.0" not in f.nodes[n].rollouts.served for n in f.nodes if n not in first)
     (touched_node,) = first
     assert f.nodes[touched_node].rollouts.rollbacks.get("mlp-3") == 1
+    failing_site = next(site for site in f.site_names() if touched_node in f.members(site))
     for site in f.site_names():
         member = next(n for n in f.members(site) if n in f.nodes)
         (aborted,) = audit_events(f, member, "mlp-3", "rollout_aborted")
-        assert "gate failed" in aborted["reason"] and "errors in" in aborted["reason"], aborted["reason"]
+        reason = aborted["reason"]
+        if site == failing_site:  # its own gate, with the measured errors
+            assert "gate failed" in reason and "errors in" in reason, reason
+        else:  # its own gate (it judges the fleet's evidence), the failing site's reason as that site's
+            # replica gave it, or the documented plain note naming who announced it (the replica could
+            # not be asked in time, as on a loaded machine)
+            gate = "gate failed" in reason and "errors in" in reason
+            assert gate or f"site {failing_site} aborted it: announced aborted by" in reason, (site, reason)
 
     await f.start_node(away)
     f.traffic.ensure(away)

@@ -65,7 +65,7 @@ from mesh.transfer.scheduler import (
     SchedulerConfig,
     SwarmScheduler,
 )
-from mesh.transfer.service import VERSION_NOT_HELD
+from mesh.transfer.service import VERSION_NOT_HELD, VERSION_NOT_HELD_BEFORE
 
 log = logging.getLogger("mesh.transfer")
 
@@ -811,7 +811,11 @@ class Distributor:
             # fail if the peer is really gone). Cancelling it would waste its bytes.
             busy = {peer_id for peer_id, _ in running}
             for gone in known_peers - seen - busy:
-                scheduler.peer_gone(gone, now)
+                # Still a live member: it stopped announcing the version (collected it), so claims of it
+                # that were masked are forgotten; a member that looks dead keeps its masks, as its bans.
+                still = self._view.member(gone)
+                withdrew = still is not None and still.state in (State.ALIVE, State.SUSPECT)
+                scheduler.peer_gone(gone, now, withdrew=withdrew)
                 known_peers.discard(gone)
             known_peers.update(seen)
 
@@ -933,7 +937,8 @@ class Distributor:
                       code.name if code else exc)
             if code is grpc.StatusCode.NOT_FOUND:  # it announced the chunk and does not hold it
                 details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else ""
-                gone = (details or "").startswith(VERSION_NOT_HELD)  # it collected the version: no lie
+                # It collected the whole version (or never had it): no lie, its claims just go.
+                gone = (details or "").startswith((VERSION_NOT_HELD, VERSION_NOT_HELD_BEFORE))
                 return FailureReason.WITHDRAWN if gone else FailureReason.NOT_HELD
             return FailureReason.UNAVAILABLE
         finally:

@@ -284,6 +284,7 @@ class SwarmScheduler:
         # it lacks them (kept across a reconnect, as bans); and how many denials it made (they ban it).
         self._denied: dict[str, set[int]] = {}
         self._false_claims: dict[str, int] = {}
+        self._withdrawals: dict[str, int] = {}  # WITHDRAWN answers per peer: from the second, a strike
         # Non-origin peers announcing each chunk (banned ones too; they are skipped), in
         # announcement order: dicts, not sets, so that iteration never depends on str hashing.
         self._holders: list[dict[str, None]] = [{} for _ in range(n)]
@@ -406,11 +407,15 @@ class SwarmScheduler:
         if peer is not None and not peer.have[index] and index not in self._denied.get(peer_id, ()):
             self._add_holding(peer, index, now)
 
-    def peer_gone(self, peer_id: str, now: float) -> None:
-        """The peer left or died: forget its holdings and re-queue what we asked of it. A ban stays."""
+    def peer_gone(self, peer_id: str, now: float, *, withdrew: bool = False) -> None:
+        """The peer left or died: forget its holdings and re-queue what we asked of it. A ban stays, and
+        so do claims it denied, unless `withdrew`: it is alive and announces the version no more, so a
+        later claim of it is a new one (the count of its denials stays)."""
         peer = self._peers.get(peer_id)
         if peer is not None:
             self._forget(peer)
+        if withdrew:
+            self._denied.pop(peer_id, None)
 
     # -- inputs: answers -----------------------------------------------------
 
@@ -463,15 +468,21 @@ class SwarmScheduler:
             peer = self._peers.get(peer_id)
             if peer is None or peer.is_origin:  # the origin's holdings are what it is told, not claims
                 return
-            dropped = [index] if reason is FailureReason.NOT_HELD else [i for i in range(self.n_chunks)
-                                                                        if peer.have[i]]
+            if reason is FailureReason.NOT_HELD:
+                if not peer.have[index]:  # its own announcement dropped the chunk meanwhile: no claim left
+                    return
+                dropped, strike = [index], True
+            else:  # a second withdrawal in one download is a claim made again and denied again
+                dropped = [i for i in range(self.n_chunks) if peer.have[i]]
+                self._withdrawals[peer_id] = self._withdrawals.get(peer_id, 0) + 1
+                strike = self._withdrawals[peer_id] > 1
+                self._denied.setdefault(peer_id, set()).update(range(self.n_chunks))  # no claim believed
             denied = self._denied.setdefault(peer_id, set())
             for i in dropped:
                 denied.add(i)
-                if peer.have[i]:
-                    self._remove_holding(peer, i)
+                self._remove_holding(peer, i)
             self._assignee.clear()  # the origin roster leaves it out for those chunks
-            if reason is FailureReason.NOT_HELD:
+            if strike:
                 self._false_claims[peer_id] = self._false_claims.get(peer_id, 0) + 1
                 claims = self._false_claims[peer_id]
                 if claims >= self.config.max_false_claims and not self.is_banned(peer_id, now):

@@ -49,7 +49,10 @@ class UploadCounters:
 
 # FetchChunk's NOT_FOUND details when this node holds no version of that name and number (it collected
 # it, or never had it): the asker drops every claim this node made to it, without counting it as a lie.
+# Nodes from before this said "no manifest for NAME VERSION on this node" (VERSION_NOT_HELD_BEFORE),
+# which askers read the same way, so an upgraded downloader does not take an older node for a liar.
 VERSION_NOT_HELD = "version not held here"
+VERSION_NOT_HELD_BEFORE = "no manifest for "
 
 
 class ServeFaults:
@@ -147,6 +150,15 @@ class TransferServicer(pb_grpc.TransferServicer):
             log.error("cannot read manifest %s %s: %s", name, version, exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"manifest for {name} {version} is unreadable here")
 
+    def _not_held(self, name: str, version: str, chunk_missing: str) -> str:
+        """NOT_FOUND details for a chunk this node lacks: VERSION_NOT_HELD when the whole version went
+        (collected while the request ran), else `chunk_missing`."""
+        try:
+            gone = not self._store.manifest_path(name, version).exists()
+        except (ArtifactError, OSError):
+            gone = False
+        return f"{VERSION_NOT_HELD}: {name} {version}" if gone else chunk_missing
+
     async def GetManifest(self, request: pb.ManifestRequest, context) -> pb.ManifestReply:
         await self._require_node(context)
         name, version = await self._names(request, context)
@@ -157,9 +169,17 @@ class TransferServicer(pb_grpc.TransferServicer):
     async def FetchChunk(self, request: pb.ChunkRequest, context):
         peer = await self._require_node(context)
         name, version = await self._names(request, context)
-        if self.faults.forget_versions or not self._store.manifest_path(name, version).exists():
+        if self.faults.forget_versions:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"{VERSION_NOT_HELD}: {name} {version}")
-        manifest = (await self._manifest(name, version, context)).manifest
+        try:
+            manifest = self._store.load_manifest(name, version).manifest
+        except FileNotFoundError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{VERSION_NOT_HELD}: {name} {version}")
+            raise AssertionError("grpc's context.abort returned") from None
+        except (ArtifactError, OSError) as exc:
+            log.error("cannot read manifest %s %s: %s", name, version, exc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"manifest for {name} {version} is unreadable here")
+            raise AssertionError("grpc's context.abort returned") from None
         if request.index >= len(manifest.chunks):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{name} {version} has chunks 0..{len(manifest.chunks) - 1}, "
@@ -167,7 +187,8 @@ class TransferServicer(pb_grpc.TransferServicer):
         ref = manifest.chunks[request.index]
         if self.faults.deny_chunks or not self._store.has_chunk(ref.sha256):
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"chunk {request.index} of {name} {version} is not held here")
+                                self._not_held(name, version, f"chunk {request.index} of {name} {version} is "
+                                               "not held here"))
         refusal = self.origin.refuse(name, version, request.index, peer)
         if refusal:
             self.counters.refused_busy += 1
@@ -185,7 +206,8 @@ class TransferServicer(pb_grpc.TransferServicer):
                 except (BadChunkError, MissingChunkError) as exc:  # rotted, or collected since has_chunk
                     log.warning("not serving chunk %d of %s %s: %s", request.index, name, version, exc)
                     await context.abort(grpc.StatusCode.NOT_FOUND,
-                                        f"chunk {request.index} is no longer held here")
+                                        self._not_held(name, version,
+                                                       f"chunk {request.index} is no longer held here"))
                 except (ArtifactError, OSError) as exc:
                     log.error("cannot read chunk %d of %s %s: %s", request.index, name, version, exc)
                     await context.abort(grpc.StatusCode.INTERNAL, f"chunk {request.index} is unreadable here")

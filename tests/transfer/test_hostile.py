@@ -114,3 +114,16 @@ async def test_a_node_that_collected_the_version_is_not_taken_for_a_liar(cluster
     counters = newcomer.distributor.counters
     assert counters.bans == {"hash_mismatch": 0, "protocol": 0, "false_claim": 0}, counters
     assert counters.bytes_from_origin == signed.manifest.size_bytes, counters
+    # Without the fault: a version a node never held (or collected) is answered the same way.
+    import grpc
+
+    from mesh._proto import transfer_pb2 as pb
+    from mesh.transfer.service import VERSION_NOT_HELD
+
+    call = newcomer.distributor._dial(origin.address, "node-00").FetchChunk(
+        pb.ChunkRequest(name="hand", version="0.9", index=0))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        async for _ in call:
+            pass
+    assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+    assert refused.value.details().startswith(VERSION_NOT_HELD), refused.value.details()

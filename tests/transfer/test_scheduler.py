@@ -389,6 +389,38 @@ def test_two_denials_in_flight_at_once_ban_once_and_withdrawn_versions_ban_never
     assert s.availability(2) == 1
 
 
+def test_a_withdrawn_peer_is_believed_again_after_it_left_the_holders_and_a_second_withdrawal_counts():
+    """In the node a peer that stops announcing the version leaves the holders (`peer_gone` with
+    `withdrew`): its masks go, so its next announcement is believed. Withdrawing again in the same
+    download is a claim made again and denied again: a strike. A denial that arrives after the peer's
+    own announcement dropped the chunk is no strike at all."""
+    s = make(4, max_false_claims=2, origin_rendezvous=True)
+    s.peer_update("p", site="a", have=range(4), now=0.0)
+    s.failed("p", 0, FailureReason.WITHDRAWN, 0.0)
+    assert [s.availability(i) for i in range(4)] == [0, 0, 0, 0]
+    s.peer_gone("p", 1.0, withdrew=True)
+    s.peer_update("p", site="a", have=range(4), now=2.0)  # it fetched the version again
+    assert [s.availability(i) for i in range(4)] == [1, 1, 1, 1]
+    s.failed("p", 1, FailureReason.WITHDRAWN, 3.0)  # and claims it falsely again
+    s.peer_gone("p", 4.0, withdrew=True)
+    s.peer_update("p", site="a", have=range(4), now=5.0)
+    s.failed("p", 2, FailureReason.WITHDRAWN, 6.0)
+    assert [e.reason for e in s.drain_events() if isinstance(e, PeerBanned)] == [FailureReason.NOT_HELD]
+    s = make(2, max_false_claims=1)
+    s.peer_update("q", site="a", have=[0, 1], now=0.0)
+    s.peer_update("q", site="a", have=[1], now=0.5)  # it said it no longer holds chunk 0 ...
+    s.failed("q", 0, FailureReason.NOT_HELD, 1.0)  # ... before this answer arrived
+    assert not s.is_banned("q", 1.0)
+
+
+def test_a_peer_that_withdrew_is_not_counted_on_to_fetch_from_the_origin() -> None:
+    s = make(4, self_id="me", origin_rendezvous=True, max_in_flight_origin=4)
+    s.peer_update("origin", site="cloud", have=range(4), is_origin=True, now=0.0)
+    s.peer_update("p", site="a", have=range(4), now=0.0)
+    s.failed("p", 0, FailureReason.WITHDRAWN, 0.0)
+    assert {r.index for r in s.next_requests(1.0) if r.is_origin} == {0, 1, 2, 3}  # all ours now
+
+
 def test_a_peer_that_becomes_the_origin_is_not_masked() -> None:
     s = make(2)
     s.peer_update("p", site="a", have=[0, 1], now=0.0)

@@ -55,8 +55,13 @@ class _SectionBoard:
 class MetaSections:
     """Splits this node's metadata board into named sections with budgets (bytes each)."""
 
+    @staticmethod
+    def needed_bytes(budgets: Mapping[str, int]) -> int:
+        """The metadata bytes sections with these budgets may take together (framing included)."""
+        return sum(budgets.values()) + _OVERHEAD_PER_SECTION_BYTES * len(budgets) + sum(map(len, budgets))
+
     def __init__(self, board: MetadataBoard, budgets: Mapping[str, int]) -> None:
-        needed = sum(budgets.values()) + _OVERHEAD_PER_SECTION_BYTES * len(budgets) + sum(map(len, budgets))
+        needed = self.needed_bytes(budgets)
         if needed > board.meta_limit_bytes:
             raise ValueError(f"metadata budgets need {needed} bytes, "
                              f"the board holds {board.meta_limit_bytes}")

@@ -155,6 +155,8 @@ class FederationMember:
         self._on_events = on_events
         self._rng = rng
         self._revoked = revoked
+        if runs_rollouts and capable_board is None:
+            raise ValueError("a node that runs its site's rollouts needs capable_board to say so to its site")
         self._runs_rollouts = runs_rollouts
         if runs_rollouts and capable_board is not None:
             capable_board.set_meta(b"1")  # constant for the node's life: set once, gossiped with the rest

@@ -29,7 +29,7 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +73,7 @@ from mesh.membership.core import Membership
 from mesh.membership.messages import MemberEvent, labels_from_mapping
 from mesh.membership.sections import MetaSections
 from mesh.membership.service import MembershipServicer, SwimRunner
-from mesh.membership.view import CoreView, MemberEventHandler, MembershipView, fan_out
+from mesh.membership.view import CoreView, MemberEventHandler, MembershipView, MetadataBoard, fan_out
 from mesh.node.config import NodeConfig, parse_host_port
 from mesh.node.federation import (
     FEDERATION_SECTION,
@@ -317,7 +317,8 @@ class Node:
             # Sites mode: the shells see this site, and (on a representative) other sites' representatives;
             # this node's metadata goes to both pools.
             board = MirroredBoard(site_view)
-            meta = MetaSections(board, META_BUDGETS | {FEDERATION_SECTION: 16, ROLLOUTS_CAPABLE_SECTION: 1})
+            meta = _meta_sections(board, META_BUDGETS | {FEDERATION_SECTION: 16, ROLLOUTS_CAPABLE_SECTION: 1},
+                                  config.membership.max_gossip_bytes)
             federation = FederationMember(
                 node_id=config.node_id, address=address, labels=labels_from_mapping(config.labels), site=site,
                 site_view=site_view, config=config.membership.federation_core(),
@@ -332,7 +333,7 @@ class Node:
         else:
             view = site_view
             # What this node gossips about itself, one section per capability within its own budget.
-            meta = MetaSections(view, META_BUDGETS)
+            meta = _meta_sections(view, META_BUDGETS, config.membership.max_gossip_bytes)
 
         # Transfer: the store, the origin's egress policy and the service that serves chunks.
         tc = config.transfer
@@ -735,6 +736,18 @@ async def watch_certificate_expiry(credentials: Credentials) -> None:
                         "renew it with `mesh fleet renew %s` and install the new cert.pem and key.pem",
                         credentials.cert_path, max(left_s, 0) / 86400, credentials.name)
         await asyncio.sleep(CERT_CHECK_INTERVAL_S)  # a check period, not synchronisation
+
+
+def _meta_sections(board: MetadataBoard, budgets: Mapping[str, int], max_gossip_bytes: int) -> MetaSections:
+    """This node's metadata sections, or a NodeStartError naming the setting when gossip messages are
+    too small for them (a member's metadata may take a quarter of `max_gossip_bytes`)."""
+    needed = MetaSections.needed_bytes(budgets)
+    if needed > board.meta_limit_bytes:
+        raise NodeStartError(
+            f"membership.max_gossip_bytes = {max_gossip_bytes} leaves {board.meta_limit_bytes} bytes for "
+            f"this node's metadata, and what it publishes needs {needed}: set max_gossip_bytes to at least "
+            f"{4 * needed} (the default is 8192), the same on every node")
+    return MetaSections(board, budgets)
 
 
 def raft_refusal(node_id: str, trust: TrustStore, faults: Faults) -> str | None:

@@ -234,3 +234,28 @@ def test_a_preferred_newcomer_takes_the_place_of_a_representative_that_is_not_pr
     # a suspected preferred member is still preferred to an alive one that is not
     view = [member("a"), member("y", state=State.SUSPECT)]
     assert choose_representatives(view, "amsterdam", (), k=1, preferred={"y"}) == ("y",)
+
+
+@settings(max_examples=400, deadline=None)
+@given(view=members_st, k=ks, data=st.data())
+def test_preferences_drawn_from_the_site_one_not_preferred_yields_only_to_one_preferred(
+        view, k, data) -> None:
+    """`current` and `preferred` drawn from the site's own members (so the rule is exercised): the choice
+    keeps every preferred representative it has room for, fills with preferred newcomers before keeping
+    representatives that are not preferred, and keeps those before taking other newcomers."""
+    ids = sorted({m.node_id for m in view})
+    if not ids:
+        return
+    current = data.draw(st.lists(st.sampled_from(ids), max_size=6, unique=True))
+    preferred = data.draw(st.sets(st.sampled_from(ids)))
+    tenure = {c: data.draw(st.integers(0, 3)) for c in current}
+    chosen = set(choose_representatives(view, "amsterdam", current, k, tenure=tenure, preferred=preferred))
+    candidates = live_in(view, "amsterdam")
+    liked, serving = candidates & preferred, candidates & set(current)
+    places = min(k, len(candidates))
+    assert len(chosen) == places
+    assert len(chosen & liked) == min(k, len(liked))  # preferred first
+    if len(liked) < k:  # room left: serving ones that are not preferred come before other newcomers
+        assert len(chosen & (serving - liked)) == min(k - len(liked), len(serving - liked))
+    again = choose_representatives(view, "amsterdam", sorted(chosen), k, tenure=tenure, preferred=preferred)
+    assert again == tuple(sorted(chosen))

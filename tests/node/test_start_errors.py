@@ -18,8 +18,9 @@ def run_node(tmp_path: Path, fleet, *, name: str, **config) -> tuple[int, list[s
     config.setdefault("address", free_address())
     config.setdefault("data_dir", tmp_path / "data")
     log_format = config.pop("log_format", None)
+    timings = config.pop("timings", FAST_TIMINGS)
     path = tmp_path / f"{name}.toml"
-    write_node_config(path, node_id="start-01", seeds=[], site="a", timings=FAST_TIMINGS,
+    write_node_config(path, node_id="start-01", seeds=[], site="a", timings=timings,
                       tls_dir=fleet.node_credentials("start-01").directory, **config)
     if log_format:  # a top-level key: above the first [table]
         path.write_text(f"log_format = {json.dumps(log_format)}\n" + path.read_text())
@@ -79,6 +80,15 @@ def test_a_data_dir_under_a_file_is_one_line_naming_the_path(tmp_path, fleet):
     blocker.write_text("x")
     code, lines, config = run_node(tmp_path, fleet, name="under", data_dir=blocker / "data")
     assert_one_error_line(code, lines, config, f"data_dir: {blocker}", "not a directory")
+
+
+def test_gossip_messages_too_small_for_the_metadata_is_one_line_naming_the_setting(tmp_path, fleet):
+    import dataclasses
+
+    small = dataclasses.replace(FAST_TIMINGS, max_gossip_bytes=2048)  # the config allows >= 512
+    code, lines, config = run_node(tmp_path, fleet, name="gossip", timings=small)
+    assert_one_error_line(code, lines, config, "membership.max_gossip_bytes = 2048 leaves 512 bytes",
+                          "set max_gossip_bytes to at least")
 
 
 def test_with_json_logs_the_failure_is_a_json_log_line(tmp_path, fleet, held_port):

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from mesh._proto import transfer_pb2 as pb
 from mesh.artifacts.bitfield import Bitfield
-from mesh.transfer.holdings import STEPS, Holding, HoldingsError, decode_holdings, encode_holdings, gossip_view
+from mesh.transfer.holdings import (
+    STEPS,
+    Holding,
+    HoldingsError,
+    decode_holdings,
+    encode_holdings,
+    gossip_view,
+)
 
 DIGEST = "ab" * 32
 

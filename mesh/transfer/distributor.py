@@ -299,6 +299,14 @@ class Distributor:
     def holdings(self) -> list[Holding]:
         return list(self._holdings.values())
 
+    def have_of(self, name: str, version: str, manifest_digest: str) -> Bitfield | None:
+        """The chunks of `name` `version` (of that manifest) this node holds now, for GetHave; None if it
+        holds no such version."""
+        holding = self._holdings.get((name, version))
+        if holding is None or holding.manifest_digest != manifest_digest:
+            return None
+        return holding.have.copy()
+
     def model_status(self) -> list[dict]:
         """Every stored or downloading version with its progress (the admin Models rows)."""
         rows = {}

@@ -1,0 +1,90 @@
+"""Whom a downloader asks for chunk lists, and when (the pure HaveExchange)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.artifacts.bitfield import Bitfield
+from mesh.transfer.haves import HaveExchange, Holder
+
+
+def ex(**kw) -> HaveExchange:
+    return HaveExchange(self_site="a", rng=random.Random(1), **kw)
+
+
+def test_complete_holders_the_origin_older_nodes_and_empty_holders_are_never_asked() -> None:
+    x = ex()
+    holders = [Holder("done", "a", 8, True), Holder("org", "a", 8, True, origin=True),
+               Holder("old", "a", None, False), Holder("new", "a", 0, False), Holder("p", "a", 3, False)]
+    assert x.to_ask(holders, 0.0) == ["p"] and x.members() == ["p"]
+
+
+def test_at_most_k_same_site_first_then_the_furthest_along_and_members_stay() -> None:
+    x = ex(k=2)
+    holders = [Holder("far", "b", 7, False), Holder("near-low", "a", 1, False),
+               Holder("near-high", "a", 5, False)]
+    assert sorted(x.to_ask(holders, 0.0)) == ["near-high", "near-low"]
+    better = holders + [Holder("near-best", "a", 7, False)]
+    x.answered("near-low", Bitfield(8), 0.1)
+    x.answered("near-high", Bitfield(8), 0.1)
+    x.to_ask(better, 0.5)
+    assert x.members() == ["near-high", "near-low"]  # sticky: a better holder waits for a free place
+    x.to_ask([h for h in better if h.peer_id != "near-low"], 1.0)  # near-low completed (or left)
+    assert x.members() == ["near-best", "near-high"]
+
+
+def test_asked_on_joining_when_its_step_moves_when_stale_or_starving_never_more_than_once_a_second() -> None:
+    x = ex(min_interval_s=1.0, stale_s=5.0)
+    h = Holder("p", "a", 2, False)
+    assert x.to_ask([h], 0.0) == ["p"]
+    assert x.to_ask([h], 0.5) == []  # in flight
+    x.answered("p", Bitfield(16), 0.5)
+    assert x.to_ask([h], 1.0) == []  # fresh
+    assert x.to_ask([Holder("p", "a", 3, False)], 1.2) == ["p"]  # its step moved
+    x.answered("p", Bitfield(16), 1.3)
+    assert x.to_ask([Holder("p", "a", 3, False)], 1.5, starving=True) == []  # at most once a second
+    assert x.to_ask([Holder("p", "a", 3, False)], 2.3, starving=True) == ["p"]
+    x.answered("p", Bitfield(16), 2.3)
+    assert x.to_ask([Holder("p", "a", 3, False)], 2.3 + 2.4) == []  # stale after 2.5-7.5 s
+    assert x.to_ask([Holder("p", "a", 3, False)], 2.3 + 7.6) == ["p"]
+
+
+def test_a_failed_ask_backs_off_doubling_up_to_stale() -> None:
+    x = ex(min_interval_s=1.0, stale_s=4.0)
+    h = Holder("p", "a", 2, False)
+    now, waits = 0.0, []
+    for _ in range(4):
+        assert x.to_ask([h], now) == ["p"]
+        x.failed("p", now)
+        wait = 0.0
+        while not x.to_ask([h], now + wait):
+            wait += 0.25
+        x.failed("p", now + wait)  # the ask just planned failed too
+        waits.append(wait)
+        now += wait + 10.0
+    assert waits[0] == pytest.approx(1.0) and max(waits) <= 4.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32), k=st.integers(1, 5),
+       rounds=st.lists(st.lists(st.tuples(st.integers(0, 9), st.sampled_from("ab"), st.integers(0, 8),
+                                          st.booleans()), max_size=12), max_size=12))
+def test_never_more_than_k_members_never_an_unaskable_one_never_twice_within_the_minimum(seed, k, rounds):
+    x = HaveExchange(self_site="a", rng=random.Random(seed), k=k, min_interval_s=1.0)
+    asked_at: dict[str, float] = {}
+    now = 0.0
+    for r in rounds:
+        holders = {f"p{i}": Holder(f"p{i}", site, step, step == 8) for i, site, step, _ in r}
+        starving = any(s for *_, s in r)
+        due = x.to_ask(list(holders.values()), now, starving=starving)
+        assert len(x.members()) <= k
+        for peer_id in due:
+            assert HaveExchange.askable(holders[peer_id])
+            assert now - asked_at.get(peer_id, float("-inf")) >= 1.0
+            asked_at[peer_id] = now
+            x.answered(peer_id, Bitfield(8), now)
+        now += 0.4

@@ -50,3 +50,32 @@ async def test_a_peer_says_which_chunks_it_holds_refuses_other_versions_and_too_
     assert "RESOURCE_EXHAUSTED" in codes, codes
     assert origin.transfer.counters.haves_refused == codes.count("RESOURCE_EXHAUSTED")
     assert origin.transfer.counters.haves_served >= 1 + codes.count("ok")
+
+
+@pytest.mark.parametrize("stepped", [True, False])
+async def test_a_download_changes_what_a_node_gossips_a_few_times_not_once_per_chunk(cluster, fleet, stepped):
+    """Issue 10: chunk progress off the gossip. With stepped holdings a downloading node's gossiped
+    holdings change at most 9 times per version (the manifest stored, 7 steps, complete) plus once when
+    it first holds it, however many chunks; the older live bitfield changed once per chunk."""
+    from mesh.transfer.holdings import STEPS
+
+    c = await cluster(4, transfer={"stepped_holdings": stepped} if not stepped else {})
+    await wait_for(c.converged, 10.0, what="convergence")
+    origin = c.nodes["node-00"]
+    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+    signed = publish(mediapipe_model("hand_landmark_full"), name="hand", version="1.0", key=publisher,
+                     store=origin.store)
+    before = {i: n.distributor.counters.holdings_updates for i, n in c.nodes.items()}
+    origin.distributor.add_published(signed)
+    await wait_for(lambda: all(n.store.is_complete(signed.manifest) for n in c.nodes.values()), 60.0,
+                   what="every node complete")
+    chunks = len(signed.manifest.chunks)
+    updates = {i: n.distributor.counters.holdings_updates - before[i]
+               for i, n in c.nodes.items() if i != "node-00"}
+    asked = sum(n.transfer.counters.haves_served for n in c.nodes.values())
+    print(f"stepped={stepped}: {chunks} chunks; gossiped holdings changes per downloader {updates}; "
+          f"chunk lists served {asked}")
+    if stepped:
+        assert all(u <= STEPS + 2 for u in updates.values()), updates
+    else:
+        assert any(u > STEPS + 2 for u in updates.values()), updates  # the comparison can fail

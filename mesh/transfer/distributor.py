@@ -940,6 +940,7 @@ class Distributor:
                     now = self._now()
                     if reason is None:
                         scheduler.completed(peer_id, index, now)
+                        self._site_made_progress(manifest, peer_id)
                         have.set(index)
                         progress.have_chunks += 1
                         progress.bytes_have += sizes[index]
@@ -981,6 +982,17 @@ class Distributor:
                         len(have), manifest.label, len(manifest.chunks))
             return None
         return have
+
+    def _site_made_progress(self, manifest: Manifest, sender: str) -> None:
+        """Sites mode: a chunk from a member of this site is the site's progress on the version, which
+        stepped gossip shows only an eighth at a time (a large model's eighth can take longer than
+        `cross_fallback_s`): it holds off the cross-site fallback as growth of the site's holdings does."""
+        member = self._view.member(sender)
+        ident = (manifest.name, manifest.version, manifest.digest)
+        if self._crosses is None or member is None or dict(member.labels).get("site", "") != self.site:
+            return
+        if ident in self._site_progress:
+            self._site_progress[ident] = (self._site_progress[ident][0], self._now())
 
     def _yields(self, key: VersionKey) -> bool:
         """Is `key` a low-priority download while another download runs here?"""

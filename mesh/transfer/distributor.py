@@ -897,26 +897,26 @@ class Distributor:
                 holders = refresh_peers()
                 # Low priority: no new request while a download of anything else runs (those in flight end).
                 yielding = self._yields((manifest.name, manifest.version))
-                for request in () if yielding else scheduler.next_requests(self._now()):
+                requests = () if yielding else scheduler.next_requests(self._now())
+                for request in requests:
                     running[(request.peer_id, request.index)] = asyncio.create_task(self._fetch_chunk(
                         manifest, request.peer_id, addresses[request.peer_id], request.index, progress,
                         from_origin=request.is_origin))
-                if not yielding:  # chunk lists of the partial holders it may fetch from
-                    for peer_id in exchange.to_ask(holders, self._now(), starving=not running):
-                        asking[peer_id] = asyncio.create_task(
-                            self._ask_have(manifest, peer_id, addresses[peer_id]))
                 handle_events()
+                if not yielding:  # chunk lists of the partial holders it may fetch from; more often when idle
+                    for peer_id in exchange.to_ask(holders, self._now(), starving=not requests):
+                        if peer_id not in asking:  # (an ask from before it left the exchange still runs)
+                            asking[peer_id] = asyncio.create_task(
+                                self._ask_have(manifest, peer_id, addresses[peer_id]))
                 if scheduler.done:
                     break
                 # Wake for an answer, a poke (new holdings, another download ended) or the scheduler's next
                 # deadline; while yielding, look again every YIELD_RECHECK_S too: the device's wave may
                 # have come (nothing pokes the distributor when steering changes).
                 waiting = asyncio.ensure_future(wake.wait())
-                deadline = self._now() + YIELD_RECHECK_S if yielding else scheduler.next_deadline()
+                deadline = self._now() + YIELD_RECHECK_S if yielding else min(
+                    scheduler.next_deadline(), exchange.next_due(self._now()))  # and the next chunk-list ask
                 timeout_s = None if math.isinf(deadline) else max(0.0, deadline - self._now())
-                if asking:  # an answer may make chunks available: look again then
-                    deadline = min(deadline, self._now() + self.settings.request_timeout_s)
-                    timeout_s = max(0.0, deadline - self._now())
                 done, _ = await asyncio.wait({*running.values(), *asking.values(), waiting},
                                              timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
                 waiting.cancel()
@@ -928,8 +928,11 @@ class Distributor:
                     if answer is None:
                         exchange.failed(peer_id, self._now())
                     elif answer is False:
-                        exchange.forget(peer_id)  # it holds the version no more
+                        exchange.forget(peer_id, self._now())  # it holds the version no more
                     else:
+                        before = exchange.known(peer_id)
+                        if before is None or answer.count() > before.count():
+                            self._site_made_progress(manifest, peer_id)
                         exchange.answered(peer_id, answer, self._now())
                 for key, task in list(running.items()):
                     if task not in done:
@@ -940,7 +943,6 @@ class Distributor:
                     now = self._now()
                     if reason is None:
                         scheduler.completed(peer_id, index, now)
-                        self._site_made_progress(manifest, peer_id)
                         have.set(index)
                         progress.have_chunks += 1
                         progress.bytes_have += sizes[index]
@@ -984,9 +986,10 @@ class Distributor:
         return have
 
     def _site_made_progress(self, manifest: Manifest, sender: str) -> None:
-        """Sites mode: a chunk from a member of this site is the site's progress on the version, which
-        stepped gossip shows only an eighth at a time (a large model's eighth can take longer than
-        `cross_fallback_s`): it holds off the cross-site fallback as growth of the site's holdings does."""
+        """Sites mode: a member of this site whose chunk list (GetHave) grew is the site's progress on the
+        version, which stepped gossip shows only an eighth at a time (a large model's eighth can take
+        longer than `cross_fallback_s`): it holds off the cross-site fallback as the growth of the site's
+        gossiped holdings does."""
         member = self._view.member(sender)
         ident = (manifest.name, manifest.version, manifest.digest)
         if self._crosses is None or member is None or dict(member.labels).get("site", "") != self.site:

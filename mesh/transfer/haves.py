@@ -68,6 +68,12 @@ class HaveExchange:
     def askable(holder: Holder) -> bool:
         return not (holder.complete or holder.origin or holder.step is None) and holder.step >= 1
 
+    def next_due(self, now: float) -> float:
+        """When the next ask falls due without any new gossip (inf: none): the caller wakes then."""
+        due = [max(m.asked_at + m.due_after_s, self._last_asked.get(p, float("-inf")) + self.min_interval_s)
+               for p, m in self._members.items() if not m.in_flight]
+        return max(now, min(due)) if due else float("inf")
+
     def members(self) -> list[str]:
         return sorted(self._members)
 
@@ -86,6 +92,8 @@ class HaveExchange:
         for peer_id, member in self._members.items():
             step = askable[peer_id].step
             if step != member.step:
+                if step is not None and member.step is not None and step < member.step:
+                    member.have = None  # it lost chunks (a wiped store, a new download): its answer is old
                 member.step = step
                 member.due_after_s = 0.0  # its progress moved: ask again (still at most min_interval_s)
         free = self.k - len(self._members)
@@ -123,8 +131,12 @@ class HaveExchange:
             return
         member.in_flight = False
         member.backoff_s = min(self.stale_s, max(self.min_interval_s, 2 * member.backoff_s))
-        member.due_after_s = member.backoff_s
+        member.due_after_s = max(0.0, now - member.asked_at) + member.backoff_s  # from now
 
-    def forget(self, peer_id: str) -> None:
-        """It does not hold the version (it said so): out of the exchange until gossip brings it back."""
-        self._members.pop(peer_id, None)
+    def forget(self, peer_id: str, now: float) -> None:
+        """It does not hold the version (it said so): what it said is dropped, and it is asked again
+        only after a back-off (gossip may still list it for a while)."""
+        member = self._members.get(peer_id)
+        if member is not None:
+            member.have = None
+            self.failed(peer_id, now)

@@ -51,10 +51,13 @@ class Holding:
 
 
 def step_of(have: Bitfield) -> int:
-    """The progress step of a bitfield: eighths of its chunks held, rounded down (8 only when whole)."""
+    """The progress step of a bitfield: eighths of its chunks held, rounded down, but 1 from the first
+    chunk (0 means none: a node with a few chunks is asked for them, not taken for one with nothing)
+    and 8 only when whole."""
     if have.complete:
         return STEPS
-    return STEPS * have.count() // len(have) if len(have) else 0
+    count = have.count()
+    return 0 if count == 0 else max(1, STEPS * count // len(have))
 
 
 def gossip_view(live: Holding, previous: Holding | None) -> Holding:
@@ -94,7 +97,9 @@ def decode_holdings(data: bytes) -> list[Holding]:
                                     f"expected {DIGEST_BYTES}")
             have = Bitfield.from_bytes(m.chunk_count, m.bitfield)
             progress = m.progress_eighths if m.HasField("progress_eighths") else None
-            if progress is not None and progress != step_of(have):
+            # Only what any rounding keeps true (so another rule of steps stays readable): 0..8, and 8
+            # exactly when the snapshot is whole.
+            if progress is not None and (progress > STEPS or (progress == STEPS) != have.complete):
                 raise HoldingsError(f"entry {i}: progress {progress}/{STEPS} does not match its snapshot of "
                                     f"{have.count()} of {len(have)} chunks")
         except (ArtifactError, BitfieldError) as exc:

@@ -79,3 +79,23 @@ async def test_a_download_changes_what_a_node_gossips_a_few_times_not_once_per_c
         assert all(u <= STEPS + 2 for u in updates.values()), updates
     else:
         assert any(u > STEPS + 2 for u in updates.values()), updates  # the comparison can fail
+
+
+async def test_ten_nodes_fetch_a_release_with_stepped_gossip_in_about_one_origin_copy(cluster, fleet):
+    """More downloaders than steps: each node's share of origin chunks is under an eighth of the model,
+    so nodes with a few chunks must still be visible (step 1 from the first chunk) and asked for their
+    lists, or every node waits for the origin fallback and the origin sends a copy to each."""
+    c = await cluster(10, transfer={"upload_rate_bytes_per_s": 1_000_000})
+    await wait_for(c.converged, 20.0, what="convergence")
+    origin = c.nodes["node-00"]
+    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+    signed = publish(mediapipe_model("hand_landmark_full"), name="hand", version="1.0", key=publisher,
+                     store=origin.store)
+    origin.distributor.add_published(signed)
+    took = await wait_for(lambda: all(n.store.is_complete(signed.manifest) for n in c.nodes.values()), 50.0,
+                          interval_s=0.1, what="every node complete")
+    copies = origin.transfer.counters.uploaded_bytes("hand", "1.0") / signed.manifest.size_bytes
+    asked = sum(n.transfer.counters.haves_served for n in c.nodes.values())
+    print(f"10 nodes complete in {took:.1f}s; origin sent {copies:.2f} copies; chunk lists served {asked}")
+    assert copies <= 1.5, copies
+    assert asked > 0

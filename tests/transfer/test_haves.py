@@ -53,20 +53,33 @@ def test_asked_on_joining_when_its_step_moves_when_stale_or_starving_never_more_
     assert x.to_ask([Holder("p", "a", 3, False)], 2.3 + 7.6) == ["p"]
 
 
-def test_a_failed_ask_backs_off_doubling_up_to_stale() -> None:
+def test_a_failed_ask_backs_off_doubling_up_to_stale_and_next_due_says_when() -> None:
     x = ex(min_interval_s=1.0, stale_s=4.0)
     h = Holder("p", "a", 2, False)
+    assert x.next_due(0.0) == float("inf")  # nobody in the exchange yet
     now, waits = 0.0, []
+    assert x.to_ask([h], now) == ["p"]
     for _ in range(4):
-        assert x.to_ask([h], now) == ["p"]
         x.failed("p", now)
-        wait = 0.0
-        while not x.to_ask([h], now + wait):
-            wait += 0.25
-        x.failed("p", now + wait)  # the ask just planned failed too
-        waits.append(wait)
-        now += wait + 10.0
-    assert waits[0] == pytest.approx(1.0) and max(waits) <= 4.0
+        due = x.next_due(now)
+        assert x.to_ask([h], due - 0.01) == []
+        assert x.to_ask([h], due) == ["p"]
+        waits.append(due - now)
+        now = due
+    assert waits == pytest.approx([1.0, 2.0, 4.0, 4.0])
+
+
+def test_a_holder_that_lost_chunks_or_the_version_is_not_believed_on_its_old_answer() -> None:
+    x = ex()
+    x.to_ask([Holder("p", "a", 5, False)], 0.0)
+    x.answered("p", Bitfield(8, range(5)), 0.0)
+    assert x.known("p") is not None
+    x.to_ask([Holder("p", "a", 2, False)], 0.5)  # its step went down: a wiped store, a new download
+    assert x.known("p") is None
+    x.to_ask([Holder("p", "a", 2, False)], 2.0)
+    x.answered("p", Bitfield(8, range(2)), 2.0)
+    x.forget("p", 2.5)  # it said it holds the version no more
+    assert x.known("p") is None and x.to_ask([Holder("p", "a", 2, False)], 3.0) == []  # backed off
 
 
 @settings(max_examples=200, deadline=None)

@@ -829,6 +829,7 @@ class Distributor:
         # Partial holders announce progress in steps: their exact chunk lists come from GetHave.
         exchange = HaveExchange(self_site=self.site, rng=self._rng, k=self.settings.have_peers)
         asking: dict[str, asyncio.Task] = {}
+        site_told = Bitfield(len(sizes))  # sites mode: chunks same-site members said they hold
 
         def refresh_peers() -> list[Holder]:
             now = self._now()
@@ -930,9 +931,12 @@ class Distributor:
                     elif answer is False:
                         exchange.forget(peer_id, self._now())  # it holds the version no more
                     else:
-                        before = exchange.known(peer_id)
-                        if before is None or answer.count() > before.count():
-                            self._site_made_progress(manifest, peer_id)
+                        sender = self._view.member(peer_id)
+                        if sender is not None and dict(sender.labels).get("site", "") == self.site:
+                            grown = (answer - site_told).count() > 0
+                            site_told = site_told | answer
+                            if grown:  # the site holds a chunk none of its members had said before
+                                self._site_made_progress(manifest, peer_id)
                         exchange.answered(peer_id, answer, self._now())
                 for key, task in list(running.items()):
                     if task not in done:
@@ -986,10 +990,10 @@ class Distributor:
         return have
 
     def _site_made_progress(self, manifest: Manifest, sender: str) -> None:
-        """Sites mode: a member of this site whose chunk list (GetHave) grew is the site's progress on the
-        version, which stepped gossip shows only an eighth at a time (a large model's eighth can take
-        longer than `cross_fallback_s`): it holds off the cross-site fallback as the growth of the site's
-        gossiped holdings does."""
+        """Sites mode: same-site members' chunk lists (GetHave) that together hold a chunk none held before
+        are the site's progress on the version, which stepped gossip shows only an eighth at a time (a
+        large model's eighth can take longer than `cross_fallback_s`): it holds off the cross-site
+        fallback as the growth of the site's gossiped holdings does."""
         member = self._view.member(sender)
         ident = (manifest.name, manifest.version, manifest.digest)
         if self._crosses is None or member is None or dict(member.labels).get("site", "") != self.site:

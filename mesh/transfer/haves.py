@@ -72,7 +72,7 @@ class HaveExchange:
         """When the next ask falls due without any new gossip (inf: none): the caller wakes then."""
         due = [max(m.asked_at + m.due_after_s, self._last_asked.get(p, float("-inf")) + self.min_interval_s)
                for p, m in self._members.items() if not m.in_flight]
-        return max(now, min(due)) if due else float("inf")
+        return max(now, min(due)) if due else float("inf")  # never nan: due_after_s is finite
 
     def members(self) -> list[str]:
         return sorted(self._members)
@@ -107,10 +107,10 @@ class HaveExchange:
         for peer_id, member in sorted(self._members.items()):
             if member.in_flight:
                 continue
-            since = now - member.asked_at
-            if now - self._last_asked.get(peer_id, float("-inf")) < self.min_interval_s:
+            # The same sums as next_due's, so that at next_due the ask it promised is made.
+            if now < self._last_asked.get(peer_id, float("-inf")) + self.min_interval_s:
                 continue
-            if since >= member.due_after_s or starving:
+            if now >= member.asked_at + member.due_after_s or starving:
                 due.append(peer_id)
         for peer_id in due:
             member = self._members[peer_id]
@@ -120,14 +120,14 @@ class HaveExchange:
 
     def answered(self, peer_id: str, have: Bitfield, now: float) -> None:
         member = self._members.get(peer_id)
-        if member is None:
+        if member is None or not member.in_flight:  # an ask from before it left the exchange and came back
             return
         member.in_flight, member.have, member.answered_at, member.backoff_s = False, have.copy(), now, 0.0
         member.due_after_s = self.stale_s * self.rng.uniform(0.5, 1.5)
 
     def failed(self, peer_id: str, now: float) -> None:
         member = self._members.get(peer_id)
-        if member is None:
+        if member is None or not member.in_flight:  # an ask from before it left the exchange and came back
             return
         member.in_flight = False
         member.backoff_s = min(self.stale_s, max(self.min_interval_s, 2 * member.backoff_s))
@@ -137,6 +137,6 @@ class HaveExchange:
         """It does not hold the version (it said so): what it said is dropped, and it is asked again
         only after a back-off (gossip may still list it for a while)."""
         member = self._members.get(peer_id)
-        if member is not None:
+        if member is not None and member.in_flight:
             member.have = None
             self.failed(peer_id, now)

@@ -78,8 +78,9 @@ def test_a_holder_that_lost_chunks_or_the_version_is_not_believed_on_its_old_ans
     assert x.known("p") is None
     x.to_ask([Holder("p", "a", 2, False)], 2.0)
     x.answered("p", Bitfield(8, range(2)), 2.0)
-    x.forget("p", 2.5)  # it said it holds the version no more
-    assert x.known("p") is None and x.to_ask([Holder("p", "a", 2, False)], 3.0) == []  # backed off
+    assert x.to_ask([Holder("p", "a", 3, False)], 3.1) == ["p"]  # its step moved: asked again
+    x.forget("p", 3.2)  # and it said it holds the version no more
+    assert x.known("p") is None and x.to_ask([Holder("p", "a", 3, False)], 3.5) == []  # backed off
 
 
 @settings(max_examples=200, deadline=None)
@@ -101,3 +102,53 @@ def test_never_more_than_k_members_never_an_unaskable_one_never_twice_within_the
             asked_at[peer_id] = now
             x.answered(peer_id, Bitfield(8), now)
         now += 0.4
+
+
+def test_an_old_ask_that_ends_after_its_peer_left_and_came_back_changes_nothing() -> None:
+    """A peer leaves the exchange while asked and comes back; the old ask's failure or answer belongs to
+    the earlier membership: no nan deadline, no spin, no back-off skipped."""
+    x = ex(min_interval_s=1.0, stale_s=5.0)
+    h = Holder("p", "a", 2, False)
+    assert x.to_ask([h], 0.0) == ["p"]
+    x.to_ask([], 0.3)  # it left (completed, or gossip lost it a moment)
+    assert x.to_ask([h], 0.5) == []  # back, but asked under a second ago
+    x.failed("p", 0.6)  # the old ask ends
+    x.forget("p", 0.6)
+    due = x.next_due(0.6)
+    assert due == due and due == 1.0  # not nan; due once a second has passed since the last ask
+    assert x.to_ask([h], due) == ["p"]
+    x.answered("q", Bitfield(8), 1.0)  # a peer that is no member: ignored
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32),
+       ops=st.lists(st.tuples(st.sampled_from(["round", "leave", "answer", "fail", "forget", "time"]),
+                              st.integers(0, 3), st.integers(1, 7)), max_size=40))
+def test_next_due_is_never_nan_and_is_kept(seed, ops) -> None:
+    """Whatever happens, next_due is a number, and at next_due someone is asked (or someone is in flight
+    and only its end can change anything)."""
+    x = HaveExchange(self_site="a", rng=random.Random(seed), k=2, min_interval_s=1.0, stale_s=3.0)
+    present = {f"p{i}": 1 for i in range(4)}
+    now = 0.0
+    for op, i, step in ops:
+        peer = f"p{i}"
+        if op == "round":
+            present[peer] = step
+            x.to_ask([Holder(p, "a", s, False) for p, s in present.items()], now)
+        elif op == "leave":
+            present.pop(peer, None)
+        elif op == "answer":
+            x.answered(peer, Bitfield(8), now)
+        elif op == "fail":
+            x.failed(peer, now)
+        elif op == "forget":
+            x.forget(peer, now)
+        else:
+            now += step / 4
+        due = x.next_due(now)
+        assert due == due and due >= now
+        if due != float("inf"):
+            holders = [Holder(p, "a", s, False) for p, s in present.items()]
+            asked = x.to_ask(holders, due)
+            in_flight = [p for p, m in x._members.items() if m.in_flight]
+            assert asked or in_flight or not holders, (due, x._members)

@@ -162,6 +162,9 @@ class Refusal:
 YIELD_RECHECK_S = 1.0
 
 
+HAVE_TIMEOUT_S = 5.0  # a GetHave answer is a few bytes: a peer that takes longer is asked again later
+
+
 @dataclass(frozen=True)
 class TransferSettings:
     max_in_flight_per_peer: int = 2
@@ -973,7 +976,7 @@ class Distributor:
             reply = await self._dial(address, peer_id).GetHave(
                 pb.HaveRequest(name=manifest.name, version=manifest.version,
                                manifest_digest=bytes.fromhex(manifest.digest)),
-                timeout=self.settings.request_timeout_s)
+                timeout=min(self.settings.request_timeout_s, HAVE_TIMEOUT_S))
             have = Bitfield.from_bytes(reply.chunk_count, reply.bitfield)
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.NOT_FOUND:

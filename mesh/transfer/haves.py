@@ -9,8 +9,8 @@ fetch from, and only from those whose gossip is not exact already:
 - of the other holders of the same manifest with something to give (step >= 1), at most `k` are in the
   exchange at a time: those already in it stay while they hold the version; free places go to same-site
   holders first, then the furthest along, then a seeded draw (so nodes do not all pick the same ones);
-- a member is asked when it joins, when its gossiped step moves, every `stale_s` (+-50%), and when the
-  download is starving (nothing to request, nothing in flight), never more often than `min_interval_s`;
+- a member is asked when it joins, when its gossiped step moves, every `stale_s` (+-50%), and in a round
+  where the download is starving (it issued no request), never more often than `min_interval_s`;
 - an answer replaces what was known of it; a failed ask is retried after `min_interval_s` doubling up to
   `stale_s`.
 

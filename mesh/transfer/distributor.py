@@ -835,6 +835,7 @@ class Distributor:
         site_told = Bitfield(len(sizes))  # sites mode: chunks same-site members said they hold
 
         def refresh_peers() -> list[Holder]:
+            nonlocal site_told
             now = self._now()
             seen = set()
             holders = []
@@ -845,7 +846,9 @@ class Distributor:
                 addresses[member.node_id] = member.address
                 site = dict(member.labels).get("site", "")
                 claimed = holding.have
-                told = exchange.known(member.node_id) if holding.progress is not None else None
+                told = None if holding.progress is None else exchange.known(member.node_id, holding.progress)
+                if site == self.site:  # what the site's members said in gossip: not news when asked
+                    site_told = site_told | holding.have
                 if told is not None and len(told) == len(claimed):
                     claimed = claimed | told  # its snapshot, and what it said since
                 scheduler.peer_update(member.node_id, site=site, have=list(claimed.present()),
@@ -907,19 +910,20 @@ class Distributor:
                         manifest, request.peer_id, addresses[request.peer_id], request.index, progress,
                         from_origin=request.is_origin))
                 handle_events()
-                if not yielding:  # chunk lists of the partial holders it may fetch from; more often when idle
-                    for peer_id in exchange.to_ask(holders, self._now(), starving=not requests):
-                        if peer_id not in asking:  # (an ask from before it left the exchange still runs)
-                            asking[peer_id] = asyncio.create_task(
-                                self._ask_have(manifest, peer_id, addresses[peer_id]))
+                # Chunk lists of the partial holders it may fetch from (more often while it has nothing to
+                # do); while yielding too, so that a site's progress between eighths is seen.
+                for peer_id in exchange.to_ask(holders, self._now(), starving=not requests and not running):
+                    if peer_id not in asking:  # (an ask from before it left the exchange still runs)
+                        asking[peer_id] = asyncio.create_task(
+                            self._ask_have(manifest, peer_id, addresses[peer_id]))
                 if scheduler.done:
                     break
                 # Wake for an answer, a poke (new holdings, another download ended) or the scheduler's next
                 # deadline; while yielding, look again every YIELD_RECHECK_S too: the device's wave may
                 # have come (nothing pokes the distributor when steering changes).
                 waiting = asyncio.ensure_future(wake.wait())
-                deadline = self._now() + YIELD_RECHECK_S if yielding else min(
-                    scheduler.next_deadline(), exchange.next_due(self._now()))  # and the next chunk-list ask
+                deadline = min(self._now() + YIELD_RECHECK_S if yielding else scheduler.next_deadline(),
+                               exchange.next_due(self._now()))  # and the next chunk-list ask
                 timeout_s = None if math.isinf(deadline) else max(0.0, deadline - self._now())
                 done, _ = await asyncio.wait({*running.values(), *asking.values(), waiting},
                                              timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -928,7 +932,7 @@ class Distributor:
                     if task not in done:
                         continue
                     del asking[peer_id]
-                    answer = task.result()
+                    answer = None if task.cancelled() else task.result()  # (a channel closed under it)
                     if answer is None:
                         exchange.failed(peer_id, self._now())
                     elif answer is False:

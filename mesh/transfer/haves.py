@@ -8,7 +8,7 @@ fetch from, and only from those whose gossip is not exact already:
 - complete holders, the origin and holdings from older nodes (their bitfield is live) are never asked;
 - of the other holders of the same manifest with something to give (step >= 1), at most `k` are in the
   exchange at a time: those already in it stay while they hold the version; free places go to same-site
-  holders first, then the furthest along, then a seeded draw (so nodes do not all pick the same ones);
+  holders first, then by a seeded draw (so downloaders do not all pick the same ones);
 - a member is asked when it joins, when its gossiped step moves, every `stale_s` (+-50%), and in a round
   where the download is starving (it issued no request), never more often than `min_interval_s`;
 - an answer replaces what was known of it; a failed ask is retried after `min_interval_s` doubling up to
@@ -77,10 +77,15 @@ class HaveExchange:
     def members(self) -> list[str]:
         return sorted(self._members)
 
-    def known(self, peer_id: str) -> Bitfield | None:
-        """The last chunk list `peer_id` gave (None: not in the exchange, or never answered)."""
+    def known(self, peer_id: str, step: int | None = None) -> Bitfield | None:
+        """The last chunk list `peer_id` gave (None: not in the exchange, never answered, or its gossiped
+        `step` is now below the one it had when it answered: it lost chunks since)."""
         member = self._members.get(peer_id)
-        return None if member is None or member.have is None else member.have.copy()
+        if member is None or member.have is None:
+            return None
+        if step is not None and member.step is not None and step < member.step:
+            return None
+        return member.have.copy()
 
     def to_ask(self, holders: list[Holder], now: float, *, starving: bool = False) -> list[str]:
         """Refresh the members from `holders` (this round's gossip) and say whom to ask now; each is
@@ -99,8 +104,9 @@ class HaveExchange:
         free = self.k - len(self._members)
         if free > 0:
             outsiders = [h for p, h in askable.items() if p not in self._members]
+            # Same site first, then a seeded draw: downloaders do not all pick the same holders.
             draws = {h.peer_id: self.rng.random() for h in sorted(outsiders, key=lambda h: h.peer_id)}
-            outsiders.sort(key=lambda h: (h.site != self.self_site, -(h.step or 0), draws[h.peer_id]))
+            outsiders.sort(key=lambda h: (h.site != self.self_site, draws[h.peer_id]))
             for holder in outsiders[:free]:
                 self._members[holder.peer_id] = _Member(step=holder.step)
         due = []

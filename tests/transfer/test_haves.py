@@ -23,7 +23,7 @@ def test_complete_holders_the_origin_older_nodes_and_empty_holders_are_never_ask
     assert x.to_ask(holders, 0.0) == ["p"] and x.members() == ["p"]
 
 
-def test_at_most_k_same_site_first_then_the_furthest_along_and_members_stay() -> None:
+def test_at_most_k_same_site_first_and_members_stay() -> None:
     x = ex(k=2)
     holders = [Holder("far", "b", 7, False), Holder("near-low", "a", 1, False),
                Holder("near-high", "a", 5, False)]

@@ -80,6 +80,8 @@ def test_requests_obey_every_rule_whatever_the_inputs(seed: int, start: set[int]
         if kind == "update":
             s.peer_update(op[1], site=PEERS[op[1]], have=op[2], now=now)
             holdings[op[1]] = set(op[2])
+            if op[1] in denied:  # a claim it dropped is unmasked; one it still makes stays masked
+                denied[op[1]] &= set(op[2])
         elif kind == "has":
             s.peer_has(op[1], op[2], now)
             if op[1] in holdings:
@@ -97,6 +99,8 @@ def test_requests_obey_every_rule_whatever_the_inputs(seed: int, start: set[int]
                 s.failed(request.peer_id, request.index, op[2], now)
                 if op[2] is FailureReason.NOT_HELD and not request.is_origin:
                     denied.setdefault(request.peer_id, set()).add(request.index)
+                elif op[2] is FailureReason.WITHDRAWN and not request.is_origin:
+                    denied.setdefault(request.peer_id, set()).update(range(N_CHUNKS))  # every claim
         elif kind == "time":
             now += op[1]
             s.tick(now)

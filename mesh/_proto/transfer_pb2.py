@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mesh/v1/transfer.proto\x12\x07mesh.v1\",\n\x08Holdings\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.mesh.v1.Holding\"x\n\x07Holding\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63hunk_count\x18\x04 \x01(\r\x12\x10\n\x08\x62itfield\x18\x05 \x01(\x0c\x12\x0e\n\x06origin\x18\x06 \x01(\x08\"0\n\x0fManifestRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"(\n\rManifestReply\x12\x17\n\x0fsigned_manifest\x18\x01 \x01(\x0c\"<\n\x0c\x43hunkRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\"\x1a\n\nChunkPiece\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\x87\x01\n\x08Transfer\x12?\n\x0bGetManifest\x12\x18.mesh.v1.ManifestRequest\x1a\x16.mesh.v1.ManifestReply\x12:\n\nFetchChunk\x12\x15.mesh.v1.ChunkRequest\x1a\x13.mesh.v1.ChunkPiece0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mesh/v1/transfer.proto\x12\x07mesh.v1\",\n\x08Holdings\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.mesh.v1.Holding\"\xac\x01\n\x07Holding\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\x0c\x12\x13\n\x0b\x63hunk_count\x18\x04 \x01(\r\x12\x10\n\x08\x62itfield\x18\x05 \x01(\x0c\x12\x0e\n\x06origin\x18\x06 \x01(\x08\x12\x1d\n\x10progress_eighths\x18\x07 \x01(\rH\x00\x88\x01\x01\x42\x13\n\x11_progress_eighths\"E\n\x0bHaveRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x03 \x01(\x0c\"2\n\tHaveReply\x12\x13\n\x0b\x63hunk_count\x18\x01 \x01(\r\x12\x10\n\x08\x62itfield\x18\x02 \x01(\x0c\"0\n\x0fManifestRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"(\n\rManifestReply\x12\x17\n\x0fsigned_manifest\x18\x01 \x01(\x0c\"<\n\x0c\x43hunkRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\"\x1a\n\nChunkPiece\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\xbc\x01\n\x08Transfer\x12?\n\x0bGetManifest\x12\x18.mesh.v1.ManifestRequest\x1a\x16.mesh.v1.ManifestReply\x12:\n\nFetchChunk\x12\x15.mesh.v1.ChunkRequest\x1a\x13.mesh.v1.ChunkPiece0\x01\x12\x33\n\x07GetHave\x12\x14.mesh.v1.HaveRequest\x1a\x12.mesh.v1.HaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HOLDINGS']._serialized_start=35
   _globals['_HOLDINGS']._serialized_end=79
-  _globals['_HOLDING']._serialized_start=81
-  _globals['_HOLDING']._serialized_end=201
-  _globals['_MANIFESTREQUEST']._serialized_start=203
-  _globals['_MANIFESTREQUEST']._serialized_end=251
-  _globals['_MANIFESTREPLY']._serialized_start=253
-  _globals['_MANIFESTREPLY']._serialized_end=293
-  _globals['_CHUNKREQUEST']._serialized_start=295
-  _globals['_CHUNKREQUEST']._serialized_end=355
-  _globals['_CHUNKPIECE']._serialized_start=357
-  _globals['_CHUNKPIECE']._serialized_end=383
-  _globals['_TRANSFER']._serialized_start=386
-  _globals['_TRANSFER']._serialized_end=521
+  _globals['_HOLDING']._serialized_start=82
+  _globals['_HOLDING']._serialized_end=254
+  _globals['_HAVEREQUEST']._serialized_start=256
+  _globals['_HAVEREQUEST']._serialized_end=325
+  _globals['_HAVEREPLY']._serialized_start=327
+  _globals['_HAVEREPLY']._serialized_end=377
+  _globals['_MANIFESTREQUEST']._serialized_start=379
+  _globals['_MANIFESTREQUEST']._serialized_end=427
+  _globals['_MANIFESTREPLY']._serialized_start=429
+  _globals['_MANIFESTREPLY']._serialized_end=469
+  _globals['_CHUNKREQUEST']._serialized_start=471
+  _globals['_CHUNKREQUEST']._serialized_end=531
+  _globals['_CHUNKPIECE']._serialized_start=533
+  _globals['_CHUNKPIECE']._serialized_end=559
+  _globals['_TRANSFER']._serialized_start=562
+  _globals['_TRANSFER']._serialized_end=750
 # @@protoc_insertion_point(module_scope)

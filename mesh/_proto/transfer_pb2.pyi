@@ -14,20 +14,40 @@ class Holdings(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Holding, _Mapping]]] = ...) -> None: ...
 
 class Holding(_message.Message):
-    __slots__ = ("name", "version", "manifest_digest", "chunk_count", "bitfield", "origin")
+    __slots__ = ("name", "version", "manifest_digest", "chunk_count", "bitfield", "origin", "progress_eighths")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     BITFIELD_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_EIGHTHS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     manifest_digest: bytes
     chunk_count: int
     bitfield: bytes
     origin: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., manifest_digest: _Optional[bytes] = ..., chunk_count: _Optional[int] = ..., bitfield: _Optional[bytes] = ..., origin: _Optional[bool] = ...) -> None: ...
+    progress_eighths: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., manifest_digest: _Optional[bytes] = ..., chunk_count: _Optional[int] = ..., bitfield: _Optional[bytes] = ..., origin: _Optional[bool] = ..., progress_eighths: _Optional[int] = ...) -> None: ...
+
+class HaveRequest(_message.Message):
+    __slots__ = ("name", "version", "manifest_digest")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    manifest_digest: bytes
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., manifest_digest: _Optional[bytes] = ...) -> None: ...
+
+class HaveReply(_message.Message):
+    __slots__ = ("chunk_count", "bitfield")
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    BITFIELD_FIELD_NUMBER: _ClassVar[int]
+    chunk_count: int
+    bitfield: bytes
+    def __init__(self, chunk_count: _Optional[int] = ..., bitfield: _Optional[bytes] = ...) -> None: ...
 
 class ManifestRequest(_message.Message):
     __slots__ = ("name", "version")

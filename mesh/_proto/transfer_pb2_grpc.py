@@ -45,6 +45,11 @@ class TransferStub:
                 request_serializer=mesh_dot_v1_dot_transfer__pb2.ChunkRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_transfer__pb2.ChunkPiece.FromString,
                 _registered_method=True)
+        self.GetHave = channel.unary_unary(
+                '/mesh.v1.Transfer/GetHave',
+                request_serializer=mesh_dot_v1_dot_transfer__pb2.HaveRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_transfer__pb2.HaveReply.FromString,
+                _registered_method=True)
 
 
 class TransferServicer:
@@ -65,6 +70,14 @@ class TransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetHave(self, request, context):
+        """The chunks of a version held here now. NOT_FOUND ("version not held here") if it holds no such
+        version (or another digest); RESOURCE_EXHAUSTED past a few asks a second per asker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_TransferServicer_to_server(servicer, server):
                     servicer.FetchChunk,
                     request_deserializer=mesh_dot_v1_dot_transfer__pb2.ChunkRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_transfer__pb2.ChunkPiece.SerializeToString,
+            ),
+            'GetHave': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHave,
+                    request_deserializer=mesh_dot_v1_dot_transfer__pb2.HaveRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_transfer__pb2.HaveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +151,33 @@ class Transfer:
             '/mesh.v1.Transfer/FetchChunk',
             mesh_dot_v1_dot_transfer__pb2.ChunkRequest.SerializeToString,
             mesh_dot_v1_dot_transfer__pb2.ChunkPiece.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.Transfer/GetHave',
+            mesh_dot_v1_dot_transfer__pb2.HaveRequest.SerializeToString,
+            mesh_dot_v1_dot_transfer__pb2.HaveReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -136,6 +136,11 @@ class TransferSection(_Strict):
     # representatives fetches it across sites (the site's fetcher does not want it or cannot reach
     # them). Longer than a chunk request's timeout, so a slow but working fetcher is not doubled.
     cross_fallback_s: float = Field(default=60.0, gt=0)
+    # Chunk progress between transfer peers (as BitTorrent's HAVE messages): gossip says a downloading
+    # version's progress in eighths, and a downloader asks up to `have_peers` partial holders for their
+    # chunk lists. false: every stored chunk changes the gossiped bitfield (as nodes before this did).
+    stepped_holdings: bool = True
+    have_peers: int = Field(default=8, ge=1, le=64)
 
 
 class InferenceSection(_Strict):

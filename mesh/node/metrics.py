@@ -180,6 +180,13 @@ class DistributionCollector:
                                   value=downloads.bytes_from_other_sites)
         yield CounterMetricFamily("fleetmesh_transfer_chunks_verified", "Chunks received whose SHA-256 "
                                   "matched the manifest", value=downloads.chunks_verified)
+        yield CounterMetricFamily("fleetmesh_transfer_holdings_updates", "Times what this node gossips of "
+                                  "the versions it holds changed", value=downloads.holdings_updates)
+        lists = CounterMetricFamily("fleetmesh_transfer_chunk_lists", "GetHave asks from transfer peers this "
+                                    "node answered or refused (asked too often)", labels=["result"])
+        lists.add_metric(["served"], uploads.haves_served)
+        lists.add_metric(["refused"], uploads.haves_refused)
+        yield lists
         refused = CounterMetricFamily("fleetmesh_transfer_chunks_refused", "Chunks received and thrown away",
                                       labels=["reason"])
         for reason, count in dict(downloads.chunks_refused).items():

@@ -338,8 +338,10 @@ class Node:
         # Transfer: the store, the origin's egress policy and the service that serves chunks.
         tc = config.transfer
         origin = OriginPolicy(is_origin=store.is_origin, max_refusals=tc.origin_refusals)
+        # GetHave answers with what the distributor (built below, before the server starts) holds.
         transfer = TransferServicer(store, max_uploads=tc.max_uploads, origin=origin,
-                                    upload=Pacer(tc.upload_rate_bytes_per_s or None))
+                                    upload=Pacer(tc.upload_rate_bytes_per_s or None),
+                                    have_source=lambda *version_of: distributor.have_of(*version_of))
 
         # Inference: the runtime and the activator that keeps it on the right version. A member of a site
         # group takes part in rollouts: it activates nothing until its rollout state is known.
@@ -385,7 +387,8 @@ class Node:
                                       request_timeout_s=tc.request_timeout_s, ban_s=tc.ban_s,
                                       download_rate_bytes_per_s=tc.download_rate_bytes_per_s or None,
                                       fetch_all=tc.fetch == "all", origin_only=tc.sources == "origin",
-                                      cross_fallback_s=tc.cross_fallback_s),
+                                      cross_fallback_s=tc.cross_fallback_s,
+                                      stepped_holdings=tc.stepped_holdings, have_peers=tc.have_peers),
             rng=random.Random(self._rng.random()), now=loop.time,
             pinned=pinned, unwanted=rollouts.unwanted if rollouts else frozenset,
             background=rollouts.background if rollouts else frozenset,

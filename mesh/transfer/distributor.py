@@ -37,12 +37,13 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable, Set
 from dataclasses import dataclass, field
+from typing import Literal
 
 import grpc
 
 from mesh._proto import transfer_pb2 as pb
 from mesh._proto import transfer_pb2_grpc as pb_grpc
-from mesh.artifacts.bitfield import Bitfield
+from mesh.artifacts.bitfield import Bitfield, BitfieldError
 from mesh.artifacts.manifest import ArtifactError, Manifest, ManifestError, SignedManifest, verify_manifest
 from mesh.artifacts.store import (
     ArtifactStore,
@@ -55,7 +56,8 @@ from mesh.identity.signing import TrustedKeys
 from mesh.membership.messages import MemberView, State
 from mesh.membership.sections import MetaError, read_section
 from mesh.membership.view import MembershipView, MetadataBoard
-from mesh.transfer.holdings import Holding, HoldingsError, decode_holdings, encode_holdings
+from mesh.transfer.haves import HaveExchange, Holder
+from mesh.transfer.holdings import Holding, HoldingsError, decode_holdings, encode_holdings, gossip_view
 from mesh.transfer.pacing import Pacer
 from mesh.transfer.retention import VersionKey, kept_versions
 from mesh.transfer.scheduler import (
@@ -132,6 +134,7 @@ class DownloadCounters:
     bytes_from_origin: int = 0
     bytes_from_peers: int = 0
     bytes_from_other_sites: int = 0  # of the above two, from a sender of another site (label `site`)
+    holdings_updates: int = 0  # times what this node gossips of its holdings changed
     chunks_verified: int = 0
     chunks_refused: dict[str, int] = field(default_factory=lambda: {"hash_mismatch": 0, "size_mismatch": 0})
     # false_claim: it announced chunks it then said it did not hold (SchedulerConfig.max_false_claims)
@@ -159,6 +162,9 @@ class Refusal:
 YIELD_RECHECK_S = 1.0
 
 
+HAVE_TIMEOUT_S = 5.0  # a GetHave answer is a few bytes: a peer that takes longer is asked again later
+
+
 @dataclass(frozen=True)
 class TransferSettings:
     max_in_flight_per_peer: int = 2
@@ -175,6 +181,11 @@ class TransferSettings:
     # Sites mode: how long a version only other sites announce waits for the site's fetcher before
     # any representative fetches it across sites (at least three dissemination times).
     cross_fallback_s: float = 60.0
+    # Chunk progress travels between transfer peers: gossip says a holding's progress in eighths
+    # (`holdings.gossip_view`), and a downloader asks up to `have_peers` partial holders for their chunk
+    # lists (GetHave). False: every chunk stored changes the gossiped bitfield, as older nodes do.
+    stepped_holdings: bool = True
+    have_peers: int = 8
 
 
 class Distributor:
@@ -240,6 +251,8 @@ class Distributor:
         self._complete: set[tuple[str, str]] = set()  # versions assembled and verified here
         self._rescanned_at = -float("inf")
         self._holdings: dict[tuple[str, str], Holding] = {}
+        self._announced: dict[tuple[str, str], Holding] = {}  # what gossip says of each (steps)
+        self._announced_blob = b""
         self._gc_pending = False
         self.progress: dict[tuple[str, str], Progress] = {}
         self.counters = DownloadCounters()
@@ -298,6 +311,14 @@ class Distributor:
 
     def holdings(self) -> list[Holding]:
         return list(self._holdings.values())
+
+    def have_of(self, name: str, version: str, manifest_digest: str) -> Bitfield | None:
+        """The chunks of `name` `version` (of that manifest) this node holds now, for GetHave; None if it
+        holds no such version."""
+        holding = self._holdings.get((name, version))
+        if holding is None or holding.manifest_digest != manifest_digest:
+            return None
+        return holding.have.copy()
 
     def model_status(self) -> list[dict]:
         """Every stored or downloading version with its progress (the admin Models rows)."""
@@ -431,15 +452,28 @@ class Distributor:
 
     def _announce(self) -> None:
         """Publish our holdings in membership metadata. If they do not fit, partial holdings go
-        first and versions we originate go last: they are what peers most need from us."""
-        holdings = sorted(self._holdings.values(), key=lambda h: (not h.origin, not h.complete))
+        first and versions we originate go last: they are what peers most need from us. With
+        `stepped_holdings`, a partial holding's progress in eighths (it changes in gossip at most nine
+        times per version, not once per chunk)."""
+        if self.settings.stepped_holdings:
+            self._announced = {
+                key: gossip_view(h, self._announced.get(key)) for key, h in self._holdings.items()
+            }
+            shown = list(self._announced.values())
+        else:
+            shown = list(self._holdings.values())
+        holdings = sorted(shown, key=lambda h: (not h.origin, not h.complete))
+        blob = b""
         while holdings:
             blob = encode_holdings(holdings)
             if len(blob) <= self._board.meta_limit_bytes:
-                self._board.set_meta(blob)
-                return
+                break
             holdings.pop()
-        self._board.set_meta(b"")
+            blob = b""
+        if blob != self._announced_blob:  # what gossip carries changed: one more update for the pool
+            self.counters.holdings_updates += 1
+            self._announced_blob = blob
+        self._board.set_meta(blob)
 
     # -- what peers hold ---------------------------------------------------------
 
@@ -795,17 +829,32 @@ class Distributor:
         addresses: dict[str, str] = {}
         running: dict[tuple[str, int], asyncio.Task] = {}
         known_peers: set[str] = set()
+        # Partial holders announce progress in steps: their exact chunk lists come from GetHave.
+        exchange = HaveExchange(self_site=self.site, rng=self._rng, k=self.settings.have_peers)
+        asking: dict[str, asyncio.Task] = {}
+        site_told = Bitfield(len(sizes))  # sites mode: chunks same-site members said they hold
 
-        def refresh_peers() -> None:
+        def refresh_peers() -> list[Holder]:
+            nonlocal site_told
             now = self._now()
             seen = set()
+            holders = []
             for member, holding in self._holders(manifest.name, manifest.version):
                 if holding.manifest_digest != manifest.digest or len(holding.have) != len(sizes):
                     continue
                 seen.add(member.node_id)
                 addresses[member.node_id] = member.address
-                scheduler.peer_update(member.node_id, site=dict(member.labels).get("site", ""),
-                                      have=list(holding.have.present()), is_origin=holding.origin, now=now)
+                site = dict(member.labels).get("site", "")
+                claimed = holding.have
+                told = None if holding.progress is None else exchange.known(member.node_id, holding.progress)
+                if site == self.site:  # what the site's members said in gossip: not news when asked
+                    site_told = site_told | holding.have
+                if told is not None and len(told) == len(claimed):
+                    claimed = claimed | told  # its snapshot, and what it said since
+                scheduler.peer_update(member.node_id, site=site, have=list(claimed.present()),
+                                      is_origin=holding.origin, now=now)
+                holders.append(Holder(member.node_id, site, holding.progress, holding.complete,
+                                      holding.origin))
             # A peer missing from this round's holders may only look dead to an overloaded
             # failure detector; a request still running to it will end by itself (and
             # fail if the peer is really gone). Cancelling it would waste its bytes.
@@ -818,6 +867,7 @@ class Distributor:
                 scheduler.peer_gone(gone, now, withdrew=withdrew)
                 known_peers.discard(gone)
             known_peers.update(seen)
+            return holders
 
         counters = self.counters
 
@@ -851,25 +901,50 @@ class Distributor:
                 wake.clear()  # before looking: a poke from here on is not lost
                 if self.store.is_complete(manifest):
                     break  # a `mesh model publish` here (re)wrote the whole version meanwhile
-                refresh_peers()
+                holders = refresh_peers()
                 # Low priority: no new request while a download of anything else runs (those in flight end).
                 yielding = self._yields((manifest.name, manifest.version))
-                for request in () if yielding else scheduler.next_requests(self._now()):
+                requests = () if yielding else scheduler.next_requests(self._now())
+                for request in requests:
                     running[(request.peer_id, request.index)] = asyncio.create_task(self._fetch_chunk(
                         manifest, request.peer_id, addresses[request.peer_id], request.index, progress,
                         from_origin=request.is_origin))
                 handle_events()
+                # Chunk lists of the partial holders it may fetch from (more often while it has nothing to
+                # do); while yielding too, so that a site's progress between eighths is seen.
+                for peer_id in exchange.to_ask(holders, self._now(), starving=not requests and not running):
+                    if peer_id not in asking:  # (an ask from before it left the exchange still runs)
+                        asking[peer_id] = asyncio.create_task(
+                            self._ask_have(manifest, peer_id, addresses[peer_id]))
                 if scheduler.done:
                     break
                 # Wake for an answer, a poke (new holdings, another download ended) or the scheduler's next
                 # deadline; while yielding, look again every YIELD_RECHECK_S too: the device's wave may
                 # have come (nothing pokes the distributor when steering changes).
                 waiting = asyncio.ensure_future(wake.wait())
-                deadline = self._now() + YIELD_RECHECK_S if yielding else scheduler.next_deadline()
+                deadline = min(self._now() + YIELD_RECHECK_S if yielding else scheduler.next_deadline(),
+                               exchange.next_due(self._now()))  # and the next chunk-list ask
                 timeout_s = None if math.isinf(deadline) else max(0.0, deadline - self._now())
-                done, _ = await asyncio.wait({*running.values(), waiting}, timeout=timeout_s,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({*running.values(), *asking.values(), waiting},
+                                             timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
                 waiting.cancel()
+                for peer_id, task in list(asking.items()):
+                    if task not in done:
+                        continue
+                    del asking[peer_id]
+                    answer = None if task.cancelled() else task.result()  # (a channel closed under it)
+                    if answer is None:
+                        exchange.failed(peer_id, self._now())
+                    elif answer is False:
+                        exchange.forget(peer_id, self._now())  # it holds the version no more
+                    else:
+                        sender = self._view.member(peer_id)
+                        if sender is not None and dict(sender.labels).get("site", "") == self.site:
+                            grown = (answer - site_told).count() > 0
+                            site_told = site_told | answer
+                            if grown:  # the site holds a chunk none of its members had said before
+                                self._site_made_progress(manifest, peer_id)
+                        exchange.answered(peer_id, answer, self._now())
                 for key, task in list(running.items()):
                     if task not in done:
                         continue
@@ -893,9 +968,45 @@ class Distributor:
                      {k.value: v for k, v in stats.failures.items()})
         finally:
             self._download_wakes.discard(wake)
-            for task in running.values():
+            for task in [*running.values(), *asking.values()]:
                 task.cancel()
-            await asyncio.gather(*running.values(), return_exceptions=True)
+            await asyncio.gather(*running.values(), *asking.values(), return_exceptions=True)
+
+    async def _ask_have(self, manifest: Manifest, peer_id: str,
+                        address: str) -> Bitfield | Literal[False] | None:
+        """A partial holder's chunk list (GetHave): the bitfield; False if it holds the version no more;
+        None if the ask failed (retried later)."""
+        try:
+            reply = await self._dial(address, peer_id).GetHave(
+                pb.HaveRequest(name=manifest.name, version=manifest.version,
+                               manifest_digest=bytes.fromhex(manifest.digest)),
+                timeout=min(self.settings.request_timeout_s, HAVE_TIMEOUT_S))
+            have = Bitfield.from_bytes(reply.chunk_count, reply.bitfield)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                return False
+            log.debug("chunk list of %s from %s: %s", manifest.label, peer_id, exc.code().name)
+            return None
+        except (ConnectionError, BitfieldError) as exc:
+            log.debug("chunk list of %s from %s: %s", manifest.label, peer_id, exc)
+            return None
+        if len(have) != len(manifest.chunks):
+            log.warning("%s gave a chunk list of %d chunks for %s, which has %d; ignoring it", peer_id,
+                        len(have), manifest.label, len(manifest.chunks))
+            return None
+        return have
+
+    def _site_made_progress(self, manifest: Manifest, sender: str) -> None:
+        """Sites mode: same-site members' chunk lists (GetHave) that together hold a chunk none held before
+        are the site's progress on the version, which stepped gossip shows only an eighth at a time (a
+        large model's eighth can take longer than `cross_fallback_s`): it holds off the cross-site
+        fallback as the growth of the site's gossiped holdings does."""
+        member = self._view.member(sender)
+        ident = (manifest.name, manifest.version, manifest.digest)
+        if self._crosses is None or member is None or dict(member.labels).get("site", "") != self.site:
+            return
+        if ident in self._site_progress:
+            self._site_progress[ident] = (self._site_progress[ident][0], self._now())
 
     def _yields(self, key: VersionKey) -> bool:
         """Is `key` a low-priority download while another download runs here?"""

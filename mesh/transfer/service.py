@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,11 +18,13 @@ import grpc
 
 from mesh._proto import transfer_pb2 as pb
 from mesh._proto import transfer_pb2_grpc as pb_grpc
+from mesh.artifacts.bitfield import Bitfield
 from mesh.artifacts.manifest import ArtifactError, check_name
 from mesh.artifacts.store import ArtifactStore, BadChunkError, MissingChunkError
 from mesh.identity.ca import Role
 from mesh.identity.tls import peer_identity
 from mesh.transfer.pacing import Pacer
+from mesh.transfer.ratelimit import TokenBucket
 
 log = logging.getLogger("mesh.transfer")
 
@@ -41,11 +44,18 @@ class UploadCounters:
     bytes_by_version: dict[tuple[str, str], int] = field(default_factory=dict)
     manifests_served: int = 0
     refused_busy: int = 0
+    haves_served: int = 0  # GetHave answered
+    haves_refused: int = 0  # GetHave refused: asked too often
 
     def uploaded_bytes(self, name: str, version: str) -> int:
         """Bytes of name/version this node has served."""
         return self.bytes_by_version.get((name, version), 0)
 
+
+# GetHave: asks per asker a second (and burst); askers remembered at most.
+HAVE_ASKS_PER_S = 4.0
+HAVE_BURST = 8
+MAX_HAVE_ASKERS = 4096
 
 # FetchChunk's NOT_FOUND details when this node holds no version of that name and number (it collected
 # it, or never had it): the asker drops every claim this node made to it, without counting it as a lie.
@@ -115,7 +125,8 @@ class OriginPolicy:
 
 class TransferServicer(pb_grpc.TransferServicer):
     def __init__(self, store: ArtifactStore, *, max_uploads: int, upload: Pacer, origin: OriginPolicy,
-                 faults: ServeFaults | None = None) -> None:
+                 faults: ServeFaults | None = None, clock: Callable[[], float] = time.monotonic,
+                 have_source: Callable[[str, str, str], Bitfield | None] | None = None) -> None:
         self.origin = origin
         self._store = store
         self._slots = asyncio.Semaphore(max_uploads)
@@ -124,6 +135,11 @@ class TransferServicer(pb_grpc.TransferServicer):
         self._upload = upload
         self.faults = faults or ServeFaults()
         self.counters = UploadCounters()
+        self._clock = clock
+        # GetHave: what this node holds of a version now (the distributor's live bitfield), and a budget
+        # of asks per asker.
+        self._have_source = have_source
+        self._have_budgets: dict[str, TokenBucket] = {}
 
     async def _require_node(self, context: grpc.aio.ServicerContext) -> str:
         peer = peer_identity(context)
@@ -149,6 +165,30 @@ class TransferServicer(pb_grpc.TransferServicer):
         except (ArtifactError, OSError) as exc:
             log.error("cannot read manifest %s %s: %s", name, version, exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"manifest for {name} {version} is unreadable here")
+
+    async def GetHave(self, request: pb.HaveRequest, context) -> pb.HaveReply:
+        peer = await self._require_node(context)
+        name, version = await self._names(request, context)
+        now = self._clock()
+        budget = self._have_budgets.get(peer)
+        if budget is None:
+            if len(self._have_budgets) >= MAX_HAVE_ASKERS:  # forget the askers whose budget is full again
+                self._have_budgets = {
+                    p: b for p, b in self._have_budgets.items() if b.available(now) < HAVE_BURST
+                }
+            budget = self._have_budgets[peer] = TokenBucket(HAVE_ASKS_PER_S, HAVE_BURST, now)
+        if budget.available(now) < 1:
+            self.counters.haves_refused += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"asked for chunk lists more than {HAVE_ASKS_PER_S:g} times a second; "
+                                "ask less often")
+        budget.reserve(1, now)
+        have = self._have_source(name, version, request.manifest_digest.hex()) if self._have_source else None
+        if have is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{VERSION_NOT_HELD}: {name} {version}")
+            raise AssertionError("grpc's context.abort returned")
+        self.counters.haves_served += 1
+        return pb.HaveReply(chunk_count=len(have), bitfield=have.to_bytes())
 
     def _not_held(self, name: str, version: str, chunk_missing: str) -> str:
         """NOT_FOUND details for a chunk this node lacks: VERSION_NOT_HELD when the whole version went

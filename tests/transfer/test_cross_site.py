@@ -91,3 +91,43 @@ async def test_a_bad_in_site_announcement_is_ignored_and_the_fallback_waits_for_
     clock[0] += 2
     assert counted_abroad()  # stalled for the whole fallback, berlin has more: cross
     # Were a3's complete claim counted, the site would look complete and nobody would ever cross.
+
+
+async def test_chunks_from_this_site_hold_off_the_fallback_while_stepped_gossip_is_still(fleet, tmp_path):
+    """Stepped holdings show a site's progress an eighth at a time; a chunk this node receives from a
+    member of its site is progress too, so the fallback waits for a real stall (and, without such a
+    chunk, it does cross after `cross_fallback_s`)."""
+    from mesh.transfer.holdings import step_of
+
+    key = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+    signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0", key=key,
+                     store=ArtifactStore(tmp_path / "origin"), params=ChunkParams(avg_size_bytes=64 * 1024))
+    n, digest = len(signed.manifest.chunks), signed.digest
+
+    def representative(name: str) -> tuple[Distributor, _View, list[float]]:
+        clock, view = [100.0], _View()
+        distributor = Distributor(
+            node_id="a1", site="amsterdam", store=ArtifactStore(tmp_path / name),
+            trusted=load_trusted_keys(fleet.node_credentials("a1").directory), view=view, board=_Board(),
+            dial=lambda address, peer_id: None, settings=TransferSettings(cross_fallback_s=FALLBACK_S),
+            rng=random.Random(1), now=lambda: clock[0], crosses=lambda name, version: False)
+        distributor._checked[("hand", "1.0", digest)] = signed
+        view.announce("b1", "berlin", Holding("hand", "1.0", digest, Bitfield.full(n), progress=8))
+        snapshot = Bitfield(n, [0])
+        view.announce("a2", "amsterdam", Holding("hand", "1.0", digest, snapshot, progress=step_of(snapshot)))
+        return distributor, view, clock
+
+    for chunks_arrive in (True, False):
+        distributor, view, clock = representative(f"store-{chunks_arrive}")
+
+        def counted_abroad(distributor: Distributor = distributor) -> bool:
+            return any(m.node_id == "b1" and hs for m, hs in distributor._peer_holdings())
+
+        assert not counted_abroad()  # a2 is fetching it: wait
+        clock[0] += FALLBACK_S - 1
+        if chunks_arrive:
+            distributor._site_made_progress(signed.manifest, "a2")  # a chunk from a2 landed here
+        clock[0] += 2
+        assert counted_abroad() is not chunks_arrive
+        clock[0] += FALLBACK_S
+        assert counted_abroad()  # no chunk since: a stall, cross

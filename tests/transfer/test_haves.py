@@ -1,0 +1,154 @@
+"""Whom a downloader asks for chunk lists, and when (the pure HaveExchange)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.artifacts.bitfield import Bitfield
+from mesh.transfer.haves import HaveExchange, Holder
+
+
+def ex(**kw) -> HaveExchange:
+    return HaveExchange(self_site="a", rng=random.Random(1), **kw)
+
+
+def test_complete_holders_the_origin_older_nodes_and_empty_holders_are_never_asked() -> None:
+    x = ex()
+    holders = [Holder("done", "a", 8, True), Holder("org", "a", 8, True, origin=True),
+               Holder("old", "a", None, False), Holder("new", "a", 0, False), Holder("p", "a", 3, False)]
+    assert x.to_ask(holders, 0.0) == ["p"] and x.members() == ["p"]
+
+
+def test_at_most_k_same_site_first_and_members_stay() -> None:
+    x = ex(k=2)
+    holders = [Holder("far", "b", 7, False), Holder("near-low", "a", 1, False),
+               Holder("near-high", "a", 5, False)]
+    assert sorted(x.to_ask(holders, 0.0)) == ["near-high", "near-low"]
+    better = holders + [Holder("near-best", "a", 7, False)]
+    x.answered("near-low", Bitfield(8), 0.1)
+    x.answered("near-high", Bitfield(8), 0.1)
+    x.to_ask(better, 0.5)
+    assert x.members() == ["near-high", "near-low"]  # sticky: a better holder waits for a free place
+    x.to_ask([h for h in better if h.peer_id != "near-low"], 1.0)  # near-low completed (or left)
+    assert x.members() == ["near-best", "near-high"]
+
+
+def test_asked_on_joining_when_its_step_moves_when_stale_or_starving_never_more_than_once_a_second() -> None:
+    x = ex(min_interval_s=1.0, stale_s=5.0)
+    h = Holder("p", "a", 2, False)
+    assert x.to_ask([h], 0.0) == ["p"]
+    assert x.to_ask([h], 0.5) == []  # in flight
+    x.answered("p", Bitfield(16), 0.5)
+    assert x.to_ask([h], 1.0) == []  # fresh
+    assert x.to_ask([Holder("p", "a", 3, False)], 1.2) == ["p"]  # its step moved
+    x.answered("p", Bitfield(16), 1.3)
+    assert x.to_ask([Holder("p", "a", 3, False)], 1.5, starving=True) == []  # at most once a second
+    assert x.to_ask([Holder("p", "a", 3, False)], 2.3, starving=True) == ["p"]
+    x.answered("p", Bitfield(16), 2.3)
+    assert x.to_ask([Holder("p", "a", 3, False)], 2.3 + 2.4) == []  # stale after 2.5-7.5 s
+    assert x.to_ask([Holder("p", "a", 3, False)], 2.3 + 7.6) == ["p"]
+
+
+def test_a_failed_ask_backs_off_doubling_up_to_stale_and_next_due_says_when() -> None:
+    x = ex(min_interval_s=1.0, stale_s=4.0)
+    h = Holder("p", "a", 2, False)
+    assert x.next_due(0.0) == float("inf")  # nobody in the exchange yet
+    now, waits = 0.0, []
+    assert x.to_ask([h], now) == ["p"]
+    for _ in range(4):
+        x.failed("p", now)
+        due = x.next_due(now)
+        assert x.to_ask([h], due - 0.01) == []
+        assert x.to_ask([h], due) == ["p"]
+        waits.append(due - now)
+        now = due
+    assert waits == pytest.approx([1.0, 2.0, 4.0, 4.0])
+
+
+def test_a_holder_that_lost_chunks_or_the_version_is_not_believed_on_its_old_answer() -> None:
+    x = ex()
+    x.to_ask([Holder("p", "a", 5, False)], 0.0)
+    x.answered("p", Bitfield(8, range(5)), 0.0)
+    assert x.known("p") is not None
+    x.to_ask([Holder("p", "a", 2, False)], 0.5)  # its step went down: a wiped store, a new download
+    assert x.known("p") is None
+    x.to_ask([Holder("p", "a", 2, False)], 2.0)
+    x.answered("p", Bitfield(8, range(2)), 2.0)
+    assert x.to_ask([Holder("p", "a", 3, False)], 3.1) == ["p"]  # its step moved: asked again
+    x.forget("p", 3.2)  # and it said it holds the version no more
+    assert x.known("p") is None and x.to_ask([Holder("p", "a", 3, False)], 3.5) == []  # backed off
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32), k=st.integers(1, 5),
+       rounds=st.lists(st.lists(st.tuples(st.integers(0, 9), st.sampled_from("ab"), st.integers(0, 8),
+                                          st.booleans()), max_size=12), max_size=12))
+def test_never_more_than_k_members_never_an_unaskable_one_never_twice_within_the_minimum(seed, k, rounds):
+    x = HaveExchange(self_site="a", rng=random.Random(seed), k=k, min_interval_s=1.0)
+    asked_at: dict[str, float] = {}
+    now = 0.0
+    for r in rounds:
+        holders = {f"p{i}": Holder(f"p{i}", site, step, step == 8) for i, site, step, _ in r}
+        starving = any(s for *_, s in r)
+        due = x.to_ask(list(holders.values()), now, starving=starving)
+        assert len(x.members()) <= k
+        for peer_id in due:
+            assert HaveExchange.askable(holders[peer_id])
+            assert now - asked_at.get(peer_id, float("-inf")) >= 1.0
+            asked_at[peer_id] = now
+            x.answered(peer_id, Bitfield(8), now)
+        now += 0.4
+
+
+def test_an_old_ask_that_ends_after_its_peer_left_and_came_back_changes_nothing() -> None:
+    """A peer leaves the exchange while asked and comes back; the old ask's failure or answer belongs to
+    the earlier membership: no nan deadline, no spin, no back-off skipped."""
+    x = ex(min_interval_s=1.0, stale_s=5.0)
+    h = Holder("p", "a", 2, False)
+    assert x.to_ask([h], 0.0) == ["p"]
+    x.to_ask([], 0.3)  # it left (completed, or gossip lost it a moment)
+    assert x.to_ask([h], 0.5) == []  # back, but asked under a second ago
+    x.failed("p", 0.6)  # the old ask ends
+    x.forget("p", 0.6)
+    due = x.next_due(0.6)
+    assert due == due and due == 1.0  # not nan; due once a second has passed since the last ask
+    assert x.to_ask([h], due) == ["p"]
+    x.answered("q", Bitfield(8), 1.0)  # a peer that is no member: ignored
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32),
+       ops=st.lists(st.tuples(st.sampled_from(["round", "leave", "answer", "fail", "forget", "time"]),
+                              st.integers(0, 3), st.integers(1, 7)), max_size=40))
+def test_next_due_is_never_nan_and_is_kept(seed, ops) -> None:
+    """Whatever happens, next_due is a number, and at next_due someone is asked (or someone is in flight
+    and only its end can change anything)."""
+    x = HaveExchange(self_site="a", rng=random.Random(seed), k=2, min_interval_s=1.0, stale_s=3.0)
+    present = {f"p{i}": 1 for i in range(4)}
+    now = 0.0
+    for op, i, step in ops:
+        peer = f"p{i}"
+        if op == "round":
+            present[peer] = step
+            x.to_ask([Holder(p, "a", s, False) for p, s in present.items()], now)
+        elif op == "leave":
+            present.pop(peer, None)
+        elif op == "answer":
+            x.answered(peer, Bitfield(8), now)
+        elif op == "fail":
+            x.failed(peer, now)
+        elif op == "forget":
+            x.forget(peer, now)
+        else:
+            now += step / 4
+        due = x.next_due(now)
+        assert due == due and due >= now
+        if due != float("inf"):
+            holders = [Holder(p, "a", s, False) for p, s in present.items()]
+            asked = x.to_ask(holders, due)
+            in_flight = [p for p, m in x._members.items() if m.in_flight]
+            assert asked or in_flight or not holders, (due, x._members)

@@ -99,3 +99,25 @@ async def test_ten_nodes_fetch_a_release_with_stepped_gossip_in_about_one_origin
     print(f"10 nodes complete in {took:.1f}s; origin sent {copies:.2f} copies; chunk lists served {asked}")
     assert copies <= 1.5, copies
     assert asked > 0
+
+
+async def test_a_mixed_fleet_completes_and_nodes_gossiping_live_bitfields_are_never_asked(cluster, fleet):
+    """A node with `stepped_holdings = false` gossips a live bitfield, as nodes from before this do:
+    the others read it as exact and never ask it for its chunk list; the release completes everywhere."""
+    c = await cluster(1)
+    await c.add("node-01", sections={"transfer": {"stepped_holdings": False}})
+    await c.add("node-02")
+    await c.add("node-03", sections={"transfer": {"stepped_holdings": False}})
+    await wait_for(c.converged, 20.0, what="convergence")
+    origin = c.nodes["node-00"]
+    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+    signed = publish(mediapipe_model("hand_landmark_full"), name="hand", version="1.0", key=publisher,
+                     store=origin.store)
+    origin.distributor.add_published(signed)
+    await wait_for(lambda: all(n.store.is_complete(signed.manifest) for n in c.nodes.values()), 60.0,
+                   what="every node complete")
+    assert c.nodes["node-01"].transfer.counters.haves_served == 0
+    assert c.nodes["node-03"].transfer.counters.haves_served == 0
+    live = c.nodes["node-01"].distributor.counters.holdings_updates
+    stepped = c.nodes["node-02"].distributor.counters.holdings_updates
+    assert live > stepped, (live, stepped)  # the live one changed its gossip once per chunk

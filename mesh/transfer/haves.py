@@ -12,7 +12,10 @@ fetch from, and only from those whose gossip is not exact already:
 - a member is asked when it joins, when its gossiped step moves, every `stale_s` (+-50%), and in a round
   where the download is starving (it issued no request), never more often than `min_interval_s`;
 - an answer replaces what was known of it; a failed ask is retried after `min_interval_s` doubling up to
-  `stale_s`.
+  `stale_s`;
+- an answer far below the step its gossip announces (fewer chunks than one step less, under any rounding
+  of steps) leaves the exchange, and the holder is not taken in again while it announces that step: a
+  peer announcing a high step and giving nothing would otherwise keep one of the `k` places for good.
 
 No clock, socket or global randomness: the caller passes the time and the generator.
 """
@@ -23,6 +26,7 @@ import random
 from dataclasses import dataclass, field
 
 from mesh.artifacts.bitfield import Bitfield
+from mesh.transfer.holdings import STEPS
 
 __all__ = ["HaveExchange", "Holder"]
 
@@ -58,6 +62,7 @@ class HaveExchange:
     stale_s: float = 5.0
     _members: dict[str, _Member] = field(default_factory=dict)
     _last_asked: dict[str, float] = field(default_factory=dict)  # kept while it leaves and comes back
+    _shunned: dict[str, int | None] = field(default_factory=dict)  # peer -> the step its answer belied
 
     def __post_init__(self) -> None:
         if self.k < 1 or not 0 < self.min_interval_s <= self.stale_s:
@@ -77,6 +82,10 @@ class HaveExchange:
     def members(self) -> list[str]:
         return sorted(self._members)
 
+    def shunned(self) -> list[str]:
+        """Holders whose answer belied the step they still announce: not asked until it changes."""
+        return sorted(self._shunned)
+
     def known(self, peer_id: str, step: int | None = None) -> Bitfield | None:
         """The last chunk list `peer_id` gave (None: not in the exchange, never answered, or its gossiped
         `step` is now below the one it had when it answered: it lost chunks since)."""
@@ -93,6 +102,8 @@ class HaveExchange:
         askable = {h.peer_id: h for h in holders if self.askable(h)}
         for peer_id in [p for p in self._members if p not in askable]:
             del self._members[peer_id]  # completed, left, or no longer announces it: gossip says enough
+        self._shunned = {p: step for p, step in self._shunned.items()
+                         if p in askable and askable[p].step == step}  # a new step: a new chance
         self._last_asked = {p: t for p, t in self._last_asked.items() if now - t < self.min_interval_s}
         for peer_id, member in self._members.items():
             step = askable[peer_id].step
@@ -103,7 +114,7 @@ class HaveExchange:
                 member.due_after_s = 0.0  # its progress moved: ask again (still at most min_interval_s)
         free = self.k - len(self._members)
         if free > 0:
-            outsiders = [h for p, h in askable.items() if p not in self._members]
+            outsiders = [h for p, h in askable.items() if p not in self._members and p not in self._shunned]
             # Same site first, then a seeded draw: downloaders do not all pick the same holders.
             draws = {h.peer_id: self.rng.random() for h in sorted(outsiders, key=lambda h: h.peer_id)}
             outsiders.sort(key=lambda h: (h.site != self.self_site, draws[h.peer_id]))
@@ -127,6 +138,10 @@ class HaveExchange:
     def answered(self, peer_id: str, have: Bitfield, now: float) -> None:
         member = self._members.get(peer_id)
         if member is None or not member.in_flight:  # an ask from before it left the exchange and came back
+            return
+        if member.step is not None and have.count() < (member.step - 1) * len(have) // STEPS:
+            del self._members[peer_id]  # it gave far less than it announces: its place goes to another
+            self._shunned[peer_id] = member.step
             return
         member.in_flight, member.have, member.answered_at, member.backoff_s = False, have.copy(), now, 0.0
         member.due_after_s = self.stale_s * self.rng.uniform(0.5, 1.5)

@@ -29,8 +29,8 @@ def test_at_most_k_same_site_first_and_members_stay() -> None:
                Holder("near-high", "a", 5, False)]
     assert sorted(x.to_ask(holders, 0.0)) == ["near-high", "near-low"]
     better = holders + [Holder("near-best", "a", 7, False)]
-    x.answered("near-low", Bitfield(8), 0.1)
-    x.answered("near-high", Bitfield(8), 0.1)
+    x.answered("near-low", Bitfield(8, [0]), 0.1)
+    x.answered("near-high", Bitfield(8, range(5)), 0.1)
     x.to_ask(better, 0.5)
     assert x.members() == ["near-high", "near-low"]  # sticky: a better holder waits for a free place
     x.to_ask([h for h in better if h.peer_id != "near-low"], 1.0)  # near-low completed (or left)
@@ -42,13 +42,13 @@ def test_asked_on_joining_when_its_step_moves_when_stale_or_starving_never_more_
     h = Holder("p", "a", 2, False)
     assert x.to_ask([h], 0.0) == ["p"]
     assert x.to_ask([h], 0.5) == []  # in flight
-    x.answered("p", Bitfield(16), 0.5)
+    x.answered("p", Bitfield(16, range(4)), 0.5)
     assert x.to_ask([h], 1.0) == []  # fresh
     assert x.to_ask([Holder("p", "a", 3, False)], 1.2) == ["p"]  # its step moved
-    x.answered("p", Bitfield(16), 1.3)
+    x.answered("p", Bitfield(16, range(6)), 1.3)
     assert x.to_ask([Holder("p", "a", 3, False)], 1.5, starving=True) == []  # at most once a second
     assert x.to_ask([Holder("p", "a", 3, False)], 2.3, starving=True) == ["p"]
-    x.answered("p", Bitfield(16), 2.3)
+    x.answered("p", Bitfield(16, range(6)), 2.3)
     assert x.to_ask([Holder("p", "a", 3, False)], 2.3 + 2.4) == []  # stale after 2.5-7.5 s
     assert x.to_ask([Holder("p", "a", 3, False)], 2.3 + 7.6) == ["p"]
 
@@ -81,6 +81,26 @@ def test_a_holder_that_lost_chunks_or_the_version_is_not_believed_on_its_old_ans
     assert x.to_ask([Holder("p", "a", 3, False)], 3.1) == ["p"]  # its step moved: asked again
     x.forget("p", 3.2)  # and it said it holds the version no more
     assert x.known("p") is None and x.to_ask([Holder("p", "a", 3, False)], 3.5) == []  # backed off
+
+
+def test_a_holder_whose_answer_belies_its_step_leaves_the_exchange_until_its_step_moves() -> None:
+    """A peer announcing 7/8 and giving an empty chunk list kept one of the k places for good (sticky)
+    while its answers gave the scheduler nothing to ask for. Now it leaves, its place goes to another
+    holder, and it is taken in again only when its step moves. One step of slack: any rounding of
+    steps is believed."""
+    x = ex(k=1)
+    holders = [Holder("liar", "a", 7, False), Holder("honest", "b", 4, False)]
+    assert x.to_ask(holders, 0.0) == ["liar"]  # same site first
+    x.answered("liar", Bitfield(64), 0.1)
+    assert x.members() == [] and x.shunned() == ["liar"] and x.known("liar") is None
+    assert x.to_ask(holders, 1.2) == ["honest"]
+    x.answered("honest", Bitfield(64, range(24)), 1.3)  # 3/8 where 4 is announced: within one step
+    assert x.members() == ["honest"] and x.shunned() == ["liar"]
+    x.to_ask([h for h in holders if h.peer_id != "honest"], 2.5)  # honest completed: a free place
+    assert x.members() == []  # the liar still announces 7: not taken in
+    assert x.to_ask([Holder("liar", "a", 7, False)], 3.0) == []
+    assert x.to_ask([Holder("liar", "a", 6, False)], 3.5) == ["liar"]  # its step moved: a new chance
+    assert x.shunned() == []
 
 
 @settings(max_examples=200, deadline=None)

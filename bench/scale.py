@@ -146,14 +146,16 @@ def count_grpc_errors() -> GrpcErrorLogs:
 class ReleaseCluster(LocalCluster):
     """Every node with the same upload cap, as bench/distribution.py's swarm."""
 
-    def __init__(self, *args, upload_cap: int, **kwargs) -> None:
+    def __init__(self, *args, upload_cap: int, stepped: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.upload_cap = upload_cap
+        self.stepped = stepped
 
     def config(self, node_id: str, *, site: str, seeds: list[str], **pools) -> NodeConfig:
         base = super().config(node_id, site=site, seeds=seeds, **pools)
         transfer = TransferSection(upload_rate_bytes_per_s=self.upload_cap, max_uploads=4,
-                                   max_in_flight_per_peer=2, request_timeout_s=60.0)
+                                   max_in_flight_per_peer=2, request_timeout_s=60.0,
+                                   stepped_holdings=self.stepped)
         return base.model_copy(update={"transfer": transfer})
 
 
@@ -165,12 +167,13 @@ def sent(cluster: LocalCluster) -> tuple[int, int, int]:
 
 async def gossip_load(fleet: LocalFleet, workdir: Path, n: int, *, model: Path, upload_cap: int,
                       steady_window_s: float | None, timings: MembershipConfig, pools: str = "flat",
-                      site_size: int = 10) -> dict:
+                      site_size: int = 10, stepped: bool = True) -> dict:
     """Flat: one pool of n nodes labelled with 3 sites. Sites: n // site_size sites of `site_size`,
-    each its own pool, 3 representatives each in the federation pool."""
+    each its own pool, 3 representatives each in the federation pool. `stepped`: `[transfer]
+    stepped_holdings` (false: every stored chunk changes the gossiped holdings, as older nodes do)."""
     sites = 3 if pools == "flat" else max(1, n // site_size)
-    cluster = ReleaseCluster(fleet, workdir / f"{pools}-n{n}", timings, seed=n, upload_cap=upload_cap,
-                             pools=pools)
+    cluster = ReleaseCluster(fleet, workdir / f"{pools}-{'stepped' if stepped else 'live'}-n{n}", timings,
+                             seed=n, upload_cap=upload_cap, pools=pools, stepped=stepped)
     try:
         await cluster.start(n, sites=sites)
         await wait_for(cluster.settled, 60 + n, interval_s=0.05, what=f"{n}-node convergence ({pools})")
@@ -188,10 +191,13 @@ async def gossip_load(fleet: LocalFleet, workdir: Path, n: int, *, model: Path, 
         signed = publish(model, name="bench", version="1", key=key, store=origin.store)
         manifest = signed.manifest
         (out2, pp2, sus2), t2 = sent(cluster), time.perf_counter()
+        updates0 = sum(node.distributor.counters.holdings_updates for node in cluster.nodes.values())
         origin.distributor.add_published(signed)
         await wait_for(lambda: all(node.store.is_complete(manifest) for node in cluster.nodes.values()),
                        300.0 + 5 * n, interval_s=0.05, what=f"every one of {n} nodes holding the model")
         (out3, pp3, sus3), t3 = sent(cluster), time.perf_counter()
+        updates = sum(node.distributor.counters.holdings_updates for node in cluster.nodes.values())
+        updates -= updates0
         release_s = t3 - t2
         return {
             "n": n, "pools": pools, "sites": sites, "chunks": len(manifest.chunks),
@@ -202,6 +208,7 @@ async def gossip_load(fleet: LocalFleet, workdir: Path, n: int, *, model: Path, 
             "release_bytes_per_node_s": (out3 - out2) / release_s / n,
             "release_push_pull_bytes_per_node_s": (pp3 - pp2) / release_s / n,
             "release_bytes_per_node": (out3 - out2) / n,
+            "holdings_updates_per_node": updates / n,
             "steady_suspicions": sus1 - sus0,
             "release_suspicions": sus3 - sus2,
         }
@@ -417,14 +424,15 @@ def report_loads(loads: list[dict], unfit: list[dict], timings: MembershipConfig
     exp_per_release = slope(sizes, per_release)
     print(f"-- {label}")
     print(f"{'N':>4} {'sites':>5} {'steady B/s/node':>16} {'of it push-pull':>16} {'release B/s/node':>17} "
-          f"{'of it push-pull':>16} {'release/steady':>15} {'KB/node/release':>16} {'release s':>10} "
-          f"{'suspicions steady/release':>25}")
+          f"{'of it push-pull':>16} {'release/steady':>15} {'KB/node/release':>16} {'holdings changes':>17} "
+          f"{'release s':>10} {'suspicions steady/release':>25}")
     for r in loads:
         print(f"{r['n']:>4} {r['sites']:>5} {r['steady_bytes_per_node_s']:>16,.0f} "
               f"{r['steady_push_pull_bytes_per_node_s']:>16,.0f} "
               f"{r['release_bytes_per_node_s']:>17,.0f} {r['release_push_pull_bytes_per_node_s']:>16,.0f} "
               f"{r['release_bytes_per_node_s'] / r['steady_bytes_per_node_s']:>15.1f} "
-              f"{r['release_bytes_per_node'] / 1000:>16,.1f} {r['release_s']:>10.1f} "
+              f"{r['release_bytes_per_node'] / 1000:>16,.1f} {r['holdings_updates_per_node']:>17.1f} "
+              f"{r['release_s']:>10.1f} "
               f" {r['steady_suspicions']:>12}/{r['release_suspicions']:<12}")
     for u in unfit:
         print(f"{u['n']:>4} did not fit: {u['reason']}")
@@ -463,6 +471,7 @@ def report_loads(loads: list[dict], unfit: list[dict], timings: MembershipConfig
         "steady_bytes_per_node_s": [round(x, 1) for x in steady],
         "release_bytes_per_node_s": [round(x, 1) for x in release],
         "release_bytes_per_node": [round(x) for x in per_release],
+        "holdings_updates_per_node": [round(r["holdings_updates_per_node"], 1) for r in loads],
         "steady_push_pull_bytes_per_node_s": [round(r["steady_push_pull_bytes_per_node_s"], 1)
                                               for r in loads],
         "release_s": [round(r["release_s"], 2) for r in loads],
@@ -480,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="sites: each site its own pool plus the federation pool ([membership] pools); "
                              "flat: one pool; both (default; --quick: sites): each size in both")
     parser.add_argument("--site-size", type=int, default=10, help="nodes per site in sites mode")
+    parser.add_argument("--holdings", choices=("stepped", "live", "both"), default="stepped",
+                        help="stepped ([transfer] stepped_holdings, the default): gossip says progress in "
+                             "eighths, chunk lists go between transfer peers; live: every stored chunk "
+                             "changes the gossiped holdings (older nodes); both: each size both ways, side "
+                             "by side (figures of live holdings suffixed _live)")
     parser.add_argument("--model", default="hand_landmark_full", help="a mediapipe model name (make models)")
     parser.add_argument("--upload-cap-mb", type=float, default=1.0, help="per-node upload cap, MB/s")
     parser.add_argument("--steady-window", type=float, default=None,
@@ -495,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
                              "figures are not comparable with a full run")
     args = parser.parse_args(argv)
     pools = args.pools or ("sites" if args.quick else "both")
-    modes = ["flat", "sites"] if pools == "both" else [pools]
+    pool_modes = ["flat", "sites"] if pools == "both" else [pools]
+    holdings = {"stepped": [True], "live": [False], "both": [True, False]}[args.holdings]
+    # (label, pools, stepped): the label keys the figures ("sites", "flat", "sites_live", "flat_live").
+    variants = [(m if stepped else f"{m}_live", m, stepped) for m in pool_modes for stepped in holdings]
+    modes = [label for label, _, _ in variants]
     if args.quick:
         args.sizes, args.model, args.steady_window, args.site_size = [5, 10], "face_landmark", 4.0, 5
         args.lifeguard_nodes, args.lifeguard_duration = 9, 15.0
@@ -517,12 +535,12 @@ def main(argv: list[str] | None = None) -> int:
             unfit: dict[str, list[dict]] = {m: [] for m in modes}
             stopped: set[str] = set()
             for n in args.sizes:
-                for mode in [m for m in modes if m not in stopped]:
+                for mode, pool_mode, stepped in [v for v in variants if v[0] not in stopped]:
                     print(f"gossip load, N={n}, {mode}...", file=sys.stderr, flush=True)
                     try:
                         r = await gossip_load(fleet, Path(tmp), n, model=model, upload_cap=cap,
                                               steady_window_s=args.steady_window, timings=timings,
-                                              pools=mode, site_size=args.site_size)
+                                              pools=pool_mode, site_size=args.site_size, stepped=stepped)
                     except TimeoutError as exc:
                         # One process on a shared 2-core machine: past some N the loop cannot keep
                         # every node's timers, the view never settles and the figures would measure
@@ -558,16 +576,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"release: {args.model}, {first['size_bytes']:,} bytes in {first['chunks']} chunks, "
           f"upload cap {cap:,} B/s per node")
     figures = {}
-    for mode in modes:
-        label = ("flat: one pool of N nodes (3 site labels)" if mode == "flat" else
+    for mode, pool_mode, stepped in variants:
+        label = ("flat: one pool of N nodes (3 site labels)" if pool_mode == "flat" else
                  f"sites: N // {args.site_size} sites of {args.site_size}, each its own pool, "
                  "3 representatives each in the federation pool")
+        label += "; holdings in steps" if stepped else "; live holdings (stepped_holdings = false)"
         figures[mode] = report_loads(loads[mode], unfit[mode], timings, label)
-    if len(modes) == 2:
+    if "flat" in figures and "sites" in figures:
         for key in ("steady_bytes_per_node_s", "release_bytes_per_node"):
             pairs = zip(figures["flat"][key], figures["sites"][key], strict=False)
             ratios = [round(flat / sites, 2) for flat, sites in pairs]
             print(f"  flat / sites, {key}: {', '.join(f'x{r:g}' for r in ratios)}")
+    for m in pool_modes:
+        if m in figures and f"{m}_live" in figures:
+            for key in ("release_bytes_per_node", "holdings_updates_per_node"):
+                pairs = zip(figures[f"{m}_live"][key], figures[m][key], strict=False)
+                ratios = [round(live / stepped, 2) if stepped else math.inf for live, stepped in pairs]
+                print(f"  {m}: live / stepped holdings, {key}: {', '.join(f'x{r:g}' for r in ratios)}")
 
     without, with_ = slow["without"], slow["with"]
     print(f"false suspicions, {args.lifeguard_nodes} nodes per cluster, every third node's loop blocked "
@@ -595,12 +620,16 @@ def main(argv: list[str] | None = None) -> int:
           f"replies not sent to callers that had gone away: "
           f"{without['replies_dropped'] + with_['replies_dropped']}")
     print(f"wall time {wall_s:.0f}s")
-    headline = figures["sites" if "sites" in figures else "flat"]
+    head = "sites" if "sites" in pool_modes else "flat"  # the pool mode of the unsuffixed figures
+    headline = figures[head] if head in figures else figures[f"{head}_live"]
     summary = {
-        "pools": "sites" if "sites" in figures else "flat",  # the mode of the unsuffixed figures
+        "pools": head,
+        "holdings": args.holdings,  # both: unsuffixed figures are stepped, *_live those of live holdings
         **headline,
-        **({f"{k}_flat": v for k, v in figures["flat"].items()} if "flat" in figures and "sites" in figures
+        **({f"{k}_flat": v for k, v in figures["flat"].items()} if "flat" in figures and head == "sites"
            else {}),
+        **({f"{k}_live": v for k, v in figures[f"{head}_live"].items()}
+           if f"{head}_live" in figures and head in figures else {}),
         "false_suspicions_without_lifeguard": round(without["per_node_hour"], 2),
         "false_suspicions_with_lifeguard": round(with_["per_node_hour"], 2),
         "lifeguard_ratio": round(ratio, 3) if math.isfinite(ratio) else None,

@@ -56,7 +56,7 @@ from mesh.identity.signing import TrustedKeys
 from mesh.membership.messages import MemberView, State
 from mesh.membership.sections import MetaError, read_section
 from mesh.membership.view import MembershipView, MetadataBoard
-from mesh.transfer.haves import HaveExchange, Holder
+from mesh.transfer.haves import HaveExchange, Holder, believed
 from mesh.transfer.holdings import Holding, HoldingsError, decode_holdings, encode_holdings, gossip_view
 from mesh.transfer.pacing import Pacer
 from mesh.transfer.retention import VersionKey, kept_versions
@@ -845,12 +845,10 @@ class Distributor:
                 seen.add(member.node_id)
                 addresses[member.node_id] = member.address
                 site = dict(member.labels).get("site", "")
-                claimed = holding.have
                 told = None if holding.progress is None else exchange.known(member.node_id, holding.progress)
                 if site == self.site:  # what the site's members said in gossip: not news when asked
                     site_told = site_told | holding.have
-                if told is not None and len(told) == len(claimed):
-                    claimed = claimed | told  # its snapshot, and what it said since
+                claimed = believed(holding.have, told)  # its snapshot, and what it said since
                 scheduler.peer_update(member.node_id, site=site, have=list(claimed.present()),
                                       is_origin=holding.origin, now=now)
                 holders.append(Holder(member.node_id, site, holding.progress, holding.complete,

@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 from mesh.artifacts.bitfield import Bitfield
 from mesh.transfer.holdings import STEPS
 
-__all__ = ["HaveExchange", "Holder"]
+__all__ = ["HaveExchange", "Holder", "believed"]
+
+
+def believed(snapshot: Bitfield, told: Bitfield | None) -> Bitfield:
+    """The chunks a downloader counts a peer as holding: its gossiped bitfield (a snapshot from its last
+    step change, or an older node's live bitfield) and what its last chunk list said (`told`, from
+    `HaveExchange.known`), unless that list is of another chunk count (not this manifest's: ignored)."""
+    if told is None or len(told) != len(snapshot):
+        return snapshot.copy()
+    return snapshot | told
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "scale.py"
-RATES = ("steady_bytes_per_node_s", "release_bytes_per_node_s", "release_bytes_per_node")
+RATES = ("steady_bytes_per_node_s", "release_bytes_per_node_s", "release_bytes_per_node",
+         "holdings_updates_per_node")
 EXPONENTS = ("gossip_exponent_steady", "gossip_exponent_release")
 SUSPICIONS = ("false_suspicions_without_lifeguard", "false_suspicions_with_lifeguard")
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.artifacts.bitfield import Bitfield
-from mesh.transfer.haves import HaveExchange, Holder
+from mesh.transfer.haves import HaveExchange, Holder, believed
 
 
 def ex(**kw) -> HaveExchange:
@@ -172,3 +172,19 @@ def test_next_due_is_never_nan_and_is_kept(seed, ops) -> None:
             asked = x.to_ask(holders, due)
             in_flight = [p for p, m in x._members.items() if m.in_flight]
             assert asked or in_flight or not holders, (due, x._members)
+
+
+def test_a_peer_is_believed_for_its_snapshot_and_what_it_said_since() -> None:
+    """What the scheduler is told a partial holder has: the snapshot its gossip carries (from its last
+    step change) joined with its last chunk list, so chunks it got since are asked of it, not of the
+    origin; a list of another length (another manifest) is ignored; with no list, the snapshot alone."""
+    snapshot = Bitfield(18, [0, 1])
+    told = Bitfield(18, [0, 1, 2, 3, 4])
+    assert sorted(believed(snapshot, told).present()) == [0, 1, 2, 3, 4]
+    assert sorted(believed(snapshot, Bitfield(18, [5])).present()) == [0, 1, 5]  # a list never takes away
+    assert sorted(believed(snapshot, None).present()) == [0, 1]
+    assert sorted(believed(snapshot, Bitfield(20, range(20))).present()) == [0, 1]
+    merged = believed(snapshot, None)
+    merged.set(9)
+    assert sorted(snapshot.present()) == [0, 1]  # a copy: the gossiped holding is never changed
+

@@ -52,7 +52,13 @@ class TlsSection(_Strict):
     dir: Path
 
 
-_POOL_FIELDS = {"pools", "representatives", "federation_seeds"}
+_POOL_FIELDS = {"pools", "representatives", "federation_seeds", "federation_timings"}
+
+# The federation pool's timings with `federation_timings = "wan"`: hashicorp/memberlist's DefaultWANConfig,
+# which Consul's WAN pool of servers uses: sites are far apart, and a representative's link crosses the
+# internet. The other settings (Lifeguard, budgets) are the site pool's.
+WAN_TIMINGS = {"probe_interval_s": 5.0, "probe_timeout_s": 3.0, "suspicion_mult": 6, "gossip_interval_s": 0.5,
+               "gossip_nodes": 4, "push_pull_interval_s": 60.0, "gossip_to_dead_s": 60.0}
 
 
 class MembershipSection(_Strict):
@@ -79,6 +85,10 @@ class MembershipSection(_Strict):
     pools: str = Field(default="flat", pattern="^(flat|sites)$")
     representatives: int = Field(default=DEFAULT_REPRESENTATIVES, ge=1, le=16)
     federation_seeds: list[str] = Field(default_factory=list, max_length=64)
+    # The federation pool's timings: "wan" (memberlist's WAN defaults, as Consul's WAN pool: probe 5 s,
+    # timeout 3 s, suspicion x6, gossip 0.5 s to 4, push-pull 60 s) or "site" (the same as the site pool,
+    # for sites on one LAN, and for tests).
+    federation_timings: str = Field(default="wan", pattern="^(wan|site)$")
 
     @field_validator("federation_seeds")
     @classmethod
@@ -100,7 +110,9 @@ class MembershipSection(_Strict):
 
     @classmethod
     def from_core(cls, timings: MembershipConfig, **pools: Any) -> MembershipSection:
-        """A section with the timings of `timings` (tests and benchmarks), plus pool settings."""
+        """A section with the timings of `timings` (tests and benchmarks) for both pools, plus pool
+        settings."""
+        pools.setdefault("federation_timings", "site")
         return cls(**{f: getattr(timings, f) for f in cls.timing_fields()}, **pools)
 
     def to_core(self) -> MembershipConfig:
@@ -109,8 +121,10 @@ class MembershipSection(_Strict):
         return MembershipConfig(**timings, site_only=self.pools == "sites")
 
     def federation_core(self) -> MembershipConfig:
-        """The federation pool's core settings: the same timings, all sites admitted."""
+        """The federation pool's core settings: all sites admitted; WAN timings or the site pool's."""
         timings = self.model_dump(exclude=_POOL_FIELDS)
+        if self.federation_timings == "wan":
+            timings.update(WAN_TIMINGS)
         return MembershipConfig(**timings, pool=FEDERATION_POOL)
 
 

@@ -182,13 +182,21 @@ def test_any_table_is_a_config_or_a_config_error(tmp_path, doc):
 
 def test_sites_mode_in_the_node_toml(tmp_path):
     """`pools = "sites"`: the site pool's core admits this site only, the federation core is its own
-    pool with the same timings; without a `site` label the config says what to add."""
+    pool with memberlist's WAN timings (or the site pool's, if asked); without a `site` label the config
+    says what to add."""
     text = GOOD + 'pools = "sites"\nrepresentatives = 2\nfederation_seeds = ["10.0.2.1:7000"]\n'
     membership = load_config(write(tmp_path, text)).membership
     assert membership.to_core().site_only and membership.to_core().pool == ""
     federation = membership.federation_core()
     assert federation.pool == "federation" and not federation.site_only
-    assert federation.probe_interval_s == 0.5
+    assert (federation.probe_interval_s, federation.probe_timeout_s, federation.suspicion_mult,
+            federation.gossip_interval_s, federation.gossip_nodes, federation.push_pull_interval_s) == (
+        5.0, 3.0, 6, 0.5, 4, 60.0)  # memberlist's DefaultWANConfig
+    assert federation.max_gossip_bytes == membership.to_core().max_gossip_bytes  # the rest: the site's
+    same = load_config(write(tmp_path, text + 'federation_timings = "site"\n')).membership.federation_core()
+    assert same.probe_interval_s == 0.5 and same.pool == "federation"
+    with pytest.raises(ConfigError, match="federation_timings"):
+        load_config(write(tmp_path, text + 'federation_timings = "lan"\n'))
     assert membership.representatives == 2 and membership.federation_seeds == ["10.0.2.1:7000"]
     assert not load_config(write(tmp_path, GOOD)).membership.to_core().site_only  # flat by default
     with pytest.raises(ConfigError, match='needs a `site` label'):

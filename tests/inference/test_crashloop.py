@@ -103,6 +103,16 @@ def _wait_active(client: AdminClient, version: str, proc: subprocess.Popen, log,
         time.sleep(0.1)  # polling the node's status
 
 
+def _wait_state(path, settled, proc: subprocess.Popen, log, timeout_s: float = 30.0) -> dict:
+    """The node's state file once `settled(state)` holds (it is written just after an activation)."""
+    deadline = time.monotonic() + timeout_s
+    while not settled(state := json.loads(path.read_bytes())):
+        assert proc.poll() is None, f"the node exited with {proc.returncode}: {log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"the state file still says {state}"
+        time.sleep(0.05)  # polling a file the node rewrites
+    return state
+
+
 def test_a_node_killed_again_and_again_on_a_new_version_goes_back_to_the_old_one(tmp_path) -> None:
     # Its own fleet: this directory also runs under scripts/test-tflite-runtime.sh, without tests/conftest.py.
     fleet = LocalFleet(tmp_path / "fleet")
@@ -137,8 +147,9 @@ def test_a_node_killed_again_and_again_on_a_new_version_goes_back_to_the_old_one
             proc = spawn_node_process(config, log)
             # Below the limit the restarted node takes the new version up again; at the limit it refuses it.
             _wait_active(client, "2" if crash < CRASH_LIMIT else "1", proc, log)
-        state = json.loads((data_dir / "active-model.json").read_bytes())
-        assert state["crash_refused"] == ["2"] and state["version"] == "1", state
+        # The node reports 1 active as soon as it serves it, and records it as served just after.
+        state = _wait_state(data_dir / "active-model.json", lambda s: s.get("version") == "1", proc, log)
+        assert state["crash_refused"] == ["2"] and state["live"] == "1", state
         assert "refusing nabu 2: the node stopped without a clean shutdown 3 times" in log.read_text()
         # A clean stop is not counted: SIGTERM, start again, still on 1, and 2 still refused.
         proc.send_signal(signal.SIGTERM)

@@ -12,7 +12,7 @@ import re
 import tomllib
 import typing
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -88,7 +88,7 @@ class MembershipSection(_Strict):
     # The federation pool's timings: "wan" (memberlist's WAN defaults, as Consul's WAN pool: probe 5 s,
     # timeout 3 s, suspicion x6, gossip 0.5 s to 4, push-pull 60 s) or "site" (the same as the site pool,
     # for sites on one LAN, and for tests).
-    federation_timings: str = Field(default="wan", pattern="^(wan|site)$")
+    federation_timings: Literal["wan", "site"] = "wan"
 
     @field_validator("federation_seeds")
     @classmethod
@@ -112,7 +112,8 @@ class MembershipSection(_Strict):
     def from_core(cls, timings: MembershipConfig, **pools: Any) -> MembershipSection:
         """A section with the timings of `timings` (tests and benchmarks) for both pools, plus pool
         settings."""
-        pools.setdefault("federation_timings", "site")
+        if pools.get("pools") == "sites":
+            pools.setdefault("federation_timings", "site")
         return cls(**{f: getattr(timings, f) for f in cls.timing_fields()}, **pools)
 
     def to_core(self) -> MembershipConfig:

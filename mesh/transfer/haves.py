@@ -30,6 +30,8 @@ from mesh.transfer.holdings import STEPS
 
 __all__ = ["HaveExchange", "Holder", "believed"]
 
+SHUN_S = 60.0  # a shunned holder is taken in again after this long even at the same step (a wiped store)
+
 
 def believed(snapshot: Bitfield, told: Bitfield | None) -> Bitfield:
     """The chunks a downloader counts a peer as holding: its gossiped bitfield (a snapshot from its last
@@ -60,6 +62,7 @@ class _Member:
     backoff_s: float = 0.0
     have: Bitfield | None = None
     in_flight: bool = False
+    asked_step: int | None = None  # its gossiped step when the ask in flight went out
 
 
 @dataclass
@@ -71,7 +74,8 @@ class HaveExchange:
     stale_s: float = 5.0
     _members: dict[str, _Member] = field(default_factory=dict)
     _last_asked: dict[str, float] = field(default_factory=dict)  # kept while it leaves and comes back
-    _shunned: dict[str, int | None] = field(default_factory=dict)  # peer -> the step its answer belied
+    # peer -> (the step its answer belied, until when): a new step, or time, gives a new chance
+    _shunned: dict[str, tuple[int | None, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.k < 1 or not 0 < self.min_interval_s <= self.stale_s:
@@ -111,8 +115,8 @@ class HaveExchange:
         askable = {h.peer_id: h for h in holders if self.askable(h)}
         for peer_id in [p for p in self._members if p not in askable]:
             del self._members[peer_id]  # completed, left, or no longer announces it: gossip says enough
-        self._shunned = {p: step for p, step in self._shunned.items()
-                         if p in askable and askable[p].step == step}  # a new step: a new chance
+        self._shunned = {p: (step, until) for p, (step, until) in self._shunned.items()
+                         if p in askable and askable[p].step == step and now < until}
         self._last_asked = {p: t for p, t in self._last_asked.items() if now - t < self.min_interval_s}
         for peer_id, member in self._members.items():
             step = askable[peer_id].step
@@ -140,7 +144,7 @@ class HaveExchange:
                 due.append(peer_id)
         for peer_id in due:
             member = self._members[peer_id]
-            member.in_flight, member.asked_at = True, now
+            member.in_flight, member.asked_at, member.asked_step = True, now, member.step
             self._last_asked[peer_id] = now
         return due
 
@@ -148,9 +152,11 @@ class HaveExchange:
         member = self._members.get(peer_id)
         if member is None or not member.in_flight:  # an ask from before it left the exchange and came back
             return
-        if member.step is not None and have.count() < (member.step - 1) * len(have) // STEPS:
+        # Against the step it announced when asked (its gossip may have moved on while the ask was out).
+        steps = [s for s in (member.step, member.asked_step) if s is not None]
+        if steps and have.count() < (min(steps) - 1) * len(have) // STEPS:
             del self._members[peer_id]  # it gave far less than it announces: its place goes to another
-            self._shunned[peer_id] = member.step
+            self._shunned[peer_id] = (member.step, now + SHUN_S)
             return
         member.in_flight, member.have, member.answered_at, member.backoff_s = False, have.copy(), now, 0.0
         member.due_after_s = self.stale_s * self.rng.uniform(0.5, 1.5)

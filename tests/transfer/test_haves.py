@@ -188,3 +188,26 @@ def test_a_peer_is_believed_for_its_snapshot_and_what_it_said_since() -> None:
     merged.set(9)
     assert sorted(snapshot.present()) == [0, 1]  # a copy: the gossiped holding is never changed
 
+
+
+def test_an_honest_holder_whose_step_moved_while_it_was_asked_is_not_shunned() -> None:
+    """Asked at step 2 of 16 chunks (it had 4), its gossip said step 4 before the answer came: the answer
+    is judged against the step it had when asked (a review: it was shunned)."""
+    x = ex()
+    assert x.to_ask([Holder("p", "a", 2, False)], 0.0) == ["p"]
+    x.to_ask([Holder("p", "a", 4, False)], 0.5)  # its step moved while the ask was out
+    x.answered("p", Bitfield(16, range(4)), 0.6)
+    assert x.members() == ["p"] and x.shunned() == []
+
+
+def test_a_shunned_holder_is_taken_in_again_after_a_while_at_the_same_step() -> None:
+    """It wiped its store while gossip still said 7, then downloaded back to 7 before we saw another
+    step: after SHUN_S it gets a new chance."""
+    from mesh.transfer.haves import SHUN_S
+
+    x = ex()
+    assert x.to_ask([Holder("p", "a", 7, False)], 0.0) == ["p"]
+    x.answered("p", Bitfield(64), 0.1)
+    assert x.shunned() == ["p"]
+    assert x.to_ask([Holder("p", "a", 7, False)], SHUN_S - 1.0) == [] and x.shunned() == ["p"]
+    assert x.to_ask([Holder("p", "a", 7, False)], SHUN_S + 1.0) == ["p"] and x.shunned() == []

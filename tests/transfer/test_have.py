@@ -17,13 +17,17 @@ from tests.models import mediapipe_model
 pytestmark = pytest.mark.asyncio
 
 
+def publish_hand(fleet, origin, model: str):
+    """Publish `model` as hand 1.0 into the origin's store (not yet announced: `add_published` does)."""
+    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+    return publish(mediapipe_model(model), name="hand", version="1.0", key=publisher, store=origin.store)
+
+
 async def test_a_peer_says_which_chunks_it_holds_refuses_other_versions_and_too_many_asks(cluster, fleet):
     c = await cluster(2)
     await wait_for(c.converged, 10.0, what="convergence")
     origin, asker = c.nodes["node-00"], c.nodes["node-01"]
-    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
-    signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0", key=publisher,
-                     store=origin.store)
+    signed = publish_hand(fleet, origin, "hand_landmark_lite")
     origin.distributor.add_published(signed)
     manifest = signed.manifest
     stub = asker.distributor._dial(origin.address, "node-00")
@@ -62,9 +66,7 @@ async def test_a_download_changes_what_a_node_gossips_a_few_times_not_once_per_c
     c = await cluster(4, transfer={"stepped_holdings": stepped} if not stepped else {})
     await wait_for(c.converged, 10.0, what="convergence")
     origin = c.nodes["node-00"]
-    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
-    signed = publish(mediapipe_model("hand_landmark_full"), name="hand", version="1.0", key=publisher,
-                     store=origin.store)
+    signed = publish_hand(fleet, origin, "hand_landmark_full")
     before = {i: n.distributor.counters.holdings_updates for i, n in c.nodes.items()}
     origin.distributor.add_published(signed)
     await wait_for(lambda: all(n.store.is_complete(signed.manifest) for n in c.nodes.values()), 60.0,
@@ -88,9 +90,7 @@ async def test_ten_nodes_fetch_a_release_with_stepped_gossip_in_about_one_origin
     c = await cluster(10, transfer={"upload_rate_bytes_per_s": 1_000_000})
     await wait_for(c.converged, 20.0, what="convergence")
     origin = c.nodes["node-00"]
-    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
-    signed = publish(mediapipe_model("hand_landmark_full"), name="hand", version="1.0", key=publisher,
-                     store=origin.store)
+    signed = publish_hand(fleet, origin, "hand_landmark_full")
     origin.distributor.add_published(signed)
     took = await wait_for(lambda: all(n.store.is_complete(signed.manifest) for n in c.nodes.values()), 50.0,
                           interval_s=0.1, what="every node complete")
@@ -110,9 +110,7 @@ async def test_a_mixed_fleet_completes_and_nodes_gossiping_live_bitfields_are_ne
     await c.add("node-03", sections={"transfer": {"stepped_holdings": False}})
     await wait_for(c.converged, 20.0, what="convergence")
     origin = c.nodes["node-00"]
-    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
-    signed = publish(mediapipe_model("hand_landmark_full"), name="hand", version="1.0", key=publisher,
-                     store=origin.store)
+    signed = publish_hand(fleet, origin, "hand_landmark_full")
     origin.distributor.add_published(signed)
     await wait_for(lambda: all(n.store.is_complete(signed.manifest) for n in c.nodes.values()), 60.0,
                    what="every node complete")

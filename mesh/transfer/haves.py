@@ -15,7 +15,9 @@ fetch from, and only from those whose gossip is not exact already:
   `stale_s`;
 - an answer far below the step its gossip announces (fewer chunks than one step less, under any rounding
   of steps) leaves the exchange, and the holder is not taken in again while it announces that step: a
-  peer announcing a high step and giving nothing would otherwise keep one of the `k` places for good.
+  peer announcing a high step and giving nothing would otherwise keep one of the `k` places for good;
+- so does a holder whose asks failed `MAX_FAILED_ASKS` times in a row (no answer, an error, a chunk list
+  of another length, "not held"), with the same way back (its step moves, or `SHUN_S` passes).
 
 No clock, socket or global randomness: the caller passes the time and the generator.
 """
@@ -31,6 +33,7 @@ from mesh.transfer.holdings import STEPS
 __all__ = ["HaveExchange", "Holder", "believed"]
 
 SHUN_S = 60.0  # a shunned holder is taken in again after this long even at the same step (a wiped store)
+MAX_FAILED_ASKS = 5  # failed asks in a row (about 12 s of back-offs) that take a holder out of the exchange
 
 
 def believed(snapshot: Bitfield, told: Bitfield | None) -> Bitfield:
@@ -63,6 +66,7 @@ class _Member:
     have: Bitfield | None = None
     in_flight: bool = False
     asked_step: int | None = None  # its gossiped step when the ask in flight went out
+    failures: int = 0  # failed asks since its last answer
 
 
 @dataclass
@@ -159,6 +163,7 @@ class HaveExchange:
             self._shunned[peer_id] = (member.step, now + SHUN_S)
             return
         member.in_flight, member.have, member.answered_at, member.backoff_s = False, have.copy(), now, 0.0
+        member.failures = 0
         member.due_after_s = self.stale_s * self.rng.uniform(0.5, 1.5)
 
     def failed(self, peer_id: str, now: float) -> None:
@@ -166,6 +171,11 @@ class HaveExchange:
         if member is None or not member.in_flight:  # an ask from before it left the exchange and came back
             return
         member.in_flight = False
+        member.failures += 1
+        if member.failures >= MAX_FAILED_ASKS:
+            del self._members[peer_id]  # a place it does not use: it goes to another holder
+            self._shunned[peer_id] = (member.step, now + SHUN_S)
+            return
         member.backoff_s = min(self.stale_s, max(self.min_interval_s, 2 * member.backoff_s))
         member.due_after_s = max(0.0, now - member.asked_at) + member.backoff_s  # from now
 

@@ -211,3 +211,33 @@ def test_a_shunned_holder_is_taken_in_again_after_a_while_at_the_same_step() -> 
     assert x.shunned() == ["p"]
     assert x.to_ask([Holder("p", "a", 7, False)], SHUN_S - 1.0) == [] and x.shunned() == ["p"]
     assert x.to_ask([Holder("p", "a", 7, False)], SHUN_S + 1.0) == ["p"] and x.shunned() == []
+
+
+def test_a_holder_whose_asks_keep_failing_leaves_the_exchange_until_its_step_moves() -> None:
+    """A holder that times out, answers with a chunk list of another length, or says "not held" to every
+    ask kept its place (retried every few seconds) while giving the scheduler nothing. After
+    MAX_FAILED_ASKS failures in a row its place goes to another holder; its step moving, or SHUN_S,
+    gives it a new chance. An answer in between starts the count again."""
+    from mesh.transfer.haves import MAX_FAILED_ASKS
+
+    x = ex(k=1)
+    holders = [Holder("mute", "a", 5, False), Holder("other", "b", 3, False)]
+    now = 0.0
+    assert x.to_ask(holders, now) == ["mute"]  # same site first
+    for _ in range(MAX_FAILED_ASKS - 2):
+        x.failed("mute", now)
+        now = x.next_due(now)
+        assert x.to_ask(holders, now) == ["mute"]
+    x.answered("mute", Bitfield(8, range(5)), now)  # one answer: the count starts again
+    for attempt in range(MAX_FAILED_ASKS):
+        now = x.next_due(now)
+        assert x.to_ask(holders, now) == ["mute"], attempt
+        (x.forget if attempt % 2 else x.failed)("mute", now)  # "not held" counts too
+    assert x.members() == [] and x.shunned() == ["mute"]
+    assert x.to_ask(holders, now + 1.0) == ["other"]
+    x.answered("other", Bitfield(8, range(3)), now + 1.0)
+    later = [Holder("mute", "a", 5, False)]  # other completed: a free place, but mute still says 5
+    assert x.to_ask(later, now + 2.0) == [] and x.shunned() == ["mute"]
+    assert x.to_ask([Holder("mute", "a", 6, False)], now + 3.0) == ["mute"]  # its step moved
+    x.failed("mute", now + 3.0)
+    assert x.members() == ["mute"]  # a new count

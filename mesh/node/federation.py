@@ -43,6 +43,14 @@ the site prefers such members as representatives, since a site leader asks its r
 fleet views its rollouts need."""
 
 _LIVE = (State.ALIVE, State.SUSPECT)
+# How often a representative retries joining other sites and this site's unmet representatives: the
+# push-pull interval, but at most this (Consul's `retry_interval`); the WAN push-pull interval is 60 s.
+RETRY_S = 30.0
+
+
+def retry_interval_s(config: MembershipConfig) -> float:
+    """Seconds between joins of the federation pool retried through the same address."""
+    return min(config.push_pull_interval_s, RETRY_S)
 _EARLIEST_TENURE_MS = 1_577_836_800_000  # 2020-01-01
 
 
@@ -296,13 +304,17 @@ class FederationMember:
                      and self._runner is not None and self._runner.core.member(m.node_id) is None]
             self._rejoin(unmet)
 
+    @property
+    def retry_s(self) -> float:
+        return retry_interval_s(self._config)
+
     def _rejoin(self, addresses: list[str]) -> None:
-        """Push-pull with `addresses`, each at most once per push-pull interval."""
+        """Push-pull with `addresses`, each at most once per `retry_s`."""
         runner = self._runner
         if runner is None:
             return
         now = runner.now()
-        every = self._config.push_pull_interval_s
+        every = self.retry_s
         due = [a for a in addresses if now - self._rejoined_at.get(a, -math.inf) >= every]
         if due:
             for address in due:
@@ -381,11 +393,11 @@ class FederationMember:
 
     async def _find_other_sites(self, runner: SwimRunner) -> None:
         """While this federation member knows no live member of another site, ask the configured seeds
-        (and the representatives non-representatives named) again every push-pull interval: SWIM
+        (and the representatives non-representatives named) again every `retry_s`: SWIM
         retries its seeds only while it knows nobody, and this site's other representatives count."""
         warned = False
         while self._runner is runner:
-            await asyncio.sleep(self._config.push_pull_interval_s)
+            await asyncio.sleep(self.retry_s)
             if self._runner is not runner:
                 return
             view = self._view
@@ -404,7 +416,7 @@ class FederationMember:
             if not warned:
                 log.warning("federation pool: no representative of another site answers yet; asking %s again "
                             "every %.0f s (check [membership] federation_seeds: nodes of other sites)",
-                            ", ".join(seeds), self._config.push_pull_interval_s)
+                            ", ".join(seeds), self.retry_s)
                 warned = True
             self._rejoin(seeds)
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh.node.config import ConfigError, NodeConfig, load_config
+from mesh.node.federation import retry_interval_s
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -195,6 +196,10 @@ def test_sites_mode_in_the_node_toml(tmp_path):
     assert federation.max_gossip_bytes == membership.to_core().max_gossip_bytes  # the rest: the site's
     same = load_config(write(tmp_path, text + 'federation_timings = "site"\n')).membership.federation_core()
     assert same.probe_interval_s == 0.5 and same.pool == "federation"
+    # Joins of other sites are retried every 30 s at most (Consul's retry_interval), not every 60 s
+    # WAN push-pull; on site timings, every push-pull.
+    assert retry_interval_s(federation) == 30.0
+    assert retry_interval_s(same) == same.push_pull_interval_s
     with pytest.raises(ConfigError, match="federation_timings.*'wan' or 'site'"):
         load_config(write(tmp_path, text + 'federation_timings = "lan"\n'))
     assert membership.representatives == 2 and membership.federation_seeds == ["10.0.2.1:7000"]

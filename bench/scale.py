@@ -25,7 +25,9 @@ this 2-core machine; byte counts do not depend on the CPU's speed.
    (one pool, 3 site labels) and `sites` (`[membership] pools = "sites"`: N // `--site-size`
    sites of 10, each its own pool, 3 representatives each in the federation pool, one fetcher
    per site for the release). The JSON line's unsuffixed figures are the sites mode's (the
-   architecture meant to stay flat); `*_flat` are the flat pool's.
+   architecture meant to stay flat); `*_flat` are the flat pool's. With `--holdings both`,
+   `*_live` are those of live holdings (`stepped_holdings = false`) and `*_flat_live` both; a
+   ratio over a zero figure prints the two figures instead.
 
 2. False suspicions with a third of the nodes slow: two clusters of 30 side by side, one
    with Lifeguard and one without, in two processes: every third node of both clusters lives
@@ -582,17 +584,19 @@ def main(argv: list[str] | None = None) -> int:
                  "3 representatives each in the federation pool")
         label += "; holdings in steps" if stepped else "; live holdings (stepped_holdings = false)"
         figures[mode] = report_loads(loads[mode], unfit[mode], timings, label)
+    def ratios(over: list[float], under: list[float]) -> str:
+        """Per size, `over / under` as xR; a zero `under` prints as its two figures (no ratio)."""
+        return ", ".join(f"x{round(a / b, 2):g}" if b else f"({a:g} against 0)"
+                         for a, b in zip(over, under, strict=False))
+
     if "flat" in figures and "sites" in figures:
         for key in ("steady_bytes_per_node_s", "release_bytes_per_node"):
-            pairs = zip(figures["flat"][key], figures["sites"][key], strict=False)
-            ratios = [round(flat / sites, 2) for flat, sites in pairs]
-            print(f"  flat / sites, {key}: {', '.join(f'x{r:g}' for r in ratios)}")
+            print(f"  flat / sites, {key}: {ratios(figures['flat'][key], figures['sites'][key])}")
     for m in pool_modes:
         if m in figures and f"{m}_live" in figures:
             for key in ("release_bytes_per_node", "holdings_updates_per_node"):
-                pairs = zip(figures[f"{m}_live"][key], figures[m][key], strict=False)
-                ratios = [round(live / stepped, 2) if stepped else math.inf for live, stepped in pairs]
-                print(f"  {m}: live / stepped holdings, {key}: {', '.join(f'x{r:g}' for r in ratios)}")
+                print(f"  {m}: live / stepped holdings, {key}: "
+                      f"{ratios(figures[f'{m}_live'][key], figures[m][key])}")
 
     without, with_ = slow["without"], slow["with"]
     print(f"false suspicions, {args.lifeguard_nodes} nodes per cluster, every third node's loop blocked "
@@ -622,14 +626,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wall time {wall_s:.0f}s")
     head = "sites" if "sites" in pool_modes else "flat"  # the pool mode of the unsuffixed figures
     headline = figures[head] if head in figures else figures[f"{head}_live"]
+    # The other variants' figures, suffixed by what differs from the headline's: _flat (the pool mode),
+    # _live (the holdings, when the headline's are stepped).
+    others = {}
+    for mode, values in figures.items():
+        if values is headline:
+            continue
+        pool, live = mode.removesuffix("_live"), mode.endswith("_live")
+        suffix = ("" if pool == head else f"_{pool}") + ("_live" if live and head in figures else "")
+        others.update({f"{k}{suffix}": v for k, v in values.items()})
     summary = {
         "pools": head,
         "holdings": args.holdings,  # both: unsuffixed figures are stepped, *_live those of live holdings
         **headline,
-        **({f"{k}_flat": v for k, v in figures["flat"].items()} if "flat" in figures and head == "sites"
-           else {}),
-        **({f"{k}_live": v for k, v in figures[f"{head}_live"].items()}
-           if f"{head}_live" in figures and head in figures else {}),
+        **others,
         "false_suspicions_without_lifeguard": round(without["per_node_hour"], 2),
         "false_suspicions_with_lifeguard": round(with_["per_node_hour"], 2),
         "lifeguard_ratio": round(ratio, 3) if math.isfinite(ratio) else None,

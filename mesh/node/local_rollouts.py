@@ -608,15 +608,23 @@ def took_effect(result: LedgerResult | None) -> bool:
     )
 
 
-async def _retried(submit, attempts: int = 5):
-    for attempt in range(attempts):
+# How long `start_rollout` and `send` keep retrying while a site group has no leader or changes leaders. A
+# group of in-process nodes on a starved machine (20 nodes in one process beside `stress-ng --cpu 2`) was
+# seen without a stable leader for over 20 s: five attempts (about 17 s) were not enough (loaded run of
+# `make test`, 2026-12-07). Both are safe to repeat (see `took_effect`).
+RETRY_FOR_S = 90.0
+
+
+async def _retried(submit, within_s: float = RETRY_FOR_S):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while True:
         try:
             return await submit()
         except (RaftError, GroupError):
-            if attempt == attempts - 1:
+            if loop.time() + 0.5 >= deadline:
                 raise
             await asyncio.sleep(0.5)
-    return None
 
 
 @contextlib.contextmanager

@@ -63,6 +63,7 @@ from mesh.transfer.retention import VersionKey, kept_versions
 from mesh.transfer.scheduler import (
     FailureReason,
     PeerBanned,
+    PeerBenched,
     RequestCancelled,
     SchedulerConfig,
     SwarmScheduler,
@@ -142,6 +143,9 @@ class DownloadCounters:
         default_factory=lambda: {"hash_mismatch": 0, "protocol": 0, "false_claim": 0}
     )
     banned_until: dict[str, float] = field(default_factory=dict)  # peer id -> end of its latest ban (now())
+    # Peers whose chunk claims were set aside: they failed request after request (busy, timed out)
+    # without delivering one (SchedulerConfig.unresponsive_failures); not a ban, they may be honest.
+    benched: int = 0
     last_refusal: dict[str, str] = field(default_factory=dict)  # peer id -> why its last chunk was refused
 
     def banned_now(self, now: float) -> int:
@@ -889,6 +893,12 @@ class Distributor:
                     log.warning("banned %s from %s %s until %.0fs from now (%s on chunk %d)", event.peer_id,
                                 manifest.name, manifest.version, event.until - self._now(),
                                 event.reason.value, event.index)
+                elif isinstance(event, PeerBenched):
+                    counters.benched += 1
+                    log.info("peer %s announces chunks of %s %s but failed %d requests in a row over %.0fs "
+                             "(busy or no answer); asking others and the origin for them for %.0fs",
+                             event.peer_id, manifest.name, manifest.version, event.failures, event.over_s,
+                             event.until - self._now())
 
         progress.have_chunks = have.count()
         progress.bytes_have = sum(sizes[i] for i in have.present())

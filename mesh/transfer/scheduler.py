@@ -56,6 +56,18 @@ lives here):
   peer's announcements drop the chunk; `max_false_claims` denials ban it
   (`PeerBanned` with NOT_HELD). WITHDRAWN (it holds the version no more)
   masks all its claims, with no count against it.
+- A claim no answer backs: a non-origin peer that failed `unresponsive_failures`
+  requests in a row (TIMEOUT, UNAVAILABLE, IO_ERROR), over at least
+  `unresponsive_after_s`, while no peer delivered us a chunk for that long
+  either, is benched for `bench_s` (`PeerBenched`): its claims count for
+  nothing, so a chunk only it claims goes to the origin rule above. Not a ban:
+  an honest peer may be that busy, and a chunk it delivers (a request already in
+  flight) ends the bench at once. While the download moves, busy peers are
+  waited for (benching them would send their chunks to the origin again). A
+  bench that runs out lets the peer be asked again, and a failure before it
+  delivers anything benches it again at once. Otherwise a peer announcing
+  chunks and refusing every request as busy (or letting them time out) would
+  keep them "available" forever.
 - No endgame mode: the last chunks are not requested twice. Duplicates would
   cost bytes (the goal is <= 1.05x the minimum) and the simulator shows the
   tail is short without them.
@@ -76,6 +88,7 @@ __all__ = [
     "ChunkDone",
     "FailureReason",
     "PeerBanned",
+    "PeerBenched",
     "PeerView",
     "Request",
     "RequestCancelled",
@@ -131,14 +144,21 @@ class SchedulerConfig:
     # (an honest peer denies a chunk whose file rotted; one that collected the whole version says
     # WITHDRAWN instead).
     max_false_claims: int = 3
+    # A peer whose claims no answer backs (see the module rules): this many failed requests in a row,
+    # over at least this long, while no chunk arrived from anyone for as long, and its claims are set
+    # aside for `bench_s`. 8 refusals span 2-8 s of back-offs, so the time bounds decide.
+    unresponsive_failures: int = 8
+    unresponsive_after_s: float = 15.0
+    bench_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_in_flight_per_peer", "max_in_flight_total", "max_in_flight_origin",
-                     "max_false_claims"):
+                     "max_false_claims", "unresponsive_failures"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SchedulerError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("request_timeout_s", "ban_s", "busy_backoff_s", "max_backoff_s", "origin_fallback_s"):
+        for name in ("request_timeout_s", "ban_s", "busy_backoff_s", "max_backoff_s", "origin_fallback_s",
+                     "unresponsive_after_s", "bench_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
                     or value <= 0:
@@ -193,7 +213,18 @@ class RequestCancelled:
     why: str  # "timed out", "done elsewhere", "peer gone", "peer banned"
 
 
-Event = ChunkDone | TransferComplete | PeerBanned | RequestCancelled
+@dataclass(frozen=True)
+class PeerBenched:
+    """`peer_id` claims chunks and failed `failures` requests in a row over `over_s`: its claims count
+    for nothing until `until` (or until it delivers one). Not a ban: it may be an honest, busy peer."""
+
+    peer_id: str
+    until: float
+    failures: int
+    over_s: float
+
+
+Event = ChunkDone | TransferComplete | PeerBanned | PeerBenched | RequestCancelled
 
 
 @dataclass
@@ -207,6 +238,7 @@ class TransferStats:
     bytes_by_peer: dict[str, int] = field(default_factory=dict)
     failures: dict[FailureReason, int] = field(default_factory=dict)
     bans: int = 0
+    benched: int = 0
 
 
 @dataclass(frozen=True)
@@ -285,6 +317,12 @@ class SwarmScheduler:
         self._denied: dict[str, set[int]] = {}
         self._false_claims: dict[str, int] = {}
         self._withdrawals: dict[str, int] = {}  # WITHDRAWN answers per peer: from the second, a strike
+        # Per peer id, failed requests in a row since its last delivered chunk, when the first failed and
+        # whether that run already got it benched; and peers benched (their claims set aside) until when.
+        # Both outlive `peer_gone`, as bans. `_delivered_at`: the last chunk any peer delivered.
+        self._streaks: dict[str, tuple[int, float, bool]] = {}
+        self._benched_until: dict[str, float] = {}
+        self._delivered_at = now
         # Non-origin peers announcing each chunk (banned ones too; they are skipped), in
         # announcement order: dicts, not sets, so that iteration never depends on str hashing.
         self._holders: list[dict[str, None]] = [{} for _ in range(n)]
@@ -349,6 +387,10 @@ class SwarmScheduler:
         until = self._banned_until.get(peer_id)
         return until is not None and until > now
 
+    def is_benched(self, peer_id: str, now: float) -> bool:
+        until = self._benched_until.get(peer_id)
+        return until is not None and until > now
+
     def drain_events(self) -> list[Event]:
         events, self._events = self._events, []
         return events
@@ -357,7 +399,7 @@ class SwarmScheduler:
         """Earliest `now` at which `tick` or `next_requests` may have new work (`math.inf` if none)."""
         if self.done:
             return math.inf
-        candidates = [*self._in_flight.values(), *self._banned_until.values(),
+        candidates = [*self._in_flight.values(), *self._banned_until.values(), *self._benched_until.values(),
                       *(p.backoff_until for p in self._peers.values()), self._origin_not_before]
         if self._uses_rendezvous():
             fallback_s, progress_at = self.config.origin_fallback_s, self._progress_at
@@ -429,11 +471,15 @@ class SwarmScheduler:
         if peer is not None:
             peer.backoff_s = 0.0
             peer.backoff_until = -math.inf
+        self._streaks.pop(peer_id, None)
+        if self._benched_until.pop(peer_id, None) is not None:
+            self._count_claims(peer_id, +1)
         if self._have[index]:
             self.stats.wasted_bytes += size
             return
         self._have[index] = 1
         self._missing -= 1
+        self._delivered_at = max(self._delivered_at, now)
         self._unavailable_since.pop(index, None)
         self._progress_at = max(self._progress_at, now)
         self._events.append(ChunkDone(index, peer_id, size, now))
@@ -489,6 +535,7 @@ class SwarmScheduler:
                     self._ban(peer_id, index, now, FailureReason.NOT_HELD)
         else:
             self._back_off(peer_id, now, retry_after_s)
+            self._note_failure(peer_id, now)
 
     def tick(self, now: float) -> None:
         """Expire timed-out requests and lift bans that ran out; calling early is harmless."""
@@ -499,16 +546,11 @@ class SwarmScheduler:
             self.stats.failures[FailureReason.TIMEOUT] = self.stats.failures.get(FailureReason.TIMEOUT, 0) + 1
             self._back_off(peer_id, now)
             self._events.append(RequestCancelled(peer_id, index, "timed out"))
-        lifted = [peer_id for peer_id, until in self._banned_until.items() if until <= now]
-        for peer_id in lifted:
-            del self._banned_until[peer_id]
-            peer = self._peers.get(peer_id)
-            if peer is not None and not peer.is_origin:
-                for i in range(self.n_chunks):
-                    if peer.have[i]:
-                        self._available[i] += 1
-                        self._unavailable_since.pop(i, None)
-                self._assignee.clear()
+            self._note_failure(peer_id, now)
+        for until_by_peer in (self._banned_until, self._benched_until):
+            for peer_id in [p for p, until in until_by_peer.items() if until <= now]:
+                del until_by_peer[peer_id]
+                self._count_claims(peer_id, +1)
 
     # -- output --------------------------------------------------------------
 
@@ -553,7 +595,7 @@ class SwarmScheduler:
 
     def _usable(self, peer: _Peer, now: float, cap: int) -> bool:
         return (peer.in_flight < cap and peer.backoff_until <= now
-                and not self.is_banned(peer.peer_id, now))
+                and not self.is_banned(peer.peer_id, now) and not self.is_benched(peer.peer_id, now))
 
     def _pick_peer(self, index: int, now: float) -> _Peer | None:
         cap = self.config.max_in_flight_per_peer
@@ -597,7 +639,7 @@ class SwarmScheduler:
             assignee, best = self.self_id, rendezvous_score(self.self_id, index)
             for peer in self._peers.values():
                 # A peer that denied this chunk (or withdrew the version) is not counted on to fetch it.
-                if peer.is_origin or self.is_banned(peer.peer_id, now) \
+                if peer.is_origin or self.is_banned(peer.peer_id, now) or self.is_benched(peer.peer_id, now) \
                         or index in self._denied.get(peer.peer_id, ()):
                     continue
                 score = rendezvous_score(peer.peer_id, index)
@@ -612,7 +654,7 @@ class SwarmScheduler:
         if peer.is_origin:
             return
         self._holders[index][peer.peer_id] = None
-        if peer.peer_id not in self._banned_until:
+        if self._counted(peer.peer_id):
             self._available[index] += 1
             if self._available[index] == 1:
                 self._progress_at = max(self._progress_at, now)
@@ -624,7 +666,7 @@ class SwarmScheduler:
         if peer.is_origin:
             return
         del self._holders[index][peer.peer_id]
-        if peer.peer_id not in self._banned_until:
+        if self._counted(peer.peer_id):
             self._available[index] -= 1
 
     def _forget(self, peer: _Peer) -> None:
@@ -668,16 +710,52 @@ class SwarmScheduler:
     def _ban(self, peer_id: str, index: int, now: float,
              reason: FailureReason = FailureReason.BAD_CHUNK) -> None:
         until = now + self.config.ban_s
-        was_banned = peer_id in self._banned_until
+        was_counted = self._counted(peer_id)
         self._banned_until[peer_id] = max(until, self._banned_until.get(peer_id, until))
         self.stats.bans += 1
         self._events.append(PeerBanned(peer_id, until, reason, index))
         for pid, i in [key for key in self._in_flight if key[0] == peer_id]:
             self._end_request(pid, i)
             self._events.append(RequestCancelled(pid, i, "peer banned"))
-        peer = self._peers.get(peer_id)
-        if peer is not None and not peer.is_origin and not was_banned:
-            for i in range(self.n_chunks):
-                if peer.have[i]:
-                    self._available[i] -= 1
+        if was_counted:
+            self._count_claims(peer_id, -1)
         self._assignee.clear()
+
+    def _counted(self, peer_id: str) -> bool:
+        """Whether the peer's claims count in `_available` (entries leave these maps in `tick`)."""
+        return peer_id not in self._banned_until and peer_id not in self._benched_until
+
+    def _count_claims(self, peer_id: str, sign: int) -> None:
+        """A ban or bench began (-1) or ended (+1): its claims stop or start counting, if now counted."""
+        peer = self._peers.get(peer_id)
+        if peer is None or peer.is_origin or (sign > 0 and not self._counted(peer_id)):
+            return
+        for i in range(self.n_chunks):
+            if peer.have[i]:
+                self._available[i] += sign
+                if sign > 0:
+                    self._unavailable_since.pop(i, None)
+        self._assignee.clear()
+
+    def _note_failure(self, peer_id: str, now: float) -> None:
+        """A request to the peer failed without a verdict on its bytes: bench it when its streak is long."""
+        peer = self._peers.get(peer_id)
+        if peer is None or peer.is_origin:
+            return
+        count, since, benched_before = self._streaks.get(peer_id, (0, now, False))
+        count += 1
+        self._streaks[peer_id] = (count, since, benched_before)
+        patience_s = self.config.unresponsive_after_s
+        if self.is_banned(peer_id, now) or peer_id in self._benched_until:
+            return
+        if not benched_before and (count < self.config.unresponsive_failures or now - since < patience_s
+                                   or now - self._delivered_at < patience_s):
+            return
+        self._streaks[peer_id] = (count, since, True)
+        was_counted = self._counted(peer_id)
+        until = now + self.config.bench_s
+        self._benched_until[peer_id] = until
+        self.stats.benched += 1
+        self._events.append(PeerBenched(peer_id, until, count, now - since))
+        if was_counted:
+            self._count_claims(peer_id, -1)

@@ -96,6 +96,32 @@ async def test_a_node_announcing_chunks_it_never_serves_is_banned_and_the_releas
     print(f"newcomer complete in {took:.1f}s; the liar banned after denying chunks")
 
 
+async def test_a_node_announcing_chunks_and_refusing_every_request_as_busy_does_not_stall_a_download(
+        cluster, fleet):
+    """As above, but the node answers every chunk request with RESOURCE_EXHAUSTED (no upload slot), the
+    answer an honest busy peer gives: it kept its claims, and a newcomer whose only other peer it was
+    never asked the origin. Now its claims are set aside after 8 refusals in a row over 15 s (counted
+    as `benched`, no ban), and the chunks come from the origin."""
+    c = await cluster(2)
+    await wait_for(c.converged, 10.0, what="convergence")
+    origin, refuser = c.nodes["node-00"], c.nodes["node-01"]
+    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+    signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0", key=publisher,
+                     store=origin.store)
+    origin.distributor.add_published(signed)
+    await wait_for(lambda: refuser.store.is_complete(signed.manifest), 30.0, what="node-01 completes")
+    refuser.transfer.faults.refuse_chunks = True
+    newcomer = await c.add("node-02")
+    took = await wait_for(lambda: newcomer.store.is_complete(signed.manifest), 90.0,
+                          what="the newcomer completes despite the refuser")
+    counters = newcomer.distributor.counters
+    assert counters.benched >= 1, counters
+    assert counters.bans == {"hash_mismatch": 0, "protocol": 0, "false_claim": 0}, counters
+    assert counters.bytes_from_origin == signed.manifest.size_bytes, counters
+    assert refuser.transfer.counters.refused_busy >= 8
+    print(f"newcomer complete in {took:.1f}s; the refuser's claims set aside {counters.benched} time(s)")
+
+
 async def test_a_node_that_collected_the_version_is_not_taken_for_a_liar(cluster, fleet):
     """The honest twin of the test above: a node that no longer holds the version (it collected it, and
     its gossip has not said so yet) answers 'version not held'; the asker drops its claims without

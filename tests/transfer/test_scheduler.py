@@ -16,6 +16,7 @@ from mesh.transfer.scheduler import (
     ChunkDone,
     FailureReason,
     PeerBanned,
+    PeerBenched,
     Request,
     RequestCancelled,
     SchedulerConfig,
@@ -67,13 +68,15 @@ def test_requests_obey_every_rule_whatever_the_inputs(seed: int, start: set[int]
                                                       ops: list[tuple]) -> None:
     note(f"seed={seed}")
     config = SchedulerConfig(max_in_flight_per_peer=K, max_in_flight_total=5, max_in_flight_origin=1,
-                             request_timeout_s=5.0, ban_s=15.0, origin_rendezvous=rendezvous)
+                             request_timeout_s=5.0, ban_s=15.0, origin_rendezvous=rendezvous,
+                             unresponsive_failures=2, unresponsive_after_s=1.0, bench_s=10.0)
     s = SwarmScheduler([CHUNK] * N_CHUNKS, start, self_site="a", config=config, rng=random.Random(seed),
                        self_id="me")
     now = 0.0
     holdings: dict[str, set[int]] = {}   # our model of what the scheduler was told
     denied: dict[str, set[int]] = {}     # chunks a peer said it does not hold after all
     banned_until: dict[str, float] = {}
+    benched_until: dict[str, float] = {}  # claims set aside (a run of failures); a delivery ends it
     ever_requested: set[int] = set()
     for op in ops:
         kind = op[0]
@@ -95,6 +98,7 @@ def test_requests_obey_every_rule_whatever_the_inputs(seed: int, start: set[int]
             request = s.in_flight[op[1] % len(s.in_flight)]
             if op[2] == "ok":
                 s.completed(request.peer_id, request.index, now)
+                benched_until.pop(request.peer_id, None)
             else:
                 s.failed(request.peer_id, request.index, op[2], now)
                 if op[2] is FailureReason.NOT_HELD and not request.is_origin:
@@ -122,9 +126,11 @@ def test_requests_obey_every_rule_whatever_the_inputs(seed: int, start: set[int]
             assert len(s.in_flight) <= 5
             for r in requests:
                 assert banned_until.get(r.peer_id, -math.inf) <= now, f"asked banned {r.peer_id}"
+                assert benched_until.get(r.peer_id, -math.inf) <= now, f"asked benched {r.peer_id}"
                 eligible_holders = [p for p, have in holdings.items()
                                     if r.index in have - denied.get(p, set())
-                                    and banned_until.get(p, -math.inf) <= now]
+                                    and banned_until.get(p, -math.inf) <= now
+                                    and benched_until.get(p, -math.inf) <= now]
                 if r.is_origin:
                     assert r.peer_id == "origin"
                     assert not eligible_holders, f"origin asked for {r.index} held by {eligible_holders}"
@@ -139,6 +145,9 @@ def test_requests_obey_every_rule_whatever_the_inputs(seed: int, start: set[int]
         for event in s.drain_events():
             if isinstance(event, PeerBanned):
                 banned_until[event.peer_id] = event.until
+            elif isinstance(event, PeerBenched):
+                assert event.peer_id != "origin"
+                benched_until[event.peer_id] = event.until
     assert s.done == (not s.missing)
 
 
@@ -433,6 +442,161 @@ def test_a_peer_that_becomes_the_origin_is_not_masked() -> None:
     assert 0 in {r.index for r in s.next_requests(61.0) if r.is_origin}
 
 
+def drive_a_refuser(s: SwarmScheduler, reason: FailureReason, until: float, *, step: float = 1.0,
+                    refuser: str = "refuser") -> list[Request]:
+    """Answer every request: the refuser fails each with `reason` (a timeout is left to `tick`), the
+    origin delivers. Returns the requests made."""
+    made, now = [], 0.0
+    while now < until and not s.done:
+        for request in s.next_requests(now):
+            made.append(request)
+            if request.peer_id != refuser:
+                s.completed(request.peer_id, request.index, now)
+            elif reason is not FailureReason.TIMEOUT:
+                s.failed(refuser, request.index, reason, now)
+        now += step
+    return made
+
+
+@pytest.mark.parametrize("reason", [FailureReason.UNAVAILABLE, FailureReason.TIMEOUT, FailureReason.IO_ERROR])
+def test_a_peer_whose_claims_no_answer_backs_is_benched_and_the_origin_serves(reason: FailureReason) -> None:
+    """A peer announcing every chunk and refusing every request as busy (or letting them time out)
+    kept the chunks 'available' for good: the origin was never asked and the download never ended.
+    After `unresponsive_failures` failures in a row over `unresponsive_after_s` its claims are set
+    aside for `bench_s` (an event says so; no ban), and the origin serves."""
+    s = make(6, origin_rendezvous=False, request_timeout_s=2.0, unresponsive_failures=8,
+             unresponsive_after_s=15.0, bench_s=30.0)
+    s.peer_update("origin", site="cloud", have=range(6), is_origin=True, now=0.0)
+    s.peer_update("refuser", site="a", have=range(6), now=0.0)
+    made = drive_a_refuser(s, reason, until=100.0)
+    assert s.done, f"{len(made)} requests, {s.missing} still missing"
+    benched = [e for e in s.drain_events() if isinstance(e, PeerBenched)]
+    assert benched and benched[0].peer_id == "refuser" and benched[0].failures >= 8, benched
+    assert benched[0].over_s >= 15.0 and benched[0].until == pytest.approx(benched[0].over_s + 30.0, abs=2.0)
+    assert s.stats.bans == 0 and not s.is_banned("refuser", 100.0)
+    assert s.stats.origin_bytes == 6 * CHUNK
+    first_origin = min(i for i, r in enumerate(made) if r.is_origin)
+    assert all(r.peer_id == "refuser" for r in made[:first_origin])  # the refuser was believed until then
+    assert s.stats.benched == len(benched)
+
+
+def test_a_bench_runs_out_and_the_next_failure_benches_again() -> None:
+    """While benched the peer is asked nothing; when the bench runs out it is asked once, and that
+    failure (its run of failures goes on) benches it again at once."""
+    s = make(6, self_id=None, max_in_flight_total=1, unresponsive_failures=3, unresponsive_after_s=2.0,
+             bench_s=10.0)
+    s.peer_update("refuser", site="a", have=range(6), now=0.0)  # no origin: nobody else to ask
+    asked, now = [], 0.0
+    while now < 40.0:
+        for request in s.next_requests(now):
+            asked.append(now)
+            s.failed("refuser", request.index, FailureReason.UNAVAILABLE, now)
+        now += 0.5
+    # Back-offs of 0.25, 0.5 and 1 s, then the 4th failure (3 or more, 2 s after the first) benches it.
+    assert asked == [0.0, 0.5, 1.0, 2.0, 12.0, 22.0, 32.0]
+    benches = [e for e in s.drain_events() if isinstance(e, PeerBenched)]
+    assert [(e.until, e.failures) for e in benches] == [(12.0, 4), (22.0, 5), (32.0, 6), (42.0, 7)]
+    assert s.stats.benched == 4 and s.stats.bans == 0
+    assert s.next_deadline() == 42.0  # the shell wakes when the bench runs out, with no sleep of its own
+
+
+def test_an_honest_busy_peer_that_delivers_now_and_then_is_never_benched() -> None:
+    """Seven refusals, then a chunk, over and over: a delivery ends the run of failures."""
+    s = make(40, self_id=None, max_in_flight_total=1, unresponsive_failures=8, unresponsive_after_s=1.0)
+    s.peer_update("busy", site="a", have=range(40), now=0.0)
+    now, refusals = 0.0, 0
+    while not s.done and now < 1000.0:
+        for request in s.next_requests(now):
+            if refusals < 7:
+                s.failed("busy", request.index, FailureReason.UNAVAILABLE, now)
+                refusals += 1
+            else:
+                s.completed("busy", request.index, now)
+                refusals = 0
+        now += 1.0
+    assert s.done and s.stats.benched == 0
+    assert not [e for e in s.drain_events() if isinstance(e, PeerBenched)]
+
+
+def test_busy_peers_are_waited_for_while_other_chunks_arrive() -> None:
+    """A peer refusing as busy while the download moves (chunks arrive from others) is not benched:
+    in a swarm of slow uplinks every holder refuses most asks, and benching them would send their
+    chunks to the origin again. Once nothing has arrived for `unresponsive_after_s`, it is."""
+    s = make(30, self_id=None, max_in_flight_per_peer=1, unresponsive_failures=3, unresponsive_after_s=5.0)
+    s.peer_update("busy", site="a", have=range(30), now=0.0)
+    s.peer_update("slow", site="b", have=range(20), now=0.0)
+    now, benched_at = 0.0, None
+    while now < 60.0 and benched_at is None:
+        for r in s.next_requests(now):
+            if r.peer_id == "busy":
+                s.failed("busy", r.index, FailureReason.UNAVAILABLE, now)
+            elif int(now * 4) % 8 == 0:  # one chunk every 2 s from "slow"
+                s.completed("slow", r.index, now)
+            else:
+                s.failed("slow", r.index, FailureReason.UNAVAILABLE, now)
+        if s.is_benched("busy", now):
+            benched_at = now
+        now += 0.25
+    # "slow" ran out of chunks to give at about 40 s; "busy" is benched 5 s after the last one arrived.
+    assert benched_at is not None and benched_at >= 40.0, (benched_at, len(s.missing))
+    assert len(s.missing) == 10
+
+
+def test_a_chunk_delivered_while_benched_ends_the_bench() -> None:
+    s = make(4, self_id=None, request_timeout_s=5.0, unresponsive_failures=2, unresponsive_after_s=1.0,
+             max_in_flight_per_peer=1, max_in_flight_total=1)
+    s.peer_update("slow", site="a", have=range(4), now=0.0)
+    [late] = s.next_requests(0.0)
+    s.tick(5.0)  # it timed out: one failure
+    [again] = s.next_requests(6.0)
+    s.failed("slow", again.index, FailureReason.UNAVAILABLE, 6.0)
+    assert s.is_benched("slow", 6.0) and all(s.availability(i) == 0 for i in range(4))
+    assert s.next_requests(7.0) == []  # nobody else to ask
+    s.completed("slow", late.index, 7.5)  # the late answer to the timed-out request arrives after all
+    assert not s.is_benched("slow", 7.5)
+    assert [s.availability(i) for i in range(4) if i != late.index] == [1, 1, 1]
+    assert [r.peer_id for r in s.next_requests(8.0)] == ["slow"]
+
+
+def test_a_benched_peer_is_asked_nothing_even_for_chunks_others_hold_too() -> None:
+    s = make(6, self_id=None, max_in_flight_per_peer=1, unresponsive_failures=2, unresponsive_after_s=1.0)
+    s.peer_update("refuser", site="a", have=range(6), now=0.0)
+    for now in (0.0, 2.0):
+        for r in s.next_requests(now):
+            s.failed(r.peer_id, r.index, FailureReason.UNAVAILABLE, now)
+    assert s.is_benched("refuser", 2.0)
+    s.peer_update("good", site="b", have=range(6), now=2.0)  # another site: the refuser would come first
+    assert [r.peer_id for r in s.next_requests(3.0)] == ["good"]
+    assert [s.availability(i) for i in range(6)] == [1] * 6
+
+
+def test_a_benched_peer_is_not_counted_on_to_fetch_from_the_origin() -> None:
+    """The origin rendezvous leaves a benched peer out, as a banned one: a chunk the rendezvous gave it
+    is fetched by us long before the stall fallback."""
+    chunk = next(i for i in range(64) if rendezvous_score("refuser", i) > rendezvous_score("me", i))
+
+    def when_we_ask_the_origin(bench: bool) -> float | None:
+        s = make(64, unresponsive_failures=2, unresponsive_after_s=0.5, origin_holdoff_s=0.0,
+                 origin_fallback_s=60.0)
+        s.peer_update("origin", site="cloud", have=range(64), is_origin=True, now=0.0)
+        s.peer_update("refuser", site="a", have=[(chunk + 1) % 64], now=0.0)
+        now = 0.0
+        while now < 30.0:
+            for r in s.next_requests(now):  # nothing arrives: the origin is busy too
+                if r.peer_id == "refuser" and bench:
+                    s.failed("refuser", r.index, FailureReason.UNAVAILABLE, now)
+                elif r.is_origin and r.index == chunk:
+                    return now
+                elif r.is_origin:
+                    s.failed(r.peer_id, r.index, FailureReason.UNAVAILABLE, now)
+            now += 0.25
+        return None
+
+    assert when_we_ask_the_origin(bench=False) is None  # the refuser's to fetch, by rendezvous
+    asked = when_we_ask_the_origin(bench=True)
+    assert asked is not None and asked < 30.0
+
+
 def test_a_ban_outlives_a_reconnect_and_expires_after_ban_s() -> None:
     s = make(2, ban_s=60.0, max_in_flight_total=1)
     s.peer_update("liar", site="a", have=[0, 1], now=0.0)
@@ -573,6 +737,9 @@ def test_holdings_accept_bitfield_like_objects() -> None:
     ({"request_timeout_s": 0}, "request_timeout_s"),
     ({"ban_s": math.nan}, "ban_s"),
     ({"busy_backoff_s": 2.0, "max_backoff_s": 1.0}, "max_backoff_s"),
+    ({"unresponsive_failures": 0}, "unresponsive_failures"),
+    ({"unresponsive_after_s": -1.0}, "unresponsive_after_s"),
+    ({"bench_s": 0}, "bench_s"),
 ])
 def test_config_errors_name_the_setting(config: dict, message: str) -> None:
     with pytest.raises(SchedulerError, match=message):

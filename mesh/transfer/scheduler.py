@@ -57,17 +57,22 @@ lives here):
   (`PeerBanned` with NOT_HELD). WITHDRAWN (it holds the version no more)
   masks all its claims, with no count against it.
 - A claim no answer backs: a non-origin peer that failed `unresponsive_failures`
-  requests in a row (TIMEOUT, UNAVAILABLE, IO_ERROR), over at least
-  `unresponsive_after_s`, while no peer delivered us a chunk for that long
-  either, is benched for `bench_s` (`PeerBenched`): its claims count for
-  nothing, so a chunk only it claims goes to the origin rule above. Not a ban:
-  an honest peer may be that busy, and a chunk it delivers (a request already in
-  flight) ends the bench at once. While the download moves, busy peers are
-  waited for (benching them would send their chunks to the origin again). A
-  bench that runs out lets the peer be asked again, and a failure before it
-  delivers anything benches it again at once. Otherwise a peer announcing
-  chunks and refusing every request as busy (or letting them time out) would
-  keep them "available" forever.
+  requests in a row (UNAVAILABLE, IO_ERROR; a TIMEOUT counts as half of them),
+  the first at least `unresponsive_after_s` ago, while nothing is moving here
+  (no chunk arrived from anyone for `unresponsive_after_s`, and no request to
+  any other peer is in flight), is benched for `bench_s` (`PeerBenched`): its
+  claims count for nothing, so a chunk only it claims is treated as one no
+  peer has. Not a ban: an honest peer may be that busy, and a chunk it delivers
+  ends the bench at once. While the download moves, busy peers are waited for.
+  A benched peer stays in the origin rendezvous roster (it is usually the one
+  that fetched its chunks from the origin: dropping it would fetch them
+  again), and the stall fallback's clock for its chunks runs from its first
+  failure, so bench cycles do not restart it. A peer that has failed every
+  request for `origin_fallback_s` (still `unresponsive_failures` or more) is
+  benched whatever else moves and leaves the roster until it delivers a
+  chunk: it is not counted on to fetch from the origin either. So a peer
+  that announces chunks and refuses every request as busy, or lets them time
+  out, delays a download by about `origin_fallback_s`, not forever.
 - No endgame mode: the last chunks are not requested twice. Duplicates would
   cost bytes (the goal is <= 1.05x the minimum) and the simulator shows the
   tail is short without them.
@@ -144,9 +149,9 @@ class SchedulerConfig:
     # (an honest peer denies a chunk whose file rotted; one that collected the whole version says
     # WITHDRAWN instead).
     max_false_claims: int = 3
-    # A peer whose claims no answer backs (see the module rules): this many failed requests in a row,
-    # over at least this long, while no chunk arrived from anyone for as long, and its claims are set
-    # aside for `bench_s`. 8 refusals span 2-8 s of back-offs, so the time bounds decide.
+    # A peer whose claims no answer backs (see the module rules): this many failed requests in a row (a
+    # timeout counts as half of them), the first this long ago, while nothing else moves here, and its
+    # claims are set aside for `bench_s`. 8 refusals span 2-8 s of back-offs: the time bounds decide.
     unresponsive_failures: int = 8
     unresponsive_after_s: float = 15.0
     bench_s: float = 30.0
@@ -317,11 +322,13 @@ class SwarmScheduler:
         self._denied: dict[str, set[int]] = {}
         self._false_claims: dict[str, int] = {}
         self._withdrawals: dict[str, int] = {}  # WITHDRAWN answers per peer: from the second, a strike
-        # Per peer id, failed requests in a row since its last delivered chunk, when the first failed and
-        # whether that run already got it benched; and peers benched (their claims set aside) until when.
-        # Both outlive `peer_gone`, as bans. `_delivered_at`: the last chunk any peer delivered.
-        self._streaks: dict[str, tuple[int, float, bool]] = {}
+        # Per peer id, failed requests in a row since its last delivered chunk (timeouts weigh more) and
+        # when the first failed; peers benched (their claims set aside) until when; peers whose failures
+        # have lasted `origin_fallback_s` (out of the origin roster). All outlive `peer_gone`, as bans.
+        # `_delivered_at`: when the last new chunk arrived, from anyone.
+        self._streaks: dict[str, tuple[int, float]] = {}
         self._benched_until: dict[str, float] = {}
+        self._distrusted: set[str] = set()
         self._delivered_at = now
         # Non-origin peers announcing each chunk (banned ones too; they are skipped), in
         # announcement order: dicts, not sets, so that iteration never depends on str hashing.
@@ -471,12 +478,15 @@ class SwarmScheduler:
         if peer is not None:
             peer.backoff_s = 0.0
             peer.backoff_until = -math.inf
-        self._streaks.pop(peer_id, None)
-        if self._benched_until.pop(peer_id, None) is not None:
-            self._count_claims(peer_id, +1)
         if self._have[index]:
             self.stats.wasted_bytes += size
             return
+        self._streaks.pop(peer_id, None)  # it delivered something we lacked: whatever it is, it serves
+        if peer_id in self._distrusted:
+            self._distrusted.discard(peer_id)
+            self._assignee.clear()
+        if self._benched_until.pop(peer_id, None) is not None:
+            self._count_claims(peer_id, +1)
         self._have[index] = 1
         self._missing -= 1
         self._delivered_at = max(self._delivered_at, now)
@@ -535,7 +545,7 @@ class SwarmScheduler:
                     self._ban(peer_id, index, now, FailureReason.NOT_HELD)
         else:
             self._back_off(peer_id, now, retry_after_s)
-            self._note_failure(peer_id, now)
+            self._note_failure(peer_id, now, timed_out=reason is FailureReason.TIMEOUT)
 
     def tick(self, now: float) -> None:
         """Expire timed-out requests and lift bans that ran out; calling early is harmless."""
@@ -546,7 +556,7 @@ class SwarmScheduler:
             self.stats.failures[FailureReason.TIMEOUT] = self.stats.failures.get(FailureReason.TIMEOUT, 0) + 1
             self._back_off(peer_id, now)
             self._events.append(RequestCancelled(peer_id, index, "timed out"))
-            self._note_failure(peer_id, now)
+            self._note_failure(peer_id, now, timed_out=True)
         for until_by_peer in (self._banned_until, self._benched_until):
             for peer_id in [p for p, until in until_by_peer.items() if until <= now]:
                 del until_by_peer[peer_id]
@@ -639,7 +649,7 @@ class SwarmScheduler:
             assignee, best = self.self_id, rendezvous_score(self.self_id, index)
             for peer in self._peers.values():
                 # A peer that denied this chunk (or withdrew the version) is not counted on to fetch it.
-                if peer.is_origin or self.is_banned(peer.peer_id, now) or self.is_benched(peer.peer_id, now) \
+                if peer.is_origin or self.is_banned(peer.peer_id, now) or peer.peer_id in self._distrusted \
                         or index in self._denied.get(peer.peer_id, ()):
                     continue
                 score = rendezvous_score(peer.peer_id, index)
@@ -737,25 +747,38 @@ class SwarmScheduler:
                     self._unavailable_since.pop(i, None)
         self._assignee.clear()
 
-    def _note_failure(self, peer_id: str, now: float) -> None:
-        """A request to the peer failed without a verdict on its bytes: bench it when its streak is long."""
+    def _note_failure(self, peer_id: str, now: float, *, timed_out: bool = False) -> None:
+        """A request to the peer failed without a verdict on its bytes: bench it when its run of failures
+        is long and nothing else moves here, or distrust it when the run has lasted origin_fallback_s."""
         peer = self._peers.get(peer_id)
         if peer is None or peer.is_origin:
             return
-        count, since, benched_before = self._streaks.get(peer_id, (0, now, False))
-        count += 1
-        self._streaks[peer_id] = (count, since, benched_before)
-        patience_s = self.config.unresponsive_after_s
-        if self.is_banned(peer_id, now) or peer_id in self._benched_until:
+        config = self.config
+        count, since = self._streaks.get(peer_id, (0, now))
+        count += max(1, config.unresponsive_failures // 2) if timed_out else 1
+        self._streaks[peer_id] = (count, since)
+        if count < config.unresponsive_failures or self.is_banned(peer_id, now):
             return
-        if not benched_before and (count < self.config.unresponsive_failures or now - since < patience_s
-                                   or now - self._delivered_at < patience_s):
+        lasting = now - since >= config.origin_fallback_s
+        if lasting and peer_id not in self._distrusted:
+            self._distrusted.add(peer_id)  # not counted on to fetch anything from the origin
+            self._assignee.clear()
+        if peer_id in self._benched_until:
             return
-        self._streaks[peer_id] = (count, since, True)
+        patience_s = config.unresponsive_after_s
+        still = (now - since >= patience_s and now - self._delivered_at >= patience_s
+                 and not any(other != peer_id for other, _ in self._in_flight))
+        if not (lasting or still):
+            return
         was_counted = self._counted(peer_id)
-        until = now + self.config.bench_s
+        until = now + config.bench_s
         self._benched_until[peer_id] = until
         self.stats.benched += 1
         self._events.append(PeerBenched(peer_id, until, count, now - since))
         if was_counted:
             self._count_claims(peer_id, -1)
+        # The stall fallback's clock for chunks only it claimed runs from its first failure, not from
+        # this bench: a bench that runs out and comes back must not restart it.
+        for i in range(self.n_chunks):
+            if peer.have[i] and not self._have[i] and self._available[i] == 0:
+                self._unavailable_since[i] = min(self._unavailable_since.get(i, since), since)

@@ -542,20 +542,70 @@ def test_busy_peers_are_waited_for_while_other_chunks_arrive() -> None:
     assert len(s.missing) == 10
 
 
+def test_a_refuser_is_not_benched_while_a_request_to_another_peer_is_on_its_way() -> None:
+    """Slow uplinks: a chunk takes longer than `unresponsive_after_s` to arrive. While one is on its
+    way the download moves, and busy peers are waited for."""
+    s = make(8, self_id=None, unresponsive_failures=2, unresponsive_after_s=5.0, request_timeout_s=1000.0)
+    s.peer_update("busy", site="a", have=range(8), now=0.0)
+    s.peer_update("slow", site="b", have=[0], now=0.0)
+    now = 0.0
+    while now < 30.0:
+        for r in s.next_requests(now):
+            if r.peer_id == "busy":
+                s.failed("busy", r.index, FailureReason.UNAVAILABLE, now)
+        now += 0.5
+    assert [r.peer_id for r in s.in_flight] == ["slow"] and s.stats.benched == 0
+    s.completed("slow", 0, 30.0)
+    while now < 40.0:  # nothing on its way now: benched 5 s after the last chunk arrived
+        for r in s.next_requests(now):
+            s.failed(r.peer_id, r.index, FailureReason.UNAVAILABLE, now)
+        now += 0.5
+    assert s.stats.benched == 1
+
+
+def test_a_peer_is_benched_only_after_its_own_failures_lasted_unresponsive_after_s() -> None:
+    """The download has been stalled a while when a new peer turns up and refuses: eight quick refusals
+    are not enough, its failures must last `unresponsive_after_s` too."""
+    s = make(8, self_id=None)  # 8 failures, 15 s
+    s.peer_update("late", site="a", have=range(8), now=100.0)
+    now, benched_at = 100.0, None
+    while now < 200.0 and benched_at is None:
+        for r in s.next_requests(now):
+            s.failed("late", r.index, FailureReason.UNAVAILABLE, now)
+        benched_at = now if s.is_benched("late", now) else None
+        now += 0.25
+    assert benched_at is not None and 115.0 <= benched_at < 117.0, benched_at
+
+
 def test_a_chunk_delivered_while_benched_ends_the_bench() -> None:
-    s = make(4, self_id=None, request_timeout_s=5.0, unresponsive_failures=2, unresponsive_after_s=1.0,
-             max_in_flight_per_peer=1, max_in_flight_total=1)
+    s = make(4, self_id=None, unresponsive_failures=2, unresponsive_after_s=1.0, max_in_flight_per_peer=2,
+             max_in_flight_total=2)
     s.peer_update("slow", site="a", have=range(4), now=0.0)
-    [late] = s.next_requests(0.0)
-    s.tick(5.0)  # it timed out: one failure
-    [again] = s.next_requests(6.0)
-    s.failed("slow", again.index, FailureReason.UNAVAILABLE, 6.0)
-    assert s.is_benched("slow", 6.0) and all(s.availability(i) == 0 for i in range(4))
-    assert s.next_requests(7.0) == []  # nobody else to ask
-    s.completed("slow", late.index, 7.5)  # the late answer to the timed-out request arrives after all
-    assert not s.is_benched("slow", 7.5)
-    assert [s.availability(i) for i in range(4) if i != late.index] == [1, 1, 1]
-    assert [r.peer_id for r in s.next_requests(8.0)] == ["slow"]
+    first, second = s.next_requests(0.0)
+    s.failed("slow", second.index, FailureReason.UNAVAILABLE, 0.0)
+    [third] = s.next_requests(1.0)  # `first` is still on its way
+    s.failed("slow", third.index, FailureReason.UNAVAILABLE, 1.0)
+    assert s.is_benched("slow", 1.0) and all(s.availability(i) == 0 for i in range(4))
+    assert s.next_requests(2.0) == []  # nobody else to ask
+    s.completed("slow", first.index, 2.5)  # it was slow, not lying
+    assert not s.is_benched("slow", 2.5)
+    assert [s.availability(i) for i in range(4) if i != first.index] == [1, 1, 1]
+    assert {r.peer_id for r in s.next_requests(3.0)} == {"slow"}
+
+
+def test_a_duplicate_delivery_does_not_end_a_bench() -> None:
+    s = make(4, self_id=None, unresponsive_failures=2, unresponsive_after_s=1.0, max_in_flight_total=1)
+    s.peer_update("slow", site="a", have=range(4), now=0.0)
+    s.peer_update("origin", site="cloud", have=range(4), is_origin=True, now=0.0)
+    for now in (0.0, 1.0):
+        [r] = s.next_requests(now)
+        s.failed("slow", r.index, FailureReason.UNAVAILABLE, now)
+    assert s.is_benched("slow", 1.0)
+    [r] = s.next_requests(2.0)
+    assert r.is_origin
+    s.completed("origin", r.index, 2.0)
+    s.completed("slow", r.index, 2.1)  # the same chunk again (a late answer): nothing we lacked
+    assert s.is_benched("slow", 2.1)
 
 
 def test_a_benched_peer_is_asked_nothing_even_for_chunks_others_hold_too() -> None:
@@ -570,31 +620,63 @@ def test_a_benched_peer_is_asked_nothing_even_for_chunks_others_hold_too() -> No
     assert [s.availability(i) for i in range(6)] == [1] * 6
 
 
-def test_a_benched_peer_is_not_counted_on_to_fetch_from_the_origin() -> None:
-    """The origin rendezvous leaves a benched peer out, as a banned one: a chunk the rendezvous gave it
-    is fetched by us long before the stall fallback."""
-    chunk = next(i for i in range(64) if rendezvous_score("refuser", i) > rendezvous_score("me", i))
+def test_a_benched_peer_stays_in_the_origin_roster_until_its_failures_last_origin_fallback_s() -> None:
+    """A benched peer is usually an honest busy one that fetched its chunks from the origin (it was their
+    rendezvous node): dropping it from the roster would fetch them again. One that has failed every
+    request for `origin_fallback_s` is not counted on to fetch from the origin any more: a chunk the
+    rendezvous gave it is then fetched by us. Another peer delivers all along, so the stall fallback
+    never fires."""
+    chunk = next(i for i in range(400)
+                 if rendezvous_score("refuser", i) > rendezvous_score("me", i) > rendezvous_score("p2", i))
 
-    def when_we_ask_the_origin(bench: bool) -> float | None:
-        s = make(64, unresponsive_failures=2, unresponsive_after_s=0.5, origin_holdoff_s=0.0,
-                 origin_fallback_s=60.0)
-        s.peer_update("origin", site="cloud", have=range(64), is_origin=True, now=0.0)
-        s.peer_update("refuser", site="a", have=[(chunk + 1) % 64], now=0.0)
+    def when_we_ask_the_origin(refuse: bool) -> float | None:
+        s = make(400, unresponsive_failures=2, unresponsive_after_s=5.0, origin_holdoff_s=0.0,
+                 origin_fallback_s=60.0, request_timeout_s=1000.0)
+        s.peer_update("origin", site="cloud", have=range(400), is_origin=True, now=0.0)
+        s.peer_update("refuser", site="a", have=[chunk], now=0.0)
+        s.peer_update("p2", site="a", have=[i for i in range(400) if i != chunk], now=0.0)
         now = 0.0
-        while now < 30.0:
-            for r in s.next_requests(now):  # nothing arrives: the origin is busy too
-                if r.peer_id == "refuser" and bench:
+        while now < 90.0:
+            for r in s.next_requests(now):
+                if r.peer_id == "refuser" and refuse:
                     s.failed("refuser", r.index, FailureReason.UNAVAILABLE, now)
-                elif r.is_origin and r.index == chunk:
-                    return now
                 elif r.is_origin:
-                    s.failed(r.peer_id, r.index, FailureReason.UNAVAILABLE, now)
+                    assert r.index == chunk, r
+                    return now
+            if now == int(now):
+                for r in s.in_flight:
+                    if r.peer_id == "p2":
+                        s.completed("p2", r.index, now)  # 4 chunks a second: busy until 100 s
             now += 0.25
         return None
 
-    assert when_we_ask_the_origin(bench=False) is None  # the refuser's to fetch, by rendezvous
-    asked = when_we_ask_the_origin(bench=True)
-    assert asked is not None and asked < 30.0
+    assert when_we_ask_the_origin(refuse=False) is None  # the refuser holds it and is asked for it
+    asked = when_we_ask_the_origin(refuse=True)
+    # While p2 delivers, the refuser is not benched (the download moves); once its failures have lasted
+    # 60 s it is benched whatever moves and leaves the roster: we fetch the chunk then, not before.
+    assert asked is not None and 60.0 <= asked < 62.0, asked
+
+
+def test_bench_cycles_do_not_restart_the_stall_fallback() -> None:
+    """A peer claims a chunk and refuses it; another member outranks us for that chunk in the rendezvous
+    and never fetches it (stuck, or hostile too). Bench after bench, the chunk is asked of the origin
+    by the stall fallback, as if nobody claimed it."""
+    chunk = next(i for i in range(64)
+                 if rendezvous_score("h2", i) > max(rendezvous_score("me", i), rendezvous_score("h1", i)))
+    s = make(64, [i for i in range(64) if i != chunk], origin_fallback_s=60.0, unresponsive_failures=8,
+             unresponsive_after_s=15.0, bench_s=30.0, origin_holdoff_s=0.0)
+    s.peer_update("origin", site="cloud", have=range(64), is_origin=True, now=0.0)
+    s.peer_update("h1", site="a", have=[chunk], now=0.0)
+    s.peer_update("h2", site="a", have=[], now=0.0)
+    now, asked = 0.0, None
+    while now < 600.0 and asked is None:
+        for r in s.next_requests(now):
+            if r.is_origin:
+                asked = now
+            else:
+                s.failed(r.peer_id, r.index, FailureReason.UNAVAILABLE, now)
+        now += 0.25
+    assert asked is not None and asked <= 62.0, asked
 
 
 def test_a_ban_outlives_a_reconnect_and_expires_after_ban_s() -> None:

@@ -185,6 +185,7 @@ class TransferSettings:
     # Sites mode: how long a version only other sites announce waits for the site's fetcher before
     # any representative fetches it across sites (at least three dissemination times).
     cross_fallback_s: float = 60.0
+    origin_fallback_s: float = 60.0  # SchedulerConfig.origin_fallback_s
     # Chunk progress travels between transfer peers: gossip says a holding's progress in eighths
     # (`holdings.gossip_view`), and a downloader asks up to `have_peers` partial holders for their chunk
     # lists (GetHave). False: every chunk stored changes the gossiped bitfield, as older nodes do.
@@ -829,6 +830,7 @@ class Distributor:
                                        max_in_flight_per_peer=self.settings.max_in_flight_per_peer,
                                        request_timeout_s=self.settings.request_timeout_s,
                                        ban_s=self.settings.ban_s,
+                                       origin_fallback_s=self.settings.origin_fallback_s,
                                        origin_holdoff_s=self._view.dissemination_s()))
         addresses: dict[str, str] = {}
         running: dict[tuple[str, int], asyncio.Task] = {}

@@ -68,11 +68,12 @@ lives here):
   that fetched its chunks from the origin: dropping it would fetch them
   again), and the stall fallback's clock for its chunks runs from its first
   failure, so bench cycles do not restart it. A peer that has failed every
-  request for `origin_fallback_s` (still `unresponsive_failures` or more) is
-  benched whatever else moves and leaves the roster until it delivers a
-  chunk: it is not counted on to fetch from the origin either. So a peer
-  that announces chunks and refuses every request as busy, or lets them time
-  out, delays a download by about `origin_fallback_s`, not forever.
+  request for `origin_fallback_s` while no peer's chunk arrived for as long is
+  benched and leaves the roster until it delivers a chunk: it is not counted
+  on to fetch from the origin either. So a peer that announces chunks and
+  refuses every request as busy, or lets them time out, delays a download by
+  about `origin_fallback_s` past the point where nothing else moves, not
+  forever.
 - No endgame mode: the last chunks are not requested twice. Duplicates would
   cost bytes (the goal is <= 1.05x the minimum) and the simulator shows the
   tail is short without them.
@@ -330,6 +331,7 @@ class SwarmScheduler:
         self._benched_until: dict[str, float] = {}
         self._distrusted: set[str] = set()
         self._delivered_at = now
+        self._peer_delivered_at = now  # the same, not counting the origin's (it says the swarm stalled)
         # Non-origin peers announcing each chunk (banned ones too; they are skipped), in
         # announcement order: dicts, not sets, so that iteration never depends on str hashing.
         self._holders: list[dict[str, None]] = [{} for _ in range(n)]
@@ -490,6 +492,8 @@ class SwarmScheduler:
         self._have[index] = 1
         self._missing -= 1
         self._delivered_at = max(self._delivered_at, now)
+        if peer is None or not peer.is_origin:
+            self._peer_delivered_at = max(self._peer_delivered_at, now)
         self._unavailable_since.pop(index, None)
         self._progress_at = max(self._progress_at, now)
         self._events.append(ChunkDone(index, peer_id, size, now))
@@ -759,7 +763,10 @@ class SwarmScheduler:
         self._streaks[peer_id] = (count, since)
         if count < config.unresponsive_failures or self.is_banned(peer_id, now):
             return
-        lasting = now - since >= config.origin_fallback_s
+        # Failing for origin_fallback_s while no peer delivered anything for as long (the origin's chunks,
+        # through the stall fallback, do not count): not counted on for anything.
+        fallback_s = config.origin_fallback_s
+        lasting = now - since >= fallback_s and now - self._peer_delivered_at >= fallback_s
         if lasting and peer_id not in self._distrusted:
             self._distrusted.add(peer_id)  # not counted on to fetch anything from the origin
             self._assignee.clear()

@@ -103,8 +103,8 @@ async def test_a_node_announcing_chunks_and_refusing_every_request_as_busy_does_
     never asked the origin. Now its claims are set aside after 8 refusals in a row over 15 s with nothing
     else moving (counted as `benched`, no ban), and the chunks come from the origin: those the origin
     rendezvous gives the newcomer at once, those it gives the refuser once its refusals have lasted
-    `origin_fallback_s` (60 s)."""
-    c = await cluster(2)
+    `origin_fallback_s` (10 s here; 60 by default)."""
+    c = await cluster(2, transfer={"origin_fallback_s": 10.0})
     await wait_for(c.converged, 10.0, what="convergence")
     origin, refuser = c.nodes["node-00"], c.nodes["node-01"]
     publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
@@ -114,7 +114,7 @@ async def test_a_node_announcing_chunks_and_refusing_every_request_as_busy_does_
     await wait_for(lambda: refuser.store.is_complete(signed.manifest), 30.0, what="node-01 completes")
     refuser.transfer.faults.refuse_chunks = True
     newcomer = await c.add("node-02")
-    took = await wait_for(lambda: newcomer.store.is_complete(signed.manifest), 180.0,
+    took = await wait_for(lambda: newcomer.store.is_complete(signed.manifest), 120.0,
                           what="the newcomer completes despite the refuser")
     counters = newcomer.distributor.counters
     assert counters.benched >= 1, counters

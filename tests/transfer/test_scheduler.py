@@ -623,38 +623,41 @@ def test_a_benched_peer_is_asked_nothing_even_for_chunks_others_hold_too() -> No
 def test_a_benched_peer_stays_in_the_origin_roster_until_its_failures_last_origin_fallback_s() -> None:
     """A benched peer is usually an honest busy one that fetched its chunks from the origin (it was their
     rendezvous node): dropping it from the roster would fetch them again. One that has failed every
-    request for `origin_fallback_s` is not counted on to fetch from the origin any more: a chunk the
-    rendezvous gave it is then fetched by us. Another peer delivers all along, so the stall fallback
-    never fires."""
-    chunk = next(i for i in range(400)
-                 if rendezvous_score("refuser", i) > rendezvous_score("me", i) > rendezvous_score("p2", i))
+    request for `origin_fallback_s`, while nothing arrived here for as long, is not counted on to fetch
+    from the origin any more: the chunks the rendezvous gave it are then fetched by us, one after the
+    other (the stall fallback alone would ask for one every `origin_fallback_s`)."""
+    mine = [i for i in range(200)
+            if rendezvous_score("refuser", i) > rendezvous_score("me", i) > rendezvous_score("p2", i)][:3]
 
-    def when_we_ask_the_origin(refuse: bool) -> float | None:
-        s = make(400, unresponsive_failures=2, unresponsive_after_s=5.0, origin_holdoff_s=0.0,
-                 origin_fallback_s=60.0, request_timeout_s=1000.0)
-        s.peer_update("origin", site="cloud", have=range(400), is_origin=True, now=0.0)
-        s.peer_update("refuser", site="a", have=[chunk], now=0.0)
-        s.peer_update("p2", site="a", have=[i for i in range(400) if i != chunk], now=0.0)
-        now = 0.0
-        while now < 90.0:
+    def when_we_ask_the_origin(refuse: bool) -> list[float]:
+        s = make(200, unresponsive_failures=2, unresponsive_after_s=5.0, origin_holdoff_s=0.0,
+                 origin_fallback_s=60.0, request_timeout_s=1000.0, max_in_flight_origin=1)
+        s.peer_update("origin", site="cloud", have=range(200), is_origin=True, now=0.0)
+        s.peer_update("refuser", site="a", have=mine, now=0.0)
+        s.peer_update("p2", site="a", have=[i for i in range(200) if i not in mine], now=0.0)
+        now, asked = 0.0, []
+        while now < 200.0 and len(asked) < len(mine):
             for r in s.next_requests(now):
                 if r.peer_id == "refuser" and refuse:
                     s.failed("refuser", r.index, FailureReason.UNAVAILABLE, now)
                 elif r.is_origin:
-                    assert r.index == chunk, r
-                    return now
+                    assert r.index in mine, r
+                    asked.append(now)
+                    s.completed("origin", r.index, now)
             if now == int(now):
                 for r in s.in_flight:
                     if r.peer_id == "p2":
-                        s.completed("p2", r.index, now)  # 4 chunks a second: busy until 100 s
+                        s.completed("p2", r.index, now)  # 4 chunks a second: done at about 49 s
             now += 0.25
-        return None
+        return asked
 
-    assert when_we_ask_the_origin(refuse=False) is None  # the refuser holds it and is asked for it
+    assert when_we_ask_the_origin(refuse=False) == []  # the refuser holds them and is asked for them
     asked = when_we_ask_the_origin(refuse=True)
-    # While p2 delivers, the refuser is not benched (the download moves); once its failures have lasted
-    # 60 s it is benched whatever moves and leaves the roster: we fetch the chunk then, not before.
-    assert asked is not None and 60.0 <= asked < 62.0, asked
+    # p2's last chunk arrives at about 49 s; the stall fallback asks the origin for one chunk 60 s later;
+    # the refuser, benched meanwhile, fails again when its bench runs out (about 125 s): it has failed
+    # since 0 s and no peer delivered for 60 s, so it leaves the roster and its other chunks come at once
+    # (the stall fallback alone: one more every 60 s, 169 and 229 s).
+    assert len(asked) == 3 and asked[0] >= 105.0 and asked[-1] < 135.0, asked
 
 
 def test_bench_cycles_do_not_restart_the_stall_fallback() -> None:

@@ -867,3 +867,61 @@ def test_origin_holdoff_is_validated() -> None:
     for bad in (-1.0, math.inf, math.nan, True, "1"):
         with pytest.raises(SchedulerError, match="origin_holdoff_s"):
             SchedulerConfig(origin_holdoff_s=bad)  # type: ignore[arg-type]
+
+
+# -- bookkeeping under a random walk of every input ----------------------------------------
+
+
+def _check_bookkeeping(s: SwarmScheduler, n: int) -> None:
+    """The counts the scheduler keeps up to date, recounted from scratch (white box: a drift here is a
+    chunk wrongly sent to the origin, or never)."""
+    for i in range(n):
+        holders = {pid for pid, p in s._peers.items() if not p.is_origin and p.have[i]}
+        counted = {pid for pid in holders if pid not in s._banned_until and pid not in s._benched_until}
+        assert set(s._holders[i]) == holders, i
+        assert s.availability(i) == len(counted), (i, s.availability(i), counted)
+    for pid, p in s._peers.items():
+        assert p.in_flight == sum(1 for q, _ in s._in_flight if q == pid), pid
+        assert p.have_count == sum(p.have), pid
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_availability_and_in_flight_counts_never_drift(seed: int) -> None:
+    """Bans, benches, their expiry, masks, reconnects, origin switches, late and stray answers: after
+    every input, availability equals the holders that are neither banned nor benched."""
+    rng = random.Random(seed)
+    n, peers = 6, ["a", "b", "c", "o"]
+    config = SchedulerConfig(max_in_flight_per_peer=2, max_in_flight_total=4, request_timeout_s=3.0,
+                             ban_s=rng.choice([2.0, 10.0]), unresponsive_failures=rng.choice([1, 2, 3]),
+                             unresponsive_after_s=rng.choice([0.5, 2.0]), bench_s=rng.choice([1.0, 5.0]),
+                             max_false_claims=rng.choice([1, 2, 3]), origin_fallback_s=5.0)
+    s = SwarmScheduler([10] * n, [i for i in range(n) if rng.random() < 0.05], self_site="x", config=config,
+                       rng=random.Random(seed), self_id=rng.choice([None, "me"]))
+    now = 0.0
+    for _ in range(300):
+        op, pid = rng.randrange(10), rng.choice(peers)
+        now += rng.choice([0.0, 0.1, 0.5, 1.0, 3.0])
+        if op == 0:
+            s.peer_update(pid, site=rng.choice("xy"), have=[i for i in range(n) if rng.random() < 0.6],
+                          is_origin=(pid == "o") != (rng.random() < 0.1), now=now)
+        elif op == 1:
+            s.peer_has(pid, rng.randrange(n), now)
+        elif op == 2:
+            s.peer_gone(pid, now, withdrew=rng.random() < 0.5)
+        elif op in (3, 4) and s.in_flight:
+            r = rng.choice(s.in_flight)
+            s.failed(r.peer_id, r.index, rng.choice(list(FailureReason)), now)
+        elif op == 5 and s.in_flight:
+            r = rng.choice(s.in_flight)
+            s.completed(r.peer_id, r.index, now)
+        elif op == 6:  # a late or stray answer
+            if rng.random() < 0.5:
+                s.completed(pid, rng.randrange(n), now)
+            else:
+                s.failed(pid, rng.randrange(n), rng.choice(list(FailureReason)), now)
+        elif op == 7:
+            s.tick(now)
+        else:
+            s.next_requests(now)
+        s.drain_events()
+        _check_bookkeeping(s, n)

@@ -60,7 +60,8 @@ lives here):
   requests in a row (UNAVAILABLE, IO_ERROR; a TIMEOUT counts as half of them),
   the first at least `unresponsive_after_s` ago, while nothing is moving here
   (no chunk arrived from anyone for `unresponsive_after_s`, and no request to
-  any other peer is in flight), is benched for `bench_s` (`PeerBenched`): its
+  any other peer is in flight), and is the only peer claiming some chunk we
+  lack, is benched for `bench_s` (`PeerBenched`): its
   claims count for nothing, so a chunk only it claims is treated as one no
   peer has. Not a ban: an honest peer may be that busy, and a chunk it delivers
   ends the bench at once. While the download moves, busy peers are waited for.
@@ -773,7 +774,11 @@ class SwarmScheduler:
         if peer_id in self._benched_until:
             return
         patience_s = config.unresponsive_after_s
-        still = (now - since >= patience_s and now - self._delivered_at >= patience_s
+        # Benching helps only if some chunk we lack has no other counted claimant: otherwise it costs us
+        # a busy peer that may free up (slow swarms are full of those), and gains nothing.
+        alone = self._counted(peer_id) and any(
+            peer.have[i] and not self._have[i] and self._available[i] == 1 for i in range(self.n_chunks))
+        still = (alone and now - since >= patience_s and now - self._delivered_at >= patience_s
                  and not any(other != peer_id for other, _ in self._in_flight))
         if not (lasting or still):
             return

@@ -577,6 +577,29 @@ def test_a_peer_is_benched_only_after_its_own_failures_lasted_unresponsive_after
     assert benched_at is not None and 115.0 <= benched_at < 117.0, benched_at
 
 
+def test_a_refuser_is_benched_only_for_chunks_no_one_else_claims_and_two_of_them_for_fallback_s() -> None:
+    """Benching a peer whose every claim another peer makes too gains nothing and costs a busy peer that
+    may free up: slow swarms are full of those. Two peers refusing the same chunks are benched only once
+    their failures have lasted `origin_fallback_s` with nothing delivered; then the origin serves."""
+    s = make(8, unresponsive_failures=2, unresponsive_after_s=5.0, origin_fallback_s=60.0,
+             origin_holdoff_s=0.0)
+    s.peer_update("origin", site="cloud", have=range(8), is_origin=True, now=0.0)
+    for refuser in ("r1", "r2"):
+        s.peer_update(refuser, site="a", have=range(8), now=0.0)
+    now, first_bench = 0.0, None
+    while now < 200.0 and not s.done:
+        for r in s.next_requests(now):
+            if r.is_origin:
+                s.completed("origin", r.index, now)
+            else:
+                s.failed(r.peer_id, r.index, FailureReason.UNAVAILABLE, now)
+        if first_bench is None and s.stats.benched:
+            first_bench = now
+        now += 0.25
+    assert s.done and first_bench is not None and 60.0 <= first_bench < 62.0, (first_bench, s.missing)
+    assert s.stats.origin_bytes == 8 * CHUNK
+
+
 def test_a_chunk_delivered_while_benched_ends_the_bench() -> None:
     s = make(4, self_id=None, unresponsive_failures=2, unresponsive_after_s=1.0, max_in_flight_per_peer=2,
              max_in_flight_total=2)

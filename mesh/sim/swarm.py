@@ -490,7 +490,7 @@ class _Swarm:
             del client.requests[(server_id, index)]
             assert client.scheduler is not None
             client.scheduler.failed(
-                server_id, index, FailureReason.UNAVAILABLE, self.now, retry_after_s=retry_after_s
+                server_id, index, FailureReason.BUSY, self.now, retry_after_s=retry_after_s
             )
             self._pump(client)
 

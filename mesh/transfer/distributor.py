@@ -1061,6 +1061,8 @@ class Distributor:
                 # It collected the whole version (or never had it): no lie, its claims just go.
                 gone = (details or "").startswith((VERSION_NOT_HELD, VERSION_NOT_HELD_BEFORE))
                 return FailureReason.WITHDRAWN if gone else FailureReason.NOT_HELD
+            if code is grpc.StatusCode.RESOURCE_EXHAUSTED:  # no upload slot now, or the origin: "ask a peer"
+                return FailureReason.BUSY
             return FailureReason.UNAVAILABLE
         finally:
             progress.bytes_downloaded += received

@@ -56,25 +56,31 @@ lives here):
   peer's announcements drop the chunk; `max_false_claims` denials ban it
   (`PeerBanned` with NOT_HELD). WITHDRAWN (it holds the version no more)
   masks all its claims, with no count against it.
-- A claim no answer backs: a non-origin peer that failed `unresponsive_failures`
-  requests in a row (UNAVAILABLE, IO_ERROR; a TIMEOUT counts as half of them),
-  the first at least `unresponsive_after_s` ago, while nothing is moving here
-  (no chunk arrived from anyone for `unresponsive_after_s`, and no request to
-  any other peer is in flight), and is the only peer claiming some chunk we
-  lack, is benched for `bench_s` (`PeerBenched`): its
-  claims count for nothing, so a chunk only it claims is treated as one no
-  peer has. Not a ban: an honest peer may be that busy, and a chunk it delivers
-  ends the bench at once. While the download moves, busy peers are waited for.
-  A benched peer stays in the origin rendezvous roster (it is usually the one
-  that fetched its chunks from the origin: dropping it would fetch them
-  again), and the stall fallback's clock for its chunks runs from its first
-  failure, so bench cycles do not restart it. A peer that has failed every
-  request for `origin_fallback_s` while no peer's chunk arrived for as long is
-  benched and leaves the roster until it delivers a chunk: it is not counted
-  on to fetch from the origin either. So a peer that announces chunks and
-  refuses every request as busy, or lets them time out, delays a download by
-  about `origin_fallback_s` past the point where nothing else moves, not
-  forever.
+- A claim no answer backs. A run of failures of a non-origin peer (BUSY,
+  UNAVAILABLE, IO_ERROR, TIMEOUT; a timeout counts as a whole run, and the run
+  starts when that request was sent) ends when it delivers a chunk we lacked.
+  The peer is benched for `bench_s` (`PeerBenched`: its claims count for
+  nothing, so a chunk only it claims is treated as one no peer has) when the
+  run has `unresponsive_failures` failures, began `unresponsive_after_s` ago,
+  the peer is the only one claiming some chunk we lack, and nothing moves here
+  for as long (no chunk arrived, no other peer announced one, no request to
+  another peer is in flight). Not a ban: an honest peer may be that busy, and a
+  chunk it delivers ends the bench. A benched peer stays in the origin
+  rendezvous roster (usually it fetched those chunks from the origin: dropping
+  it would fetch them again), and the stall fallback's clock for its chunks
+  runs from the run's start, so bench cycles do not restart it. A run that has
+  lasted `origin_fallback_s` while no peer delivered and no other peer
+  announced for as long (the origin's chunks, through the stall fallback, do
+  not count), or `DISTRUST_CAP` times that whatever else happens, benches the
+  peer and takes it out of the roster until it delivers: not counted on to
+  fetch from the origin either. Runs with no answer at all (timeouts, broken
+  connections) count only while someone else answers us: otherwise the
+  trouble is more likely our own link, and only the cap applies. A peer
+  becoming the origin, or withdrawing the version, is forgiven. So a peer that
+  claims chunks and answers "busy" to every request delays a download by
+  about `unresponsive_after_s` (chunks only it claims) to `origin_fallback_s`
+  (chunks the rendezvous gave it) past the point where nothing else moves; one
+  that never answers, by at most `DISTRUST_CAP` x `origin_fallback_s`.
 - No endgame mode: the last chunks are not requested twice. Duplicates would
   cost bytes (the goal is <= 1.05x the minimum) and the simulator shows the
   tail is short without them.
@@ -108,6 +114,11 @@ __all__ = [
 ]
 
 
+# A peer failing every request is distrusted (out of the origin roster) after at most this many
+# origin_fallback_s of failures, however much other peers announce meanwhile.
+DISTRUST_CAP = 3
+
+
 class SchedulerError(ValueError):
     """An input the scheduler cannot accept (bad config, chunk index, peer id); the text says which."""
 
@@ -115,7 +126,8 @@ class SchedulerError(ValueError):
 class FailureReason(enum.Enum):
     BAD_CHUNK = "bad-chunk"      # bytes did not match the manifest hash: ban the peer
     TIMEOUT = "timeout"          # no answer by request_timeout_s
-    UNAVAILABLE = "unavailable"  # peer refused: no upload slot (or, from a peer, a fault of its own)
+    BUSY = "busy"                # the peer answered: no upload slot now (RESOURCE_EXHAUSTED)
+    UNAVAILABLE = "unavailable"  # no answer we could read: unreachable, or a fault of the peer's own
     IO_ERROR = "io-error"        # connection reset, stream broken, local write failed
     # The peer says it does not hold a chunk it announced (NOT_FOUND): its claim to that chunk is
     # dropped until its announcements drop the chunk too, and `max_false_claims` such denials ban it.
@@ -328,11 +340,13 @@ class SwarmScheduler:
         # when the first failed; peers benched (their claims set aside) until when; peers whose failures
         # have lasted `origin_fallback_s` (out of the origin roster). All outlive `peer_gone`, as bans.
         # `_delivered_at`: when the last new chunk arrived, from anyone.
-        self._streaks: dict[str, tuple[int, float]] = {}
+        self._streaks: dict[str, tuple[int, float, bool]] = {}  # (count, since, any BUSY answer in it)
+        self._answered_at = -math.inf  # when any peer, or the origin, last answered us (anything)
         self._benched_until: dict[str, float] = {}
         self._distrusted: set[str] = set()
         self._delivered_at = now
         self._peer_delivered_at = now  # the same, not counting the origin's (it says the swarm stalled)
+        self._announced_at: dict[str, float] = {}  # per non-origin peer: when it last announced a new chunk
         # Non-origin peers announcing each chunk (banned ones too; they are skipped), in
         # announcement order: dicts, not sets, so that iteration never depends on str hashing.
         self._holders: list[dict[str, None]] = [{} for _ in range(n)]
@@ -428,6 +442,7 @@ class SwarmScheduler:
         if peer is not None and peer.is_origin != is_origin:
             self._forget(peer)
             peer = None
+            self._forgive(peer_id)  # another role: what it failed to serve before says nothing now
         if peer is None:
             peer = _Peer(peer_id, site, is_origin, bytearray(self.n_chunks))
             self._peers[peer_id] = peer
@@ -468,6 +483,7 @@ class SwarmScheduler:
             self._forget(peer)
         if withdrew:
             self._denied.pop(peer_id, None)
+            self._forgive(peer_id)  # a later announcement of it is a new one
 
     # -- inputs: answers -----------------------------------------------------
 
@@ -477,6 +493,7 @@ class SwarmScheduler:
         size = self._sizes[index]
         peer = self._peers.get(peer_id)
         self._end_request(peer_id, index)
+        self._answered_at = max(self._answered_at, now)
         self._count_bytes(peer_id, size, peer is not None and peer.is_origin)
         if peer is not None:
             peer.backoff_s = 0.0
@@ -484,12 +501,7 @@ class SwarmScheduler:
         if self._have[index]:
             self.stats.wasted_bytes += size
             return
-        self._streaks.pop(peer_id, None)  # it delivered something we lacked: whatever it is, it serves
-        if peer_id in self._distrusted:
-            self._distrusted.discard(peer_id)
-            self._assignee.clear()
-        if self._benched_until.pop(peer_id, None) is not None:
-            self._count_claims(peer_id, +1)
+        self._forgive(peer_id)  # it delivered something we lacked: whatever it is, it serves
         self._have[index] = 1
         self._missing -= 1
         self._delivered_at = max(self._delivered_at, now)
@@ -516,8 +528,11 @@ class SwarmScheduler:
         self._check_index(index)
         if not isinstance(reason, FailureReason):
             raise SchedulerError(f"failure reason must be a FailureReason, got {reason!r}")
+        deadline = self._in_flight.get((peer_id, index))
         self._end_request(peer_id, index)
         self.stats.failures[reason] = self.stats.failures.get(reason, 0) + 1
+        if reason not in (FailureReason.TIMEOUT, FailureReason.UNAVAILABLE, FailureReason.IO_ERROR):
+            self._answered_at = max(self._answered_at, now)  # it answered (busy, not held, bad bytes)
         if reason is FailureReason.BAD_CHUNK:
             size = self._sizes[index]
             peer = self._peers.get(peer_id)
@@ -550,18 +565,21 @@ class SwarmScheduler:
                     self._ban(peer_id, index, now, FailureReason.NOT_HELD)
         else:
             self._back_off(peer_id, now, retry_after_s)
-            self._note_failure(peer_id, now, timed_out=reason is FailureReason.TIMEOUT)
+            timed_out = reason is FailureReason.TIMEOUT
+            sent_at = deadline - self.config.request_timeout_s if timed_out and deadline is not None else None
+            self._note_failure(peer_id, now, reason, sent_at=sent_at)
 
     def tick(self, now: float) -> None:
         """Expire timed-out requests and lift bans that ran out; calling early is harmless."""
         self._now = max(self._now, now)
-        expired = [key for key, deadline in self._in_flight.items() if deadline <= now]
-        for peer_id, index in expired:
+        expired = [(key, deadline) for key, deadline in self._in_flight.items() if deadline <= now]
+        for (peer_id, index), deadline in expired:
             self._end_request(peer_id, index)
             self.stats.failures[FailureReason.TIMEOUT] = self.stats.failures.get(FailureReason.TIMEOUT, 0) + 1
             self._back_off(peer_id, now)
             self._events.append(RequestCancelled(peer_id, index, "timed out"))
-            self._note_failure(peer_id, now, timed_out=True)
+            self._note_failure(peer_id, now, FailureReason.TIMEOUT,
+                               sent_at=deadline - self.config.request_timeout_s)
         for until_by_peer in (self._banned_until, self._benched_until):
             for peer_id in [p for p, until in until_by_peer.items() if until <= now]:
                 del until_by_peer[peer_id]
@@ -668,6 +686,7 @@ class SwarmScheduler:
         peer.have_count += 1
         if peer.is_origin:
             return
+        self._announced_at[peer.peer_id] = max(self._announced_at.get(peer.peer_id, now), now)
         self._holders[index][peer.peer_id] = None
         if self._counted(peer.peer_id):
             self._available[index] += 1
@@ -752,22 +771,44 @@ class SwarmScheduler:
                     self._unavailable_since.pop(i, None)
         self._assignee.clear()
 
-    def _note_failure(self, peer_id: str, now: float, *, timed_out: bool = False) -> None:
+    def _forgive(self, peer_id: str) -> None:
+        """Forget a peer's run of failures, bench and distrust (not its bans or denial counts)."""
+        self._streaks.pop(peer_id, None)
+        if peer_id in self._distrusted:
+            self._distrusted.discard(peer_id)
+            self._assignee.clear()
+        if self._benched_until.pop(peer_id, None) is not None:
+            self._count_claims(peer_id, +1)
+
+    def _note_failure(self, peer_id: str, now: float, reason: FailureReason, *,
+                      sent_at: float | None = None) -> None:
         """A request to the peer failed without a verdict on its bytes: bench it when its run of failures
         is long and nothing else moves here, or distrust it when the run has lasted origin_fallback_s."""
         peer = self._peers.get(peer_id)
         if peer is None or peer.is_origin:
             return
         config = self.config
-        count, since = self._streaks.get(peer_id, (0, now))
-        count += max(1, config.unresponsive_failures // 2) if timed_out else 1
-        self._streaks[peer_id] = (count, since)
+        # A run of failures that starts with a timeout started when that request was sent.
+        count, since, busy = self._streaks.get(
+            peer_id, (0, min(now, sent_at) if sent_at is not None else now, False))
+        # A timeout is a long silence already: it counts as a whole run.
+        count += config.unresponsive_failures if reason is FailureReason.TIMEOUT else 1
+        busy = busy or reason is FailureReason.BUSY
+        self._streaks[peer_id] = (count, since, busy)
         if count < config.unresponsive_failures or self.is_banned(peer_id, now):
             return
-        # Failing for origin_fallback_s while no peer delivered anything for as long (the origin's chunks,
-        # through the stall fallback, do not count): not counted on for anything.
+        # Failures with no answer at all (timeouts, broken connections) while nobody else answered us
+        # either say more about our own link than about the peer: only the cap applies then.
+        heard = busy or now - self._answered_at <= config.unresponsive_after_s
+        # Failing for origin_fallback_s while the swarm did not move for as long (no peer delivered us a
+        # chunk, the origin's through the stall fallback aside, and no other peer announced one): not
+        # counted on for anything. Peers that keep announcing can hold that off, but not past
+        # DISTRUST_CAP x origin_fallback_s of failures.
         fallback_s = config.origin_fallback_s
-        lasting = now - since >= fallback_s and now - self._peer_delivered_at >= fallback_s
+        others_at = max((t for p, t in self._announced_at.items() if p != peer_id), default=-math.inf)
+        lasting = now - since >= fallback_s and (
+            (heard and now - self._peer_delivered_at >= fallback_s and now - others_at >= fallback_s)
+            or now - since >= DISTRUST_CAP * fallback_s)
         if lasting and peer_id not in self._distrusted:
             self._distrusted.add(peer_id)  # not counted on to fetch anything from the origin
             self._assignee.clear()
@@ -778,7 +819,8 @@ class SwarmScheduler:
         # a busy peer that may free up (slow swarms are full of those), and gains nothing.
         alone = self._counted(peer_id) and any(
             peer.have[i] and not self._have[i] and self._available[i] == 1 for i in range(self.n_chunks))
-        still = (alone and now - since >= patience_s and now - self._delivered_at >= patience_s
+        still = (heard and alone and now - since >= patience_s and now - self._delivered_at >= patience_s
+                 and now - others_at >= patience_s
                  and not any(other != peer_id for other, _ in self._in_flight))
         if not (lasting or still):
             return

@@ -74,13 +74,17 @@ lives here):
   not count), or `DISTRUST_CAP` times that whatever else happens, benches the
   peer and takes it out of the roster until it delivers: not counted on to
   fetch from the origin either. Runs with no answer at all (timeouts, broken
-  connections) count only while someone else answers us: otherwise the
-  trouble is more likely our own link, and only the cap applies. A peer
-  becoming the origin, or withdrawing the version, is forgiven. So a peer that
-  claims chunks and answers "busy" to every request delays a download by
-  about `unresponsive_after_s` (chunks only it claims) to `origin_fallback_s`
-  (chunks the rendezvous gave it) past the point where nothing else moves; one
-  that never answers, by at most `DISTRUST_CAP` x `origin_fallback_s`.
+  connections) count only while someone (the peer itself included) answered
+  us in the last `unresponsive_after_s`: otherwise the trouble is more likely
+  our own link, and only the cap applies. Runs, benches and distrust outlive a
+  withdrawal and a role flip (both are the peer's own doing); a run ends when
+  the peer has not been asked for longer than a timeout, a back-off and a
+  bench. So a peer that claims chunks and answers "busy" to every request
+  delays a download by about `unresponsive_after_s` (chunks only it claims)
+  to `origin_fallback_s` (chunks the rendezvous gave it) past the point where
+  nothing else moves; one that never answers, by about `DISTRUST_CAP` x
+  `origin_fallback_s` or more (known: the cap is checked when a failure comes
+  in, and a bench that runs out needs a new failure).
 - No endgame mode: the last chunks are not requested twice. Duplicates would
   cost bytes (the goal is <= 1.05x the minimum) and the simulator shows the
   tail is short without them.
@@ -164,7 +168,7 @@ class SchedulerConfig:
     # WITHDRAWN instead).
     max_false_claims: int = 3
     # A peer whose claims no answer backs (see the module rules): this many failed requests in a row (a
-    # timeout counts as half of them), the first this long ago, while nothing else moves here, and its
+    # timeout counts as all of them), the first this long ago, while nothing else moves here, and its
     # claims are set aside for `bench_s`. 8 refusals span 2-8 s of back-offs: the time bounds decide.
     unresponsive_failures: int = 8
     unresponsive_after_s: float = 15.0
@@ -340,7 +344,7 @@ class SwarmScheduler:
         # when the first failed; peers benched (their claims set aside) until when; peers whose failures
         # have lasted `origin_fallback_s` (out of the origin roster). All outlive `peer_gone`, as bans.
         # `_delivered_at`: when the last new chunk arrived, from anyone.
-        self._streaks: dict[str, tuple[int, float, bool]] = {}  # (count, since, any BUSY answer in it)
+        self._streaks: dict[str, tuple[int, float, float]] = {}  # (count, since, last failure)
         self._answered_at = -math.inf  # when any peer, or the origin, last answered us (anything)
         self._benched_until: dict[str, float] = {}
         self._distrusted: set[str] = set()
@@ -442,7 +446,10 @@ class SwarmScheduler:
         if peer is not None and peer.is_origin != is_origin:
             self._forget(peer)
             peer = None
-            self._forgive(peer_id)  # another role: what it failed to serve before says nothing now
+            # The origin is never benched; its run and distrust stay (a peer flipping its role must not
+            # wipe them: the flag is whatever it gossips).
+            if self._benched_until.pop(peer_id, None) is not None:
+                self._count_claims(peer_id, +1)
         if peer is None:
             peer = _Peer(peer_id, site, is_origin, bytearray(self.n_chunks))
             self._peers[peer_id] = peer
@@ -482,8 +489,7 @@ class SwarmScheduler:
         if peer is not None:
             self._forget(peer)
         if withdrew:
-            self._denied.pop(peer_id, None)
-            self._forgive(peer_id)  # a later announcement of it is a new one
+            self._denied.pop(peer_id, None)  # its run of failures and distrust stay, as its bans
 
     # -- inputs: answers -----------------------------------------------------
 
@@ -789,23 +795,25 @@ class SwarmScheduler:
             return
         config = self.config
         # A run of failures that starts with a timeout started when that request was sent.
-        count, since, busy = self._streaks.get(
-            peer_id, (0, min(now, sent_at) if sent_at is not None else now, False))
+        start = min(now, sent_at) if sent_at is not None else now
+        count, since, last = self._streaks.get(peer_id, (0, start, now))
+        if now - last > config.request_timeout_s + config.max_backoff_s + config.bench_s:
+            count, since = 0, start  # not asked for a long while: an old run says nothing now
         # A timeout is a long silence already: it counts as a whole run.
         count += config.unresponsive_failures if reason is FailureReason.TIMEOUT else 1
-        busy = busy or reason is FailureReason.BUSY
-        self._streaks[peer_id] = (count, since, busy)
+        self._streaks[peer_id] = (count, since, now)
         if count < config.unresponsive_failures or self.is_banned(peer_id, now):
             return
         # Failures with no answer at all (timeouts, broken connections) while nobody else answered us
         # either say more about our own link than about the peer: only the cap applies then.
-        heard = busy or now - self._answered_at <= config.unresponsive_after_s
+        heard = now - self._answered_at <= config.unresponsive_after_s  # its own "busy" counts too
         # Failing for origin_fallback_s while the swarm did not move for as long (no peer delivered us a
         # chunk, the origin's through the stall fallback aside, and no other peer announced one): not
         # counted on for anything. Peers that keep announcing can hold that off, but not past
         # DISTRUST_CAP x origin_fallback_s of failures.
         fallback_s = config.origin_fallback_s
-        others_at = max((t for p, t in self._announced_at.items() if p != peer_id), default=-math.inf)
+        others_at = max((t for p, t in self._announced_at.items()
+                         if p != peer_id and p in self._peers and self._counted(p)), default=-math.inf)
         lasting = now - since >= fallback_s and (
             (heard and now - self._peer_delivered_at >= fallback_s and now - others_at >= fallback_s)
             or now - since >= DISTRUST_CAP * fallback_s)

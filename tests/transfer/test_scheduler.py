@@ -647,7 +647,10 @@ def test_a_timeout_is_a_whole_run_of_failures_from_when_its_request_was_sent() -
     assert [(e.failures, e.over_s) for e in benched] == [(4, 20.0)], benched
 
 
-def test_a_peer_that_becomes_the_origin_or_withdraws_is_forgiven() -> None:
+def test_a_peer_cannot_wipe_its_run_of_failures_by_withdrawing_or_flipping_its_role() -> None:
+    """Withdrawing the version and announcing it again, or gossiping `origin` and back, is the peer's
+    own doing: its run of failures and its bench stay (a third review: a peer flapping so was never
+    benched). As the origin it is asked, never benched."""
     for change in ("origin", "withdrew"):
         s = make(4, self_id=None, unresponsive_failures=2, unresponsive_after_s=1.0, origin_fallback_s=2.0)
         s.peer_update("p", site="a", have=range(4), now=0.0)
@@ -656,15 +659,39 @@ def test_a_peer_that_becomes_the_origin_or_withdraws_is_forgiven() -> None:
                 s.failed("p", r.index, FailureReason.BUSY, now)
         assert s.is_benched("p", 3.0)
         if change == "origin":
-            s.peer_update("p", site="a", have=range(4), is_origin=True, now=3.5)  # it republished
-            assert {r.peer_id for r in s.next_requests(3.5)} == {"p"}, change
+            s.peer_update("p", site="a", have=range(4), is_origin=True, now=3.5)
+            assert {r.peer_id for r in s.next_requests(3.5)} == {"p"}, change  # the origin is asked
+            s.peer_update("p", site="a", have=range(4), now=4.0)  # and back
         else:
             s.peer_gone("p", 3.5, withdrew=True)
-            s.peer_update("p", site="a", have=range(4), now=4.0)  # a new announcement of it
-            assert not s.is_benched("p", 4.0) and s.availability(0) == 1, change
-            [r] = s.next_requests(4.0)[:1]
-            s.failed("p", r.index, FailureReason.BUSY, 4.0)
-            assert not s.is_benched("p", 4.0)  # a new run of failures: one is not enough
+            s.peer_update("p", site="a", have=range(4), now=4.0)
+        # Its run goes on: the next refusal sets its claims aside again at once (a new run would need
+        # 2 failures over 1 s).
+        [r] = [r for r in s.next_requests(4.5) if r.peer_id == "p"][:1] or [None]
+        if r is not None:
+            s.failed("p", r.index, FailureReason.BUSY, 4.5)
+        assert s.is_benched("p", 4.5) and s.availability(0) == 0, change
+
+
+def test_a_busy_answer_before_our_own_link_went_down_does_not_count_for_the_outage() -> None:
+    """Peers answered "busy" for a few seconds, then our link went down for 70 s: those failures say
+    nothing about the peers (a third review: 58 of 64 chunks then came from the origin)."""
+    s = make(16, unresponsive_failures=8, unresponsive_after_s=15.0, origin_fallback_s=60.0,
+             origin_holdoff_s=0.0)
+    s.peer_update("origin", site="cloud", have=range(16), is_origin=True, now=0.0)
+    for p in ("p0", "p1", "p2"):
+        s.peer_update(p, site="a", have=range(16), now=0.0)
+    now = 0.0
+    while not s.done and now < 200.0:
+        for r in s.next_requests(now):
+            if now < 5.0:
+                s.failed(r.peer_id, r.index, FailureReason.BUSY, now)
+            elif now < 75.0:
+                s.failed(r.peer_id, r.index, FailureReason.UNAVAILABLE, now)  # our link is down
+            else:
+                s.completed(r.peer_id, r.index, now)
+        now += 0.5
+    assert s.done and s.stats.origin_bytes == 0 and s.stats.benched == 0, s.stats
 
 
 def test_a_chunk_delivered_while_benched_ends_the_bench() -> None:
@@ -1015,3 +1042,42 @@ def test_availability_and_in_flight_counts_never_drift(seed: int) -> None:
             s.next_requests(now)
         s.drain_events()
         _check_bookkeeping(s, n)
+
+
+def test_an_old_run_of_failures_says_nothing_about_a_peer_asked_again_much_later() -> None:
+    """An honest peer of another site timed out once at about 30 s (a slow moment) and was not asked
+    again (same-site peers served). At 200 s it announces the chunk the origin rendezvous gave it and
+    answers "busy" once: that must not bench and distrust it on the old run (a third review: the chunk
+    was then fetched from the origin a second time)."""
+    n = 560
+    c = next(i for i in range(1, n) if rendezvous_score("P", i) > rendezvous_score("me", i)
+             > max(rendezvous_score("good", i), rendezvous_score("good2", i)))
+    s = make(n, max_in_flight_per_peer=16)
+    s.peer_update("origin", site="cloud", have=range(n), is_origin=True, now=0.0)
+    s.peer_update("P", site="b", have=[0], now=0.0)
+    for good in ("good", "good2"):
+        s.peer_update(good, site="a", have=[j for j in range(1, n) if j != c], now=0.0)
+    pending: list[tuple[float, str, int]] = []  # (done at, peer, chunk)
+    now, from_origin, announced = 0.0, [], False
+    while now < 260.0 and not s.done:
+        if now >= 29:
+            s.peer_has("good", 0, now)
+        if now >= 200 and not announced:
+            s.peer_has("P", c, now)
+            announced = True
+        for item in [x for x in pending if x[0] <= now]:
+            pending.remove(item)
+            s.completed(item[1], item[2], now)
+        for r in s.next_requests(now):
+            if r.is_origin:
+                from_origin.append(r.index)
+                pending.append((now + 2, r.peer_id, r.index))
+            elif r.peer_id.startswith("good"):
+                pending.append((now + 12, r.peer_id, r.index))
+            elif r.index == c:
+                s.failed("P", c, FailureReason.BUSY, now + 0.1)
+            elif now > 1:
+                pending.append((now + 6, "P", r.index))
+        now += 0.5
+    assert c not in from_origin
+    assert s.stats.failures.get(FailureReason.TIMEOUT) == 1  # the premise: one timeout, long ago

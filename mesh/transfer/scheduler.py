@@ -762,8 +762,10 @@ class SwarmScheduler:
         self._assignee.clear()
 
     def _counted(self, peer_id: str) -> bool:
-        """Whether the peer's claims count in `_available` (entries leave these maps in `tick`)."""
-        return peer_id not in self._banned_until and peer_id not in self._benched_until
+        """Whether the peer's claims count in `_available` (entries leave the maps in `tick`; distrust
+        ends with a delivery)."""
+        return (peer_id not in self._banned_until and peer_id not in self._benched_until
+                and peer_id not in self._distrusted)
 
     def _count_claims(self, peer_id: str, sign: int) -> None:
         """A ban or bench began (-1) or ended (+1): its claims stop or start counting, if now counted."""
@@ -780,11 +782,13 @@ class SwarmScheduler:
     def _forgive(self, peer_id: str) -> None:
         """Forget a peer's run of failures, bench and distrust (not its bans or denial counts)."""
         self._streaks.pop(peer_id, None)
+        was_counted = self._counted(peer_id)
         if peer_id in self._distrusted:
             self._distrusted.discard(peer_id)
             self._assignee.clear()
-        if self._benched_until.pop(peer_id, None) is not None:
-            self._count_claims(peer_id, +1)
+        self._benched_until.pop(peer_id, None)
+        if not was_counted:
+            self._count_claims(peer_id, +1)  # counts again unless banned
 
     def _note_failure(self, peer_id: str, now: float, reason: FailureReason, *,
                       sent_at: float | None = None) -> None:
@@ -817,9 +821,14 @@ class SwarmScheduler:
         lasting = now - since >= fallback_s and (
             (heard and now - self._peer_delivered_at >= fallback_s and now - others_at >= fallback_s)
             or now - since >= DISTRUST_CAP * fallback_s)
+        was_counted = self._counted(peer_id)
         if lasting and peer_id not in self._distrusted:
-            self._distrusted.add(peer_id)  # not counted on to fetch anything from the origin
+            # Not counted on to fetch anything from the origin, and its claims count for nothing until it
+            # delivers (it is still asked for chunks others claim too): no cycles of benches running out.
+            self._distrusted.add(peer_id)
             self._assignee.clear()
+            self._set_aside(peer, since, was_counted)
+            was_counted = False
         if peer_id in self._benched_until:
             return
         patience_s = config.unresponsive_after_s
@@ -832,15 +841,18 @@ class SwarmScheduler:
                  and not any(other != peer_id for other, _ in self._in_flight))
         if not (lasting or still):
             return
-        was_counted = self._counted(peer_id)
         until = now + config.bench_s
         self._benched_until[peer_id] = until
         self.stats.benched += 1
         self._events.append(PeerBenched(peer_id, until, count, now - since))
+        self._set_aside(peer, since, was_counted)
+
+    def _set_aside(self, peer: _Peer, since: float, was_counted: bool) -> None:
+        """The peer's claims stopped counting (benched or distrusted since its run began at `since`)."""
         if was_counted:
-            self._count_claims(peer_id, -1)
+            self._count_claims(peer.peer_id, -1)
         # The stall fallback's clock for chunks only it claimed runs from its first failure, not from
-        # this bench: a bench that runs out and comes back must not restart it.
+        # now: a bench that runs out and comes back must not restart it.
         for i in range(self.n_chunks):
             if peer.have[i] and not self._have[i] and self._available[i] == 0:
                 self._unavailable_since[i] = min(self._unavailable_since.get(i, since), since)

@@ -166,6 +166,25 @@ class Refusal:
 YIELD_RECHECK_S = 1.0
 
 
+# gRPC statuses that are not a peer's answer (transport, deadline, our own cancel): the scheduler counts
+# them against a peer only while someone else answers this node.
+_NO_ANSWER = (None, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+              grpc.StatusCode.UNKNOWN)
+
+def failure_of(code: grpc.StatusCode | None, details: str) -> FailureReason:
+    """What a failed FetchChunk tells the scheduler (`code` None: the connection broke)."""
+    if code is grpc.StatusCode.NOT_FOUND:  # it announced the chunk and does not hold it
+        # It collected the whole version (or never had it): no lie, its claims just go.
+        gone = details.startswith((VERSION_NOT_HELD, VERSION_NOT_HELD_BEFORE))
+        return FailureReason.WITHDRAWN if gone else FailureReason.NOT_HELD
+    oversized = details.startswith("Received message larger")  # gRPC's own words, on our side
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and not oversized:
+        return FailureReason.BUSY  # no upload slot now, or the origin's "ask a peer"
+    if code in _NO_ANSWER:
+        return FailureReason.UNAVAILABLE  # we could not reach it, or it did not answer in time
+    return FailureReason.ERROR  # it answered, with an error of its own (or an oversized message)
+
+
 HAVE_TIMEOUT_S = 5.0  # a GetHave answer is a few bytes: a peer that takes longer is asked again later
 
 
@@ -1056,14 +1075,8 @@ class Distributor:
             code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
             log.debug("chunk %d of %s from %s failed: %s", index, manifest.label, peer_id,
                       code.name if code else exc)
-            if code is grpc.StatusCode.NOT_FOUND:  # it announced the chunk and does not hold it
-                details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else ""
-                # It collected the whole version (or never had it): no lie, its claims just go.
-                gone = (details or "").startswith((VERSION_NOT_HELD, VERSION_NOT_HELD_BEFORE))
-                return FailureReason.WITHDRAWN if gone else FailureReason.NOT_HELD
-            if code is grpc.StatusCode.RESOURCE_EXHAUSTED:  # no upload slot now, or the origin: "ask a peer"
-                return FailureReason.BUSY
-            return FailureReason.UNAVAILABLE
+            details = (exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "") or ""
+            return failure_of(code, details)
         finally:
             progress.bytes_downloaded += received
             progress.bytes_from[peer_id] = progress.bytes_from.get(peer_id, 0) + received

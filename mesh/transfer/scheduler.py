@@ -131,6 +131,7 @@ class FailureReason(enum.Enum):
     BAD_CHUNK = "bad-chunk"      # bytes did not match the manifest hash: ban the peer
     TIMEOUT = "timeout"          # no answer by request_timeout_s
     BUSY = "busy"                # the peer answered: no upload slot now (RESOURCE_EXHAUSTED)
+    ERROR = "error"              # the peer answered with an error of its own (INTERNAL, a bad message)
     UNAVAILABLE = "unavailable"  # no answer we could read: unreachable, or a fault of the peer's own
     IO_ERROR = "io-error"        # connection reset, stream broken, local write failed
     # The peer says it does not hold a chunk it announced (NOT_FOUND): its claim to that chunk is

@@ -155,3 +155,25 @@ async def test_a_node_that_collected_the_version_is_not_taken_for_a_liar(cluster
             pass
     assert refused.value.code() is grpc.StatusCode.NOT_FOUND
     assert refused.value.details().startswith(VERSION_NOT_HELD), refused.value.details()
+
+
+@pytest.mark.parametrize("code, details, reason", [
+    ("NOT_FOUND", "chunk 3 of hand 1.0 is not held here", "NOT_HELD"),
+    ("NOT_FOUND", "version not held here: hand 1.0", "WITHDRAWN"),
+    ("RESOURCE_EXHAUSTED", "all 4 upload slots are busy; ask another peer", "BUSY"),
+    ("RESOURCE_EXHAUSTED", "Received message larger than max (5000000 vs. 4194304)", "ERROR"),
+    ("INTERNAL", "chunk 3 is unreadable here", "ERROR"),
+    ("INVALID_ARGUMENT", "hand 1.0 has chunks 0..17, not 40", "ERROR"),
+    ("UNAVAILABLE", "failed to connect to all addresses", "UNAVAILABLE"),
+    ("DEADLINE_EXCEEDED", "Deadline Exceeded", "UNAVAILABLE"),
+    (None, "connection reset", "UNAVAILABLE"),
+])
+async def test_what_a_failed_chunk_request_tells_the_scheduler(code, details, reason) -> None:
+    """A peer's answer (busy, an error of its own) counts against it at once; no answer at all (we could
+    not reach it) only while others answer this node: the scheduler needs to tell them apart."""
+    import grpc
+
+    from mesh.transfer.distributor import failure_of
+    from mesh.transfer.scheduler import FailureReason
+
+    assert failure_of(grpc.StatusCode[code] if code else None, details) is FailureReason[reason]

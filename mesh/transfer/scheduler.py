@@ -56,7 +56,7 @@ lives here):
   peer's announcements drop the chunk; `max_false_claims` denials ban it
   (`PeerBanned` with NOT_HELD). WITHDRAWN (it holds the version no more)
   masks all its claims, with no count against it.
-- A claim no answer backs. A run of failures of a non-origin peer (BUSY,
+- A claim no answer backs. A run of failures of a non-origin peer (BUSY, ERROR,
   UNAVAILABLE, IO_ERROR, TIMEOUT; a timeout counts as a whole run, and the run
   starts when that request was sent) ends when it delivers a chunk we lacked.
   The peer is benched for `bench_s` (`PeerBenched`: its claims count for
@@ -73,7 +73,8 @@ lives here):
   announced for as long (the origin's chunks, through the stall fallback, do
   not count), or `DISTRUST_CAP` times that whatever else happens, benches the
   peer and takes it out of the roster until it delivers: not counted on to
-  fetch from the origin either. Runs with no answer at all (timeouts, broken
+  fetch from the origin either, and its claims count for nothing until then
+  (it is still asked for chunks others claim too). Runs with no answer at all (timeouts, broken
   connections) count only while someone (the peer itself included) answered
   us in the last `unresponsive_after_s`: otherwise the trouble is more likely
   our own link, and only the cap applies. Runs, benches and distrust outlive a

@@ -348,6 +348,7 @@ class SwarmScheduler:
         # `_delivered_at`: when the last new chunk arrived, from anyone.
         self._streaks: dict[str, tuple[int, float, float]] = {}  # (count, since, last failure)
         self._answered_at = -math.inf  # when any peer, or the origin, last answered us (anything)
+        self._probe_origin = False  # ask the origin for one chunk, whoever claims it (see _note_failure)
         self._benched_until: dict[str, float] = {}
         self._distrusted: set[str] = set()
         self._delivered_at = now
@@ -573,8 +574,7 @@ class SwarmScheduler:
                     self._ban(peer_id, index, now, FailureReason.NOT_HELD)
         else:
             self._back_off(peer_id, now, retry_after_s)
-            timed_out = reason is FailureReason.TIMEOUT
-            sent_at = deadline - self.config.request_timeout_s if timed_out and deadline is not None else None
+            sent_at = deadline - self.config.request_timeout_s if deadline is not None else None
             self._note_failure(peer_id, now, reason, sent_at=sent_at)
 
     def tick(self, now: float) -> None:
@@ -601,10 +601,15 @@ class SwarmScheduler:
         budget = self.config.max_in_flight_total - len(self._in_flight)
         if self.done or budget <= 0:
             return []
+        out: list[Request] = []
+        if self._probe_origin:  # before the others: the chunk it asks may be one a silent peer claims
+            probe = self._probe(now)
+            if probe is not None:
+                out.append(probe)
+                budget -= 1
         wanted = [i for i in range(self.n_chunks) if not self._have[i] and i not in self._in_flight_by_chunk]
         rng = self._rng
         order = sorted(wanted, key=lambda i: (self._available[i], rng.random()))
-        out: list[Request] = []
         for index in order:
             if budget == 0:
                 break
@@ -623,6 +628,24 @@ class SwarmScheduler:
             out.append(self._request(peer.peer_id, index))
             budget -= 1
         return out
+
+    def _probe(self, now: float) -> Request | None:
+        """One request to a usable origin for a missing chunk not in flight (rarest first), if any."""
+        cap = min(self.config.max_in_flight_per_peer, self.config.max_in_flight_origin)
+        origins = [p for p in self._peers.values() if p.is_origin and self._usable(p, now, cap)]
+        wanted = sorted((i for i in range(self.n_chunks)
+                         if not self._have[i] and i not in self._in_flight_by_chunk),
+                        key=lambda i: self._available[i])
+        for index in wanted:
+            origin = next((p for p in origins if p.have[index]), None)
+            if origin is not None:
+                self._probe_origin = False
+                origin.in_flight += 1
+                self._in_flight[(origin.peer_id, index)] = now + self.config.request_timeout_s
+                self._in_flight_by_chunk.setdefault(index, {})[origin.peer_id] = None
+                self.stats.requests += 1
+                return self._request(origin.peer_id, index)
+        return None
 
     # -- internals -----------------------------------------------------------
 
@@ -800,7 +823,7 @@ class SwarmScheduler:
         if peer is None or peer.is_origin:
             return
         config = self.config
-        # A run of failures that starts with a timeout started when that request was sent.
+        # A run of failures starts when its first failed request was sent.
         start = min(now, sent_at) if sent_at is not None else now
         count, since, last = self._streaks.get(peer_id, (0, start, now))
         if now - last > config.request_timeout_s + config.max_backoff_s + config.bench_s:
@@ -812,7 +835,9 @@ class SwarmScheduler:
             return
         # Failures with no answer at all (timeouts, broken connections) while nobody else answered us
         # either say more about our own link than about the peer: only the cap applies then.
-        heard = now - self._answered_at <= config.unresponsive_after_s  # its own "busy" counts too
+        # Our link worked if someone answered while this request was out, or lately (its own "busy" too).
+        heard = ((sent_at is not None and self._answered_at >= sent_at)
+                 or now - self._answered_at <= config.unresponsive_after_s)
         # Failing for origin_fallback_s while the swarm did not move for as long (no peer delivered us a
         # chunk, the origin's through the stall fallback aside, and no other peer announced one): not
         # counted on for anything. Peers that keep announcing can hold that off, but not past
@@ -820,9 +845,13 @@ class SwarmScheduler:
         fallback_s = config.origin_fallback_s
         others_at = max((t for p, t in self._announced_at.items()
                          if p != peer_id and p in self._peers and self._counted(p)), default=-math.inf)
-        lasting = now - since >= fallback_s and (
-            (heard and now - self._peer_delivered_at >= fallback_s and now - others_at >= fallback_s)
-            or now - since >= DISTRUST_CAP * fallback_s)
+        capped = now - since >= DISTRUST_CAP * fallback_s
+        lasting = now - since >= fallback_s and heard and (
+            (now - self._peer_delivered_at >= fallback_s and now - others_at >= fallback_s) or capped)
+        if capped and not heard:
+            # Nobody has answered us for a while: our own link, or a peer that never answers while we
+            # ask no one else? One chunk from the origin tells: an answer makes the next failure count.
+            self._probe_origin = True
         was_counted = self._counted(peer_id)
         if lasting and peer_id not in self._distrusted:
             # Not counted on to fetch anything from the origin, and its claims count for nothing until it

@@ -74,10 +74,17 @@ lives here):
   not count), or `DISTRUST_CAP` times that whatever else happens, benches the
   peer and takes it out of the roster until it delivers: not counted on to
   fetch from the origin either, and its claims count for nothing until then
-  (it is still asked for chunks others claim too). Runs with no answer at all (timeouts, broken
-  connections) count only while someone (the peer itself included) answered
-  us in the last `unresponsive_after_s`: otherwise the trouble is more likely
-  our own link, and only the cap applies. Runs, benches and distrust outlive a
+  (it is still asked for chunks others claim too). Runs with no answer at all
+  (timeouts, broken connections) count only while someone (the peer itself
+  included) answered us in the last `unresponsive_after_s`: otherwise the
+  trouble is more likely our own link. Stalls are timed from the first answer
+  after such a deaf spell, and the cap from the last time the origin did not
+  answer either. A run that reaches the cap with no answer from anyone asks
+  the origin for one chunk first, whoever claims it (the one exception to the
+  origin rules above): its answer shows our link works, and the next failure
+  counts. A denial of a chunk we asked for on the peer's claim counts even if
+  its announcements dropped the chunk meanwhile, and announcements of chunks
+  we hold are no progress for the stall fallback. Runs, benches and distrust outlive a
   withdrawal and a role flip (both are the peer's own doing); a run ends when
   the peer has not been asked for longer than a timeout, a back-off and a
   bench. So a peer that claims chunks and answers "busy" to every request
@@ -348,6 +355,9 @@ class SwarmScheduler:
         # `_delivered_at`: when the last new chunk arrived, from anyone.
         self._streaks: dict[str, tuple[int, float, float]] = {}  # (count, since, last failure)
         self._answered_at = -math.inf  # when any peer, or the origin, last answered us (anything)
+        self._hearing_since = -math.inf  # start of the current spell of answers (no gap over the patience)
+        self._deaf_at = -math.inf  # last failure with no answer while nobody answered lately
+        self._link_down_at = -math.inf  # last time the origin too failed with no answer while nobody answered
         self._probe_origin = False  # ask the origin for one chunk, whoever claims it (see _note_failure)
         self._benched_until: dict[str, float] = {}
         self._distrusted: set[str] = set()
@@ -502,7 +512,7 @@ class SwarmScheduler:
         size = self._sizes[index]
         peer = self._peers.get(peer_id)
         self._end_request(peer_id, index)
-        self._answered_at = max(self._answered_at, now)
+        self._note_answer(now)
         self._count_bytes(peer_id, size, peer is not None and peer.is_origin)
         if peer is not None:
             peer.backoff_s = 0.0
@@ -541,7 +551,9 @@ class SwarmScheduler:
         self._end_request(peer_id, index)
         self.stats.failures[reason] = self.stats.failures.get(reason, 0) + 1
         if reason not in (FailureReason.TIMEOUT, FailureReason.UNAVAILABLE, FailureReason.IO_ERROR):
-            self._answered_at = max(self._answered_at, now)  # it answered (busy, not held, bad bytes)
+            self._note_answer(now)  # it answered (busy, not held, bad bytes)
+        else:
+            self._note_silence(peer_id, now)
         if reason is FailureReason.BAD_CHUNK:
             size = self._sizes[index]
             peer = self._peers.get(peer_id)
@@ -555,8 +567,11 @@ class SwarmScheduler:
                 return
             if reason is FailureReason.NOT_HELD:
                 if not peer.have[index]:  # its own announcement dropped the chunk meanwhile: no claim left
-                    return
-                dropped, strike = [index], True
+                    if deadline is None:
+                        return
+                    dropped, strike = [], True  # but we asked on its claim: a denial all the same
+                else:
+                    dropped, strike = [index], True
             else:  # a second withdrawal in one download is a claim made again and denied again
                 dropped = [i for i in range(self.n_chunks) if peer.have[i]]
                 self._withdrawals[peer_id] = self._withdrawals.get(peer_id, 0) + 1
@@ -585,6 +600,7 @@ class SwarmScheduler:
             self._end_request(peer_id, index)
             self.stats.failures[FailureReason.TIMEOUT] = self.stats.failures.get(FailureReason.TIMEOUT, 0) + 1
             self._back_off(peer_id, now)
+            self._note_silence(peer_id, now)
             self._events.append(RequestCancelled(peer_id, index, "timed out"))
             self._note_failure(peer_id, now, FailureReason.TIMEOUT,
                                sent_at=deadline - self.config.request_timeout_s)
@@ -721,7 +737,7 @@ class SwarmScheduler:
         self._holders[index][peer.peer_id] = None
         if self._counted(peer.peer_id):
             self._available[index] += 1
-            if self._available[index] == 1:
+            if self._available[index] == 1 and not self._have[index]:  # news only if we lack it
                 self._progress_at = max(self._progress_at, now)
             self._unavailable_since.pop(index, None)
 
@@ -834,10 +850,11 @@ class SwarmScheduler:
         if count < config.unresponsive_failures or self.is_banned(peer_id, now):
             return
         # Failures with no answer at all (timeouts, broken connections) while nobody else answered us
-        # either say more about our own link than about the peer: only the cap applies then.
+        # either say more about our own link than about the peer.
         # Our link worked if someone answered while this request was out, or lately (its own "busy" too).
-        heard = ((sent_at is not None and self._answered_at >= sent_at)
-                 or now - self._answered_at <= config.unresponsive_after_s)
+        recent = now - self._answered_at <= config.unresponsive_after_s
+        heard = recent or (sent_at is not None and self._answered_at >= sent_at)
+        stall_since = max(since, self._hearing_since)  # the swarm's stall only counts while we hear it
         # Failing for origin_fallback_s while the swarm did not move for as long (no peer delivered us a
         # chunk, the origin's through the stall fallback aside, and no other peer announced one): not
         # counted on for anything. Peers that keep announcing can hold that off, but not past
@@ -845,9 +862,9 @@ class SwarmScheduler:
         fallback_s = config.origin_fallback_s
         others_at = max((t for p, t in self._announced_at.items()
                          if p != peer_id and p in self._peers and self._counted(p)), default=-math.inf)
-        capped = now - since >= DISTRUST_CAP * fallback_s
-        lasting = now - since >= fallback_s and heard and (
-            (now - self._peer_delivered_at >= fallback_s and now - others_at >= fallback_s) or capped)
+        capped = now - max(since, self._link_down_at) >= DISTRUST_CAP * fallback_s
+        lasting = (heard and capped) or (recent and now - stall_since >= fallback_s and (
+            now - self._peer_delivered_at >= fallback_s and now - others_at >= fallback_s))
         if capped and not heard:
             # Nobody has answered us for a while: our own link, or a peer that never answers while we
             # ask no one else? One chunk from the origin tells: an answer makes the next failure count.
@@ -867,8 +884,8 @@ class SwarmScheduler:
         # a busy peer that may free up (slow swarms are full of those), and gains nothing.
         alone = self._counted(peer_id) and any(
             peer.have[i] and not self._have[i] and self._available[i] == 1 for i in range(self.n_chunks))
-        still = (heard and alone and now - since >= patience_s and now - self._delivered_at >= patience_s
-                 and now - others_at >= patience_s
+        still = (recent and alone and now - stall_since >= patience_s
+                 and now - self._delivered_at >= patience_s and now - others_at >= patience_s
                  and not any(other != peer_id for other, _ in self._in_flight))
         if not (lasting or still):
             return
@@ -877,6 +894,20 @@ class SwarmScheduler:
         self.stats.benched += 1
         self._events.append(PeerBenched(peer_id, until, count, now - since))
         self._set_aside(peer, since, was_counted)
+
+    def _note_answer(self, now: float) -> None:
+        if self._deaf_at > self._answered_at:
+            self._hearing_since = now  # answers again after a deaf spell: stalls are timed from here
+        self._answered_at = max(self._answered_at, now)
+        self._probe_origin = False  # an answer is what the probe was for
+
+    def _note_silence(self, peer_id: str, now: float) -> None:
+        if now - self._answered_at <= self.config.unresponsive_after_s:
+            return
+        self._deaf_at = now  # no answer, and nobody else answered lately
+        peer = self._peers.get(peer_id)
+        if peer is not None and peer.is_origin:
+            self._link_down_at = now  # the origin did not answer either: our own link
 
     def _set_aside(self, peer: _Peer, since: float, was_counted: bool) -> None:
         """The peer's claims stopped counting (benched or distrusted since its run began at `since`)."""

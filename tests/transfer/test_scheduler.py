@@ -1105,3 +1105,74 @@ def test_an_outage_of_our_own_link_longer_than_the_cap_does_not_send_us_to_the_o
         now += 0.5
     assert s.done and probes >= 1, probes
     assert s.stats.origin_bytes <= CHUNK and s.stats.benched == 0, s.stats
+
+
+def test_a_silent_rendezvous_node_cannot_hold_off_the_stall_fallback_with_chunks_we_hold() -> None:
+    """The node the origin rendezvous gives chunk c never fetches it, and flaps a chunk we already hold in
+    and out of its announcements every 30 s: that is no progress for us, and the stall fallback asks
+    the origin for c after `origin_fallback_s` (a fourth review: never, in an hour)."""
+    c = next(i for i in range(64) if rendezvous_score("h2", i) > rendezvous_score("me", i))
+    s = make(64, [i for i in range(64) if i != c])
+    s.peer_update("origin", site="cloud", have=range(64), is_origin=True, now=0.0)
+    now, asked, flap = 0.0, None, []
+    while now < 600.0 and asked is None:
+        if now % 30 == 0:
+            flap = [] if flap else [(c + 1) % 64]
+            s.peer_update("h2", site="a", have=flap, now=now)
+        for r in s.next_requests(now):
+            if r.is_origin:
+                asked = now
+        now += 1.0
+    assert asked is not None and asked <= 62.0, asked
+
+
+@pytest.mark.parametrize("answer", [FailureReason.NOT_HELD, FailureReason.BUSY])
+def test_a_rendezvous_node_that_announces_a_chunk_and_then_denies_it_is_struck(answer) -> None:
+    """It announces z (which we lack), drops z from its announcements when asked and answers NOT_HELD
+    (or BUSY): we asked on its claim, so the denial counts. It is banned or set aside and the origin
+    serves (a fourth review: not done in an hour with NOT_HELD)."""
+    c, z = [i for i in range(64) if rendezvous_score("h2", i) > rendezvous_score("me", i)][:2]
+    s = make(64, [i for i in range(64) if i not in (c, z)])
+    s.peer_update("origin", site="cloud", have=range(64), is_origin=True, now=0.0)
+    s.peer_update("h2", site="a", have=[], now=0.0)
+    now, last = 0.0, -1e9
+    while now < 600.0 and not s.done:
+        if now - last >= 30.0:
+            last = now
+            s.peer_update("h2", site="a", have=[z], now=now)
+        for r in s.next_requests(now):
+            if r.is_origin:
+                s.completed(r.peer_id, r.index, now)
+            else:
+                s.peer_update("h2", site="a", have=[], now=now)
+                s.failed(r.peer_id, r.index, answer, now + 0.1)
+        now += 1.0
+    assert s.done and now <= 250.0, now
+
+
+@pytest.mark.parametrize("outage_s", [70.0, 300.0])
+def test_peers_answering_busy_just_after_our_outage_are_not_taken_for_refusers(outage_s: float) -> None:
+    """Our link is down from 5 s (every request fails at once); when it is back, the seeders answer
+    "busy" for 5 s (the whole site catches up), then serve. Their runs of failures span the outage,
+    which says nothing about them (a fourth review: all remaining chunks then came from the origin)."""
+    s = make(64, origin_holdoff_s=0.0)
+    s.peer_update("origin", site="cloud", have=range(64), is_origin=True, now=0.0)
+    for k in range(6):
+        s.peer_update(f"p{k}", site="a", have=range(64), now=0.0)
+    now, pending = 0.0, []
+    while now < 2000.0 and not s.done:
+        for item in [x for x in pending if x[0] <= now]:
+            pending.remove(item)
+            if (item[1], item[2]) in {(r.peer_id, r.index) for r in s.in_flight}:
+                s.completed(item[1], item[2], now)
+        for r in s.next_requests(now):
+            if 5.0 <= now < 5.0 + outage_s:
+                s.failed(r.peer_id, r.index, FailureReason.UNAVAILABLE, now)
+            elif r.is_origin:
+                pending.append((now + 3.0, r.peer_id, r.index))
+            elif now < 10.0 + outage_s:
+                s.failed(r.peer_id, r.index, FailureReason.BUSY, now, retry_after_s=2.0)
+            else:
+                pending.append((now + 2.0, r.peer_id, r.index))
+        now += 0.5
+    assert s.done and s.stats.origin_bytes <= CHUNK, (s.stats.origin_bytes, s.stats.benched)

@@ -58,41 +58,46 @@ lives here):
   masks all its claims, with no count against it.
 - A claim no answer backs. A run of failures of a non-origin peer (BUSY, ERROR,
   UNAVAILABLE, IO_ERROR, TIMEOUT; a timeout counts as a whole run, and the run
-  starts when that request was sent) ends when it delivers a chunk we lacked.
-  The peer is benched for `bench_s` (`PeerBenched`: its claims count for
-  nothing, so a chunk only it claims is treated as one no peer has) when the
-  run has `unresponsive_failures` failures, began `unresponsive_after_s` ago,
-  the peer is the only one claiming some chunk we lack, and nothing moves here
-  for as long (no chunk arrived, no other peer announced one, no request to
-  another peer is in flight). Not a ban: an honest peer may be that busy, and a
-  chunk it delivers ends the bench. A benched peer stays in the origin
-  rendezvous roster (usually it fetched those chunks from the origin: dropping
-  it would fetch them again), and the stall fallback's clock for its chunks
-  runs from the run's start, so bench cycles do not restart it. A run that has
-  lasted `origin_fallback_s` while no peer delivered and no other peer
-  announced for as long (the origin's chunks, through the stall fallback, do
-  not count), or `DISTRUST_CAP` times that whatever else happens, benches the
-  peer and takes it out of the roster until it delivers: not counted on to
-  fetch from the origin either, and its claims count for nothing until then
-  (it is still asked for chunks others claim too). Runs with no answer at all
-  (timeouts, broken connections) count only while someone (the peer itself
-  included) answered us in the last `unresponsive_after_s`: otherwise the
-  trouble is more likely our own link. Stalls are timed from the first answer
-  after such a deaf spell, and the cap from the last time the origin did not
-  answer either. A run that reaches the cap with no answer from anyone asks
-  the origin for one chunk first, whoever claims it (the one exception to the
-  origin rules above): its answer shows our link works, and the next failure
-  counts. A denial of a chunk we asked for on the peer's claim counts even if
-  its announcements dropped the chunk meanwhile, and announcements of chunks
-  we hold are no progress for the stall fallback. Runs, benches and distrust outlive a
-  withdrawal and a role flip (both are the peer's own doing); a run ends when
-  the peer has not been asked for longer than a timeout, a back-off and a
-  bench. So a peer that claims chunks and answers "busy" to every request
-  delays a download by about `unresponsive_after_s` (chunks only it claims)
-  to `origin_fallback_s` (chunks the rendezvous gave it) past the point where
-  nothing else moves; one that never answers, by about `DISTRUST_CAP` x
-  `origin_fallback_s` or more (known: the cap is checked when a failure comes
-  in, and a bench that runs out needs a new failure).
+  starts when that request was sent) ends when it delivers a chunk we lacked. A
+  failure while another request to the same peer is in flight does not count (it
+  is serving us; the refusal is its slot limit), a timeout aside. The peer is
+  benched for `bench_s` (`PeerBenched`: its claims count for nothing, so a chunk
+  only it claims is treated as one no peer has) when the run has
+  `unresponsive_failures` failures, began `unresponsive_after_s` ago, the peer
+  is the only one claiming some chunk we lack, and nothing moves here for as
+  long (no chunk arrived, no other peer announced one, no request to another
+  peer is in flight). Not a ban: an honest peer may be that busy, and a chunk it
+  delivers ends the bench. A benched peer stays in the origin rendezvous roster
+  (usually it fetched those chunks from the origin: dropping it would fetch them
+  again), and the stall fallback's clock for its chunks runs from the run's
+  start, so bench cycles do not restart it. A run that has lasted
+  `origin_fallback_s` while no other peer delivered or announced for as long
+  (the origin's chunks, through the stall fallback, do not count), or
+  `DISTRUST_CAP` times that whatever else happens, benches the peer and takes it
+  out of the roster until it delivers: not counted on to fetch from the origin
+  either, and its claims count for nothing until then (it is still asked for
+  chunks others claim too). For that first measure a lone delivery does not end
+  the run: the peer's trouble ends only after `unresponsive_after_s` of
+  deliveries with no failure between them (a peer that hands over one chunk
+  after each bench must not restart the clock it is judged on). Runs with no
+  answer at all (timeouts, broken connections) count only while someone (the
+  peer itself included) answered us in the last `unresponsive_after_s`:
+  otherwise the trouble is more likely our own link. Stalls are timed from the
+  first answer after such a deaf spell, and the cap from the last time the
+  origin did not answer either. A run that reaches the cap with no answer from
+  anyone asks the origin for one chunk first, whoever claims it (the one
+  exception to the origin rules above): its answer shows our link works, and the
+  next failure counts. A denial of a chunk we asked for on the peer's claim
+  counts even if its announcements dropped the chunk meanwhile, and
+  announcements of chunks we hold are no progress for the stall fallback. Runs,
+  benches and distrust outlive a withdrawal and a role flip (both are the peer's
+  own doing); a run ends when the peer has not been asked for longer than a
+  timeout, a back-off and a bench. So a peer that claims chunks and answers
+  "busy" to every request delays a download by about `unresponsive_after_s`
+  (chunks only it claims) to `origin_fallback_s` (chunks the rendezvous gave it)
+  past the point where nothing else moves; one that never answers, by about
+  `DISTRUST_CAP` x `origin_fallback_s` or more (known: the cap is checked when a
+  failure comes in, and a bench that runs out needs a new failure).
 - No endgame mode: the last chunks are not requested twice. Duplicates would
   cost bytes (the goal is <= 1.05x the minimum) and the simulator shows the
   tail is short without them.
@@ -354,6 +359,12 @@ class SwarmScheduler:
         # have lasted `origin_fallback_s` (out of the origin roster). All outlive `peer_gone`, as bans.
         # `_delivered_at`: when the last new chunk arrived, from anyone.
         self._streaks: dict[str, tuple[int, float, float]] = {}  # (count, since, last failure)
+        # Per peer id, its trouble: a run's start that a lone delivery does not end (a peer that hands over
+        # one chunk after each bench must not restart the stall clock it is judged on), the last failure,
+        # and when its current spell of deliveries with no failure began (one of `unresponsive_after_s`
+        # ends the trouble).
+        self._trouble: dict[str, tuple[float, float, float | None]] = {}
+        self._delivered_by: dict[str, float] = {}  # per non-origin peer: its last chunk we lacked
         self._answered_at = -math.inf  # when any peer, or the origin, last answered us (anything)
         self._hearing_since = -math.inf  # start of the current spell of answers (no gap over the patience)
         self._deaf_at = -math.inf  # last failure with no answer while nobody answered lately
@@ -362,7 +373,7 @@ class SwarmScheduler:
         self._benched_until: dict[str, float] = {}
         self._distrusted: set[str] = set()
         self._delivered_at = now
-        self._peer_delivered_at = now  # the same, not counting the origin's (it says the swarm stalled)
+        self._started_at = now
         self._announced_at: dict[str, float] = {}  # per non-origin peer: when it last announced a new chunk
         # Non-origin peers announcing each chunk (banned ones too; they are skipped), in
         # announcement order: dicts, not sets, so that iteration never depends on str hashing.
@@ -520,12 +531,12 @@ class SwarmScheduler:
         if self._have[index]:
             self.stats.wasted_bytes += size
             return
-        self._forgive(peer_id)  # it delivered something we lacked: whatever it is, it serves
+        self._forgive(peer_id, now)  # it delivered something we lacked: whatever it is, it serves
         self._have[index] = 1
         self._missing -= 1
         self._delivered_at = max(self._delivered_at, now)
         if peer is None or not peer.is_origin:
-            self._peer_delivered_at = max(self._peer_delivered_at, now)
+            self._delivered_by[peer_id] = max(self._delivered_by.get(peer_id, now), now)
         self._unavailable_since.pop(index, None)
         self._progress_at = max(self._progress_at, now)
         self._events.append(ChunkDone(index, peer_id, size, now))
@@ -820,9 +831,17 @@ class SwarmScheduler:
                     self._unavailable_since.pop(i, None)
         self._assignee.clear()
 
-    def _forgive(self, peer_id: str) -> None:
-        """Forget a peer's run of failures, bench and distrust (not its bans or denial counts)."""
+    def _forgive(self, peer_id: str, now: float) -> None:
+        """Forget a peer's run of failures, bench and distrust (not its bans or denial counts); its trouble
+        ends only after `unresponsive_after_s` of deliveries with no failure between them."""
         self._streaks.pop(peer_id, None)
+        trouble = self._trouble.get(peer_id)
+        if trouble is not None:
+            since, last, clean_since = trouble
+            if clean_since is None:
+                self._trouble[peer_id] = (since, last, now)
+            elif now - clean_since >= self.config.unresponsive_after_s:
+                del self._trouble[peer_id]
         was_counted = self._counted(peer_id)
         if peer_id in self._distrusted:
             self._distrusted.discard(peer_id)
@@ -839,11 +858,19 @@ class SwarmScheduler:
         if peer is None or peer.is_origin:
             return
         config = self.config
+        if reason is not FailureReason.TIMEOUT and peer.in_flight > 0:
+            return  # it is serving us another chunk: a refusal now is its slot limit, not a refusal of us
         # A run of failures starts when its first failed request was sent.
         start = min(now, sent_at) if sent_at is not None else now
         count, since, last = self._streaks.get(peer_id, (0, start, now))
-        if now - last > config.request_timeout_s + config.max_backoff_s + config.bench_s:
+        stale_s = config.request_timeout_s + config.max_backoff_s + config.bench_s
+        if now - last > stale_s:
             count, since = 0, start  # not asked for a long while: an old run says nothing now
+        trouble_since, trouble_last, _ = self._trouble.get(peer_id, (since, now, None))
+        if now - trouble_last > stale_s:
+            trouble_since = since
+        trouble_since = min(trouble_since, since)
+        self._trouble[peer_id] = (trouble_since, now, None)  # a failure ends a clean spell
         # A timeout is a long silence already: it counts as a whole run.
         count += config.unresponsive_failures if reason is FailureReason.TIMEOUT else 1
         self._streaks[peer_id] = (count, since, now)
@@ -855,16 +882,19 @@ class SwarmScheduler:
         recent = now - self._answered_at <= config.unresponsive_after_s
         heard = recent or (sent_at is not None and self._answered_at >= sent_at)
         stall_since = max(since, self._hearing_since)  # the swarm's stall only counts while we hear it
-        # Failing for origin_fallback_s while the swarm did not move for as long (no peer delivered us a
-        # chunk, the origin's through the stall fallback aside, and no other peer announced one): not
-        # counted on for anything. Peers that keep announcing can hold that off, but not past
-        # DISTRUST_CAP x origin_fallback_s of failures.
+        # Failing for origin_fallback_s while the swarm did not move for as long (no other peer delivered
+        # us a chunk, the origin's through the stall fallback aside, and no other peer announced one): not
+        # counted on for anything. Its own lone deliveries do not end that clock (its trouble's). Peers that
+        # keep announcing can hold that off, but not past DISTRUST_CAP x origin_fallback_s of failures.
         fallback_s = config.origin_fallback_s
         others_at = max((t for p, t in self._announced_at.items()
                          if p != peer_id and p in self._peers and self._counted(p)), default=-math.inf)
+        others_delivered_at = max((t for p, t in self._delivered_by.items() if p != peer_id),
+                                  default=self._started_at)
+        troubled_since = max(trouble_since, self._hearing_since)
         capped = now - max(since, self._link_down_at) >= DISTRUST_CAP * fallback_s
-        lasting = (heard and capped) or (recent and now - stall_since >= fallback_s and (
-            now - self._peer_delivered_at >= fallback_s and now - others_at >= fallback_s))
+        lasting = (heard and capped) or (recent and now - troubled_since >= fallback_s and (
+            now - others_delivered_at >= fallback_s and now - others_at >= fallback_s))
         if capped and not heard:
             # Nobody has answered us for a while: our own link, or a peer that never answers while we
             # ask no one else? One chunk from the origin tells: an answer makes the next failure count.

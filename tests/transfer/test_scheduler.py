@@ -695,19 +695,69 @@ def test_a_busy_answer_before_our_own_link_went_down_does_not_count_for_the_outa
 
 
 def test_a_chunk_delivered_while_benched_ends_the_bench() -> None:
-    s = make(4, self_id=None, unresponsive_failures=2, unresponsive_after_s=1.0, max_in_flight_per_peer=2,
-             max_in_flight_total=2)
+    s = make(4, self_id=None, unresponsive_failures=2, unresponsive_after_s=1.0, max_in_flight_per_peer=1,
+             max_in_flight_total=1, request_timeout_s=1.5)
     s.peer_update("slow", site="a", have=range(4), now=0.0)
-    first, second = s.next_requests(0.0)
-    s.failed("slow", second.index, FailureReason.BUSY, 0.0)
-    [third] = s.next_requests(1.0)  # `first` is still on its way
-    s.failed("slow", third.index, FailureReason.BUSY, 1.0)
-    assert s.is_benched("slow", 1.0) and all(s.availability(i) == 0 for i in range(4))
-    assert s.next_requests(2.0) == []  # nobody else to ask
-    s.completed("slow", first.index, 2.5)  # it was slow, not lying
-    assert not s.is_benched("slow", 2.5)
+    [first] = s.next_requests(0.0)
+    now = 1.5
+    s.tick(now)  # `first` times out; its answer is still on its way
+    while not s.is_benched("slow", now) and now < 30.0:
+        for r in s.next_requests(now):
+            s.failed("slow", r.index, FailureReason.BUSY, now)
+        now += 0.25
+    assert s.is_benched("slow", now) and all(s.availability(i) == 0 for i in range(4))
+    assert s.next_requests(now) == []  # nobody else to ask
+    s.completed("slow", first.index, now)  # it was slow, not lying
+    assert not s.is_benched("slow", now)
     assert [s.availability(i) for i in range(4) if i != first.index] == [1, 1, 1]
-    assert {r.peer_id for r in s.next_requests(3.0)} == {"slow"}
+    assert {r.peer_id for r in s.next_requests(now + 1.0)} == {"slow"}
+
+
+def test_refusals_while_a_peer_serves_us_another_chunk_are_its_slot_limit() -> None:
+    # An honest peer with one upload slot serving only us: the second request is refused while the first
+    # is served, every time. That is no run of refusals: it is never benched, and the origin is not asked.
+    s = make(8, self_id="me", unresponsive_failures=2, unresponsive_after_s=1.0, origin_fallback_s=5.0,
+             max_in_flight_per_peer=2)
+    s.peer_update("origin", site="cloud", have=range(8), is_origin=True, now=0.0)
+    s.peer_update("one-slot", site="a", have=range(8), now=0.0)
+    now, serving = 0.0, None
+    while not s.done and now < 300.0:
+        if serving is not None and serving[1] <= now:
+            s.completed("one-slot", serving[0], now)
+            serving = None
+        for r in s.next_requests(now):
+            assert not r.is_origin, now
+            if serving is None:
+                serving = (r.index, now + 10.0)  # 10 s per chunk, much slower than the origin
+            else:
+                s.failed("one-slot", r.index, FailureReason.BUSY, now)
+        now += 0.25
+    assert s.done and s.stats.benched == 0 and s.stats.origin_bytes == 0, s.stats
+
+
+def test_a_peer_that_hands_over_one_chunk_after_each_bench_is_distrusted_all_the_same() -> None:
+    # It claims every chunk and answers "busy", except the first request after each bench, which it
+    # serves: each delivery ends a bench, but not the stall clock it is judged on, so within about
+    # origin_fallback_s the rest comes from the origin (before: one chunk per bench cycle, for ever).
+    s = make(40, self_id="me", origin_fallback_s=20.0)
+    s.peer_update("origin", site="cloud", have=range(40), is_origin=True, now=0.0)
+    s.peer_update("trickler", site="a", have=range(40), now=0.0)
+    now, owe, pending, from_it = 0.0, False, [], 0
+    while not s.done and now < 600.0:
+        for at, peer_id, index in [p for p in pending if p[0] <= now]:
+            pending.remove((at, peer_id, index))
+            s.completed(peer_id, index, now)
+        for r in s.next_requests(now):
+            if r.is_origin:
+                pending.append((now + 1.0, r.peer_id, r.index))
+            elif owe:
+                owe, from_it = False, from_it + 1
+                pending.append((now + 0.5, r.peer_id, r.index))
+            else:
+                s.failed(r.peer_id, r.index, FailureReason.BUSY, now)
+        owe = owe or any(isinstance(e, PeerBenched) for e in s.drain_events())
+        now += 0.25
+    assert s.done and now < 100.0 and from_it <= 2, (now, from_it)
 
 
 def test_a_duplicate_delivery_does_not_end_a_bench() -> None:

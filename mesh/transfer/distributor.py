@@ -917,7 +917,7 @@ class Distributor:
                 elif isinstance(event, PeerBenched):
                     counters.benched += 1
                     log.info("peer %s announces chunks of %s %s but failed %d requests in a row over %.0fs "
-                             "(busy or no answer); asking others and the origin for them for %.0fs",
+                             "(busy, an error or no answer); asking others and the origin for them for %.0fs",
                              event.peer_id, manifest.name, manifest.version, event.failures, event.over_s,
                              event.until - self._now())
 
@@ -934,11 +934,16 @@ class Distributor:
                 # Low priority: no new request while a download of anything else runs (those in flight end).
                 yielding = self._yields((manifest.name, manifest.version))
                 requests = () if yielding else scheduler.next_requests(self._now())
+                # Its cancellations first (a role flip in refresh_peers, a timeout in next_requests): they
+                # name requests sent before, and a re-sent request may have the same peer and chunk.
+                handle_events()
                 for request in requests:
-                    running[(request.peer_id, request.index)] = asyncio.create_task(self._fetch_chunk(
+                    key = (request.peer_id, request.index)
+                    if (old := running.pop(key, None)) is not None:  # (not expected: the scheduler ended it)
+                        old.cancel()
+                    running[key] = asyncio.create_task(self._fetch_chunk(
                         manifest, request.peer_id, addresses[request.peer_id], request.index, progress,
                         from_origin=request.is_origin))
-                handle_events()
                 # Chunk lists of the partial holders it may fetch from (more often while it has nothing to
                 # do); while yielding too, so that a site's progress between eighths is seen.
                 for peer_id in exchange.to_ask(holders, self._now(), starving=not requests and not running):

@@ -252,8 +252,9 @@ class RequestCancelled:
 
 @dataclass(frozen=True)
 class PeerBenched:
-    """`peer_id` claims chunks and failed `failures` requests in a row over `over_s`: its claims count
-    for nothing until `until` (or until it delivers one). Not a ban: it may be an honest, busy peer."""
+    """`peer_id` claims chunks and failed `failures` requests in a row over `over_s` (one timeout weighs as
+    a whole run): its claims count for nothing until `until` (or until it delivers one). Not a ban: it may
+    be an honest, busy peer."""
 
     peer_id: str
     until: float
@@ -358,7 +359,7 @@ class SwarmScheduler:
         # when the first failed; peers benched (their claims set aside) until when; peers whose failures
         # have lasted `origin_fallback_s` (out of the origin roster). All outlive `peer_gone`, as bans.
         # `_delivered_at`: when the last new chunk arrived, from anyone.
-        self._streaks: dict[str, tuple[int, float, float]] = {}  # (count, since, last failure)
+        self._streaks: dict[str, tuple[int, float, float, int]] = {}  # (weight, since, last fail, requests)
         # Per peer id, its trouble: a run's start that a lone delivery does not end (a peer that hands over
         # one chunk after each bench must not restart the stall clock it is judged on), the last failure,
         # and when its current spell of deliveries with no failure began (one of `unresponsive_after_s`
@@ -862,10 +863,10 @@ class SwarmScheduler:
             return  # it is serving us another chunk: a refusal now is its slot limit, not a refusal of us
         # A run of failures starts when its first failed request was sent.
         start = min(now, sent_at) if sent_at is not None else now
-        count, since, last = self._streaks.get(peer_id, (0, start, now))
+        count, since, last, requests = self._streaks.get(peer_id, (0, start, now, 0))
         stale_s = config.request_timeout_s + config.max_backoff_s + config.bench_s
         if now - last > stale_s:
-            count, since = 0, start  # not asked for a long while: an old run says nothing now
+            count, since, requests = 0, start, 0  # not asked for a long while: an old run says nothing now
         trouble_since, trouble_last, _ = self._trouble.get(peer_id, (since, now, None))
         if now - trouble_last > stale_s:
             trouble_since = since
@@ -873,7 +874,8 @@ class SwarmScheduler:
         self._trouble[peer_id] = (trouble_since, now, None)  # a failure ends a clean spell
         # A timeout is a long silence already: it counts as a whole run.
         count += config.unresponsive_failures if reason is FailureReason.TIMEOUT else 1
-        self._streaks[peer_id] = (count, since, now)
+        requests += 1
+        self._streaks[peer_id] = (count, since, now, requests)
         if count < config.unresponsive_failures or self.is_banned(peer_id, now):
             return
         # Failures with no answer at all (timeouts, broken connections) while nobody else answered us
@@ -922,7 +924,7 @@ class SwarmScheduler:
         until = now + config.bench_s
         self._benched_until[peer_id] = until
         self.stats.benched += 1
-        self._events.append(PeerBenched(peer_id, until, count, now - since))
+        self._events.append(PeerBenched(peer_id, until, requests, now - since))
         self._set_aside(peer, since, was_counted)
 
     def _note_answer(self, now: float) -> None:

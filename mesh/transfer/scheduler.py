@@ -59,40 +59,42 @@ lives here):
 - A claim no answer backs. A run of failures of a non-origin peer (BUSY, ERROR,
   UNAVAILABLE, IO_ERROR, TIMEOUT; a timeout counts as a whole run, and the run
   starts when that request was sent) ends when it delivers a chunk we lacked. A
-  failure while another request to the same peer is in flight does not count (it
-  is serving us; the refusal is its slot limit), a timeout aside. The peer is
-  benched for `bench_s` (`PeerBenched`: its claims count for nothing, so a chunk
-  only it claims is treated as one no peer has) when the run has
-  `unresponsive_failures` failures, began `unresponsive_after_s` ago, the peer
-  is the only one claiming some chunk we lack, and nothing moves here for as
-  long (no chunk arrived, no other peer announced one, no request to another
-  peer is in flight). Not a ban: an honest peer may be that busy, and a chunk it
-  delivers ends the bench. A benched peer stays in the origin rendezvous roster
-  (usually it fetched those chunks from the origin: dropping it would fetch them
-  again), and the stall fallback's clock for its chunks runs from the run's
-  start, so bench cycles do not restart it. A run that has lasted
-  `origin_fallback_s` while no other peer delivered or announced for as long
-  (the origin's chunks, through the stall fallback, do not count), or
-  `DISTRUST_CAP` times that whatever else happens, benches the peer and takes it
-  out of the roster until it delivers: not counted on to fetch from the origin
-  either, and its claims count for nothing until then (it is still asked for
-  chunks others claim too). For that first measure a lone delivery does not end
-  the run: the peer's trouble ends only after `unresponsive_after_s` of
-  deliveries with no failure between them (a peer that hands over one chunk
-  after each bench must not restart the clock it is judged on). Runs with no
-  answer at all (timeouts, broken connections) count only while someone (the
-  peer itself included) answered us in the last `unresponsive_after_s`:
-  otherwise the trouble is more likely our own link. Stalls are timed from the
-  first answer after such a deaf spell, and the cap from the last time the
-  origin did not answer either. A run that reaches the cap with no answer from
-  anyone asks the origin for one chunk first, whoever claims it (the one
-  exception to the origin rules above): its answer shows our link works, and the
-  next failure counts. A denial of a chunk we asked for on the peer's claim
-  counts even if its announcements dropped the chunk meanwhile, and
-  announcements of chunks we hold are no progress for the stall fallback. Runs,
-  benches and distrust outlive a withdrawal and a role flip (both are the peer's
-  own doing); a run ends when the peer has not been asked for longer than a
-  timeout, a back-off and a bench. So a peer that claims chunks and answers
+  failure while another request to the same peer is in flight does not count if
+  the peer delivered us a chunk within `request_timeout_s` (or was first asked
+  less than that ago): it is serving us, and the refusal is its slot limit. A
+  timeout always counts. The peer is benched for `bench_s` (`PeerBenched`: its
+  claims count for nothing, so a chunk only it claims is treated as one no peer
+  has) when the run has `unresponsive_failures` failures, began
+  `unresponsive_after_s` ago, the peer is the only one claiming some chunk we
+  lack, and nothing moves here for as long (no chunk arrived, no other peer
+  announced one, no request to another peer is in flight). Not a ban: an honest
+  peer may be that busy, and a chunk it delivers ends the bench. A benched peer
+  stays in the origin rendezvous roster (usually it fetched those chunks from
+  the origin: dropping it would fetch them again), and the stall fallback's
+  clock for its chunks runs from the run's start, so bench cycles do not restart
+  it. A run that has lasted `origin_fallback_s` while no other peer delivered or
+  announced for as long (the origin's chunks, through the stall fallback, do not
+  count), or `DISTRUST_CAP` times that whatever else happens, benches the peer
+  and takes it out of the roster until it delivers: not counted on to fetch from
+  the origin either, and its claims count for nothing until then (it is still
+  asked for chunks others claim too). For that first measure a lone delivery
+  does not end the run: the peer's trouble ends only after
+  `unresponsive_after_s` of deliveries with no failure between them, or once its
+  deliveries since the trouble began average one per `unresponsive_after_s` (a
+  peer that hands over one chunk after each bench must not restart the clock it
+  is judged on). Runs with no answer at all (timeouts, broken connections) count
+  only while someone (the peer itself included) answered us in the last
+  `unresponsive_after_s`: otherwise the trouble is more likely our own link.
+  Stalls are timed from the first answer after such a deaf spell, and the cap
+  from the last time the origin did not answer either. A run that reaches the
+  cap with no answer from anyone asks the origin for one chunk first, whoever
+  claims it (the one exception to the origin rules above): its answer shows our
+  link works, and the next failure counts. A denial of a chunk we asked for on
+  the peer's claim counts even if its announcements dropped the chunk meanwhile,
+  and announcements of chunks we hold are no progress for the stall fallback.
+  Runs, benches and distrust outlive a withdrawal and a role flip (both are the
+  peer's own doing); a run ends when the peer has not been asked for longer than
+  a timeout, a back-off and a bench. So a peer that claims chunks and answers
   "busy" to every request delays a download by about `unresponsive_after_s`
   (chunks only it claims) to `origin_fallback_s` (chunks the rendezvous gave it)
   past the point where nothing else moves; one that never answers, by about
@@ -362,9 +364,10 @@ class SwarmScheduler:
         self._streaks: dict[str, tuple[int, float, float, int]] = {}  # (weight, since, last fail, requests)
         # Per peer id, its trouble: a run's start that a lone delivery does not end (a peer that hands over
         # one chunk after each bench must not restart the stall clock it is judged on), the last failure,
-        # and when its current spell of deliveries with no failure began (one of `unresponsive_after_s`
-        # ends the trouble).
-        self._trouble: dict[str, tuple[float, float, float | None]] = {}
+        # when its current spell of deliveries with no failure began (one of `unresponsive_after_s` ends the
+        # trouble), and its deliveries since the trouble began (one per `unresponsive_after_s` ends it too).
+        self._trouble: dict[str, tuple[float, float, float | None, int]] = {}
+        self._asked_since: dict[str, float] = {}  # per non-origin peer: when we first asked it for a chunk
         self._delivered_by: dict[str, float] = {}  # per non-origin peer: its last chunk we lacked
         self._answered_at = -math.inf  # when any peer, or the origin, last answered us (anything)
         self._hearing_since = -math.inf  # start of the current spell of answers (no gap over the patience)
@@ -649,6 +652,8 @@ class SwarmScheduler:
                 peer = self._pick_origin(index, now)
             if peer is None:
                 continue
+            if not peer.is_origin:
+                self._asked_since.setdefault(peer.peer_id, now)
             peer.in_flight += 1
             self._in_flight[(peer.peer_id, index)] = now + self.config.request_timeout_s
             self._in_flight_by_chunk.setdefault(index, {})[peer.peer_id] = None
@@ -834,14 +839,19 @@ class SwarmScheduler:
 
     def _forgive(self, peer_id: str, now: float) -> None:
         """Forget a peer's run of failures, bench and distrust (not its bans or denial counts); its trouble
-        ends only after `unresponsive_after_s` of deliveries with no failure between them."""
+        ends only after `unresponsive_after_s` of deliveries with no failure between them, or when its
+        deliveries during it average one per `unresponsive_after_s`."""
         self._streaks.pop(peer_id, None)
         trouble = self._trouble.get(peer_id)
         if trouble is not None:
-            since, last, clean_since = trouble
+            since, last, clean_since, delivered = trouble
+            delivered += 1
             if clean_since is None:
-                self._trouble[peer_id] = (since, last, now)
-            elif now - clean_since >= self.config.unresponsive_after_s:
+                self._trouble[peer_id] = (since, last, now, delivered)
+            else:
+                self._trouble[peer_id] = (since, last, clean_since, delivered)
+            if (clean_since is not None and now - clean_since >= self.config.unresponsive_after_s) \
+                    or delivered * self.config.unresponsive_after_s >= now - since:
                 del self._trouble[peer_id]
         was_counted = self._counted(peer_id)
         if peer_id in self._distrusted:
@@ -860,18 +870,22 @@ class SwarmScheduler:
             return
         config = self.config
         if reason is not FailureReason.TIMEOUT and peer.in_flight > 0:
-            return  # it is serving us another chunk: a refusal now is its slot limit, not a refusal of us
+            # It is serving us another chunk: a refusal now is its slot limit, not a refusal of us. Unless it
+            # has not delivered for a request timeout: then it is holding a request open to excuse the rest.
+            served_at = self._delivered_by.get(peer_id, self._asked_since.get(peer_id, now))
+            if now - served_at < config.request_timeout_s:
+                return
         # A run of failures starts when its first failed request was sent.
         start = min(now, sent_at) if sent_at is not None else now
         count, since, last, requests = self._streaks.get(peer_id, (0, start, now, 0))
         stale_s = config.request_timeout_s + config.max_backoff_s + config.bench_s
         if now - last > stale_s:
             count, since, requests = 0, start, 0  # not asked for a long while: an old run says nothing now
-        trouble_since, trouble_last, _ = self._trouble.get(peer_id, (since, now, None))
+        trouble_since, trouble_last, _, delivered = self._trouble.get(peer_id, (since, now, None, 0))
         if now - trouble_last > stale_s:
-            trouble_since = since
+            trouble_since, delivered = since, 0
         trouble_since = min(trouble_since, since)
-        self._trouble[peer_id] = (trouble_since, now, None)  # a failure ends a clean spell
+        self._trouble[peer_id] = (trouble_since, now, None, delivered)  # a failure ends a clean spell
         # A timeout is a long silence already: it counts as a whole run.
         count += config.unresponsive_failures if reason is FailureReason.TIMEOUT else 1
         requests += 1

@@ -735,6 +735,100 @@ def test_refusals_while_a_peer_serves_us_another_chunk_are_its_slot_limit() -> N
     assert s.done and s.stats.benched == 0 and s.stats.origin_bytes == 0, s.stats
 
 
+def drive_against(s: SwarmScheduler, peer: object, *, limit_s: float) -> float:
+    """Run `s` against the origin (every chunk in 1 s) and `peer` ("h", claiming every chunk): `peer.ask(now,
+    index)` answers with [(at, "ok" | FailureReason)], `peer.due(now)` with answers it gives of its own
+    accord. Exact event times; returns when the download ended (or `limit_s`)."""
+    s.peer_update("origin", site="cloud", have=range(s.n_chunks), is_origin=True, now=0.0)
+    s.peer_update("h", site="a", have=range(s.n_chunks), now=0.0)
+    answers: list[tuple[float, int, str, int, object]] = []
+    order = 0
+    now = 0.0
+    while not s.done and now < limit_s:
+        for at, index, outcome in peer.due(now):  # type: ignore[attr-defined]
+            answers.append((at, order := order + 1, "h", index, outcome))
+        answers.sort()
+        while answers and answers[0][0] <= now:
+            at, _, peer_id, index, outcome = answers.pop(0)
+            if (peer_id, index) not in {(r.peer_id, r.index) for r in s.in_flight}:
+                continue
+            if outcome == "ok":
+                s.completed(peer_id, index, at)
+            else:
+                s.failed(peer_id, index, outcome, at)  # type: ignore[arg-type]
+            if peer_id == "h":
+                peer.gone(index)  # type: ignore[attr-defined]
+        for r in s.next_requests(now):
+            if r.is_origin:
+                answers.append((now + 1.0, order := order + 1, r.peer_id, r.index, "ok"))
+            else:
+                for at, index, outcome in peer.ask(now, r.index):  # type: ignore[attr-defined]
+                    answers.append((at, order := order + 1, "h", index, outcome))
+        s.drain_events()
+        answers.sort()
+        now = min(s.next_deadline(), answers[0][0] if answers else math.inf, now + 0.25)
+    return now
+
+
+def test_a_peer_that_holds_a_request_open_while_it_refuses_the_others_is_set_aside() -> None:
+    """A review of the first cut: a refusal while another request to the peer is in flight did not count,
+    so a peer that kept one request open at all times (refusing each after 5 s, once a newer one was
+    open) and never delivered stalled the download for good. Now a refusal is excused only while the
+    peer delivered to us within a request timeout (or was first asked less than one ago)."""
+
+    class HoldsOne:
+        def __init__(self) -> None:
+            self.open: dict[int, float] = {}
+
+        def ask(self, now: float, index: int) -> list:
+            self.open[index] = now
+            return []
+
+        def gone(self, index: int) -> None:
+            self.open.pop(index, None)
+
+        def due(self, now: float) -> list:
+            out = []
+            for index, asked in sorted(self.open.items(), key=lambda kv: kv[1]):
+                if len(self.open) - len(out) <= 1:
+                    break
+                if now - asked >= 5.0:
+                    out.append((now, index, FailureReason.BUSY))
+            return out
+
+    s = make(100)
+    ended = drive_against(s, HoldsOne(), limit_s=1000.0)
+    assert s.done and ended < 300.0 and s.stats.bytes_by_peer.get("h", 0) == 0, (ended, s.stats)
+
+
+def test_an_honest_one_slot_seed_shared_with_another_download_is_not_distrusted() -> None:
+    """A review of the first cut: the seed's one upload slot is ours for 6 s (a chunk every 2 s), then
+    another model's downloader holds it for 8 s (busy), and so on; nothing else moves in our swarm. It
+    delivered a chunk every 4.7 s on average and was distrusted within 70 s, sending 85 of 100 chunks to
+    the origin. Deliveries at one per `unresponsive_after_s` or more end a peer's trouble."""
+
+    class SharedSeed:
+        def __init__(self) -> None:
+            self.free_at = 0.0
+
+        def ask(self, now: float, index: int) -> list:
+            ours = now % 14.0 < 6.0
+            if ours and self.free_at <= now:
+                self.free_at = now + 2.0
+                return [(now + 2.0, index, "ok")]
+            return [(now + 0.02, index, FailureReason.BUSY)]
+
+        def gone(self, index: int) -> None:
+            pass
+
+        def due(self, now: float) -> list:
+            return []
+
+    s = make(100)
+    drive_against(s, SharedSeed(), limit_s=2000.0)
+    assert s.done and s.stats.origin_bytes == 0, s.stats
+
+
 def test_a_peer_that_hands_over_one_chunk_after_each_bench_is_distrusted_all_the_same() -> None:
     # It claims every chunk and answers "busy", except the first request after each bench, which it
     # serves: each delivery ends a bench, but not the stall clock it is judged on, so within about

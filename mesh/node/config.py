@@ -147,6 +147,10 @@ class TransferSection(_Strict):
     # How many times the origin refuses a chunk it already sent to each other requester ("fetch it
     # from a peer") before serving it anyway; 0 serves whoever asks (see OriginPolicy).
     origin_refusals: int = Field(default=4, ge=0, le=64)
+    # How long a download that gets nowhere waits before asking the origin for chunks the origin
+    # rendezvous gave another node (stuck, or failing every request): about how long a peer that claims
+    # chunks and never serves them can delay a download.
+    origin_fallback_s: float = Field(default=60.0, gt=0)
     # Sites mode: how long a site may make no progress on a version other sites offer before any of its
     # representatives fetches it across sites (the site's fetcher does not want it or cannot reach
     # them). Longer than a chunk request's timeout, so a slow but working fetcher is not doubled.

@@ -199,6 +199,9 @@ class DistributionCollector:
         yield bans
         yield GaugeMetricFamily("fleetmesh_transfer_banned_peers", "Peers banned right now",
                                 value=downloads.banned_now(self._now()))
+        yield CounterMetricFamily("fleetmesh_transfer_peers_benched", "Times a peer's chunk claims were set "
+                                  "aside: it failed request after request without delivering a chunk",
+                                  value=downloads.benched)
         phases = GaugeMetricFamily("fleetmesh_transfer_downloads", "Model versions by download phase",
                                    labels=["phase"])
         for phase, count in self._distributor.phase_counts().items():

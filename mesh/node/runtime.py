@@ -388,6 +388,7 @@ class Node:
                                       download_rate_bytes_per_s=tc.download_rate_bytes_per_s or None,
                                       fetch_all=tc.fetch == "all", origin_only=tc.sources == "origin",
                                       cross_fallback_s=tc.cross_fallback_s,
+                                      origin_fallback_s=tc.origin_fallback_s,
                                       stepped_holdings=tc.stepped_holdings, have_peers=tc.have_peers),
             rng=random.Random(self._rng.random()), now=loop.time,
             pinned=pinned, unwanted=rollouts.unwanted if rollouts else frozenset,

@@ -50,6 +50,7 @@ from mesh.transfer.scheduler import (
     ChunkDone,
     FailureReason,
     PeerBanned,
+    PeerBenched,
     RequestCancelled,
     SchedulerConfig,
     SwarmScheduler,
@@ -105,6 +106,7 @@ class SimResult:
     sim_time_s: float
     cross_site_bytes: int = 0  # chunk bytes whose server was in another site than the receiver
     cross_site_bytes_by_site: Mapping[str, int] = field(default_factory=dict)  # by the receiver's site
+    benched: int = 0  # times a node set a peer's claims aside (it failed request after request)
 
     @property
     def lower_bound_s(self) -> float:
@@ -133,7 +135,8 @@ class SimResult:
             f"total bytes={self.total_bytes_ratio:.3f}x minimum, "
             f"last node done at {self.last_completion_s:.2f}s = {self.completion_ratio:.2f}x "
             f"(model/upload cap = {self.lower_bound_s:.2f}s), requests={self.requests} "
-            f"refused={self.refused} bans={len(self.bans)} complete={self.all_complete}"
+            f"refused={self.refused} bans={len(self.bans)} benched={self.benched} "
+            f"complete={self.all_complete}"
         )
 
 
@@ -207,6 +210,7 @@ class _Swarm:
         self.have_batch_s = have_batch_s
         self._pending_have: list[tuple[str, int, int]] = []  # (node id, epoch, chunk) awaiting the next batch
         self.bans: list[BanRecord] = []
+        self.benched = 0
         self.lifecycle_pending = 0  # kills and restarts still to come
         n = len(self.sizes)
 
@@ -364,13 +368,16 @@ class _Swarm:
                 node.requests.pop((event.peer_id, event.index), None)
             elif isinstance(event, PeerBanned):
                 log.info(
-                    "%s banned %s until %.1fs: chunk %d failed its hash check",
+                    "%s banned %s until %.1fs: chunk %d (%s)",
                     node.node_id,
                     event.peer_id,
                     event.until,
                     event.index,
+                    event.reason.value,
                 )
                 self.bans.append(BanRecord(self.now, node.node_id, event.peer_id, event.index))
+            elif isinstance(event, PeerBenched):
+                self.benched += 1
             elif isinstance(event, ChunkDone):
                 if self.have_batch_s is not None:
                     if not self._pending_have:
@@ -483,7 +490,7 @@ class _Swarm:
             del client.requests[(server_id, index)]
             assert client.scheduler is not None
             client.scheduler.failed(
-                server_id, index, FailureReason.UNAVAILABLE, self.now, retry_after_s=retry_after_s
+                server_id, index, FailureReason.BUSY, self.now, retry_after_s=retry_after_s
             )
             self._pump(client)
 
@@ -646,4 +653,5 @@ def simulate(
         sim_time_s=swarm.now,
         cross_site_bytes=swarm.cross_site_bytes,
         cross_site_bytes_by_site=dict(swarm.cross_site_bytes_by_site),
+        benched=swarm.benched,
     )

@@ -63,6 +63,7 @@ from mesh.transfer.retention import VersionKey, kept_versions
 from mesh.transfer.scheduler import (
     FailureReason,
     PeerBanned,
+    PeerBenched,
     RequestCancelled,
     SchedulerConfig,
     SwarmScheduler,
@@ -142,6 +143,9 @@ class DownloadCounters:
         default_factory=lambda: {"hash_mismatch": 0, "protocol": 0, "false_claim": 0}
     )
     banned_until: dict[str, float] = field(default_factory=dict)  # peer id -> end of its latest ban (now())
+    # Peers whose chunk claims were set aside: they failed request after request (busy, timed out)
+    # without delivering one (SchedulerConfig.unresponsive_failures); not a ban, they may be honest.
+    benched: int = 0
     last_refusal: dict[str, str] = field(default_factory=dict)  # peer id -> why its last chunk was refused
 
     def banned_now(self, now: float) -> int:
@@ -160,6 +164,25 @@ class Refusal:
 
 # How often a low-priority download that is waiting for others looks again whether it still must wait.
 YIELD_RECHECK_S = 1.0
+
+
+# gRPC statuses that are not a peer's answer (transport, deadline, our own cancel): the scheduler counts
+# them against a peer only while someone else answers this node.
+_NO_ANSWER = (None, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+              grpc.StatusCode.UNKNOWN)
+
+def failure_of(code: grpc.StatusCode | None, details: str) -> FailureReason:
+    """What a failed FetchChunk tells the scheduler (`code` None: the connection broke)."""
+    if code is grpc.StatusCode.NOT_FOUND:  # it announced the chunk and does not hold it
+        # It collected the whole version (or never had it): no lie, its claims just go.
+        gone = details.startswith((VERSION_NOT_HELD, VERSION_NOT_HELD_BEFORE))
+        return FailureReason.WITHDRAWN if gone else FailureReason.NOT_HELD
+    oversized = details.startswith("Received message larger")  # gRPC's own words, on our side
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and not oversized:
+        return FailureReason.BUSY  # no upload slot now, or the origin's "ask a peer"
+    if code in _NO_ANSWER:
+        return FailureReason.UNAVAILABLE  # we could not reach it, or it did not answer in time
+    return FailureReason.ERROR  # it answered, with an error of its own (or an oversized message)
 
 
 HAVE_TIMEOUT_S = 5.0  # a GetHave answer is a few bytes: a peer that takes longer is asked again later
@@ -181,6 +204,7 @@ class TransferSettings:
     # Sites mode: how long a version only other sites announce waits for the site's fetcher before
     # any representative fetches it across sites (at least three dissemination times).
     cross_fallback_s: float = 60.0
+    origin_fallback_s: float = 60.0  # SchedulerConfig.origin_fallback_s
     # Chunk progress travels between transfer peers: gossip says a holding's progress in eighths
     # (`holdings.gossip_view`), and a downloader asks up to `have_peers` partial holders for their chunk
     # lists (GetHave). False: every chunk stored changes the gossiped bitfield, as older nodes do.
@@ -825,6 +849,7 @@ class Distributor:
                                        max_in_flight_per_peer=self.settings.max_in_flight_per_peer,
                                        request_timeout_s=self.settings.request_timeout_s,
                                        ban_s=self.settings.ban_s,
+                                       origin_fallback_s=self.settings.origin_fallback_s,
                                        origin_holdoff_s=self._view.dissemination_s()))
         addresses: dict[str, str] = {}
         running: dict[tuple[str, int], asyncio.Task] = {}
@@ -889,6 +914,12 @@ class Distributor:
                     log.warning("banned %s from %s %s until %.0fs from now (%s on chunk %d)", event.peer_id,
                                 manifest.name, manifest.version, event.until - self._now(),
                                 event.reason.value, event.index)
+                elif isinstance(event, PeerBenched):
+                    counters.benched += 1
+                    log.info("peer %s announces chunks of %s %s but failed %d requests in a row over %.0fs "
+                             "(busy, an error or no answer); asking others and the origin for them for %.0fs",
+                             event.peer_id, manifest.name, manifest.version, event.failures, event.over_s,
+                             event.until - self._now())
 
         progress.have_chunks = have.count()
         progress.bytes_have = sum(sizes[i] for i in have.present())
@@ -903,11 +934,16 @@ class Distributor:
                 # Low priority: no new request while a download of anything else runs (those in flight end).
                 yielding = self._yields((manifest.name, manifest.version))
                 requests = () if yielding else scheduler.next_requests(self._now())
+                # Its cancellations first (a role flip in refresh_peers, a timeout in next_requests): they
+                # name requests sent before, and a re-sent request may have the same peer and chunk.
+                handle_events()
                 for request in requests:
-                    running[(request.peer_id, request.index)] = asyncio.create_task(self._fetch_chunk(
+                    key = (request.peer_id, request.index)
+                    if (old := running.pop(key, None)) is not None:  # (not expected: the scheduler ended it)
+                        old.cancel()
+                    running[key] = asyncio.create_task(self._fetch_chunk(
                         manifest, request.peer_id, addresses[request.peer_id], request.index, progress,
                         from_origin=request.is_origin))
-                handle_events()
                 # Chunk lists of the partial holders it may fetch from (more often while it has nothing to
                 # do); while yielding too, so that a site's progress between eighths is seen.
                 for peer_id in exchange.to_ask(holders, self._now(), starving=not requests and not running):
@@ -1044,12 +1080,8 @@ class Distributor:
             code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
             log.debug("chunk %d of %s from %s failed: %s", index, manifest.label, peer_id,
                       code.name if code else exc)
-            if code is grpc.StatusCode.NOT_FOUND:  # it announced the chunk and does not hold it
-                details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else ""
-                # It collected the whole version (or never had it): no lie, its claims just go.
-                gone = (details or "").startswith((VERSION_NOT_HELD, VERSION_NOT_HELD_BEFORE))
-                return FailureReason.WITHDRAWN if gone else FailureReason.NOT_HELD
-            return FailureReason.UNAVAILABLE
+            details = (exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "") or ""
+            return failure_of(code, details)
         finally:
             progress.bytes_downloaded += received
             progress.bytes_from[peer_id] = progress.bytes_from.get(peer_id, 0) + received

@@ -66,13 +66,14 @@ VERSION_NOT_HELD_BEFORE = "no manifest for "
 
 
 class ServeFaults:
-    """Test-only misbehaviour: serve corrupted chunk bytes, or deny holding the chunks this node
-    announces (bad peers)."""
+    """Test-only misbehaviour: serve corrupted chunk bytes, deny holding the chunks this node announces,
+    or refuse every chunk as busy (bad peers)."""
 
     def __init__(self) -> None:
         self.corrupt_chunks = False
         self.deny_chunks = False
         self.forget_versions = False  # answer as a node that collected every version
+        self.refuse_chunks = False  # every upload slot "busy", for good
 
 
 class OriginPolicy:
@@ -229,6 +230,10 @@ class TransferServicer(pb_grpc.TransferServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 self._not_held(name, version, f"chunk {request.index} of {name} {version} is "
                                                "not held here"))
+        if self.faults.refuse_chunks:
+            self.counters.refused_busy += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"all {self._max_uploads} upload slots are busy; ask another peer")
         refusal = self.origin.refuse(name, version, request.index, peer)
         if refusal:
             self.counters.refused_busy += 1

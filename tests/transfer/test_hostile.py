@@ -96,6 +96,34 @@ async def test_a_node_announcing_chunks_it_never_serves_is_banned_and_the_releas
     print(f"newcomer complete in {took:.1f}s; the liar banned after denying chunks")
 
 
+async def test_a_node_announcing_chunks_and_refusing_every_request_as_busy_does_not_stall_a_download(
+        cluster, fleet):
+    """As above, but the node answers every chunk request with RESOURCE_EXHAUSTED (no upload slot), the
+    answer an honest busy peer gives: it kept its claims, and a newcomer whose only other peer it was
+    never asked the origin. Now its claims are set aside after 8 refusals in a row over 15 s with nothing
+    else moving (counted as `benched`, no ban), and the chunks come from the origin: those the origin
+    rendezvous gives the newcomer at once, those it gives the refuser once its refusals have lasted
+    `origin_fallback_s` (10 s here; 60 by default)."""
+    c = await cluster(2, transfer={"origin_fallback_s": 10.0})
+    await wait_for(c.converged, 10.0, what="convergence")
+    origin, refuser = c.nodes["node-00"], c.nodes["node-01"]
+    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+    signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0", key=publisher,
+                     store=origin.store)
+    origin.distributor.add_published(signed)
+    await wait_for(lambda: refuser.store.is_complete(signed.manifest), 30.0, what="node-01 completes")
+    refuser.transfer.faults.refuse_chunks = True
+    newcomer = await c.add("node-02")
+    took = await wait_for(lambda: newcomer.store.is_complete(signed.manifest), 120.0,
+                          what="the newcomer completes despite the refuser")
+    counters = newcomer.distributor.counters
+    assert counters.benched >= 1, counters
+    assert counters.bans == {"hash_mismatch": 0, "protocol": 0, "false_claim": 0}, counters
+    assert counters.bytes_from_origin == signed.manifest.size_bytes, counters
+    assert refuser.transfer.counters.refused_busy >= 8
+    print(f"newcomer complete in {took:.1f}s; the refuser's claims set aside {counters.benched} time(s)")
+
+
 async def test_a_node_that_collected_the_version_is_not_taken_for_a_liar(cluster, fleet):
     """The honest twin of the test above: a node that no longer holds the version (it collected it, and
     its gossip has not said so yet) answers 'version not held'; the asker drops its claims without
@@ -127,3 +155,25 @@ async def test_a_node_that_collected_the_version_is_not_taken_for_a_liar(cluster
             pass
     assert refused.value.code() is grpc.StatusCode.NOT_FOUND
     assert refused.value.details().startswith(VERSION_NOT_HELD), refused.value.details()
+
+
+@pytest.mark.parametrize("code, details, reason", [
+    ("NOT_FOUND", "chunk 3 of hand 1.0 is not held here", "NOT_HELD"),
+    ("NOT_FOUND", "version not held here: hand 1.0", "WITHDRAWN"),
+    ("RESOURCE_EXHAUSTED", "all 4 upload slots are busy; ask another peer", "BUSY"),
+    ("RESOURCE_EXHAUSTED", "Received message larger than max (5000000 vs. 4194304)", "ERROR"),
+    ("INTERNAL", "chunk 3 is unreadable here", "ERROR"),
+    ("INVALID_ARGUMENT", "hand 1.0 has chunks 0..17, not 40", "ERROR"),
+    ("UNAVAILABLE", "failed to connect to all addresses", "UNAVAILABLE"),
+    ("DEADLINE_EXCEEDED", "Deadline Exceeded", "UNAVAILABLE"),
+    (None, "connection reset", "UNAVAILABLE"),
+])
+async def test_what_a_failed_chunk_request_tells_the_scheduler(code, details, reason) -> None:
+    """A peer's answer (busy, an error of its own) counts against it at once; no answer at all (we could
+    not reach it) only while others answer this node: the scheduler needs to tell them apart."""
+    import grpc
+
+    from mesh.transfer.distributor import failure_of
+    from mesh.transfer.scheduler import FailureReason
+
+    assert failure_of(grpc.StatusCode[code] if code else None, details) is FailureReason[reason]

@@ -83,3 +83,12 @@ def test_delta_moves_only_the_chunks_the_old_version_lacks(seed: int) -> None:
     assert r.min_bytes == 30 * missing_bytes
     assert r.total_bytes <= 1.05 * r.min_bytes, f"seed {seed}: {r.summary()}"
     assert r.origin_egress_bytes <= 1.2 * missing_bytes, f"seed {seed}: {r.summary()}"
+
+
+def test_honest_busy_peers_in_a_very_slow_swarm_are_not_taken_for_refusers() -> None:
+    """40 nodes with one upload slot each at 10 kB/s, 8 chunks of 256 KiB: a chunk takes 26 s to pass
+    one link and nodes hear "busy" for minutes. A rule against peers that claim chunks and never serve
+    them took such honest peers out of the origin rendezvous, and the origin sent up to 1.5 copies."""
+    r = simulate(40, split_model(2_000_000, 256 * 1024), 10_000, 1, max_uploads=1, origin_max_uploads=1)
+    assert r.all_complete, r.summary()
+    assert r.origin_egress_ratio <= 1.2, r.summary()

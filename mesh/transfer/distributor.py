@@ -967,8 +967,8 @@ class Distributor:
                         continue
                     del asking[peer_id]
                     answer = None if task.cancelled() else task.result()  # (a channel closed under it)
-                    if answer is None:
-                        exchange.failed(peer_id, self._now())
+                    if answer is None or answer == "busy":
+                        exchange.failed(peer_id, self._now(), counts=answer is None)
                     elif answer is False:
                         exchange.forget(peer_id, self._now())  # it holds the version no more
                     else:
@@ -1007,9 +1007,9 @@ class Distributor:
             await asyncio.gather(*running.values(), *asking.values(), return_exceptions=True)
 
     async def _ask_have(self, manifest: Manifest, peer_id: str,
-                        address: str) -> Bitfield | Literal[False] | None:
+                        address: str) -> Bitfield | Literal[False, "busy"] | None:
         """A partial holder's chunk list (GetHave): the bitfield; False if it holds the version no more;
-        None if the ask failed (retried later)."""
+        "busy" if it refused for this node's ask budget; None if the ask failed (both retried later)."""
         try:
             reply = await self._dial(address, peer_id).GetHave(
                 pb.HaveRequest(name=manifest.name, version=manifest.version,
@@ -1019,6 +1019,8 @@ class Distributor:
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.NOT_FOUND:
                 return False
+            if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return "busy"  # our asks (of every version) over its per-asker budget: not its fault
             log.debug("chunk list of %s from %s: %s", manifest.label, peer_id, exc.code().name)
             return None
         except (ConnectionError, BitfieldError) as exc:

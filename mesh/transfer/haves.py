@@ -17,7 +17,10 @@ fetch from, and only from those whose gossip is not exact already:
   of steps) leaves the exchange, and the holder is not taken in again while it announces that step: a
   peer announcing a high step and giving nothing would otherwise keep one of the `k` places for good;
 - so does a holder whose asks failed `MAX_FAILED_ASKS` times in a row (no answer, an error, a chunk list
-  of another length, "not held"), with the same way back (its step moves, or `SHUN_S` passes).
+  of another length, "not held"), with the same way back (its step moves, or `SHUN_S` passes), but only
+  while another holder waits for a place (otherwise it keeps its place and is asked at `stale_s`), and
+  its last chunk list is still believed meanwhile (failures do not make it wrong). A refusal for the
+  asker's own ask budget (`failed(..., counts=False)`) weighs half a failure.
 
 No clock, socket or global randomness: the caller passes the time and the generator.
 """
@@ -66,7 +69,7 @@ class _Member:
     have: Bitfield | None = None
     in_flight: bool = False
     asked_step: int | None = None  # its gossiped step when the ask in flight went out
-    failures: int = 0  # failed asks since its last answer
+    failures: float = 0.0  # failed asks since its last answer (a refusal for our ask budget weighs half)
 
 
 @dataclass
@@ -80,6 +83,9 @@ class HaveExchange:
     _last_asked: dict[str, float] = field(default_factory=dict)  # kept while it leaves and comes back
     # peer -> (the step its answer belied, until when): a new step, or time, gives a new chance
     _shunned: dict[str, tuple[int | None, float]] = field(default_factory=dict)
+    # peer -> (its step, its last chunk list) for holders shunned after failed asks: still believed
+    _kept: dict[str, tuple[int | None, Bitfield]] = field(default_factory=dict)
+    _waiting: int = 0  # askable holders outside the exchange at the last `to_ask`
 
     def __post_init__(self) -> None:
         if self.k < 1 or not 0 < self.min_interval_s <= self.stale_s:
@@ -94,6 +100,7 @@ class HaveExchange:
         """When the next ask falls due without any new gossip (inf: none): the caller wakes then."""
         due = [max(m.asked_at + m.due_after_s, self._last_asked.get(p, float("-inf")) + self.min_interval_s)
                for p, m in self._members.items() if not m.in_flight]
+        due += [until for _, until in self._shunned.values()]  # its place may be free then
         return max(now, min(due)) if due else float("inf")  # never nan: due_after_s is finite
 
     def members(self) -> list[str]:
@@ -104,14 +111,19 @@ class HaveExchange:
         return sorted(self._shunned)
 
     def known(self, peer_id: str, step: int | None = None) -> Bitfield | None:
-        """The last chunk list `peer_id` gave (None: not in the exchange, never answered, or its gossiped
-        `step` is now below the one it had when it answered: it lost chunks since)."""
+        """The last chunk list `peer_id` gave (None: not in the exchange nor shunned after failed asks,
+        never answered, or its gossiped `step` is now below the one it had when it answered: it lost
+        chunks since)."""
         member = self._members.get(peer_id)
-        if member is None or member.have is None:
+        if member is not None:
+            had_step, have = member.step, member.have
+        elif peer_id in self._kept:
+            had_step, have = self._kept[peer_id]
+        else:
             return None
-        if step is not None and member.step is not None and step < member.step:
+        if have is None or (step is not None and had_step is not None and step < had_step):
             return None
-        return member.have.copy()
+        return have.copy()
 
     def to_ask(self, holders: list[Holder], now: float, *, starving: bool = False) -> list[str]:
         """Refresh the members from `holders` (this round's gossip) and say whom to ask now; each is
@@ -121,6 +133,8 @@ class HaveExchange:
             del self._members[peer_id]  # completed, left, or no longer announces it: gossip says enough
         self._shunned = {p: (step, until) for p, (step, until) in self._shunned.items()
                          if p in askable and askable[p].step == step and now < until}
+        self._kept = {p: (step, have) for p, (step, have) in self._kept.items()
+                      if p in askable and not (step is not None and (askable[p].step or 0) < step)}
         self._last_asked = {p: t for p, t in self._last_asked.items() if now - t < self.min_interval_s}
         for peer_id, member in self._members.items():
             step = askable[peer_id].step
@@ -136,7 +150,9 @@ class HaveExchange:
             draws = {h.peer_id: self.rng.random() for h in sorted(outsiders, key=lambda h: h.peer_id)}
             outsiders.sort(key=lambda h: (h.site != self.self_site, draws[h.peer_id]))
             for holder in outsiders[:free]:
-                self._members[holder.peer_id] = _Member(step=holder.step)
+                _, kept = self._kept.pop(holder.peer_id, (None, None))
+                self._members[holder.peer_id] = _Member(step=holder.step, have=kept)
+        self._waiting = sum(1 for p in askable if p not in self._members and p not in self._shunned)
         due = []
         for peer_id, member in sorted(self._members.items()):
             if member.in_flight:
@@ -166,15 +182,20 @@ class HaveExchange:
         member.failures = 0
         member.due_after_s = self.stale_s * self.rng.uniform(0.5, 1.5)
 
-    def failed(self, peer_id: str, now: float) -> None:
+    def failed(self, peer_id: str, now: float, *, counts: bool = True) -> None:
+        """The ask got no chunk list; `counts=False`: refused for our own ask budget, likely not the
+        holder's doing (it weighs half a failure)."""
         member = self._members.get(peer_id)
         if member is None or not member.in_flight:  # an ask from before it left the exchange and came back
             return
         member.in_flight = False
-        member.failures += 1
-        if member.failures >= MAX_FAILED_ASKS:
-            del self._members[peer_id]  # a place it does not use: it goes to another holder
+        # Half: a holder could otherwise keep its place by refusing every ask as over our budget.
+        member.failures += 1.0 if counts else 0.5
+        if member.failures >= MAX_FAILED_ASKS and self._waiting > 0:
+            del self._members[peer_id]  # a place it does not use: it goes to a holder waiting for one
             self._shunned[peer_id] = (member.step, now + SHUN_S)
+            if member.have is not None:
+                self._kept[peer_id] = (member.step, member.have)
             return
         member.backoff_s = min(self.stale_s, max(self.min_interval_s, 2 * member.backoff_s))
         member.due_after_s = max(0.0, now - member.asked_at) + member.backoff_s  # from now

@@ -241,3 +241,40 @@ def test_a_holder_whose_asks_keep_failing_leaves_the_exchange_until_its_step_mov
     assert x.to_ask([Holder("mute", "a", 6, False)], now + 3.0) == ["mute"]  # its step moved
     x.failed("mute", now + 3.0)
     assert x.members() == ["mute"]  # a new count
+
+
+def test_a_failing_holder_keeps_its_place_when_nobody_waits_and_its_list_is_still_believed() -> None:
+    """A review: an honest holder briefly unreachable was shunned after five quick failed asks even with
+    no other holder waiting for its place, what it had said was forgotten (the scheduler fell back to its
+    gossip snapshot), and nothing woke the download when the shun ended. Now: no holder waiting, no
+    shun; shunned, its last list is still believed and `next_due` says when the shun ends; a refusal
+    for our own ask budget weighs half."""
+    from mesh.transfer.haves import MAX_FAILED_ASKS, SHUN_S
+
+    x = ex(k=1)
+    alone = [Holder("p", "a", 4, False)]
+    now = 0.0
+    assert x.to_ask(alone, now) == ["p"]
+    x.answered("p", Bitfield(8, range(6)), now)  # more than its snapshot step says
+    for _ in range(MAX_FAILED_ASKS + 2):
+        now = x.next_due(now)
+        assert x.to_ask(alone, now, starving=True) == ["p"]
+        x.failed("p", now)
+    assert x.members() == ["p"] and x.shunned() == []  # nobody waits for its place
+    now = x.next_due(now)
+    assert x.to_ask(alone, now) == ["p"]
+    x.answered("p", Bitfield(8, range(6)), now)  # back: the count starts again
+    both = [*alone, Holder("q", "b", 2, False)]
+    for counts in [True] * (MAX_FAILED_ASKS - 2) + [False, True]:  # our own ask budget: half
+        now = x.next_due(now)
+        assert x.to_ask(both, now) == ["p"]
+        x.failed("p", now, counts=counts)
+    assert x.members() == ["p"]  # MAX_FAILED_ASKS - 0.5
+    now = x.next_due(now)
+    assert x.to_ask(both, now) == ["p"]
+    x.failed("p", now)
+    assert x.members() == [] and x.shunned() == ["p"]  # q waits: p's place goes to q
+    assert x.known("p", 4) == Bitfield(8, range(6))  # still believed
+    assert x.known("p", 3) is None  # unless its step falls
+    assert x.next_due(now) <= now + SHUN_S  # the shun's end wakes the download
+    assert x.to_ask(both, now + 0.5) == ["q"]

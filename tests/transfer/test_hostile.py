@@ -72,20 +72,26 @@ async def test_unverifiable_higher_versions_do_not_delay_a_genuine_release(clust
     print(f"genuine 2.0 on every honest node after {elapsed_s:.2f}s with hostile announcements standing")
 
 
+async def holder_of_a_release(cluster, fleet, **cluster_kw):
+    """Two nodes: node-00 publishes hand 1.0 and node-01 fetches it all; (cluster, signed, node-01)."""
+    c = await cluster(2, **cluster_kw)
+    await wait_for(c.converged, 10.0, what="convergence")
+    origin, holder = c.nodes["node-00"], c.nodes["node-01"]
+    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
+    signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0", key=publisher,
+                     store=origin.store)
+    origin.distributor.add_published(signed)
+    await wait_for(lambda: holder.store.is_complete(signed.manifest), 30.0, what="node-01 completes")
+    return c, signed, holder
+
+
 async def test_a_node_announcing_chunks_it_never_serves_is_banned_and_the_release_completes(cluster, fleet):
     """A node announces a complete version and answers every chunk request with NOT_FOUND. It was the
     only peer holding the version besides the origin, so its claims kept every chunk "available" and
     a newcomer never asked the origin: the download never ended. Now each denial drops that claim,
     three of them ban the node for the download (counted as `false_claim`), and the chunks come from
     the origin."""
-    c = await cluster(2)
-    await wait_for(c.converged, 10.0, what="convergence")
-    origin, liar = c.nodes["node-00"], c.nodes["node-01"]
-    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
-    signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0", key=publisher,
-                     store=origin.store)
-    origin.distributor.add_published(signed)
-    await wait_for(lambda: liar.store.is_complete(signed.manifest), 30.0, what="the liar-to-be completes")
+    c, signed, liar = await holder_of_a_release(cluster, fleet)
     liar.transfer.faults.deny_chunks = True  # it keeps announcing the version, and serves none of it
     newcomer = await c.add("node-02")
     took = await wait_for(lambda: newcomer.store.is_complete(signed.manifest), 60.0,
@@ -104,14 +110,7 @@ async def test_a_node_announcing_chunks_and_refusing_every_request_as_busy_does_
     else moving (counted as `benched`, no ban), and the chunks come from the origin: those the origin
     rendezvous gives the newcomer at once, those it gives the refuser once its refusals have lasted
     `origin_fallback_s` (10 s here; 60 by default)."""
-    c = await cluster(2, transfer={"origin_fallback_s": 10.0})
-    await wait_for(c.converged, 10.0, what="convergence")
-    origin, refuser = c.nodes["node-00"], c.nodes["node-01"]
-    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
-    signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0", key=publisher,
-                     store=origin.store)
-    origin.distributor.add_published(signed)
-    await wait_for(lambda: refuser.store.is_complete(signed.manifest), 30.0, what="node-01 completes")
+    c, signed, refuser = await holder_of_a_release(cluster, fleet, transfer={"origin_fallback_s": 10.0})
     refuser.transfer.faults.refuse_chunks = True
     newcomer = await c.add("node-02")
     took = await wait_for(lambda: newcomer.store.is_complete(signed.manifest), 120.0,
@@ -128,14 +127,8 @@ async def test_a_node_that_collected_the_version_is_not_taken_for_a_liar(cluster
     """The honest twin of the test above: a node that no longer holds the version (it collected it, and
     its gossip has not said so yet) answers 'version not held'; the asker drops its claims without
     counting them as lies, so no alert names an honest node, and the release completes."""
-    c = await cluster(2)
-    await wait_for(c.converged, 10.0, what="convergence")
-    origin, collector = c.nodes["node-00"], c.nodes["node-01"]
-    publisher = load_signing_key(fleet.directory / "publisher.key", KeyRole.PUBLISHER)
-    signed = publish(mediapipe_model("hand_landmark_lite"), name="hand", version="1.0", key=publisher,
-                     store=origin.store)
-    origin.distributor.add_published(signed)
-    await wait_for(lambda: collector.store.is_complete(signed.manifest), 30.0, what="node-01 completes")
+    c, signed, collector = await holder_of_a_release(cluster, fleet)
+    origin = c.nodes["node-00"]
     collector.transfer.faults.forget_versions = True  # as if collected, still announced
     newcomer = await c.add("node-02")
     await wait_for(lambda: newcomer.store.is_complete(signed.manifest), 60.0, what="the newcomer completes")

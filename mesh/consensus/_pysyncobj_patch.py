@@ -7,9 +7,12 @@
    may be lost, and a member that forgets its vote or an acknowledged entry lets a stale
    member win an election and overwrite committed entries. `DurableFileJournal` keeps term
    and vote in a file of its own written temp + fsync + rename + directory fsync before
-   ``setCurrentTerm`` returns (so before the vote or the request leaves), and msyncs the log
+   ``setCurrentTerm`` returns (so before the vote or the request leaves), and syncs the log
    after every change, or, with ``defer_flush`` (group commit, used with the gRPC transport),
-   once in `flush_pending`, which the transport calls before any frame leaves. The log is
+   once in `flush_pending`, which the transport calls before any frame leaves. It syncs with
+   ``os.fdatasync`` on the log file, not pysyncobj's ``mmap.flush``: CPython's msync holds the
+   GIL for the whole sync, so every thread of the node (gRPC, proposers, the audit writer)
+   stood still on each one; on Linux both write back the same dirty pages of the file. The log is
    written through an mmap of a sparse file: on a full disk, touching a page the file system
    cannot back kills the whole process with SIGBUS. `add` reserves the record's bytes with
    ``posix_fallocate`` first, so a full disk fails that one entry with `JournalFullError`
@@ -282,7 +285,7 @@ class DurableFileJournal(FileJournal):
         self._rewriting = False
         self._defer = defer_flush
         self._dirty = False
-        self.flushes = 0  # msyncs of the log (tests and the bench count them)
+        self.flushes = 0  # syncs of the log (tests and the bench count them)
         # A journal written by plain pysyncobj keeps term and vote in its .meta file.
         self._term: int = super().getCurrentTerm()
         self._voted_for: str | None = super().getVotedForNodeId()
@@ -367,8 +370,12 @@ class DurableFileJournal(FileJournal):
             self.flush()
             self.flushes += 1
 
+    def flush(self) -> None:
+        """Make the log durable: fdatasync on its file, which (unlike mmap.flush) lets other threads run."""
+        os.fdatasync(self._FileJournal__journalFile._ResizableFile__f.fileno())
+
     def flush_pending(self) -> None:
-        """Group commit: one msync for every change since the last one."""
+        """Group commit: one sync for every change since the last one."""
         if self._dirty:
             self._dirty = False
             self.flush()

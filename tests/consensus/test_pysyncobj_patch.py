@@ -135,6 +135,31 @@ def test_durable_journal_fsyncs_the_vote_before_returning_and_reloads_it(tmp_pat
     again.close()
 
 
+def test_the_log_is_synced_with_fdatasync_on_its_file_once_per_change_or_per_group(tmp_path, monkeypatch):
+    """fdatasync releases the GIL; CPython's mmap.flush (msync) holds it for the whole sync, so every thread
+    of the node stood still on each log sync. Each change is synced before `add` returns, or once per
+    `flush_pending` when deferred (group commit)."""
+    synced: list[str] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync",
+                        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    path = str(tmp_path / "raft.journal")
+    journal = _pysyncobj_patch.DurableFileJournal(path)
+    journal.add(b"\x00one", 1, 1)
+    journal.add(b"\x00two", 2, 1)
+    assert synced == [path, path] and journal.flushes == 2
+    journal.close()
+    synced.clear()
+    deferred = _pysyncobj_patch.DurableFileJournal(path, defer_flush=True)
+    deferred.add(b"\x00three", 3, 1)
+    deferred.add(b"\x00four", 4, 1)
+    assert synced == []
+    deferred.flush_pending()
+    deferred.flush_pending()  # nothing new: no sync
+    assert synced == [path] and deferred.flushes == 1
+    deferred.close()
+
+
 @pytest.mark.asyncio
 async def test_every_vote_of_a_live_group_is_made_durable_by_the_durable_journal(raft_cluster):
     """Only DurableFileJournal writes raft.journal.vote: after each election every member's file holds its

@@ -309,13 +309,14 @@ class FederationMember:
         return retry_interval_s(self._config)
 
     def _rejoin(self, addresses: list[str]) -> None:
-        """Push-pull with `addresses`, each at most once per `retry_s`."""
+        """Push-pull with `addresses`, each at most twice per `retry_s` (half of it apart: a join made
+        between two of `_find_other_sites`'s rounds must not make it skip the next one)."""
         runner = self._runner
         if runner is None:
             return
         now = runner.now()
         every = self.retry_s
-        due = [a for a in addresses if now - self._rejoined_at.get(a, -math.inf) >= every]
+        due = [a for a in addresses if now - self._rejoined_at.get(a, -math.inf) >= every / 2]
         if due:
             for address in due:
                 self._rejoined_at[address] = now

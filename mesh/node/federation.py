@@ -43,6 +43,8 @@ the site prefers such members as representatives, since a site leader asks its r
 fleet views its rollouts need."""
 
 _LIVE = (State.ALIVE, State.SUSPECT)
+_EARLIEST_TENURE_MS = 1_577_836_800_000  # 2020-01-01
+
 # How often a representative retries joining other sites and this site's unmet representatives: the
 # push-pull interval, but at most this (Consul's `retry_interval`); the WAN push-pull interval is 60 s.
 RETRY_S = 30.0
@@ -51,7 +53,6 @@ RETRY_S = 30.0
 def retry_interval_s(config: MembershipConfig) -> float:
     """Seconds between joins of the federation pool retried through the same address."""
     return min(config.push_pull_interval_s, RETRY_S)
-_EARLIEST_TENURE_MS = 1_577_836_800_000  # 2020-01-01
 
 
 def _plausible(tenure_ms: int) -> bool:

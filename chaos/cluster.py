@@ -90,6 +90,9 @@ class ClusterPlan:
     delay_nodes: frozenset[str] = frozenset()
     tmpfs_mb: dict[str, int] = field(default_factory=dict)
     faketime_nodes: frozenset[str] = frozenset()
+    # A broken build for a negative run: every node starts with chaos/sabotage/<name> first on its
+    # PYTHONPATH (its sitecustomize breaks one invariant on purpose, e.g. "unguarded").
+    sabotage: str | None = None
 
     @classmethod
     def sites(cls, n: int, sites: int, **kwargs) -> ClusterPlan:
@@ -373,6 +376,11 @@ class Cluster:
                 data_dir=data,
             )
             env = {**os.environ, "GRPC_VERBOSITY": "ERROR", "PYTHONUNBUFFERED": "1"}
+            if self.plan.sabotage is not None:
+                broken = Path(__file__).resolve().parent / "sabotage" / self.plan.sabotage
+                if not (broken / "sitecustomize.py").is_file():
+                    raise ClusterError(f"no sabotage {self.plan.sabotage!r} ({broken}/sitecustomize.py)")
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(broken), env.get("PYTHONPATH")]))
             if spec.node_id in self.plan.faketime_nodes:
                 if not LIBFAKETIME.exists():
                     raise ClusterError(f"{LIBFAKETIME} is missing: run `make chaos-deps`")

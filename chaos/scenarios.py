@@ -324,8 +324,24 @@ _add(
     )
 )
 
+_add(
+    Scenario(
+        "negative-unguarded",
+        "5 nodes in one site running a broken build whose guard allows every decision, no fault: "
+        "guard_scope must fail (a negative, not in the matrix)",
+        lambda: ClusterPlan.sites(5, 1, sabotage="unguarded"),
+        lambda rng: [],
+        WorkloadSpec(publish_at_s=None, rollout=False, move_interval_s=1.0, bulk_every=2),
+        warmup_s=3.0,
+        after_heal_s=8.0,
+        settle_timeout_s=45.0,
+    )
+)
+
+# Runs that must fail a checker: each proves, on real nodes, that its checker can fail.
+NEGATIVES = ("negative-unguarded",)
 # `make chaos`: every nemesis at least once.
-MATRIX = [name for name in SCENARIOS if name not in ("heal-leader-minority", "heal-control")]
+MATRIX = [name for name in SCENARIOS if name not in ("heal-leader-minority", "heal-control", *NEGATIVES)]
 
 
 def family(kind: str) -> str:

@@ -100,7 +100,6 @@ class HaveExchange:
         """When the next ask falls due without any new gossip (inf: none): the caller wakes then."""
         due = [max(m.asked_at + m.due_after_s, self._last_asked.get(p, float("-inf")) + self.min_interval_s)
                for p, m in self._members.items() if not m.in_flight]
-        due += [until for _, until in self._shunned.values()]  # its place may be free then
         return max(now, min(due)) if due else float("inf")  # never nan: due_after_s is finite
 
     def members(self) -> list[str]:

@@ -245,10 +245,9 @@ def test_a_holder_whose_asks_keep_failing_leaves_the_exchange_until_its_step_mov
 
 def test_a_failing_holder_keeps_its_place_when_nobody_waits_and_its_list_is_still_believed() -> None:
     """A review: an honest holder briefly unreachable was shunned after five quick failed asks even with
-    no other holder waiting for its place, what it had said was forgotten (the scheduler fell back to its
-    gossip snapshot), and nothing woke the download when the shun ended. Now: no holder waiting, no
-    shun; shunned, its last list is still believed and `next_due` says when the shun ends; a refusal
-    for our own ask budget weighs half."""
+    no other holder waiting for its place, and what it had said was forgotten (the scheduler fell back to
+    its gossip snapshot). Now: no holder waiting, no shun; shunned, its last list is still believed, and
+    when it comes back; a refusal for our own ask budget weighs half."""
     from mesh.transfer.haves import MAX_FAILED_ASKS, SHUN_S
 
     x = ex(k=1)
@@ -276,5 +275,8 @@ def test_a_failing_holder_keeps_its_place_when_nobody_waits_and_its_list_is_stil
     assert x.members() == [] and x.shunned() == ["p"]  # q waits: p's place goes to q
     assert x.known("p", 4) == Bitfield(8, range(6))  # still believed
     assert x.known("p", 3) is None  # unless its step falls
-    assert x.next_due(now) <= now + SHUN_S  # the shun's end wakes the download
     assert x.to_ask(both, now + 0.5) == ["q"]
+    x.answered("q", Bitfield(8, range(2)), now + 0.5)
+    later = now + SHUN_S + 1.0
+    x.to_ask([Holder("p", "a", 4, False)], later)  # q completed: a free place, and the shun is over
+    assert x.members() == ["p"] and x.known("p", 4) == Bitfield(8, range(6))  # back, its list kept

@@ -68,7 +68,7 @@ from typing import Any, Protocol
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 
 from mesh.consensus import _pysyncobj_patch
-from mesh.consensus.transport import GrpcTransport, MemberNode, RaftLink
+from mesh.consensus.transport import COMMIT_NOTICE_HOLD_S, GrpcTransport, MemberNode, RaftLink
 from mesh.consensus.wire import FrameError, decode_message, encode_message
 
 _pysyncobj_patch.install()
@@ -275,7 +275,8 @@ class RaftGroup(SyncObj):
         )
         journal = _pysyncobj_patch.DurableJournalPath(str(data_dir / "raft.journal"), defer_flush=True)
         transport = functools.partial(
-            GrpcTransport, link=link, flush=journal.flush_pending, on_message=_receive
+            GrpcTransport, link=link, flush=journal.flush_pending, on_message=_receive,
+            hold_s=min(COMMIT_NOTICE_HOLD_S, timings.append_period_s / 4),
         )
         conf = SyncObjConf(
             autoTick=True,

@@ -34,8 +34,10 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +72,10 @@ MAX_COALESCED_ENTRY_BYTES = 1024 * 1024
 # proposers 4 was measured as fast as no bound: 1,082-1,125 vs 1,072-1,106 decisions/s). 1 sends every
 # entry on its own, as plain pysyncobj does (read at each call, so a test can emulate that).
 MAX_COALESCED_ENTRIES = 4
+# How long a leader may hold a commit notice, an append_entries with no entries, for a member it sent a
+# frame to less than this long ago (see `GrpcTransport`); RaftGroup passes at most a quarter of its
+# heartbeat period.
+COMMIT_NOTICE_HOLD_S = 0.01
 
 DialRaft = Callable[[str], "pb_grpc.RaftStub | None"]
 """node id -> stub over an mTLS channel to that member (None while its address is unknown)."""
@@ -358,6 +364,49 @@ def coalesce(messages: list[tuple[str, dict]], max_entry_bytes: int = MAX_COALES
     return out
 
 
+class NoticeHolder:
+    """Which commit notices a leader holds back, and until when (see `GrpcTransport`): pure, the time
+    is passed in. `release` takes what pysyncobj sent since the last release and returns what leaves
+    now, coalesced; what it holds goes out in front of the next release's messages to that member."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self.held: list[tuple[str, dict]] = []  # in the order pysyncobj sent them
+        self._sent_at: dict[str, float] = {}  # node id -> when a frame last left for it
+        self._told: dict[str, int] = {}  # node id -> the highest commit index sent to it
+        self._forwarded: dict[str, int] = {}  # node id -> log index of the last command it forwarded
+
+    def forwarded(self, node_id: str, log_idx: int) -> None:
+        """The leader appended a command `node_id` forwarded, at `log_idx`: that member answers its caller
+        only once it learns the entry is committed, so no notice to it is held until it has been told."""
+        self._forwarded[node_id] = max(self._forwarded.get(node_id, 0), log_idx)
+
+    def release(self, messages: list[tuple[str, dict]], now: float) -> list[tuple[str, dict]]:
+        out = coalesce(self.held + messages)
+        self.held = []
+        if self.hold_s <= 0:
+            return out
+        count = collections.Counter(node_id for node_id, _ in out)
+        sent = []
+        for node_id, message in out:
+            if (count[node_id] == 1 and _is_notice(message)
+                    and now - self._sent_at.get(node_id, -math.inf) < self.hold_s
+                    and self._forwarded.get(node_id, 0) <= self._told.get(node_id, 0)):
+                self.held.append((node_id, message))
+                continue
+            sent.append((node_id, message))
+            self._sent_at[node_id] = now
+            if message.get("type") == "append_entries":
+                self._told[node_id] = max(self._told.get(node_id, 0), message.get("commit_index", 0))
+        return sent
+
+
+def _is_notice(message: dict) -> bool:
+    """An append_entries that carries no entries (a commit notice, or a heartbeat)."""
+    return (message.get("type") == "append_entries" and "prevLogIdx" in message and not message.get("entries")
+            and "transmission" not in message and "serialized" not in message)
+
+
 def _merge(first: dict, second: dict, max_entry_bytes: int, max_entries: int) -> dict | None:
     """`first` and `second` as one message, or None if they are not two pieces of one append or ack."""
     kind = first.get("type")
@@ -395,12 +444,27 @@ class GrpcTransport(Transport):
     `flush` makes the journal durable; it runs before any frame is released (group commit).
     `on_message(transport, node, message)` delivers an incoming message to pysyncobj (a hook
     for _pysyncobj_patch's receive rules); by default `_onMessageReceived`.
+
+    Commit notices (`hold_s` > 0): a pysyncobj leader sends every follower an append_entries with
+    no entries as soon as it applies an entry, only to tell it the new commit index, and each
+    follower answers it; with one proposer that doubles the frames of a commit (two appends, two
+    acknowledgements, two notices, two more acknowledgements), and a gRPC frame costs far more CPU
+    than the Raft work it carries. Such a message, when it is the only one for that member in a
+    release and the member was sent a frame less than `hold_s` ago, is held and goes out with the
+    next frame for that member (one merged append_entries, one answer), or alone once `hold_s` has
+    passed since that last frame (checked at every release: at least every tick). Never held: a
+    notice for a member that forwarded a command which that notice may commit (it answers its
+    caller only once it learns the commit), anything with entries, and every other message. A
+    follower thus learns a commit at most about `hold_s` plus a tick later; nothing waits on that
+    but a forwarded command, and Raft's safety never depends on when a commit index arrives. Order
+    per member is kept: a held message leaves before anything sent to that member after it.
     """
 
     def __init__(self, syncObj: Any, selfNode: MemberNode, otherNodes: Iterable[MemberNode], *,
                  link: RaftLink,
                  flush: Callable[[], None] = lambda: None,
-                 on_message: Callable[[GrpcTransport, MemberNode, dict], None] | None = None) -> None:
+                 on_message: Callable[[GrpcTransport, MemberNode, dict], None] | None = None,
+                 hold_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(syncObj, selfNode, otherNodes)
         self._sync_obj = syncObj
         self._self = selfNode
@@ -415,6 +479,8 @@ class GrpcTransport(Transport):
         self._wake_pending = False  # a wake-up of the tick thread is on its way (loop sets, _drain clears)
         self._flush_first = False  # _outgoing holds a frame that may leave only once the journal is durable
         self._lock = threading.Lock()  # guards _outgoing: send() may run outside the tick (sync commands)
+        self._notices = NoticeHolder(hold_s)  # commit notices held back (see the class docstring)
+        self._clock = clock
         self._notifier = PipeNotifier(syncObj._poller, self._drain)
         self._destroyed = False
         link._bind(self)
@@ -449,6 +515,8 @@ class GrpcTransport(Transport):
             self._outgoing.append((node.id, message))
             if message.get("type") not in _SENT_BEFORE_FLUSH:
                 self._flush_first = True
+            if message.get("type") == "apply_command_response" and "log_idx" in message:
+                self._notices.forwarded(node.id, message["log_idx"])
         return True
 
     def destroy(self) -> None:
@@ -493,13 +561,14 @@ class GrpcTransport(Transport):
         with self._lock:
             messages, self._outgoing = self._outgoing, []
             flush_first, self._flush_first = self._flush_first, False
+            messages = self._notices.release(messages, self._clock())
         if not messages:
             # Nothing to send, but entries may have been appended (a member alone in its group commits
             # them on its next tick): they must be durable all the same.
             self._flush()
             return
         batch = []
-        for node_id, message in coalesce(messages):
+        for node_id, message in messages:
             try:
                 batch.append((node_id, encode_message(message)))
             except FrameError as exc:  # as if lost on the network: Raft sends it again

@@ -1,11 +1,12 @@
-"""`transport.coalesce`: the messages of one release, fewer of them, with the same effect on every peer."""
+"""`transport.coalesce`: the messages of one release, fewer of them, with the same effect on every peer;
+`transport.NoticeHolder`: a leader's commit notices held for the next frame to the same member."""
 
 from __future__ import annotations
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.consensus.transport import coalesce
+from mesh.consensus.transport import NoticeHolder, coalesce
 
 
 def append(prev: int, prev_term: int, entries: list[tuple[int, int]], commit: int, term: int = 2) -> dict:
@@ -142,3 +143,97 @@ def test_a_follower_reaches_the_same_log_and_commit_index(messages):
     assert len(merged) <= len(messages)
     # The last reply (what the leader ends up knowing) is the same.
     assert replies_merged[-1] == replies[-1]
+
+
+# --- commit notices held for the next frame -----------------------------------------------------------------
+
+HOLD = 0.01
+
+
+def notice(prev: int, commit: int, term: int = 2) -> dict:
+    """What a pysyncobj leader sends each follower once it applies `commit`: no entries, the commit index."""
+    return append(prev, 2, [], commit=commit, term=term)
+
+
+def test_a_notice_right_after_an_append_goes_out_with_the_next_append():
+    holder = NoticeHolder(HOLD)
+    assert holder.release([("b", append(9, 2, [(10, 2)], 9))], now=1.0) == [("b", append(9, 2, [(10, 2)], 9))]
+    assert holder.release([("b", notice(10, 10))], now=1.003) == []  # held
+    [(node, sent)] = holder.release([("b", append(10, 2, [(11, 2)], 10))], now=1.005)
+    assert node == "b" and sent["prevLogIdx"] == 10 and sent["commit_index"] == 10
+    assert [e[1] for e in sent["entries"]] == [11]  # one frame, one answer, where there were two of each
+    assert holder.held == []
+
+
+def test_a_held_notice_leaves_alone_once_the_hold_has_passed():
+    holder = NoticeHolder(HOLD)
+    holder.release([("b", append(9, 2, [(10, 2)], 9))], now=1.0)
+    assert holder.release([("b", notice(10, 10))], now=1.002) == []
+    assert holder.release([], now=1.009) == []  # a tick with nothing to send: still within the hold
+    assert holder.release([], now=1.0101) == [("b", notice(10, 10))]
+    assert holder.held == []
+
+
+def test_a_heartbeat_after_silence_and_a_first_notice_leave_at_once():
+    holder = NoticeHolder(HOLD)
+    assert holder.release([("b", notice(10, 10))], now=1.0) == [("b", notice(10, 10))]  # nothing sent before
+    assert holder.release([("b", notice(10, 10))], now=1.06) == [("b", notice(10, 10))]  # a heartbeat
+
+
+def test_members_are_held_apart_and_other_messages_are_never_held():
+    holder = NoticeHolder(HOLD)
+    holder.release([("b", append(9, 2, [(10, 2)], 9)), ("c", append(9, 2, [(10, 2)], 9))], now=1.0)
+    vote = {"type": "response_vote", "term": 2}
+    out = holder.release([("b", notice(10, 10)), ("c", notice(10, 10)), ("c", vote)], now=1.001)
+    # c's notice shares the release with another frame to c: it costs no write of its own, it leaves.
+    assert out == [("c", notice(10, 10)), ("c", vote)] and holder.held == [("b", notice(10, 10))]
+    # b's held notice leaves in front of what is sent to b next, and merges with it.
+    assert holder.release([("b", vote)], now=1.002) == [("b", notice(10, 10)), ("b", vote)]
+    assert holder.release([("b", {"type": "next_node_idx", "next_node_idx": 5, "success": True,
+                                  "reset": False})], now=1.003)[0][1]["type"] == "next_node_idx"
+
+
+def test_a_member_that_forwarded_a_command_hears_of_its_commit_at_once():
+    holder = NoticeHolder(HOLD)
+    holder.release([("b", append(9, 2, [(10, 2)], 9))], now=1.0)
+    holder.forwarded("b", 10)  # b forwarded the command the leader appended at 10: b's caller waits
+    assert holder.release([("b", notice(10, 10))], now=1.002) == [("b", notice(10, 10))]
+    # Told: b's next notices may be held again.
+    assert holder.release([("b", notice(10, 11))], now=1.003) == []
+    # Another forwarded command, not yet committed by the notice: sent anyway until b is told.
+    holder.forwarded("b", 12)
+    holder.release([("b", append(10, 2, [(11, 2), (12, 2)], 11))], now=1.004)
+    assert holder.release([("b", notice(12, 12))], now=1.005) == [("b", notice(12, 12))]
+
+
+def test_without_a_hold_nothing_is_held():
+    holder = NoticeHolder(0.0)
+    holder.release([("b", append(9, 2, [(10, 2)], 9))], now=1.0)
+    assert holder.release([("b", notice(10, 10))], now=1.0) == [("b", notice(10, 10))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(appends(), st.lists(st.floats(0.0, 0.03), min_size=25, max_size=25), st.data())
+def test_held_notices_change_no_follower_state_and_are_never_held_past_the_hold(messages, gaps, data):
+    """Releases of the same messages at random times: the follower ends where it would without holding,
+    and at every release a held notice is for a member sent a frame within the hold."""
+    holder = NoticeHolder(HOLD)
+    sent: list[dict] = []
+    now = 1.0
+    last_sent = -1.0
+    queue = list(messages)
+    for gap in gaps:
+        take = data.draw(st.integers(0, len(queue)))
+        batch, queue = queue[:take], queue[take:]
+        now += gap
+        out = holder.release([("b", m) for m in batch], now)
+        if out:
+            last_sent = now
+        sent += [m for _, m in out]
+        assert all(now - last_sent < HOLD for _ in holder.held)
+    sent += [m for _, m in holder.release([("b", m) for m in queue], now + 1.0)]
+    sent += [m for _, m in holder.release([], now + 2.0)]
+    assert holder.held == []
+    log, commit, _ = follower(messages)
+    assert follower(sent)[:2] == (log, commit)
+    assert len(sent) <= len(messages)

@@ -451,13 +451,17 @@ class GrpcTransport(Transport):
     acknowledgements, two notices, two more acknowledgements), and a gRPC frame costs far more CPU
     than the Raft work it carries. Such a message, when it is the only one for that member in a
     release and the member was sent a frame less than `hold_s` ago, is held and goes out with the
-    next frame for that member (one merged append_entries, one answer), or alone once `hold_s` has
-    passed since that last frame (checked at every release: at least every tick). Never held: a
-    notice for a member that forwarded a command which that notice may commit (it answers its
-    caller only once it learns the commit), anything with entries, and every other message. A
-    follower thus learns a commit at most about `hold_s` plus a tick later; nothing waits on that
-    but a forwarded command, and Raft's safety never depends on when a commit index arrives. Order
-    per member is kept: a held message leaves before anything sent to that member after it.
+    next frame for that member (one merged append_entries, one answer), or alone at the first
+    release after `hold_s` has passed since that last frame: releases happen at least every tick, so
+    a held notice waits at most `hold_s` plus `tick_period_s` (about 30 ms by default). Proposals
+    that follow each other closely save a frame and its answer per follower; proposals further apart
+    than that save nothing, and their followers apply up to that much later. Never held: any notice
+    to a member that forwarded a command (`apply_command_response` with its log index) until it has
+    been sent a commit index at least that far, since it answers its caller only once it learns the
+    commit; anything with entries; every other message. Nothing else on a follower waits on the
+    commit index but its own view (what it has applied, lag metrics), and Raft's safety never
+    depends on when a commit index arrives. Order per member is kept: a held message leaves in
+    front of, or merged into, the next message to that member.
     """
 
     def __init__(self, syncObj: Any, selfNode: MemberNode, otherNodes: Iterable[MemberNode], *,

@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pysyncobj.poller import createPoller
 
-from mesh.consensus.transport import NoticeHolder, coalesce
+from mesh.consensus.transport import GrpcTransport, MemberNode, NoticeHolder, RaftLink, coalesce
+from mesh.consensus.wire import decode_message
 
 
 def append(prev: int, prev_term: int, entries: list[tuple[int, int]], commit: int, term: int = 2) -> dict:
@@ -230,10 +235,63 @@ def test_held_notices_change_no_follower_state_and_are_never_held_past_the_hold(
         if out:
             last_sent = now
         sent += [m for _, m in out]
-        assert all(now - last_sent < HOLD for _ in holder.held)
+        assert not holder.held or now - last_sent < HOLD  # held only right after a frame went out
     sent += [m for _, m in holder.release([("b", m) for m in queue], now + 1.0)]
     sent += [m for _, m in holder.release([], now + 2.0)]
     assert holder.held == []
     log, commit, _ = follower(messages)
     assert follower(sent)[:2] == (log, commit)
     assert len(sent) <= len(messages)
+
+
+class _StandInSyncObj:
+    """What GrpcTransport asks of a SyncObj (a poller for its wake-up pipe, tick callbacks): this test is
+    about the transport's wiring, not pysyncobj."""
+
+    def __init__(self) -> None:
+        self._poller = createPoller("auto")
+        self.callbacks: list = []
+
+    def addOnTickCallback(self, callback) -> None:  # noqa: N802 - pysyncobj's name
+        self.callbacks.append(callback)
+
+    def removeOnTickCallback(self, callback) -> None:  # noqa: N802 - pysyncobj's name
+        self.callbacks.remove(callback)
+
+
+@pytest.mark.asyncio
+async def test_the_transport_holds_notices_by_its_clock_and_never_for_a_member_that_forwarded():
+    """GrpcTransport's wiring of NoticeHolder: the clock it was built with, and apply_command_response
+    with a log index (a command that member forwarded) noted as it is sent."""
+    link = RaftLink(group="g", node_id="a", dial=lambda peer: None)
+    sent: list[tuple[str, dict]] = []
+    link._send = lambda batch: sent.extend((n, decode_message(f)) for n, f in batch)  # type: ignore[method-assign]
+    now = [1.0]
+    b = MemberNode("b")
+    transport = GrpcTransport(_StandInSyncObj(), MemberNode("a"), [b], link=link, hold_s=HOLD,
+                              clock=lambda: now[0])
+    transport._connected.add("b")  # as if its stream were up
+
+    async def release(at: float) -> list[dict]:
+        now[0] = at
+        transport._release()
+        await asyncio.sleep(0)  # the batch reaches the link through the loop
+        out = [m for _, m in sent]
+        sent.clear()
+        return out
+
+    transport.send(b, append(9, 2, [(10, 2)], 9))
+    assert [m["entries"] for m in await release(1.0)] == [[(b"cmd-10", 10, 2)]]
+    transport.send(b, notice(10, 10))
+    assert await release(1.002) == []  # held
+    assert await release(1.011) == [notice(10, 10)]  # by the transport's clock, not the wall's
+
+    # b forwards a command; the leader appends it at 11 and answers b with the index.
+    transport.send(b, {"type": "apply_command_response", "request_id": 1, "log_idx": 11, "log_term": 2})
+    transport.send(b, append(10, 2, [(11, 2)], 10))
+    assert len(await release(1.012)) == 2
+    transport.send(b, notice(11, 11))
+    assert await release(1.013) == [notice(11, 11)]  # b waits for this commit: it leaves at once
+    transport.send(b, notice(11, 11))
+    assert await release(1.014) == []  # told: held again
+    transport.destroy()

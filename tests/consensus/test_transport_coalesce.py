@@ -280,18 +280,21 @@ async def test_the_transport_holds_notices_by_its_clock_and_never_for_a_member_t
         sent.clear()
         return out
 
-    transport.send(b, append(9, 2, [(10, 2)], 9))
-    assert [m["entries"] for m in await release(1.0)] == [[(b"cmd-10", 10, 2)]]
-    transport.send(b, notice(10, 10))
-    assert await release(1.002) == []  # held
-    assert await release(1.011) == [notice(10, 10)]  # by the transport's clock, not the wall's
+    try:
+        transport.send(b, append(9, 2, [(10, 2)], 9))
+        assert [m["entries"] for m in await release(1.0)] == [[(b"cmd-10", 10, 2)]]
+        transport.send(b, notice(10, 10))
+        assert await release(1.002) == []  # held
+        assert await release(1.011) == [notice(10, 10)]  # by the transport's clock, not the wall's
 
-    # b forwards a command; the leader appends it at 11 and answers b with the index.
-    transport.send(b, {"type": "apply_command_response", "request_id": 1, "log_idx": 11, "log_term": 2})
-    transport.send(b, append(10, 2, [(11, 2)], 10))
-    assert len(await release(1.012)) == 2
-    transport.send(b, notice(11, 11))
-    assert await release(1.013) == [notice(11, 11)]  # b waits for this commit: it leaves at once
-    transport.send(b, notice(11, 11))
-    assert await release(1.014) == []  # told: held again
-    transport.destroy()
+        # b forwards a command; the leader appends it at 11 and answers b with the index.
+        transport.send(b, {"type": "apply_command_response", "request_id": 1, "log_idx": 11, "log_term": 2})
+        transport.send(b, append(10, 2, [(11, 2)], 10))
+        assert len(await release(1.012)) == 2
+        transport.send(b, notice(11, 11))
+        assert await release(1.013) == [notice(11, 11)]  # b waits for this commit: it leaves at once
+        transport.send(b, notice(11, 11))
+        assert await release(1.014) == []  # told: held again
+    finally:
+        transport.destroy()
+        await link.close()

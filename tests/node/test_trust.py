@@ -110,8 +110,15 @@ async def test_a_revoked_member_is_removed_from_its_site_group(cluster, fleet, w
     took_s = await wait_for(lambda: all(n.group.raft.members() == remaining for n in left),
                             bound_s, what=f"{victim} removed from the group on the others")
     print(f"{victim} out of its site group {took_s:.2f}s after revocation (bound {bound_s:.1f}s)")
+    def removals(node) -> list:
+        return [r for r in node.group.audit_records() if r.kind == "member_removed"]
+
+    # A follower takes the membership change in when the entry arrives (pysyncobj), and applies (and audits)
+    # the ledger's removal entry before it only once it learns that entry is committed: wait for the record.
+    await wait_for(lambda: all(removals(n) for n in left), 10.0,
+                   what="the removal audited on both members left")
     for node in left:
-        removed = [r for r in node.group.audit_records() if r.kind == "member_removed"]
+        removed = removals(node)
         assert [r.payload["node_id"] for r in removed] == [victim], removed
         assert removed[0].payload["reason"] == "stolen from the berlin site"
     # Two members, no third: a commit still needs (and gets) both of them.

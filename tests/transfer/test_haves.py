@@ -6,7 +6,7 @@ import copy
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mesh.artifacts.bitfield import Bitfield
@@ -145,6 +145,13 @@ def test_an_old_ask_that_ends_after_its_peer_left_and_came_back_changes_nothing(
 @given(seed=st.integers(0, 2**32),
        ops=st.lists(st.tuples(st.sampled_from(["round", "leave", "answer", "fail", "forget", "time"]),
                               st.integers(0, 3), st.integers(1, 7)), max_size=40))
+# A loaded run's draw (the member that fell due left, the other is shunned); a review's (back in time).
+@example(seed=8, ops=[("round", 0, 2), ("leave", 1, 1), ("leave", 2, 1), ("leave", 3, 1),
+                      ("answer", 0, 1), ("answer", 2, 1)])
+@example(seed=1399276835, ops=[("leave", 3, 1), ("fail", 3, 3), ("round", 1, 2), ("fail", 1, 1),
+                               ("round", 3, 1), ("answer", 1, 3), ("round", 2, 4), ("leave", 3, 3),
+                               ("round", 0, 5), ("round", 1, 1), ("answer", 2, 3), ("time", 2, 1),
+                               ("leave", 0, 1), ("forget", 0, 4)])
 def test_next_due_is_never_nan_and_is_kept(seed, ops) -> None:
     """Whatever happens, next_due is a number, and at next_due someone is asked, or someone is in flight
     (only its end can change anything), or every member that fell due has left meanwhile (the exchange

@@ -482,7 +482,7 @@ class GrpcTransport(Transport):
         self._outgoing: list[tuple[str, dict]] = []  # messages sent since the last release, encoded then
         self._wake_pending = False  # a wake-up of the tick thread is on its way (loop sets, _drain clears)
         self._flush_first = False  # _outgoing holds a frame that may leave only once the journal is durable
-        self._lock = threading.Lock()  # guards _outgoing: send() may run outside the tick (sync commands)
+        self._lock = threading.Lock()  # guards _outgoing, _notices: send() may run outside the tick
         self._notices = NoticeHolder(hold_s)  # commit notices held back (see the class docstring)
         self._clock = clock
         self._notifier = PipeNotifier(syncObj._poller, self._drain)

@@ -403,8 +403,12 @@ class NoticeHolder:
 
 def _is_notice(message: dict) -> bool:
     """An append_entries that carries no entries (a commit notice, or a heartbeat)."""
-    return (message.get("type") == "append_entries" and "prevLogIdx" in message and not message.get("entries")
-            and "transmission" not in message and "serialized" not in message)
+    return message.get("type") == "append_entries" and _plain_append(message) and not message.get("entries")
+
+
+def _plain_append(message: dict) -> bool:
+    """An append_entries of log entries (not a chunk of a large entry, nor a snapshot)."""
+    return "prevLogIdx" in message and "transmission" not in message and "serialized" not in message
 
 
 def _merge(first: dict, second: dict, max_entry_bytes: int, max_entries: int) -> dict | None:
@@ -419,8 +423,7 @@ def _merge(first: dict, second: dict, max_entry_bytes: int, max_entries: int) ->
         return None
     if kind != "append_entries" or first.get("term") != second.get("term"):
         return None
-    if not all("prevLogIdx" in m and "transmission" not in m and "serialized" not in m
-               for m in (first, second)):
+    if not (_plain_append(first) and _plain_append(second)):
         return None
     entries_1, entries_2 = first.get("entries", []), second.get("entries", [])
     if entries_1:

@@ -14,18 +14,18 @@ that sync before it answers: the audit records of a command are durable before i
 hears the outcome.
 
 Audit records are written once per Raft entry, even though apply runs again
-    pysyncobj replays the journal on restart: committed entries after the last snapshot are
-    applied again from scratch. Each audit record carries ``raft_index`` (the index of the
-    log entry that produced it; identical on every replica) and ``raft_event`` (its position
-    among that entry's events). On start the group reads the last (index, event) already in
-    its audit log, and apply skips every event at or before it: the ledger state is rebuilt,
-    the audit log is not written twice. A crash between two events of one entry is resumed
-    at the missing event. A replica that catches up through another member's snapshot never
-    applies the entries the snapshot covers; it writes one ``snapshot_installed`` record
-    naming the index range its log does not cover, so the gap is on the record rather than
-    silent. (A restart from its own snapshot is no gap: it applied and audited those entries.)
-    If the Raft journal is gone while the audit log stays, indexes are no longer comparable:
-    a ``raft_journal_reset`` record is written and nothing is skipped from then on.
+    pysyncobj replays the journal on restart: committed entries after the last snapshot are applied
+    again from scratch. Each audit record carries ``raft_index`` (the index of the log entry that
+    produced it; identical on every replica) and ``raft_event`` (its position among that entry's events;
+    an entry carrying several proposals, see `RaftTimings.batch_proposals`, numbers the events of its
+    commands on, in order). On start the group reads the last (index, event) already in its audit log,
+    and apply skips every event at or before it: the ledger state is rebuilt, the audit log is not
+    written twice. A crash between two events of one entry is resumed at the missing event. A replica
+    that catches up through another member's snapshot never applies the entries the snapshot covers; it
+    writes one ``snapshot_installed`` record naming the index range its log does not cover, so the gap
+    is on the record rather than silent. (A restart from its own snapshot is no gap: it applied and
+    audited those entries.) If the Raft journal is gone while the audit log stays, indexes are no longer
+    comparable: a ``raft_journal_reset`` record is written and nothing is skipped from then on.
 
 Reads
     `pending`, `routes`, `allocations`, `history` and `outcome_of` read this replica's
@@ -136,6 +136,7 @@ class _AuditedLedger:
         self.raft: RaftGroup | None = None  # set before the tick thread starts (see _SiteRaftGroup)
         self.audited = audited  # (raft_index, raft_event) of the last event already in the audit log
         self.applied_index = 0
+        self._entry_events = 0  # events the commands of entry `applied_index` have had so far
         self.audit_error: str | None = None
         self.counts = GroupCounts()
         self._queued: list[tuple[str, Mapping[str, Any]]] = []  # audit records applied but not yet written
@@ -159,15 +160,18 @@ class _AuditedLedger:
                 result = self.ledger.apply(command)
                 if index > self.audited[0]:  # not a journal replay after a restart
                     self.counts.applied(result)
+            if index != self.applied_index:
+                self._entry_events = 0
             self.applied_index = index
-            self._write(index, result.audit)
+            self._write(index, self._entry_events, result.audit)
+            self._entry_events += len(result.audit)  # the next command of a batched entry numbers on
         changed = isinstance(result, LedgerResult) and result.outcome is RolloutOutcome.APPLIED
         if changed and self.on_rollout_change is not None:
             self.on_rollout_change()
         return result
 
-    def _write(self, index: int, events: Sequence[Any]) -> None:
-        for position, event in enumerate(events):
+    def _write(self, index: int, first: int, events: Sequence[Any]) -> None:
+        for position, event in enumerate(events, start=first):
             if (index, position) <= self.audited:
                 continue  # written before a restart: the journal replay applies it again
             payload = {**dict(event.payload), "raft_index": index, "raft_event": position}
@@ -322,6 +326,7 @@ class _AuditedLedger:
             self.ledger.restore(body)
             self.rollouts = fresh
             self.applied_index = index
+            self._entry_events = 0
             mine = self.raft is not None and writer == self.raft.node_id
             if not mine and self.audited[0] < index:
                 # Entries up to `index` will never be applied here: this replica's log cannot hold them.

@@ -2,10 +2,12 @@
 
 The members of a site replicate one state machine (anything with ``apply``,
 ``snapshot`` and ``restore``; see `StateMachine`). `RaftGroup` is a pysyncobj
-``SyncObj`` with a single replicated method that hands the command bytes to
-``state.apply``. pysyncobj runs its own tick thread per group; the event loop never
-waits on it: `RaftGroup.propose` registers a pysyncobj callback that resolves an
-asyncio future through ``loop.call_soon_threadsafe``.
+``SyncObj`` whose replicated methods hand command bytes to ``state.apply``: one
+command per entry, or several (a member's proposals made while two of its entries
+are in flight go together, each applied and answered on its own). pysyncobj runs its
+own tick thread per group; the event loop never waits on it: `RaftGroup.propose`
+registers a pysyncobj callback that resolves an asyncio future through
+``loop.call_soon_threadsafe``.
 
 Who can talk to a member, and what they can send
     Members talk over each other's node gRPC port (`transport.py`): a stream is accepted only
@@ -54,6 +56,7 @@ are on the fields. Hazards of pysyncobj 0.3.17 and how this module handles them:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -155,11 +158,29 @@ _RETRYABLE_IF_IDEMPOTENT = _RETRYABLE | {FAIL_REASON.LEADER_CHANGED, FAIL_REASON
 #: an election (its timer is drawn up to election_max_s after the last heartbeat), so one is not
 #: enough; the second covers the election itself, including a round lost to a split vote.
 NO_LEADER_AFTER_ELECTIONS = 2
+#: Entries a member keeps in flight for its own proposals (submitted, outcome not yet known) before
+#: further proposals wait and go as one entry (see `RaftTimings.batch_proposals`). Two keeps the pipe
+#: full (one entry replicating while the next is gathered) and batches grow with the load.
+MAX_ENTRIES_IN_FLIGHT = 2
+#: Commands in one batched entry, and their bytes: the entry stays below APPEND_BATCH_BYTES (a command
+#: larger than this goes in an entry of its own).
+MAX_BATCH_COMMANDS = 64
+MAX_BATCH_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class _ApplyFailed:
     error: str
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """A proposal waiting to go with others in one entry: its command, its proposer's future of (result,
+    entry index), and its deadline (loop time)."""
+
+    command: bytes
+    outcome: asyncio.Future[tuple[object, int]]
+    deadline: float
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -195,6 +216,13 @@ class RaftTimings:
     #: latency, more throughput under heavy load). Decisions of a site are few and latency
     #: matters, so unbatched.
     batch_appends: bool = False
+    #: True: while this member has `MAX_ENTRIES_IN_FLIGHT` of its proposals in flight, the next ones wait
+    #: and go together as one log entry (`RaftGroup.apply_commands`), each still applied on its own and
+    #: answered with its own result: one entry, one append to each follower and one acknowledgement for
+    #: many concurrent proposals. A lone proposal goes out at once as before, so this costs no latency.
+    #: Turn it off while a group still has members running a release without `apply_commands` (they
+    #: could not apply such an entry).
+    batch_proposals: bool = True
     #: Compact the log (snapshot through StateMachine.snapshot) after this many entries or
     #: this long, whichever comes first.
     compaction_min_entries: int = 5000
@@ -273,6 +301,11 @@ class RaftGroup(SyncObj):
         self._pre_vote = _pysyncobj_patch.PreVote(
             self, self.leader_contact_s, timings.election_min_s, ask=timings.pre_vote
         )
+        # Own proposals (event loop only; see propose_indexed): entries in flight, proposals waiting to
+        # go together as one entry, and the tasks submitting such batches.
+        self._in_flight = 0
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._batches: set[asyncio.Task[None]] = set()
         journal = _pysyncobj_patch.DurableJournalPath(str(data_dir / "raft.journal"), defer_flush=True)
         transport = functools.partial(
             GrpcTransport, link=link, flush=journal.flush_pending, on_message=_receive,
@@ -316,8 +349,22 @@ class RaftGroup(SyncObj):
 
     @replicated
     def apply_command(self, command: bytes):
-        """The one replicated method. Call it through `propose`; calling it directly with
+        """The replicated method of one command. Call it through `propose`; calling it directly with
         ``sync=True`` blocks the calling thread (what bench/consensus.py measures as raw)."""
+        return self._apply(command)
+
+    @replicated
+    def apply_commands(self, commands: tuple[bytes, ...]):
+        """Several proposals in one entry (see `RaftTimings.batch_proposals`): each applied on its own,
+        in order, as if each were an entry; returns their results in that order. (pysyncobj numbers
+        replicated methods by name: this one sorts after the others, so their numbers in existing
+        journals are unchanged.)"""
+        if not isinstance(commands, tuple | list) or not all(isinstance(c, bytes) for c in commands):
+            logger.error("skipped a batch entry that is not a sequence of commands; every replica skips it")
+            return _ApplyFailed("a batch entry must be a sequence of command bytes")
+        return [self._apply(command) for command in commands]
+
+    def _apply(self, command: bytes) -> Any:
         try:
             return self.state.apply(command)
         except Exception as exc:  # deterministic on every replica; must not escape the tick
@@ -495,12 +542,88 @@ class RaftGroup(SyncObj):
         if not isinstance(command, bytes | bytearray):
             raise TypeError(f"command must be bytes, got {type(command).__name__}")
         command = bytes(command)
-        result, index = await self._run(
-            lambda cb: self.apply_command(command, callback=cb), timeout_s, "proposal", indexed=True
-        )
+        batch = self.timings.batch_proposals and (self._in_flight >= MAX_ENTRIES_IN_FLIGHT or self._waiting)
+        if not batch:
+            self._in_flight += 1
+            try:
+                result, index = await self._run(
+                    lambda cb: self.apply_command(command, callback=cb), timeout_s, "proposal", indexed=True
+                )
+            finally:
+                self._in_flight -= 1
+                self._send_waiting()
+        else:
+            result, index = await self._wait_batched(command, timeout_s)
         if isinstance(result, _ApplyFailed):
             raise CommandRejected(f"the state machine rejected the command on every member: {result.error}")
         return result, index
+
+    async def _wait_batched(self, command: bytes, timeout_s: float) -> tuple[object, int]:
+        """Queue `command` to go with the others waiting, in one entry, once an entry in flight settles."""
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(command, loop.create_future(), loop.time() + timeout_s)
+        self._waiting.append(waiting)
+        try:
+            async with asyncio.timeout(timeout_s):  # not wait_for (see _run)
+                return await asyncio.shield(waiting.outcome)
+        except TimeoutError:
+            raise self._timeout_error(timeout_s, "proposal") from None
+        finally:
+            # Given up (timed out, cancelled): not sent if it is still waiting; if it went with a batch
+            # that is in flight, it may still commit (ProposalTimeout says so).
+            waiting.outcome.cancel()
+
+    def _send_waiting(self) -> None:
+        """Event loop: send what waits, as entries of up to MAX_BATCH_COMMANDS, while entries are free."""
+        while self._waiting and self._in_flight < MAX_ENTRIES_IN_FLIGHT:
+            batch: list[_Waiting] = []
+            size = 0
+            while self._waiting and len(batch) < MAX_BATCH_COMMANDS:
+                head = self._waiting[0]
+                if head.outcome.done():  # its proposer gave up before it was sent
+                    self._waiting.popleft()
+                    continue
+                if batch and size + len(head.command) > MAX_BATCH_BYTES:
+                    break
+                batch.append(self._waiting.popleft())
+                size += len(head.command)
+            if not batch:
+                return
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _send_batch(self, batch: list[_Waiting]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            timeout_s = max(0.0, max(w.deadline for w in batch) - loop.time())
+            if len(batch) == 1:
+                command = batch[0].command
+                result, index = await self._run(
+                    lambda cb: self.apply_command(command, callback=cb), timeout_s, "proposal", indexed=True
+                )
+                results = [result]
+            else:
+                commands = tuple(w.command for w in batch)
+                results, index = await self._run(
+                    lambda cb: self.apply_commands(commands, callback=cb), timeout_s, "proposal", indexed=True
+                )
+                if isinstance(results, _ApplyFailed):  # not a list: every member refused the entry
+                    results = [results] * len(batch)
+            for waiting, result in zip(batch, results, strict=True):
+                if not waiting.outcome.done():
+                    waiting.outcome.set_result((result, index))
+        except BaseException as exc:
+            error = exc if isinstance(exc, Exception) else RaftError(f"{self.node_id} closed mid-proposal")
+            for waiting in batch:
+                if not waiting.outcome.done():
+                    waiting.outcome.set_exception(error)
+            if error is not exc:
+                raise
+        finally:
+            self._in_flight -= 1
+            self._send_waiting()
 
     async def read_barrier(self, timeout_s: float = 2.0) -> None:
         """Return once this member has applied every entry committed before the call.
@@ -550,6 +673,12 @@ class RaftGroup(SyncObj):
 
     async def close(self) -> None:
         """Stop the tick thread and the journal, then the member's streams; returns when all are done."""
+        for task in list(self._batches):
+            task.cancel()
+        for waiting in self._waiting:
+            if not waiting.outcome.done():
+                waiting.outcome.set_exception(RaftError(f"{self.node_id} closed: the proposal was not sent"))
+        self._waiting.clear()
         await asyncio.to_thread(self.close_sync)
         await self.link.close()
 
@@ -595,20 +724,23 @@ class RaftGroup(SyncObj):
                 async with asyncio.timeout(max(remaining_s, 0.0)):
                     result, error = await fut
             except TimeoutError:
-                if self.leader_id is None:
-                    raise self._no_leader_error(timeout_s, what) from None
-                raise ProposalTimeout(
-                    f"{what} on {self.node_id} got no outcome within {timeout_s:.2f} s (leader "
-                    f"{self.leader_id}, term {self.raftCurrentTerm}); it may still commit: retry "
-                    "only if applying it twice is harmless, and check the group's status() for a "
-                    "partition"
-                ) from None
+                raise self._timeout_error(timeout_s, what) from None
             if error == FAIL_REASON.SUCCESS:
                 return result
             if error in retry_on and deadline - loop.time() > backoff_s:
                 await asyncio.sleep(backoff_s)
                 continue
             raise self._error_for(error, what, timeout_s)
+
+    def _timeout_error(self, timeout_s: float, what: str) -> RaftError:
+        if self.leader_id is None:
+            return self._no_leader_error(timeout_s, what)
+        return ProposalTimeout(
+            f"{what} on {self.node_id} got no outcome within {timeout_s:.2f} s (leader "
+            f"{self.leader_id}, term {self.raftCurrentTerm}); it may still commit: retry "
+            "only if applying it twice is harmless, and check the group's status() for a "
+            "partition"
+        )
 
     def _no_leader_error(self, timeout_s: float, what: str) -> NoLeaderError:
         reachable = self.reachable()

@@ -136,6 +136,9 @@ class _AuditedLedger:
         self.raft: RaftGroup | None = None  # set before the tick thread starts (see _SiteRaftGroup)
         self.audited = audited  # (raft_index, raft_event) of the last event already in the audit log
         self.applied_index = 0
+        # The last entry all of whose commands are applied (an entry may carry several, applied one by one):
+        # what a flush may call durable, and no further.
+        self.complete_index = 0
         self._entry_events = 0  # events the commands of entry `applied_index` have had so far
         self.audit_error: str | None = None
         self.counts = GroupCounts()
@@ -154,14 +157,16 @@ class _AuditedLedger:
         # pysyncobj applies entry raftLastApplied + 1 and increments raftLastApplied afterwards.
         index = self.raft.raftLastApplied + 1 if self.raft is not None else self.applied_index + 1
         with self.lock:
+            if index != self.applied_index:  # a new entry: every command of the one before is applied
+                self.complete_index = self.applied_index
+                self._entry_events = 0
+            replayed = (index, self._entry_events) <= self.audited  # audited before a restart: a replay
             if command.startswith(_ROLLOUT_COMMAND_PREFIX):
                 result: ApplyResult | LedgerResult = self.rollouts.apply(command)
             else:
                 result = self.ledger.apply(command)
-                if index > self.audited[0]:  # not a journal replay after a restart
+                if not replayed:
                     self.counts.applied(result)
-            if index != self.applied_index:
-                self._entry_events = 0
             self.applied_index = index
             self._write(index, self._entry_events, result.audit)
             self._entry_events += len(result.audit)  # the next command of a batched entry numbers on
@@ -180,6 +185,7 @@ class _AuditedLedger:
 
     def tick_ended(self) -> None:
         """End of a pysyncobj tick (tick thread): wake the writer if entries were applied since it ran."""
+        self.complete_index = self.applied_index  # entries are applied whole within a tick
         if self.applied_index > self.durable_index or self._queued:
             self._wake.set()
 
@@ -210,6 +216,7 @@ class _AuditedLedger:
         self._stopping = True
         self._wake.set()
         self._writer.join()
+        self.complete_index = self.applied_index  # the tick thread has stopped: between entries
         self.flush(force=True)
         self._retry_at = 0.0
         self._sync_head()
@@ -220,7 +227,7 @@ class _AuditedLedger:
         write the log is tried again every AUDIT_RETRY_S, or now with `force`."""
         with self._flush_lock:
             with self.lock:
-                through = self.applied_index
+                through = self.complete_index
                 if self._unwritten and not force and time.monotonic() < self._retry_at:
                     queued = []  # the log failed a moment ago: let the disk drain before trying again
                 else:
@@ -295,6 +302,7 @@ class _AuditedLedger:
         # member's snapshot: the entries it covers were never applied here). Audit records still queued
         # are written first: after a restart from this snapshot, the entries it covers are not replayed.
         # (If the log still fails, records held in memory are lost at the next restart; audit_error says so.)
+        self.complete_index = self.applied_index  # between entries
         self.flush(force=True)
         with self.lock:
             index = self.raft.raftLastApplied if self.raft is not None else self.applied_index
@@ -309,6 +317,7 @@ class _AuditedLedger:
             raise GroupError("Raft snapshot is not a fleetmesh site-group snapshot; move it away to resync")
         index, writer_len = struct.unpack(">QH", data[head : head + 10])
         writer = data[head + 10 : head + 10 + writer_len].decode("utf-8", "replace")
+        self.complete_index = self.applied_index  # between entries
         self.flush(force=True)  # records queued before the snapshot go first
         body = data[head + 10 + writer_len :]
         rollouts: bytes | None = None
@@ -325,7 +334,7 @@ class _AuditedLedger:
                 fresh.restore(rollouts)
             self.ledger.restore(body)
             self.rollouts = fresh
-            self.applied_index = index
+            self.applied_index = self.complete_index = index
             self._entry_events = 0
             mine = self.raft is not None and writer == self.raft.node_id
             if not mine and self.audited[0] < index:

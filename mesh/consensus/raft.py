@@ -173,14 +173,15 @@ class _ApplyFailed:
     error: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Waiting:
     """A proposal waiting to go with others in one entry: its command, its proposer's future of (result,
-    entry index), and its deadline (loop time)."""
+    entry index), its deadline (loop time), and whether a batch took it (it may have been sent)."""
 
     command: bytes
     outcome: asyncio.Future[tuple[object, int]]
     deadline: float
+    taken: bool = False
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -305,7 +306,8 @@ class RaftGroup(SyncObj):
         # go together as one entry, and the tasks submitting such batches.
         self._in_flight = 0
         self._waiting: collections.deque[_Waiting] = collections.deque()
-        self._batches: set[asyncio.Task[None]] = set()
+        self._batches: dict[asyncio.Task[None], list[_Waiting]] = {}
+        self._closed = False
         journal = _pysyncobj_patch.DurableJournalPath(str(data_dir / "raft.journal"), defer_flush=True)
         transport = functools.partial(
             GrpcTransport, link=link, flush=journal.flush_pending, on_message=_receive,
@@ -542,6 +544,8 @@ class RaftGroup(SyncObj):
         if not isinstance(command, bytes | bytearray):
             raise TypeError(f"command must be bytes, got {type(command).__name__}")
         command = bytes(command)
+        if self._closed:
+            raise RaftError(f"{self.node_id} is closed: the proposal was not sent")
         batch = self.timings.batch_proposals and (self._in_flight >= MAX_ENTRIES_IN_FLIGHT or self._waiting)
         if not batch:
             self._in_flight += 1
@@ -567,6 +571,13 @@ class RaftGroup(SyncObj):
             async with asyncio.timeout(timeout_s):  # not wait_for (see _run)
                 return await asyncio.shield(waiting.outcome)
         except TimeoutError:
+            if not waiting.taken:
+                raise ProposalQueueFull(
+                    f"proposal on {self.node_id} was not sent within {timeout_s:.2f} s: its "
+                    f"{MAX_ENTRIES_IN_FLIGHT} entries in flight got no outcome meanwhile (leader "
+                    f"{self.leader_id}, term {self.raftCurrentTerm}); nothing was applied: back off and "
+                    "retry, and check the group's status() for a partition"
+                ) from None
             raise self._timeout_error(timeout_s, "proposal") from None
         finally:
             # Given up (timed out, cancelled): not sent if it is still waiting; if it went with a batch
@@ -575,7 +586,7 @@ class RaftGroup(SyncObj):
 
     def _send_waiting(self) -> None:
         """Event loop: send what waits, as entries of up to MAX_BATCH_COMMANDS, while entries are free."""
-        while self._waiting and self._in_flight < MAX_ENTRIES_IN_FLIGHT:
+        while self._waiting and self._in_flight < MAX_ENTRIES_IN_FLIGHT and not self._closed:
             batch: list[_Waiting] = []
             size = 0
             while self._waiting and len(batch) < MAX_BATCH_COMMANDS:
@@ -585,42 +596,55 @@ class RaftGroup(SyncObj):
                     continue
                 if batch and size + len(head.command) > MAX_BATCH_BYTES:
                     break
+                head.taken = True
                 batch.append(self._waiting.popleft())
                 size += len(head.command)
             if not batch:
                 return
             self._in_flight += 1
             task = asyncio.get_running_loop().create_task(self._send_batch(batch))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+            self._batches[task] = batch
+            task.add_done_callback(self._batch_done)
 
-    async def _send_batch(self, batch: list[_Waiting]) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            timeout_s = max(0.0, max(w.deadline for w in batch) - loop.time())
-            if len(batch) == 1:
-                command = batch[0].command
-                result, index = await self._run(
-                    lambda cb: self.apply_command(command, callback=cb), timeout_s, "proposal", indexed=True
-                )
-                results = [result]
-            else:
-                commands = tuple(w.command for w in batch)
-                results, index = await self._run(
-                    lambda cb: self.apply_commands(commands, callback=cb), timeout_s, "proposal", indexed=True
-                )
-                if isinstance(results, _ApplyFailed):  # not a list: every member refused the entry
-                    results = [results] * len(batch)
-            for waiting, result in zip(batch, results, strict=True):
-                if not waiting.outcome.done():
-                    waiting.outcome.set_result((result, index))
-        except BaseException as exc:
-            error = exc if isinstance(exc, Exception) else RaftError(f"{self.node_id} closed mid-proposal")
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        # Also for a task cancelled before its first step (close), whose body never ran.
+        batch = self._batches.pop(task, [])
+        if task.cancelled() or task.exception() is not None:
+            error = RaftError(f"{self.node_id} closed: the proposal may or may not have been sent")
             for waiting in batch:
                 if not waiting.outcome.done():
                     waiting.outcome.set_exception(error)
-            if error is not exc:
-                raise
+
+    async def _send_batch(self, batch: list[_Waiting]) -> None:
+        loop = asyncio.get_running_loop()
+        sent: list[_Waiting] = []
+
+        def submit(callback: Callable[[Any, int], None]) -> None:
+            # Every attempt (the first, and each retry after "no leader", "not the leader" or "discarded",
+            # which `_run` makes until the latest deadline of the batch) carries only the proposals whose
+            # proposers still wait: one that gave up has been answered, and must not be applied after that.
+            sent[:] = [w for w in batch if not w.outcome.done()]
+            if not sent:
+                callback([], FAIL_REASON.SUCCESS)
+            elif len(sent) == 1:
+                self.apply_command(sent[0].command, callback=lambda result, error: callback([result], error))
+            else:
+                self.apply_commands(tuple(w.command for w in sent), callback=callback)
+
+        try:
+            timeout_s = max(0.0, max(w.deadline for w in batch) - loop.time())
+            results, index = await self._run(submit, timeout_s, "proposal", indexed=True)
+            if not isinstance(results, list) or len(results) != len(sent):
+                # every member refused the entry as a whole (_ApplyFailed), or skipped it
+                whole = results if isinstance(results, _ApplyFailed) else _ApplyFailed("entry skipped")
+                results = [whole] * len(sent)
+            for waiting, result in zip(sent, results, strict=True):
+                if not waiting.outcome.done():
+                    waiting.outcome.set_result((result, index))
+        except Exception as exc:
+            for waiting in batch:
+                if not waiting.outcome.done():
+                    waiting.outcome.set_exception(_copy_error(exc))
         finally:
             self._in_flight -= 1
             self._send_waiting()
@@ -673,8 +697,9 @@ class RaftGroup(SyncObj):
 
     async def close(self) -> None:
         """Stop the tick thread and the journal, then the member's streams; returns when all are done."""
+        self._closed = True
         for task in list(self._batches):
-            task.cancel()
+            task.cancel()  # _batch_done answers their proposers
         for waiting in self._waiting:
             if not waiting.outcome.done():
                 waiting.outcome.set_exception(RaftError(f"{self.node_id} closed: the proposal was not sent"))
@@ -780,6 +805,16 @@ class RaftGroup(SyncObj):
         if error == FAIL_REASON.UNKNOWN_OUTCOME:
             return ProposalTimeout(f"{where}: outcome unknown (the entry was applied through a snapshot)")
         return RaftError(f"{where}: pysyncobj failure reason {error}")
+
+
+def _copy_error(exc: Exception) -> Exception:
+    """One exception per proposer of a batch (raising one object in several tasks mixes their tracebacks)."""
+    try:
+        copy = type(exc)(*exc.args)
+    except Exception:  # an exception type with another constructor: share it
+        return exc
+    copy.__dict__.update(exc.__dict__)
+    return copy
 
 
 def _settle(fut: asyncio.Future, result: Any, error: int) -> None:

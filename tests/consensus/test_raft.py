@@ -8,9 +8,11 @@ import os
 import random
 
 import pytest
+from pysyncobj import FAIL_REASON
 
 from mesh.consensus import _pysyncobj_patch
 from mesh.consensus.raft import (
+    MAX_ENTRIES_IN_FLIGHT,
     CommandRejected,
     NoLeaderError,
     NotLeaderError,
@@ -403,3 +405,34 @@ async def test_a_batched_proposal_given_up_before_it_is_sent_is_never_applied(ra
     entries = await c.converged()
     assert b"given-up" not in entries and entries[-1] == b"after"
     assert leader._in_flight == 0 and not leader._waiting
+
+
+@pytest.mark.asyncio
+async def test_a_batch_retried_after_no_leader_leaves_out_the_proposals_that_gave_up(raft_cluster):
+    """A batch is sent again after "not the leader" until its latest deadline: a proposer that gave up
+    meanwhile was told its outcome, so its command must not go with the retry. (pysyncobj's side is
+    stood in for: this is about what each attempt carries.)"""
+    c = await raft_cluster(3)
+    c.start_all()
+    leader = await c.wait_leader()
+    attempts: list[tuple[bytes, ...]] = []
+
+    def answer(commands, callback, gave_up: bool) -> None:
+        attempts.append(commands)
+        error = FAIL_REASON.SUCCESS if gave_up else FAIL_REASON.NOT_LEADER
+        callback([f"ok-{x.decode()}" for x in commands] if gave_up else None, error)
+
+    leader.apply_commands = lambda commands, callback: answer(tuple(commands), callback, short.done())
+    leader.apply_command = lambda command, callback: answer(
+        (command,), lambda r, e: callback(r[0] if r else None, e), short.done())
+    leader._in_flight = MAX_ENTRIES_IN_FLIGHT  # as if two entries were in flight: the next proposals wait
+    short = asyncio.ensure_future(leader.propose(b"short", timeout_s=0.3))
+    long = asyncio.ensure_future(leader.propose(b"long", timeout_s=5.0))
+    await asyncio.sleep(0)
+    leader._in_flight = 0
+    leader._send_waiting()  # the two go together, and are refused "not the leader" until short gives up
+    with pytest.raises((ProposalTimeout, NoLeaderError)):
+        await short
+    assert await long == "ok-long"
+    assert attempts[0] == (b"short", b"long") and attempts[-1] == (b"long",)
+    assert all(b"short" not in a for a in attempts if a != attempts[0] and len(a) == 1)

@@ -9,10 +9,7 @@ the proposer hears of it:
   port under mTLS (mesh/consensus/transport.py), the journal syncs once per batch of frames
   (group commit), the guard judges the decision inside apply on every replica, and every replica
   writes the audit records of a tick's entries with one sync; the proposer is answered once its
-  records are on disk. Proposals made while two entries of the leader's are in flight go together
-  as one entry (`RaftTimings.batch_proposals`), each judged, audited and answered on its own.
-- site1 (not run by default): the same, one entry per proposal (``batch_proposals`` off): what
-  batching buys shows as site vs site1.
+  records are on disk.
 - raw: the same transport under a bare `RaftGroup` with a trivial state machine and 274-byte
   commands: what the ledger and the audit log cost shows as site vs raw.
 - tcp: the baseline the issue names, the same decisions on plain pysyncobj (SyncObj and its
@@ -50,7 +47,6 @@ CPU per commit and the other figures of the table.
     python bench/consensus.py
     python bench/consensus.py --against etcd
     python bench/consensus.py --quick              # smoke run, ~20 s
-    python bench/consensus.py --systems site,site1 --trials 0 --against etcd   # what batching buys
     python bench/consensus.py --systems site --levels 16 --commits 4000 --trials 0   # to profile:
         py-spy record --subprocesses -- python bench/consensus.py ...
 """
@@ -105,8 +101,7 @@ SITE_GROUP = "bench-site"
 RAW_GROUP = "bench-raw"
 COMMAND_BYTES = 274  # the size of a decision command below; raw commands and etcd puts match it
 TCP_PASSWORD = "bench-tcp-baseline-password-0123456789"
-SYSTEMS = ("site", "raw", "tcp", "site1")
-DEFAULT_SYSTEMS = ("site", "raw", "tcp")
+SYSTEMS = ("site", "raw", "tcp")
 JSON_KEYS = (
     "commits_per_s_1",
     "commits_per_s_16",
@@ -263,9 +258,7 @@ class Here:
         self.addresses: dict[str, str] = spec["addresses"]
         self.data_dir = Path(spec["data_dir"])
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # site1: the site's decisions, one Raft entry per proposal (batch_proposals off)
-        self.timings = RaftTimings(batch_proposals=self.kind != "site1")
-        self.site = self.kind in ("site", "site1")
+        self.timings = RaftTimings()
         self.count = 0
         self.server: grpc.aio.Server | None = None
         self.channels: PeerChannels | None = None
@@ -290,7 +283,7 @@ class Here:
         self.server.add_secure_port(self.addresses[self.name], server_credentials(credentials))
         raft_pb2_grpc.add_RaftServicer_to_server(servicer, self.server)
         await self.server.start()
-        group = SITE_GROUP if self.site else RAW_GROUP
+        group = SITE_GROUP if self.kind == "site" else RAW_GROUP
         channels = self.channels
 
         def dial(peer: str) -> raft_pb2_grpc.RaftStub | None:
@@ -298,7 +291,7 @@ class Here:
 
         link = RaftLink(group=group, node_id=self.name, dial=dial, rng=random.Random(self.name))
         servicer.add(link)
-        if self.site:
+        if self.kind == "site":
             self.group = SiteGroup(
                 self.name,
                 members=self.names,
@@ -322,7 +315,7 @@ class Here:
 
     def propose(self) -> Awaitable[Any]:
         self.count += 1
-        if self.site:
+        if self.kind == "site":
             return self.group.propose(decision(SITE_GROUP, self.name, self.names, self.count), timeout_s=10.0)
         if self.kind == "raw":
             return self.raft.propose(
@@ -455,8 +448,7 @@ def process_cpu_s(pids: Sequence[int]) -> float:
 
 
 class Members:
-    """The 3 member processes of one fleetmesh system (site, site1, raw or tcp), started, killed and
-    restarted."""
+    """The 3 member processes of one fleetmesh system (site, raw or tcp), started, killed and restarted."""
 
     def __init__(self, kind: str, root: Path, creds: dict[str, Path], timings: RaftTimings) -> None:
         self.kind, self.root, self.creds, self.timings = kind, root, creds, timings
@@ -977,7 +969,7 @@ def report(
         site = rate(figures, "site", level)
         parts = [
             f"{name} {r:.2f}x"
-            for name in ("site1", "raw", "tcp", "etcd")
+            for name in ("raw", "tcp", "etcd")
             if (r := ratio(site, rate(figures, name, level))) is not None
         ]
         if parts:
@@ -1002,8 +994,6 @@ def report(
     result: dict[str, Any] = {
         "commits_per_s_1": rate(figures, "site", 1),
         "commits_per_s_16": rate(figures, "site", 16),
-        "site1_commits_per_s_1": rate(figures, "site1", 1),
-        "site1_commits_per_s_16": rate(figures, "site1", 16),
         "raw_commits_per_s_1": rate(figures, "raw", 1),
         "raw_commits_per_s_16": rate(figures, "raw", 16),
         "tcp_commits_per_s_1": rate(figures, "tcp", 1),
@@ -1019,7 +1009,7 @@ def report(
         "etcd_failover_median_s": etcd_failover.get("committed_median_s"),
         "journal_flushes_per_commit_16": level_of("site", 16, "syncs_per_commit"),
     }
-    for system in ("site", "site1", "raw", "tcp", "etcd"):
+    for system in ("site", "raw", "tcp", "etcd"):
         prefix = "" if system == "site" else f"{system}_"
         for level in (1, 16):
             for key in ("median_ms", "p99_ms", "cpu_ms_per_commit", "syncs_per_commit"):
@@ -1075,8 +1065,7 @@ def parse_args(argv: list[str] | None) -> Run:
         "--trials", type=int, default=10, help="leader kills per system for failover (10; 0: none)"
     )
     parser.add_argument(
-        "--systems", default=",".join(DEFAULT_SYSTEMS),
-        help=f"which of {','.join(SYSTEMS)} to run (default: {','.join(DEFAULT_SYSTEMS)})"
+        "--systems", default=",".join(SYSTEMS), help="which of site,raw,tcp to run (default: all)"
     )
     parser.add_argument("--against", choices=["etcd"], help="also run etcd 3.4 (Debian's etcd-server) alike")
     parser.add_argument(

@@ -71,7 +71,6 @@ def _result(
 class _Applied:
     decision_id: str
     raft_index: int | None
-    raft_event: int  # its place among its entry's events (an entry may carry several decisions)
     seq: int
     moves: list[dict[str, str]]
     approved_by: str | None
@@ -93,7 +92,6 @@ def _applied(records: Iterable[dict[str, Any]]) -> dict[str, _Applied]:
             out[did] = _Applied(
                 did,
                 p.get("raft_index"),
-                p.get("raft_event") if isinstance(p.get("raft_event"), int) else 0,
                 r.get("seq", 0),
                 list(p.get("moves") or []),
                 p.get("approved_by"),
@@ -102,20 +100,18 @@ def _applied(records: Iterable[dict[str, Any]]) -> dict[str, _Applied]:
     return out
 
 
-def _route_writes(records: Iterable[dict[str, Any]]) -> list[tuple[tuple[int, int], str, str]]:
-    """((raft_index, raft_event), stream, node) for every route a log says was set (applied moves, initial
-    claims): in the order the group applied them, also within an entry that carries several decisions."""
+def _route_writes(records: Iterable[dict[str, Any]]) -> list[tuple[int, str, str]]:
+    """(raft_index, stream, node) for every route a log says was set (applied moves, initial claims)."""
     out = []
     for r in records:
         p = r.get("payload") or {}
-        index, event = p.get("raft_index"), p.get("raft_event")
+        index = p.get("raft_index")
         if not isinstance(index, int):
             continue
-        at = (index, event if isinstance(event, int) else 0)
         if r.get("kind") == "applied":
-            out += [(at, m["stream"], m["to"]) for m in p.get("moves") or []]
+            out += [(index, m["stream"], m["to"]) for m in p.get("moves") or []]
         elif r.get("kind") == "routes_assigned":
-            out += [(at, s, n) for s, n in (p.get("routes") or {}).items()]
+            out += [(index, s, n) for s, n in (p.get("routes") or {}).items()]
     return out
 
 
@@ -178,7 +174,6 @@ def acknowledged_decisions(record: RunRecord) -> CheckResult:
         for op in (o for o in acked if o.site == site):
             did = op.detail["decision_id"]
             index = union[did].raft_index if did in union else None
-            at = (index, union[did].raft_event) if index is not None else None
             moves = op.detail.get("moves") or (union[did].moves if did in union else [])
             what = (
                 f"decision {did} ({_moves_text(moves)}; {op.kind} acknowledged as applied by {op.node} "
@@ -195,7 +190,7 @@ def acknowledged_decisions(record: RunRecord) -> CheckResult:
                 problems.append(f"{what} is missing from {node}'s audit log")
             for move in moves:
                 stream, target = move["stream"], move["to"]
-                later = at is not None and any(w > at and s == stream for w, s, _ in writes)
+                later = index is not None and any(i > index and s == stream for i, s, _ in writes)
                 if later:
                     continue
                 for node in nodes:

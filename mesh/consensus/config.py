@@ -52,7 +52,6 @@ class RaftSection(BaseModel):
     leader_fallback_s: float = Field(default=_DEFAULTS.leader_fallback_s, gt=0)
     tick_period_s: float = Field(default=_DEFAULTS.tick_period_s, gt=0, le=1.0)
     batch_appends: bool = _DEFAULTS.batch_appends
-    batch_proposals: bool = _DEFAULTS.batch_proposals
     compaction_min_entries: int = Field(default=_DEFAULTS.compaction_min_entries, ge=10)
     compaction_min_interval_s: float = Field(default=_DEFAULTS.compaction_min_interval_s, gt=0)
     pre_vote: bool = _DEFAULTS.pre_vote

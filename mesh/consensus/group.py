@@ -14,18 +14,18 @@ that sync before it answers: the audit records of a command are durable before i
 hears the outcome.
 
 Audit records are written once per Raft entry, even though apply runs again
-    pysyncobj replays the journal on restart: committed entries after the last snapshot are applied
-    again from scratch. Each audit record carries ``raft_index`` (the index of the log entry that
-    produced it; identical on every replica) and ``raft_event`` (its position among that entry's events;
-    an entry carrying several proposals, see `RaftTimings.batch_proposals`, numbers the events of its
-    commands on, in order). On start the group reads the last (index, event) already in its audit log,
-    and apply skips every event at or before it: the ledger state is rebuilt, the audit log is not
-    written twice. A crash between two events of one entry is resumed at the missing event. A replica
-    that catches up through another member's snapshot never applies the entries the snapshot covers; it
-    writes one ``snapshot_installed`` record naming the index range its log does not cover, so the gap
-    is on the record rather than silent. (A restart from its own snapshot is no gap: it applied and
-    audited those entries.) If the Raft journal is gone while the audit log stays, indexes are no longer
-    comparable: a ``raft_journal_reset`` record is written and nothing is skipped from then on.
+    pysyncobj replays the journal on restart: committed entries after the last snapshot are
+    applied again from scratch. Each audit record carries ``raft_index`` (the index of the
+    log entry that produced it; identical on every replica) and ``raft_event`` (its position
+    among that entry's events). On start the group reads the last (index, event) already in
+    its audit log, and apply skips every event at or before it: the ledger state is rebuilt,
+    the audit log is not written twice. A crash between two events of one entry is resumed
+    at the missing event. A replica that catches up through another member's snapshot never
+    applies the entries the snapshot covers; it writes one ``snapshot_installed`` record
+    naming the index range its log does not cover, so the gap is on the record rather than
+    silent. (A restart from its own snapshot is no gap: it applied and audited those entries.)
+    If the Raft journal is gone while the audit log stays, indexes are no longer comparable:
+    a ``raft_journal_reset`` record is written and nothing is skipped from then on.
 
 Reads
     `pending`, `routes`, `allocations`, `history` and `outcome_of` read this replica's
@@ -136,10 +136,6 @@ class _AuditedLedger:
         self.raft: RaftGroup | None = None  # set before the tick thread starts (see _SiteRaftGroup)
         self.audited = audited  # (raft_index, raft_event) of the last event already in the audit log
         self.applied_index = 0
-        # The last entry all of whose commands are applied (an entry may carry several, applied one by one):
-        # what a flush may call durable, and no further.
-        self.complete_index = 0
-        self._entry_events = 0  # events the commands of entry `applied_index` have had so far
         self.audit_error: str | None = None
         self.counts = GroupCounts()
         self._queued: list[tuple[str, Mapping[str, Any]]] = []  # audit records applied but not yet written
@@ -157,26 +153,21 @@ class _AuditedLedger:
         # pysyncobj applies entry raftLastApplied + 1 and increments raftLastApplied afterwards.
         index = self.raft.raftLastApplied + 1 if self.raft is not None else self.applied_index + 1
         with self.lock:
-            if index != self.applied_index:  # a new entry: every command of the one before is applied
-                self.complete_index = self.applied_index
-                self._entry_events = 0
-            replayed = (index, self._entry_events) <= self.audited  # audited before a restart: a replay
             if command.startswith(_ROLLOUT_COMMAND_PREFIX):
                 result: ApplyResult | LedgerResult = self.rollouts.apply(command)
             else:
                 result = self.ledger.apply(command)
-                if not replayed:
+                if index > self.audited[0]:  # not a journal replay after a restart
                     self.counts.applied(result)
             self.applied_index = index
-            self._write(index, self._entry_events, result.audit)
-            self._entry_events += len(result.audit)  # the next command of a batched entry numbers on
+            self._write(index, result.audit)
         changed = isinstance(result, LedgerResult) and result.outcome is RolloutOutcome.APPLIED
         if changed and self.on_rollout_change is not None:
             self.on_rollout_change()
         return result
 
-    def _write(self, index: int, first: int, events: Sequence[Any]) -> None:
-        for position, event in enumerate(events, start=first):
+    def _write(self, index: int, events: Sequence[Any]) -> None:
+        for position, event in enumerate(events):
             if (index, position) <= self.audited:
                 continue  # written before a restart: the journal replay applies it again
             payload = {**dict(event.payload), "raft_index": index, "raft_event": position}
@@ -185,7 +176,6 @@ class _AuditedLedger:
 
     def tick_ended(self) -> None:
         """End of a pysyncobj tick (tick thread): wake the writer if entries were applied since it ran."""
-        self.complete_index = self.applied_index  # entries are applied whole within a tick
         if self.applied_index > self.durable_index or self._queued:
             self._wake.set()
 
@@ -216,7 +206,6 @@ class _AuditedLedger:
         self._stopping = True
         self._wake.set()
         self._writer.join()
-        self.complete_index = self.applied_index  # the tick thread has stopped: between entries
         self.flush(force=True)
         self._retry_at = 0.0
         self._sync_head()
@@ -227,7 +216,7 @@ class _AuditedLedger:
         write the log is tried again every AUDIT_RETRY_S, or now with `force`."""
         with self._flush_lock:
             with self.lock:
-                through = self.complete_index
+                through = self.applied_index
                 if self._unwritten and not force and time.monotonic() < self._retry_at:
                     queued = []  # the log failed a moment ago: let the disk drain before trying again
                 else:
@@ -302,7 +291,6 @@ class _AuditedLedger:
         # member's snapshot: the entries it covers were never applied here). Audit records still queued
         # are written first: after a restart from this snapshot, the entries it covers are not replayed.
         # (If the log still fails, records held in memory are lost at the next restart; audit_error says so.)
-        self.complete_index = self.applied_index  # between entries
         self.flush(force=True)
         with self.lock:
             index = self.raft.raftLastApplied if self.raft is not None else self.applied_index
@@ -317,7 +305,6 @@ class _AuditedLedger:
             raise GroupError("Raft snapshot is not a fleetmesh site-group snapshot; move it away to resync")
         index, writer_len = struct.unpack(">QH", data[head : head + 10])
         writer = data[head + 10 : head + 10 + writer_len].decode("utf-8", "replace")
-        self.complete_index = self.applied_index  # between entries
         self.flush(force=True)  # records queued before the snapshot go first
         body = data[head + 10 + writer_len :]
         rollouts: bytes | None = None
@@ -334,8 +321,7 @@ class _AuditedLedger:
                 fresh.restore(rollouts)
             self.ledger.restore(body)
             self.rollouts = fresh
-            self.applied_index = self.complete_index = index
-            self._entry_events = 0
+            self.applied_index = index
             mine = self.raft is not None and writer == self.raft.node_id
             if not mine and self.audited[0] < index:
                 # Entries up to `index` will never be applied here: this replica's log cannot hold them.

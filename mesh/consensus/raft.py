@@ -2,12 +2,10 @@
 
 The members of a site replicate one state machine (anything with ``apply``,
 ``snapshot`` and ``restore``; see `StateMachine`). `RaftGroup` is a pysyncobj
-``SyncObj`` whose replicated methods hand command bytes to ``state.apply``: one
-command per entry, or several (a member's proposals made while two of its entries
-are in flight go together, each applied and answered on its own). pysyncobj runs its
-own tick thread per group; the event loop never waits on it: `RaftGroup.propose`
-registers a pysyncobj callback that resolves an asyncio future through
-``loop.call_soon_threadsafe``.
+``SyncObj`` with a single replicated method that hands the command bytes to
+``state.apply``. pysyncobj runs its own tick thread per group; the event loop never
+waits on it: `RaftGroup.propose` registers a pysyncobj callback that resolves an
+asyncio future through ``loop.call_soon_threadsafe``.
 
 Who can talk to a member, and what they can send
     Members talk over each other's node gRPC port (`transport.py`): a stream is accepted only
@@ -56,7 +54,6 @@ are on the fields. Hazards of pysyncobj 0.3.17 and how this module handles them:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import logging
@@ -158,30 +155,11 @@ _RETRYABLE_IF_IDEMPOTENT = _RETRYABLE | {FAIL_REASON.LEADER_CHANGED, FAIL_REASON
 #: an election (its timer is drawn up to election_max_s after the last heartbeat), so one is not
 #: enough; the second covers the election itself, including a round lost to a split vote.
 NO_LEADER_AFTER_ELECTIONS = 2
-#: Entries a member keeps in flight for its own proposals (submitted, outcome not yet known) before
-#: further proposals wait and go as one entry (see `RaftTimings.batch_proposals`). Two keeps the pipe
-#: full (one entry replicating while the next is gathered) and batches grow with the load.
-MAX_ENTRIES_IN_FLIGHT = 2
-#: Commands in one batched entry, and their bytes: the entry stays below APPEND_BATCH_BYTES (a command
-#: larger than this goes in an entry of its own).
-MAX_BATCH_COMMANDS = 64
-MAX_BATCH_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class _ApplyFailed:
     error: str
-
-
-@dataclass
-class _Waiting:
-    """A proposal waiting to go with others in one entry: its command, its proposer's future of (result,
-    entry index), its deadline (loop time), and whether a batch took it (it may have been sent)."""
-
-    command: bytes
-    outcome: asyncio.Future[tuple[object, int]]
-    deadline: float
-    taken: bool = False
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -217,13 +195,6 @@ class RaftTimings:
     #: latency, more throughput under heavy load). Decisions of a site are few and latency
     #: matters, so unbatched.
     batch_appends: bool = False
-    #: True: while this member has `MAX_ENTRIES_IN_FLIGHT` of its proposals in flight, the next ones wait
-    #: and go together as one log entry (`RaftGroup.apply_commands`), each still applied on its own and
-    #: answered with its own result: one entry, one append to each follower and one acknowledgement for
-    #: many concurrent proposals. A lone proposal goes out at once as before, so this costs no latency.
-    #: Turn it off while a group still has members running a release without `apply_commands` (they
-    #: could not apply such an entry).
-    batch_proposals: bool = True
     #: Compact the log (snapshot through StateMachine.snapshot) after this many entries or
     #: this long, whichever comes first.
     compaction_min_entries: int = 5000
@@ -302,12 +273,6 @@ class RaftGroup(SyncObj):
         self._pre_vote = _pysyncobj_patch.PreVote(
             self, self.leader_contact_s, timings.election_min_s, ask=timings.pre_vote
         )
-        # Own proposals (event loop only; see propose_indexed): entries in flight, proposals waiting to
-        # go together as one entry, and the tasks submitting such batches.
-        self._in_flight = 0
-        self._waiting: collections.deque[_Waiting] = collections.deque()
-        self._batches: dict[asyncio.Task[None], list[_Waiting]] = {}
-        self._closed = False
         journal = _pysyncobj_patch.DurableJournalPath(str(data_dir / "raft.journal"), defer_flush=True)
         transport = functools.partial(
             GrpcTransport, link=link, flush=journal.flush_pending, on_message=_receive,
@@ -351,22 +316,8 @@ class RaftGroup(SyncObj):
 
     @replicated
     def apply_command(self, command: bytes):
-        """The replicated method of one command. Call it through `propose`; calling it directly with
+        """The one replicated method. Call it through `propose`; calling it directly with
         ``sync=True`` blocks the calling thread (what bench/consensus.py measures as raw)."""
-        return self._apply(command)
-
-    @replicated
-    def apply_commands(self, commands: tuple[bytes, ...]):
-        """Several proposals in one entry (see `RaftTimings.batch_proposals`): each applied on its own,
-        in order, as if each were an entry; returns their results in that order. (pysyncobj numbers
-        replicated methods by name: this one sorts after the others, so their numbers in existing
-        journals are unchanged.)"""
-        if not isinstance(commands, tuple | list) or not all(isinstance(c, bytes) for c in commands):
-            logger.error("skipped a batch entry that is not a sequence of commands; every replica skips it")
-            return _ApplyFailed("a batch entry must be a sequence of command bytes")
-        return [self._apply(command) for command in commands]
-
-    def _apply(self, command: bytes) -> Any:
         try:
             return self.state.apply(command)
         except Exception as exc:  # deterministic on every replica; must not escape the tick
@@ -544,110 +495,12 @@ class RaftGroup(SyncObj):
         if not isinstance(command, bytes | bytearray):
             raise TypeError(f"command must be bytes, got {type(command).__name__}")
         command = bytes(command)
-        if self._closed:
-            raise RaftError(f"{self.node_id} is closed: the proposal was not sent")
-        batch = self.timings.batch_proposals and (self._in_flight >= MAX_ENTRIES_IN_FLIGHT or self._waiting)
-        if not batch:
-            self._in_flight += 1
-            try:
-                result, index = await self._run(
-                    lambda cb: self.apply_command(command, callback=cb), timeout_s, "proposal", indexed=True
-                )
-            finally:
-                self._in_flight -= 1
-                self._send_waiting()
-        else:
-            result, index = await self._wait_batched(command, timeout_s)
+        result, index = await self._run(
+            lambda cb: self.apply_command(command, callback=cb), timeout_s, "proposal", indexed=True
+        )
         if isinstance(result, _ApplyFailed):
             raise CommandRejected(f"the state machine rejected the command on every member: {result.error}")
         return result, index
-
-    async def _wait_batched(self, command: bytes, timeout_s: float) -> tuple[object, int]:
-        """Queue `command` to go with the others waiting, in one entry, once an entry in flight settles."""
-        loop = asyncio.get_running_loop()
-        waiting = _Waiting(command, loop.create_future(), loop.time() + timeout_s)
-        self._waiting.append(waiting)
-        try:
-            async with asyncio.timeout(timeout_s):  # not wait_for (see _run)
-                return await asyncio.shield(waiting.outcome)
-        except TimeoutError:
-            if not waiting.taken:
-                raise ProposalQueueFull(
-                    f"proposal on {self.node_id} was not sent within {timeout_s:.2f} s: its "
-                    f"{MAX_ENTRIES_IN_FLIGHT} entries in flight got no outcome meanwhile (leader "
-                    f"{self.leader_id}, term {self.raftCurrentTerm}); nothing was applied: back off and "
-                    "retry, and check the group's status() for a partition"
-                ) from None
-            raise self._timeout_error(timeout_s, "proposal") from None
-        finally:
-            # Given up (timed out, cancelled): not sent if it is still waiting; if it went with a batch
-            # that is in flight, it may still commit (ProposalTimeout says so).
-            waiting.outcome.cancel()
-
-    def _send_waiting(self) -> None:
-        """Event loop: send what waits, as entries of up to MAX_BATCH_COMMANDS, while entries are free."""
-        while self._waiting and self._in_flight < MAX_ENTRIES_IN_FLIGHT and not self._closed:
-            batch: list[_Waiting] = []
-            size = 0
-            while self._waiting and len(batch) < MAX_BATCH_COMMANDS:
-                head = self._waiting[0]
-                if head.outcome.done():  # its proposer gave up before it was sent
-                    self._waiting.popleft()
-                    continue
-                if batch and size + len(head.command) > MAX_BATCH_BYTES:
-                    break
-                head.taken = True
-                batch.append(self._waiting.popleft())
-                size += len(head.command)
-            if not batch:
-                return
-            self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._send_batch(batch))
-            self._batches[task] = batch
-            task.add_done_callback(self._batch_done)
-
-    def _batch_done(self, task: asyncio.Task[None]) -> None:
-        # Also for a task cancelled before its first step (close), whose body never ran.
-        batch = self._batches.pop(task, [])
-        if task.cancelled() or task.exception() is not None:
-            error = RaftError(f"{self.node_id} closed: the proposal may or may not have been sent")
-            for waiting in batch:
-                if not waiting.outcome.done():
-                    waiting.outcome.set_exception(error)
-
-    async def _send_batch(self, batch: list[_Waiting]) -> None:
-        loop = asyncio.get_running_loop()
-        sent: list[_Waiting] = []
-
-        def submit(callback: Callable[[Any, int], None]) -> None:
-            # Every attempt (the first, and each retry after "no leader", "not the leader" or "discarded",
-            # which `_run` makes until the latest deadline of the batch) carries only the proposals whose
-            # proposers still wait: one that gave up has been answered, and must not be applied after that.
-            sent[:] = [w for w in batch if not w.outcome.done()]
-            if not sent:
-                callback([], FAIL_REASON.SUCCESS)
-            elif len(sent) == 1:
-                self.apply_command(sent[0].command, callback=lambda result, error: callback([result], error))
-            else:
-                self.apply_commands(tuple(w.command for w in sent), callback=callback)
-
-        try:
-            timeout_s = max(0.0, max(w.deadline for w in batch) - loop.time())
-            results, index = await self._run(submit, timeout_s, "proposal", indexed=True)
-            if not isinstance(results, list) or len(results) != len(sent):
-                # every member refused the entry as a whole (_ApplyFailed), or skipped it
-                whole = results if isinstance(results, _ApplyFailed) else _ApplyFailed("entry skipped")
-                results = [whole] * len(sent)
-            for waiting, result in zip(sent, results, strict=True):
-                if not waiting.outcome.done():
-                    waiting.outcome.set_result((result, index))
-        except Exception as exc:
-            for waiting in batch:
-                if not waiting.outcome.done():
-                    waiting.outcome.set_exception(_copy_error(exc))
-        finally:
-            self._in_flight -= 1
-            self._send_waiting()
 
     async def read_barrier(self, timeout_s: float = 2.0) -> None:
         """Return once this member has applied every entry committed before the call.
@@ -697,13 +550,6 @@ class RaftGroup(SyncObj):
 
     async def close(self) -> None:
         """Stop the tick thread and the journal, then the member's streams; returns when all are done."""
-        self._closed = True
-        for task in list(self._batches):
-            task.cancel()  # _batch_done answers their proposers
-        for waiting in self._waiting:
-            if not waiting.outcome.done():
-                waiting.outcome.set_exception(RaftError(f"{self.node_id} closed: the proposal was not sent"))
-        self._waiting.clear()
         await asyncio.to_thread(self.close_sync)
         await self.link.close()
 
@@ -749,23 +595,20 @@ class RaftGroup(SyncObj):
                 async with asyncio.timeout(max(remaining_s, 0.0)):
                     result, error = await fut
             except TimeoutError:
-                raise self._timeout_error(timeout_s, what) from None
+                if self.leader_id is None:
+                    raise self._no_leader_error(timeout_s, what) from None
+                raise ProposalTimeout(
+                    f"{what} on {self.node_id} got no outcome within {timeout_s:.2f} s (leader "
+                    f"{self.leader_id}, term {self.raftCurrentTerm}); it may still commit: retry "
+                    "only if applying it twice is harmless, and check the group's status() for a "
+                    "partition"
+                ) from None
             if error == FAIL_REASON.SUCCESS:
                 return result
             if error in retry_on and deadline - loop.time() > backoff_s:
                 await asyncio.sleep(backoff_s)
                 continue
             raise self._error_for(error, what, timeout_s)
-
-    def _timeout_error(self, timeout_s: float, what: str) -> RaftError:
-        if self.leader_id is None:
-            return self._no_leader_error(timeout_s, what)
-        return ProposalTimeout(
-            f"{what} on {self.node_id} got no outcome within {timeout_s:.2f} s (leader "
-            f"{self.leader_id}, term {self.raftCurrentTerm}); it may still commit: retry "
-            "only if applying it twice is harmless, and check the group's status() for a "
-            "partition"
-        )
 
     def _no_leader_error(self, timeout_s: float, what: str) -> NoLeaderError:
         reachable = self.reachable()
@@ -805,16 +648,6 @@ class RaftGroup(SyncObj):
         if error == FAIL_REASON.UNKNOWN_OUTCOME:
             return ProposalTimeout(f"{where}: outcome unknown (the entry was applied through a snapshot)")
         return RaftError(f"{where}: pysyncobj failure reason {error}")
-
-
-def _copy_error(exc: Exception) -> Exception:
-    """One exception per proposer of a batch (raising one object in several tasks mixes their tracebacks)."""
-    try:
-        copy = type(exc)(*exc.args)
-    except Exception:  # an exception type with another constructor: share it
-        return exc
-    copy.__dict__.update(exc.__dict__)
-    return copy
 
 
 def _settle(fut: asyncio.Future, result: Any, error: int) -> None:

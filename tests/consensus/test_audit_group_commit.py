@@ -4,20 +4,12 @@ and a proposer hears the outcome only once its decision's records are on disk.""
 from __future__ import annotations
 
 import asyncio
-import time
-import types
 
 import pytest
 
-from mesh.consensus.commands import propose_command, set_routes_command
-from mesh.consensus.group import _AuditedLedger, _last_audited
-from mesh.consensus.ledger import DecisionLedger
 from mesh.consensus.raft import LeaderChangedError
-from mesh.guard.audit import AuditLog, read_audit, verify_audit
-from mesh.guard.core import Allocation, Decision, DecisionKind, Policy
-from mesh.identity.signing import TrustedKeys
-from mesh.rollout.state import RolloutLedger
-from tests.consensus.harness import GROUP, ROUTES, small
+from mesh.guard.audit import read_audit, verify_audit
+from tests.consensus.harness import ROUTES, small
 
 
 @pytest.mark.asyncio
@@ -72,72 +64,3 @@ async def test_closing_a_member_writes_what_it_applied(site):
         assert {r.decision_id for r in results} <= {
             r.payload.get("decision_id") for r in read_audit(g.audit_path)
         }
-
-
-# --- one entry carrying several decisions (RaftTimings.batch_proposals), on the state machine itself ---
-
-
-NOW = time.time()  # one clock for every command, so that a replay applies the very same ones
-
-
-def _state(tmp_path):
-    path = tmp_path / "audit.log"
-    audited = _last_audited(read_audit(path)) if path.exists() else (0, -1)
-    trusted = TrustedKeys()
-    state = _AuditedLedger(
-        DecisionLedger(group=GROUP, policy=Policy(), group_size=3, trusted=trusted),
-        RolloutLedger(site=GROUP, trusted=trusted),
-        AuditLog(path),
-        audited,
-    )
-    state.raft = types.SimpleNamespace(raftLastApplied=0, node_id="node-0")  # what apply reads of its group
-    return state
-
-
-def _allocation(i: int) -> bytes:
-    decision = Decision(kind=DecisionKind.SET_ALLOCATION, group=GROUP, proposer="node-1", reason="load",
-                        proposed_at=NOW, nonce=f"alloc-{i:04d}", allocations=(Allocation("node-1", 1 + i),))
-    return propose_command(decision, now=NOW)
-
-
-def test_an_entry_is_durable_only_once_every_decision_it_carries_is_on_disk(tmp_path):
-    """The audit writer may run between two commands of one entry: it must not call the entry durable then,
-    or the second command's proposer would be answered before its records are on disk."""
-    state = _state(tmp_path)
-    try:
-        state.apply(set_routes_command(ROUTES, now=time.time()))
-        state.raft.raftLastApplied = 1
-        state.apply(_allocation(0))  # entry 2, the first of its two commands
-        state.flush()  # the writer thread, between the two
-        assert state.durable_index == 1
-        state.apply(_allocation(1))  # entry 2, the second
-        state.tick_ended()
-        state.flush()
-        assert state.durable_index == 2
-        on_disk = [(r.kind, r.payload["raft_event"]) for r in read_audit(state.audit.path)
-                   if r.payload.get("raft_index") == 2]
-        assert on_disk == [("proposed", 0), ("applied", 1), ("proposed", 2), ("applied", 3)]
-    finally:
-        state.stop()
-
-
-def _journal(state: _AuditedLedger) -> None:
-    """Entry 1 the routes, entry 2 four decisions (the same entries on every call, as a journal replays)."""
-    state.apply(set_routes_command(ROUTES, now=NOW))
-    state.raft.raftLastApplied = 1
-    for i in range(4):
-        state.apply(_allocation(i))
-    state.tick_ended()
-
-
-def test_every_decision_of_an_entry_counts_and_a_replay_counts_none(tmp_path):
-    first = _state(tmp_path)
-    _journal(first)
-    first.stop()
-    assert first.counts.snapshot().verdicts == {("set_allocation", "allow"): 4}
-    again = _state(tmp_path)  # a restart: the journal replayed over the audit log the first one wrote
-    _journal(again)
-    again.stop()
-    assert again.counts.snapshot().verdicts == {}
-    records = read_audit(tmp_path / "audit.log")
-    assert len(records) == len({(r.payload["raft_index"], r.payload["raft_event"]) for r in records}) == 9

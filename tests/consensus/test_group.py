@@ -3,7 +3,6 @@ partitions, restarts without duplicated audit records, and a tamper-evident audi
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
@@ -216,56 +215,6 @@ async def test_held_decisions_survive_the_leader_and_a_restart_does_not_duplicat
     kinds = [r.kind for r in fresh.audit_records()]
     assert "raft_journal_reset" in kinds and kinds[-4:] == ["proposed", "held", "approved", "applied"]
     assert fresh.verify_audit().ok and fresh.routes()["cam-2"] == "node-4"
-
-
-def allocation(node: str, slots: int, nonce: str) -> Decision:
-    return Decision(kind=DecisionKind.SET_ALLOCATION, group=GROUP, proposer="node-1", reason="load",
-                    proposed_at=time.time(), nonce=nonce, allocations=(Allocation(node, slots),))
-
-
-@pytest.mark.asyncio
-async def test_decisions_batched_in_one_entry_are_each_judged_audited_once_and_replayed_alike(site):
-    """Concurrent proposals share Raft entries (RaftTimings.batch_proposals): each decision is judged,
-    answered and audited on its own, the records of one entry are numbered on (no two records share an
-    (index, event)), every replica writes the same, and a restart replays such entries without writing
-    a record twice."""
-    s = await site(3)
-    groups = s.start_all()
-    leader = await s.wait_leader()
-    await leader.set_routes(ROUTES)
-    decisions = [allocation(f"node-{i % 3}", 1 + i, f"alloc-{i:04d}") for i in range(24)]
-    decisions[5] = big("big-batched")  # above scope: held, in the middle of a batch
-    decisions[9] = decisions[8]  # the same decision twice: the second is a no-op
-    decisions[12] = move(("cam-0", "node-2", "node-1"), nonce="stale-0001")  # cam-0 is on node-1: refused
-    results = await asyncio.gather(*(leader.propose(d, timeout_s=10.0) for d in decisions))
-    outcomes = [r.outcome for r in results]
-    assert outcomes[5] is Outcome.HELD and outcomes[9] is Outcome.NOOP and outcomes[12] is Outcome.REFUSED
-    assert outcomes.count(Outcome.APPLIED) == 21
-    await s.converged()
-
-    def keys(g: SiteGroup) -> list[tuple]:
-        return [(r.kind, r.payload["raft_index"], r.payload["raft_event"], r.payload.get("decision_id"))
-                for r in g.audit_records() if "raft_index" in r.payload]
-
-    records = keys(leader)
-    assert len({k[1:3] for k in records}) == len(records), "two audit records share an (index, event)"
-    for d, r in zip(decisions, results, strict=True):
-        if r.outcome is not Outcome.NOOP:
-            assert audit_kinds(leader, d.decision_id)[-1:] == [r.outcome.value], f"{d.decision_id} unaudited"
-    per_entry: dict[int, set[str]] = {}
-    for _, index, _, decision_id in records:
-        per_entry.setdefault(index, set()).add(decision_id)
-    assert max(len(ids) for ids in per_entry.values()) > 1, "no entry carried two decisions: not batched"
-    assert all(keys(g) == records for g in groups)
-    assert all(g.verify_audit().ok for g in groups)
-
-    follower = next(g for g in groups if g is not leader)
-    await follower.close()
-    restarted = s.start(int(follower.node_id.split("-")[1]))  # replays its journal, entries it audited
-    await leader.propose(allocation("node-2", 9, "alloc-after"))
-    await s.converged()
-    assert keys(restarted) == keys(leader)
-    assert restarted.verify_audit().ok
 
 
 @pytest.mark.asyncio

@@ -242,9 +242,8 @@ async def test_concurrent_proposals_never_truncate_applied_entries(raft_cluster,
 
 # Rounds of 300 concurrent proposals keep the tick threads busy; on a loaded machine the default 0.2-0.4 s
 # election timeout then elects a new leader mid-round, and a proposal in flight ends "may or may not have
-# committed". These tests are about appends in flight, not failover: elections wait longer. And one entry
-# per proposal, as plain pysyncobj (a member's concurrent proposals would go as a few batched entries).
-STEADY = RaftTimings(election_min_s=1.5, election_max_s=3.0, leader_fallback_s=3.0, batch_proposals=False)
+# committed". These tests are about appends in flight, not failover: elections wait longer.
+STEADY = RaftTimings(election_min_s=1.5, election_max_s=3.0, leader_fallback_s=3.0)
 
 
 async def propose_until(c, groups, prefix: str, exercised, rounds: int = 5, per_round: int = 300) -> int:

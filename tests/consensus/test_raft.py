@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import random
 
 import pytest
-from pysyncobj import FAIL_REASON
 
 from mesh.consensus import _pysyncobj_patch
 from mesh.consensus.raft import (
-    MAX_ENTRIES_IN_FLIGHT,
     CommandRejected,
     NoLeaderError,
     NotLeaderError,
@@ -350,89 +347,3 @@ async def test_snapshot_restores_state_after_compaction_and_restart(raft_cluster
 
 def test_errors_are_raft_errors():
     assert issubclass(NoLeaderError, RaftError) and issubclass(CommandRejected, RaftError)
-
-
-# --- proposals batched into one entry (RaftTimings.batch_proposals) -----------------------------
-
-
-@pytest.mark.asyncio
-@pytest.mark.parametrize("batch", [True, False])
-async def test_concurrent_proposals_share_entries_and_each_is_answered_on_its_own(raft_cluster, batch):
-    """While a member has entries in flight, its next proposals go as one entry; each is still applied
-    on its own (a rejected one fails alone) and its proposer gets its own position. Without batching,
-    one entry per proposal (which shows the entry count below can tell the two apart)."""
-    c = await raft_cluster(3, dataclasses.replace(TIMINGS, batch_proposals=batch))
-    c.start_all()
-    leader = await c.wait_leader()
-    follower = next(g for g in c.live() if g is not leader)
-    await leader.propose(b"first")
-    before = leader.raftCommitIndex
-    commands = [f"cmd-{i:02d}".encode() for i in range(40)]
-    commands[17] = b"boom"  # EntryLog refuses it: only its own proposer hears so
-    results = await asyncio.gather(
-        *(leader.propose(cmd, timeout_s=10.0) for cmd in commands[:30]),
-        *(follower.propose(cmd, timeout_s=10.0) for cmd in commands[30:]),
-        return_exceptions=True,
-    )
-    assert isinstance(results[17], CommandRejected) and "boom" in str(results[17])
-    entries = await c.converged()
-    for cmd, position in zip(commands, results, strict=True):
-        if cmd != b"boom":
-            assert entries[position] == cmd  # each proposer got its own command's position
-    assert sorted(entries[1:]) == sorted(cmd for cmd in commands if cmd != b"boom")
-    used = leader.raftCommitIndex - before
-    if batch:
-        assert used < 20, f"{used} entries for 40 concurrent proposals: they were not batched"
-    else:
-        assert used >= 40
-    assert all(g._in_flight == 0 and not g._waiting for g in c.live())
-
-
-@pytest.mark.asyncio
-async def test_a_batched_proposal_given_up_before_it_is_sent_is_never_applied(raft_cluster):
-    c = await raft_cluster(3)
-    c.start_all()
-    leader = await c.wait_leader()
-    sent = [asyncio.ensure_future(leader.propose(f"sent-{i}".encode())) for i in range(2)]
-    queued = asyncio.ensure_future(leader.propose(b"given-up"))
-    await asyncio.sleep(0)  # all three started: two entries in flight, the third waits for one
-    assert len(leader._waiting) == 1 and not sent[0].done()
-    queued.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await queued
-    await asyncio.gather(*sent)
-    await leader.propose(b"after")  # the waiting line moved on past the abandoned proposal
-    entries = await c.converged()
-    assert b"given-up" not in entries and entries[-1] == b"after"
-    assert leader._in_flight == 0 and not leader._waiting
-
-
-@pytest.mark.asyncio
-async def test_a_batch_retried_after_no_leader_leaves_out_the_proposals_that_gave_up(raft_cluster):
-    """A batch is sent again after "not the leader" until its latest deadline: a proposer that gave up
-    meanwhile was told its outcome, so its command must not go with the retry. (pysyncobj's side is
-    stood in for: this is about what each attempt carries.)"""
-    c = await raft_cluster(3)
-    c.start_all()
-    leader = await c.wait_leader()
-    attempts: list[tuple[bytes, ...]] = []
-
-    def answer(commands, callback, gave_up: bool) -> None:
-        attempts.append(commands)
-        error = FAIL_REASON.SUCCESS if gave_up else FAIL_REASON.NOT_LEADER
-        callback([f"ok-{x.decode()}" for x in commands] if gave_up else None, error)
-
-    leader.apply_commands = lambda commands, callback: answer(tuple(commands), callback, short.done())
-    leader.apply_command = lambda command, callback: answer(
-        (command,), lambda r, e: callback(r[0] if r else None, e), short.done())
-    leader._in_flight = MAX_ENTRIES_IN_FLIGHT  # as if two entries were in flight: the next proposals wait
-    short = asyncio.ensure_future(leader.propose(b"short", timeout_s=0.3))
-    long = asyncio.ensure_future(leader.propose(b"long", timeout_s=5.0))
-    await asyncio.sleep(0)
-    leader._in_flight = 0
-    leader._send_waiting()  # the two go together, and are refused "not the leader" until short gives up
-    with pytest.raises((ProposalTimeout, NoLeaderError)):
-        await short
-    assert await long == "ok-long"
-    assert attempts[0] == (b"short", b"long") and attempts[-1] == (b"long",)
-    assert all(b"short" not in a for a in attempts if a != attempts[0] and len(a) == 1)

@@ -75,6 +75,7 @@ class _Applied:
     moves: list[dict[str, str]]
     approved_by: str | None
     kind: str
+    allocations: list[dict[str, Any]]
 
 
 def _records(final: NodeFinal) -> list[dict[str, Any]]:
@@ -96,6 +97,7 @@ def _applied(records: Iterable[dict[str, Any]]) -> dict[str, _Applied]:
                 list(p.get("moves") or []),
                 p.get("approved_by"),
                 p.get("kind", ""),
+                list(p.get("allocations") or []),
             )
     return out
 
@@ -253,6 +255,18 @@ def _exceeds(scope: dict[str, Any], limits: dict[str, float]) -> list[str]:
     return over
 
 
+def _own_scope(applied: _Applied, group_size: int) -> dict[str, Any]:
+    """The scope of an applied decision from its own record, as the guard computes it (mesh.guard.core):
+    the nodes its moves and allocations touch, their share of the group, the streams moved."""
+    nodes = {m.get("from") for m in applied.moves} | {m.get("to") for m in applied.moves}
+    nodes |= {a.get("node") for a in applied.allocations}
+    return {
+        "nodes_affected": len(nodes),
+        "fraction_of_group": len(nodes) / max(group_size, 1),
+        "streams_moved": len(applied.moves),
+    }
+
+
 def guard_scope(record: RunRecord) -> CheckResult:
     name = "guard_scope"
     problems: list[str] = []
@@ -284,13 +298,15 @@ def guard_scope(record: RunRecord) -> CheckResult:
                 approvals[p.get("decision_id")].append((r.get("seq", 0), p.get("key_id")))
             elif r.get("kind") == "held":
                 held.add(p.get("decision_id"))
+        group_size = record.spec.group_sizes.get(record.spec.sites.get(node, ""), 0)
         for did, a in _applied(records).items():
             proposal = proposals.get(did)
             kind = (proposal or {}).get("kind") or a.kind
             limits = record.spec.guard.get(kind)
-            over = _exceeds((proposal or {}).get("scope") or {}, limits) if limits else []
-            if proposal is None and did not in held and a.approved_by is None:
-                continue  # nothing to judge its scope by (its proposal is in no log that answered)
+            # A decision applied within scope has its proposal in the same entry's records: without one in
+            # any log, the applied record's own moves and allocations are what it is judged by.
+            scope = (proposal or {}).get("scope") if proposal is not None else _own_scope(a, group_size)
+            over = _exceeds(scope or {}, limits) if limits else []
             judged += 1
             if not (over or did in held):
                 if a.approved_by is not None and a.approved_by not in operators:

@@ -340,6 +340,27 @@ def test_an_above_scope_decision_applied_without_approval_fails():
     assert "2 streams > 1" in result.problems[0]
 
 
+def test_an_above_scope_apply_with_no_proposal_in_any_log_is_judged_by_its_own_moves():
+    """A build that applies a decision without writing its `proposed` record (nor holding it) leaves
+    nothing to judge it by but the applied record itself: its two moves exceed the policy's one."""
+    record = healthy()
+    for node in NODES:
+        for kind in ("proposed", "held", "approved"):
+            _drop_record(record, node, kind, "d2")
+        for r in record.final[node].audit["records"]:
+            if r["kind"] == "applied" and r["payload"]["decision_id"] == "d2":
+                r["payload"]["approved_by"] = None
+    result = _check("guard_scope", record)
+    assert result.status == FAIL, result
+    assert "applied d2" in result.problems[0] and "without an approval" in result.problems[0]
+    assert "2 streams > 1" in result.problems[0]
+    # Within scope by its own record (d1: one stream, two nodes of three), it passes.
+    record = healthy()
+    for node in NODES:
+        _drop_record(record, node, "proposed", "d1")
+    assert _check("guard_scope", record).status == PASS
+
+
 def test_checkers_with_nothing_to_judge_skip_rather_than_pass():
     """No decision acknowledged as applied: nothing to look for in the replicas. No decision above
     scope proposed (the first decision only, within scope): the guard was not put to the test."""

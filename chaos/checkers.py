@@ -304,8 +304,13 @@ def guard_scope(record: RunRecord) -> CheckResult:
             kind = (proposal or {}).get("kind") or a.kind
             limits = record.spec.guard.get(kind)
             # A decision applied within scope has its proposal in the same entry's records: without one in
-            # any log, the applied record's own moves and allocations are what it is judged by.
-            scope = (proposal or {}).get("scope") if proposal is not None else _own_scope(a, group_size)
+            # any log, the applied record's own moves and allocations are what it is judged by. (An approved
+            # one is judged by its approval: its proposal may lie in entries a snapshot covered, and a
+            # tampered log may have changed its id.)
+            if proposal is not None:
+                scope = proposal.get("scope")
+            else:
+                scope = _own_scope(a, group_size) if a.approved_by is None else None
             over = _exceeds(scope or {}, limits) if limits else []
             judged += 1
             if not (over or did in held):
